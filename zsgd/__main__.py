@@ -1,0 +1,3 @@
+from zsgd.cli import main
+
+main()

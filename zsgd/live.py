@@ -1,0 +1,75 @@
+"""Rich progress views for long work.
+
+Users look rather than read: a training run shows one live line with the
+numbers that matter (progress, epoch, samples/s, loss, accuracy, ETA) and
+ends with a summary table. Output goes to stderr so stdout stays clean for
+pipes; with ``enabled=False`` (``--quiet``) nothing is drawn.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+stderr_console = Console(stderr=True)
+
+
+class TrainProgress:
+    """One progress bar over updates (or seconds, when only a time limit is known)."""
+
+    def __init__(self, total: int | None, title: str = "train", enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.total = total
+        self._t0 = time.perf_counter()
+        self._last_samples = 0
+        self._last_t = self._t0
+        self._sps = 0.0
+        self._progress = Progress(
+            TextColumn("[bold cyan]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("epoch {task.fields[epoch]:.2f}"),
+            TextColumn("{task.fields[sps]:>7.0f} samples/s"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("acc {task.fields[acc]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr_console,
+            disable=not enabled,
+            refresh_per_second=4,
+        )
+        self._task = self._progress.add_task(title, total=total, epoch=0.0, sps=0.0, loss="-", acc="-")
+
+    def __enter__(self) -> "TrainProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.stop()
+
+    def update(self, updates: int, samples: int, epoch: float, loss: float | None = None, acc: float | None = None) -> None:
+        now = time.perf_counter()
+        if now - self._last_t >= 0.5:
+            self._sps = (samples - self._last_samples) / (now - self._last_t)
+            self._last_samples, self._last_t = samples, now
+        fields: dict[str, Any] = {"epoch": epoch, "sps": self._sps}
+        if loss is not None:
+            fields["loss"] = f"{loss:.4f}"
+        if acc is not None:
+            fields["acc"] = f"{acc:.2%}"
+        self._progress.update(self._task, completed=updates, **fields)
+
+
+def summary_table(title: str, rows: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for key, value in rows.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
+        table.add_row(key, str(value))
+    return table

@@ -1,0 +1,77 @@
+"""Metrics events: one schema for real runs and simulations.
+
+Each line of ``metrics.jsonl`` is one JSON object with at least ``event``
+and ``t`` (seconds since the run started: wall clock in real runs, virtual
+clock in simulations). Keeping one schema is what lets ``zsgd plot`` draw a
+simulated arm beside a real run.
+
+Events and their usual fields:
+- ``start``: config summary;
+- ``train``: ``updates``, ``samples``, ``loss`` (mean over the interval), ``epoch``;
+- ``eval``: ``updates``, ``samples``, ``test_loss``, ``test_acc``;
+- ``update``: per applied update in distributed runs: ``worker``, ``staleness``, ``bytes``;
+- ``worker``: membership changes (``status``: joined, left, dead, rejoined);
+- ``end``: final counters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+from zsgd.errors import ZsgdError
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every line stays parseable."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, (list, dict)):
+        return _clean(value.item())
+    return value
+
+
+class MetricsWriter:
+    """Appends events to ``metrics.jsonl``, one flushed line each, so a run
+    killed mid-way keeps every event up to the kill."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "a", buffering=1)
+
+    def write(self, event: str, t: float, **fields: Any) -> dict[str, Any]:
+        record = {"event": event, "t": round(float(t), 6)}
+        record.update({k: _clean(v) for k, v in fields.items()})
+        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        return record
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def read_metrics(path: Path) -> Iterator[dict[str, Any]]:
+    """Yield events; a torn last line (a killed run) is skipped, anything
+    else that is not JSON is an error naming the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ZsgdError(f"cannot read {path}: {exc.strerror or exc}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines):
+                return
+            raise ZsgdError(f"{path}:{i}: not a metrics event (corrupt line)") from None

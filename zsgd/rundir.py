@@ -1,0 +1,80 @@
+"""The run directory: every run or simulation leaves one, laid out the same.
+
+``config.yaml`` (resolved configuration), ``metrics.jsonl`` (events),
+``summary.json``, ``weights.npz`` / checkpoints and ``*.png`` plots. Writes
+that a crash could tear (summary, checkpoints) go through a temporary file
+and ``os.replace`` so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zsgd.errors import ZsgdError
+
+
+def create_run_dir(out: str | os.PathLike | None, name: str, root: str | os.PathLike = "runs") -> Path:
+    """Make (or reuse, if empty) the run directory and check it is writable now,
+    not at the end of a two-hour run."""
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+        path = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{n}"
+    else:
+        path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ZsgdError(f"cannot write to output directory {path}: {exc.strerror or exc}; choose another with --out") from None
+    return path
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Save named arrays as ``.npz`` atomically (no pickle: plain arrays only)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise ZsgdError(f"cannot read {path}: {exc}") from None

@@ -1,0 +1,51 @@
+"""When a training run ends: the stop conditions every mode shares.
+
+``--epochs``, ``--steps`` (central updates), ``--time`` (seconds, wall or
+virtual) and ``--target-acc``; the first one met ends the run. With none
+given a run trains one epoch, so nothing runs forever by accident.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StopRule:
+    n_train: int
+    batch_size: int
+    epochs: float | None = None
+    steps: int | None = None
+    time_limit: float | None = None
+    target_acc: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs is None and self.steps is None and self.time_limit is None and self.target_acc is None:
+            object.__setattr__(self, "epochs", 1.0)
+
+    @property
+    def total_samples(self) -> int | None:
+        return None if self.epochs is None else int(math.ceil(self.epochs * self.n_train))
+
+    @property
+    def total_updates(self) -> int | None:
+        """Updates until the first count-based limit, for progress bars (None: unknown)."""
+        candidates = []
+        if self.steps is not None:
+            candidates.append(self.steps)
+        if self.total_samples is not None:
+            candidates.append(int(math.ceil(self.total_samples / self.batch_size)))
+        return min(candidates) if candidates else None
+
+    def reason(self, updates: int, samples: int, elapsed: float, test_acc: float | None = None) -> str | None:
+        """The reason to stop now, or None to go on."""
+        if self.steps is not None and updates >= self.steps:
+            return f"reached {self.steps} updates"
+        if self.total_samples is not None and samples >= self.total_samples:
+            return f"reached {self.epochs:g} epochs"
+        if self.time_limit is not None and elapsed >= self.time_limit:
+            return f"reached the time limit of {self.time_limit:g} s"
+        if self.target_acc is not None and test_acc is not None and test_acc >= self.target_acc:
+            return f"reached the target accuracy {self.target_acc:.2%}"
+        return None

@@ -1,0 +1,148 @@
+"""The single-process trainer: the baseline every distributed mode is compared with.
+
+It runs the same model, data pipeline, optimizer and stop rules as the
+distributed runtime, in one process with no sockets, so "does distribution
+help?" is answered against an honest baseline with identical numerics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zsgd.config import TrainConfig, write_config
+from zsgd.metrics import MetricsWriter
+from zsgd.rundir import create_run_dir, save_arrays, write_json
+from zsgd.stopping import StopRule
+
+
+@dataclass
+class Problem:
+    """A data set and a model built for it: what every mode trains."""
+
+    dataset: Any
+    model: Any
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> "Problem":
+        from zsgd.data import load_dataset
+        from zsgd.models import get_model
+
+        ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, grayscale=cfg.grayscale)
+        model = get_model(cfg.model, input_shape=ds.input_shape, n_classes=ds.n_classes, seed=cfg.seed)
+        return cls(ds, model)
+
+    def stop_rule(self, cfg: TrainConfig) -> StopRule:
+        return StopRule(
+            n_train=len(self.dataset.y_train),
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            steps=cfg.steps,
+            time_limit=cfg.time_limit,
+            target_acc=cfg.target_acc,
+        )
+
+    def evaluate(self, w: np.ndarray) -> tuple[float, float]:
+        from zsgd.models import evaluate
+
+        return evaluate(self.model, w, self.dataset.x_test, self.dataset.y_test)
+
+
+def step_seed(seed: int, worker: int, step: int) -> int:
+    """Dropout seed for one step: distinct per (run seed, worker, step), reproducible."""
+    return (seed * 1_000_003 + worker * 7_919 + step) % (2**31 - 1)
+
+
+def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool = True, problem: Problem | None = None) -> dict[str, Any]:
+    """Train in this process; write the run directory; return the summary."""
+    from zsgd.data import BatchStream, to_float
+    from zsgd.live import TrainProgress
+    from zsgd.optim import make_optimizer
+
+    cfg.validate()
+    problem = problem or Problem.from_config(cfg)
+    ds, model = problem.dataset, problem.model
+    run_dir = create_run_dir(out, cfg.name)
+    resolved = cfg.to_dict() | {"mode": "train", "data_source": ds.source, "n_params": model.n_params}
+    write_config(run_dir / "config.yaml", resolved)
+
+    rule = problem.stop_rule(cfg)
+    optimizer = make_optimizer(cfg.optimizer, model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    w = model.init(seed=cfg.seed)
+    n_train = len(ds.y_train)
+    stream = BatchStream(np.arange(n_train, dtype=np.int64), cfg.batch_size, seed=cfg.seed)
+    updates = samples = 0
+    loss_sum, loss_n = 0.0, 0
+    last_loss: float | None = None
+    test_loss = test_acc = float("nan")
+    next_epoch_eval = n_train
+    reason = None
+    evaluated = False
+
+    with MetricsWriter(run_dir / "metrics.jsonl") as metrics, TrainProgress(rule.total_updates, cfg.name, show_progress) as bar:
+        t0 = time.perf_counter()
+        metrics.write("start", 0.0, mode="train", model=cfg.model, data=ds.name, n_params=model.n_params, n_train=n_train)
+
+        def run_eval() -> None:
+            nonlocal test_loss, test_acc
+            test_loss, test_acc = problem.evaluate(w)
+            metrics.write("eval", time.perf_counter() - t0, updates=updates, samples=samples, epoch=samples / n_train, test_loss=test_loss, test_acc=test_acc)
+
+        while reason is None:
+            idx = next(stream)
+            x = to_float(ds.x_train[idx])
+            loss, grad = model.loss_and_grad(w, x, ds.y_train[idx], training=True, seed=step_seed(cfg.seed, 0, updates))
+            if cfg.clip_norm is not None:
+                from zsgd.optim import clip_grad_norm
+
+                clip_grad_norm(grad, cfg.clip_norm)
+            optimizer.step(w, grad)
+            updates += 1
+            samples += len(idx)
+            if not np.isfinite(loss):
+                reason = "diverged (loss is not finite): lower --lr"
+                break
+            loss_sum, loss_n = loss_sum + loss, loss_n + 1
+            if updates % cfg.log_every == 0:
+                last_loss = loss_sum / loss_n
+                metrics.write("train", time.perf_counter() - t0, updates=updates, samples=samples, epoch=samples / n_train, loss=last_loss)
+                loss_sum, loss_n = 0.0, 0
+            evaluated = False
+            if (cfg.eval_every and updates % cfg.eval_every == 0) or (not cfg.eval_every and samples >= next_epoch_eval):
+                run_eval()
+                evaluated = True
+                while next_epoch_eval <= samples:
+                    next_epoch_eval += n_train
+            bar.update(updates, samples, samples / n_train, last_loss, None if np.isnan(test_acc) else test_acc)
+            reason = rule.reason(updates, samples, time.perf_counter() - t0, test_acc if evaluated else None)
+        if not evaluated or np.isnan(test_acc):
+            run_eval()
+        wall = time.perf_counter() - t0
+        summary = {
+            "mode": "train",
+            "model": cfg.model,
+            "data": ds.name,
+            "data_source": ds.source,
+            "n_params": model.n_params,
+            "test_accuracy": test_acc,
+            "test_loss": test_loss,
+            "train_loss": last_loss,
+            "updates": updates,
+            "samples": samples,
+            "epochs": samples / n_train,
+            "wall_s": wall,
+            "samples_per_s": samples / wall if wall > 0 else 0.0,
+            "stop_reason": reason,
+        }
+        metrics.write("end", wall, updates=updates, samples=samples, test_loss=test_loss, test_acc=test_acc, reason=reason)
+    save_arrays(run_dir / "weights.npz", model.state_dict(w))
+    write_json(run_dir / "summary.json", summary)
+    from zsgd.plots import plot_run
+
+    plot_run(run_dir)
+    summary["run_dir"] = str(run_dir)
+    return summary
