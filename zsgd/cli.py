@@ -71,6 +71,134 @@ def train(ctx: click.Context, out: str | None, quiet: bool, **params) -> None:
         raise ZsgdError(f"training {summary['stop_reason']}")
 
 
+def _runtime_options(func):
+    opts = [
+        click.option("--algo", default="async", show_default=True, help="Server algorithm: async, sync, ssp:S."),
+        click.option("--port", default=0, show_default=True, type=int, help="Broker port (0 picks a free one)."),
+        click.option("--host", default="127.0.0.1", show_default=True, help="Interface the broker listens on (loopback by default)."),
+        click.option("--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."),
+        click.option("--timeout", default=5.0, show_default=True, type=float, help="Seconds of silence before a peer is declared dead."),
+        click.option("--staleness-lr", is_flag=True, help="Divide each async update's step by its staleness."),
+        click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Checkpoint every N updates (0: off)."),
+        click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
+        click.option("--quiet", "-q", is_flag=True, help="No live view."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _print_run_summary(summary: dict) -> None:
+    from zsgd.live import stderr_console, summary_table
+
+    keys = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s", "staleness_mean",
+            "staleness_max", "rejected_messages", "worker_deaths", "stop_reason", "run_dir")
+    stderr_console.print(summary_table("summary", {k: summary[k] for k in keys if k in summary}))
+
+
+@main.command()
+@training_options
+@_runtime_options
+@click.option("--n-proc", default=2, show_default=True, type=int, help="Local worker processes to start.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue RUN_DIR from its last checkpoint.")
+@click.pass_context
+def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port: int, host: str, heartbeat: float, timeout: float,
+        staleness_lr: bool, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+    """Train with a broker and N worker processes over ZeroMQ."""
+    from zsgd.runner import RunOptions, run_distributed
+
+    if resume_dir is not None:
+        cfg, stored = _resume_config(ctx, resume_dir, params)
+        algo = stored.get("algo", algo)
+        staleness_lr = stored.get("staleness_lr", staleness_lr)
+    else:
+        cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}")
+    opts = RunOptions(n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
+                      checkpoint_every=checkpoint_every, show=not quiet)
+    summary = run_distributed(cfg, opts, out=out, resume_dir=resume_dir)
+    _print_run_summary(summary)
+
+
+def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
+    """The stored configuration of RUN_DIR; explicit stop flags (--epochs ...) extend it."""
+    from pathlib import Path
+
+    import yaml
+
+    from zsgd.config import TrainConfig
+    from zsgd.cli_options import TRAINING_FLAGS
+
+    path = Path(resume_dir) / "config.yaml"
+    if not path.is_file():
+        raise ZsgdError(f"{resume_dir} is not a zsgd run directory (no config.yaml)")
+    stored = yaml.safe_load(path.read_text()) or {}
+    run_opts = stored.get("run", {}) if stored.get("mode") == "run" else None
+    if run_opts is None:
+        raise ZsgdError(f"{resume_dir} was not made by 'zsgd run'; only distributed runs can be resumed")
+    fields = {f for _flag, f, _k in TRAINING_FLAGS} | {"extra"}
+    values = {k: v for k, v in stored.items() if k in fields}
+    for field in ("epochs", "steps", "time_limit", "target_acc"):
+        if ctx.get_parameter_source(field) == click.core.ParameterSource.COMMANDLINE:
+            values[field] = params[field]
+    return TrainConfig.from_dict(values).validate(), run_opts
+
+
+@main.command()
+@training_options
+@_runtime_options
+@click.option("--workers", "n_workers", required=True, type=int, help="Number of workers the run expects (they join with 'zsgd worker').")
+@click.option("--evaluator/--no-evaluator", default=True, show_default=True, help="Start a local evaluator process.")
+@click.pass_context
+def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port: int, host: str, heartbeat: float, timeout: float,
+           staleness_lr: bool, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+    """Run the broker alone; start workers by hand with 'zsgd worker --connect'."""
+    from zsgd.runner import RunOptions, run_distributed
+
+    if n_workers < 1:
+        raise ZsgdError(f"--workers must be >= 1, got {n_workers}")
+    cfg = build_config(ctx, params, default_name=f"broker-{params['model']}-{algo.replace(':', '')}")
+    opts = RunOptions(n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
+                      staleness_lr=staleness_lr, checkpoint_every=checkpoint_every, evaluator=evaluator, show=not quiet)
+    summary = run_distributed(cfg, opts, out=out)
+    _print_run_summary(summary)
+
+
+@main.command()
+@click.option("--connect", required=True, help="Broker address, e.g. tcp://127.0.0.1:5555.")
+@click.option("--id", "worker_id", type=int, default=None, help="Worker id (stable across restarts); default: the broker picks.")
+@click.option("--role", type=click.Choice(["worker", "evaluator"]), default="worker", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Local copy of the data set (else the broker sends the shard).")
+@click.option("--heartbeat", default=1.0, show_default=True, type=float)
+@click.option("--timeout", default=5.0, show_default=True, type=float, help="Exit when the broker is silent this long.")
+@click.option("--join-timeout", default=60.0, show_default=True, type=float, help="Give up if no broker answers within this time.")
+@click.option("--quiet", "-q", is_flag=True)
+def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None, heartbeat: float, timeout: float, join_timeout: float, quiet: bool) -> None:
+    """Join a broker and compute gradients until it says stop."""
+    from zsgd.node import NodeOptions, run_node
+
+    if not connect.startswith(("tcp://", "ipc://")):
+        raise ZsgdError(f"--connect needs tcp://HOST:PORT or ipc://PATH, got {connect!r}")
+    if heartbeat <= 0 or timeout <= heartbeat:
+        raise ZsgdError("--timeout must be longer than --heartbeat")
+    code = run_node(NodeOptions(connect=connect, worker_id=worker_id, role=role, heartbeat=heartbeat, timeout=timeout,
+                                join_timeout=join_timeout, data_dir=data_dir, quiet=quiet))
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=".", show_default=True, help="Where to write the PNGs.")
+def plot(run_dirs: tuple[str, ...], out: str) -> None:
+    """Draw runs (real or simulated) side by side as PNG plots."""
+    from pathlib import Path
+
+    from zsgd.plots import plot_curves
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for path in plot_curves([Path(d) for d in run_dirs], Path(out)):
+        click.echo(str(path))
+
+
 def _register_subcommands() -> None:
     from zsgd.data.commands import data_group
 

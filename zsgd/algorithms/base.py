@@ -1,0 +1,129 @@
+"""The sans-IO contract between training logic and its drivers.
+
+A server algorithm is a plain object: the driver (the ZeroMQ broker, or the
+simulator's event loop) tells it that a worker joined, left, or sent an
+update, passing the current time; it answers with a list of outputs:
+``Reply`` (send these weights, or "wait", to that worker), ``Applied``
+(an update changed the central model: for metrics) and ``Dropped`` (an
+update was discarded, e.g. a sync gradient for a round that already ended).
+No sockets, no clocks, no threads inside, which is why the runtime and the
+simulator run exactly the same rules.
+
+Replies carry a weights snapshot that nobody mutates afterwards, because the
+runtime sends it zero-copy while the model keeps training. One snapshot per
+model version is shared by every reply of that version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Send to ``worker``: weights of ``version`` (``weights`` not None) or a wait."""
+
+    worker: int
+    version: int
+    weights: np.ndarray | None
+
+    @property
+    def is_wait(self) -> bool:
+        return self.weights is None
+
+
+@dataclass(frozen=True)
+class Applied:
+    """One worker's update (or a round's average) changed the central model."""
+
+    worker: int  # -1 for a synchronous round's average
+    version: int  # model version after the update
+    staleness: int  # central updates between the worker's weights and this one
+    n_samples: int
+    lr: float
+    contributors: int = 1
+
+
+@dataclass(frozen=True)
+class Dropped:
+    worker: int
+    reason: str
+
+
+Output = Reply | Applied | Dropped
+
+
+@dataclass
+class Update:
+    """A worker's contribution: a gradient computed at weights of ``base_version``."""
+
+    worker: int
+    base_version: int
+    grad: np.ndarray
+    n_samples: int
+    loss: float = float("nan")
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Optimizer(Protocol):
+    lr: float
+
+    def step(self, w: np.ndarray, g: np.ndarray, lr: float | None = None) -> None: ...
+
+
+class ServerAlgorithm:
+    """Holds the central weights and version; subclasses decide when to apply and reply."""
+
+    name = "base"
+
+    def __init__(self, w0: np.ndarray, optimizer: Optimizer, staleness_lr: bool = False, clip_norm: float | None = None) -> None:
+        self.w = np.array(w0, dtype=np.float32, copy=True)
+        self.optimizer = optimizer
+        self.staleness_lr = staleness_lr
+        self.clip_norm = clip_norm
+        self.version = 0
+        self.live: set[int] = set()
+        self._snapshot: tuple[int, np.ndarray] | None = None
+
+    # -- driver API ---------------------------------------------------------
+    def add_worker(self, worker: int, now: float) -> list[Output]:
+        raise NotImplementedError
+
+    def remove_worker(self, worker: int, now: float) -> list[Output]:
+        raise NotImplementedError
+
+    def on_update(self, update: Update, now: float) -> list[Output]:
+        raise NotImplementedError
+
+    # -- shared helpers -----------------------------------------------------
+    def snapshot(self) -> np.ndarray:
+        """Read-only copy of the current weights, made once per version."""
+        if self._snapshot is None or self._snapshot[0] != self.version:
+            snap = self.w.copy()
+            snap.flags.writeable = False
+            self._snapshot = (self.version, snap)
+        return self._snapshot[1]
+
+    def reply(self, worker: int) -> Reply:
+        return Reply(worker, self.version, self.snapshot())
+
+    def apply(self, grad: np.ndarray, staleness: int) -> float:
+        """One optimizer step on the central model; returns the lr used."""
+        lr = self.optimizer.lr
+        if self.staleness_lr and staleness > 0:
+            lr = lr / staleness
+        if self.clip_norm is not None:
+            from zsgd.optim import clip_grad_norm
+
+            grad = np.array(grad, dtype=np.float32, copy=True)
+            clip_grad_norm(grad, self.clip_norm)
+        self.optimizer.step(self.w, grad, lr)
+        self.version += 1
+        return lr
+
+    def state(self) -> dict[str, Any]:
+        """Counters for checkpoints and live views."""
+        return {"version": self.version, "live": sorted(self.live)}

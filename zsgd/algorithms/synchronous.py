@@ -1,0 +1,78 @@
+"""Synchronous SGD: one central step per round, gradients averaged.
+
+A round waits for every worker that received its weights; a worker that
+dies is removed by the driver (after the heartbeat timeout) and the round
+completes without it, so nothing waits forever. Workers joining mid-round
+wait and enter the next round. The average is weighted by sample counts, so
+a round with one short batch is still an unbiased mean.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zsgd.algorithms.base import Applied, Dropped, Output, ServerAlgorithm, Update
+
+
+class SyncSGD(ServerAlgorithm):
+    name = "sync"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.expected: set[int] = set()  # workers computing for this round
+        self.waiting: set[int] = set()  # joined, get weights at the next round
+        self._sum: np.ndarray | None = None
+        self._samples = 0
+        self._got: set[int] = set()
+
+    def add_worker(self, worker: int, now: float) -> list[Output]:
+        self.live.add(worker)
+        self.expected.discard(worker)
+        if not self.expected - self._got:
+            # Nobody is computing: start a round with this worker (and any waiters) right away.
+            return self._maybe_finish()
+        self.waiting.add(worker)
+        return []
+
+    def remove_worker(self, worker: int, now: float) -> list[Output]:
+        self.live.discard(worker)
+        self.waiting.discard(worker)
+        self.expected.discard(worker)
+        # A departed worker's gradient already in the sum stays: it was
+        # computed at this round's weights and is as valid as any other.
+        return self._maybe_finish()
+
+    def on_update(self, update: Update, now: float) -> list[Output]:
+        w = update.worker
+        if w not in self.live:
+            return [Dropped(w, "not-a-member")]
+        if w not in self.expected or update.base_version != self.version or w in self._got:
+            # A gradient for a round it was not part of (it rejoined, or a duplicate): discard it.
+            self.waiting.add(w)
+            self.expected.discard(w)
+            out: list[Output] = [Dropped(w, "stale-round")]
+            return out + self._maybe_finish()
+        weight = float(update.n_samples)
+        if self._sum is None:
+            self._sum = np.asarray(update.grad, dtype=np.float32) * np.float32(weight)
+        else:
+            self._sum += np.asarray(update.grad, dtype=np.float32) * np.float32(weight)
+        self._samples += update.n_samples
+        self._got.add(w)
+        return self._maybe_finish()
+
+    def _maybe_finish(self) -> list[Output]:
+        if self.expected - self._got:
+            return []  # someone is still computing
+        out: list[Output] = []
+        if self._sum is not None and self._samples > 0:
+            grad = self._sum / np.float32(self._samples)
+            lr = self.apply(grad, 0)
+            out.append(Applied(-1, self.version, 0, self._samples, lr, contributors=len(self._got)))
+        return out + self._start_round()
+
+    def _start_round(self) -> list[Output]:
+        self._sum, self._samples, self._got = None, 0, set()
+        self.expected = set(self.live)
+        self.waiting.clear()
+        return [self.reply(w) for w in sorted(self.expected)]

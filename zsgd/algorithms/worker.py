@@ -1,0 +1,38 @@
+"""The worker's step, sans-IO: weights in, update out.
+
+The runtime's worker process and the simulator's virtual workers both call
+``WorkerStep.compute``; only who delivers the weights differs. A worker owns
+its shard and its batch stream (seeded by run seed and worker index), so a
+worker's sequence of mini-batches is the same in a real run and a simulation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zsgd.algorithms.base import Update
+
+
+class WorkerStep:
+    def __init__(self, model, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, worker: int) -> None:
+        from zsgd.data import BatchStream
+
+        if len(y) == 0:
+            raise ValueError(f"worker {worker} has an empty data shard")
+        self.model = model
+        self.x, self.y = x, y
+        self.worker = worker
+        self.seed = seed
+        self.stream = BatchStream(np.arange(len(y), dtype=np.int64), batch_size, seed=seed * 1_000_003 + worker)
+        self.steps = 0
+
+    def compute(self, weights: np.ndarray, version: int) -> Update:
+        from zsgd.data import to_float
+        from zsgd.train import step_seed
+
+        idx = next(self.stream)
+        loss, grad = self.model.loss_and_grad(
+            weights, to_float(self.x[idx]), self.y[idx], training=True, seed=step_seed(self.seed, self.worker, self.steps)
+        )
+        self.steps += 1
+        return Update(self.worker, version, grad, len(idx), float(loss))

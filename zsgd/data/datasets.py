@@ -1,0 +1,218 @@
+"""Data sets by name: where they are found, and the one in-memory shape they share.
+
+Every data set, whatever its origin (IDX files, the embedded subset, a folder
+of images), becomes the same ``Dataset``: uint8 images ``(N, C, H, W)`` and
+int64 labels. uint8 keeps a worker's copy four times smaller than float32;
+``to_float`` converts a batch at the moment it is used.
+
+Lookup order for ``fashion-mnist``: an explicit ``data_dir``, then the zsgd
+cache (filled by ``zsgd data download``), then Debian's
+``dataset-fashion-mnist`` package. ``default`` is full Fashion-MNIST when any
+of those has it, else the embedded subset, so ``zsgd run`` works offline on a
+fresh install; ``Dataset.name`` and ``Dataset.source`` say which was used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zsgd.data.cache import dataset_cache_dir
+from zsgd.errors import ZsgdError
+
+# Debian's dataset-fashion-mnist package; a module attribute so tests can point it elsewhere.
+SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+MNIST_CLASSES = [str(d) for d in range(10)]
+IDX_DATASETS = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": MNIST_CLASSES}
+# The four files of an MNIST-format data set, by role; the base names on disk.
+IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+KNOWN_NAMES = ("default", "fashion-mnist", "mnist", "embedded", "imagefolder:PATH")
+_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}
+
+
+@dataclass
+class Dataset:
+    """A labelled image data set in memory, already split into train and test."""
+
+    name: str
+    source: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+    # Files that could not be decoded (image folders only); reported, not fatal.
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image: what a model's first layer must accept."""
+        c, h, w = self.x_train.shape[1:]
+        return int(c), int(h), int(w)
+
+    @property
+    def n_classes(self) -> int:
+        """Number of classes, the width of a classifier's output layer."""
+        return len(self.classes)
+
+    def class_counts(self, split: str = "train") -> np.ndarray:
+        """Samples per class in ``"train"`` or ``"test"``, for summaries and checks."""
+        labels = self.y_train if split == "train" else self.y_test
+        return np.bincount(labels, minlength=self.n_classes)
+
+
+def to_float(x_uint8: np.ndarray) -> np.ndarray:
+    """uint8 pixels to float32 in [0, 1] (255 maps to exactly 1.0).
+
+    Called per batch, not per data set, so the resident copy stays uint8.
+    """
+    if x_uint8.dtype != np.uint8:
+        raise TypeError(f"to_float expects uint8 pixels, got {x_uint8.dtype}")
+    out = x_uint8.astype(np.float32)
+    out /= np.float32(255.0)
+    return out
+
+
+def find_idx_files(directory: str | Path) -> tuple[dict[str, Path], list[str]]:
+    """Find the four IDX files in ``directory``: ``(found by role, missing base names)``.
+
+    Accepts ``name.gz``, the decompressed ``name`` and the dotted ``train-images.idx3-ubyte``
+    spelling some mirrors use; whether a file is gzipped is decided by its bytes.
+    """
+    directory = Path(directory)
+    found: dict[str, Path] = {}
+    missing: list[str] = []
+    for role, base in IDX_FILES.items():
+        dotted = base.replace("-idx", ".idx")
+        for candidate in (f"{base}.gz", base, f"{dotted}.gz", dotted):
+            path = directory / candidate
+            if path.is_file():
+                found[role] = path
+                break
+        else:
+            missing.append(base)
+    return found, missing
+
+
+def idx_search_dirs(name: str) -> list[Path]:
+    """Where ``name`` is looked for when no ``data_dir`` is given, in order."""
+    dirs = [dataset_cache_dir(name)]
+    if name == "fashion-mnist":
+        dirs.append(SYSTEM_FASHION_MNIST_DIR)
+    return dirs
+
+
+def locate_idx_dataset(name: str, data_dir: str | Path | None = None) -> Path | None:
+    """The directory that holds all four files of ``name``, or None."""
+    candidates = [Path(data_dir)] if data_dir is not None else idx_search_dirs(name)
+    for directory in candidates:
+        _, missing = find_idx_files(directory)
+        if not missing:
+            return directory
+    return None
+
+
+def load_idx_dataset(name: str, directory: str | Path) -> Dataset:
+    """Load an MNIST-format data set from ``directory`` and check it is consistent."""
+    directory = Path(directory)
+    found, missing = find_idx_files(directory)
+    if missing:
+        raise ZsgdError(
+            f"{directory} lacks {', '.join(m + '[.gz]' for m in missing)} for {name}: "
+            f"run 'zsgd data download {name}' or pass --data-dir with the four IDX files"
+        )
+    from zsgd.data.idx import read_idx
+
+    arrays = {
+        role: read_idx(path, expect="labels" if role.startswith("y") else "images")
+        for role, path in found.items()
+    }
+    classes = IDX_DATASETS.get(name, MNIST_CLASSES)
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if len(x) != len(y):
+            raise ZsgdError(
+                f"{found['x_' + split]} has {len(x)} images but {found['y_' + split]} has {len(y)} labels: "
+                "the files belong to different data sets; download them again"
+            )
+        if y.size and int(y.max()) >= len(classes):
+            raise ZsgdError(
+                f"{found['y_' + split]} has label {int(y.max())}, but {name} has {len(classes)} classes: "
+                "wrong file for this data set"
+            )
+    return Dataset(
+        name=name,
+        source=str(directory),
+        x_train=arrays["x_train"][:, None, :, :],
+        y_train=arrays["y_train"].astype(np.int64),
+        x_test=arrays["x_test"][:, None, :, :],
+        y_test=arrays["y_test"].astype(np.int64),
+        classes=list(classes),
+    )
+
+
+def _not_found(name: str) -> ZsgdError:
+    places = " or ".join(str(d) for d in idx_search_dirs(name))
+    extra = ", or use the 'embedded' data set" if name == "fashion-mnist" else ""
+    return ZsgdError(
+        f"{name} not found in {places}: run 'zsgd data download {name}' or pass --data-dir{extra}"
+    )
+
+
+def load_dataset(
+    name: str = "default",
+    data_dir: str | None = None,
+    image_size: int = 64,
+    grayscale: bool = False,
+) -> Dataset:
+    """Load a data set by name.
+
+    ``name``: ``default``, ``fashion-mnist``, ``mnist``, ``embedded`` or
+    ``imagefolder:PATH`` (or ``imagefolder`` with ``data_dir`` as the folder).
+    ``image_size`` and ``grayscale`` apply to image folders only; the IDX sets
+    are 28x28 grayscale as published. With ``default``, a ``data_dir`` is taken
+    as a Fashion-MNIST directory.
+    """
+    raw = name.strip()
+    lowered = raw.lower()
+    if lowered.startswith("imagefolder:") or lowered == "imagefolder":
+        folder = raw.split(":", 1)[1] if ":" in raw else data_dir
+        if not folder:
+            raise ZsgdError("data set 'imagefolder' needs a folder: use imagefolder:PATH or --data-dir PATH")
+        from zsgd.data.imagefolder import load_imagefolder
+
+        return load_imagefolder(folder, image_size=image_size, grayscale=grayscale)
+    key = _ALIASES.get(lowered, lowered)
+    if key == "embedded":
+        from zsgd.data.embedded import load_embedded
+
+        return load_embedded()
+    if key == "default":
+        if data_dir is not None:
+            return load_idx_dataset("fashion-mnist", data_dir)
+        directory = locate_idx_dataset("fashion-mnist")
+        if directory is not None:
+            return load_idx_dataset("fashion-mnist", directory)
+        from zsgd.data.embedded import load_embedded
+
+        return load_embedded()
+    if key in IDX_DATASETS:
+        if data_dir is not None:
+            return load_idx_dataset(key, data_dir)
+        directory = locate_idx_dataset(key)
+        if directory is None:
+            raise _not_found(key)
+        return load_idx_dataset(key, directory)
+    raise ZsgdError(f"unknown data set '{name}': choose one of {', '.join(KNOWN_NAMES)}")

@@ -1,0 +1,351 @@
+"""Numba kernels: the element-wise and data-movement half of every layer.
+
+The arithmetic-heavy half (the big matrix products of convolution and dense
+layers) runs as float32 sgemm through numpy's OpenBLAS, driven from
+``zsgd.conv``; what is here is everything BLAS cannot do: im2col/col2im,
+fused bias + ReLU (+ max-pool), dropout masks, and softmax cross-entropy.
+
+Conventions, chosen for speed:
+
+* Activations are **channels-last (NHWC)** inside the model, so one im2col
+  row is ``kh`` contiguous runs of ``kw * C`` floats, and a convolution's
+  sgemm output (rows = pixels, columns = channels) *is* the next NHWC
+  activation with no transpose.
+* Hot loops index flat arrays with **unsigned** integers. Numba inserts a
+  negative-index wrap-around check for signed indices, which blocks LLVM's
+  vectoriser; with ``uint64`` indices the copies run at memory speed
+  (measured 4x faster for im2col).
+* Everything is float32; scalar reductions (loss, bias gradients) accumulate
+  in float64 so the result does not depend on the batch size's rounding.
+* ``fastmath`` is limited to re-association/contraction (no ``nnan``/
+  ``ninf``) so NaN and Inf still propagate and the broker can reject them.
+
+All kernels are single-threaded (``parallel=False``): parallelism comes from
+worker processes, and ``cache=True`` keeps a worker's start-up fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numba import uint64 as u8
+
+_FM = {"reassoc", "contract", "nsz", "arcp"}
+_F0 = np.float32(0.0)
+
+
+def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
+    """Output length of a convolution/pool along one axis (floor mode, like PyTorch)."""
+    return (size + 2 * pad - k) // stride + 1
+
+
+# ---------------------------------------------------------------- im2col / col2im
+
+
+@njit(cache=True, fastmath=_FM)
+def im2col_nhwc(x, kh, kw, sh, sw, ph, pw, out):  # pragma: no cover - jitted
+    """Unfold NHWC ``x`` (C-contiguous) into ``out`` of shape (N*OH*OW, kh*kw*C).
+
+    Column order is (ki, kj, c), so a window row inside the image is one
+    contiguous copy of ``kw*C`` floats per ``ki``; padding writes zeros.
+    """
+    N, H, W, C = x.shape
+    OH = (H + 2 * ph - kh) // sh + 1
+    OW = (W + 2 * pw - kw) // sw + 1
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    L = u8(kw * C)
+    uc = u8(C)
+    dst = u8(0)
+    for n in range(N):
+        for oi in range(OH):
+            for oj in range(OW):
+                j0 = oj * sw - pw
+                for ki in range(kh):
+                    ii = oi * sh - ph + ki
+                    if ii < 0 or ii >= H:
+                        for t in range(L):
+                            of[dst + t] = _F0
+                    elif j0 >= 0 and j0 + kw <= W:
+                        src = u8(((n * H + ii) * W + j0) * C)
+                        for t in range(L):
+                            of[dst + t] = xf[src + t]
+                    else:
+                        for kj in range(kw):
+                            jj = j0 + kj
+                            d = dst + u8(kj * C)
+                            if jj < 0 or jj >= W:
+                                for t in range(uc):
+                                    of[d + t] = _F0
+                            else:
+                                src = u8(((n * H + ii) * W + jj) * C)
+                                for t in range(uc):
+                                    of[d + t] = xf[src + t]
+                    dst += L
+
+
+@njit(cache=True, fastmath=_FM)
+def col2im_nhwc(dcols, kh, kw, sh, sw, ph, pw, mask, use_mask, out):  # pragma: no cover
+    """Fold ``dcols`` (N*OH*OW, kh*kw*C) back onto NHWC ``out`` (overwritten).
+
+    The adjoint of :func:`im2col_nhwc`. One input row at a time is summed in a
+    small buffer that stays in L1, then written once; with ``use_mask`` the
+    write multiplies by ``mask > 0`` (the ReLU derivative of the layer that
+    produced the input), which saves a separate pass over the activation.
+    """
+    N, H, W, C = out.shape
+    OH = (H + 2 * ph - kh) // sh + 1
+    OW = (W + 2 * pw - kw) // sw + 1
+    K = kh * kw * C
+    L = u8(kw * C)
+    uc = u8(C)
+    WC = u8(W * C)
+    df = dcols.reshape(-1)
+    mf = mask.reshape(-1)
+    of = out.reshape(-1)
+    row = np.empty(W * C, np.float32)
+    for n in range(N):
+        for i in range(H):
+            row[:] = _F0
+            for ki in range(kh):
+                t0 = i + ph - ki
+                if t0 < 0 or t0 % sh != 0:
+                    continue
+                oi = t0 // sh
+                if oi >= OH:
+                    continue
+                for oj in range(OW):
+                    j0 = oj * sw - pw
+                    src = u8(((n * OH + oi) * OW + oj) * K + ki * kw * C)
+                    if j0 >= 0 and j0 + kw <= W:
+                        d = u8(j0 * C)
+                        for t in range(L):
+                            row[d + t] += df[src + t]
+                    else:
+                        for kj in range(kw):
+                            jj = j0 + kj
+                            if jj >= 0 and jj < W:
+                                d = u8(jj * C)
+                                s = src + u8(kj * C)
+                                for t in range(uc):
+                                    row[d + t] += df[s + t]
+            base = u8((n * H + i) * W * C)
+            if use_mask:
+                for t in range(WC):
+                    of[base + t] = row[t] if mf[base + t] > _F0 else _F0
+            else:
+                for t in range(WC):
+                    of[base + t] = row[t]
+
+
+# ---------------------------------------------------------------- bias, ReLU, pooling
+
+
+@njit(cache=True, fastmath=_FM)
+def bias_act_rows(z, b, relu):  # pragma: no cover
+    """In place: ``z[r, :] += b`` and optionally ReLU; ``z`` is (rows, C) contiguous."""
+    R, C = z.shape
+    zf = z.reshape(-1)
+    uc = u8(C)
+    for r in range(R):
+        base = u8(r * C)
+        if relu:
+            for c in range(uc):
+                v = zf[base + c] + b[c]
+                zf[base + c] = v if v > _F0 else _F0
+        else:
+            for c in range(uc):
+                zf[base + c] += b[c]
+
+
+@njit(cache=True, fastmath=_FM)
+def relu_backward(dy, y):  # pragma: no cover
+    """In place: ``dy *= (y > 0)``; both contiguous, any shape."""
+    df = dy.reshape(-1)
+    yf = y.reshape(-1)
+    for t in range(u8(df.size)):
+        if not yf[t] > _F0:
+            df[t] = _F0
+
+
+@njit(cache=True, fastmath=_FM)
+def colsum_add(z, acc):  # pragma: no cover
+    """``acc += z.sum(axis=0)`` for (rows, C) ``z``, summed in float64 (bias gradients)."""
+    R, C = z.shape
+    zf = z.reshape(-1)
+    s = np.zeros(C, np.float64)
+    uc = u8(C)
+    for r in range(R):
+        base = u8(r * C)
+        for c in range(uc):
+            s[c] += zf[base + c]
+    for c in range(C):
+        acc[c] += s[c]
+
+
+@njit(cache=True)
+def bias_act_pool(z, b, relu, n, oh, ow, k, s, out, arg):  # pragma: no cover
+    """Fused bias + optional ReLU + max-pool of conv output rows.
+
+    ``z`` is (n*oh*ow, C) pre-bias conv output (NHWC pixels as rows); ``out``
+    is an (n, PH, PW, C) view of any strides (so the last conv can write
+    straight into the PyTorch NCHW flatten order); ``arg`` gets the window
+    position (ki*k+kj) of the max, or -1 where ReLU zeroed the output (its
+    gradient is 0). Bias and ReLU are monotone, so
+    ``relu(max(z) + b) == max(relu(z + b))``: pooling first touches a quarter
+    of the data. Ties keep the first maximum, as PyTorch does.
+    """
+    C = z.shape[1]
+    PH = (oh - k) // s + 1
+    PW = (ow - k) // s + 1
+    zf = z.reshape(-1)
+    uc = u8(C)
+    best = np.empty(C, np.float32)
+    bidx = np.empty(C, np.int8)
+    for i in range(n):
+        for pi in range(PH):
+            for pj in range(PW):
+                r0 = u8(((i * oh + pi * s) * ow + pj * s) * C)
+                for c in range(uc):
+                    best[c] = zf[r0 + c]
+                    bidx[c] = 0
+                for ki in range(k):
+                    for kj in range(k):
+                        if ki == 0 and kj == 0:
+                            continue
+                        r = u8(((i * oh + pi * s + ki) * ow + pj * s + kj) * C)
+                        pos = np.int8(ki * k + kj)
+                        for c in range(uc):
+                            v = zf[r + c]
+                            if v > best[c]:
+                                best[c] = v
+                                bidx[c] = pos
+                for c in range(C):
+                    v = best[c] + b[c]
+                    if relu and not v > _F0:
+                        out[i, pi, pj, c] = _F0
+                        arg[i, pi, pj, c] = -1
+                    else:
+                        out[i, pi, pj, c] = v
+                        arg[i, pi, pj, c] = bidx[c]
+
+
+@njit(cache=True)
+def pool_backward(dout, arg, k, s, oh, ow, dz, db):  # pragma: no cover
+    """Adjoint of :func:`bias_act_pool`: route ``dout`` to each window's max.
+
+    ``dz`` (n*oh*ow, C) is overwritten (zeros except at the maxima; windows may
+    overlap when ``s < k``); ``db += `` the per-channel sum of routed gradient.
+    """
+    n, PH, PW, C = dout.shape
+    dz[:] = _F0
+    acc = np.zeros(C, np.float64)
+    for i in range(n):
+        for pi in range(PH):
+            for pj in range(PW):
+                for c in range(C):
+                    a = arg[i, pi, pj, c]
+                    if a >= 0:
+                        g = dout[i, pi, pj, c]
+                        r = (i * oh + pi * s + a // k) * ow + pj * s + a % k
+                        dz[r, c] += g
+                        acc[c] += g
+    for c in range(C):
+        db[c] += acc[c]
+
+
+# ---------------------------------------------------------------- dropout
+
+
+@njit(cache=True)
+def _mix64(z):  # pragma: no cover
+    """splitmix64 finaliser: a good 64-bit hash, cheap and vectorisable."""
+    z = (z ^ (z >> u8(30))) * u8(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> u8(27))) * u8(0x94D049BB133111EB)
+    return z ^ (z >> u8(31))
+
+
+@njit(cache=True, fastmath=_FM)
+def dropout_forward(x, p, seed, keep):  # pragma: no cover
+    """In place inverted dropout on contiguous ``x``; ``keep`` (uint8) records the mask.
+
+    The mask bit of element ``t`` is a hash of ``(seed, t)``: a pure function
+    of the step seed, so a worker, the simulator and a test replaying the same
+    seed drop the same units, with no RNG state to carry around.
+    """
+    xf = x.reshape(-1)
+    kf = keep.reshape(-1)
+    thr = u8(p * 16777216.0 + 0.5)  # keep iff 24-bit uniform >= p
+    scale = np.float32(1.0 / (1.0 - p))
+    key = _mix64(u8(seed) * u8(0x9E3779B97F4A7C15) + u8(0x632BE59BD9B4E019))
+    for t in range(u8(xf.size)):
+        h = _mix64(key + t * u8(0x9E3779B97F4A7C15)) >> u8(40)
+        if h >= thr:
+            kf[t] = 1
+            xf[t] *= scale
+        else:
+            kf[t] = 0
+            xf[t] = _F0
+
+
+@njit(cache=True, fastmath=_FM)
+def dropout_backward(dx, keep, p):  # pragma: no cover
+    """In place: ``dx *= keep / (1 - p)``."""
+    df = dx.reshape(-1)
+    kf = keep.reshape(-1)
+    scale = np.float32(1.0 / (1.0 - p))
+    for t in range(u8(df.size)):
+        df[t] = df[t] * scale if kf[t] else _F0
+
+
+# ---------------------------------------------------------------- loss
+
+
+@njit(cache=True)
+def softmax_xent(logits, y, dlogits):  # pragma: no cover
+    """Mean softmax cross-entropy of (N, K) ``logits``; writes d(loss)/d(logits).
+
+    Stable: subtracts the row max before ``exp`` and uses log-sum-exp, so huge
+    logits give a finite loss instead of Inf/NaN.
+    """
+    N, K = logits.shape
+    inv_n = np.float32(1.0 / N)
+    total = 0.0
+    for i in range(N):
+        m = logits[i, 0]
+        for j in range(1, K):
+            if logits[i, j] > m:
+                m = logits[i, j]
+        s = 0.0
+        for j in range(K):
+            e = np.exp(logits[i, j] - m)
+            dlogits[i, j] = e
+            s += e
+        total += np.log(s) + m - logits[i, y[i]]
+        inv = np.float32(1.0 / s) * inv_n
+        for j in range(K):
+            dlogits[i, j] *= inv
+        dlogits[i, y[i]] -= inv_n
+    return total / N
+
+
+@njit(cache=True)
+def xent_sum_correct(logits, y):  # pragma: no cover
+    """(sum of cross-entropy, number of correct argmax predictions) for evaluation."""
+    N, K = logits.shape
+    total = 0.0
+    correct = 0
+    for i in range(N):
+        m = logits[i, 0]
+        am = 0
+        for j in range(1, K):
+            if logits[i, j] > m:
+                m = logits[i, j]
+                am = j
+        s = 0.0
+        for j in range(K):
+            s += np.exp(logits[i, j] - m)
+        total += np.log(s) + m - logits[i, y[i]]
+        if am == y[i]:
+            correct += 1
+    return total, correct

@@ -1,0 +1,78 @@
+"""Who is in the run: worker ids, identities, liveness.
+
+The broker keys peers by their ZeroMQ identity, which each worker sets
+from its worker id before connecting; a restarted worker therefore comes
+back under the same identity and id, and is treated as a rejoin. Liveness
+follows the Paranoid Pirate pattern: any message counts, and a peer silent
+for ``timeout`` seconds is dead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Peer:
+    identity: bytes
+    worker: int
+    role: str  # "worker" | "evaluator"
+    host: str = "?"
+    pid: int = 0
+    state: str = "joining"  # joining -> ready -> gone
+    last_seen: float = 0.0
+    last_sent: float = 0.0
+    joined_at: float = 0.0
+    steps: int = 0
+    samples: int = 0
+    staleness_sum: int = 0
+    staleness_max: int = 0
+    last_loss: float = float("nan")
+    incarnations: int = 1
+    busy: bool = False  # evaluator: evaluating a snapshot
+
+    @property
+    def mean_staleness(self) -> float:
+        return self.staleness_sum / self.steps if self.steps else 0.0
+
+
+@dataclass
+class Membership:
+    n_workers: int
+    timeout: float
+    peers: dict[bytes, Peer] = field(default_factory=dict)
+    by_worker: dict[int, Peer] = field(default_factory=dict)
+    evaluator: Peer | None = None
+
+    def admit(self, identity: bytes, role: str, requested: int, now: float) -> tuple[Peer | None, bool]:
+        """Return (peer, rejoined) or (None, False) when the run is full."""
+        peer = self.peers.get(identity)
+        if peer is not None:
+            peer.incarnations += 1
+            peer.state, peer.last_seen, peer.joined_at, peer.busy = "joining", now, now, False
+            return peer, True
+        if role == "evaluator":
+            peer = Peer(identity, -1, role, last_seen=now, joined_at=now)
+            self.evaluator = peer
+            self.peers[identity] = peer
+            return peer, False
+        if 0 <= requested < self.n_workers and requested not in self.by_worker:
+            worker = requested
+        else:
+            free = [w for w in range(self.n_workers) if w not in self.by_worker]
+            if not free:
+                return None, False
+            worker = free[0]
+        peer = Peer(identity, worker, role, last_seen=now, joined_at=now)
+        self.peers[identity] = peer
+        self.by_worker[worker] = peer
+        return peer, False
+
+    def live_workers(self) -> list[Peer]:
+        return [p for p in self.by_worker.values() if p.state == "ready"]
+
+    def expired(self, now: float) -> list[Peer]:
+        return [p for p in self.peers.values() if p.state != "gone" and now - p.last_seen > self.timeout]
+
+    def needing_heartbeat(self, now: float, interval: float) -> list[Peer]:
+        return [p for p in self.peers.values() if p.state != "gone" and now - p.last_sent >= interval]

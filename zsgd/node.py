@@ -1,0 +1,190 @@
+"""The worker process: joins a broker, computes gradients on its shard.
+
+Started by ``zsgd run`` (locally or over SSH) or by hand with
+``zsgd worker --connect tcp://HOST:PORT``. It knows nothing of the run until
+the broker's ASSIGN arrives: the configuration travels on the wire, so a
+worker on another machine trains exactly what the broker resolved.
+
+Protocol, from the worker's side:
+  HELLO(stage=join) -> ASSIGN(config) -> load shard -> HELLO(stage=ready)
+  -> [SHARD if it had no local data] -> WEIGHTS -> UPDATE -> WEIGHTS -> ...
+  -> LEAVE (done). An evaluator is a worker with role "evaluator": it answers
+  WEIGHTS with EVAL instead of UPDATE.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from zsgd import __version__, protocol
+from zsgd.errors import ZsgdError
+from zsgd.link import BROKER_DEAD, BrokerLink
+from zsgd.protocol import Message, MsgType
+
+EXIT_OK, EXIT_USAGE, EXIT_BROKER_GONE = 0, 2, 3
+
+
+@dataclass
+class NodeOptions:
+    connect: str
+    worker_id: int | None = None
+    role: str = "worker"  # or "evaluator"
+    heartbeat: float = 1.0
+    timeout: float = 10.0
+    join_timeout: float = 60.0
+    data_dir: str | None = None
+    curve: dict | None = None
+    quiet: bool = False
+
+
+def log(opts: NodeOptions, text: str) -> None:
+    if not opts.quiet:
+        who = f"{opts.role} {opts.worker_id}" if opts.worker_id is not None else opts.role
+        print(f"zsgd {who}: {text}", file=sys.stderr, flush=True)
+
+
+def identity_for(opts: NodeOptions) -> bytes:
+    """Stable per worker id, so a restarted worker is routed as the same peer."""
+    if opts.worker_id is not None:
+        return protocol.worker_identity("", opts.worker_id) if opts.role == "worker" else f"zsgd-eval-{opts.worker_id}".encode()
+    return f"zsgd-{opts.role}-{socket.gethostname()}-{os.getpid()}".encode()
+
+
+def _terminate(signum, frame):  # SIGTERM from a launcher: leave politely
+    raise KeyboardInterrupt
+
+
+def run_node(opts: NodeOptions) -> int:
+    """Run until the broker says LEAVE or disappears; return the exit code."""
+    signal.signal(signal.SIGTERM, _terminate)
+    ctx = zmq.Context()
+    link = BrokerLink(ctx, opts.connect, identity_for(opts), run="", worker=opts.worker_id if opts.worker_id is not None else -1,
+                      heartbeat=opts.heartbeat, timeout=max(opts.timeout, opts.join_timeout), curve=opts.curve).open()
+    try:
+        return _session(opts, link)
+    except KeyboardInterrupt:
+        log(opts, "interrupted; leaving")
+        _leave(link, "interrupted")
+        return 130
+    finally:
+        link.close()
+        ctx.term()
+
+
+def _leave(link: BrokerLink, reason: str) -> None:
+    try:
+        link.send(Message(MsgType.LEAVE, link.run, link.worker, 0, {}, meta={"reason": reason}))
+    except zmq.ZMQError:
+        pass
+
+
+def _session(opts: NodeOptions, link: BrokerLink) -> int:
+    hello_meta = {"stage": "join", "role": opts.role, "host": socket.gethostname(), "pid": os.getpid(), "zsgd": __version__}
+    link.send(Message(MsgType.HELLO, "", link.worker, 0, {}, meta=hello_meta))
+    msg = _expect(opts, link, {MsgType.ASSIGN}, opts.join_timeout, "join")
+    if msg is None:
+        return EXIT_BROKER_GONE
+    cfg = dict(msg.meta["config"])
+    run, worker = msg.run, msg.worker
+    opts.worker_id = worker
+    link.set_identity(run, worker)
+    link.timeout = opts.timeout
+    straggle = float(msg.meta.get("slowdown", 1.0))
+    compute = _build(opts, link, cfg, msg.meta)
+    if compute is None:
+        return EXIT_BROKER_GONE
+    log(opts, f"joined run {run} at {opts.connect}")
+    while True:
+        msg = link.recv(timeout=opts.timeout)
+        if msg is None:
+            continue  # the link thread decides when the broker is dead
+        if msg is BROKER_DEAD:
+            log(opts, f"broker at {opts.connect} silent for {opts.timeout:g} s; exiting")
+            return EXIT_BROKER_GONE
+        if msg.type == MsgType.LEAVE:
+            log(opts, f"done ({msg.meta.get('reason', 'broker finished')})")
+            return EXIT_OK
+        if msg.type == MsgType.ERROR:
+            log(opts, f"broker reported an error: {msg.meta.get('message', '?')}")
+            if msg.meta.get("fatal"):
+                return EXIT_USAGE
+            continue
+        if msg.type == MsgType.WEIGHTS:
+            t0 = time.perf_counter()
+            reply = compute(msg)
+            if straggle > 1.0:
+                time.sleep((straggle - 1.0) * (time.perf_counter() - t0))
+            link.send(reply)
+
+
+def _expect(opts: NodeOptions, link: BrokerLink, types: set, timeout: float, stage: str) -> Message | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = link.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if msg is None:
+            continue
+        if msg is BROKER_DEAD:
+            break
+        if msg.type == MsgType.ERROR:
+            raise ZsgdError(f"broker refused this {opts.role}: {msg.meta.get('message', '?')}")
+        if msg.type in types:
+            return msg
+    log(opts, f"no broker answered at {opts.connect} within {timeout:g} s ({stage}); is the broker running and the address right?")
+    return None
+
+
+def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
+    """Load data and model for the assigned role; return the message handler."""
+    from zsgd.config import TrainConfig
+    from zsgd.data import load_dataset, make_shard
+    from zsgd.models import evaluate, get_model
+
+    config = TrainConfig.from_dict(cfg)
+    data_dir = opts.data_dir or config.data_dir
+    need_shard = False
+    x = y = None
+    try:
+        ds = load_dataset(config.data, data_dir=data_dir, image_size=config.image_size, grayscale=config.grayscale)
+        input_shape, n_classes = ds.input_shape, ds.n_classes
+    except ZsgdError as exc:
+        if opts.role != "worker":
+            raise
+        log(opts, f"no local copy of the data ({exc}); asking the broker for this worker's shard")
+        need_shard, ds = True, None
+    link.send(Message(MsgType.HELLO, link.run, link.worker, 0, {}, meta={"stage": "ready", "role": opts.role, "need_shard": need_shard}))
+    if need_shard:
+        shard = _expect(opts, link, {MsgType.SHARD}, opts.join_timeout, "shard")
+        if shard is None:
+            return None
+        x, y = np.array(shard.arrays["x"]), np.array(shard.arrays["y"])
+        input_shape, n_classes = tuple(shard.meta["input_shape"]), int(shard.meta["n_classes"])
+    model = get_model(config.model, input_shape=tuple(input_shape), n_classes=n_classes, seed=config.seed)
+
+    if opts.role == "evaluator":
+        def handle_eval(msg: Message) -> Message:
+            loss, acc = evaluate(model, msg.arrays["w"], ds.x_test, ds.y_test)
+            meta = {k: msg.meta[k] for k in ("updates", "samples", "t") if k in msg.meta}
+            return Message(MsgType.EVAL, link.run, link.worker, msg.version, {}, meta=meta | {"test_loss": float(loss), "test_acc": float(acc)})
+
+        return handle_eval
+
+    from zsgd.algorithms.worker import WorkerStep
+
+    if not need_shard:
+        idx = make_shard(ds.y_train, config.split, config.seed, link.worker, int(assign_meta["n_workers"]))
+        x, y = ds.x_train[idx], ds.y_train[idx]
+    step = WorkerStep(model, x, y, config.batch_size, config.seed, link.worker)
+
+    def handle_weights(msg: Message) -> Message:
+        update = step.compute(msg.arrays["w"], msg.version)
+        return protocol.update_message(link.run, link.worker, msg.version, update.grad, update.n_samples, update.loss)
+
+    return handle_weights

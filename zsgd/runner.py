@@ -1,0 +1,130 @@
+"""``zsgd run`` and ``zsgd broker``: a broker plus the workers it launches.
+
+The order matters for "no orphans, no leaked ports": bind first (a port in
+use fails before anything starts), then launch, then serve; whatever
+happens (normal end, error, Ctrl-C) the ``finally`` sends LEAVE, reaps every
+child and closes the socket before the summary is written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zsgd.broker import Broker, BrokerOptions
+from zsgd.config import TrainConfig, write_config
+from zsgd.errors import ZsgdError
+from zsgd.metrics import MetricsWriter
+from zsgd.rundir import create_run_dir, write_json
+
+
+@dataclass
+class RunOptions:
+    n_proc: int = 2
+    algo: str = "async"
+    host: str = "127.0.0.1"
+    port: int = 0
+    heartbeat: float = 1.0
+    timeout: float = 5.0
+    staleness_lr: bool = False
+    checkpoint_every: int = 500
+    evaluator: bool = True
+    expect_workers: int | None = None  # broker-only mode: workers started by hand
+    slowdown: dict[int, float] = field(default_factory=dict)
+    show: bool = True
+
+    def validate(self) -> "RunOptions":
+        from zsgd.algorithms import parse_algo
+
+        parse_algo(self.algo)
+        if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers):
+            raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
+        if not 0 <= self.port <= 65535:
+            raise ZsgdError(f"--port must be in 0..65535, got {self.port}")
+        if self.heartbeat <= 0 or self.timeout <= self.heartbeat:
+            raise ZsgdError("--timeout must be longer than --heartbeat (3-5 heartbeats is the usual choice)")
+        if self.checkpoint_every < 0:
+            raise ZsgdError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        return self
+
+    @property
+    def n_workers(self) -> int:
+        return self.expect_workers or self.n_proc
+
+
+def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None = None, resume_dir: str | Path | None = None) -> dict[str, Any]:
+    from zsgd.launch import LocalLauncher
+    from zsgd.live import stderr_console
+    from zsgd.live_run import RunView
+    from zsgd.train import Problem
+
+    cfg.validate()
+    opts.validate()
+    resume = None
+    if resume_dir is not None:
+        from zsgd.checkpoint import load_checkpoint
+
+        resume = load_checkpoint(Path(resume_dir))
+        run_dir = Path(resume_dir)
+    else:
+        run_dir = create_run_dir(out, cfg.name)
+    problem = Problem.from_config(cfg)
+    ds = problem.dataset
+    if opts.show:
+        stderr_console.print(f"data: [bold]{ds.name}[/] ({ds.source}), {len(ds.y_train):,} train / {len(ds.y_test):,} test; "
+                             f"model: [bold]{cfg.model}[/] ({problem.model.n_params:,} parameters); algorithm: [bold]{opts.algo}[/]")
+    resolved = cfg.to_dict() | {"mode": "run", "run": {k: v for k, v in asdict(opts).items() if k != "show"}, "data_source": ds.source,
+                                "n_params": problem.model.n_params}
+    if resume is None:
+        write_config(run_dir / "config.yaml", resolved)
+    bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=f"tcp://{opts.host}:{opts.port}", heartbeat=opts.heartbeat,
+                          timeout=opts.timeout, staleness_lr=opts.staleness_lr, checkpoint_every=opts.checkpoint_every, slowdown=opts.slowdown)
+    with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
+        broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None)
+        metrics.write("start", broker.elapsed, mode="run", algo=opts.algo, n_workers=opts.n_workers, address=broker.address,
+                      model=cfg.model, data=ds.name, n_params=problem.model.n_params, resumed=resume is not None)
+        if opts.show:
+            stderr_console.print(f"broker listening on [bold]{broker.address}[/]; run directory {run_dir}")
+        launcher = LocalLauncher(broker.address, run_dir / "logs", opts.heartbeat, opts.timeout)
+        started = time.monotonic()
+        try:
+            for i in range(opts.n_proc):
+                launcher.start(i)
+            if opts.evaluator:
+                launcher.start(0, role="evaluator")
+            with RunView(f"{opts.algo} x{opts.n_workers}", problem.stop_rule(cfg).total_updates, enabled=opts.show) as view:
+                def tick(b: Broker) -> None:
+                    view.update(b)
+                    _check_children(b, launcher, opts, started)
+
+                broker.serve(on_tick=tick)
+        finally:
+            launcher.stop_all(grace=2 * opts.heartbeat + 1)
+        broker.final_evaluation()
+        summary = broker.summary() | {"mode": "run", "algo": opts.algo, "n_workers": opts.n_workers, "model": cfg.model,
+                                      "data": ds.name, "data_source": ds.source, "n_params": problem.model.n_params}
+        summary["samples_per_s"] = summary["samples"] / summary["wall_s"] if summary["wall_s"] else 0.0
+        metrics.write("end", broker.elapsed, updates=summary["updates"], samples=summary["samples"], test_loss=summary["test_loss"],
+                      test_acc=summary["test_accuracy"], reason=summary["stop_reason"])
+    from zsgd.rundir import save_arrays
+
+    save_arrays(run_dir / "weights.npz", problem.model.state_dict(broker.algo.w))
+    write_json(run_dir / "summary.json", summary)
+    from zsgd.plots import plot_run
+
+    plot_run(run_dir)
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def _check_children(broker: Broker, launcher, opts: RunOptions, started: float) -> None:
+    """Abort early, with the reason, if every launched worker died before joining."""
+    if not launcher.children or broker.state.updates > 0:
+        return
+    workers = [c for c in launcher.children if c.name.startswith("worker")]
+    if workers and all(c.returncode not in (None, 0) for c in workers):
+        tail = workers[0].log_tail()
+        broker.state.stop_reason = "all workers failed to start"
+        raise ZsgdError(f"all {len(workers)} workers exited before training (e.g. {workers[0].name}, exit {workers[0].returncode}: {tail})")
