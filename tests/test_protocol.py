@@ -240,6 +240,28 @@ def test_recv_drains_and_rejects_too_many_frames(pair):
     assert P.recv(b)[1].worker == 1
 
 
+def test_restarted_worker_keeps_its_route(ctx):
+    """A worker that dies and comes back with the same identity gets the replies."""
+    router = _sock(ctx, zmq.ROUTER)
+    router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    ident = P.worker_identity(RUN, 5)
+    old = _sock(ctx, zmq.DEALER)
+    old.setsockopt(zmq.IDENTITY, ident)
+    old.connect(f"tcp://127.0.0.1:{port}")
+    P.send(old, P.hello(RUN, 5))
+    assert P.recv(router, router=True)[0] == ident
+    new = _sock(ctx, zmq.DEALER)  # the old one is left dangling, as after a crash
+    new.setsockopt(zmq.IDENTITY, ident)
+    new.connect(f"tcp://127.0.0.1:{port}")
+    P.send(new, P.hello(RUN, 5))
+    got_ident, got = P.recv(router, router=True)
+    assert got_ident == ident and got.meta["pid"] > 0
+    P.send(router, P.assign(RUN, 5, {"lr": 0.1}), identity=ident)
+    assert P.recv(new)[1].type == MsgType.ASSIGN
+
+
 def test_worker_identity_is_stable_and_short():
     ident = P.worker_identity("x" * 500, 12345)
     assert ident == P.worker_identity("x" * 500, 12345) and len(ident) < 64 and ident[0] != 0
@@ -270,6 +292,7 @@ def _header(mtype: int = MsgType.UPDATE, version: int = P.PROTOCOL_VERSION, **ob
     ([b"ZS\x01\x05" + b'{"run":"r","w":0,"v":0,"a":[],"m":{"x":NaN}}'], "bad-json"),
     ([b"ZS\x01\x05" + b'{"run":"r","w":0,"v":0,"a":[],"m":{"x":1e999}}'], "bad-json"),
     ([b"ZS\x01\x05" + b'{"run":"r","run":"s","w":0,"v":0,"a":[]}'], "bad-json"),
+    ([b"ZS\x01\x05" + b'{"run":"r","w":0,"v":0,"a":[],"m":{"x":' + b"9" * 5000 + b"}}"], "bad-json"),
     ([b"ZS\x01\x05" + b"[" * 20000 + b"]" * 20000], "bad-json"),
     ([b"ZS\x01\x05[]"], "bad-schema"),
     ([_header(extra=1)], "bad-schema"),
@@ -289,6 +312,7 @@ def _header(mtype: int = MsgType.UPDATE, version: int = P.PROTOCOL_VERSION, **ob
     ([_header(a=[["g", "float32", [1] * 40]]), b"abcd"], "bad-shape"),
     ([_header(a=[["g", "float32", [2**62, 2**62]]]), b"abcd"], "too-large"),
     ([_header(a=[["g", "float32", [0, 2**62]]]), b""], "too-large"),
+    ([_header(a=[["g", "float32", [0, 2**20, 2**20, 2**20]]]), b""], "too-large"),
     ([_header(a=[["g", "float32", [3]]]), b"abcd"], "size-mismatch"),
     ([_header(a=[["g", "float32", [1]]])], "frame-count"),
     ([_header(), b"extra"], "frame-count"),
@@ -443,6 +467,16 @@ def test_fuzz_header_fields(key, value, which):
     got = _decode_or_reject([good[0][:4] + json.dumps(body).encode(), good[1]])
     if got is not None:
         assert got.arrays["g"].shape == (2, 3)
+
+
+@FUZZ
+@given(st.lists(st.integers(-2, 4) | st.integers(0, 2**70) | st.just(0), max_size=40),
+       st.sampled_from(sorted(P.DTYPES)), st.integers(0, 64),
+       st.sampled_from([None, Limits(max_array_bytes=1 << 62)]))
+def test_fuzz_shapes(shape, dtype, nbytes, limits):
+    got = _decode_or_reject([_header(a=[["g", dtype, shape]]), bytes(nbytes)], limits)
+    if got is not None:
+        assert got.arrays["g"].shape == tuple(shape) and got.arrays["g"].nbytes == nbytes
 
 
 _SHAPES = [([2**64], "too-large"), ([2**31, 2**31], "too-large"), ([10**30], "too-large"),

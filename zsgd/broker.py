@@ -89,7 +89,7 @@ class Broker:
         self.algo.version = self.state.updates
         self.members = Membership(opts.n_workers, opts.timeout)
         self.rule = problem.stop_rule(cfg)
-        self.limits = protocol.Limits(max_array_bytes=max(64 << 20, 8 * self.n_params + (64 << 20)))
+        self.limits = protocol.Limits.for_model(self.n_params)
         self.ctx = zmq.Context()
         self.sock = self._bind()
         self._eval_pending = False
@@ -183,6 +183,8 @@ class Broker:
         peer = self.members.peers.get(identity)
         if peer is not None:
             peer.last_seen = now
+        if msg.type == MsgType.HEARTBEAT:
+            return  # liveness only (already noted); may precede the run id's assignment
         if msg.type == MsgType.HELLO:
             self._on_hello(identity, peer, msg, now)
         elif peer is None or peer.state == "gone" or msg.run != self.run:
@@ -193,8 +195,6 @@ class Broker:
             self._on_eval(peer, msg)
         elif msg.type == MsgType.LEAVE:
             self._drop_peer(peer, "left", now)
-        elif msg.type == MsgType.HEARTBEAT:
-            pass
         else:
             self._reject(identity, "unexpected-type", f"{msg.type.name} is not accepted by the broker")
 
@@ -223,7 +223,7 @@ class Broker:
             meta = {"config": self.cfg.to_dict(), "n_workers": self.opts.n_workers, "heartbeat": self.opts.heartbeat,
                     "slowdown": self._slowdown(peer.worker)}
             self._send_peer(peer, Message(MsgType.ASSIGN, self.run, peer.worker, self.algo.version, {}, meta=meta))
-            self.metrics.write("worker", self.elapsed, worker=peer.worker, role=role, status="rejoined" if rejoined else "joined", host=peer.host)
+            self.metrics.write("worker", self.elapsed, worker=peer.worker, role=role, status="rejoined" if rejoined else "joined", host=peer.host, pid=peer.pid)
         elif stage == "ready" and peer is not None and peer.state == "joining" and msg.run == self.run:
             if msg.meta.get("need_shard") and role == "worker":
                 self._send_shard(peer)
@@ -288,7 +288,7 @@ class Broker:
         loss = msg.meta.get("loss")
         peer.last_loss = float(loss) if isinstance(loss, (int, float)) else float("nan")
         n = int(msg.meta.get("n_samples", self.cfg.batch_size))
-        update = Update(peer.worker, msg.version, msg.arrays["grad"], n, peer.last_loss)
+        update = Update(peer.worker, msg.version, msg.arrays["g"], n, peer.last_loss)
         self._dispatch(self.algo.on_update(update, self.elapsed))
 
     def _dispatch(self, outputs: list) -> None:

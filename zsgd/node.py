@@ -30,6 +30,7 @@ from zsgd.link import BROKER_DEAD, BrokerLink
 from zsgd.protocol import Message, MsgType
 
 EXIT_OK, EXIT_USAGE, EXIT_BROKER_GONE = 0, 2, 3
+UNASSIGNED_RUN = "-"  # run id in messages sent before the broker assigned one
 
 
 @dataclass
@@ -66,7 +67,7 @@ def run_node(opts: NodeOptions) -> int:
     """Run until the broker says LEAVE or disappears; return the exit code."""
     signal.signal(signal.SIGTERM, _terminate)
     ctx = zmq.Context()
-    link = BrokerLink(ctx, opts.connect, identity_for(opts), run="", worker=opts.worker_id if opts.worker_id is not None else -1,
+    link = BrokerLink(ctx, opts.connect, identity_for(opts), run=UNASSIGNED_RUN, worker=opts.worker_id if opts.worker_id is not None else -1,
                       heartbeat=opts.heartbeat, timeout=max(opts.timeout, opts.join_timeout), curve=opts.curve).open()
     try:
         return _session(opts, link)
@@ -88,7 +89,7 @@ def _leave(link: BrokerLink, reason: str) -> None:
 
 def _session(opts: NodeOptions, link: BrokerLink) -> int:
     hello_meta = {"stage": "join", "role": opts.role, "host": socket.gethostname(), "pid": os.getpid(), "zsgd": __version__}
-    link.send(Message(MsgType.HELLO, "", link.worker, 0, {}, meta=hello_meta))
+    link.send(Message(MsgType.HELLO, UNASSIGNED_RUN, link.worker, 0, {}, meta=hello_meta))
     msg = _expect(opts, link, {MsgType.ASSIGN}, opts.join_timeout, "join")
     if msg is None:
         return EXIT_BROKER_GONE

@@ -311,8 +311,12 @@ def _parse_header(buf: memoryview, lim: Limits) -> tuple[MsgType, str, int, int,
         for dim in shape:
             if not _is_int(dim) or dim < 0:
                 raise ProtocolError("bad-shape", f"shape of {name!r} has {str(dim)[:32]}")
-            if dim > lim.max_array_bytes:   # keeps the product small and numpy happy
+            if dim > lim.max_array_bytes:   # keeps the product below cheap
                 raise ProtocolError("too-large", f"dimension {dim} of {name!r}")
+        # numpy refuses shape (0, 2**30, 2**30, ...) although it holds nothing: bound
+        # the product of the non-zero dimensions too, not only the byte size.
+        if math.prod(d for d in shape if d) * DTYPES[dname].itemsize > lim.max_array_bytes:
+            raise ProtocolError("too-large", f"shape {shape} of {name!r}")
         parsed.append((name, DTYPES[dname], tuple(shape)))
     return mtype, run, w, v, parsed, codec, meta
 
@@ -493,7 +497,9 @@ def worker_identity(run: str, worker: int) -> bytes:
     """Stable ROUTER identity for a worker: set it on the DEALER before connect.
 
     A restarted worker gets the same identity, so the broker routes replies
-    to it without a new HELLO mapping. The run id is hashed so the identity
+    to it without a new HELLO mapping. The broker's ROUTER needs
+    ``ROUTER_HANDOVER=1``: without it libzmq refuses a new connection whose
+    identity is still held by the dead worker's not-yet-timed-out one. The run id is hashed so the identity
     stays short (ZeroMQ allows 255 bytes) and a straggler from an older run
     with the same worker id does not take over a live worker's route.
     """
@@ -539,7 +545,7 @@ def validate_update(msg: Message, *, run: str, known_workers: Container[int], n_
         raise ProtocolError("wrong-type", f"expected UPDATE, got {MsgType(msg.type).name}")
     if msg.run != run:
         raise ProtocolError("wrong-run", f"run {msg.run!r}, expected {run!r}")
-    if msg.worker not in known_workers:
+    if msg.worker < 0 or msg.worker not in known_workers:
         raise ProtocolError("unknown-worker", f"worker {msg.worker}")
     if identity is not None and identity != worker_identity(run, msg.worker):
         raise ProtocolError("wrong-identity", f"worker {msg.worker} sent from {identity[:64]!r}")

@@ -1,0 +1,104 @@
+"""Garbage on the broker's port is rejected and counted; training goes on unaffected."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import read_events, wait_for, zsgd_cmd
+from zsgd import protocol
+from zsgd.protocol import Message, MsgType
+
+FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+
+valid_header = protocol.encode(protocol.update_message("x", 0, 0, np.zeros(4, np.float32), 32, 0.5))[0]
+garbage = st.one_of(
+    st.lists(st.binary(max_size=200), min_size=1, max_size=4),  # random frames
+    st.binary(min_size=1, max_size=len(valid_header)).map(lambda b: [bytes(valid_header[: len(b)])]),  # truncated header
+    st.tuples(st.integers(0, len(valid_header) - 1), st.integers(0, 255)).map(  # one byte flipped
+        lambda t: [bytes(valid_header[: t[0]]) + bytes([t[1]]) + bytes(valid_header[t[0] + 1:]), np.zeros(4, np.float32).tobytes()]),
+    st.just([b"ZS\x63\x04{}"]),  # wrong protocol version
+    st.just([b"ZS" + bytes([protocol.PROTOCOL_VERSION, 4]) + b"x" * 70000]),  # oversized header
+)
+
+
+def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_path, no_orphans):
+    out = tmp_path / "run"
+    broker = subprocess.Popen(zsgd_cmd("broker", "--workers", "3", "--algo", "async", "--steps", "300", "--out", str(out), *FAST),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    workers = []
+    ctx = zmq.Context()
+    try:
+        address = wait_for(lambda: next((e["address"] for e in read_events(out) if e["event"] == "start"), None), 60, what="broker start")
+        for i in range(2):
+            workers.append(subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--id", str(i), "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"),
+                                            stdin=subprocess.DEVNULL))
+        wait_for(lambda: any(e["event"] == "update" for e in read_events(out)), 60, what="training to start")
+        sent = 0
+        attacker = ctx.socket(zmq.DEALER)
+        attacker.linger = 0
+        attacker.connect(address)
+
+        @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(frames=garbage)
+        def send(frames):
+            nonlocal sent
+            attacker.send_multipart(frames)
+            sent += 1
+
+        send()
+        # A peer that joins properly, then sends poison: NaN gradient, wrong shape, wrong run, wrong dtype.
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.linger = 0
+        rogue.setsockopt(zmq.ROUTING_ID, b"rogue")
+        rogue.connect(address)
+        protocol.send(rogue, Message(MsgType.HELLO, "-", 2, 0, {}, meta={"stage": "join", "role": "worker"}))
+        assign = _recv_type(rogue, MsgType.ASSIGN)
+        run, wid, n_params = assign.run, assign.worker, 784 * 10 + 10
+        protocol.send(rogue, Message(MsgType.HELLO, run, wid, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
+        weights = _recv_type(rogue, MsgType.WEIGHTS)
+        poison = [
+            protocol.update_message(run, wid, weights.version, np.full(n_params, np.nan, np.float32), 32, 0.1),
+            protocol.update_message(run, wid, weights.version, np.zeros(n_params + 1, np.float32), 32, 0.1),
+            protocol.update_message("other-run", wid, weights.version, np.zeros(n_params, np.float32), 32, 0.1),
+            protocol.update_message(run, wid, weights.version, np.zeros(n_params, np.float16), 32, 0.1),
+            protocol.update_message(run, wid, weights.version, np.full(n_params, np.inf, np.float32), 32, 0.1),
+        ]
+        for msg in poison:
+            protocol.send(rogue, msg)
+            time.sleep(0.05)
+        _, err = broker.communicate(timeout=120)
+        assert broker.returncode == 0, err[-2000:]
+    finally:
+        if broker.poll() is None:
+            os.killpg(broker.pid, signal.SIGKILL)
+        for w in workers:
+            try:
+                w.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                w.kill()
+        ctx.destroy(linger=0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["updates"] >= 300
+    assert summary["test_accuracy"] > 0.6
+    assert summary["rejected_messages"] >= sent + len(poison) - 5, summary["rejected_by_reason"]
+    reasons = summary["rejected_by_reason"]
+    assert reasons.get("non-finite", 0) >= 2 and reasons.get("wrong-shape", 0) + reasons.get("wrong-dtype", 0) >= 2
+
+
+def _recv_type(sock, mtype, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sock.poll(200):
+            _, msg = protocol.recv(sock)
+            if msg.type == mtype:
+                return msg
+    raise AssertionError(f"no {mtype.name} within {timeout} s")
