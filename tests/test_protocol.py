@@ -392,6 +392,13 @@ def test_validate_update_rejects(msg, kw, reason):
     assert e.value.reason == reason
 
 
+def test_validate_update_checks_loss_of_unencoded_messages():
+    """The simulator hands Messages over without JSON, so a NaN loss can reach validation."""
+    msg = P.update_message(RUN, 2, 0, np.zeros(10, np.float32), 4, float("nan"))
+    with pytest.raises(ProtocolError, match="non-finite"):
+        P.validate_update(msg, run=RUN, known_workers={2}, n_params=10)
+
+
 def test_validate_update_can_skip_finiteness():
     msg = _good_update(grad=np.full(10, np.nan, np.float32))
     P.validate_update(msg, run=RUN, known_workers={2}, n_params=10, require_finite=False)
@@ -409,7 +416,8 @@ def test_validate_update_finds_any_non_finite(pos, bad):
 def test_validate_weights():
     msg = P.decode(P.encode(P.weights_message(RUN, 3, np.zeros(10, np.float32))))
     P.validate_weights(msg, run=RUN, n_params=10)
-    for kw, reason in [({"run": "x", "n_params": 10}, "wrong-run"), ({"run": RUN, "n_params": 9}, "wrong-shape")]:
+    for kw, reason in [({"run": "x", "n_params": 10}, "wrong-run"),
+                       ({"run": RUN, "n_params": 9}, "wrong-shape")]:
         with pytest.raises(ProtocolError, match=reason):
             P.validate_weights(msg, **kw)
 

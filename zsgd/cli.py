@@ -203,6 +203,11 @@ def _register_subcommands() -> None:
     from zsgd.data.commands import data_group
 
     main.add_command(data_group)
+    try:
+        from zsgd.sim_cli import sim_command
+    except ImportError:  # the simulator is being built
+        return
+    main.add_command(sim_command)
 
 
 _register_subcommands()

@@ -9,21 +9,18 @@ A zsgd message is a ZeroMQ multipart message::
 
 Why this shape rather than pickle or one serialized blob:
 
-* **No pickle, ever.** Unpickling bytes from the network runs code chosen by
-  the sender. The header is JSON (data only) and arrays are raw bytes whose
-  dtype comes from a short allow-list, so a hostile or buggy peer can at worst
-  make us reject a message.
+* **No pickle, ever.** Unpickling network bytes runs code the sender chose.
+  The header is JSON (data only) and arrays are raw bytes of allow-listed
+  dtypes, so a hostile or buggy peer can at worst get its message rejected.
 * **Zero copy.** A 1.2M-parameter model is 4.8 MB; copying it into a blob and
-  out again on every step would cost more than the network on loopback. Large
-  arrays are handed to ZeroMQ as-is (`copy=False`) and decoded as
-  `np.frombuffer` views on the received frames.
+  out again every step costs more than loopback networking. Large arrays go
+  to ZeroMQ as-is (`copy=False`) and come back as `np.frombuffer` views.
 * **Validate before touching.** `decode` checks magic, version, type, JSON
-  schema, dtypes, shapes, frame count, exact sizes and limits before it
-  creates a single array view, and it never allocates memory in proportion to
-  a size a peer *claims*. Semantic checks that need run state (right run,
-  known worker, right shape, finite values) live in `validate_update` /
-  `validate_weights`. Every failure is a `ProtocolError` with a short reason
-  code, so the broker can count rejects by reason and carry on.
+  schema, dtypes, shapes, frame count, exact sizes and limits before it makes
+  a single array view, and never allocates in proportion to a size a peer
+  *claims*. Checks that need run state (run, known worker, shape, finite
+  values) are `validate_update` / `validate_weights`. Every failure is a
+  `ProtocolError` with a reason code: the broker counts it and carries on.
 
 Schema policy: unknown header keys are **rejected** (reason "bad-schema").
 `PROTOCOL_VERSION` is the one compatibility switch; a field that a peer would
@@ -57,13 +54,11 @@ import zmq
 from zsgd import __version__
 
 __all__ = [
-    "PROTOCOL_VERSION", "MAGIC", "DTYPES", "REASONS", "ZERO_COPY_THRESHOLD",
-    "MsgType", "Message", "Limits", "ProtocolError",
-    "encode", "decode", "send", "recv", "message_nbytes", "set_socket_limits",
-    "worker_identity", "validate_update", "validate_weights",
-    "hello", "assign", "weights_message", "update_message", "heartbeat",
-    "eval_message", "leave", "error_message", "shard_message", "peer_message",
-    "wait_message",
+    "PROTOCOL_VERSION", "MAGIC", "DTYPES", "REASONS", "ZERO_COPY_THRESHOLD", "MsgType", "Message",
+    "Limits", "ProtocolError", "encode", "decode", "send", "recv", "message_nbytes",
+    "set_socket_limits", "worker_identity", "validate_update", "validate_weights", "hello", "assign",
+    "weights_message", "update_message", "heartbeat", "eval_message", "leave", "error_message",
+    "shard_message", "peer_message", "wait_message",
 ]
 
 PROTOCOL_VERSION = 1
@@ -82,16 +77,14 @@ DTYPES: dict[str, np.dtype] = {
     n: np.dtype(n).newbyteorder("<")
     for n in ("float32", "float16", "int32", "int64", "uint8", "uint16", "int8")
 }
-_FLOAT_DTYPES = frozenset({"float32", "float16"})
 
 #: Every reason code a ProtocolError can carry (for counters and metrics).
 REASONS = frozenset({
-    "frame-count", "bad-frame", "short-header", "bad-magic", "bad-version",
-    "bad-type", "bad-json", "bad-schema", "bad-dtype", "bad-shape",
-    "size-mismatch", "too-large", "bad-array",
+    "frame-count", "bad-frame", "short-header", "bad-magic", "bad-version", "bad-type", "bad-json",
+    "bad-schema", "bad-dtype", "bad-shape", "size-mismatch", "too-large", "bad-array",
     # validate_update / validate_weights
-    "wrong-type", "wrong-run", "unknown-worker", "wrong-identity",
-    "wrong-shape", "wrong-dtype", "missing-array", "non-finite", "bad-meta",
+    "wrong-type", "wrong-run", "unknown-worker", "wrong-identity", "wrong-shape", "wrong-dtype",
+    "missing-array", "non-finite", "bad-meta",
 })
 
 _MAX_NDIM = 32          # numpy 1.x's limit; no model array comes close
@@ -123,9 +116,8 @@ class MsgType(enum.IntEnum):
 class ProtocolError(ValueError):
     """A message was rejected. Never fatal: count it by `reason` and go on.
 
-    `reason` is a short machine-readable code from `REASONS`; `detail` is for
-    humans. `identity` is the ROUTER peer that sent it, when known, so the
-    broker can answer with an ERROR or drop that peer.
+    `reason` is a code from `REASONS`, `detail` is for humans, `identity` is
+    the ROUTER peer that sent it (when known), to answer with ERROR or drop it.
     """
 
     def __init__(self, reason: str, detail: str = "", identity: bytes | None = None):
@@ -150,11 +142,8 @@ class Limits:
 
     @classmethod
     def for_model(cls, n_params: int, *, factor: int = 2, **kw: int) -> Limits:
-        """Limits sized to a model: `factor` float32 vectors plus 64 KiB slack.
-
-        factor=2 admits an uncompressed gradient plus one extra vector, or a
-        sparse codec at full density (int32 index + float32 value per entry).
-        """
+        """`factor` float32 vectors + 64 KiB: factor=2 admits a gradient plus one
+        more vector, or a sparse codec at full density (int32 index + float32 value)."""
         return cls(max_array_bytes=factor * 4 * int(n_params) + 65536, **kw)
 
 
@@ -179,7 +168,6 @@ class Message:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------
 # header
 
 
@@ -190,12 +178,8 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not allowed in a header")
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"non-finite number {name} in header")
-
-
 def _parse_float(text: str) -> float:
-    # "1e999" parses to inf without passing through parse_constant.
+    """Refuse NaN/Infinity, and "1e999", which becomes inf without parse_constant."""
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"non-finite number {text[:32]} in header")
@@ -247,9 +231,10 @@ def _header_bytes(msg: Message) -> bytes:
         raise ProtocolError("bad-json", f"cannot encode header: {e}") from None
 
 
-def _parse_header(buf: memoryview, lim: Limits) -> tuple[MsgType, str, int, int,
-                                                         list[tuple[str, np.dtype, tuple[int, ...]]],
-                                                         str, dict[str, Any]]:
+_Desc = tuple[str, np.dtype, tuple[int, ...]]
+
+
+def _parse_header(buf: memoryview, lim: Limits) -> tuple[MsgType, str, int, int, list[_Desc], str, dict]:
     """Check and parse frame 0. Returns (type, run, w, v, descriptors, codec, meta)."""
     n = buf.nbytes
     if n < _PREFIX.size:
@@ -267,7 +252,7 @@ def _parse_header(buf: memoryview, lim: Limits) -> tuple[MsgType, str, int, int,
         raise ProtocolError("bad-type", f"message type {mtype}") from None
     try:
         obj = json.loads(bytes(buf[_PREFIX.size:]).decode("utf-8"),
-                         parse_constant=_reject_constant, parse_float=_parse_float,
+                         parse_constant=_parse_float, parse_float=_parse_float,
                          object_pairs_hook=_unique_pairs)
     except (ValueError, RecursionError) as e:   # JSONDecodeError, UnicodeDecodeError
         raise ProtocolError("bad-json", str(e)[:200]) from None
@@ -295,7 +280,7 @@ def _parse_header(buf: memoryview, lim: Limits) -> tuple[MsgType, str, int, int,
     if len(descs) > lim.max_arrays:
         raise ProtocolError("too-large", f"{len(descs)} arrays > {lim.max_arrays}")
 
-    parsed: list[tuple[str, np.dtype, tuple[int, ...]]] = []
+    parsed: list[_Desc] = []
     seen: set[str] = set()
     for d in descs:
         if not isinstance(d, list) or len(d) != 3:
@@ -321,7 +306,6 @@ def _parse_header(buf: memoryview, lim: Limits) -> tuple[MsgType, str, int, int,
     return mtype, run, w, v, parsed, codec, meta
 
 
-# --------------------------------------------------------------------------
 # encode / decode
 
 
@@ -386,10 +370,9 @@ def decode(frames: Sequence[bytes | zmq.Frame | memoryview], limits: Limits | No
     be unaligned, which numpy and numba handle, slightly slower.
     """
     lim = limits or DEFAULT_LIMITS
-    try:
-        n = len(frames)
-    except TypeError:
-        raise ProtocolError("bad-frame", "frames must be a sequence") from None
+    if not isinstance(frames, Sequence) or isinstance(frames, (bytes, bytearray, str, memoryview)):
+        raise ProtocolError("bad-frame", f"frames must be a sequence of frames, not {type(frames).__name__}")
+    n = len(frames)
     if n < 1 or n > 1 + lim.max_arrays:
         raise ProtocolError("frame-count", f"{n} frames")
     bufs = [_frame_buffer(frames[i]) for i in range(n)]
@@ -419,14 +402,10 @@ def message_nbytes(msg: Message, *, framing: bool = False) -> int:
     bytes per frame) for a closer estimate of bytes on the link; TCP/IP
     overhead and a ROUTER identity frame are never included.
     """
-    sizes = [len(_header_bytes(msg))]
-    sizes += [int(np.asarray(a).nbytes) for a in msg.arrays.values()]
-    if framing:
-        return sum(s + (2 if s < 256 else 9) for s in sizes)
-    return sum(sizes)
+    sizes = [len(_header_bytes(msg))] + [int(np.asarray(a).nbytes) for a in msg.arrays.values()]
+    return sum(s + (2 if s < 256 else 9) * framing for s in sizes)
 
 
-# --------------------------------------------------------------------------
 # sockets
 
 
@@ -459,7 +438,7 @@ def recv(sock: zmq.Socket, limits: Limits | None = None, router: bool = False,
     dropped frame by frame, so it cannot make us hold more than the limits
     allow. A ProtocolError carries the sender's `identity` when known. Use
     `flags=zmq.NOBLOCK` or a poller: this call itself waits as long as the
-    socket's RCVTIMEO.
+    socket's RCVTIMEO (then zmq.Again, like any timeout).
     """
     lim = limits or DEFAULT_LIMITS
     keep = lim.max_arrays + 1 + (1 if router else 0)
@@ -498,10 +477,10 @@ def worker_identity(run: str, worker: int) -> bytes:
 
     A restarted worker gets the same identity, so the broker routes replies
     to it without a new HELLO mapping. The broker's ROUTER needs
-    ``ROUTER_HANDOVER=1``: without it libzmq refuses a new connection whose
-    identity is still held by the dead worker's not-yet-timed-out one. The run id is hashed so the identity
-    stays short (ZeroMQ allows 255 bytes) and a straggler from an older run
-    with the same worker id does not take over a live worker's route.
+    ``ROUTER_HANDOVER=1``, or libzmq refuses a new connection whose identity
+    the dead worker's not-yet-timed-out connection still holds. The run id is
+    hashed so the identity stays short (ZeroMQ allows 255 bytes) and a
+    straggler from an older run cannot take over a live worker's route.
     """
     if not _is_int(worker) or worker < 0:
         raise ValueError(f"worker id must be a non-negative int, got {worker!r}")
@@ -509,11 +488,10 @@ def worker_identity(run: str, worker: int) -> bytes:
     return f"zsgd-{digest}-w{worker}".encode("ascii")
 
 
-# --------------------------------------------------------------------------
 # validation that needs run state
 
 
-def _check_float_vector(msg: Message, name: str, n_params: int) -> np.ndarray:
+def _check_float_vector(msg: Message, name: str, n_params: int) -> None:
     arr = msg.arrays.get(name)
     if arr is None:
         raise ProtocolError("missing-array", f"{MsgType(msg.type).name} lacks array {name!r}")
@@ -521,12 +499,11 @@ def _check_float_vector(msg: Message, name: str, n_params: int) -> np.ndarray:
         raise ProtocolError("wrong-dtype", f"{name!r} is {arr.dtype}, expected float32")
     if arr.shape != (n_params,):
         raise ProtocolError("wrong-shape", f"{name!r} has shape {arr.shape}, expected ({n_params},)")
-    return arr
 
 
 def _check_finite(msg: Message) -> None:
     for name, arr in msg.arrays.items():
-        if arr.dtype.name in _FLOAT_DTYPES and arr.size and not np.isfinite(arr).all():
+        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
             raise ProtocolError("non-finite", f"{name!r} holds NaN or Inf")
 
 
@@ -559,7 +536,9 @@ def validate_update(msg: Message, *, run: str, known_workers: Container[int], n_
         raise ProtocolError("bad-meta", f"n_samples must be an int >= 0, got {str(n_samples)[:32]}")
     if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
         raise ProtocolError("bad-meta", "loss must be a number or null")
-    if require_finite:
+    if require_finite:   # a simulated message never went through JSON: check loss too
+        if loss is not None and not math.isfinite(loss):
+            raise ProtocolError("non-finite", f"loss is {loss}")
         _check_finite(msg)
 
 
@@ -574,7 +553,6 @@ def validate_weights(msg: Message, *, run: str, n_params: int, require_finite: b
         _check_finite(msg)
 
 
-# --------------------------------------------------------------------------
 # constructors used by the runtime; the broker is worker -1
 
 
@@ -598,10 +576,7 @@ def weights_message(run: str, version: int, w: np.ndarray, **meta: Any) -> Messa
 def update_message(run: str, worker: int, base_version: int, grad: np.ndarray | None,
                    n_samples: int, loss: float | None, codec: str = "none",
                    extra_arrays: Mapping[str, np.ndarray] | None = None, **meta: Any) -> Message:
-    """A gradient or delta computed on weights `base_version` (staleness = now - base).
-
-    With a codec, pass the codec's arrays in `extra_arrays` (grad may be None).
-    """
+    """Gradient/delta computed on weights `base_version`; a codec's arrays go in `extra_arrays`."""
     arrays = {} if grad is None else {"g": grad}
     arrays.update(extra_arrays or {})
     m = {"n_samples": int(n_samples), "loss": None if loss is None else float(loss), **meta}
@@ -616,8 +591,8 @@ def heartbeat(run: str, worker: int, version: int = 0) -> Message:
 def eval_message(run: str, worker: int, version: int, test_loss: float, test_acc: float,
                  **meta: Any) -> Message:
     """Evaluation of model `version`."""
-    return Message(MsgType.EVAL, run, worker, version,
-                   meta={"test_loss": float(test_loss), "test_acc": float(test_acc), **meta})
+    m = {"test_loss": float(test_loss), "test_acc": float(test_acc), **meta}
+    return Message(MsgType.EVAL, run, worker, version, meta=m)
 
 
 def leave(run: str, worker: int, reason: str = "done") -> Message:

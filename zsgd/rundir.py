@@ -65,7 +65,7 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
     os.close(fd)
     try:
-        np.savez(tmp, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        np.savez(tmp, **{k: np.array(v, order="C", copy=None) for k, v in arrays.items()})  # keeps 0-d arrays 0-d
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

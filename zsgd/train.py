@@ -33,6 +33,10 @@ class Problem:
         from zsgd.models import get_model
 
         ds = load_dataset(cfg.data, data_dir=cfg.data_dir, image_size=cfg.image_size, grayscale=cfg.grayscale)
+        if cfg.data == "default":
+            # Resolve now: "default" may mean different data on another machine,
+            # and every worker must shard the very same training set.
+            cfg.data = ds.name
         model = get_model(cfg.model, input_shape=ds.input_shape, n_classes=ds.n_classes, seed=cfg.seed)
         return cls(ds, model)
 

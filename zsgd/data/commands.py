@@ -20,7 +20,7 @@ def data_group() -> None:
 
 
 @data_group.command("download")
-@click.argument("name", type=click.Choice(DOWNLOAD_NAMES, case_sensitive=False))
+@click.argument("name", metavar="NAME", type=click.Choice(DOWNLOAD_NAMES, case_sensitive=False))
 @click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory for the files (default: the zsgd cache, where loaders look).")
 @click.option("--mirror", "mirrors", multiple=True, metavar="URL",
@@ -36,11 +36,13 @@ def download_cmd(name: str, dest: Path | None, mirrors: tuple[str, ...], quiet: 
 
 
 def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
+    """Human-readable size in decimal units (what ``ls -h --si`` and download pages show)."""
+    size = float(n)
+    for unit in ("B", "KB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
 
 
 def _status_rows() -> list[tuple[str, bool, str, str]]:
@@ -54,7 +56,8 @@ def _status_rows() -> list[tuple[str, bool, str, str]]:
         directory = locate_idx_dataset(name)
         if directory is None:
             places = ", ".join(str(d) for d in idx_search_dirs(name))
-            rows.append((name, False, f"not in {places}: zsgd data download {name}", "60,000 / 10,000 images"))
+            rows.append((name, False, f"not found in {places}; run: zsgd data download {name}",
+                         "60,000 / 10,000 images"))
             continue
         found, _ = find_idx_files(directory)
         on_disk = sum(p.stat().st_size for p in found.values())
@@ -79,7 +82,7 @@ def list_cmd() -> None:
 
     table = Table(title="zsgd data sets")
     for column in ("name", "available", "where", "size"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for name, ok, where, size in _status_rows():
         table.add_row(name, "[green]yes[/]" if ok else "[red]no[/]", where, size)
     Console().print(table)

@@ -18,20 +18,25 @@ Why each property:
 
 Checksums (``CHECKSUMS``) and how they were established:
 
-- MNIST: the SHA-256 values are the ones published with the files and used
-  by several independent downloaders (tensorflow-datasets' checksum list,
-  torch.rb, a Rust MNIST crate, others), all in agreement; the sizes and the
-  well-known MD5s (also listed, e.g. f68b3c2dcbeaaa9fbdd348bbdeb94873, as in
-  torchvision) identify the same files. They could not be recomputed here (no
-  MNIST files on this machine).
-- Fashion-MNIST: computed from the Debian ``dataset-fashion-mnist`` files.
+- MNIST: no MNIST files exist on the build machine, so the SHA-256 values
+  could not be recomputed. They were taken from public code and cross-checked:
+  the same four values appear in several independent projects (torch.rb's
+  MNIST resource list, a Rust MNIST crate that pins the CVDF mirror, Guild
+  AI's documentation, a Go classifier, course material that fetched the files
+  in 2026, the last also listing the sizes below); those sizes and the well-known
+  MD5s (f68b3c2d..., d53e105e..., 9fb629c4..., ec29112d..., as in
+  torchvision) identify the same files.
+- Fashion-MNIST: derived from the Debian ``dataset-fashion-mnist`` files.
   Debian's ``.gz`` files differ from upstream only in the gzip header
   (strip-nondeterminism removed the stored file name and reset the time stamp;
-  the compressed stream is byte-identical). Putting back the name and the
-  original time stamp (2017-08-31 10:50) rebuilds each upstream file exactly:
-  its MD5 then equals the well-known value (8d4fb7e6..., 25c81989...,
-  bef4ecab..., bb300cfd...), and its SHA-256 is the value below, which also
-  matches tensorflow-datasets and other independent lists.
+  the compressed stream is byte-identical, the sizes differ by exactly the
+  stored name's length). Putting back the name and the original time stamp
+  (2017-08-31 10:50 UTC) rebuilds each upstream file exactly: its MD5 then
+  equals the well-known value (8d4fb7e6..., 25c81989..., bef4ecab...,
+  bb300cfd...), and its SHA-256 is the value below, which also matches
+  independent lists in public code (torchvision's prototype data sets, others).
+  ``tests/test_data_download.py`` repeats this reconstruction when the Debian
+  files are installed.
 """
 
 from __future__ import annotations
@@ -133,11 +138,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch(url: str, part: Path, expected_size: int, progress, task) -> None:
-    """Fill ``part`` with the file at ``url``, continuing an existing part with ``Range``."""
+def _fetch(url: str, part: Path, expected_size: int, progress, task) -> bool:
+    """Fill ``part`` with the file at ``url``, continuing an existing part with ``Range``.
+
+    Returns True when earlier bytes were kept (appended to, or already complete),
+    so a checksum failure may be the old bytes' fault rather than the mirror's.
+    """
     have = part.stat().st_size if part.exists() else 0
     if expected_size and have >= expected_size:
-        return  # complete already; the checksum decides whether it is good
+        return True  # complete already; the checksum decides whether it is good
     headers = {"User-Agent": _USER_AGENT}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -161,9 +170,12 @@ def _fetch(url: str, part: Path, expected_size: int, progress, task) -> None:
             mode = "ab"
         else:
             have, mode = 0, "wb"  # server ignored Range (or nothing to resume): start clean
-        total = expected_size or (have + int(response.headers.get("Content-Length") or 0)) or None
+        length = response.headers.get("Content-Length")
+        promised = int(length) if length and length.isdigit() else None
+        total = expected_size or (have + promised if promised is not None else None)
         if progress is not None:
             progress.update(task, completed=have, total=total)
+        received = 0
         try:
             with open(part, mode) as out:
                 while True:
@@ -171,10 +183,15 @@ def _fetch(url: str, part: Path, expected_size: int, progress, task) -> None:
                     if not chunk:
                         break
                     out.write(chunk)
+                    received += len(chunk)
                     if progress is not None:
                         progress.advance(task, len(chunk))
         except (OSError, ValueError, http.client.HTTPException) as exc:  # dropped connection, timeout
             raise _MirrorFailed(f"transfer interrupted ({exc})") from None
+        if promised is not None and received < promised:
+            # http.client ends a short body quietly; keep the part, the next attempt resumes it.
+            raise _MirrorFailed(f"transfer ended after {received} of {promised} bytes")
+    return mode == "ab"
 
 
 def _download_one(remote: RemoteFile, dest: Path, mirrors: list[str], progress) -> Path:
@@ -188,9 +205,8 @@ def _download_one(remote: RemoteFile, dest: Path, mirrors: list[str], progress) 
     failures: list[str] = []
     for base in mirrors:
         url = urllib.parse.urljoin(base, remote.name)
-        resumed = part.exists() and part.stat().st_size > 0
         try:
-            _fetch(url, part, remote.size, progress, task)
+            resumed = _fetch(url, part, remote.size, progress, task)
         except _MirrorFailed as exc:
             failures.append(f"{base}: {exc}")
             continue
@@ -212,9 +228,10 @@ def _download_one(remote: RemoteFile, dest: Path, mirrors: list[str], progress) 
             )
         os.replace(part, target)
         return target
+    resume = f"; rerunning resumes the partial file {part}" if part.exists() else ""
     raise ZsgdError(
         f"could not download {remote.name} from any mirror ({'; '.join(failures)}): check the network "
-        f"or give a reachable mirror with --mirror; rerunning resumes the partial file {part.name}"
+        f"or give a reachable mirror with --mirror{resume}"
     )
 
 

@@ -1,0 +1,333 @@
+"""Training throughput of zsgd's kernels vs PyTorch CPU and a plain-numpy im2col, on ONE thread.
+
+    python benchmarks/bench_kernels.py                 # cnn, batch 64
+    python benchmarks/bench_kernels.py --model lenet5 --batch 128
+
+Prints samples/s for a training step (forward + backward + SGD update) and
+for forward only, zsgd's per-layer share of its step time, and the time a
+fresh process takes to its first training step (numba cache warm). All
+three implementations run the same architecture on the same batch in the
+same process, interleaved round by round so machine noise hits them alike;
+the median round is reported.
+
+One thread everywhere: zsgd's workers are single-threaded processes by
+design (parallelism comes from more workers), so this is the number that
+scales. BLAS threads are pinned before numpy is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ[_v] = "1"
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+try:  # belt and braces: if numpy was imported earlier by something else
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+except ImportError:  # pragma: no cover
+    pass
+
+from zsgd.models import get_model  # noqa: E402
+from zsgd.optim import make_optimizer  # noqa: E402
+
+LR = 0.01
+
+
+# ---------------------------------------------------------------- plain numpy reference (cnn)
+
+
+class NumpyCNN:
+    """The textbook numpy CNN: NCHW, im2col via sliding_window_view, one sgemm per conv.
+
+    The same architecture as zsgd's ``cnn`` (and the same flat-vector layout,
+    so its gradient can be checked against zsgd's); this is what a careful
+    "just use numpy" implementation costs.
+    """
+
+    def __init__(self, model):
+        self.layout = {n: (s, o) for n, s, o in model.layout()}
+        self.rng = np.random.default_rng(0)
+
+    def p(self, w, name):
+        s, o = self.layout[name]
+        return w[o:o + int(np.prod(s))].reshape(s)
+
+    @staticmethod
+    def conv(x, wt, b):
+        n, c, h, wd = x.shape
+        co, _, kh, kw = wt.shape
+        oh, ow = h - kh + 1, wd - kw + 1
+        win = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))  # n c oh ow kh kw
+        cols = np.ascontiguousarray(win.transpose(0, 2, 3, 1, 4, 5)).reshape(n * oh * ow, c * kh * kw)
+        y = cols @ wt.reshape(co, -1).T + b
+        return np.ascontiguousarray(y.reshape(n, oh, ow, co).transpose(0, 3, 1, 2)), cols
+
+    @staticmethod
+    def conv_back(dy, cols, x_shape, wt, need_dx=True):
+        n, c, h, wd = x_shape
+        co, _, kh, kw = wt.shape
+        oh, ow = h - kh + 1, wd - kw + 1
+        d2 = dy.transpose(0, 2, 3, 1).reshape(-1, co)
+        gw = (d2.T @ cols).reshape(wt.shape)
+        gb = d2.sum(0)
+        if not need_dx:
+            return None, gw, gb
+        dcols = (d2 @ wt.reshape(co, -1)).reshape(n, oh, ow, c, kh, kw)
+        dx = np.zeros(x_shape, np.float32)
+        for i in range(kh):
+            for j in range(kw):
+                dx[:, :, i:i + oh, j:j + ow] += dcols[:, :, :, :, i, j].transpose(0, 3, 1, 2)
+        return dx, gw, gb
+
+    def loss_and_grad(self, w, x, y, training=True):
+        P = lambda n: self.p(w, n)  # noqa: E731
+        n = x.shape[0]
+        z1, cols1 = self.conv(x, P("conv1.weight"), P("conv1.bias"))
+        a1 = np.maximum(z1, 0)
+        z2, cols2 = self.conv(a1, P("conv2.weight"), P("conv2.bias"))
+        a2 = np.maximum(z2, 0)
+        _, c, h, wd = a2.shape
+        win = a2[:, :, :h // 2 * 2, :wd // 2 * 2].reshape(n, c, h // 2, 2, wd // 2, 2)
+        pooled = win.max(axis=(3, 5))
+        m1 = (self.rng.random(pooled.shape) >= 0.25).astype(np.float32) / 0.75 if training else 1.0
+        f = (pooled * m1).reshape(n, -1)
+        h1 = np.maximum(f @ P("fc1.weight").T + P("fc1.bias"), 0)
+        m2 = (self.rng.random(h1.shape) >= 0.5).astype(np.float32) / 0.5 if training else 1.0
+        h1d = h1 * m2
+        logits = h1d @ P("fc2.weight").T + P("fc2.bias")
+        zmax = logits.max(1, keepdims=True)
+        e = np.exp(logits - zmax)
+        s = e.sum(1, keepdims=True)
+        loss = float(np.mean(np.log(s[:, 0]) + zmax[:, 0] - logits[np.arange(n), y]))
+        d = e / s
+        d[np.arange(n), y] -= 1
+        d /= n
+        g = np.empty_like(w)
+        G = lambda nm: self.p(g, nm)  # noqa: E731
+        G("fc2.weight")[:] = d.T @ h1d
+        G("fc2.bias")[:] = d.sum(0)
+        dh = (d @ P("fc2.weight")) * m2 * (h1 > 0)
+        G("fc1.weight")[:] = dh.T @ f
+        G("fc1.bias")[:] = dh.sum(0)
+        dp = (dh @ P("fc1.weight")).reshape(pooled.shape) * m1
+        mask = win == pooled[:, :, :, None, :, None]
+        da2 = np.zeros_like(a2)
+        da2[:, :, :h // 2 * 2, :wd // 2 * 2] = (mask * dp[:, :, :, None, :, None]).reshape(n, c, h // 2 * 2, wd // 2 * 2)
+        dz2 = da2 * (z2 > 0)
+        da1, G("conv2.weight")[:], G("conv2.bias")[:] = self.conv_back(dz2, cols2, a1.shape, P("conv2.weight"))
+        _, G("conv1.weight")[:], G("conv1.bias")[:] = self.conv_back(da1 * (z1 > 0), cols1, x.shape,
+                                                                    P("conv1.weight"), need_dx=False)
+        return loss, g, logits
+
+
+# ---------------------------------------------------------------- PyTorch
+
+
+def torch_net(name: str, shape, k: int):
+    import torch.nn as nn
+
+    c, h, w = shape
+    if name == "logreg":
+        return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, k))
+    if name == "mlp":
+        return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                             nn.Linear(128, k))
+    if name == "cnn":
+        return nn.Sequential(nn.Conv2d(c, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Dropout(0.25), nn.Flatten(), nn.Linear(64 * ((h - 4) // 2) * ((w - 4) // 2), 128),
+                             nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, k))
+    return nn.Sequential(nn.Conv2d(c, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * ((h // 2 - 4) // 2) * ((w // 2 - 4) // 2), 120),
+                         nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, k))
+
+
+# ---------------------------------------------------------------- harness
+
+
+def cold_start_seconds(model: str, shape, batch: int) -> float:
+    """Wall time of a fresh ``python -c`` from start to the end of its first training step."""
+    code = (
+        "import time; t0 = time.perf_counter()\n"
+        "import numpy as np\n"
+        "from zsgd.models import get_model\n"
+        f"m = get_model({model!r}, input_shape={tuple(shape)!r}, n_classes=10)\n"
+        f"x = np.random.rand({batch}, *m.input_shape).astype(np.float32); y = np.zeros({batch}, np.int64)\n"
+        "m.loss_and_grad(m.init(0), x, y, seed=0)\n"
+        "print(time.perf_counter() - t0)\n"
+    )
+    run = lambda: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)  # noqa: E731
+    run()  # make sure the numba cache is warm
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0
+
+
+def rate(fn: Callable[[], object], steps: int, batch: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="cnn", choices=["cnn", "lenet5", "mlp", "logreg"])
+    ap.add_argument("--shape", default="1,28,28", help="C,H,W (default 1,28,28: MNIST)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=15, help="steps per round")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--no-cold", action="store_true", help="skip the fresh-process start-up measurement")
+    args = ap.parse_args()
+    shape = tuple(int(s) for s in args.shape.split(","))
+    n = args.batch
+
+    m = get_model(args.model, input_shape=shape, n_classes=10)
+    w = m.init(0)
+    g = np.empty_like(w)
+    opt = make_optimizer("sgd", m.n_params, lr=LR)
+    rng = np.random.default_rng(0)
+    x = rng.random((n, *shape), dtype=np.float32)
+    y = rng.integers(0, 10, n)
+    step_no = [0]
+
+    def zsgd_step():
+        step_no[0] += 1
+        m.loss_and_grad(w, x, y, training=True, seed=step_no[0], out=g)
+        opt.step(w, g)
+
+    train: dict[str, Callable[[], object]] = {"zsgd": zsgd_step}
+    fwd: dict[str, Callable[[], object]] = {"zsgd": lambda: m.predict(w, x)}
+
+    if args.model == "cnn":
+        ref = NumpyCNN(m)
+        _, g_ref, logits_ref = ref.loss_and_grad(w, x, y, training=False)
+        _, g_z = m.loss_and_grad(w, x, y, training=False)
+        err = np.abs(g_ref - g_z).max() / np.abs(g_ref).max()
+        assert err < 1e-4, f"numpy reference disagrees with zsgd: {err}"
+        wn = w.copy()
+
+        def numpy_step():
+            _, gn, _ = ref.loss_and_grad(wn, x, y)
+            wn[:] -= LR * gn
+
+        train["numpy im2col"] = numpy_step
+        fwd["numpy im2col"] = None  # forward is not separable in the reference; skipped
+
+    torch_version = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is not None:
+            torch.set_num_threads(1)
+            torch_version = torch.__version__
+            net = torch_net(args.model, shape, 10)
+            topt = torch.optim.SGD(net.parameters(), lr=LR)
+            xt, yt = torch.tensor(x), torch.tensor(y)
+            lossf = torch.nn.CrossEntropyLoss()
+
+            def torch_step():
+                topt.zero_grad()
+                lossf(net(xt), yt).backward()
+                topt.step()
+
+            def torch_fwd():
+                with torch.no_grad():
+                    net.eval()
+                    out = net(xt)
+                    net.train()
+                    return out
+
+            train["pytorch"] = torch_step
+            fwd["pytorch"] = torch_fwd
+
+    fwd = {k: v for k, v in fwd.items() if v is not None}
+    for f in (*train.values(), *fwd.values()):  # warm-up: JIT, caches, allocator
+        for _ in range(3):
+            f()
+    results: dict[str, list[float]] = {f"train/{k}": [] for k in train} | {f"fwd/{k}": [] for k in fwd}
+    m.timings = {}
+    t_opt = 0.0
+    zsgd_steps = 0
+    for _ in range(args.rounds):
+        for k, f in train.items():
+            if k == "zsgd":
+                t0 = time.perf_counter()
+                results["train/zsgd"].append(rate(f, args.steps, n))
+                zsgd_steps += args.steps
+                continue
+            results[f"train/{k}"].append(rate(f, args.steps, n))
+        for k, f in fwd.items():
+            results[f"fwd/{k}"].append(rate(f, args.steps, n))
+    timings = m.timings
+    m.timings = None
+    # optimizer share: time it on its own
+    t0 = time.perf_counter()
+    for _ in range(50):
+        opt.step(w, g)
+    t_opt = (time.perf_counter() - t0) / 50
+    med = {k: statistics.median(v) for k, v in results.items()}
+
+    cold = None if args.no_cold else cold_start_seconds(args.model, shape, n)
+    report(args, m, med, results, timings, zsgd_steps, t_opt, cold, torch_version)
+
+
+def report(args, m, med, results, timings, zsgd_steps, t_opt, cold, torch_version) -> None:
+    import platform
+
+    rows = []
+    for kind, label in (("train", "train step (fwd+bwd+SGD)"), ("fwd", "forward only (inference)")):
+        base = med.get(f"{kind}/pytorch")
+        for impl in ("zsgd", "pytorch", "numpy im2col"):
+            key = f"{kind}/{impl}"
+            if key in med:
+                ratio = f"{med[key] / base:.2f}x" if base else "-"
+                rows.append((label, impl, f"{med[key]:.0f}", f"{min(results[key]):.0f}-{max(results[key]):.0f}", ratio))
+    per_step = {k: v / zsgd_steps for k, v in timings.items()}
+    per_step["optimizer (sgd)"] = t_opt
+    total = sum(per_step.values())
+    layer_rows = [(k, f"{v * 1e3:.2f}", f"{100 * v / total:.1f}%") for k, v in sorted(per_step.items(), key=lambda kv: -kv[1])]
+    title = (f"{args.model} {args.shape} batch {args.batch}, 1 thread, {args.rounds} rounds x {args.steps} steps "
+             f"(median) | numpy {np.__version__}, torch {torch_version} | {platform.processor() or platform.machine()}")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        con = Console()
+        t = Table(title=title)
+        for c in ("what", "implementation", "samples/s", "range", "vs PyTorch"):
+            t.add_column(c, justify="right" if c not in ("what", "implementation") else "left")
+        for r in rows:
+            t.add_row(*r)
+        con.print(t)
+        t2 = Table(title="zsgd step time by layer")
+        for c in ("part", "ms/step", "share"):
+            t2.add_column(c, justify="left" if c == "part" else "right")
+        for r in layer_rows:
+            t2.add_row(*r)
+        con.print(t2)
+    except ImportError:  # pragma: no cover
+        print(title)
+        for r in rows:
+            print("  ".join(f"{c:>24}" for c in r))
+        for r in layer_rows:
+            print("  ".join(f"{c:>18}" for c in r))
+    if cold is not None:
+        print(f"fresh process to end of first training step (numba cache warm): {cold:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""The discrete-event simulator: real gradients, virtual clock.
+
+An event queue (a heap ordered by virtual time, ties broken by a sequence
+number so a run is deterministic) drives the very ``ServerAlgorithm`` and
+``WorkerStep`` objects the ZeroMQ runtime drives. Only time is simulated:
+each gradient is computed for real, on the worker's own shard and batch
+stream, at the (possibly stale) weights snapshot that worker received. So
+a staleness or latency study here exercises the same update rules as a run
+on a cluster, and the metrics it writes have the same schema.
+
+One worker's cycle::
+
+    broker sends weights at t --(downlink latency + bytes/bandwidth [+ resends])-->
+    worker computes for compute_time x straggler factor --(uplink ...)-->
+    update arrives -> algo.on_update(update, now) -> replies scheduled
+
+Why it scales with central updates rather than workers: a worker's gradient
+is computed lazily when its update reaches the broker (the result is the
+same, as it depends only on the weights it holds and its own batch stream),
+so an idle worker costs one heap entry and a reference to a weights snapshot
+that is shared by every worker holding that version. Broker processing time
+is 0 by default (``broker_s`` models a constant per-update cost, queued
+FIFO); evaluation costs no virtual time (the runtime evaluates in a separate
+process too).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from zsgd import protocol
+from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm, parse_algo
+from zsgd.algorithms.worker import WorkerStep
+from zsgd.config import TrainConfig, write_config
+from zsgd.errors import ZsgdError
+from zsgd.metrics import MetricsWriter
+from zsgd.netmodel import Constant, Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
+from zsgd.rundir import save_arrays, write_json
+
+# Event kinds. A heap entry is (t, seq, kind, worker, incarnation, a, b).
+_DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER = range(6)
+
+
+@dataclass
+class SimOptions:
+    """One arm: the algorithm and the world it runs in."""
+
+    algo: str = "async"
+    n_workers: int = 16
+    network: Network = field(default_factory=Network)
+    compute: Delay | Measured = field(default_factory=Measured)
+    stragglers: StragglerSpec | None = None
+    failures: FailureSpec | None = None
+    detect_s: float = 5.0  # failure -> broker notices (the runtime's heartbeat timeout)
+    broker_s: float = 0.0  # broker time per update (0: instantaneous)
+    broker_bandwidth: float = math.inf  # bytes/s of the broker's own NIC, shared by all links
+    staleness_lr: bool = False
+    target: float | None = None  # accuracy whose first crossing is reported (time_to_target_s)
+    calibration_steps: int = 5  # timed steps for compute=measured (median)
+
+    def validate(self) -> "SimOptions":
+        parse_algo(self.algo)
+        if not isinstance(self.n_workers, int) or self.n_workers < 1:
+            raise ZsgdError(f"--workers must be a whole number >= 1, got {self.n_workers!r}")
+        if self.failures is not None:
+            self.failures.check(self.n_workers)
+        if self.target is not None and not 0 < self.target <= 1:
+            raise ZsgdError(f"--target must be in (0, 1], got {self.target}")
+        for name, v in (("--detect", self.detect_s), ("--broker-time", self.broker_s)):
+            if not math.isfinite(v) or v < 0:
+                raise ZsgdError(f"{name} must be a finite duration >= 0, got {v}")
+        return self
+
+    def describe(self) -> dict[str, Any]:
+        """Plain values for config.yaml, the start event and the summary."""
+        return {"algo": self.algo, "n_workers": self.n_workers, **self.network.describe(), "compute": str(self.compute),
+                "stragglers": str(self.stragglers) if self.stragglers else "none",
+                "failures": str(self.failures) if self.failures else "none", "detect_s": self.detect_s,
+                "broker_s": self.broker_s, "broker_bandwidth": format_bandwidth(self.broker_bandwidth),
+                "staleness_lr": self.staleness_lr}
+
+
+class Workload:
+    """What every arm of a sweep shares: data, model, the initial weights and
+    the shards (so arms differ only in the world they run in), and the exact
+    message sizes of the real encoding, computed once per model."""
+
+    def __init__(self, cfg: TrainConfig, problem: Any) -> None:
+        self.cfg, self.problem = cfg, problem
+        self.model = problem.model
+        self.w0 = np.asarray(self.model.init(seed=cfg.seed), dtype=np.float32)
+        self.w0.flags.writeable = False
+        flat = np.broadcast_to(np.float32(0), (self.model.n_params,))  # sizes only: no allocation
+        run = "0" * 12
+        self.update_bytes = protocol.message_nbytes(protocol.update_message(run, 0, 0, flat, cfg.batch_size, 0.0))
+        self.weights_bytes = protocol.message_nbytes(protocol.weights_message(run, 0, flat))
+        self._shards: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def shards(self, n_workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(x, y) of each worker, as ``make_shard`` gives the runtime's workers."""
+        if n_workers not in self._shards:
+            from zsgd.data import make_shards
+
+            ds = self.problem.dataset
+            idx = make_shards(ds.y_train, self.cfg.split, self.cfg.seed, n_workers)
+            self._shards[n_workers] = [(ds.x_train[i], ds.y_train[i]) for i in idx]
+        return self._shards[n_workers]
+
+    def calibrate(self, steps: int = 5) -> float:
+        """Median seconds of one real gradient step on this machine (after a warm-up step)."""
+        from zsgd.data import to_float
+
+        x, y = self.shards(1)[0]
+        idx = np.arange(self.cfg.batch_size) % len(y)
+        xb, yb = to_float(x[idx]), y[idx]
+        self.model.loss_and_grad(self.w0, xb, yb, training=True, seed=0)  # JIT, caches
+        times = []
+        for i in range(max(1, steps)):
+            t0 = time.perf_counter()
+            self.model.loss_and_grad(self.w0, xb, yb, training=True, seed=i + 1)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+
+@dataclass
+class SimResult:
+    summary: dict[str, Any]
+    staleness: np.ndarray
+    evals: list[tuple[float, int, float]]  # (virtual t, updates, test_acc)
+    weights: np.ndarray
+
+
+ProgressFn = Callable[[int, int, float, float], None]  # updates, samples, virtual t, test_acc
+
+
+class Simulation:
+    """One arm in virtual time; ``run()`` writes metrics events and returns a SimResult."""
+
+    def __init__(self, cfg: TrainConfig, opts: SimOptions, workload: Workload, metrics: MetricsWriter,
+                 progress: ProgressFn | None = None) -> None:
+        from zsgd.optim import make_optimizer
+
+        self.cfg, self.opts, self.wl, self.metrics, self.progress = cfg, opts.validate(), workload, metrics, progress
+        n = opts.n_workers
+        self.n = n
+        self.model = workload.model
+        self.data = workload.shards(n)
+        self.n_train = len(workload.problem.dataset.y_train)
+        self.rule = workload.problem.stop_rule(cfg)
+        optimizer = make_optimizer(cfg.optimizer, self.model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.algo = make_server_algorithm(opts.algo, workload.w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=cfg.clip_norm)
+        self.compute_s: float | None = None
+        if isinstance(opts.compute, Measured):
+            self.compute_s = workload.calibrate(opts.calibration_steps)
+            self.compute: Delay = Constant(self.compute_s)
+        else:
+            self.compute = opts.compute
+        self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
+        rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0x51D]).spawn(4)]
+        self.rng_down, self.rng_up, self.rng_compute, self.rng_fail = rngs
+        self.net = opts.network
+        self.u_bytes, self.w_bytes = workload.update_bytes, workload.weights_bytes
+        # virtual clock and queue
+        self.now = 0.0
+        self.heap: list[tuple] = []
+        self.seq = 0
+        self.tx_free = self.rx_free = self.busy_until = 0.0
+        # workers
+        self.alive = [True] * n
+        self.inc = [0] * n
+        self.steppers: list[WorkerStep | None] = [None] * n
+        self.w_steps, self.w_samples, self.w_stale_sum, self.w_stale_max = [0] * n, [0] * n, [0] * n, [0] * n
+        self.w_lives = [1] * n
+        # counters
+        self.updates = self.samples = 0
+        self.bytes_sent = self.bytes_received = 0  # workers -> broker, broker -> workers
+        self.deaths = self.rejoins = self.events = 0
+        self.dropped: Counter = Counter()
+        self.staleness: list[int] = []
+        self.loss_window: list[float] = []
+        self.last_loss = math.nan
+        self.test_loss = self.test_acc = math.nan
+        self.evals: list[tuple[float, int, float]] = []
+        self.time_to_target: float | None = None
+        self.next_eval = cfg.eval_every if cfg.eval_every else self.n_train
+        self.evaluated_now = False
+        self.reason: str | None = None
+        self.grad_s = self.eval_s = 0.0
+
+    # -- queue -----------------------------------------------------------------
+    def _push(self, t: float, kind: int, worker: int, inc: int, a: Any = None, b: Any = None) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, worker, inc, a, b))
+
+    # -- broker side -----------------------------------------------------------
+    def _dispatch(self, outputs: list) -> None:
+        for out in outputs:
+            if isinstance(out, Reply):
+                self._send_weights(out)
+            elif isinstance(out, Applied):
+                self._applied(out)
+            elif isinstance(out, Dropped):
+                self.dropped[out.reason] += 1
+
+    def _send_weights(self, r: Reply) -> None:
+        w = r.worker
+        if r.weights is None:
+            return  # a wait: the worker idles until the algorithm replies again
+        self.bytes_received += self.w_bytes
+        if not self.alive[w]:
+            return  # dead, not yet noticed: the message goes nowhere
+        t = self.now
+        if self.opts.broker_bandwidth != math.inf:  # the broker's NIC sends one message at a time
+            self.tx_free = max(t, self.tx_free) + self.w_bytes / self.opts.broker_bandwidth
+            t = self.tx_free
+        t += self.net.delay(w, False, self.w_bytes, self.rng_down)
+        c = self.compute.sample(self.rng_compute)
+        if self.stragglers is not None:
+            c *= self.stragglers.factor(w, t)
+        self._push(t + c, _DONE, w, self.inc[w], r.version, r.weights)
+
+    def _on_done(self, w: int, inc: int, version: int, weights: np.ndarray) -> None:
+        """The worker finished computing and sends its update."""
+        if not self.alive[w] or inc != self.inc[w]:
+            return
+        t = self.now + self.net.delay(w, True, self.u_bytes, self.rng_up)
+        if self.opts.broker_bandwidth != math.inf:
+            self.rx_free = max(t, self.rx_free) + self.u_bytes / self.opts.broker_bandwidth
+            t = self.rx_free
+        self._push(t, _ARRIVE, w, inc, version, weights)
+
+    def _on_arrive(self, w: int, inc: int, version: int, weights: np.ndarray) -> None:
+        self.bytes_sent += self.u_bytes
+        if inc != self.inc[w]:
+            self.dropped["previous-incarnation"] += 1
+            return
+        if w not in self.algo.live:
+            self.dropped["not-a-member"] += 1
+            return
+        stepper = self.steppers[w]
+        if stepper is None:
+            x, y = self.data[w]
+            stepper = self.steppers[w] = WorkerStep(self.model, x, y, self.cfg.batch_size, self.cfg.seed, w)
+        t0 = time.perf_counter()
+        update = stepper.compute(weights, version)
+        self.grad_s += time.perf_counter() - t0
+        if self.opts.broker_s > 0:
+            self.busy_until = max(self.now, self.busy_until) + self.opts.broker_s
+            self._push(self.busy_until, _PROCESS, w, inc, update)
+        else:
+            self._process(update)
+
+    def _process(self, update: Update, *_: Any) -> None:
+        w = update.worker
+        outputs = self.algo.on_update(update, self.now)
+        if not any(isinstance(o, Dropped) and o.worker == w for o in outputs):
+            self.w_steps[w] += 1
+            self.w_samples[w] += update.n_samples
+            self.loss_window.append(update.loss)
+            if not math.isfinite(update.loss) and self.reason is None:
+                self.reason = "diverged (loss is not finite): lower --lr"
+        self._dispatch(outputs)
+
+    def _applied(self, a: Applied) -> None:
+        self.updates = a.version
+        self.samples += a.n_samples
+        self.staleness.append(a.staleness)
+        if a.worker >= 0:
+            self.w_stale_sum[a.worker] += a.staleness
+            self.w_stale_max[a.worker] = max(self.w_stale_max[a.worker], a.staleness)
+        now = self.now
+        self.metrics.write("update", now, updates=a.version, samples=self.samples, worker=a.worker, staleness=a.staleness,
+                           lr=a.lr, bytes=self.u_bytes * a.contributors)
+        if a.version % self.cfg.log_every == 0 and self.loss_window:
+            finite = [x for x in self.loss_window if math.isfinite(x)]
+            self.last_loss = float(np.mean(finite)) if finite else math.nan
+            self.metrics.write("train", now, updates=a.version, samples=self.samples, epoch=self.samples / self.n_train, loss=self.last_loss)
+            self.loss_window.clear()
+        due = self.updates if self.cfg.eval_every else self.samples
+        self.evaluated_now = due >= self.next_eval
+        if self.evaluated_now:
+            self._evaluate()
+            step = self.cfg.eval_every or self.n_train
+            while self.next_eval <= due:
+                self.next_eval += step
+        if self.reason is None:
+            self.reason = self.rule.reason(self.updates, self.samples, now, self.test_acc if self.evaluated_now else None)
+        if self.progress is not None and (a.version & 31) == 0:
+            self.progress(self.updates, self.samples, now, self.test_acc)
+
+    def _evaluate(self) -> None:
+        from zsgd.models import evaluate
+
+        ds = self.wl.problem.dataset
+        t0 = time.perf_counter()
+        self.test_loss, self.test_acc = (float(v) for v in evaluate(self.model, self.algo.w, ds.x_test, ds.y_test))
+        self.eval_s += time.perf_counter() - t0
+        self.evals.append((self.now, self.updates, self.test_acc))
+        if self.opts.target is not None and self.time_to_target is None and self.test_acc >= self.opts.target:
+            self.time_to_target = self.now
+        self.metrics.write("eval", self.now, updates=self.updates, samples=self.samples, epoch=self.samples / self.n_train,
+                           test_loss=self.test_loss, test_acc=self.test_acc)
+
+    # -- failures --------------------------------------------------------------
+    def _on_fail(self, w: int, inc: int, recover_s: float | None, _b: Any) -> None:
+        if not self.alive[w] or (inc >= 0 and inc != self.inc[w]):
+            return  # already dead, or a rate failure scheduled for an earlier life
+        inc = self.inc[w]
+        self.alive[w] = False
+        self._push(self.now + self.opts.detect_s, _DETECT, w, inc, self.now)
+        if recover_s is not None:
+            self._push(self.now + recover_s, _RECOVER, w, inc)
+
+    def _on_detect(self, w: int, inc: int, failed_at: float, _b: Any) -> None:
+        if inc != self.inc[w] or self.alive[w] or w not in self.algo.live:
+            return
+        self.deaths += 1
+        self.metrics.write("worker", self.now, worker=w, role="worker", status="dead", host="sim", failed_at=failed_at)
+        self._dispatch(self.algo.remove_worker(w, self.now))
+
+    def _on_recover(self, w: int, inc: int, *_: Any) -> None:
+        if inc != self.inc[w] or self.alive[w]:
+            return
+        if w in self.algo.live:  # rejoined before the broker noticed: it replaces the old peer
+            self._dispatch(self.algo.remove_worker(w, self.now))
+        self.inc[w] += 1
+        self.alive[w] = True
+        self.w_lives[w] += 1
+        self.rejoins += 1
+        self.steppers[w] = None  # a restarted worker process starts its batch stream afresh
+        self.metrics.write("worker", self.now, worker=w, role="worker", status="rejoined", host="sim")
+        self._schedule_rate_failure(w)
+        self._dispatch(self.algo.add_worker(w, self.now))
+
+    def _schedule_rate_failure(self, w: int) -> None:
+        f = self.opts.failures
+        if f is not None and f.rate is not None:
+            self._push(self.now + self.rng_fail.standard_exponential() / f.rate, _FAIL, w, self.inc[w], f.recover_s)
+
+    # -- main loop -------------------------------------------------------------
+    def run(self) -> SimResult:
+        real0 = time.perf_counter()
+        cfg, opts, ds = self.cfg, self.opts, self.wl.problem.dataset
+        self.metrics.write("start", 0.0, mode="sim", model=cfg.model, data=ds.name, n_params=self.model.n_params,
+                           n_train=self.n_train, **opts.describe(), compute_s=self.compute_s,
+                           straggler_workers=sorted(self.stragglers.workers) if self.stragglers else [],
+                           update_bytes=self.u_bytes, weights_bytes=self.w_bytes)
+        if opts.failures is not None:
+            for w, at, rec in opts.failures.events:
+                self._push(at, _FAIL, w, -1, rec)  # -1: whichever life the worker is in
+        for w in range(self.n):
+            self.metrics.write("worker", 0.0, worker=w, role="worker", status="joined", host="sim")
+            self._schedule_rate_failure(w)
+            self._dispatch(self.algo.add_worker(w, 0.0))
+        handlers = {_DONE: self._on_done, _ARRIVE: self._on_arrive, _PROCESS: self._process, _FAIL: self._on_fail,
+                    _DETECT: self._on_detect, _RECOVER: self._on_recover}
+        limit = cfg.time_limit
+        heap, pop = self.heap, heapq.heappop
+        while self.reason is None:
+            if not heap:
+                self.reason = "no events left: every worker failed or is held"
+                break
+            t, _seq, kind, w, inc, a, b = pop(heap)
+            if limit is not None and t > limit:
+                self.now = max(self.now, limit)
+                self.reason = f"reached the time limit of {limit:g} s"
+                break
+            self.now = t
+            self.events += 1
+            if kind == _PROCESS:
+                self._process(a)
+            else:
+                handlers[kind](w, inc, a, b)
+        if not self.evals or self.evals[-1][1] != self.updates:
+            self._evaluate()
+        self.metrics.write("end", self.now, updates=self.updates, samples=self.samples, test_loss=self.test_loss,
+                           test_acc=self.test_acc, reason=self.reason)
+        return SimResult(self._summary(time.perf_counter() - real0), np.asarray(self.staleness, dtype=np.int64), self.evals,
+                         self.algo.w)
+
+    def _summary(self, real_s: float) -> dict[str, Any]:
+        stale = np.asarray(self.staleness if self.staleness else [0])
+        v = self.now
+        ds = self.wl.problem.dataset
+        return {
+            "mode": "sim", "algo": self.opts.algo, "n_workers": self.n, "model": self.cfg.model, "data": ds.name,
+            "data_source": ds.source, "n_params": self.model.n_params,
+            "test_accuracy": self.test_acc, "test_loss": self.test_loss, "train_loss": self.last_loss,
+            "updates": self.updates, "samples": self.samples, "epochs": self.samples / self.n_train,
+            "wall_s": v, "virtual_s": v, "real_s": real_s,
+            "samples_per_s": self.samples / v if v > 0 else None, "updates_per_s": self.updates / v if v > 0 else None,
+            "rejected_messages": 0, "rejected_by_reason": {}, "dropped_updates": dict(self.dropped),
+            "staleness_mean": float(stale.mean()), "staleness_p50": float(np.percentile(stale, 50)),
+            "staleness_p99": float(np.percentile(stale, 99)), "staleness_max": int(stale.max()),
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "worker_deaths": self.deaths, "worker_rejoins": self.rejoins, "stop_reason": self.reason,
+            "target": self.opts.target, "time_to_target_s": self.time_to_target,
+            "compute_s": self.compute_s if self.compute_s is not None else self.compute.mean,
+            "compute_measured": self.compute_s is not None,
+            "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
+            "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s,
+            "workers": {str(w): {"host": "sim", "steps": self.w_steps[w], "samples": self.w_samples[w],
+                                 "mean_staleness": self.w_stale_sum[w] / self.w_steps[w] if self.w_steps[w] else 0.0,
+                                 "max_staleness": self.w_stale_max[w], "incarnations": self.w_lives[w]}
+                        for w in range(self.n)},
+        }
+
+
+def run_arm(cfg: TrainConfig, opts: SimOptions, workload: Workload, run_dir: Path, progress: ProgressFn | None = None,
+            plots: bool = False) -> SimResult:
+    """Simulate one arm into ``run_dir``: config.yaml, metrics.jsonl, summary.json, weights.npz."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ds, model = workload.problem.dataset, workload.model
+    write_config(run_dir / "config.yaml", cfg.to_dict() | {"mode": "sim", "sim": opts.validate().describe(),
+                                                           "data_source": ds.source, "n_params": model.n_params})
+    path = run_dir / "metrics.jsonl"
+    path.unlink(missing_ok=True)  # MetricsWriter appends; a re-run must not
+    with MetricsWriter(path) as metrics:
+        result = Simulation(cfg, opts, workload, metrics, progress).run()
+    save_arrays(run_dir / "weights.npz", model.state_dict(result.weights))
+    write_json(run_dir / "summary.json", result.summary)
+    if plots:
+        from zsgd.plots import plot_curves
+
+        plot_curves([run_dir], run_dir, time_label="virtual time (s)")
+    return result
+
+
+__all__ = ["SimOptions", "SimResult", "Simulation", "Workload", "run_arm"]
