@@ -36,7 +36,7 @@ class BrokerOptions:
     n_workers: int = 1
     bind: str = "tcp://127.0.0.1:0"
     heartbeat: float = 1.0
-    timeout: float = 5.0  # a worker silent this long is dead (5 heartbeats)
+    timeout: float = 3.0  # a worker silent this long is dead (3 heartbeats)
     staleness_lr: bool = False
     checkpoint_every: int = 500  # updates; 0 disables
     eval_every_s: float = 0.0  # also evaluate every N seconds (0: off)

@@ -77,7 +77,7 @@ def _runtime_options(func):
         click.option("--port", default=0, show_default=True, type=int, help="Broker port (0 picks a free one)."),
         click.option("--host", default="127.0.0.1", show_default=True, help="Interface the broker listens on (loopback by default)."),
         click.option("--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."),
-        click.option("--timeout", default=5.0, show_default=True, type=float, help="Seconds of silence before a peer is declared dead."),
+        click.option("--timeout", default=3.0, show_default=True, type=float, help="Seconds of silence before a peer is declared dead (3 heartbeats)."),
         click.option("--staleness-lr", is_flag=True, help="Divide each async update's step by its staleness."),
         click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Checkpoint every N updates (0: off)."),
         click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
@@ -169,7 +169,7 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
 @click.option("--role", type=click.Choice(["worker", "evaluator"]), default="worker", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Local copy of the data set (else the broker sends the shard).")
 @click.option("--heartbeat", default=1.0, show_default=True, type=float)
-@click.option("--timeout", default=5.0, show_default=True, type=float, help="Exit when the broker is silent this long.")
+@click.option("--timeout", default=3.0, show_default=True, type=float, help="Exit when the broker is silent this long.")
 @click.option("--join-timeout", default=60.0, show_default=True, type=float, help="Give up if no broker answers within this time.")
 @click.option("--quiet", "-q", is_flag=True)
 def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None, heartbeat: float, timeout: float, join_timeout: float, quiet: bool) -> None:

@@ -234,22 +234,42 @@ def bias_act_pool(z, b, relu, n, oh, ow, k, s, out, arg):  # pragma: no cover
 def pool_backward(dout, arg, k, s, oh, ow, dz, db):  # pragma: no cover
     """Adjoint of :func:`bias_act_pool`: route ``dout`` to each window's max.
 
-    ``dz`` (n*oh*ow, C) is overwritten (zeros except at the maxima; windows may
-    overlap when ``s < k``); ``db += `` the per-channel sum of routed gradient.
+    ``dz`` (n*oh*ow, C) is overwritten: zero except at the maxima. When the
+    windows tile the image exactly (the usual 2x2/2 on even sizes) every
+    element is written once and no separate zeroing pass is needed;
+    overlapping windows (``s < k``) accumulate. ``db += `` the per-channel sum
+    of the routed gradient (the fused bias's gradient).
     """
     n, PH, PW, C = dout.shape
-    dz[:] = _F0
+    zf = dz.reshape(-1)
+    overlap = s < k
+    if overlap or PH * k != oh or PW * k != ow:
+        zf[:] = _F0
     acc = np.zeros(C, np.float64)
+    gl = np.empty(C, np.float32)
+    al = np.empty(C, np.int8)
+    uc = u8(C)
     for i in range(n):
         for pi in range(PH):
             for pj in range(PW):
                 for c in range(C):
                     a = arg[i, pi, pj, c]
+                    g = dout[i, pi, pj, c]
+                    al[c] = a
+                    gl[c] = g
                     if a >= 0:
-                        g = dout[i, pi, pj, c]
-                        r = (i * oh + pi * s + a // k) * ow + pj * s + a % k
-                        dz[r, c] += g
                         acc[c] += g
+                for ki in range(k):
+                    for kj in range(k):
+                        pos = np.int8(ki * k + kj)
+                        base = u8(((i * oh + pi * s + ki) * ow + pj * s + kj) * C)
+                        if overlap:
+                            for c in range(uc):
+                                if al[c] == pos:
+                                    zf[base + c] += gl[c]
+                        else:
+                            for c in range(uc):
+                                zf[base + c] = gl[c] if al[c] == pos else _F0
     for c in range(C):
         db[c] += acc[c]
 

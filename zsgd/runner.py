@@ -27,7 +27,7 @@ class RunOptions:
     host: str = "127.0.0.1"
     port: int = 0
     heartbeat: float = 1.0
-    timeout: float = 5.0
+    timeout: float = 3.0
     staleness_lr: bool = False
     checkpoint_every: int = 500
     evaluator: bool = True

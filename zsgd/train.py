@@ -63,9 +63,9 @@ def step_seed(seed: int, worker: int, step: int) -> int:
 
 def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool = True, problem: Problem | None = None) -> dict[str, Any]:
     """Train in this process; write the run directory; return the summary."""
-    from zsgd.data import BatchStream, to_float
+    from zsgd.algorithms.worker import WorkerStep
     from zsgd.live import TrainProgress
-    from zsgd.optim import make_optimizer
+    from zsgd.optim import clip_grad_norm, make_optimizer
 
     cfg.validate()
     problem = problem or Problem.from_config(cfg)
@@ -78,7 +78,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
     optimizer = make_optimizer(cfg.optimizer, model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     w = model.init(seed=cfg.seed)
     n_train = len(ds.y_train)
-    stream = BatchStream(np.arange(n_train, dtype=np.int64), cfg.batch_size, seed=cfg.seed)
+    # The trainer is worker 0 of 1 running the very WorkerStep the distributed
+    # workers run, so `zsgd run --n-proc 1 --algo sync` reproduces it exactly.
+    step = WorkerStep(model, ds.x_train, ds.y_train, cfg.batch_size, cfg.seed, worker=0)
     updates = samples = 0
     loss_sum, loss_n = 0.0, 0
     last_loss: float | None = None
@@ -86,27 +88,27 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
     next_epoch_eval = n_train
     reason = None
     evaluated = False
+    eval_time = 0.0
 
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics, TrainProgress(rule.total_updates, cfg.name, show_progress) as bar:
         t0 = time.perf_counter()
         metrics.write("start", 0.0, mode="train", model=cfg.model, data=ds.name, n_params=model.n_params, n_train=n_train)
 
         def run_eval() -> None:
-            nonlocal test_loss, test_acc
+            nonlocal test_loss, test_acc, eval_time
+            t_eval = time.perf_counter()
             test_loss, test_acc = problem.evaluate(w)
+            eval_time += time.perf_counter() - t_eval
             metrics.write("eval", time.perf_counter() - t0, updates=updates, samples=samples, epoch=samples / n_train, test_loss=test_loss, test_acc=test_acc)
 
         while reason is None:
-            idx = next(stream)
-            x = to_float(ds.x_train[idx])
-            loss, grad = model.loss_and_grad(w, x, ds.y_train[idx], training=True, seed=step_seed(cfg.seed, 0, updates))
+            update = step.compute(w, updates)
+            loss, grad = update.loss, update.grad
             if cfg.clip_norm is not None:
-                from zsgd.optim import clip_grad_norm
-
                 clip_grad_norm(grad, cfg.clip_norm)
             optimizer.step(w, grad)
             updates += 1
-            samples += len(idx)
+            samples += update.n_samples
             if not np.isfinite(loss):
                 reason = "diverged (loss is not finite): lower --lr"
                 break
@@ -139,7 +141,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
             "samples": samples,
             "epochs": samples / n_train,
             "wall_s": wall,
-            "samples_per_s": samples / wall if wall > 0 else 0.0,
+            "samples_per_s": samples / (wall - eval_time) if wall > eval_time else 0.0,
             "stop_reason": reason,
         }
         metrics.write("end", wall, updates=updates, samples=samples, test_loss=test_loss, test_acc=test_acc, reason=reason)

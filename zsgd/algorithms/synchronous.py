@@ -23,6 +23,7 @@ class SyncSGD(ServerAlgorithm):
         self.waiting: set[int] = set()  # joined, get weights at the next round
         self._sum: np.ndarray | None = None
         self._samples = 0
+        self._first_n: int | None = None
         self._got: set[int] = set()
 
     def add_worker(self, worker: int, now: float) -> list[Output]:
@@ -52,11 +53,16 @@ class SyncSGD(ServerAlgorithm):
             self.expected.discard(w)
             out: list[Output] = [Dropped(w, "stale-round")]
             return out + self._maybe_finish()
-        weight = float(update.n_samples)
+        grad = np.asarray(update.grad, dtype=np.float32)
         if self._sum is None:
-            self._sum = np.asarray(update.grad, dtype=np.float32) * np.float32(weight)
+            # Keep the first gradient as is: a round of one applies it exactly,
+            # so a single-worker sync run reproduces the single-process trainer.
+            self._sum, self._first_n = grad, update.n_samples
         else:
-            self._sum += np.asarray(update.grad, dtype=np.float32) * np.float32(weight)
+            if self._first_n is not None:
+                self._sum = self._sum * np.float32(self._first_n)
+                self._first_n = None
+            self._sum += grad * np.float32(update.n_samples)
         self._samples += update.n_samples
         self._got.add(w)
         return self._maybe_finish()
@@ -66,13 +72,13 @@ class SyncSGD(ServerAlgorithm):
             return []  # someone is still computing
         out: list[Output] = []
         if self._sum is not None and self._samples > 0:
-            grad = self._sum / np.float32(self._samples)
+            grad = self._sum if self._first_n is not None else self._sum / np.float32(self._samples)
             lr = self.apply(grad, 0)
             out.append(Applied(-1, self.version, 0, self._samples, lr, contributors=len(self._got)))
         return out + self._start_round()
 
     def _start_round(self) -> list[Output]:
-        self._sum, self._samples, self._got = None, 0, set()
+        self._sum, self._samples, self._got, self._first_n = None, 0, set(), None
         self.expected = set(self.live)
         self.waiting.clear()
         return [self.reply(w) for w in sorted(self.expected)]

@@ -1,0 +1,217 @@
+"""The world models and their parsers: sampling statistics, spec syntax, and
+one-line errors that name the bad value."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from zsgd.emulation import DelayQueue, LinkEmulator
+from zsgd.errors import ZsgdError
+from zsgd.netmodel import (Constant, Exponential, LogNormal, Measured, Network, Normal, Trace, Uniform, parse_bandwidth,
+                           parse_compute, parse_delay, parse_duration, parse_failures, parse_loss, parse_stragglers,
+                           parse_worker_latency, propagate_units, split_specs)
+
+
+def rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.mark.parametrize("text,seconds", [("0", 0.0), ("10ms", 0.01), ("0.5s", 0.5), ("250us", 250e-6), ("2min", 120.0),
+                                          (" 1.5 s ", 1.5), ("1e3ms", 1.0)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["10parsecs", "-5ms", "", "10", "ms", "nanms", "1..2ms", "infs"])
+def test_bad_durations_name_the_value(bad):
+    with pytest.raises(ZsgdError) as exc:
+        parse_delay(bad)
+    msg = str(exc.value)
+    assert "\n" not in msg and "latency" in msg
+    assert repr(bad) in msg or bad.strip() in msg
+
+
+def test_delay_specs_parse_to_models():
+    assert parse_delay("10ms") == Constant(0.01)
+    assert parse_delay("uniform:5ms,20ms") == Uniform(0.005, 0.02)
+    assert parse_delay("uniform:5,20ms") == Uniform(0.005, 0.02)  # the unit on the right applies
+    assert parse_delay("normal:10ms,2ms") == Normal(0.01, 0.002)
+    assert parse_delay("normal:10ms,2") == Normal(0.01, 0.002)  # ... or the one on the left
+    assert parse_delay("lognormal:10ms,0.5") == LogNormal(0.01, 0.5)
+    assert parse_delay("exp:10ms") == Exponential(0.01)
+    for spec in ("10ms", "uniform:5ms,20ms", "normal:10ms,2ms", "lognormal:10ms,0.5", "exp:10ms"):
+        assert str(parse_delay(spec)) == spec  # canonical form round-trips
+
+
+@pytest.mark.parametrize("bad", ["uniform:20ms,5ms", "normal:1ms", "exp:1ms,2ms", "lognormal:10ms,-1", "lognormal:10ms,x",
+                                 "gamma:1ms", "uniform:", "trace:"])
+def test_bad_distributions(bad):
+    with pytest.raises(ZsgdError, match="bad latency"):
+        parse_delay(bad)
+
+
+@pytest.mark.parametrize("model", [Uniform(0.005, 0.02), Normal(0.01, 0.002), Normal(0.001, 0.002), LogNormal(0.01, 0.5),
+                                   Exponential(0.01)])
+def test_sample_means_match_the_model(model):
+    r = rng(1)
+    xs = np.array([model.sample(r) for _ in range(40_000)])
+    assert xs.min() >= 0
+    assert xs.mean() == pytest.approx(model.mean, rel=0.03)
+
+
+def test_lognormal_median_and_normal_clipping():
+    r = rng(2)
+    xs = np.array([LogNormal(0.01, 0.5).sample(r) for _ in range(20_000)])
+    assert np.median(xs) == pytest.approx(0.01, rel=0.03)
+    clipped = np.array([Normal(0.0, 0.01).sample(r) for _ in range(10_000)])
+    assert clipped.min() == 0.0 and 0.4 < (clipped == 0).mean() < 0.6
+
+
+def test_trace_resamples_ms_column(tmp_path):
+    f = tmp_path / "pings.csv"
+    f.write_text("rtt_ms,host\n10,a\n20,b\n# a comment\n30,c\n")
+    t = parse_delay(f"trace:{f}")
+    assert isinstance(t, Trace) and t.mean == pytest.approx(0.02)
+    r = rng(3)
+    assert {t.sample(r) for _ in range(200)} == {0.01, 0.02, 0.03}
+
+
+def test_bad_traces(tmp_path):
+    with pytest.raises(ZsgdError, match="file not found"):
+        parse_delay(f"trace:{tmp_path / 'nope.csv'}")
+    words = tmp_path / "words.csv"
+    words.write_text("hello\nworld\n")
+    with pytest.raises(ZsgdError, match="no numbers"):
+        parse_delay(f"trace:{words}")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ZsgdError, match="no numbers"):
+        parse_delay(f"trace:{empty}")
+    neg = tmp_path / "neg.csv"
+    neg.write_text("10\n-3\n")
+    with pytest.raises(ZsgdError, match="neg.csv:2"):
+        parse_delay(f"trace:{neg}")
+    mid = tmp_path / "mid.csv"
+    mid.write_text("10\nabc\n")
+    with pytest.raises(ZsgdError, match="mid.csv:2"):
+        parse_delay(f"trace:{mid}")
+
+
+def test_lists_split_into_arms_with_shared_units():
+    assert split_specs("0,10,50,200ms", "--latency") == ["0ms", "10ms", "50ms", "200ms"]
+    assert [parse_delay(s).mean for s in split_specs("0,10,50,200ms", "--latency")] == pytest.approx([0, 0.01, 0.05, 0.2])
+    assert split_specs("0,uniform:5ms,20ms,normal:10ms,2ms,exp:3ms", "--latency") == ["0", "uniform:5ms,20ms", "normal:10ms,2ms", "exp:3ms"]
+    assert split_specs("10,100Mbps,inf", "--bandwidth") == ["10Mbps", "100Mbps", "inf"]
+    assert split_specs("none,0.1:4x,0.2:2x,transient:30:5", "--stragglers", units=False) == ["none", "0.1:4x", "0.2:2x,transient:30:5"]
+    assert split_specs("3@1s,4@2s;rate:0.1", "--failures", units=False) == ["3@1s,4@2s", "rate:0.1"]
+    assert propagate_units(["1", "2s", "3", "4ms"]) == ["1s", "2s", "3ms", "4ms"]
+    with pytest.raises(ZsgdError, match="empty item"):
+        split_specs("10ms,,20ms", "--latency")
+    with pytest.raises(ZsgdError, match="empty"):
+        split_specs("", "--latency")
+
+
+def test_bandwidth_and_loss():
+    assert parse_bandwidth("100Mbps") == pytest.approx(12.5e6)
+    assert parse_bandwidth("1Gbps") == pytest.approx(125e6)
+    assert parse_bandwidth("10MB/s") == pytest.approx(10e6)
+    assert parse_bandwidth("1GiB/s") == pytest.approx(2**30)
+    assert parse_bandwidth("inf") == math.inf
+    for bad in ("100", "0Mbps", "-1Gbps", "fast", "", "10parsecs"):
+        with pytest.raises(ZsgdError, match="bad bandwidth"):
+            parse_bandwidth(bad)
+    assert parse_loss("0.01") == 0.01 and parse_loss("5%") == pytest.approx(0.05)
+    for bad in ("1", "-0.1", "x", "", "150%"):
+        with pytest.raises(ZsgdError, match="bad loss"):
+            parse_loss(bad)
+
+
+def test_network_delay_adds_transfer_and_retransmits():
+    net = Network(latency_up=Constant(0.01), latency_down=Constant(0.02), bandwidth=1e6)
+    assert net.delay(0, True, 500_000, rng()) == pytest.approx(0.51)
+    assert net.delay(0, False, 0, rng()) == pytest.approx(0.02)
+    net.worker_latency = parse_worker_latency(["3=50ms", "5-6=0"])
+    assert net.delay(3, True, 0, rng()) == pytest.approx(0.05) and net.delay(6, False, 0, rng()) == 0
+    lossy = Network(loss=0.5, retransmit=Constant(0.1))
+    r = rng(4)
+    mean = np.mean([lossy.delay(0, True, 0, r) for _ in range(20_000)])
+    assert mean == pytest.approx(0.1, rel=0.05)  # geometric: p/(1-p) resends of 100 ms
+    for bad in ("3", "x=1ms", "5-2=1ms", "3=10parsecs"):
+        with pytest.raises(ZsgdError):
+            parse_worker_latency([bad])
+
+
+def test_compute_specs():
+    assert isinstance(parse_compute("measured"), Measured)
+    assert parse_compute("5ms") == Constant(0.005)
+    assert parse_compute("normal:5ms,1ms") == Normal(0.005, 0.001)
+    with pytest.raises(ZsgdError, match="compute time"):
+        parse_compute("fast")
+
+
+def test_stragglers_are_seeded_and_persistent():
+    spec = parse_stragglers("0.1:4x")
+    assert (spec.fraction, spec.factor, spec.transient) == (0.1, 4.0, False)
+    a, b = spec.assign(100, seed=7), spec.assign(100, seed=7)
+    assert a.workers == b.workers and len(a.workers) == 10
+    assert spec.assign(100, seed=8).workers != a.workers
+    slow = min(a.workers)
+    fast = min(set(range(100)) - a.workers)
+    assert a.factor(slow, 0.0) == 4.0 == a.factor(slow, 1e6) and a.factor(fast, 5.0) == 1.0
+    assert a.persistent_factors() == {w: 4.0 for w in sorted(a.workers)}
+    assert parse_stragglers("none") is None and parse_stragglers("0") is None
+    assert len(parse_stragglers("0.01:2x").assign(10, 0).workers) == 1  # a positive fraction slows at least one
+
+
+def test_transient_stragglers_are_slow_for_the_expected_share_of_time():
+    spec = parse_stragglers("1:3x,transient:4:1")
+    assert spec.transient and str(spec) == "1:3x,transient:4:1"
+    s = spec.assign(4, seed=0)
+    ts = np.arange(0, 20_000, 0.5)
+    slow_share = np.mean([s.factor(0, t) == 3.0 for t in ts])
+    assert slow_share == pytest.approx(1 / 5, abs=0.03)  # duration / (period + duration)
+    assert s.persistent_factors() == {}
+
+
+@pytest.mark.parametrize("bad", ["", "0.1", "1.5:2x", "0:2x", "0.1:0.5x", "0.1:4x,transient:10", "0.1:4x,sometimes:1:2",
+                                 "0.1:4x,transient:0:1", "10parsecs"])
+def test_bad_stragglers(bad):
+    with pytest.raises(ZsgdError, match="stragglers"):
+        parse_stragglers(bad)
+
+
+def test_failures():
+    f = parse_failures("3@10s+5s,0-1@1min")
+    assert f.events == ((3, 10.0, 5.0), (0, 60.0, None), (1, 60.0, None))
+    f.check(4)
+    with pytest.raises(ZsgdError, match="worker 3 does not exist"):
+        f.check(3)
+    r = parse_failures("rate:0.01+30s")
+    assert (r.rate, r.recover_s) == (0.01, 30.0)
+    assert parse_failures("none") is None
+    for bad in ("", "3", "3@", "x@1s", "3@-1s", "3@10parsecs", "rate:0", "rate:x", "2-1@1s"):
+        with pytest.raises(ZsgdError, match="failure"):
+            parse_failures(bad)
+
+
+def test_delay_queue_orders_by_due_time_then_push_order():
+    q = DelayQueue()
+    assert q.next_due() is None and q.pop_due(100.0) == []
+    q.push("c", now=0.0, delay=2.0)
+    q.push("a", now=0.0, delay=1.0)
+    q.push("b", now=0.5, delay=0.5)
+    assert q.next_due() == 1.0 and len(q) == 3
+    assert q.pop_due(0.99) == []
+    assert q.pop_due(1.0) == ["a", "b"]
+    assert q.pop_due(10.0) == ["c"] and len(q) == 0
+    with pytest.raises(ValueError):
+        q.push("x", 0.0, -1.0)
+
+
+def test_link_emulator_uses_the_same_models():
+    emu = LinkEmulator(Network(latency_down=Constant(0.03)), parse_stragglers("0.5:2x"), n_workers=4, seed=1)
+    assert emu.delay(0, up=False, nbytes=10) == pytest.approx(0.03)
+    assert sorted(emu.slowdown(w, 0.0) for w in range(4)) == [1.0, 1.0, 2.0, 2.0]

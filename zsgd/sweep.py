@@ -1,0 +1,337 @@
+"""A grid of simulated arms: every combination of the comma lists given to
+``zsgd sim``, one run directory per arm, a results table and plots.
+
+Why a grid runner rather than a shell loop: every arm shares the loaded data
+set, the initial weights (``model.init(seed)``) and the shards, so arms
+differ only in the world they simulate, and the comparison (time to target
+accuracy against latency, per algorithm) is drawn in one place. Every spec of
+every arm is parsed before the first arm starts, so a typo in the tenth
+value fails in the first millisecond, not after an hour.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from zsgd.config import TrainConfig, write_config
+from zsgd.errors import ZsgdError
+from zsgd.netmodel import (Constant, Network, parse_bandwidth, parse_compute, parse_delay, parse_duration, parse_failures,
+                           parse_loss, parse_stragglers, parse_worker_latency, split_specs)
+from zsgd.sim import SimOptions, SimResult, Workload, run_arm
+
+# Grid dimensions in the order they vary (the last one fastest): key, flag, short label, units propagate.
+DIMENSIONS: list[tuple[str, str, str, bool]] = [
+    ("algo", "--algo", "algo", False),
+    ("workers", "--workers", "n", False),
+    ("latency", "--latency", "lat", True),
+    ("latency_up", "--latency-up", "up", True),
+    ("latency_down", "--latency-down", "down", True),
+    ("bandwidth", "--bandwidth", "bw", True),
+    ("loss", "--loss", "loss", True),
+    ("compute", "--compute", "compute", True),
+    ("stragglers", "--stragglers", "strag", False),
+    ("failures", "--failures", "fail", False),
+]
+
+
+@dataclass
+class SweepSpec:
+    """Flag values as typed: each grid dimension may be a list (see DIMENSIONS)."""
+
+    grid: dict[str, str | None]  # dimension -> spec text (None: not given)
+    latency_worker: tuple[str, ...] = ()
+    retransmit: str = "200ms"
+    detect: str = "5s"
+    broker_time: str = "0"
+    broker_bandwidth: str = "inf"
+    staleness_lr: bool = False
+    target: float = 0.8
+
+
+@dataclass
+class Arm:
+    index: int
+    values: dict[str, str]  # dimension -> this arm's spec text
+    varying: list[str]  # dimensions with more than one value in the grid
+    opts: SimOptions
+
+    @property
+    def label(self) -> str:
+        shown = self.varying or ["algo"]
+        short = {k: s for k, _f, s, _u in DIMENSIONS}
+        return " ".join(self.values.get(k, "async") if k == "algo" else f"{short[k]}={self.values[k]}" for k in shown)
+
+    @property
+    def dirname(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.label.replace("=", "")).strip("-")
+        return f"{self.index:02d}-{slug or 'arm'}"[:100]
+
+
+def _split(key: str, flag: str, text: str, units: bool) -> list[str]:
+    if key == "failures" and ";" not in text:
+        return [text.strip()]  # a failure list is one scenario; use ';' between scenarios
+    return split_specs(text, flag, units=units)
+
+
+def _parse_workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ZsgdError(f"bad --workers {text!r}: expected a whole number >= 1 (or a comma list, e.g. 16,64)")
+    return n
+
+
+def build_arms(spec: SweepSpec) -> list[Arm]:
+    """Parse every value of every dimension, then form the cross product."""
+    from zsgd.algorithms import parse_algo
+
+    lists: dict[str, list[str]] = {}
+    for key, flag, _short, units in DIMENSIONS:
+        text = spec.grid.get(key)
+        if text is not None:
+            lists[key] = _split(key, flag, text, units)
+    parse_one: dict[str, Callable[[str], Any]] = {
+        "algo": lambda s: parse_algo(s) and s, "workers": _parse_workers, "latency": parse_delay,
+        "latency_up": lambda s: parse_delay(s, "uplink latency"), "latency_down": lambda s: parse_delay(s, "downlink latency"),
+        "bandwidth": parse_bandwidth, "loss": parse_loss, "compute": parse_compute, "stragglers": parse_stragglers,
+        "failures": parse_failures,
+    }
+    parsed = {k: {v: parse_one[k](v) for v in vs} for k, vs in lists.items()}
+    overrides = parse_worker_latency(spec.latency_worker)
+    retransmit = parse_delay(spec.retransmit, "retransmit delay")
+    detect = parse_duration(spec.detect, "--detect", default_unit="s")
+    broker_s = parse_duration(spec.broker_time, "--broker-time")
+    broker_bw = parse_bandwidth(spec.broker_bandwidth)
+    varying = [k for k, vs in lists.items() if len(vs) > 1]
+    keys = list(lists)
+    arms = []
+    for i, combo in enumerate(itertools.product(*(lists[k] for k in keys))):
+        values = dict(zip(keys, combo))
+        p = {k: parsed[k][v] for k, v in values.items()}
+        n = p.get("workers", 16)
+        base = p.get("latency", Constant(0.0))
+        net = Network(latency_up=p.get("latency_up", base), latency_down=p.get("latency_down", base),
+                      worker_latency={w: d for w, d in overrides.items() if w < n}, bandwidth=p.get("bandwidth", math.inf),
+                      loss=p.get("loss", 0.0), retransmit=retransmit)
+        opts = SimOptions(algo=values.get("algo", "async"), n_workers=n, network=net, stragglers=p.get("stragglers"),
+                          failures=p.get("failures"), detect_s=detect, broker_s=broker_s, broker_bandwidth=broker_bw,
+                          staleness_lr=spec.staleness_lr, target=spec.target)
+        if "compute" in p:
+            opts.compute = p["compute"]
+        arms.append(Arm(i, values, varying, opts.validate()))
+    if overrides and max(overrides) >= max(a.opts.n_workers for a in arms):
+        raise ZsgdError(f"bad --latency-worker: worker {max(overrides)} does not exist (at most {max(a.opts.n_workers for a in arms)} workers)")
+    return arms
+
+
+@dataclass
+class ArmOutcome:
+    arm: Arm
+    result: SimResult
+    run_dir: Path
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+def result_row(arm: Arm, result: SimResult) -> dict[str, Any]:
+    s = result.summary
+    row: dict[str, Any] = {"arm": arm.label, "dir": arm.dirname}
+    row |= {k: arm.values[k] for k in arm.values}
+    row |= {"final_acc": s["test_accuracy"], "time_to_target_s": s["time_to_target_s"], "updates": s["updates"],
+            "virtual_s": s["virtual_s"], "updates_per_s": s["updates_per_s"], "samples_per_s": s["samples_per_s"],
+            "bytes_sent": s["bytes_sent"], "bytes_received": s["bytes_received"], "staleness_mean": s["staleness_mean"],
+            "staleness_p50": s["staleness_p50"], "staleness_p99": s["staleness_p99"], "staleness_max": s["staleness_max"],
+            "compute_s": s["compute_s"], "stop_reason": s["stop_reason"], "real_s": s["real_s"]}
+    return row
+
+
+def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, problem: Any = None, show: bool = True,
+              arm_plots: bool = False) -> list[ArmOutcome]:
+    """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots."""
+    from zsgd.live import stderr_console
+    from zsgd.train import Problem
+
+    cfg.validate()
+    arms = build_arms(spec)
+    problem = problem or Problem.from_config(cfg)
+    workload = Workload(cfg, problem)
+    out_dir = Path(out_dir)
+    write_config(out_dir / "sweep.yaml", cfg.to_dict() | {"mode": "sim-sweep", "grid": {k: v for k, v in spec.grid.items() if v is not None},
+                                                          "arms": [a.dirname for a in arms], "target": spec.target})
+    outcomes: list[ArmOutcome] = []
+    total = problem.stop_rule(cfg).total_updates
+    with _SweepProgress(len(arms), total, show, stderr_console) as bar:
+        for arm in arms:
+            bar.start_arm(arm.label)
+            result = run_arm(cfg, arm.opts, workload, out_dir / arm.dirname, progress=bar.arm_progress, plots=arm_plots)
+            outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
+            bar.end_arm()
+    write_results(outcomes, out_dir, spec.target)
+    plot_sweep(outcomes, out_dir, spec.target)
+    return outcomes
+
+
+class _SweepProgress:
+    """Two rich bars: arms done, and the current arm's central updates (virtual time shown)."""
+
+    def __init__(self, n_arms: int, total_updates: int | None, enabled: bool, console: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.total = total_updates
+        self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled,
+                                 refresh_per_second=4)
+        self.arms = self.progress.add_task("arms", total=n_arms, info="")
+        self.task: Any = None
+
+    def __enter__(self) -> "_SweepProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def start_arm(self, label: str) -> None:
+        self.task = self.progress.add_task(label[:40], total=self.total, info="")
+
+    def arm_progress(self, updates: int, samples: int, t: float, acc: float) -> None:
+        info = f"virtual {t:,.2f} s" + ("" if math.isnan(acc) else f"  acc {acc:.2%}")
+        self.progress.update(self.task, completed=updates, info=info)
+
+    def end_arm(self) -> None:
+        self.progress.remove_task(self.task)
+        self.progress.advance(self.arms)
+
+
+# ---------------------------------------------------------------------------
+# results table
+
+TABLE_COLUMNS = [("arm", "arm"), ("final_acc", "acc"), ("time_to_target_s", "t→target s"), ("updates_per_s", "upd/s"),
+                 ("bytes_sent", "sent"), ("staleness_mean", "stale"), ("staleness_p50", "p50"),
+                 ("staleness_p99", "p99"), ("staleness_max", "max")]
+
+
+def _fmt(key: str, v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "not reached" if key == "time_to_target_s" else "-"
+    if key == "final_acc":
+        return f"{v:.2%}"
+    if key == "bytes_sent":
+        return _fmt_bytes(v)
+    if isinstance(v, float):
+        return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> tuple[Path, Path]:
+    """results.csv (every column, raw numbers) and results.md (the readable table)."""
+    rows = [o.row for o in outcomes]
+    csv_path, md_path = Path(out_dir) / "results.csv", Path(out_dir) / "results.md"
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+    heads = {"final_acc": "final accuracy", "time_to_target_s": f"virtual s to {target:.0%}", "updates_per_s": "updates/s (virtual)",
+             "bytes_sent": "bytes sent", "staleness_mean": "staleness mean"}
+    lines = [f"Arms of a zsgd simulation; times are virtual seconds; target accuracy {target:.0%}.", "",
+             "| " + " | ".join(heads.get(k, h) for k, h in TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(_fmt(k, r.get(k)) for k, _h in TABLE_COLUMNS) + " |" for r in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def results_table(outcomes: list[ArmOutcome], target: float) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"simulated arms (target {target:.0%}; virtual time)", title_justify="left")
+    for key, head in TABLE_COLUMNS:
+        table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
+    for o in outcomes:
+        table.add_row(*(_fmt(k, o.row.get(k)) for k, _h in TABLE_COLUMNS))
+    return table
+
+
+# ---------------------------------------------------------------------------
+# plots
+
+
+def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list[Path]:
+    """accuracy_vs_time.png, time_to_target.png, staleness.png, and the standard curves of all arms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zsgd.plots import plot_curves
+
+    out_dir = Path(out_dir)
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for o in outcomes:
+        ev = o.result.evals
+        ax.plot([e[0] for e in ev], [e[2] for e in ev], marker="o" if len(ev) < 30 else None, ms=3, label=o.arm.label)
+    ax.axhline(target, color="grey", ls="--", lw=0.8)
+    ax.set(xlabel="virtual time (s)", ylabel="test accuracy", title="test accuracy vs virtual time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out_dir / "accuracy_vs_time.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[tuple[float, float]]] = {}
+    lat_keys = ("latency", "latency_up", "latency_down")
+    for o in outcomes:
+        others = [k for k in o.arm.varying if k not in lat_keys] or ["algo"]
+        name = " ".join(f"{k}={o.arm.values[k]}" if k != "algo" else o.arm.values.get("algo", "async") for k in others)
+        net = o.arm.opts.network
+        x = (net.latency_up.mean + net.latency_down.mean) / 2 * 1e3
+        ttt = o.result.summary["time_to_target_s"]
+        groups.setdefault(name, []).append((x, math.nan if ttt is None else ttt))
+    for name, pts in groups.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if all(math.isnan(p[1]) for pts in groups.values() for p in pts):
+        ax.text(0.5, 0.5, f"no arm reached {target:.0%}", transform=ax.transAxes, ha="center")
+    ax.set(xlabel="mean one-way latency (ms)", ylabel=f"virtual time to {target:.0%} accuracy (s)",
+           title="time to target vs latency (missing points: not reached)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out_dir / "time_to_target.png"))
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(outcomes) + 2), 4.5))
+    data = [o.result.staleness if len(o.result.staleness) else np.zeros(1) for o in outcomes]
+    ax.boxplot(data, whis=(1, 99), showfliers=False)
+    ax.plot(range(1, len(data) + 1), [d.mean() for d in data], "D", color="C3", ms=4, label="mean")
+    ax.set_xticks(range(1, len(data) + 1), [o.arm.label for o in outcomes], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="staleness (central updates)", title="staleness per arm (box: p25-p75, whiskers: p1-p99)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out_dir / "staleness.png"))
+    written += plot_curves([o.run_dir for o in outcomes], out_dir, labels=[o.arm.label for o in outcomes], time_label="virtual time (s)")
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
