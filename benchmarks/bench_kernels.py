@@ -264,27 +264,31 @@ def main() -> None:
             results[f"train/{k}"].append(rate(f, args.steps, n))
         for k, f in fwd.items():
             results[f"fwd/{k}"].append(rate(f, args.steps, n))
-    # per-layer shares: a separate run of training steps with the model's timers on
-    m.timings = {}
+    # per-layer shares: separate training steps with the model's timers on; the
+    # median per part, so a noisy neighbour in one step does not skew the split
+    per_part: dict[str, list[float]] = {}
     prof_steps = args.steps * 2
-    for _ in range(prof_steps):
-        m.loss_and_grad(w, x, y, training=True, seed=1, out=g)
-    timings, m.timings = m.timings, None
-    t0 = time.perf_counter()
-    for _ in range(prof_steps):
+    for i in range(prof_steps):
+        m.timings = {}
+        m.loss_and_grad(w, x, y, training=True, seed=i, out=g)
+        t0 = time.perf_counter()
         opt.step(w, g)
-    timings["optimizer (sgd)"] = time.perf_counter() - t0
+        m.timings["optimizer (sgd)"] = time.perf_counter() - t0
+        for k, v in m.timings.items():
+            per_part.setdefault(k, []).append(v)
+    m.timings = None
+    timings = {k: statistics.median(v) for k, v in per_part.items()}
     med = {k: statistics.median(v) for k, v in results.items()}
 
     cold = None if args.no_cold else cold_start_seconds(args.model, shape, n)
-    report(args, med, results, timings, prof_steps, cold, torch_version)
+    report(args, med, results, timings, cold, torch_version)
 
 
-def report(args, med, results, timings, prof_steps, cold, torch_version) -> None:
+def report(args, med, results, timings, cold, torch_version) -> None:
     import platform
 
     rows = []
-    for kind, label in (("train", "train step (fwd+bwd+SGD)"), ("fwd", "forward only (inference)")):
+    for kind, label in (("train", "train step"), ("fwd", "forward only")):
         base = med.get(f"{kind}/pytorch")
         best_base = max(results[f"{kind}/pytorch"]) if base else None
         for impl in ("zsgd", "pytorch", "numpy im2col"):
@@ -294,7 +298,7 @@ def report(args, med, results, timings, prof_steps, cold, torch_version) -> None
                 ratio = f"{med[key] / base:.2f}x" if base else "-"
                 bratio = f"{best / best_base:.2f}x" if base else "-"
                 rows.append((label, impl, f"{med[key]:.0f}", f"{best:.0f}", ratio, bratio))
-    per_step = {k: v / prof_steps for k, v in timings.items()}
+    per_step = timings
     total = sum(per_step.values())
     layer_rows = [(k, f"{v * 1e3:.2f}", f"{100 * v / total:.1f}%") for k, v in sorted(per_step.items(), key=lambda kv: -kv[1])]
     title = (f"{args.model} {args.shape} batch {args.batch}, 1 thread, {args.rounds} rounds x {args.steps} steps "
@@ -303,14 +307,14 @@ def report(args, med, results, timings, prof_steps, cold, torch_version) -> None
         from rich.console import Console
         from rich.table import Table
 
-        con = Console()
+        con = Console(width=max(Console().width, 110))
         t = Table(title=title)
         for c in ("what", "implementation", "samples/s (median)", "best round", "vs PyTorch", "best vs best"):
             t.add_column(c, justify="right" if c not in ("what", "implementation") else "left")
         for r in rows:
             t.add_row(*r)
         con.print(t)
-        t2 = Table(title="zsgd step time by layer")
+        t2 = Table(title="zsgd training step time by part (median of steps; fwd/bwd per layer)")
         for c in ("part", "ms/step", "share"):
             t2.add_column(c, justify="left" if c == "part" else "right")
         for r in layer_rows:

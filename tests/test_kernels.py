@@ -122,9 +122,10 @@ def test_conv_chunking_does_not_change_results(monkeypatch):
         np.testing.assert_allclose(a, e, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("k,s", [(2, 2), (3, 2), (3, 3), (2, 1)])
-def test_maxpool_forward_backward(k, s):
-    n, c, h, w = 2, 3, 9, 8
+@pytest.mark.parametrize("k,s,h,w", [(2, 2, 8, 6), (2, 2, 9, 8), (3, 2, 9, 8), (3, 3, 9, 8), (2, 1, 5, 7)])
+def test_maxpool_forward_backward(k, s, h, w):
+    """Exact tiling, ragged edges (floor mode) and overlapping windows."""
+    n, c = 2, 3
     x = RNG.permutation(n * c * h * w).astype(np.float32).reshape(n, c, h, w) / 10  # no ties
     y, arg = C.maxpool2d_nchw(x, k, s)
     np.testing.assert_array_equal(y, pool_ref(x, k, s))

@@ -215,3 +215,38 @@ def test_link_emulator_uses_the_same_models():
     emu = LinkEmulator(Network(latency_down=Constant(0.03)), parse_stragglers("0.5:2x"), n_workers=4, seed=1)
     assert emu.delay(0, up=False, nbytes=10) == pytest.approx(0.03)
     assert sorted(emu.slowdown(w, 0.0) for w in range(4)) == [1.0, 1.0, 2.0, 2.0]
+
+
+# -- properties ----------------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1e3, allow_nan=False), st.floats(0, 1e3, allow_nan=False)), max_size=50),
+       st.floats(0, 3e3, allow_nan=False))
+def test_delay_queue_releases_exactly_the_due_items_in_order(items, now):
+    q = DelayQueue()
+    for i, (t, d) in enumerate(items):
+        q.push(i, t, d)
+    due = q.pop_due(now)
+    expected = sorted((t + d, i) for i, (t, d) in enumerate(items) if t + d <= now)
+    assert due == [i for _due, i in expected]
+    assert len(q) == len(items) - len(due)
+    assert q.next_due() is None or q.next_due() > now
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0, 1e4, allow_nan=False), st.sampled_from(["us", "ms", "s", "min"]))
+def test_any_duration_with_a_unit_parses(value, unit):
+    from zsgd.netmodel import TIME_UNITS
+
+    assert parse_duration(f"{value!r}{unit}") == pytest.approx(value * TIME_UNITS[unit])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 500), min_size=1, max_size=6), st.sampled_from(["ms", "s", "us"]))
+def test_a_trailing_unit_applies_to_the_whole_list(values, unit):
+    text = ",".join(map(str, values)) + unit
+    assert split_specs(text, "--latency") == [f"{v}{unit}" for v in values]

@@ -251,3 +251,12 @@ def test_every_arm_starts_from_the_same_weights_and_shards(workload, tmp_path):
     b = sim(workload, tmp_path / "b", algo="ssp:1000", n_workers=4)
     assert np.array_equal(a.weights, b.weights)
     assert not workload.w0.flags.writeable and math.isfinite(float(workload.w0.sum()))
+
+
+def test_broker_time_and_broker_nic_cap_throughput(workload, tmp_path):
+    n = 8  # unconstrained: n / C = 1600 updates/s
+    r = sim(workload, tmp_path / "cpu", algo="async", n_workers=n, broker_s=0.001)
+    assert r.summary["updates_per_s"] == pytest.approx(1000, rel=0.03)  # one update per ms at most
+    bw = 500 * max(workload.weights_bytes, workload.update_bytes)  # the NIC moves 500 messages/s each way
+    r = sim(workload, tmp_path / "nic", algo="async", n_workers=n, broker_bandwidth=float(bw))
+    assert r.summary["updates_per_s"] == pytest.approx(500, rel=0.03)

@@ -82,3 +82,9 @@ def test_empty_trace_file_is_an_error(tmp_path):
     f.write_text("latency\n\n")
     r = CliRunner().invoke(main, ["sim", "--latency", f"trace:{f}", "--steps", "5", *FAST])
     assert r.exit_code == 2 and "no numbers" in r.stderr
+
+
+def test_more_workers_than_samples_fails_before_writing(tmp_path):
+    r = CliRunner().invoke(main, ["sim", "--workers", "4,20000", "--steps", "5", "--out", str(tmp_path / "x"), *FAST])
+    assert r.exit_code == 2 and "20000 workers" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

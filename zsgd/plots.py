@@ -64,6 +64,53 @@ def plot_curves(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] |
     return written
 
 
+def plot_workers(run_dir: Path, out_dir: Path | None = None, time_label: str = "time (s)") -> list[Path]:
+    """Staleness histogram and per-worker throughput of a distributed run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir)
+    updates = [e for e in _load(run_dir) if e.get("event") == "update"]
+    if not updates:
+        return []
+    written = []
+    stale = np.array([e.get("staleness", 0) for e in updates])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(stale, bins=np.arange(stale.max() + 2) - 0.5, color="tab:blue", alpha=0.8)
+    ax.set_xlabel("staleness (central updates between fetch and apply)")
+    ax.set_ylabel("updates")
+    ax.set_title(f"mean {stale.mean():.2f}, p99 {np.percentile(stale, 99):.0f}, max {stale.max()}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(out_dir / "staleness_hist.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    workers = sorted({e["worker"] for e in updates if e.get("worker", -1) >= 0})
+    if workers:
+        t_end = max(e["t"] for e in updates)
+        bins = np.linspace(min(e["t"] for e in updates), t_end, 21)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for w in workers:
+            ts = np.array([e["t"] for e in updates if e.get("worker") == w])
+            counts, _ = np.histogram(ts, bins=bins)
+            ax.plot((bins[:-1] + bins[1:]) / 2, counts / np.diff(bins), label=f"worker {w}")
+        ax.set_xlabel(time_label)
+        ax.set_ylabel("applied updates / s")
+        ax.grid(alpha=0.3)
+        if len(workers) <= 16:
+            ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        written.append(out_dir / "worker_throughput.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """The standard figures of one run, written into its own directory."""
-    return plot_curves([Path(run_dir)], Path(run_dir))
+    return plot_curves([Path(run_dir)], Path(run_dir)) + plot_workers(Path(run_dir))

@@ -118,9 +118,9 @@ class Workload:
         """Median seconds of one real gradient step on this machine (after a warm-up step)."""
         from zsgd.data import to_float
 
-        x, y = self.shards(1)[0]
-        idx = np.arange(self.cfg.batch_size) % len(y)
-        xb, yb = to_float(x[idx]), y[idx]
+        ds = self.problem.dataset
+        idx = np.arange(self.cfg.batch_size) % len(ds.y_train)
+        xb, yb = to_float(ds.x_train[idx]), ds.y_train[idx]
         self.model.loss_and_grad(self.w0, xb, yb, training=True, seed=0)  # JIT, caches
         times = []
         for i in range(max(1, steps)):

@@ -80,16 +80,15 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: bool,
     arms = build_arms(spec)  # every spec checked before data is loaded
     from zsgd.live import stderr_console
     from zsgd.rundir import create_run_dir
-    from zsgd.sweep import results_table, run_sweep
-    from zsgd.train import Problem
+    from zsgd.sweep import prepare_workload, results_table, run_sweep
 
+    workload = prepare_workload(cfg, arms)  # data, model and shards: may still reject e.g. too many workers
     out_dir = create_run_dir(out, cfg.name)
-    problem = Problem.from_config(cfg)
-    ds = problem.dataset
+    ds, model = workload.problem.dataset, workload.model
     if not quiet:
         stderr_console.print(f"data: [bold]{ds.name}[/] ({ds.source}), {len(ds.y_train):,} train / {len(ds.y_test):,} test; "
-                             f"model: [bold]{cfg.model}[/] ({problem.model.n_params:,} parameters); {len(arms)} arm(s) -> {out_dir}")
-    outcomes = run_sweep(cfg, spec, out_dir, problem=problem, show=not quiet, arm_plots=arm_plots)
+                             f"model: [bold]{cfg.model}[/] ({model.n_params:,} parameters); {len(arms)} arm(s) -> {out_dir}")
+    outcomes = run_sweep(cfg, spec, out_dir, workload=workload, show=not quiet, arm_plots=arm_plots)
     if not quiet:
         stderr_console.print(results_table(outcomes, target))
         stderr_console.print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.csv'}; plots in {out_dir}")

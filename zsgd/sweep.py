@@ -154,17 +154,28 @@ def result_row(arm: Arm, result: SimResult) -> dict[str, Any]:
     return row
 
 
-def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, problem: Any = None, show: bool = True,
+def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> Workload:
+    """Load data and model and cut the shards of every worker count, so that a
+    split that cannot serve some arm fails before anything is written."""
+    from zsgd.train import Problem
+
+    workload = Workload(cfg, problem or Problem.from_config(cfg))
+    for n in sorted({a.opts.n_workers for a in arms}):
+        workload.shards(n)
+    return workload
+
+
+def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workload | None = None, show: bool = True,
               arm_plots: bool = False) -> list[ArmOutcome]:
     """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots."""
     from zsgd.live import stderr_console
-    from zsgd.train import Problem
 
     cfg.validate()
     arms = build_arms(spec)
-    problem = problem or Problem.from_config(cfg)
-    workload = Workload(cfg, problem)
+    workload = workload or prepare_workload(cfg, arms)
+    problem = workload.problem
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_config(out_dir / "sweep.yaml", cfg.to_dict() | {"mode": "sim-sweep", "grid": {k: v for k, v in spec.grid.items() if v is not None},
                                                           "arms": [a.dirname for a in arms], "target": spec.target})
     outcomes: list[ArmOutcome] = []

@@ -1,0 +1,223 @@
+"""Runtime benchmarks: the broker's step exchange, end-to-end throughput, start-up.
+
+1. **Step exchange** for the ``cnn`` (1,199,882 float32: 4.8 MB gradient up,
+   4.8 MB weights down): a client speaking the zsgd protocol to a real
+   ``zsgd broker`` process (decode, validate, finite check, momentum step,
+   snapshot, encode) beside a raw pyzmq DEALER/ROUTER echo of the same
+   payload, same transport (TCP loopback), same run. Target: <= 1.25x raw.
+2. **End to end**: aggregate training samples/s of ``zsgd run --n-proc 2``
+   (async, cnn, batch 64 per worker) beside PyTorch DDP (gloo, 2 processes x
+   1 thread, same architecture, batch, optimizer). Target: >= 1.2x DDP.
+   Steady-state rates: samples between the first and last update over that time.
+3. **Start-up**: from launching ``zsgd run --n-proc 4`` to the first applied
+   update, warm numba cache. Target: < 5 s.
+
+Run: ``python benchmarks/bench_runtime.py [--seconds 30] [--reps 200] [--skip-ddp]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zsgd import protocol  # noqa: E402
+from zsgd.protocol import Message, MsgType  # noqa: E402
+
+N_PARAMS = 1_199_882
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+ECHO_SERVER = r"""
+import sys, zmq, numpy as np
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.linger = 0
+s.bind(sys.argv[1]); reply = np.ones(int(sys.argv[2]), np.float32)
+print("ready", flush=True)
+while True:
+    ident, payload = s.recv_multipart(copy=False)
+    if len(payload) == 1: break
+    s.send_multipart([ident, reply], copy=False)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_round_trip(endpoint: str, reps: int) -> list[float]:
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint, str(N_PARAMS)], stdout=subprocess.PIPE, text=True, env=ENV)
+    server.stdout.readline()
+    ctx = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.linger = 0
+    d.connect(endpoint)
+    grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * 1e-3
+    times = []
+    for i in range(reps + 10):
+        t = time.perf_counter()
+        d.send(grad, copy=False)
+        d.recv(copy=False)
+        if i >= 10:
+            times.append(time.perf_counter() - t)
+    d.send(b"x")
+    server.wait(timeout=10)
+    d.close()
+    ctx.term()
+    return times
+
+
+def zsgd_round_trip(reps: int, out: Path) -> list[float]:
+    port = free_port()
+    prefix = os.environ.get("BENCH_BROKER_PREFIX", "-m zsgd").split()
+    broker = subprocess.Popen([sys.executable, *prefix, "broker", "--workers", "1", "--model", "cnn", "--data", "embedded", "--algo", "async",
+                               "--port", str(port), "--no-evaluator", "--quiet", "--checkpoint-every", "0", "--eval-every", "100000000",
+                               "--steps", str(reps + 1000), "--lr", "0.001", "--out", str(out)],
+                              env=ENV, stdin=subprocess.DEVNULL, stdout=None if prefix[0] != "-m" else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ctx = zmq.Context()
+    d = ctx.socket(zmq.DEALER)
+    d.linger = 0
+    d.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", 0))
+    d.connect(f"tcp://127.0.0.1:{port}")
+
+    def expect(mtype):
+        while True:
+            if not d.poll(60000):
+                raise RuntimeError(f"broker did not send {mtype.name}: {broker.stderr.read() if broker.poll() is not None else ''}")
+            _, msg = protocol.recv(d)
+            if msg.type == mtype:
+                return msg
+
+    protocol.send(d, Message(MsgType.HELLO, "-", 0, 0, {}, meta={"stage": "join", "role": "worker"}))
+    assign = expect(MsgType.ASSIGN)
+    run = assign.run
+    protocol.send(d, Message(MsgType.HELLO, run, 0, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
+    msg = expect(MsgType.WEIGHTS)
+    grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * 1e-3
+    times = []
+    for i in range(reps + 10):
+        t = time.perf_counter()
+        protocol.send(d, protocol.update_message(run, 0, msg.version, grad, 64, 0.5))
+        msg = expect(MsgType.WEIGHTS)
+        if i >= 10:
+            times.append(time.perf_counter() - t)
+    protocol.send(d, Message(MsgType.LEAVE, run, 0, 0, {}, meta={"reason": "benchmark done"}))
+    broker.terminate()
+    broker.wait(timeout=60)
+    d.close()
+    ctx.term()
+    return times
+
+
+def steady_rate(run_dir: Path) -> tuple[float, float]:
+    ups = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event":"update"' in line]
+    t0, t1 = ups[len(ups) // 10]["t"], ups[-1]["t"]
+    s0, s1 = ups[len(ups) // 10]["samples"], ups[-1]["samples"]
+    return (s1 - s0) / (t1 - t0), ups[0]["t"]
+
+
+def zsgd_end_to_end(seconds: float, out: Path, n_proc: int = 2, data: str = "fashion-mnist") -> float:
+    subprocess.run([sys.executable, "-m", "zsgd", "run", "--n-proc", str(n_proc), "--model", "cnn", "--data", data, "--algo", "async",
+                    "--time", str(seconds), "--quiet", "--out", str(out), "--lr", "0.01", "--eval-every", "100000000"],
+                   env=ENV, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+    return steady_rate(out)[0]
+
+
+DDP_SCRIPT = r"""
+import os, sys, time, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
+torch.set_num_threads(1)
+rank, world, seconds, port = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+class CNN(nn.Module):
+    def __init__(s):
+        super().__init__(); s.conv1=nn.Conv2d(1,32,3); s.conv2=nn.Conv2d(32,64,3); s.fc1=nn.Linear(9216,128); s.fc2=nn.Linear(128,10)
+    def forward(s,x):
+        x=F.relu(s.conv1(x)); x=F.max_pool2d(F.relu(s.conv2(x)),2); x=F.dropout(x,0.25,s.training)
+        x=F.dropout(F.relu(s.fc1(torch.flatten(x,1))),0.5,s.training); return s.fc2(x)
+torch.manual_seed(0)
+model = nn.parallel.DistributedDataParallel(CNN())
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+x = torch.rand(64, 1, 28, 28); y = torch.randint(0, 10, (64,))
+steps, t0, start = 0, None, time.perf_counter()
+while True:
+    opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step(); steps += 1
+    if steps == 20: dist.barrier(); t0 = time.perf_counter(); s0 = steps
+    if t0 is not None and time.perf_counter() - t0 > seconds: break
+flag = torch.tensor([steps - s0], dtype=torch.float64); dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
+dist.all_reduce(flag); dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+if rank == 0: print(flag.item() * 64 / dt.item())
+dist.destroy_process_group()
+"""
+
+
+def ddp_end_to_end(seconds: float, world: int = 2) -> float:
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), str(world), str(seconds), port], env=ENV, stdout=subprocess.PIPE, text=True)
+             for r in range(world)]
+    outs = [p.communicate(timeout=seconds * 4 + 120)[0] for p in procs]
+    return float(outs[0].strip().splitlines()[-1])
+
+
+def startup_to_first_update(out: Path, n_proc: int = 4) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "zsgd", "run", "--n-proc", str(n_proc), "--model", "cnn", "--steps", "30", "--quiet",
+                             "--out", str(out), "--eval-every", "100000000"], env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    first = None
+    while first is None and proc.poll() is None:
+        if metrics.exists() and '"event":"update"' in metrics.read_text():
+            first = time.perf_counter() - t0
+        time.sleep(0.01)
+    proc.wait(timeout=120)
+    return first if first is not None else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--skip-ddp", action="store_true")
+    ap.add_argument("--only", choices=["exchange", "e2e", "startup"], default=None)
+    args = ap.parse_args()
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="zsgd runtime benchmarks (this machine)")
+    for col in ("measure", "zsgd", "reference", "ratio", "target"):
+        table.add_column(col, justify="right" if col != "measure" else "left")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.only in (None, "exchange"):
+            raw_tcp = statistics.median(raw_round_trip(f"tcp://127.0.0.1:{free_port()}", args.reps)) * 1e3
+            raw_ipc = statistics.median(raw_round_trip(f"ipc://{tmp}/echo.ipc", args.reps)) * 1e3
+            z = statistics.median(zsgd_round_trip(args.reps, tmp / "exchange")) * 1e3
+            table.add_row("step exchange, 4.8 MB up + down, tcp (ms, median)", f"{z:.2f}", f"raw pyzmq {raw_tcp:.2f}", f"{z / raw_tcp:.2f}x", "<= 1.25x")
+            table.add_row("raw pyzmq round trip over ipc (ms, for reference)", "", f"{raw_ipc:.2f}", "", "")
+        if args.only in (None, "e2e"):
+            z = zsgd_end_to_end(args.seconds, tmp / "e2e")
+            if args.skip_ddp:
+                table.add_row("end-to-end samples/s, 2 workers, cnn b64", f"{z:,.0f}", "skipped", "", ">= 1.2x DDP")
+            else:
+                d = ddp_end_to_end(args.seconds)
+                table.add_row("end-to-end samples/s, 2 workers, cnn b64", f"{z:,.0f}", f"DDP gloo {d:,.0f}", f"{z / d:.2f}x", ">= 1.2x")
+        if args.only in (None, "startup"):
+            s = startup_to_first_update(tmp / "startup")
+            table.add_row("zsgd run --n-proc 4 to first update (s)", f"{s:.2f}", "", "", "< 5 s")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
