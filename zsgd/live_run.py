@@ -13,6 +13,7 @@ from rich.console import Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from zsgd.live import stderr_console
 
@@ -20,9 +21,10 @@ from zsgd.live import stderr_console
 class RunView:
     def __init__(self, title: str, total_updates: int | None, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=stderr_console)
-        self.task = self.progress.add_task(title, total=total_updates, rate="")
+        self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(bar_width=40), MofNCompleteColumn(),
+                                 TextColumn("updates"), TimeElapsedColumn(), TextColumn("elapsed,"), TimeRemainingColumn(),
+                                 TextColumn("left"), console=stderr_console)
+        self.task = self.progress.add_task(title, total=total_updates)
         self.live = Live(console=stderr_console, refresh_per_second=4, transient=False) if enabled else None
         self._last = (time.monotonic(), 0, 0)
         self._rates = (0.0, 0.0)
@@ -46,10 +48,11 @@ class RunView:
             self._rates = ((st.updates - u) / (now - t), (st.samples - s) / (now - t))
             self._last = (now, st.updates, st.samples)
         ups, sps = self._rates
-        acc = f"{st.test_acc:.2%}" if st.test_acc == st.test_acc else "-"
+        acc = f"{st.test_acc:.2%} (update {st.evals[-1]['updates']})" if st.evals else "-"
         loss = f"{st.last_loss:.4f}" if st.last_loss == st.last_loss else "-"
-        self.progress.update(self.task, completed=st.updates,
-                             rate=f"{ups:6.1f} upd/s {sps:7.0f} samples/s  loss {loss}  acc {acc}  rejected {sum(st.rejected.values())}")
+        self.progress.update(self.task, completed=st.updates)
+        stats = Text.from_markup(f"[bold]{ups:,.1f}[/] updates/s  [bold]{sps:,.0f}[/] samples/s  train loss [bold]{loss}[/]  "
+                                 f"test acc [bold]{acc}[/]  rejected {sum(st.rejected.values())}  deaths {st.deaths}")
         table = Table(show_edge=False, pad_edge=False, header_style="bold")
         for col in ("worker", "host", "state", "steps", "staleness mean/max", "loss", "lives"):
             table.add_column(col, justify="right" if col not in ("host", "state") else "left")
@@ -58,4 +61,4 @@ class RunView:
             style = {"ready": "green", "joining": "yellow", "gone": "red"}.get(p.state, "")
             table.add_row(str(w), p.host, f"[{style}]{p.state}[/]", str(p.steps), f"{p.mean_staleness:.1f}/{p.staleness_max}",
                           f"{p.last_loss:.3f}" if p.last_loss == p.last_loss else "-", str(p.incarnations))
-        self.live.update(Group(self.progress.get_renderable(), table))
+        self.live.update(Group(self.progress.get_renderable(), stats, table))

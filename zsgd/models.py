@@ -293,9 +293,10 @@ MODEL_NAMES = tuple(_ZOO)
 def _check_shape(input_shape: Any, n_classes: Any) -> tuple[tuple[int, int, int], int]:
     try:
         shape = tuple(int(s) for s in input_shape)
+        exact = all(s == float(t) for s, t in zip(shape, input_shape))
     except (TypeError, ValueError):
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
+        shape, exact = (), False
+    if len(shape) != 3 or min(shape) < 1 or not exact:
         raise ZsgdError(f"input_shape must be (channels, height, width) with positive sizes, got {input_shape!r}")
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
         raise ZsgdError(f"n_classes must be an integer >= 2, got {n_classes!r}")
