@@ -167,3 +167,20 @@ def test_worker_without_broker_exits_with_message(no_orphans):
     assert proc.returncode == 3
     assert "no broker answered" in proc.stderr
     assert time.monotonic() - t0 < 15
+
+
+def test_ctrl_c_tears_everything_down(tmp_path, no_orphans):
+    out = tmp_path / "run"
+    proc = start_run(out, "--n-proc", "2", "--algo", "sync", "--steps", "100000")
+    try:
+        pids = wait_for(lambda: (p := worker_pids(out)) and len(p) == 2 and p, 60, what="workers")
+        wait_for(lambda: any(e["event"] == "update" for e in read_events(out)), 60, what="training")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-1000:]
+    assert "interrupted" in err and "Traceback" not in err
+    assert not any(pid_alive(p) for p in pids.values())
+    assert (out / "checkpoint.json").exists()

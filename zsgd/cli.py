@@ -79,6 +79,7 @@ def _runtime_options(func):
         click.option("--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."),
         click.option("--timeout", default=3.0, show_default=True, type=float, help="Seconds of silence before a peer is declared dead (3 heartbeats)."),
         click.option("--staleness-lr", is_flag=True, help="Divide each async update's step by its staleness."),
+        click.option("--eval-interval", default=0.0, show_default=True, type=float, help="Also evaluate every N seconds (0: off)."),
         click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Checkpoint every N updates (0: off)."),
         click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
         click.option("--quiet", "-q", is_flag=True, help="No live view."),
@@ -103,7 +104,7 @@ def _print_run_summary(summary: dict) -> None:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue RUN_DIR from its last checkpoint.")
 @click.pass_context
 def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port: int, host: str, heartbeat: float, timeout: float,
-        staleness_lr: bool, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+        staleness_lr: bool, eval_interval: float, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
     """Train with a broker and N worker processes over ZeroMQ."""
     from zsgd.runner import RunOptions, run_distributed
 
@@ -114,7 +115,7 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
     else:
         cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}")
     opts = RunOptions(n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
-                      checkpoint_every=checkpoint_every, show=not quiet)
+                      checkpoint_every=checkpoint_every, eval_interval=eval_interval, show=not quiet)
     summary = run_distributed(cfg, opts, out=out, resume_dir=resume_dir)
     _print_run_summary(summary)
 
@@ -150,7 +151,7 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
 @click.option("--evaluator/--no-evaluator", default=True, show_default=True, help="Start a local evaluator process.")
 @click.pass_context
 def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port: int, host: str, heartbeat: float, timeout: float,
-           staleness_lr: bool, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+           staleness_lr: bool, eval_interval: float, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
     """Run the broker alone; start workers by hand with 'zsgd worker --connect'."""
     from zsgd.runner import RunOptions, run_distributed
 
@@ -158,7 +159,8 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
         raise ZsgdError(f"--workers must be >= 1, got {n_workers}")
     cfg = build_config(ctx, params, default_name=f"broker-{params['model']}-{algo.replace(':', '')}")
     opts = RunOptions(n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
-                      staleness_lr=staleness_lr, checkpoint_every=checkpoint_every, evaluator=evaluator, show=not quiet)
+                      staleness_lr=staleness_lr, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
+                      show=not quiet)
     summary = run_distributed(cfg, opts, out=out)
     _print_run_summary(summary)
 

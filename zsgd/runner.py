@@ -30,6 +30,7 @@ class RunOptions:
     timeout: float = 3.0
     staleness_lr: bool = False
     checkpoint_every: int = 500
+    eval_interval: float = 0.0
     evaluator: bool = True
     expect_workers: int | None = None  # broker-only mode: workers started by hand
     slowdown: dict[int, float] = field(default_factory=dict)
@@ -45,6 +46,8 @@ class RunOptions:
             raise ZsgdError(f"--port must be in 0..65535, got {self.port}")
         if self.heartbeat <= 0 or self.timeout <= self.heartbeat:
             raise ZsgdError("--timeout must be longer than --heartbeat (3-5 heartbeats is the usual choice)")
+        if self.eval_interval < 0:
+            raise ZsgdError(f"--eval-interval must be >= 0, got {self.eval_interval}")
         if self.checkpoint_every < 0:
             raise ZsgdError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         return self
@@ -80,7 +83,8 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     if resume is None:
         write_config(run_dir / "config.yaml", resolved)
     bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=f"tcp://{opts.host}:{opts.port}", heartbeat=opts.heartbeat,
-                          timeout=opts.timeout, staleness_lr=opts.staleness_lr, checkpoint_every=opts.checkpoint_every, slowdown=opts.slowdown)
+                          timeout=opts.timeout, staleness_lr=opts.staleness_lr, checkpoint_every=opts.checkpoint_every, slowdown=opts.slowdown,
+                          eval_every_s=opts.eval_interval)
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
         broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None)
         metrics.write("start", broker.elapsed, mode="run", algo=opts.algo, n_workers=opts.n_workers, address=broker.address,

@@ -15,6 +15,7 @@ import csv
 import itertools
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -335,7 +336,10 @@ def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     written.append(_save(fig, out_dir / "staleness.png"))
-    written += plot_curves([o.run_dir for o in outcomes], out_dir, labels=[o.arm.label for o in outcomes], time_label="virtual time (s)")
+    with warnings.catch_warnings():  # short arms may have no train events: an empty legend is fine
+        warnings.simplefilter("ignore", UserWarning)
+        written += plot_curves([o.run_dir for o in outcomes], out_dir, labels=[o.arm.label for o in outcomes],
+                               time_label="virtual time (s)")
     return written
 
 
