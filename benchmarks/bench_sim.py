@@ -6,7 +6,7 @@ are deterministic; latency lognormal:10ms,0.5 each way):
 * ``logreg x1024``: 1,024 simulated workers, 10,000 central updates on the
   embedded Fashion-MNIST subset. Target: under 60 s on a 2-core machine.
   The cost should follow central updates, not workers.
-* ``cnn x32``: the 1.2M-parameter CNN, where the real gradients dominate.
+* ``cnn x64``: the 1.2M-parameter CNN, where the real gradients dominate.
   Target: at most 10 % of simulation time outside gradient computation.
 * ``sync logreg x64``: a synchronous round costs one gradient per worker,
   so here cost follows workers x rounds (shown for contrast).
@@ -15,7 +15,7 @@ are deterministic; latency lognormal:10ms,0.5 each way):
 / simulation real time, shown without and with the evaluations (which a real
 run also pays, in its evaluator process).
 
-Run: ``python benchmarks/bench_sim.py [--updates 10000] [--workers 1024] [--cnn-updates 40] [--skip-cnn]``.
+Run: ``python benchmarks/bench_sim.py [--updates 10000] [--workers 1024] [--cnn-updates 200] [--skip-cnn]``.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--updates", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=1024)
-    ap.add_argument("--cnn-updates", type=int, default=40)
-    ap.add_argument("--cnn-workers", type=int, default=32)
+    ap.add_argument("--cnn-updates", type=int, default=200)
+    ap.add_argument("--cnn-workers", type=int, default=64)
     ap.add_argument("--sync-rounds", type=int, default=300)
     ap.add_argument("--skip-cnn", action="store_true")
     args = ap.parse_args()

@@ -42,7 +42,7 @@ class BrokerOptions:
     eval_every_s: float = 0.0  # also evaluate every N seconds (0: off)
     wait_workers_s: float = 120.0  # abort if no worker is live this long after start
     curve: dict | None = None  # {"secret": ..., "public": ..., "allowed": [...]}
-    slowdown: dict[int, float] = field(default_factory=dict)  # emulated stragglers: worker -> factor
+    emulator: Any = None  # zsgd.emulation.LinkEmulator: delays messages and slows stragglers (emulation)
 
 
 @dataclass
@@ -98,6 +98,12 @@ class Broker:
         self._loss_window: list[float] = []
         self._t0 = time.monotonic()
         self._last_live = self._t0
+        if opts.emulator is not None:
+            from zsgd.emulation import DelayQueue
+
+            self._held = DelayQueue()  # emulated network: messages parked until due
+        else:
+            self._held = None
 
     # -- set-up ----------------------------------------------------------------
     def _bind(self) -> zmq.Socket:
@@ -149,7 +155,10 @@ class Broker:
         hb = self.opts.heartbeat
         try:
             while self.state.stop_reason is None:
-                events = dict(poller.poll(int(min(hb / 4, tick_s) * 1000)))
+                wait = min(hb / 4, tick_s)
+                if self._held is not None and self._held.next_due() is not None:
+                    wait = max(0.0, min(wait, self._held.next_due() - time.monotonic()))
+                events = dict(poller.poll(int(wait * 1000)))
                 if self.sock in events:
                     for _ in range(256):  # drain a burst, then do housekeeping
                         try:
@@ -160,6 +169,8 @@ class Broker:
                         if self.state.stop_reason is not None:
                             break
                 now = time.monotonic()
+                if self._held is not None:
+                    self._release_held(now)
                 self._housekeeping(now)
                 if on_tick is not None and now - last_tick >= tick_s:
                     on_tick(self)
@@ -190,7 +201,11 @@ class Broker:
         elif peer is None or peer.state == "gone" or msg.run != self.run:
             self._reject(identity, "unknown-peer" if peer is None or peer.state == "gone" else "wrong-run", f"{msg.type.name} from a peer not in this run")
         elif msg.type == MsgType.UPDATE:
-            self._on_update(peer, msg)
+            if self._held is not None:  # emulated uplink: the update "arrives" later
+                delay = self.opts.emulator.delay(peer.worker, True, protocol.message_nbytes(msg))
+                self._held.push(("in", peer, msg), now, delay)
+            else:
+                self._on_update(peer, msg)
         elif msg.type == MsgType.EVAL:
             self._on_eval(peer, msg)
         elif msg.type == MsgType.LEAVE:
@@ -220,8 +235,7 @@ class Broker:
             peer.host, peer.pid = str(msg.meta.get("host", "?"))[:64], int(msg.meta.get("pid", 0) or 0)
             if rejoined:
                 self.state.rejoins += 1
-            meta = {"config": self.cfg.to_dict(), "n_workers": self.opts.n_workers, "heartbeat": self.opts.heartbeat,
-                    "slowdown": self._slowdown(peer.worker)}
+            meta = {"config": self.cfg.to_dict(), "n_workers": self.opts.n_workers, "heartbeat": self.opts.heartbeat}
             self._send_peer(peer, Message(MsgType.ASSIGN, self.run, peer.worker, self.algo.version, {}, meta=meta))
             self.metrics.write("worker", self.elapsed, worker=peer.worker, role=role, status="rejoined" if rejoined else "joined", host=peer.host, pid=peer.pid)
         elif stage == "ready" and peer is not None and peer.state == "joining" and msg.run == self.run:
@@ -234,9 +248,6 @@ class Broker:
                 self._maybe_send_eval()
         else:
             self._reject(identity, "bad-hello", f"HELLO stage {stage!r} out of order")
-
-    def _slowdown(self, worker: int) -> float:
-        return float(self.opts.slowdown.get(worker, 1.0))
 
     def _send_shard(self, peer: Peer) -> None:
         from zsgd.data import make_shard
@@ -288,8 +299,21 @@ class Broker:
         loss = msg.meta.get("loss")
         peer.last_loss = float(loss) if isinstance(loss, (int, float)) else float("nan")
         n = int(msg.meta.get("n_samples", self.cfg.batch_size))
+        compute_s = msg.meta.get("compute_s")
+        if isinstance(compute_s, (int, float)) and 0 <= compute_s < 3600:
+            peer.compute_s_sum += float(compute_s)
         update = Update(peer.worker, msg.version, msg.arrays["g"], n, peer.last_loss)
         self._dispatch(self.algo.on_update(update, self.elapsed))
+
+    def _release_held(self, now: float) -> None:
+        """Deliver emulated-network messages whose delay has passed."""
+        for direction, peer, msg in self._held.pop_due(now):
+            if peer.state != "ready" or self.state.stop_reason is not None:
+                continue
+            if direction == "in":
+                self._on_update(peer, msg)
+            else:
+                self._send_peer(peer, msg)
 
     def _dispatch(self, outputs: list) -> None:
         for out in outputs:
@@ -297,7 +321,15 @@ class Broker:
                 peer = self.members.by_worker.get(out.worker)
                 if peer is None or peer.state != "ready":
                     continue
-                self._send_peer(peer, protocol.weights_message(self.run, out.version, out.weights))
+                msg = protocol.weights_message(self.run, out.version, out.weights)
+                if self._held is None:
+                    self._send_peer(peer, msg)
+                    continue
+                factor = self.opts.emulator.slowdown(peer.worker, self.elapsed)
+                if factor != 1.0:
+                    msg.meta["slowdown"] = factor
+                delay = self.opts.emulator.delay(peer.worker, False, protocol.message_nbytes(msg))
+                self._held.push(("out", peer, msg), time.monotonic(), delay)
             elif isinstance(out, Applied):
                 self._on_applied(out)
             elif isinstance(out, Dropped):
@@ -413,6 +445,10 @@ class Broker:
         loss, acc = self.problem.evaluate(self.algo.w)
         self._record_eval({"test_loss": loss, "test_acc": acc, "t": self.elapsed, "updates": self.state.updates, "samples": self.state.samples})
 
+    def _mean_compute(self) -> float | None:
+        steps = sum(p.steps for p in self.members.by_worker.values())
+        return sum(p.compute_s_sum for p in self.members.by_worker.values()) / steps if steps else None
+
     def summary(self) -> dict[str, Any]:
         st = self.state
         stale = np.asarray(st.staleness if st.staleness else [0])
@@ -424,7 +460,9 @@ class Broker:
             "staleness_p99": float(np.percentile(stale, 99)), "staleness_max": int(stale.max()),
             "bytes_sent": st.bytes_in, "bytes_received": st.bytes_out, "worker_deaths": st.deaths, "worker_rejoins": st.rejoins,
             "stop_reason": st.stop_reason,
+            "compute_s_mean": self._mean_compute(),
             "workers": {str(p.worker): {"host": p.host, "steps": p.steps, "samples": p.samples, "mean_staleness": p.mean_staleness,
-                                        "max_staleness": p.staleness_max, "incarnations": p.incarnations}
+                                        "max_staleness": p.staleness_max, "incarnations": p.incarnations,
+                                        "compute_s_mean": p.compute_s_sum / p.steps if p.steps else None}
                         for p in self.members.by_worker.values()},
         }

@@ -80,6 +80,10 @@ def _runtime_options(func):
         click.option("--timeout", default=3.0, show_default=True, type=float, help="Seconds of silence before a peer is declared dead (3 heartbeats)."),
         click.option("--staleness-lr", is_flag=True, help="Divide each async update's step by its staleness."),
         click.option("--eval-interval", default=0.0, show_default=True, type=float, help="Also evaluate every N seconds (0: off)."),
+        click.option("--inject-latency", default=None, metavar="SPEC", help="Emulate one-way latency per message (same specs as 'zsgd sim --latency', e.g. 20ms, lognormal:20ms,0.5)."),
+        click.option("--inject-bandwidth", default=None, metavar="SPEC", help="Emulate per-worker link bandwidth, e.g. 100Mbps."),
+        click.option("--inject-loss", default=None, metavar="P", help="Emulate message loss with a 200 ms retransmit, e.g. 0.01."),
+        click.option("--stragglers", default=None, metavar="SPEC", help="Slow a fraction of workers, e.g. 0.25:3x (as in 'zsgd sim')."),
         click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Checkpoint every N updates (0: off)."),
         click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
         click.option("--quiet", "-q", is_flag=True, help="No live view."),
@@ -104,7 +108,8 @@ def _print_run_summary(summary: dict) -> None:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue RUN_DIR from its last checkpoint.")
 @click.pass_context
 def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port: int, host: str, heartbeat: float, timeout: float,
-        staleness_lr: bool, eval_interval: float, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+        staleness_lr: bool, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
+        stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
     """Train with a broker and N worker processes over ZeroMQ."""
     from zsgd.runner import RunOptions, run_distributed
 
@@ -115,7 +120,8 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
     else:
         cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}")
     opts = RunOptions(n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
-                      checkpoint_every=checkpoint_every, eval_interval=eval_interval, show=not quiet)
+                      checkpoint_every=checkpoint_every, eval_interval=eval_interval, inject_latency=inject_latency,
+                      inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers, show=not quiet)
     summary = run_distributed(cfg, opts, out=out, resume_dir=resume_dir)
     _print_run_summary(summary)
 
@@ -151,7 +157,8 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
 @click.option("--evaluator/--no-evaluator", default=True, show_default=True, help="Start a local evaluator process.")
 @click.pass_context
 def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port: int, host: str, heartbeat: float, timeout: float,
-           staleness_lr: bool, eval_interval: float, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+           staleness_lr: bool, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
+           stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
     """Run the broker alone; start workers by hand with 'zsgd worker --connect'."""
     from zsgd.runner import RunOptions, run_distributed
 
@@ -160,6 +167,7 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
     cfg = build_config(ctx, params, default_name=f"broker-{params['model']}-{algo.replace(':', '')}")
     opts = RunOptions(n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
                       staleness_lr=staleness_lr, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
+                      inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
                       show=not quiet)
     summary = run_distributed(cfg, opts, out=out)
     _print_run_summary(summary)

@@ -43,7 +43,8 @@ def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
 
 
 @njit(cache=True, fastmath=_FM)
-def im2col_nhwc(x, kh, kw, sh, sw, ph, pw, out):  # pragma: no cover - jitted
+def im2col_nhwc(x: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+                out: np.ndarray) -> None:
     """Unfold NHWC ``x`` (C-contiguous) into ``out`` of shape (N*OH*OW, kh*kw*C).
 
     Column order is (ki, kj, c), so a window row inside the image is one
@@ -85,7 +86,8 @@ def im2col_nhwc(x, kh, kw, sh, sw, ph, pw, out):  # pragma: no cover - jitted
 
 
 @njit(cache=True, fastmath=_FM)
-def col2im_nhwc(dcols, kh, kw, sh, sw, ph, pw, mask, use_mask, out):  # pragma: no cover
+def col2im_nhwc(dcols: np.ndarray, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int,
+                mask: np.ndarray, use_mask: bool, out: np.ndarray) -> None:
     """Fold ``dcols`` (N*OH*OW, kh*kw*C) back onto NHWC ``out`` (overwritten).
 
     The adjoint of :func:`im2col_nhwc`. One input row at a time is summed in a
@@ -142,7 +144,7 @@ def col2im_nhwc(dcols, kh, kw, sh, sw, ph, pw, mask, use_mask, out):  # pragma: 
 
 
 @njit(cache=True, fastmath=_FM)
-def bias_act_rows(z, b, relu):  # pragma: no cover
+def bias_act_rows(z: np.ndarray, b: np.ndarray, relu: bool) -> None:
     """In place: ``z[r, :] += b`` and optionally ReLU; ``z`` is (rows, C) contiguous."""
     R, C = z.shape
     zf = z.reshape(-1)
@@ -159,7 +161,7 @@ def bias_act_rows(z, b, relu):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
-def relu_backward(dy, y):  # pragma: no cover
+def relu_backward(dy: np.ndarray, y: np.ndarray) -> None:
     """In place: ``dy *= (y > 0)``; both contiguous, any shape."""
     df = dy.reshape(-1)
     yf = y.reshape(-1)
@@ -169,7 +171,7 @@ def relu_backward(dy, y):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
-def colsum_add(z, acc):  # pragma: no cover
+def colsum_add(z: np.ndarray, acc: np.ndarray) -> None:
     """``acc += z.sum(axis=0)`` for (rows, C) ``z``, summed in float64 (bias gradients)."""
     R, C = z.shape
     zf = z.reshape(-1)
@@ -184,7 +186,8 @@ def colsum_add(z, acc):  # pragma: no cover
 
 
 @njit(cache=True)
-def bias_act_pool(z, b, relu, n, oh, ow, k, s, out, arg):  # pragma: no cover
+def bias_act_pool(z: np.ndarray, b: np.ndarray, relu: bool, n: int, oh: int, ow: int, k: int, s: int,
+                  out: np.ndarray, arg: np.ndarray) -> None:
     """Fused bias + optional ReLU + max-pool of conv output rows.
 
     ``z`` is (n*oh*ow, C) pre-bias conv output (NHWC pixels as rows); ``out``
@@ -192,8 +195,10 @@ def bias_act_pool(z, b, relu, n, oh, ow, k, s, out, arg):  # pragma: no cover
     straight into the PyTorch NCHW flatten order); ``arg`` gets the window
     position (ki*k+kj) of the max, or -1 where ReLU zeroed the output (its
     gradient is 0). Bias and ReLU are monotone, so
-    ``relu(max(z) + b) == max(relu(z + b))``: pooling first touches a quarter
-    of the data. Ties keep the first maximum, as PyTorch does.
+    ``relu(max(z) + b) == max(relu(z + b))``: pooling first leaves bias and
+    ReLU a quarter of the values. Ties keep the first maximum, as PyTorch does.
+    Few channels (LeNet's 6) take a scalar path: per-window loop overhead
+    would otherwise dominate.
     """
     C = z.shape[1]
     PH = (oh - k) // s + 1
@@ -206,6 +211,24 @@ def bias_act_pool(z, b, relu, n, oh, ow, k, s, out, arg):  # pragma: no cover
         for pi in range(PH):
             for pj in range(PW):
                 r0 = u8(((i * oh + pi * s) * ow + pj * s) * C)
+                if C < 16:
+                    for c in range(C):
+                        bv = zf[r0 + u8(c)]
+                        bi = 0
+                        for ki in range(k):
+                            for kj in range(k):
+                                v = zf[u8(((i * oh + pi * s + ki) * ow + pj * s + kj) * C + c)]
+                                if v > bv:
+                                    bv = v
+                                    bi = ki * k + kj
+                        v = bv + b[c]
+                        if relu and not v > _F0:
+                            out[i, pi, pj, c] = _F0
+                            arg[i, pi, pj, c] = -1
+                        else:
+                            out[i, pi, pj, c] = v
+                            arg[i, pi, pj, c] = bi
+                    continue
                 for c in range(uc):
                     best[c] = zf[r0 + c]
                     bidx[c] = 0
@@ -231,7 +254,8 @@ def bias_act_pool(z, b, relu, n, oh, ow, k, s, out, arg):  # pragma: no cover
 
 
 @njit(cache=True)
-def pool_backward(dout, arg, k, s, oh, ow, dz, db):  # pragma: no cover
+def pool_backward(dout: np.ndarray, arg: np.ndarray, k: int, s: int, oh: int, ow: int, dz: np.ndarray,
+                  db: np.ndarray) -> None:
     """Adjoint of :func:`bias_act_pool`: route ``dout`` to each window's max.
 
     ``dz`` (n*oh*ow, C) is overwritten: zero except at the maxima. When the
@@ -252,6 +276,17 @@ def pool_backward(dout, arg, k, s, oh, ow, dz, db):  # pragma: no cover
     for i in range(n):
         for pi in range(PH):
             for pj in range(PW):
+                if C < 16 and not overlap:  # few channels: scalar, no staging arrays
+                    for c in range(C):
+                        a = arg[i, pi, pj, c]
+                        g = dout[i, pi, pj, c]
+                        if a >= 0:
+                            acc[c] += g
+                        for ki in range(k):
+                            for kj in range(k):
+                                r = u8(((i * oh + pi * s + ki) * ow + pj * s + kj) * C + c)
+                                zf[r] = g if a == ki * k + kj else _F0
+                    continue
                 for c in range(C):
                     a = arg[i, pi, pj, c]
                     g = dout[i, pi, pj, c]
@@ -278,7 +313,7 @@ def pool_backward(dout, arg, k, s, oh, ow, dz, db):  # pragma: no cover
 
 
 @njit(cache=True)
-def _mix64(z):  # pragma: no cover
+def _mix64(z):
     """splitmix64 finaliser: a good 64-bit hash, cheap and vectorisable."""
     z = (z ^ (z >> u8(30))) * u8(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> u8(27))) * u8(0x94D049BB133111EB)
@@ -286,7 +321,7 @@ def _mix64(z):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
-def dropout_forward(x, p, seed, keep):  # pragma: no cover
+def dropout_forward(x: np.ndarray, p: float, seed: np.uint64, keep: np.ndarray) -> None:
     """In place inverted dropout on contiguous ``x``; ``keep`` (uint8) records the mask.
 
     The mask bit of element ``t`` is a hash of ``(seed, t)``: a pure function
@@ -309,7 +344,7 @@ def dropout_forward(x, p, seed, keep):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
-def dropout_backward(dx, keep, p):  # pragma: no cover
+def dropout_backward(dx: np.ndarray, keep: np.ndarray, p: float) -> None:
     """In place: ``dx *= keep / (1 - p)``."""
     df = dx.reshape(-1)
     kf = keep.reshape(-1)
@@ -322,7 +357,7 @@ def dropout_backward(dx, keep, p):  # pragma: no cover
 
 
 @njit(cache=True)
-def softmax_xent(logits, y, dlogits):  # pragma: no cover
+def softmax_xent(logits: np.ndarray, y: np.ndarray, dlogits: np.ndarray) -> float:
     """Mean softmax cross-entropy of (N, K) ``logits``; writes d(loss)/d(logits).
 
     Stable: subtracts the row max before ``exp`` and uses log-sum-exp, so huge
@@ -350,7 +385,7 @@ def softmax_xent(logits, y, dlogits):  # pragma: no cover
 
 
 @njit(cache=True)
-def xent_sum_correct(logits, y):  # pragma: no cover
+def xent_sum_correct(logits: np.ndarray, y: np.ndarray) -> tuple[float, int]:
     """(sum of cross-entropy, number of correct argmax predictions) for evaluation."""
     N, K = logits.shape
     total = 0.0

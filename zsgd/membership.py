@@ -28,6 +28,7 @@ class Peer:
     staleness_sum: int = 0
     staleness_max: int = 0
     last_loss: float = float("nan")
+    compute_s_sum: float = 0.0  # worker-reported gradient time (without emulated slowdown)
     incarnations: int = 1
     busy: bool = False  # evaluator: evaluating a snapshot
 

@@ -147,8 +147,9 @@ class Model:
     def _check_x(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape or x.shape[0] == 0:
-            raise ZsgdError(f"model '{self.name}' expects input of shape (N>0, {', '.join(map(str, self.input_shape))}),"
-                            f" got {x.shape}: check the data set's image shape")
+            want = ", ".join(map(str, self.input_shape))
+            raise ZsgdError(f"model '{self.name}' expects input of shape (N>0, {want}), got {x.shape}: "
+                            f"check the data set's image shape")
         if not np.issubdtype(x.dtype, np.floating):
             raise ZsgdError(f"model '{self.name}' expects float32 images in [0, 1], got {x.dtype}: "
                             f"scale with zsgd.data.to_float (or x / 255)")
@@ -243,7 +244,8 @@ class Model:
         return out
 
     def __repr__(self) -> str:
-        return f"Model({self.name!r}, input_shape={self.input_shape}, n_classes={self.n_classes}, n_params={self.n_params})"
+        return (f"Model({self.name!r}, input_shape={self.input_shape}, n_classes={self.n_classes}, "
+                f"n_params={self.n_params})")
 
 
 # ---------------------------------------------------------------- the zoo

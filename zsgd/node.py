@@ -98,7 +98,6 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
     opts.worker_id = worker
     link.set_identity(run, worker)
     link.timeout = opts.timeout
-    straggle = float(msg.meta.get("slowdown", 1.0))
     compute = _build(opts, link, cfg, msg.meta)
     if compute is None:
         return EXIT_BROKER_GONE
@@ -121,8 +120,9 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
         if msg.type == MsgType.WEIGHTS:
             t0 = time.perf_counter()
             reply = compute(msg)
-            if straggle > 1.0:
-                time.sleep((straggle - 1.0) * (time.perf_counter() - t0))
+            factor = float(msg.meta.get("slowdown", 1.0))  # emulated straggler: stretch this step
+            if factor > 1.0:
+                time.sleep((factor - 1.0) * (time.perf_counter() - t0))
             link.send(reply)
 
 
@@ -185,7 +185,10 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
     step = WorkerStep(model, x, y, config.batch_size, config.seed, link.worker)
 
     def handle_weights(msg: Message) -> Message:
+        t0 = time.perf_counter()
         update = step.compute(msg.arrays["w"], msg.version)
-        return protocol.update_message(link.run, link.worker, msg.version, update.grad, update.n_samples, update.loss)
+        # compute_s lets a simulation be calibrated against this very run.
+        return protocol.update_message(link.run, link.worker, msg.version, update.grad, update.n_samples, update.loss,
+                                       compute_s=time.perf_counter() - t0)
 
     return handle_weights

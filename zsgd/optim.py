@@ -34,13 +34,13 @@ OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adagrad", "adam", "adamw")
 
 
 @njit(cache=True, fastmath=_FM)
-def _sgd(w, g, lr, wd):  # pragma: no cover - jitted
+def _sgd(w, g, lr, wd):
     for i in range(u8(w.size)):
         w[i] -= lr * (g[i] + wd * w[i])
 
 
 @njit(cache=True, fastmath=_FM)
-def _momentum(w, g, buf, lr, mu, wd, nesterov):  # pragma: no cover
+def _momentum(w, g, buf, lr, mu, wd, nesterov):
     for i in range(u8(w.size)):
         d = g[i] + wd * w[i]
         b = mu * buf[i] + d
@@ -52,7 +52,7 @@ def _momentum(w, g, buf, lr, mu, wd, nesterov):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
-def _adagrad(w, g, acc, clr, wd, eps):  # pragma: no cover
+def _adagrad(w, g, acc, clr, wd, eps):
     for i in range(u8(w.size)):
         d = g[i] + wd * w[i]
         a = acc[i] + d * d
@@ -61,7 +61,7 @@ def _adagrad(w, g, acc, clr, wd, eps):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
-def _adam(w, g, m, v, lr, b1, b2, eps, wd, decoupled, step_size, bc2_sqrt):  # pragma: no cover
+def _adam(w, g, m, v, lr, b1, b2, eps, wd, decoupled, step_size, bc2_sqrt):
     one = np.float32(1.0)
     for i in range(u8(w.size)):
         wi = w[i]
@@ -78,7 +78,7 @@ def _adam(w, g, m, v, lr, b1, b2, eps, wd, decoupled, step_size, bc2_sqrt):  # p
 
 
 @njit(cache=True, fastmath=_FM)
-def _sumsq(g):  # pragma: no cover
+def _sumsq(g):
     s = 0.0
     for i in range(u8(g.size)):
         x = np.float64(g[i])
@@ -87,7 +87,7 @@ def _sumsq(g):  # pragma: no cover
 
 
 @njit(cache=True, fastmath=_FM)
-def _scale(g, c):  # pragma: no cover
+def _scale(g, c):
     for i in range(u8(g.size)):
         g[i] *= c
 

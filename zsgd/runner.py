@@ -33,13 +33,17 @@ class RunOptions:
     eval_interval: float = 0.0
     evaluator: bool = True
     expect_workers: int | None = None  # broker-only mode: workers started by hand
-    slowdown: dict[int, float] = field(default_factory=dict)
+    inject_latency: str | None = None  # emulation: same specs as zsgd sim
+    inject_bandwidth: str | None = None
+    inject_loss: str | None = None
+    stragglers: str | None = None
     show: bool = True
 
     def validate(self) -> "RunOptions":
         from zsgd.algorithms import parse_algo
 
         parse_algo(self.algo)
+        self.emulator(0)  # parses every injected spec now, so a typo fails before anything starts
         if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers):
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
         if not 0 <= self.port <= 65535:
@@ -51,6 +55,18 @@ class RunOptions:
         if self.checkpoint_every < 0:
             raise ZsgdError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         return self
+
+    def emulator(self, seed: int):
+        """A LinkEmulator when any network condition or straggler is injected, else None."""
+        if not (self.inject_latency or self.inject_bandwidth or self.inject_loss or self.stragglers):
+            return None
+        from zsgd.emulation import LinkEmulator, Network, parse_bandwidth, parse_delay, parse_loss, parse_stragglers
+
+        latency = parse_delay(self.inject_latency or "0", "--inject-latency")
+        net = Network(latency_up=latency, latency_down=latency, bandwidth=parse_bandwidth(self.inject_bandwidth or "inf"),
+                      loss=parse_loss(self.inject_loss or "0"))
+        stragglers = parse_stragglers(self.stragglers) if self.stragglers else None
+        return LinkEmulator(net, stragglers, n_workers=self.n_workers, seed=seed)
 
     @property
     def n_workers(self) -> int:
@@ -83,8 +99,8 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     if resume is None:
         write_config(run_dir / "config.yaml", resolved)
     bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=f"tcp://{opts.host}:{opts.port}", heartbeat=opts.heartbeat,
-                          timeout=opts.timeout, staleness_lr=opts.staleness_lr, checkpoint_every=opts.checkpoint_every, slowdown=opts.slowdown,
-                          eval_every_s=opts.eval_interval)
+                          timeout=opts.timeout, staleness_lr=opts.staleness_lr, checkpoint_every=opts.checkpoint_every,
+                          eval_every_s=opts.eval_interval, emulator=opts.emulator(cfg.seed))
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
         broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None)
         metrics.write("start", broker.elapsed, mode="run", algo=opts.algo, n_workers=opts.n_workers, address=broker.address,

@@ -70,9 +70,9 @@ class CodecSpec:
         return max(1, min(n_params, math.ceil(self.fraction * n_params)))
 
 
-def _int(text: str, what: str) -> int:
+def _int(text: str, what: str, spec: str) -> int:
     if not _INT_RE.fullmatch(text):
-        raise ValueError(f"{what} must be a positive integer, got {text!r}")
+        raise ValueError(f"codec {spec!r}: {what} must be a positive integer, got {text!r}")
     return int(text)
 
 
@@ -96,13 +96,13 @@ def parse_codec(spec: str) -> CodecSpec:
             raise ValueError(f"codec {spec!r}: top-k fraction must be in (0, 1], e.g. topk:0.01")
         return CodecSpec("topk", fraction=frac)
     if kind == "adacomp":
-        size = _int(arg, "adacomp bin") if sep else DEFAULT_ADACOMP_BIN
+        size = _int(arg, "adacomp bin", spec) if sep else DEFAULT_ADACOMP_BIN
         if size < 1:
             raise ValueError(f"codec {spec!r}: adacomp bin must be >= 1, e.g. adacomp:500")
         return CodecSpec("adacomp", bin_size=size)
     if kind == "qsgd":
         bits_s, _, opt = arg.partition(",") if sep else (str(DEFAULT_QSGD_BITS), "", "")
-        bits = _int(bits_s, "qsgd bits")
+        bits = _int(bits_s, "qsgd bits", spec)
         if bits not in (4, 8):
             raise ValueError(f"codec {spec!r}: qsgd bits must be 4 or 8, e.g. qsgd:8")
         bucket = DEFAULT_QSGD_BUCKET
@@ -110,7 +110,7 @@ def parse_codec(spec: str) -> CodecSpec:
             key, eq, val = opt.partition("=")
             if key != "bucket" or not eq:
                 raise ValueError(f"codec {spec!r}: the only qsgd option is bucket=B, e.g. qsgd:4,bucket=512")
-            bucket = _int(val, "qsgd bucket")
+            bucket = _int(val, "qsgd bucket", spec)
             if bucket < 1:
                 raise ValueError(f"codec {spec!r}: qsgd bucket must be >= 1")
         return CodecSpec("qsgd", bits=bits, bucket=bucket)

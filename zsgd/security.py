@@ -1,0 +1,335 @@
+"""CURVE keys and the broker's gatekeeper (ZAP allow-list).
+
+Why CURVE: a broker listening beyond loopback would otherwise accept any
+process that can reach its port, and the model's weights and updates would
+travel in clear. With CURVE the traffic is encrypted and authenticated; a
+ZAP handler (the ZeroMQ guide's "ironhouse" pattern) admits only the client
+keys of this run.
+
+Key distribution never touches a command line (``ps`` shows those to every
+user on a machine): the broker makes one server keypair and one client
+keypair per worker for each run (or loads the server key from
+``zsgd keys generate``), and hands each worker its keys as one JSON line on
+stdin -- over the SSH channel for remote workers, a pipe for local ones -- or
+in a file readable only by its owner (``--keys-file``).
+
+A client without keys, with unknown keys, or holding the wrong server key
+never completes the handshake, so it receives nothing and can inject
+nothing. Every failed handshake is counted (``refused_clients`` in the
+summary) and logged to ``security.log`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import stat
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.utils.z85
+
+from zsgd.errors import ZsgdError
+
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"zsgd"
+SERVER_FILE = "server.json"
+CLIENT_GLOB = "client-*.json"
+KEYS_LINE_TIMEOUT_S = 30.0  # a worker told to read keys from stdin gives up after this
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A CURVE keypair as Z85 text (40 characters each), the form ZeroMQ and the JSON files use."""
+
+    public: str
+    secret: str
+
+    @classmethod
+    def generate(cls) -> "KeyPair":
+        public, secret = zmq.curve_keypair()
+        return cls(public.decode("ascii"), secret.decode("ascii"))
+
+
+def client_bundle(server_public: str, client: KeyPair) -> dict[str, str]:
+    """What one worker needs: the server's public key and its own keypair."""
+    return {"server": server_public, "public": client.public, "secret": client.secret}
+
+
+def curve_for_link(bundle: dict[str, Any]) -> dict[str, bytes]:
+    """Validate a key bundle and turn it into the ``curve`` dict ``BrokerLink`` takes."""
+    try:
+        out = {k: str(bundle[k]).encode("ascii") for k in ("server", "public", "secret")}
+    except (KeyError, TypeError, UnicodeEncodeError):
+        raise ZsgdError("key bundle must be a JSON object with 'server', 'public' and 'secret' (Z85 CURVE keys)") from None
+    for name, value in out.items():
+        _check_z85(value, f"key bundle '{name}'")
+    return out
+
+
+def _check_z85(value: bytes, what: str) -> bytes:
+    try:
+        raw = zmq.utils.z85.decode(value)
+    except (ValueError, KeyError, TypeError):
+        raw = b""
+    if len(value) != 40 or len(raw) != 32:
+        raise ZsgdError(f"{what} is not a 40-character Z85 CURVE key")
+    return raw
+
+
+@dataclass
+class RunKeys:
+    """The keys of one secure run: the server's, and one client keypair per launched process.
+
+    ``extra_allowed`` holds client public keys from ``zsgd keys generate``,
+    so workers started by hand with ``--keys-file`` may join as well.
+    """
+
+    server: KeyPair
+    clients: dict[str, KeyPair] = field(default_factory=dict)
+    extra_allowed: dict[str, str] = field(default_factory=dict)  # public -> name
+
+    @classmethod
+    def create(cls, keys_dir: str | Path | None = None) -> "RunKeys":
+        if keys_dir is None:
+            return cls(KeyPair.generate())
+        server, allowed = load_keys_dir(keys_dir)
+        return cls(server, extra_allowed=allowed)
+
+    def bundle(self, name: str) -> dict[str, str]:
+        """The keys for process ``name`` (e.g. ``worker-3``), made on first use."""
+        if name not in self.clients:
+            self.clients[name] = KeyPair.generate()
+        return client_bundle(self.server.public, self.clients[name])
+
+    def allowed(self) -> dict[str, str]:
+        return {kp.public: name for name, kp in self.clients.items()} | self.extra_allowed
+
+    def broker_curve(self, log_path: Path | None = None) -> dict[str, Any]:
+        """``BrokerOptions.curve``: the server keypair and the allow-list (read live, so keys made later count)."""
+        return {"secret": self.server.secret.encode(), "public": self.server.public.encode(), "allowed": self.allowed,
+                "log": log_path}
+
+
+# -- key files -------------------------------------------------------------------------
+def write_secret_json(path: Path, obj: dict[str, Any]) -> None:
+    """Write a JSON file only its owner can read (created 0600; never briefly world-readable)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_secret_json(path: str | Path) -> dict[str, Any]:
+    """Read a key file, refusing one that others can read (as ssh does with private keys)."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+        text = p.read_text()
+    except OSError as exc:
+        raise ZsgdError(f"cannot read key file {p}: {exc.strerror or exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ZsgdError(f"key file {p} is readable by other users; run 'chmod 600 {p}'")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        raise ZsgdError(f"key file {p} is not JSON (make one with 'zsgd keys generate')") from None
+    if not isinstance(data, dict):
+        raise ZsgdError(f"key file {p}: expected a JSON object")
+    return data
+
+
+def generate_keys_dir(directory: str | Path, n_clients: int, force: bool = False) -> list[Path]:
+    """``zsgd keys generate``: a server keypair and ``n_clients`` client bundles."""
+    d = Path(directory)
+    if n_clients < 0:
+        raise ZsgdError(f"--clients must be >= 0, got {n_clients}")
+    if (d / SERVER_FILE).exists() and not force:
+        raise ZsgdError(f"{d / SERVER_FILE} exists; pass --force to replace the keys (running workers will be locked out)")
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    if force:
+        for old in d.glob(CLIENT_GLOB):
+            old.unlink()
+    server = KeyPair.generate()
+    write_secret_json(d / SERVER_FILE, {"public": server.public, "secret": server.secret})
+    written = [d / SERVER_FILE]
+    for i in range(1, n_clients + 1):
+        path = d / f"client-{i}.json"
+        write_secret_json(path, client_bundle(server.public, KeyPair.generate()))
+        written.append(path)
+    return written
+
+
+def load_keys_dir(directory: str | Path) -> tuple[KeyPair, dict[str, str]]:
+    """The server keypair and the allowed client public keys of a ``zsgd keys generate`` folder."""
+    d = Path(directory)
+    if not (d / SERVER_FILE).is_file():
+        raise ZsgdError(f"{d} holds no {SERVER_FILE}; create keys with 'zsgd keys generate {d}'")
+    data = read_secret_json(d / SERVER_FILE)
+    try:
+        server = KeyPair(str(data["public"]), str(data["secret"]))
+    except KeyError:
+        raise ZsgdError(f"{d / SERVER_FILE} lacks 'public' or 'secret'") from None
+    _check_z85(server.public.encode(), f"{d / SERVER_FILE} 'public'")
+    _check_z85(server.secret.encode(), f"{d / SERVER_FILE} 'secret'")
+    allowed = {}
+    for path in sorted(d.glob(CLIENT_GLOB)):
+        bundle = curve_for_link(read_secret_json(path))
+        if bundle["server"].decode() != server.public:
+            raise ZsgdError(f"{path} was made for another server key; regenerate with 'zsgd keys generate {d} --force'")
+        allowed[bundle["public"].decode()] = path.stem
+    return server, allowed
+
+
+def read_keys_line(fd: int = 0, timeout: float = KEYS_LINE_TIMEOUT_S) -> dict[str, bytes]:
+    """Read one JSON line of keys from ``fd`` (stdin) without buffering past it.
+
+    Unbuffered so that whatever follows on stdin stays unread (the SSH
+    watchdog waits for EOF on the same descriptor)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise ZsgdError(f"--keys-stdin: no keys arrived on stdin within {timeout:g} s")
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > 4096:
+            raise ZsgdError("--keys-stdin: the keys line is too long")
+    try:
+        bundle = json.loads(data.decode("utf-8") or "null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        bundle = None
+    if not isinstance(bundle, dict):
+        raise ZsgdError("--keys-stdin: expected one JSON line {\"server\": ..., \"public\": ..., \"secret\": ...}")
+    return curve_for_link(bundle)
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (where CURVE is optional)."""
+    import ipaddress
+
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# -- the broker's gatekeeper ----------------------------------------------------------------
+_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_REASONS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "unknown client key", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed",
+            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}
+
+
+class CurveGuard:
+    """ZAP handler plus handshake monitor for one CURVE ROUTER, on one thread.
+
+    Own ZAP handler rather than pyzmq's ``ThreadAuthenticator``: the same
+    thread also reads the socket monitor, so every refused connection is
+    counted whatever the cause -- no keys at all (mechanism mismatch), the
+    wrong server key (the handshake cannot be decrypted), or a client key not
+    on the allow-list (ZAP says 400). ``refused`` is read by the broker.
+    """
+
+    def __init__(self, ctx: zmq.Context, allowed, log_path: Path | None = None) -> None:
+        self.ctx = ctx
+        self._allowed = allowed  # dict public->name, or a callable returning one
+        self.log_path = Path(log_path) if log_path else None
+        self.refused = 0
+        self.admitted = 0
+        self._stop = threading.Event()
+        self._monitor_addr = f"inproc://zsgd-monitor-{uuid.uuid4().hex}"
+        self._zap = ctx.socket(zmq.REP)  # bound here, before the ROUTER binds; used only by the thread afterwards
+        self._zap.linger = 0
+        try:
+            self._zap.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            self._zap.close()
+            raise ZsgdError(f"cannot start the CURVE authenticator: {exc}") from None
+        self._thread = threading.Thread(target=self._serve, name="zsgd-zap", daemon=True)
+
+    def attach(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server that asks this guard; call before ``bind``."""
+        sock.zap_domain = ZAP_DOMAIN
+        sock.monitor(self._monitor_addr, _HANDSHAKE_FAILED)
+        self._thread.start()
+
+    def allowed_keys(self) -> dict[bytes, str]:
+        table = self._allowed() if callable(self._allowed) else self._allowed
+        out = {}
+        for public, name in (table.items() if isinstance(table, dict) else ((k, "client") for k in table)):
+            key = public.encode() if isinstance(public, str) else bytes(public)
+            out[zmq.utils.z85.decode(key)] = str(name)
+        return out
+
+    def stop(self) -> None:
+        """End the thread and close its sockets (before the context is terminated)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        else:
+            self._zap.close(linger=0)
+
+    def _log(self, text: str) -> None:
+        if self.log_path is None:
+            return
+        try:
+            with open(self.log_path, "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}\n")
+        except OSError:
+            pass
+
+    def _serve(self) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        mon = self.ctx.socket(zmq.PAIR)
+        mon.linger = 0
+        mon.connect(self._monitor_addr)
+        poller = zmq.Poller()
+        poller.register(self._zap, zmq.POLLIN)
+        poller.register(mon, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(100))
+                if self._zap in events:
+                    self._answer(self._zap.recv_multipart())
+                if mon in events:
+                    try:
+                        event = parse_monitor_message(mon.recv_multipart())
+                    except (ValueError, IndexError):
+                        continue
+                    if event["event"] & _HANDSHAKE_FAILED:
+                        self.refused += 1
+                        self._log(f"refused a connection: {_REASONS.get(event['event'], 'handshake failed')} "
+                                  f"(detail {int(event['value']):#x}) on {event['endpoint'].decode(errors='replace')}")
+        finally:
+            self._zap.close(linger=0)
+            mon.close(linger=0)
+
+    def _answer(self, frames: list[bytes]) -> None:
+        """One ZAP request: frames are version, request id, domain, address, identity, mechanism, credentials."""
+        if len(frames) < 6:
+            return
+        version, request_id, _domain, address, _identity, mechanism = frames[:6]
+        creds = frames[6:]
+        name = self.allowed_keys().get(creds[0]) if mechanism == b"CURVE" and creds else None
+        if name is None:
+            who = zmq.utils.z85.encode(creds[0]).decode() if mechanism == b"CURVE" and creds and len(creds[0]) == 32 else "-"
+            self._log(f"denied {mechanism.decode(errors='replace')} client at {address.decode(errors='replace')}: key {who} is not one of this run's")
+            self._zap.send_multipart([version, request_id, b"400", b"unknown client key", b"", b""])
+        else:
+            self.admitted += 1
+            self._zap.send_multipart([version, request_id, b"200", b"OK", name.encode(), b""])
