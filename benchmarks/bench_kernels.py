@@ -7,8 +7,10 @@ Prints samples/s for a training step (forward + backward + SGD update) and
 for forward only, zsgd's per-layer share of its step time, and the time a
 fresh process takes to its first training step (numba cache warm). All
 three implementations run the same architecture on the same batch in the
-same process, interleaved round by round so machine noise hits them alike;
-the median round is reported.
+same process, interleaved in short groups of steps so machine noise hits
+them alike; each step is timed and the median step is reported (the first
+step of each group, which finds caches cold after another implementation,
+is not counted).
 
 One thread everywhere: zsgd's workers are single-threaded processes by
 design (parallelism comes from more workers), so this is the number that
@@ -174,11 +176,15 @@ def cold_start_seconds(model: str, shape, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def rate(fn: Callable[[], object], steps: int, batch: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(steps):
+def timed_group(fn: Callable[[], object], group: int, batch: int) -> list[float]:
+    """Run ``group`` steps back to back; samples/s of each step but the first (cache warm-up)."""
+    rates = []
+    for i in range(group):
+        t0 = time.perf_counter()
         fn()
-    return steps * batch / (time.perf_counter() - t0)
+        if i:
+            rates.append(batch / (time.perf_counter() - t0))
+    return rates
 
 
 def main() -> None:
@@ -186,8 +192,8 @@ def main() -> None:
     ap.add_argument("--model", default="cnn", choices=["cnn", "lenet5", "mlp", "logreg"])
     ap.add_argument("--shape", default="1,28,28", help="C,H,W (default 1,28,28: MNIST)")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=10, help="steps per round")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--group", type=int, default=4, help="steps in a row per implementation and round (>= 2)")
+    ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-cold", action="store_true", help="skip the fresh-process start-up measurement")
     args = ap.parse_args()
@@ -258,15 +264,16 @@ def main() -> None:
         for _ in range(3):
             f()
     results: dict[str, list[float]] = {f"train/{k}": [] for k in train} | {f"fwd/{k}": [] for k in fwd}
+    group = max(2, args.group)
     for _ in range(args.rounds):
         for k, f in train.items():
-            results[f"train/{k}"].append(rate(f, args.steps, n))
+            results[f"train/{k}"] += timed_group(f, group, n)
         for k, f in fwd.items():
-            results[f"fwd/{k}"].append(rate(f, args.steps, n))
+            results[f"fwd/{k}"] += timed_group(f, group, n)
     # per-layer shares: separate training steps with the model's timers on; the
     # median per part, so a noisy neighbour in one step does not skew the split
     per_part: dict[str, list[float]] = {}
-    prof_steps = args.steps * 2
+    prof_steps = 20
     for i in range(prof_steps):
         m.timings = {}
         m.loss_and_grad(w, x, y, training=True, seed=i, out=g)
@@ -301,15 +308,15 @@ def report(args, med, results, timings, cold, torch_version) -> None:
     total = sum(per_step.values())
     layer_rows = [(k, f"{v * 1e3:.2f}", f"{100 * v / total:.1f}%")
                   for k, v in sorted(per_step.items(), key=lambda kv: -kv[1])]
-    title = (f"{args.model} {args.shape} batch {args.batch}, 1 thread, {args.rounds} rounds x {args.steps} steps "
-             f"(median) | numpy {np.__version__}, torch {torch_version} | {platform.processor() or platform.machine()}")
+    title = (f"{args.model} {args.shape} batch {args.batch}, 1 thread, median of {args.rounds} x {max(2, args.group) - 1} "
+             f"timed steps | numpy {np.__version__}, torch {torch_version} | {platform.processor() or platform.machine()}")
     try:
         from rich.console import Console
         from rich.table import Table
 
         con = Console(width=max(Console().width, 110))
         t = Table(title=title)
-        for c in ("what", "implementation", "samples/s (median)", "best round", "vs PyTorch", "best vs best"):
+        for c in ("what", "implementation", "samples/s (median step)", "best step", "vs PyTorch", "best vs best"):
             t.add_column(c, justify="right" if c not in ("what", "implementation") else "left")
         for r in rows:
             t.add_row(*r)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from zsgd import protocol as P
 from zsgd.algorithms.base import Applied, Update
-from zsgd.algorithms.staleness import CoordinateStaleness, CoordinateStalenessAsyncSGD
+from zsgd.algorithms.staleness import CoordinateStaleness, CoordinateStalenessAsyncSGD, CoordinateStalenessSSP
 from zsgd.compression import decode, encoded_nbytes, make_codec, parse_codec, touched_indices
 from zsgd.compression.delta import DeltaReplyDecoder, DeltaReplyEncoder
 from zsgd.errors import ZsgdError
@@ -296,6 +296,8 @@ def sparse(idx, val=None, idt=np.int32, vdt=np.float32):
     ("qsgd:8", {"m": np.array([1.0], np.float32), "q": np.zeros(9, np.int8)}, "wrong-shape"),
     ("qsgd:8", {"m": np.array([1.0], np.float32), "q": np.zeros(10, np.uint8)}, "wrong-dtype"),
     ("qsgd:4", {"m": np.array([1.0], np.float32), "q": np.full(5, 0x08, np.uint8)}, "bad-array"),  # level -8
+    ("qsgd:4", {"m": np.array([0.0], np.float32), "q": np.full(5, 0x80, np.uint8)}, "bad-array"),  # even at scale 0
+    ("qsgd:8", {"m": np.array([0.0], np.float32), "q": np.full(10, -128, np.int8)}, "bad-array"),
     ("qsgd:4", {"m": np.array([1.0], np.float32), "q": np.zeros(10, np.uint8)}, "wrong-shape"),
 ])
 def test_malformed_payloads_are_protocol_errors(codec, arrays, reason):
@@ -427,6 +429,33 @@ def test_staleness_beyond_depth_extrapolates_and_is_exact_for_hot_coordinates():
         t.record(None, 20)  # versions must increase
     with pytest.raises(ValueError):
         t.scale(None, 3, 2)
+    with pytest.raises(ValueError):
+        t.scale(np.array([4]), 0, 20)  # out of range: refused before any kernel indexes with it
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 12), depth=st.integers(1, 5), seed=st.integers(0, 10**6), n_updates=st.integers(0, 25))
+def test_property_staleness_matches_brute_force(n, depth, seed, n_updates):
+    rng = np.random.default_rng(seed)
+    t = CoordinateStaleness(n, depth=depth)
+    touched, is_dense = [], []  # touched[v-1] = boolean mask of update v
+    for v in range(1, n_updates + 1):
+        is_dense.append(rng.random() < 0.2)
+        if is_dense[-1]:
+            t.record(None, v)
+            touched.append(np.ones(n, bool))
+        else:
+            idx = np.flatnonzero(rng.random(n) < 0.4).astype(np.int32)
+            t.record(idx, v)
+            touched.append(np.isin(np.arange(n), idx))
+    base = int(rng.integers(0, n_updates + 1))
+    true = np.sum(touched[base:], axis=0) if n_updates > base else np.zeros(n)
+    dense = sum(is_dense[base:])
+    got = t.scale(None, base, n_updates)
+    np.testing.assert_array_equal(t.scale(np.arange(n), base, n_updates), got)
+    assert np.all(got >= 1) and np.all(got <= max(1, n_updates - base))
+    exact = (true - dense) < depth  # fewer sparse touches than remembered: must be exact
+    np.testing.assert_array_equal(got[exact], np.maximum(1, true[exact]))
 
 
 class PlainSGD:
@@ -449,3 +478,16 @@ def test_async_server_divides_each_coordinate_by_its_own_staleness():
     # Worker 2 sends a dense update from version 0: coordinate 0 was touched once, 1 twice, 2 and 3 never.
     algo.on_update(Update(2, 0, one * 6, 1), 3.0)
     np.testing.assert_array_equal(algo.w, [-1 - 6, -2 - 3, -6, -6])
+
+
+def test_ssp_server_with_per_coordinate_rule_keeps_its_bound():
+    algo = CoordinateStalenessSSP(np.zeros(3, np.float32), PlainSGD(), bound=0)
+    algo.add_worker(0, 0.0)
+    algo.add_worker(1, 0.0)
+    idx = np.array([0], np.int32)
+    algo.on_update(Update(0, 0, np.array([2, 0, 0], np.float32), 1, meta={"indices": idx}), 1.0)
+    assert algo.held == {0}  # SSP's own rule still runs
+    algo.on_update(Update(1, 0, np.array([4, 4, 4], np.float32), 1), 2.0)
+    np.testing.assert_array_equal(algo.w, [-2 - 4, -4, -4])  # coordinate 0: one touch in between
+    algo.on_update(Update(1, 1, np.array([4, 4, 4], np.float32), 1, meta={"indices": None}), 3.0)
+    np.testing.assert_array_equal(algo.w, [-6 - 4, -4 - 4, -4 - 4])  # one update (v2) in between: divisor 1

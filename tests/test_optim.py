@@ -169,7 +169,12 @@ def test_clip_grad_norm():
         clip_grad_norm(g, 0.0)
     with pytest.raises(ZsgdError, match="float32"):
         clip_grad_norm(g.astype(np.float64), 1.0)
+
+
+def test_clip_grad_norm_matches_torch():
     torch = pytest.importorskip("torch")
+    g = np.random.default_rng(3).standard_normal(N).astype(np.float32)
+    norm0 = float(np.linalg.norm(g.astype(np.float64)))
     t = torch.tensor(g.copy())
     t.grad = t.clone()
     tn = torch.nn.utils.clip_grad_norm_([t], 1.0)

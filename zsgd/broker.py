@@ -112,10 +112,15 @@ class Broker:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.sndhwm = sock.rcvhwm = 64
         sock.linger = 0
+        self.guard = None  # CURVE: ZAP allow-list + refusal counter (zsgd.security)
         if self.opts.curve:
+            from zsgd.security import CurveGuard
+
             sock.curve_server = True
             sock.curve_secretkey = self.opts.curve["secret"]
             sock.curve_publickey = self.opts.curve["public"]
+            self.guard = CurveGuard(self.ctx, self.opts.curve.get("allowed", ()), self.run_dir / "security.log")
+            self.guard.attach(sock)
         addr = self.opts.bind
         try:
             if addr.startswith("tcp://") and addr.endswith(":0"):
@@ -126,6 +131,8 @@ class Broker:
                 self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as exc:
             sock.close()
+            if self.guard is not None:
+                self.guard.stop()
             self.ctx.term()
             if exc.errno == zmq.EADDRINUSE:
                 raise ZsgdError(f"cannot listen on {addr}: the port is in use; choose another with --port (0 picks a free one)") from None
@@ -436,6 +443,8 @@ class Broker:
             if peer.state != "gone":
                 self._send(peer.identity, Message(MsgType.LEAVE, self.run, peer.worker, self.algo.version, {}, meta={"reason": self.state.stop_reason or "broker stopped"}))
         self.sock.close(linger=500)
+        if self.guard is not None:
+            self.guard.stop()
         self.ctx.term()
         if self.opts.checkpoint_every:
             self.checkpoint()
@@ -459,7 +468,7 @@ class Broker:
             "dropped_updates": dict(st.dropped), "staleness_mean": float(stale.mean()), "staleness_p50": float(np.percentile(stale, 50)),
             "staleness_p99": float(np.percentile(stale, 99)), "staleness_max": int(stale.max()),
             "bytes_sent": st.bytes_in, "bytes_received": st.bytes_out, "worker_deaths": st.deaths, "worker_rejoins": st.rejoins,
-            "stop_reason": st.stop_reason,
+            "stop_reason": st.stop_reason, "refused_clients": self.guard.refused if self.guard is not None else 0,
             "compute_s_mean": self._mean_compute(),
             "workers": {str(p.worker): {"host": p.host, "steps": p.steps, "samples": p.samples, "mean_staleness": p.mean_staleness,
                                         "max_staleness": p.staleness_max, "incarnations": p.incarnations,

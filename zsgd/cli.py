@@ -14,6 +14,7 @@ import click
 from zsgd import __version__
 from zsgd.cli_options import build_config, training_options
 from zsgd.errors import ZsgdError
+from zsgd.remote_cli import keys_group, pop_run_flags, remote_group, remote_run_options, secure_options
 
 
 class ZsgdGroup(click.Group):
@@ -75,7 +76,7 @@ def _runtime_options(func):
     opts = [
         click.option("--algo", default="async", show_default=True, help="Server algorithm: async, sync, ssp:S."),
         click.option("--port", default=0, show_default=True, type=int, help="Broker port (0 picks a free one)."),
-        click.option("--host", default="127.0.0.1", show_default=True, help="Interface the broker listens on (loopback by default)."),
+        click.option("--host", default=None, help="Interface the broker listens on (default 127.0.0.1; with --remote, the advertised address)."),
         click.option("--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."),
         click.option("--timeout", default=3.0, show_default=True, type=float, help="Seconds of silence before a peer is declared dead (3 heartbeats)."),
         click.option("--staleness-lr", is_flag=True, help="Divide each async update's step by its staleness."),
@@ -97,14 +98,16 @@ def _print_run_summary(summary: dict) -> None:
     from zsgd.live import stderr_console, summary_table
 
     keys = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s", "staleness_mean",
-            "staleness_max", "rejected_messages", "worker_deaths", "stop_reason", "run_dir")
+            "staleness_max", "rejected_messages", "refused_clients", "worker_deaths", "stop_reason", "run_dir")
     stderr_console.print(summary_table("summary", {k: summary[k] for k in keys if k in summary}))
 
 
 @main.command()
 @training_options
 @_runtime_options
-@click.option("--n-proc", default=2, show_default=True, type=int, help="Local worker processes to start.")
+@remote_run_options
+@secure_options
+@click.option("--n-proc", default=None, type=int, help="Local worker processes to start (default 2; 0 with --remote).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue RUN_DIR from its last checkpoint.")
 @click.pass_context
 def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port: int, host: str, heartbeat: float, timeout: float,
@@ -113,6 +116,9 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
     """Train with a broker and N worker processes over ZeroMQ."""
     from zsgd.runner import RunOptions, run_distributed
 
+    extra = pop_run_flags(params)
+    if n_proc is None:
+        n_proc = 0 if extra.get("remote") else 2
     if resume_dir is not None:
         cfg, stored = _resume_config(ctx, resume_dir, params)
         algo = stored.get("algo", algo)
@@ -121,7 +127,7 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
         cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}")
     opts = RunOptions(n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
                       checkpoint_every=checkpoint_every, eval_interval=eval_interval, inject_latency=inject_latency,
-                      inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers, show=not quiet)
+                      inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers, show=not quiet, **extra)
     summary = run_distributed(cfg, opts, out=out, resume_dir=resume_dir)
     _print_run_summary(summary)
 
@@ -155,6 +161,7 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
 @_runtime_options
 @click.option("--workers", "n_workers", required=True, type=int, help="Number of workers the run expects (they join with 'zsgd worker').")
 @click.option("--evaluator/--no-evaluator", default=True, show_default=True, help="Start a local evaluator process.")
+@secure_options
 @click.pass_context
 def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port: int, host: str, heartbeat: float, timeout: float,
            staleness_lr: bool, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
@@ -168,7 +175,7 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
     opts = RunOptions(n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
                       staleness_lr=staleness_lr, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
                       inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
-                      show=not quiet)
+                      show=not quiet, **pop_run_flags(params))
     summary = run_distributed(cfg, opts, out=out)
     _print_run_summary(summary)
 
@@ -182,7 +189,13 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
 @click.option("--timeout", default=3.0, show_default=True, type=float, help="Exit when the broker is silent this long.")
 @click.option("--join-timeout", default=60.0, show_default=True, type=float, help="Give up if no broker answers within this time.")
 @click.option("--quiet", "-q", is_flag=True)
-def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None, heartbeat: float, timeout: float, join_timeout: float, quiet: bool) -> None:
+@click.option("--keys-stdin", is_flag=True, help="Read CURVE keys as one JSON line from stdin (how 'zsgd run' hands them over).")
+@click.option("--keys-file", type=click.Path(dir_okay=False), default=None, help="CURVE keys file (mode 0600), e.g. from 'zsgd keys generate'.")
+@click.option("--watch-stdin", is_flag=True, help="Exit when stdin closes (ties a remote worker to its SSH session).")
+@click.option("--host-label", default=None, help="Name of this machine in the broker's view (default: hostname).")
+@click.option("--tag", default=None, hidden=True, help="Marker in the command line, so 'zsgd run' can find its processes.")
+def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None, heartbeat: float, timeout: float, join_timeout: float, quiet: bool,
+           keys_stdin: bool, keys_file: str | None, watch_stdin: bool, host_label: str | None, tag: str | None) -> None:
     """Join a broker and compute gradients until it says stop."""
     from zsgd.node import NodeOptions, run_node
 
@@ -190,8 +203,19 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
         raise ZsgdError(f"--connect needs tcp://HOST:PORT or ipc://PATH, got {connect!r}")
     if heartbeat <= 0 or timeout <= heartbeat:
         raise ZsgdError("--timeout must be longer than --heartbeat")
+    curve = None
+    if keys_stdin and keys_file:
+        raise ZsgdError("give --keys-stdin or --keys-file, not both")
+    if keys_stdin or keys_file:
+        from zsgd.security import curve_for_link, read_keys_line, read_secret_json
+
+        curve = read_keys_line() if keys_stdin else curve_for_link(read_secret_json(keys_file))
+    if watch_stdin:
+        from zsgd.remote import exit_when_stdin_closes
+
+        exit_when_stdin_closes()
     code = run_node(NodeOptions(connect=connect, worker_id=worker_id, role=role, heartbeat=heartbeat, timeout=timeout,
-                                join_timeout=join_timeout, data_dir=data_dir, quiet=quiet))
+                                join_timeout=join_timeout, data_dir=data_dir, quiet=quiet, curve=curve, host_label=host_label))
     sys.exit(code)
 
 
@@ -213,6 +237,8 @@ def _register_subcommands() -> None:
     from zsgd.data.commands import data_group
 
     main.add_command(data_group)
+    main.add_command(remote_group)
+    main.add_command(keys_group)
     try:
         from zsgd.sim_cli import sim_command
     except ImportError:  # the simulator is being built

@@ -101,7 +101,7 @@ class ConvBuffers:
     def __init__(self, g: ConvGeom, chunk: int):
         rows = chunk * g.oh * g.ow
         self.cols = np.empty((rows, g.k), np.float32)
-        self.dcols = np.empty((rows, g.k), np.float32)
+        self.dcols: np.ndarray | None = None  # allocated by the first backward (not needed to predict)
         self.z = np.empty((rows, g.cout), np.float32)
         self.wm = np.empty((g.k, g.cout), np.float32)
         self.gt = np.empty((g.cout, g.k), np.float32)
@@ -176,6 +176,8 @@ def conv_backward(
             np.matmul(dz.T, cols, out=buf.gt_tmp)
             buf.gt += buf.gt_tmp
         if dx is not None:
+            if buf.dcols is None:
+                buf.dcols = np.empty_like(buf.cols)
             dcols = buf.dcols[:rows]
             np.matmul(dz, wm.T, out=dcols)
             K.col2im_nhwc(dcols, g.kh, g.kw, g.stride, g.stride, g.pad, g.pad, x[n0:n1], mask_dx, dx[n0:n1])

@@ -60,15 +60,17 @@ class Layer:
 class Conv2d(Layer):
     """Conv + bias, optional ReLU, optional max-pool, as one fused layer.
 
-    ``flatten_out`` makes the output (N, C*H*W) in PyTorch's NCHW flatten
-    order, for a following dense layer. ``premasked`` / ``mask_dx`` are set by
-    the model when two ReLU convs follow each other: the second applies the
-    first's ReLU derivative inside its col2im pass.
+    ``flatten_out`` (pooled convs) makes the output (N, C*H*W) in PyTorch's
+    NCHW flatten order, for a following dense layer. ``premasked`` and
+    ``mask_dx`` are set by the model when two ReLU convs follow each other:
+    the second applies the first's ReLU derivative inside its col2im pass.
     """
 
     def __init__(self, name: str, in_hwc: tuple[int, int, int], cout: int, k: int, pad: int = 0,
                  relu: bool = True, pool: int = 0, flatten_out: bool = False):
         h, w, c = in_hwc
+        if flatten_out and not pool:
+            raise ValueError("flatten_out is implemented for pooled convs (the pool writes NCHW order)")
         self.name = name
         self.g = C.ConvGeom(c, h, w, cout, k, k, 1, pad, pool, pool)
         self.relu = relu
@@ -102,10 +104,6 @@ class Conv2d(Layer):
         if g.pool:
             arg = buffer(ws, "arg", (n, g.ph, g.pw, g.cout), np.int8)
             C.conv_forward(g, x, p[0], p[1], self.relu, self._out_view(out), arg, self._bufs(ws, n))
-        elif self.flatten_out:
-            nhwc = buffer(ws, "nhwc", (n, g.oh, g.ow, g.cout))
-            C.conv_forward(g, x, p[0], p[1], self.relu, nhwc, None, self._bufs(ws, n))
-            np.copyto(self._out_view(out), nhwc)
         else:
             C.conv_forward(g, x, p[0], p[1], self.relu, out, None, self._bufs(ws, n))
         return out
@@ -115,17 +113,9 @@ class Conv2d(Layer):
         geo = self.g
         dx = buffer(ws, "dx", x.shape) if need_dx else None
         bufs = self._bufs(ws, n)
-        if geo.pool:
-            C.conv_backward(geo, x, p[0], self.relu, self._out_view(out), ws["arg"], self._out_view(dout),
-                            self.premasked, g[0], g[1], dx, self.mask_dx, bufs)
-        else:
-            if self.flatten_out:
-                nhwc = ws["nhwc"]
-                dnhwc = buffer(ws, "dnhwc", nhwc.shape)
-                np.copyto(dnhwc, self._out_view(dout))
-                out, dout = nhwc, dnhwc
-            C.conv_backward(geo, x, p[0], self.relu, out, None, dout, self.premasked, g[0], g[1], dx,
-                            self.mask_dx, bufs)
+        arg = ws["arg"] if geo.pool else None
+        C.conv_backward(geo, x, p[0], self.relu, self._out_view(out), arg, self._out_view(dout),
+                        self.premasked, g[0], g[1], dx, self.mask_dx, bufs)
         return dx
 
 

@@ -44,6 +44,7 @@ class NodeOptions:
     data_dir: str | None = None
     curve: dict | None = None
     quiet: bool = False
+    host_label: str | None = None  # how the live view names this machine (remote runs: the hosts-file name)
 
 
 def log(opts: NodeOptions, text: str) -> None:
@@ -88,7 +89,7 @@ def _leave(link: BrokerLink, reason: str) -> None:
 
 
 def _session(opts: NodeOptions, link: BrokerLink) -> int:
-    hello_meta = {"stage": "join", "role": opts.role, "host": socket.gethostname(), "pid": os.getpid(), "zsgd": __version__}
+    hello_meta = {"stage": "join", "role": opts.role, "host": opts.host_label or socket.gethostname(), "pid": os.getpid(), "zsgd": __version__}
     link.send(Message(MsgType.HELLO, UNASSIGNED_RUN, link.worker, 0, {}, meta=hello_meta))
     msg = _expect(opts, link, {MsgType.ASSIGN}, opts.join_timeout, "join")
     if msg is None:

@@ -24,7 +24,7 @@ from zsgd.rundir import create_run_dir, write_json
 class RunOptions:
     n_proc: int = 2
     algo: str = "async"
-    host: str = "127.0.0.1"
+    host: str | None = None  # None: loopback, or with --remote the advertised address
     port: int = 0
     heartbeat: float = 1.0
     timeout: float = 3.0
@@ -37,6 +37,13 @@ class RunOptions:
     inject_bandwidth: str | None = None
     inject_loss: str | None = None
     stragglers: str | None = None
+    remote: str | None = None  # hosts file (zsgd.remote); its workers take the ids after the local ones
+    advertise: str | None = None
+    allow_partial: bool = False
+    ssh: dict | None = None  # zsgd.ssh.SshOptions fields
+    secure: bool = False  # CURVE even on loopback (always on beyond it)
+    keys_dir: str | None = None  # from 'zsgd keys generate'
+    remote_workers: int = 0  # set once the hosts have answered
     show: bool = True
 
     def validate(self) -> "RunOptions":
@@ -44,7 +51,7 @@ class RunOptions:
 
         parse_algo(self.algo)
         self.emulator(0)  # parses every injected spec now, so a typo fails before anything starts
-        if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers):
+        if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.remote):
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
         if not 0 <= self.port <= 65535:
             raise ZsgdError(f"--port must be in 0..65535, got {self.port}")
@@ -70,17 +77,19 @@ class RunOptions:
 
     @property
     def n_workers(self) -> int:
-        return self.expect_workers or self.n_proc
+        return self.expect_workers or self.n_proc + self.remote_workers
 
 
 def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None = None, resume_dir: str | Path | None = None) -> dict[str, Any]:
-    from zsgd.launch import LocalLauncher
     from zsgd.live import stderr_console
     from zsgd.live_run import RunView
     from zsgd.train import Problem
 
     cfg.validate()
     opts.validate()
+    from zsgd.access import prepare_access
+
+    access = prepare_access(opts)  # probes remote hosts; a bad host fails here, before anything starts
     resume = None
     if resume_dir is not None:
         from zsgd.checkpoint import load_checkpoint
@@ -98,7 +107,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                                 "n_params": problem.model.n_params}
     if resume is None:
         write_config(run_dir / "config.yaml", resolved)
-    bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=f"tcp://{opts.host}:{opts.port}", heartbeat=opts.heartbeat,
+    bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=access.bind(opts.port), curve=access.broker_curve(), heartbeat=opts.heartbeat,
                           timeout=opts.timeout, staleness_lr=opts.staleness_lr, checkpoint_every=opts.checkpoint_every,
                           eval_every_s=opts.eval_interval, emulator=opts.emulator(cfg.seed))
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
@@ -106,14 +115,18 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
         metrics.write("start", broker.elapsed, mode="run", algo=opts.algo, n_workers=opts.n_workers, address=broker.address,
                       model=cfg.model, data=ds.name, n_params=problem.model.n_params, resumed=resume is not None)
         if opts.show:
-            stderr_console.print(f"broker listening on [bold]{broker.address}[/]; run directory {run_dir}")
-        launcher = LocalLauncher(broker.address, run_dir / "logs", opts.heartbeat, opts.timeout)
+            stderr_console.print(f"broker listening on [bold]{broker.address}[/]{' (CURVE)' if access.secure else ''}; run directory {run_dir}")
+        if access.secure and opts.expect_workers and not opts.keys_dir:
+            access.write_client_files(run_dir, opts.expect_workers)
+        launcher = access.launchers(broker, run_dir, opts.heartbeat, opts.timeout, opts.show)
         started = time.monotonic()
         try:
             for i in range(opts.n_proc):
-                launcher.start(i)
+                launcher.local.start(i)
+            for i in range(opts.n_proc, opts.n_proc + opts.remote_workers):
+                launcher.remote.start(i)
             if opts.evaluator:
-                launcher.start(0, role="evaluator")
+                launcher.local.start(0, role="evaluator")
             with RunView(f"{opts.algo} x{opts.n_workers}", problem.stop_rule(cfg).total_updates, enabled=opts.show) as view:
                 def tick(b: Broker) -> None:
                     view.update(b)

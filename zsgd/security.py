@@ -230,8 +230,8 @@ def is_loopback(host: str) -> bool:
 
 # -- the broker's gatekeeper ----------------------------------------------------------------
 _HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-_REASONS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "unknown client key", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed",
-            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}
+_REASONS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "unknown client key",
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "no CURVE keys, or the wrong server key"}
 
 
 class CurveGuard:
@@ -311,10 +311,15 @@ class CurveGuard:
                         event = parse_monitor_message(mon.recv_multipart())
                     except (ValueError, IndexError):
                         continue
-                    if event["event"] & _HANDSHAKE_FAILED:
+                    where = event["endpoint"].decode(errors="replace")
+                    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                        # The peer hung up mid-handshake: a port check (zsgd's own reach test) or a scanner. It got
+                        # nothing; logged, not counted, so 'refused_clients' means clients that tried to talk.
+                        self._log(f"a connection closed during the handshake (errno {int(event['value'])}) on {where}")
+                    elif event["event"] & _HANDSHAKE_FAILED:
                         self.refused += 1
-                        self._log(f"refused a connection: {_REASONS.get(event['event'], 'handshake failed')} "
-                                  f"(detail {int(event['value']):#x}) on {event['endpoint'].decode(errors='replace')}")
+                        self._log(f"refused a client: {_REASONS.get(event['event'], 'handshake failed')} "
+                                  f"(detail {int(event['value']):#x}) on {where}")
         finally:
             self._zap.close(linger=0)
             mon.close(linger=0)

@@ -122,7 +122,7 @@ def no_python_sh(tag: str) -> str:
 
 PROBE_CODE = r'''
 import json, os, sys
-out = {"python": "%d.%d.%d" % tuple(sys.version_info[:3]), "executable": sys.executable,
+out = {"python": "%d.%d.%d" % tuple(sys.version_info[:3]), "executable": sys.executable, "realpath": os.path.realpath(sys.executable),
        "venv": sys.prefix != getattr(sys, "base_prefix", sys.prefix)}
 d = os.path.expanduser(sys.argv[1])
 try:
@@ -159,6 +159,7 @@ class Probe:
     reason: str = ""
     python: str | None = None
     executable: str | None = None
+    realpath: str | None = None
     zsgd: str | None = None
     venv: bool = False
     installed: dict | None = None
@@ -178,7 +179,7 @@ def probe_host(ssh: SshOptions, host: Host, reach: str | None = None, prefer_ven
     data = parse_tagged(proc.stdout, PROBE_TAG)
     if data is None:
         return Probe(host, False, explain_failure(host, ssh, proc), seconds=seconds)
-    p = Probe(host, True, python=data.get("python"), executable=data.get("executable"), zsgd=data.get("zsgd"), venv=bool(data.get("venv")),
+    p = Probe(host, True, python=data.get("python"), executable=data.get("executable"), realpath=data.get("realpath"), zsgd=data.get("zsgd"), venv=bool(data.get("venv")),
               installed=data.get("installed"), reach=data.get("reach"), seconds=seconds)
     if data.get("error") == "no-python":
         p.ok, p.reason = False, (f"no Python at {data.get('python')!r}; install Python >= 3.10 there, or set python=/path/to/python3 "

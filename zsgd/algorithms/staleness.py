@@ -20,7 +20,7 @@ O(n * depth); nothing depends on the staleness itself, which matters in the
 simulator with thousands of workers. The count is
 
 * exact when the coordinate had fewer than ``depth`` sparse touches in the
-  window (in particular: 1 when nothing intervened), plus any number of
+  window (in particular, divisor 1 when nothing intervened), plus any number of
   dense ones (up to ``dense_history`` = 65,536 remembered);
 * otherwise estimated from the coordinate's recent touch rate (``depth - 1``
   intervals between its stored touches), extrapolated over the rest of the
@@ -46,6 +46,7 @@ from numba import njit
 
 from zsgd.algorithms.asynchronous import AsyncSGD
 from zsgd.algorithms.base import Output, ServerAlgorithm, Update
+from zsgd.algorithms.ssp import StaleSynchronousSGD
 
 _WRAP = 1 << 32
 
@@ -116,6 +117,15 @@ class CoordinateStaleness:
         lo = np.searchsorted(self._dense, base_version, side="right")
         return window, len(self._dense) - int(lo)
 
+    def _indices(self, indices: np.ndarray) -> np.ndarray:
+        """Bounds-check once in numpy (O(k)): the kernels index without checks."""
+        idx = np.asarray(indices)
+        if idx.ndim != 1 or idx.dtype.kind not in "iu":
+            raise ValueError(f"indices must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.n_params):
+            raise ValueError(f"indices outside [0, {self.n_params})")
+        return idx
+
     def scale(self, indices: np.ndarray | None, base_version: int, current_version: int) -> np.ndarray:
         """float32 divisors (>= 1) for ``indices`` (or all n coordinates when None).
 
@@ -128,7 +138,7 @@ class CoordinateStaleness:
             out = np.empty(self.n_params, np.float32)
             _count_all(self._hist, cur, window, dense, out)
         else:
-            idx = np.asarray(indices)
+            idx = self._indices(indices)
             out = np.empty(idx.size, np.float32)
             _count_sparse(self._hist, idx, cur, window, dense, out)
         return out
@@ -143,7 +153,7 @@ class CoordinateStaleness:
             keep = self._dense[-(self.dense_history - 1):] if self.dense_history > 1 else self._dense[:0]
             self._dense = np.append(keep, version)
         else:
-            _record(self._hist, np.asarray(indices), np.uint32(version % _WRAP))
+            _record(self._hist, self._indices(indices), np.uint32(version % _WRAP))
 
 
 class CoordinateStalenessMixin:
@@ -194,3 +204,9 @@ class CoordinateStalenessAsyncSGD(CoordinateStalenessMixin, AsyncSGD):
     """Async SGD with AdaComp's per-coordinate staleness rule (``--staleness-lr per-coordinate``)."""
 
     name = "async"
+
+
+class CoordinateStalenessSSP(CoordinateStalenessMixin, StaleSynchronousSGD):
+    """SSP (``ssp:S``) with the per-coordinate rule instead of ``lr / staleness``."""
+
+    name = "ssp"

@@ -89,7 +89,11 @@ def _pack4(levels, out):  # pragma: no cover - jitted
 
 @njit(cache=True)
 def _dequantize(scales, q, bucket, s, n, packed, out):  # pragma: no cover - jitted
-    """out = levels * scale / s; returns (error code, position), 0 = fine."""
+    """out = levels * scale / s; returns (error code, position), 0 = fine.
+
+    The inner loops are branch-free (a bad level only sets a flag) so they
+    vectorize; the rare error path rescans for the position to report.
+    """
     for b in range(scales.size):
         m = scales[b]
         if not (m < np.inf and m > -np.inf):  # NaN fails both
@@ -99,15 +103,22 @@ def _dequantize(scales, q, bucket, s, n, packed, out):  # pragma: no cover - jit
         f = np.float32(m / np.float32(s))
         start = b * bucket
         end = min(start + bucket, n)
-        for i in range(start, end):
-            if packed:
-                nib = (np.int32(q[i >> 1]) >> (4 * (i & 1))) & 0xF
-                lvl = nib - 16 if nib >= 8 else nib
-            else:
+        bad = False
+        if packed:
+            for i in range(start, end):
+                nib = (np.int32(q[i >> 1]) >> ((i & 1) << 2)) & 0xF
+                bad |= nib == 8  # -8 is outside [-7, 7]
+                out[i] = np.float32(nib - ((nib & 8) << 1)) * f
+        else:
+            for i in range(start, end):
                 lvl = np.int32(q[i])
-            if lvl < -s or lvl > s:
-                return 2, i
-            out[i] = np.float32(lvl) * f
+                bad |= lvl < -s
+                out[i] = np.float32(lvl) * f
+        if bad:
+            for i in range(start, end):
+                if (packed and ((np.int32(q[i >> 1]) >> ((i & 1) << 2)) & 0xF) == 8) or \
+                        (not packed and np.int32(q[i]) < -s):
+                    return 2, i
     if packed and n & 1 and (q[n >> 1] >> 4) != 0:
         return 3, n
     return 0, -1
@@ -131,7 +142,8 @@ class QSGD(Codec):
     def encode(self, grad: np.ndarray) -> dict[str, np.ndarray]:
         g = self._check_input(grad)
         scales = np.empty(n_buckets(self.n_params, self.bucket), np.float32)
-        key = np.uint64(((self.seed & 0xFFFFFFFF) << 32) ^ (self.calls & 0xFFFFFFFF))
+        # A distinct stream per (seed, call): seed spread by the golden-ratio constant, then mixed.
+        key = np.uint64((self.seed * 0x9E3779B97F4A7C15 + self.calls) & 0xFFFFFFFFFFFFFFFF)
         self.calls += 1
         if self.bits == 8:
             q = np.empty(self.n_params, np.int8)
