@@ -71,6 +71,9 @@ def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_pat
             protocol.update_message("other-run", wid, weights.version, np.zeros(n_params, np.float32), 32, 0.1),
             protocol.update_message(run, wid, weights.version, np.zeros(n_params, np.float16), 32, 0.1),
             protocol.update_message(run, wid, weights.version, np.full(n_params, np.inf, np.float32), 32, 0.1),
+            # a top-k payload whose indices run past the model
+            protocol.update_message(run, wid, weights.version, None, 32, 0.1, codec="topk:0.01",
+                                    extra_arrays={"i": np.arange(n_params - 40, n_params + 39, dtype=np.int32), "v": np.ones(79, np.float32)}),
         ]
         for msg in poison:
             protocol.send(rogue, msg)

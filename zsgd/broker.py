@@ -37,7 +37,8 @@ class BrokerOptions:
     bind: str = "tcp://127.0.0.1:0"
     heartbeat: float = 1.0
     timeout: float = 3.0  # a worker silent this long is dead (3 heartbeats)
-    staleness_lr: bool = False
+    staleness_lr: str | bool = "off"  # off | scalar | per-coordinate
+    compress: str = "none"  # the workers' update codec (travels in ASSIGN)
     checkpoint_every: int = 500  # updates; 0 disables
     eval_every_s: float = 0.0  # also evaluate every N seconds (0: off)
     wait_workers_s: float = 120.0  # abort if no worker is live this long after start
@@ -62,6 +63,8 @@ class BrokerState:
     bytes_out: int = 0
     deaths: int = 0
     rejoins: int = 0
+    update_bytes: int = 0  # accepted updates, as sent
+    dense_update_bytes: int = 0  # the same updates uncompressed
     stop_reason: str | None = None
 
 
@@ -242,7 +245,8 @@ class Broker:
             peer.host, peer.pid = str(msg.meta.get("host", "?"))[:64], int(msg.meta.get("pid", 0) or 0)
             if rejoined:
                 self.state.rejoins += 1
-            meta = {"config": self.cfg.to_dict(), "n_workers": self.opts.n_workers, "heartbeat": self.opts.heartbeat}
+            meta = {"config": self.cfg.to_dict(), "n_workers": self.opts.n_workers, "heartbeat": self.opts.heartbeat,
+                    "algo": self.opts.algo, "compress": self.opts.compress}
             self._send_peer(peer, Message(MsgType.ASSIGN, self.run, peer.worker, self.algo.version, {}, meta=meta))
             self.metrics.write("worker", self.elapsed, worker=peer.worker, role=role, status="rejoined" if rejoined else "joined", host=peer.host, pid=peer.pid)
         elif stage == "ready" and peer is not None and peer.state == "joining" and msg.run == self.run:
@@ -303,13 +307,27 @@ class Broker:
             self._dispatch(self.algo.remove_worker(peer.worker, self.elapsed))
             self._dispatch(self.algo.add_worker(peer.worker, self.elapsed))
             return
+        grad, meta = msg.arrays.get("g"), {"kind": str(msg.meta.get("kind", "grad"))}
+        if msg.codec != "none":
+            from zsgd.compression import decode, touched_indices
+
+            try:
+                grad = decode(msg.codec, msg.arrays, self.n_params)
+            except ProtocolError as exc:
+                self._reject(peer.identity, exc.reason, str(exc))
+                self._dispatch(self.algo.remove_worker(peer.worker, self.elapsed))
+                self._dispatch(self.algo.add_worker(peer.worker, self.elapsed))
+                return
+            meta["indices"] = touched_indices(msg.codec, msg.arrays)
+        self.state.update_bytes += protocol.message_nbytes(msg)
+        self.state.dense_update_bytes += 4 * self.n_params
         loss = msg.meta.get("loss")
         peer.last_loss = float(loss) if isinstance(loss, (int, float)) else float("nan")
         n = int(msg.meta.get("n_samples", self.cfg.batch_size))
         compute_s = msg.meta.get("compute_s")
         if isinstance(compute_s, (int, float)) and 0 <= compute_s < 3600:
             peer.compute_s_sum += float(compute_s)
-        update = Update(peer.worker, msg.version, msg.arrays["g"], n, peer.last_loss)
+        update = Update(peer.worker, msg.version, grad, n, peer.last_loss, meta)
         self._dispatch(self.algo.on_update(update, self.elapsed))
 
     def _release_held(self, now: float) -> None:
@@ -469,6 +487,7 @@ class Broker:
             "staleness_p99": float(np.percentile(stale, 99)), "staleness_max": int(stale.max()),
             "bytes_sent": st.bytes_in, "bytes_received": st.bytes_out, "worker_deaths": st.deaths, "worker_rejoins": st.rejoins,
             "stop_reason": st.stop_reason, "refused_clients": self.guard.refused if self.guard is not None else 0,
+            "compression_ratio": st.dense_update_bytes / st.update_bytes if st.update_bytes else 1.0,
             "compute_s_mean": self._mean_compute(),
             "workers": {str(p.worker): {"host": p.host, "steps": p.steps, "samples": p.samples, "mean_staleness": p.mean_staleness,
                                         "max_staleness": p.staleness_max, "incarnations": p.incarnations,

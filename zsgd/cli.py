@@ -79,7 +79,9 @@ def _runtime_options(func):
         click.option("--host", default=None, help="Interface the broker listens on (default 127.0.0.1; with --remote, the advertised address)."),
         click.option("--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."),
         click.option("--timeout", default=3.0, show_default=True, type=float, help="Seconds of silence before a peer is declared dead (3 heartbeats)."),
-        click.option("--staleness-lr", is_flag=True, help="Divide each async update's step by its staleness."),
+        click.option("--staleness-lr", type=click.Choice(["off", "scalar", "per-coordinate"]), default="off", is_flag=False, flag_value="scalar",
+                     help="Divide each async update's step by its staleness (scalar; the bare flag), or per coordinate (AdaComp)."),
+        click.option("--compress", default="none", show_default=True, help="Worker->broker codec: none, topk:FRACTION, adacomp:BIN, qsgd:8|4."),
         click.option("--eval-interval", default=0.0, show_default=True, type=float, help="Also evaluate every N seconds (0: off)."),
         click.option("--inject-latency", default=None, metavar="SPEC", help="Emulate one-way latency per message (same specs as 'zsgd sim --latency', e.g. 20ms, lognormal:20ms,0.5)."),
         click.option("--inject-bandwidth", default=None, metavar="SPEC", help="Emulate per-worker link bandwidth, e.g. 100Mbps."),
@@ -111,7 +113,7 @@ def _print_run_summary(summary: dict) -> None:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue RUN_DIR from its last checkpoint.")
 @click.pass_context
 def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port: int, host: str, heartbeat: float, timeout: float,
-        staleness_lr: bool, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
+        staleness_lr: str, compress: str, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
         stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
     """Train with a broker and N worker processes over ZeroMQ."""
     from zsgd.runner import RunOptions, run_distributed
@@ -123,10 +125,11 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
         cfg, stored = _resume_config(ctx, resume_dir, params)
         algo = stored.get("algo", algo)
         staleness_lr = stored.get("staleness_lr", staleness_lr)
+        compress = stored.get("compress", compress)
     else:
         cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}")
     opts = RunOptions(n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
-                      checkpoint_every=checkpoint_every, eval_interval=eval_interval, inject_latency=inject_latency,
+                      compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, inject_latency=inject_latency,
                       inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers, show=not quiet, **extra)
     summary = run_distributed(cfg, opts, out=out, resume_dir=resume_dir)
     _print_run_summary(summary)
@@ -164,7 +167,7 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
 @secure_options
 @click.pass_context
 def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port: int, host: str, heartbeat: float, timeout: float,
-           staleness_lr: bool, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
+           staleness_lr: str, compress: str, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
            stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
     """Run the broker alone; start workers by hand with 'zsgd worker --connect'."""
     from zsgd.runner import RunOptions, run_distributed
@@ -173,7 +176,7 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
         raise ZsgdError(f"--workers must be >= 1, got {n_workers}")
     cfg = build_config(ctx, params, default_name=f"broker-{params['model']}-{algo.replace(':', '')}")
     opts = RunOptions(n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
-                      staleness_lr=staleness_lr, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
+                      staleness_lr=staleness_lr, compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
                       inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
                       show=not quiet, **pop_run_flags(params))
     summary = run_distributed(cfg, opts, out=out)

@@ -178,18 +178,28 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
 
         return handle_eval
 
-    from zsgd.algorithms.worker import WorkerStep
+    from zsgd.algorithms import make_worker_step
+    from zsgd.compression import make_codec
 
     if not need_shard:
         idx = make_shard(ds.y_train, config.split, config.seed, link.worker, int(assign_meta["n_workers"]))
         x, y = ds.x_train[idx], ds.y_train[idx]
-    step = WorkerStep(model, x, y, config.batch_size, config.seed, link.worker)
+    algo = str(assign_meta.get("algo", "async"))
+    step = make_worker_step(algo, model, x, y, config.batch_size, config.seed, link.worker, lr=config.lr,
+                            weight_decay=config.weight_decay, clip_norm=config.clip_norm)
+    codec = make_codec(str(assign_meta.get("compress", "none")), model.n_params, seed=config.seed * 1_000_003 + link.worker)
 
     def handle_weights(msg: Message) -> Message:
         t0 = time.perf_counter()
         update = step.compute(msg.arrays["w"], msg.version)
-        # compute_s lets a simulation be calibrated against this very run.
-        return protocol.update_message(link.run, link.worker, msg.version, update.grad, update.n_samples, update.loss,
-                                       compute_s=time.perf_counter() - t0)
+        extra = {"compute_s": time.perf_counter() - t0}  # lets a simulation be calibrated against this very run
+        if "kind" in update.meta:
+            extra["kind"] = update.meta["kind"]
+        if codec.name == "none" or not np.isfinite(update.grad).all():
+            # A non-finite gradient goes out dense: the broker rejects and counts it,
+            # instead of it hiding in a codec's residual forever.
+            return protocol.update_message(link.run, link.worker, msg.version, update.grad, update.n_samples, update.loss, **extra)
+        return protocol.update_message(link.run, link.worker, msg.version, None, update.n_samples, update.loss, codec=codec.name,
+                                       extra_arrays=codec.encode(update.grad), **extra)
 
     return handle_weights

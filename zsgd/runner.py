@@ -28,7 +28,8 @@ class RunOptions:
     port: int = 0
     heartbeat: float = 1.0
     timeout: float = 3.0
-    staleness_lr: bool = False
+    staleness_lr: str | bool = "off"
+    compress: str = "none"
     checkpoint_every: int = 500
     eval_interval: float = 0.0
     evaluator: bool = True
@@ -49,7 +50,14 @@ class RunOptions:
     def validate(self) -> "RunOptions":
         from zsgd.algorithms import parse_algo
 
+        from zsgd.algorithms import make_server_algorithm, parse_staleness_lr
+        from zsgd.compression import make_codec
+
         parse_algo(self.algo)
+        self.staleness_lr = parse_staleness_lr(self.staleness_lr)
+        if self.staleness_lr == "per-coordinate" and not self.algo.startswith(("async", "ssp")):
+            raise ZsgdError(f"--staleness-lr per-coordinate needs --algo async or ssp:S, not {self.algo!r}")
+        make_codec(self.compress, 1)
         self.emulator(0)  # parses every injected spec now, so a typo fails before anything starts
         if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.remote):
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
@@ -108,7 +116,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     if resume is None:
         write_config(run_dir / "config.yaml", resolved)
     bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=access.bind(opts.port), curve=access.broker_curve(), heartbeat=opts.heartbeat,
-                          timeout=opts.timeout, staleness_lr=opts.staleness_lr, checkpoint_every=opts.checkpoint_every,
+                          timeout=opts.timeout, staleness_lr=opts.staleness_lr, compress=opts.compress, checkpoint_every=opts.checkpoint_every,
                           eval_every_s=opts.eval_interval, emulator=opts.emulator(cfg.seed))
     with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
         broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None)

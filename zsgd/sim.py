@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd import protocol
-from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm, parse_algo
+from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm, make_worker_step, parse_algo
 from zsgd.algorithms.worker import WorkerStep
 from zsgd.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
@@ -62,12 +62,16 @@ class SimOptions:
     detect_s: float = 5.0  # failure -> broker notices (the runtime's heartbeat timeout)
     broker_s: float = 0.0  # broker time per update (0: instantaneous)
     broker_bandwidth: float = math.inf  # bytes/s of the broker's own NIC, shared by all links
-    staleness_lr: bool = False
+    staleness_lr: str | bool = "off"
+    compress: str = "none"  # worker->broker codec, as in the runtime (real encoded sizes on the wire)
     target: float | None = None  # accuracy whose first crossing is reported (time_to_target_s)
     calibration_steps: int = 5  # timed steps for compute=measured (median)
 
     def validate(self) -> "SimOptions":
+        from zsgd.compression import make_codec
+
         parse_algo(self.algo)
+        make_codec(self.compress, 1)  # a bad --compress spec fails before any work
         if not isinstance(self.n_workers, int) or self.n_workers < 1:
             raise ZsgdError(f"--workers must be a whole number >= 1, got {self.n_workers!r}")
         if self.failures is not None:
@@ -85,7 +89,7 @@ class SimOptions:
                 "stragglers": str(self.stragglers) if self.stragglers else "none",
                 "failures": str(self.failures) if self.failures else "none", "detect_s": self.detect_s,
                 "broker_s": self.broker_s, "broker_bandwidth": format_bandwidth(self.broker_bandwidth),
-                "staleness_lr": self.staleness_lr}
+                "staleness_lr": self.staleness_lr, "compress": self.compress}
 
 
 class Workload:
@@ -179,6 +183,16 @@ class Simulation:
         self.rng_down, self.rng_up, self.rng_compute, self.rng_fail = rngs
         self.net = opts.network
         self.u_bytes, self.w_bytes = workload.update_bytes, workload.weights_bytes
+        self.codecs: list = [None] * n
+        self.last_update_bytes = self.u_bytes
+        # Sparse codecs whose size depends on the gradient (AdaComp) are encoded when
+        # the worker finishes, so the transfer time uses the real size; fixed-size
+        # codecs stay lazy (computed on arrival), which keeps idle workers free.
+        self.eager = opts.compress.startswith("adacomp")
+        if opts.compress != "none" and not self.eager:
+            from zsgd.compression import make_codec
+
+            self.u_bytes = self._encoded_update_bytes(make_codec(opts.compress, self.model.n_params, seed=0))
         # virtual clock and queue
         self.now = 0.0
         self.heap: list[tuple] = []
@@ -238,31 +252,62 @@ class Simulation:
             c *= self.stragglers.factor(w, t)
         self._push(t + c, _DONE, w, self.inc[w], r.version, r.weights)
 
+    def _encoded_update_bytes(self, codec, grad: np.ndarray | None = None) -> int:
+        g = np.zeros(self.model.n_params, np.float32) if grad is None else grad
+        arrays = codec.encode(g)
+        return protocol.message_nbytes(protocol.update_message("0" * 12, 0, 0, None, self.cfg.batch_size, 0.0, codec=codec.name, extra_arrays=arrays))
+
+    def _compute_update(self, w: int, version: int, weights: np.ndarray) -> tuple[Update, int]:
+        """The worker's real step, through its codec: the update as the broker decodes it, and its wire size."""
+        stepper = self.steppers[w]
+        if stepper is None:
+            x, y = self.data[w]
+            stepper = self.steppers[w] = make_worker_step(self.opts.algo, self.model, x, y, self.cfg.batch_size, self.cfg.seed, w,
+                                                          lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, clip_norm=self.cfg.clip_norm)
+        t0 = time.perf_counter()
+        update = stepper.compute(weights, version)
+        nbytes = self.u_bytes
+        if self.opts.compress != "none" and np.isfinite(update.grad).all():
+            from zsgd.compression import decode, make_codec, touched_indices
+
+            codec = self.codecs[w]
+            if codec is None:
+                codec = self.codecs[w] = make_codec(self.opts.compress, self.model.n_params, seed=self.cfg.seed * 1_000_003 + w)
+            arrays = codec.encode(update.grad)
+            nbytes = protocol.message_nbytes(protocol.update_message("0" * 12, w, version, None, update.n_samples, 0.0, codec=codec.name,
+                                                                     extra_arrays=arrays))
+            update.grad = decode(codec.name, arrays, self.model.n_params)
+            update.meta["indices"] = touched_indices(codec.name, arrays)
+        self.grad_s += time.perf_counter() - t0
+        return update, nbytes
+
     def _on_done(self, w: int, inc: int, version: int, weights: np.ndarray) -> None:
         """The worker finished computing and sends its update."""
         if not self.alive[w] or inc != self.inc[w]:
             return
-        t = self.now + self.net.delay(w, True, self.u_bytes, self.rng_up)
+        if self.eager:
+            payload = self._compute_update(w, version, weights)
+            nbytes = payload[1]
+        else:
+            payload, nbytes = weights, self.u_bytes
+        t = self.now + self.net.delay(w, True, nbytes, self.rng_up)
         if self.opts.broker_bandwidth != math.inf:
-            self.rx_free = max(t, self.rx_free) + self.u_bytes / self.opts.broker_bandwidth
+            self.rx_free = max(t, self.rx_free) + nbytes / self.opts.broker_bandwidth
             t = self.rx_free
-        self._push(t, _ARRIVE, w, inc, version, weights)
+        self._push(t, _ARRIVE, w, inc, version, payload)
 
-    def _on_arrive(self, w: int, inc: int, version: int, weights: np.ndarray) -> None:
-        self.bytes_sent += self.u_bytes
+    def _on_arrive(self, w: int, inc: int, version: int, payload: Any) -> None:
+        update, nbytes = payload if isinstance(payload, tuple) else (None, self.u_bytes)
+        self.bytes_sent += nbytes
         if inc != self.inc[w]:
             self.dropped["previous-incarnation"] += 1
             return
         if w not in self.algo.live:
             self.dropped["not-a-member"] += 1
             return
-        stepper = self.steppers[w]
-        if stepper is None:
-            x, y = self.data[w]
-            stepper = self.steppers[w] = WorkerStep(self.model, x, y, self.cfg.batch_size, self.cfg.seed, w)
-        t0 = time.perf_counter()
-        update = stepper.compute(weights, version)
-        self.grad_s += time.perf_counter() - t0
+        if update is None:
+            update, nbytes = self._compute_update(w, version, payload)
+        self.last_update_bytes = nbytes
         if self.opts.broker_s > 0:
             self.busy_until = max(self.now, self.busy_until) + self.opts.broker_s
             self._push(self.busy_until, _PROCESS, w, inc, update)
@@ -289,7 +334,7 @@ class Simulation:
             self.w_stale_max[a.worker] = max(self.w_stale_max[a.worker], a.staleness)
         now = self.now
         self.metrics.write("update", now, updates=a.version, samples=self.samples, worker=a.worker, staleness=a.staleness,
-                           lr=a.lr, bytes=self.u_bytes * a.contributors)
+                           lr=a.lr, bytes=self.last_update_bytes * a.contributors)
         if a.version % self.cfg.log_every == 0 and self.loss_window:
             finite = [x for x in self.loss_window if math.isfinite(x)]
             self.last_loss = float(np.mean(finite)) if finite else math.nan

@@ -39,6 +39,7 @@ DIMENSIONS: list[tuple[str, str, str, bool]] = [
     ("loss", "--loss", "loss", True),
     ("compute", "--compute", "compute", True),
     ("stragglers", "--stragglers", "strag", False),
+    ("compress", "--compress", "comp", False),
     ("failures", "--failures", "fail", False),
 ]
 
@@ -53,7 +54,7 @@ class SweepSpec:
     detect: str = "5s"
     broker_time: str = "0"
     broker_bandwidth: str = "inf"
-    staleness_lr: bool = False
+    staleness_lr: str | bool = "off"
     target: float = 0.8
 
 
@@ -92,6 +93,12 @@ def _parse_workers(text: str) -> int:
     return n
 
 
+def _parse_compress(text: str) -> str:
+    from zsgd.compression import make_codec
+
+    return make_codec(text, 1).name and text
+
+
 def build_arms(spec: SweepSpec) -> list[Arm]:
     """Parse every value of every dimension, then form the cross product."""
     from zsgd.algorithms import parse_algo
@@ -105,7 +112,7 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
         "algo": lambda s: parse_algo(s) and s, "workers": _parse_workers, "latency": parse_delay,
         "latency_up": lambda s: parse_delay(s, "uplink latency"), "latency_down": lambda s: parse_delay(s, "downlink latency"),
         "bandwidth": parse_bandwidth, "loss": parse_loss, "compute": parse_compute, "stragglers": parse_stragglers,
-        "failures": parse_failures,
+        "failures": parse_failures, "compress": _parse_compress,
     }
     parsed = {k: {v: parse_one[k](v) for v in vs} for k, vs in lists.items()}
     overrides = parse_worker_latency(spec.latency_worker)
@@ -126,7 +133,7 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
                       loss=p.get("loss", 0.0), retransmit=retransmit)
         opts = SimOptions(algo=values.get("algo", "async"), n_workers=n, network=net, stragglers=p.get("stragglers"),
                           failures=p.get("failures"), detect_s=detect, broker_s=broker_s, broker_bandwidth=broker_bw,
-                          staleness_lr=spec.staleness_lr, target=spec.target)
+                          staleness_lr=spec.staleness_lr, target=spec.target, compress=values.get("compress", "none"))
         if "compute" in p:
             opts.compute = p["compute"]
         arms.append(Arm(i, values, varying, opts.validate()))

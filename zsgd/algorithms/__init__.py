@@ -6,15 +6,18 @@ import numpy as np
 
 from zsgd.algorithms.asynchronous import AsyncSGD
 from zsgd.algorithms.base import Applied, Dropped, Output, Reply, ServerAlgorithm, Update
+from zsgd.algorithms.localsgd import LocalSGD, LocalSGDWorkerStep, parse_localsgd
 from zsgd.algorithms.ssp import StaleSynchronousSGD
 from zsgd.algorithms.synchronous import SyncSGD
+from zsgd.algorithms.worker import WorkerStep
 from zsgd.errors import ZsgdError
 
-ALGORITHMS = ("async", "sync", "ssp:S")
+ALGORITHMS = ("async", "sync", "ssp:S", "localsgd:K")
+STALENESS_LR = ("off", "scalar", "per-coordinate")
 
 
 def parse_algo(spec: str) -> tuple[str, dict]:
-    """``async`` | ``sync`` | ``ssp:S`` -> (name, options); ZsgdError names a bad spec."""
+    """``async`` | ``sync`` | ``ssp:S`` | ``localsgd:K`` -> (name, options); ZsgdError names a bad spec."""
     name, _, arg = spec.strip().partition(":")
     if name in ("async", "sync") and not arg:
         return name, {}
@@ -26,16 +29,46 @@ def parse_algo(spec: str) -> tuple[str, dict]:
         if bound < 0:
             raise ZsgdError(f"bad algorithm {spec!r}: ssp needs a staleness bound, e.g. ssp:4")
         return "ssp", {"bound": bound}
+    if name == "localsgd":
+        return "localsgd", parse_localsgd(arg)
     raise ZsgdError(f"unknown algorithm {spec!r}; choose one of {', '.join(ALGORITHMS)}")
 
 
-def make_server_algorithm(spec: str, w0: np.ndarray, optimizer, staleness_lr: bool = False, clip_norm: float | None = None) -> ServerAlgorithm:
+def parse_staleness_lr(mode: str | bool | None) -> str:
+    """Normalise ``--staleness-lr``: a bare flag means "scalar" (lr / staleness)."""
+    if mode in (None, False):
+        return "off"
+    if mode is True:
+        return "scalar"
+    if mode not in STALENESS_LR:
+        raise ZsgdError(f"bad --staleness-lr {mode!r}; choose one of {', '.join(STALENESS_LR)}")
+    return mode
+
+
+def make_server_algorithm(spec: str, w0: np.ndarray, optimizer, staleness_lr: str | bool = "off", clip_norm: float | None = None) -> ServerAlgorithm:
     name, opts = parse_algo(spec)
-    cls = {"async": AsyncSGD, "sync": SyncSGD, "ssp": StaleSynchronousSGD}[name]
-    return cls(w0, optimizer, staleness_lr=staleness_lr, clip_norm=clip_norm, **opts)
+    mode = parse_staleness_lr(staleness_lr)
+    if mode == "per-coordinate":
+        from zsgd.algorithms.staleness import CoordinateStalenessAsyncSGD, CoordinateStalenessSSP
+
+        if name not in ("async", "ssp"):
+            raise ZsgdError(f"--staleness-lr per-coordinate needs --algo async or ssp:S, not {spec!r}")
+        cls = {"async": CoordinateStalenessAsyncSGD, "ssp": CoordinateStalenessSSP}[name]
+        return cls(w0, optimizer, clip_norm=clip_norm, **opts)
+    cls = {"async": AsyncSGD, "sync": SyncSGD, "ssp": StaleSynchronousSGD, "localsgd": LocalSGD}[name]
+    return cls(w0, optimizer, staleness_lr=mode == "scalar", clip_norm=clip_norm, **opts)
+
+
+def make_worker_step(spec: str, model, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, worker: int, *,
+                     lr: float, weight_decay: float = 0.0, clip_norm: float | None = None) -> WorkerStep:
+    """The worker's side of an algorithm: one gradient, or K local steps for local SGD."""
+    name, opts = parse_algo(spec)
+    if name == "localsgd":
+        return LocalSGDWorkerStep(model, x, y, batch_size, seed, worker, k=opts["k"], lr=lr, weight_decay=weight_decay, clip_norm=clip_norm)
+    return WorkerStep(model, x, y, batch_size, seed, worker)
 
 
 __all__ = [
-    "Applied", "AsyncSGD", "Dropped", "Output", "Reply", "ServerAlgorithm", "StaleSynchronousSGD",
-    "SyncSGD", "Update", "make_server_algorithm", "parse_algo",
+    "Applied", "AsyncSGD", "Dropped", "LocalSGD", "Output", "Reply", "ServerAlgorithm", "StaleSynchronousSGD",
+    "SyncSGD", "Update", "WorkerStep", "make_server_algorithm", "make_worker_step", "parse_algo", "parse_staleness_lr",
 ]
