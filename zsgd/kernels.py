@@ -14,9 +14,9 @@ Conventions, chosen for speed:
 * Hot loops index flat arrays with **unsigned** integers. Numba inserts a
   negative-index wrap-around check for signed indices, which blocks LLVM's
   vectoriser; with ``uint64`` indices the copies run at memory speed
-  (measured 4x faster for im2col).
-* Everything is float32; scalar reductions (loss, bias gradients) accumulate
-  in float64 so the result does not depend on the batch size's rounding.
+  (im2col measured 6x faster: 17 ms to 2.5 ms for the MNIST CNN's conv2).
+* Everything is float32; long reductions (loss, bias gradients over
+  36 K pixels) accumulate in float64 so large batches lose no precision.
 * ``fastmath`` is limited to re-association/contraction (no ``nnan``/
   ``ninf``) so NaN and Inf still propagate and the broker can reject them.
 
