@@ -9,11 +9,16 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Every process a test starts inherits this marker, so the orphan check sees
+# only this session's processes, never another test run's on the same machine.
+SESSION_MARK = f"ZSGD_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["ZSGD_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
 
 
 def zsgd_cmd(*args: str) -> list[str]:
@@ -87,6 +92,11 @@ def zsgd_processes() -> set[int]:
         except OSError:
             continue
         if b"-m" in cmd and b"zsgd" in cmd and int(entry.name) != os.getpid() and pid_alive(int(entry.name)):
+            try:
+                if SESSION_MARK.encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
+            except OSError:
+                continue
             pids.add(int(entry.name))
     return pids
 

@@ -367,3 +367,19 @@ def evaluate(model: ModelLike, w: np.ndarray, x: np.ndarray, y: np.ndarray,
         total += s
         correct += c
     return total / len(x), correct / len(x)
+
+
+def warm_up(names: tuple[str, ...] = ("logreg", "mlp", "cnn", "lenet5")) -> None:
+    """Compile (or load from numba's cache) every kernel the built-in models use.
+
+    Run once after installing, so the first training step of a real run, and
+    every worker's start-up, reads compiled code instead of compiling it.
+    """
+    rng = np.random.default_rng(0)
+    for name in names:
+        m = get_model(name, input_shape=(1, 28, 28), n_classes=10)
+        w = m.init(seed=0)
+        x = rng.random((2, 1, 28, 28), dtype=np.float32)
+        y = np.array([0, 1], dtype=np.int64)
+        m.loss_and_grad(w, x, y, training=True, seed=0)
+        m.predict(w, x)

@@ -33,6 +33,8 @@ def create_run_dir(out: str | os.PathLike | None, name: str, root: str | os.Path
             path = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{n}"
     else:
         path = Path(out)
+        if (path / "metrics.jsonl").exists() or (path / "results.csv").exists():
+            raise ZsgdError(f"{path} already holds a run; choose another --out (or continue it with 'zsgd run --resume {path}')")
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
