@@ -59,7 +59,7 @@ class SimOptions:
     compute: Delay | Measured = field(default_factory=Measured)
     stragglers: StragglerSpec | None = None
     failures: FailureSpec | None = None
-    detect_s: float = 5.0  # failure -> broker notices (the runtime's heartbeat timeout)
+    detect_s: float = 3.0  # failure -> broker notices (the runtime's heartbeat timeout)
     broker_s: float = 0.0  # broker time per update (0: instantaneous)
     broker_bandwidth: float = math.inf  # bytes/s of the broker's own NIC, shared by all links
     staleness_lr: str | bool = "off"

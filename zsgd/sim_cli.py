@@ -44,7 +44,7 @@ def _sim_options(func):
         click.option("--failures", default="none", show_default=True,
                      help="W@T[+RECOVER],... (e.g. 3@10s+5s, 0-7@60s) or rate:R[+RECOVER] (R per worker per second). "
                           "Separate scenarios (arms) with ';'."),
-        click.option("--detect", default="5s", show_default=True, help="Time for the broker to notice a dead worker (the runtime's --timeout)."),
+        click.option("--detect", default="3s", show_default=True, help="Time for the broker to notice a dead worker (the runtime's --timeout)."),
         click.option("--broker-time", default="0", show_default=True, help="Broker time per update (0: instantaneous), queued FIFO."),
         click.option("--target", default=0.8, show_default=True, type=float, help="Accuracy whose virtual time-to-reach is reported."),
         click.option("--arm-plots", is_flag=True, help="Also draw each arm's own curves in its directory."),

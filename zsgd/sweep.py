@@ -51,7 +51,7 @@ class SweepSpec:
     grid: dict[str, str | None]  # dimension -> spec text (None: not given)
     latency_worker: tuple[str, ...] = ()
     retransmit: str = "200ms"
-    detect: str = "5s"
+    detect: str = "3s"
     broker_time: str = "0"
     broker_bandwidth: str = "inf"
     staleness_lr: str | bool = "off"
