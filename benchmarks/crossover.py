@@ -90,6 +90,7 @@ def main() -> None:
         print(f"\n## Real: zsgd train vs zsgd run --n-proc {args.workers} with the network injected\n")
         print("| batch | one machine (samples/s) | distributed (samples/s) | ratio | simulated ratio |")
         print("|---:|---:|---:|---:|---:|")
+        real = []
         for b in [int(x) for x in args.real_batches.split(",")]:
             zsgd("train", "--batch-size", str(b), "--time", str(args.real_seconds), *common, "--out", str(tmp / f"train{b}"))
             zsgd("run", "--n-proc", str(args.workers), "--algo", "async", "--inject-latency", args.latency, "--inject-bandwidth", args.bandwidth,
@@ -98,6 +99,7 @@ def main() -> None:
             m = steady_samples_per_s(tmp / f"run{b}")
             sim_r = float(np.interp(np.log(b), np.log(batches), ratio))
             print(f"| {b} | {o:,.0f} | {m:,.0f} | {m / o:.2f}x | {sim_r:.2f}x |")
+            real.append((b, m / o))
 
     import matplotlib
 
@@ -106,6 +108,7 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.semilogx(batches, ratio, marker="o", label=f"{args.workers} workers / one machine (simulated)")
+    ax.plot([b for b, _ in real], [r for _, r in real], "x", color="tab:red", ms=10, mew=2, label="measured: zsgd run with the network injected")
     ax.axhline(1.0, color="gray", lw=1, ls="--")
     if crossing:
         ax.axvline(crossing, color="tab:red", lw=1, ls=":", label=f"predicted crossover B = {crossing:.0f}")
