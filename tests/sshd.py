@@ -95,6 +95,7 @@ class SshServer:
             "KbdInteractiveAuthentication no",
             "UsePAM no",
             "StrictModes no",
+            "AcceptEnv ZSGD_TEST_SESSION",  # the orphan check (conftest) then sees remote workers as this session's
             "MaxStartups 200",
             "MaxSessions 50",
             "LogLevel VERBOSE",
@@ -116,6 +117,7 @@ class SshServer:
             "  UserKnownHostsFile /dev/null",
             "  GlobalKnownHostsFile /dev/null",
             "  LogLevel ERROR",
+            "  SendEnv ZSGD_TEST_SESSION",
             "",
         ]))
         log = root / "sshd.log"

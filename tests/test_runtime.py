@@ -12,7 +12,7 @@ import pytest
 
 from conftest import pid_alive, port_free, read_events, run_zsgd, wait_for, zsgd_cmd
 
-FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.01", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
 
 
 def summary_of(run_dir):

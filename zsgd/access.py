@@ -76,10 +76,10 @@ class Access:
         remote = None
         if self.plan is not None:
             address = self.remote_address(broker.address)
-            if show:
-                from zsgd.live import stderr_console
+            from zsgd.live import stderr_console
 
-                stderr_console.print(f"remote workers connect to [bold]{address}[/]" + (" (CURVE)" if self.secure else ""))
+            # Printed even with --quiet: the one address a user must know to debug a firewall.
+            stderr_console.print(f"remote workers connect to [bold]{address}[/]" + (" (CURVE)" if self.secure else ""))
             check_reach(self.plan, int(address.rsplit(":", 1)[1]))
             remote = RemoteLauncher(self.plan, address, run_dir / "logs" / "hosts", heartbeat, timeout, broker.run, keys=self.keys)
         group = LauncherGroup(local, remote)

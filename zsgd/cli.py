@@ -242,11 +242,11 @@ def _register_subcommands() -> None:
     main.add_command(data_group)
     main.add_command(remote_group)
     main.add_command(keys_group)
-    try:
-        from zsgd.sim_cli import sim_command
-    except ImportError:  # the simulator is being built
-        return
+    from zsgd.experiment_cli import experiment_command
+    from zsgd.sim_cli import sim_command
+
     main.add_command(sim_command)
+    main.add_command(experiment_command)
 
 
 _register_subcommands()

@@ -112,8 +112,9 @@ def _parse_line(line: str, lineno: int, source: str) -> Host:
                 raise _error(source, lineno, f"slots must be a whole number from 1 to {MAX_SLOTS}, got {value!r}")
             slots = int(value)
         else:
-            if any(c in value for c in "'\"`$\\;|&<>(){}*?") or (("/" in value) and not value.startswith("/")):
-                raise _error(source, lineno, f"python= needs an absolute path (e.g. /usr/bin/python3) or a command name, got {value!r}")
+            if any(c in value for c in "'\"`$\\;|&<>(){}*?") or ("/" in value and not value.startswith(("/", "~/"))):
+                raise _error(source, lineno, f"python= needs an absolute path (e.g. /usr/bin/python3 or ~/venv/bin/python) "
+                                             f"or a command name, got {value!r}")
             python = value
     return Host(host=host, user=user, port=port, slots=slots, python=python, line=lineno, source=source)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from zsgd import __version__
 from zsgd.errors import ZsgdError
 from zsgd.hosts import Host
-from zsgd.ssh import SshOptions, explain_failure, parse_tagged, probe_host, python_code_sh, python_sh
+from zsgd.ssh import SshOptions, explain_failure, parallel, parse_tagged, probe_host, python_code_sh, python_sh
 
 INIT_TAG = "ZSGD-INIT "
 REPRODUCIBLE_EPOCH = "315532800"  # 1980-01-01: zip's earliest date; fixed so equal sources give an equal wheel hash
@@ -215,9 +215,7 @@ def init_host(ssh: SshOptions, host: Host, wheel: Wheel, system_site_packages: b
 
 
 def init_hosts(ssh: SshOptions, hosts: list[Host], wheel: Wheel, system_site_packages: bool = False, warm: bool = True) -> list[InitResult]:
-    from zsgd.remote import _parallel
-
-    return _parallel(lambda h: init_host(ssh, h, wheel, system_site_packages, warm), hosts)
+    return parallel(lambda h: init_host(ssh, h, wheel, system_site_packages, warm), hosts)
 
 
 @dataclass
@@ -232,8 +230,6 @@ class CheckResult:
 
 def check_hosts(ssh: SshOptions, hosts: list[Host], hosts_path: str) -> list[CheckResult]:
     """``zsgd remote check``: is each host ready to run workers?"""
-    from zsgd.remote import _parallel
-
     def one(h: Host) -> CheckResult:
         p = probe_host(ssh, h)
         if not p.ok:
@@ -245,4 +241,4 @@ def check_hosts(ssh: SshOptions, hosts: list[Host], hosts_path: str) -> list[Che
             return CheckResult(h, False, p.python, p.zsgd, f"zsgd {p.zsgd} there, {__version__} here; run 'zsgd remote init {hosts_path}'", p.seconds)
         return CheckResult(h, True, p.python, p.zsgd, f"ready ({where})", p.seconds)
 
-    return _parallel(one, hosts)
+    return parallel(one, hosts)

@@ -32,7 +32,6 @@ import socket
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from zsgd import __version__
 from zsgd.errors import ZsgdError
 from zsgd.hosts import Host, load_hosts
 from zsgd.launch import SINGLE_THREAD_ENV, Child, LocalLauncher, _die_with_parent
-from zsgd.ssh import HostError, Probe, SshOptions, probe_host, python_sh
+from zsgd.ssh import HostError, Probe, SshOptions, parallel, probe_host, python_sh
 
 WILDCARDS = ("0.0.0.0", "::", "*", "")
 STDIN_GRACE_S = 5.0  # after stdin closes, a worker gets this long to leave politely before it is ended
@@ -74,20 +73,13 @@ class RemotePlan:
         return out
 
 
-def _parallel(fn, items: list, workers: int = 32) -> list:
-    if not items:
-        return []
-    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-        return list(pool.map(fn, items))
-
-
 def prepare_remote(path: str, ssh: SshOptions, first_id: int, allow_partial: bool = False, advertise: str | None = None,
                    host_flag: str | None = None, show: bool = True) -> RemotePlan:
     """Parse the hosts file, probe every host, choose the broker's addresses; raise on an unusable host."""
     from zsgd.live import stderr_console
 
     hosts = load_hosts(path)
-    probes = _parallel(lambda h: probe_host(ssh, h), hosts)
+    probes = parallel(lambda h: probe_host(ssh, h), hosts)
     for p in probes:
         if p.ok and not p.zsgd:
             p.ok = False
@@ -101,7 +93,7 @@ def prepare_remote(path: str, ssh: SshOptions, first_id: int, allow_partial: boo
         stderr_console.print(f"[yellow]skipping {p.host.label}[/]: {p.reason}")
     good = [p for p in probes if p.ok]
     if not good:
-        raise ZsgdError(f"no usable host in {path}")
+        raise HostError(bad[0].host, f"{bad[0].reason} -- and no other host in {path} is usable")
     for p in good:
         if p.zsgd != __version__:
             stderr_console.print(f"[yellow]warning[/]: {p.host.label} has zsgd {p.zsgd}, this machine {__version__}; "
@@ -188,7 +180,7 @@ def print_plan(plan: RemotePlan) -> None:
 def check_reach(plan: RemotePlan, port: int, timeout: float = 5.0) -> None:
     """From every host, open a TCP connection to the broker: catches firewalls and a wrong --advertise up front."""
     target = f"{plan.advertise}:{port}"
-    probes = _parallel(lambda h: probe_host(plan.ssh, h, reach=target, reach_timeout=timeout), plan.hosts)
+    probes = parallel(lambda h: probe_host(plan.ssh, h, reach=target, reach_timeout=timeout), plan.hosts)
     for p in probes:
         if not p.ok:
             raise HostError(p.host, p.reason)
@@ -278,7 +270,7 @@ class RemoteLauncher:
         """Last resort: end any process of this run still alive on ``hosts``."""
         pattern = shlex.quote(f"zsgd-run-[{self.marker[9]}]{self.marker[10:]}")  # the [x] keeps pkill from matching this shell
         script = f"if pkill -TERM -f {pattern}; then sleep 2; pkill -KILL -f {pattern}; fi; exit 0"
-        _parallel(lambda h: self.plan.ssh.run(h, script, timeout=self.plan.ssh.connect_timeout + 10), hosts)
+        parallel(lambda h: self.plan.ssh.run(h, script, timeout=self.plan.ssh.connect_timeout + 10), hosts)
 
 
 def _send_line(proc: subprocess.Popen, obj: dict) -> None:

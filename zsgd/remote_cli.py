@@ -90,8 +90,9 @@ def init_command(hosts_file: str, ssh_config: str | None, ssh_option: tuple[str,
         table.add_row(r.host.label, f"[{style}]{r.status}[/]", r.python or "-", r.zsgd or "-", f"{r.seconds:.1f} s")
     stderr_console.print(table)
     failed = [r for r in results if not r.ok]
-    for r in failed:
-        stderr_console.print(f"[red]{r.host.label}[/]: {r.error}")
+    if len(failed) > 1:
+        for r in failed:
+            stderr_console.print(f"[red]{r.host.label}[/]: {r.error}")
     if failed:
         raise ZsgdError(f"{failed[0].host.label}: {failed[0].error}" if len(failed) == 1
                         else f"{len(failed)} of {len(results)} hosts failed (first: {failed[0].host.label}: {failed[0].error})")

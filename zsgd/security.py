@@ -94,6 +94,7 @@ class RunKeys:
     server: KeyPair
     clients: dict[str, KeyPair] = field(default_factory=dict)
     extra_allowed: dict[str, str] = field(default_factory=dict)  # public -> name
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # the ZAP thread reads while launchers add
 
     @classmethod
     def create(cls, keys_dir: str | Path | None = None) -> "RunKeys":
@@ -104,17 +105,18 @@ class RunKeys:
 
     def bundle(self, name: str) -> dict[str, str]:
         """The keys for process ``name`` (e.g. ``worker-3``), made on first use."""
-        if name not in self.clients:
-            self.clients[name] = KeyPair.generate()
-        return client_bundle(self.server.public, self.clients[name])
+        with self._lock:
+            if name not in self.clients:
+                self.clients[name] = KeyPair.generate()
+            return client_bundle(self.server.public, self.clients[name])
 
     def allowed(self) -> dict[str, str]:
-        return {kp.public: name for name, kp in self.clients.items()} | self.extra_allowed
+        with self._lock:
+            return {kp.public: name for name, kp in self.clients.items()} | self.extra_allowed
 
-    def broker_curve(self, log_path: Path | None = None) -> dict[str, Any]:
-        """``BrokerOptions.curve``: the server keypair and the allow-list (read live, so keys made later count)."""
-        return {"secret": self.server.secret.encode(), "public": self.server.public.encode(), "allowed": self.allowed,
-                "log": log_path}
+    def broker_curve(self) -> dict[str, Any]:
+        """``BrokerOptions.curve``: the server keypair and the allow-list, read live (launchers add keys after the bind)."""
+        return {"secret": self.server.secret.encode(), "public": self.server.public.encode(), "allowed": self.allowed}
 
 
 # -- key files -------------------------------------------------------------------------
@@ -230,8 +232,11 @@ def is_loopback(host: str) -> bool:
 
 # -- the broker's gatekeeper ----------------------------------------------------------------
 _HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-_REASONS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "unknown client key",
-            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "no CURVE keys, or the wrong server key"}
+_REASONS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "client key not on this run's allow-list",
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed"}
+_DETAILS = {int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH): "no CURVE keys (plain-text client)",
+            int(zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC): "wrong server key (the handshake could not be decrypted)"}
+LOG_FIRST = 100  # refusals logged one by one; after that, every 1000th
 
 
 class CurveGuard:
@@ -305,7 +310,12 @@ class CurveGuard:
             while not self._stop.is_set():
                 events = dict(poller.poll(100))
                 if self._zap in events:
-                    self._answer(self._zap.recv_multipart())
+                    frames = self._zap.recv_multipart()
+                    try:
+                        self._answer(frames)
+                    except Exception as exc:  # never let the gate die: a dead ZAP handler would stall every handshake
+                        self._log(f"ZAP handler error ({exc!r}); denying")
+                        self._zap.send_multipart([b"1.0", frames[1] if len(frames) > 1 else b"", b"500", b"internal error", b"", b""])
                 if mon in events:
                     try:
                         event = parse_monitor_message(mon.recv_multipart())
@@ -318,22 +328,25 @@ class CurveGuard:
                         self._log(f"a connection closed during the handshake (errno {int(event['value'])}) on {where}")
                     elif event["event"] & _HANDSHAKE_FAILED:
                         self.refused += 1
-                        self._log(f"refused a client: {_REASONS.get(event['event'], 'handshake failed')} "
-                                  f"(detail {int(event['value']):#x}) on {where}")
+                        if self.refused <= LOG_FIRST or self.refused % 1000 == 0:  # a client retrying for hours must not fill the disk
+                            reason = _DETAILS.get(int(event["value"]), _REASONS.get(event["event"], "handshake failed"))
+                            self._log(f"refused a client ({self.refused} so far): {reason} on {where}")
         finally:
             self._zap.close(linger=0)
             mon.close(linger=0)
 
     def _answer(self, frames: list[bytes]) -> None:
         """One ZAP request: frames are version, request id, domain, address, identity, mechanism, credentials."""
-        if len(frames) < 6:
+        if len(frames) < 6:  # malformed; a REP socket must still answer before it can read the next request
+            self._zap.send_multipart([b"1.0", frames[1] if len(frames) > 1 else b"", b"400", b"malformed ZAP request", b"", b""])
             return
         version, request_id, _domain, address, _identity, mechanism = frames[:6]
         creds = frames[6:]
         name = self.allowed_keys().get(creds[0]) if mechanism == b"CURVE" and creds else None
-        if name is None:
+        if name is None and self.refused < LOG_FIRST:
             who = zmq.utils.z85.encode(creds[0]).decode() if mechanism == b"CURVE" and creds and len(creds[0]) == 32 else "-"
             self._log(f"denied {mechanism.decode(errors='replace')} client at {address.decode(errors='replace')}: key {who} is not one of this run's")
+        if name is None:
             self._zap.send_multipart([version, request_id, b"400", b"unknown client key", b"", b""])
         else:
             self.admitted += 1

@@ -184,6 +184,8 @@ class Simulation:
         self.net = opts.network
         self.u_bytes, self.w_bytes = workload.update_bytes, workload.weights_bytes
         self.codecs: list = [None] * n
+        name, algo_opts = parse_algo(opts.algo)
+        self.local_steps = int(algo_opts.get("k", 1)) if name == "localsgd" else 1
         self.last_update_bytes = self.u_bytes
         # Sparse codecs whose size depends on the gradient (AdaComp) are encoded when
         # the worker finishes, so the transfer time uses the real size; fixed-size
@@ -247,7 +249,7 @@ class Simulation:
             self.tx_free = max(t, self.tx_free) + self.w_bytes / self.opts.broker_bandwidth
             t = self.tx_free
         t += self.net.delay(w, False, self.w_bytes, self.rng_down)
-        c = self.compute.sample(self.rng_compute)
+        c = sum(self.compute.sample(self.rng_compute) for _ in range(self.local_steps))  # local SGD: K steps per round
         if self.stragglers is not None:
             c *= self.stragglers.factor(w, t)
         self._push(t + c, _DONE, w, self.inc[w], r.version, r.weights)

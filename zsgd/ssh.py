@@ -88,6 +88,16 @@ class SshOptions:
         return conf
 
 
+def parallel(fn, items: list, workers: int = 32) -> list:
+    """``fn`` over ``items`` on threads (each call mostly waits on an ssh process), results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
 def remote_dir_sh(remote_dir: str) -> str:
     """The remote directory as a sh word; ``~`` expands to the remote user's home."""
     if remote_dir == "~":
@@ -102,7 +112,7 @@ def python_sh(host: Host, remote_dir: str, prefer_venv: bool = True) -> str:
 
     The venv ``zsgd remote init`` made wins; else ``python=`` from the hosts
     file; else ``python3``."""
-    py = shlex.quote(host.python) if host.python else "python3"
+    py = (remote_dir_sh(host.python) if host.python.startswith("~") else shlex.quote(host.python)) if host.python else "python3"
     if not prefer_venv:
         return f"D={remote_dir_sh(remote_dir)}; PY={py}"
     return f'D={remote_dir_sh(remote_dir)}; if [ -x "$D/venv/bin/python" ]; then PY="$D/venv/bin/python"; else PY={py}; fi'
@@ -208,7 +218,10 @@ def explain_failure(host: Host, ssh: SshOptions, proc: subprocess.CompletedProce
     err = proc.stderr.decode(errors="replace") if isinstance(proc.stderr, bytes) else (proc.stderr or "")
     low = err.lower()
     dest = " ".join(host.ssh_destination())
-    port = host.port or "22"
+    import re
+
+    said = re.search(r"port (\d+):", err)  # ssh names the port it used, whatever the config said
+    port = said.group(1) if said else (host.port or "22")
     if "could not resolve hostname" in low or "name or service not known" in low:
         return f"unknown host: ssh cannot resolve {host.host!r}; fix the name on {host.where} or add it to your ~/.ssh/config"
     if "permission denied" in low:

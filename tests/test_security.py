@@ -1,0 +1,151 @@
+"""CURVE: key files, key hand-over, and rogue clients against a real secure run."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import read_events, run_zsgd, wait_for, zsgd_cmd
+from zsgd import protocol
+from zsgd.errors import ZsgdError
+from zsgd.protocol import Message, MsgType
+from zsgd.security import KeyPair, generate_keys_dir, is_loopback, load_keys_dir, read_keys_line
+
+FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+
+
+def test_keys_generate_writes_private_files(tmp_path):
+    d = tmp_path / "keys"
+    proc = run_zsgd("keys", "generate", str(d), "--clients", "2", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in d.iterdir()) == ["client-1.json", "client-2.json", "server.json"]
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for p in d.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    server, allowed = load_keys_dir(d)
+    client = json.loads((d / "client-1.json").read_text())
+    assert client["server"] == server.public and client["public"] in allowed and len(client["secret"]) == 40
+    again = run_zsgd("keys", "generate", str(d), timeout=60)
+    assert again.returncode == 2 and "--force" in again.stderr and again.stderr.count("\n") == 1
+    (d / "client-2.json").chmod(0o644)
+    with pytest.raises(ZsgdError, match="readable by other users; run 'chmod 600"):
+        load_keys_dir(d)
+
+
+def test_keys_line_from_stdin():
+    r, w = os.pipe()
+    kp = KeyPair.generate()
+    os.write(w, json.dumps({"server": kp.public, "public": kp.public, "secret": kp.secret}).encode() + b"\nstays unread")
+    curve = read_keys_line(r, timeout=2)
+    assert curve["secret"] == kp.secret.encode()
+    assert os.read(r, 100) == b"stays unread"  # nothing past the line was consumed (the stdin watchdog reads the rest)
+    os.write(w, b'{"server": "short"}\n')
+    with pytest.raises(ZsgdError, match="Z85|'public'"):
+        read_keys_line(r, timeout=2)
+    with pytest.raises(ZsgdError, match="no keys arrived"):
+        read_keys_line(r, timeout=0.2)
+    os.close(w)
+    os.close(r)
+
+
+def test_worker_with_bad_keys_is_a_one_line_error(tmp_path):
+    proc = subprocess.run(zsgd_cmd("worker", "--connect", "tcp://127.0.0.1:9", "--keys-stdin"), input="not json\n", capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--keys-stdin" in proc.stderr
+    loose = tmp_path / "k.json"
+    loose.write_text("{}")
+    loose.chmod(0o644)
+    proc = run_zsgd("worker", "--connect", "tcp://127.0.0.1:9", "--keys-file", str(loose), timeout=60)
+    assert proc.returncode == 2 and "chmod 600" in proc.stderr
+
+
+def test_loopback_detection():
+    assert is_loopback("127.0.0.1") and is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("example.org")
+
+
+def _rogue(ctx: zmq.Context, address: str, kind: str, server_public: str) -> zmq.Socket:
+    """A client that tries to join and inject: no keys, unknown keys, or the wrong server key.
+
+    Each one claims worker 0's routing identity (a replayed identity): were it
+    admitted, ROUTER_HANDOVER would hand it worker 0's route."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", 0))
+    if kind != "none":
+        mine = KeyPair.generate()
+        sock.curve_secretkey, sock.curve_publickey = mine.secret.encode(), mine.public.encode()
+        sock.curve_serverkey = (server_public if kind == "unknown-key" else KeyPair.generate().public).encode()
+    sock.connect(address)
+    hello = Message(MsgType.HELLO, "-", 0, 0, {}, meta={"stage": "join", "role": "worker", "host": "rogue", "pid": 1})
+    sock.send_multipart(protocol.encode(hello))
+    grad = np.full(7850, 1e3, np.float32)
+    sock.send_multipart(protocol.encode(protocol.update_message("x", 0, 0, grad, 32, 0.0)))
+    return sock
+
+
+def test_rogue_clients_get_nothing_and_change_nothing(tmp_path, no_orphans):
+    keys = tmp_path / "keys"
+    generate_keys_dir(keys, 0)
+    server, _ = load_keys_dir(keys)
+    out = tmp_path / "run"
+    proc = subprocess.Popen(zsgd_cmd("run", "--n-proc", "2", "--keys", str(keys), "--algo", "sync", "--steps", "400", "--out", str(out), *FAST),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    ctx = zmq.Context()
+    rogues = []
+    try:
+        wait_for(lambda: any(e["event"] == "update" and e["updates"] >= 10 for e in read_events(out)), 60, what="training")
+        address = next(e["address"] for e in read_events(out) if e["event"] == "start")
+        rogues = [_rogue(ctx, address, kind, server.public) for kind in ("none", "unknown-key", "wrong-server-key")]
+        poller = zmq.Poller()
+        for r in rogues:
+            poller.register(r, zmq.POLLIN)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            assert not poller.poll(100), "a rogue client received a message"
+        _, err = proc.communicate(timeout=120)
+    finally:
+        for r in rogues:
+            r.close()
+        ctx.term()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["updates"] >= 400 and s["test_accuracy"] > 0.7, s
+    assert s["rejected_messages"] == 0  # nothing the rogues sent ever reached the broker's message handling
+    assert s["refused_clients"] >= 3, s
+    assert s["worker_deaths"] == 0 and all(w["incarnations"] == 1 for w in s["workers"].values())  # no route taken over
+    log = (out / "security.log").read_text()
+    assert "denied CURVE client" in log and "refused a client" in log
+
+
+def test_hand_started_worker_joins_with_a_key_file(tmp_path, no_orphans):
+    """'zsgd broker --keys DIR' admits a worker started by hand with one of DIR's client files."""
+    keys = tmp_path / "keys"
+    assert run_zsgd("keys", "generate", str(keys), "--clients", "1", timeout=60).returncode == 0
+    out = tmp_path / "run"
+    broker = subprocess.Popen(zsgd_cmd("broker", "--workers", "1", "--keys", str(keys), "--steps", "100", "--out", str(out), *FAST),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    worker = None
+    try:
+        address = wait_for(lambda: next((e["address"] for e in read_events(out) if e["event"] == "start"), None), 60, what="broker")
+        worker = subprocess.run(zsgd_cmd("worker", "--connect", address, "--keys-file", str(keys / "client-1.json"), "--heartbeat", "0.2",
+                                         "--timeout", "1.5"), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        _, err = broker.communicate(timeout=60)
+    finally:
+        if broker.poll() is None:
+            broker.kill()
+            broker.communicate()
+    assert worker.returncode == 0, worker.stderr
+    assert broker.returncode == 0, err[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["updates"] >= 100 and s["refused_clients"] == 0
