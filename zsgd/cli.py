@@ -200,6 +200,9 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
 def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None, heartbeat: float, timeout: float, join_timeout: float, quiet: bool,
            keys_stdin: bool, keys_file: str | None, watch_stdin: bool, host_label: str | None, tag: str | None) -> None:
     """Join a broker and compute gradients until it says stop."""
+    from zsgd.threads import single_threaded_blas
+
+    single_threaded_blas()
     from zsgd.node import NodeOptions, run_node
 
     if not connect.startswith(("tcp://", "ipc://")):

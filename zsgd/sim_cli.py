@@ -70,6 +70,9 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
     zsgd sim --workers 64 --algo async,sync,ssp:4 --latency 0,10,50,200ms --stragglers 0.1:4x
     --model cnn --data fashion-mnist --steps 2000 --out DIR
     """
+    from zsgd.threads import single_threaded_blas
+
+    single_threaded_blas()  # measured compute must be a worker's (one thread), and arms must not fight over cores
     from zsgd.sweep import SweepSpec, build_arms
 
     cfg = build_config(ctx, params, default_name=f"sim-{params['model']}")

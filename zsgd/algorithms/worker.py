@@ -31,8 +31,9 @@ class WorkerStep:
         from zsgd.train import step_seed
 
         idx = next(self.stream)
-        loss, grad = self.model.loss_and_grad(
-            weights, to_float(self.x[idx]), self.y[idx], training=True, seed=step_seed(self.seed, self.worker, self.steps)
-        )
+        with np.errstate(over="ignore", invalid="ignore"):  # divergence shows as a non-finite loss, reported by the caller
+            loss, grad = self.model.loss_and_grad(
+                weights, to_float(self.x[idx]), self.y[idx], training=True, seed=step_seed(self.seed, self.worker, self.steps)
+            )
         self.steps += 1
         return Update(self.worker, version, grad, len(idx), float(loss))
