@@ -173,7 +173,7 @@ def print_plan(plan: RemotePlan) -> None:
         table.add_row(h.label, f"{ids[0]}-{ids[-1]}" if len(ids) > 1 else str(ids[0]), f"{p.python} ({'venv' if p.venv else p.executable})",
                       str(p.zsgd), f"{p.seconds:.1f} s")
     for p in plan.skipped:
-        table.add_row(f"[red]{p.host.label}[/]", "-", "-", "-", f"[red]skipped[/]")
+        table.add_row(f"[red]{p.host.label}[/]", "-", "-", "-", "[red]skipped[/]")
     stderr_console.print(table)
 
 

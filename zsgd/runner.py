@@ -9,7 +9,7 @@ child and closes the socket before the summary is written.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ class RunOptions:
     def validate(self) -> "RunOptions":
         from zsgd.algorithms import parse_algo
 
-        from zsgd.algorithms import make_server_algorithm, parse_staleness_lr
+        from zsgd.algorithms import parse_staleness_lr
         from zsgd.compression import make_codec
 
         parse_algo(self.algo)

@@ -119,6 +119,13 @@ class Workload:
             self._shards[n_workers] = [(ds.x_train[i], ds.y_train[i]) for i in idx]
         return self._shards[n_workers]
 
+    def compute_model(self, spec: "Delay | Measured", steps: int = 5) -> "tuple[Delay, float | None]":
+        """The compute-time model of an arm, and the calibrated seconds when it is ``measured``."""
+        if isinstance(spec, Measured):
+            seconds = self.calibrate(steps)
+            return Constant(seconds), seconds
+        return spec, None
+
     def calibrate(self, steps: int = 5, warmup: int = 3) -> float:
         """Median seconds of one real gradient step on this machine, measured
         once per workload and shared by every arm.
@@ -172,12 +179,7 @@ class Simulation:
         self.rule = workload.problem.stop_rule(cfg)
         optimizer = make_optimizer(cfg.optimizer, self.model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.algo = make_server_algorithm(opts.algo, workload.w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=cfg.clip_norm)
-        self.compute_s: float | None = None
-        if isinstance(opts.compute, Measured):
-            self.compute_s = workload.calibrate(opts.calibration_steps)
-            self.compute: Delay = Constant(self.compute_s)
-        else:
-            self.compute = opts.compute
+        self.compute, self.compute_s = workload.compute_model(opts.compute, opts.calibration_steps)
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
         rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0x51D]).spawn(4)]
         self.rng_down, self.rng_up, self.rng_compute, self.rng_fail = rngs

@@ -43,7 +43,7 @@ from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn
 from zsgd.decentralized.topology import Topology, parse_topology
 from zsgd.errors import ZsgdError
 from zsgd.metrics import MetricsWriter
-from zsgd.netmodel import Constant, Delay, Measured, Network, StragglerSpec
+from zsgd.netmodel import Delay, Measured, Network, StragglerSpec
 from zsgd.protocol import ProtocolError
 from zsgd.rundir import save_arrays, write_json
 from zsgd.sim import ProgressFn, SimResult, Workload
@@ -136,12 +136,7 @@ class DecentralizedSimulation:
 
         self.driver = DecentralizedRound.build(opts.algo, self.topology, workload.w0, fns, opts.params, lr=cfg.lr,
                                                compress=opts.compress, seed=cfg.seed, optimizer_factory=optimizer)
-        self.compute_s: float | None = None
-        if isinstance(opts.compute, Measured):
-            self.compute_s = workload.calibrate(opts.calibration_steps)
-            self.compute: Delay = Constant(self.compute_s)
-        else:
-            self.compute = opts.compute
+        self.compute, self.compute_s = workload.compute_model(opts.compute, opts.calibration_steps)
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
         self.rng_compute, self.rng_net = (np.random.default_rng(s) for s in
                                           np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0xDEC]).spawn(2))
