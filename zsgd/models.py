@@ -362,7 +362,8 @@ def evaluate(model: ModelLike, w: np.ndarray, x: np.ndarray, y: np.ndarray,
         yb = np.asarray(y[i:i + batch_size])
         if not np.issubdtype(yb.dtype, np.integer) or yb.min() < 0 or yb.max() >= model.n_classes:
             raise ZsgdError(f"labels must be integers in [0, {model.n_classes})")
-        logits = np.ascontiguousarray(model.predict(w, xb), dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged model shows as a non-finite loss, not warnings
+            logits = np.ascontiguousarray(model.predict(w, xb), dtype=np.float32)
         s, c = K.xent_sum_correct(logits, yb.astype(np.int64))
         total += s
         correct += c
