@@ -74,7 +74,7 @@ def train(ctx: click.Context, out: str | None, quiet: bool, **params) -> None:
 
 def _runtime_options(func):
     opts = [
-        click.option("--algo", default="async", show_default=True, help="Server algorithm: async, sync, ssp:S."),
+        click.option("--algo", default="async", show_default=True, help="async, sync, ssp:S, localsgd:K; or decentralized dsgd, dsgt, cadmm."),
         click.option("--port", default=0, show_default=True, type=int, help="Broker port (0 picks a free one)."),
         click.option("--host", default=None, help="Interface the broker listens on (default 127.0.0.1; with --remote, the advertised address)."),
         click.option("--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."),
@@ -90,23 +90,47 @@ def _runtime_options(func):
         click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Checkpoint every N updates (0: off)."),
         click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
         click.option("--quiet", "-q", is_flag=True, help="No live view."),
+        click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files to RUN_DIR/tensorboard (needs tensorboardX)."),
     ]
     for opt in reversed(opts):
         func = opt(func)
     return func
 
 
+def _decentralized_options(func):
+    """Flags of --algo dsgd|dsgt|cadmm, named as in experiment files (topology, alpha0, mu, rho ...)."""
+    opts = [
+        click.option("--topology", default=None, metavar="SPEC", help="Decentralized graph (default ring): ring, torus[:RxC], wheel, complete, random-regular:D, erdos-renyi:P."),
+        click.option("--alpha0", default=None, type=float, help="dsgd/dsgt step alpha_k = alpha0 / (1 + mu k) (default: --lr)."),
+        click.option("--mu", default=None, type=float, help="dsgd/dsgt step decay (default 0: constant)."),
+        click.option("--gamma", default=None, type=float, help="dsgd/dsgt consensus step in (0, 1] (default 1; 0.2 with --compress)."),
+        click.option("--rho", default=None, type=float, help="cadmm penalty (default 0.1)."),
+        click.option("--rho-scaling", default=None, type=float, help="cadmm: rho is multiplied by this each round (default 1)."),
+        click.option("--primal-steps", default=None, type=int, help="cadmm local optimizer steps per round (default 5)."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _pop_decentralized(params: dict) -> dict:
+    from zsgd.runner import DECENTRALIZED_FLAGS
+
+    return {k: params.pop(k) for k in DECENTRALIZED_FLAGS}
+
+
 def _print_run_summary(summary: dict) -> None:
     from zsgd.live import stderr_console, summary_table
 
     keys = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s", "staleness_mean",
-            "staleness_max", "rejected_messages", "refused_clients", "worker_deaths", "stop_reason", "run_dir")
+            "staleness_max", "consensus_error", "rejected_messages", "refused_clients", "worker_deaths", "stop_reason", "run_dir")
     stderr_console.print(summary_table("summary", {k: summary[k] for k in keys if k in summary}))
 
 
 @main.command()
 @training_options
 @_runtime_options
+@_decentralized_options
 @remote_run_options
 @secure_options
 @click.option("--n-proc", default=None, type=int, help="Local worker processes to start (default 2; 0 with --remote).")
@@ -118,7 +142,7 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
     """Train with a broker and N worker processes over ZeroMQ."""
     from zsgd.runner import RunOptions, run_distributed
 
-    extra = pop_run_flags(params)
+    extra = pop_run_flags(params) | _pop_decentralized(params) | {"tensorboard": params.pop("tensorboard")}
     if n_proc is None:
         n_proc = 0 if extra.get("remote") else 2
     if resume_dir is not None:
@@ -162,6 +186,7 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
 @main.command()
 @training_options
 @_runtime_options
+@_decentralized_options
 @click.option("--workers", "n_workers", required=True, type=int, help="Number of workers the run expects (they join with 'zsgd worker').")
 @click.option("--evaluator/--no-evaluator", default=True, show_default=True, help="Start a local evaluator process.")
 @secure_options
@@ -178,7 +203,7 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
     opts = RunOptions(n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
                       staleness_lr=staleness_lr, compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
                       inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
-                      show=not quiet, **pop_run_flags(params))
+                      show=not quiet, tensorboard=params.pop("tensorboard"), **pop_run_flags(params), **_pop_decentralized(params))
     summary = run_distributed(cfg, opts, out=out)
     _print_run_summary(summary)
 

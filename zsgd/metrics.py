@@ -35,27 +35,63 @@ def _clean(value: Any) -> Any:
 
 class MetricsWriter:
     """Appends events to ``metrics.jsonl``, one flushed line each, so a run
-    killed mid-way keeps every event up to the kill."""
+    killed mid-way keeps every event up to the kill. With ``tensorboard``
+    (a directory) the scalars also go to TensorBoard event files."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard: Path | None = None) -> None:
         self.path = Path(path)
         self._file = open(self.path, "a", buffering=1)
+        self._tb = TensorBoardSink(Path(tensorboard)) if tensorboard is not None else None
 
     def write(self, event: str, t: float, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "t": round(float(t), 6)}
         record.update({k: _clean(v) for k, v in fields.items()})
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        if self._tb is not None:
+            self._tb.write(record)
         return record
 
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+        if self._tb is not None:
+            self._tb.close()
 
     def __enter__(self) -> "MetricsWriter":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class TensorBoardSink:
+    """Mirrors the scalar events into TensorBoard files (tensorboardX, optional)."""
+
+    TAGS = {"train": {"loss": "train/loss"}, "eval": {"test_acc": "test/accuracy", "test_loss": "test/loss"},
+            "update": {"staleness": "staleness"}}
+
+    def __init__(self, log_dir: Path) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise ZsgdError("--tensorboard needs tensorboardX: pip install 'zsgd[tensorboard]' (or tensorboardX)") from None
+        import time
+
+        self._t0 = time.time()
+        self._writer = SummaryWriter(str(log_dir), flush_secs=5)
+
+    def write(self, record: dict[str, Any]) -> None:
+        tags = self.TAGS.get(record["event"])
+        step = record.get("updates")
+        if not tags or step is None:
+            return
+        for field, tag in tags.items():
+            value = record.get(field)
+            if value is not None:
+                self._writer.add_scalar(tag, value, global_step=step, walltime=self._t0 + record["t"])
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def read_metrics(path: Path) -> Iterator[dict[str, Any]]:

@@ -20,6 +20,9 @@ from zsgd.metrics import MetricsWriter
 from zsgd.rundir import create_run_dir, write_json
 
 
+DECENTRALIZED_FLAGS = ("topology", "alpha0", "mu", "rho", "rho_scaling", "primal_steps", "gamma")
+
+
 @dataclass
 class RunOptions:
     n_proc: int = 2
@@ -33,6 +36,7 @@ class RunOptions:
     checkpoint_every: int = 500
     eval_interval: float = 0.0
     evaluator: bool = True
+    tensorboard: bool = False  # also write TensorBoard event files (tensorboardX)
     expect_workers: int | None = None  # broker-only mode: workers started by hand
     inject_latency: str | None = None  # emulation: same specs as zsgd sim
     inject_bandwidth: str | None = None
@@ -45,7 +49,43 @@ class RunOptions:
     secure: bool = False  # CURVE even on loopback (always on beyond it)
     keys_dir: str | None = None  # from 'zsgd keys generate'
     remote_workers: int = 0  # set once the hosts have answered
+    # decentralized algorithms (dsgd, dsgt, cadmm): the graph and the rule's hyper-parameters
+    # (None: the defaults of DecentralizedParams; refused with a centralized --algo)
+    topology: str | None = None
+    alpha0: float | None = None
+    mu: float | None = None
+    rho: float | None = None
+    rho_scaling: float | None = None
+    primal_steps: int | None = None
+    gamma: float | None = None
     show: bool = True
+
+    @property
+    def decentralized(self) -> bool:
+        from zsgd.decentralized.rules import is_decentralized
+
+        return is_decentralized(self.algo)
+
+    def decentralized_params(self):
+        """The rule's ``DecentralizedParams`` from the flags that were given (validated)."""
+        from zsgd.decentralized.rules import DecentralizedParams
+
+        given = {k: getattr(self, k) for k in DECENTRALIZED_FLAGS[1:] if getattr(self, k) is not None}
+        return DecentralizedParams(**given).validate()
+
+    def _validate_decentralized(self) -> None:
+        from zsgd.decentralized.rules import DECENTRALIZED, PARAMS_OF
+
+        if self.algo not in DECENTRALIZED:
+            raise ZsgdError(f"bad algorithm {self.algo!r}: {self.algo.partition(':')[0]} takes its options as flags (--topology, --alpha0, --rho ...)")
+        for k in DECENTRALIZED_FLAGS[1:]:
+            if getattr(self, k) is not None and k not in PARAMS_OF[self.algo]:
+                raise ZsgdError(f"--{k.replace('_', '-')} is a parameter of {', '.join(a for a, p in PARAMS_OF.items() if k in p)}, not {self.algo}")
+        self.decentralized_params()
+        if self.staleness_lr not in ("off", False, None):
+            raise ZsgdError(f"--staleness-lr applies to centralized algorithms, not {self.algo}")
+        if self.inject_latency or self.inject_bandwidth or self.inject_loss or self.stragglers:
+            raise ZsgdError(f"--inject-latency/--inject-bandwidth/--inject-loss/--stragglers are not emulated for {self.algo} runs yet")
 
     def validate(self) -> "RunOptions":
         from zsgd.algorithms import parse_algo
@@ -53,7 +93,15 @@ class RunOptions:
         from zsgd.algorithms import parse_staleness_lr
         from zsgd.compression import make_codec
 
-        parse_algo(self.algo)
+        # Decentralized algorithms are dispatched here, not by parse_algo: that one names
+        # the server algorithms, which zsgd sim's centralized grid also accepts.
+        if self.decentralized:
+            self._validate_decentralized()
+        else:
+            parse_algo(self.algo)
+            given = [k for k in DECENTRALIZED_FLAGS if getattr(self, k) is not None]
+            if given:
+                raise ZsgdError(f"--{given[0].replace('_', '-')} applies to decentralized algorithms (dsgd, dsgt, cadmm), not {self.algo}")
         self.staleness_lr = parse_staleness_lr(self.staleness_lr)
         if self.staleness_lr == "per-coordinate" and not self.algo.startswith(("async", "ssp")):
             raise ZsgdError(f"--staleness-lr per-coordinate needs --algo async or ssp:S, not {self.algo!r}")
@@ -99,6 +147,13 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
 
     access = prepare_access(opts)  # probes remote hosts; a bad host fails here, before anything starts
     resume = None
+    topology = None
+    if opts.decentralized:
+        from zsgd.decentralized.topology import parse_topology
+
+        if resume_dir is not None:
+            raise ZsgdError(f"--resume: {opts.algo} runs keep no checkpoint (each node holds its own state); start a new run")
+        topology = parse_topology(opts.topology or "ring", opts.n_workers, cfg.seed)  # a bad graph fails before anything starts
     if resume_dir is not None:
         from zsgd.checkpoint import load_checkpoint
 
@@ -118,8 +173,15 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=access.bind(opts.port), curve=access.broker_curve(), heartbeat=opts.heartbeat,
                           timeout=opts.timeout, staleness_lr=opts.staleness_lr, compress=opts.compress, checkpoint_every=opts.checkpoint_every,
                           eval_every_s=opts.eval_interval, emulator=opts.emulator(cfg.seed))
-    with MetricsWriter(run_dir / "metrics.jsonl") as metrics:
-        broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None)
+    with MetricsWriter(run_dir / "metrics.jsonl", tensorboard=run_dir / "tensorboard" if opts.tensorboard else None) as metrics:
+        if topology is not None:
+            from zsgd.decentralized.relay import RelayBroker
+
+            bopts.checkpoint_every = 0
+            broker = RelayBroker(cfg, problem, bopts, run_dir, metrics, algo=opts.algo, topology=topology,
+                                 params=_resolved_params(opts, cfg))
+        else:
+            broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None)
         metrics.write("start", broker.elapsed, mode="run", algo=opts.algo, n_workers=opts.n_workers, address=broker.address,
                       model=cfg.model, data=ds.name, n_params=problem.model.n_params, resumed=resume is not None)
         if opts.show:
@@ -157,7 +219,19 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
 
     plot_run(run_dir)
     summary["run_dir"] = str(run_dir)
+    if getattr(broker, "failed", False):
+        from zsgd.decentralized.relay import RunStopped
+
+        raise RunStopped(f"run stopped early: {summary['stop_reason']} (summary of {summary['updates']} rounds in {run_dir})")
     return summary
+
+
+def _resolved_params(opts: RunOptions, cfg: TrainConfig):
+    """The rule's parameters with alpha0 (the problem's lr) and gamma filled in, as the nodes will use them."""
+    from dataclasses import replace
+
+    params = opts.decentralized_params()
+    return replace(params, alpha0=params.alpha0 or cfg.lr, gamma=params.resolved_gamma(opts.compress))
 
 
 def _check_children(broker: Broker, launcher, opts: RunOptions, started: float) -> None:
