@@ -88,7 +88,7 @@ class Broker:
             self.optimizer.load_state_arrays(opt_state)
             self.state.updates, self.state.samples = int(counters["updates"]), int(counters["samples"])
             self.t_offset = float(counters.get("elapsed", 0.0))
-        self.algo = make_server_algorithm(opts.algo, w0, self.optimizer, staleness_lr=opts.staleness_lr, clip_norm=cfg.clip_norm)
+        self.algo = self._make_algorithm(w0)
         self.algo.version = self.state.updates
         self.members = Membership(opts.n_workers, opts.timeout)
         self.rule = problem.stop_rule(cfg)
@@ -109,6 +109,14 @@ class Broker:
             self._held = None
 
     # -- set-up ----------------------------------------------------------------
+    def _make_algorithm(self, w0: np.ndarray):
+        """The server algorithm the broker drives (a hook: the decentralized relay has none)."""
+        return make_server_algorithm(self.opts.algo, w0, self.optimizer, staleness_lr=self.opts.staleness_lr, clip_norm=self.cfg.clip_norm)
+
+    def _assign_meta(self, peer: Peer) -> dict[str, Any]:
+        """Extra ASSIGN fields for ``peer`` (a hook: the relay adds the topology and the rule's parameters)."""
+        return {}
+
     def _bind(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -218,10 +226,16 @@ class Broker:
                 self._on_update(peer, msg)
         elif msg.type == MsgType.EVAL:
             self._on_eval(peer, msg)
+        elif msg.type == MsgType.PEER:
+            self._on_peer(peer, frames, msg)
         elif msg.type == MsgType.LEAVE:
             self._drop_peer(peer, "left", now)
         else:
             self._reject(identity, "unexpected-type", f"{msg.type.name} is not accepted by the broker")
+
+    def _on_peer(self, peer: Peer, frames: list, msg: Message) -> None:
+        """Worker-to-worker messages exist only in decentralized runs (``zsgd.decentralized.relay``)."""
+        self._reject(peer.identity, "unexpected-type", "PEER is not accepted by a centralized broker")
 
     def _reject(self, identity: bytes, reason: str, text: str) -> None:
         self.state.rejected[reason] += 1
@@ -246,7 +260,7 @@ class Broker:
             if rejoined:
                 self.state.rejoins += 1
             meta = {"config": self.cfg.to_dict(), "n_workers": self.opts.n_workers, "heartbeat": self.opts.heartbeat,
-                    "algo": self.opts.algo, "compress": self.opts.compress}
+                    "algo": self.opts.algo, "compress": self.opts.compress} | self._assign_meta(peer)
             self._send_peer(peer, Message(MsgType.ASSIGN, self.run, peer.worker, self.algo.version, {}, meta=meta))
             self.metrics.write("worker", self.elapsed, worker=peer.worker, role=role, status="rejoined" if rejoined else "joined", host=peer.host, pid=peer.pid)
         elif stage == "ready" and peer is not None and peer.state == "joining" and msg.run == self.run:
@@ -254,11 +268,14 @@ class Broker:
                 self._send_shard(peer)
             peer.state = "ready"
             if role == "worker":
-                self._dispatch(self.algo.add_worker(peer.worker, self.elapsed))
+                self._on_worker_ready(peer)
             else:
                 self._maybe_send_eval()
         else:
             self._reject(identity, "bad-hello", f"HELLO stage {stage!r} out of order")
+
+    def _on_worker_ready(self, peer: Peer) -> None:
+        self._dispatch(self.algo.add_worker(peer.worker, self.elapsed))
 
     def _send_shard(self, peer: Peer) -> None:
         from zsgd.data import make_shard

@@ -340,14 +340,16 @@ def _options(mode: str, algo: str, s: dict[str, Any], cfg: TrainConfig, target: 
 
     n = s["workers"]
     if mode == "run":
-        if is_decentralized(algo):
-            raise ZsgdError(f"mode run: {algo} runs in sim mode only for now (the runtime does not relay PEER messages "
-                            "between workers yet; see docs/algorithms.md)")
-        from zsgd.runner import RunOptions
+        from zsgd.runner import DECENTRALIZED_FLAGS, RunOptions
 
         kw = {"heartbeat": s["heartbeat"]} if "heartbeat" in s else {}
         if "timeout" in s:
             kw["timeout"] = s["timeout"]
+        if is_decentralized(algo):  # real processes relaying PEER messages through the broker (zsgd.decentralized.relay)
+            kw |= {k: s[k] for k in DECENTRALIZED_FLAGS if k in s}
+            from zsgd.decentralized.topology import parse_topology
+
+            parse_topology(str(s.get("topology", "ring")), n, cfg.seed)  # a topology that cannot be built on n nodes fails now
         return RunOptions(n_proc=n, algo=algo, staleness_lr=s.get("staleness_lr", "off"), compress=_text(s.get("compress", "none")),
                           inject_latency=_opt(s, "latency"), inject_bandwidth=_opt(s, "bandwidth"), inject_loss=_opt(s, "loss"),
                           stragglers=_opt(s, "stragglers"), show=False, **kw).validate()

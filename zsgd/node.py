@@ -20,6 +20,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
@@ -28,6 +29,9 @@ from zsgd import __version__, protocol
 from zsgd.errors import ZsgdError
 from zsgd.link import BROKER_DEAD, BrokerLink
 from zsgd.protocol import Message, MsgType
+
+if TYPE_CHECKING:
+    from zsgd.config import TrainConfig
 
 EXIT_OK, EXIT_USAGE, EXIT_BROKER_GONE = 0, 2, 3
 UNASSIGNED_RUN = "-"  # run id in messages sent before the broker assigned one
@@ -99,6 +103,16 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
     opts.worker_id = worker
     link.set_identity(run, worker)
     link.timeout = opts.timeout
+    if opts.role == "worker" and "decentralized" in msg.meta:
+        from zsgd.config import TrainConfig
+        from zsgd.decentralized.node_loop import run_rounds
+
+        config = TrainConfig.from_dict(cfg)
+        loaded = _load(opts, link, config, msg.meta)
+        if loaded is None:
+            return EXIT_BROKER_GONE
+        log(opts, f"joined decentralized run {run} at {opts.connect}")
+        return run_rounds(opts, link, config, msg.meta, loaded[0], loaded[2], loaded[3])
     compute = _build(opts, link, cfg, msg.meta)
     if compute is None:
         return EXIT_BROKER_GONE
@@ -143,13 +157,15 @@ def _expect(opts: NodeOptions, link: BrokerLink, types: set, timeout: float, sta
     return None
 
 
-def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
-    """Load data and model for the assigned role; return the message handler."""
-    from zsgd.config import TrainConfig
-    from zsgd.data import load_dataset, make_shard
-    from zsgd.models import evaluate, get_model
+def _load(opts: NodeOptions, link: BrokerLink, config: "TrainConfig", assign_meta: dict):
+    """Data and model for the assigned role (says HELLO ready on the way): (model, dataset, x, y), None if the broker went.
 
-    config = TrainConfig.from_dict(cfg)
+    ``x, y`` is a worker's shard (local copy, or the broker's SHARD); ``dataset``
+    is None when there is no local copy (evaluators always need one).
+    """
+    from zsgd.data import load_dataset, make_shard
+    from zsgd.models import get_model
+
     data_dir = opts.data_dir or config.data_dir
     need_shard = False
     x = y = None
@@ -169,6 +185,22 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
         x, y = np.array(shard.arrays["x"]), np.array(shard.arrays["y"])
         input_shape, n_classes = tuple(shard.meta["input_shape"]), int(shard.meta["n_classes"])
     model = get_model(config.model, input_shape=tuple(input_shape), n_classes=n_classes, seed=config.seed)
+    if opts.role == "worker" and not need_shard:
+        idx = make_shard(ds.y_train, config.split, config.seed, link.worker, int(assign_meta["n_workers"]))
+        x, y = ds.x_train[idx], ds.y_train[idx]
+    return model, ds, x, y
+
+
+def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
+    """Load data and model for the assigned role; return the message handler."""
+    from zsgd.config import TrainConfig
+    from zsgd.models import evaluate
+
+    config = TrainConfig.from_dict(cfg)
+    loaded = _load(opts, link, config, assign_meta)
+    if loaded is None:
+        return None
+    model, ds, x, y = loaded
 
     if opts.role == "evaluator":
         def handle_eval(msg: Message) -> Message:
@@ -181,9 +213,6 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
     from zsgd.algorithms import make_worker_step
     from zsgd.compression import make_codec
 
-    if not need_shard:
-        idx = make_shard(ds.y_train, config.split, config.seed, link.worker, int(assign_meta["n_workers"]))
-        x, y = ds.x_train[idx], ds.y_train[idx]
     algo = str(assign_meta.get("algo", "async"))
     step = make_worker_step(algo, model, x, y, config.batch_size, config.seed, link.worker, lr=config.lr,
                             weight_decay=config.weight_decay, clip_norm=config.clip_norm)

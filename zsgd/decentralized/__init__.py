@@ -10,11 +10,9 @@ Layers, top to bottom (each sans-IO except ``sim``):
   round r, how it consumes what it receives), with optional compression;
 - ``driver``: the round driver that advances all nodes together, the
   average model and the consensus error;
-- ``sim``: the virtual-time driver that writes metrics in the runtime's schema.
-
-The runtime does not relay PEER messages between workers yet, so these
-algorithms run in the simulator only (``docs/algorithms.md`` lists what the
-broker and the worker need).
+- ``sim``: the virtual-time driver that writes metrics in the runtime's schema;
+- ``relay`` and ``node_loop``: ``zsgd run`` with real processes, the broker
+  relaying PEER messages between neighbours (``docs/algorithms.md``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,185 @@
+"""Decentralized training on the real runtime: workers exchange PEER messages through the broker's relay."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from conftest import pid_alive, read_events, run_zsgd, wait_for, zsgd_cmd
+from zsgd import protocol
+from zsgd.protocol import Message, MsgType
+
+FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+
+
+def summary_of(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def worker_pids(run_dir):
+    return {e["worker"]: e["pid"] for e in read_events(run_dir) if e["event"] == "worker" and e.get("role") == "worker" and e.get("pid")}
+
+
+def test_dsgd_on_a_ring_of_four_processes_learns_and_agrees(tmp_path, no_orphans):
+    out = tmp_path / "run"
+    proc = run_zsgd("run", "--n-proc", "4", "--algo", "dsgd", "--topology", "ring", "--steps", "200", "--lr", "0.05",
+                    "--eval-every", "50", "--out", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = summary_of(out)
+    assert s["updates"] == 200 and s["stop_reason"] == "reached 200 updates"
+    assert s["test_accuracy"] > 0.7, s
+    assert s["consensus_error"] < 0.5, s
+    assert s["rejected_messages"] == 0 and s["staleness_max"] == 0 and s["staleness_mean"] == 0
+    assert s["samples"] == 200 * 4 * 32 and s["model_round"] == 200
+    assert s["relayed_messages"] >= 200 * 8  # 4 nodes x 2 neighbours per round
+    assert s["bytes_sent"] > 0 and s["bytes_received"] > 0
+    events = read_events(out)
+    rounds = [e for e in events if e["event"] == "update"]
+    assert [e["updates"] for e in rounds] == list(range(1, 201))
+    assert any(e["event"] == "train" and np.isfinite(e["loss"]) for e in events)
+    evals = [e for e in events if e["event"] == "eval"]
+    assert evals and all(e["consensus_error"] is not None for e in evals)
+    for pid in worker_pids(out).values():
+        assert not pid_alive(pid)
+
+
+@pytest.mark.parametrize("algo, args", [
+    ("dsgt", ["--lr", "0.05"]),
+    ("cadmm", ["--optimizer", "sgd", "--lr", "0.05", "--rho", "0.1", "--primal-steps", "3"]),
+])
+def test_dsgt_and_cadmm_finish_and_learn(tmp_path, algo, args, no_orphans):
+    out = tmp_path / "run"
+    proc = run_zsgd("run", "--n-proc", "4", "--algo", algo, "--topology", "ring", "--steps", "150", "--out", str(out), *args, *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = summary_of(out)
+    assert s["updates"] == 150 and s["test_accuracy"] > 0.6, s
+    assert np.isfinite(s["consensus_error"]) and s["consensus_error"] < 5, s
+
+
+def test_flags_are_checked_before_anything_starts(tmp_path):
+    for args, needle in [(["--algo", "async", "--topology", "ring"], "decentralized"),
+                         (["--algo", "dsgd", "--rho", "0.1"], "cadmm"),
+                         (["--algo", "dsgd", "--topology", "moebius"], "unknown topology"),
+                         (["--algo", "dsgd", "--inject-latency", "5ms"], "not emulated")]:
+        proc = run_zsgd("run", "--n-proc", "4", "--steps", "5", "--out", str(tmp_path / "never"), *args, *FAST, timeout=60)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+        assert not (tmp_path / "never").exists()
+
+
+def _start(args, out):
+    return subprocess.Popen(zsgd_cmd(*args, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+
+
+def test_kill_9_of_one_worker_stops_the_run_cleanly(tmp_path, no_orphans):
+    out = tmp_path / "run"
+    proc = _start(["run", "--n-proc", "4", "--algo", "dsgd", "--topology", "ring", "--steps", "1000000", "--lr", "0.05", *FAST], out)
+    try:
+        pids = wait_for(lambda: (p := worker_pids(out)) and len(p) == 4 and p, 60, what="4 workers to join")
+        wait_for(lambda: any(e["event"] == "update" and e["updates"] >= 20 for e in read_events(out)), 60, what="rounds to start")
+        os.kill(pids[1], signal.SIGKILL)
+        t_kill = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - t_kill < 15
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1 and "worker 1 died" in lines[0], err[-2000:]
+    s = summary_of(out)
+    assert s["failed"] and s["worker_deaths"] == 1 and "worker 1 died" in s["stop_reason"]
+    assert s["updates"] >= 20 and np.isfinite(s["test_accuracy"])
+    for pid in pids.values():
+        wait_for(lambda pid=pid: not pid_alive(pid), 10, what=f"worker pid {pid} to exit")
+
+
+class Rogue:
+    """A hand-made worker on a raw DEALER: joins as worker ``wid``, then sends what it likes."""
+
+    def __init__(self, address: str, wid: int) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.setsockopt(zmq.ROUTING_ID, b"rogue-%d" % wid)
+        self.sock.connect(address)
+        self.wid, self.run = wid, "-"
+
+    def send(self, msg: Message) -> None:
+        self.sock.send_multipart(protocol.encode(msg))
+
+    def expect(self, kind: MsgType, timeout: float = 30) -> Message:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.send(protocol.heartbeat(self.run, self.wid))  # stay alive while waiting
+            if self.sock.poll(100):
+                msg = protocol.decode(self.sock.recv_multipart())
+                if msg.type == kind:
+                    return msg
+        raise AssertionError(f"no {kind.name} within {timeout} s")
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def test_peer_message_to_a_non_neighbour_is_rejected_and_counted(tmp_path, no_orphans):
+    out = tmp_path / "run"
+    broker = _start(["broker", "--workers", "4", "--no-evaluator", "--algo", "dsgd", "--topology", "ring", "--steps", "1000000", *FAST], out)
+    workers: list[subprocess.Popen] = []
+    rogue = None
+    try:
+        start = wait_for(lambda: next((e for e in read_events(out) if e["event"] == "start"), None), 60, what="broker start")
+        address = start["address"]
+        for i in range(3):
+            workers.append(subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--id", str(i), "--heartbeat", "0.2", "--timeout", "1.5", "-q"),
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        rogue = Rogue(address, 3)
+        rogue.send(Message(MsgType.HELLO, "-", 3, 0, {}, meta={"stage": "join", "role": "worker", "host": "rogue", "pid": os.getpid()}))
+        assign = rogue.expect(MsgType.ASSIGN)
+        assert assign.worker == 3 and sorted(assign.meta["decentralized"]["neighbours"]) == [0, 2]
+        rogue.run = assign.run
+        rogue.send(Message(MsgType.HELLO, rogue.run, 3, 0, {}, meta={"stage": "ready", "role": "worker"}))
+        rogue.expect(MsgType.WAIT)
+        x = np.zeros(start["n_params"], np.float32)
+        rogue.send(protocol.peer_message(rogue.run, 3, 1, 0, {"x": x}, codec="none"))  # 1 is not a neighbour of 3 on a ring of 4
+        rogue.send(protocol.peer_message(rogue.run, 0, 2, 0, {"x": x}, codec="none"))  # and 3 is not worker 0
+        rejected = wait_for(lambda: [e for e in read_events(out) if e["event"] == "rejected"], 10, what="the rejections")
+        wait_for(lambda: len([e for e in read_events(out) if e["event"] == "rejected"]) >= 2, 10, what="both rejections")
+        assert rejected[0]["reason"] == "not-neighbour"
+        rogue.send(Message(MsgType.LEAVE, rogue.run, 3, 0, {}, meta={"reason": "done"}))
+        _, err = broker.communicate(timeout=60)
+        assert broker.returncode == 1 and "worker 3 left" in err, err[-2000:]
+        for w in workers:
+            assert w.wait(timeout=20) == 0
+    finally:
+        if rogue is not None:
+            rogue.close()
+        for p in [broker, *workers]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    s = summary_of(out)
+    assert s["rejected_by_reason"] == {"not-neighbour": 1, "wrong-identity": 1}
+    assert s["updates"] == 0  # nobody completed a round without node 3
+
+
+def test_a_run_arm_matches_its_simulation_bit_for_bit(tmp_path, no_orphans):
+    """Same w0, shards, batch streams and rules: the real processes compute what zsgd sim computes."""
+    text = ("name: same\nproblem: {model: logreg, data: embedded, steps: 40, batch_size: 32, lr: 0.05}\ndefaults: {workers: 4}\narms:\n"
+            "  - {name: sim, algo: dsgd, topology: ring, compute: 1ms}\n"
+            "  - {name: real, algo: dsgd, topology: ring, mode: run, heartbeat: 0.2, timeout: 1.5}\n")
+    (tmp_path / "exp.yaml").write_text(text)
+    proc = run_zsgd("experiment", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "out"), "-q")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sim, real = (summary_of(tmp_path / "out" / d) for d in ("00-sim", "01-real"))
+    assert real["mode"] == "run" and real["updates"] == sim["updates"] == 40
+    assert real["test_accuracy"] == sim["test_accuracy"]
+    assert real["consensus_error"] == pytest.approx(sim["consensus_error"], rel=1e-6)
