@@ -84,7 +84,7 @@ class RunOptions:
         self.decentralized_params()
         if self.staleness_lr not in ("off", False, None):
             raise ZsgdError(f"--staleness-lr applies to centralized algorithms, not {self.algo}")
-        if self.inject_latency or self.inject_bandwidth or self.inject_loss or self.stragglers:
+        if self.emulator(0) is not None:
             raise ZsgdError(f"--inject-latency/--inject-bandwidth/--inject-loss/--stragglers are not emulated for {self.algo} runs yet")
 
     def validate(self) -> "RunOptions":
@@ -124,11 +124,15 @@ class RunOptions:
         if not (self.inject_latency or self.inject_bandwidth or self.inject_loss or self.stragglers):
             return None
         from zsgd.emulation import LinkEmulator, Network, parse_bandwidth, parse_delay, parse_loss, parse_stragglers
+        from zsgd.netmodel import Constant
 
         latency = parse_delay(self.inject_latency or "0", "--inject-latency")
         net = Network(latency_up=latency, latency_down=latency, bandwidth=parse_bandwidth(self.inject_bandwidth or "inf"),
                       loss=parse_loss(self.inject_loss or "0"))
         stragglers = parse_stragglers(self.stragglers) if self.stragglers else None
+        ideal = isinstance(latency, Constant) and latency.seconds == 0 and net.bandwidth == float("inf") and net.loss == 0 and stragglers is None
+        if ideal:
+            return None  # "0", "inf", "none": nothing to emulate
         return LinkEmulator(net, stragglers, n_workers=self.n_workers, seed=seed)
 
     @property
