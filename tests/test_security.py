@@ -149,3 +149,48 @@ def test_hand_started_worker_joins_with_a_key_file(tmp_path, no_orphans):
     assert broker.returncode == 0, err[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["updates"] >= 100 and s["refused_clients"] == 0
+
+
+def test_a_valid_key_cannot_speak_for_another_worker(tmp_path, no_orphans):
+    """An insider with worker 1's valid key takes over worker 0's routing identity: nothing it sends counts."""
+    keys = tmp_path / "keys"
+    assert run_zsgd("keys", "generate", str(keys), "--clients", "2", timeout=60).returncode == 0
+    out = tmp_path / "run"
+    broker = subprocess.Popen(zsgd_cmd("broker", "--workers", "2", "--keys", str(keys), "--algo", "async", "--steps", "1500",
+                                       "--checkpoint-every", "50", "--out", str(out), *FAST),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    workers, ctx = [], zmq.Context()
+    try:
+        address = wait_for(lambda: next((e["address"] for e in read_events(out) if e["event"] == "start"), None), 60, what="broker")
+        for i in (0, 1):
+            workers.append(subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--id", str(i), "--keys-file", str(keys / f"client-{i + 1}.json"),
+                                                     "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"), stdin=subprocess.DEVNULL))
+        run_id = wait_for(lambda: (out / "checkpoint.json").exists() and json.loads((out / "checkpoint.json").read_text())["run"], 60, what="checkpoint")
+        stolen = json.loads((keys / "client-2.json").read_text())
+        insider = ctx.socket(zmq.DEALER)
+        insider.linger = 0
+        insider.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", 0))
+        insider.curve_secretkey, insider.curve_publickey = stolen["secret"].encode(), stolen["public"].encode()
+        insider.curve_serverkey = stolen["server"].encode()
+        insider.connect(address)
+        time.sleep(0.3)
+        protocol.send(insider, Message(MsgType.HELLO, "-", 0, 0, {}, meta={"stage": "join", "role": "worker"}))
+        for _ in range(3):
+            protocol.send(insider, protocol.update_message(run_id, 0, 0, np.full(7850, 1e3, np.float32), 32, 0.0))
+        time.sleep(0.5)
+        insider.close()
+        _, err = broker.communicate(timeout=120)
+    finally:
+        ctx.destroy(linger=0)
+        if broker.poll() is None:
+            os.killpg(broker.pid, 9)
+            broker.communicate()
+        for w in workers:
+            try:
+                w.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                w.kill()
+    assert broker.returncode == 0, err[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rejected_by_reason"].get("wrong-key", 0) + s["rejected_by_reason"].get("key-in-use", 0) >= 4, s["rejected_by_reason"]
+    assert s["updates"] >= 1500 and s["test_accuracy"] > 0.6

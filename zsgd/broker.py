@@ -124,6 +124,7 @@ class Broker:
         sock.sndhwm = sock.rcvhwm = 64
         sock.linger = 0
         self.guard = None  # CURVE: ZAP allow-list + refusal counter (zsgd.security)
+        self._joining_user: str | None = None  # the CURVE key of the HELLO being handled
         if self.opts.curve:
             from zsgd.security import CurveGuard
 
@@ -210,6 +211,8 @@ class Broker:
             self._reject(identity, exc.reason, str(exc))
             return
         peer = self.members.peers.get(identity)
+        if self.guard is not None and not self._key_matches(identity, peer, frames[1], msg):
+            return
         if peer is not None:
             peer.last_seen = now
         if msg.type == MsgType.HEARTBEAT:
@@ -242,6 +245,28 @@ class Broker:
         self.metrics.write("rejected", self.elapsed, reason=reason, detail=text[:200], peer=identity[:64].hex())
 
     # -- membership ------------------------------------------------------------
+    def _key_matches(self, identity: bytes, peer: Peer | None, frame, msg: Message) -> bool:
+        """CURVE: a routing identity belongs to the key that joined with it.
+
+        ROUTER_HANDOVER lets a new connection take over a routing identity;
+        without this check a client holding *another* worker's valid key
+        could speak as that worker. One key holds at most one live peer.
+        """
+        try:
+            user = frame.get("User-Id")
+        except (zmq.ZMQError, AttributeError):
+            user = None
+        live = peer is not None and peer.state != "gone"
+        if live and peer.user is not None and user != peer.user:
+            self._reject(identity, "wrong-key", f"{msg.type.name} for {peer.role} {peer.worker} signed by another client key")
+            return False
+        if msg.type == MsgType.HELLO and msg.meta.get("stage", "join") == "join":
+            if any(p.user == user and p.identity != identity and p.state != "gone" for p in self.members.peers.values()):
+                self._reject(identity, "key-in-use", f"client key {user!r} already holds a live peer")
+                return False
+            self._joining_user = user
+        return True
+
     def _on_hello(self, identity: bytes, peer: Peer | None, msg: Message, now: float) -> None:
         stage = msg.meta.get("stage", "join")
         role = msg.meta.get("role", "worker")
@@ -257,6 +282,7 @@ class Broker:
                 self.state.rejected["run-full"] += 1
                 return
             peer.host, peer.pid = str(msg.meta.get("host", "?"))[:64], int(msg.meta.get("pid", 0) or 0)
+            peer.user = self._joining_user
             if rejoined:
                 self.state.rejoins += 1
             meta = {"config": self.cfg.to_dict(), "n_workers": self.opts.n_workers, "heartbeat": self.opts.heartbeat,

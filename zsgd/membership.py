@@ -31,6 +31,7 @@ class Peer:
     compute_s_sum: float = 0.0  # worker-reported gradient time (without emulated slowdown)
     incarnations: int = 1
     busy: bool = False  # evaluator: evaluating a snapshot
+    user: str | None = None  # CURVE: the client key (ZAP User-Id) this peer joined with
 
     @property
     def mean_staleness(self) -> float:
