@@ -134,18 +134,21 @@ def zsgd_end_to_end(seconds: float, out: Path, n_proc: int = 2, data: str = "fas
     return steady_rate(out)[0]
 
 
+# The zsgd `cnn` in torch.nn, shared by both DDP scripts.
+TORCH_CNN = """class CNN(nn.Module):
+    def __init__(s):
+        super().__init__(); s.conv1=nn.Conv2d(1,32,3); s.conv2=nn.Conv2d(32,64,3); s.fc1=nn.Linear(9216,128); s.fc2=nn.Linear(128,10)
+    def forward(s,x):
+        x=F.relu(s.conv1(x)); x=F.max_pool2d(F.relu(s.conv2(x)),2); x=F.dropout(x,0.25,s.training)
+        x=F.dropout(F.relu(s.fc1(torch.flatten(x,1))),0.5,s.training); return s.fc2(x)"""
+
 DDP_SCRIPT = r"""
 import os, sys, time, torch, torch.distributed as dist, torch.nn as nn, torch.nn.functional as F
 torch.set_num_threads(1)
 rank, world, seconds, port = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
 dist.init_process_group("gloo", rank=rank, world_size=world)
-class CNN(nn.Module):
-    def __init__(s):
-        super().__init__(); s.conv1=nn.Conv2d(1,32,3); s.conv2=nn.Conv2d(32,64,3); s.fc1=nn.Linear(9216,128); s.fc2=nn.Linear(128,10)
-    def forward(s,x):
-        x=F.relu(s.conv1(x)); x=F.max_pool2d(F.relu(s.conv2(x)),2); x=F.dropout(x,0.25,s.training)
-        x=F.dropout(F.relu(s.fc1(torch.flatten(x,1))),0.5,s.training); return s.fc2(x)
+TORCH_CNN
 torch.manual_seed(0)
 model = nn.parallel.DistributedDataParallel(CNN())
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -160,6 +163,9 @@ dist.all_reduce(flag); dist.all_reduce(dt, op=dist.ReduceOp.MAX)
 if rank == 0: print(flag.item() * 64 / dt.item())
 dist.destroy_process_group()
 """
+
+
+DDP_SCRIPT = DDP_SCRIPT.replace("TORCH_CNN", TORCH_CNN)
 
 
 def ddp_end_to_end(seconds: float, world: int = 2) -> float:
@@ -181,12 +187,7 @@ idx = make_shard(ds.y_train, "iid", 0, rank, world)
 xs = torch.from_numpy(ds.x_train[idx].astype(np.float32) / 255); ys = torch.from_numpy(ds.y_train[idx])
 xt = torch.from_numpy(ds.x_test.astype(np.float32) / 255); yt = torch.from_numpy(ds.y_test)
 dist.init_process_group("gloo", rank=rank, world_size=world)
-class CNN(nn.Module):
-    def __init__(s):
-        super().__init__(); s.conv1=nn.Conv2d(1,32,3); s.conv2=nn.Conv2d(32,64,3); s.fc1=nn.Linear(9216,128); s.fc2=nn.Linear(128,10)
-    def forward(s,x):
-        x=F.relu(s.conv1(x)); x=F.max_pool2d(F.relu(s.conv2(x)),2); x=F.dropout(x,0.25,s.training)
-        x=F.dropout(F.relu(s.fc1(torch.flatten(x,1))),0.5,s.training); return s.fc2(x)
+TORCH_CNN
 torch.manual_seed(0)
 model = nn.parallel.DistributedDataParallel(CNN())
 opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -208,6 +209,9 @@ while reached is None and samples * world < max_epochs * len(ds.y_train):
 if rank == 0: print("RESULT", reached[0] if reached else float("nan"), reached[1] if reached else 0, reached[2] if reached else 0)
 dist.destroy_process_group()
 """
+
+
+DDP_TO_ACC = DDP_TO_ACC.replace("TORCH_CNN", TORCH_CNN)
 
 
 def ddp_time_to_accuracy(target: float, batch: int, lr: float, eval_every: int, max_epochs: float, world: int = 2) -> float:
