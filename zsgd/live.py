@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 stderr_console = Console(stderr=True)
@@ -30,13 +30,12 @@ class TrainProgress:
         self._sps = 0.0
         self._progress = Progress(
             TextColumn("[bold cyan]{task.description}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TextColumn("epoch {task.fields[epoch]:.2f}"),
-            TextColumn("{task.fields[sps]:>7.0f} samples/s"),
+            TextColumn("{task.fields[sps]:>5.0f} samples/s"),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("acc {task.fields[acc]}"),
-            TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=stderr_console,
             disable=not enabled,
