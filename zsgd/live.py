@@ -28,6 +28,7 @@ class TrainProgress:
         self._last_samples = 0
         self._last_t = self._t0
         self._sps = 0.0
+        self._excluded = 0.0
         self._progress = Progress(
             TextColumn("[bold cyan]{task.description}"),
             BarColumn(bar_width=24),
@@ -50,12 +51,20 @@ class TrainProgress:
     def __exit__(self, *exc: Any) -> None:
         self._progress.stop()
 
+    def exclude(self, seconds: float) -> None:
+        """Leave out time not spent training (an evaluation) from the samples/s."""
+        self._last_t += seconds
+        self._excluded += seconds
+
     def update(self, updates: int, samples: int, epoch: float, loss: float | None = None, acc: float | None = None) -> None:
         now = time.perf_counter()
         if now - self._last_t >= 0.5:
             self._sps = (samples - self._last_samples) / (now - self._last_t)
             self._last_samples, self._last_t = samples, now
-        fields: dict[str, Any] = {"epoch": epoch, "sps": self._sps}
+        sps = self._sps
+        if sps == 0.0 and now - self._t0 - self._excluded > 0:  # no full window yet: average since the start
+            sps = samples / (now - self._t0 - self._excluded)
+        fields: dict[str, Any] = {"epoch": epoch, "sps": sps}
         if loss is not None:
             fields["loss"] = f"{loss:.4f}"
         if acc is not None:

@@ -99,6 +99,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
             t_eval = time.perf_counter()
             test_loss, test_acc = problem.evaluate(w)
             eval_time += time.perf_counter() - t_eval
+            bar.exclude(time.perf_counter() - t_eval)
             metrics.write("eval", time.perf_counter() - t0, updates=updates, samples=samples, epoch=samples / n_train, test_loss=test_loss, test_acc=test_acc)
 
         while reason is None:
