@@ -90,11 +90,11 @@ def test_remote_dir_and_python_selection_in_sh(tmp_path):
 
 @pytest.mark.parametrize("stderr,needle", [
     ("ssh: Could not resolve hostname nodex: Name or service not known", "unknown host"),
-    ("root@10.0.0.1: Permission denied (publickey).", "permission denied"),
-    ("ssh: connect to host 10.0.0.1 port 22: Connection refused", "connection refused on port 22"),
-    ("ssh: connect to host 10.0.0.1 port 22: Connection timed out", "host is down or a firewall blocks port 22"),
+    ("root@192.0.2.1: Permission denied (publickey).", "permission denied"),
+    ("ssh: connect to host 192.0.2.1 port 22: Connection refused", "connection refused on port 22"),
+    ("ssh: connect to host 192.0.2.1 port 22: Connection timed out", "host is down or a firewall blocks port 22"),
     ("Host key verification failed.", "host key not trusted"),
-    ("ssh: connect to host 10.0.0.1 port 22: No route to host", "unreachable"),
+    ("ssh: connect to host 192.0.2.1 port 22: No route to host", "unreachable"),
 ])
 def test_ssh_failures_become_one_sentence(stderr, needle):
     msg = explain_failure(Host("nodex", line=3, source="hosts.txt"), SshOptions(), subprocess.CompletedProcess([], 255, b"", stderr.encode()))

@@ -68,7 +68,7 @@ def test_worker_with_bad_keys_is_a_one_line_error(tmp_path):
 
 def test_loopback_detection():
     assert is_loopback("127.0.0.1") and is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("localhost")
-    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1") and not is_loopback("example.org")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1") and not is_loopback("example.org")
 
 
 def _rogue(ctx: zmq.Context, address: str, kind: str, server_public: str) -> zmq.Socket:
