@@ -112,7 +112,7 @@ def test_bad_hosts_file_is_a_one_line_cli_error(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--advertise", "10.0.0.1"], "need --remote"),
+    (["--advertise", "192.0.2.1"], "need --remote"),
     (["--remote", str(REPO / "ssh_hosts.txt"), "--ssh-config", "/nonexistent/cfg"], "--ssh-config /nonexistent/cfg: no such file"),
     (["--remote", str(REPO / "ssh_hosts.txt"), "--ssh-option", "-oFoo"], "--ssh-option"),
 ])
