@@ -32,7 +32,7 @@ import numpy as np
 from zsgd import protocol
 from zsgd.config import TrainConfig
 from zsgd.decentralized.peer import PeerEndpoint, PeerPayload
-from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, make_rule
+from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, make_rule, node_gradient
 from zsgd.decentralized.topology import MixingRow
 from zsgd.errors import ZsgdError
 from zsgd.link import BROKER_DEAD, BrokerLink
@@ -68,23 +68,11 @@ def parse_assignment(meta: dict[str, Any], worker: int) -> tuple[str, MixingRow,
 
 
 def make_grad_fn(model: Any, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, worker: int, add_weight_decay: bool) -> GradFn:
-    """Node i's gradient on its shard: the batch stream, clipping and weight decay of ``zsgd sim``'s nodes."""
+    """Node i's gradient on its shard, exactly as ``zsgd sim``'s node i computes it."""
     from zsgd.algorithms.worker import WorkerStep
-    from zsgd.optim import clip_grad_norm
 
     step = WorkerStep(model, x, y, cfg.batch_size, cfg.seed, worker)
-    wd = np.float32(cfg.weight_decay) if add_weight_decay and cfg.weight_decay else None
-
-    def grad(w: np.ndarray) -> tuple[float, np.ndarray, int]:
-        u = step.compute(w, step.steps)
-        g = u.grad
-        if cfg.clip_norm is not None:
-            clip_grad_norm(g, cfg.clip_norm)
-        if wd is not None:
-            g += wd * w
-        return u.loss, g, u.n_samples
-
-    return grad
+    return node_gradient(step, cfg.clip_norm, cfg.weight_decay, add_weight_decay)
 
 
 def build_endpoint(cfg: TrainConfig, assign: dict[str, Any], worker: int, model: Any, x: np.ndarray, y: np.ndarray) -> tuple[PeerEndpoint, int]:

@@ -63,6 +63,29 @@ from zsgd.errors import ZsgdError
 #: x -> (mean loss, gradient, samples used). The gradient must be a fresh array: rules scale it in place.
 GradFn = Callable[[np.ndarray], tuple[float, np.ndarray, int]]
 
+
+def node_gradient(step: Any, clip_norm: float | None, weight_decay: float, add_weight_decay: bool) -> GradFn:
+    """A node's gradient from its ``WorkerStep``: clipped, plus weight decay.
+
+    One definition for ``zsgd sim`` and ``zsgd run`` nodes, so a real run and
+    its simulated arm compute the very same steps. CADMM leaves weight decay
+    to its local optimizer (``add_weight_decay=False``).
+    """
+    from zsgd.optim import clip_grad_norm
+
+    wd = np.float32(weight_decay) if add_weight_decay and weight_decay else None
+
+    def grad(w: np.ndarray) -> tuple[float, np.ndarray, int]:
+        u = step.compute(w, step.steps)
+        g = u.grad
+        if clip_norm is not None:
+            clip_grad_norm(g, clip_norm)
+        if wd is not None:
+            g += wd * w
+        return u.loss, g, u.n_samples
+
+    return grad
+
 DECENTRALIZED = ("dsgd", "dsgt", "cadmm")
 #: Hyper-parameters each rule takes (the experiment config rejects the others).
 PARAMS_OF: dict[str, tuple[str, ...]] = {

@@ -39,7 +39,7 @@ import numpy as np
 
 from zsgd.config import TrainConfig, write_config
 from zsgd.decentralized.driver import DecentralizedRound, RoundResult, average, consensus_error
-from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn
+from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, node_gradient
 from zsgd.decentralized.topology import Topology, parse_topology
 from zsgd.errors import ZsgdError
 from zsgd.metrics import MetricsWriter
@@ -97,23 +97,9 @@ class DecentralizedOptions:
 def _grad_fns(cfg: TrainConfig, workload: Workload, n: int, add_weight_decay: bool) -> tuple[list[GradFn], list[Any]]:
     """Node i's gradient: worker i's shard and batch stream (as in centralized arms), clipped, + weight decay."""
     from zsgd.algorithms.worker import WorkerStep
-    from zsgd.optim import clip_grad_norm
 
     steppers = [WorkerStep(workload.model, x, y, cfg.batch_size, cfg.seed, i) for i, (x, y) in enumerate(workload.shards(n))]
-    wd = np.float32(cfg.weight_decay) if add_weight_decay and cfg.weight_decay else None
-
-    def make(step: Any) -> GradFn:
-        def grad(x: np.ndarray) -> tuple[float, np.ndarray, int]:
-            u = step.compute(x, step.steps)
-            g = u.grad
-            if cfg.clip_norm is not None:
-                clip_grad_norm(g, cfg.clip_norm)
-            if wd is not None:
-                g += wd * x
-            return u.loss, g, u.n_samples
-        return grad
-
-    return [make(s) for s in steppers], steppers
+    return [node_gradient(s, cfg.clip_norm, cfg.weight_decay, add_weight_decay) for s in steppers], steppers
 
 
 class DecentralizedSimulation:
