@@ -475,25 +475,33 @@ class Simulation:
         }
 
 
-def run_arm(cfg: TrainConfig, opts: SimOptions, workload: Workload, run_dir: Path, progress: ProgressFn | None = None,
-            plots: bool = False) -> SimResult:
-    """Simulate one arm into ``run_dir``: config.yaml, metrics.jsonl, summary.json, weights.npz."""
+def record_arm(run_dir: Path, cfg: TrainConfig, described: dict, workload: Workload, simulate) -> SimResult:
+    """Write one simulated arm's run directory around ``simulate(metrics)``:
+    config.yaml, metrics.jsonl, summary.json, weights.npz (the layout of real runs)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ds, model = workload.problem.dataset, workload.model
-    write_config(run_dir / "config.yaml", cfg.to_dict() | {"mode": "sim", "sim": opts.validate().describe(),
-                                                           "data_source": ds.source, "n_params": model.n_params})
+    write_config(run_dir / "config.yaml", cfg.to_dict() | {"mode": "sim", "sim": described, "data_source": ds.source,
+                                                           "n_params": model.n_params})
     path = run_dir / "metrics.jsonl"
     path.unlink(missing_ok=True)  # MetricsWriter appends; a re-run must not
     with MetricsWriter(path) as metrics:
-        result = Simulation(cfg, opts, workload, metrics, progress).run()
+        result = simulate(metrics)
     save_arrays(run_dir / "weights.npz", model.state_dict(result.weights))
     write_json(run_dir / "summary.json", result.summary)
-    if plots:
-        from zsgd.plots import plot_curves
-
-        plot_curves([run_dir], run_dir, time_label="virtual time (s)")
     return result
 
 
-__all__ = ["SimOptions", "SimResult", "Simulation", "Workload", "run_arm"]
+def run_arm(cfg: TrainConfig, opts: SimOptions, workload: Workload, run_dir: Path, progress: ProgressFn | None = None,
+            plots: bool = False) -> SimResult:
+    """Simulate one arm into ``run_dir``."""
+    result = record_arm(run_dir, cfg, opts.validate().describe(), workload,
+                        lambda metrics: Simulation(cfg, opts, workload, metrics, progress).run())
+    if plots:
+        from zsgd.plots import plot_curves
+
+        plot_curves([Path(run_dir)], Path(run_dir), time_label="virtual time (s)")
+    return result
+
+
+__all__ = ["SimOptions", "SimResult", "Simulation", "Workload", "record_arm", "run_arm"]

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from zsgd.config import TrainConfig, write_config
+from zsgd.config import TrainConfig
 from zsgd.decentralized.driver import DecentralizedRound, RoundResult, average, consensus_error
 from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, node_gradient
 from zsgd.decentralized.topology import Topology, parse_topology
@@ -45,8 +45,7 @@ from zsgd.errors import ZsgdError
 from zsgd.metrics import MetricsWriter
 from zsgd.netmodel import Delay, Measured, Network, StragglerSpec
 from zsgd.protocol import ProtocolError
-from zsgd.rundir import save_arrays, write_json
-from zsgd.sim import ProgressFn, SimResult, Workload
+from zsgd.sim import ProgressFn, SimResult, Workload, record_arm
 
 
 @dataclass
@@ -268,17 +267,7 @@ class DecentralizedSimulation:
 
 def run_decentralized_arm(cfg: TrainConfig, opts: DecentralizedOptions, workload: Workload, run_dir: Path,
                           progress: ProgressFn | None = None) -> SimResult:
-    """Simulate one decentralized arm into ``run_dir``: config.yaml, metrics.jsonl, summary.json, weights.npz (x_bar)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ds, model = workload.problem.dataset, workload.model
+    """Simulate one decentralized arm into ``run_dir`` (weights.npz holds the average model x_bar)."""
     opts = opts.validate().resolved(cfg)
-    write_config(run_dir / "config.yaml", cfg.to_dict() | {"mode": "sim", "sim": opts.describe(), "data_source": ds.source,
-                                                           "n_params": model.n_params})
-    path = run_dir / "metrics.jsonl"
-    path.unlink(missing_ok=True)  # MetricsWriter appends; a re-run must not
-    with MetricsWriter(path) as metrics:
-        result = DecentralizedSimulation(cfg, opts, workload, metrics, progress).run()
-    save_arrays(run_dir / "weights.npz", model.state_dict(result.weights))
-    write_json(run_dir / "summary.json", result.summary)
-    return result
+    return record_arm(run_dir, cfg, opts.describe(), workload,
+                      lambda metrics: DecentralizedSimulation(cfg, opts, workload, metrics, progress).run())
