@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from zsgd.errors import ZsgdError
+from zsgd.live import format_cell
 from zsgd.metrics import read_metrics
 
 COLUMNS = [("arm", "arm"), ("mode", "mode"), ("algo", "algo"), ("workers", "workers"), ("final_acc", "final accuracy"),
@@ -56,21 +56,6 @@ def arm_row(name: str, settings: dict[str, Any], run_dir: Path, target: float) -
     }
 
 
-def _fmt(key: str, v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "not reached" if key == "time_to_target_s" else "-"
-    if key == "final_acc":
-        return f"{v:.2%}"
-    if key == "bytes_total":
-        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-            if v >= scale:
-                return f"{v / scale:.3g} {unit}"
-        return f"{int(v)} B"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
-
-
 def write_results(rows: list[dict[str, Any]], out_dir: Path, title: str, target: float, command: str = "") -> tuple[Path, Path]:
     """results.csv (every column, raw numbers) and results.md (the readable table)."""
     out_dir = Path(out_dir)
@@ -89,7 +74,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path, title: str, target:
               "round of all nodes (dsgd/dsgt/cadmm). Bytes count every message once. Consensus error: mean distance of the "
               "nodes' models from their average (decentralized arms, whose accuracy is that of the average).", "",
               "| " + " | ".join(h for _k, h in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(k, r.get(k)) for k, _h in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_cell(k, r.get(k)) for k, _h in COLUMNS) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -106,7 +91,7 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Any:
     for key, head in SHORT_COLUMNS:
         table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
     for r in rows:
-        table.add_row(*(_fmt(k, r.get(k)) for k, _h in SHORT_COLUMNS))
+        table.add_row(*(format_cell(k, r.get(k)) for k, _h in SHORT_COLUMNS))
     return table
 
 

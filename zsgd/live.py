@@ -81,3 +81,23 @@ def summary_table(title: str, rows: dict[str, Any]) -> Table:
             value = f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
         table.add_row(key, str(value))
     return table
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def format_cell(key: str, v: Any) -> str:
+    """One cell of a results table (sweeps and experiments), by column name."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "not reached" if key == "time_to_target_s" else "-"
+    if key == "final_acc":
+        return f"{v:.2%}"
+    if key.startswith("bytes"):
+        return format_bytes(v)
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)

@@ -24,6 +24,7 @@ import numpy as np
 
 from zsgd.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
+from zsgd.live import format_cell
 from zsgd.netmodel import (Constant, Network, parse_bandwidth, parse_compute, parse_delay, parse_duration, parse_failures,
                            parse_loss, parse_stragglers, parse_worker_latency, split_specs)
 from zsgd.sim import SimOptions, SimResult, Workload, run_arm
@@ -239,25 +240,6 @@ TABLE_COLUMNS = [("arm", "arm"), ("final_acc", "acc"), ("time_to_target_s", "tâ†
                  ("staleness_p99", "p99"), ("staleness_max", "max")]
 
 
-def _fmt(key: str, v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "not reached" if key == "time_to_target_s" else "-"
-    if key == "final_acc":
-        return f"{v:.2%}"
-    if key == "bytes_sent":
-        return _fmt_bytes(v)
-    if isinstance(v, float):
-        return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{int(n)} B"
-
-
 def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> tuple[Path, Path]:
     """results.csv (every column, raw numbers) and results.md (the readable table)."""
     rows = [o.row for o in outcomes]
@@ -272,7 +254,7 @@ def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> t
              "bytes_sent": "bytes sent", "staleness_mean": "staleness mean"}
     lines = [f"Arms of a zsgd simulation; times are virtual seconds; target accuracy {target:.0%}.", "",
              "| " + " | ".join(heads.get(k, h) for k, h in TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_fmt(k, r.get(k)) for k, _h in TABLE_COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(format_cell(k, r.get(k)) for k, _h in TABLE_COLUMNS) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -284,7 +266,7 @@ def results_table(outcomes: list[ArmOutcome], target: float) -> Any:
     for key, head in TABLE_COLUMNS:
         table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
     for o in outcomes:
-        table.add_row(*(_fmt(k, o.row.get(k)) for k, _h in TABLE_COLUMNS))
+        table.add_row(*(format_cell(k, o.row.get(k)) for k, _h in TABLE_COLUMNS))
     return table
 
 
