@@ -39,6 +39,7 @@ class FakeMirror:
         self.files, self.ranges, self.missing, self.cut_after = files, ranges, missing, cut_after
         self.requests: list[tuple[str, str | None]] = []
         self.bytes_sent = 0
+        self.lock = threading.Lock()
         mirror = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -65,8 +66,11 @@ class FakeMirror:
                 payload = body[start:]
                 if mirror.cut_after is not None:
                     payload = payload[: mirror.cut_after]
+                # Counted before the write: the client may finish reading and the test
+                # may check the count before this handler thread runs again.
+                with mirror.lock:
+                    mirror.bytes_sent += len(payload)
                 self.wfile.write(payload)
-                mirror.bytes_sent += len(payload)
 
             def log_message(self, *args) -> None:
                 pass
