@@ -83,7 +83,7 @@ def zsgd_round_trip(reps: int, out: Path) -> list[float]:
     prefix = os.environ.get("BENCH_BROKER_PREFIX", "-m zsgd").split()
     broker = subprocess.Popen([sys.executable, *prefix, "broker", "--workers", "1", "--model", "cnn", "--data", "embedded", "--algo", "async",
                                "--port", str(port), "--no-evaluator", "--quiet", "--checkpoint-every", "0", "--eval-every", "100000000",
-                               "--steps", str(reps + 1000), "--lr", "0.001", "--out", str(out)],
+                               "--steps", str(reps + 1000), "--lr", "0.001", "--lr-schedule", "constant", "--out", str(out)],
                               env=ENV, stdin=subprocess.DEVNULL, stdout=None if prefix[0] != "-m" else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ctx = zmq.Context()
     d = ctx.socket(zmq.DEALER)
@@ -129,7 +129,9 @@ def steady_rate(run_dir: Path) -> tuple[float, float]:
 
 def zsgd_end_to_end(seconds: float, out: Path, n_proc: int = 2, data: str = "fashion-mnist") -> float:
     subprocess.run([sys.executable, "-m", "zsgd", "run", "--n-proc", str(n_proc), "--model", "cnn", "--data", data, "--algo", "async",
-                    "--time", str(seconds), "--quiet", "--out", str(out), "--lr", "0.01", "--eval-every", "100000000"],
+                    "--time", str(seconds), "--quiet", "--out", str(out), "--eval-every", "100000000",
+                    # the reference's settings: batch 64 per worker, constant lr, momentum 0.9 (not scaled to the workers)
+                    "--batch-size", "64", "--lr", "0.01", "--lr-schedule", "constant", "--momentum", "0.9"],
                    env=ENV, check=True, stdin=subprocess.DEVNULL, capture_output=True)
     return steady_rate(out)[0]
 
@@ -225,7 +227,7 @@ def ddp_time_to_accuracy(target: float, batch: int, lr: float, eval_every: int, 
 
 def zsgd_time_to_accuracy(out: Path, target: float, batch: int, lr: float, eval_every: int, max_epochs: float, world: int = 2) -> float:
     subprocess.run([sys.executable, "-m", "zsgd", "run", "--n-proc", str(world), "--algo", "sync", "--model", "cnn", "--data", "fashion-mnist",
-                    "--batch-size", str(batch), "--lr", str(lr), "--target-acc", str(target), "--eval-every", str(eval_every),
+                    "--batch-size", str(batch), "--lr", str(lr), "--lr-schedule", "constant", "--momentum", "0.9", "--target-acc", str(target), "--eval-every", str(eval_every),
                     "--epochs", str(max_epochs), "--quiet", "--out", str(out)], env=ENV, check=True, stdin=subprocess.DEVNULL, capture_output=True)
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"event":"eval"' in line]
     return next((e["t"] for e in evals if e["test_acc"] >= target), float("nan"))

@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--real-batches", default="50,1000")
     ap.add_argument("--real-seconds", type=float, default=25.0)
     args = ap.parse_args()
-    common = ["--model", args.model, "--data", args.data, "--lr", "0.01", "--eval-every", "100000000", "--quiet"]
+    common = ["--model", args.model, "--data", args.data, "--lr", "0.01", "--lr-schedule", "constant", "--momentum", "0.9",
+              "--eval-every", "100000000", "--quiet"]
     batches = [int(b) for b in args.batches.split(",")]
     one, many = [], []
     with tempfile.TemporaryDirectory() as tmp:

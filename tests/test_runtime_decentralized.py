@@ -63,11 +63,29 @@ def test_dsgt_and_cadmm_finish_and_learn(tmp_path, algo, args, no_orphans):
     assert np.isfinite(s["consensus_error"]) and s["consensus_error"] < 5, s
 
 
+def test_emulated_latency_and_a_straggler_slow_the_rounds(tmp_path, no_orphans):
+    """--inject-latency holds every relayed peer message; --stragglers makes the seeded choice of node stretch its rounds."""
+    from zsgd.netmodel import parse_stragglers
+
+    out = tmp_path / "run"
+    proc = run_zsgd("run", "--n-proc", "4", "--algo", "dsgd", "--topology", "ring", "--steps", "30", "--lr", "0.05",
+                    "--inject-latency", "40ms", "--stragglers", "0.25:3x", "--seed", "5", "--out", str(out), *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = summary_of(out)
+    assert s["updates"] == 30 and s["relayed_messages"] >= 30 * 8
+    rounds = [e["t"] for e in read_events(out) if e["event"] == "update"]
+    # Every round waits for its neighbours' messages, each held 40 ms: a lower bound, not a timing guess.
+    assert rounds[-1] - rounds[0] >= 29 * 0.040
+    slow = parse_stragglers("0.25:3x").assign(4, 5).workers
+    stalled = {int(w) for w, info in s["workers"].items() if info["emulated_stall_s"] > 0}
+    assert stalled == slow and len(slow) == 1
+
+
 def test_flags_are_checked_before_anything_starts(tmp_path):
     for args, needle in [(["--algo", "async", "--topology", "ring"], "decentralized"),
                          (["--algo", "dsgd", "--rho", "0.1"], "cadmm"),
                          (["--algo", "dsgd", "--topology", "moebius"], "unknown topology"),
-                         (["--algo", "dsgd", "--inject-latency", "5ms"], "not emulated")]:
+                         (["--algo", "dsgd", "--inject-latency", "soon"], "--inject-latency")]:
         proc = run_zsgd("run", "--n-proc", "4", "--steps", "5", "--out", str(tmp_path / "never"), *args, *FAST, timeout=60)
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, proc.stderr)

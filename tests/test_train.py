@@ -32,9 +32,10 @@ def test_train_writes_a_complete_run_directory(tmp_path):
         assert set(z.files) == {"fc.weight", "fc.bias"} or len(z.files) == 2
 
 
-def test_one_worker_sync_run_reproduces_the_trainer(tmp_path, no_orphans):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_one_worker_sync_run_reproduces_the_trainer(tmp_path, schedule, no_orphans):
     a, b = tmp_path / "train", tmp_path / "run"
-    common = [*SMALL, "--steps", "60", "--quiet"]
+    common = [*SMALL, "--steps", "60", "--lr-schedule", schedule, "--quiet"]
     assert run_zsgd("train", *common, "--out", str(a)).returncode == 0
     proc = run_zsgd("run", "--n-proc", "1", "--algo", "sync", *common, "--out", str(b), "--heartbeat", "0.5", "--timeout", "3")
     assert proc.returncode == 0, proc.stderr

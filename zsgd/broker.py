@@ -21,6 +21,7 @@ import numpy as np
 import zmq
 
 from zsgd import protocol
+from zsgd.schedule import lr_factor, resolve_lr_schedule
 from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm
 from zsgd.checkpoint import save_checkpoint
 from zsgd.config import TrainConfig
@@ -73,6 +74,7 @@ class Broker:
                  resume: tuple[np.ndarray, dict, dict] | None = None, run_id: str | None = None) -> None:
         from zsgd.optim import make_optimizer
 
+        cfg = resolve_lr_schedule(cfg, opts.algo)
         self.cfg, self.problem, self.opts, self.run_dir, self.metrics = cfg, problem, opts, Path(run_dir), metrics
         self.run = run_id or uuid.uuid4().hex[:12]
         model = problem.model
@@ -371,6 +373,8 @@ class Broker:
         if isinstance(compute_s, (int, float)) and 0 <= compute_s < 3600:
             peer.compute_s_sum += float(compute_s)
         update = Update(peer.worker, msg.version, grad, n, peer.last_loss, meta)
+        progress = self.rule.progress(self.state.updates, self.state.samples, self.elapsed)
+        self.algo.lr_scale = lr_factor(self.cfg.lr_schedule, progress)
         self._dispatch(self.algo.on_update(update, self.elapsed))
 
     def _release_held(self, now: float) -> None:
@@ -378,10 +382,14 @@ class Broker:
         for direction, peer, msg in self._held.pop_due(now):
             if peer.state != "ready" or self.state.stop_reason is not None:
                 continue
-            if direction == "in":
-                self._on_update(peer, msg)
-            else:
-                self._send_peer(peer, msg)
+            self._deliver_held(direction, peer, msg)
+
+    def _deliver_held(self, direction: str, peer: Peer, msg: Any) -> None:
+        """One emulated message arrives (a hook: the relay also holds relayed peer messages)."""
+        if direction == "in":
+            self._on_update(peer, msg)
+        else:
+            self._send_peer(peer, msg)
 
     def _dispatch(self, outputs: list) -> None:
         for out in outputs:
@@ -534,6 +542,7 @@ class Broker:
             "compute_s_mean": self._mean_compute(),
             "workers": {str(p.worker): {"host": p.host, "steps": p.steps, "samples": p.samples, "mean_staleness": p.mean_staleness,
                                         "max_staleness": p.staleness_max, "incarnations": p.incarnations,
-                                        "compute_s_mean": p.compute_s_sum / p.steps if p.steps else None}
+                                        "compute_s_mean": p.compute_s_sum / p.steps if p.steps else None,
+                                        "emulated_stall_s": p.stall_s_sum}
                         for p in self.members.by_worker.values()},
         }

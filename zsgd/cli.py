@@ -142,7 +142,10 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
     """Train with a broker and N worker processes over ZeroMQ."""
     from zsgd.runner import RunOptions, run_distributed
 
+    from zsgd.scaling import SCALED_FIELDS
+
     extra = pop_run_flags(params) | _pop_decentralized(params) | {"tensorboard": params.pop("tensorboard")}
+    defaulted: set[str] = set()
     if n_proc is None:
         n_proc = 0 if extra.get("remote") else 2
     if resume_dir is not None:
@@ -151,8 +154,8 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
         staleness_lr = stored.get("staleness_lr", staleness_lr)
         compress = stored.get("compress", compress)
     else:
-        cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}")
-    opts = RunOptions(n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
+        cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}", defaulted=defaulted)
+    opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
                       compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, inject_latency=inject_latency,
                       inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers, show=not quiet, **extra)
     summary = run_distributed(cfg, opts, out=out, resume_dir=resume_dir)
@@ -199,8 +202,11 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
 
     if n_workers < 1:
         raise ZsgdError(f"--workers must be >= 1, got {n_workers}")
-    cfg = build_config(ctx, params, default_name=f"broker-{params['model']}-{algo.replace(':', '')}")
-    opts = RunOptions(n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
+    from zsgd.scaling import SCALED_FIELDS
+
+    defaulted: set[str] = set()
+    cfg = build_config(ctx, params, default_name=f"broker-{params['model']}-{algo.replace(':', '')}", defaulted=defaulted)
+    opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
                       staleness_lr=staleness_lr, compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
                       inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
                       show=not quiet, tensorboard=params.pop("tensorboard"), **pop_run_flags(params), **_pop_decentralized(params))

@@ -15,6 +15,7 @@ from click.core import ParameterSource
 
 from zsgd.config import OPTIMIZERS, TrainConfig
 from zsgd.errors import ZsgdError
+from zsgd.schedule import LR_SCHEDULES
 
 # (flag, TrainConfig field, click kwargs)
 TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
@@ -26,6 +27,9 @@ TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--split", "split", dict(default="iid", show_default=True, help="How data is sharded over workers: iid, shards, dirichlet:ALPHA, classes:K.")),
     ("--batch-size", "batch_size", dict(default=64, show_default=True, type=int, help="Mini-batch size per step (per worker).")),
     ("--lr", "lr", dict(default=0.05, show_default=True, type=float, help="Learning rate.")),
+    ("--lr-schedule", "lr_schedule", dict(default="auto", show_default=True, type=click.Choice(LR_SCHEDULES),
+                                          help="Decay --lr to 0 over the run's --epochs/--steps/--time. auto: cosine for "
+                                               "train/async/sync/ssp, constant for localsgd, dsgd, dsgt, cadmm.")),
     ("--optimizer", "optimizer", dict(default="momentum", show_default=True, type=click.Choice(OPTIMIZERS))),
     ("--momentum", "momentum", dict(default=0.9, show_default=True, type=float)),
     ("--weight-decay", "weight_decay", dict(default=0.0, show_default=True, type=float)),
@@ -49,13 +53,19 @@ def training_options(func: Callable) -> Callable:
     return func
 
 
-def build_config(ctx: click.Context, params: dict[str, Any], default_name: str) -> TrainConfig:
-    """Merge YAML file values with flags (explicit flags win) and validate."""
+def build_config(ctx: click.Context, params: dict[str, Any], default_name: str, defaulted: set[str] | None = None) -> TrainConfig:
+    """Merge YAML file values with flags (explicit flags win) and validate.
+
+    ``defaulted``, when given, receives the fields that neither a flag nor the
+    file set: the ones ``zsgd run`` may scale to its number of workers.
+    """
     values: dict[str, Any] = {}
     if params.get("config_file"):
         values.update(load_yaml_config(Path(params["config_file"])))
     for _flag, field, _kw in TRAINING_FLAGS:
         explicit = ctx.get_parameter_source(field) not in (ParameterSource.DEFAULT, None)
+        if not explicit and field not in values and defaulted is not None:
+            defaulted.add(field)
         if explicit or field not in values:
             values[field] = params[field]
     if values.get("name") is None:

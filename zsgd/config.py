@@ -33,6 +33,7 @@ class TrainConfig:
     split: str = "iid"
     batch_size: int = 64
     lr: float = 0.05
+    lr_schedule: str = "auto"
     optimizer: str = "momentum"
     momentum: float = 0.9
     weight_decay: float = 0.0
@@ -51,6 +52,12 @@ class TrainConfig:
         """Raise ZsgdError naming the first bad option; return self."""
         _positive_int("batch-size", self.batch_size)
         _positive_float("lr", self.lr)
+        from zsgd.schedule import check_lr_schedule
+
+        check_lr_schedule(self.lr_schedule)
+        if self.lr_schedule in ("cosine", "linear") and self.epochs is None and self.steps is None and self.time_limit is None \
+                and self.target_acc is not None:
+            raise ZsgdError(f"--lr-schedule {self.lr_schedule} needs a run length to decay over: add --epochs, --steps or --time")
         if self.optimizer not in OPTIMIZERS:
             raise ZsgdError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if not 0.0 <= self.momentum < 1.0:

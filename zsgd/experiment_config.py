@@ -57,7 +57,7 @@ from zsgd.experiment_yaml import Marked, load_marked
 
 TOP_KEYS = ("name", "description", "problem", "target", "defaults", "arms")
 SHARED_KEYS = ("model", "data", "data_dir", "image_size", "grayscale", "split", "seed")
-OVERRIDE_KEYS = ("batch_size", "lr", "optimizer", "momentum", "weight_decay", "clip_norm", "epochs", "steps", "time",
+OVERRIDE_KEYS = ("batch_size", "lr", "lr_schedule", "optimizer", "momentum", "weight_decay", "clip_norm", "epochs", "steps", "time",
                  "target_acc", "eval_every", "log_every")
 PROBLEM_KEYS = SHARED_KEYS + OVERRIDE_KEYS
 NETWORK_KEYS = ("latency", "bandwidth", "loss", "stragglers")  # sim and run (emulated)

@@ -29,6 +29,7 @@ class Peer:
     staleness_max: int = 0
     last_loss: float = float("nan")
     compute_s_sum: float = 0.0  # worker-reported gradient time (without emulated slowdown)
+    stall_s_sum: float = 0.0  # decentralized emulation: time a straggler node slowed itself by
     incarnations: int = 1
     busy: bool = False  # evaluator: evaluating a snapshot
     user: str | None = None  # CURVE: the client key (ZAP User-Id) this peer joined with

@@ -9,13 +9,14 @@ child and closes the socket before the summary is written.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zsgd.broker import Broker, BrokerOptions
 from zsgd.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
+from zsgd.schedule import check_schedule_applies, resolve_lr_schedule
 from zsgd.metrics import MetricsWriter
 from zsgd.rundir import create_run_dir, write_json
 
@@ -49,6 +50,7 @@ class RunOptions:
     secure: bool = False  # CURVE even on loopback (always on beyond it)
     keys_dir: str | None = None  # from 'zsgd keys generate'
     remote_workers: int = 0  # set once the hosts have answered
+    auto_scale: list[str] = field(default_factory=list)  # defaulted hyper-parameters to scale to the workers (zsgd.scaling)
     # decentralized algorithms (dsgd, dsgt, cadmm): the graph and the rule's hyper-parameters
     # (None: the defaults of DecentralizedParams; refused with a centralized --algo)
     topology: str | None = None
@@ -84,8 +86,6 @@ class RunOptions:
         self.decentralized_params()
         if self.staleness_lr not in ("off", False, None):
             raise ZsgdError(f"--staleness-lr applies to centralized algorithms, not {self.algo}")
-        if self.emulator(0) is not None:
-            raise ZsgdError(f"--inject-latency/--inject-bandwidth/--inject-loss/--stragglers are not emulated for {self.algo} runs yet")
 
     def validate(self) -> "RunOptions":
         from zsgd.algorithms import parse_algo
@@ -147,9 +147,17 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
 
     cfg.validate()
     opts.validate()
+    cfg = resolve_lr_schedule(cfg, opts.algo)
+    check_schedule_applies(cfg.lr_schedule, opts.algo)
     from zsgd.access import prepare_access
 
     access = prepare_access(opts)  # probes remote hosts; a bad host fails here, before anything starts
+    if resume_dir is None:
+        from zsgd.scaling import scale_for_workers
+
+        cfg, scaled = scale_for_workers(cfg, opts.algo, opts.n_workers, set(opts.auto_scale))
+        if scaled and opts.show:
+            stderr_console.print(scaled)
     resume = None
     topology = None
     if opts.decentralized:

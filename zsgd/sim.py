@@ -37,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd import protocol
+from zsgd.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
 from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm, make_worker_step, parse_algo
 from zsgd.algorithms.worker import WorkerStep
 from zsgd.config import TrainConfig, write_config
@@ -170,6 +171,8 @@ class Simulation:
                  progress: ProgressFn | None = None) -> None:
         from zsgd.optim import make_optimizer
 
+        cfg = resolve_lr_schedule(cfg, opts.algo)
+        check_schedule_applies(cfg.lr_schedule, opts.algo)
         self.cfg, self.opts, self.wl, self.metrics, self.progress = cfg, opts.validate(), workload, metrics, progress
         n = opts.n_workers
         self.n = n
@@ -320,6 +323,7 @@ class Simulation:
 
     def _process(self, update: Update, *_: Any) -> None:
         w = update.worker
+        self.algo.lr_scale = lr_factor(self.cfg.lr_schedule, self.rule.progress(self.updates, self.samples, self.now))
         outputs = self.algo.on_update(update, self.now)
         if not any(isinstance(o, Dropped) and o.worker == w for o in outputs):
             self.w_steps[w] += 1
@@ -495,6 +499,7 @@ def record_arm(run_dir: Path, cfg: TrainConfig, described: dict, workload: Workl
 def run_arm(cfg: TrainConfig, opts: SimOptions, workload: Workload, run_dir: Path, progress: ProgressFn | None = None,
             plots: bool = False) -> SimResult:
     """Simulate one arm into ``run_dir``."""
+    cfg = resolve_lr_schedule(cfg, opts.algo)
     result = record_arm(run_dir, cfg, opts.validate().describe(), workload,
                         lambda metrics: Simulation(cfg, opts, workload, metrics, progress).run())
     if plots:

@@ -38,6 +38,22 @@ class StopRule:
             candidates.append(int(math.ceil(self.total_samples / self.batch_size)))
         return min(candidates) if candidates else None
 
+    @property
+    def has_length(self) -> bool:
+        """Whether progress is defined: a step, epoch or time budget is set."""
+        return self.steps is not None or self.epochs is not None or self.time_limit is not None
+
+    def progress(self, updates: int, samples: int, elapsed: float) -> float:
+        """How far the run is towards its first budget, in [0, 1] (0 with no budget)."""
+        fractions = [0.0]
+        if self.steps is not None:
+            fractions.append(updates / self.steps)
+        if self.total_samples is not None:
+            fractions.append(samples / self.total_samples)
+        if self.time_limit is not None:
+            fractions.append(elapsed / self.time_limit)
+        return min(max(fractions), 1.0)
+
     def reason(self, updates: int, samples: int, elapsed: float, test_acc: float | None = None) -> str | None:
         """The reason to stop now, or None to go on."""
         if self.steps is not None and updates >= self.steps:

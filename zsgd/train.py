@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from zsgd.schedule import resolve_lr_schedule
 from zsgd.config import TrainConfig, write_config
 from zsgd.metrics import MetricsWriter
 from zsgd.rundir import create_run_dir, save_arrays, write_json
@@ -66,8 +67,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
     from zsgd.algorithms.worker import WorkerStep
     from zsgd.live import TrainProgress
     from zsgd.optim import clip_grad_norm, make_optimizer
+    from zsgd.schedule import lr_factor
 
-    cfg.validate()
+    cfg = resolve_lr_schedule(cfg.validate(), "train")
     problem = problem or Problem.from_config(cfg)
     ds, model = problem.dataset, problem.model
     run_dir = create_run_dir(out, cfg.name)
@@ -107,7 +109,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
             loss, grad = update.loss, update.grad
             if cfg.clip_norm is not None:
                 clip_grad_norm(grad, cfg.clip_norm)
-            optimizer.step(w, grad)
+            # The factor from the counters before this step, as the broker takes it.
+            optimizer.step(w, grad, cfg.lr * lr_factor(cfg.lr_schedule, rule.progress(updates, samples, time.perf_counter() - t0)))
             updates += 1
             samples += update.n_samples
             if not np.isfinite(loss):

@@ -85,6 +85,7 @@ class ServerAlgorithm:
         self.staleness_lr = staleness_lr
         self.clip_norm = clip_norm
         self.version = 0
+        self.lr_scale = 1.0  # set by the driver from --lr-schedule before each update
         self.live: set[int] = set()
         self._snapshot: tuple[int, np.ndarray] | None = None
 
@@ -112,7 +113,7 @@ class ServerAlgorithm:
 
     def apply(self, grad: np.ndarray, staleness: int) -> float:
         """One optimizer step on the central model; returns the lr used."""
-        lr = self.optimizer.lr
+        lr = self.optimizer.lr * self.lr_scale
         if self.staleness_lr and staleness > 0:
             lr = lr / staleness
         if self.clip_norm is not None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import fields, replace
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -89,15 +89,34 @@ def build_endpoint(cfg: TrainConfig, assign: dict[str, Any], worker: int, model:
     return PeerEndpoint(rule, compress, seed=cfg.seed), every
 
 
+def straggler_delay(assign: dict[str, Any], worker: int, seed: int) -> Callable[[float, float], float]:
+    """``(t, compute_s) -> extra seconds`` this node sleeps per round under ``--stragglers``.
+
+    The broker sends the spec; every node rebuilds the same seeded choice of slow
+    nodes (``StragglerSpec.assign``, as ``zsgd sim`` does) and stretches its own
+    round's computation, transient episodes included, on its own clock.
+    """
+    from zsgd.netmodel import parse_stragglers
+
+    d = assign.get("decentralized", {})
+    spec = parse_stragglers(d["stragglers"]) if isinstance(d.get("stragglers"), str) else None
+    if spec is None:
+        return lambda _t, _c: 0.0
+    chosen = spec.assign(int(d["n_nodes"]), seed)
+    return lambda t, c: (chosen.factor(worker, t) - 1.0) * c
+
+
 def run_rounds(opts: Any, link: BrokerLink, cfg: TrainConfig, assign: dict[str, Any], model: Any, x: np.ndarray, y: np.ndarray) -> int:
     """Run rounds until the broker says LEAVE; return the process exit code."""
     from zsgd.node import log
 
     ep, every = build_endpoint(cfg, assign, link.worker, model, x, y)
+    stall = straggler_delay(assign, link.worker, cfg.seed)
     try:
         _wait_for_start(opts, link, ep)
+        t_start = time.monotonic()
         while True:
-            _round(opts, link, ep, every, cfg.steps)
+            _round(opts, link, ep, every, cfg.steps, lambda c: stall(time.monotonic() - t_start, c))
     except _Stop as stop:
         return stop.code
     except ProtocolError as exc:
@@ -138,7 +157,7 @@ def _wait_for_start(opts: Any, link: BrokerLink, ep: PeerEndpoint) -> None:
         pass
 
 
-def _round(opts: Any, link: BrokerLink, ep: PeerEndpoint, every: int, steps: int | None) -> None:
+def _round(opts: Any, link: BrokerLink, ep: PeerEndpoint, every: int, steps: int | None, stall: Callable[[float], float]) -> None:
     r = ep.round
     for to, p in ep.outgoing():
         link.send(protocol.peer_message(link.run, link.worker, to, p.round, p.arrays, codec=p.codec))
@@ -146,11 +165,15 @@ def _round(opts: Any, link: BrokerLink, ep: PeerEndpoint, every: int, steps: int
         _handle(opts, link, ep, link.recv(timeout=opts.timeout))
     t0 = time.perf_counter()
     stats = ep.advance()
+    compute_s = time.perf_counter() - t0
+    stall_s = stall(compute_s)
+    if stall_s > 0:
+        time.sleep(stall_s)  # an emulated straggler: its neighbours wait for this round's messages
     done = r + 1
     arrays = {"w": ep.rule.x} if done % every == 0 or (steps is not None and done == steps) else {}
     link.send(Message(MsgType.UPDATE, link.run, link.worker, r, arrays, meta={
         "kind": "round", "round": r, "loss": float(stats.loss) if np.isfinite(stats.loss) else None,
-        "n_samples": int(stats.samples), "lr": float(stats.lr), "compute_s": time.perf_counter() - t0}))
+        "n_samples": int(stats.samples), "lr": float(stats.lr), "compute_s": compute_s, "stall_s": stall_s}))
     while True:  # a LEAVE that came while computing ends the loop now, not after the next round
         msg = link.recv(timeout=0)
         if msg is None:

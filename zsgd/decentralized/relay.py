@@ -138,7 +138,13 @@ class RelayBroker(Broker):
             return {}
         return {"decentralized": {"algo": self.dec_algo, "topology": self.topology.spec, "n_nodes": self.topology.n,
                                   "neighbours": list(row.neighbours), "weights": list(row.weights), "self_weight": row.self_weight,
-                                  "params": asdict(self.params), "eval_every_rounds": self.eval_rounds}}
+                                  "params": asdict(self.params), "eval_every_rounds": self.eval_rounds,
+                                  "stragglers": self._straggler_spec()}}
+
+    def _straggler_spec(self) -> str | None:
+        """Emulated stragglers slow themselves: each node rebuilds the run's seeded choice from this spec."""
+        em = self.opts.emulator
+        return None if em is None or em.stragglers is None else str(em.stragglers.spec)
 
     def _on_hello(self, identity: bytes, peer: Peer | None, msg: Message, now: float) -> None:
         if self.started and msg.meta.get("stage", "join") == "join" and msg.meta.get("role", "worker") == "worker":
@@ -195,8 +201,24 @@ class RelayBroker(Broker):
         if target is None or target.state != "ready":
             self._fail(f"cannot relay to worker {to}: it is not in the run")
             return
+        if self._held is not None:
+            # Emulated network: one hop from the sender to its neighbour, with the sender's
+            # link (as zsgd sim models a peer message); held, then relayed when due.
+            delay = self.opts.emulator.delay(peer.worker, True, sum(len(f.buffer) for f in frames[1:]))
+            self._held.push(("relay", target, frames[1:]), time.monotonic(), delay)
+            return
+        self._relay_now(target, frames[1:])
+
+    def _deliver_held(self, direction: str, peer: Peer, msg: Any) -> None:
+        if direction == "relay":
+            self._relay_now(peer, msg)
+        else:
+            super()._deliver_held(direction, peer, msg)
+
+    def _relay_now(self, target: Peer, frames: list) -> None:
+        to = target.worker
         try:
-            self.sock.send_multipart([target.identity, *frames[1:]], flags=zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart([target.identity, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self._fail(f"relay queue to worker {to} is full (it stopped reading); the run stops")
             return
@@ -207,7 +229,7 @@ class RelayBroker(Broker):
             return
         target.last_sent = time.monotonic()
         self.relayed += 1
-        self.state.bytes_out += sum(len(f.buffer) for f in frames[1:])
+        self.state.bytes_out += sum(len(f.buffer) for f in frames)
 
     # -- rounds --------------------------------------------------------------------
     def _on_update(self, peer: Peer, msg: Message) -> None:
@@ -232,6 +254,9 @@ class RelayBroker(Broker):
         compute_s = msg.meta.get("compute_s")
         if isinstance(compute_s, (int, float)) and 0 <= compute_s < 3600:
             peer.compute_s_sum += float(compute_s)
+        stall_s = msg.meta.get("stall_s")
+        if isinstance(stall_s, (int, float)) and 0 <= stall_s < 3600:
+            peer.stall_s_sum += float(stall_s)
         self._reports.setdefault(r, {})[peer.worker] = (loss, n, w)
         while len(self._reports.get(self.state.updates, ())) == self.opts.n_workers and self.state.stop_reason is None:
             self._complete_round(self.state.updates)

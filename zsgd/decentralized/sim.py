@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from zsgd.schedule import check_schedule_applies, resolve_lr_schedule
 from zsgd.config import TrainConfig
 from zsgd.decentralized.driver import DecentralizedRound, RoundResult, average, consensus_error
 from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, node_gradient
@@ -108,6 +109,8 @@ class DecentralizedSimulation:
                  progress: ProgressFn | None = None) -> None:
         from zsgd.optim import make_optimizer
 
+        cfg = resolve_lr_schedule(cfg, opts.algo)
+        check_schedule_applies(cfg.lr_schedule, opts.algo)
         self.cfg, self.opts, self.wl, self.metrics, self.progress = cfg, opts.validate().resolved(cfg), workload, metrics, progress
         self.n = n = opts.n_workers
         self.model = workload.model
@@ -269,5 +272,6 @@ def run_decentralized_arm(cfg: TrainConfig, opts: DecentralizedOptions, workload
                           progress: ProgressFn | None = None) -> SimResult:
     """Simulate one decentralized arm into ``run_dir`` (weights.npz holds the average model x_bar)."""
     opts = opts.validate().resolved(cfg)
+    cfg = resolve_lr_schedule(cfg, opts.algo)
     return record_arm(run_dir, cfg, opts.describe(), workload,
                       lambda metrics: DecentralizedSimulation(cfg, opts, workload, metrics, progress).run())

@@ -1,0 +1,62 @@
+"""Defaulted hyper-parameters scaled to the number of workers (zsgd.scaling)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import run_zsgd
+from zsgd.config import TrainConfig
+from zsgd.scaling import SCALED_FIELDS, scale_for_workers
+
+ALL = set(SCALED_FIELDS)
+
+
+@pytest.mark.parametrize("algo", ["async", "ssp:3"])
+@pytest.mark.parametrize("n, batch, lr", [(2, 32, 0.025 / 2**0.5), (4, 16, 0.00625), (9, 16, 0.0125 / 3), (16, 16, 0.003125)])
+def test_async_keeps_the_rate_per_sample_over_sqrt_n(algo, n, batch, lr):
+    cfg, line = scale_for_workers(TrainConfig(), algo, n, ALL)
+    assert (cfg.batch_size, cfg.momentum) == (batch, 0.9) and cfg.lr == pytest.approx(lr)
+    assert line and f"{n} {algo.partition(':')[0]} workers" in line and "--batch-size" in line
+
+
+@pytest.mark.parametrize("n, batch, lr", [(2, 32, 0.05), (4, 16, 0.05), (8, 16, 0.1)])
+def test_sync_follows_the_linear_scaling_rule(n, batch, lr):
+    cfg, _ = scale_for_workers(TrainConfig(), "sync", n, ALL)
+    assert (cfg.batch_size, cfg.momentum) == (batch, 0.9) and cfg.lr == pytest.approx(lr)
+    assert cfg.batch_size * n * 0.05 / 64 == pytest.approx(cfg.lr)
+
+
+def test_given_values_are_never_touched():
+    cfg = TrainConfig(batch_size=50, lr=0.3, momentum=0.95)
+    assert scale_for_workers(cfg, "async", 4, set()) == (cfg, None)
+    assert scale_for_workers(cfg, "async", 4, {"momentum"}) == (cfg, None)  # momentum is never scaled
+    kept, _ = scale_for_workers(cfg, "async", 4, {"lr"})  # batch given: only the sqrt(N)
+    assert (kept.batch_size, kept.lr, kept.momentum) == (50, pytest.approx(0.15), 0.95)
+    sync, _ = scale_for_workers(TrainConfig(batch_size=64), "sync", 4, {"lr"})  # batch given: lr x N
+    assert (sync.batch_size, sync.lr) == (64, pytest.approx(0.2))
+
+
+@pytest.mark.parametrize("algo", ["localsgd:4", "dsgd", "cadmm"])
+def test_per_worker_algorithms_and_single_workers_keep_the_defaults(algo):
+    assert scale_for_workers(TrainConfig(), algo, 8, ALL) == (TrainConfig(), None)
+    assert scale_for_workers(TrainConfig(), "async", 1, ALL) == (TrainConfig(), None)
+
+
+def test_run_scales_defaults_says_so_and_records_them(tmp_path, no_orphans):
+    common = ["--n-proc", "2", "--algo", "async", "--model", "logreg", "--data", "embedded", "--steps", "30",
+              "--heartbeat", "0.5", "--timeout", "3"]
+    out = tmp_path / "auto"
+    proc = run_zsgd("run", *common, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "scaled for 2 async workers" in proc.stderr
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    assert (stored["batch_size"], stored["momentum"]) == (32, 0.9) and stored["lr"] == pytest.approx(0.025 / 2**0.5)
+    conf = tmp_path / "c.yaml"
+    conf.write_text("batch_size: 64\nlr: 0.05\n")  # values in a file count as given
+    out2 = tmp_path / "given"
+    proc = run_zsgd("run", *common, "--config", str(conf), "--out", str(out2))
+    assert proc.returncode == 0, proc.stderr
+    assert "scaled" not in proc.stderr
+    stored = yaml.safe_load((out2 / "config.yaml").read_text())
+    assert (stored["batch_size"], stored["lr"], stored["momentum"]) == (64, 0.05, 0.9)

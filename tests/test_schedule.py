@@ -1,0 +1,88 @@
+"""Learning-rate schedules: the factor curve, run progress, and what each driver applies."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import run_zsgd
+from zsgd.config import TrainConfig
+from zsgd.errors import ZsgdError
+from zsgd.netmodel import Constant
+from zsgd.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
+from zsgd.sim import SimOptions, Workload, run_arm
+from zsgd.stopping import StopRule
+from zsgd.train import Problem
+
+
+def test_factor_curves():
+    assert [lr_factor("constant", p) for p in (0, 0.5, 1)] == [1.0, 1.0, 1.0]
+    assert lr_factor("cosine", 0) == 1.0 and lr_factor("cosine", 0.5) == pytest.approx(0.5) and lr_factor("cosine", 1) == pytest.approx(0.0)
+    assert lr_factor("linear", 0.25) == 0.75 and lr_factor("linear", 2.0) == 0.0 and lr_factor("linear", -1) == 1.0
+    with pytest.raises(ZsgdError, match="lr-schedule"):
+        lr_factor("step", 0.5)
+
+
+def test_progress_is_the_first_budget_to_run_out():
+    rule = StopRule(n_train=1000, batch_size=10, epochs=2, steps=400, time_limit=100)
+    assert rule.progress(0, 0, 0) == 0
+    assert rule.progress(100, 1000, 10) == pytest.approx(0.5)  # epochs: 1000 of 2000 samples
+    assert rule.progress(300, 1000, 10) == pytest.approx(0.75)  # steps lead
+    assert rule.progress(10, 10, 90) == pytest.approx(0.9)  # time leads
+    assert rule.progress(10_000, 10, 0) == 1.0
+    assert StopRule(n_train=1000, batch_size=10, target_acc=0.9).progress(500, 5000, 50) == 0.0
+
+
+def test_a_decaying_schedule_needs_a_length_and_a_central_optimizer():
+    with pytest.raises(ZsgdError, match="needs a run length"):
+        TrainConfig(lr_schedule="cosine", target_acc=0.9).validate()
+    TrainConfig(lr_schedule="cosine", target_acc=0.9, epochs=3).validate()
+    with pytest.raises(ZsgdError, match="unknown --lr-schedule"):
+        TrainConfig(lr_schedule="exp").validate()
+    for algo in ("localsgd:4", "dsgd", "cadmm"):
+        with pytest.raises(ZsgdError, match="central optimizer"):
+            check_schedule_applies("cosine", algo)
+        check_schedule_applies("constant", algo)
+    for algo in ("async", "sync", "ssp:2"):
+        check_schedule_applies("linear", algo)
+
+
+def test_auto_is_cosine_for_a_central_optimizer_with_a_budget():
+    for algo in ("train", "async", "sync", "ssp:3"):
+        assert resolve_lr_schedule(TrainConfig(epochs=2), algo).lr_schedule == "cosine"
+        assert resolve_lr_schedule(TrainConfig(), algo).lr_schedule == "cosine"  # no stop flag: one epoch
+        assert resolve_lr_schedule(TrainConfig(target_acc=0.8), algo).lr_schedule == "constant"
+        assert resolve_lr_schedule(TrainConfig(target_acc=0.8, time_limit=60), algo).lr_schedule == "cosine"
+    for algo in ("localsgd:4", "dsgd", "dsgt", "cadmm"):
+        assert resolve_lr_schedule(TrainConfig(epochs=2), algo).lr_schedule == "constant"
+    given = TrainConfig(epochs=2, lr_schedule="linear")
+    assert resolve_lr_schedule(given, "async") is given
+    with pytest.raises(ZsgdError, match="not resolved"):
+        lr_factor("auto", 0.3)
+
+
+def test_run_directory_records_the_resolved_schedule(tmp_path):
+    import yaml
+
+    out = tmp_path / "t"
+    assert run_zsgd("train", "--model", "logreg", "--data", "embedded", "--steps", "5", "--quiet", "--out", str(out)).returncode == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr_schedule"] == "cosine"
+
+
+@pytest.mark.parametrize("algo", ["async", "sync"])
+def test_simulated_updates_follow_the_schedule(tmp_path, algo):
+    cfg = TrainConfig(model="logreg", data="embedded", steps=100, lr=0.04, lr_schedule="cosine", eval_every=50).validate()
+    run_arm(cfg, SimOptions(algo=algo, n_workers=4, compute=Constant(0.01)), Workload(cfg, Problem.from_config(cfg)), tmp_path / "a")
+    updates = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    updates = [e for e in updates if e["event"] == "update"]
+    assert len(updates) == 100
+    for e in updates:  # the factor comes from the counters before the update: version - 1
+        assert e["lr"] == pytest.approx(0.04 * 0.5 * (1 + math.cos(math.pi * (e["updates"] - 1) / 100)))
+
+
+def test_cli_rejects_a_schedule_for_local_sgd(tmp_path):
+    proc = run_zsgd("sim", "--algo", "localsgd:2", "--lr-schedule", "cosine", "--model", "logreg", "--data", "embedded",
+                    "--steps", "10", "--out", str(tmp_path / "s"))
+    assert proc.returncode == 2 and "central optimizer" in proc.stderr and "Traceback" not in proc.stderr
