@@ -148,7 +148,6 @@ ARMS = "arms:\n  - name: a\n    algo: sync\n"
     ("problem: {}\narms:\n  - name: a\n    compress: topk:2\n", [":4:", "'compress'"]),
     ("problem: {}\narms:\n  - name: a\n    seed: 3\n", [":4:", "'seed'", "problem:"]),
     ("problem: {}\narms:\n  - name: a\n    mode: run\n    compute: 5ms\n", [":5:", "'compute'", "sim arms only"]),
-    ("problem: {}\narms:\n  - name: d\n    algo: dsgd\n    mode: run\n    latency: 10ms\n", [":6:", "'d'", "not emulated", "dsgd"]),
     ("problem: {}\narms:\n  - name: d\n    algo: dsgd\n    mode: run\n    topology: moebius\n", [":6:", "unknown topology"]),
     ("problem: {}\narms:\n  - name: d\n    algo: dsgd\n    workers: 5\n    topology: random-regular:3\n", [":6:", "n*D even"]),
     ("problem: {}\narms:\n  - name: d\n    algo: dsgd\n    topology: moebius\n", [":5:", "unknown topology"]),

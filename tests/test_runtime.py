@@ -75,9 +75,11 @@ def test_kill_9_one_of_four_workers(tmp_path, algo, no_orphans):
         assert later, "sync rounds did not resume after the death"
 
 
-def test_restarted_worker_rejoins_and_contributes(tmp_path, no_orphans):
+@pytest.mark.parametrize("replies", ["none", "topk:0.1"])
+def test_restarted_worker_rejoins_and_contributes(tmp_path, replies, no_orphans):
+    """With --compress-replies the restarted worker holds no weights: it must get full ones, then deltas again."""
     out = tmp_path / "run"
-    proc = start_run(out, "--n-proc", "2", "--algo", "async", "--steps", "3000")
+    proc = start_run(out, "--n-proc", "2", "--algo", "async", "--steps", "3000", "--compress-replies", replies)
     rejoined = None
     try:
         pids = wait_for(lambda: (p := worker_pids(out)) and len(p) == 2 and p, 60, what="workers")
@@ -97,6 +99,10 @@ def test_restarted_worker_rejoins_and_contributes(tmp_path, no_orphans):
     assert any(e["event"] == "worker" and e.get("status") == "rejoined" and e["worker"] == 0 for e in events)
     t_rejoin = next(e["t"] for e in events if e.get("status") == "rejoined")
     assert any(e["event"] == "update" and e["worker"] == 0 and e["t"] > t_rejoin for e in events)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["rejected_messages"] == 0 and s["test_accuracy"] > 0.6
+    if replies != "none":
+        assert 3 < s["reply_compression_ratio"] < 6  # top-10 %: an int32 index and a float32 value per kept weight
 
 
 def test_kill_9_broker_then_resume(tmp_path, no_orphans):

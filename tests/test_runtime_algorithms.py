@@ -31,3 +31,29 @@ def test_compressed_runs_train_and_account_bytes(tmp_path, args, min_ratio, no_o
 def test_bad_compress_spec_is_one_line(tmp_path):
     proc = run_zsgd("run", "--n-proc", "1", "--compress", "zip:9", *FAST, "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "zip:9" in proc.stderr
+
+
+def test_compressed_replies_shrink_the_downlink_and_still_learn(tmp_path, no_orphans):
+    runs = {}
+    for replies in ("none", "qsgd:8"):
+        out = tmp_path / replies.replace(":", "")
+        proc = run_zsgd("run", "--n-proc", "2", "--algo", "async", "--steps", "300", "--compress-replies", replies, "--out", str(out), *FAST)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[replies] = json.loads((out / "summary.json").read_text())
+    dense, coded = runs["none"], runs["qsgd:8"]
+    assert dense["reply_compression_ratio"] == 1.0
+    # 8-bit levels plus a sign bit-plane and a norm: about 3.8x fewer bytes than float32 (only the first reply is full)
+    assert 3.0 < coded["reply_compression_ratio"] < 4.0
+    assert coded["bytes_received"] < dense["bytes_received"] / 3
+    assert coded["test_accuracy"] > dense["test_accuracy"] - 0.03 and coded["rejected_messages"] == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--compress-replies", "topk:2"], "top-k fraction"),
+    (["--compress-replies", "zip"], "codec"),
+    (["--algo", "dsgd", "--compress-replies", "topk:0.1"], "dsgd has none"),
+])
+def test_bad_reply_codecs_are_one_line_errors(tmp_path, args, needle):
+    proc = run_zsgd("run", "--n-proc", "2", "--steps", "5", "--out", str(tmp_path / "never"), *args, *FAST, timeout=60)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr

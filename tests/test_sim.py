@@ -256,3 +256,15 @@ def test_broker_time_and_broker_nic_cap_throughput(workload, tmp_path):
     bw = 500 * max(workload.weights_bytes, workload.update_bytes)  # the NIC moves 500 messages/s each way
     r = sim(workload, tmp_path / "nic", algo="async", n_workers=n, broker_bandwidth=float(bw))
     assert r.summary["updates_per_s"] == pytest.approx(500, rel=0.03)
+
+
+def test_compressed_replies_use_the_real_delta_sizes(workload, tmp_path):
+    dense = sim(workload, tmp_path / "dense", algo="async", n_workers=4)
+    a = sim(workload, tmp_path / "a", algo="async", n_workers=4, compress_replies="topk:0.1")
+    b = sim(workload, tmp_path / "b", algo="async", n_workers=4, compress_replies="topk:0.1")
+    sa, sd = a.summary, dense.summary
+    assert sd["reply_compression_ratio"] == 1.0
+    assert 4.0 < sa["reply_compression_ratio"] < 5.0  # top-10 % as int32 index + float32 value, 4 full first replies
+    assert sa["bytes_received"] < sd["bytes_received"] / 4 and sa["bytes_sent"] == sd["bytes_sent"]
+    assert sa == b.summary | {"real_s": sa["real_s"], "gradient_real_s": sa["gradient_real_s"], "eval_real_s": sa["eval_real_s"]}
+    assert sa["test_accuracy"] > 0.6 and sa["test_accuracy"] != sd["test_accuracy"]  # workers step from their decoded copies

@@ -40,6 +40,7 @@ class BrokerOptions:
     timeout: float = 3.0  # a worker silent this long is dead (3 heartbeats)
     staleness_lr: str | bool = "off"  # off | scalar | per-coordinate
     compress: str = "none"  # the workers' update codec (travels in ASSIGN)
+    compress_replies: str = "none"  # replies as weight deltas through this codec (zsgd.compression.delta)
     checkpoint_every: int = 500  # updates; 0 disables
     eval_every_s: float = 0.0  # also evaluate every N seconds (0: off)
     wait_workers_s: float = 120.0  # abort if no worker is live this long after start
@@ -66,6 +67,8 @@ class BrokerState:
     rejoins: int = 0
     update_bytes: int = 0  # accepted updates, as sent
     dense_update_bytes: int = 0  # the same updates uncompressed
+    reply_bytes: int = 0  # weight replies to workers, as sent
+    dense_reply_bytes: int = 0  # the same replies as full weights
     stop_reason: str | None = None
 
 
@@ -80,6 +83,11 @@ class Broker:
         model = problem.model
         self.n_params = model.n_params
         self.optimizer = make_optimizer(cfg.optimizer, model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.reply_codec = None
+        if opts.compress_replies != "none":
+            from zsgd.compression.delta import DeltaReplyEncoder
+
+            self.reply_codec = DeltaReplyEncoder(opts.compress_replies, model.n_params, seed=cfg.seed)
         w0 = model.init(seed=cfg.seed)
         self.state = BrokerState()
         self.t_offset = 0.0
@@ -279,6 +287,8 @@ class Broker:
             if peer is not None and peer.state == "ready" and peer.role == "worker":
                 self._dispatch(self.algo.remove_worker(peer.worker, self.elapsed))
             peer, rejoined = self.members.admit(identity, role, msg.worker, now)
+            if peer is not None and role == "worker" and self.reply_codec is not None:
+                self.reply_codec.forget(peer.worker)  # a (re)joining worker holds no weights yet: full ones first
             if peer is None:
                 self._send(identity, Message(MsgType.ERROR, self.run, -1, 0, {}, meta={"message": f"run is full ({self.opts.n_workers} workers)", "fatal": True}))
                 self.state.rejected["run-full"] += 1
@@ -288,7 +298,7 @@ class Broker:
             if rejoined:
                 self.state.rejoins += 1
             meta = {"config": self.cfg.to_dict(), "n_workers": self.opts.n_workers, "heartbeat": self.opts.heartbeat,
-                    "algo": self.opts.algo, "compress": self.opts.compress} | self._assign_meta(peer)
+                    "algo": self.opts.algo, "compress": self.opts.compress, "compress_replies": self.opts.compress_replies} | self._assign_meta(peer)
             self._send_peer(peer, Message(MsgType.ASSIGN, self.run, peer.worker, self.algo.version, {}, meta=meta))
             self.metrics.write("worker", self.elapsed, worker=peer.worker, role=role, status="rejoined" if rejoined else "joined", host=peer.host, pid=peer.pid)
         elif stage == "ready" and peer is not None and peer.state == "joining" and msg.run == self.run:
@@ -316,6 +326,8 @@ class Broker:
     def _drop_peer(self, peer: Peer, status: str, now: float) -> None:
         peer.state = "gone"
         if peer.role == "worker":
+            if self.reply_codec is not None:
+                self.reply_codec.forget(peer.worker)
             self._dispatch(self.algo.remove_worker(peer.worker, self.elapsed))
         else:
             peer.busy = False
@@ -389,7 +401,7 @@ class Broker:
         if direction == "in":
             self._on_update(peer, msg)
         else:
-            self._send_peer(peer, msg)
+            self._send_reply(peer, msg)
 
     def _dispatch(self, outputs: list) -> None:
         for out in outputs:
@@ -397,9 +409,9 @@ class Broker:
                 peer = self.members.by_worker.get(out.worker)
                 if peer is None or peer.state != "ready":
                     continue
-                msg = protocol.weights_message(self.run, out.version, out.weights)
+                msg = self._reply_message(peer.worker, out.version, out.weights)
                 if self._held is None:
-                    self._send_peer(peer, msg)
+                    self._send_reply(peer, msg)
                     continue
                 factor = self.opts.emulator.slowdown(peer.worker, self.elapsed)
                 if factor != 1.0:
@@ -480,6 +492,24 @@ class Broker:
             st.stop_reason = reason
 
     # -- I/O ---------------------------------------------------------------------
+    def _reply_message(self, worker: int, version: int, weights: np.ndarray) -> Message:
+        """WEIGHTS for a worker: the full snapshot, or with --compress-replies a coded delta from what it holds."""
+        full = protocol.weights_message(self.run, version, weights)
+        self.state.dense_reply_bytes += protocol.message_nbytes(full)
+        arrays = self.reply_codec.encode(worker, weights) if self.reply_codec is not None else None
+        if arrays is None:
+            if self.reply_codec is not None:
+                self.reply_codec.full(worker, weights)
+            msg = full
+        else:
+            msg = Message(MsgType.WEIGHTS, self.run, -1, version, arrays, codec=self.reply_codec.name)
+        self.state.reply_bytes += protocol.message_nbytes(msg)
+        return msg
+
+    def _send_reply(self, peer: Peer, msg: Message) -> None:
+        if not self._send_peer(peer, msg) and self.reply_codec is not None:
+            self.reply_codec.forget(peer.worker)  # it never got this delta: its mirror is wrong now
+
     def _send_peer(self, peer: Peer, msg: Message) -> bool:
         ok = self._send(peer.identity, msg)
         if ok:
@@ -539,6 +569,7 @@ class Broker:
             "bytes_sent": st.bytes_in, "bytes_received": st.bytes_out, "worker_deaths": st.deaths, "worker_rejoins": st.rejoins,
             "stop_reason": st.stop_reason, "refused_clients": self.guard.refused if self.guard is not None else 0,
             "compression_ratio": st.dense_update_bytes / st.update_bytes if st.update_bytes else 1.0,
+            "reply_compression_ratio": st.dense_reply_bytes / st.reply_bytes if st.reply_bytes else 1.0,
             "compute_s_mean": self._mean_compute(),
             "workers": {str(p.worker): {"host": p.host, "steps": p.steps, "samples": p.samples, "mean_staleness": p.mean_staleness,
                                         "max_staleness": p.staleness_max, "incarnations": p.incarnations,

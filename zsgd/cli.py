@@ -82,6 +82,8 @@ def _runtime_options(func):
         click.option("--staleness-lr", type=click.Choice(["off", "scalar", "per-coordinate"]), default="off", is_flag=False, flag_value="scalar",
                      help="Divide each async update's step by its staleness (scalar; the bare flag), or per coordinate (AdaComp)."),
         click.option("--compress", default="none", show_default=True, help="Worker->broker codec: none, topk:FRACTION, adacomp:BIN, qsgd:8|4."),
+        click.option("--compress-replies", default="none", show_default=True,
+                     help="Broker->worker replies as compressed weight deltas (same codecs), e.g. topk:0.05 or qsgd:8."),
         click.option("--eval-interval", default=0.0, show_default=True, type=float, help="Also evaluate every N seconds (0: off)."),
         click.option("--inject-latency", default=None, metavar="SPEC", help="Emulate one-way latency per message (same specs as 'zsgd sim --latency', e.g. 20ms, lognormal:20ms,0.5)."),
         click.option("--inject-bandwidth", default=None, metavar="SPEC", help="Emulate per-worker link bandwidth, e.g. 100Mbps."),
@@ -144,7 +146,8 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
 
     from zsgd.scaling import SCALED_FIELDS
 
-    extra = pop_run_flags(params) | _pop_decentralized(params) | {"tensorboard": params.pop("tensorboard")}
+    extra = pop_run_flags(params) | _pop_decentralized(params) | {"tensorboard": params.pop("tensorboard"),
+                                                                   "compress_replies": params.pop("compress_replies")}
     defaulted: set[str] = set()
     if n_proc is None:
         n_proc = 0 if extra.get("remote") else 2
@@ -153,6 +156,7 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
         algo = stored.get("algo", algo)
         staleness_lr = stored.get("staleness_lr", staleness_lr)
         compress = stored.get("compress", compress)
+        extra["compress_replies"] = stored.get("compress_replies", "none")
     else:
         cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}", defaulted=defaulted)
     opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
@@ -209,7 +213,8 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
     opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
                       staleness_lr=staleness_lr, compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
                       inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
-                      show=not quiet, tensorboard=params.pop("tensorboard"), **pop_run_flags(params), **_pop_decentralized(params))
+                      show=not quiet, tensorboard=params.pop("tensorboard"), compress_replies=params.pop("compress_replies"),
+                      **pop_run_flags(params), **_pop_decentralized(params))
     summary = run_distributed(cfg, opts, out=out)
     _print_run_summary(summary)
 

@@ -33,7 +33,7 @@ from zsgd.protocol import Message, MsgType
 if TYPE_CHECKING:
     from zsgd.config import TrainConfig
 
-EXIT_OK, EXIT_USAGE, EXIT_BROKER_GONE = 0, 2, 3
+EXIT_OK, EXIT_BAD_REPLY, EXIT_USAGE, EXIT_BROKER_GONE = 0, 1, 2, 3
 UNASSIGNED_RUN = "-"  # run id in messages sent before the broker assigned one
 
 
@@ -134,11 +134,41 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             continue
         if msg.type == MsgType.WEIGHTS:
             t0 = time.perf_counter()
-            reply = compute(msg)
+            try:
+                reply = compute(msg)
+            except protocol.ProtocolError as exc:
+                log(opts, f"broker sent unusable weights ({exc}); exiting")
+                return EXIT_BAD_REPLY
             factor = float(msg.meta.get("slowdown", 1.0))  # emulated straggler: stretch this step
             if factor > 1.0:
                 time.sleep((factor - 1.0) * (time.perf_counter() - t0))
             link.send(reply)
+
+
+def _reply_decoder(spec: str, n_params: int):
+    """``msg -> weights``: full WEIGHTS as they come, or with --compress-replies the
+    local copy advanced by each coded delta (ProtocolError if a message does not fit)."""
+    if spec == "none":
+        def full_only(msg: Message) -> np.ndarray:
+            if msg.codec != "none":
+                raise protocol.ProtocolError("bad-schema", f"unexpected reply codec {msg.codec!r}")
+            protocol.validate_weights(msg, run=msg.run, n_params=n_params, require_finite=False)
+            return msg.arrays["w"]
+
+        return full_only
+    from zsgd.compression.delta import DeltaReplyDecoder, delta_codec_name
+
+    decoder = DeltaReplyDecoder(delta_codec_name(spec), n_params)
+
+    def with_deltas(msg: Message) -> np.ndarray:
+        if msg.codec == "none":
+            protocol.validate_weights(msg, run=msg.run, n_params=n_params, require_finite=False)
+            return decoder.full(msg.arrays["w"])
+        if msg.codec != "delta+" + decoder.inner:
+            raise protocol.ProtocolError("bad-schema", f"unexpected reply codec {msg.codec!r}")
+        return decoder.apply(msg.arrays)
+
+    return with_deltas
 
 
 def _expect(opts: NodeOptions, link: BrokerLink, types: set, timeout: float, stage: str) -> Message | None:
@@ -217,10 +247,11 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
     step = make_worker_step(algo, model, x, y, config.batch_size, config.seed, link.worker, lr=config.lr,
                             weight_decay=config.weight_decay, clip_norm=config.clip_norm)
     codec = make_codec(str(assign_meta.get("compress", "none")), model.n_params, seed=config.seed * 1_000_003 + link.worker)
+    weights_of = _reply_decoder(str(assign_meta.get("compress_replies", "none")), model.n_params)
 
     def handle_weights(msg: Message) -> Message:
         t0 = time.perf_counter()
-        update = step.compute(msg.arrays["w"], msg.version)
+        update = step.compute(weights_of(msg), msg.version)
         extra = {"compute_s": time.perf_counter() - t0}  # lets a simulation be calibrated against this very run
         if "kind" in update.meta:
             extra["kind"] = update.meta["kind"]

@@ -34,6 +34,7 @@ class RunOptions:
     timeout: float = 3.0
     staleness_lr: str | bool = "off"
     compress: str = "none"
+    compress_replies: str = "none"  # broker->worker weight deltas through this codec (zsgd.compression.delta)
     checkpoint_every: int = 500
     eval_interval: float = 0.0
     evaluator: bool = True
@@ -86,6 +87,8 @@ class RunOptions:
         self.decentralized_params()
         if self.staleness_lr not in ("off", False, None):
             raise ZsgdError(f"--staleness-lr applies to centralized algorithms, not {self.algo}")
+        if self.compress_replies != "none":
+            raise ZsgdError(f"--compress-replies applies to the broker's replies; {self.algo} has none (--compress codes its peer messages)")
 
     def validate(self) -> "RunOptions":
         from zsgd.algorithms import parse_algo
@@ -106,6 +109,7 @@ class RunOptions:
         if self.staleness_lr == "per-coordinate" and not self.algo.startswith(("async", "ssp")):
             raise ZsgdError(f"--staleness-lr per-coordinate needs --algo async or ssp:S, not {self.algo!r}")
         make_codec(self.compress, 1)
+        make_codec(self.compress_replies, 1)
         self.emulator(0)  # parses every injected spec now, so a typo fails before anything starts
         if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.remote):
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
@@ -183,7 +187,8 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     if resume is None:
         write_config(run_dir / "config.yaml", resolved)
     bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=access.bind(opts.port), curve=access.broker_curve(), heartbeat=opts.heartbeat,
-                          timeout=opts.timeout, staleness_lr=opts.staleness_lr, compress=opts.compress, checkpoint_every=opts.checkpoint_every,
+                          timeout=opts.timeout, staleness_lr=opts.staleness_lr, compress=opts.compress, compress_replies=opts.compress_replies,
+                          checkpoint_every=opts.checkpoint_every,
                           eval_every_s=opts.eval_interval, emulator=opts.emulator(cfg.seed))
     with MetricsWriter(run_dir / "metrics.jsonl", tensorboard=run_dir / "tensorboard" if opts.tensorboard else None) as metrics:
         if topology is not None:

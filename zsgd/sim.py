@@ -65,6 +65,7 @@ class SimOptions:
     broker_bandwidth: float = math.inf  # bytes/s of the broker's own NIC, shared by all links
     staleness_lr: str | bool = "off"
     compress: str = "none"  # worker->broker codec, as in the runtime (real encoded sizes on the wire)
+    compress_replies: str = "none"  # broker->worker weight deltas, as the runtime's --compress-replies
     target: float | None = None  # accuracy whose first crossing is reported (time_to_target_s)
     calibration_steps: int = 5  # timed steps for compute=measured (median)
 
@@ -73,6 +74,7 @@ class SimOptions:
 
         parse_algo(self.algo)
         make_codec(self.compress, 1)  # a bad --compress spec fails before any work
+        make_codec(self.compress_replies, 1)
         if not isinstance(self.n_workers, int) or self.n_workers < 1:
             raise ZsgdError(f"--workers must be a whole number >= 1, got {self.n_workers!r}")
         if self.failures is not None:
@@ -90,7 +92,7 @@ class SimOptions:
                 "stragglers": str(self.stragglers) if self.stragglers else "none",
                 "failures": str(self.failures) if self.failures else "none", "detect_s": self.detect_s,
                 "broker_s": self.broker_s, "broker_bandwidth": format_bandwidth(self.broker_bandwidth),
-                "staleness_lr": self.staleness_lr, "compress": self.compress}
+                "staleness_lr": self.staleness_lr, "compress": self.compress, "compress_replies": self.compress_replies}
 
 
 class Workload:
@@ -189,6 +191,12 @@ class Simulation:
         self.net = opts.network
         self.u_bytes, self.w_bytes = workload.update_bytes, workload.weights_bytes
         self.codecs: list = [None] * n
+        self.reply_codec = None  # --compress-replies: the runtime's own encoder, mirrors and all
+        if opts.compress_replies != "none":
+            from zsgd.compression.delta import DeltaReplyEncoder
+
+            self.reply_codec = DeltaReplyEncoder(opts.compress_replies, self.model.n_params, seed=cfg.seed)
+        self.reply_bytes = self.dense_reply_bytes = 0
         name, algo_opts = parse_algo(opts.algo)
         self.local_steps = int(algo_opts.get("k", 1)) if name == "localsgd" else 1
         self.last_update_bytes = self.u_bytes
@@ -246,18 +254,39 @@ class Simulation:
         w = r.worker
         if r.weights is None:
             return  # a wait: the worker idles until the algorithm replies again
-        self.bytes_received += self.w_bytes
+        weights, nbytes = self._reply(w, r)
+        self.bytes_received += nbytes
         if not self.alive[w]:
+            if self.reply_codec is not None:
+                self.reply_codec.forget(w)  # lost with the worker: it restarts from full weights
             return  # dead, not yet noticed: the message goes nowhere
         t = self.now
         if self.opts.broker_bandwidth != math.inf:  # the broker's NIC sends one message at a time
-            self.tx_free = max(t, self.tx_free) + self.w_bytes / self.opts.broker_bandwidth
+            self.tx_free = max(t, self.tx_free) + nbytes / self.opts.broker_bandwidth
             t = self.tx_free
-        t += self.net.delay(w, False, self.w_bytes, self.rng_down)
+        t += self.net.delay(w, False, nbytes, self.rng_down)
         c = sum(self.compute.sample(self.rng_compute) for _ in range(self.local_steps))  # local SGD: K steps per round
         if self.stragglers is not None:
             c *= self.stragglers.factor(w, t)
-        self._push(t + c, _DONE, w, self.inc[w], r.version, r.weights)
+        self._push(t + c, _DONE, w, self.inc[w], r.version, weights)
+
+    def _reply(self, w: int, r: Reply) -> tuple[np.ndarray, int]:
+        """The weights worker ``w`` will hold and the reply's size on the wire (a coded delta with --compress-replies)."""
+        self.dense_reply_bytes += self.w_bytes
+        if self.reply_codec is None:
+            self.reply_bytes += self.w_bytes
+            return r.weights, self.w_bytes
+        arrays = self.reply_codec.encode(w, r.weights)
+        if arrays is None:
+            self.reply_codec.full(w, r.weights)
+            self.reply_bytes += self.w_bytes
+            return r.weights, self.w_bytes
+        held = self.reply_codec.mirrors[w].copy()  # bit-identical to what the runtime's worker decodes
+        held.flags.writeable = False
+        nbytes = protocol.message_nbytes(protocol.Message(protocol.MsgType.WEIGHTS, "0" * 12, -1, r.version, arrays,
+                                                          codec=self.reply_codec.name))
+        self.reply_bytes += nbytes
+        return held, nbytes
 
     def _encoded_update_bytes(self, codec, grad: np.ndarray | None = None) -> int:
         g = np.zeros(self.model.n_params, np.float32) if grad is None else grad
@@ -379,6 +408,8 @@ class Simulation:
             return  # already dead, or a rate failure scheduled for an earlier life
         inc = self.inc[w]
         self.alive[w] = False
+        if self.reply_codec is not None:
+            self.reply_codec.forget(w)  # a restarted worker holds no weights: its first reply is full
         self._push(self.now + self.opts.detect_s, _DETECT, w, inc, self.now)
         if recover_s is not None:
             self._push(self.now + recover_s, _RECOVER, w, inc)
@@ -465,6 +496,7 @@ class Simulation:
             "staleness_mean": float(stale.mean()), "staleness_p50": float(np.percentile(stale, 50)),
             "staleness_p99": float(np.percentile(stale, 99)), "staleness_max": int(stale.max()),
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "reply_compression_ratio": self.dense_reply_bytes / self.reply_bytes if self.reply_bytes else 1.0,
             "worker_deaths": self.deaths, "worker_rejoins": self.rejoins, "stop_reason": self.reason,
             "target": self.opts.target, "time_to_target_s": self.time_to_target,
             "compute_s": self.compute_s if self.compute_s is not None else self.compute.mean,

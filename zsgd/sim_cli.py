@@ -23,6 +23,8 @@ def _sim_options(func):
                      help="Divide each async update's step by its staleness (scalar; the bare flag), or per coordinate (AdaComp)."),
         click.option("--compress", default="none", show_default=True,
                      help="Worker->broker codec: none, topk:FRACTION, adacomp:BIN, qsgd:8|4." + _LIST),
+        click.option("--compress-replies", default="none", show_default=True,
+                     help="Broker->worker replies as coded weight deltas: none, topk:FRACTION, qsgd:8|4." + _LIST),
         click.option("--latency", default="0", show_default=True,
                      help="One-way latency per message: 10ms, uniform:5ms,20ms, normal:10ms,2ms, lognormal:10ms,0.5, exp:10ms, "
                           "trace:FILE.csv (ms). '0,10,50,200ms' is four arms in ms." + _LIST),
@@ -60,7 +62,7 @@ def _sim_options(func):
 @training_options
 @_sim_options
 @click.pass_context
-def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, compress: str, latency: str, latency_up: str | None,
+def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str, latency: str, latency_up: str | None,
                 latency_down: str | None, latency_worker: tuple[str, ...], bandwidth: str, broker_bandwidth: str, loss: str,
                 retransmit: str, compute: str, stragglers: str, failures: str, detect: str, broker_time: str, target: float,
                 arm_plots: bool, out: str | None, quiet: bool, **params) -> None:
@@ -78,7 +80,7 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
     cfg = build_config(ctx, params, default_name=f"sim-{params['model']}")
     spec = SweepSpec(grid={"algo": algo, "workers": workers, "latency": latency, "latency_up": latency_up,
                            "latency_down": latency_down, "bandwidth": bandwidth, "loss": loss, "compute": compute,
-                           "stragglers": stragglers, "failures": failures, "compress": compress},
+                           "stragglers": stragglers, "failures": failures, "compress": compress, "compress_replies": compress_replies},
                      latency_worker=latency_worker, retransmit=retransmit, detect=detect, broker_time=broker_time,
                      broker_bandwidth=broker_bandwidth, staleness_lr=staleness_lr, target=target)
     if not 0 < target <= 1:

@@ -41,6 +41,7 @@ DIMENSIONS: list[tuple[str, str, str, bool]] = [
     ("compute", "--compute", "compute", True),
     ("stragglers", "--stragglers", "strag", False),
     ("compress", "--compress", "comp", False),
+    ("compress_replies", "--compress-replies", "reply", False),
     ("failures", "--failures", "fail", False),
 ]
 
@@ -113,7 +114,7 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
         "algo": lambda s: parse_algo(s) and s, "workers": _parse_workers, "latency": parse_delay,
         "latency_up": lambda s: parse_delay(s, "uplink latency"), "latency_down": lambda s: parse_delay(s, "downlink latency"),
         "bandwidth": parse_bandwidth, "loss": parse_loss, "compute": parse_compute, "stragglers": parse_stragglers,
-        "failures": parse_failures, "compress": _parse_compress,
+        "failures": parse_failures, "compress": _parse_compress, "compress_replies": _parse_compress,
     }
     parsed = {k: {v: parse_one[k](v) for v in vs} for k, vs in lists.items()}
     overrides = parse_worker_latency(spec.latency_worker)
@@ -134,7 +135,8 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
                       loss=p.get("loss", 0.0), retransmit=retransmit)
         opts = SimOptions(algo=values.get("algo", "async"), n_workers=n, network=net, stragglers=p.get("stragglers"),
                           failures=p.get("failures"), detect_s=detect, broker_s=broker_s, broker_bandwidth=broker_bw,
-                          staleness_lr=spec.staleness_lr, target=spec.target, compress=values.get("compress", "none"))
+                          staleness_lr=spec.staleness_lr, target=spec.target, compress=values.get("compress", "none"),
+                          compress_replies=values.get("compress_replies", "none"))
         if "compute" in p:
             opts.compute = p["compute"]
         arms.append(Arm(i, values, varying, opts.validate()))
@@ -236,7 +238,7 @@ class _SweepProgress:
 # results table
 
 TABLE_COLUMNS = [("arm", "arm"), ("final_acc", "acc"), ("time_to_target_s", "t→target s"), ("updates_per_s", "upd/s"),
-                 ("bytes_sent", "sent"), ("staleness_mean", "stale"), ("staleness_p50", "p50"),
+                 ("bytes_sent", "sent"), ("bytes_received", "recv"), ("staleness_mean", "stale"), ("staleness_p50", "p50"),
                  ("staleness_p99", "p99"), ("staleness_max", "max")]
 
 
@@ -251,7 +253,7 @@ def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> t
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
     heads = {"final_acc": "final accuracy", "time_to_target_s": f"virtual s to {target:.0%}", "updates_per_s": "updates/s (virtual)",
-             "bytes_sent": "bytes sent", "staleness_mean": "staleness mean"}
+             "bytes_sent": "bytes sent", "bytes_received": "bytes received", "staleness_mean": "staleness mean"}
     lines = [f"Arms of a zsgd simulation; times are virtual seconds; target accuracy {target:.0%}.", "",
              "| " + " | ".join(heads.get(k, h) for k, h in TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
     lines += ["| " + " | ".join(format_cell(k, r.get(k)) for k, _h in TABLE_COLUMNS) + " |" for r in rows]
