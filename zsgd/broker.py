@@ -496,10 +496,8 @@ class Broker:
         """WEIGHTS for a worker: the full snapshot, or with --compress-replies a coded delta from what it holds."""
         full = protocol.weights_message(self.run, version, weights)
         self.state.dense_reply_bytes += protocol.message_nbytes(full)
-        arrays = self.reply_codec.encode(worker, weights) if self.reply_codec is not None else None
+        arrays = self.reply_codec.reply(worker, weights) if self.reply_codec is not None else None
         if arrays is None:
-            if self.reply_codec is not None:
-                self.reply_codec.full(worker, weights)
             msg = full
         else:
             msg = Message(MsgType.WEIGHTS, self.run, -1, version, arrays, codec=self.reply_codec.name)

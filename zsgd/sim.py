@@ -276,9 +276,8 @@ class Simulation:
         if self.reply_codec is None:
             self.reply_bytes += self.w_bytes
             return r.weights, self.w_bytes
-        arrays = self.reply_codec.encode(w, r.weights)
+        arrays = self.reply_codec.reply(w, r.weights)
         if arrays is None:
-            self.reply_codec.full(w, r.weights)
             self.reply_bytes += self.w_bytes
             return r.weights, self.w_bytes
         held = self.reply_codec.mirrors[w].copy()  # bit-identical to what the runtime's worker decodes

@@ -20,10 +20,11 @@ today, then calls ``full``. Lost or reordered replies would desynchronise
 the pair; zsgd's DEALER/ROUTER links are ordered and a worker that times out
 rejoins (and gets full weights), which is what ``forget`` is for.
 
-Wire (for whoever wires it into the broker, not done here): a WEIGHTS
-message with codec ``"delta+" + inner_name`` (e.g. ``delta+topk:0.01``, a
-valid protocol codec string) and the inner codec's arrays; the version is
-the model version the worker holds after applying it.
+Wire (``--compress-replies``; the broker's ``_reply_message``, the
+simulator's ``_reply``, the worker's ``_reply_decoder``): a WEIGHTS message
+with codec ``"delta+" + inner_name`` (e.g. ``delta+topk:0.01``, a valid
+protocol codec string) and the inner codec's arrays; the version is the
+model version the worker holds after applying it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ class DeltaReplyEncoder:
         # A fresh delta each time: the "none" codec sends its input as is, zero-copy.
         arrays = self.codec.encode(np.subtract(weights, mirror, dtype=np.float32))
         mirror += decode(self.codec.name, arrays, self.n_params)
+        return arrays
+
+
+    def reply(self, worker: int, weights: np.ndarray) -> dict[str, np.ndarray] | None:
+        """What to send: a coded delta, or None for full weights (whose mirror then starts)."""
+        arrays = self.encode(worker, weights)
+        if arrays is None:
+            self.full(worker, weights)
         return arrays
 
 
