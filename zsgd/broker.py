@@ -492,6 +492,11 @@ class Broker:
             st.stop_reason = reason
 
     # -- I/O ---------------------------------------------------------------------
+    @property
+    def current_lr(self) -> float:
+        """The step size now, after --lr-schedule (for the live view)."""
+        return self.optimizer.lr * getattr(self.algo, "lr_scale", 1.0)
+
     def _reply_message(self, worker: int, version: int, weights: np.ndarray) -> Message:
         """WEIGHTS for a worker: the full snapshot, or with --compress-replies a coded delta from what it holds."""
         full = protocol.weights_message(self.run, version, weights)

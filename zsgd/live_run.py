@@ -51,8 +51,10 @@ class RunView:
         acc = f"{st.test_acc:.2%} (update {st.evals[-1]['updates']})" if st.evals else "-"
         loss = f"{st.last_loss:.4f}" if st.last_loss == st.last_loss else "-"
         self.progress.update(self.task, completed=st.updates)
+        lr = broker.current_lr
+        lr_text = f"lr {lr:.3g}  " if lr == lr else ""
         stats = Text.from_markup(f"[bold]{ups:,.1f}[/] updates/s  [bold]{sps:,.0f}[/] samples/s  train loss [bold]{loss}[/]  "
-                                 f"test acc [bold]{acc}[/]  rejected {sum(st.rejected.values())}  deaths {st.deaths}")
+                                 f"test acc [bold]{acc}[/]  {lr_text}rejected {sum(st.rejected.values())}  deaths {st.deaths}")
         table = Table(show_edge=False, pad_edge=False, header_style="bold")
         for col in ("worker", "host", "state", "steps", "staleness mean/max", "loss", "lives"):
             table.add_column(col, justify="right" if col not in ("host", "state") else "left")

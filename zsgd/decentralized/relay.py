@@ -141,6 +141,10 @@ class RelayBroker(Broker):
                                   "params": asdict(self.params), "eval_every_rounds": self.eval_rounds,
                                   "stragglers": self._straggler_spec()}}
 
+    @property
+    def current_lr(self) -> float:
+        return self._round_lr  # the nodes' own step size, from their round reports
+
     def _straggler_spec(self) -> str | None:
         """Emulated stragglers slow themselves: each node rebuilds the run's seeded choice from this spec."""
         em = self.opts.emulator
