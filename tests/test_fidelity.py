@@ -37,3 +37,21 @@ def test_simulator_matches_emulated_run_within_15_percent(tmp_path, no_orphans):
     (t_real, s_real), (t_sim, s_sim) = steady(real), steady(sim)
     assert abs(t_sim - t_real) / t_real < 0.15, (t_real, t_sim, compute_ms)
     assert abs(s_sim - s_real) / s_real < 0.15, (s_real, s_sim)
+
+
+def test_simulator_matches_an_emulated_decentralized_run(tmp_path, no_orphans):
+    """dsgd on a ring of 4 processes, 20 ms per peer message, one 3x straggler: the relay holds each message,
+    the straggler stretches its rounds, and the simulator's neighbour-wait model predicts the round time."""
+    spec = ["--algo", "dsgd", "--topology", "ring", "--model", "mlp", "--data", "embedded", "--batch-size", "32", "--lr", "0.02",
+            "--steps", "200", "--eval-every", "1000000", "--quiet"]
+    real = tmp_path / "real"
+    proc = run_zsgd("run", "--n-proc", "4", "--inject-latency", "20ms", *NET, *spec, "--heartbeat", "0.5", "--timeout", "5",
+                    "--out", str(real))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((real / "summary.json").read_text())
+    compute_ms = summary["compute_s_mean"] * 1000
+    sim = tmp_path / "sim"
+    proc = run_zsgd("sim", "--workers", "4", "--latency", "20ms", *NET, "--compute", f"{compute_ms:.3f}ms", *spec, "--out", str(sim))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (t_real, _), (t_sim, _) = steady(real, skip=30), steady(sim, skip=30)
+    assert abs(t_sim - t_real) / t_real < 0.15, (t_real, t_sim, compute_ms)

@@ -87,3 +87,32 @@ def test_more_workers_than_samples_fails_before_writing(tmp_path):
     r = CliRunner().invoke(main, ["sim", "--workers", "4,20000", "--steps", "5", "--out", str(tmp_path / "x"), *FAST])
     assert r.exit_code == 2 and "20000 workers" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_decentralized_arms_in_a_grid(tmp_path):
+    out = tmp_path / "d"
+    r = invoke("--workers", "4", "--algo", "sync,dsgd,cadmm", "--topology", "torus", "--rho", "0.2", "--latency", "5ms", "--steps", "30",
+               "--out", str(out), *FAST)
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [row["algo"] for row in rows] == ["sync", "dsgd", "cadmm"]
+    cadmm = json.loads((out / rows[2]["dir"] / "summary.json").read_text())
+    assert cadmm["sim"]["topology"] == "torus" and cadmm["sim"]["rho"] == 0.2 and cadmm["updates"] == 30
+    assert json.loads((out / rows[1]["dir"] / "summary.json").read_text())["staleness_max"] == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--algo", "async", "--topology", "ring"], None),  # the default graph named: harmless
+    (["--algo", "async", "--rho", "0.1"], "add one to --algo"),
+    (["--algo", "dsgd", "--rho", "0.1"], "parameter of cadmm"),
+    (["--algo", "dsgd", "--failures", "1@1s"], "not modelled"),
+    (["--algo", "dsgd", "--compress-replies", "topk:0.1"], "has none"),
+    (["--algo", "dsgd", "--topology", "moebius"], "topology"),
+])
+def test_decentralized_flags_are_checked(tmp_path, args, needle):
+    r = CliRunner().invoke(main, ["sim", "--workers", "4", "--steps", "3", "--out", str(tmp_path / "x"), *FAST, *args])
+    if needle is None:
+        assert r.exit_code == 0, r.output
+        return
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.stderr

@@ -12,7 +12,7 @@ import sys
 import click
 
 from zsgd import __version__
-from zsgd.cli_options import build_config, training_options
+from zsgd.cli_options import build_config, decentralized_options as _decentralized_options, training_options
 from zsgd.errors import ZsgdError
 from zsgd.remote_cli import keys_group, pop_run_flags, remote_group, remote_run_options, secure_options
 
@@ -93,22 +93,6 @@ def _runtime_options(func):
         click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
         click.option("--quiet", "-q", is_flag=True, help="No live view."),
         click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files to RUN_DIR/tensorboard (needs tensorboardX)."),
-    ]
-    for opt in reversed(opts):
-        func = opt(func)
-    return func
-
-
-def _decentralized_options(func):
-    """Flags of --algo dsgd|dsgt|cadmm, named as in experiment files (topology, alpha0, mu, rho ...)."""
-    opts = [
-        click.option("--topology", default=None, metavar="SPEC", help="Decentralized graph (default ring): ring, torus[:RxC], wheel, complete, random-regular:D, erdos-renyi:P."),
-        click.option("--alpha0", default=None, type=float, help="dsgd/dsgt step alpha_k = alpha0 / (1 + mu k) (default: --lr)."),
-        click.option("--mu", default=None, type=float, help="dsgd/dsgt step decay (default 0: constant)."),
-        click.option("--gamma", default=None, type=float, help="dsgd/dsgt consensus step in (0, 1] (default 1; 0.2 with --compress)."),
-        click.option("--rho", default=None, type=float, help="cadmm penalty (default 0.1)."),
-        click.option("--rho-scaling", default=None, type=float, help="cadmm: rho is multiplied by this each round (default 1)."),
-        click.option("--primal-steps", default=None, type=int, help="cadmm local optimizer steps per round (default 5)."),
     ]
     for opt in reversed(opts):
         func = opt(func)

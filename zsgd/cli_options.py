@@ -53,6 +53,22 @@ def training_options(func: Callable) -> Callable:
     return func
 
 
+def decentralized_options(func: Callable) -> Callable:
+    """Flags of --algo dsgd|dsgt|cadmm, named as in experiment files (topology, alpha0, mu, rho ...)."""
+    opts = [
+        click.option("--topology", default=None, metavar="SPEC", help="Decentralized graph (default ring): ring, torus[:RxC], wheel, complete, random-regular:D, erdos-renyi:P."),
+        click.option("--alpha0", default=None, type=float, help="dsgd/dsgt step alpha_k = alpha0 / (1 + mu k) (default: --lr)."),
+        click.option("--mu", default=None, type=float, help="dsgd/dsgt step decay (default 0: constant)."),
+        click.option("--gamma", default=None, type=float, help="dsgd/dsgt consensus step in (0, 1] (default 1; 0.2 with --compress)."),
+        click.option("--rho", default=None, type=float, help="cadmm penalty (default 0.1)."),
+        click.option("--rho-scaling", default=None, type=float, help="cadmm: rho is multiplied by this each round (default 1)."),
+        click.option("--primal-steps", default=None, type=int, help="cadmm local optimizer steps per round (default 5)."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
 def build_config(ctx: click.Context, params: dict[str, Any], default_name: str, defaulted: set[str] | None = None) -> TrainConfig:
     """Merge YAML file values with flags (explicit flags win) and validate.
 

@@ -373,9 +373,7 @@ def _options(mode: str, algo: str, s: dict[str, Any], cfg: TrainConfig, target: 
     from zsgd.decentralized.sim import DecentralizedOptions
 
     params = DecentralizedParams(**{k: s[k] for k in ("alpha0", "mu", "gamma", "rho", "rho_scaling", "primal_steps") if k in s})
-    dopts = DecentralizedOptions(algo=algo, n_workers=n, topology=str(s.get("topology", "ring")), params=params, network=opts.network,
-                                 compute=opts.compute, stragglers=opts.stragglers, compress=_text(s.get("compress", "none")),
-                                 target=target).validate()
+    dopts = DecentralizedOptions.like(opts, algo, str(s.get("topology", "ring")), params)
     dopts.graph(cfg.seed)  # a topology that cannot be built on n nodes fails now
     return dopts
 

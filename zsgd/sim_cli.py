@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from zsgd.cli_options import build_config, training_options
+from zsgd.cli_options import build_config, decentralized_options, training_options
 from zsgd.errors import ZsgdError
 
 _LIST = " A comma list makes arms (every combination with the other lists)."
@@ -18,7 +18,8 @@ _LIST = " A comma list makes arms (every combination with the other lists)."
 def _sim_options(func):
     opts = [
         click.option("--workers", default="16", show_default=True, help="Simulated workers, e.g. 64 or 16,64,256." + _LIST),
-        click.option("--algo", default="async", show_default=True, help="async, sync, ssp:S." + _LIST),
+        click.option("--algo", default="async", show_default=True,
+                     help="async, sync, ssp:S, localsgd:K; or decentralized dsgd, dsgt, cadmm (see --topology)." + _LIST),
         click.option("--staleness-lr", type=click.Choice(["off", "scalar", "per-coordinate"]), default="off", is_flag=False, flag_value="scalar",
                      help="Divide each async update's step by its staleness (scalar; the bare flag), or per coordinate (AdaComp)."),
         click.option("--compress", default="none", show_default=True,
@@ -61,11 +62,12 @@ def _sim_options(func):
 @click.command("sim")
 @training_options
 @_sim_options
+@decentralized_options
 @click.pass_context
 def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str, latency: str, latency_up: str | None,
                 latency_down: str | None, latency_worker: tuple[str, ...], bandwidth: str, broker_bandwidth: str, loss: str,
                 retransmit: str, compute: str, stragglers: str, failures: str, detect: str, broker_time: str, target: float,
-                arm_plots: bool, out: str | None, quiet: bool, **params) -> None:
+                arm_plots: bool, out: str | None, quiet: bool, topology: str | None, **params) -> None:
     """Simulate distributed SGD in virtual time: real gradients, simulated clock.
 
     Comma lists form a grid of arms, e.g.
@@ -77,12 +79,14 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
     single_threaded_blas()  # measured compute must be a worker's (one thread), and arms must not fight over cores
     from zsgd.sweep import SweepSpec, build_arms
 
+    decentralized = {k: params.pop(k) for k in ("alpha0", "mu", "gamma", "rho", "rho_scaling", "primal_steps")}
     cfg = build_config(ctx, params, default_name=f"sim-{params['model']}")
     spec = SweepSpec(grid={"algo": algo, "workers": workers, "latency": latency, "latency_up": latency_up,
                            "latency_down": latency_down, "bandwidth": bandwidth, "loss": loss, "compute": compute,
                            "stragglers": stragglers, "failures": failures, "compress": compress, "compress_replies": compress_replies},
                      latency_worker=latency_worker, retransmit=retransmit, detect=detect, broker_time=broker_time,
-                     broker_bandwidth=broker_bandwidth, staleness_lr=staleness_lr, target=target)
+                     broker_bandwidth=broker_bandwidth, staleness_lr=staleness_lr, target=target,
+                     topology=topology or "ring", decentralized=decentralized)
     if not 0 < target <= 1:
         raise ZsgdError(f"--target must be in (0, 1], got {target}")
     arms = build_arms(spec)  # every spec checked before data is loaded

@@ -58,6 +58,8 @@ class SweepSpec:
     broker_bandwidth: str = "inf"
     staleness_lr: str | bool = "off"
     target: float = 0.8
+    topology: str = "ring"  # decentralized arms (dsgd, dsgt, cadmm): their graph and rule parameters
+    decentralized: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Arm:
     index: int
     values: dict[str, str]  # dimension -> this arm's spec text
     varying: list[str]  # dimensions with more than one value in the grid
-    opts: SimOptions
+    opts: Any  # SimOptions, or DecentralizedOptions for dsgd, dsgt and cadmm
 
     @property
     def label(self) -> str:
@@ -104,6 +106,7 @@ def _parse_compress(text: str) -> str:
 def build_arms(spec: SweepSpec) -> list[Arm]:
     """Parse every value of every dimension, then form the cross product."""
     from zsgd.algorithms import parse_algo
+    from zsgd.decentralized.rules import DecentralizedParams, is_decentralized
 
     lists: dict[str, list[str]] = {}
     for key, flag, _short, units in DIMENSIONS:
@@ -111,7 +114,7 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
         if text is not None:
             lists[key] = _split(key, flag, text, units)
     parse_one: dict[str, Callable[[str], Any]] = {
-        "algo": lambda s: parse_algo(s) and s, "workers": _parse_workers, "latency": parse_delay,
+        "algo": lambda s: s if is_decentralized(s) else parse_algo(s) and s, "workers": _parse_workers, "latency": parse_delay,
         "latency_up": lambda s: parse_delay(s, "uplink latency"), "latency_down": lambda s: parse_delay(s, "downlink latency"),
         "bandwidth": parse_bandwidth, "loss": parse_loss, "compute": parse_compute, "stragglers": parse_stragglers,
         "failures": parse_failures, "compress": _parse_compress, "compress_replies": _parse_compress,
@@ -122,6 +125,8 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
     detect = parse_duration(spec.detect, "--detect", default_unit="s")
     broker_s = parse_duration(spec.broker_time, "--broker-time")
     broker_bw = parse_bandwidth(spec.broker_bandwidth)
+    dec_algos = [a for a in lists.get("algo", ["async"]) if is_decentralized(a)]
+    params = _decentralized_params(spec, dec_algos)
     varying = [k for k, vs in lists.items() if len(vs) > 1]
     keys = list(lists)
     arms = []
@@ -133,16 +138,40 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
         net = Network(latency_up=p.get("latency_up", base), latency_down=p.get("latency_down", base),
                       worker_latency={w: d for w, d in overrides.items() if w < n}, bandwidth=p.get("bandwidth", math.inf),
                       loss=p.get("loss", 0.0), retransmit=retransmit)
-        opts = SimOptions(algo=values.get("algo", "async"), n_workers=n, network=net, stragglers=p.get("stragglers"),
+        algo = values.get("algo", "async")
+        dec = is_decentralized(algo)
+        opts = SimOptions(algo="sync" if dec else algo, n_workers=n, network=net, stragglers=p.get("stragglers"),
                           failures=p.get("failures"), detect_s=detect, broker_s=broker_s, broker_bandwidth=broker_bw,
                           staleness_lr=spec.staleness_lr, target=spec.target, compress=values.get("compress", "none"),
                           compress_replies=values.get("compress_replies", "none"))
         if "compute" in p:
             opts.compute = p["compute"]
-        arms.append(Arm(i, values, varying, opts.validate()))
+        opts.validate()
+        if dec:
+            from zsgd.decentralized.sim import DecentralizedOptions
+
+            opts = DecentralizedOptions.like(opts, algo, spec.topology, params)
+        arms.append(Arm(i, values, varying, opts))
     if overrides and max(overrides) >= max(a.opts.n_workers for a in arms):
         raise ZsgdError(f"bad --latency-worker: worker {max(overrides)} does not exist (at most {max(a.opts.n_workers for a in arms)} workers)")
     return arms
+
+
+def _decentralized_params(spec: SweepSpec, algos: list[str]) -> Any:
+    """The rule parameters given as flags; each must belong to some decentralized arm of the grid."""
+    from zsgd.decentralized.rules import PARAMS_OF, DecentralizedParams
+
+    given = {k: v for k, v in spec.decentralized.items() if v is not None}
+    if not algos:
+        if given or spec.topology != "ring":
+            first = next(iter(given), "topology")
+            raise ZsgdError(f"--{first.replace('_', '-')} applies to decentralized algorithms (dsgd, dsgt, cadmm); add one to --algo")
+        return DecentralizedParams()
+    for k in given:
+        if not any(k in PARAMS_OF[a] for a in algos):
+            owners = ", ".join(a for a, ks in PARAMS_OF.items() if k in ks)
+            raise ZsgdError(f"--{k.replace('_', '-')} is a parameter of {owners}, not of {', '.join(algos)}")
+    return DecentralizedParams(**given).validate()
 
 
 @dataclass
@@ -194,12 +223,25 @@ def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Worklo
     with _SweepProgress(len(arms), total, show, stderr_console) as bar:
         for arm in arms:
             bar.start_arm(arm.label)
-            result = run_arm(cfg, arm.opts, workload, out_dir / arm.dirname, progress=bar.arm_progress, plots=arm_plots)
+            result = _simulate(cfg, arm, workload, out_dir, bar.arm_progress, arm_plots)
             outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
             bar.end_arm()
     write_results(outcomes, out_dir, spec.target)
     plot_sweep(outcomes, out_dir, spec.target)
     return outcomes
+
+
+def _simulate(cfg: TrainConfig, arm: Arm, workload: Workload, out_dir: Path, progress: Any, plots: bool) -> SimResult:
+    from zsgd.decentralized.sim import DecentralizedOptions, run_decentralized_arm
+
+    if not isinstance(arm.opts, DecentralizedOptions):
+        return run_arm(cfg, arm.opts, workload, out_dir / arm.dirname, progress=progress, plots=plots)
+    result = run_decentralized_arm(cfg, arm.opts, workload, out_dir / arm.dirname, progress=progress)
+    if plots:
+        from zsgd.plots import plot_curves
+
+        plot_curves([out_dir / arm.dirname], out_dir / arm.dirname, time_label="virtual time (s)")
+    return result
 
 
 class _SweepProgress:

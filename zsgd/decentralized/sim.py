@@ -1,20 +1,31 @@
 """Decentralized runs in virtual time: real gradients, simulated clock.
 
 The round driver (``driver.py``) computes every node's real update; this
-module adds the clock, the network and the metrics. A round ends when its
-slowest message has arrived::
+module adds the clock, the network and the metrics. Each node waits for its
+own neighbours only, never for a global barrier, which is how the runtime's
+nodes (and any synchronous Jacobi implementation) behave. With ``ready_i``
+the time node i's round-r value is ready and sent::
 
-    round time = max over nodes i of ( compute_i + max over i's messages of link delay )
-    compute_i  = (gradient steps of the round) x compute sample x straggler factor(i, t)
-    link delay = latency sample + (k+1) x message bytes / bandwidth (+ resends if lost)
+    arrival(i -> j) = ready_i + link delay of the message
+    start_j         = max(ready_j, max over j's neighbours i of arrival(i -> j))
+    ready_j        <- start_j + compute_j
+    compute_j       = (gradient steps of the round) x compute sample x straggler factor(j, start_j)
+    link delay      = latency sample + (k+1) x message bytes / bandwidth (+ resends if lost)
+
+and round r ends (its metrics' time) when the last node has finished it.
+With identical nodes this is ``compute + slowest delay`` per round; with a
+straggler its neighbours are held back, and the straggler's compute falls on
+the critical path every other round on a ring, not every round (the period is
+the largest cycle mean of this max-plus system). A real emulated dsgd run
+confirms it: `tests/test_fidelity.py`.
 
 where k is the message's place in node i's send queue: a node's messages
 leave one after another over its own link (degree-many copies of the model
 share one NIC), which is why a complete graph costs more time per round than
 a ring. Peer links are one hop (node to node); the network's per-worker
-latency overrides apply to the sending node. Compute and communication of a
-round do not overlap (every rule needs its neighbours' values of the round
-before its step), so the model is exact for a synchronous implementation.
+latency overrides apply to the sending node. A node's compute and its own
+communication of a round do not overlap (every rule needs its neighbours'
+values of the round before its step).
 
 Message sizes are exact: ``protocol.message_nbytes`` of the PEER message that
 carries each payload, compressed by the arm's codec if it has one.
@@ -88,6 +99,19 @@ class DecentralizedOptions:
     def graph(self, seed: int) -> Topology:
         return parse_topology(self.topology, self.n_workers, seed)
 
+    @classmethod
+    def like(cls, world: Any, algo: str, topology: str, params: DecentralizedParams) -> "DecentralizedOptions":
+        """The decentralized arm of a centralized arm's world (``SimOptions``: workers, network, compute, stragglers, codec)."""
+        if world.failures is not None:
+            raise ZsgdError(f"failures are not modelled for {algo} arms (rounds are synchronous); drop --failures for them")
+        if world.compress_replies != "none":
+            raise ZsgdError(f"--compress-replies applies to the broker's replies; {algo} has none (--compress codes its peer messages)")
+        if world.staleness_lr not in ("off", False, None):
+            raise ZsgdError(f"--staleness-lr applies to centralized algorithms, not {algo}")
+        return cls(algo=algo, n_workers=world.n_workers, topology=topology, params=params, network=world.network, compute=world.compute,
+                   stragglers=world.stragglers, compress=world.compress, target=world.target,
+                   calibration_steps=world.calibration_steps).validate()
+
     def describe(self) -> dict[str, Any]:
         return {"algo": self.algo, "n_workers": self.n_workers, "topology": self.topology, **self.params.for_algo(self.algo),
                 **self.network.describe(), "compute": str(self.compute),
@@ -130,6 +154,7 @@ class DecentralizedSimulation:
                                           np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0xDEC]).spawn(2))
         self.net: Network = opts.network
         self.now = 0.0
+        self.ready = np.zeros(n)  # when each node's value of the current round is ready (and sent)
         self.rounds = self.samples = self.bytes = 0
         self.w_steps, self.w_samples = [0] * n, [0] * n
         self.loss_window: list[float] = []
@@ -141,26 +166,24 @@ class DecentralizedSimulation:
         self.grad_s = self.eval_s = 0.0
 
     # -- one round ---------------------------------------------------------------
-    def _round_time(self, res: RoundResult) -> float:
-        """Virtual seconds of the round just computed (see the module docstring)."""
-        t0, slowest = self.now, 0.0
-        by_sender: dict[int, list[int]] = {}
-        for s in res.sent:
-            by_sender.setdefault(s.sender, []).append(s.nbytes)
+    def _round_end(self, res: RoundResult) -> float:
+        """Advance every node's ready time through the round just computed; the time the last one finishes it."""
+        ready = self.ready
+        start = ready.copy()
+        queued = [0] * self.n
+        for s in res.sent:  # in each sender's queue order: a node's messages share its link
+            queued[s.sender] += s.nbytes
+            arrival = ready[s.sender] + self.net.delay(s.sender, True, queued[s.sender], self.rng_net)
+            start[s.to] = max(start[s.to], arrival)
         for i, st in enumerate(res.stats):
             c = sum(self.compute.sample(self.rng_compute) for _ in range(st.grad_steps))
             if self.stragglers is not None:
-                c *= self.stragglers.factor(i, t0)
-            end = c
-            queued = 0
-            for nbytes in by_sender.get(i, ()):
-                queued += nbytes
-                end = max(end, c + self.net.delay(i, True, queued, self.rng_net))
-            slowest = max(slowest, end)
-        return slowest
+                c *= self.stragglers.factor(i, float(start[i]))
+            ready[i] = start[i] + c
+        return float(ready.max())
 
     def _after_round(self, res: RoundResult) -> None:
-        self.now += self._round_time(res)
+        self.now = self._round_end(res)
         self.rounds = res.round + 1
         nbytes = res.nbytes
         self.bytes += nbytes
