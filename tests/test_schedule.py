@@ -86,3 +86,29 @@ def test_cli_rejects_a_schedule_for_local_sgd(tmp_path):
     proc = run_zsgd("sim", "--algo", "localsgd:2", "--lr-schedule", "cosine", "--model", "logreg", "--data", "embedded",
                     "--steps", "10", "--out", str(tmp_path / "s"))
     assert proc.returncode == 2 and "central optimizer" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "adam"])
+def test_a_schedule_at_its_end_steps_with_zero_rate(name):
+    """A time budget can be used up before the run notices: the last updates see lr 0, which must not be an error."""
+    import numpy as np
+
+    from zsgd.optim import make_optimizer
+
+    opt = make_optimizer(name, 8, lr=0.1, momentum=0.9)
+    w = np.ones(8, np.float32)
+    opt.step(w, np.full(8, 0.5, np.float32), 0.0)
+    np.testing.assert_array_equal(w, np.ones(8, np.float32))
+    with pytest.raises(ZsgdError):
+        opt.step(w, np.zeros(8, np.float32), -0.1)
+    with pytest.raises(ZsgdError):
+        make_optimizer(name, 8, lr=0.0)
+
+
+def test_a_time_budget_decays_to_the_end_in_virtual_time(tmp_path):
+    cfg = TrainConfig(model="logreg", data="embedded", time_limit=1.0, lr=0.05, eval_every=1000).validate()
+    r = run_arm(cfg, SimOptions(algo="async", n_workers=1, compute=Constant(0.25)), Workload(cfg, Problem.from_config(cfg)), tmp_path / "t")
+    assert r.summary["stop_reason"].startswith("reached the time limit")
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "t" / "metrics.jsonl").read_text().splitlines() if '"event":"update"' in line]
+    # updates arrive at 0.25, 0.5, 0.75 and 1.0 virtual seconds: the last one exactly at the end of the budget
+    assert lrs == pytest.approx([0.05 * lr_factor("cosine", p) for p in (0.25, 0.5, 0.75, 1.0)], abs=1e-12) and lrs[-1] == 0

@@ -113,12 +113,13 @@ def clip_grad_norm(g: np.ndarray, max_norm: float) -> float:
     return norm
 
 
-def _check_lr(lr: float) -> float:
+def _check_lr(lr: float, allow_zero: bool = False) -> float:
+    """A usable rate; a per-step override may be 0 (a schedule at its end: the step only updates the optimizer's state)."""
     try:
         lr = float(lr)
     except (TypeError, ValueError):
         raise ZsgdError(f"learning rate must be a number, got {lr!r}") from None
-    if not (lr > 0 and math.isfinite(lr)):
+    if not ((lr > 0 or (allow_zero and lr == 0)) and math.isfinite(lr)):
         raise ZsgdError(f"learning rate must be > 0 and finite, got {lr}: try 0.01 (SGD) or 0.001 (Adam)")
     return lr
 
@@ -160,7 +161,7 @@ class Optimizer:
     def step(self, w: np.ndarray, g: np.ndarray, lr: float | None = None) -> None:
         """Update ``w`` in place from gradient ``g`` (one fused pass); ``lr`` overrides ``self.lr`` once."""
         self._check(w, g)
-        lr = self.lr if lr is None else _check_lr(lr)
+        lr = self.lr if lr is None else _check_lr(lr, allow_zero=True)
         self.steps += 1
         self._update(w, g, lr)
 
