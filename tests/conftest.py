@@ -13,8 +13,16 @@ import uuid
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Property tests draw the same examples on every run by default, so CI cannot fail
+# on a draw nobody saw before; ZSGD_HYPOTHESIS=explore draws fresh ones (do that
+# when changing a tested module, and pin what it finds as an explicit case).
+settings.register_profile("repeatable", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("ZSGD_HYPOTHESIS", "repeatable"))
 # Every process a test starts inherits this marker, so the orphan check sees
 # only this session's processes, never another test run's on the same machine.
 SESSION_MARK = f"ZSGD_TEST_SESSION={uuid.uuid4().hex}"

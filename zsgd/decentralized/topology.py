@@ -214,6 +214,16 @@ def random_regular(n: int, d: int, seed: int) -> Topology:
     if d == n - 1:
         return Topology(spec, n, complete(n).neighbours)
     rng = _rng(seed, "random-regular")
+    if 2 * d > n - 1:
+        # Dense: pairing stubs gets stuck (few free pairs remain), so draw the sparse
+        # complement, (n-1-D)-regular, and invert it. The map is a bijection, so the
+        # draw stays uniform, and a graph whose degree exceeds (n-1)/2 is always
+        # connected (two non-adjacent nodes share a neighbour).
+        for _ in range(MAX_DRAWS):
+            sparse = _pairing(n, n - 1 - d, rng)
+            if sparse is not None:
+                return _from_edges(spec, n, {(i, j) for i in range(n) for j in range(i + 1, n)} - sparse)
+        raise ZsgdError(f"could not draw a {d}-regular graph on {n} nodes in {MAX_DRAWS} tries")
     for _ in range(MAX_DRAWS):
         edges = _pairing(n, d, rng)
         if edges is not None:
