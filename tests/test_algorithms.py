@@ -161,3 +161,28 @@ def test_async_random_interleaving_keeps_invariants():
         assert a.staleness >= 0 and r.version == algo.version
     assert algo.version == 200
     assert 2.0 < np.mean(stale) < 6.0  # uniform random order with 5 workers: mean staleness ~ 4
+
+
+def test_shared_snapshots_are_copied_away_only_while_in_flight():
+    """Copy-on-write replies: a view of the live weights goes out; an update moves the weights to a
+    fresh buffer first if that view may still be read, and reuses the buffer once it is not."""
+    from zsgd.algorithms import AsyncSGD, Update
+    from zsgd.optim import make_optimizer
+
+    n = 64
+    algo = AsyncSGD(np.zeros(n, np.float32), make_optimizer("momentum", n, lr=0.1, momentum=0.9))
+    busy = [True]
+    algo.share_snapshots, algo.snapshot_busy = True, lambda: busy[0]
+    reply = algo.add_worker(0, 0.0)[0]
+    assert np.shares_memory(reply.weights, algo.w) and not reply.weights.flags.writeable
+    before = reply.weights.copy()
+    out = algo.on_update(Update(0, 0, np.ones(n, np.float32), 1), 0.1)  # the first reply is still "in flight"
+    np.testing.assert_array_equal(reply.weights, before)  # untouched: the update wrote to a fresh buffer
+    assert not np.shares_memory(reply.weights, algo.w) and algo.w[0] != before[0]
+    second = out[-1].weights
+    busy[0] = False
+    buffer = algo.w
+    algo.on_update(Update(0, 1, np.ones(n, np.float32), 1), 0.2)  # nothing in flight: no copy
+    assert algo.w is buffer and np.shares_memory(second, algo.w)
+    plain = AsyncSGD(np.zeros(n, np.float32), make_optimizer("sgd", n, lr=0.1))
+    assert not np.shares_memory(plain.add_worker(0, 0.0)[0].weights, plain.w)  # the default still copies

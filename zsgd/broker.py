@@ -100,6 +100,13 @@ class Broker:
             self.t_offset = float(counters.get("elapsed", 0.0))
         self.algo = self._make_algorithm(w0)
         self.algo.version = self.state.updates
+        # Replies are sent zero-copy from a view of the live weights; the algorithm copies
+        # them away before an update only while a tracked send of that view is in flight.
+        # Emulation parks messages before sending them (untracked), so it keeps copies.
+        self._weight_sends: list[zmq.MessageTracker] = []
+        if opts.emulator is None and hasattr(self.algo, "share_snapshots"):
+            self.algo.share_snapshots = True
+            self.algo.snapshot_busy = self._weights_in_flight
         self.members = Membership(opts.n_workers, opts.timeout)
         self.rule = problem.stop_rule(cfg)
         self.limits = protocol.Limits.for_model(self.n_params)
@@ -519,10 +526,16 @@ class Broker:
             peer.last_sent = time.monotonic()
         return ok
 
+    def _weights_in_flight(self) -> bool:
+        """Whether ZeroMQ may still read a full-weights message sent earlier (its last frame is the weights)."""
+        self._weight_sends = [t for t in self._weight_sends if not t.done]
+        return bool(self._weight_sends)
+
     def _send(self, identity: bytes, msg: Message) -> bool:
         frames = [identity, *protocol.encode(msg)]
+        track = msg.type == MsgType.WEIGHTS and msg.codec == "none"
         try:
-            self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            tracker = self.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=track)
         except zmq.Again:
             self.state.dropped["send-queue-full"] += 1
             return False
@@ -531,6 +544,8 @@ class Broker:
                 self.state.dropped["peer-unreachable"] += 1
                 return False
             raise
+        if track:
+            self._weight_sends.append(tracker)
         self.state.bytes_out += protocol.message_nbytes(msg)
         return True
 

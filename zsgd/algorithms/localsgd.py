@@ -96,10 +96,11 @@ class LocalSGD(SyncSGD):
             self._buf *= np.float32(self.server_momentum)
             self._buf += delta
             delta = self._buf
+        w = self.writable_weights()
         if self.server_lr == 1.0:
-            self.w += delta
+            w += delta
         else:
-            self.w += np.float32(self.server_lr) * delta
+            w += np.float32(self.server_lr) * delta
         self.version += 1
         return self.server_lr
 
