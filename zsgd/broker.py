@@ -21,7 +21,6 @@ import numpy as np
 import zmq
 
 from zsgd import protocol
-from zsgd.schedule import lr_factor, resolve_lr_schedule
 from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm
 from zsgd.checkpoint import save_checkpoint
 from zsgd.config import TrainConfig
@@ -29,6 +28,7 @@ from zsgd.errors import ZsgdError
 from zsgd.membership import Membership, Peer
 from zsgd.metrics import MetricsWriter
 from zsgd.protocol import Message, MsgType, ProtocolError
+from zsgd.schedule import lr_factor, resolve_lr_schedule
 
 
 @dataclass
@@ -507,12 +507,13 @@ class Broker:
     def _reply_message(self, worker: int, version: int, weights: np.ndarray) -> Message:
         """WEIGHTS for a worker: the full snapshot, or with --compress-replies a coded delta from what it holds."""
         full = protocol.weights_message(self.run, version, weights)
-        self.state.dense_reply_bytes += protocol.message_nbytes(full)
+        dense = protocol.message_nbytes(full)
+        self.state.dense_reply_bytes += dense
         arrays = self.reply_codec.reply(worker, weights) if self.reply_codec is not None else None
         if arrays is None:
-            msg = full
-        else:
-            msg = Message(MsgType.WEIGHTS, self.run, -1, version, arrays, codec=self.reply_codec.name)
+            self.state.reply_bytes += dense
+            return full
+        msg = Message(MsgType.WEIGHTS, self.run, -1, version, arrays, codec=self.reply_codec.name)
         self.state.reply_bytes += protocol.message_nbytes(msg)
         return msg
 

@@ -37,7 +37,6 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd import protocol
-from zsgd.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
 from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm, make_worker_step, parse_algo
 from zsgd.algorithms.worker import WorkerStep
 from zsgd.config import TrainConfig, write_config
@@ -45,6 +44,7 @@ from zsgd.errors import ZsgdError
 from zsgd.metrics import MetricsWriter
 from zsgd.netmodel import Constant, Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
 from zsgd.rundir import save_arrays, write_json
+from zsgd.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
 
 # Event kinds. A heap entry is (t, seq, kind, worker, incarnation, a, b).
 _DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER = range(6)

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from zsgd.schedule import resolve_lr_schedule
 from zsgd.config import TrainConfig, write_config
 from zsgd.metrics import MetricsWriter
 from zsgd.rundir import create_run_dir, save_arrays, write_json
+from zsgd.schedule import resolve_lr_schedule
 from zsgd.stopping import StopRule
 
 

@@ -48,7 +48,6 @@ from typing import Any
 
 import numpy as np
 
-from zsgd.schedule import check_schedule_applies, resolve_lr_schedule
 from zsgd.config import TrainConfig
 from zsgd.decentralized.driver import DecentralizedRound, RoundResult, average, consensus_error
 from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, node_gradient
@@ -57,6 +56,7 @@ from zsgd.errors import ZsgdError
 from zsgd.metrics import MetricsWriter
 from zsgd.netmodel import Delay, Measured, Network, StragglerSpec
 from zsgd.protocol import ProtocolError
+from zsgd.schedule import check_schedule_applies, resolve_lr_schedule
 from zsgd.sim import ProgressFn, SimResult, Workload, record_arm
 
 
