@@ -12,7 +12,7 @@ import sys
 import click
 
 from zsgd import __version__
-from zsgd.cli_options import build_config, decentralized_options as _decentralized_options, training_options
+from zsgd.cli_options import build_config, decentralized_options as _decentralized_options, pop_decentralized, training_options
 from zsgd.errors import ZsgdError
 from zsgd.remote_cli import keys_group, pop_run_flags, remote_group, remote_run_options, secure_options
 
@@ -99,12 +99,6 @@ def _runtime_options(func):
     return func
 
 
-def _pop_decentralized(params: dict) -> dict:
-    from zsgd.runner import DECENTRALIZED_FLAGS
-
-    return {k: params.pop(k) for k in DECENTRALIZED_FLAGS}
-
-
 def _print_run_summary(summary: dict) -> None:
     from zsgd.live import stderr_console, summary_table
 
@@ -130,7 +124,7 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
 
     from zsgd.scaling import SCALED_FIELDS
 
-    extra = pop_run_flags(params) | _pop_decentralized(params) | {"tensorboard": params.pop("tensorboard"),
+    extra = pop_run_flags(params) | pop_decentralized(params) | {"tensorboard": params.pop("tensorboard"),
                                                                    "compress_replies": params.pop("compress_replies")}
     defaulted: set[str] = set()
     if n_proc is None:
@@ -198,7 +192,7 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
                       staleness_lr=staleness_lr, compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
                       inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
                       show=not quiet, tensorboard=params.pop("tensorboard"), compress_replies=params.pop("compress_replies"),
-                      **pop_run_flags(params), **_pop_decentralized(params))
+                      **pop_run_flags(params), **pop_decentralized(params))
     summary = run_distributed(cfg, opts, out=out)
     _print_run_summary(summary)
 

@@ -69,6 +69,13 @@ def decentralized_options(func: Callable) -> Callable:
     return func
 
 
+def pop_decentralized(params: dict[str, Any]) -> dict[str, Any]:
+    """Take the ``decentralized_options`` values out of a command's params (``RunOptions`` field names)."""
+    from zsgd.runner import DECENTRALIZED_FLAGS
+
+    return {k: params.pop(k) for k in DECENTRALIZED_FLAGS}
+
+
 def build_config(ctx: click.Context, params: dict[str, Any], default_name: str, defaulted: set[str] | None = None) -> TrainConfig:
     """Merge YAML file values with flags (explicit flags win) and validate.
 

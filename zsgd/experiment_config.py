@@ -196,7 +196,7 @@ def _value_checkers() -> dict[str, Callable[[Any], Any]]:
         "retransmit": lambda v: parse_delay(_text(v), "retransmit delay"),
         "staleness_lr": parse_staleness_lr, "heartbeat": _number("heartbeat"), "timeout": _number("timeout"),
         "topology": lambda v: v if isinstance(v, str) else _fail(f"must be a string such as ring or random-regular:4, got {v!r}"),
-        **{k: param(k) for k in ("alpha0", "mu", "gamma", "rho", "rho_scaling", "primal_steps")},
+        **{k: param(k) for k in DECENTRAL_KEYS[1:]},
     }
 
 
@@ -372,7 +372,7 @@ def _options(mode: str, algo: str, s: dict[str, Any], cfg: TrainConfig, target: 
         return opts
     from zsgd.decentralized.sim import DecentralizedOptions
 
-    params = DecentralizedParams(**{k: s[k] for k in ("alpha0", "mu", "gamma", "rho", "rho_scaling", "primal_steps") if k in s})
+    params = DecentralizedParams(**{k: s[k] for k in DECENTRAL_KEYS[1:] if k in s})
     dopts = DecentralizedOptions.like(opts, algo, str(s.get("topology", "ring")), params)
     dopts.graph(cfg.seed)  # a topology that cannot be built on n nodes fails now
     return dopts

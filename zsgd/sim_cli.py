@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from zsgd.cli_options import build_config, decentralized_options, training_options
+from zsgd.cli_options import build_config, decentralized_options, pop_decentralized, training_options
 from zsgd.errors import ZsgdError
 
 _LIST = " A comma list makes arms (every combination with the other lists)."
@@ -67,7 +67,7 @@ def _sim_options(func):
 def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str, latency: str, latency_up: str | None,
                 latency_down: str | None, latency_worker: tuple[str, ...], bandwidth: str, broker_bandwidth: str, loss: str,
                 retransmit: str, compute: str, stragglers: str, failures: str, detect: str, broker_time: str, target: float,
-                arm_plots: bool, out: str | None, quiet: bool, topology: str | None, **params) -> None:
+                arm_plots: bool, out: str | None, quiet: bool, **params) -> None:
     """Simulate distributed SGD in virtual time: real gradients, simulated clock.
 
     Comma lists form a grid of arms, e.g.
@@ -79,7 +79,8 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
     single_threaded_blas()  # measured compute must be a worker's (one thread), and arms must not fight over cores
     from zsgd.sweep import SweepSpec, build_arms
 
-    decentralized = {k: params.pop(k) for k in ("alpha0", "mu", "gamma", "rho", "rho_scaling", "primal_steps")}
+    decentralized = pop_decentralized(params)
+    topology = decentralized.pop("topology")
     cfg = build_config(ctx, params, default_name=f"sim-{params['model']}")
     spec = SweepSpec(grid={"algo": algo, "workers": workers, "latency": latency, "latency_up": latency_up,
                            "latency_down": latency_down, "bandwidth": bandwidth, "loss": loss, "compute": compute,
