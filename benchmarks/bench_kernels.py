@@ -40,8 +40,8 @@ try:  # belt and braces: if numpy was imported earlier by something else
 except ImportError:  # pragma: no cover
     pass
 
-from zsgd.models import get_model  # noqa: E402
-from zsgd.optim import make_optimizer  # noqa: E402
+from zsgd.nn.models import get_model  # noqa: E402
+from zsgd.nn.optim import make_optimizer  # noqa: E402
 
 LR = 0.01
 
@@ -163,7 +163,7 @@ def cold_start_seconds(model: str, shape, batch: int) -> float:
     code = (
         "import time; t0 = time.perf_counter()\n"
         "import numpy as np\n"
-        "from zsgd.models import get_model\n"
+        "from zsgd.nn.models import get_model\n"
         f"m = get_model({model!r}, input_shape={tuple(shape)!r}, n_classes=10)\n"
         f"x = np.random.rand({batch}, *m.input_shape).astype(np.float32); y = np.zeros({batch}, np.int64)\n"
         "m.loss_and_grad(m.init(0), x, y, seed=0)\n"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 import zmq
 
-from zsgd import protocol as P
+from zsgd.wire import protocol as P
 
 
 def _time(fn: Callable[[], object], reps: int) -> list[float]:

@@ -32,8 +32,8 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zsgd import protocol  # noqa: E402
-from zsgd.protocol import Message, MsgType  # noqa: E402
+from zsgd.wire import protocol  # noqa: E402
+from zsgd.wire.protocol import Message, MsgType  # noqa: E402
 
 N_PARAMS = 1_199_882
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -25,11 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from zsgd.config import TrainConfig
-from zsgd.netmodel import parse_compute, parse_delay
-from zsgd.netmodel import Network
+from zsgd.core.config import TrainConfig
+from zsgd.simulation.netmodel import parse_compute, parse_delay
+from zsgd.simulation.netmodel import Network
 from zsgd.sim import SimOptions, Workload, run_arm
-from zsgd.train import Problem
+from zsgd.core.problem import Problem
 
 
 def run_case(name: str, model: str, algo: str, workers: int, updates: int, eval_every: int, out: Path) -> dict:

@@ -167,7 +167,7 @@ def test_shared_snapshots_are_copied_away_only_while_in_flight():
     """Copy-on-write replies: a view of the live weights goes out; an update moves the weights to a
     fresh buffer first if that view may still be read, and reuses the buffer once it is not."""
     from zsgd.algorithms import AsyncSGD, Update
-    from zsgd.optim import make_optimizer
+    from zsgd.nn.optim import make_optimizer
 
     n = 64
     algo = AsyncSGD(np.zeros(n, np.float32), make_optimizer("momentum", n, lr=0.1, momentum=0.9))

@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import read_events, wait_for, zsgd_cmd
-from zsgd import protocol
-from zsgd.protocol import Message, MsgType
+from zsgd.wire import protocol
+from zsgd.wire.protocol import Message, MsgType
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
 

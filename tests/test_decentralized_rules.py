@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zsgd import protocol
+from zsgd.wire import protocol
 from zsgd.decentralized import (DecentralizedParams, DecentralizedRound, PeerEndpoint, PeerPayload, Topology, make_rule,
                                 parse_topology)
-from zsgd.optim import SGD
-from zsgd.protocol import ProtocolError
+from zsgd.nn.optim import SGD
+from zsgd.wire.protocol import ProtocolError
 
 PATH3 = Topology("path", 3, ((1,), (0, 2), (1,)))  # degrees 1, 2, 1: W = [[2/3,1/3,0],[1/3,1/3,1/3],[0,1/3,2/3]]
 

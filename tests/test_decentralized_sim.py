@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zsgd import protocol
-from zsgd.config import TrainConfig
+from zsgd.wire import protocol
+from zsgd.core.config import TrainConfig
 from zsgd.decentralized.rules import DecentralizedParams
-from zsgd.decentralized.sim import DecentralizedOptions, run_decentralized_arm
-from zsgd.netmodel import Constant, Network, parse_stragglers
+from zsgd.simulation.decentralized import DecentralizedOptions, run_decentralized_arm
+from zsgd.simulation.netmodel import Constant, Network, parse_stragglers
 from zsgd.sim import Workload
-from zsgd.train import Problem
+from zsgd.core.problem import Problem
 
 C, LAT = 0.004, 0.010
 
@@ -66,7 +66,7 @@ def test_round_time_bytes_and_schema(workload, tmp_path):
     assert sum(u["bytes"] for u in ups) == s["bytes_total"]
     assert {"config.yaml", "metrics.jsonl", "summary.json", "weights.npz"} <= {p.name for p in tmp_path.iterdir()}
     assert "alpha0: 0.05" in (tmp_path / "config.yaml").read_text()  # the default step is the problem's lr, and says so
-    from zsgd.plots import plot_curves
+    from zsgd.output.plots import plot_curves
 
     assert len(plot_curves([tmp_path], tmp_path)) == 2  # zsgd plot reads it like any run
 
@@ -96,7 +96,7 @@ def test_runs_are_deterministic_and_start_from_the_workload_weights(workload, tm
     run_decentralized_arm(make_cfg(steps=12), o, workload, tmp_path / "a")
     run_decentralized_arm(make_cfg(steps=12), o, workload, tmp_path / "b")
     assert (tmp_path / "a" / "metrics.jsonl").read_bytes() == (tmp_path / "b" / "metrics.jsonl").read_bytes()
-    from zsgd.decentralized.sim import DecentralizedSimulation
+    from zsgd.simulation.decentralized import DecentralizedSimulation
 
     class Null:
         def write(self, *a, **k):

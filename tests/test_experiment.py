@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from zsgd.experiment_cli import experiment_command
+from zsgd.commands.experiment import experiment_command
 
 SMALL = """\
 name: tiny
@@ -94,7 +94,7 @@ def test_a_small_experiment_writes_every_file(small_run):
 
 def test_every_arm_starts_from_the_same_weights_on_the_same_shards(small_run):
     from zsgd.data import load_dataset, make_shards
-    from zsgd.models import get_model
+    from zsgd.nn.models import get_model
 
     ids = [json.loads(p.read_text()) for p in sorted(small_run.glob("*/arm.json"))]
     assert len({i["w0_sha256"] for i in ids}) == 1 and len({tuple(i["shards_sha256"]) for i in ids}) == 1

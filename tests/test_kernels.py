@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zsgd import conv as C
+from zsgd.nn import conv as C
 from zsgd import kernels as K
 from zsgd.errors import ZsgdError
 

@@ -11,8 +11,8 @@ from zsgd.algorithms import Applied, Dropped, Reply, SyncSGD, Update
 from zsgd.algorithms.localsgd import LocalSGD, LocalSGDWorkerStep, parse_localsgd
 from zsgd.algorithms.worker import WorkerStep
 from zsgd.errors import ZsgdError
-from zsgd.models import get_model
-from zsgd.optim import SGD, make_optimizer
+from zsgd.nn.models import get_model
+from zsgd.nn.optim import SGD, make_optimizer
 
 N_PARAMS = 4
 

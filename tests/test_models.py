@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from zsgd.errors import ZsgdError
-from zsgd.models import MODEL_NAMES, Model, evaluate, get_model
+from zsgd.nn.models import MODEL_NAMES, Model, evaluate, get_model
 
 RNG = np.random.default_rng(99)
 SHAPES = [(1, 28, 28), (3, 32, 32)]
@@ -214,7 +214,7 @@ def test_user_errors_have_helpful_messages():
     with pytest.raises(ZsgdError, match="cannot load model factory"):
         get_model("no_such_pkg.mod:factory", input_shape=(1, 28, 28), n_classes=10)
     with pytest.raises(ZsgdError, match="cannot load model factory"):
-        get_model("zsgd.models:no_such_factory", input_shape=(1, 28, 28), n_classes=10)
+        get_model("zsgd.nn.models:no_such_factory", input_shape=(1, 28, 28), n_classes=10)
     with pytest.raises(ZsgdError, match="input_shape"):
         get_model("mlp", input_shape=(28, 28), n_classes=10)
     with pytest.raises(ZsgdError, match="n_classes"):
@@ -236,7 +236,7 @@ def test_user_errors_have_helpful_messages():
 
 def test_user_factory(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(textwrap.dedent("""
-        from zsgd.models import get_model
+        from zsgd.nn.models import get_model
         def tiny(input_shape, n_classes):
             return get_model("logreg", input_shape=input_shape, n_classes=n_classes)
         def broken(input_shape, n_classes):

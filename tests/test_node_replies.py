@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from zsgd import protocol
+from zsgd.wire import protocol
 from zsgd.compression.delta import DeltaReplyEncoder
 from zsgd.node import _reply_decoder
-from zsgd.protocol import Message, MsgType, ProtocolError
+from zsgd.wire.protocol import Message, MsgType, ProtocolError
 
 N = 300
 RUN = "r" * 12

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from zsgd.errors import ZsgdError
-from zsgd.optim import OPTIMIZER_NAMES, clip_grad_norm, make_optimizer
+from zsgd.nn.optim import OPTIMIZER_NAMES, clip_grad_norm, make_optimizer
 
 N = 1000
 LR, MU, WD = 0.05, 0.9, 0.01

@@ -16,8 +16,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zsgd import protocol as P
-from zsgd.protocol import Limits, Message, MsgType, ProtocolError
+from zsgd.wire import protocol as P
+from zsgd.wire.protocol import Limits, Message, MsgType, ProtocolError
 
 RUN = "run-1"
 BIG = 1_200_000  # float32 elements: 4.8 MB, the size of a mid-sized model

@@ -267,9 +267,9 @@ def test_sweep_ends_a_straggler_by_its_run_marker(cluster):
     """The last resort: ``pkill -f`` of the run's marker on a host (and nothing else)."""
     import uuid
 
-    from zsgd.hosts import Host
-    from zsgd.remote import RemoteLauncher, RemotePlan
-    from zsgd.ssh import SshOptions
+    from zsgd.remote.hosts import Host
+    from zsgd.remote.launcher import RemoteLauncher, RemotePlan
+    from zsgd.remote.ssh import SshOptions
 
     run_id = uuid.uuid4().hex[:12]
     sleeper = f"nohup {sys.executable} -c 'import time; time.sleep(120)' --tag zsgd-run-{run_id} >/dev/null 2>&1 </dev/null &"

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import REPO, run_zsgd
 from zsgd.errors import ZsgdError
-from zsgd.hosts import Host, load_hosts, parse_hosts
-from zsgd.ssh import SshOptions, explain_failure, python_sh, remote_dir_sh
+from zsgd.remote.hosts import Host, load_hosts, parse_hosts
+from zsgd.remote.ssh import SshOptions, explain_failure, python_sh, remote_dir_sh
 
 
 def test_example_hosts_file_parses():

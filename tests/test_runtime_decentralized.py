@@ -13,8 +13,8 @@ import pytest
 import zmq
 
 from conftest import pid_alive, read_events, run_zsgd, wait_for, zsgd_cmd
-from zsgd import protocol
-from zsgd.protocol import Message, MsgType
+from zsgd.wire import protocol
+from zsgd.wire.protocol import Message, MsgType
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
 
@@ -65,7 +65,7 @@ def test_dsgt_and_cadmm_finish_and_learn(tmp_path, algo, args, no_orphans):
 
 def test_emulated_latency_and_a_straggler_slow_the_rounds(tmp_path, no_orphans):
     """--inject-latency holds every relayed peer message; --stragglers makes the seeded choice of node stretch its rounds."""
-    from zsgd.netmodel import parse_stragglers
+    from zsgd.simulation.netmodel import parse_stragglers
 
     out = tmp_path / "run"
     proc = run_zsgd("run", "--n-proc", "4", "--algo", "dsgd", "--topology", "ring", "--steps", "30", "--lr", "0.05",

@@ -1,4 +1,4 @@
-"""Defaulted hyper-parameters scaled to the number of workers (zsgd.scaling)."""
+"""Defaulted hyper-parameters scaled to the number of workers (zsgd.core.scaling)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from conftest import run_zsgd
-from zsgd.config import TrainConfig
-from zsgd.scaling import SCALED_FIELDS, scale_for_workers
+from zsgd.core.config import TrainConfig
+from zsgd.core.scaling import SCALED_FIELDS, scale_for_workers
 
 ALL = set(SCALED_FIELDS)
 

@@ -8,13 +8,13 @@ import math
 import pytest
 
 from conftest import run_zsgd
-from zsgd.config import TrainConfig
+from zsgd.core.config import TrainConfig
 from zsgd.errors import ZsgdError
-from zsgd.netmodel import Constant
-from zsgd.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
+from zsgd.simulation.netmodel import Constant
+from zsgd.core.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
 from zsgd.sim import SimOptions, Workload, run_arm
-from zsgd.stopping import StopRule
-from zsgd.train import Problem
+from zsgd.core.stopping import StopRule
+from zsgd.core.problem import Problem
 
 
 def test_factor_curves():
@@ -93,7 +93,7 @@ def test_a_schedule_at_its_end_steps_with_zero_rate(name):
     """A time budget can be used up before the run notices: the last updates see lr 0, which must not be an error."""
     import numpy as np
 
-    from zsgd.optim import make_optimizer
+    from zsgd.nn.optim import make_optimizer
 
     opt = make_optimizer(name, 8, lr=0.1, momentum=0.9)
     w = np.ones(8, np.float32)

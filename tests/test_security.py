@@ -13,10 +13,10 @@ import pytest
 import zmq
 
 from conftest import read_events, run_zsgd, wait_for, zsgd_cmd
-from zsgd import protocol
+from zsgd.wire import protocol
 from zsgd.errors import ZsgdError
-from zsgd.protocol import Message, MsgType
-from zsgd.security import KeyPair, generate_keys_dir, is_loopback, load_keys_dir, read_keys_line
+from zsgd.wire.protocol import Message, MsgType
+from zsgd.wire.security import KeyPair, generate_keys_dir, is_loopback, load_keys_dir, read_keys_line
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zsgd import protocol
-from zsgd.config import TrainConfig
-from zsgd.netmodel import Constant, Network, Normal, parse_compute, parse_delay, parse_failures, parse_stragglers
+from zsgd.wire import protocol
+from zsgd.core.config import TrainConfig
+from zsgd.simulation.netmodel import Constant, Network, Normal, parse_compute, parse_delay, parse_failures, parse_stragglers
 from zsgd.sim import SimOptions, SimResult, Workload, run_arm
-from zsgd.train import Problem
+from zsgd.core.problem import Problem
 
 C = 0.005  # seconds per gradient step in most tests
 

@@ -20,15 +20,15 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from zsgd import protocol
+from zsgd.wire import protocol
 from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm
-from zsgd.checkpoint import save_checkpoint
-from zsgd.config import TrainConfig
+from zsgd.runtime.checkpoint import save_checkpoint
+from zsgd.core.config import TrainConfig
 from zsgd.errors import ZsgdError
-from zsgd.membership import Membership, Peer
-from zsgd.metrics import MetricsWriter
-from zsgd.protocol import Message, MsgType, ProtocolError
-from zsgd.schedule import lr_factor, resolve_lr_schedule
+from zsgd.wire.membership import Membership, Peer
+from zsgd.output.metrics import MetricsWriter
+from zsgd.wire.protocol import Message, MsgType, ProtocolError
+from zsgd.core.schedule import lr_factor, resolve_lr_schedule
 
 
 @dataclass
@@ -45,7 +45,7 @@ class BrokerOptions:
     eval_every_s: float = 0.0  # also evaluate every N seconds (0: off)
     wait_workers_s: float = 120.0  # abort if no worker is live this long after start
     curve: dict | None = None  # {"secret": ..., "public": ..., "allowed": [...]}
-    emulator: Any = None  # zsgd.emulation.LinkEmulator: delays messages and slows stragglers (emulation)
+    emulator: Any = None  # zsgd.runtime.emulation.LinkEmulator: delays messages and slows stragglers (emulation)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class BrokerState:
 class Broker:
     def __init__(self, cfg: TrainConfig, problem, opts: BrokerOptions, run_dir: Path, metrics: MetricsWriter,
                  resume: tuple[np.ndarray, dict, dict] | None = None, run_id: str | None = None) -> None:
-        from zsgd.optim import make_optimizer
+        from zsgd.nn.optim import make_optimizer
 
         cfg = resolve_lr_schedule(cfg, opts.algo)
         self.cfg, self.problem, self.opts, self.run_dir, self.metrics = cfg, problem, opts, Path(run_dir), metrics
@@ -119,7 +119,7 @@ class Broker:
         self._t0 = time.monotonic()
         self._last_live = self._t0
         if opts.emulator is not None:
-            from zsgd.emulation import DelayQueue
+            from zsgd.runtime.emulation import DelayQueue
 
             self._held = DelayQueue()  # emulated network: messages parked until due
         else:
@@ -140,10 +140,10 @@ class Broker:
         sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         sock.sndhwm = sock.rcvhwm = 64
         sock.linger = 0
-        self.guard = None  # CURVE: ZAP allow-list + refusal counter (zsgd.security)
+        self.guard = None  # CURVE: ZAP allow-list + refusal counter (zsgd.wire.security)
         self._joining_user: str | None = None  # the CURVE key of the HELLO being handled
         if self.opts.curve:
-            from zsgd.security import CurveGuard
+            from zsgd.wire.security import CurveGuard
 
             sock.curve_server = True
             sock.curve_secretkey = self.opts.curve["secret"]
@@ -254,7 +254,7 @@ class Broker:
             self._reject(identity, "unexpected-type", f"{msg.type.name} is not accepted by the broker")
 
     def _on_peer(self, peer: Peer, frames: list, msg: Message) -> None:
-        """Worker-to-worker messages exist only in decentralized runs (``zsgd.decentralized.relay``)."""
+        """Worker-to-worker messages exist only in decentralized runs (``zsgd.runtime.relay``)."""
         self._reject(peer.identity, "unexpected-type", "PEER is not accepted by a centralized broker")
 
     def _reject(self, identity: bytes, reason: str, text: str) -> None:

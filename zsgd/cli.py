@@ -1,46 +1,24 @@
-"""The ``zsgd`` command line.
+"""The ``zsgd`` command line: the group and its commands, registered here.
 
-Commands are thin: they parse flags and call into the modules that do the
-work, importing them lazily so ``zsgd --help`` stays instant (numba and
-matplotlib cost a second to import).
+Each command lives in ``zsgd.commands``; they are thin (parse flags, call
+the modules that do the work) and import those lazily, so ``zsgd --help``
+stays instant (numba and matplotlib cost a second to import).
 """
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from zsgd import __version__
-from zsgd.cli_options import build_config, decentralized_options as _decentralized_options, pop_decentralized, training_options
-from zsgd.errors import ZsgdError
-from zsgd.remote_cli import keys_group, pop_run_flags, remote_group, remote_run_options, secure_options
-
-
-class ZsgdGroup(click.Group):
-    """A click group whose errors are one line on stderr and exit code 2."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        try:
-            return super().main(args, prog_name or "zsgd", complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Exit as exc:
-            sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
-            click.echo("zsgd: interrupted", err=True)
-            sys.exit(130)
-        except click.UsageError as exc:
-            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-            click.echo(f"zsgd: error: {exc.format_message()}{hint}", err=True)
-            sys.exit(2)
-        except click.ClickException as exc:
-            click.echo(f"zsgd: error: {exc.format_message()}", err=True)
-            sys.exit(2)
-        except ZsgdError as exc:
-            click.echo(f"zsgd: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("zsgd: interrupted", err=True)
-            sys.exit(130)
+from zsgd.commands.data import data_group
+from zsgd.commands.experiment import experiment_command
+from zsgd.commands.group import ZsgdGroup
+from zsgd.commands.plot import plot
+from zsgd.commands.remote import keys_group, remote_group
+from zsgd.commands.run import broker, run
+from zsgd.commands.simulate import sim_command
+from zsgd.commands.train import train
+from zsgd.commands.worker import worker
 
 
 @click.group(cls=ZsgdGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,220 +28,5 @@ def main() -> None:
     simulate latency, stragglers and staleness in virtual time."""
 
 
-@main.command()
-@training_options
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.pass_context
-def train(ctx: click.Context, out: str | None, quiet: bool, **params) -> None:
-    """Train in one process: the baseline every distributed run is compared with."""
-    cfg = build_config(ctx, params, default_name=f"train-{params['model']}")
-    from zsgd.live import stderr_console, summary_table
-    from zsgd.train import Problem, train as run_training
-
-    problem = Problem.from_config(cfg)
-    stderr_console.print(f"data: [bold]{problem.dataset.name}[/] ({problem.dataset.source}), "
-                         f"{len(problem.dataset.y_train):,} train / {len(problem.dataset.y_test):,} test; "
-                         f"model: [bold]{cfg.model}[/] ({problem.model.n_params:,} parameters)")
-    summary = run_training(cfg, out=out, show_progress=not quiet, problem=problem)
-    keys = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s", "stop_reason", "run_dir")
-    stderr_console.print(summary_table("summary", {k: summary[k] for k in keys}))
-    if summary["stop_reason"] and summary["stop_reason"].startswith("diverged"):
-        raise ZsgdError(f"training {summary['stop_reason']}")
-
-
-def _runtime_options(func):
-    opts = [
-        click.option("--algo", default="async", show_default=True, help="async, sync, ssp:S, localsgd:K; or decentralized dsgd, dsgt, cadmm."),
-        click.option("--port", default=0, show_default=True, type=int, help="Broker port (0 picks a free one)."),
-        click.option("--host", default=None, help="Interface the broker listens on (default 127.0.0.1; with --remote, the advertised address)."),
-        click.option("--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."),
-        click.option("--timeout", default=3.0, show_default=True, type=float, help="Seconds of silence before a peer is declared dead (3 heartbeats)."),
-        click.option("--staleness-lr", type=click.Choice(["off", "scalar", "per-coordinate"]), default="off", is_flag=False, flag_value="scalar",
-                     help="Divide each async update's step by its staleness (scalar; the bare flag), or per coordinate (AdaComp)."),
-        click.option("--compress", default="none", show_default=True, help="Worker->broker codec: none, topk:FRACTION, adacomp:BIN, qsgd:8|4."),
-        click.option("--compress-replies", default="none", show_default=True,
-                     help="Broker->worker replies as compressed weight deltas (same codecs), e.g. topk:0.05 or qsgd:8."),
-        click.option("--eval-interval", default=0.0, show_default=True, type=float, help="Also evaluate every N seconds (0: off)."),
-        click.option("--inject-latency", default=None, metavar="SPEC", help="Emulate one-way latency per message (same specs as 'zsgd sim --latency', e.g. 20ms, lognormal:20ms,0.5)."),
-        click.option("--inject-bandwidth", default=None, metavar="SPEC", help="Emulate per-worker link bandwidth, e.g. 100Mbps."),
-        click.option("--inject-loss", default=None, metavar="P", help="Emulate message loss with a 200 ms retransmit, e.g. 0.01."),
-        click.option("--stragglers", default=None, metavar="SPEC", help="Slow a fraction of workers, e.g. 0.25:3x (as in 'zsgd sim')."),
-        click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Checkpoint every N updates (0: off)."),
-        click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
-        click.option("--quiet", "-q", is_flag=True, help="No live view."),
-        click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files to RUN_DIR/tensorboard (needs tensorboardX)."),
-    ]
-    for opt in reversed(opts):
-        func = opt(func)
-    return func
-
-
-def _print_run_summary(summary: dict) -> None:
-    from zsgd.live import stderr_console, summary_table
-
-    keys = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s", "staleness_mean",
-            "staleness_max", "consensus_error", "rejected_messages", "refused_clients", "worker_deaths", "stop_reason", "run_dir")
-    stderr_console.print(summary_table("summary", {k: summary[k] for k in keys if k in summary}))
-
-
-@main.command()
-@training_options
-@_runtime_options
-@_decentralized_options
-@remote_run_options
-@secure_options
-@click.option("--n-proc", default=None, type=int, help="Local worker processes to start (default 2; 0 with --remote).")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue RUN_DIR from its last checkpoint.")
-@click.pass_context
-def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port: int, host: str, heartbeat: float, timeout: float,
-        staleness_lr: str, compress: str, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
-        stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
-    """Train with a broker and N worker processes over ZeroMQ."""
-    from zsgd.runner import RunOptions, run_distributed
-
-    from zsgd.scaling import SCALED_FIELDS
-
-    extra = pop_run_flags(params) | pop_decentralized(params) | {"tensorboard": params.pop("tensorboard"),
-                                                                   "compress_replies": params.pop("compress_replies")}
-    defaulted: set[str] = set()
-    if n_proc is None:
-        n_proc = 0 if extra.get("remote") else 2
-    if resume_dir is not None:
-        cfg, stored = _resume_config(ctx, resume_dir, params)
-        algo = stored.get("algo", algo)
-        staleness_lr = stored.get("staleness_lr", staleness_lr)
-        compress = stored.get("compress", compress)
-        extra["compress_replies"] = stored.get("compress_replies", "none")
-    else:
-        cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}", defaulted=defaulted)
-    opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
-                      compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, inject_latency=inject_latency,
-                      inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers, show=not quiet, **extra)
-    summary = run_distributed(cfg, opts, out=out, resume_dir=resume_dir)
-    _print_run_summary(summary)
-
-
-def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
-    """The stored configuration of RUN_DIR; explicit stop flags (--epochs ...) extend it."""
-    from pathlib import Path
-
-    import yaml
-
-    from zsgd.config import TrainConfig
-    from zsgd.cli_options import TRAINING_FLAGS
-
-    path = Path(resume_dir) / "config.yaml"
-    if not path.is_file():
-        raise ZsgdError(f"{resume_dir} is not a zsgd run directory (no config.yaml)")
-    stored = yaml.safe_load(path.read_text()) or {}
-    run_opts = stored.get("run", {}) if stored.get("mode") == "run" else None
-    if run_opts is None:
-        raise ZsgdError(f"{resume_dir} was not made by 'zsgd run'; only distributed runs can be resumed")
-    fields = {f for _flag, f, _k in TRAINING_FLAGS} | {"extra"}
-    values = {k: v for k, v in stored.items() if k in fields}
-    for field in ("epochs", "steps", "time_limit", "target_acc"):
-        if ctx.get_parameter_source(field) == click.core.ParameterSource.COMMANDLINE:
-            values[field] = params[field]
-    return TrainConfig.from_dict(values).validate(), run_opts
-
-
-@main.command()
-@training_options
-@_runtime_options
-@_decentralized_options
-@click.option("--workers", "n_workers", required=True, type=int, help="Number of workers the run expects (they join with 'zsgd worker').")
-@click.option("--evaluator/--no-evaluator", default=True, show_default=True, help="Start a local evaluator process.")
-@secure_options
-@click.pass_context
-def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port: int, host: str, heartbeat: float, timeout: float,
-           staleness_lr: str, compress: str, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
-           stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
-    """Run the broker alone; start workers by hand with 'zsgd worker --connect'."""
-    from zsgd.runner import RunOptions, run_distributed
-
-    if n_workers < 1:
-        raise ZsgdError(f"--workers must be >= 1, got {n_workers}")
-    from zsgd.scaling import SCALED_FIELDS
-
-    defaulted: set[str] = set()
-    cfg = build_config(ctx, params, default_name=f"broker-{params['model']}-{algo.replace(':', '')}", defaulted=defaulted)
-    opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
-                      staleness_lr=staleness_lr, compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
-                      inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
-                      show=not quiet, tensorboard=params.pop("tensorboard"), compress_replies=params.pop("compress_replies"),
-                      **pop_run_flags(params), **pop_decentralized(params))
-    summary = run_distributed(cfg, opts, out=out)
-    _print_run_summary(summary)
-
-
-@main.command()
-@click.option("--connect", required=True, help="Broker address, e.g. tcp://127.0.0.1:5555.")
-@click.option("--id", "worker_id", type=int, default=None, help="Worker id (stable across restarts); default: the broker picks.")
-@click.option("--role", type=click.Choice(["worker", "evaluator"]), default="worker", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Local copy of the data set (else the broker sends the shard).")
-@click.option("--heartbeat", default=1.0, show_default=True, type=float)
-@click.option("--timeout", default=3.0, show_default=True, type=float, help="Exit when the broker is silent this long.")
-@click.option("--join-timeout", default=60.0, show_default=True, type=float, help="Give up if no broker answers within this time.")
-@click.option("--quiet", "-q", is_flag=True)
-@click.option("--keys-stdin", is_flag=True, help="Read CURVE keys as one JSON line from stdin (how 'zsgd run' hands them over).")
-@click.option("--keys-file", type=click.Path(dir_okay=False), default=None, help="CURVE keys file (mode 0600), e.g. from 'zsgd keys generate'.")
-@click.option("--watch-stdin", is_flag=True, help="Exit when stdin closes (ties a remote worker to its SSH session).")
-@click.option("--host-label", default=None, help="Name of this machine in the broker's view (default: hostname).")
-@click.option("--tag", default=None, hidden=True, help="Marker in the command line, so 'zsgd run' can find its processes.")
-def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None, heartbeat: float, timeout: float, join_timeout: float, quiet: bool,
-           keys_stdin: bool, keys_file: str | None, watch_stdin: bool, host_label: str | None, tag: str | None) -> None:
-    """Join a broker and compute gradients until it says stop."""
-    from zsgd.threads import single_threaded_blas
-
-    single_threaded_blas()
-    from zsgd.node import NodeOptions, run_node
-
-    if not connect.startswith(("tcp://", "ipc://")):
-        raise ZsgdError(f"--connect needs tcp://HOST:PORT or ipc://PATH, got {connect!r}")
-    if heartbeat <= 0 or timeout <= heartbeat:
-        raise ZsgdError("--timeout must be longer than --heartbeat")
-    curve = None
-    if keys_stdin and keys_file:
-        raise ZsgdError("give --keys-stdin or --keys-file, not both")
-    if keys_stdin or keys_file:
-        from zsgd.security import curve_for_link, read_keys_line, read_secret_json
-
-        curve = read_keys_line() if keys_stdin else curve_for_link(read_secret_json(keys_file))
-    if watch_stdin:
-        from zsgd.remote import exit_when_stdin_closes
-
-        exit_when_stdin_closes()
-    code = run_node(NodeOptions(connect=connect, worker_id=worker_id, role=role, heartbeat=heartbeat, timeout=timeout,
-                                join_timeout=join_timeout, data_dir=data_dir, quiet=quiet, curve=curve, host_label=host_label))
-    sys.exit(code)
-
-
-@main.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-@click.option("--out", type=click.Path(file_okay=False), default=".", show_default=True, help="Where to write the PNGs.")
-def plot(run_dirs: tuple[str, ...], out: str) -> None:
-    """Draw runs (real or simulated) side by side as PNG plots."""
-    from pathlib import Path
-
-    from zsgd.plots import plot_curves
-
-    Path(out).mkdir(parents=True, exist_ok=True)
-    for path in plot_curves([Path(d) for d in run_dirs], Path(out)):
-        click.echo(str(path))
-
-
-def _register_subcommands() -> None:
-    from zsgd.data.commands import data_group
-
-    main.add_command(data_group)
-    main.add_command(remote_group)
-    main.add_command(keys_group)
-    from zsgd.experiment_cli import experiment_command
-    from zsgd.sim_cli import sim_command
-
-    main.add_command(sim_command)
-    main.add_command(experiment_command)
-
-
-_register_subcommands()
+for command in (train, run, broker, worker, plot, data_group, remote_group, keys_group, sim_command, experiment_command):
+    main.add_command(command)

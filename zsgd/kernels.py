@@ -2,7 +2,7 @@
 
 The arithmetic-heavy half (the big matrix products of convolution and dense
 layers) runs as float32 sgemm through numpy's OpenBLAS, driven from
-``zsgd.conv``; what is here is everything BLAS cannot do: im2col/col2im,
+``zsgd.nn.conv``; what is here is everything BLAS cannot do: im2col/col2im,
 fused bias + ReLU (+ max-pool), dropout masks, and softmax cross-entropy.
 
 Conventions, chosen for speed:

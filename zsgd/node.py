@@ -17,51 +17,24 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sys
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
 
-from zsgd import __version__, protocol
+from zsgd import __version__
+from zsgd.wire import protocol
 from zsgd.errors import ZsgdError
-from zsgd.link import BROKER_DEAD, BrokerLink
-from zsgd.protocol import Message, MsgType
+from zsgd.wire.link import BROKER_DEAD, BrokerLink
+from zsgd.wire.protocol import Message, MsgType
+from zsgd.runtime.node_options import NodeOptions, identity_for, log
 
 if TYPE_CHECKING:
-    from zsgd.config import TrainConfig
+    from zsgd.core.config import TrainConfig
 
 EXIT_OK, EXIT_BAD_REPLY, EXIT_USAGE, EXIT_BROKER_GONE = 0, 1, 2, 3
 UNASSIGNED_RUN = "-"  # run id in messages sent before the broker assigned one
-
-
-@dataclass
-class NodeOptions:
-    connect: str
-    worker_id: int | None = None
-    role: str = "worker"  # or "evaluator"
-    heartbeat: float = 1.0
-    timeout: float = 10.0
-    join_timeout: float = 60.0
-    data_dir: str | None = None
-    curve: dict | None = None
-    quiet: bool = False
-    host_label: str | None = None  # how the live view names this machine (remote runs: the hosts-file name)
-
-
-def log(opts: NodeOptions, text: str) -> None:
-    if not opts.quiet:
-        who = f"{opts.role} {opts.worker_id}" if opts.worker_id is not None else opts.role
-        print(f"zsgd {who}: {text}", file=sys.stderr, flush=True)
-
-
-def identity_for(opts: NodeOptions) -> bytes:
-    """Stable per worker id, so a restarted worker is routed as the same peer."""
-    if opts.worker_id is not None:
-        return protocol.worker_identity("", opts.worker_id) if opts.role == "worker" else f"zsgd-eval-{opts.worker_id}".encode()
-    return f"zsgd-{opts.role}-{socket.gethostname()}-{os.getpid()}".encode()
 
 
 def _terminate(signum, frame):  # SIGTERM from a launcher: leave politely
@@ -104,8 +77,8 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
     link.set_identity(run, worker)
     link.timeout = opts.timeout
     if opts.role == "worker" and "decentralized" in msg.meta:
-        from zsgd.config import TrainConfig
-        from zsgd.decentralized.node_loop import run_rounds
+        from zsgd.core.config import TrainConfig
+        from zsgd.runtime.decentralized_node import run_rounds
 
         config = TrainConfig.from_dict(cfg)
         loaded = _load(opts, link, config, msg.meta)
@@ -194,7 +167,7 @@ def _load(opts: NodeOptions, link: BrokerLink, config: "TrainConfig", assign_met
     is None when there is no local copy (evaluators always need one).
     """
     from zsgd.data import load_dataset, make_shard
-    from zsgd.models import get_model
+    from zsgd.nn.models import get_model
 
     data_dir = opts.data_dir or config.data_dir
     need_shard = False
@@ -223,8 +196,8 @@ def _load(opts: NodeOptions, link: BrokerLink, config: "TrainConfig", assign_met
 
 def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
     """Load data and model for the assigned role; return the message handler."""
-    from zsgd.config import TrainConfig
-    from zsgd.models import evaluate
+    from zsgd.core.config import TrainConfig
+    from zsgd.nn.models import evaluate
 
     config = TrainConfig.from_dict(cfg)
     loaded = _load(opts, link, config, assign_meta)

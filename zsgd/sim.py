@@ -36,15 +36,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from zsgd import protocol
+from zsgd.wire import protocol
 from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm, make_worker_step, parse_algo
 from zsgd.algorithms.worker import WorkerStep
-from zsgd.config import TrainConfig, write_config
+from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
-from zsgd.metrics import MetricsWriter
-from zsgd.netmodel import Constant, Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
-from zsgd.rundir import save_arrays, write_json
-from zsgd.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
+from zsgd.output.metrics import MetricsWriter
+from zsgd.simulation.netmodel import Constant, Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
+from zsgd.output.rundir import save_arrays, write_json
+from zsgd.core.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
 
 # Event kinds. A heap entry is (t, seq, kind, worker, incarnation, a, b).
 _DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER = range(6)
@@ -171,7 +171,7 @@ class Simulation:
 
     def __init__(self, cfg: TrainConfig, opts: SimOptions, workload: Workload, metrics: MetricsWriter,
                  progress: ProgressFn | None = None) -> None:
-        from zsgd.optim import make_optimizer
+        from zsgd.nn.optim import make_optimizer
 
         cfg = resolve_lr_schedule(cfg, opts.algo)
         check_schedule_applies(cfg.lr_schedule, opts.algo)
@@ -389,7 +389,7 @@ class Simulation:
             self.progress(self.updates, self.samples, now, self.test_acc)
 
     def _evaluate(self) -> None:
-        from zsgd.models import evaluate
+        from zsgd.nn.models import evaluate
 
         ds = self.wl.problem.dataset
         t0 = time.perf_counter()
@@ -534,7 +534,7 @@ def run_arm(cfg: TrainConfig, opts: SimOptions, workload: Workload, run_dir: Pat
     result = record_arm(run_dir, cfg, opts.validate().describe(), workload,
                         lambda metrics: Simulation(cfg, opts, workload, metrics, progress).run())
     if plots:
-        from zsgd.plots import plot_curves
+        from zsgd.output.plots import plot_curves
 
         plot_curves([Path(run_dir)], Path(run_dir), time_label="virtual time (s)")
     return result

@@ -138,7 +138,7 @@ class ServerAlgorithm:
         if self.staleness_lr and staleness > 0:
             lr = lr / staleness
         if self.clip_norm is not None:
-            from zsgd.optim import clip_grad_norm
+            from zsgd.nn.optim import clip_grad_norm
 
             grad = np.array(grad, dtype=np.float32, copy=True)
             clip_grad_norm(grad, self.clip_norm)

@@ -125,13 +125,13 @@ class LocalSGDWorkerStep(WorkerStep):
 
     def _optimizer(self, n_params: int):
         if self.local_optimizer is None:
-            from zsgd.optim import SGD
+            from zsgd.nn.optim import SGD
 
             self.local_optimizer = SGD(n_params, self.lr, self.weight_decay)
         return self.local_optimizer
 
     def compute(self, weights: np.ndarray, version: int) -> Update:
-        from zsgd.optim import clip_grad_norm
+        from zsgd.nn.optim import clip_grad_norm
 
         w = np.array(weights, dtype=np.float32, copy=True)
         opt = self._optimizer(w.size)

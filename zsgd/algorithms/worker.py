@@ -28,7 +28,7 @@ class WorkerStep:
 
     def compute(self, weights: np.ndarray, version: int) -> Update:
         from zsgd.data import to_float
-        from zsgd.train import step_seed
+        from zsgd.core.problem import step_seed
 
         idx = next(self.stream)
         with np.errstate(over="ignore", invalid="ignore"):  # divergence shows as a non-finite loss, reported by the caller

@@ -36,7 +36,7 @@ from zsgd.compression.qsgd import QSGD, decode_qsgd
 from zsgd.compression.sparse import AdaComp, TopK, decode_sparse
 from zsgd.compression.spec import CODEC_HELP, CODEC_KINDS, CodecSpec, parse_codec
 from zsgd.errors import ZsgdError
-from zsgd.protocol import ProtocolError
+from zsgd.errors import ProtocolError
 
 
 class NoCompression(Codec):

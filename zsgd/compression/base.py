@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit
 
 from zsgd.compression.spec import CodecSpec
-from zsgd.protocol import ProtocolError
+from zsgd.errors import ProtocolError
 
 
 class Codec:
@@ -57,12 +57,6 @@ class Codec:
 
     def encode(self, grad: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
-
-    def decode(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-        """Convenience: what the broker will reconstruct from ``arrays``."""
-        from zsgd.compression import decode
-
-        return decode(self.name, arrays, self.n_params)
 
     def _check_input(self, grad: np.ndarray) -> np.ndarray:
         g = np.ascontiguousarray(grad, dtype=np.float32)

@@ -35,7 +35,7 @@ import numpy as np
 
 from zsgd.compression import decode, make_codec
 from zsgd.compression.spec import parse_codec
-from zsgd.protocol import ProtocolError
+from zsgd.errors import ProtocolError
 
 DELTA_PREFIX = "delta+"
 

@@ -36,7 +36,7 @@ from numba import njit
 
 from zsgd.compression.base import Codec, expect_arrays
 from zsgd.compression.spec import CodecSpec
-from zsgd.protocol import ProtocolError
+from zsgd.errors import ProtocolError
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

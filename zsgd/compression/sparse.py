@@ -48,7 +48,7 @@ from numba import njit
 
 from zsgd.compression.base import Codec, expect_arrays
 from zsgd.compression.spec import CodecSpec
-from zsgd.protocol import ProtocolError
+from zsgd.errors import ProtocolError
 
 _I32, _F32 = np.dtype(np.int32), np.dtype(np.float32)
 _ABS = np.uint32(0x7FFFFFFF)

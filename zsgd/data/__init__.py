@@ -2,7 +2,7 @@
 downloads, and per-worker shards.
 
 The public names below are imported on first use (PEP 562), because the CLI
-imports ``zsgd.data.commands`` at start-up and ``zsgd --help`` should not pay
+imports ``zsgd.commands.data`` at start-up and ``zsgd --help`` should not pay
 for numpy. (The download code lives in ``downloader.py``: a submodule named
 ``download`` would shadow the ``download`` function on this package.)
 """

@@ -25,7 +25,7 @@ import numpy as np
 from zsgd.errors import ZsgdError
 
 if TYPE_CHECKING:
-    from zsgd.data.datasets import Dataset
+    from zsgd.data.arrays import Dataset
 
 EMBEDDED_PATH = Path(__file__).resolve().parent / "embedded" / "fashion-mnist-subset.npz"
 EMBEDDED_SOURCE = "embedded subset shipped with zsgd"
@@ -73,7 +73,7 @@ def read_embedded_arrays(path: str | Path = EMBEDDED_PATH) -> dict[str, np.ndarr
 
 def load_embedded(path: str | Path = EMBEDDED_PATH) -> Dataset:
     """The shipped stratified Fashion-MNIST subset as a ``Dataset`` named ``embedded``."""
-    from zsgd.data.datasets import FASHION_MNIST_CLASSES, Dataset  # lazy: datasets imports us lazily too
+    from zsgd.data.arrays import FASHION_MNIST_CLASSES, Dataset
 
     arrays = read_embedded_arrays(path)
     missing = [n for n in ARRAY_NAMES if n not in arrays]

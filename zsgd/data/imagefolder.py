@@ -33,7 +33,7 @@ from zsgd.data.cache import data_home
 from zsgd.errors import ZsgdError
 
 if TYPE_CHECKING:
-    from zsgd.data.datasets import Dataset
+    from zsgd.data.arrays import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def load_imagefolder(
     use_cache: bool = True,
 ) -> Dataset:
     """Load a folder of class subfolders as a ``Dataset`` named ``imagefolder:PATH``."""
-    from zsgd.data.datasets import Dataset
+    from zsgd.data.arrays import Dataset
 
     root = Path(path).expanduser()
     if not root.is_dir():

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from zsgd import protocol
+from zsgd.wire import protocol
 from zsgd.decentralized.peer import PeerDecoder, PeerEndpoint, PeerPayload
 from zsgd.decentralized.rules import DecentralizedParams, GradFn, NodeRule, StepStats, make_rule
 from zsgd.decentralized.topology import Topology

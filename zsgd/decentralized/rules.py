@@ -71,7 +71,7 @@ def node_gradient(step: Any, clip_norm: float | None, weight_decay: float, add_w
     its simulated arm compute the very same steps. CADMM leaves weight decay
     to its local optimizer (``add_weight_decay=False``).
     """
-    from zsgd.optim import clip_grad_norm
+    from zsgd.nn.optim import clip_grad_norm
 
     wd = np.float32(weight_decay) if add_weight_decay and weight_decay else None
 
@@ -387,7 +387,7 @@ def make_rule(algo: str, row: MixingRow, x0: np.ndarray, grad_fn: GradFn, params
         return DSGT(row, x0, grad_fn, alpha0=params.alpha0 or lr, mu=params.mu, gamma=params.resolved_gamma())
     if name == "cadmm":
         if optimizer is None:
-            from zsgd.optim import SGD
+            from zsgd.nn.optim import SGD
 
             optimizer = SGD(int(np.size(x0)), lr)
         return CADMM(row, x0, grad_fn, optimizer=optimizer, rho=params.rho, rho_scaling=params.rho_scaling,

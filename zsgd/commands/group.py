@@ -1,0 +1,35 @@
+"""The click group class every zsgd command runs under: errors as one line, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from zsgd.errors import ZsgdError
+
+
+class ZsgdGroup(click.Group):
+    """A click group whose errors are one line on stderr and exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name or "zsgd", complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("zsgd: interrupted", err=True)
+            sys.exit(130)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"zsgd: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"zsgd: error: {exc.format_message()}", err=True)
+            sys.exit(2)
+        except ZsgdError as exc:
+            click.echo(f"zsgd: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("zsgd: interrupted", err=True)
+            sys.exit(130)

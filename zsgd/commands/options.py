@@ -1,0 +1,121 @@
+"""Flags shared by every training command (train, run, sim, worker ...).
+
+One decorator declares them once, and one function turns parsed flags (and
+an optional ``--config FILE.yaml``) into a validated ``TrainConfig``; flags
+given on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from click.core import ParameterSource
+
+from zsgd.core.config import OPTIMIZERS, TrainConfig
+from zsgd.errors import ZsgdError
+from zsgd.core.schedule import LR_SCHEDULES
+
+# (flag, TrainConfig field, click kwargs)
+TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("--model", "model", dict(default="cnn", show_default=True, help="logreg, mlp, cnn, lenet5, or package.module:factory for your own model.")),
+    ("--data", "data", dict(default="default", show_default=True, help="fashion-mnist, mnist, embedded, imagefolder:PATH; default: full Fashion-MNIST if installed, else the embedded subset.")),
+    ("--data-dir", "data_dir", dict(default=None, type=click.Path(file_okay=False), help="Directory holding the data set's files.")),
+    ("--image-size", "image_size", dict(default=64, show_default=True, type=int, help="Side length images are resized to (imagefolder).")),
+    ("--grayscale/--rgb", "grayscale", dict(default=False, help="Colour mode for imagefolder data.")),
+    ("--split", "split", dict(default="iid", show_default=True, help="How data is sharded over workers: iid, shards, dirichlet:ALPHA, classes:K.")),
+    ("--batch-size", "batch_size", dict(default=64, show_default=True, type=int, help="Mini-batch size per step (per worker).")),
+    ("--lr", "lr", dict(default=0.05, show_default=True, type=float, help="Learning rate.")),
+    ("--lr-schedule", "lr_schedule", dict(default="auto", show_default=True, type=click.Choice(LR_SCHEDULES),
+                                          help="Decay --lr to 0 over the run's --epochs/--steps/--time. auto: cosine for "
+                                               "train/async/sync/ssp, constant for localsgd, dsgd, dsgt, cadmm.")),
+    ("--optimizer", "optimizer", dict(default="momentum", show_default=True, type=click.Choice(OPTIMIZERS))),
+    ("--momentum", "momentum", dict(default=0.9, show_default=True, type=float)),
+    ("--weight-decay", "weight_decay", dict(default=0.0, show_default=True, type=float)),
+    ("--clip-norm", "clip_norm", dict(default=None, type=float, help="Clip each gradient to this L2 norm.")),
+    ("--seed", "seed", dict(default=0, show_default=True, type=int, help="Seeds initial weights, shuffling, shards and dropout.")),
+    ("--epochs", "epochs", dict(default=None, type=float, help="Stop after this many passes over the training set.")),
+    ("--steps", "steps", dict(default=None, type=int, help="Stop after this many (central) updates.")),
+    ("--time", "time_limit", dict(default=None, type=float, help="Stop after this many seconds.")),
+    ("--target-acc", "target_acc", dict(default=None, type=float, help="Stop once test accuracy reaches this (0-1).")),
+    ("--eval-every", "eval_every", dict(default=0, show_default=True, type=int, help="Evaluate every N updates (0: once per epoch).")),
+    ("--log-every", "log_every", dict(default=20, show_default=True, type=int, help="Log the mean train loss every N updates.")),
+    ("--name", "name", dict(default=None, help="Run name, used in the run directory's name.")),
+]
+
+
+def training_options(func: Callable) -> Callable:
+    for flag, field, kwargs in reversed(TRAINING_FLAGS):
+        names = [flag] if "/" in flag else [flag, field]
+        func = click.option(*names, **kwargs)(func)
+    func = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML file of options; flags override it.")(func)
+    return func
+
+
+def decentralized_options(func: Callable) -> Callable:
+    """Flags of --algo dsgd|dsgt|cadmm, named as in experiment files (topology, alpha0, mu, rho ...)."""
+    opts = [
+        click.option("--topology", default=None, metavar="SPEC", help="Decentralized graph (default ring): ring, torus[:RxC], wheel, complete, random-regular:D, erdos-renyi:P."),
+        click.option("--alpha0", default=None, type=float, help="dsgd/dsgt step alpha_k = alpha0 / (1 + mu k) (default: --lr)."),
+        click.option("--mu", default=None, type=float, help="dsgd/dsgt step decay (default 0: constant)."),
+        click.option("--gamma", default=None, type=float, help="dsgd/dsgt consensus step in (0, 1] (default 1; 0.2 with --compress)."),
+        click.option("--rho", default=None, type=float, help="cadmm penalty (default 0.1)."),
+        click.option("--rho-scaling", default=None, type=float, help="cadmm: rho is multiplied by this each round (default 1)."),
+        click.option("--primal-steps", default=None, type=int, help="cadmm local optimizer steps per round (default 5)."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def pop_decentralized(params: dict[str, Any]) -> dict[str, Any]:
+    """Take the ``decentralized_options`` values out of a command's params (``RunOptions`` field names)."""
+    from zsgd.runtime.runner import DECENTRALIZED_FLAGS
+
+    return {k: params.pop(k) for k in DECENTRALIZED_FLAGS}
+
+
+def build_config(ctx: click.Context, params: dict[str, Any], default_name: str, defaulted: set[str] | None = None) -> TrainConfig:
+    """Merge YAML file values with flags (explicit flags win) and validate.
+
+    ``defaulted``, when given, receives the fields that neither a flag nor the
+    file set: the ones ``zsgd run`` may scale to its number of workers.
+    """
+    values: dict[str, Any] = {}
+    if params.get("config_file"):
+        values.update(load_yaml_config(Path(params["config_file"])))
+    for _flag, field, _kw in TRAINING_FLAGS:
+        explicit = ctx.get_parameter_source(field) not in (ParameterSource.DEFAULT, None)
+        if not explicit and field not in values and defaulted is not None:
+            defaulted.add(field)
+        if explicit or field not in values:
+            values[field] = params[field]
+    if values.get("name") is None:
+        values["name"] = default_name
+    return TrainConfig.from_dict(values).validate()
+
+
+def load_yaml_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ZsgdError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ZsgdError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ZsgdError(f"{path}: expected a mapping of option: value")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if "time" in data:
+        data["time_limit"] = data.pop("time")
+    known = {field for _f, field, _k in TRAINING_FLAGS}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ZsgdError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    return data

@@ -1,0 +1,134 @@
+"""``zsgd run`` and ``zsgd broker``: a broker and the workers it serves."""
+
+from __future__ import annotations
+
+import click
+
+from zsgd.commands.options import build_config, decentralized_options as _decentralized_options, pop_decentralized, training_options
+from zsgd.commands.remote import pop_run_flags, remote_run_options, secure_options
+from zsgd.errors import ZsgdError
+
+
+def _runtime_options(func):
+    opts = [
+        click.option("--algo", default="async", show_default=True, help="async, sync, ssp:S, localsgd:K; or decentralized dsgd, dsgt, cadmm."),
+        click.option("--port", default=0, show_default=True, type=int, help="Broker port (0 picks a free one)."),
+        click.option("--host", default=None, help="Interface the broker listens on (default 127.0.0.1; with --remote, the advertised address)."),
+        click.option("--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."),
+        click.option("--timeout", default=3.0, show_default=True, type=float, help="Seconds of silence before a peer is declared dead (3 heartbeats)."),
+        click.option("--staleness-lr", type=click.Choice(["off", "scalar", "per-coordinate"]), default="off", is_flag=False, flag_value="scalar",
+                     help="Divide each async update's step by its staleness (scalar; the bare flag), or per coordinate (AdaComp)."),
+        click.option("--compress", default="none", show_default=True, help="Worker->broker codec: none, topk:FRACTION, adacomp:BIN, qsgd:8|4."),
+        click.option("--compress-replies", default="none", show_default=True,
+                     help="Broker->worker replies as compressed weight deltas (same codecs), e.g. topk:0.05 or qsgd:8."),
+        click.option("--eval-interval", default=0.0, show_default=True, type=float, help="Also evaluate every N seconds (0: off)."),
+        click.option("--inject-latency", default=None, metavar="SPEC", help="Emulate one-way latency per message (same specs as 'zsgd sim --latency', e.g. 20ms, lognormal:20ms,0.5)."),
+        click.option("--inject-bandwidth", default=None, metavar="SPEC", help="Emulate per-worker link bandwidth, e.g. 100Mbps."),
+        click.option("--inject-loss", default=None, metavar="P", help="Emulate message loss with a 200 ms retransmit, e.g. 0.01."),
+        click.option("--stragglers", default=None, metavar="SPEC", help="Slow a fraction of workers, e.g. 0.25:3x (as in 'zsgd sim')."),
+        click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Checkpoint every N updates (0: off)."),
+        click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
+        click.option("--quiet", "-q", is_flag=True, help="No live view."),
+        click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files to RUN_DIR/tensorboard (needs tensorboardX)."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+def _print_run_summary(summary: dict) -> None:
+    from zsgd.output.live import stderr_console, summary_table
+
+    keys = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s", "staleness_mean",
+            "staleness_max", "consensus_error", "rejected_messages", "refused_clients", "worker_deaths", "stop_reason", "run_dir")
+    stderr_console.print(summary_table("summary", {k: summary[k] for k in keys if k in summary}))
+
+
+@click.command()
+@training_options
+@_runtime_options
+@_decentralized_options
+@remote_run_options
+@secure_options
+@click.option("--n-proc", default=None, type=int, help="Local worker processes to start (default 2; 0 with --remote).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue RUN_DIR from its last checkpoint.")
+@click.pass_context
+def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port: int, host: str, heartbeat: float, timeout: float,
+        staleness_lr: str, compress: str, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
+        stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+    """Train with a broker and N worker processes over ZeroMQ."""
+    from zsgd.runtime.runner import RunOptions, run_distributed
+
+    from zsgd.core.scaling import SCALED_FIELDS
+
+    extra = pop_run_flags(params) | pop_decentralized(params) | {"tensorboard": params.pop("tensorboard"),
+                                                                   "compress_replies": params.pop("compress_replies")}
+    defaulted: set[str] = set()
+    if n_proc is None:
+        n_proc = 0 if extra.get("remote") else 2
+    if resume_dir is not None:
+        cfg, stored = _resume_config(ctx, resume_dir, params)
+        algo = stored.get("algo", algo)
+        staleness_lr = stored.get("staleness_lr", staleness_lr)
+        compress = stored.get("compress", compress)
+        extra["compress_replies"] = stored.get("compress_replies", "none")
+    else:
+        cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}", defaulted=defaulted)
+    opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
+                      compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, inject_latency=inject_latency,
+                      inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers, show=not quiet, **extra)
+    summary = run_distributed(cfg, opts, out=out, resume_dir=resume_dir)
+    _print_run_summary(summary)
+
+
+def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
+    """The stored configuration of RUN_DIR; explicit stop flags (--epochs ...) extend it."""
+    from pathlib import Path
+
+    import yaml
+
+    from zsgd.core.config import TrainConfig
+    from zsgd.commands.options import TRAINING_FLAGS
+
+    path = Path(resume_dir) / "config.yaml"
+    if not path.is_file():
+        raise ZsgdError(f"{resume_dir} is not a zsgd run directory (no config.yaml)")
+    stored = yaml.safe_load(path.read_text()) or {}
+    run_opts = stored.get("run", {}) if stored.get("mode") == "run" else None
+    if run_opts is None:
+        raise ZsgdError(f"{resume_dir} was not made by 'zsgd run'; only distributed runs can be resumed")
+    fields = {f for _flag, f, _k in TRAINING_FLAGS} | {"extra"}
+    values = {k: v for k, v in stored.items() if k in fields}
+    for field in ("epochs", "steps", "time_limit", "target_acc"):
+        if ctx.get_parameter_source(field) == click.core.ParameterSource.COMMANDLINE:
+            values[field] = params[field]
+    return TrainConfig.from_dict(values).validate(), run_opts
+
+
+@click.command()
+@training_options
+@_runtime_options
+@_decentralized_options
+@click.option("--workers", "n_workers", required=True, type=int, help="Number of workers the run expects (they join with 'zsgd worker').")
+@click.option("--evaluator/--no-evaluator", default=True, show_default=True, help="Start a local evaluator process.")
+@secure_options
+@click.pass_context
+def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port: int, host: str, heartbeat: float, timeout: float,
+           staleness_lr: str, compress: str, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
+           stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+    """Run the broker alone; start workers by hand with 'zsgd worker --connect'."""
+    from zsgd.runtime.runner import RunOptions, run_distributed
+
+    if n_workers < 1:
+        raise ZsgdError(f"--workers must be >= 1, got {n_workers}")
+    from zsgd.core.scaling import SCALED_FIELDS
+
+    defaulted: set[str] = set()
+    cfg = build_config(ctx, params, default_name=f"broker-{params['model']}-{algo.replace(':', '')}", defaulted=defaulted)
+    opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
+                      staleness_lr=staleness_lr, compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
+                      inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
+                      show=not quiet, tensorboard=params.pop("tensorboard"), compress_replies=params.pop("compress_replies"),
+                      **pop_run_flags(params), **pop_decentralized(params))
+    summary = run_distributed(cfg, opts, out=out)
+    _print_run_summary(summary)

@@ -1,0 +1,108 @@
+"""``zsgd sim``: simulate distributed SGD in virtual time over a grid of arms.
+
+Only click is imported here at start-up (the CLI registers this command when
+``zsgd --help`` runs, which must stay instant); numpy, numba and matplotlib
+are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import click
+
+from zsgd.commands.options import build_config, decentralized_options, pop_decentralized, training_options
+from zsgd.errors import ZsgdError
+
+_LIST = " A comma list makes arms (every combination with the other lists)."
+
+
+def _sim_options(func):
+    opts = [
+        click.option("--workers", default="16", show_default=True, help="Simulated workers, e.g. 64 or 16,64,256." + _LIST),
+        click.option("--algo", default="async", show_default=True,
+                     help="async, sync, ssp:S, localsgd:K; or decentralized dsgd, dsgt, cadmm (see --topology)." + _LIST),
+        click.option("--staleness-lr", type=click.Choice(["off", "scalar", "per-coordinate"]), default="off", is_flag=False, flag_value="scalar",
+                     help="Divide each async update's step by its staleness (scalar; the bare flag), or per coordinate (AdaComp)."),
+        click.option("--compress", default="none", show_default=True,
+                     help="Worker->broker codec: none, topk:FRACTION, adacomp:BIN, qsgd:8|4." + _LIST),
+        click.option("--compress-replies", default="none", show_default=True,
+                     help="Broker->worker replies as coded weight deltas: none, topk:FRACTION, qsgd:8|4." + _LIST),
+        click.option("--latency", default="0", show_default=True,
+                     help="One-way latency per message: 10ms, uniform:5ms,20ms, normal:10ms,2ms, lognormal:10ms,0.5, exp:10ms, "
+                          "trace:FILE.csv (ms). '0,10,50,200ms' is four arms in ms." + _LIST),
+        click.option("--latency-up", default=None, help="Worker-to-broker latency (overrides --latency)." + _LIST),
+        click.option("--latency-down", default=None, help="Broker-to-worker latency (overrides --latency)." + _LIST),
+        click.option("--latency-worker", multiple=True, metavar="W=SPEC",
+                     help="Latency of one worker or a range, both directions, e.g. 3=50ms or 0-7=exp:30ms (repeatable)."),
+        click.option("--bandwidth", default="inf", show_default=True, help="Per-worker link bandwidth: 100Mbps, 1Gbps, 10MB/s, inf." + _LIST),
+        click.option("--broker-bandwidth", default="inf", show_default=True,
+                     help="The broker's own NIC, shared by all workers (messages queue on it one at a time)."),
+        click.option("--loss", default="0", show_default=True, help="Chance a message is lost and resent, e.g. 0.01 or 1%." + _LIST),
+        click.option("--retransmit", default="200ms", show_default=True, help="Delay before a lost message is resent (TCP's minimum RTO is 200 ms)."),
+        click.option("--compute", default="measured", show_default=True,
+                     help="Time per gradient step: 'measured' (median of timed real steps on this machine) or a delay spec, e.g. 5ms "
+                          "or normal:5ms,1ms." + _LIST),
+        click.option("--stragglers", default="none", show_default=True,
+                     help="FRACTION:FACTORx (seeded choice of workers, always slow) or FRACTION:FACTORx,transient:MEAN_PERIOD_S:MEAN_DURATION_S. "
+                          "A comma list makes arms."),
+        click.option("--failures", default="none", show_default=True,
+                     help="W@T[+RECOVER],... (e.g. 3@10s+5s, 0-7@60s) or rate:R[+RECOVER] (R per worker per second). "
+                          "Separate scenarios (arms) with ';'."),
+        click.option("--detect", default="3s", show_default=True, help="Time for the broker to notice a dead worker (the runtime's --timeout)."),
+        click.option("--broker-time", default="0", show_default=True, help="Broker time per update (0: instantaneous), queued FIFO."),
+        click.option("--target", default=0.8, show_default=True, type=float, help="Accuracy whose virtual time-to-reach is reported."),
+        click.option("--arm-plots", is_flag=True, help="Also draw each arm's own curves in its directory."),
+        click.option("--out", type=click.Path(file_okay=False), default=None, help="Output directory (default runs/<time>-<name>/)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or table."),
+    ]
+    for opt in reversed(opts):
+        func = opt(func)
+    return func
+
+
+@click.command("sim")
+@training_options
+@_sim_options
+@decentralized_options
+@click.pass_context
+def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str, latency: str, latency_up: str | None,
+                latency_down: str | None, latency_worker: tuple[str, ...], bandwidth: str, broker_bandwidth: str, loss: str,
+                retransmit: str, compute: str, stragglers: str, failures: str, detect: str, broker_time: str, target: float,
+                arm_plots: bool, out: str | None, quiet: bool, **params) -> None:
+    """Simulate distributed SGD in virtual time: real gradients, simulated clock.
+
+    Comma lists form a grid of arms, e.g.
+    zsgd sim --workers 64 --algo async,sync,ssp:4 --latency 0,10,50,200ms --stragglers 0.1:4x
+    --model cnn --data fashion-mnist --steps 2000 --out DIR
+    """
+    from zsgd.runtime.threads import single_threaded_blas
+
+    single_threaded_blas()  # measured compute must be a worker's (one thread), and arms must not fight over cores
+    from zsgd.simulation.sweep import SweepSpec, build_arms
+
+    decentralized = pop_decentralized(params)
+    topology = decentralized.pop("topology")
+    cfg = build_config(ctx, params, default_name=f"sim-{params['model']}")
+    spec = SweepSpec(grid={"algo": algo, "workers": workers, "latency": latency, "latency_up": latency_up,
+                           "latency_down": latency_down, "bandwidth": bandwidth, "loss": loss, "compute": compute,
+                           "stragglers": stragglers, "failures": failures, "compress": compress, "compress_replies": compress_replies},
+                     latency_worker=latency_worker, retransmit=retransmit, detect=detect, broker_time=broker_time,
+                     broker_bandwidth=broker_bandwidth, staleness_lr=staleness_lr, target=target,
+                     topology=topology or "ring", decentralized=decentralized)
+    if not 0 < target <= 1:
+        raise ZsgdError(f"--target must be in (0, 1], got {target}")
+    arms = build_arms(spec)  # every spec checked before data is loaded
+    from zsgd.output.live import stderr_console
+    from zsgd.output.rundir import create_run_dir
+    from zsgd.simulation.sweep import prepare_workload, results_table, run_sweep
+
+    workload = prepare_workload(cfg, arms)  # data, model and shards: may still reject e.g. too many workers
+    out_dir = create_run_dir(out, cfg.name)
+    ds, model = workload.problem.dataset, workload.model
+    if not quiet:
+        stderr_console.print(f"data: [bold]{ds.name}[/] ({ds.source}), {len(ds.y_train):,} train / {len(ds.y_test):,} test; "
+                             f"model: [bold]{cfg.model}[/] ({model.n_params:,} parameters); {len(arms)} arm(s) -> {out_dir}")
+    outcomes = run_sweep(cfg, spec, out_dir, workload=workload, show=not quiet, arm_plots=arm_plots)
+    if not quiet:
+        stderr_console.print(results_table(outcomes, target))
+        stderr_console.print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.csv'}; plots in {out_dir}")
+    click.echo(str(out_dir))

@@ -1,0 +1,51 @@
+"""``zsgd worker``: one worker (or evaluator) process joining a broker."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from zsgd.errors import ZsgdError
+
+
+@click.command()
+@click.option("--connect", required=True, help="Broker address, e.g. tcp://127.0.0.1:5555.")
+@click.option("--id", "worker_id", type=int, default=None, help="Worker id (stable across restarts); default: the broker picks.")
+@click.option("--role", type=click.Choice(["worker", "evaluator"]), default="worker", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Local copy of the data set (else the broker sends the shard).")
+@click.option("--heartbeat", default=1.0, show_default=True, type=float)
+@click.option("--timeout", default=3.0, show_default=True, type=float, help="Exit when the broker is silent this long.")
+@click.option("--join-timeout", default=60.0, show_default=True, type=float, help="Give up if no broker answers within this time.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.option("--keys-stdin", is_flag=True, help="Read CURVE keys as one JSON line from stdin (how 'zsgd run' hands them over).")
+@click.option("--keys-file", type=click.Path(dir_okay=False), default=None, help="CURVE keys file (mode 0600), e.g. from 'zsgd keys generate'.")
+@click.option("--watch-stdin", is_flag=True, help="Exit when stdin closes (ties a remote worker to its SSH session).")
+@click.option("--host-label", default=None, help="Name of this machine in the broker's view (default: hostname).")
+@click.option("--tag", default=None, hidden=True, help="Marker in the command line, so 'zsgd run' can find its processes.")
+def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None, heartbeat: float, timeout: float, join_timeout: float, quiet: bool,
+           keys_stdin: bool, keys_file: str | None, watch_stdin: bool, host_label: str | None, tag: str | None) -> None:
+    """Join a broker and compute gradients until it says stop."""
+    from zsgd.runtime.threads import single_threaded_blas
+
+    single_threaded_blas()
+    from zsgd.node import NodeOptions, run_node
+
+    if not connect.startswith(("tcp://", "ipc://")):
+        raise ZsgdError(f"--connect needs tcp://HOST:PORT or ipc://PATH, got {connect!r}")
+    if heartbeat <= 0 or timeout <= heartbeat:
+        raise ZsgdError("--timeout must be longer than --heartbeat")
+    curve = None
+    if keys_stdin and keys_file:
+        raise ZsgdError("give --keys-stdin or --keys-file, not both")
+    if keys_stdin or keys_file:
+        from zsgd.wire.security import curve_for_link, read_keys_line, read_secret_json
+
+        curve = read_keys_line() if keys_stdin else curve_for_link(read_secret_json(keys_file))
+    if watch_stdin:
+        from zsgd.remote.launcher import exit_when_stdin_closes
+
+        exit_when_stdin_closes()
+    code = run_node(NodeOptions(connect=connect, worker_id=worker_id, role=role, heartbeat=heartbeat, timeout=timeout,
+                                join_timeout=join_timeout, data_dir=data_dir, quiet=quiet, curve=curve, host_label=host_label))
+    sys.exit(code)

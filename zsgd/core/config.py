@@ -1,0 +1,112 @@
+"""One validated training configuration, shared by flags, YAML and the wire.
+
+Every command (train, run, sim, worker) builds a ``TrainConfig`` from its
+flags or from a YAML file and calls ``validate()`` before any work starts, so
+a bad value is caught in the first millisecond with a message naming the
+option, not minutes later inside a worker process. The same dict travels to
+workers in the ASSIGN message, so a worker trains with exactly the resolved
+configuration the broker wrote to ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zsgd.errors import ZsgdError
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adagrad", "adam")
+
+
+@dataclass
+class TrainConfig:
+    """What to train and how; the fields every training mode shares."""
+
+    model: str = "cnn"
+    data: str = "default"
+    data_dir: str | None = None
+    image_size: int = 64
+    grayscale: bool = False
+    split: str = "iid"
+    batch_size: int = 64
+    lr: float = 0.05
+    lr_schedule: str = "auto"
+    optimizer: str = "momentum"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip_norm: float | None = None
+    seed: int = 0
+    epochs: float | None = None
+    steps: int | None = None
+    time_limit: float | None = None
+    target_acc: float | None = None
+    eval_every: int = 0  # updates between evaluations; 0 = once per epoch
+    log_every: int = 20  # updates between train-loss events
+    name: str = "train"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        """Raise ZsgdError naming the first bad option; return self."""
+        _positive_int("batch-size", self.batch_size)
+        _positive_float("lr", self.lr)
+        from zsgd.core.schedule import check_lr_schedule
+
+        check_lr_schedule(self.lr_schedule)
+        if self.lr_schedule in ("cosine", "linear") and self.epochs is None and self.steps is None and self.time_limit is None \
+                and self.target_acc is not None:
+            raise ZsgdError(f"--lr-schedule {self.lr_schedule} needs a run length to decay over: add --epochs, --steps or --time")
+        if self.optimizer not in OPTIMIZERS:
+            raise ZsgdError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ZsgdError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
+            raise ZsgdError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.clip_norm is not None:
+            _positive_float("clip-norm", self.clip_norm)
+        if self.epochs is not None:
+            _positive_float("epochs", self.epochs)
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
+        if self.time_limit is not None:
+            _positive_float("time", self.time_limit)
+        if self.target_acc is not None and not 0.0 < self.target_acc <= 1.0:
+            raise ZsgdError(f"--target-acc must be in (0, 1], got {self.target_acc}")
+        if self.eval_every < 0:
+            raise ZsgdError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.log_every <= 0:
+            raise ZsgdError(f"--log-every must be > 0, got {self.log_every}")
+        if self.image_size < 8:
+            raise ZsgdError(f"--image-size must be >= 8, got {self.image_size}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, rejecting unknown keys so typos never pass silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ZsgdError(f"unknown configuration key(s): {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ZsgdError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def _positive_float(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ZsgdError(f"--{name} must be a positive number, got {value!r}")
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    """Write the resolved configuration as YAML, the form users edit and re-run."""
+    import yaml
+
+    path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -1,0 +1,386 @@
+"""The model zoo: small image classifiers on ONE flat float32 parameter vector.
+
+Why one vector: the broker sends the model as a single zero-copy frame, an
+optimizer updates it in one fused pass, and compression/averaging work on a
+plain array. Each layer's weight and bias are views into it, laid out in
+PyTorch's names, order and shapes, so ``state_dict`` loads into the
+equivalent ``torch.nn`` module unchanged (the tests check this).
+
+Models (``get_model(name, input_shape=(C, H, W), n_classes=K)``):
+
+* ``logreg``: flatten -> fc.
+* ``mlp``:    flatten -> fc1 256 -> ReLU -> fc2 128 -> ReLU -> fc3.
+* ``cnn``:    the Keras ``mnist_cnn`` example: conv1 32@3x3 -> ReLU -> conv2
+  64@3x3 -> ReLU -> max-pool 2 -> dropout 0.25 -> flatten -> fc1 128 -> ReLU ->
+  dropout 0.5 -> fc2 (1,199,882 parameters on 1x28x28, 10 classes).
+* ``lenet5``: conv1 6@5x5 pad 2 -> ReLU -> max-pool 2 -> conv2 16@5x5 -> ReLU ->
+  max-pool 2 -> fc1 120 -> ReLU -> fc2 84 -> ReLU -> fc3. This is the modern
+  variant (ReLU and max-pooling instead of LeCun's tanh and trainable
+  sub-sampling, and a dense layer in place of the sparse C3 connections):
+  it trains faster and is what "LeNet-5" means in most code today.
+
+``"package.module:factory"`` names a user's model: ``factory(input_shape=...,
+n_classes=...)`` must return an object with the same interface as ``Model``.
+
+A ``Model`` keeps scratch buffers between calls, so one instance must not be
+used from two threads at once (zsgd's workers are processes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+from zsgd import kernels as K
+from zsgd.errors import ZsgdError
+from zsgd.nn.layers import Conv2d, Dense, Dropout, Layer, buffer, uniform_init
+
+#: Samples per forward pass in ``predict``: bounds memory (the CNN's conv1
+#: output is 86 KB per sample) while keeping each sgemm large.
+PREDICT_BATCH = 256
+#: Batch sizes whose buffers are kept (training, evaluation, a ragged tail).
+_WORKSPACES = 3
+
+
+@runtime_checkable
+class ModelLike(Protocol):
+    """What zsgd needs from a model (built-in or a user's factory)."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    n_classes: int
+    n_params: int
+
+    def init(self, seed: int = 0) -> np.ndarray: ...
+    def loss_and_grad(self, w: np.ndarray, x: np.ndarray, y: np.ndarray, training: bool = True,
+                      seed: int | None = None) -> tuple[float, np.ndarray]: ...
+    def predict(self, w: np.ndarray, x: np.ndarray) -> np.ndarray: ...
+    def state_dict(self, w: np.ndarray) -> dict[str, np.ndarray]: ...
+    def load_state_dict(self, sd: dict[str, Any]) -> np.ndarray: ...
+    def layout(self) -> list[tuple[str, tuple[int, ...], int]]: ...
+
+
+class Model:
+    """A feed-forward stack of zsgd layers over one flat parameter vector."""
+
+    def __init__(self, name: str, input_shape: tuple[int, int, int], n_classes: int, layers: list[Layer],
+                 seed: int = 0):
+        self.name = name
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.n_classes = int(n_classes)
+        self.layers = layers
+        self._nhwc_input = isinstance(layers[0], Conv2d)
+        self._specs: list[tuple[str, tuple[int, ...], int, int]] = []  # name, shape, offset, fan_in
+        self._slots: list[list[tuple[int, tuple[int, ...]]]] = []  # per layer: (offset, shape)
+        off = 0
+        for layer in layers:
+            slots = []
+            for suffix, shape in layer.params:
+                self._specs.append((f"{layer.name}.{suffix}", shape, off, layer.fan_in))
+                slots.append((off, shape))
+                off += int(np.prod(shape))
+            self._slots.append(slots)
+        self.n_params = off
+        # Fuse the ReLU derivative of conv i into conv i+1's col2im (see layers.Conv2d).
+        for prev, cur in zip(layers, layers[1:]):
+            if isinstance(prev, Conv2d) and isinstance(cur, Conv2d) and prev.relu and not prev.g.pool:
+                prev.premasked = cur.mask_dx = True
+        self._rng = np.random.default_rng(seed)
+        self._ws: OrderedDict[int, list[dict]] = OrderedDict()
+        #: set to a dict to accumulate seconds per layer ("conv1/fwd", ...): see ``benchmarks/``.
+        self.timings: dict[str, float] | None = None
+
+    # ------------------------------------------------------------ parameters
+
+    def layout(self) -> list[tuple[str, tuple[int, ...], int]]:
+        """(name, shape, offset into the flat vector) of every parameter, in order."""
+        return [(n, s, o) for n, s, o, _ in self._specs]
+
+    def init(self, seed: int = 0) -> np.ndarray:
+        """A fresh flat vector with PyTorch's default init; same seed, same vector."""
+        rng = np.random.default_rng(seed)
+        w = np.empty(self.n_params, np.float32)
+        for _, shape, off, fan_in in self._specs:
+            w[off:off + int(np.prod(shape))] = uniform_init(rng, shape, fan_in).ravel()
+        return w
+
+    def _views(self, w: np.ndarray, i: int) -> list[np.ndarray]:
+        return [w[o:o + int(np.prod(s))].reshape(s) for o, s in self._slots[i]]
+
+    def state_dict(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        """{PyTorch name: view into ``w``} (writing to a view writes to ``w``)."""
+        w = self._check_w(w)
+        return {n: w[o:o + int(np.prod(s))].reshape(s) for n, s, o, _ in self._specs}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> np.ndarray:
+        """A new flat vector from a ``state_dict`` (numpy arrays or CPU torch tensors)."""
+        names = [n for n, _, _, _ in self._specs]
+        missing = [n for n in names if n not in sd]
+        extra = [n for n in sd if n not in names]
+        if missing or extra:
+            raise ZsgdError(f"state_dict does not match model '{self.name}': missing {missing}, unexpected "
+                            f"{extra}; expected names {names}")
+        w = np.empty(self.n_params, np.float32)
+        for n, shape, off, _ in self._specs:
+            v = sd[n]
+            if hasattr(v, "detach"):
+                v = v.detach().cpu().numpy()
+            v = np.asarray(v)
+            if v.shape != shape:
+                raise ZsgdError(f"state_dict['{n}'] has shape {v.shape}, model '{self.name}' needs {shape}")
+            w[off:off + v.size] = v.astype(np.float32, copy=False).ravel()
+        return w
+
+    # ------------------------------------------------------------ validation
+
+    def _check_w(self, w: np.ndarray) -> np.ndarray:
+        if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.shape != (self.n_params,):
+            got = f"{getattr(w, 'dtype', type(w).__name__)} {getattr(w, 'shape', '')}"
+            raise ZsgdError(f"model '{self.name}' needs a flat float32 vector of {self.n_params} parameters, "
+                            f"got {got}: use model.init() or load_state_dict()")
+        return w if w.flags.c_contiguous else np.ascontiguousarray(w)
+
+    def _check_x(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape or x.shape[0] == 0:
+            want = ", ".join(map(str, self.input_shape))
+            raise ZsgdError(f"model '{self.name}' expects input of shape (N>0, {want}), got {x.shape}: "
+                            f"check the data set's image shape")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ZsgdError(f"model '{self.name}' expects float32 images in [0, 1], got {x.dtype}: "
+                            f"scale with zsgd.data.to_float (or x / 255)")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _check_y(self, y: np.ndarray, n: int) -> np.ndarray:
+        y = np.asarray(y)
+        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+            raise ZsgdError(f"labels must be an integer array of shape ({n},), got {y.dtype} {y.shape}")
+        if n and (int(y.min()) < 0 or int(y.max()) >= self.n_classes):
+            raise ZsgdError(f"labels must be in [0, {self.n_classes}), got range [{y.min()}, {y.max()}]: "
+                            f"check n_classes")
+        return np.ascontiguousarray(y, dtype=np.int64)
+
+    # ------------------------------------------------------------ compute
+
+    def _workspace(self, n: int) -> list[dict]:
+        ws = self._ws.get(n)
+        if ws is None:
+            ws = self._ws[n] = [{} for _ in range(len(self.layers) + 1)]
+            while len(self._ws) > _WORKSPACES:
+                self._ws.popitem(last=False)
+        else:
+            self._ws.move_to_end(n)
+        return ws
+
+    def _tick(self, key: str, t0: float) -> float:
+        t = time.perf_counter()
+        if self.timings is not None:
+            self.timings[key] = self.timings.get(key, 0.0) + (t - t0)
+        return t
+
+    def _forward(self, w: np.ndarray, x: np.ndarray, training: bool, seed: int, ws: list[dict]):
+        t = time.perf_counter()
+        n = x.shape[0]
+        if self._nhwc_input:
+            c, h, wd = self.input_shape
+            if c == 1:
+                h0 = x.reshape(n, h, wd, 1)
+            else:
+                h0 = buffer(ws[-1], "x_nhwc", (n, h, wd, c))
+                np.copyto(h0, x.transpose(0, 2, 3, 1))
+        else:
+            h0 = x.reshape(n, -1)
+        acts = [h0]
+        t = self._tick("input", t)
+        for i, layer in enumerate(self.layers):
+            acts.append(layer.forward(ws[i], acts[-1], self._views(w, i), training, seed))
+            t = self._tick(f"{layer.name}/fwd", t)
+        return acts
+
+    def loss_and_grad(self, w: np.ndarray, x: np.ndarray, y: np.ndarray, training: bool = True,
+                      seed: int | None = None, out: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+        """Mean cross-entropy over the batch and its gradient (a new flat vector, or ``out``).
+
+        ``training=False`` turns dropout off (exact, deterministic gradients).
+        ``seed`` picks this step's dropout masks; ``None`` draws from the model's
+        own stream (``get_model(..., seed=)``).
+        """
+        w = self._check_w(w)
+        x = self._check_x(x)
+        n = x.shape[0]
+        y = self._check_y(y, n)
+        if seed is None:
+            seed = int(self._rng.integers(0, 2**63 - 1))
+        grad = np.empty(self.n_params, np.float32) if out is None else out
+        if grad.shape != (self.n_params,) or grad.dtype != np.float32 or not grad.flags.c_contiguous:
+            raise ZsgdError(f"out must be a contiguous float32 vector of {self.n_params} parameters")
+        ws = self._workspace(n)
+        acts = self._forward(w, x, training, seed, ws)
+        t = time.perf_counter()
+        logits = acts[-1]
+        dlogits = buffer(ws[-1], "dlogits", logits.shape)
+        loss = float(K.softmax_xent(logits, y, dlogits))
+        t = self._tick("loss", t)
+        d = dlogits
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            d = layer.backward(ws[i], acts[i], acts[i + 1], d, self._views(w, i), self._views(grad, i), i > 0)
+            t = self._tick(f"{layer.name}/bwd", t)
+        return loss, grad
+
+    def predict(self, w: np.ndarray, x: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
+        """Logits (N, n_classes) in inference mode (no dropout), ``batch_size`` samples at a time."""
+        w = self._check_w(w)
+        x = np.asarray(x)
+        self._check_x(x[:1])
+        out = np.empty((x.shape[0], self.n_classes), np.float32)
+        for i in range(0, x.shape[0], batch_size):
+            xb = np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32)
+            out[i:i + len(xb)] = self._forward(w, xb, False, 0, self._workspace(len(xb)))[-1]
+        return out
+
+    def __repr__(self) -> str:
+        return (f"Model({self.name!r}, input_shape={self.input_shape}, n_classes={self.n_classes}, "
+                f"n_params={self.n_params})")
+
+
+# ---------------------------------------------------------------- the zoo
+
+
+def _conv(name: str, hwc: tuple[int, int, int], cout: int, k: int, pad: int = 0, pool: int = 0,
+          flatten_out: bool = False) -> Conv2d:
+    layer = Conv2d(name, hwc, cout, k, pad=pad, relu=True, pool=pool, flatten_out=flatten_out)
+    g = layer.g
+    if g.oh < max(1, pool) or g.ow < max(1, pool):
+        raise ValueError(f"{name} ({k}x{k}, pad {pad}) gets a {hwc[0]}x{hwc[1]} input")
+    return layer
+
+
+def _logreg(c: int, h: int, w: int, k: int) -> list[Layer]:
+    return [Dense("fc", c * h * w, k, relu=False)]
+
+
+def _mlp(c: int, h: int, w: int, k: int) -> list[Layer]:
+    return [Dense("fc1", c * h * w, 256, True), Dense("fc2", 256, 128, True), Dense("fc3", 128, k, False)]
+
+
+def _cnn(c: int, h: int, w: int, k: int) -> list[Layer]:
+    c1 = _conv("conv1", (h, w, c), 32, 3)
+    c2 = _conv("conv2", c1.out_shape, 64, 3, pool=2, flatten_out=True)
+    f = c2.out_shape[0]
+    return [c1, c2, Dropout("dropout1", (f,), 0.25, 1), Dense("fc1", f, 128, True),
+            Dropout("dropout2", (128,), 0.5, 2), Dense("fc2", 128, k, False)]
+
+
+def _lenet5(c: int, h: int, w: int, k: int) -> list[Layer]:
+    c1 = _conv("conv1", (h, w, c), 6, 5, pad=2, pool=2)
+    c2 = _conv("conv2", c1.out_shape, 16, 5, pool=2, flatten_out=True)
+    f = c2.out_shape[0]
+    return [c1, c2, Dense("fc1", f, 120, True), Dense("fc2", 120, 84, True), Dense("fc3", 84, k, False)]
+
+
+_ZOO: dict[str, tuple[Callable[[int, int, int, int], list[Layer]], str]] = {
+    "logreg": (_logreg, "any image size"),
+    "mlp": (_mlp, "any image size"),
+    "cnn": (_cnn, "images of at least 6x6"),
+    "lenet5": (_lenet5, "images of at least 12x12"),
+}
+MODEL_NAMES = tuple(_ZOO)
+
+
+def _check_shape(input_shape: Any, n_classes: Any) -> tuple[tuple[int, int, int], int]:
+    try:
+        shape = tuple(int(s) for s in input_shape)
+        exact = all(s == float(t) for s, t in zip(shape, input_shape))
+    except (TypeError, ValueError):
+        shape, exact = (), False
+    if len(shape) != 3 or min(shape) < 1 or not exact:
+        raise ZsgdError(f"input_shape must be (channels, height, width) with positive sizes, got {input_shape!r}")
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 2:
+        raise ZsgdError(f"n_classes must be an integer >= 2, got {n_classes!r}")
+    return shape, int(n_classes)
+
+
+def _user_model(spec: str, input_shape: tuple[int, int, int], n_classes: int) -> ModelLike:
+    mod_name, _, fn_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise ZsgdError(f"cannot load model factory '{spec}' ({exc}): give 'package.module:function' "
+                        f"importable from this Python") from None
+    model = factory(input_shape=input_shape, n_classes=n_classes)
+    missing = [a for a in ("name", "input_shape", "n_classes", "n_params", "init", "loss_and_grad", "predict",
+                           "state_dict", "load_state_dict", "layout") if not hasattr(model, a)]
+    if missing:
+        raise ZsgdError(f"model factory '{spec}' returned {type(model).__name__}, which lacks {missing}: "
+                        f"see zsgd.nn.models.ModelLike")
+    return model
+
+
+def get_model(name: str, input_shape: tuple[int, int, int], n_classes: int, seed: int = 0) -> Model | ModelLike:
+    """Build a model by name (``logreg|mlp|cnn|lenet5``) or ``package.module:factory``.
+
+    ``seed`` seeds the model's own dropout stream (used when a step passes no seed).
+    Raises ZsgdError for an unknown name or an input shape the model cannot take.
+    """
+    shape, k = _check_shape(input_shape, n_classes)
+    if isinstance(name, str) and ":" in name:
+        return _user_model(name, shape, k)
+    if name not in _ZOO:
+        raise ZsgdError(f"unknown model '{name}': choose one of {', '.join(MODEL_NAMES)} "
+                        f"or give 'package.module:factory'")
+    build, needs = _ZOO[name]
+    try:
+        layers = build(*shape, k)
+    except ValueError as exc:
+        raise ZsgdError(f"model '{name}' needs {needs}; input_shape {shape} is too small ({exc})") from None
+    return Model(name, shape, k, layers, seed=seed)
+
+
+def evaluate(model: ModelLike, w: np.ndarray, x: np.ndarray, y: np.ndarray,
+             batch_size: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``w`` on ``x``, ``y``.
+
+    ``x`` may be uint8 (scaled by 1/255 one batch at a time, so a whole test
+    set is never converted at once) or float in [0, 1].
+    """
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if len(x) != len(y) or len(x) == 0:
+        raise ZsgdError(f"evaluate needs as many labels as images (and at least one): {len(x)} images, {len(y)} labels")
+    if batch_size < 1:
+        raise ZsgdError(f"batch_size must be >= 1, got {batch_size}")
+    total, correct = 0.0, 0
+    scale = np.float32(1.0 / 255.0)
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]
+        xb = xb.astype(np.float32) * scale if xb.dtype == np.uint8 else np.asarray(xb, dtype=np.float32)
+        yb = np.asarray(y[i:i + batch_size])
+        if not np.issubdtype(yb.dtype, np.integer) or yb.min() < 0 or yb.max() >= model.n_classes:
+            raise ZsgdError(f"labels must be integers in [0, {model.n_classes})")
+        with np.errstate(over="ignore", invalid="ignore"):  # a diverged model shows as a non-finite loss, not warnings
+            logits = np.ascontiguousarray(model.predict(w, xb), dtype=np.float32)
+        s, c = K.xent_sum_correct(logits, yb.astype(np.int64))
+        total += s
+        correct += c
+    return total / len(x), correct / len(x)
+
+
+def warm_up(names: tuple[str, ...] = ("logreg", "mlp", "cnn", "lenet5")) -> None:
+    """Compile (or load from numba's cache) every kernel the built-in models use.
+
+    Run once after installing, so the first training step of a real run, and
+    every worker's start-up, reads compiled code instead of compiling it.
+    """
+    rng = np.random.default_rng(0)
+    for name in names:
+        m = get_model(name, input_shape=(1, 28, 28), n_classes=10)
+        w = m.init(seed=0)
+        x = rng.random((2, 1, 28, 28), dtype=np.float32)
+        y = np.array([0, 1], dtype=np.int64)
+        m.loss_and_grad(w, x, y, training=True, seed=0)
+        m.predict(w, x)

@@ -1,0 +1,66 @@
+"""The live view of a distributed run: one glance tells whether it is healthy.
+
+Top line: progress, updates/s, samples/s, loss, test accuracy, ETA. Below,
+one row per worker: host, state, steps, staleness, last loss, so a dead or
+straggling worker stands out at once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from zsgd.output.live import stderr_console
+
+
+class RunView:
+    def __init__(self, title: str, total_updates: int | None, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(bar_width=40), MofNCompleteColumn(),
+                                 TextColumn("updates"), TimeElapsedColumn(), TextColumn("elapsed,"), TimeRemainingColumn(),
+                                 TextColumn("left"), console=stderr_console)
+        self.task = self.progress.add_task(title, total=total_updates)
+        self.live = Live(console=stderr_console, refresh_per_second=4, transient=False) if enabled else None
+        self._last = (time.monotonic(), 0, 0)
+        self._rates = (0.0, 0.0)
+
+    def __enter__(self) -> "RunView":
+        if self.live:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.live.__exit__(*exc)
+
+    def update(self, broker) -> None:
+        if not self.live:
+            return
+        st = broker.state
+        now = time.monotonic()
+        t, u, s = self._last
+        if now - t >= 1.0:
+            self._rates = ((st.updates - u) / (now - t), (st.samples - s) / (now - t))
+            self._last = (now, st.updates, st.samples)
+        ups, sps = self._rates
+        acc = f"{st.test_acc:.2%} (update {st.evals[-1]['updates']})" if st.evals else "-"
+        loss = f"{st.last_loss:.4f}" if st.last_loss == st.last_loss else "-"
+        self.progress.update(self.task, completed=st.updates)
+        lr = broker.current_lr
+        lr_text = f"lr {lr:.3g}  " if lr == lr else ""
+        stats = Text.from_markup(f"[bold]{ups:,.1f}[/] updates/s  [bold]{sps:,.0f}[/] samples/s  train loss [bold]{loss}[/]  "
+                                 f"test acc [bold]{acc}[/]  {lr_text}rejected {sum(st.rejected.values())}  deaths {st.deaths}")
+        table = Table(show_edge=False, pad_edge=False, header_style="bold")
+        for col in ("worker", "host", "state", "steps", "staleness mean/max", "loss", "lives"):
+            table.add_column(col, justify="right" if col not in ("host", "state") else "left")
+        for w in sorted(broker.members.by_worker):
+            p = broker.members.by_worker[w]
+            style = {"ready": "green", "joining": "yellow", "gone": "red"}.get(p.state, "")
+            table.add_row(str(w), p.host, f"[{style}]{p.state}[/]", str(p.steps), f"{p.mean_staleness:.1f}/{p.staleness_max}",
+                          f"{p.last_loss:.3f}" if p.last_loss == p.last_loss else "-", str(p.incarnations))
+        self.live.update(Group(self.progress.get_renderable(), stats, table))

@@ -1,0 +1,116 @@
+"""PNG figures from run directories.
+
+Every figure is drawn from ``metrics.jsonl`` alone, so a real run and a
+simulated arm (same schema) plot side by side, and a run can be re-plotted
+long after it ended.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from zsgd.errors import ZsgdError
+from zsgd.output.metrics import read_metrics
+
+
+def _series(events: list[dict[str, Any]], kind: str, x: str, y: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for e in events:
+        if e.get("event") == kind and e.get(x) is not None and e.get(y) is not None:
+            xs.append(e[x])
+            ys.append(e[y])
+    return xs, ys
+
+
+def _label(run_dir: Path) -> str:
+    return run_dir.name
+
+
+def _load(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ZsgdError(f"{run_dir} is not a run directory (no metrics.jsonl)")
+    return list(read_metrics(path))
+
+
+def plot_curves(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] | None = None, time_label: str = "time (s)") -> list[Path]:
+    """Loss and test accuracy against time and against updates, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(lbl, _load(Path(d))) for lbl, d in zip(labels or [_label(Path(d)) for d in run_dirs], run_dirs)]
+    written = []
+    panels = [("train", "loss", "train loss"), ("eval", "test_acc", "test accuracy")]
+    for x, xlabel, fname in (("t", time_label, "curves_vs_time.png"), ("updates", "central updates", "curves_vs_updates.png")):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, (kind, y, ylabel) in zip(axes, panels):
+            for lbl, events in runs:
+                xs, ys = _series(events, kind, x, y)
+                if xs:
+                    ax.plot(xs, ys, marker="o" if kind == "eval" and len(xs) < 30 else None, label=lbl)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if len(runs) > 1:
+                ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_workers(run_dir: Path, out_dir: Path | None = None, time_label: str = "time (s)") -> list[Path]:
+    """Staleness histogram and per-worker throughput of a distributed run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir)
+    updates = [e for e in _load(run_dir) if e.get("event") == "update"]
+    if not updates:
+        return []
+    written = []
+    stale = np.array([e.get("staleness", 0) for e in updates])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(stale, bins=np.arange(stale.max() + 2) - 0.5, color="tab:blue", alpha=0.8)
+    ax.set_xlabel("staleness (central updates between fetch and apply)")
+    ax.set_ylabel("updates")
+    ax.set_title(f"mean {stale.mean():.2f}, p99 {np.percentile(stale, 99):.0f}, max {stale.max()}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(out_dir / "staleness_hist.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    workers = sorted({e["worker"] for e in updates if e.get("worker", -1) >= 0})
+    if workers:
+        t_end = max(e["t"] for e in updates)
+        bins = np.linspace(min(e["t"] for e in updates), t_end, 21)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for w in workers:
+            ts = np.array([e["t"] for e in updates if e.get("worker") == w])
+            counts, _ = np.histogram(ts, bins=bins)
+            ax.plot((bins[:-1] + bins[1:]) / 2, counts / np.diff(bins), label=f"worker {w}")
+        ax.set_xlabel(time_label)
+        ax.set_ylabel("applied updates / s")
+        ax.grid(alpha=0.3)
+        if len(workers) <= 16:
+            ax.legend(fontsize=8, ncol=2)
+        fig.tight_layout()
+        written.append(out_dir / "worker_throughput.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """The standard figures of one run, written into its own directory."""
+    return plot_curves([Path(run_dir)], Path(run_dir)) + plot_workers(Path(run_dir))

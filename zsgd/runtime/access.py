@@ -1,0 +1,110 @@
+"""How workers reach a run's broker: address, CURVE keys, and who launches them.
+
+The runner asks one object three questions -- where to bind, which CURVE
+settings the broker gets, and which launchers start the workers -- so the
+run loop itself stays the same for a laptop run and a cluster run.
+
+Rules (README, "Remote workers"): the broker binds loopback unless told
+otherwise; with ``--remote`` it binds the advertised address (or ``--host``);
+CURVE is on whenever it listens beyond loopback, or with ``--secure``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zsgd.errors import ZsgdError
+from zsgd.wire.security import RunKeys, is_loopback
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class Access:
+    bind_host: str
+    plan: Any = None  # zsgd.remote.launcher.RemotePlan when --remote
+    keys: RunKeys | None = None
+
+    @property
+    def secure(self) -> bool:
+        return self.keys is not None
+
+    def bind(self, port: int) -> str:
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        return f"tcp://{host}:{port}"
+
+    def broker_curve(self) -> dict | None:
+        return self.keys.broker_curve() if self.keys else None
+
+    def local_address(self, bound: str) -> str:
+        """Where local workers connect: a wildcard bind is reached through loopback."""
+        for wildcard in ("tcp://0.0.0.0:", "tcp://[::]:", "tcp://*:"):
+            if bound.startswith(wildcard):
+                return f"tcp://{LOOPBACK}:{bound.rsplit(':', 1)[1]}"
+        return bound
+
+    def remote_address(self, bound: str) -> str:
+        port = bound.rsplit(":", 1)[1]
+        adv = self.plan.advertise
+        return f"tcp://[{adv}]:{port}" if ":" in adv else f"tcp://{adv}:{port}"
+
+    def write_client_files(self, run_dir: Path, n: int) -> Path:
+        """``zsgd broker`` with CURVE and no ``--keys``: key files (0600) for the workers started by hand."""
+        from zsgd.output.live import stderr_console
+        from zsgd.wire.security import write_secret_json
+
+        folder = Path(run_dir) / "keys"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        for i in range(n):
+            write_secret_json(folder / f"client-{i}.json", self.keys.bundle(f"worker-{i}"))
+        stderr_console.print(f"CURVE is on: give each worker one key file, e.g. 'zsgd worker --keys-file {folder}/client-0.json ...' "
+                             f"(copy them over SSH; they are secret)")
+        return folder
+
+    def launchers(self, broker, run_dir: Path, heartbeat: float, timeout: float, show: bool):
+        """Local and (when --remote) remote launchers as one group; checks the port from every host first."""
+        from zsgd.runtime.launch import LocalLauncher
+        from zsgd.remote.launcher import KeyedLocalLauncher, LauncherGroup, RemoteLauncher, check_reach
+
+        local_addr = self.local_address(broker.address)
+        if self.keys is not None:
+            local = KeyedLocalLauncher(local_addr, run_dir / "logs", heartbeat, timeout, keys=self.keys)
+        else:
+            local = LocalLauncher(local_addr, run_dir / "logs", heartbeat, timeout)
+        remote = None
+        if self.plan is not None:
+            address = self.remote_address(broker.address)
+            from zsgd.output.live import stderr_console
+
+            # Printed even with --quiet: the one address a user must know to debug a firewall.
+            stderr_console.print(f"remote workers connect to [bold]{address}[/]" + (" (CURVE)" if self.secure else ""))
+            check_reach(self.plan, int(address.rsplit(":", 1)[1]))
+            remote = RemoteLauncher(self.plan, address, run_dir / "logs" / "hosts", heartbeat, timeout, broker.run, keys=self.keys)
+        group = LauncherGroup(local, remote)
+        group.local, group.remote = local, remote
+        return group
+
+
+def prepare_access(opts) -> Access:
+    """Probe remote hosts (if any), choose the bind address and make this run's keys.
+
+    ``opts`` is the runner's ``RunOptions``; its ``remote_workers`` is set
+    here, since it is known only once the hosts have answered."""
+    plan = None
+    bind_host = opts.host or LOOPBACK
+    if opts.remote:
+        from zsgd.remote.launcher import prepare_remote
+        from zsgd.remote.ssh import SshOptions
+
+        ssh = SshOptions(**{**(opts.ssh or {}), "options": tuple((opts.ssh or {}).get("options", ()))})
+        plan = prepare_remote(opts.remote, ssh, first_id=opts.n_proc, allow_partial=opts.allow_partial, advertise=opts.advertise,
+                              host_flag=opts.host, show=opts.show)
+        opts.remote_workers = plan.n_workers
+        bind_host = plan.bind_host
+    elif opts.advertise:
+        raise ZsgdError("--advertise is for remote workers; use it with --remote")
+    secure = opts.secure or bool(opts.keys_dir) or not is_loopback(bind_host)
+    keys = RunKeys.create(opts.keys_dir) if secure else None
+    return Access(bind_host, plan, keys)

@@ -1,0 +1,88 @@
+"""Emulated network conditions for real runs, from the simulator's models.
+
+``zsgd run`` can hold real messages back by samples of the same
+``zsgd.simulation.netmodel`` objects ``zsgd sim`` uses, so one spec (``--latency
+lognormal:20ms,0.5 --stragglers 0.1:4x``) means the same thing in a
+simulation and on real sockets. Everything here is sans-IO: the broker asks
+``LinkEmulator`` how long a message should take, parks it in a
+``DelayQueue`` and sends what is due each time round its poll loop::
+
+    emu = LinkEmulator(network, stragglers=None, seed=cfg.seed)
+    queue = DelayQueue()
+    # instead of sending a reply at once:
+    queue.push((identity, msg), now, emu.delay(worker, up=False, nbytes=n))
+    # in the poll loop (poll timeout: min(tick, queue.next_due() - now)):
+    for identity, msg in queue.pop_due(now):
+        send(identity, msg)
+
+Delaying at the broker (both directions: incoming updates are parked before
+``on_update``) keeps workers unchanged and needs no clock agreement between
+machines.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Any
+
+import numpy as np
+
+from zsgd.simulation.netmodel import (Measured, Network, StragglerSpec, Stragglers, parse_bandwidth, parse_compute, parse_delay,
+                           parse_duration, parse_failures, parse_loss, parse_stragglers, parse_worker_latency)
+
+__all__ = [
+    "DelayQueue", "LinkEmulator", "Measured", "Network", "parse_bandwidth", "parse_compute", "parse_delay", "parse_duration",
+    "parse_failures", "parse_loss", "parse_stragglers", "parse_worker_latency",
+]
+
+
+class DelayQueue:
+    """Items held until a due time; items due at the same time leave in push order.
+
+    No clock inside: the caller passes ``now`` (wall or virtual seconds), so
+    the same queue serves the broker and tests.
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Any]] = []
+        self._seq = itertools.count()
+
+    def push(self, item: Any, now: float, delay: float) -> float:
+        """Hold ``item`` for ``delay`` seconds from ``now``; returns its due time."""
+        if delay < 0:
+            raise ValueError(f"delay must be >= 0, got {delay}")
+        due = now + delay
+        heapq.heappush(self._heap, (due, next(self._seq), item))
+        return due
+
+    def pop_due(self, now: float) -> list[Any]:
+        """Every item due at or before ``now``, earliest first."""
+        out = []
+        while self._heap and self._heap[0][0] <= now:
+            out.append(heapq.heappop(self._heap)[2])
+        return out
+
+    def next_due(self) -> float | None:
+        """When the next item is due (None: empty); use it as the poll timeout."""
+        return self._heap[0][0] if self._heap else None
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+class LinkEmulator:
+    """Samples per-message delays and straggler slowdowns for a real run."""
+
+    def __init__(self, network: Network, stragglers: StragglerSpec | None = None, n_workers: int = 1, seed: int = 0) -> None:
+        self.network = network
+        self.rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0xE31]))
+        self.stragglers: Stragglers | None = stragglers.assign(n_workers, seed) if stragglers is not None else None
+
+    def delay(self, worker: int, up: bool, nbytes: int) -> float:
+        """Seconds to hold one message of ``nbytes`` to (up=False) or from (up=True) ``worker``."""
+        return self.network.delay(worker, up, nbytes, self.rng)
+
+    def slowdown(self, worker: int, now: float) -> float:
+        """Factor by which ``worker``'s step starting at ``now`` is slowed (1.0: not a straggler)."""
+        return 1.0 if self.stragglers is None else self.stragglers.factor(worker, now)

@@ -1,0 +1,101 @@
+"""Starting and stopping worker processes on this machine.
+
+Local workers are started through the very entry point remote ones use
+(``python -m zsgd worker --connect ...``), so a local run exercises the
+same code path as a cluster. Each child gets its own session (a Ctrl-C in
+the terminal reaches only the broker, which then tears down in order), one
+BLAS thread (parallelism comes from processes), a log file in the run
+directory, and on Linux a parent-death signal, so even a ``kill -9`` of
+the broker leaves no orphan computing forever.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zsgd.runtime.threads import SINGLE_THREAD_ENV
+
+
+def _die_with_parent() -> None:
+    """preexec: SIGTERM this child when the process that started it dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def log_tail(self, n: int = 5) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(lines[-n:])
+
+
+class LocalLauncher:
+    def __init__(self, address: str, log_dir: Path, heartbeat: float, timeout: float, python: str = sys.executable) -> None:
+        self.address = address
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self.python = python
+        self.children: list[Child] = []
+
+    def command(self, worker_id: int, role: str = "worker") -> list[str]:
+        return [self.python, "-m", "zsgd", "worker", "--connect", self.address, "--id", str(worker_id), "--role", role,
+                "--heartbeat", f"{self.heartbeat:g}", "--timeout", f"{self.timeout:g}"]
+
+    def start(self, worker_id: int, role: str = "worker") -> Child:
+        name = f"{role}-{worker_id}"
+        log_path = self.log_dir / f"{name}.log"
+        log = open(log_path, "ab")
+        env = os.environ | SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(self.command(worker_id, role), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        log.close()
+        child = Child(name, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def running(self) -> list[Child]:
+        return [c for c in self.children if c.returncode is None]
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        """Wait ``grace`` s for children to leave on their own (the broker said
+        LEAVE), then SIGTERM, then SIGKILL; reap everything."""
+        deadline = time.monotonic() + grace
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for c in self.running():
+            try:
+                c.proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 3.0
+        for c in self.children:
+            try:
+                c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait(timeout=5)

@@ -1,0 +1,575 @@
+"""Models of the world around training: delays, bandwidth, loss, compute time,
+stragglers and failures, with one spec syntax for simulation and emulation.
+
+``zsgd sim`` samples these models on a virtual clock; ``zsgd run`` can delay
+real messages by samples of the very same objects (see ``zsgd.runtime.emulation``),
+so a delay studied in the simulator is the delay injected into a real run.
+Each model is a small object with ``sample(rng) -> seconds``; each parser
+turns a user's text into one and raises ``ZsgdError`` naming the bad value.
+
+Spec syntax (the same in flags and YAML):
+
+- durations: ``0``, ``10ms``, ``0.5s``, ``250us``, ``2min``. A bare number
+  other than 0 is an error (is ``10`` ten seconds or ten milliseconds?),
+  except inside a list where the unit of a neighbour applies:
+  ``0,10,50,200ms`` means 0, 10, 50 and 200 ms, ``uniform:5,20ms`` means 5 to
+  20 ms.
+- delay distributions: ``uniform:LO,HI``, ``normal:MEAN,SD`` (clipped at 0),
+  ``lognormal:MEDIAN,SIGMA`` (SIGMA unitless; heavy right tail, the usual fit
+  for WAN round trips), ``exp:MEAN``, ``trace:FILE.csv`` (first column:
+  measured samples in milliseconds, resampled uniformly).
+- bandwidth: ``100Mbps``, ``1Gbps`` (bits/s), ``10MB/s``, ``1GiB/s``
+  (bytes/s), ``inf``.
+- loss: ``0.01`` or ``1%``, the chance that a message is lost and resent
+  after ``--retransmit`` (geometric number of resends).
+- stragglers: ``FRACTION:FACTORx`` (a seeded choice of workers computes
+  FACTOR times slower for the whole run) or
+  ``FRACTION:FACTORx,transient:MEAN_PERIOD_S:MEAN_DURATION_S`` (those workers
+  are slow only during random episodes: exponential gaps of mean PERIOD
+  between episodes of exponential length of mean DURATION).
+- failures: ``W@T[+RECOVER]`` items (``3@10s+5s``: worker 3 dies at virtual
+  10 s and rejoins 5 s later; ``0-7@60s``: workers 0..7 die for good) or
+  ``rate:R[+RECOVER]`` (each worker fails as a Poisson process of R failures
+  per second).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from zsgd.errors import ZsgdError
+
+_NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+TIME_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "sec": 1.0, "min": 60.0}
+_TIME_RE = re.compile(rf"^({_NUM})\s*([a-zµ]*)$", re.IGNORECASE)
+_BW_RE = re.compile(rf"^({_NUM})\s*([kmgt]?)(i?)(bps|bit/s|b/s|B/s|Bps)$", re.IGNORECASE)
+_BW_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+_BIN_SCALE = {"": 1.0, "k": 2.0**10, "m": 2.0**20, "g": 2.0**30, "t": 2.0**40}
+#: Distributions and how many comma-separated arguments each takes (for list splitting).
+DISTRIBUTIONS = {"uniform": 2, "normal": 2, "lognormal": 2, "exp": 1, "trace": 1}
+NONE_WORDS = ("none", "off", "0")
+
+
+class Sampler(Protocol):
+    """Anything that draws a duration in seconds."""
+
+    def sample(self, rng: np.random.Generator) -> float: ...
+
+
+# ---------------------------------------------------------------------------
+# numbers with units
+
+
+def parse_duration(text: str, what: str = "duration", default_unit: str | None = None) -> float:
+    """``10ms`` -> 0.01 seconds. Negative, non-finite, unit-less (unless
+    ``default_unit``) or unknown-unit values raise ZsgdError naming ``what``."""
+    s = str(text).strip()
+    m = _TIME_RE.match(s)
+    if not s or m is None:
+        raise ZsgdError(f"bad {what} {text!r}: expected a number with a unit, e.g. 10ms, 0.5s")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if not math.isfinite(value) or value < 0:
+        raise ZsgdError(f"bad {what} {text!r}: must be a finite number >= 0")
+    if not unit:
+        if value == 0:
+            return 0.0
+        if default_unit is None:
+            raise ZsgdError(f"bad {what} {text!r}: give a unit, e.g. {m.group(1)}ms or {m.group(1)}s")
+        unit = default_unit
+    if unit not in TIME_UNITS:
+        raise ZsgdError(f"bad {what} {text!r}: unknown unit {unit!r}; use us, ms, s or min")
+    return value * TIME_UNITS[unit]
+
+
+def format_duration(seconds: float) -> str:
+    """Short human form of a duration, for labels: 0, 250us, 10ms, 1.5s."""
+    if seconds == 0:
+        return "0"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:g}us"
+    if seconds < 1:
+        return f"{seconds * 1e3:g}ms"
+    return f"{seconds:g}s"
+
+
+def parse_bandwidth(text: str) -> float:
+    """``100Mbps`` / ``10MB/s`` / ``inf`` -> bytes per second (``inf``: no transfer time)."""
+    s = str(text).strip()
+    if s.lower() in ("inf", "infinite", "unlimited", "none"):
+        return math.inf
+    m = _BW_RE.match(s)
+    if m is None:
+        raise ZsgdError(f"bad bandwidth {text!r}: expected e.g. 100Mbps, 1Gbps, 10MB/s or inf")
+    value, prefix, binary, unit = float(m.group(1)), m.group(2).lower(), m.group(3), m.group(4)
+    if not math.isfinite(value) or value <= 0:
+        raise ZsgdError(f"bad bandwidth {text!r}: must be a positive number (or inf)")
+    scale = (_BIN_SCALE if binary else _BW_SCALE)[prefix]
+    is_bytes = unit in ("B/s", "Bps")  # capital B: bytes; b, bps, bit/s: bits
+    return value * scale / (1.0 if is_bytes else 8.0)
+
+
+def format_bandwidth(bytes_per_s: float) -> str:
+    if math.isinf(bytes_per_s):
+        return "inf"
+    bits = bytes_per_s * 8
+    for unit, scale in (("Gbps", 1e9), ("Mbps", 1e6), ("Kbps", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:g}{unit}"
+    return f"{bits:g}bps"
+
+
+def parse_loss(text: str) -> float:
+    """``0.01`` or ``1%`` -> probability in [0, 1) that one message is lost."""
+    s = str(text).strip()
+    pct = s.endswith("%")
+    try:
+        p = float(s[:-1] if pct else s) / (100.0 if pct else 1.0)
+    except ValueError:
+        raise ZsgdError(f"bad loss {text!r}: expected a probability such as 0.01 or 1%") from None
+    if not (0.0 <= p < 1.0):
+        raise ZsgdError(f"bad loss {text!r}: must be in [0, 1) (at 1 nothing ever arrives)")
+    return p
+
+
+# ---------------------------------------------------------------------------
+# delay distributions
+
+
+@dataclass(frozen=True)
+class Constant:
+    seconds: float
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return self.seconds
+
+    @property
+    def mean(self) -> float:
+        return self.seconds
+
+    def __str__(self) -> str:
+        return format_duration(self.seconds)
+
+
+@dataclass(frozen=True)
+class Uniform:
+    lo: float
+    hi: float
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return self.lo + (self.hi - self.lo) * rng.random()
+
+    @property
+    def mean(self) -> float:
+        return (self.lo + self.hi) / 2
+
+    def __str__(self) -> str:
+        return f"uniform:{format_duration(self.lo)},{format_duration(self.hi)}"
+
+
+@dataclass(frozen=True)
+class Normal:
+    mu: float
+    sd: float
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return max(0.0, self.mu + self.sd * rng.standard_normal())
+
+    @property
+    def mean(self) -> float:
+        """Mean after clipping at 0: mu*Phi(mu/sd) + sd*phi(mu/sd)."""
+        if self.sd == 0:
+            return self.mu
+        z = self.mu / self.sd
+        return self.mu * 0.5 * (1 + math.erf(z / math.sqrt(2))) + self.sd * math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+
+    def __str__(self) -> str:
+        return f"normal:{format_duration(self.mu)},{format_duration(self.sd)}"
+
+
+@dataclass(frozen=True)
+class LogNormal:
+    median: float
+    sigma: float
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return self.median * math.exp(self.sigma * rng.standard_normal())
+
+    @property
+    def mean(self) -> float:
+        return self.median * math.exp(self.sigma**2 / 2)
+
+    def __str__(self) -> str:
+        return f"lognormal:{format_duration(self.median)},{self.sigma:g}"
+
+
+@dataclass(frozen=True)
+class Exponential:
+    mean_s: float
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return self.mean_s * rng.standard_exponential()
+
+    @property
+    def mean(self) -> float:
+        return self.mean_s
+
+    def __str__(self) -> str:
+        return f"exp:{format_duration(self.mean_s)}"
+
+
+@dataclass(frozen=True, eq=False)
+class Trace:
+    """Measured samples (e.g. ping times), drawn uniformly with replacement."""
+
+    path: str
+    samples: np.ndarray
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return float(self.samples[rng.integers(len(self.samples))])
+
+    @property
+    def mean(self) -> float:
+        return float(self.samples.mean())
+
+    def __str__(self) -> str:
+        return f"trace:{self.path}"
+
+
+Delay = Constant | Uniform | Normal | LogNormal | Exponential | Trace
+
+
+def load_trace(path: str, what: str = "latency") -> Trace:
+    """Read the first column of a CSV of samples in milliseconds; a header line is allowed."""
+    p = Path(path).expanduser()
+    try:
+        lines = p.read_text().splitlines()
+    except FileNotFoundError:
+        raise ZsgdError(f"bad {what} trace {path!r}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ZsgdError(f"bad {what} trace {path!r}: cannot read it ({exc})") from None
+    values: list[float] = []
+    for i, line in enumerate(lines, 1):
+        cell = line.split(",")[0].strip()
+        if not cell or cell.startswith("#"):
+            continue
+        try:
+            v = float(cell)
+        except ValueError:
+            if values:  # a header is fine on top, not in the middle
+                raise ZsgdError(f"bad {what} trace {path}:{i}: {cell!r} is not a number (milliseconds)") from None
+            continue
+        if not math.isfinite(v) or v < 0:
+            raise ZsgdError(f"bad {what} trace {path}:{i}: {cell!r} must be a finite number of ms >= 0")
+        values.append(v)
+    if not values:
+        raise ZsgdError(f"bad {what} trace {path!r}: no numbers in its first column (samples in ms)")
+    return Trace(str(path), np.asarray(values, dtype=np.float64) / 1000.0)
+
+
+def parse_delay(text: str, what: str = "latency") -> Delay:
+    """A delay spec (see the module docstring) -> a sampler of seconds."""
+    s = str(text).strip()
+    if not s:
+        raise ZsgdError(f"bad {what} '': empty; give e.g. 10ms or normal:10ms,2ms")
+    name, sep, arg = s.partition(":")
+    name = name.strip().lower()
+    if not sep or name not in DISTRIBUTIONS:
+        if sep:
+            raise ZsgdError(f"bad {what} {text!r}: unknown distribution {name!r}; use {', '.join(DISTRIBUTIONS)}")
+        return Constant(parse_duration(s, what))
+    if name == "trace":
+        if not arg.strip():
+            raise ZsgdError(f"bad {what} {text!r}: trace needs a file, e.g. trace:pings.csv")
+        return load_trace(arg.strip(), what)
+    args = [a.strip() for a in arg.split(",")]
+    if len(args) != DISTRIBUTIONS[name] or not all(args):
+        example = {"uniform": "uniform:5ms,20ms", "normal": "normal:10ms,2ms", "lognormal": "lognormal:10ms,0.5", "exp": "exp:10ms"}[name]
+        raise ZsgdError(f"bad {what} {text!r}: {name} takes {DISTRIBUTIONS[name]} value(s), e.g. {example}")
+    if name == "lognormal":
+        median = parse_duration(args[0], what)
+        try:
+            sigma = float(args[1])
+        except ValueError:
+            sigma = -1.0
+        if not math.isfinite(sigma) or sigma < 0:
+            raise ZsgdError(f"bad {what} {text!r}: lognormal SIGMA must be a unitless number >= 0, e.g. 0.5")
+        return LogNormal(median, sigma)
+    vals = [parse_duration(a, what) for a in propagate_units(args)]
+    if name == "exp":
+        return Exponential(vals[0])
+    if name == "normal":
+        return Normal(vals[0], vals[1])
+    if vals[0] > vals[1]:
+        raise ZsgdError(f"bad {what} {text!r}: uniform needs LO <= HI")
+    return Uniform(vals[0], vals[1])
+
+
+# ---------------------------------------------------------------------------
+# lists of specs (the simulator's grid of arms)
+
+_UNIT_RE = re.compile(rf"^({_NUM})\s*([A-Za-zµ%][^\s]*)?$")
+
+
+def propagate_units(items: list[str]) -> list[str]:
+    """Give unit-less numbers the unit of the nearest neighbour that has one
+    (to the right first): ``["0", "10", "200ms"]`` -> ``["0ms", "10ms", "200ms"]``."""
+    parsed = [_UNIT_RE.match(i.strip()) for i in items]
+    units = [m.group(2) if m and m.group(2) else None for m in parsed]
+    out = []
+    for i, (item, m) in enumerate(zip(items, parsed)):
+        if m is None or units[i] is not None:
+            out.append(item.strip())
+            continue
+        right = next((u for u in units[i + 1:] if u), None)
+        left = next((u for u in reversed(units[:i]) if u), None)
+        unit = right or left
+        out.append(item.strip() + unit if unit else item.strip())
+    return out
+
+
+def split_specs(value: str, what: str, units: bool = True) -> list[str]:
+    """Split a comma list of specs into arms, keeping distribution arguments
+    (``uniform:5ms,20ms``) and straggler options (``0.1:4x,transient:30:5``)
+    together. With a ``;`` anywhere, arms are split on ``;`` only."""
+    text = str(value).strip()
+    if not text:
+        raise ZsgdError(f"bad {what} '': empty; give a value")
+    if ";" in text:
+        items = [t.strip() for t in text.split(";")]
+        if not all(items):
+            raise ZsgdError(f"bad {what} {value!r}: empty item in the ';' list")
+        return items
+    tokens = [t.strip() for t in text.split(",")]
+    items: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok:
+            raise ZsgdError(f"bad {what} {value!r}: empty item in the comma list")
+        name = tok.partition(":")[0].lower()
+        if name == "transient" and items:
+            items[-1] += "," + tok
+            i += 1
+            continue
+        need = DISTRIBUTIONS.get(name, 1) - 1 if ":" in tok else 0
+        items.append(",".join(tokens[i:i + need + 1]))
+        i += need + 1
+    return propagate_units(items) if units else items
+
+
+# ---------------------------------------------------------------------------
+# the network
+
+
+@dataclass
+class Network:
+    """Per-worker links to the broker: latency per message (per direction,
+    with per-worker overrides), link bandwidth, and loss with retransmission.
+
+    Links do not contend: each worker has its own pipe, and the broker's own
+    NIC is modelled separately by the simulator (``--broker-bandwidth``).
+    """
+
+    latency_up: Delay = field(default_factory=lambda: Constant(0.0))  # worker -> broker
+    latency_down: Delay = field(default_factory=lambda: Constant(0.0))  # broker -> worker
+    worker_latency: dict[int, Delay] = field(default_factory=dict)  # overrides, both directions
+    bandwidth: float = math.inf  # bytes/s per worker link, each direction
+    loss: float = 0.0
+    retransmit: Delay = field(default_factory=lambda: Constant(0.2))
+
+    def delay(self, worker: int, up: bool, nbytes: int, rng: np.random.Generator) -> float:
+        """Seconds from send to arrival of one ``nbytes`` message."""
+        lat = self.worker_latency.get(worker)
+        if lat is None:
+            lat = self.latency_up if up else self.latency_down
+        t = lat.sample(rng) + nbytes / self.bandwidth
+        if self.loss > 0.0:
+            while rng.random() < self.loss:
+                t += self.retransmit.sample(rng)
+        return t
+
+    def describe(self) -> dict[str, object]:
+        return {"latency_up": str(self.latency_up), "latency_down": str(self.latency_down),
+                "latency_worker": {str(w): str(d) for w, d in sorted(self.worker_latency.items())},
+                "bandwidth": format_bandwidth(self.bandwidth), "loss": self.loss, "retransmit": str(self.retransmit)}
+
+
+def parse_worker_latency(items: list[str] | tuple[str, ...]) -> dict[int, Delay]:
+    """``["3=50ms", "0-7=uniform:5ms,20ms"]`` -> {worker: delay}; later items win."""
+    out: dict[int, Delay] = {}
+    for item in items:
+        who, sep, spec = str(item).partition("=")
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", who)
+        if not sep or m is None:
+            raise ZsgdError(f"bad --latency-worker {item!r}: expected WORKER=SPEC or FIRST-LAST=SPEC, e.g. 3=50ms")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ZsgdError(f"bad --latency-worker {item!r}: range {lo}-{hi} is empty")
+        delay = parse_delay(spec, f"latency of worker {who.strip()}")
+        out.update({w: delay for w in range(lo, hi + 1)})
+    return out
+
+
+# ---------------------------------------------------------------------------
+# compute time and stragglers
+
+
+class Measured:
+    """Compute time timed on this machine's real kernels (resolved per arm by the simulator)."""
+
+    def __str__(self) -> str:
+        return "measured"
+
+
+def parse_compute(text: str) -> Delay | Measured:
+    """``measured`` or a delay spec for one worker's gradient step."""
+    if str(text).strip().lower() == "measured":
+        return Measured()
+    return parse_delay(text, "compute time")
+
+
+@dataclass(frozen=True)
+class StragglerSpec:
+    fraction: float
+    factor: float
+    period_s: float | None = None  # transient: mean gap between slow episodes
+    duration_s: float | None = None  # transient: mean episode length
+
+    @property
+    def transient(self) -> bool:
+        return self.period_s is not None
+
+    def __str__(self) -> str:
+        base = f"{self.fraction:g}:{self.factor:g}x"
+        return base + (f",transient:{self.period_s:g}:{self.duration_s:g}" if self.transient else "")
+
+    def assign(self, n_workers: int, seed: int) -> "Stragglers":
+        """Choose the slow workers (seeded, so every arm of a sweep slows the same ones)."""
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0x57A6]))
+        k = min(n_workers, max(1, int(round(self.fraction * n_workers))))
+        chosen = np.sort(rng.choice(n_workers, size=k, replace=False))
+        return Stragglers(self, {int(w) for w in chosen}, seed)
+
+
+def parse_stragglers(text: str) -> StragglerSpec | None:
+    """``none`` | ``FRACTION:FACTORx[,transient:PERIOD:DURATION]``."""
+    s = str(text).strip()
+    if not s:
+        raise ZsgdError("bad --stragglers '': empty; use none or FRACTION:FACTORx, e.g. 0.1:4x")
+    if s.lower() in NONE_WORDS:
+        return None
+    head, _, tail = s.partition(",")
+    m = re.fullmatch(rf"\s*({_NUM})\s*:\s*({_NUM})\s*x?\s*", head, re.IGNORECASE)
+    if m is None:
+        raise ZsgdError(f"bad --stragglers {text!r}: expected FRACTION:FACTORx, e.g. 0.1:4x")
+    fraction, factor = float(m.group(1)), float(m.group(2))
+    if not 0 < fraction <= 1:
+        raise ZsgdError(f"bad --stragglers {text!r}: FRACTION must be in (0, 1]")
+    if not math.isfinite(factor) or factor < 1:
+        raise ZsgdError(f"bad --stragglers {text!r}: FACTOR must be >= 1 (how many times slower)")
+    if not tail:
+        return StragglerSpec(fraction, factor)
+    parts = [p.strip() for p in tail.split(":")]
+    if len(parts) != 3 or parts[0].lower() != "transient":
+        raise ZsgdError(f"bad --stragglers {text!r}: the option is transient:MEAN_PERIOD_S:MEAN_DURATION_S, e.g. transient:30:5")
+    period = parse_duration(parts[1], "straggler period", default_unit="s")
+    duration = parse_duration(parts[2], "straggler duration", default_unit="s")
+    if period <= 0 or duration <= 0:
+        raise ZsgdError(f"bad --stragglers {text!r}: transient period and duration must be > 0")
+    return StragglerSpec(fraction, factor, period, duration)
+
+
+class Stragglers:
+    """Slowdown factor of a worker's step starting at virtual time ``t``.
+
+    Transient episodes follow a per-worker renewal process (its own RNG
+    stream), so one worker's episodes do not depend on what others do.
+    Queries for one worker must come in non-decreasing ``t``, as they do:
+    a worker computes one step after another.
+    """
+
+    def __init__(self, spec: StragglerSpec, workers: set[int], seed: int) -> None:
+        self.spec = spec
+        self.workers = workers
+        self._seed = int(seed) & 0xFFFFFFFF
+        self._episode: dict[int, tuple[float, float, np.random.Generator]] = {}
+
+    def factor(self, worker: int, t: float) -> float:
+        if worker not in self.workers:
+            return 1.0
+        spec = self.spec
+        if not spec.transient:
+            return spec.factor
+        assert spec.period_s is not None and spec.duration_s is not None
+        state = self._episode.get(worker)
+        if state is None:
+            rng = np.random.default_rng(np.random.SeedSequence([self._seed, 0x57A6, worker]))
+            start = spec.period_s * rng.standard_exponential()
+            state = (start, start + spec.duration_s * rng.standard_exponential(), rng)
+        start, end, rng = state
+        while t >= end:
+            start = end + spec.period_s * rng.standard_exponential()
+            end = start + spec.duration_s * rng.standard_exponential()
+        self._episode[worker] = (start, end, rng)
+        return spec.factor if start <= t else 1.0
+
+    def persistent_factors(self) -> dict[int, float]:
+        """worker -> factor, for the runtime's emulated stragglers (persistent only)."""
+        return {} if self.spec.transient else {w: self.spec.factor for w in sorted(self.workers)}
+
+
+# ---------------------------------------------------------------------------
+# failures
+
+
+@dataclass(frozen=True)
+class FailureSpec:
+    events: tuple[tuple[int, float, float | None], ...] = ()  # (worker, at, recover_after)
+    rate: float | None = None  # failures per worker per second
+    recover_s: float | None = None  # for rate-driven failures
+
+    def __str__(self) -> str:
+        if self.rate is not None:
+            return f"rate:{self.rate:g}" + (f"+{format_duration(self.recover_s)}" if self.recover_s is not None else "")
+        return ",".join(f"{w}@{format_duration(t)}" + (f"+{format_duration(r)}" if r is not None else "") for w, t, r in self.events)
+
+    def check(self, n_workers: int) -> None:
+        bad = sorted({w for w, _t, _r in self.events if w >= n_workers})
+        if bad:
+            raise ZsgdError(f"bad --failures {self}: worker {bad[0]} does not exist ({n_workers} workers: 0..{n_workers - 1})")
+
+
+def parse_failures(text: str) -> FailureSpec | None:
+    """``none`` | ``W@T[+RECOVER],...`` (W may be FIRST-LAST) | ``rate:R[+RECOVER]``."""
+    s = str(text).strip()
+    if not s:
+        raise ZsgdError("bad --failures '': empty; use none, W@T[+RECOVER] (e.g. 3@10s+5s) or rate:R[+RECOVER]")
+    if s.lower() in NONE_WORDS:
+        return None
+    if s.lower().startswith("rate:"):
+        rate_text, _, rec = s[5:].partition("+")
+        try:
+            rate = float(rate_text)
+        except ValueError:
+            rate = -1.0
+        if not math.isfinite(rate) or rate <= 0:
+            raise ZsgdError(f"bad --failures {text!r}: rate:R needs R > 0 failures per worker per second, e.g. rate:0.001+30s")
+        return FailureSpec(rate=rate, recover_s=parse_duration(rec, "failure recovery time", "s") if rec else None)
+    events = []
+    for item in s.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*@([^+]+)(?:\+(.+))?", item)
+        if m is None:
+            raise ZsgdError(f"bad --failures item {item.strip()!r}: expected WORKER@TIME[+RECOVER], e.g. 3@10s+5s")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ZsgdError(f"bad --failures item {item.strip()!r}: range {lo}-{hi} is empty")
+        at = parse_duration(m.group(3), "failure time", "s")
+        rec = parse_duration(m.group(4), "failure recovery time", "s") if m.group(4) else None
+        events.extend((w, at, rec) for w in range(lo, hi + 1))
+    return FailureSpec(events=tuple(sorted(events, key=lambda e: (e[1], e[0]))))

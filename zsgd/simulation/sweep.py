@@ -1,0 +1,385 @@
+"""A grid of simulated arms: every combination of the comma lists given to
+``zsgd sim``, one run directory per arm, a results table and plots.
+
+Why a grid runner rather than a shell loop: every arm shares the loaded data
+set, the initial weights (``model.init(seed)``) and the shards, so arms
+differ only in the world they simulate, and the comparison (time to target
+accuracy against latency, per algorithm) is drawn in one place. Every spec of
+every arm is parsed before the first arm starts, so a typo in the tenth
+value fails in the first millisecond, not after an hour.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from zsgd.core.config import TrainConfig, write_config
+from zsgd.errors import ZsgdError
+from zsgd.output.live import format_cell
+from zsgd.simulation.netmodel import (Constant, Network, parse_bandwidth, parse_compute, parse_delay, parse_duration, parse_failures,
+                           parse_loss, parse_stragglers, parse_worker_latency, split_specs)
+from zsgd.sim import SimOptions, SimResult, Workload, run_arm
+
+# Grid dimensions in the order they vary (the last one fastest): key, flag, short label, units propagate.
+DIMENSIONS: list[tuple[str, str, str, bool]] = [
+    ("algo", "--algo", "algo", False),
+    ("workers", "--workers", "n", False),
+    ("latency", "--latency", "lat", True),
+    ("latency_up", "--latency-up", "up", True),
+    ("latency_down", "--latency-down", "down", True),
+    ("bandwidth", "--bandwidth", "bw", True),
+    ("loss", "--loss", "loss", True),
+    ("compute", "--compute", "compute", True),
+    ("stragglers", "--stragglers", "strag", False),
+    ("compress", "--compress", "comp", False),
+    ("compress_replies", "--compress-replies", "reply", False),
+    ("failures", "--failures", "fail", False),
+]
+
+
+@dataclass
+class SweepSpec:
+    """Flag values as typed: each grid dimension may be a list (see DIMENSIONS)."""
+
+    grid: dict[str, str | None]  # dimension -> spec text (None: not given)
+    latency_worker: tuple[str, ...] = ()
+    retransmit: str = "200ms"
+    detect: str = "3s"
+    broker_time: str = "0"
+    broker_bandwidth: str = "inf"
+    staleness_lr: str | bool = "off"
+    target: float = 0.8
+    topology: str = "ring"  # decentralized arms (dsgd, dsgt, cadmm): their graph and rule parameters
+    decentralized: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Arm:
+    index: int
+    values: dict[str, str]  # dimension -> this arm's spec text
+    varying: list[str]  # dimensions with more than one value in the grid
+    opts: Any  # SimOptions, or DecentralizedOptions for dsgd, dsgt and cadmm
+
+    @property
+    def label(self) -> str:
+        shown = self.varying or ["algo"]
+        short = {k: s for k, _f, s, _u in DIMENSIONS}
+        return " ".join(self.values.get(k, "async") if k == "algo" else f"{short[k]}={self.values[k]}" for k in shown)
+
+    @property
+    def dirname(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9.]+", "-", self.label.replace("=", "")).strip("-")
+        return f"{self.index:02d}-{slug or 'arm'}"[:100]
+
+
+def _split(key: str, flag: str, text: str, units: bool) -> list[str]:
+    if key == "failures" and ";" not in text:
+        return [text.strip()]  # a failure list is one scenario; use ';' between scenarios
+    return split_specs(text, flag, units=units)
+
+
+def _parse_workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ZsgdError(f"bad --workers {text!r}: expected a whole number >= 1 (or a comma list, e.g. 16,64)")
+    return n
+
+
+def _parse_compress(text: str) -> str:
+    from zsgd.compression import make_codec
+
+    return make_codec(text, 1).name and text
+
+
+def build_arms(spec: SweepSpec) -> list[Arm]:
+    """Parse every value of every dimension, then form the cross product."""
+    from zsgd.algorithms import parse_algo
+    from zsgd.decentralized.rules import DecentralizedParams, is_decentralized
+
+    lists: dict[str, list[str]] = {}
+    for key, flag, _short, units in DIMENSIONS:
+        text = spec.grid.get(key)
+        if text is not None:
+            lists[key] = _split(key, flag, text, units)
+    parse_one: dict[str, Callable[[str], Any]] = {
+        "algo": lambda s: s if is_decentralized(s) else parse_algo(s) and s, "workers": _parse_workers, "latency": parse_delay,
+        "latency_up": lambda s: parse_delay(s, "uplink latency"), "latency_down": lambda s: parse_delay(s, "downlink latency"),
+        "bandwidth": parse_bandwidth, "loss": parse_loss, "compute": parse_compute, "stragglers": parse_stragglers,
+        "failures": parse_failures, "compress": _parse_compress, "compress_replies": _parse_compress,
+    }
+    parsed = {k: {v: parse_one[k](v) for v in vs} for k, vs in lists.items()}
+    overrides = parse_worker_latency(spec.latency_worker)
+    retransmit = parse_delay(spec.retransmit, "retransmit delay")
+    detect = parse_duration(spec.detect, "--detect", default_unit="s")
+    broker_s = parse_duration(spec.broker_time, "--broker-time")
+    broker_bw = parse_bandwidth(spec.broker_bandwidth)
+    dec_algos = [a for a in lists.get("algo", ["async"]) if is_decentralized(a)]
+    params = _decentralized_params(spec, dec_algos)
+    varying = [k for k, vs in lists.items() if len(vs) > 1]
+    keys = list(lists)
+    arms = []
+    for i, combo in enumerate(itertools.product(*(lists[k] for k in keys))):
+        values = dict(zip(keys, combo))
+        p = {k: parsed[k][v] for k, v in values.items()}
+        n = p.get("workers", 16)
+        base = p.get("latency", Constant(0.0))
+        net = Network(latency_up=p.get("latency_up", base), latency_down=p.get("latency_down", base),
+                      worker_latency={w: d for w, d in overrides.items() if w < n}, bandwidth=p.get("bandwidth", math.inf),
+                      loss=p.get("loss", 0.0), retransmit=retransmit)
+        algo = values.get("algo", "async")
+        dec = is_decentralized(algo)
+        opts = SimOptions(algo="sync" if dec else algo, n_workers=n, network=net, stragglers=p.get("stragglers"),
+                          failures=p.get("failures"), detect_s=detect, broker_s=broker_s, broker_bandwidth=broker_bw,
+                          staleness_lr=spec.staleness_lr, target=spec.target, compress=values.get("compress", "none"),
+                          compress_replies=values.get("compress_replies", "none"))
+        if "compute" in p:
+            opts.compute = p["compute"]
+        opts.validate()
+        if dec:
+            from zsgd.simulation.decentralized import DecentralizedOptions
+
+            opts = DecentralizedOptions.like(opts, algo, spec.topology, params)
+        arms.append(Arm(i, values, varying, opts))
+    if overrides and max(overrides) >= max(a.opts.n_workers for a in arms):
+        raise ZsgdError(f"bad --latency-worker: worker {max(overrides)} does not exist (at most {max(a.opts.n_workers for a in arms)} workers)")
+    return arms
+
+
+def _decentralized_params(spec: SweepSpec, algos: list[str]) -> Any:
+    """The rule parameters given as flags; each must belong to some decentralized arm of the grid."""
+    from zsgd.decentralized.rules import PARAMS_OF, DecentralizedParams
+
+    given = {k: v for k, v in spec.decentralized.items() if v is not None}
+    if not algos:
+        if given or spec.topology != "ring":
+            first = next(iter(given), "topology")
+            raise ZsgdError(f"--{first.replace('_', '-')} applies to decentralized algorithms (dsgd, dsgt, cadmm); add one to --algo")
+        return DecentralizedParams()
+    for k in given:
+        if not any(k in PARAMS_OF[a] for a in algos):
+            owners = ", ".join(a for a, ks in PARAMS_OF.items() if k in ks)
+            raise ZsgdError(f"--{k.replace('_', '-')} is a parameter of {owners}, not of {', '.join(algos)}")
+    return DecentralizedParams(**given).validate()
+
+
+@dataclass
+class ArmOutcome:
+    arm: Arm
+    result: SimResult
+    run_dir: Path
+    row: dict[str, Any] = field(default_factory=dict)
+
+
+def result_row(arm: Arm, result: SimResult) -> dict[str, Any]:
+    s = result.summary
+    row: dict[str, Any] = {"arm": arm.label, "dir": arm.dirname}
+    row |= {k: arm.values[k] for k in arm.values}
+    row |= {"final_acc": s["test_accuracy"], "time_to_target_s": s["time_to_target_s"], "updates": s["updates"],
+            "virtual_s": s["virtual_s"], "updates_per_s": s["updates_per_s"], "samples_per_s": s["samples_per_s"],
+            "bytes_sent": s["bytes_sent"], "bytes_received": s["bytes_received"], "staleness_mean": s["staleness_mean"],
+            "staleness_p50": s["staleness_p50"], "staleness_p99": s["staleness_p99"], "staleness_max": s["staleness_max"],
+            "compute_s": s["compute_s"], "stop_reason": s["stop_reason"], "real_s": s["real_s"]}
+    return row
+
+
+def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> Workload:
+    """Load data and model and cut the shards of every worker count, so that a
+    split that cannot serve some arm fails before anything is written."""
+    from zsgd.core.problem import Problem
+
+    workload = Workload(cfg, problem or Problem.from_config(cfg))
+    for n in sorted({a.opts.n_workers for a in arms}):
+        workload.shards(n)
+    return workload
+
+
+def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workload | None = None, show: bool = True,
+              arm_plots: bool = False) -> list[ArmOutcome]:
+    """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots."""
+    from zsgd.output.live import stderr_console
+
+    cfg.validate()
+    arms = build_arms(spec)
+    workload = workload or prepare_workload(cfg, arms)
+    problem = workload.problem
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_config(out_dir / "sweep.yaml", cfg.to_dict() | {"mode": "sim-sweep", "grid": {k: v for k, v in spec.grid.items() if v is not None},
+                                                          "arms": [a.dirname for a in arms], "target": spec.target})
+    outcomes: list[ArmOutcome] = []
+    total = problem.stop_rule(cfg).total_updates
+    with _SweepProgress(len(arms), total, show, stderr_console) as bar:
+        for arm in arms:
+            bar.start_arm(arm.label)
+            result = _simulate(cfg, arm, workload, out_dir, bar.arm_progress, arm_plots)
+            outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
+            bar.end_arm()
+    write_results(outcomes, out_dir, spec.target)
+    plot_sweep(outcomes, out_dir, spec.target)
+    return outcomes
+
+
+def _simulate(cfg: TrainConfig, arm: Arm, workload: Workload, out_dir: Path, progress: Any, plots: bool) -> SimResult:
+    from zsgd.simulation.decentralized import DecentralizedOptions, run_decentralized_arm
+
+    if not isinstance(arm.opts, DecentralizedOptions):
+        return run_arm(cfg, arm.opts, workload, out_dir / arm.dirname, progress=progress, plots=plots)
+    result = run_decentralized_arm(cfg, arm.opts, workload, out_dir / arm.dirname, progress=progress)
+    if plots:
+        from zsgd.output.plots import plot_curves
+
+        plot_curves([out_dir / arm.dirname], out_dir / arm.dirname, time_label="virtual time (s)")
+    return result
+
+
+class _SweepProgress:
+    """Two rich bars: arms done, and the current arm's central updates (virtual time shown)."""
+
+    def __init__(self, n_arms: int, total_updates: int | None, enabled: bool, console: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.total = total_updates
+        self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled,
+                                 refresh_per_second=4)
+        self.arms = self.progress.add_task("arms", total=n_arms, info="")
+        self.task: Any = None
+
+    def __enter__(self) -> "_SweepProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def start_arm(self, label: str) -> None:
+        self.task = self.progress.add_task(label[:40], total=self.total, info="")
+
+    def arm_progress(self, updates: int, samples: int, t: float, acc: float) -> None:
+        info = f"virtual {t:,.2f} s" + ("" if math.isnan(acc) else f"  acc {acc:.2%}")
+        self.progress.update(self.task, completed=updates, info=info)
+
+    def end_arm(self) -> None:
+        self.progress.remove_task(self.task)
+        self.progress.advance(self.arms)
+
+
+# ---------------------------------------------------------------------------
+# results table
+
+TABLE_COLUMNS = [("arm", "arm"), ("final_acc", "acc"), ("time_to_target_s", "t→target s"), ("updates_per_s", "upd/s"),
+                 ("bytes_sent", "sent"), ("bytes_received", "recv"), ("staleness_mean", "stale"), ("staleness_p50", "p50"),
+                 ("staleness_p99", "p99"), ("staleness_max", "max")]
+
+
+def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> tuple[Path, Path]:
+    """results.csv (every column, raw numbers) and results.md (the readable table)."""
+    rows = [o.row for o in outcomes]
+    csv_path, md_path = Path(out_dir) / "results.csv", Path(out_dir) / "results.md"
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+    heads = {"final_acc": "final accuracy", "time_to_target_s": f"virtual s to {target:.0%}", "updates_per_s": "updates/s (virtual)",
+             "bytes_sent": "bytes sent", "bytes_received": "bytes received", "staleness_mean": "staleness mean"}
+    lines = [f"Arms of a zsgd simulation; times are virtual seconds; target accuracy {target:.0%}.", "",
+             "| " + " | ".join(heads.get(k, h) for k, h in TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(format_cell(k, r.get(k)) for k, _h in TABLE_COLUMNS) + " |" for r in rows]
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def results_table(outcomes: list[ArmOutcome], target: float) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"simulated arms (target {target:.0%}; virtual time)", title_justify="left")
+    for key, head in TABLE_COLUMNS:
+        table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
+    for o in outcomes:
+        table.add_row(*(format_cell(k, o.row.get(k)) for k, _h in TABLE_COLUMNS))
+    return table
+
+
+# ---------------------------------------------------------------------------
+# plots
+
+
+def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list[Path]:
+    """accuracy_vs_time.png, time_to_target.png, staleness.png, and the standard curves of all arms."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zsgd.output.plots import plot_curves
+
+    out_dir = Path(out_dir)
+    written = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for o in outcomes:
+        ev = o.result.evals
+        ax.plot([e[0] for e in ev], [e[2] for e in ev], marker="o" if len(ev) < 30 else None, ms=3, label=o.arm.label)
+    ax.axhline(target, color="grey", ls="--", lw=0.8)
+    ax.set(xlabel="virtual time (s)", ylabel="test accuracy", title="test accuracy vs virtual time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out_dir / "accuracy_vs_time.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    groups: dict[str, list[tuple[float, float]]] = {}
+    lat_keys = ("latency", "latency_up", "latency_down")
+    for o in outcomes:
+        others = [k for k in o.arm.varying if k not in lat_keys] or ["algo"]
+        name = " ".join(f"{k}={o.arm.values[k]}" if k != "algo" else o.arm.values.get("algo", "async") for k in others)
+        net = o.arm.opts.network
+        x = (net.latency_up.mean + net.latency_down.mean) / 2 * 1e3
+        ttt = o.result.summary["time_to_target_s"]
+        groups.setdefault(name, []).append((x, math.nan if ttt is None else ttt))
+    for name, pts in groups.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    if all(math.isnan(p[1]) for pts in groups.values() for p in pts):
+        ax.text(0.5, 0.5, f"no arm reached {target:.0%}", transform=ax.transAxes, ha="center")
+    ax.set(xlabel="mean one-way latency (ms)", ylabel=f"virtual time to {target:.0%} accuracy (s)",
+           title="time to target vs latency (missing points: not reached)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out_dir / "time_to_target.png"))
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(outcomes) + 2), 4.5))
+    data = [o.result.staleness if len(o.result.staleness) else np.zeros(1) for o in outcomes]
+    ax.boxplot(data, whis=(1, 99), showfliers=False)
+    ax.plot(range(1, len(data) + 1), [d.mean() for d in data], "D", color="C3", ms=4, label="mean")
+    ax.set_xticks(range(1, len(data) + 1), [o.arm.label for o in outcomes], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="staleness (central updates)", title="staleness per arm (box: p25-p75, whiskers: p1-p99)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    written.append(_save(fig, out_dir / "staleness.png"))
+    with warnings.catch_warnings():  # short arms may have no train events: an empty legend is fine
+        warnings.simplefilter("ignore", UserWarning)
+        written += plot_curves([o.run_dir for o in outcomes], out_dir, labels=[o.arm.label for o in outcomes],
+                               time_label="virtual time (s)")
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,133 @@
+"""A worker's connection to the broker, with heartbeats that never stop.
+
+The ZeroMQ DEALER is owned by one I/O thread (ZeroMQ sockets are not
+thread-safe); the compute thread talks to it through an ``inproc`` PAIR.
+So heartbeats keep flowing while a long gradient computation runs, and a
+silent broker is noticed within ``timeout`` even mid-step (the Paranoid
+Pirate pattern: any traffic counts as a heartbeat).
+
+Messages from the broker reach the compute thread unchanged (zero-copy
+frames); heartbeats are consumed here. When the broker falls silent the
+thread delivers a local ``broker-dead`` marker and ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import zmq
+
+from zsgd.wire import protocol
+from zsgd.wire.protocol import Message, MsgType
+
+BROKER_DEAD = b"zsgd:broker-dead"
+STOP = b"zsgd:stop"
+
+
+class BrokerLink:
+    """Start with ``open()``; then ``send``/``recv`` from the compute thread."""
+
+    def __init__(self, ctx: zmq.Context, address: str, identity: bytes, run: str, worker: int, heartbeat: float, timeout: float, curve: dict | None = None) -> None:
+        self.ctx = ctx
+        self.address = address
+        self.identity = identity
+        self.run = run
+        self.worker = worker
+        self.heartbeat = heartbeat
+        self.timeout = timeout
+        self.curve = curve
+        self._pipe_name = f"inproc://zsgd-link-{uuid.uuid4().hex}"
+        self._pipe = ctx.socket(zmq.PAIR)
+        self._pipe.linger = 0
+        self._pipe.bind(self._pipe_name)
+        self._thread = threading.Thread(target=self._pump, name="zsgd-link", daemon=True)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.connected_once = False
+
+    def open(self) -> "BrokerLink":
+        self._thread.start()
+        return self
+
+    def set_identity(self, run: str, worker: int) -> None:
+        """Heartbeats carry the run id and worker id the broker assigned."""
+        self.run, self.worker = run, worker
+
+    # -- compute-thread side -------------------------------------------------
+    def send(self, msg: Message) -> None:
+        self._pipe.send_multipart(protocol.encode(msg), copy=False)
+
+    def recv(self, timeout: float) -> Message | bytes | None:
+        """The next broker message, ``BROKER_DEAD``, or None on timeout."""
+        if not self._pipe.poll(int(timeout * 1000)):
+            return None
+        frames = self._pipe.recv_multipart(copy=False)
+        if len(frames) == 1 and frames[0].bytes == BROKER_DEAD:
+            return BROKER_DEAD
+        return protocol.decode(frames)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            try:
+                self._pipe.send(STOP)
+            except zmq.ZMQError:
+                pass
+            self._thread.join(timeout=2 * self.heartbeat + 1)
+        self._pipe.close(linger=0)
+
+    # -- I/O thread ----------------------------------------------------------
+    def _pump(self) -> None:
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.linger = 1000  # lets a final LEAVE out, but never blocks exit for long
+        dealer.setsockopt(zmq.ROUTING_ID, self.identity)
+        dealer.sndhwm = dealer.rcvhwm = 16
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        if self.curve:
+            dealer.curve_secretkey = self.curve["secret"]
+            dealer.curve_publickey = self.curve["public"]
+            dealer.curve_serverkey = self.curve["server"]
+        dealer.connect(self.address)
+        pipe = self.ctx.socket(zmq.PAIR)
+        pipe.linger = 0
+        pipe.connect(self._pipe_name)
+        poller = zmq.Poller()
+        poller.register(dealer, zmq.POLLIN)
+        poller.register(pipe, zmq.POLLIN)
+        last_recv = last_send = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                wait = max(0.0, min(last_send + self.heartbeat, last_recv + self.timeout) - now)
+                events = dict(poller.poll(int(wait * 1000) + 1))
+                now = time.monotonic()
+                if pipe in events:
+                    frames = pipe.recv_multipart(copy=False)
+                    if len(frames) == 1 and frames[0].bytes == STOP:
+                        return
+                    dealer.send_multipart(frames, copy=False)
+                    self.bytes_sent += sum(len(f.buffer) for f in frames)
+                    last_send = now
+                if dealer in events:
+                    frames = dealer.recv_multipart(copy=False)
+                    last_recv = now
+                    self.connected_once = True
+                    self.bytes_received += sum(len(f.buffer) for f in frames)
+                    if not _is_heartbeat(frames):
+                        pipe.send_multipart(frames, copy=False)
+                if now - last_send >= self.heartbeat:
+                    dealer.send_multipart(protocol.encode(protocol.heartbeat(self.run, self.worker)))
+                    last_send = now
+                if now - last_recv > self.timeout:
+                    pipe.send(BROKER_DEAD)
+                    return
+        finally:
+            dealer.close()
+            pipe.close(linger=0)
+
+
+def _is_heartbeat(frames: list) -> bool:
+    head = frames[0].buffer
+    return len(frames) == 1 and len(head) >= 4 and head[3] == MsgType.HEARTBEAT

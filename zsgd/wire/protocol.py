@@ -1,0 +1,166 @@
+"""The wire API: every message zsgd sends is built, and every one it receives
+checked, through this module.
+
+The frame format itself (header + raw array frames, limits, zero-copy send
+and bounded receive) is ``zsgd.wire.frames``; it is re-exported here so that
+callers need one import. What lives here needs run state or names a message
+kind: validation of updates and weights, and one builder per message type.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Container, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from zsgd import __version__
+
+from zsgd.wire.frames import (  # noqa: F401  (re-exported: the one wire API)
+    _CODEC_RE, DEFAULT_LIMITS, DTYPES, MAGIC, PROTOCOL_VERSION, REASONS, ZERO_COPY_THRESHOLD, Limits, Message,
+    MsgType, ProtocolError, _is_int, decode, encode, message_nbytes, recv, send, set_socket_limits, worker_identity,
+)
+
+__all__ = [
+    "PROTOCOL_VERSION", "MAGIC", "DTYPES", "REASONS", "ZERO_COPY_THRESHOLD", "MsgType", "Message",
+    "Limits", "DEFAULT_LIMITS", "ProtocolError", "encode", "decode", "send", "recv", "message_nbytes",
+    "set_socket_limits", "worker_identity", "validate_update", "validate_weights", "hello", "assign",
+    "weights_message", "update_message", "heartbeat", "eval_message", "leave", "error_message",
+    "shard_message", "peer_message", "wait_message",
+]
+
+# validation that needs run state
+
+
+def _check_float_vector(msg: Message, name: str, n_params: int) -> None:
+    arr = msg.arrays.get(name)
+    if arr is None:
+        raise ProtocolError("missing-array", f"{MsgType(msg.type).name} lacks array {name!r}")
+    if arr.dtype != np.float32:
+        raise ProtocolError("wrong-dtype", f"{name!r} is {arr.dtype}, expected float32")
+    if arr.shape != (n_params,):
+        raise ProtocolError("wrong-shape", f"{name!r} has shape {arr.shape}, expected ({n_params},)")
+
+
+def _check_finite(msg: Message) -> None:
+    for name, arr in msg.arrays.items():
+        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+            raise ProtocolError("non-finite", f"{name!r} holds NaN or Inf")
+
+
+def validate_update(msg: Message, *, run: str, known_workers: Container[int], n_params: int,
+                    require_finite: bool = True, identity: bytes | None = None) -> None:
+    """Check an UPDATE against the broker's state before it touches the model.
+
+    codec "none": array "g" must be float32 of shape (n_params,). Any codec:
+    no array may hold more than n_params elements (a codec that needs more is
+    no compression), floats must be finite, and meta must carry an int
+    n_samples >= 0 and a numeric or null loss. Codec-specific layout checks
+    belong to the codec. Pass the ROUTER `identity` to also refuse a worker
+    that claims another worker's id.
+    """
+    if msg.type != MsgType.UPDATE:
+        raise ProtocolError("wrong-type", f"expected UPDATE, got {MsgType(msg.type).name}")
+    if msg.run != run:
+        raise ProtocolError("wrong-run", f"run {msg.run!r}, expected {run!r}")
+    if msg.worker < 0 or msg.worker not in known_workers:
+        raise ProtocolError("unknown-worker", f"worker {msg.worker}")
+    if identity is not None and identity != worker_identity(run, msg.worker):
+        raise ProtocolError("wrong-identity", f"worker {msg.worker} sent from {identity[:64]!r}")
+    if msg.codec == "none":
+        _check_float_vector(msg, "g", n_params)
+    for name, arr in msg.arrays.items():
+        if arr.size > n_params:
+            raise ProtocolError("wrong-shape", f"{name!r} has {arr.size} elements > n_params {n_params}")
+    n_samples, loss = msg.meta.get("n_samples"), msg.meta.get("loss")
+    if not _is_int(n_samples) or n_samples < 0:
+        raise ProtocolError("bad-meta", f"n_samples must be an int >= 0, got {str(n_samples)[:32]}")
+    if loss is not None and (isinstance(loss, bool) or not isinstance(loss, (int, float))):
+        raise ProtocolError("bad-meta", "loss must be a number or null")
+    if require_finite:   # a simulated message never went through JSON: check loss too
+        if loss is not None and not math.isfinite(loss):
+            raise ProtocolError("non-finite", f"loss is {loss}")
+        _check_finite(msg)
+
+
+def validate_weights(msg: Message, *, run: str, n_params: int, require_finite: bool = True) -> None:
+    """Check WEIGHTS (or a PEER message carrying weights): float32 "w" of (n_params,)."""
+    if msg.type not in (MsgType.WEIGHTS, MsgType.PEER):
+        raise ProtocolError("wrong-type", f"expected WEIGHTS or PEER, got {MsgType(msg.type).name}")
+    if msg.run != run:
+        raise ProtocolError("wrong-run", f"run {msg.run!r}, expected {run!r}")
+    _check_float_vector(msg, "w", n_params)
+    if require_finite:
+        _check_finite(msg)
+
+
+# constructors used by the runtime; the broker is worker -1
+
+
+def hello(run: str, worker: int, capabilities: Sequence[str] = (), **meta: Any) -> Message:
+    """Join request; fills hostname, pid and zsgd version (override via meta)."""
+    m = {"hostname": socket.gethostname(), "pid": os.getpid(), "zsgd": __version__,
+         "capabilities": list(capabilities), **meta}
+    return Message(MsgType.HELLO, run, worker, 0, {}, meta=m)
+
+
+def assign(run: str, worker: int, config: Mapping[str, Any], **meta: Any) -> Message:
+    """Broker's answer to HELLO: `w` is the worker id assigned, m.config the run config."""
+    return Message(MsgType.ASSIGN, run, worker, 0, {}, meta={"config": dict(config), **meta})
+
+
+def weights_message(run: str, version: int, w: np.ndarray, **meta: Any) -> Message:
+    """Model weights. Sent zero-copy: pass a snapshot, not the live buffer."""
+    return Message(MsgType.WEIGHTS, run, -1, version, {"w": w}, meta=dict(meta))
+
+
+def update_message(run: str, worker: int, base_version: int, grad: np.ndarray | None,
+                   n_samples: int, loss: float | None, codec: str = "none",
+                   extra_arrays: Mapping[str, np.ndarray] | None = None, **meta: Any) -> Message:
+    """Gradient/delta computed on weights `base_version`; a codec's arrays go in `extra_arrays`."""
+    arrays = {} if grad is None else {"g": grad}
+    arrays.update(extra_arrays or {})
+    m = {"n_samples": int(n_samples), "loss": None if loss is None else float(loss), **meta}
+    return Message(MsgType.UPDATE, run, worker, base_version, arrays, codec, m)
+
+
+def heartbeat(run: str, worker: int, version: int = 0) -> Message:
+    """Liveness ping (Paranoid Pirate); the broker sends worker=-1."""
+    return Message(MsgType.HEARTBEAT, run, worker, version)
+
+
+def eval_message(run: str, worker: int, version: int, test_loss: float, test_acc: float,
+                 **meta: Any) -> Message:
+    """Evaluation of model `version`."""
+    m = {"test_loss": float(test_loss), "test_acc": float(test_acc), **meta}
+    return Message(MsgType.EVAL, run, worker, version, meta=m)
+
+
+def leave(run: str, worker: int, reason: str = "done") -> Message:
+    """Orderly goodbye, so the other side does not wait out a heartbeat timeout."""
+    return Message(MsgType.LEAVE, run, worker, 0, meta={"reason": reason})
+
+
+def error_message(run: str, worker: int, message: str, reason: str = "") -> Message:
+    """Tell the peer what was wrong (e.g. a ProtocolError's reason and text)."""
+    return Message(MsgType.ERROR, run, worker, 0, meta={"message": message[:1000], "reason": reason})
+
+
+def shard_message(run: str, worker: int, x: np.ndarray, y: np.ndarray, **meta: Any) -> Message:
+    """A worker's data shard, for hosts that do not have the data set."""
+    return Message(MsgType.SHARD, run, worker, 0, {"x": x, "y": y}, meta=dict(meta))
+
+
+def peer_message(run: str, worker: int, to: int, round: int, arrays: Mapping[str, np.ndarray],
+                 version: int = 0, **meta: Any) -> Message:
+    """Worker-to-worker payload relayed by the broker (gossip, averaging)."""
+    return Message(MsgType.PEER, run, worker, version, dict(arrays),
+                   meta={"to": to, "round": round, **meta})
+
+
+def wait_message(run: str, worker: int, version: int, reason: str = "barrier") -> Message:
+    """No weights for this worker yet (sync barrier, SSP bound); ask again later."""
+    return Message(MsgType.WAIT, run, worker, version, meta={"reason": reason})
