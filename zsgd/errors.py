@@ -12,6 +12,16 @@ class ZsgdError(Exception):
     exit_code = 2
 
 
+class RunDiverged(ZsgdError):
+    """A run ended because its loss, gradient or model diverged (its summary is written).
+
+    Exit code 3 (2 is a usage error), so scripts and sweeps can tell a run
+    that went wrong from a command that was typed wrong.
+    """
+
+    exit_code = 3
+
+
 class ProtocolError(ValueError):
     """A message (or a codec payload inside one) was rejected. Never fatal: count it by `reason` and go on.
 

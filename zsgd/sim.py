@@ -181,7 +181,7 @@ class Simulation:
         self.model = workload.model
         self.data = workload.shards(n)
         self.n_train = len(workload.problem.dataset.y_train)
-        self.rule = workload.problem.stop_rule(cfg)
+        self.ledger = workload.problem.ledger(cfg, emit=metrics.write)
         optimizer = make_optimizer(cfg.optimizer, self.model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.algo = make_server_algorithm(opts.algo, workload.w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=cfg.clip_norm)
         self.compute, self.compute_s = workload.compute_model(opts.compute, opts.calibration_steps)
@@ -220,20 +220,29 @@ class Simulation:
         self.w_steps, self.w_samples, self.w_stale_sum, self.w_stale_max = [0] * n, [0] * n, [0] * n, [0] * n
         self.w_lives = [1] * n
         # counters
-        self.updates = self.samples = 0
         self.bytes_sent = self.bytes_received = 0  # workers -> broker, broker -> workers
         self.deaths = self.rejoins = self.events = 0
         self.dropped: Counter = Counter()
-        self.staleness: list[int] = []
-        self.loss_window: list[float] = []
-        self.last_loss = math.nan
-        self.test_loss = self.test_acc = math.nan
         self.evals: list[tuple[float, int, float]] = []
         self.time_to_target: float | None = None
-        self.next_eval = cfg.eval_every if cfg.eval_every else self.n_train
-        self.evaluated_now = False
-        self.reason: str | None = None
         self.grad_s = self.eval_s = 0.0
+
+    # The ledger keeps the counts; these read it (the event handlers and the sweeps use them).
+    @property
+    def updates(self) -> int:
+        return self.ledger.updates
+
+    @property
+    def samples(self) -> int:
+        return self.ledger.samples
+
+    @property
+    def reason(self) -> str | None:
+        return self.ledger.stop_reason
+
+    @property
+    def test_acc(self) -> float:
+        return self.ledger.test_acc
 
     # -- queue -----------------------------------------------------------------
     def _push(self, t: float, kind: int, worker: int, inc: int, a: Any = None, b: Any = None) -> None:
@@ -351,55 +360,36 @@ class Simulation:
 
     def _process(self, update: Update, *_: Any) -> None:
         w = update.worker
-        self.algo.lr_scale = lr_factor(self.cfg.lr_schedule, self.rule.progress(self.updates, self.samples, self.now))
+        self.algo.lr_scale = lr_factor(self.cfg.lr_schedule, self.ledger.progress(self.now))
         outputs = self.algo.on_update(update, self.now)
         if not any(isinstance(o, Dropped) and o.worker == w for o in outputs):
             self.w_steps[w] += 1
             self.w_samples[w] += update.n_samples
-            self.loss_window.append(update.loss)
-            if not math.isfinite(update.loss) and self.reason is None:
-                self.reason = "diverged (loss is not finite): lower --lr"
+            self.ledger.loss(update.loss, w)
         self._dispatch(outputs)
 
     def _applied(self, a: Applied) -> None:
-        self.updates = a.version
-        self.samples += a.n_samples
-        self.staleness.append(a.staleness)
         if a.worker >= 0:
             self.w_stale_sum[a.worker] += a.staleness
             self.w_stale_max[a.worker] = max(self.w_stale_max[a.worker], a.staleness)
-        now = self.now
-        self.metrics.write("update", now, updates=a.version, samples=self.samples, worker=a.worker, staleness=a.staleness,
-                           lr=a.lr, bytes=self.last_update_bytes * a.contributors)
-        if a.version % self.cfg.log_every == 0 and self.loss_window:
-            finite = [x for x in self.loss_window if math.isfinite(x)]
-            self.last_loss = float(np.mean(finite)) if finite else math.nan
-            self.metrics.write("train", now, updates=a.version, samples=self.samples, epoch=self.samples / self.n_train, loss=self.last_loss)
-            self.loss_window.clear()
-        due = self.updates if self.cfg.eval_every else self.samples
-        self.evaluated_now = due >= self.next_eval
-        if self.evaluated_now:
+        self.ledger.applied(self.now, version=a.version, n_samples=a.n_samples, worker=a.worker, staleness=a.staleness,
+                            lr=a.lr, bytes=self.last_update_bytes * a.contributors)
+        if self.ledger.take_eval():
             self._evaluate()
-            step = self.cfg.eval_every or self.n_train
-            while self.next_eval <= due:
-                self.next_eval += step
-        if self.reason is None:
-            self.reason = self.rule.reason(self.updates, self.samples, now, self.test_acc if self.evaluated_now else None)
         if self.progress is not None and (a.version & 31) == 0:
-            self.progress(self.updates, self.samples, now, self.test_acc)
+            self.progress(self.updates, self.samples, self.now, self.test_acc)
 
     def _evaluate(self) -> None:
         from zsgd.nn.models import evaluate
 
         ds = self.wl.problem.dataset
         t0 = time.perf_counter()
-        self.test_loss, self.test_acc = (float(v) for v in evaluate(self.model, self.algo.w, ds.x_test, ds.y_test))
+        test_loss, test_acc = (float(v) for v in evaluate(self.model, self.algo.w, ds.x_test, ds.y_test))
         self.eval_s += time.perf_counter() - t0
-        self.evals.append((self.now, self.updates, self.test_acc))
-        if self.opts.target is not None and self.time_to_target is None and self.test_acc >= self.opts.target:
+        self.evals.append((self.now, self.updates, test_acc))
+        if self.opts.target is not None and self.time_to_target is None and test_acc >= self.opts.target:
             self.time_to_target = self.now
-        self.metrics.write("eval", self.now, updates=self.updates, samples=self.samples, epoch=self.samples / self.n_train,
-                           test_loss=self.test_loss, test_acc=self.test_acc)
+        self.ledger.evaluated(self.now, test_loss, test_acc)
 
     # -- failures --------------------------------------------------------------
     def _on_fail(self, w: int, inc: int, recover_s: float | None, _b: Any) -> None:
@@ -460,12 +450,12 @@ class Simulation:
         heap, pop = self.heap, heapq.heappop
         while self.reason is None:
             if not heap:
-                self.reason = "no events left: every worker failed or is held"
+                self.ledger.stop("no events left: every worker failed or is held")
                 break
             t, _seq, kind, w, inc, a, b = pop(heap)
             if limit is not None and t > limit:
                 self.now = max(self.now, limit)
-                self.reason = f"reached the time limit of {limit:g} s"
+                self.ledger.stop(f"reached the time limit of {limit:g} s")
                 break
             self.now = t
             self.events += 1
@@ -473,30 +463,25 @@ class Simulation:
                 self._process(a)
             else:
                 handlers[kind](w, inc, a, b)
-        if not self.evals or self.evals[-1][1] != self.updates:
+        if self.ledger.final_eval_needed:
             self._evaluate()
-        self.metrics.write("end", self.now, updates=self.updates, samples=self.samples, test_loss=self.test_loss,
+        self.metrics.write("end", self.now, updates=self.updates, samples=self.samples, test_loss=self.ledger.test_loss,
                            test_acc=self.test_acc, reason=self.reason)
-        return SimResult(self._summary(time.perf_counter() - real0), np.asarray(self.staleness, dtype=np.int64), self.evals,
+        return SimResult(self._summary(time.perf_counter() - real0), np.asarray(self.ledger.staleness, dtype=np.int64), self.evals,
                          self.algo.w)
 
     def _summary(self, real_s: float) -> dict[str, Any]:
-        stale = np.asarray(self.staleness if self.staleness else [0])
         v = self.now
         ds = self.wl.problem.dataset
         return {
             "mode": "sim", "algo": self.opts.algo, "n_workers": self.n, "model": self.cfg.model, "data": ds.name,
             "data_source": ds.source, "n_params": self.model.n_params,
-            "test_accuracy": self.test_acc, "test_loss": self.test_loss, "train_loss": self.last_loss,
-            "updates": self.updates, "samples": self.samples, "epochs": self.samples / self.n_train,
-            "wall_s": v, "virtual_s": v, "real_s": real_s,
-            "samples_per_s": self.samples / v if v > 0 else None, "updates_per_s": self.updates / v if v > 0 else None,
+        } | self.ledger.summary(v) | {
+            "virtual_s": v, "real_s": real_s,
             "rejected_messages": 0, "rejected_by_reason": {}, "dropped_updates": dict(self.dropped),
-            "staleness_mean": float(stale.mean()), "staleness_p50": float(np.percentile(stale, 50)),
-            "staleness_p99": float(np.percentile(stale, 99)), "staleness_max": int(stale.max()),
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
             "reply_compression_ratio": self.dense_reply_bytes / self.reply_bytes if self.reply_bytes else 1.0,
-            "worker_deaths": self.deaths, "worker_rejoins": self.rejoins, "stop_reason": self.reason,
+            "worker_deaths": self.deaths, "worker_rejoins": self.rejoins,
             "target": self.opts.target, "time_to_target_s": self.time_to_target,
             "compute_s": self.compute_s if self.compute_s is not None else self.compute.mean,
             "compute_measured": self.compute_s is not None,

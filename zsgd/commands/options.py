@@ -39,8 +39,10 @@ TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--steps", "steps", dict(default=None, type=int, help="Stop after this many (central) updates.")),
     ("--time", "time_limit", dict(default=None, type=float, help="Stop after this many seconds.")),
     ("--target-acc", "target_acc", dict(default=None, type=float, help="Stop once test accuracy reaches this (0-1).")),
-    ("--eval-every", "eval_every", dict(default=0, show_default=True, type=int, help="Evaluate every N updates (0: once per epoch).")),
+    ("--eval-every", "eval_every", dict(default=0, show_default=True, type=int, help="Evaluate every N updates (0: about 10 times per run, at least once per epoch).")),
     ("--log-every", "log_every", dict(default=20, show_default=True, type=int, help="Log the mean train loss every N updates.")),
+    ("--diverge-factor", "diverge_factor", dict(default=100.0, show_default=True, type=float,
+                                                 help="Stop as diverged when the train loss stays above this times its start for 3 log windows (0: off; non-finite losses always stop).")),
     ("--name", "name", dict(default=None, help="Run name, used in the run directory's name.")),
 ]
 

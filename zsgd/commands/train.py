@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from zsgd.commands.options import build_config, training_options
-from zsgd.errors import ZsgdError
+from zsgd.errors import RunDiverged
 
 
 @click.command()
@@ -27,5 +27,5 @@ def train(ctx: click.Context, out: str | None, quiet: bool, **params) -> None:
     summary = run_training(cfg, out=out, show_progress=not quiet, problem=problem)
     keys = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s", "stop_reason", "run_dir")
     stderr_console.print(summary_table("summary", {k: summary[k] for k in keys}))
-    if summary["stop_reason"] and summary["stop_reason"].startswith("diverged"):
-        raise ZsgdError(f"training {summary['stop_reason']}")
+    if summary["diverged"]:
+        raise RunDiverged(f"training {summary['stop_reason']}; the summary is in {summary['run_dir']}")

@@ -43,8 +43,9 @@ class TrainConfig:
     steps: int | None = None
     time_limit: float | None = None
     target_acc: float | None = None
-    eval_every: int = 0  # updates between evaluations; 0 = once per epoch
+    eval_every: int = 0  # updates between evaluations; 0 = about 10 per run, at least one per epoch (zsgd.core.ledger)
     log_every: int = 20  # updates between train-loss events
+    diverge_factor: float = 100.0  # stop when the train loss stays above this x its start (zsgd.core.ledger); 0: off
     name: str = "train"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -78,6 +79,9 @@ class TrainConfig:
             raise ZsgdError(f"--eval-every must be >= 0, got {self.eval_every}")
         if self.log_every <= 0:
             raise ZsgdError(f"--log-every must be > 0, got {self.log_every}")
+        if not isinstance(self.diverge_factor, (int, float)) or not math.isfinite(self.diverge_factor) \
+                or (self.diverge_factor != 0 and self.diverge_factor <= 1):
+            raise ZsgdError(f"--diverge-factor must be 0 (off) or a number > 1, got {self.diverge_factor!r}")
         if self.image_size < 8:
             raise ZsgdError(f"--image-size must be >= 8, got {self.image_size}")
         return self

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from zsgd.core.config import TrainConfig
+from zsgd.core.ledger import RunLedger
 from zsgd.core.stopping import StopRule
 
 
@@ -45,6 +46,11 @@ class Problem:
             time_limit=cfg.time_limit,
             target_acc=cfg.target_acc,
         )
+
+    def ledger(self, cfg: TrainConfig, emit=None, updates: int = 0, samples: int = 0) -> RunLedger:
+        """The run's ledger: counts, cadence, stop and divergence rules from ``cfg`` (see zsgd.core.ledger)."""
+        return RunLedger(self.stop_rule(cfg), n_train=len(self.dataset.y_train), log_every=cfg.log_every, eval_every=cfg.eval_every,
+                         diverge_factor=cfg.diverge_factor, emit=emit, updates=updates, samples=samples)
 
     def evaluate(self, w: np.ndarray) -> tuple[float, float]:
         from zsgd.nn.models import evaluate

@@ -38,6 +38,13 @@ class StopRule:
             candidates.append(int(math.ceil(self.total_samples / self.batch_size)))
         return min(candidates) if candidates else None
 
+    def total_updates_at(self, samples_per_update: int) -> int | None:
+        """Updates until the first count-based limit when each update takes ``samples_per_update`` samples."""
+        candidates = [self.steps] if self.steps is not None else []
+        if self.total_samples is not None:
+            candidates.append(int(math.ceil(self.total_samples / max(1, samples_per_update))))
+        return min(candidates) if candidates else None
+
     @property
     def has_length(self) -> bool:
         """Whether progress is defined: a step, epoch or time budget is set."""

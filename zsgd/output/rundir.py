@@ -9,6 +9,7 @@ and ``os.replace`` so a reader never sees half a file.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -58,8 +59,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None and numpy scalars as Python numbers.
+
+    Strict JSON has no NaN: a summary that holds one is rejected by other
+    parsers (``jq``, browsers), so a missing number is written as null.
+    """
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(json_safe(obj), indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
 
 
 def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -22,10 +22,11 @@ from zsgd.core.problem import Problem
 
 def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool = True, problem: Problem | None = None) -> dict[str, Any]:
     """Train in this process; write the run directory; return the summary."""
+    from zsgd.algorithms import Applied, Reply, make_server_algorithm
     from zsgd.algorithms.worker import WorkerStep
-    from zsgd.output.live import TrainProgress
-    from zsgd.nn.optim import clip_grad_norm, make_optimizer
     from zsgd.core.schedule import lr_factor
+    from zsgd.nn.optim import make_optimizer
+    from zsgd.output.live import TrainProgress
 
     cfg = resolve_lr_schedule(cfg.validate(), "train")
     problem = problem or Problem.from_config(cfg)
@@ -34,80 +35,55 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
     resolved = cfg.to_dict() | {"mode": "train", "data_source": ds.source, "n_params": model.n_params}
     write_config(run_dir / "config.yaml", resolved)
 
-    rule = problem.stop_rule(cfg)
     optimizer = make_optimizer(cfg.optimizer, model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    w = model.init(seed=cfg.seed)
-    n_train = len(ds.y_train)
-    # The trainer is worker 0 of 1 running the very WorkerStep the distributed
-    # workers run, so `zsgd run --n-proc 1 --algo sync` reproduces it exactly.
+    # The trainer is worker 0 of 1: the very WorkerStep the distributed workers run,
+    # applied by the very server algorithm the broker drives (a sync round of one
+    # applies its gradient exactly), so `zsgd run --n-proc 1 --algo sync` reproduces it.
+    server = make_server_algorithm("sync", model.init(seed=cfg.seed), optimizer, clip_norm=cfg.clip_norm)
     step = WorkerStep(model, ds.x_train, ds.y_train, cfg.batch_size, cfg.seed, worker=0)
-    updates = samples = 0
-    loss_sum, loss_n = 0.0, 0
-    last_loss: float | None = None
-    test_loss = test_acc = float("nan")
-    next_epoch_eval = n_train
-    reason = None
-    evaluated = False
+    n_train = len(ds.y_train)
     eval_time = 0.0
 
-    with MetricsWriter(run_dir / "metrics.jsonl") as metrics, TrainProgress(rule.total_updates, cfg.name, show_progress) as bar:
+    with MetricsWriter(run_dir / "metrics.jsonl") as metrics, TrainProgress(problem.stop_rule(cfg).total_updates, cfg.name, show_progress) as bar:
+        ledger = problem.ledger(cfg, emit=metrics.write)
         t0 = time.perf_counter()
         metrics.write("start", 0.0, mode="train", model=cfg.model, data=ds.name, n_params=model.n_params, n_train=n_train)
 
-        def run_eval() -> None:
-            nonlocal test_loss, test_acc, eval_time
+        def evaluate() -> None:
+            nonlocal eval_time
             t_eval = time.perf_counter()
-            test_loss, test_acc = problem.evaluate(w)
-            eval_time += time.perf_counter() - t_eval
-            bar.exclude(time.perf_counter() - t_eval)
-            metrics.write("eval", time.perf_counter() - t0, updates=updates, samples=samples, epoch=samples / n_train, test_loss=test_loss, test_acc=test_acc)
+            test_loss, test_acc = problem.evaluate(server.w)
+            spent = time.perf_counter() - t_eval
+            eval_time += spent
+            bar.exclude(spent)
+            ledger.evaluated(time.perf_counter() - t0, test_loss, test_acc)
 
-        while reason is None:
-            update = step.compute(w, updates)
-            loss, grad = update.loss, update.grad
-            if cfg.clip_norm is not None:
-                clip_grad_norm(grad, cfg.clip_norm)
+        weights = next(o for o in server.add_worker(0, 0.0) if isinstance(o, Reply)).weights
+        while ledger.stop_reason is None:
+            update = step.compute(weights, server.version)
+            now = time.perf_counter() - t0
             # The factor from the counters before this step, as the broker takes it.
-            optimizer.step(w, grad, cfg.lr * lr_factor(cfg.lr_schedule, rule.progress(updates, samples, time.perf_counter() - t0)))
-            updates += 1
-            samples += update.n_samples
-            if not np.isfinite(loss):
-                reason = "diverged (loss is not finite): lower --lr"
-                break
-            loss_sum, loss_n = loss_sum + loss, loss_n + 1
-            if updates % cfg.log_every == 0:
-                last_loss = loss_sum / loss_n
-                metrics.write("train", time.perf_counter() - t0, updates=updates, samples=samples, epoch=samples / n_train, loss=last_loss)
-                loss_sum, loss_n = 0.0, 0
-            evaluated = False
-            if (cfg.eval_every and updates % cfg.eval_every == 0) or (not cfg.eval_every and samples >= next_epoch_eval):
-                run_eval()
-                evaluated = True
-                while next_epoch_eval <= samples:
-                    next_epoch_eval += n_train
-            bar.update(updates, samples, samples / n_train, last_loss, None if np.isnan(test_acc) else test_acc)
-            reason = rule.reason(updates, samples, time.perf_counter() - t0, test_acc if evaluated else None)
-        if not evaluated or np.isnan(test_acc):
-            run_eval()
+            server.lr_scale = lr_factor(cfg.lr_schedule, ledger.progress(now))
+            outputs = server.on_update(update, now)
+            ledger.loss(update.loss)
+            for o in outputs:
+                if isinstance(o, Applied):
+                    ledger.applied(now, version=o.version, n_samples=o.n_samples, worker=0, staleness=o.staleness, lr=o.lr)
+                elif isinstance(o, Reply):
+                    weights = o.weights
+            if ledger.take_eval():
+                evaluate()
+            bar.update(ledger.updates, ledger.samples, ledger.samples / n_train, None if np.isnan(ledger.last_loss) else ledger.last_loss,
+                       None if np.isnan(ledger.test_acc) else ledger.test_acc)
+            ledger.check(time.perf_counter() - t0)
+        if ledger.final_eval_needed:
+            evaluate()
         wall = time.perf_counter() - t0
-        summary = {
-            "mode": "train",
-            "model": cfg.model,
-            "data": ds.name,
-            "data_source": ds.source,
-            "n_params": model.n_params,
-            "test_accuracy": test_acc,
-            "test_loss": test_loss,
-            "train_loss": last_loss,
-            "updates": updates,
-            "samples": samples,
-            "epochs": samples / n_train,
-            "wall_s": wall,
-            "samples_per_s": samples / (wall - eval_time) if wall > eval_time else 0.0,
-            "stop_reason": reason,
-        }
-        metrics.write("end", wall, updates=updates, samples=samples, test_loss=test_loss, test_acc=test_acc, reason=reason)
-    save_arrays(run_dir / "weights.npz", model.state_dict(w))
+        summary = {"mode": "train", "model": cfg.model, "data": ds.name, "data_source": ds.source, "n_params": model.n_params} \
+            | ledger.summary(wall, busy_s=wall - eval_time) | {"n_workers": 1}
+        metrics.write("end", wall, updates=ledger.updates, samples=ledger.samples, test_loss=ledger.test_loss, test_acc=ledger.test_acc,
+                      reason=ledger.stop_reason)
+    save_arrays(run_dir / "weights.npz", model.state_dict(server.w))
     write_json(run_dir / "summary.json", summary)
     from zsgd.output.plots import plot_run
 

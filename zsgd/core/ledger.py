@@ -1,0 +1,240 @@
+"""The run ledger: one account of a run's progress, for every way of running it.
+
+The trainer, the broker, the decentralized relay, the simulator and the
+decentralized simulator all feed the same object with what happened (an
+update was applied, a worker's loss arrived, an evaluation came back), each
+with a time: wall clock in real runs, virtual clock in simulations. The
+ledger answers with the metrics events (through the ``emit`` callback, so it
+does no I/O itself), the evaluation schedule, the stop decision and the
+summary's core keys. A real run and its simulation therefore count,
+evaluate, detect divergence and stop by the very same rules; before this
+object the five drivers each kept their own loss window and evaluation
+marks, and had already drifted apart.
+
+Divergence (``--diverge-factor F``, default 100, 0 turns the loss test off):
+the run stops with ``stop_reason`` "diverged at update N (...)" when
+
+* a train loss, a gradient or the model is not finite (always on), or
+* the mean train loss of ``DIVERGE_PATIENCE`` consecutive logging windows
+  (``--log-every`` updates each) stays above F times the run's first loss
+  (the loss of the initial model, or of the resumed one): a loss that only
+  spikes once is noise, one that stays an order of magnitude above where it
+  started is a run that will not come back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from zsgd.core.stopping import StopRule
+
+DIVERGE_PATIENCE = 3  # consecutive logging windows above the factor
+EVALS_PER_RUN = 10  # an automatic cadence gives about this many test points per run (and at least one per epoch)
+
+Emit = Callable[..., Any]  # emit(event, t, **fields), e.g. MetricsWriter.write
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+@dataclass
+class EvalRecord:
+    """One evaluation of the central (or averaged) model."""
+
+    t: float
+    updates: int
+    samples: int
+    test_loss: float
+    test_acc: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "updates": self.updates, "samples": self.samples, "test_loss": self.test_loss,
+                "test_acc": self.test_acc} | self.extra
+
+
+class RunLedger:
+    """Counts updates and samples, keeps the loss window and the evaluation
+    marks, decides when to stop and writes the summary's core keys.
+
+    ``eval_every`` > 0 evaluates every that many updates; 0 chooses a cadence
+    of about ``EVALS_PER_RUN`` points over the run's length (its first
+    step, epoch or time budget) and at least one per epoch, so a live view
+    shows test accuracy during a default one-epoch run.
+    """
+
+    def __init__(self, rule: StopRule, *, n_train: int, log_every: int = 20, eval_every: int = 0,
+                 diverge_factor: float = 100.0, emit: Emit | None = None, updates: int = 0, samples: int = 0) -> None:
+        self.rule = rule
+        self.n_train = max(1, int(n_train))
+        self.log_every = max(1, int(log_every))
+        self.eval_every = int(eval_every)
+        self.diverge_factor = float(diverge_factor)
+        self.emit = emit or (lambda *a, **k: None)
+        self.updates, self.samples = int(updates), int(samples)
+        self.staleness: list[int] = []
+        self._window: list[float] = []
+        self.last_loss = math.nan
+        self.first_loss: float | None = None
+        self._high_windows = 0
+        self.test_loss = self.test_acc = math.nan
+        self.evals: list[EvalRecord] = []
+        self.stop_reason: str | None = None
+        self.eval_wanted = False
+        self._next_epoch_mark = (self.samples // self.n_train + 1) * self.n_train
+        self._next_progress_mark = 0
+        self._next_update_mark = self.updates + self.eval_every if self.eval_every else None
+        self._advance_progress_mark(0.0)
+
+    # -- what the drivers tell it ------------------------------------------------
+    @property
+    def diverged(self) -> bool:
+        return self.stop_reason is not None and self.stop_reason.startswith("diverged")
+
+    def stop(self, reason: str) -> None:
+        """End the run for ``reason``; the first reason given wins."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def diverge(self, what: str, update: int | None = None) -> None:
+        self.stop(f"diverged at update {self.updates + 1 if update is None else update} ({what}): lower --lr")
+
+    def loss(self, value: float | None, worker: int | None = None) -> None:
+        """A worker's train loss for one accepted gradient (it enters the logging window)."""
+        value = math.nan if value is None else float(value)
+        if not math.isfinite(value):
+            self.diverge(f"train loss is not finite{'' if worker is None or worker < 0 else f' on worker {worker}'}")
+            return
+        if self.first_loss is None:
+            self.first_loss = value
+        self._window.append(value)
+
+    def progress(self, t: float) -> float:
+        """How far the run is towards its budget, in [0, 1]: what --lr-schedule follows."""
+        return self.rule.progress(self.updates, self.samples, t)
+
+    def applied(self, t: float, *, version: int, n_samples: int, worker: int = -1, staleness: int = 0,
+                lr: float | None = None, train_extra: Callable[[], dict[str, Any]] | None = None, **fields: Any) -> None:
+        """An update (or a round) changed the model: count it, log, schedule evaluation, check the stop rule.
+
+        ``fields`` go into the ``update`` event; ``train_extra()``, when given, adds fields to a ``train`` event.
+        """
+        self.updates = int(version)
+        self.samples += int(n_samples)
+        self.staleness.append(int(staleness))
+        self.emit("update", t, updates=self.updates, samples=self.samples, worker=worker, staleness=staleness, lr=lr, **fields)
+        if self.updates % self.log_every == 0 and self._window:
+            self._log_window(t, **(train_extra() if train_extra is not None else {}))
+        self._check_eval_marks(t)
+        self.check(t)
+
+    def _log_window(self, t: float, **fields: Any) -> None:
+        self.last_loss = float(np.mean(self._window))
+        self._window.clear()
+        self.emit("train", t, updates=self.updates, samples=self.samples, epoch=self.samples / self.n_train, loss=self.last_loss,
+                  **fields)
+        if self.diverge_factor > 0 and self.first_loss is not None and self.last_loss > self.diverge_factor * max(self.first_loss, 1e-12):
+            self._high_windows += 1
+            if self._high_windows >= DIVERGE_PATIENCE:
+                self.diverge(f"train loss {self.last_loss:.4g} stayed above {self.diverge_factor:g} x its start "
+                             f"{self.first_loss:.4g} for {DIVERGE_PATIENCE} log windows", self.updates)
+        else:
+            self._high_windows = 0
+
+    def check(self, t: float) -> str | None:
+        """Apply the budget stop rules at time ``t`` (call on ticks too: time runs out between updates)."""
+        if self.stop_reason is None:
+            reason = self.rule.reason(self.updates, self.samples, t)
+            if reason:
+                self.stop(reason)
+        if self.stop_reason is None and self.rule.time_limit is not None and not self.eval_every:
+            self._check_eval_marks(t)
+        return self.stop_reason
+
+    def evaluated(self, t: float, test_loss: float, test_acc: float, *, updates: int | None = None, samples: int | None = None,
+                  **extra: Any) -> EvalRecord:
+        """An evaluation came back (it may describe an earlier model: ``updates`` says which)."""
+        rec = EvalRecord(float(t), self.updates if updates is None else int(updates), self.samples if samples is None else int(samples),
+                         float(test_loss), float(test_acc), extra)
+        self.test_loss, self.test_acc = rec.test_loss, rec.test_acc
+        self.evals.append(rec)
+        self.emit("eval", rec.t, updates=rec.updates, samples=rec.samples, epoch=rec.samples / self.n_train,
+                  test_loss=rec.test_loss, test_acc=rec.test_acc, **extra)
+        if not math.isfinite(rec.test_loss):
+            self.diverge("the model is not finite: test loss is NaN", rec.updates)
+        elif self.stop_reason is None:
+            reason = self.rule.reason(self.updates, self.samples, t, rec.test_acc)
+            if reason:
+                self.stop(reason)
+        return rec
+
+    # -- the evaluation schedule -------------------------------------------------
+    def _advance_progress_mark(self, progress: float) -> None:
+        while self._next_progress_mark <= progress * EVALS_PER_RUN + 1e-9:
+            self._next_progress_mark += 1
+
+    def _check_eval_marks(self, t: float) -> None:
+        due = False
+        if self._next_update_mark is not None:
+            if self.updates >= self._next_update_mark:
+                due = True
+                while self._next_update_mark <= self.updates:
+                    self._next_update_mark += self.eval_every
+        else:
+            if self.samples >= self._next_epoch_mark:
+                due = True
+                while self._next_epoch_mark <= self.samples:
+                    self._next_epoch_mark += self.n_train
+            if self.rule.has_length:
+                p = self.rule.progress(self.updates, self.samples, t)
+                if p * EVALS_PER_RUN + 1e-9 >= self._next_progress_mark and p < 1.0:
+                    due = True
+                self._advance_progress_mark(p)
+        if due:
+            self.eval_wanted = True
+
+    def take_eval(self) -> bool:
+        """True once per due evaluation: the driver evaluates (or sends the weights to its evaluator) now."""
+        if self.eval_wanted:
+            self.eval_wanted = False
+            return True
+        return False
+
+    def eval_interval_updates(self, samples_per_update: int) -> int:
+        """The cadence in updates (for drivers that must fix it up front, e.g. decentralized model uploads)."""
+        if self.eval_every:
+            return self.eval_every
+        per_epoch = max(1, math.ceil(self.n_train / max(1, samples_per_update)))
+        total = self.rule.total_updates_at(samples_per_update)
+        if total is None:
+            return per_epoch
+        return max(1, min(per_epoch, math.ceil(total / EVALS_PER_RUN)))
+
+    # -- the summary -------------------------------------------------------------
+    @property
+    def final_eval_needed(self) -> bool:
+        return not self.evals or self.evals[-1].updates != self.updates or not math.isfinite(self.test_acc)
+
+    def summary(self, t: float, busy_s: float | None = None) -> dict[str, Any]:
+        """The keys every mode's ``summary.json`` has, with the same meaning everywhere."""
+        stale = np.asarray(self.staleness if self.staleness else [0])
+        active = t if busy_s is None else busy_s
+        return {
+            "test_accuracy": _finite_or_none(self.test_acc), "test_loss": _finite_or_none(self.test_loss),
+            "train_loss": _finite_or_none(self.last_loss), "updates": self.updates, "samples": self.samples,
+            "epochs": self.samples / self.n_train, "wall_s": t,
+            "samples_per_s": self.samples / active if active and active > 0 else None,
+            "updates_per_s": self.updates / active if active and active > 0 else None,
+            "staleness_mean": float(stale.mean()), "staleness_p50": float(np.percentile(stale, 50)),
+            "staleness_p99": float(np.percentile(stale, 99)), "staleness_max": int(stale.max()),
+            "stop_reason": self.stop_reason, "diverged": self.diverged,
+        }
+
+
+CORE_SUMMARY_KEYS = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s",
+                     "updates_per_s", "staleness_mean", "staleness_p50", "staleness_p99", "staleness_max", "stop_reason", "diverged")
