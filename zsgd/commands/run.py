@@ -6,7 +6,7 @@ import click
 
 from zsgd.commands.options import build_config, decentralized_options as _decentralized_options, pop_decentralized, training_options
 from zsgd.commands.remote import pop_run_flags, remote_run_options, secure_options
-from zsgd.errors import ZsgdError
+from zsgd.errors import RunDiverged, ZsgdError
 
 
 def _runtime_options(func):
@@ -42,6 +42,8 @@ def _print_run_summary(summary: dict) -> None:
     keys = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s", "staleness_mean",
             "staleness_max", "consensus_error", "rejected_messages", "refused_clients", "worker_deaths", "stop_reason", "run_dir")
     stderr_console.print(summary_table("summary", {k: summary[k] for k in keys if k in summary}))
+    if summary.get("diverged"):
+        raise RunDiverged(f"the run {summary['stop_reason']}; the summary is in {summary['run_dir']}")
 
 
 @click.command()

@@ -18,8 +18,10 @@ the run stops with ``stop_reason`` "diverged at update N (...)" when
 * the mean train loss of ``DIVERGE_PATIENCE`` consecutive logging windows
   (``--log-every`` updates each) stays above F times the run's first loss
   (the loss of the initial model, or of the resumed one): a loss that only
-  spikes once is noise, one that stays an order of magnitude above where it
-  started is a run that will not come back.
+  spikes once is noise, one that stays two orders of magnitude above where
+  it started has weights that are blowing up. (Ten times would stop runs
+  that are merely unstable: 8 stale async workers on logistic regression
+  wander at 10x their start and still learn.)
 """
 
 from __future__ import annotations
@@ -197,6 +199,11 @@ class RunLedger:
                 self._advance_progress_mark(p)
         if due:
             self.eval_wanted = True
+
+    def set_eval_every(self, updates: int) -> None:
+        """Evaluate every ``updates`` from now on (a driver whose models exist only at fixed rounds)."""
+        self.eval_every = int(updates)
+        self._next_update_mark = self.updates + self.eval_every if self.eval_every else None
 
     def take_eval(self) -> bool:
         """True once per due evaluation: the driver evaluates (or sends the weights to its evaluator) now."""

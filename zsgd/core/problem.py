@@ -47,9 +47,10 @@ class Problem:
             target_acc=cfg.target_acc,
         )
 
-    def ledger(self, cfg: TrainConfig, emit=None, updates: int = 0, samples: int = 0) -> RunLedger:
+    def ledger(self, cfg: TrainConfig, emit=None, updates: int = 0, samples: int = 0, eval_every: int | None = None) -> RunLedger:
         """The run's ledger: counts, cadence, stop and divergence rules from ``cfg`` (see zsgd.core.ledger)."""
-        return RunLedger(self.stop_rule(cfg), n_train=len(self.dataset.y_train), log_every=cfg.log_every, eval_every=cfg.eval_every,
+        return RunLedger(self.stop_rule(cfg), n_train=len(self.dataset.y_train), log_every=cfg.log_every,
+                         eval_every=cfg.eval_every if eval_every is None else eval_every,
                          diverge_factor=cfg.diverge_factor, emit=emit, updates=updates, samples=samples)
 
     def evaluate(self, w: np.ndarray) -> tuple[float, float]:

@@ -129,3 +129,21 @@ class DecentralizedRound:
         r = self.round
         self.round += 1
         return RoundResult(r, stats, sent)
+
+
+def eval_every_rounds(cfg: Any, rule: Any, algo: str, params: DecentralizedParams, n_workers: int, n_train: int) -> int:
+    """Rounds between model uploads (evaluations), fixed before the run starts.
+
+    Nodes upload their models only on evaluation rounds (an upload is a whole
+    model per node), so the cadence must be known up front: ``--eval-every``,
+    else the ledger's automatic cadence (about ten points per run, at least
+    one per epoch) in rounds. Each node takes one mini-batch per round
+    (cadmm: ``primal_steps``), so a round uses n x batch x steps samples.
+    The relay and the simulator both take it from here, so they evaluate
+    the same rounds.
+    """
+    from zsgd.core.ledger import RunLedger
+
+    steps = params.primal_steps if algo == "cadmm" else 1
+    ledger = RunLedger(rule, n_train=n_train, eval_every=cfg.eval_every)
+    return ledger.eval_interval_updates(n_workers * cfg.batch_size * steps)

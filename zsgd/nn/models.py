@@ -384,3 +384,7 @@ def warm_up(names: tuple[str, ...] = ("logreg", "mlp", "cnn", "lenet5")) -> None
         y = np.array([0, 1], dtype=np.int64)
         m.loss_and_grad(w, x, y, training=True, seed=0)
         m.predict(w, x)
+    from zsgd.nn.optim import OPTIMIZER_NAMES, warm_optimizer
+
+    for opt in OPTIMIZER_NAMES:
+        warm_optimizer(opt, weight_decay=1e-4)

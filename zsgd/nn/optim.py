@@ -302,3 +302,15 @@ def make_optimizer(name: str, n_params: int, lr: float, momentum: float = 0.9, w
     except ValueError as exc:
         raise ZsgdError(f"bad hyper-parameter for optimizer '{name}': {exc}") from None
     return opt
+
+
+def warm_optimizer(name: str, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+    """Compile (or load from numba's cache) the update kernel of optimizer ``name``.
+
+    The first call of a numba kernel in a process costs about a second (the
+    cache is read and the dispatcher set up); a broker that paid it on the
+    first update would fall silent for longer than a short heartbeat
+    timeout. A two-element scratch optimizer takes the same kernel path.
+    """
+    opt = make_optimizer(name, 2, lr=1e-3, momentum=momentum, weight_decay=weight_decay)
+    opt.step(np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), 1e-3)

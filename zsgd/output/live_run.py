@@ -41,20 +41,20 @@ class RunView:
     def update(self, broker) -> None:
         if not self.live:
             return
-        st = broker.state
+        st = broker.ledger
         now = time.monotonic()
         t, u, s = self._last
         if now - t >= 1.0:
             self._rates = ((st.updates - u) / (now - t), (st.samples - s) / (now - t))
             self._last = (now, st.updates, st.samples)
         ups, sps = self._rates
-        acc = f"{st.test_acc:.2%} (update {st.evals[-1]['updates']})" if st.evals else "-"
+        acc = f"{st.test_acc:.2%} (update {st.evals[-1].updates})" if st.evals else "-"
         loss = f"{st.last_loss:.4f}" if st.last_loss == st.last_loss else "-"
         self.progress.update(self.task, completed=st.updates)
         lr = broker.current_lr
         lr_text = f"lr {lr:.3g}  " if lr == lr else ""
         stats = Text.from_markup(f"[bold]{ups:,.1f}[/] updates/s  [bold]{sps:,.0f}[/] samples/s  train loss [bold]{loss}[/]  "
-                                 f"test acc [bold]{acc}[/]  {lr_text}rejected {sum(st.rejected.values())}  deaths {st.deaths}")
+                                 f"test acc [bold]{acc}[/]  {lr_text}rejected {sum(broker.rejected.values())}  deaths {broker.session.deaths}")
         table = Table(show_edge=False, pad_edge=False, header_style="bold")
         for col in ("worker", "host", "state", "steps", "staleness mean/max", "loss", "lives"):
             table.add_column(col, justify="right" if col not in ("host", "state") else "left")
@@ -63,4 +63,7 @@ class RunView:
             style = {"ready": "green", "joining": "yellow", "gone": "red"}.get(p.state, "")
             table.add_row(str(w), p.host, f"[{style}]{p.state}[/]", str(p.steps), f"{p.mean_staleness:.1f}/{p.staleness_max}",
                           f"{p.last_loss:.3f}" if p.last_loss == p.last_loss else "-", str(p.incarnations))
-        self.live.update(Group(self.progress.get_renderable(), stats, table))
+        parts = [self.progress.get_renderable(), stats, table]
+        if st.stop_reason is not None:
+            parts.insert(2, Text(f"stopping: {st.stop_reason}", style="bold red" if st.diverged else "bold"))
+        self.live.update(Group(*parts))

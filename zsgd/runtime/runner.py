@@ -192,11 +192,10 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                           eval_every_s=opts.eval_interval, emulator=opts.emulator(cfg.seed))
     with MetricsWriter(run_dir / "metrics.jsonl", tensorboard=run_dir / "tensorboard" if opts.tensorboard else None) as metrics:
         if topology is not None:
-            from zsgd.runtime.relay import RelayBroker
+            from zsgd.runtime.relay import relay_service
 
             bopts.checkpoint_every = 0
-            broker = RelayBroker(cfg, problem, bopts, run_dir, metrics, algo=opts.algo, topology=topology,
-                                 params=_resolved_params(opts, cfg))
+            broker = Broker(cfg, problem, bopts, run_dir, metrics, service=relay_service(opts.algo, topology, _resolved_params(opts, cfg)))
         else:
             broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None)
         metrics.write("start", broker.elapsed, mode="run", algo=opts.algo, n_workers=opts.n_workers, address=broker.address,
@@ -225,18 +224,17 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
         broker.final_evaluation()
         summary = broker.summary() | {"mode": "run", "algo": opts.algo, "n_workers": opts.n_workers, "model": cfg.model,
                                       "data": ds.name, "data_source": ds.source, "n_params": problem.model.n_params}
-        summary["samples_per_s"] = summary["samples"] / summary["wall_s"] if summary["wall_s"] else 0.0
         metrics.write("end", broker.elapsed, updates=summary["updates"], samples=summary["samples"], test_loss=summary["test_loss"],
                       test_acc=summary["test_accuracy"], reason=summary["stop_reason"])
     from zsgd.output.rundir import save_arrays
 
-    save_arrays(run_dir / "weights.npz", problem.model.state_dict(broker.algo.w))
+    save_arrays(run_dir / "weights.npz", problem.model.state_dict(broker.service.weights))
     write_json(run_dir / "summary.json", summary)
     from zsgd.output.plots import plot_run
 
     plot_run(run_dir)
     summary["run_dir"] = str(run_dir)
-    if getattr(broker, "failed", False):
+    if broker.failed:
         from zsgd.runtime.relay import RunStopped
 
         raise RunStopped(f"run stopped early: {summary['stop_reason']} (summary of {summary['updates']} rounds in {run_dir})")
@@ -253,10 +251,10 @@ def _resolved_params(opts: RunOptions, cfg: TrainConfig):
 
 def _check_children(broker: Broker, launcher, opts: RunOptions, started: float) -> None:
     """Abort early, with the reason, if every launched worker died before joining."""
-    if not launcher.children or broker.state.updates > 0:
+    if not launcher.children or broker.ledger.updates > 0:
         return
     workers = [c for c in launcher.children if c.name.startswith("worker")]
     if workers and all(c.returncode not in (None, 0) for c in workers):
         tail = workers[0].log_tail()
-        broker.state.stop_reason = "all workers failed to start"
+        broker.ledger.stop("all workers failed to start")
         raise ZsgdError(f"all {len(workers)} workers exited before training (e.g. {workers[0].name}, exit {workers[0].returncode}: {tail})")

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from zsgd.core.config import TrainConfig
-from zsgd.decentralized.driver import DecentralizedRound, RoundResult, average, consensus_error
+from zsgd.decentralized.driver import DecentralizedRound, RoundResult, average, consensus_error, eval_every_rounds
 from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, node_gradient
 from zsgd.decentralized.topology import Topology, parse_topology
 from zsgd.errors import ZsgdError
@@ -140,7 +140,8 @@ class DecentralizedSimulation:
         self.model = workload.model
         self.topology = opts.graph(cfg.seed)
         self.n_train = len(workload.problem.dataset.y_train)
-        self.rule = workload.problem.stop_rule(cfg)
+        self.eval_rounds = eval_every_rounds(cfg, workload.problem.stop_rule(cfg), opts.algo, opts.params, n, self.n_train)
+        self.ledger = workload.problem.ledger(cfg, emit=metrics.write, eval_every=self.eval_rounds)
         fns, self.steppers = _grad_fns(cfg, workload, n, add_weight_decay=opts.algo != "cadmm")
 
         def optimizer(_i: int) -> Any:  # cadmm's local solver: the problem's optimizer (it applies weight decay)
@@ -155,15 +156,20 @@ class DecentralizedSimulation:
         self.net: Network = opts.network
         self.now = 0.0
         self.ready = np.zeros(n)  # when each node's value of the current round is ready (and sent)
-        self.rounds = self.samples = self.bytes = 0
+        self.bytes = 0
         self.w_steps, self.w_samples = [0] * n, [0] * n
-        self.loss_window: list[float] = []
-        self.last_loss = self.test_loss = self.test_acc = self.consensus = math.nan
+        self.consensus = math.nan
         self.evals: list[tuple[float, int, float]] = []
         self.time_to_target: float | None = None
-        self.next_eval = cfg.eval_every if cfg.eval_every else self.n_train
-        self.reason: str | None = None
         self.grad_s = self.eval_s = 0.0
+
+    @property
+    def rounds(self) -> int:
+        return self.ledger.updates
+
+    @property
+    def samples(self) -> int:
+        return self.ledger.samples
 
     # -- one round ---------------------------------------------------------------
     def _round_end(self, res: RoundResult) -> float:
@@ -184,40 +190,24 @@ class DecentralizedSimulation:
 
     def _after_round(self, res: RoundResult) -> None:
         self.now = self._round_end(res)
-        self.rounds = res.round + 1
         nbytes = res.nbytes
         self.bytes += nbytes
-        round_samples = sum(s.samples for s in res.stats)
-        self.samples += round_samples
         for i, s in enumerate(res.stats):
             self.w_steps[i] += s.grad_steps
             self.w_samples[i] += s.samples
-        losses = [s.loss for s in res.stats]
-        mean_loss = float(np.mean(losses))
-        if not all(math.isfinite(v) for v in losses) and self.reason is None:
-            self.reason = "diverged (loss is not finite): lower --lr or alpha0"
-        self.loss_window.append(mean_loss)
+        self.ledger.loss(float(np.mean([s.loss for s in res.stats])))
         lr = res.stats[0].lr if res.stats else math.nan
-        self.metrics.write("update", self.now, updates=self.rounds, samples=self.samples, worker=-1, staleness=0, lr=lr,
-                           bytes=nbytes, contributors=self.n)
-        if self.rounds % self.cfg.log_every == 0:
-            finite = [v for v in self.loss_window if math.isfinite(v)]
-            self.last_loss = float(np.mean(finite)) if finite else math.nan
+
+        def train_extra() -> dict[str, Any]:
             self.consensus = self.driver.consensus_error()
-            self.metrics.write("train", self.now, updates=self.rounds, samples=self.samples, epoch=self.samples / self.n_train,
-                               loss=self.last_loss, consensus_error=self.consensus, bytes_total=self.bytes)
-            self.loss_window.clear()
-        due = self.rounds if self.cfg.eval_every else self.samples
-        evaluated = due >= self.next_eval
-        if evaluated:
+            return {"consensus_error": self.consensus, "bytes_total": self.bytes}
+
+        self.ledger.applied(self.now, version=res.round + 1, n_samples=sum(s.samples for s in res.stats), worker=-1, staleness=0,
+                            lr=lr, bytes=nbytes, contributors=self.n, train_extra=train_extra)
+        if self.ledger.take_eval():
             self._evaluate()
-            step = self.cfg.eval_every or self.n_train
-            while self.next_eval <= due:
-                self.next_eval += step
-        if self.reason is None:
-            self.reason = self.rule.reason(self.rounds, self.samples, self.now, self.test_acc if evaluated else None)
         if self.progress is not None and (self.rounds & 7) == 0:
-            self.progress(self.rounds, self.samples, self.now, self.test_acc)
+            self.progress(self.rounds, self.samples, self.now, self.ledger.test_acc)
 
     def _evaluate(self) -> np.ndarray:
         from zsgd.nn.models import evaluate
@@ -227,13 +217,12 @@ class DecentralizedSimulation:
         models = self.driver.models()
         xbar = average(models)
         self.consensus = consensus_error(models, xbar)
-        self.test_loss, self.test_acc = (float(v) for v in evaluate(self.model, xbar, ds.x_test, ds.y_test))
+        test_loss, test_acc = (float(v) for v in evaluate(self.model, xbar, ds.x_test, ds.y_test))
         self.eval_s += time.perf_counter() - t0
-        self.evals.append((self.now, self.rounds, self.test_acc))
-        if self.opts.target is not None and self.time_to_target is None and self.test_acc >= self.opts.target:
+        self.evals.append((self.now, self.rounds, test_acc))
+        if self.opts.target is not None and self.time_to_target is None and test_acc >= self.opts.target:
             self.time_to_target = self.now
-        self.metrics.write("eval", self.now, updates=self.rounds, samples=self.samples, epoch=self.samples / self.n_train,
-                           test_loss=self.test_loss, test_acc=self.test_acc, consensus_error=self.consensus, bytes_total=self.bytes)
+        self.ledger.evaluated(self.now, test_loss, test_acc, consensus_error=self.consensus, bytes_total=self.bytes)
         return xbar
 
     # -- main loop -----------------------------------------------------------------
@@ -246,20 +235,20 @@ class DecentralizedSimulation:
         for w in range(self.n):
             self.metrics.write("worker", 0.0, worker=w, role="worker", status="joined", host="sim",
                                neighbours=list(self.topology.neighbours[w]))
-        while self.reason is None:
+        while self.ledger.stop_reason is None:
             t0 = time.perf_counter()
             try:
                 res = self.driver.run_round()
             except ProtocolError as exc:
                 if exc.reason != "non-finite":
                     raise
-                self.reason = "diverged (a model is not finite): lower --lr or alpha0"
+                self.ledger.diverge("a model is not finite")
                 break
             self.grad_s += time.perf_counter() - t0
             self._after_round(res)
-        xbar = self._evaluate() if not self.evals or self.evals[-1][1] != self.rounds else average(self.driver.models())
-        self.metrics.write("end", self.now, updates=self.rounds, samples=self.samples, test_loss=self.test_loss,
-                           test_acc=self.test_acc, reason=self.reason, consensus_error=self.consensus, bytes_total=self.bytes)
+        xbar = self._evaluate() if self.ledger.final_eval_needed else average(self.driver.models())
+        self.metrics.write("end", self.now, updates=self.rounds, samples=self.samples, test_loss=self.ledger.test_loss,
+                           test_acc=self.ledger.test_acc, reason=self.ledger.stop_reason, consensus_error=self.consensus, bytes_total=self.bytes)
         return SimResult(self._summary(time.perf_counter() - real0), np.zeros(max(self.rounds, 1), np.int64), self.evals, xbar)
 
     def _summary(self, real_s: float) -> dict[str, Any]:
@@ -267,17 +256,14 @@ class DecentralizedSimulation:
         return {
             "mode": "sim", "algo": self.opts.algo, "n_workers": self.n, "model": self.cfg.model, "data": ds.name,
             "data_source": ds.source, "n_params": self.model.n_params,
-            "test_accuracy": self.test_acc, "test_loss": self.test_loss, "train_loss": self.last_loss,
-            "updates": self.rounds, "rounds": self.rounds, "samples": self.samples, "epochs": self.samples / self.n_train,
-            "wall_s": v, "virtual_s": v, "real_s": real_s,
-            "samples_per_s": self.samples / v if v > 0 else None, "updates_per_s": self.rounds / v if v > 0 else None,
+        } | self.ledger.summary(v) | {
+            "rounds": self.rounds, "virtual_s": v, "real_s": real_s, "eval_every_rounds": self.eval_rounds,
             "rejected_messages": 0, "rejected_by_reason": {}, "dropped_updates": {},
-            "staleness_mean": 0.0, "staleness_p50": 0.0, "staleness_p99": 0.0, "staleness_max": 0,
             # Every peer message is sent by one node and received by one node: both totals are the
             # same bytes; bytes_total counts each message once (what crossed the network).
             "bytes_sent": self.bytes, "bytes_received": self.bytes, "bytes_total": self.bytes,
             "consensus_error": self.consensus,
-            "worker_deaths": 0, "worker_rejoins": 0, "stop_reason": self.reason,
+            "worker_deaths": 0, "worker_rejoins": 0,
             "target": self.opts.target, "time_to_target_s": self.time_to_target,
             "compute_s": self.compute_s if self.compute_s is not None else self.compute.mean,
             "compute_measured": self.compute_s is not None,

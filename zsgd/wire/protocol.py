@@ -28,7 +28,7 @@ __all__ = [
     "PROTOCOL_VERSION", "MAGIC", "DTYPES", "REASONS", "ZERO_COPY_THRESHOLD", "MsgType", "Message",
     "Limits", "DEFAULT_LIMITS", "ProtocolError", "encode", "decode", "send", "recv", "message_nbytes",
     "set_socket_limits", "worker_identity", "validate_update", "validate_weights", "hello", "assign",
-    "weights_message", "update_message", "heartbeat", "eval_message", "leave", "error_message",
+    "weights_message", "weights_delta_message", "update_message", "heartbeat", "eval_message", "leave", "error_message",
     "shard_message", "peer_message", "wait_message",
 ]
 
@@ -107,14 +107,19 @@ def hello(run: str, worker: int, capabilities: Sequence[str] = (), **meta: Any) 
     return Message(MsgType.HELLO, run, worker, 0, {}, meta=m)
 
 
-def assign(run: str, worker: int, config: Mapping[str, Any], **meta: Any) -> Message:
+def assign(run: str, worker: int, config: Mapping[str, Any], version: int = 0, **meta: Any) -> Message:
     """Broker's answer to HELLO: `w` is the worker id assigned, m.config the run config."""
-    return Message(MsgType.ASSIGN, run, worker, 0, {}, meta={"config": dict(config), **meta})
+    return Message(MsgType.ASSIGN, run, worker, version, {}, meta={"config": dict(config), **meta})
 
 
 def weights_message(run: str, version: int, w: np.ndarray, **meta: Any) -> Message:
     """Model weights. Sent zero-copy: pass a snapshot, not the live buffer."""
     return Message(MsgType.WEIGHTS, run, -1, version, {"w": w}, meta=dict(meta))
+
+
+def weights_delta_message(run: str, version: int, arrays: Mapping[str, np.ndarray], codec: str) -> Message:
+    """Weights as a coded delta from what the worker holds (``--compress-replies``; zsgd.compression.delta)."""
+    return Message(MsgType.WEIGHTS, run, -1, version, dict(arrays), codec=codec)
 
 
 def update_message(run: str, worker: int, base_version: int, grad: np.ndarray | None,
@@ -139,14 +144,17 @@ def eval_message(run: str, worker: int, version: int, test_loss: float, test_acc
     return Message(MsgType.EVAL, run, worker, version, meta=m)
 
 
-def leave(run: str, worker: int, reason: str = "done") -> Message:
+def leave(run: str, worker: int, reason: str = "done", version: int = 0) -> Message:
     """Orderly goodbye, so the other side does not wait out a heartbeat timeout."""
-    return Message(MsgType.LEAVE, run, worker, 0, meta={"reason": reason})
+    return Message(MsgType.LEAVE, run, worker, version, meta={"reason": reason})
 
 
-def error_message(run: str, worker: int, message: str, reason: str = "") -> Message:
-    """Tell the peer what was wrong (e.g. a ProtocolError's reason and text)."""
-    return Message(MsgType.ERROR, run, worker, 0, meta={"message": message[:1000], "reason": reason})
+def error_message(run: str, worker: int, message: str, reason: str = "", fatal: bool = False) -> Message:
+    """Tell the peer what was wrong (e.g. a ProtocolError's reason and text); ``fatal``: it must leave."""
+    meta: dict[str, Any] = {"message": message[:1000], "reason": reason}
+    if fatal:
+        meta["fatal"] = True
+    return Message(MsgType.ERROR, run, worker, 0, meta=meta)
 
 
 def shard_message(run: str, worker: int, x: np.ndarray, y: np.ndarray, **meta: Any) -> Message:

@@ -255,6 +255,7 @@ class CurveGuard:
         self.log_path = Path(log_path) if log_path else None
         self.refused = 0
         self.admitted = 0
+        self.disconnects = 0  # connections closed by libzmq or the peer (the endpoint reports them)
         self._stop = threading.Event()
         self._monitor_addr = f"inproc://zsgd-monitor-{uuid.uuid4().hex}"
         self._zap = ctx.socket(zmq.REP)  # bound here, before the ROUTER binds; used only by the thread afterwards
@@ -269,7 +270,7 @@ class CurveGuard:
     def attach(self, sock: zmq.Socket) -> None:
         """Make ``sock`` a CURVE server that asks this guard; call before ``bind``."""
         sock.zap_domain = ZAP_DOMAIN
-        sock.monitor(self._monitor_addr, _HANDSHAKE_FAILED)
+        sock.monitor(self._monitor_addr, _HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED)
         self._thread.start()
 
     def allowed_keys(self) -> dict[bytes, str]:
@@ -322,7 +323,9 @@ class CurveGuard:
                     except (ValueError, IndexError):
                         continue
                     where = event["endpoint"].decode(errors="replace")
-                    if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                    if event["event"] == zmq.EVENT_DISCONNECTED:
+                        self.disconnects += 1
+                    elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                         # The peer hung up mid-handshake: a port check (zsgd's own reach test) or a scanner. It got
                         # nothing; logged, not counted, so 'refused_clients' means clients that tried to talk.
                         self._log(f"a connection closed during the handshake (errno {int(event['value'])}) on {where}")

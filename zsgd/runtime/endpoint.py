@@ -1,0 +1,182 @@
+"""The broker's endpoint: its ROUTER socket and everything about using it.
+
+One object owns the socket's life (bind, CURVE and its ZAP guard, limits,
+close), the byte counters, the ZeroMQ message trackers that tell when a
+zero-copy weights send is done (so the server algorithm may reuse the
+buffer), and, in emulated runs, the queue that holds messages until their
+emulated network delay has passed. The session (who is in the run) and the
+service (what the run computes) never touch the socket themselves.
+
+Limits are on from the start: ``ZMQ_MAXMSGSIZE`` is set from the model's
+size before binding, so libzmq refuses a frame larger than any message this
+run can carry while reading it, closing that connection, and never buffers
+it whole; such closed connections are counted (``dropped_connections``),
+read from the socket monitor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import zmq
+
+from zsgd.errors import ZsgdError
+from zsgd.wire import protocol
+from zsgd.wire.protocol import Message, MsgType
+
+
+class Endpoint:
+    """A bound ROUTER socket with tracked sends, limits, CURVE and an optional emulated-network queue."""
+
+    HWM = 64  # messages queued per peer before a send would block (then it is dropped and counted)
+
+    def __init__(self, bind: str, limits: protocol.Limits, run_dir: Path, curve: dict | None = None, emulated: bool = False) -> None:
+        self.limits = limits
+        self.ctx = zmq.Context()
+        self.bytes_in = self.bytes_out = 0
+        self.dropped: Counter = Counter()  # sends that could not go out, by reason
+        self._disconnects = 0  # without CURVE; with it the guard's monitor counts them (one monitor per socket)
+        self._weight_sends: list[zmq.MessageTracker] = []
+        self.guard = None  # CURVE: ZAP allow-list + refusal counter (zsgd.wire.security)
+        self.sock = self._bind(bind, curve, run_dir)
+        self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.guard is None else None
+        if emulated:
+            from zsgd.runtime.emulation import DelayQueue
+
+            self.held: Any = DelayQueue()  # emulated network: messages parked until due
+        else:
+            self.held = None
+
+    def _bind(self, addr: str, curve: dict | None, run_dir: Path) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.sndhwm = sock.rcvhwm = self.HWM
+        sock.linger = 0
+        protocol.set_socket_limits(sock, self.limits)
+        if curve:
+            from zsgd.wire.security import CurveGuard
+
+            sock.curve_server = True
+            sock.curve_secretkey = curve["secret"]
+            sock.curve_publickey = curve["public"]
+            self.guard = CurveGuard(self.ctx, curve.get("allowed", ()), run_dir / "security.log")
+            self.guard.attach(sock)
+        try:
+            if addr.startswith("tcp://") and addr.endswith(":0"):
+                port = sock.bind_to_random_port(addr[:-2])
+                self.address = f"{addr[:-2]}:{port}"
+            else:
+                sock.bind(addr)
+                self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except zmq.ZMQError as exc:
+            sock.close()
+            if self.guard is not None:
+                self.guard.stop()
+            self.ctx.term()
+            if exc.errno == zmq.EADDRINUSE:
+                raise ZsgdError(f"cannot listen on {addr}: the port is in use; choose another with --port (0 picks a free one)") from None
+            raise ZsgdError(f"cannot listen on {addr}: {exc}") from None
+        return sock
+
+    # -- receiving ---------------------------------------------------------------
+    def poll(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for a message; True when one can be read."""
+        self._count_disconnects()
+        return bool(self.sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN))
+
+    def receive(self, burst: int = 256) -> Iterator[list[zmq.Frame]]:
+        """Up to ``burst`` waiting multipart messages (identity first), without blocking."""
+        for _ in range(burst):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.bytes_in += sum(len(f.buffer) for f in frames[1:])
+            yield frames
+
+    def _count_disconnects(self) -> None:
+        while self._monitor is not None and self._monitor.poll(0):
+            self._monitor.recv_multipart()
+            self._disconnects += 1
+
+    @property
+    def dropped_connections(self) -> int:
+        """Connections closed under the broker: a frame over the size limit (libzmq drops it unread), or a vanished peer."""
+        return self.guard.disconnects if self.guard is not None else self._disconnects
+
+    @staticmethod
+    def client_key(frame: Any) -> str | None:
+        """The CURVE client key (ZAP User-Id) a frame arrived with, or None without CURVE."""
+        try:
+            return frame.get("User-Id")
+        except (zmq.ZMQError, AttributeError):
+            return None
+
+    # -- sending -----------------------------------------------------------------
+    def send(self, identity: bytes, msg: Message) -> bool:
+        """Encode and send ``msg`` to one peer; False (and counted) when it cannot go out now."""
+        track = msg.type == MsgType.WEIGHTS and msg.codec == "none"
+        tracker = self._send_frames(identity, protocol.encode(msg, self.limits), track)
+        if tracker is False:
+            return False
+        if track:
+            self._weight_sends.append(tracker)
+        self.bytes_out += protocol.message_nbytes(msg)
+        return True
+
+    def forward(self, identity: bytes, frames: list) -> str | None:
+        """Send already-encoded frames as they are (the relay); the reason when they cannot go out, else None."""
+        result = self._send_frames(identity, frames, False, count=False)
+        if result is False:
+            return self._last_failure
+        self.bytes_out += sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
+        return None
+
+    def _send_frames(self, identity: bytes, frames: list, track: bool, count: bool = True) -> Any:
+        try:
+            return self.sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False, track=track)
+        except zmq.Again:
+            self._last_failure = "send-queue-full"
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._last_failure = "peer-unreachable"
+        if count:
+            self.dropped[self._last_failure] += 1
+        return False
+
+    def weights_in_flight(self) -> bool:
+        """Whether ZeroMQ may still read a full-weights message sent earlier (its last frame is the live weights)."""
+        self._weight_sends = [t for t in self._weight_sends if not t.done]
+        return bool(self._weight_sends)
+
+    # -- the emulated network ----------------------------------------------------
+    def hold(self, item: Any, delay: float) -> None:
+        self.held.push(item, time.monotonic(), delay)
+
+    def due(self, now: float) -> list[Any]:
+        return self.held.pop_due(now) if self.held is not None else []
+
+    def poll_timeout(self, wait: float) -> float:
+        """``wait`` shortened so that the next held message leaves on time."""
+        if self.held is not None and self.held.next_due() is not None:
+            return max(0.0, min(wait, self.held.next_due() - time.monotonic()))
+        return wait
+
+    @property
+    def refused(self) -> int:
+        return self.guard.refused if self.guard is not None else 0
+
+    def close(self, linger_ms: int = 500) -> None:
+        self._count_disconnects()
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self.sock.disable_monitor()
+        self.sock.close(linger=linger_ms)
+        if self.guard is not None:
+            self.guard.stop()
+        self.ctx.term()

@@ -1,0 +1,215 @@
+"""The parameter-server service: the central model behind the broker's endpoint.
+
+It drives a sans-IO server algorithm (``zsgd.algorithms``: async, sync,
+ssp, local SGD) with the wall clock. Each UPDATE is validated (run, worker,
+shape, finiteness) and decoded (``--compress``) before it touches the model;
+the algorithm's replies go back as full weights or, with
+``--compress-replies``, as coded deltas. A bad update is rejected and
+counted, and the worker is re-admitted so that no round waits on it. A
+non-finite gradient or loss is not a bad message but a diverging run: the
+ledger ends it ("diverged at update N (...)").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm
+from zsgd.core.schedule import lr_factor
+from zsgd.errors import ProtocolError
+from zsgd.wire import protocol
+from zsgd.wire.membership import Peer
+from zsgd.wire.protocol import Message
+
+if TYPE_CHECKING:
+    from zsgd.broker import Broker
+
+
+class ParameterServer:
+    """Holds the central weights and optimizer; applies updates; replies with weights."""
+
+    limits_factor = 2  # a gradient plus one more vector (or a sparse codec at full density) per message
+
+    def __init__(self, broker: "Broker", w0: np.ndarray, optimizer: Any, opts: Any, opt_state: dict | None = None) -> None:
+        self.b = broker
+        self.opts = opts
+        self.optimizer = optimizer
+        if opt_state is not None:
+            optimizer.load_state_arrays(opt_state)
+        self.algo = make_server_algorithm(opts.algo, w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=broker.cfg.clip_norm)
+        self.algo.version = broker.ledger.updates
+        self.reply_codec = None
+        if opts.compress_replies != "none":
+            from zsgd.compression.delta import DeltaReplyEncoder
+
+            self.reply_codec = DeltaReplyEncoder(opts.compress_replies, w0.size, seed=broker.cfg.seed)
+        self.dropped: Counter = Counter()
+        self.update_bytes = self.dense_update_bytes = 0  # accepted updates as sent, and uncompressed
+        self.reply_bytes = self.dense_reply_bytes = 0  # weight replies as sent, and as full weights
+        self.failed = False
+
+    def share_replies(self) -> None:
+        """Replies go out zero-copy as views of the live weights; the algorithm copies them away
+        before an update only while a tracked send of that view is in flight (emulation parks
+        messages before sending them, untracked, so it keeps copies)."""
+        if hasattr(self.algo, "share_snapshots"):
+            self.algo.share_snapshots = True
+            self.algo.snapshot_busy = self.b.endpoint.weights_in_flight
+
+    # -- what the broker asks of a service -------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.algo.version
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.algo.w
+
+    def snapshot(self) -> np.ndarray:
+        return self.algo.snapshot()
+
+    @property
+    def current_lr(self) -> float:
+        """The step size now, after --lr-schedule (for the live view)."""
+        return self.optimizer.lr * getattr(self.algo, "lr_scale", 1.0)
+
+    def assign_meta(self, peer: Peer) -> dict[str, Any]:
+        return {}
+
+    def worker_joined(self, peer: Peer) -> None:
+        if self.reply_codec is not None:
+            self.reply_codec.forget(peer.worker)  # a (re)joining worker holds no weights yet: full ones first
+
+    def worker_ready(self, peer: Peer) -> None:
+        self._dispatch(self.algo.add_worker(peer.worker, self.b.elapsed))
+
+    def worker_gone(self, peer: Peer, status: str) -> None:
+        if self.reply_codec is not None:
+            self.reply_codec.forget(peer.worker)
+        self._dispatch(self.algo.remove_worker(peer.worker, self.b.elapsed))
+
+    def on_peer(self, peer: Peer, frames: list, msg: Message) -> None:
+        self.b.reject(peer.identity, "unexpected-type", "PEER is not accepted by a centralized broker")
+
+    def deliver_held(self, direction: str, peer: Peer, msg: Any) -> None:
+        """One emulated message arrives: an update from a worker, or a reply to it."""
+        if direction == "in":
+            self.on_update(peer, msg)
+        else:
+            self._send_reply(peer, msg)
+
+    def tick(self, now: float) -> None:
+        """Nothing periodic: the parameter server acts on messages only."""
+
+    def checkpoint_state(self) -> tuple[np.ndarray, dict] | None:
+        return self.algo.w, self.optimizer.state_arrays()
+
+    def summary(self) -> dict[str, Any]:
+        return {"dropped_updates": dict(self.dropped + self.b.endpoint.dropped),
+                "compression_ratio": self.dense_update_bytes / self.update_bytes if self.update_bytes else 1.0,
+                "reply_compression_ratio": self.dense_reply_bytes / self.reply_bytes if self.reply_bytes else 1.0}
+
+    # -- updates -----------------------------------------------------------------------
+    def on_update(self, peer: Peer, msg: Message) -> None:
+        b = self.b
+        if peer.role != "worker" or peer.state != "ready":
+            b.reject(peer.identity, "not-ready", "UPDATE before the worker was ready")
+            return
+        loss = msg.meta.get("loss")
+        loss = float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else math.nan
+        try:
+            protocol.validate_update(msg, run=b.run, known_workers={peer.worker}, n_params=self.algo.w.size, require_finite=False)
+            grad = msg.arrays.get("g")
+            meta: dict[str, Any] = {"kind": str(msg.meta.get("kind", "grad"))}
+            if msg.codec != "none":
+                from zsgd.compression import decode, touched_indices
+
+                grad = decode(msg.codec, msg.arrays, self.algo.w.size)
+                meta["indices"] = touched_indices(msg.codec, msg.arrays)
+        except ProtocolError as exc:
+            if exc.reason == "non-finite":  # inside a codec's payload: divergence, not a bad message
+                b.ledger.diverge(f"gradient is not finite on worker {peer.worker}")
+                return
+            b.reject(peer.identity, exc.reason, str(exc))
+            # Re-admit so the worker gets fresh weights and no sync round waits on it.
+            self._dispatch(self.algo.remove_worker(peer.worker, b.elapsed))
+            self._dispatch(self.algo.add_worker(peer.worker, b.elapsed))
+            return
+        if msg.meta.get("non_finite") or not math.isfinite(loss) or not np.isfinite(grad).all():
+            # Not a malformed message: the model or the step size blew up on that worker.
+            what = "gradient" if msg.meta.get("non_finite") or math.isfinite(loss) else "train loss"
+            b.ledger.diverge(f"{what} is not finite on worker {peer.worker}")
+            return
+        self.update_bytes += protocol.message_nbytes(msg)
+        self.dense_update_bytes += 4 * self.algo.w.size
+        peer.last_loss = loss
+        n = int(msg.meta.get("n_samples", b.cfg.batch_size))
+        compute_s = msg.meta.get("compute_s")
+        if isinstance(compute_s, (int, float)) and 0 <= compute_s < 3600:
+            peer.compute_s_sum += float(compute_s)
+        self.algo.lr_scale = lr_factor(b.cfg.lr_schedule, b.ledger.progress(b.elapsed))
+        self._dispatch(self.algo.on_update(Update(peer.worker, msg.version, grad, n, loss, meta), b.elapsed))
+
+    def _dispatch(self, outputs: list) -> None:
+        b = self.b
+        for out in outputs:
+            if isinstance(out, Reply):
+                peer = b.session.members.by_worker.get(out.worker)
+                if peer is None or peer.state != "ready":
+                    continue
+                msg = self._reply_message(peer.worker, out.version, out.weights)
+                if b.endpoint.held is None:
+                    self._send_reply(peer, msg)
+                    continue
+                factor = b.opts.emulator.slowdown(peer.worker, b.elapsed)
+                if factor != 1.0:
+                    msg.meta["slowdown"] = factor
+                b.endpoint.hold(("out", peer, msg), b.opts.emulator.delay(peer.worker, False, protocol.message_nbytes(msg)))
+            elif isinstance(out, Applied):
+                self._on_applied(out)
+            elif isinstance(out, Dropped):
+                self.dropped[out.reason] += 1
+
+    def _on_applied(self, a: Applied) -> None:
+        b = self.b
+        members = b.session.members
+        peer = members.by_worker.get(a.worker)
+        if peer is not None:
+            peer.steps += 1
+            peer.samples += a.n_samples
+            peer.staleness_sum += a.staleness
+            peer.staleness_max = max(peer.staleness_max, a.staleness)
+            b.ledger.loss(peer.last_loss, a.worker)
+        elif a.worker == -1:
+            for p in members.live_workers():
+                p.steps += 1
+                if math.isfinite(p.last_loss):  # NaN: joined mid-round, no gradient yet (updates are checked finite)
+                    b.ledger.loss(p.last_loss, p.worker)
+        b.ledger.applied(b.elapsed, version=a.version, n_samples=a.n_samples, worker=a.worker, staleness=a.staleness, lr=a.lr)
+        b.after_update()
+
+    # -- replies -----------------------------------------------------------------------
+    def _reply_message(self, worker: int, version: int, weights: np.ndarray) -> Message:
+        """WEIGHTS for a worker: the full snapshot, or with --compress-replies a coded delta from what it holds."""
+        full = protocol.weights_message(self.b.run, version, weights)
+        dense = protocol.message_nbytes(full)
+        self.dense_reply_bytes += dense
+        arrays = self.reply_codec.reply(worker, weights) if self.reply_codec is not None else None
+        if arrays is None:
+            self.reply_bytes += dense
+            return full
+        msg = protocol.weights_delta_message(self.b.run, version, arrays, self.reply_codec.name)
+        self.reply_bytes += protocol.message_nbytes(msg)
+        return msg
+
+    def _send_reply(self, peer: Peer, msg: Message) -> None:
+        if not self.b.session.send(peer, msg) and self.reply_codec is not None:
+            self.reply_codec.forget(peer.worker)  # it never got this delta: its mirror is wrong now
+
+    def __repr__(self) -> str:
+        return f"ParameterServer({self.opts.algo}, version={self.version}, t={time.monotonic():.0f})"
