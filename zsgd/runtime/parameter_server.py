@@ -6,8 +6,10 @@ shape, finiteness) and decoded (``--compress``) before it touches the model;
 the algorithm's replies go back as full weights or, with
 ``--compress-replies``, as coded deltas. A bad update is rejected and
 counted, and the worker is re-admitted so that no round waits on it. A
-non-finite gradient or loss is not a bad message but a diverging run: the
-ledger ends it ("diverged at update N (...)").
+worker reporting a non-finite loss is not a bad message but a diverging
+run: the ledger ends it ("diverged at update N (...)"); a non-finite gradient that
+comes with a finite loss is rejected like any bad message, so a hostile
+peer cannot end the run by sending NaN.
 """
 
 from __future__ import annotations
@@ -122,8 +124,13 @@ class ParameterServer:
             return
         loss = msg.meta.get("loss")
         loss = float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else math.nan
+        if msg.meta.get("non_finite") is True and msg.worker == peer.worker:
+            # The worker's own report that its loss blew up: the run diverged. (A non-finite
+            # gradient with a finite loss is only a bad message: rejected below, the run goes on.)
+            b.ledger.diverge(f"train loss is not finite on worker {peer.worker}")
+            return
         try:
-            protocol.validate_update(msg, run=b.run, known_workers={peer.worker}, n_params=self.algo.w.size, require_finite=False)
+            protocol.validate_update(msg, run=b.run, known_workers={peer.worker}, n_params=self.algo.w.size)
             grad = msg.arrays.get("g")
             meta: dict[str, Any] = {"kind": str(msg.meta.get("kind", "grad"))}
             if msg.codec != "none":
@@ -132,18 +139,10 @@ class ParameterServer:
                 grad = decode(msg.codec, msg.arrays, self.algo.w.size)
                 meta["indices"] = touched_indices(msg.codec, msg.arrays)
         except ProtocolError as exc:
-            if exc.reason == "non-finite":  # inside a codec's payload: divergence, not a bad message
-                b.ledger.diverge(f"gradient is not finite on worker {peer.worker}")
-                return
             b.reject(peer.identity, exc.reason, str(exc))
             # Re-admit so the worker gets fresh weights and no sync round waits on it.
             self._dispatch(self.algo.remove_worker(peer.worker, b.elapsed))
             self._dispatch(self.algo.add_worker(peer.worker, b.elapsed))
-            return
-        if msg.meta.get("non_finite") or not math.isfinite(loss) or not np.isfinite(grad).all():
-            # Not a malformed message: the model or the step size blew up on that worker.
-            what = "gradient" if msg.meta.get("non_finite") or math.isfinite(loss) else "train loss"
-            b.ledger.diverge(f"{what} is not finite on worker {peer.worker}")
             return
         self.update_bytes += protocol.message_nbytes(msg)
         self.dense_update_bytes += 4 * self.algo.w.size

@@ -57,12 +57,26 @@ class BrokerLink:
 
     # -- compute-thread side -------------------------------------------------
     def send(self, msg: Message) -> None:
-        self._pipe.send_multipart(protocol.encode(msg), copy=False)
+        """Hand ``msg`` to the I/O thread; dropped once that thread has ended (the next ``recv`` says why).
+
+        Never blocks for good: a PAIR socket whose peer has gone blocks a send
+        forever, and a worker finishing a step just after its broker left
+        would hang there instead of reading the LEAVE already waiting for it.
+        """
+        frames = protocol.encode(msg)
+        while True:
+            try:
+                self._pipe.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                if not self._thread.is_alive():
+                    return
+                self._pipe.poll(100, zmq.POLLOUT)
 
     def recv(self, timeout: float) -> Message | bytes | None:
         """The next broker message, ``BROKER_DEAD``, or None on timeout."""
         if not self._pipe.poll(int(timeout * 1000)):
-            return None
+            return BROKER_DEAD if not self._thread.is_alive() and not self._pipe.poll(0) else None
         frames = self._pipe.recv_multipart(copy=False)
         if len(frames) == 1 and frames[0].bytes == BROKER_DEAD:
             return BROKER_DEAD

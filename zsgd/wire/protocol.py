@@ -128,7 +128,10 @@ def update_message(run: str, worker: int, base_version: int, grad: np.ndarray | 
     """Gradient/delta computed on weights `base_version`; a codec's arrays go in `extra_arrays`."""
     arrays = {} if grad is None else {"g": grad}
     arrays.update(extra_arrays or {})
-    m = {"n_samples": int(n_samples), "loss": None if loss is None else float(loss), **meta}
+    finite = loss is None or math.isfinite(loss)
+    m = {"n_samples": int(n_samples), "loss": float(loss) if loss is not None and finite else None, **meta}
+    if not finite:
+        m["non_finite"] = True  # JSON has no NaN: the worker's loss blew up (the broker ends the run as diverged)
     return Message(MsgType.UPDATE, run, worker, base_version, arrays, codec, m)
 
 
