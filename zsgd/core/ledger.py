@@ -15,9 +15,12 @@ Divergence (``--diverge-factor F``, default 100, 0 turns the loss test off):
 the run stops with ``stop_reason`` "diverged at update N (...)" when
 
 * a train loss, a gradient or the model is not finite (always on), or
+* the mean train loss of one logging window exceeds F squared times the
+  run's first loss (an explosion: 10^4 x for the default), or
 * the mean train loss of ``DIVERGE_PATIENCE`` consecutive logging windows
   (``--log-every`` updates each) stays above F times the run's first loss
-  (the loss of the initial model, or of the resumed one): a loss that only
+  (the loss of the initial model, or of the resumed one, at least
+  ``LOSS_FLOOR``): a loss that only
   spikes once is noise, one that stays two orders of magnitude above where
   it started has weights that are blowing up. (Ten times would stop runs
   that are merely unstable: 8 stale async workers on logistic regression
@@ -35,6 +38,7 @@ import numpy as np
 from zsgd.core.stopping import StopRule
 
 DIVERGE_PATIENCE = 3  # consecutive logging windows above the factor
+LOSS_FLOOR = 0.1  # the start loss the factors multiply is at least this (a resumed, well-fit model starts near 0)
 EVALS_PER_RUN = 10  # an automatic cadence gives about this many test points per run (and at least one per epoch)
 
 Emit = Callable[..., Any]  # emit(event, t, **fields), e.g. MetricsWriter.write
@@ -104,7 +108,10 @@ class RunLedger:
             self.stop_reason = reason
 
     def diverge(self, what: str, update: int | None = None) -> None:
-        self.stop(f"diverged at update {self.updates + 1 if update is None else update} ({what}): lower --lr")
+        """End the run as diverged; this replaces a budget reason (a model found non-finite at the final
+        evaluation of a run that "reached 200 updates" still diverged), never an earlier divergence."""
+        if not self.diverged:
+            self.stop_reason = f"diverged at update {self.updates + 1 if update is None else update} ({what}): lower --lr"
 
     def loss(self, value: float | None, worker: int | None = None) -> None:
         """A worker's train loss for one accepted gradient (it enters the logging window)."""
@@ -140,7 +147,11 @@ class RunLedger:
         self._window.clear()
         self.emit("train", t, updates=self.updates, samples=self.samples, epoch=self.samples / self.n_train, loss=self.last_loss,
                   **fields)
-        if self.diverge_factor > 0 and self.first_loss is not None and self.last_loss > self.diverge_factor * max(self.first_loss, 1e-12):
+        start = max(self.first_loss, LOSS_FLOOR) if self.first_loss is not None else None
+        if self.diverge_factor > 0 and start is not None and self.last_loss > self.diverge_factor ** 2 * start:
+            self.diverge(f"train loss {self.last_loss:.4g} exploded past {self.diverge_factor ** 2:g} x its start {self.first_loss:.4g}",
+                         self.updates)
+        elif self.diverge_factor > 0 and start is not None and self.last_loss > self.diverge_factor * start:
             self._high_windows += 1
             if self._high_windows >= DIVERGE_PATIENCE:
                 self.diverge(f"train loss {self.last_loss:.4g} stayed above {self.diverge_factor:g} x its start "

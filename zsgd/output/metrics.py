@@ -111,3 +111,32 @@ def read_metrics(path: Path) -> Iterator[dict[str, Any]]:
             if i == len(lines):
                 return
             raise ZsgdError(f"{path}:{i}: not a metrics event (corrupt line)") from None
+
+
+def drop_events_after(path: Path, updates: int) -> int:
+    """Remove the progress events past ``updates`` from ``metrics.jsonl``; returns how many.
+
+    A run resumed from its last checkpoint replays the updates made after
+    that checkpoint; without this the file would count them twice. Events
+    without an update count (start, worker, end) stay: they are history.
+    """
+    from zsgd.output.rundir import atomic_write_bytes
+
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1  # a torn last line of a killed run
+            continue
+        if isinstance(event, dict) and isinstance(event.get("updates"), int) and event["updates"] > updates \
+                and event.get("event") in ("update", "train", "eval"):
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode())
+    return dropped

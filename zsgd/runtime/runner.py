@@ -175,6 +175,9 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
 
         resume = load_checkpoint(Path(resume_dir))
         run_dir = Path(resume_dir)
+        from zsgd.output.metrics import drop_events_after
+
+        drop_events_after(run_dir / "metrics.jsonl", int(resume[2]["updates"]))  # they are replayed from the checkpoint
     else:
         run_dir = create_run_dir(out, cfg.name)
     problem = Problem.from_config(cfg)
@@ -206,6 +209,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             access.write_client_files(run_dir, opts.expect_workers)
         launcher = access.launchers(broker, run_dir, opts.heartbeat, opts.timeout, opts.show)
         started = time.monotonic()
+        interrupted = False
         try:
             for i in range(opts.n_proc):
                 launcher.local.start(i)
@@ -218,7 +222,13 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                     view.update(b)
                     _check_children(b, launcher, opts, started)
 
-                broker.serve(on_tick=tick)
+                try:
+                    broker.serve(on_tick=tick)
+                except KeyboardInterrupt:
+                    # Ctrl-C (or SIGTERM from a launcher): the broker has checkpointed on its way
+                    # out; write the summary of what was done, then exit as interrupted.
+                    interrupted = True
+                    broker.ledger.stop("interrupted")
         finally:
             launcher.stop_all(grace=2 * opts.heartbeat + 1)
         broker.final_evaluation()
@@ -234,6 +244,8 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
 
     plot_run(run_dir)
     summary["run_dir"] = str(run_dir)
+    if interrupted:
+        raise KeyboardInterrupt
     if broker.failed:
         from zsgd.runtime.relay import RunStopped
 
