@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from zsgd.errors import ZsgdError
-from zsgd.output.live import format_cell
+from zsgd.output.live import row_cells
 from zsgd.output.metrics import read_metrics
 
 COLUMNS = [("arm", "arm"), ("mode", "mode"), ("algo", "algo"), ("workers", "workers"), ("final_acc", "final accuracy"),
@@ -52,7 +52,7 @@ def arm_row(name: str, settings: dict[str, Any], run_dir: Path, target: float) -
         "final_acc": summary.get("test_accuracy"), "test_loss": summary.get("test_loss"), "time_to_target_s": ttt,
         "updates": summary.get("updates"), "samples": summary.get("samples"), "time_s": summary.get("wall_s"),
         "bytes_total": total_bytes(summary), "consensus_error": summary.get("consensus_error"),
-        "stop_reason": summary.get("stop_reason"), "real_s": summary.get("real_s", summary.get("wall_s")), "dir": run_dir.name,
+        "stop_reason": summary.get("stop_reason"), "diverged": bool(summary.get("diverged")), "real_s": summary.get("real_s", summary.get("wall_s")), "dir": run_dir.name,
     }
 
 
@@ -74,7 +74,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path, title: str, target:
               "round of all nodes (dsgd/dsgt/cadmm). Bytes count every message once. Consensus error: mean distance of the "
               "nodes' models from their average (decentralized arms, whose accuracy is that of the average).", "",
               "| " + " | ".join(h for _k, h in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(format_cell(k, r.get(k)) for k, _h in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(row_cells(r, COLUMNS)) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -91,7 +91,7 @@ def results_table(rows: list[dict[str, Any]], title: str) -> Any:
     for key, head in SHORT_COLUMNS:
         table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
     for r in rows:
-        table.add_row(*(format_cell(k, r.get(k)) for k, _h in SHORT_COLUMNS))
+        table.add_row(*row_cells(r, SHORT_COLUMNS))
     return table
 
 

@@ -90,6 +90,11 @@ def format_bytes(n: float) -> str:
     return f"{int(n)} B"
 
 
+def row_cells(row: dict[str, Any], columns: list[tuple[str, str]]) -> list[str]:
+    """The cells of one results-table row; a diverged arm says so in place of its accuracy."""
+    return ["diverged" if key == "final_acc" and row.get("diverged") else format_cell(key, row.get(key)) for key, _h in columns]
+
+
 def format_cell(key: str, v: Any) -> str:
     """One cell of a results table (sweeps and experiments), by column name."""
     if v is None or (isinstance(v, float) and v != v):

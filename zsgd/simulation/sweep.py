@@ -24,7 +24,7 @@ import numpy as np
 
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
-from zsgd.output.live import format_cell
+from zsgd.output.live import row_cells
 from zsgd.simulation.netmodel import (Constant, Network, parse_bandwidth, parse_compute, parse_delay, parse_duration, parse_failures,
                            parse_loss, parse_stragglers, parse_worker_latency, split_specs)
 from zsgd.sim import SimOptions, SimResult, Workload, run_arm
@@ -190,7 +190,7 @@ def result_row(arm: Arm, result: SimResult) -> dict[str, Any]:
             "virtual_s": s["virtual_s"], "updates_per_s": s["updates_per_s"], "samples_per_s": s["samples_per_s"],
             "bytes_sent": s["bytes_sent"], "bytes_received": s["bytes_received"], "staleness_mean": s["staleness_mean"],
             "staleness_p50": s["staleness_p50"], "staleness_p99": s["staleness_p99"], "staleness_max": s["staleness_max"],
-            "compute_s": s["compute_s"], "stop_reason": s["stop_reason"], "real_s": s["real_s"]}
+            "compute_s": s["compute_s"], "stop_reason": s["stop_reason"], "diverged": bool(s.get("diverged")), "real_s": s["real_s"]}
     return row
 
 
@@ -298,7 +298,7 @@ def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> t
              "bytes_sent": "bytes sent", "bytes_received": "bytes received", "staleness_mean": "staleness mean"}
     lines = [f"Arms of a zsgd simulation; times are virtual seconds; target accuracy {target:.0%}.", "",
              "| " + " | ".join(heads.get(k, h) for k, h in TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
-    lines += ["| " + " | ".join(format_cell(k, r.get(k)) for k, _h in TABLE_COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(row_cells(r, TABLE_COLUMNS)) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -310,7 +310,7 @@ def results_table(outcomes: list[ArmOutcome], target: float) -> Any:
     for key, head in TABLE_COLUMNS:
         table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
     for o in outcomes:
-        table.add_row(*(format_cell(k, o.row.get(k)) for k, _h in TABLE_COLUMNS))
+        table.add_row(*row_cells(o.row, TABLE_COLUMNS))
     return table
 
 
