@@ -142,8 +142,11 @@ def test_encode_normalizes_layout_and_refuses_bad_dtypes():
         with pytest.raises(ProtocolError) as e:
             P.encode(Message(MsgType.WEIGHTS, RUN, -1, 0, {"w": bad}))
         assert e.value.reason in ("bad-dtype", "bad-array")
-    with pytest.raises(ProtocolError, match="bad-json"):
-        P.encode(P.update_message(RUN, 0, 0, base.ravel(), 1, float("nan")))
+    with pytest.raises(ProtocolError, match="bad-json"):  # JSON has no NaN: the frame layer refuses it
+        P.encode(Message(MsgType.UPDATE, RUN, 0, 0, {"g": base.ravel()}, meta={"n_samples": 1, "loss": float("nan")}))
+    # ... so the builder carries a worker's blown-up loss as null plus a flag (a worker never crashes on NaN)
+    sent = P.decode(P.encode(P.update_message(RUN, 0, 0, base.ravel(), 1, float("nan"))))
+    assert sent.meta["loss"] is None and sent.meta["non_finite"] is True
     with pytest.raises(ProtocolError, match="bad-schema"):
         P.encode(Message(MsgType.HEARTBEAT, "run id with spaces", 0, 0))
     with pytest.raises(ProtocolError, match="bad-type"):
@@ -394,7 +397,7 @@ def test_validate_update_rejects(msg, kw, reason):
 
 def test_validate_update_checks_loss_of_unencoded_messages():
     """The simulator hands Messages over without JSON, so a NaN loss can reach validation."""
-    msg = P.update_message(RUN, 2, 0, np.zeros(10, np.float32), 4, float("nan"))
+    msg = Message(MsgType.UPDATE, RUN, 2, 0, {"g": np.zeros(10, np.float32)}, meta={"n_samples": 4, "loss": float("nan")})
     with pytest.raises(ProtocolError, match="non-finite"):
         P.validate_update(msg, run=RUN, known_workers={2}, n_params=10)
 

@@ -226,7 +226,8 @@ class Broker:
         peer.busy = False
         m = msg.meta
         try:
-            rec = {k: float(m[k]) for k in ("test_loss", "test_acc", "t")} | {k: int(m[k]) for k in ("updates", "samples")}
+            rec = {k: float("nan") if k == "test_loss" and m[k] is None else float(m[k]) for k in ("test_loss", "test_acc", "t")} \
+                | {k: int(m[k]) for k in ("updates", "samples")}
         except (KeyError, TypeError, ValueError):
             self.reject(peer.identity, "bad-eval", "EVAL without its numbers")
             return

@@ -14,7 +14,6 @@ Protocol, from the worker's side:
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import time
@@ -23,7 +22,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zmq
 
-from zsgd import __version__
 from zsgd.wire import protocol
 from zsgd.errors import ZsgdError
 from zsgd.wire.link import BROKER_DEAD, BrokerLink
@@ -60,14 +58,13 @@ def run_node(opts: NodeOptions) -> int:
 
 def _leave(link: BrokerLink, reason: str) -> None:
     try:
-        link.send(Message(MsgType.LEAVE, link.run, link.worker, 0, {}, meta={"reason": reason}))
+        link.send(protocol.leave(link.run, link.worker, reason))
     except zmq.ZMQError:
         pass
 
 
 def _session(opts: NodeOptions, link: BrokerLink) -> int:
-    hello_meta = {"stage": "join", "role": opts.role, "host": opts.host_label or socket.gethostname(), "pid": os.getpid(), "zsgd": __version__}
-    link.send(Message(MsgType.HELLO, UNASSIGNED_RUN, link.worker, 0, {}, meta=hello_meta))
+    link.send(protocol.hello(UNASSIGNED_RUN, link.worker, stage="join", role=opts.role, host=opts.host_label or socket.gethostname()))
     msg = _expect(opts, link, {MsgType.ASSIGN}, opts.join_timeout, "join")
     if msg is None:
         return EXIT_BROKER_GONE
@@ -180,7 +177,7 @@ def _load(opts: NodeOptions, link: BrokerLink, config: "TrainConfig", assign_met
             raise
         log(opts, f"no local copy of the data ({exc}); asking the broker for this worker's shard")
         need_shard, ds = True, None
-    link.send(Message(MsgType.HELLO, link.run, link.worker, 0, {}, meta={"stage": "ready", "role": opts.role, "need_shard": need_shard}))
+    link.send(protocol.hello(link.run, link.worker, stage="ready", role=opts.role, need_shard=need_shard))
     if need_shard:
         shard = _expect(opts, link, {MsgType.SHARD}, opts.join_timeout, "shard")
         if shard is None:
@@ -209,7 +206,7 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
         def handle_eval(msg: Message) -> Message:
             loss, acc = evaluate(model, msg.arrays["w"], ds.x_test, ds.y_test)
             meta = {k: msg.meta[k] for k in ("updates", "samples", "t") if k in msg.meta}
-            return Message(MsgType.EVAL, link.run, link.worker, msg.version, {}, meta=meta | {"test_loss": float(loss), "test_acc": float(acc)})
+            return protocol.eval_message(link.run, link.worker, msg.version, loss, acc, **meta)
 
         return handle_eval
 

@@ -291,8 +291,7 @@ class Simulation:
             return r.weights, self.w_bytes
         held = self.reply_codec.mirrors[w].copy()  # bit-identical to what the runtime's worker decodes
         held.flags.writeable = False
-        nbytes = protocol.message_nbytes(protocol.Message(protocol.MsgType.WEIGHTS, "0" * 12, -1, r.version, arrays,
-                                                          codec=self.reply_codec.name))
+        nbytes = protocol.message_nbytes(protocol.weights_delta_message("0" * 12, r.version, arrays, self.reply_codec.name))
         self.reply_bytes += nbytes
         return held, nbytes
 

@@ -122,7 +122,7 @@ def run_rounds(opts: Any, link: BrokerLink, cfg: TrainConfig, assign: dict[str, 
     except ProtocolError as exc:
         log(opts, f"rejected a peer message ({exc}); leaving, the run cannot continue without it")
         try:
-            link.send(Message(MsgType.LEAVE, link.run, link.worker, ep.round, {}, meta={"reason": f"bad peer message: {exc.reason}"}))
+            link.send(protocol.leave(link.run, link.worker, f"bad peer message: {exc.reason}", version=ep.round))
         except Exception:  # noqa: BLE001 - best effort on the way out
             pass
         return EXIT_PEER_ERROR
@@ -171,9 +171,8 @@ def _round(opts: Any, link: BrokerLink, ep: PeerEndpoint, every: int, steps: int
         time.sleep(stall_s)  # an emulated straggler: its neighbours wait for this round's messages
     done = r + 1
     arrays = {"w": ep.rule.x} if done % every == 0 or (steps is not None and done == steps) else {}
-    link.send(Message(MsgType.UPDATE, link.run, link.worker, r, arrays, meta={
-        "kind": "round", "round": r, "loss": float(stats.loss) if np.isfinite(stats.loss) else None,
-        "n_samples": int(stats.samples), "lr": float(stats.lr), "compute_s": compute_s, "stall_s": stall_s}))
+    link.send(protocol.round_report(link.run, link.worker, r, stats.loss, int(stats.samples), arrays, lr=float(stats.lr),
+                                    compute_s=compute_s, stall_s=stall_s))
     while True:  # a LEAVE that came while computing ends the loop now, not after the next round
         msg = link.recv(timeout=0)
         if msg is None:

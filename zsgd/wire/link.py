@@ -99,6 +99,7 @@ class BrokerLink:
         dealer.sndhwm = dealer.rcvhwm = 16
         dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        protocol.set_socket_limits(dealer)  # a shard is the largest message a worker takes (DEFAULT_LIMITS)
         if self.curve:
             dealer.curve_secretkey = self.curve["secret"]
             dealer.curve_publickey = self.curve["public"]

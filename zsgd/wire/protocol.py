@@ -28,7 +28,7 @@ __all__ = [
     "PROTOCOL_VERSION", "MAGIC", "DTYPES", "REASONS", "ZERO_COPY_THRESHOLD", "MsgType", "Message",
     "Limits", "DEFAULT_LIMITS", "ProtocolError", "encode", "decode", "send", "recv", "message_nbytes",
     "set_socket_limits", "worker_identity", "validate_update", "validate_weights", "hello", "assign",
-    "weights_message", "weights_delta_message", "update_message", "heartbeat", "eval_message", "leave", "error_message",
+    "weights_message", "weights_delta_message", "update_message", "heartbeat", "eval_message", "round_report", "leave", "error_message",
     "shard_message", "peer_message", "wait_message",
 ]
 
@@ -142,9 +142,16 @@ def heartbeat(run: str, worker: int, version: int = 0) -> Message:
 
 def eval_message(run: str, worker: int, version: int, test_loss: float, test_acc: float,
                  **meta: Any) -> Message:
-    """Evaluation of model `version`."""
-    m = {"test_loss": float(test_loss), "test_acc": float(test_acc), **meta}
+    """Evaluation of model `version`; a non-finite loss (a diverged model) travels as null."""
+    m = {"test_loss": float(test_loss) if math.isfinite(test_loss) else None, "test_acc": float(test_acc), **meta}
     return Message(MsgType.EVAL, run, worker, version, meta=m)
+
+
+def round_report(run: str, worker: int, round: int, loss: float, n_samples: int, arrays: Mapping[str, np.ndarray],
+                 **meta: Any) -> Message:
+    """A decentralized node finished ``round`` (its model in ``arrays["w"]`` on upload rounds); a non-finite loss is null."""
+    m = {"kind": "round", "round": int(round), "loss": float(loss) if math.isfinite(loss) else None, "n_samples": int(n_samples), **meta}
+    return Message(MsgType.UPDATE, run, worker, round, dict(arrays), meta=m)
 
 
 def leave(run: str, worker: int, reason: str = "done", version: int = 0) -> Message:
