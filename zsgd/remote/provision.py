@@ -48,7 +48,7 @@ class Wheel:
 
 def source_tree() -> Path | None:
     """The checkout this zsgd runs from (an editable install), or None for an installed wheel."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # zsgd/remote/provision.py -> the checkout
     return root if (root / "pyproject.toml").is_file() and (root / "zsgd" / "__init__.py").is_file() else None
 
 
