@@ -120,7 +120,9 @@ class Endpoint:
     def send(self, identity: bytes, msg: Message) -> bool:
         """Encode and send ``msg`` to one peer; False (and counted) when it cannot go out now."""
         track = msg.type == MsgType.WEIGHTS and msg.codec == "none"
-        tracker = self._send_frames(identity, protocol.encode(msg, self.limits), track)
+        # Encoded with the receiver's limits (a worker takes a whole data shard), not this socket's
+        # inbound ones, which are sized for the model.
+        tracker = self._send_frames(identity, protocol.encode(msg), track)
         if tracker is False:
             return False
         if track:
