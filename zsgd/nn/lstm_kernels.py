@@ -78,8 +78,9 @@ _B6 = np.float32(1.19825839466702e-06)
 @njit(cache=True, fastmath=_FM, error_model="numpy", inline="always")
 def _tanh(x):
     """float32 tanh as a vectorisable rational function (see the module docstring)."""
-    x = x if x < _CLAMP else _CLAMP  # selects, not min/max: those compile to branches
-    x = x if x > -_CLAMP else -_CLAMP
+    # Selects, not min/max (those compile to branches), written so NaN stays NaN.
+    x = _CLAMP if x > _CLAMP else x
+    x = -_CLAMP if x < -_CLAMP else x
     x2 = x * x
     p = x2 * _A13 + _A11
     p = x2 * p + _A9
