@@ -63,6 +63,32 @@ class TextDataset:
     skipped: list[str] = field(default_factory=list)
 
     is_text = True
+    #: Not an image: models that need one refuse a text data set on this.
+    input_shape: tuple[int, ...] = ()
+
+    # The image data sets' attribute names, so shards, the broker's SHARD
+    # message and every "n_train = len(ds.y_train)" work unchanged: for text
+    # the "samples" are the tokens, and inputs and targets are the one stream
+    # (the target of token i is token i + 1, taken by ``TokenStream``).
+    @property
+    def x_train(self) -> np.ndarray:
+        return self.train
+
+    @property
+    def y_train(self) -> np.ndarray:
+        return self.train
+
+    @property
+    def x_test(self) -> np.ndarray:
+        return self.test
+
+    @property
+    def y_test(self) -> np.ndarray:
+        return self.test
+
+    @property
+    def classes(self) -> list[str]:
+        return self.vocab
 
     @property
     def n_classes(self) -> int:

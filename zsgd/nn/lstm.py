@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,48 +38,12 @@ import numpy as np
 from zsgd import kernels as K
 from zsgd.errors import ZsgdError
 from zsgd.nn import lstm_kernels as LK
+from zsgd.nn.lstm_spec import LSTMSpec, is_lstm_name, parse_lstm_name
+
+__all__ = ["LSTMModel", "LSTMSpec", "LSTMState", "get_lstm", "is_lstm_name", "parse_lstm_name", "warm_up"]
 
 #: Workspaces kept (training shape, evaluation shape, a ragged tail).
 _WORKSPACES = 3
-_DEFAULTS = {"embed": 64, "hidden": 256, "layers": 2}
-_LIMITS = {"embed": (1, 4096), "hidden": (1, 4096), "layers": (1, 2)}
-
-
-@dataclass(frozen=True)
-class LSTMSpec:
-    """Sizes of an ``lstm`` model, parsed from its name."""
-
-    embed: int = _DEFAULTS["embed"]
-    hidden: int = _DEFAULTS["hidden"]
-    layers: int = _DEFAULTS["layers"]
-
-    @property
-    def name(self) -> str:
-        """The canonical model name (what config.yaml and checkpoints record)."""
-        return f"lstm:embed={self.embed},hidden={self.hidden},layers={self.layers}"
-
-
-def is_lstm_name(name: Any) -> bool:
-    """True for ``lstm`` and ``lstm:...`` (and not for a user factory such as ``pkg.lstm:make``)."""
-    return isinstance(name, str) and (name == "lstm" or name.startswith("lstm:"))
-
-
-def parse_lstm_name(name: str) -> LSTMSpec:
-    """``lstm`` or ``lstm:embed=64,hidden=256,layers=2`` (any subset, any order) -> sizes."""
-    head, _, args = name.partition(":")
-    if head != "lstm":
-        raise ZsgdError(f"not an lstm model name: '{name}'")
-    sizes = dict(_DEFAULTS)
-    for item in filter(None, (a.strip() for a in args.split(","))):
-        key, eq, val = item.partition("=")
-        key = key.strip()
-        if key not in sizes or not eq:
-            raise ZsgdError(f"bad lstm model option '{item}' in '{name}': use lstm:embed=E,hidden=H,layers=L")
-        lo, hi = _LIMITS[key]
-        if not val.strip().isdigit() or not lo <= int(val) <= hi:
-            raise ZsgdError(f"lstm {key} must be a whole number in [{lo}, {hi}], got '{val}' in '{name}'")
-        sizes[key] = int(val)
-    return LSTMSpec(**sizes)
 
 
 class LSTMState:
@@ -120,11 +83,15 @@ class LSTMModel:
 
     is_language_model = True
 
-    def __init__(self, spec: LSTMSpec, vocab_size: int, seed: int = 0) -> None:
+    def __init__(self, spec: LSTMSpec, vocab_size: int, seed: int = 0, bptt: int = 64) -> None:
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 2:
             raise ZsgdError(f"an lstm language model needs a vocabulary of at least 2 tokens, got {vocab_size!r}")
+        if isinstance(bptt, bool) or not isinstance(bptt, (int, np.integer)) or bptt < 1:
+            raise ZsgdError(f"--bptt must be a positive integer, got {bptt!r}")
         self.spec = spec
         self.name = spec.name
+        #: Tokens per sequence: what the training stream and the evaluation read at a time.
+        self.bptt = int(bptt)
         self.vocab_size = self.n_classes = int(vocab_size)
         self.input_shape: tuple[int, ...] = ()
         E, H, V = spec.embed, spec.hidden, self.vocab_size
@@ -374,9 +341,9 @@ class LSTMModel:
         return f"LSTMModel({self.name!r}, vocab_size={self.vocab_size}, n_params={self.n_params})"
 
 
-def get_lstm(name: str, vocab_size: int, seed: int = 0) -> LSTMModel:
+def get_lstm(name: str, vocab_size: int, seed: int = 0, bptt: int = 64) -> LSTMModel:
     """Build ``lstm[:embed=..,hidden=..,layers=..]`` for a vocabulary of ``vocab_size`` tokens."""
-    return LSTMModel(parse_lstm_name(name), vocab_size, seed=seed)
+    return LSTMModel(parse_lstm_name(name), vocab_size, seed=seed, bptt=bptt)
 
 
 def warm_up() -> None:

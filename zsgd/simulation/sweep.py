@@ -201,6 +201,7 @@ def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> 
 
     workload = Workload(cfg, problem or Problem.from_config(cfg))
     for n in sorted({a.opts.n_workers for a in arms}):
+        workload.problem.check_fits(cfg, n)
         workload.shards(n)
     return workload
 
