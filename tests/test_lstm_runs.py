@@ -11,7 +11,8 @@ import yaml
 
 from conftest import read_events, run_zsgd
 from zsgd.core.config import LM_DEFAULTS, TrainConfig
-from zsgd.core.problem import Problem, perplexity
+from zsgd.core.ledger import perplexity
+from zsgd.core.problem import Problem
 from zsgd.core.stopping import StopRule
 from zsgd.errors import ZsgdError
 

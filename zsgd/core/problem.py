@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from zsgd.core.config import TrainConfig
-from zsgd.core.ledger import RunLedger, perplexity
+from zsgd.core.ledger import RunLedger
 from zsgd.core.stopping import StopRule
 
 
