@@ -20,8 +20,9 @@ Every run uses the same per-worker batch (``--batch-size``, default 32
 streams x 64 tokens) so the table compares throughput, not batch sizes.
 tokens/s is counted from ``metrics.jsonl``: the tokens of the updates
 applied between the first and the last one, over the time between them (so
-start-up, the final evaluation and teardown are left out), and an
-evaluation's time is not subtracted (runs evaluate in a separate process).
+start-up, the final evaluation and teardown are left out). Runs evaluate
+only at the end (``--eval-every 1000000``), so no evaluation competes with
+the workers for the cores.
 Prints the markdown table for docs/benchmarks.md and writes it to OUT/table.md.
 """
 
@@ -122,21 +123,29 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2,4")
     ap.add_argument("--out", type=Path, default=Path("runs/lstm-scaling"))
     ap.add_argument("--no-ssh", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="keep runs already finished in OUT (rerun only the rest)")
     ap.add_argument("--sim-steps", type=int, default=160, help="updates per simulated arm")
     args = ap.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common = ["--model", args.model, "--batch-size", str(args.batch_size), "--time", f"{args.time:g}", "-q"]
+    # No evaluation but the final one: a pass over the 103 K test tokens costs seconds, and the
+    # runs' evaluator process would compete with the workers for this machine's two cores.
+    common = ["--model", args.model, "--batch-size", str(args.batch_size), "--time", f"{args.time:g}", "--eval-every", "1000000", "-q"]
     rows: list[tuple[str, str, float, float | None]] = []
 
-    zsgd("train", *common, "--out", str(out / "train"))
+    def done(d: Path) -> bool:  # --reuse: keep a finished run of an earlier invocation
+        return args.reuse and (d / "summary.json").is_file()
+
+    if not done(out / "train"):
+        zsgd("train", *common, "--out", str(out / "train"))
     rows.append(("1 process (`zsgd train`)", "1", *tokens_per_s(out / "train")))
     for n in (int(x) for x in args.workers.split(",")):
         d = out / f"run-local-{n}"
-        zsgd("run", "--n-proc", str(n), *common, "--out", str(d))
+        if not done(d):
+            zsgd("run", "--n-proc", str(n), *common, "--out", str(d))
         rows.append((f"{n} local worker{'s' if n > 1 else ''} (`zsgd run --n-proc {n}`)", str(n), *tokens_per_s(d)))
     if not args.no_ssh:
-        d = remote_run(out, common)
+        d = out / "run-ssh-2" if done(out / "run-ssh-2") else remote_run(out, common)
         if d is not None:
             rows.append(("2 loopback-SSH hosts (`zsgd run --remote`)", "2", *tokens_per_s(d)))
 
