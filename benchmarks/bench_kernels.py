@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py                 # cnn, batch 64
     python benchmarks/bench_kernels.py --model lenet5 --batch 128
+    python benchmarks/bench_kernels.py --model lstm    # vs torch.nn.LSTM, tokens/s
 
 Prints samples/s for a training step (forward + backward + SGD update) and
 for forward only, zsgd's per-layer share of its step time, and the time a
@@ -189,14 +190,22 @@ def timed_group(fn: Callable[[], object], group: int, batch: int) -> list[float]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="cnn", choices=["cnn", "lenet5", "mlp", "logreg"])
+    ap.add_argument("--model", default="cnn", choices=["cnn", "lenet5", "mlp", "logreg", "lstm"])
     ap.add_argument("--shape", default="1,28,28", help="C,H,W (default 1,28,28: MNIST)")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=None, help="default 64 (lstm: 32 streams)")
     ap.add_argument("--group", type=int, default=4, help="steps in a row per implementation and round (>= 2)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--no-cold", action="store_true", help="skip the fresh-process start-up measurement")
+    ap.add_argument("--lstm", default="lstm:embed=64,hidden=256,layers=2", help="lstm model name (--model lstm)")
+    ap.add_argument("--vocab", type=int, default=72, help="lstm vocabulary (72: the embedded corpus' characters)")
+    ap.add_argument("--bptt", type=int, default=64, help="lstm sequence length per step")
     args = ap.parse_args()
+    if args.model == "lstm":
+        args.batch = args.batch or 32
+        bench_lstm(args)
+        return
+    args.batch = args.batch or 64
     shape = tuple(int(s) for s in args.shape.split(","))
     n = args.batch
 
@@ -288,6 +297,98 @@ def main() -> None:
 
     cold = None if args.no_cold else cold_start_seconds(args.model, shape, n)
     report(args, med, results, timings, cold, torch_version)
+
+
+class TorchLM:
+    """``torch.nn.Embedding -> LSTM -> Linear`` with zsgd's parameter names (so one state_dict fits both)."""
+
+    def __new__(cls, vocab: int, embed: int, hidden: int, layers: int):
+        import torch
+
+        class _LM(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.embed = torch.nn.Embedding(vocab, embed)
+                self.lstm = torch.nn.LSTM(embed, hidden, layers, batch_first=True)
+                self.fc = torch.nn.Linear(hidden, vocab)
+
+            def forward(self, x, hc):
+                out, hc = self.lstm(self.embed(x), hc)
+                return self.fc(out), hc
+
+        return _LM()
+
+
+def bench_lstm(args) -> None:
+    """Tokens/s of one truncated-BPTT training step (forward, backward, SGD), zsgd vs torch.nn.LSTM.
+
+    Both carry their hidden state across steps (zsgd in an ``LSTMState``,
+    PyTorch detached, as in ``word_language_model``) and start from the same
+    weights; the first step's gradients are checked to agree.
+    """
+    from zsgd.nn.lstm import get_lstm
+
+    m = get_lstm(args.lstm, args.vocab)
+    s = m.spec
+    B, T, V = args.batch, args.bptt, args.vocab
+    w = m.init(0)
+    g = np.empty_like(w)
+    opt = make_optimizer("sgd", m.n_params, lr=LR)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, V, (B, T))
+    y = rng.integers(0, V, (B, T))
+    state = m.init_state(B)
+    train: dict[str, Callable[[], object]] = {}
+
+    def zsgd_step():
+        m.loss_and_grad(w, x, y, out=g, state=state)
+        opt.step(w, g)
+
+    train["zsgd"] = zsgd_step
+    torch_version = None
+    if not args.no_torch:
+        try:
+            import torch
+        except ImportError:
+            torch = None
+        if torch is not None:
+            torch.set_num_threads(1)
+            torch_version = torch.__version__
+            net = TorchLM(V, s.embed, s.hidden, s.layers)
+            net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in m.state_dict(w).items()})
+            loss_t = torch.nn.functional.cross_entropy(net(torch.from_numpy(x), None)[0].reshape(-1, V),
+                                                       torch.from_numpy(y).reshape(-1))
+            loss_t.backward()
+            _, g0 = m.loss_and_grad(w, x, y)
+            g_t = np.concatenate([p.grad.numpy().ravel() for p in net.parameters()])
+            err = np.abs(g_t - g0).max() / np.abs(g_t).max()
+            assert err < 1e-4, f"zsgd and PyTorch LSTM gradients disagree: {err}"
+            topt = torch.optim.SGD(net.parameters(), lr=LR)
+            xt, yt = torch.from_numpy(x), torch.from_numpy(y).reshape(-1)
+            hc = [(torch.zeros(s.layers, B, s.hidden), torch.zeros(s.layers, B, s.hidden))]
+
+            def torch_step():
+                topt.zero_grad()
+                out, (h, c) = net(xt, hc[0])
+                hc[0] = (h.detach(), c.detach())
+                torch.nn.functional.cross_entropy(out.reshape(-1, V), yt).backward()
+                topt.step()
+
+            train["pytorch"] = torch_step
+    for f in train.values():
+        for _ in range(2):
+            f()
+    results: dict[str, list[float]] = {f"train/{k}": [] for k in train}
+    for _ in range(args.rounds):
+        for k, f in train.items():
+            results[f"train/{k}"] += timed_group(f, max(2, args.group), B * T)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    base = med.get("train/pytorch")
+    print(f"{m.name} vocab {V}, batch {B} x bptt {T}, 1 thread, median of {args.rounds} x {max(2, args.group) - 1} "
+          f"timed steps | numpy {np.__version__}, torch {torch_version}")
+    for k, v in med.items():
+        ratio = f"{v / base:.2f}x PyTorch" if base else ""
+        print(f"  {k:14s} {v:10,.0f} tokens/s (best step {max(results[k]):,.0f})  {ratio}")
 
 
 def report(args, med, results, timings, cold, torch_version) -> None:

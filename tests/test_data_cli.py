@@ -82,5 +82,5 @@ def test_real_entry_point_exit_code(tmp_path):
                           text=True, env=env)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "zsgd: error: unknown data set 'nope': choose one of default, fashion-mnist, mnist, embedded, imagefolder:PATH"
+        "zsgd: error: unknown data set 'nope': choose one of default, fashion-mnist, mnist, embedded, imagefolder:PATH, text[:FILE]"
     ]

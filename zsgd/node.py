@@ -170,7 +170,8 @@ def _load(opts: NodeOptions, link: BrokerLink, config: "TrainConfig", assign_met
     need_shard = False
     x = y = None
     try:
-        ds = load_dataset(config.data, data_dir=data_dir, image_size=config.image_size, grayscale=config.grayscale)
+        ds = load_dataset(config.data, data_dir=data_dir, image_size=config.image_size, grayscale=config.grayscale,
+                          tokens=config.tokens)
         input_shape, n_classes = ds.input_shape, ds.n_classes
     except ZsgdError as exc:
         if opts.role != "worker":
@@ -184,7 +185,7 @@ def _load(opts: NodeOptions, link: BrokerLink, config: "TrainConfig", assign_met
             return None
         x, y = np.array(shard.arrays["x"]), np.array(shard.arrays["y"])
         input_shape, n_classes = tuple(shard.meta["input_shape"]), int(shard.meta["n_classes"])
-    model = get_model(config.model, input_shape=tuple(input_shape), n_classes=n_classes, seed=config.seed)
+    model = get_model(config.model, input_shape=tuple(input_shape), n_classes=n_classes, seed=config.seed, bptt=config.bptt)
     if opts.role == "worker" and not need_shard:
         idx = make_shard(ds.y_train, config.split, config.seed, link.worker, int(assign_meta["n_workers"]))
         x, y = ds.x_train[idx], ds.y_train[idx]

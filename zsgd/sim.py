@@ -142,14 +142,22 @@ class Workload:
             from zsgd.data import to_float
 
             ds = self.problem.dataset
-            idx = np.arange(self.cfg.batch_size) % len(ds.y_train)
-            xb, yb = to_float(ds.x_train[idx]), ds.y_train[idx]
+            if getattr(self.model, "is_language_model", False):
+                # a worker's step: one block of batch x bptt tokens, the state carried
+                from zsgd.data import TokenStream
+
+                stream, state = TokenStream(ds.x_train, self.cfg.batch_size, self.model.bptt), self.model.init_state(self.cfg.batch_size)
+                step = lambda i: self.model.loss_and_grad(self.w0, *next(stream)[:2], state=state)  # noqa: E731
+            else:
+                idx = np.arange(self.cfg.batch_size) % len(ds.y_train)
+                xb, yb = to_float(ds.x_train[idx]), ds.y_train[idx]
+                step = lambda i: self.model.loss_and_grad(self.w0, xb, yb, training=True, seed=i)  # noqa: E731
             for i in range(warmup):
-                self.model.loss_and_grad(self.w0, xb, yb, training=True, seed=i)
+                step(i)
             times = []
             for i in range(max(1, steps)):
                 t0 = time.perf_counter()
-                self.model.loss_and_grad(self.w0, xb, yb, training=True, seed=warmup + i)
+                step(warmup + i)
                 times.append(time.perf_counter() - t0)
             self.compute_samples = times
         return float(np.median(self.compute_samples))

@@ -4,6 +4,12 @@ The runtime's worker process and the simulator's virtual workers both call
 ``WorkerStep.compute``; only who delivers the weights differs. A worker owns
 its shard and its batch stream (seeded by run seed and worker index), so a
 worker's sequence of mini-batches is the same in a real run and a simulation.
+
+A language model's worker (``model.is_language_model``) reads its shard, a
+contiguous span of tokens, as ``batch_size`` parallel rows ``model.bptt``
+tokens at a time (``zsgd.data.text.TokenStream``) and carries the model's
+hidden state from one batch to the next, resetting it where the stream
+starts over; its ``n_samples`` are tokens (batch x bptt).
 """
 
 from __future__ import annotations
@@ -23,13 +29,22 @@ class WorkerStep:
         self.x, self.y = x, y
         self.worker = worker
         self.seed = seed
-        self.stream = BatchStream(np.arange(len(y), dtype=np.int64), batch_size, seed=seed * 1_000_003 + worker)
         self.steps = 0
+        if getattr(model, "is_language_model", False):
+            from zsgd.data import TokenStream
+
+            self.tokens = TokenStream(x, batch_size, model.bptt)
+            self.state = model.init_state(batch_size)
+        else:
+            self.tokens = None
+            self.stream = BatchStream(np.arange(len(y), dtype=np.int64), batch_size, seed=seed * 1_000_003 + worker)
 
     def compute(self, weights: np.ndarray, version: int) -> Update:
         from zsgd.data import to_float
         from zsgd.core.problem import step_seed
 
+        if self.tokens is not None:
+            return self._compute_lm(weights, version)
         idx = next(self.stream)
         with np.errstate(over="ignore", invalid="ignore"):  # divergence shows as a non-finite loss, reported by the caller
             loss, grad = self.model.loss_and_grad(
@@ -37,3 +52,12 @@ class WorkerStep:
             )
         self.steps += 1
         return Update(self.worker, version, grad, len(idx), float(loss))
+
+    def _compute_lm(self, weights: np.ndarray, version: int) -> Update:
+        xb, yb, reset = next(self.tokens)
+        if reset:  # the stream starts over: the carried state belongs to the span's end, not to this text
+            self.state.reset()
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss, grad = self.model.loss_and_grad(weights, xb, yb, state=self.state)
+        self.steps += 1
+        return Update(self.worker, version, grad, xb.size, float(loss))

@@ -71,6 +71,11 @@ def _status_rows() -> list[tuple[str, bool, str, str]]:
     cached = list(cache.glob("*.npz")) if cache.is_dir() else []
     cached_size = f"{len(cached)} cached decode(s), {_bytes(sum(p.stat().st_size for p in cached))}" if cached else ""
     rows.append(("imagefolder:PATH", True, "any folder with one subfolder per class", cached_size))
+    from zsgd.data.text import EMBEDDED_TEXT_PATH
+
+    text_ok = EMBEDDED_TEXT_PATH.is_file()
+    rows.append(("text[:FILE]", text_ok, f"{EMBEDDED_TEXT_PATH} (or any UTF-8 FILE)",
+                 f"KJV Genesis-Ruth, {_bytes(EMBEDDED_TEXT_PATH.stat().st_size)}" if text_ok else ""))
     return rows
 
 
@@ -95,7 +100,9 @@ def list_cmd() -> None:
 @click.option("--image-size", type=click.IntRange(8, 1024), default=64, show_default=True,
               help="Side length images are resized to (image folders only).")
 @click.option("--grayscale", is_flag=True, help="Decode image folders as one channel.")
-def info_cmd(name: str, data_dir: Path | None, image_size: int, grayscale: bool) -> None:
+@click.option("--tokens", type=click.Choice(("chars", "bytes", "words")), default="chars", show_default=True,
+              help="What one token is (text data only).")
+def info_cmd(name: str, data_dir: Path | None, image_size: int, grayscale: bool, tokens: str) -> None:
     """Shapes, per-class counts and source of data set NAME (default: 'default')."""
     from rich.console import Console
     from rich.table import Table
@@ -103,8 +110,11 @@ def info_cmd(name: str, data_dir: Path | None, image_size: int, grayscale: bool)
     from zsgd.data.datasets import load_dataset
 
     ds = load_dataset(name, data_dir=str(data_dir) if data_dir else None, image_size=image_size,
-                      grayscale=grayscale)
+                      grayscale=grayscale, tokens=tokens)
     console = Console()
+    if getattr(ds, "is_text", False):
+        _text_info(console, ds)
+        return
     console.print(f"[bold]{ds.name}[/]  from {ds.source}")
     console.print(
         f"train {tuple(ds.x_train.shape)} {ds.x_train.dtype}, test {tuple(ds.x_test.shape)} {ds.x_test.dtype}, "
@@ -119,4 +129,21 @@ def info_cmd(name: str, data_dir: Path | None, image_size: int, grayscale: bool)
     for i, cls in enumerate(ds.classes):
         table.add_row(str(i), cls, f"{int(train[i]):,}", f"{int(test[i]):,}")
     table.add_row("", "[bold]total[/]", f"{len(ds.y_train):,}", f"{len(ds.y_test):,}")
+    console.print(table)
+
+
+def _text_info(console, ds) -> None:
+    """A text data set: its streams, vocabulary, unigram baseline and most frequent tokens."""
+    import numpy as np
+    from rich.table import Table
+
+    console.print(f"[bold]{ds.name}[/]  from {ds.source}")
+    console.print(f"{ds.tokens}: {len(ds.train):,} train / {len(ds.test):,} test tokens, vocabulary {ds.n_classes}, "
+                  f"unigram test perplexity {ds.unigram_perplexity():.2f} (the baseline a language model must beat)")
+    counts = np.bincount(ds.train, minlength=ds.n_classes)
+    table = Table(title="most frequent tokens (train)")
+    for column in ("token", "count", "share"):
+        table.add_column(column, justify="left" if column == "token" else "right")
+    for i in np.argsort(-counts, kind="stable")[:15]:
+        table.add_row(repr(ds.vocab[i]), f"{int(counts[i]):,}", f"{counts[i] / len(ds.train):.1%}")
     console.print(table)

@@ -13,14 +13,14 @@ from typing import Any, Callable
 import click
 from click.core import ParameterSource
 
-from zsgd.core.config import OPTIMIZERS, TrainConfig
+from zsgd.core.config import OPTIMIZERS, TrainConfig, model_defaults
 from zsgd.errors import ZsgdError
 from zsgd.core.schedule import LR_SCHEDULES
 
 # (flag, TrainConfig field, click kwargs)
 TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--model", "model", dict(default="cnn", show_default=True, help="logreg, mlp, cnn, lenet5, or package.module:factory for your own model.")),
-    ("--data", "data", dict(default="default", show_default=True, help="fashion-mnist, mnist, embedded, imagefolder:PATH; default: full Fashion-MNIST if installed, else the embedded subset.")),
+    ("--model", "model", dict(default="cnn", show_default=True, help="logreg, mlp, cnn, lenet5, lstm[:embed=E,hidden=H,layers=L] (a language model; its defaults: --batch-size 32 streams, --optimizer adam, --lr 0.002, --clip-norm 1), or package.module:factory for your own model.")),
+    ("--data", "data", dict(default="default", show_default=True, help="fashion-mnist, mnist, embedded, imagefolder:PATH, text[:FILE]; default: full Fashion-MNIST if installed, else the embedded subset (--model lstm: the embedded text corpus).")),
     ("--data-dir", "data_dir", dict(default=None, type=click.Path(file_okay=False), help="Directory holding the data set's files.")),
     ("--image-size", "image_size", dict(default=64, show_default=True, type=int, help="Side length images are resized to (imagefolder).")),
     ("--grayscale/--rgb", "grayscale", dict(default=False, help="Colour mode for imagefolder data.")),
@@ -39,6 +39,9 @@ TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--steps", "steps", dict(default=None, type=int, help="Stop after this many (central) updates.")),
     ("--time", "time_limit", dict(default=None, type=float, help="Stop after this many seconds.")),
     ("--target-acc", "target_acc", dict(default=None, type=float, help="Stop once test accuracy reaches this (0-1).")),
+    ("--target-ppl", "target_ppl", dict(default=None, type=float, help="Language models: stop once test perplexity is at most this.")),
+    ("--bptt", "bptt", dict(default=64, show_default=True, type=int, help="Language models: tokens per sequence; the hidden state carries over between a worker's consecutive batches.")),
+    ("--tokens", "tokens", dict(default="chars", show_default=True, type=click.Choice(("chars", "bytes", "words")), help="Text data: what one token is.")),
     ("--eval-every", "eval_every", dict(default=0, show_default=True, type=int, help="Evaluate every N updates (0: about 10 times per run, at least once per epoch).")),
     ("--log-every", "log_every", dict(default=20, show_default=True, type=int, help="Log the mean train loss every N updates.")),
     ("--diverge-factor", "diverge_factor", dict(default=100.0, show_default=True, type=float,
@@ -87,12 +90,18 @@ def build_config(ctx: click.Context, params: dict[str, Any], default_name: str, 
     values: dict[str, Any] = {}
     if params.get("config_file"):
         values.update(load_yaml_config(Path(params["config_file"])))
+    unset: set[str] = set()
     for _flag, field, _kw in TRAINING_FLAGS:
         explicit = ctx.get_parameter_source(field) not in (ParameterSource.DEFAULT, None)
-        if not explicit and field not in values and defaulted is not None:
-            defaulted.add(field)
+        if not explicit and field not in values:
+            unset.add(field)
         if explicit or field not in values:
             values[field] = params[field]
+    for field, value in model_defaults(values["model"]).items():
+        if field in unset:  # a model family's own defaults, where the user chose nothing
+            values[field] = value
+    if defaulted is not None:
+        defaulted.update(unset)
     if values.get("name") is None:
         values["name"] = default_name
     return TrainConfig.from_dict(values).validate()

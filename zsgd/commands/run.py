@@ -39,7 +39,8 @@ def _runtime_options(func):
 def _print_run_summary(summary: dict) -> None:
     from zsgd.output.live import stderr_console, summary_table
 
-    keys = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s", "staleness_mean",
+    keys = ("test_accuracy", "test_loss", "test_perplexity", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s",
+            "tokens_per_s", "staleness_mean",
             "staleness_max", "consensus_error", "rejected_messages", "refused_clients", "worker_deaths", "stop_reason", "run_dir")
     stderr_console.print(summary_table("summary", {k: summary[k] for k in keys if k in summary}))
     if summary.get("diverged"):
@@ -101,7 +102,7 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
         raise ZsgdError(f"{resume_dir} was not made by 'zsgd run'; only distributed runs can be resumed")
     fields = {f for _flag, f, _k in TRAINING_FLAGS} | {"extra"}
     values = {k: v for k, v in stored.items() if k in fields}
-    for field in ("epochs", "steps", "time_limit", "target_acc"):
+    for field in ("epochs", "steps", "time_limit", "target_acc", "target_ppl"):
         if ctx.get_parameter_source(field) == click.core.ParameterSource.COMMANDLINE:
             values[field] = params[field]
     return TrainConfig.from_dict(values).validate(), run_opts

@@ -21,11 +21,13 @@ def train(ctx: click.Context, out: str | None, quiet: bool, **params) -> None:
     from zsgd.runtime.trainer import train as run_training
 
     problem = Problem.from_config(cfg)
+    problem.check_fits(cfg)
     stderr_console.print(f"data: [bold]{problem.dataset.name}[/] ({problem.dataset.source}), "
                          f"{len(problem.dataset.y_train):,} train / {len(problem.dataset.y_test):,} test; "
                          f"model: [bold]{cfg.model}[/] ({problem.model.n_params:,} parameters)")
     summary = run_training(cfg, out=out, show_progress=not quiet, problem=problem)
-    keys = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s", "stop_reason", "run_dir")
-    stderr_console.print(summary_table("summary", {k: summary[k] for k in keys}))
+    keys = ("test_accuracy", "test_loss", "test_perplexity", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s",
+            "tokens_per_s", "stop_reason", "run_dir")
+    stderr_console.print(summary_table("summary", {k: summary[k] for k in keys if k in summary}))
     if summary["diverged"]:
         raise RunDiverged(f"training {summary['stop_reason']}; the summary is in {summary['run_dir']}")

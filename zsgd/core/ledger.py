@@ -44,6 +44,11 @@ EVALS_PER_RUN = 10  # an automatic cadence gives about this many test points per
 Emit = Callable[..., Any]  # emit(event, t, **fields), e.g. MetricsWriter.write
 
 
+def perplexity(loss: float) -> float:
+    """``exp`` of a mean cross-entropy in nats (inf for a diverged or huge loss, never an OverflowError)."""
+    return math.exp(loss) if math.isfinite(loss) and loss < 700.0 else math.inf
+
+
 def _finite_or_none(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -75,8 +80,11 @@ class RunLedger:
     """
 
     def __init__(self, rule: StopRule, *, n_train: int, log_every: int = 20, eval_every: int = 0,
-                 diverge_factor: float = 100.0, emit: Emit | None = None, updates: int = 0, samples: int = 0) -> None:
+                 diverge_factor: float = 100.0, emit: Emit | None = None, updates: int = 0, samples: int = 0,
+                 language_model: bool = False) -> None:
         self.rule = rule
+        #: samples are tokens: evaluations add ``test_perplexity``, the summary ``tokens_per_s`` too
+        self.language_model = language_model
         self.n_train = max(1, int(n_train))
         self.log_every = max(1, int(log_every))
         self.eval_every = int(eval_every)
@@ -172,6 +180,8 @@ class RunLedger:
     def evaluated(self, t: float, test_loss: float, test_acc: float, *, updates: int | None = None, samples: int | None = None,
                   **extra: Any) -> EvalRecord:
         """An evaluation came back (it may describe an earlier model: ``updates`` says which)."""
+        if self.language_model:
+            extra = {"test_perplexity": perplexity(float(test_loss))} | extra
         rec = EvalRecord(float(t), self.updates if updates is None else int(updates), self.samples if samples is None else int(samples),
                          float(test_loss), float(test_acc), extra)
         self.test_loss, self.test_acc = rec.test_loss, rec.test_acc
@@ -181,7 +191,7 @@ class RunLedger:
         if not math.isfinite(rec.test_loss):
             self.diverge("the model is not finite: test loss is NaN", rec.updates)
         elif self.stop_reason is None:
-            reason = self.rule.reason(self.updates, self.samples, t, rec.test_acc)
+            reason = self.rule.reason(self.updates, self.samples, t, rec.test_acc, rec.test_loss)
             if reason:
                 self.stop(reason)
         return rec
@@ -242,7 +252,9 @@ class RunLedger:
         """The keys every mode's ``summary.json`` has, with the same meaning everywhere."""
         stale = np.asarray(self.staleness if self.staleness else [0])
         active = t if busy_s is None else busy_s
-        return {
+        lm = {"test_perplexity": _finite_or_none(perplexity(self.test_loss)),
+              "tokens_per_s": self.samples / active if active and active > 0 else None} if self.language_model else {}
+        return lm | {
             "test_accuracy": _finite_or_none(self.test_acc), "test_loss": _finite_or_none(self.test_loss),
             "train_loss": _finite_or_none(self.last_loss), "updates": self.updates, "samples": self.samples,
             "epochs": self.samples / self.n_train, "wall_s": t,

@@ -48,7 +48,8 @@ def resolve_lr_schedule(cfg: "TrainConfig", algo: str) -> "TrainConfig":
         return cfg
     from dataclasses import replace
 
-    has_length = cfg.epochs is not None or cfg.steps is not None or cfg.time_limit is not None or cfg.target_acc is None
+    has_length = cfg.epochs is not None or cfg.steps is not None or cfg.time_limit is not None or (
+        cfg.target_acc is None and cfg.target_ppl is None)
     central = algo.partition(":")[0] in CENTRAL
     return replace(cfg, lr_schedule="cosine" if central and has_length else "constant")
 

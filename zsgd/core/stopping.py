@@ -1,7 +1,9 @@
 """When a training run ends: the stop conditions every mode shares.
 
 ``--epochs``, ``--steps`` (central updates), ``--time`` (seconds, wall or
-virtual) and ``--target-acc``; the first one met ends the run. With none
+virtual), ``--target-acc`` and, for language models, ``--target-ppl`` (test
+perplexity, ``exp`` of the mean test cross-entropy); the first one met ends
+the run. With none
 given a run trains one epoch, so nothing runs forever by accident.
 """
 
@@ -19,9 +21,11 @@ class StopRule:
     steps: int | None = None
     time_limit: float | None = None
     target_acc: float | None = None
+    target_ppl: float | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs is None and self.steps is None and self.time_limit is None and self.target_acc is None:
+        if self.epochs is None and self.steps is None and self.time_limit is None and self.target_acc is None \
+                and self.target_ppl is None:
             object.__setattr__(self, "epochs", 1.0)
 
     @property
@@ -61,8 +65,9 @@ class StopRule:
             fractions.append(elapsed / self.time_limit)
         return min(max(fractions), 1.0)
 
-    def reason(self, updates: int, samples: int, elapsed: float, test_acc: float | None = None) -> str | None:
-        """The reason to stop now, or None to go on."""
+    def reason(self, updates: int, samples: int, elapsed: float, test_acc: float | None = None,
+               test_loss: float | None = None) -> str | None:
+        """The reason to stop now, or None to go on (``test_*``: an evaluation that just finished)."""
         if self.steps is not None and updates >= self.steps:
             return f"reached {self.steps} updates"
         if self.total_samples is not None and samples >= self.total_samples:
@@ -71,4 +76,7 @@ class StopRule:
             return f"reached the time limit of {self.time_limit:g} s"
         if self.target_acc is not None and test_acc is not None and test_acc >= self.target_acc:
             return f"reached the target accuracy {self.target_acc:.2%}"
+        if self.target_ppl is not None and test_loss is not None and math.isfinite(test_loss) \
+                and math.exp(min(test_loss, 700.0)) <= self.target_ppl:
+            return f"reached the target perplexity {self.target_ppl:g}"
         return None

@@ -13,6 +13,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "TextDataset": "text",
+    "load_text": "text",
+    "TokenStream": "text",
     "Dataset": "datasets",
     "load_dataset": "datasets",
     "to_float": "datasets",

@@ -15,12 +15,16 @@ fresh install; ``Dataset.name`` and ``Dataset.source`` say which was used.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from zsgd.data.arrays import FASHION_MNIST_CLASSES, Dataset, to_float  # noqa: F401  (re-exported)
 from zsgd.data.cache import dataset_cache_dir
 from zsgd.errors import ZsgdError
+
+if TYPE_CHECKING:
+    from zsgd.data.text import TextDataset
 
 # Debian's dataset-fashion-mnist package; a module attribute so tests can point it elsewhere.
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -34,7 +38,7 @@ IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-KNOWN_NAMES = ("default", "fashion-mnist", "mnist", "embedded", "imagefolder:PATH")
+KNOWN_NAMES = ("default", "fashion-mnist", "mnist", "embedded", "imagefolder:PATH", "text[:FILE]")
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}
 
 
@@ -129,17 +133,24 @@ def load_dataset(
     data_dir: str | None = None,
     image_size: int = 64,
     grayscale: bool = False,
-) -> Dataset:
+    tokens: str = "chars",
+) -> Dataset | TextDataset:
     """Load a data set by name.
 
-    ``name``: ``default``, ``fashion-mnist``, ``mnist``, ``embedded`` or
-    ``imagefolder:PATH`` (or ``imagefolder`` with ``data_dir`` as the folder).
+    ``name``: ``default``, ``fashion-mnist``, ``mnist``, ``embedded``,
+    ``imagefolder:PATH`` (or ``imagefolder`` with ``data_dir`` as the folder)
+    or ``text[:FILE]`` (a ``TextDataset`` of ``tokens``; no FILE: the
+    embedded corpus).
     ``image_size`` and ``grayscale`` apply to image folders only; the IDX sets
     are 28x28 grayscale as published. With ``default``, a ``data_dir`` is taken
     as a Fashion-MNIST directory.
     """
     raw = name.strip()
     lowered = raw.lower()
+    if lowered == "text" or lowered.startswith("text:"):
+        from zsgd.data.text import load_text, parse_text_name
+
+        return load_text(parse_text_name(raw), tokens=tokens)
     if lowered.startswith("imagefolder:") or lowered == "imagefolder":
         folder = raw.split(":", 1)[1] if ":" in raw else data_dir
         if not folder:

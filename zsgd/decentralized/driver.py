@@ -138,7 +138,9 @@ def eval_every_rounds(cfg: Any, rule: Any, algo: str, params: DecentralizedParam
     model per node), so the cadence must be known up front: ``--eval-every``,
     else the ledger's automatic cadence (about ten points per run, at least
     one per epoch) in rounds. Each node takes one mini-batch per round
-    (cadmm: ``primal_steps``), so a round uses n x batch x steps samples.
+    (cadmm: ``primal_steps``), so a round uses n x batch x steps samples
+    (``rule.batch_size``: the samples of one mini-batch, tokens x rows for a
+    language model).
     The relay and the simulator both take it from here, so they evaluate
     the same rounds.
     """
@@ -146,4 +148,4 @@ def eval_every_rounds(cfg: Any, rule: Any, algo: str, params: DecentralizedParam
 
     steps = params.primal_steps if algo == "cadmm" else 1
     ledger = RunLedger(rule, n_train=n_train, eval_every=cfg.eval_every)
-    return ledger.eval_interval_updates(n_workers * cfg.batch_size * steps)
+    return ledger.eval_interval_updates(n_workers * rule.batch_size * steps)

@@ -35,7 +35,8 @@ real processes), ``algo`` (async, sync, ssp:S, localsgd:K, dsgd, dsgt, cadmm),
 dsgd/dsgt; ``rho``, ``rho_scaling``, ``primal_steps`` for cadmm); and per-arm
 overrides of the problem's hyper-parameters (``lr``, ``batch_size``,
 ``optimizer``, ``momentum``, ``weight_decay``, ``clip_norm``, ``steps``,
-``epochs``, ``time``, ``target_acc``, ``eval_every``, ``log_every``).
+``epochs``, ``time``, ``target_acc``, ``target_ppl``, ``eval_every``,
+``log_every``). A language model's problem may also set ``bptt`` and ``tokens``.
 
 An arm's own key that does not apply to it (``rho`` on a dsgd arm,
 ``compute`` on a run arm) is an error; a ``defaults`` key applies only
@@ -51,14 +52,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from zsgd.core.config import TrainConfig
+from zsgd.core.config import TrainConfig, model_defaults
 from zsgd.errors import ZsgdError
 from zsgd.experiments.yaml_loader import Marked, load_marked
 
 TOP_KEYS = ("name", "description", "problem", "target", "defaults", "arms")
-SHARED_KEYS = ("model", "data", "data_dir", "image_size", "grayscale", "split", "seed")
+SHARED_KEYS = ("model", "data", "data_dir", "image_size", "grayscale", "split", "seed", "bptt", "tokens")
 OVERRIDE_KEYS = ("batch_size", "lr", "lr_schedule", "optimizer", "momentum", "weight_decay", "clip_norm", "epochs", "steps", "time",
-                 "target_acc", "eval_every", "log_every")
+                 "target_acc", "target_ppl", "eval_every", "log_every")
 PROBLEM_KEYS = SHARED_KEYS + OVERRIDE_KEYS
 NETWORK_KEYS = ("latency", "bandwidth", "loss", "stragglers")  # sim and run (emulated)
 SIM_KEYS = ("latency_up", "latency_down", "compute", "failures", "detect", "broker_time", "broker_bandwidth", "retransmit")
@@ -228,6 +229,8 @@ def _applies(key: str, mode: str, algo: str) -> str | None:
 
 def _problem_cfg(doc: Marked, problem: dict[str, Any], name: str) -> TrainConfig:
     values = {("time_limit" if k == "time" else k): v for k, v in problem.items()}
+    # a model family's own defaults (the language model's optimizer, lr ...) where the file sets none
+    values = model_defaults(str(values.get("model", TrainConfig.model))) | values
     try:
         return TrainConfig.from_dict(values | {"name": name}).validate()
     except (ZsgdError, TypeError) as exc:

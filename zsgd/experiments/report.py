@@ -50,6 +50,7 @@ def arm_row(name: str, settings: dict[str, Any], run_dir: Path, target: float) -
         "arm": name, "mode": settings.get("mode", "sim"), "algo": settings.get("algo", "async"), "workers": settings.get("workers"),
         "topology": settings.get("topology", ""), "compress": settings.get("compress", "none"),
         "final_acc": summary.get("test_accuracy"), "test_loss": summary.get("test_loss"), "time_to_target_s": ttt,
+        **({"test_ppl": summary["test_perplexity"]} if "test_perplexity" in summary else {}),
         "updates": summary.get("updates"), "samples": summary.get("samples"), "time_s": summary.get("wall_s"),
         "bytes_total": total_bytes(summary), "consensus_error": summary.get("consensus_error"),
         "stop_reason": summary.get("stop_reason"), "diverged": bool(summary.get("diverged")), "real_s": summary.get("real_s", summary.get("wall_s")), "dir": run_dir.name,
@@ -66,6 +67,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path, title: str, target:
         w.writeheader()
         for r in rows:
             w.writerow({k: "" if r.get(k) is None else r.get(k) for k in keys})
+    columns = COLUMNS + ([("test_ppl", "test perplexity")] if any("test_ppl" in r for r in rows) else [])
     lines = [f"# {title}", ""]
     if command:
         lines += [f"`{command}`", ""]
@@ -73,8 +75,8 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path, title: str, target:
               "An update is one central model update (async/ssp: one worker's gradient; sync/localsgd: one round) or one "
               "round of all nodes (dsgd/dsgt/cadmm). Bytes count every message once. Consensus error: mean distance of the "
               "nodes' models from their average (decentralized arms, whose accuracy is that of the average).", "",
-              "| " + " | ".join(h for _k, h in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(row_cells(r, COLUMNS)) + " |" for r in rows]
+              "| " + " | ".join(h for _k, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(row_cells(r, columns)) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 

@@ -8,6 +8,7 @@ pipes; with ``enabled=False`` (``--quiet``) nothing is drawn.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -21,8 +22,10 @@ stderr_console = Console(stderr=True)
 class TrainProgress:
     """One progress bar over updates (or seconds, when only a time limit is known)."""
 
-    def __init__(self, total: int | None, title: str = "train", enabled: bool = True) -> None:
+    def __init__(self, total: int | None, title: str = "train", enabled: bool = True, language_model: bool = False) -> None:
         self.enabled = enabled
+        # A language model's samples are tokens, and its test metric is perplexity.
+        self.language_model = language_model
         self.total = total
         self._t0 = time.perf_counter()
         self._last_samples = 0
@@ -34,9 +37,9 @@ class TrainProgress:
             BarColumn(bar_width=24),
             MofNCompleteColumn(),
             TextColumn("epoch {task.fields[epoch]:.2f}"),
-            TextColumn("{task.fields[sps]:>5.0f} samples/s"),
+            TextColumn("{task.fields[sps]:>5.0f} " + ("tokens/s" if language_model else "samples/s")),
             TextColumn("loss {task.fields[loss]}"),
-            TextColumn("acc {task.fields[acc]}"),
+            TextColumn(("ppl" if language_model else "acc") + " {task.fields[acc]}"),
             TimeRemainingColumn(),
             console=stderr_console,
             disable=not enabled,
@@ -56,7 +59,8 @@ class TrainProgress:
         self._last_t += seconds
         self._excluded += seconds
 
-    def update(self, updates: int, samples: int, epoch: float, loss: float | None = None, acc: float | None = None) -> None:
+    def update(self, updates: int, samples: int, epoch: float, loss: float | None = None, acc: float | None = None,
+               test_loss: float | None = None) -> None:
         now = time.perf_counter()
         if now - self._last_t >= 0.5:
             self._sps = (samples - self._last_samples) / (now - self._last_t)
@@ -67,7 +71,10 @@ class TrainProgress:
         fields: dict[str, Any] = {"epoch": epoch, "sps": sps}
         if loss is not None:
             fields["loss"] = f"{loss:.4f}"
-        if acc is not None:
+        if self.language_model:
+            if test_loss is not None:
+                fields["acc"] = f"{math.exp(min(test_loss, 700.0)):.2f}"
+        elif acc is not None:
             fields["acc"] = f"{acc:.2%}"
         self._progress.update(self._task, completed=updates, **fields)
 

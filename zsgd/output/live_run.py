@@ -1,12 +1,14 @@
 """The live view of a distributed run: one glance tells whether it is healthy.
 
-Top line: progress, updates/s, samples/s, loss, test accuracy, ETA. Below,
+Top line: progress, updates/s, samples/s, loss, test accuracy, ETA (for a
+language model: tokens/s and test perplexity). Below,
 one row per worker: host, state, steps, staleness, last loss, so a dead or
 straggling worker stands out at once.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 from rich.console import Group
@@ -19,8 +21,9 @@ from zsgd.output.live import stderr_console
 
 
 class RunView:
-    def __init__(self, title: str, total_updates: int | None, enabled: bool = True) -> None:
+    def __init__(self, title: str, total_updates: int | None, enabled: bool = True, language_model: bool = False) -> None:
         self.enabled = enabled
+        self.language_model = language_model  # samples are tokens, the test metric is perplexity
         self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(bar_width=40), MofNCompleteColumn(),
                                  TextColumn("updates"), TimeElapsedColumn(), TextColumn("elapsed,"), TimeRemainingColumn(),
                                  TextColumn("left"), console=stderr_console)
@@ -48,13 +51,17 @@ class RunView:
             self._rates = ((st.updates - u) / (now - t), (st.samples - s) / (now - t))
             self._last = (now, st.updates, st.samples)
         ups, sps = self._rates
-        acc = f"{st.test_acc:.2%} (update {st.evals[-1].updates})" if st.evals else "-"
+        if self.language_model:  # a language model's samples are tokens, its test metric perplexity
+            acc = f"{math.exp(min(st.test_loss, 700.0)):.2f} (update {st.evals[-1].updates})" if st.evals else "-"
+        else:
+            acc = f"{st.test_acc:.2%} (update {st.evals[-1].updates})" if st.evals else "-"
+        unit, metric = ("tokens/s", "test ppl") if self.language_model else ("samples/s", "test acc")
         loss = f"{st.last_loss:.4f}" if st.last_loss == st.last_loss else "-"
         self.progress.update(self.task, completed=st.updates)
         lr = broker.current_lr
         lr_text = f"lr {lr:.3g}  " if lr == lr else ""
-        stats = Text.from_markup(f"[bold]{ups:,.1f}[/] updates/s  [bold]{sps:,.0f}[/] samples/s  train loss [bold]{loss}[/]  "
-                                 f"test acc [bold]{acc}[/]  {lr_text}rejected {sum(broker.rejected.values())}  deaths {broker.session.deaths}")
+        stats = Text.from_markup(f"[bold]{ups:,.1f}[/] updates/s  [bold]{sps:,.0f}[/] {unit}  train loss [bold]{loss}[/]  "
+                                 f"{metric} [bold]{acc}[/]  {lr_text}rejected {sum(broker.rejected.values())}  deaths {broker.session.deaths}")
         table = Table(show_edge=False, pad_edge=False, header_style="bold")
         for col in ("worker", "host", "state", "steps", "staleness mean/max", "loss", "lives"):
             table.add_column(col, justify="right" if col not in ("host", "state") else "left")

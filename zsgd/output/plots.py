@@ -15,6 +15,10 @@ from zsgd.output.metrics import read_metrics
 
 
 def _series(events: list[dict[str, Any]], kind: str, x: str, y: str) -> tuple[list[float], list[float]]:
+    if y == "tokens_per_s":  # derived: tokens between consecutive train events over their time
+        train = [e for e in events if e.get("event") == "train" and e.get(x) is not None]
+        pairs = [(b[x], (b["samples"] - a["samples"]) / (b["t"] - a["t"])) for a, b in zip(train, train[1:]) if b["t"] > a["t"]]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
     xs, ys = [], []
     for e in events:
         if e.get("event") == kind and e.get(x) is not None and e.get(y) is not None:
@@ -35,7 +39,7 @@ def _load(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] | None = None, time_label: str = "time (s)") -> list[Path]:
-    """Loss and test accuracy against time and against updates, one line per run."""
+    """Loss and test accuracy (language models: test perplexity and tokens/s) against time and updates, one line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,8 +48,11 @@ def plot_curves(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] |
     runs = [(lbl, _load(Path(d))) for lbl, d in zip(labels or [_label(Path(d)) for d in run_dirs], run_dirs)]
     written = []
     panels = [("train", "loss", "train loss"), ("eval", "test_acc", "test accuracy")]
+    if any("test_perplexity" in e for _, events in runs for e in events):  # language models
+        panels = [("train", "loss", "train loss"), ("eval", "test_perplexity", "test perplexity"),
+                  ("train", "tokens_per_s", "tokens/s")]
     for x, xlabel, fname in (("t", time_label, "curves_vs_time.png"), ("updates", "central updates", "curves_vs_updates.png")):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
         for ax, (kind, y, ylabel) in zip(axes, panels):
             for lbl, events in runs:
                 xs, ys = _series(events, kind, x, y)

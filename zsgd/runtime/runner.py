@@ -181,12 +181,17 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     else:
         run_dir = create_run_dir(out, cfg.name)
     problem = Problem.from_config(cfg)
+    problem.check_fits(cfg, opts.n_workers)
     ds = problem.dataset
+    if resume_dir is not None:
+        import yaml
+
+        problem.check_resume(yaml.safe_load((Path(resume_dir) / "config.yaml").read_text()) or {}, str(resume_dir))
     if opts.show:
         stderr_console.print(f"data: [bold]{ds.name}[/] ({ds.source}), {len(ds.y_train):,} train / {len(ds.y_test):,} test; "
                              f"model: [bold]{cfg.model}[/] ({problem.model.n_params:,} parameters); algorithm: [bold]{opts.algo}[/]")
     resolved = cfg.to_dict() | {"mode": "run", "run": {k: v for k, v in asdict(opts).items() if k != "show"}, "data_source": ds.source,
-                                "n_params": problem.model.n_params}
+                                "n_params": problem.model.n_params} | problem.data_fields()
     if resume is None:
         write_config(run_dir / "config.yaml", resolved)
     bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=access.bind(opts.port), curve=access.broker_curve(), heartbeat=opts.heartbeat,
@@ -217,7 +222,8 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                 launcher.remote.start(i)
             if opts.evaluator:
                 launcher.local.start(0, role="evaluator")
-            with RunView(f"{opts.algo} x{opts.n_workers}", problem.stop_rule(cfg).total_updates, enabled=opts.show) as view:
+            with RunView(f"{opts.algo} x{opts.n_workers}", problem.stop_rule(cfg).total_updates, enabled=opts.show,
+                         language_model=problem.is_language_model) as view:
                 def tick(b: Broker) -> None:
                     view.update(b)
                     _check_children(b, launcher, opts, started)

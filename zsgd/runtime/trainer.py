@@ -32,7 +32,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
     problem = problem or Problem.from_config(cfg)
     ds, model = problem.dataset, problem.model
     run_dir = create_run_dir(out, cfg.name)
-    resolved = cfg.to_dict() | {"mode": "train", "data_source": ds.source, "n_params": model.n_params}
+    resolved = cfg.to_dict() | {"mode": "train", "data_source": ds.source, "n_params": model.n_params} | problem.data_fields()
     write_config(run_dir / "config.yaml", resolved)
 
     optimizer = make_optimizer(cfg.optimizer, model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -44,7 +44,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
     n_train = len(ds.y_train)
     eval_time = 0.0
 
-    with MetricsWriter(run_dir / "metrics.jsonl") as metrics, TrainProgress(problem.stop_rule(cfg).total_updates, cfg.name, show_progress) as bar:
+    with MetricsWriter(run_dir / "metrics.jsonl") as metrics, TrainProgress(problem.stop_rule(cfg).total_updates, cfg.name, show_progress,
+                                                                                  language_model=problem.is_language_model) as bar:
         ledger = problem.ledger(cfg, emit=metrics.write)
         t0 = time.perf_counter()
         metrics.write("start", 0.0, mode="train", model=cfg.model, data=ds.name, n_params=model.n_params, n_train=n_train)
@@ -74,7 +75,7 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
             if ledger.take_eval():
                 evaluate()
             bar.update(ledger.updates, ledger.samples, ledger.samples / n_train, None if np.isnan(ledger.last_loss) else ledger.last_loss,
-                       None if np.isnan(ledger.test_acc) else ledger.test_acc)
+                       None if np.isnan(ledger.test_acc) else ledger.test_acc, None if np.isnan(ledger.test_loss) else ledger.test_loss)
             ledger.check(time.perf_counter() - t0)
         if ledger.final_eval_needed:
             evaluate()

@@ -191,6 +191,8 @@ def result_row(arm: Arm, result: SimResult) -> dict[str, Any]:
             "bytes_sent": s["bytes_sent"], "bytes_received": s["bytes_received"], "staleness_mean": s["staleness_mean"],
             "staleness_p50": s["staleness_p50"], "staleness_p99": s["staleness_p99"], "staleness_max": s["staleness_max"],
             "compute_s": s["compute_s"], "stop_reason": s["stop_reason"], "diverged": bool(s.get("diverged")), "real_s": s["real_s"]}
+    if "test_perplexity" in s:  # a language model: perplexity and tokens/s (its samples) in the tables too
+        row |= {"test_ppl": s["test_perplexity"], "tokens_per_s": s["tokens_per_s"]}
     return row
 
 
@@ -201,6 +203,7 @@ def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> 
 
     workload = Workload(cfg, problem or Problem.from_config(cfg))
     for n in sorted({a.opts.n_workers for a in arms}):
+        workload.problem.check_fits(cfg, n)
         workload.shards(n)
     return workload
 
@@ -284,6 +287,13 @@ TABLE_COLUMNS = [("arm", "arm"), ("final_acc", "acc"), ("time_to_target_s", "tâ†
                  ("staleness_p99", "p99"), ("staleness_max", "max")]
 
 
+def _columns(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The table's columns: a language model's arms show test perplexity and tokens/s after the accuracy."""
+    if not any("test_ppl" in r for r in rows):
+        return TABLE_COLUMNS
+    return TABLE_COLUMNS[:2] + [("test_ppl", "ppl"), ("tokens_per_s", "tok/s")] + TABLE_COLUMNS[2:]
+
+
 def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> tuple[Path, Path]:
     """results.csv (every column, raw numbers) and results.md (the readable table)."""
     rows = [o.row for o in outcomes]
@@ -294,11 +304,12 @@ def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> t
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
-    heads = {"final_acc": "final accuracy", "time_to_target_s": f"virtual s to {target:.0%}", "updates_per_s": "updates/s (virtual)",
+    columns = _columns(rows)
+    heads = {"final_acc": "final accuracy", "tokens_per_s": "tokens/s (virtual)", "time_to_target_s": f"virtual s to {target:.0%}", "updates_per_s": "updates/s (virtual)",
              "bytes_sent": "bytes sent", "bytes_received": "bytes received", "staleness_mean": "staleness mean"}
     lines = [f"Arms of a zsgd simulation; times are virtual seconds; target accuracy {target:.0%}.", "",
-             "| " + " | ".join(heads.get(k, h) for k, h in TABLE_COLUMNS) + " |", "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
-    lines += ["| " + " | ".join(row_cells(r, TABLE_COLUMNS)) + " |" for r in rows]
+             "| " + " | ".join(heads.get(k, h) for k, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(row_cells(r, columns)) + " |" for r in rows]
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -307,10 +318,11 @@ def results_table(outcomes: list[ArmOutcome], target: float) -> Any:
     from rich.table import Table
 
     table = Table(title=f"simulated arms (target {target:.0%}; virtual time)", title_justify="left")
-    for key, head in TABLE_COLUMNS:
+    columns = _columns([o.row for o in outcomes])
+    for key, head in columns:
         table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
     for o in outcomes:
-        table.add_row(*row_cells(o.row, TABLE_COLUMNS))
+        table.add_row(*row_cells(o.row, columns))
     return table
 
 

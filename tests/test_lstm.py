@@ -1,0 +1,222 @@
+"""The LSTM language model: kernels, gradients (PyTorch autograd and finite differences), layout, state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from zsgd.errors import ZsgdError
+from zsgd.nn import lstm_kernels as LK
+from zsgd.nn.lstm import LSTMModel, get_lstm, is_lstm_name, parse_lstm_name
+
+
+def _batch(rng: np.random.Generator, v: int, b: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+    return rng.integers(0, v, (b, t)), rng.integers(0, v, (b, t))
+
+
+def _torch_lm(torch, m: LSTMModel):
+    """torch.nn.Embedding -> LSTM(batch_first) -> Linear, with the zsgd model's names."""
+    s = m.spec
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(m.vocab_size, s.embed)
+            self.lstm = torch.nn.LSTM(s.embed, s.hidden, s.layers, batch_first=True)
+            self.fc = torch.nn.Linear(s.hidden, m.vocab_size)
+
+        def forward(self, x, hc):
+            out, hc = self.lstm(self.embed(x), hc)
+            return self.fc(out), hc
+
+    return LM().double()
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def test_rational_tanh_and_sigmoid_match_numpy():
+    x = np.linspace(-30, 30, 200_001).astype(np.float32)
+    out = np.empty_like(x)
+    LK.tanh_array(x, out)
+    assert np.abs(out - np.tanh(x.astype(np.float64))).max() < 2e-6
+    LK.sigmoid_array(x, out)
+    assert np.abs(out - 1.0 / (1.0 + np.exp(-x.astype(np.float64)))).max() < 2e-6
+    LK.tanh_array(np.array([np.nan], np.float32), out[:1])
+    assert np.isnan(out[0])  # a NaN weight must show, not be clamped away
+
+
+def test_nan_weights_give_a_nan_loss():
+    m = get_lstm("lstm:embed=4,hidden=6,layers=1", 6)
+    w = m.init(0)
+    w[dict((n, o) for n, _, o in m.layout())["lstm.weight_hh_l0"]] = np.nan
+    x = np.zeros((2, 3), np.int64)
+    assert np.isnan(m.loss_and_grad(w, x, x)[0])
+
+
+def test_embedding_scatter_accumulates_repeated_tokens():
+    table = np.zeros((4, 3), np.float32)
+    dx = np.arange(12, dtype=np.float32).reshape(4, 3)
+    LK.embed_scatter_add(dx, np.array([1, 1, 3, 1]), table)
+    np.testing.assert_array_equal(table[1], dx[0] + dx[1] + dx[3])
+    np.testing.assert_array_equal(table[3], dx[2])
+    assert not table[0].any() and not table[2].any()
+
+
+# ---------------------------------------------------------------- names and layout
+
+
+def test_name_parsing_and_defaults():
+    assert parse_lstm_name("lstm").name == "lstm:embed=64,hidden=256,layers=2"
+    s = parse_lstm_name("lstm:hidden=32,layers=1")
+    assert (s.embed, s.hidden, s.layers) == (64, 32, 1)
+    assert is_lstm_name("lstm:embed=8") and not is_lstm_name("mypkg.lstm:make") and not is_lstm_name("mlp")
+    for bad in ("lstm:hidden=0", "lstm:layers=3", "lstm:width=5", "lstm:hidden", "lstm:hidden=x"):
+        with pytest.raises(ZsgdError):
+            parse_lstm_name(bad)
+    with pytest.raises(ZsgdError):
+        get_lstm("lstm", 1)
+
+
+def test_layout_is_pytorch_state_dict_order_and_views():
+    m = get_lstm("lstm:embed=5,hidden=7,layers=2", 11)
+    names = [n for n, _, _ in m.layout()]
+    assert names == ["embed.weight",
+                     "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0",
+                     "lstm.weight_ih_l1", "lstm.weight_hh_l1", "lstm.bias_ih_l1", "lstm.bias_hh_l1",
+                     "fc.weight", "fc.bias"]
+    shapes = dict((n, s) for n, s, _ in m.layout())
+    assert shapes["lstm.weight_ih_l0"] == (28, 5) and shapes["lstm.weight_ih_l1"] == (28, 7)
+    assert m.n_params == sum(int(np.prod(s)) for s in shapes.values())
+    w = m.init(3)
+    np.testing.assert_array_equal(w, m.init(3))
+    sd = m.state_dict(w)
+    sd["fc.bias"][0] = 42.0  # a view: writes through
+    assert w[m.layout()[-1][2]] == 42.0
+    np.testing.assert_array_equal(m.load_state_dict(sd), w)
+    with pytest.raises(ZsgdError, match="missing"):
+        m.load_state_dict({k: v for k, v in sd.items() if k != "fc.bias"})
+
+
+# ---------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("spec,b,t", [("lstm:embed=6,hidden=9,layers=1", 3, 5), ("lstm:embed=8,hidden=16,layers=2", 4, 11)])
+def test_gradients_match_pytorch_autograd(spec, b, t):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    m = get_lstm(spec, 13)
+    w = m.init(2)
+    x, y = _batch(rng, 13, b, t)
+    state = m.init_state(b)
+    state.h[:] = rng.standard_normal(state.h.shape) * 0.5  # a carried state, not zeros
+    state.c[:] = rng.standard_normal(state.c.shape) * 0.5
+    h0, c0 = torch.from_numpy(state.h.astype(np.float64)), torch.from_numpy(state.c.astype(np.float64))
+    loss, g = m.loss_and_grad(w, x, y, state=state)
+
+    net = _torch_lm(torch, m)
+    net.load_state_dict({k: torch.from_numpy(v.astype(np.float64)) for k, v in m.state_dict(w).items()})
+    logits, (ht, ct) = net(torch.from_numpy(x), (h0, c0))
+    lt = torch.nn.functional.cross_entropy(logits.reshape(-1, 13), torch.from_numpy(y).reshape(-1))
+    lt.backward()
+    assert loss == pytest.approx(lt.item(), rel=1e-5)
+    np.testing.assert_allclose(state.h, ht.detach().numpy(), atol=1e-5)  # the state it hands on
+    np.testing.assert_allclose(state.c, ct.detach().numpy(), atol=1e-5)
+    gs = m.state_dict(g)
+    for name, p in net.named_parameters():
+        ref = p.grad.numpy()
+        err = np.abs(gs[name] - ref).max() / np.abs(ref).max()
+        assert err <= 1e-4, f"{name}: relative error {err:.2e}"
+    # and PyTorch's own init loads through our names and layouts
+    net32 = _torch_lm(torch, m).float()
+    w2 = m.load_state_dict(net32.state_dict())
+    np.testing.assert_array_equal(m.state_dict(w2)["lstm.weight_hh_l0"], net32.lstm.weight_hh_l0.detach().numpy())
+
+
+def test_gradients_match_finite_differences():
+    rng = np.random.default_rng(5)
+    m = get_lstm("lstm:embed=4,hidden=6,layers=2", 7)
+    w = m.init(0) * np.float32(3.0)  # larger weights: saturating gates exercise every derivative
+    x, y = _batch(rng, 7, 2, 6)
+    state = m.init_state(2)
+    state.h[:] = rng.standard_normal(state.h.shape)
+    state.c[:] = rng.standard_normal(state.c.shape)
+    h0, c0 = state.h.copy(), state.c.copy()
+    _, g = m.loss_and_grad(w, x, y, state=state)
+
+    def loss_at(v: np.ndarray) -> float:
+        st = m.init_state(2)
+        st.h[:], st.c[:] = h0, c0
+        return m.loss_and_grad(v, x, y, state=st)[0]
+
+    eps = 1e-2
+    for name, shape, off in m.layout():
+        size = int(np.prod(shape))
+        for k in rng.choice(size, size=min(size, 4), replace=False):
+            i = off + int(k)
+            wp, wm = w.copy(), w.copy()
+            wp[i] += eps
+            wm[i] -= eps
+            fd = (loss_at(wp) - loss_at(wm)) / (2 * eps)
+            assert abs(fd - g[i]) <= 2e-3 + 2e-2 * abs(fd), f"{name}[{k}]: fd {fd:.6f} vs grad {g[i]:.6f}"
+
+
+# ---------------------------------------------------------------- state, prediction, errors
+
+
+def test_carried_state_equals_one_long_sequence():
+    """Two blocks with the state carried give the logits of one block twice as long."""
+    rng = np.random.default_rng(2)
+    m = get_lstm("lstm:embed=5,hidden=8,layers=2", 9)
+    w = m.init(1)
+    x = rng.integers(0, 9, (3, 10))
+    whole = m.predict(w, x)
+    st = m.init_state(3)
+    first, second = m.predict(w, x[:, :4], state=st), m.predict(w, x[:, 4:], state=st)
+    np.testing.assert_allclose(np.concatenate([first, second], axis=1), whole, atol=1e-6)
+    st.reset()
+    np.testing.assert_allclose(m.predict(w, x[:, 4:], state=st), m.predict(w, x[:, 4:]), atol=0)
+
+
+def test_training_lowers_the_loss():
+    """A few SGD steps on a periodic sequence: the model must learn it."""
+    m = get_lstm("lstm:embed=8,hidden=16,layers=1", 5)
+    w = m.init(0)
+    seq = np.tile(np.array([0, 1, 2, 3, 4, 3, 2, 1]), 40)
+    x = np.stack([seq[i:i + 16] for i in range(0, 64, 8)])
+    y = np.stack([seq[i + 1:i + 17] for i in range(0, 64, 8)])
+    first = m.loss_and_grad(w, x, y)[0]
+    for _ in range(150):
+        loss, g = m.loss_and_grad(w, x, y)
+        w -= np.float32(0.5) * g
+    assert loss < 0.3 * first
+
+
+def test_evaluate_stream_matches_predict():
+    rng = np.random.default_rng(3)
+    m = get_lstm("lstm:embed=4,hidden=6,layers=1", 6)
+    w = m.init(0)
+    tokens = rng.integers(0, 6, 103)
+    loss, acc = m.evaluate_stream(w, tokens, batch=2, bptt=7)
+    rows = tokens[:102].reshape(2, 51)
+    logits = m.predict(w, rows[:, :-1]).reshape(-1, 6).astype(np.float64)
+    tgt = rows[:, 1:].reshape(-1)
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    assert loss == pytest.approx(float(np.mean(lse - logits[np.arange(len(tgt)), tgt])), rel=1e-5)
+    assert acc == pytest.approx(float(np.mean(logits.argmax(1) == tgt)))
+
+
+def test_bad_inputs_raise_one_line_errors():
+    m = get_lstm("lstm:embed=4,hidden=6,layers=1", 6)
+    w = m.init(0)
+    ok = np.zeros((2, 3), np.int64)
+    for x, msg in ((np.full((2, 3), 6), "outside the model's vocabulary"), (np.full((2, 3), -1), "outside"),
+                   (np.zeros((2, 3), np.float32), "integer token ids"), (np.zeros(3, np.int64), "shape")):
+        with pytest.raises(ZsgdError, match=msg):
+            m.loss_and_grad(w, x, ok)
+    with pytest.raises(ZsgdError, match="flat float32"):
+        m.loss_and_grad(w[:-1], ok, ok)
+    with pytest.raises(ZsgdError, match="does not fit batch"):
+        m.loss_and_grad(w, ok, ok, state=m.init_state(3))
+    with pytest.raises(ZsgdError, match="shape of inputs"):
+        m.loss_and_grad(w, ok, ok[:, :2])

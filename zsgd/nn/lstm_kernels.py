@@ -1,0 +1,252 @@
+"""Numba kernels of the LSTM: the element-wise half of every time step.
+
+As for the convolutions (``zsgd.nn.conv``), the matrix products run as
+float32 sgemm through numpy's OpenBLAS and numba does everything else:
+embedding gather/scatter, and the fused gate non-linearities and cell update
+of one time step, forward and backward. One kernel call per step and layer
+replaces the half-dozen element-wise tensor ops (each a pass over memory)
+an autograd LSTM makes.
+
+Layouts (time-major, so one time step is one contiguous block):
+
+* gates ``(B, 4H)`` per step, PyTorch's order **i, f, g, o**: the columns of
+  ``x @ weight_ih.T`` come out in that order with no reshuffling;
+* cell ``c``, ``tanh(c)`` and hidden ``h``: ``(B, H)`` per step.
+
+**Why a rational tanh.** This numba has no SVML, so ``np.exp``/``np.tanh``
+in a loop are scalar libm calls (about 4 ns each): for the default sizes
+that is as long as the step's recurrent sgemm. ``_tanh`` below is Eigen's
+float ``ptanh`` (a 13/6-degree rational minimax fit on [-7.9, 7.9], a few
+ulp from ``tanh``), which LLVM vectorises to AVX-512 like any other
+multiply-add loop; ``sigmoid(x) = 0.5 + 0.5 tanh(x / 2)`` is exact algebra.
+``tests/test_lstm.py`` checks both against numpy to 2e-6.
+
+**Why ``error_model="numpy"``.** Under numba's default (Python) error model
+every float division checks for zero and raises ``ZeroDivisionError``; that
+branch alone keeps LLVM from vectorising the loop (measured: the gate
+kernel 10x slower). The denominator here is >= 4.9e-3, never zero.
+
+Single-threaded and ``cache=True``, like every zsgd kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numba import uint64 as u8
+
+#: LLVM vectorises a loop over several arrays only after run-time checks
+#: that they do not overlap, and gives up past 8 such checks (its
+#: ``-runtime-memory-check-threshold``). The LSTM's backward step reads and
+#: writes seven rows at once; raising the limit, once per process before
+#: anything here compiles, makes it 2x faster (78 -> 37 us at B=32, H=256).
+#: It only lets LLVM vectorise more loops, never changes a result; if this
+#: llvmlite refuses the option, the kernels stay correct, just slower.
+_VECTOR_CHECKS = 64
+
+
+def _raise_vectoriser_limit() -> None:
+    try:
+        import llvmlite.binding as ll
+
+        ll.set_option("zsgd", f"-runtime-memory-check-threshold={_VECTOR_CHECKS}")
+    except Exception:  # pragma: no cover - an llvmlite without the option: slower, still correct
+        pass
+
+
+_raise_vectoriser_limit()
+
+_FM = {"reassoc", "contract", "nsz", "arcp"}
+_HALF = np.float32(0.5)
+_ONE = np.float32(1.0)
+
+# Eigen's generic_fast_tanh_float coefficients (numerator odd, denominator even).
+_CLAMP = np.float32(7.90531110763549805)
+_A1 = np.float32(4.89352455891786e-03)
+_A3 = np.float32(6.37261928875436e-04)
+_A5 = np.float32(1.48572235717979e-05)
+_A7 = np.float32(5.12229709037114e-08)
+_A9 = np.float32(-8.60467152213735e-11)
+_A11 = np.float32(2.00018790482477e-13)
+_A13 = np.float32(-2.76076847742355e-16)
+_B0 = np.float32(4.89352518554385e-03)
+_B2 = np.float32(2.26843463243900e-03)
+_B4 = np.float32(1.18534705686654e-04)
+_B6 = np.float32(1.19825839466702e-06)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy", inline="always")
+def _tanh(x):
+    """float32 tanh as a vectorisable rational function (see the module docstring)."""
+    # Selects, not min/max (those compile to branches), written so NaN stays NaN.
+    x = _CLAMP if x > _CLAMP else x
+    x = -_CLAMP if x < -_CLAMP else x
+    x2 = x * x
+    p = x2 * _A13 + _A11
+    p = x2 * p + _A9
+    p = x2 * p + _A7
+    p = x2 * p + _A5
+    p = x2 * p + _A3
+    p = x2 * p + _A1
+    p = x * p
+    q = x2 * _B6 + _B4
+    q = x2 * q + _B2
+    q = x2 * q + _B0
+    return p / q
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy", inline="always")
+def _sigmoid(x):
+    return _HALF + _HALF * _tanh(_HALF * x)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def tanh_array(x: np.ndarray, out: np.ndarray) -> None:
+    """``out = tanh(x)`` elementwise with the kernels' tanh (for tests and benchmarks)."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    for k in range(u8(xf.size)):
+        of[k] = _tanh(xf[k])
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def sigmoid_array(x: np.ndarray, out: np.ndarray) -> None:
+    """``out = sigmoid(x)`` elementwise with the kernels' sigmoid."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    for k in range(u8(xf.size)):
+        of[k] = _sigmoid(xf[k])
+
+
+# ---------------------------------------------------------------- one time step
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def gates_forward(xp: np.ndarray, rec: np.ndarray, a: np.ndarray) -> None:
+    """Activated gates of one step: ``a = act(xp + rec)``, all (B, 4H).
+
+    ``xp``: ``x_t @ W_ih.T + b_ih + b_hh``; ``rec``: ``h_{t-1} @ W_hh.T``;
+    sigmoid for i, f, o and tanh for g. Kept apart from the cell update so
+    each loop touches few arrays: LLVM vectorises a loop only when a
+    handful of run-time overlap checks between its arrays suffice.
+    """
+    B, H4 = a.shape
+    uh = u8(H4 // 4)
+    for b in range(B):
+        xr = xp[b]
+        rr = rec[b]
+        ar = a[b]
+        for j in range(2 * uh):
+            ar[j] = _sigmoid(xr[j] + rr[j])
+        for j in range(2 * uh, 3 * uh):
+            ar[j] = _tanh(xr[j] + rr[j])
+        for j in range(3 * uh, 4 * uh):
+            ar[j] = _sigmoid(xr[j] + rr[j])
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def cell_forward(a: np.ndarray, c_prev: np.ndarray, c: np.ndarray, h: np.ndarray) -> None:
+    """The cell update of one step: ``c = f * c_prev + i * g``, ``h = o * tanh(c)``.
+
+    ``a``: the step's activated gates (B, 4H); the others (B, H).
+    """
+    B, H = c.shape
+    uh = u8(H)
+    for b in range(B):
+        ar = a[b]
+        cp = c_prev[b]
+        cr = c[b]
+        hr = h[b]
+        for j in range(uh):
+            cv = ar[uh + j] * cp[j] + ar[j] * ar[2 * uh + j]
+            cr[j] = cv
+            hr[j] = ar[3 * uh + j] * _tanh(cv)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, carry: np.ndarray,
+                  dg: np.ndarray) -> None:
+    """Gradients of step ``t``, through the cell and the gates' non-linearities.
+
+    ``a``: the step's activated gates (B, 4H); ``cs``: every step's cell
+    (T+1, B, H), ``cs[t]`` being c_{t-1} and ``cs[t + 1]`` c_t; ``dh_out``:
+    d(loss)/d(h_t) from the layer above (or the output layer). ``carry``
+    (2, B, H) is what flows back in time: ``carry[0]`` is d(loss)/d(c_t) on
+    entry and d(loss)/d(c_{t-1}) on exit, ``carry[1]`` the part of
+    d(loss)/d(h_t) that came back through ``W_hh`` from step t+1. Writes
+    d(loss)/d(pre-activation gates) to ``dg`` (B, 4H), which the caller
+    turns into weight, bias, input and ``carry[1]`` gradients with sgemms.
+    ``tanh(c)`` is recomputed (cheaper than storing it). The arguments are
+    grouped (``cs``, ``carry``) to keep the loop to few distinct arrays,
+    which is what lets LLVM vectorise it (3x faster than seven arrays).
+    """
+    B, H = dh_out.shape
+    uh = u8(H)
+    for b in range(B):
+        ar = a[b]
+        cp = cs[t, b]
+        cr = cs[t + 1, b]
+        dho = dh_out[b]
+        dcr = carry[0, b]
+        dhr = carry[1, b]
+        dgr = dg[b]
+        for j in range(uh):
+            i = ar[j]
+            f = ar[uh + j]
+            g = ar[2 * uh + j]
+            o = ar[3 * uh + j]
+            th = _tanh(cr[j])
+            dh = dho[j] + dhr[j]
+            dcv = dcr[j] + dh * o * (_ONE - th * th)
+            dgr[j] = dcv * g * i * (_ONE - i)
+            dgr[uh + j] = dcv * cp[j] * f * (_ONE - f)
+            dgr[2 * uh + j] = dcv * i * (_ONE - g * g)
+            dgr[3 * uh + j] = dh * th * o * (_ONE - o)
+            dcr[j] = dcv * f
+
+
+# ---------------------------------------------------------------- embedding and bias
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def embed_gather(table: np.ndarray, tokens: np.ndarray, out: np.ndarray) -> None:
+    """``out[r] = table[tokens[r]]`` for flat ``tokens`` (rows) and (rows, E) ``out``."""
+    E = table.shape[1]
+    ue = u8(E)
+    for r in range(tokens.shape[0]):
+        src = table[tokens[r]]
+        dst = out[r]
+        for k in range(ue):
+            dst[k] = src[k]
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def embed_scatter_add(dx: np.ndarray, tokens: np.ndarray, gtable: np.ndarray) -> None:
+    """``gtable[tokens[r]] += dx[r]`` (repeated tokens accumulate), gtable zeroed by the caller."""
+    E = gtable.shape[1]
+    ue = u8(E)
+    for r in range(tokens.shape[0]):
+        dst = gtable[tokens[r]]
+        src = dx[r]
+        for k in range(ue):
+            dst[k] += src[k]
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def add_two_biases(z: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> None:
+    """In place ``z[r, :] += b1 + b2`` for (rows, C) ``z`` (PyTorch's LSTM keeps two bias vectors)."""
+    R, C = z.shape
+    uc = u8(C)
+    for r in range(R):
+        zr = z[r]
+        for k in range(uc):
+            zr[k] += b1[k] + b2[k]
+
+
+@njit(cache=True)
+def check_tokens(tokens: np.ndarray, vocab: int) -> int:
+    """Index of the first token outside ``[0, vocab)``, or -1 (a bad id must not read past the table)."""
+    for r in range(tokens.shape[0]):
+        if tokens[r] < 0 or tokens[r] >= vocab:
+            return r
+    return -1

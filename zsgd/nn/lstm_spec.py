@@ -1,0 +1,53 @@
+"""The ``lstm`` model name: its sizes, parsed without importing numpy or numba.
+
+Kept apart from ``zsgd.nn.lstm`` because option handling (``zsgd.core.config``)
+asks "is this a language model?" before any kernel is needed, and ``zsgd
+--help`` should not pay for a numba import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from zsgd.errors import ZsgdError
+
+_DEFAULTS = {"embed": 64, "hidden": 256, "layers": 2}
+_LIMITS = {"embed": (1, 4096), "hidden": (1, 4096), "layers": (1, 2)}
+
+
+@dataclass(frozen=True)
+class LSTMSpec:
+    """Sizes of an ``lstm`` model, parsed from its name."""
+
+    embed: int = _DEFAULTS["embed"]
+    hidden: int = _DEFAULTS["hidden"]
+    layers: int = _DEFAULTS["layers"]
+
+    @property
+    def name(self) -> str:
+        """The canonical model name (what config.yaml and checkpoints record)."""
+        return f"lstm:embed={self.embed},hidden={self.hidden},layers={self.layers}"
+
+
+def is_lstm_name(name: Any) -> bool:
+    """True for ``lstm`` and ``lstm:...`` (and not for a user factory such as ``pkg.lstm:make``)."""
+    return isinstance(name, str) and (name == "lstm" or name.startswith("lstm:"))
+
+
+def parse_lstm_name(name: str) -> LSTMSpec:
+    """``lstm`` or ``lstm:embed=64,hidden=256,layers=2`` (any subset, any order) -> sizes."""
+    head, _, args = name.partition(":")
+    if head != "lstm":
+        raise ZsgdError(f"not an lstm model name: '{name}'")
+    sizes = dict(_DEFAULTS)
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, eq, val = item.partition("=")
+        key = key.strip()
+        if key not in sizes or not eq:
+            raise ZsgdError(f"bad lstm model option '{item}' in '{name}': use lstm:embed=E,hidden=H,layers=L")
+        lo, hi = _LIMITS[key]
+        if not val.strip().isdigit() or not lo <= int(val) <= hi:
+            raise ZsgdError(f"lstm {key} must be a whole number in [{lo}, {hi}], got '{val}' in '{name}'")
+        sizes[key] = int(val)
+    return LSTMSpec(**sizes)
