@@ -151,10 +151,12 @@ def wait_for_updates(run_dir: Path, n: int = 1, timeout: float = 60) -> None:
 def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
     """Poll ``predicate`` until it returns something true (returned) or ``timeout`` seconds pass (AssertionError)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         value = predicate()
         if value:
             return value
+        if time.monotonic() >= deadline:
+            break
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 

@@ -7,22 +7,14 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-import zsgd.data.datasets as datasets
-from zsgd.cli import main
+from helpers import cli as run
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "zsgd-home"))
-    monkeypatch.setattr(datasets, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "no-system-dir")
+def isolated(isolated_data, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
 def test_list_shows_every_data_set():
