@@ -77,6 +77,16 @@ def stop(*procs: subprocess.Popen | None, group: bool = False) -> None:
             pass
 
 
+def reap(*procs: subprocess.Popen, timeout: float = 20) -> None:
+    """Give each of ``procs`` ``timeout`` seconds to exit by itself, then kill it."""
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # -- zsgd in-process --------------------------------------------------------------
 
 def cli(*args: str, **kw):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import numpy as np
@@ -11,7 +10,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import broker_address, read_events, start_worker, start_zsgd, stop, summary_of, wait_for, wait_for_updates
+from helpers import broker_address, read_events, reap, start_worker, start_zsgd, stop, summary_of, wait_for, wait_for_updates
 from zsgd.wire import protocol
 from zsgd.wire.protocol import Message, MsgType
 
@@ -80,11 +79,7 @@ def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_pat
         assert broker.returncode == 0, err[-2000:]
     finally:
         stop(broker, group=True)
-        for w in workers:
-            try:
-                w.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        reap(*workers, timeout=15)
         ctx.destroy(linger=0)
     summary = summary_of(out)
     assert summary["updates"] >= 2500

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import cli as run
+from helpers import cli as run, run_zsgd
 
 
 @pytest.fixture(autouse=True)
@@ -70,8 +67,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 
 def test_real_entry_point_exit_code(tmp_path):
     env = {"ZSGD_HOME": str(tmp_path / "h"), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "zsgd", "data", "info", "nope"], capture_output=True,
-                          text=True, env=env)
+    proc = run_zsgd("data", "info", "nope", env=env, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "zsgd: error: unknown data set 'nope': choose one of default, fashion-mnist, mnist, embedded, imagefolder:PATH"

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 
 import numpy as np
 import pytest
 import zmq
 
-from helpers import broker_address, cli, read_events, run_zsgd, start_worker, start_zsgd, stop, summary_of, wait_for, wait_for_updates
+from helpers import broker_address, cli, read_events, reap, run_zsgd, start_worker, start_zsgd, stop, summary_of, wait_for, wait_for_updates
 from zsgd.wire import protocol
 from zsgd.errors import ZsgdError
 from zsgd.wire.protocol import Message, MsgType
@@ -185,11 +184,7 @@ def test_a_valid_key_cannot_speak_for_another_worker(tmp_path, no_orphans):
     finally:
         ctx.destroy(linger=0)
         stop(broker, group=True)
-        for w in workers:
-            try:
-                w.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        reap(*workers)
     assert broker.returncode == 0, err[-2000:]
     s = summary_of(out)
     assert s["rejected_by_reason"].get("wrong-key", 0) + s["rejected_by_reason"].get("key-in-use", 0) >= 4, s["rejected_by_reason"]
