@@ -129,7 +129,11 @@ def events(run_dir: Path, kind: str | None = None) -> list[dict]:
 
 
 def summary_of(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+    """``summary.json``, which must be strict JSON (no NaN or Infinity)."""
+    def not_strict(constant: str):
+        raise AssertionError(f"{run_dir}/summary.json holds {constant}: not strict JSON")
+
+    return json.loads((Path(run_dir) / "summary.json").read_text(), parse_constant=not_strict)
 
 
 def worker_pids(run_dir: Path) -> dict[int, int]:
