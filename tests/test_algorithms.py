@@ -3,23 +3,9 @@
 import numpy as np
 import pytest
 
+from helpers import PlainSGD, ups
 from zsgd.algorithms import Applied, AsyncSGD, Dropped, Reply, StaleSynchronousSGD, SyncSGD, Update, make_server_algorithm, parse_algo
 from zsgd.errors import ZsgdError
-
-
-class PlainSGD:
-    def __init__(self, lr=0.1):
-        self.lr = lr
-        self.calls = []
-
-    def step(self, w, g, lr=None):
-        lr = self.lr if lr is None else lr
-        self.calls.append(lr)
-        w -= np.float32(lr) * g
-
-
-def ups(outputs, kind):
-    return [o for o in outputs if isinstance(o, kind)]
 
 
 def grad(v, n=4):

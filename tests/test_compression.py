@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import PlainSGD
 from zsgd.wire import protocol as P
 from zsgd.algorithms.base import Applied, Update
 from zsgd.algorithms.staleness import CoordinateStaleness, CoordinateStalenessAsyncSGD, CoordinateStalenessSSP
@@ -458,15 +459,8 @@ def test_property_staleness_matches_brute_force(n, depth, seed, n_updates):
     np.testing.assert_array_equal(got[exact], np.maximum(1, true[exact]))
 
 
-class PlainSGD:
-    lr = 1.0
-
-    def step(self, w, g, lr=None):
-        w -= np.float32(self.lr if lr is None else lr) * g
-
-
 def test_async_server_divides_each_coordinate_by_its_own_staleness():
-    algo = CoordinateStalenessAsyncSGD(np.zeros(4, np.float32), PlainSGD())
+    algo = CoordinateStalenessAsyncSGD(np.zeros(4, np.float32), PlainSGD(1.0))
     for w in range(3):
         algo.add_worker(w, 0.0)
     one = np.ones(4, np.float32)
@@ -481,7 +475,7 @@ def test_async_server_divides_each_coordinate_by_its_own_staleness():
 
 
 def test_ssp_server_with_per_coordinate_rule_keeps_its_bound():
-    algo = CoordinateStalenessSSP(np.zeros(3, np.float32), PlainSGD(), bound=0)
+    algo = CoordinateStalenessSSP(np.zeros(3, np.float32), PlainSGD(1.0), bound=0)
     algo.add_worker(0, 0.0)
     algo.add_worker(1, 0.0)
     idx = np.array([0], np.int32)

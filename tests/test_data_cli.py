@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 
-import zsgd.data.datasets as datasets
-from zsgd.cli import main
+from helpers import cli as run, run_zsgd
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "zsgd-home"))
-    monkeypatch.setattr(datasets, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "no-system-dir")
+def isolated(isolated_data, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args))
 
 
 def test_list_shows_every_data_set():
@@ -78,8 +67,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 
 def test_real_entry_point_exit_code(tmp_path):
     env = {"ZSGD_HOME": str(tmp_path / "h"), "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "zsgd", "data", "info", "nope"], capture_output=True,
-                          text=True, env=env)
+    proc = run_zsgd("data", "info", "nope", env=env, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "zsgd: error: unknown data set 'nope': choose one of default, fashion-mnist, mnist, embedded, imagefolder:PATH, text[:FILE]"

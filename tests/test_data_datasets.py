@@ -21,10 +21,7 @@ SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "zsgd-home"))
-    monkeypatch.setattr(datasets, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "no-system-dir")
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def fake_idx_dir(directory: Path, n_train=30, n_test=10, gz=True, seed=0, dotted=False) -> Path:

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 import zsgd.data.downloader as downloader
-from zsgd.cli import main
 from zsgd.data import download, load_dataset
 from zsgd.data.downloader import RemoteFile, resolve_mirrors
 from zsgd.data.idx import write_idx
 from zsgd.errors import ZsgdError
+
+from helpers import cli
 
 SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -255,8 +255,7 @@ def test_real_checksum_table_is_well_formed():
 
 def test_cli_download(fake_files, mirrors, tmp_path):
     m = serve(mirrors, fake_files)
-    result = CliRunner().invoke(main, ["data", "download", "MNIST", "--dest", str(tmp_path / "c"),
-                                       "--mirror", m.url, "--quiet"])
+    result = cli("data", "download", "MNIST", "--dest", str(tmp_path / "c"), "--mirror", m.url, "--quiet")
     assert result.exit_code == 0, result.output
     assert "verified files in" in result.output
     assert_complete(tmp_path / "c", fake_files)
@@ -264,8 +263,7 @@ def test_cli_download(fake_files, mirrors, tmp_path):
 
 def test_cli_download_failure_is_one_line_exit_2(fake_files, mirrors, tmp_path):
     dead = serve(mirrors, fake_files, missing=True)
-    result = CliRunner().invoke(main, ["data", "download", "mnist", "--dest", str(tmp_path / "c"),
-                                       "--mirror", dead.url, "-q"])
+    result = cli("data", "download", "mnist", "--dest", str(tmp_path / "c"), "--mirror", dead.url, "-q")
     assert result.exit_code == 2
     assert result.output.startswith("zsgd: error: could not download") and "Traceback" not in result.output
 

@@ -14,9 +14,7 @@ from zsgd.data import load_dataset, load_imagefolder
 from zsgd.errors import ZsgdError
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "zsgd-home"))
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def make_folder(root: Path, per_class: int = 5) -> Path:

@@ -3,12 +3,10 @@ encoding, metrics have the runtime's schema, runs are deterministic."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from helpers import events
 from zsgd.wire import protocol
 from zsgd.core.config import TrainConfig
 from zsgd.decentralized.rules import DecentralizedParams
@@ -34,11 +32,6 @@ def workload() -> Workload:
 def opts(**kw) -> DecentralizedOptions:
     base = dict(algo="dsgd", n_workers=4, compute=Constant(C), network=Network(latency_up=Constant(LAT)))
     return DecentralizedOptions(**(base | kw))
-
-
-def events(run_dir: Path, kind: str | None = None) -> list[dict]:
-    evs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [e for e in evs if kind is None or e["event"] == kind]
 
 
 def peer_bytes(workload: Workload, names: tuple[str, ...], rnd: int = 0) -> int:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from zsgd.commands.experiment import experiment_command
+from helpers import cli
 
 SMALL = """\
 name: tiny
@@ -59,7 +58,7 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 
 
 def invoke(*args: str):
-    return CliRunner().invoke(experiment_command, list(args), catch_exceptions=False)
+    return cli("experiment", *args, catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import glob
 import json
 
-from conftest import run_zsgd
+import pytest
+
+from helpers import run_zsgd
 
 SPEC = ["--model", "mlp", "--data", "embedded", "--batch-size", "32", "--lr", "0.02", "--steps", "700", "--eval-every", "1000000", "--quiet"]
 NET = ["--stragglers", "0.25:3x"]
@@ -23,6 +25,7 @@ def steady(run_dir, skip=200):
     return ups[-1]["t"] - ups[0]["t"], sum(u["staleness"] for u in ups) / len(ups)
 
 
+@pytest.mark.slow
 def test_simulator_matches_emulated_run_within_15_percent(tmp_path, no_orphans):
     real = tmp_path / "real"
     proc = run_zsgd("run", "--n-proc", "4", "--algo", "async", "--inject-latency", "20ms", *NET, *SPEC, "--checkpoint-every", "0",
@@ -39,6 +42,7 @@ def test_simulator_matches_emulated_run_within_15_percent(tmp_path, no_orphans):
     assert abs(s_sim - s_real) / s_real < 0.15, (s_real, s_sim)
 
 
+@pytest.mark.slow
 def test_simulator_matches_an_emulated_decentralized_run(tmp_path, no_orphans):
     """dsgd on a ring of 4 processes, 20 ms per peer message, one 3x straggler: the relay holds each message,
     the straggler stretches its rounds, and the simulator's neighbour-wait model predicts the round time."""

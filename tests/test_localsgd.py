@@ -7,6 +7,7 @@ from collections import deque
 import numpy as np
 import pytest
 
+from helpers import ups
 from zsgd.algorithms import Applied, Dropped, Reply, SyncSGD, Update
 from zsgd.algorithms.localsgd import LocalSGD, LocalSGDWorkerStep, parse_localsgd
 from zsgd.algorithms.worker import WorkerStep
@@ -15,10 +16,6 @@ from zsgd.nn.models import get_model
 from zsgd.nn.optim import SGD, make_optimizer
 
 N_PARAMS = 4
-
-
-def ups(outputs, kind):
-    return [o for o in outputs if isinstance(o, kind)]
 
 
 def delta(v, n_samples, worker, version, n=N_PARAMS):

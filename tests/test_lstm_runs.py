@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import read_events, run_zsgd
+from helpers import read_events, run_zsgd
 from zsgd.core.config import LM_DEFAULTS, TrainConfig
 from zsgd.core.ledger import perplexity
 from zsgd.core.problem import Problem

@@ -82,22 +82,12 @@ def test_trace_resamples_ms_column(tmp_path):
 def test_bad_traces(tmp_path):
     with pytest.raises(ZsgdError, match="file not found"):
         parse_delay(f"trace:{tmp_path / 'nope.csv'}")
-    words = tmp_path / "words.csv"
-    words.write_text("hello\nworld\n")
-    with pytest.raises(ZsgdError, match="no numbers"):
-        parse_delay(f"trace:{words}")
-    empty = tmp_path / "empty.csv"
-    empty.write_text("")
-    with pytest.raises(ZsgdError, match="no numbers"):
-        parse_delay(f"trace:{empty}")
-    neg = tmp_path / "neg.csv"
-    neg.write_text("10\n-3\n")
-    with pytest.raises(ZsgdError, match="neg.csv:2"):
-        parse_delay(f"trace:{neg}")
-    mid = tmp_path / "mid.csv"
-    mid.write_text("10\nabc\n")
-    with pytest.raises(ZsgdError, match="mid.csv:2"):
-        parse_delay(f"trace:{mid}")
+    for name, text, match in [("words.csv", "hello\nworld\n", "no numbers"), ("empty.csv", "", "no numbers"),
+                              ("neg.csv", "10\n-3\n", "neg.csv:2"), ("mid.csv", "10\nabc\n", "mid.csv:2")]:
+        trace = tmp_path / name
+        trace.write_text(text)
+        with pytest.raises(ZsgdError, match=match):
+            parse_delay(f"trace:{trace}")
 
 
 def test_lists_split_into_arms_with_shared_units():

@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import pid_alive, read_events, wait_for, zsgd_cmd, zsgd_processes
+from helpers import REPO, pid_alive, read_events, run_zsgd, start_zsgd, stop, summary_of, wait_for, zsgd_processes
 from sshd import DOWN_HOST, HOSTS, SshServer, missing_reason
 
-pytestmark = pytest.mark.skipif(missing_reason() is not None, reason=f"no OpenSSH server: {missing_reason()}")
+# Every test here starts a real sshd, and most start zsgd runs through it.
+pytestmark = [pytest.mark.skipif(missing_reason() is not None, reason=f"no OpenSSH server: {missing_reason()}"), pytest.mark.slow]
 
 FAST = ["--model", "logreg", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Cluster:
@@ -50,7 +50,7 @@ class Cluster:
         return ["--ssh-config", str(self.server.ssh_config), "--remote-dir", str(self.remote_dir), "--connect-timeout", "5"]
 
     def zsgd(self, *args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-        return subprocess.run(zsgd_cmd(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd)
+        return run_zsgd(*args, cwd=cwd, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_remote_run_trains_across_both_hosts(cluster, initialized, tmp_path, no_
                         "--data-dir", "fmdata", "--algo", "sync", "--steps", "300", "--out", str(out), *FAST, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "remote workers connect to tcp://127.0.0.1:" in proc.stderr and "(CURVE)" in proc.stderr
-    s = json.loads((out / "summary.json").read_text())
+    s = summary_of(out)
     assert s["updates"] >= 300 and s["test_accuracy"] > 0.7, s
     assert s["n_workers"] == 3 and s["rejected_messages"] == 0 and s["refused_clients"] == 0
     hosts = {w: info["host"] for w, info in s["workers"].items()}
@@ -214,9 +214,8 @@ def test_ctrl_c_stops_every_remote_worker(cluster, initialized, tmp_path, no_orp
     hosts = cluster.hosts_file(f"{HOSTS[0]} python={sys.executable}", f"{HOSTS[1]} slots=2 python={sys.executable}", DOWN_HOST)
     out = tmp_path / "run"
     before = zsgd_processes()
-    proc = subprocess.Popen(zsgd_cmd("run", "--remote", str(hosts), *cluster.ssh_args, "--allow-partial", "--n-proc", "1", "--data", "embedded",
-                                     "--steps", "1000000", "--out", str(out), *FAST),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = start_zsgd("run", "--remote", str(hosts), *cluster.ssh_args, "--allow-partial", "--n-proc", "1", "--data", "embedded",
+                      "--steps", "1000000", "--out", str(out), *FAST)
     try:
         joined = lambda: {e.get("host") for e in read_events(out) if e["event"] == "worker" and e.get("role") == "worker"}  # noqa: E731
         wait_for(lambda: set(HOSTS) <= joined(), 60, what="workers on both hosts")
@@ -228,9 +227,7 @@ def test_ctrl_c_stops_every_remote_worker(cluster, initialized, tmp_path, no_orp
         _, err = proc.communicate(timeout=60)
         stopped_in = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        stop(proc, group=True)
     assert proc.returncode == 130, err[-2000:]
     assert f"skipping {DOWN_HOST}" in err and "connection refused" in err
     assert stopped_in < 15
@@ -249,9 +246,8 @@ def test_kill_9_of_the_run_leaves_nothing_on_the_hosts(cluster, initialized, tmp
     """Even a run killed outright takes its remote workers with it: the local ssh dies with the run,
     the session's stdin closes, and the worker's stdin watchdog ends it."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(zsgd_cmd("run", "--remote", str(initialized["hosts"]), *cluster.ssh_args, "--data", "embedded",
-                                     "--steps", "1000000", "--out", str(out), *FAST),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = start_zsgd("run", "--remote", str(initialized["hosts"]), *cluster.ssh_args, "--data", "embedded", "--steps", "1000000",
+                      "--out", str(out), *FAST, quiet=True)
     try:
         pids = wait_for(lambda: (p := [e["pid"] for e in read_events(out) if e["event"] == "worker" and e.get("role") == "worker"])
                         and len(p) == 2 and p, 60, what="both remote workers")
@@ -259,8 +255,7 @@ def test_kill_9_of_the_run_leaves_nothing_on_the_hosts(cluster, initialized, tmp
         proc.wait(timeout=10)
         wait_for(lambda: not any(pid_alive(p) for p in pids), 15, what="remote workers to exit after the run was killed")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc, group=True)
 
 
 def test_sweep_ends_a_straggler_by_its_run_marker(cluster):

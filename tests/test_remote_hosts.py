@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_zsgd
+from helpers import REPO, cli
 from zsgd.errors import ZsgdError
 from zsgd.remote.hosts import Host, load_hosts, parse_hosts
 from zsgd.remote.ssh import SshOptions, explain_failure, python_sh, remote_dir_sh
@@ -106,9 +106,9 @@ def test_bad_hosts_file_is_a_one_line_cli_error(tmp_path):
     bad.write_text("good-host\nnode2 slots=zero\n")
     for args in (["run", "--remote", str(bad), "--model", "logreg", "--data", "embedded", "--steps", "1", "--quiet", "--out", str(tmp_path / "r")],
                  ["remote", "check", str(bad)], ["remote", "init", str(bad)]):
-        proc = run_zsgd(*args, timeout=60)
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.strip().count("\n") == 0 and f"{bad}:2: slots must be" in proc.stderr, proc.stderr
+        r = cli(*args)
+        assert r.exit_code == 2, r.output
+        assert r.stderr.strip().count("\n") == 0 and f"{bad}:2: slots must be" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -117,8 +117,8 @@ def test_bad_hosts_file_is_a_one_line_cli_error(tmp_path):
     (["--remote", str(REPO / "ssh_hosts.txt"), "--ssh-option", "-oFoo"], "--ssh-option"),
 ])
 def test_bad_remote_flags(tmp_path, args, needle):
-    proc = run_zsgd("run", "--model", "logreg", "--data", "embedded", "--quiet", "--out", str(tmp_path / "r"), *args, timeout=60)
-    assert proc.returncode == 2 and needle in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+    r = cli("run", "--model", "logreg", "--data", "embedded", "--quiet", "--out", str(tmp_path / "r"), *args)
+    assert r.exit_code == 2 and needle in r.stderr and r.stderr.strip().count("\n") == 0, r.output
 
 
 def test_setup_script_installs_openssh():

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import zmq
 
-from conftest import read_events, run_zsgd, wait_for, zsgd_cmd
+from helpers import broker_address, read_events, run_zsgd, start_worker, start_zsgd, stop, wait_for, wait_for_updates
+from helpers import summary_of as summary
 from zsgd.core.ledger import CORE_SUMMARY_KEYS
 
 TINY = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05"]
 NET = ["--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
-
-
-def summary(run_dir: Path) -> dict:
-    text = (Path(run_dir) / "summary.json").read_text()
-    return json.loads(text, parse_constant=lambda c: pytest.fail(f"summary.json holds {c}: not strict JSON"))
 
 
 @pytest.mark.slow
@@ -91,14 +83,13 @@ def test_a_junk_frame_larger_than_the_model_is_never_buffered(tmp_path, no_orpha
     """A peer on the open port sends one 256 MB frame: libzmq drops it unread (the socket's size limit
     comes from the model), the broker's memory does not grow by the frame, and training goes on."""
     out = tmp_path / "run"
-    broker = subprocess.Popen(zsgd_cmd("broker", "--workers", "1", "--no-evaluator", *TINY, "--time", "40", *NET, "--out", str(out)),
-                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    broker = start_zsgd("broker", "--workers", "1", "--no-evaluator", *TINY, "--time", "40", *NET, "--out", str(out))
     worker = None
     ctx = zmq.Context()
     try:
-        address = wait_for(lambda: next((e["address"] for e in read_events(out) if e["event"] == "start"), None), 60, what="broker start")
-        worker = subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--heartbeat", "0.2", "--timeout", "1.5", "-q"), stdin=subprocess.DEVNULL)
-        wait_for(lambda: any(e["event"] == "update" for e in read_events(out)), 60, what="training to start")
+        address = broker_address(out)
+        worker = start_worker(address, "--heartbeat", "0.2", "--timeout", "1.5", "-q")
+        wait_for_updates(out, 1)
         rss_before = _rss_kib(broker.pid)
         attacker = ctx.socket(zmq.DEALER)
         attacker.linger = 0
@@ -111,12 +102,11 @@ def test_a_junk_frame_larger_than_the_model_is_never_buffered(tmp_path, no_orpha
         rss_after = _rss_kib(broker.pid)
         assert rss_after - rss_before < 64 << 10, (rss_before, rss_after)  # far less than the 256 MB frame
         attacker.close()
-        assert broker.wait(timeout=120) == 0, broker.stderr.read()[-2000:]
+        _, err = broker.communicate(timeout=120)
+        assert broker.returncode == 0, err[-2000:]
     finally:
         ctx.term()
-        if broker.poll() is None:
-            os.killpg(broker.pid, signal.SIGKILL)
-            broker.wait()
+        stop(broker, group=True)
         if worker is not None:
             worker.wait(timeout=30)
     s = summary(out)

@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from conftest import run_zsgd
+from helpers import cli, lines_of, run_zsgd
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.5", "--timeout", "3", "--quiet"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,min_ratio", [
     (["--algo", "async", "--compress", "topk:0.01"], 30.0),
     (["--algo", "async", "--compress", "adacomp:500", "--staleness-lr", "per-coordinate"], 2.0),
@@ -29,10 +30,11 @@ def test_compressed_runs_train_and_account_bytes(tmp_path, args, min_ratio, no_o
 
 
 def test_bad_compress_spec_is_one_line(tmp_path):
-    proc = run_zsgd("run", "--n-proc", "1", "--compress", "zip:9", *FAST, "--out", str(tmp_path / "r"))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "zip:9" in proc.stderr
+    r = cli("run", "--n-proc", "1", "--compress", "zip:9", *FAST, "--out", str(tmp_path / "r"))
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "zip:9" in r.stderr
 
 
+@pytest.mark.slow
 def test_compressed_replies_shrink_the_downlink_and_still_learn(tmp_path, no_orphans):
     runs = {}
     for replies in ("none", "qsgd:8"):
@@ -54,6 +56,6 @@ def test_compressed_replies_shrink_the_downlink_and_still_learn(tmp_path, no_orp
     (["--algo", "dsgd", "--compress-replies", "topk:0.1"], "dsgd has none"),
 ])
 def test_bad_reply_codecs_are_one_line_errors(tmp_path, args, needle):
-    proc = run_zsgd("run", "--n-proc", "2", "--steps", "5", "--out", str(tmp_path / "never"), *args, *FAST, timeout=60)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], proc.stderr
+    r = cli("run", "--n-proc", "2", "--steps", "5", "--out", str(tmp_path / "never"), *args, *FAST)
+    lines = lines_of(r.stderr)
+    assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,21 +11,15 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import pid_alive, read_events, run_zsgd, wait_for, zsgd_cmd
+from helpers import (cli, lines_of, pid_alive, read_events, run_zsgd, start_event, start_run, start_worker, start_zsgd, stop, summary_of,
+                     wait_for, wait_for_updates, wait_for_workers, worker_pids)
 from zsgd.wire import protocol
 from zsgd.wire.protocol import Message, MsgType
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
 
 
-def summary_of(run_dir):
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def worker_pids(run_dir):
-    return {e["worker"]: e["pid"] for e in read_events(run_dir) if e["event"] == "worker" and e.get("role") == "worker" and e.get("pid")}
-
-
+@pytest.mark.slow
 def test_dsgd_on_a_ring_of_four_processes_learns_and_agrees(tmp_path, no_orphans):
     out = tmp_path / "run"
     proc = run_zsgd("run", "--n-proc", "4", "--algo", "dsgd", "--topology", "ring", "--steps", "200", "--lr", "0.05",
@@ -50,6 +43,7 @@ def test_dsgd_on_a_ring_of_four_processes_learns_and_agrees(tmp_path, no_orphans
         assert not pid_alive(pid)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algo, args", [
     ("dsgt", ["--lr", "0.05"]),
     ("cadmm", ["--optimizer", "sgd", "--lr", "0.05", "--rho", "0.1", "--primal-steps", "3"]),
@@ -63,6 +57,7 @@ def test_dsgt_and_cadmm_finish_and_learn(tmp_path, algo, args, no_orphans):
     assert np.isfinite(s["consensus_error"]) and s["consensus_error"] < 5, s
 
 
+@pytest.mark.slow
 def test_emulated_latency_and_a_straggler_slow_the_rounds(tmp_path, no_orphans):
     """--inject-latency holds every relayed peer message; --stragglers makes the seeded choice of node stretch its rounds."""
     from zsgd.simulation.netmodel import parse_stragglers
@@ -86,31 +81,26 @@ def test_flags_are_checked_before_anything_starts(tmp_path):
                          (["--algo", "dsgd", "--rho", "0.1"], "cadmm"),
                          (["--algo", "dsgd", "--topology", "moebius"], "unknown topology"),
                          (["--algo", "dsgd", "--inject-latency", "soon"], "--inject-latency")]:
-        proc = run_zsgd("run", "--n-proc", "4", "--steps", "5", "--out", str(tmp_path / "never"), *args, *FAST, timeout=60)
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        assert proc.returncode == 2 and len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+        r = cli("run", "--n-proc", "4", "--steps", "5", "--out", str(tmp_path / "never"), *args, *FAST)
+        lines = lines_of(r.stderr)
+        assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args, r.output)
         assert not (tmp_path / "never").exists()
 
 
-def _start(args, out):
-    return subprocess.Popen(zsgd_cmd(*args, "--out", str(out)), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True, start_new_session=True)
-
-
+@pytest.mark.slow
 def test_kill_9_of_one_worker_stops_the_run_cleanly(tmp_path, no_orphans):
     out = tmp_path / "run"
-    proc = _start(["run", "--n-proc", "4", "--algo", "dsgd", "--topology", "ring", "--steps", "1000000", "--lr", "0.05", *FAST], out)
+    proc = start_run(out, "--n-proc", "4", "--algo", "dsgd", "--topology", "ring", "--steps", "1000000", "--lr", "0.05", *FAST)
     try:
-        pids = wait_for(lambda: (p := worker_pids(out)) and len(p) == 4 and p, 60, what="4 workers to join")
-        wait_for(lambda: any(e["event"] == "update" and e["updates"] >= 20 for e in read_events(out)), 60, what="rounds to start")
+        pids = wait_for_workers(out, 4)
+        wait_for_updates(out, 20)
         os.kill(pids[1], signal.SIGKILL)
         t_kill = time.monotonic()
         _, err = proc.communicate(timeout=60)
         assert time.monotonic() - t_kill < 15
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    lines = [ln for ln in err.splitlines() if ln.strip()]
+        stop(proc, group=True)
+    lines = lines_of(err)
     # Whichever the broker notices first ends the run: the missed heartbeats,
     # or ZeroMQ refusing to route a neighbour's message to the dead worker.
     stopped = ("worker 1 died", "worker 1 is unreachable")
@@ -151,17 +141,19 @@ class Rogue:
         self.ctx.term()
 
 
+@pytest.mark.slow
 def test_peer_message_to_a_non_neighbour_is_rejected_and_counted(tmp_path, no_orphans):
     out = tmp_path / "run"
-    broker = _start(["broker", "--workers", "4", "--no-evaluator", "--algo", "dsgd", "--topology", "ring", "--steps", "1000000", *FAST], out)
+    broker = start_zsgd("broker", "--workers", "4", "--no-evaluator", "--algo", "dsgd", "--topology", "ring", "--steps", "1000000", *FAST,
+                        "--out", str(out))
     workers: list[subprocess.Popen] = []
     rogue = None
     try:
-        start = wait_for(lambda: next((e for e in read_events(out) if e["event"] == "start"), None), 60, what="broker start")
+        start = start_event(out)
         address = start["address"]
         for i in range(3):
-            workers.append(subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--id", str(i), "--heartbeat", "0.2", "--timeout", "1.5", "-q"),
-                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+            workers.append(start_worker(address, "--id", str(i), "--heartbeat", "0.2", "--timeout", "1.5", "-q",
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         rogue = Rogue(address, 3)
         rogue.send(Message(MsgType.HELLO, "-", 3, 0, {}, meta={"stage": "join", "role": "worker", "host": "rogue", "pid": os.getpid()}))
         assign = rogue.expect(MsgType.ASSIGN)
@@ -183,15 +175,13 @@ def test_peer_message_to_a_non_neighbour_is_rejected_and_counted(tmp_path, no_or
     finally:
         if rogue is not None:
             rogue.close()
-        for p in [broker, *workers]:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        stop(broker, *workers)
     s = summary_of(out)
     assert s["rejected_by_reason"] == {"not-neighbour": 1, "wrong-identity": 1}
     assert s["updates"] == 0  # nobody completed a round without node 3
 
 
+@pytest.mark.slow
 def test_a_run_arm_matches_its_simulation_bit_for_bit(tmp_path, no_orphans):
     """Same w0, shards, batch streams and rules: the real processes compute what zsgd sim computes."""
     text = ("name: same\nproblem: {model: logreg, data: embedded, steps: 40, batch_size: 32, lr: 0.05}\ndefaults: {workers: 4}\narms:\n"

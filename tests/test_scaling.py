@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import run_zsgd
+from helpers import run_zsgd
 from zsgd.core.config import TrainConfig
 from zsgd.core.scaling import SCALED_FIELDS, scale_for_workers
 
@@ -43,6 +43,7 @@ def test_per_worker_algorithms_and_single_workers_keep_the_defaults(algo):
     assert scale_for_workers(TrainConfig(), "async", 1, ALL) == (TrainConfig(), None)
 
 
+@pytest.mark.slow
 def test_run_scales_defaults_says_so_and_records_them(tmp_path, no_orphans):
     common = ["--n-proc", "2", "--algo", "async", "--model", "logreg", "--data", "embedded", "--steps", "30",
               "--heartbeat", "0.5", "--timeout", "3"]

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from conftest import run_zsgd
+from helpers import cli
 from zsgd.core.config import TrainConfig
 from zsgd.errors import ZsgdError
 from zsgd.simulation.netmodel import Constant
@@ -67,7 +67,7 @@ def test_run_directory_records_the_resolved_schedule(tmp_path):
     import yaml
 
     out = tmp_path / "t"
-    assert run_zsgd("train", "--model", "logreg", "--data", "embedded", "--steps", "5", "--quiet", "--out", str(out)).returncode == 0
+    assert cli("train", "--model", "logreg", "--data", "embedded", "--steps", "5", "--quiet", "--out", str(out)).exit_code == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["lr_schedule"] == "cosine"
 
 
@@ -83,9 +83,9 @@ def test_simulated_updates_follow_the_schedule(tmp_path, algo):
 
 
 def test_cli_rejects_a_schedule_for_local_sgd(tmp_path):
-    proc = run_zsgd("sim", "--algo", "localsgd:2", "--lr-schedule", "cosine", "--model", "logreg", "--data", "embedded",
-                    "--steps", "10", "--out", str(tmp_path / "s"))
-    assert proc.returncode == 2 and "central optimizer" in proc.stderr and "Traceback" not in proc.stderr
+    r = cli("sim", "--algo", "localsgd:2", "--lr-schedule", "cosine", "--model", "logreg", "--data", "embedded",
+            "--steps", "10", "--out", str(tmp_path / "s"))
+    assert r.exit_code == 2 and "central optimizer" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "adam"])

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import time
 
 import numpy as np
 import pytest
 import zmq
 
-from conftest import read_events, run_zsgd, wait_for, zsgd_cmd
+from helpers import broker_address, cli, read_events, reap, run_zsgd, start_worker, start_zsgd, stop, summary_of, wait_for, wait_for_updates
 from zsgd.wire import protocol
 from zsgd.errors import ZsgdError
 from zsgd.wire.protocol import Message, MsgType
@@ -23,8 +21,8 @@ FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr",
 
 def test_keys_generate_writes_private_files(tmp_path):
     d = tmp_path / "keys"
-    proc = run_zsgd("keys", "generate", str(d), "--clients", "2", timeout=60)
-    assert proc.returncode == 0, proc.stderr
+    r = cli("keys", "generate", str(d), "--clients", "2")
+    assert r.exit_code == 0, r.output
     assert sorted(p.name for p in d.iterdir()) == ["client-1.json", "client-2.json", "server.json"]
     assert stat.S_IMODE(d.stat().st_mode) == 0o700
     for p in d.iterdir():
@@ -32,8 +30,8 @@ def test_keys_generate_writes_private_files(tmp_path):
     server, allowed = load_keys_dir(d)
     client = json.loads((d / "client-1.json").read_text())
     assert client["server"] == server.public and client["public"] in allowed and len(client["secret"]) == 40
-    again = run_zsgd("keys", "generate", str(d), timeout=60)
-    assert again.returncode == 2 and "--force" in again.stderr and again.stderr.count("\n") == 1
+    again = cli("keys", "generate", str(d))
+    assert again.exit_code == 2 and "--force" in again.stderr and again.stderr.count("\n") == 1
     (d / "client-2.json").chmod(0o644)
     with pytest.raises(ZsgdError, match="readable by other users; run 'chmod 600"):
         load_keys_dir(d)
@@ -56,14 +54,14 @@ def test_keys_line_from_stdin():
 
 
 def test_worker_with_bad_keys_is_a_one_line_error(tmp_path):
-    proc = subprocess.run(zsgd_cmd("worker", "--connect", "tcp://127.0.0.1:9", "--keys-stdin"), input="not json\n", capture_output=True,
-                          text=True, timeout=60)
+    # --keys-stdin reads the process's own file descriptor 0: this one needs a real process.
+    proc = run_zsgd("worker", "--connect", "tcp://127.0.0.1:9", "--keys-stdin", input="not json\n", timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--keys-stdin" in proc.stderr
     loose = tmp_path / "k.json"
     loose.write_text("{}")
     loose.chmod(0o644)
-    proc = run_zsgd("worker", "--connect", "tcp://127.0.0.1:9", "--keys-file", str(loose), timeout=60)
-    assert proc.returncode == 2 and "chmod 600" in proc.stderr
+    r = cli("worker", "--connect", "tcp://127.0.0.1:9", "--keys-file", str(loose))
+    assert r.exit_code == 2 and "chmod 600" in r.stderr
 
 
 def test_loopback_detection():
@@ -91,35 +89,39 @@ def _rogue(ctx: zmq.Context, address: str, kind: str, server_public: str) -> zmq
     return sock
 
 
+@pytest.mark.slow
 def test_rogue_clients_get_nothing_and_change_nothing(tmp_path, no_orphans):
     keys = tmp_path / "keys"
     generate_keys_dir(keys, 0)
     server, _ = load_keys_dir(keys)
     out = tmp_path / "run"
-    proc = subprocess.Popen(zsgd_cmd("run", "--n-proc", "2", "--keys", str(keys), "--algo", "sync", "--steps", "400", "--out", str(out), *FAST),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = start_zsgd("run", "--n-proc", "2", "--keys", str(keys), "--algo", "sync", "--steps", "400", "--out", str(out), *FAST, session=False)
     ctx = zmq.Context()
     rogues = []
     try:
-        wait_for(lambda: any(e["event"] == "update" and e["updates"] >= 10 for e in read_events(out)), 60, what="training")
-        address = next(e["address"] for e in read_events(out) if e["event"] == "start")
+        wait_for_updates(out, 10)
+        address = broker_address(out)
         rogues = [_rogue(ctx, address, kind, server.public) for kind in ("none", "unknown-key", "wrong-server-key")]
         poller = zmq.Poller()
         for r in rogues:
             poller.register(r, zmq.POLLIN)
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            assert not poller.poll(100), "a rogue client received a message"
-        _, err = proc.communicate(timeout=120)
+
+        def nothing_reached_a_rogue_and_then(done):
+            assert not poller.poll(50), "a rogue client received a message"
+            return done()
+
+        # Watch the rogues until the broker has refused all three, then on to the end of the run.
+        refused = lambda: (out / "security.log").exists() and (out / "security.log").read_text().count("refused a client") >= 3  # noqa: E731
+        wait_for(lambda: nothing_reached_a_rogue_and_then(refused), 60, interval=0, what="the broker to refuse the three rogues")
+        wait_for(lambda: nothing_reached_a_rogue_and_then(lambda: proc.poll() is not None), 120, interval=0, what="the run to end")
+        _, err = proc.communicate(timeout=30)
     finally:
         for r in rogues:
             r.close()
         ctx.term()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        stop(proc)
     assert proc.returncode == 0, err[-2000:]
-    s = json.loads((out / "summary.json").read_text())
+    s = summary_of(out)
     assert s["updates"] >= 400 and s["test_accuracy"] > 0.7, s
     assert s["rejected_messages"] == 0  # nothing the rogues sent ever reached the broker's message handling
     assert s["refused_clients"] >= 3, s
@@ -128,43 +130,41 @@ def test_rogue_clients_get_nothing_and_change_nothing(tmp_path, no_orphans):
     assert "denied CURVE client" in log and "refused a client" in log
 
 
+@pytest.mark.slow
 def test_hand_started_worker_joins_with_a_key_file(tmp_path, no_orphans):
     """'zsgd broker --keys DIR' admits a worker started by hand with one of DIR's client files."""
     keys = tmp_path / "keys"
-    assert run_zsgd("keys", "generate", str(keys), "--clients", "1", timeout=60).returncode == 0
+    assert cli("keys", "generate", str(keys), "--clients", "1").exit_code == 0
     out = tmp_path / "run"
-    broker = subprocess.Popen(zsgd_cmd("broker", "--workers", "1", "--keys", str(keys), "--steps", "100", "--out", str(out), *FAST),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    broker = start_zsgd("broker", "--workers", "1", "--keys", str(keys), "--steps", "100", "--out", str(out), *FAST)
     worker = None
     try:
-        address = wait_for(lambda: next((e["address"] for e in read_events(out) if e["event"] == "start"), None), 60, what="broker")
-        worker = subprocess.run(zsgd_cmd("worker", "--connect", address, "--keys-file", str(keys / "client-1.json"), "--heartbeat", "0.2",
-                                         "--timeout", "1.5"), capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        address = broker_address(out)
+        worker = run_zsgd("worker", "--connect", address, "--keys-file", str(keys / "client-1.json"), "--heartbeat", "0.2", "--timeout", "1.5",
+                          timeout=120)
         _, err = broker.communicate(timeout=60)
     finally:
-        if broker.poll() is None:
-            broker.kill()
-            broker.communicate()
+        stop(broker)
     assert worker.returncode == 0, worker.stderr
     assert broker.returncode == 0, err[-2000:]
-    s = json.loads((out / "summary.json").read_text())
+    s = summary_of(out)
     assert s["updates"] >= 100 and s["refused_clients"] == 0
 
 
+@pytest.mark.slow
 def test_a_valid_key_cannot_speak_for_another_worker(tmp_path, no_orphans):
     """An insider with worker 1's valid key takes over worker 0's routing identity: nothing it sends counts."""
     keys = tmp_path / "keys"
-    assert run_zsgd("keys", "generate", str(keys), "--clients", "2", timeout=60).returncode == 0
+    assert cli("keys", "generate", str(keys), "--clients", "2").exit_code == 0
     out = tmp_path / "run"
-    broker = subprocess.Popen(zsgd_cmd("broker", "--workers", "2", "--keys", str(keys), "--algo", "async", "--steps", "1500",
-                                       "--checkpoint-every", "50", "--out", str(out), *FAST),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    broker = start_zsgd("broker", "--workers", "2", "--keys", str(keys), "--algo", "async", "--steps", "1500", "--checkpoint-every", "50",
+                        "--out", str(out), *FAST)
     workers, ctx = [], zmq.Context()
     try:
-        address = wait_for(lambda: next((e["address"] for e in read_events(out) if e["event"] == "start"), None), 60, what="broker")
+        address = broker_address(out)
         for i in (0, 1):
-            workers.append(subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--id", str(i), "--keys-file", str(keys / f"client-{i + 1}.json"),
-                                                     "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"), stdin=subprocess.DEVNULL))
+            workers.append(start_worker(address, "--id", str(i), "--keys-file", str(keys / f"client-{i + 1}.json"), "--heartbeat", "0.2",
+                                        "--timeout", "1.5", "--quiet"))
         run_id = wait_for(lambda: (out / "checkpoint.json").exists() and json.loads((out / "checkpoint.json").read_text())["run"], 60, what="checkpoint")
         stolen = json.loads((keys / "client-2.json").read_text())
         insider = ctx.socket(zmq.DEALER)
@@ -172,25 +172,20 @@ def test_a_valid_key_cannot_speak_for_another_worker(tmp_path, no_orphans):
         insider.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", 0))
         insider.curve_secretkey, insider.curve_publickey = stolen["secret"].encode(), stolen["public"].encode()
         insider.curve_serverkey = stolen["server"].encode()
-        insider.connect(address)
-        time.sleep(0.3)
+        insider.connect(address)  # the DEALER queues what follows until its CURVE handshake is done
         protocol.send(insider, Message(MsgType.HELLO, "-", 0, 0, {}, meta={"stage": "join", "role": "worker"}))
         for _ in range(3):
             protocol.send(insider, protocol.update_message(run_id, 0, 0, np.full(7850, 1e3, np.float32), 32, 0.0))
-        time.sleep(0.5)
+        # Hold the connection open until the broker has turned down all four messages.
+        refused = lambda: [e for e in read_events(out) if e["event"] == "rejected" and e["reason"] in ("wrong-key", "key-in-use")]  # noqa: E731
+        wait_for(lambda: len(refused()) >= 4, 60, what="the insider's four messages to be rejected")
         insider.close()
         _, err = broker.communicate(timeout=120)
     finally:
         ctx.destroy(linger=0)
-        if broker.poll() is None:
-            os.killpg(broker.pid, 9)
-            broker.communicate()
-        for w in workers:
-            try:
-                w.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                w.kill()
+        stop(broker, group=True)
+        reap(*workers)
     assert broker.returncode == 0, err[-2000:]
-    s = json.loads((out / "summary.json").read_text())
+    s = summary_of(out)
     assert s["rejected_by_reason"].get("wrong-key", 0) + s["rejected_by_reason"].get("key-in-use", 0) >= 4, s["rejected_by_reason"]
     assert s["updates"] >= 1500 and s["test_accuracy"] > 0.6

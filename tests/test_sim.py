@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import events
 from zsgd.wire import protocol
 from zsgd.core.config import TrainConfig
 from zsgd.simulation.netmodel import Constant, Network, Normal, parse_compute, parse_delay, parse_failures, parse_stragglers
@@ -35,11 +36,6 @@ def workload() -> Workload:
 def sim(workload: Workload, out: Path, cfg: TrainConfig | None = None, **opts) -> SimResult:
     opts.setdefault("compute", Constant(C))
     return run_arm(cfg or make_cfg(), SimOptions(**opts), workload, out)
-
-
-def events(run_dir: Path, kind: str | None = None) -> list[dict]:
-    evs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [e for e in evs if kind is None or e["event"] == kind]
 
 
 def test_async_staleness_is_n_minus_1_and_throughput_n_over_c(workload, tmp_path):

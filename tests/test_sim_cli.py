@@ -7,15 +7,14 @@ import csv
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from zsgd.cli import main
+from helpers import cli
 
 FAST = ["--model", "logreg", "--data", "embedded", "--compute", "2ms", "--eval-every", "20", "-q"]
 
 
 def invoke(*args: str):
-    return CliRunner().invoke(main, ["sim", *args], catch_exceptions=False)
+    return cli("sim", *args, catch_exceptions=False)
 
 
 def test_grid_makes_every_arm_with_runtime_files_table_and_plots(tmp_path):
@@ -45,7 +44,7 @@ def test_grid_makes_every_arm_with_runtime_files_table_and_plots(tmp_path):
         assert (out / png).stat().st_size > 1000
     # `zsgd plot` reads simulated arms like real runs.
     plots = tmp_path / "plots"
-    r = CliRunner().invoke(main, ["plot", str(arms[0]), str(arms[2]), "--out", str(plots)], catch_exceptions=False)
+    r = cli("plot", str(arms[0]), str(arms[2]), "--out", str(plots), catch_exceptions=False)
     assert r.exit_code == 0 and (plots / "curves_vs_time.png").is_file()
 
 
@@ -67,7 +66,7 @@ def test_same_command_same_bytes(tmp_path):
     ("--target", "2"),
 ])
 def test_bad_specs_exit_2_with_one_line(tmp_path, flag, value):
-    r = CliRunner().invoke(main, ["sim", "--workers", "4", "--steps", "5", "--out", str(tmp_path / "x"), *FAST, flag, value])
+    r = cli("sim", "--workers", "4", "--steps", "5", "--out", str(tmp_path / "x"), *FAST, flag, value)
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("zsgd: error:"), r.stderr
@@ -79,12 +78,12 @@ def test_bad_specs_exit_2_with_one_line(tmp_path, flag, value):
 def test_empty_trace_file_is_an_error(tmp_path):
     f = tmp_path / "empty.csv"
     f.write_text("latency\n\n")
-    r = CliRunner().invoke(main, ["sim", "--latency", f"trace:{f}", "--steps", "5", *FAST])
+    r = cli("sim", "--latency", f"trace:{f}", "--steps", "5", *FAST)
     assert r.exit_code == 2 and "no numbers" in r.stderr
 
 
 def test_more_workers_than_samples_fails_before_writing(tmp_path):
-    r = CliRunner().invoke(main, ["sim", "--workers", "4,20000", "--steps", "5", "--out", str(tmp_path / "x"), *FAST])
+    r = cli("sim", "--workers", "4,20000", "--steps", "5", "--out", str(tmp_path / "x"), *FAST)
     assert r.exit_code == 2 and "20000 workers" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
 
@@ -110,7 +109,7 @@ def test_decentralized_arms_in_a_grid(tmp_path):
     (["--algo", "dsgd", "--topology", "moebius"], "topology"),
 ])
 def test_decentralized_flags_are_checked(tmp_path, args, needle):
-    r = CliRunner().invoke(main, ["sim", "--workers", "4", "--steps", "3", "--out", str(tmp_path / "x"), *FAST, *args])
+    r = cli("sim", "--workers", "4", "--steps", "3", "--out", str(tmp_path / "x"), *FAST, *args)
     if needle is None:
         assert r.exit_code == 0, r.output
         return

@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from conftest import run_zsgd
+from helpers import run_zsgd
 
 
 def read_scalars(path):
@@ -26,6 +26,7 @@ def read_scalars(path):
     return scalars
 
 
+@pytest.mark.slow
 def test_run_writes_tensorboard_scalars(tmp_path, no_orphans):
     pytest.importorskip("tensorboardX")
     out = tmp_path / "run"

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import read_events, run_zsgd
+from helpers import cli, read_events, run_zsgd
 
 SMALL = ["--model", "logreg", "--data", "embedded", "--batch-size", "64", "--lr", "0.02", "--seed", "3"]
 
 
 def test_train_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "t"
-    proc = run_zsgd("train", *SMALL, "--steps", "120", "--eval-every", "40", "--out", str(out), "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    assert "embedded" in proc.stderr  # says which data set it used
+    r = cli("train", *SMALL, "--steps", "120", "--eval-every", "40", "--out", str(out), "--quiet")
+    assert r.exit_code == 0, r.output
+    assert "embedded" in r.stderr  # says which data set it used
     files = {p.name for p in out.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "summary.json", "weights.npz", "curves_vs_time.png", "curves_vs_updates.png"} <= files
     s = json.loads((out / "summary.json").read_text())
@@ -32,6 +32,7 @@ def test_train_writes_a_complete_run_directory(tmp_path):
         assert set(z.files) == {"fc.weight", "fc.bias"} or len(z.files) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
 def test_one_worker_sync_run_reproduces_the_trainer(tmp_path, schedule, no_orphans):
     a, b = tmp_path / "train", tmp_path / "run"
@@ -50,8 +51,8 @@ def test_yaml_config_with_flag_override(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("model: logreg\ndata: embedded\nsteps: 10\nlr: 0.01\n")
     out = tmp_path / "t"
-    proc = run_zsgd("train", "--config", str(conf), "--lr", "0.03", "--out", str(out), "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    r = cli("train", "--config", str(conf), "--lr", "0.03", "--out", str(out), "--quiet")
+    assert r.exit_code == 0, r.output
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["lr"] == 0.03 and cfg["steps"] == 10
 
@@ -66,31 +67,31 @@ def test_yaml_config_with_flag_override(tmp_path):
     (["--model", "nosuchpkg.mod:factory"], "nosuchpkg"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, args, needle):
-    proc = run_zsgd("train", *SMALL, "--steps", "1", "--out", str(tmp_path / "t"), *args)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+    r = cli("train", *SMALL, "--steps", "1", "--out", str(tmp_path / "t"), *args)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
 
 
 def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = run_zsgd("train", *SMALL, "--steps", "1", "--out", str(blocker / "sub"))
-    assert proc.returncode == 2 and "cannot write to output directory" in proc.stderr
+    r = cli("train", *SMALL, "--steps", "1", "--out", str(blocker / "sub"))
+    assert r.exit_code == 2 and "cannot write to output directory" in r.stderr
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):
     conf = tmp_path / "bad.yaml"
     conf.write_text("model: logreg\n  steps: [\n")
-    proc = run_zsgd("train", "--config", str(conf))
-    assert proc.returncode == 2 and "bad.yaml:" in proc.stderr
+    r = cli("train", "--config", str(conf))
+    assert r.exit_code == 2 and "bad.yaml:" in r.stderr
     conf.write_text("modle: logreg\n")
-    proc = run_zsgd("train", "--config", str(conf))
-    assert proc.returncode == 2 and "modle" in proc.stderr
+    r = cli("train", "--config", str(conf))
+    assert r.exit_code == 2 and "modle" in r.stderr
 
 
 def test_version_and_help():
-    assert run_zsgd("--version").stdout.strip().startswith("zsgd")
-    out = run_zsgd("--help").stdout
+    assert cli("--version").stdout.strip().startswith("zsgd")
+    out = cli("--help").stdout
     for cmd in ("train", "run", "broker", "worker", "data", "plot"):
         assert cmd in out

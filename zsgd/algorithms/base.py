@@ -37,10 +37,6 @@ class Reply:
     version: int
     weights: np.ndarray | None
 
-    @property
-    def is_wait(self) -> bool:
-        return self.weights is None
-
 
 @dataclass(frozen=True)
 class Applied:

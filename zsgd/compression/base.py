@@ -52,9 +52,6 @@ class Codec:
         """The error-feedback memory (None for codecs without one)."""
         return None
 
-    def reset(self) -> None:
-        """Forget state (the residual), e.g. after the worker restarts from new weights."""
-
     def encode(self, grad: np.ndarray) -> dict[str, np.ndarray]:
         raise NotImplementedError
 

@@ -158,9 +158,6 @@ class _Sparse(Codec):
     def residual(self) -> np.ndarray:
         return self._residual
 
-    def reset(self) -> None:
-        self._residual[:] = 0.0
-
 
 class TopK(_Sparse):
     """``topk:FRACTION``: the k largest |grad + residual|, exactly k per message."""

@@ -64,10 +64,6 @@ class EvalRecord:
     test_acc: float
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"t": self.t, "updates": self.updates, "samples": self.samples, "test_loss": self.test_loss,
-                "test_acc": self.test_acc} | self.extra
-
 
 class RunLedger:
     """Counts updates and samples, keeps the loss window and the evaluation

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 EMBEDDED_PATH = Path(__file__).resolve().parent / "embedded" / "fashion-mnist-subset.npz"
 EMBEDDED_SOURCE = "embedded subset shipped with zsgd"
-EMBEDDED_FORMAT = 1
 ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
 
 

@@ -36,7 +36,6 @@ import numpy as np
 
 from zsgd.errors import ZsgdError
 
-SPLIT_KINDS = ("iid", "shards", "dirichlet", "classes")
 SPLIT_HELP = "iid, shards, dirichlet:ALPHA (ALPHA > 0, e.g. 0.5) or classes:K (K >= 1, e.g. 2)"
 
 

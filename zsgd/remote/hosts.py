@@ -149,7 +149,3 @@ def _parse_destination(dest: str, lineno: int, source: str) -> tuple[str | None,
             raise _error(source, lineno, f"port must be 1-65535, got {port_text!r}")
         port = int(port_text)
     return user, host, port
-
-
-def total_slots(hosts: list[Host]) -> int:
-    return sum(h.slots for h in hosts)

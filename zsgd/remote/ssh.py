@@ -241,10 +241,3 @@ def explain_failure(host: Host, ssh: SshOptions, proc: subprocess.CompletedProce
     if proc.returncode == 127 or "not found" in low:
         return f"a command was not found on the host ({last[-1] if last else 'exit 127'}); run 'zsgd remote check' to see what is missing"
     return f"ssh failed with exit {proc.returncode}: {last[-1] if last else 'no message'}"
-
-
-def require_ok(probes: list[Probe]) -> None:
-    """Raise the first host's failure as a one-line error."""
-    for p in probes:
-        if not p.ok:
-            raise HostError(p.host, p.reason)

@@ -39,7 +39,6 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
@@ -54,12 +53,6 @@ _BIN_SCALE = {"": 1.0, "k": 2.0**10, "m": 2.0**20, "g": 2.0**30, "t": 2.0**40}
 #: Distributions and how many comma-separated arguments each takes (for list splitting).
 DISTRIBUTIONS = {"uniform": 2, "normal": 2, "lognormal": 2, "exp": 1, "trace": 1}
 NONE_WORDS = ("none", "off", "0")
-
-
-class Sampler(Protocol):
-    """Anything that draws a duration in seconds."""
-
-    def sample(self, rng: np.random.Generator) -> float: ...
 
 
 # ---------------------------------------------------------------------------

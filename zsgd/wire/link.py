@@ -45,7 +45,6 @@ class BrokerLink:
         self._thread = threading.Thread(target=self._pump, name="zsgd-link", daemon=True)
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.connected_once = False
 
     def open(self) -> "BrokerLink":
         self._thread.start()
@@ -128,7 +127,6 @@ class BrokerLink:
                 if dealer in events:
                     frames = dealer.recv_multipart(copy=False)
                     last_recv = now
-                    self.connected_once = True
                     self.bytes_received += sum(len(f.buffer) for f in frames)
                     if not _is_heartbeat(frames):
                         pipe.send_multipart(frames, copy=False)

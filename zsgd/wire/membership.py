@@ -22,7 +22,6 @@ class Peer:
     state: str = "joining"  # joining -> ready -> gone
     last_seen: float = 0.0
     last_sent: float = 0.0
-    joined_at: float = 0.0
     steps: int = 0
     samples: int = 0
     staleness_sum: int = 0
@@ -52,10 +51,10 @@ class Membership:
         peer = self.peers.get(identity)
         if peer is not None:
             peer.incarnations += 1
-            peer.state, peer.last_seen, peer.joined_at, peer.busy = "joining", now, now, False
+            peer.state, peer.last_seen, peer.busy = "joining", now, False
             return peer, True
         if role == "evaluator":
-            peer = Peer(identity, -1, role, last_seen=now, joined_at=now)
+            peer = Peer(identity, -1, role, last_seen=now)
             self.evaluator = peer
             self.peers[identity] = peer
             return peer, False
@@ -66,7 +65,7 @@ class Membership:
             if not free:
                 return None, False
             worker = free[0]
-        peer = Peer(identity, worker, role, last_seen=now, joined_at=now)
+        peer = Peer(identity, worker, role, last_seen=now)
         self.peers[identity] = peer
         self.by_worker[worker] = peer
         return peer, False

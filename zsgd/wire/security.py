@@ -254,7 +254,6 @@ class CurveGuard:
         self._allowed = allowed  # dict public->name, or a callable returning one
         self.log_path = Path(log_path) if log_path else None
         self.refused = 0
-        self.admitted = 0
         self.disconnects = 0  # connections closed by libzmq or the peer (the endpoint reports them)
         self._stop = threading.Event()
         self._monitor_addr = f"inproc://zsgd-monitor-{uuid.uuid4().hex}"
@@ -352,5 +351,4 @@ class CurveGuard:
         if name is None:
             self._zap.send_multipart([version, request_id, b"400", b"unknown client key", b"", b""])
         else:
-            self.admitted += 1
             self._zap.send_multipart([version, request_id, b"200", b"OK", name.encode(), b""])

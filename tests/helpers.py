@@ -1,0 +1,241 @@
+"""What the tests share: start zsgd (as processes or in-process), read what a run wrote, wait on conditions.
+
+Import from here (``from helpers import ...``); ``conftest.py`` holds only the
+pytest fixtures and hooks. Every wait has a deadline and polls a condition:
+no test orders events by sleeping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Every process a test starts inherits this marker, so the orphan check sees
+# only this session's processes, never another test run's on the same machine.
+SESSION_MARK = f"ZSGD_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["ZSGD_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
+
+
+# -- zsgd as a process ----------------------------------------------------------
+
+def zsgd_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "zsgd", *args]
+
+
+def run_zsgd(*args: str, timeout: float = 240, check: bool = False, **kw) -> subprocess.CompletedProcess:
+    """Run ``zsgd ARGS`` to the end; ``kw`` goes to subprocess.run (``cwd``, ``input``, ``env``)."""
+    if "input" not in kw:
+        kw.setdefault("stdin", subprocess.DEVNULL)
+    proc = subprocess.run(zsgd_cmd(*args), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"zsgd {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def start_zsgd(*args: str, session: bool = True, quiet: bool = False) -> subprocess.Popen:
+    """Start ``zsgd ARGS`` in the background: its own session (so a test can signal the whole group), text
+    pipes for stdout and stderr (``quiet``: both to /dev/null). Pair it with ``stop``."""
+    out = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(zsgd_cmd(*args), stdout=out, stderr=out, stdin=subprocess.DEVNULL, text=True, start_new_session=session)
+
+
+def start_run(out: Path, *args: str) -> subprocess.Popen:
+    """``zsgd run --out OUT ARGS`` in the background (see ``start_zsgd``)."""
+    return start_zsgd("run", "--out", str(out), *args)
+
+
+def start_worker(address: str, *args: str, **popen) -> subprocess.Popen:
+    """A hand-started ``zsgd worker --connect ADDRESS ARGS`` (its output goes where ``popen`` says, default: ours)."""
+    popen.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(zsgd_cmd("worker", "--connect", address, *args), **popen)
+
+
+def stop(*procs: subprocess.Popen | None, group: bool = False) -> None:
+    """Kill whatever of ``procs`` is still running (``group``: its whole process group) and reap it."""
+    for proc in procs:
+        if proc is None:
+            continue
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+            except ProcessLookupError:
+                pass
+        try:
+            proc.communicate(timeout=20)
+        except (subprocess.TimeoutExpired, ValueError):
+            pass
+
+
+def reap(*procs: subprocess.Popen, timeout: float = 20) -> None:
+    """Give each of ``procs`` ``timeout`` seconds to exit by itself, then kill it."""
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- zsgd in-process --------------------------------------------------------------
+
+def cli(*args: str, **kw):
+    """``zsgd ARGS`` in this process through click's CliRunner: ``result.exit_code``, ``.stdout``, ``.stderr``.
+
+    The group turns every error into one ``zsgd: error: ...`` line on stderr and exit code 2, as the real
+    entry point does (click >= 8.2 keeps stderr apart from stdout)."""
+    from click.testing import CliRunner
+
+    from zsgd.cli import main
+
+    return CliRunner().invoke(main, list(args), **kw)
+
+
+def lines_of(text: str) -> list[str]:
+    """The non-blank lines of ``text``."""
+    return [line for line in text.splitlines() if line.strip()]
+
+
+# -- what a run wrote ---------------------------------------------------------------
+
+def read_events(run_dir: Path) -> list[dict]:
+    """The events of a run that may still be writing: a half-written last line is skipped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return events
+
+
+def events(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The events of a finished run (every line must parse), all or those of one ``kind``."""
+    evs = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in evs if kind is None or e["event"] == kind]
+
+
+def summary_of(run_dir: Path) -> dict:
+    """``summary.json``, which must be strict JSON (no NaN or Infinity)."""
+    def not_strict(constant: str):
+        raise AssertionError(f"{run_dir}/summary.json holds {constant}: not strict JSON")
+
+    return json.loads((Path(run_dir) / "summary.json").read_text(), parse_constant=not_strict)
+
+
+def worker_pids(run_dir: Path) -> dict[int, int]:
+    """Worker id -> pid of every worker that has joined so far."""
+    return {e["worker"]: e["pid"] for e in read_events(run_dir) if e["event"] == "worker" and e.get("role") == "worker" and e.get("pid")}
+
+
+def start_event(run_dir: Path, timeout: float = 60) -> dict:
+    """Wait for the broker's ``start`` event (it carries the address workers connect to)."""
+    return wait_for(lambda: next((e for e in read_events(run_dir) if e["event"] == "start"), None), timeout, what="the broker to start")
+
+
+def broker_address(run_dir: Path, timeout: float = 60) -> str:
+    return start_event(run_dir, timeout)["address"]
+
+
+def wait_for_workers(run_dir: Path, n: int, timeout: float = 60) -> dict[int, int]:
+    """Wait until ``n`` workers have joined; their pids by worker id."""
+    return wait_for(lambda: (p := worker_pids(run_dir)) and len(p) == n and p, timeout, what=f"{n} workers to join")
+
+
+def wait_for_updates(run_dir: Path, n: int = 1, timeout: float = 60) -> None:
+    """Wait until the run has applied ``n`` updates (rounds, in a decentralized run)."""
+    wait_for(lambda: any(e["event"] == "update" and e["updates"] >= n for e in read_events(run_dir)), timeout, what=f"{n} updates")
+
+
+# -- waiting and processes ------------------------------------------------------------
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` seconds pass (AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def zsgd_processes() -> set[int]:
+    """PIDs of live 'python -m zsgd' processes of this test session (not this test process)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"-m" in cmd and b"zsgd" in cmd and int(entry.name) != os.getpid() and pid_alive(int(entry.name)):
+            try:
+                if SESSION_MARK.encode() not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
+            except OSError:
+                continue
+            pids.add(int(entry.name))
+    return pids
+
+
+# -- the sans-IO rules by hand ----------------------------------------------------------
+
+class PlainSGD:
+    """``w -= lr * g`` in place, remembering the rate of every call: the optimizer the server rules are tested with."""
+
+    def __init__(self, lr: float = 0.1) -> None:
+        self.lr = lr
+        self.calls: list[float] = []
+
+    def step(self, w, g, lr=None):
+        lr = self.lr if lr is None else lr
+        self.calls.append(lr)
+        w -= np.float32(lr) * g
+
+
+def ups(outputs, kind):
+    """The outputs of a server rule that are of ``kind`` (Applied, Reply, Dropped, ...)."""
+    return [o for o in outputs if isinstance(o, kind)]
