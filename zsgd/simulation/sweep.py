@@ -60,6 +60,10 @@ class SweepSpec:
     target: float = 0.8
     topology: str = "ring"  # decentralized arms (dsgd, dsgt, cadmm): their graph and rule parameters
     decentralized: dict[str, Any] = field(default_factory=dict)
+    # Fields neither a flag nor --config set, which each arm adapts to its workers as
+    # 'zsgd run' does (zsgd.core.scaling); empty with --literal.
+    auto_scale: tuple[str, ...] = ()
+    auto_eval: bool = False  # --eval-every unset: about EVALS_PER_RUN evaluations per arm (see arm_config)
 
 
 @dataclass
@@ -174,6 +178,77 @@ def _decentralized_params(spec: SweepSpec, algos: list[str]) -> Any:
     return DecentralizedParams(**given).validate()
 
 
+#: Evaluations per arm when --eval-every is unset and the arm's length in updates is known.
+#: Why not once per epoch (the TrainConfig default): a one-epoch arm would then have a
+#: single point at its end, and time-to-target, the number a delay study is read for,
+#: could only say "at the end" or "not reached". Twenty points resolve it to 5 % of the
+#: arm, and cost nothing in virtual time (the runtime also evaluates in its own process).
+EVALS_PER_RUN = 20
+
+
+def arm_config(cfg: TrainConfig, arm: Arm, spec: SweepSpec, n_train: int) -> tuple[TrainConfig, str | None]:
+    """The configuration ``arm`` trains with, and what was adapted (None: nothing).
+
+    The batch size and learning rate the user left unset follow the arm's number
+    of workers and algorithm exactly as in ``zsgd run`` (``scale_for_workers``),
+    so a simulated arm predicts the real run of the same flags; decentralized
+    arms and local SGD keep every value there too. Done per arm because a grid
+    may vary ``--workers`` and ``--algo``.
+    """
+    from dataclasses import replace
+
+    from zsgd.core.scaling import scale_for_workers
+
+    scaled, note = scale_for_workers(cfg, arm.values.get("algo", "async"), arm.opts.n_workers, set(spec.auto_scale))
+    if spec.auto_eval and not scaled.eval_every:
+        every = _auto_eval_every(scaled, arm, n_train)
+        if every:
+            scaled = replace(scaled, eval_every=every)
+    return scaled, note
+
+
+def _auto_eval_every(cfg: TrainConfig, arm: Arm, n_train: int) -> int | None:
+    """Updates between evaluations for about EVALS_PER_RUN of them, or None when the
+    arm's length in updates is unknown (only --time or --target-acc) or it is decentralized
+    (whose rounds keep their own once-per-epoch cadence, as in the runtime's relay)."""
+    from zsgd.algorithms import parse_algo
+    from zsgd.decentralized.rules import is_decentralized
+
+    algo = arm.values.get("algo", "async")
+    if is_decentralized(algo):
+        return None
+    name, opts = parse_algo(algo)
+    batches = {"sync": arm.opts.n_workers, "localsgd": arm.opts.n_workers * int(opts.get("k", 1))}.get(name, 1)
+    lengths = [cfg.steps] if cfg.steps is not None else []
+    if cfg.epochs is not None or (cfg.steps is None and cfg.time_limit is None and cfg.target_acc is None):
+        lengths.append(math.ceil((cfg.epochs or 1.0) * n_train / (cfg.batch_size * batches)))  # one epoch by default
+    return max(1, math.ceil(min(lengths) / EVALS_PER_RUN)) if lengths else None
+
+
+def scaling_line(cfg: TrainConfig, arms: list[Arm], spec: SweepSpec) -> str | None:
+    """One line saying how the arms' batch size and learning rate were adapted, or None.
+
+    The same words as ``zsgd run`` when every arm changed alike; per (algorithm,
+    workers) group when the grid varies them.
+    """
+    from zsgd.core.scaling import scale_for_workers
+
+    groups: dict[tuple[str, int], tuple[TrainConfig, str | None]] = {}
+    for arm in arms:
+        key = (arm.values.get("algo", "async"), arm.opts.n_workers)
+        if key not in groups:
+            groups[key] = scale_for_workers(cfg, key[0], key[1], set(spec.auto_scale))
+    notes = [note for _c, note in groups.values() if note]
+    if not notes:
+        return None
+    if len(groups) == 1:
+        return f"{notes[0][:-1]}; --literal keeps them as given)"
+    parts = [f"{algo} x{n}: " + (f"batch {scaled.batch_size}, lr {scaled.lr:g}" if note else "as given")
+             for (algo, n), (scaled, note) in groups.items()]
+    given = ", ".join("--" + k.replace("_", "-") for k in spec.auto_scale)
+    return f"scaled per arm from batch {cfg.batch_size}, lr {cfg.lr:g}: {'; '.join(parts)} (set {given} to choose yourself; --literal keeps them)"
+
+
 @dataclass
 class ArmOutcome:
     arm: Arm
@@ -210,23 +285,37 @@ def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> 
 
 def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workload | None = None, show: bool = True,
               arm_plots: bool = False) -> list[ArmOutcome]:
-    """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots."""
+    """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots.
+
+    Each arm trains with ``arm_config`` (its own batch size and rate when they
+    follow the workers); arms of one batch size share one ``Workload``, so one
+    compute calibration, as in ``zsgd experiment``.
+    """
+    from dataclasses import replace
+
     from zsgd.output.live import stderr_console
 
     cfg.validate()
     arms = build_arms(spec)
     workload = workload or prepare_workload(cfg, arms)
     problem = workload.problem
+    n_train = len(problem.dataset.y_train)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(out_dir / "sweep.yaml", cfg.to_dict() | {"mode": "sim-sweep", "grid": {k: v for k, v in spec.grid.items() if v is not None},
-                                                          "arms": [a.dirname for a in arms], "target": spec.target})
+                                                          "arms": [a.dirname for a in arms], "target": spec.target,
+                                                          "auto_scale": list(spec.auto_scale)})
+    workloads = {cfg.batch_size: workload}
     outcomes: list[ArmOutcome] = []
-    total = problem.stop_rule(cfg).total_updates
-    with _SweepProgress(len(arms), total, show, stderr_console) as bar:
+    with _SweepProgress(len(arms), show, stderr_console) as bar:
         for arm in arms:
-            bar.start_arm(arm.label)
-            result = _simulate(cfg, arm, workload, out_dir, bar.arm_progress, arm_plots)
+            arm_cfg, note = arm_config(cfg, arm, spec, n_train)
+            if note:  # only centralized arms (SimOptions) are ever scaled
+                arm.opts = replace(arm.opts, scaling=note)
+            if arm_cfg.batch_size not in workloads:
+                workloads[arm_cfg.batch_size] = Workload(arm_cfg, problem)
+            bar.start_arm(arm.label, problem.stop_rule(arm_cfg).total_updates)
+            result = _simulate(arm_cfg, arm, workloads[arm_cfg.batch_size], out_dir, bar.arm_progress, arm_plots)
             outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
             bar.end_arm()
     write_results(outcomes, out_dir, spec.target)
@@ -250,10 +339,9 @@ def _simulate(cfg: TrainConfig, arm: Arm, workload: Workload, out_dir: Path, pro
 class _SweepProgress:
     """Two rich bars: arms done, and the current arm's central updates (virtual time shown)."""
 
-    def __init__(self, n_arms: int, total_updates: int | None, enabled: bool, console: Any) -> None:
+    def __init__(self, n_arms: int, enabled: bool, console: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.total = total_updates
         self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled,
                                  refresh_per_second=4)
@@ -267,8 +355,8 @@ class _SweepProgress:
     def __exit__(self, *exc: Any) -> None:
         self.progress.stop()
 
-    def start_arm(self, label: str) -> None:
-        self.task = self.progress.add_task(label[:40], total=self.total, info="")
+    def start_arm(self, label: str, total_updates: int | None) -> None:
+        self.task = self.progress.add_task(label[:40], total=total_updates, info="")
 
     def arm_progress(self, updates: int, samples: int, t: float, acc: float) -> None:
         info = f"virtual {t:,.2f} s" + ("" if math.isnan(acc) else f"  acc {acc:.2%}")
