@@ -403,15 +403,12 @@ def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> t
 
 
 def results_table(outcomes: list[ArmOutcome], target: float) -> Any:
-    from rich.table import Table
+    """The terminal table: arm names whole, the other columns as the width allows (see ``ResultsTable``)."""
+    from zsgd.output.live import ResultsTable
 
-    table = Table(title=f"simulated arms (target {target:.0%}; virtual time)", title_justify="left")
     columns = _columns([o.row for o in outcomes])
-    for key, head in columns:
-        table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
-    for o in outcomes:
-        table.add_row(*row_cells(o.row, columns))
-    return table
+    return ResultsTable(f"simulated arms (target {target:.0%}; virtual time)", [h for _k, h in columns],
+                        [row_cells(o.row, columns) for o in outcomes])
 
 
 # ---------------------------------------------------------------------------
@@ -434,7 +431,10 @@ def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list
         ev = o.result.evals
         ax.plot([e[0] for e in ev], [e[2] for e in ev], marker="o" if len(ev) < 30 else None, ms=3, label=o.arm.label)
     ax.axhline(target, color="grey", ls="--", lw=0.8)
-    ax.set(xlabel="virtual time (s)", ylabel="test accuracy", title="test accuracy vs virtual time")
+    log = _log_time_axis([o.result.evals for o in outcomes])
+    if log:
+        ax.set_xscale("log")
+    ax.set(xlabel="virtual time (s, log scale)" if log else "virtual time (s)", ylabel="test accuracy", title="test accuracy vs virtual time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     written.append(_save(fig, out_dir / "accuracy_vs_time.png"))
@@ -474,6 +474,14 @@ def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list
         written += plot_curves([o.run_dir for o in outcomes], out_dir, labels=[o.arm.label for o in outcomes],
                                time_label="virtual time (s)")
     return written
+
+
+def _log_time_axis(evals: list[list[tuple[float, int, float]]]) -> bool:
+    """Whether arms' lengths span more than 20x (latency 0 against 50 ms does, 100x):
+    on a linear axis the fast arms' curves would be squeezed into the first pixels."""
+    ends = [ev[-1][0] for ev in evals if ev]
+    firsts = [ev[0][0] for ev in evals if ev]
+    return bool(ends) and min(firsts) > 0 and max(ends) > 20 * min(ends)
 
 
 def _save(fig: Any, path: Path) -> Path:
