@@ -128,7 +128,7 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
                              f"model: [bold]{cfg.model}[/] ({model.n_params:,} parameters); {len(arms)} arm(s) -> {out_dir}")
         scaled = scaling_line(cfg, arms, spec)
         if scaled:
-            stderr_console.print(scaled, highlight=False, markup=False)
+            stderr_console.print(scaled, highlight=False, markup=False, soft_wrap=True)  # one line, however wide
     outcomes = run_sweep(cfg, spec, out_dir, workload=workload, show=not quiet, arm_plots=arm_plots)
     if not quiet:
         stderr_console.print(results_table(outcomes, target))
