@@ -114,7 +114,7 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
                      latency_worker=latency_worker, retransmit=retransmit, detect=detect, broker_time=broker_time,
                      broker_bandwidth=broker_bandwidth, staleness_lr=staleness_lr, target=target,
                      topology=topology or "ring", decentralized=decentralized,
-                     auto_scale=() if literal else tuple(f for f in SCALED_FIELDS if f in defaulted), auto_eval="eval_every" in defaulted)
+                     auto_scale=() if literal else tuple(f for f in SCALED_FIELDS if f in defaulted))
     if not 0 < target <= 1:
         raise ZsgdError(f"--target must be in (0, 1], got {target}")
     arms = build_arms(spec)  # every spec checked before data is loaded

@@ -63,7 +63,6 @@ class SweepSpec:
     # Fields neither a flag nor --config set, which each arm adapts to its workers as
     # 'zsgd run' does (zsgd.core.scaling); empty with --literal.
     auto_scale: tuple[str, ...] = ()
-    auto_eval: bool = False  # --eval-every unset: about EVALS_PER_RUN evaluations per arm (see arm_config)
 
 
 @dataclass
@@ -178,15 +177,7 @@ def _decentralized_params(spec: SweepSpec, algos: list[str]) -> Any:
     return DecentralizedParams(**given).validate()
 
 
-#: Evaluations per arm when --eval-every is unset and the arm's length in updates is known.
-#: Why not once per epoch (the TrainConfig default): a one-epoch arm would then have a
-#: single point at its end, and time-to-target, the number a delay study is read for,
-#: could only say "at the end" or "not reached". Twenty points resolve it to 5 % of the
-#: arm, and cost nothing in virtual time (the runtime also evaluates in its own process).
-EVALS_PER_RUN = 20
-
-
-def arm_config(cfg: TrainConfig, arm: Arm, spec: SweepSpec, n_train: int) -> tuple[TrainConfig, str | None]:
+def arm_config(cfg: TrainConfig, arm: Arm, spec: SweepSpec) -> tuple[TrainConfig, str | None]:
     """The configuration ``arm`` trains with, and what was adapted (None: nothing).
 
     The batch size and learning rate the user left unset follow the arm's number
@@ -195,34 +186,9 @@ def arm_config(cfg: TrainConfig, arm: Arm, spec: SweepSpec, n_train: int) -> tup
     arms and local SGD keep every value there too. Done per arm because a grid
     may vary ``--workers`` and ``--algo``.
     """
-    from dataclasses import replace
-
     from zsgd.core.scaling import scale_for_workers
 
-    scaled, note = scale_for_workers(cfg, arm.values.get("algo", "async"), arm.opts.n_workers, set(spec.auto_scale))
-    if spec.auto_eval and not scaled.eval_every:
-        every = _auto_eval_every(scaled, arm, n_train)
-        if every:
-            scaled = replace(scaled, eval_every=every)
-    return scaled, note
-
-
-def _auto_eval_every(cfg: TrainConfig, arm: Arm, n_train: int) -> int | None:
-    """Updates between evaluations for about EVALS_PER_RUN of them, or None when the
-    arm's length in updates is unknown (only --time or --target-acc) or it is decentralized
-    (whose rounds keep their own once-per-epoch cadence, as in the runtime's relay)."""
-    from zsgd.algorithms import parse_algo
-    from zsgd.decentralized.rules import is_decentralized
-
-    algo = arm.values.get("algo", "async")
-    if is_decentralized(algo):
-        return None
-    name, opts = parse_algo(algo)
-    batches = {"sync": arm.opts.n_workers, "localsgd": arm.opts.n_workers * int(opts.get("k", 1))}.get(name, 1)
-    lengths = [cfg.steps] if cfg.steps is not None else []
-    if cfg.epochs is not None or (cfg.steps is None and cfg.time_limit is None and cfg.target_acc is None):
-        lengths.append(math.ceil((cfg.epochs or 1.0) * n_train / (cfg.batch_size * batches)))  # one epoch by default
-    return max(1, math.ceil(min(lengths) / EVALS_PER_RUN)) if lengths else None
+    return scale_for_workers(cfg, arm.values.get("algo", "async"), arm.opts.n_workers, set(spec.auto_scale))
 
 
 def scaling_line(cfg: TrainConfig, arms: list[Arm], spec: SweepSpec) -> str | None:
@@ -299,7 +265,6 @@ def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Worklo
     arms = build_arms(spec)
     workload = workload or prepare_workload(cfg, arms)
     problem = workload.problem
-    n_train = len(problem.dataset.y_train)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(out_dir / "sweep.yaml", cfg.to_dict() | {"mode": "sim-sweep", "grid": {k: v for k, v in spec.grid.items() if v is not None},
@@ -309,7 +274,7 @@ def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Worklo
     outcomes: list[ArmOutcome] = []
     with _SweepProgress(len(arms), show, stderr_console) as bar:
         for arm in arms:
-            arm_cfg, note = arm_config(cfg, arm, spec, n_train)
+            arm_cfg, note = arm_config(cfg, arm, spec)
             if note:  # only centralized arms (SimOptions) are ever scaled
                 arm.opts = replace(arm.opts, scaling=note)
             if arm_cfg.batch_size not in workloads:
