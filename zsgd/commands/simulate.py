@@ -6,14 +6,15 @@ unset batch size or learning rate follows each arm's workers exactly as in
 ``zsgd run`` (``zsgd.core.scaling``), so an arm predicts the real run of the
 same flags; ``--literal`` keeps the values as given for sweeps that must change
 one thing at a time. What is simulated differs, because a simulator computes
-every worker's gradient on one core: the model is ``mlp`` (0.4 ms a step at
+every worker's gradient on one core: the model is ``mlp`` (0.4-0.5 ms a step at
 batch 16, against 19 ms and 3 s per evaluation for the cnn, whose three-arm
 study would take about 7 minutes of CPU), over 8 workers (staleness 7, yet one
 epoch still reaches 81.7 %; 16 workers end at 76.7 %), with a 75 % target
 that every arm passes with a margin. Measured on 2 cores shared with other
 jobs, with Fashion-MNIST installed, ``zsgd sim --latency 0,10,50ms`` took
-71 s (21 s of CPU); every arm ends at 81.65 % and reaches 75 % after 0.09,
-4.3 and 21 virtual seconds (README, docs/simulation.md).
+21 s of CPU (71-95 s wall at load averages of 9-10); every arm ends at
+81.65 % and reaches 75 % after 0.1, 4.8 and 24 virtual seconds (README,
+docs/simulation.md).
 
 Only click is imported here at start-up (the CLI registers this command when
 ``zsgd --help`` runs, which must stay instant); numpy, numba and matplotlib
