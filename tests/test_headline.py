@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 
 import pytest
@@ -29,9 +30,23 @@ from conftest import read_events, zsgd_cmd
 pytestmark = pytest.mark.slow
 
 
-def zsgd(*args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(zsgd_cmd(*args), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                          env=os.environ | env)
+def zsgd(*args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+    """Run zsgd; one that does not end in ``timeout`` gets a Ctrl-C and fails the test with what it said and logged."""
+    proc = subprocess.Popen(zsgd_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            env=os.environ | env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        run_dir = args[args.index("--out") + 1] if "--out" in args else None
+        events = [e for e in read_events(run_dir) if e.get("event") not in ("update", "train")][-15:] if run_dir else []
+        pytest.fail(f"zsgd {' '.join(args)} did not end within {timeout:g} s; stderr ends:\n{err[-3000:]}\nlast events: {events}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def losses(run_dir) -> list[float]:
