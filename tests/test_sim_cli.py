@@ -207,6 +207,7 @@ def test_results_tables_never_cut_arm_names(width):
     heads = ["arm", "acc", "t→target s", "upd/s", "sent", "recv", "stale", "p50", "p99", "max"]
     rows = [[name, "81.65%", "not reached", "19,570", "3.53 GB", "3.53 GB", "6.99", "7", "7", "7"] for name in LONG]
     exp_rows = [{"arm": name, "final_acc": 0.8, "time_to_target_s": 1.5, "updates": 300, "time_s": 2.0, "bytes_total": 10**9} for name in LONG]
+    exp_rows[-1] |= {"final_acc": 0.1, "diverged": True}
     for table, n_heads in ((ResultsTable("sim", heads, rows), len(heads)), (experiment_table(exp_rows, "experiment"), len(SHORT_COLUMNS))):
         text = rendered(table, width)
         assert max(len(ln) for ln in text.splitlines()) <= width and "…" not in text
@@ -219,6 +220,8 @@ def test_results_tables_never_cut_arm_names(width):
             assert "not shown at this width" in text and "results.md" in text
         if width == 80:
             assert "81.65%" in text or "80.00%" in text  # the first results stay beside the names
+    if width >= 80:
+        assert "diverged" in text  # the experiment's last arm is marked beside its name
 
 
 def test_sweep_table_at_80_columns_names_every_arm(tmp_path):

@@ -109,7 +109,7 @@ def _parse_compress(text: str) -> str:
 def build_arms(spec: SweepSpec) -> list[Arm]:
     """Parse every value of every dimension, then form the cross product."""
     from zsgd.algorithms import parse_algo
-    from zsgd.decentralized.rules import DecentralizedParams, is_decentralized
+    from zsgd.decentralized.rules import is_decentralized
 
     lists: dict[str, list[str]] = {}
     for key, flag, _short, units in DIMENSIONS:
