@@ -11,7 +11,7 @@ learning (a learning rate that diverges with the workers, a simulator that
 takes values literally, a cadence that never evaluates) fails here.
 
 "Learns" means well above chance (10 %) and a training loss that fell; the
-thresholds sit about ten points under what these budgets reach on
+thresholds sit ten points or more under what these budgets reach on
 Fashion-MNIST or the embedded subset.
 """
 
