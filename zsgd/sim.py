@@ -68,6 +68,7 @@ class SimOptions:
     compress_replies: str = "none"  # broker->worker weight deltas, as the runtime's --compress-replies
     target: float | None = None  # accuracy whose first crossing is reported (time_to_target_s)
     calibration_steps: int = 5  # timed steps for compute=measured (median)
+    scaling: str | None = None  # what the sweep adapted to n_workers, as 'zsgd run' prints it (None: values as given)
 
     def validate(self) -> "SimOptions":
         from zsgd.compression import make_codec
@@ -92,7 +93,8 @@ class SimOptions:
                 "stragglers": str(self.stragglers) if self.stragglers else "none",
                 "failures": str(self.failures) if self.failures else "none", "detect_s": self.detect_s,
                 "broker_s": self.broker_s, "broker_bandwidth": format_bandwidth(self.broker_bandwidth),
-                "staleness_lr": self.staleness_lr, "compress": self.compress, "compress_replies": self.compress_replies}
+                "staleness_lr": self.staleness_lr, "compress": self.compress, "compress_replies": self.compress_replies,
+                "scaling": self.scaling}
 
 
 class Workload:

@@ -51,11 +51,31 @@ TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
 
 
 def training_options(func: Callable) -> Callable:
-    for flag, field, kwargs in reversed(TRAINING_FLAGS):
-        names = [flag] if "/" in flag else [flag, field]
-        func = click.option(*names, **kwargs)(func)
-    func = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML file of options; flags override it.")(func)
-    return func
+    """The TRAINING_FLAGS with their shared defaults (train, run, broker, worker)."""
+    return training_options_with()(func)
+
+
+def training_options_with(**defaults: Any) -> Callable[[Callable], Callable]:
+    """The TRAINING_FLAGS with some defaults replaced (by ``TrainConfig`` field name).
+
+    For ``zsgd sim`` alone: its default model is the one a laptop can simulate
+    for many workers in minutes (see ``zsgd.commands.simulate``). Every
+    hyper-parameter default stays shared, so a simulation and a run of the same
+    flags train the same way.
+    """
+    fields = {field for _flag, field, _kw in TRAINING_FLAGS}
+    unknown = sorted(set(defaults) - fields)
+    if unknown:
+        raise ValueError(f"not training flags: {', '.join(unknown)}")
+
+    def decorate(func: Callable) -> Callable:
+        for flag, field, kwargs in reversed(TRAINING_FLAGS):
+            names = [flag] if "/" in flag else [flag, field]
+            func = click.option(*names, **(kwargs | ({"default": defaults[field]} if field in defaults else {})))(func)
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                            help="YAML file of options; flags override it.")(func)
+
+    return decorate
 
 
 def decentralized_options(func: Callable) -> Callable:

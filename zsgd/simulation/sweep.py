@@ -60,6 +60,9 @@ class SweepSpec:
     target: float = 0.8
     topology: str = "ring"  # decentralized arms (dsgd, dsgt, cadmm): their graph and rule parameters
     decentralized: dict[str, Any] = field(default_factory=dict)
+    # Fields neither a flag nor --config set, which each arm adapts to its workers as
+    # 'zsgd run' does (zsgd.core.scaling); empty with --literal.
+    auto_scale: tuple[str, ...] = ()
 
 
 @dataclass
@@ -106,7 +109,7 @@ def _parse_compress(text: str) -> str:
 def build_arms(spec: SweepSpec) -> list[Arm]:
     """Parse every value of every dimension, then form the cross product."""
     from zsgd.algorithms import parse_algo
-    from zsgd.decentralized.rules import DecentralizedParams, is_decentralized
+    from zsgd.decentralized.rules import is_decentralized
 
     lists: dict[str, list[str]] = {}
     for key, flag, _short, units in DIMENSIONS:
@@ -174,6 +177,44 @@ def _decentralized_params(spec: SweepSpec, algos: list[str]) -> Any:
     return DecentralizedParams(**given).validate()
 
 
+def arm_config(cfg: TrainConfig, arm: Arm, spec: SweepSpec) -> tuple[TrainConfig, str | None]:
+    """The configuration ``arm`` trains with, and what was adapted (None: nothing).
+
+    The batch size and learning rate the user left unset follow the arm's number
+    of workers and algorithm exactly as in ``zsgd run`` (``scale_for_workers``),
+    so a simulated arm predicts the real run of the same flags; decentralized
+    arms and local SGD keep every value there too. Done per arm because a grid
+    may vary ``--workers`` and ``--algo``.
+    """
+    from zsgd.core.scaling import scale_for_workers
+
+    return scale_for_workers(cfg, arm.values.get("algo", "async"), arm.opts.n_workers, set(spec.auto_scale))
+
+
+def scaling_line(cfg: TrainConfig, arms: list[Arm], spec: SweepSpec) -> str | None:
+    """One line saying how the arms' batch size and learning rate were adapted, or None.
+
+    The same words as ``zsgd run`` when every arm changed alike; per (algorithm,
+    workers) group when the grid varies them.
+    """
+    from zsgd.core.scaling import scale_for_workers
+
+    groups: dict[tuple[str, int], tuple[TrainConfig, str | None]] = {}
+    for arm in arms:
+        key = (arm.values.get("algo", "async"), arm.opts.n_workers)
+        if key not in groups:
+            groups[key] = scale_for_workers(cfg, key[0], key[1], set(spec.auto_scale))
+    notes = [note for _c, note in groups.values() if note]
+    if not notes:
+        return None
+    if len(groups) == 1:
+        return f"{notes[0][:-1]}; --literal keeps them as given)"
+    parts = [f"{algo} x{n}: " + (f"batch {scaled.batch_size}, lr {scaled.lr:g}" if note else "as given")
+             for (algo, n), (scaled, note) in groups.items()]
+    given = ", ".join("--" + k.replace("_", "-") for k in spec.auto_scale)
+    return f"scaled per arm from batch {cfg.batch_size}, lr {cfg.lr:g}: {'; '.join(parts)} (set {given} to choose yourself; --literal keeps them)"
+
+
 @dataclass
 class ArmOutcome:
     arm: Arm
@@ -210,7 +251,14 @@ def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> 
 
 def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workload | None = None, show: bool = True,
               arm_plots: bool = False) -> list[ArmOutcome]:
-    """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots."""
+    """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots.
+
+    Each arm trains with ``arm_config`` (its own batch size and rate when they
+    follow the workers); arms of one batch size share one ``Workload``, so one
+    compute calibration, as in ``zsgd experiment``.
+    """
+    from dataclasses import replace
+
     from zsgd.output.live import stderr_console
 
     cfg.validate()
@@ -220,13 +268,19 @@ def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Worklo
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(out_dir / "sweep.yaml", cfg.to_dict() | {"mode": "sim-sweep", "grid": {k: v for k, v in spec.grid.items() if v is not None},
-                                                          "arms": [a.dirname for a in arms], "target": spec.target})
+                                                          "arms": [a.dirname for a in arms], "target": spec.target,
+                                                          "auto_scale": list(spec.auto_scale)})
+    workloads = {cfg.batch_size: workload}
     outcomes: list[ArmOutcome] = []
-    total = problem.stop_rule(cfg).total_updates
-    with _SweepProgress(len(arms), total, show, stderr_console) as bar:
+    with _SweepProgress(len(arms), show, stderr_console) as bar:
         for arm in arms:
-            bar.start_arm(arm.label)
-            result = _simulate(cfg, arm, workload, out_dir, bar.arm_progress, arm_plots)
+            arm_cfg, note = arm_config(cfg, arm, spec)
+            if note:  # only centralized arms (SimOptions) are ever scaled
+                arm.opts = replace(arm.opts, scaling=note)
+            if arm_cfg.batch_size not in workloads:
+                workloads[arm_cfg.batch_size] = Workload(arm_cfg, problem)
+            bar.start_arm(arm.label, problem.stop_rule(arm_cfg).total_updates)
+            result = _simulate(arm_cfg, arm, workloads[arm_cfg.batch_size], out_dir, bar.arm_progress, arm_plots)
             outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
             bar.end_arm()
     write_results(outcomes, out_dir, spec.target)
@@ -250,10 +304,9 @@ def _simulate(cfg: TrainConfig, arm: Arm, workload: Workload, out_dir: Path, pro
 class _SweepProgress:
     """Two rich bars: arms done, and the current arm's central updates (virtual time shown)."""
 
-    def __init__(self, n_arms: int, total_updates: int | None, enabled: bool, console: Any) -> None:
+    def __init__(self, n_arms: int, enabled: bool, console: Any) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.total = total_updates
         self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled,
                                  refresh_per_second=4)
@@ -267,8 +320,8 @@ class _SweepProgress:
     def __exit__(self, *exc: Any) -> None:
         self.progress.stop()
 
-    def start_arm(self, label: str) -> None:
-        self.task = self.progress.add_task(label[:40], total=self.total, info="")
+    def start_arm(self, label: str, total_updates: int | None) -> None:
+        self.task = self.progress.add_task(label[:40], total=total_updates, info="")
 
     def arm_progress(self, updates: int, samples: int, t: float, acc: float) -> None:
         info = f"virtual {t:,.2f} s" + ("" if math.isnan(acc) else f"  acc {acc:.2%}")
@@ -315,15 +368,12 @@ def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> t
 
 
 def results_table(outcomes: list[ArmOutcome], target: float) -> Any:
-    from rich.table import Table
+    """The terminal table: arm names whole, the other columns as the width allows (see ``ResultsTable``)."""
+    from zsgd.output.live import ResultsTable
 
-    table = Table(title=f"simulated arms (target {target:.0%}; virtual time)", title_justify="left")
     columns = _columns([o.row for o in outcomes])
-    for key, head in columns:
-        table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
-    for o in outcomes:
-        table.add_row(*row_cells(o.row, columns))
-    return table
+    return ResultsTable(f"simulated arms (target {target:.0%}; virtual time)", [h for _k, h in columns],
+                        [row_cells(o.row, columns) for o in outcomes])
 
 
 # ---------------------------------------------------------------------------
@@ -346,7 +396,10 @@ def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list
         ev = o.result.evals
         ax.plot([e[0] for e in ev], [e[2] for e in ev], marker="o" if len(ev) < 30 else None, ms=3, label=o.arm.label)
     ax.axhline(target, color="grey", ls="--", lw=0.8)
-    ax.set(xlabel="virtual time (s)", ylabel="test accuracy", title="test accuracy vs virtual time")
+    log = _log_time_axis([o.result.evals for o in outcomes])
+    if log:
+        ax.set_xscale("log")
+    ax.set(xlabel="virtual time (s, log scale)" if log else "virtual time (s)", ylabel="test accuracy", title="test accuracy vs virtual time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     written.append(_save(fig, out_dir / "accuracy_vs_time.png"))
@@ -386,6 +439,14 @@ def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list
         written += plot_curves([o.run_dir for o in outcomes], out_dir, labels=[o.arm.label for o in outcomes],
                                time_label="virtual time (s)")
     return written
+
+
+def _log_time_axis(evals: list[list[tuple[float, int, float]]]) -> bool:
+    """Whether arms' lengths span more than 20x (latency 0 against 50 ms does, 100x):
+    on a linear axis the fast arms' curves would be squeezed into the first pixels."""
+    ends = [ev[-1][0] for ev in evals if ev]
+    firsts = [ev[0][0] for ev in evals if ev]
+    return bool(ends) and min(firsts) > 0 and max(ends) > 20 * min(ends)
 
 
 def _save(fig: Any, path: Path) -> Path:
