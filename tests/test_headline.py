@@ -25,7 +25,7 @@ import subprocess
 
 import pytest
 
-from conftest import read_events, zsgd_cmd
+from helpers import read_events, zsgd_cmd
 
 pytestmark = pytest.mark.slow
 
