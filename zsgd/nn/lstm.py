@@ -3,10 +3,10 @@
 ``lstm[:embed=E,hidden=H,layers=L]``: token embedding (V x E) -> L stacked
 LSTM layers of H units -> linear layer over the vocabulary, trained with the
 mean next-token cross-entropy over every position of a (batch, bptt) block.
-Defaults (E=64, H=256, L=2, about 0.9 M parameters for a 75-character
-vocabulary) learn a character model of the embedded corpus to a perplexity
-near 4 in a few minutes on one laptop core; one layer of 128 units is four
-times faster and still far below the unigram baseline.
+Defaults (E=64, H=256, L=2: 879,176 parameters for the 72 characters of the
+embedded corpus) learn a character model of it to a test perplexity of 5.4
+in three minutes on one (shared) core, against 20.3 for the characters'
+frequencies alone.
 
 Parameters are views into the flat vector in PyTorch's names, shapes and
 order (``embed.weight``, ``lstm.weight_ih_l0``, ``lstm.weight_hh_l0``,
@@ -22,8 +22,8 @@ caller resets it where a stream starts over (``zsgd.data.text``).
 
 How a step runs: one sgemm projects every time step's input at once
 (``X @ W_ih.T``), then per step one (B, H) x (H, 4H) sgemm for the
-recurrence and one fused numba kernel for the gates and the cell
-(``zsgd.nn.lstm_kernels``). The backward pass mirrors it and leaves the
+recurrence and two fused numba kernels, the gates' non-linearities and the
+cell update (``zsgd.nn.lstm_kernels``). The backward pass mirrors it and leaves the
 weight gradients to three large sgemms over the whole block.
 """
 
