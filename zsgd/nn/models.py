@@ -37,6 +37,7 @@ import numpy as np
 
 from zsgd import kernels as K
 from zsgd.errors import ZsgdError
+from zsgd.nn.flat import check_flat, load_flat
 from zsgd.nn.layers import Conv2d, Dense, Dropout, Layer, buffer, uniform_init
 
 #: Samples per forward pass in ``predict``: bounds memory (the CNN's conv1
@@ -123,31 +124,12 @@ class Model:
 
     def load_state_dict(self, sd: dict[str, Any]) -> np.ndarray:
         """A new flat vector from a ``state_dict`` (numpy arrays or CPU torch tensors)."""
-        names = [n for n, _, _, _ in self._specs]
-        missing = [n for n in names if n not in sd]
-        extra = [n for n in sd if n not in names]
-        if missing or extra:
-            raise ZsgdError(f"state_dict does not match model '{self.name}': missing {missing}, unexpected "
-                            f"{extra}; expected names {names}")
-        w = np.empty(self.n_params, np.float32)
-        for n, shape, off, _ in self._specs:
-            v = sd[n]
-            if hasattr(v, "detach"):
-                v = v.detach().cpu().numpy()
-            v = np.asarray(v)
-            if v.shape != shape:
-                raise ZsgdError(f"state_dict['{n}'] has shape {v.shape}, model '{self.name}' needs {shape}")
-            w[off:off + v.size] = v.astype(np.float32, copy=False).ravel()
-        return w
+        return load_flat(sd, self.layout(), self.n_params, self.name)
 
     # ------------------------------------------------------------ validation
 
     def _check_w(self, w: np.ndarray) -> np.ndarray:
-        if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.shape != (self.n_params,):
-            got = f"{getattr(w, 'dtype', type(w).__name__)} {getattr(w, 'shape', '')}"
-            raise ZsgdError(f"model '{self.name}' needs a flat float32 vector of {self.n_params} parameters, "
-                            f"got {got}: use model.init() or load_state_dict()")
-        return w if w.flags.c_contiguous else np.ascontiguousarray(w)
+        return check_flat(w, self.n_params, self.name)
 
     def _check_x(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
