@@ -115,9 +115,10 @@ class RunOptions:
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
         if not 0 <= self.port <= 65535:
             raise ZsgdError(f"--port must be in 0..65535, got {self.port}")
-        if self.heartbeat <= 0 or self.timeout <= self.heartbeat:
-            raise ZsgdError("--timeout must be longer than --heartbeat (3-5 heartbeats is the usual choice)")
-        if self.eval_interval < 0:
+        from zsgd.wire.link import check_intervals
+
+        check_intervals(self.heartbeat, self.timeout)
+        if not self.eval_interval >= 0 or self.eval_interval == float("inf"):
             raise ZsgdError(f"--eval-interval must be >= 0, got {self.eval_interval}")
         if self.checkpoint_every < 0:
             raise ZsgdError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
