@@ -33,9 +33,15 @@ def create_run_dir(out: str | os.PathLike | None, name: str, root: str | os.Path
             n += 1
             path = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{n}"
     else:
+        if not str(out).strip():
+            raise ZsgdError("--out must name a directory, got an empty string")
         path = Path(out)
         if (path / "metrics.jsonl").exists() or (path / "results.csv").exists():
-            raise ZsgdError(f"{path} already holds a run; choose another --out (or continue it with 'zsgd run --resume {path}')")
+            if not never_started(path):
+                hint = f" (or continue it with 'zsgd run --resume {path}')" if (path / "checkpoint.json").exists() else ""
+                raise ZsgdError(f"{path} already holds a run; choose another --out{hint}")
+            for leftover in NEVER_STARTED_FILES:  # a failed start's files: this run replaces them
+                (path / leftover).unlink(missing_ok=True)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -44,6 +50,36 @@ def create_run_dir(out: str | os.PathLike | None, name: str, root: str | os.Path
     except OSError as exc:
         raise ZsgdError(f"cannot write to output directory {path}: {exc.strerror or exc}; choose another with --out") from None
     return path
+
+
+NEVER_STARTED_FILES = ("config.yaml", "metrics.jsonl")
+_STARTED_FILES = ("summary.json", "checkpoint.json", "checkpoint.npz", "weights.npz", "results.csv")
+_SETUP_EVENTS = {"start", "worker"}
+
+
+def never_started(path: Path) -> bool:
+    """True if ``path`` holds only what a run that failed to start leaves: a config and a metrics file
+    with no training event (no train, eval or update line, no checkpoint, no summary)."""
+    path = Path(path)
+    if any((path / name).exists() for name in _STARTED_FILES):
+        return False
+    metrics = path / "metrics.jsonl"
+    if not metrics.exists():
+        return True
+    try:
+        if metrics.stat().st_size > 1 << 20:
+            return False
+        lines = metrics.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return False
+        if not isinstance(event, dict) or event.get("event") not in _SETUP_EVENTS:
+            return False
+    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
