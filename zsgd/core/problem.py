@@ -15,6 +15,7 @@ import numpy as np
 from zsgd.core.config import TrainConfig
 from zsgd.core.ledger import RunLedger
 from zsgd.core.stopping import StopRule
+from zsgd.errors import ZsgdError
 
 
 @dataclass
@@ -42,6 +43,11 @@ class Problem:
             # A worker's shard of text is one contiguous span, so its batches can
             # continue each other and carry the hidden state: no other split means that.
             cfg.split = "shards"
+        else:  # (text: check_fits checks the spans against batch x bptt)
+            n_train = len(ds.y_train)
+            if cfg.batch_size > n_train:
+                raise ZsgdError(f"--batch-size {cfg.batch_size:,} is larger than the training set ({n_train:,} samples of "
+                                f"{ds.name}): choose at most {n_train:,} (64-256 is usual)")
         model = get_model(cfg.model, input_shape=ds.input_shape, n_classes=ds.n_classes, seed=cfg.seed, bptt=cfg.bptt)
         return cls(ds, model)
 

@@ -113,6 +113,12 @@ class RunOptions:
         self.emulator(0)  # parses every injected spec now, so a typo fails before anything starts
         if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.remote):
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
+        from zsgd.runtime.launch import max_local_workers
+
+        cap, why = max_local_workers()
+        if self.n_proc > cap:
+            raise ZsgdError(f"--n-proc {self.n_proc:,} is more local workers than this machine can run (at most {cap} for {why}); "
+                            f"use 'zsgd sim --workers {self.n_proc}' to study that many, or --remote to add machines")
         if not 0 <= self.port <= 65535:
             raise ZsgdError(f"--port must be in 0..65535, got {self.port}")
         from zsgd.wire.link import check_intervals
