@@ -201,7 +201,9 @@ def _positive_float(name: str, value: float) -> None:
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:
-    """Write the resolved configuration as YAML, the form users edit and re-run."""
+    """Write the resolved configuration as YAML, the form users edit and re-run (atomically: never half a file)."""
     import yaml
 
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    from zsgd.output.rundir import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), yaml.safe_dump(config, sort_keys=False).encode())

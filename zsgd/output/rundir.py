@@ -129,8 +129,20 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz``; ZsgdError for a missing, empty, truncated or corrupted file.
+
+    A damaged zip raises many kinds of error inside numpy and zipfile (EOFError among them, which
+    click would report as "interrupted"); all of them are one line here."""
+    import zipfile
+    import zlib
+
     try:
+        if Path(path).stat().st_size == 0:
+            raise ZsgdError(f"cannot read {path}: the file is empty")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ZsgdError(f"cannot read {path}: {exc}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, MemoryError, NotImplementedError) as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ZsgdError(f"cannot read {path}: {detail} (the file is damaged)") from None
+    except (AttributeError, TypeError):  # np.load returned a plain array: a .npy, not an .npz
+        raise ZsgdError(f"cannot read {path}: not an .npz archive") from None

@@ -199,8 +199,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                              f"model: [bold]{cfg.model}[/] ({problem.model.n_params:,} parameters); algorithm: [bold]{opts.algo}[/]")
     resolved = cfg.to_dict() | {"mode": "run", "run": {k: v for k, v in asdict(opts).items() if k != "show"}, "data_source": ds.source,
                                 "n_params": problem.model.n_params} | problem.data_fields()
-    if resume is None:
-        write_config(run_dir / "config.yaml", resolved)
+    write_config(run_dir / "config.yaml", resolved)  # on --resume too: it records a changed --n-proc or stop rule
     bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=access.bind(opts.port), curve=access.broker_curve(), heartbeat=opts.heartbeat,
                           timeout=opts.timeout, staleness_lr=opts.staleness_lr, compress=opts.compress, compress_replies=opts.compress_replies,
                           checkpoint_every=opts.checkpoint_every,
