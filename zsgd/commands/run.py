@@ -78,6 +78,10 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
     if n_proc is None:
         n_proc = 0 if extra.get("remote") else 2
     if resume_dir is None:
+        if out is not None:
+            from zsgd.output.rundir import check_out_dir
+
+            check_out_dir(out)  # before remote hosts are probed or data loaded
         cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}", defaulted=defaulted)
     opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
                       compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, inject_latency=inject_latency,

@@ -130,7 +130,7 @@ def check_field(name: str, value: Any) -> None:
             raise ZsgdError(f"--data-dir must be a directory path, got {_show(value)}")
     elif name == "grayscale":
         if not isinstance(value, bool):
-            raise ZsgdError(f"grayscale must be true or false, got {_show(value)}")
+            raise ZsgdError(f"--grayscale must be true or false, got {_show(value)}")
     elif name == "extra":
         if not isinstance(value, dict):
             raise ZsgdError(f"extra must be a mapping, got {_show(value)}")

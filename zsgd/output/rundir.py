@@ -33,14 +33,9 @@ def create_run_dir(out: str | os.PathLike | None, name: str, root: str | os.Path
             n += 1
             path = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{n}"
     else:
-        if not str(out).strip():
-            raise ZsgdError("--out must name a directory, got an empty string")
-        path = Path(out)
+        path = check_out_dir(out)
         if (path / "metrics.jsonl").exists() or (path / "results.csv").exists():
-            if not never_started(path):
-                hint = f" (or continue it with 'zsgd run --resume {path}')" if (path / "checkpoint.json").exists() else ""
-                raise ZsgdError(f"{path} already holds a run; choose another --out{hint}")
-            for leftover in NEVER_STARTED_FILES:  # a failed start's files: this run replaces them
+            for leftover in NEVER_STARTED_FILES:  # a failed start's files (check_out_dir let them pass): this run replaces them
                 (path / leftover).unlink(missing_ok=True)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -49,6 +44,22 @@ def create_run_dir(out: str | os.PathLike | None, name: str, root: str | os.Path
         probe.unlink()
     except OSError as exc:
         raise ZsgdError(f"cannot write to output directory {path}: {exc.strerror or exc}; choose another with --out") from None
+    return path
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """``--out`` as a Path if a run may be written there; ZsgdError otherwise (commands call it before loading data).
+
+    Refused: an empty string (it would mean the current directory), a file, a
+    directory holding a run that started; a run that never started may be reused."""
+    if not str(out).strip():
+        raise ZsgdError("--out must name a directory, got an empty string")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ZsgdError(f"--out {path} is a file, not a directory")
+    if ((path / "metrics.jsonl").exists() or (path / "results.csv").exists()) and not never_started(path):
+        hint = f" (or continue it with 'zsgd run --resume {path}')" if (path / "checkpoint.json").exists() else ""
+        raise ZsgdError(f"{path} already holds a run; choose another --out{hint}")
     return path
 
 
