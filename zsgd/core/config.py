@@ -104,7 +104,7 @@ def model_defaults(model: str) -> dict[str, Any]:
 
 MAX_SEED = 2**32 - 1  # seeds are folded to 32 bits where random streams are derived
 MAX_IMAGE_SIZE = 1024
-MAX_NAME = 200
+MAX_NAME = 256
 
 
 def check_field(name: str, value: Any) -> None:

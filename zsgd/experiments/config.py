@@ -261,8 +261,8 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
         if k not in TOP_KEYS:
             raise _unknown(doc, "top level", k, TOP_KEYS, k)
     name = top.get("name") or Path(path).stem
-    if not isinstance(name, str) or len(name) > 200 or not name.isprintable():
-        raise doc.error(f"name must be a string of at most 200 printable characters, got {_short(name)}", "name")
+    if not isinstance(name, str) or len(name) > 100 or not name.isprintable():
+        raise doc.error(f"name must be a string of at most 100 printable characters, got {_short(name)}", "name")
     description = top.get("description")
     if description is not None and not isinstance(description, str):
         raise doc.error(f"description must be text, got {type(description).__name__} {_short(description)}", "description")
@@ -312,8 +312,8 @@ def _arm(doc: Marked, i: int, raw: dict[str, Any], defaults: dict[str, Any], bas
          checkers: dict[str, Callable[[Any], Any]]) -> ArmSpec:
     path = ("arms", i)
     name = raw.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not name.isprintable():
-        raise doc.error(f"arms[{i}]: every arm needs a name (a non-empty string of at most 200 printable characters)", *path)
+    if not isinstance(name, str) or not name.strip() or len(name) > 100 or not name.isprintable():
+        raise doc.error(f"arms[{i}]: every arm needs a name (a non-empty string of at most 100 printable characters)", *path)
     where = f"arms[{i}] {name!r}"
     for k, v in raw.items():
         if k in SHARED_KEYS:

@@ -26,7 +26,7 @@ def create_run_dir(out: str | os.PathLike | None, name: str, root: str | os.Path
     """Make (or reuse, if empty) the run directory and check it is writable now,
     not at the end of a two-hour run."""
     if out is None:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:100].strip("-") or "run"  # file names end at 255 bytes
         path = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
         n = 1
         while path.exists():
