@@ -125,7 +125,7 @@ class RunOptions:
 
         check_intervals(self.heartbeat, self.timeout)
         if not self.eval_interval >= 0 or self.eval_interval == float("inf"):
-            raise ZsgdError(f"--eval-interval must be >= 0, got {self.eval_interval}")
+            raise ZsgdError(f"--eval-interval must be a finite number of seconds >= 0, got {self.eval_interval}")
         if self.checkpoint_every < 0:
             raise ZsgdError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         return self
