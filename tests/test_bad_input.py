@@ -218,7 +218,7 @@ def test_negative_seed(command, tmp_path):
     (("--timeout", "nan"), r"--timeout must be a positive number of seconds, got nan"),
     (("--timeout", "inf"), r"--timeout must be a positive number of seconds, got inf"),
     (("--heartbeat", "nan"), r"--heartbeat must be a positive number of seconds, got nan"),
-    (("--eval-interval", "nan"), r"--eval-interval must be >= 0"),
+    (("--eval-interval", "nan"), r"--eval-interval must be a finite number of seconds >= 0, got nan"),
     (("--n-proc", "100000"), r"--n-proc 100,000 is more local workers than this machine can run \(at most \d+ for "),
     (("--algo", "foo"), r"unknown algorithm 'foo'; choose one of async, sync, ssp:S, localsgd:K, or decentralized dsgd, dsgt, cadmm"),
 ])
