@@ -242,6 +242,15 @@ def test_batch_size_larger_than_data_set(command, tmp_path):
     assert not (tmp_path / "o" / "config.yaml").exists()
 
 
+def test_batch_size_beyond_memory(tmp_path, monkeypatch):
+    import zsgd.core.machine as machine
+
+    monkeypatch.setattr(machine, "available_memory", lambda: 1 << 30)
+    refused("train", "--model", "cnn", "--data", "embedded", "--batch-size", "9000", "--steps", "5", "--quiet", "--out", tmp_path / "o",
+            match=r"--batch-size 9,000 needs about [\d.]+ GiB for one step of cnn, more than the 1.0 GiB available: choose at most [\d,]+")
+    assert not (tmp_path / "o").exists()
+
+
 def test_split_checked_by_train(tmp_path):
     refused("train", "--split", "foo", "--steps", "5", *SMALL, "--out", tmp_path / "o", match=r"invalid split 'foo'")
     refused("train", "--split", "classes:²", "--steps", "5", *SMALL, "--out", tmp_path / "o", match=r"invalid split 'classes:²'")

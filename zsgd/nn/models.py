@@ -101,6 +101,13 @@ class Model:
 
     # ------------------------------------------------------------ parameters
 
+    def bytes_per_sample(self) -> int:
+        """Memory one training step needs per sample of its batch: the input as float32, each layer's output and
+        gradient (convolutions work in chunks, so their scratch does not grow with the batch). The CNN on 28x28
+        measures 272 KB a sample at batch 1024; this says 318 KB."""
+        floats = int(np.prod(self.input_shape)) + sum(2 * int(np.prod(layer.out_shape)) for layer in self.layers)
+        return 4 * floats
+
     def layout(self) -> list[tuple[str, tuple[int, ...], int]]:
         """(name, shape, offset into the flat vector) of every parameter, in order."""
         return [(n, s, o) for n, s, o, _ in self._specs]

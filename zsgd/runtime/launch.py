@@ -30,16 +30,13 @@ WORKER_MEMORY = 300 << 20  # a worker process: interpreter, numpy/numba, its cop
 
 def max_local_workers() -> tuple[int, str]:
     """(most local worker processes this machine can run, why): CPUs and available memory."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from zsgd.core.machine import available_memory, cpu_count
+
+    cpus = cpu_count()
     limit, why = max(MIN_WORKER_CAP, WORKERS_PER_CPU * cpus), f"{cpus} CPU{'s' if cpus != 1 else ''}"
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        return limit, why
-    by_memory = max(1, avail // WORKER_MEMORY)
-    if by_memory < limit:
-        return by_memory, f"{avail / 2**30:.1f} GiB of available memory at ~{WORKER_MEMORY >> 20} MiB a worker"
+    avail = available_memory()
+    if avail is not None and max(1, avail // WORKER_MEMORY) < limit:
+        return max(1, avail // WORKER_MEMORY), f"{avail / 2**30:.1f} GiB of available memory at ~{WORKER_MEMORY >> 20} MiB a worker"
     return limit, why
 
 
