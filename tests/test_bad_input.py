@@ -59,7 +59,8 @@ def refused(*args: str, match: str, code: int = 2, seconds: float = 20.0) -> str
 
 # -- zsgd worker: endpoints and intervals --------------------------------------------------
 @pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:notaport", "tcp://127.0.0.1:", "tcp://127.0.0.1:-1", "ipc://",
-                                      "tcp://:5555", "tcp://127.0.0.1:70000", "udp://127.0.0.1:5555"])
+                                      "tcp://:5555", "tcp://127.0.0.1:70000", "udp://127.0.0.1:5555", "tcp://*:5555",
+                                      "tcp://127.0.0.1:5555 "])
 def test_worker_bad_endpoint(endpoint):
     refused("worker", "--connect", endpoint, match=r"--connect .*(tcp://HOST:PORT|ipc://)", seconds=5)
 

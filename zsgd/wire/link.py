@@ -42,7 +42,7 @@ def check_endpoint(address: str, what: str = "--connect") -> str:
             raise ZsgdError(f"{what} {address!r}: ipc:// needs a socket path, e.g. ipc:///tmp/zsgd.sock")
         return address
     match = re.fullmatch(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([0-9]+)", address)
-    if match is None or not 1 <= int(match.group(2)) <= 65535:
+    if match is None or match.group(1) == "*" or not 1 <= int(match.group(2)) <= 65535:
         raise ZsgdError(f"{what} {address!r}: expected tcp://HOST:PORT with a host and a port in 1-65535, e.g. tcp://127.0.0.1:5555")
     return address
 
