@@ -113,7 +113,8 @@ def _walk(loader: Any, node: Any, prefix: PathKey, lines: dict[PathKey, int], pa
             except TypeError:
                 raise ZsgdError(f"{path}:{line}: a mapping key must be a plain value") from None
             if key in seen:
-                raise ZsgdError(f"{path}:{line}: duplicate key {key!r} (first on line {seen[key]})")
+                shown = repr(key) if len(repr(key)) <= 60 else repr(key)[:57] + "..."
+                raise ZsgdError(f"{path}:{line}: duplicate key {shown} (first on line {seen[key]})")
             seen[key] = line
             lines[prefix + (key,)] = line
             _walk(loader, value_node, prefix + (key,), lines, path)
