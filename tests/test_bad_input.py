@@ -24,10 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
 
-from conftest import run_zsgd, wait_for, zsgd_cmd
-from zsgd.cli import main
+from helpers import cli, lines_of, run_zsgd, wait_for, zsgd_cmd
 from zsgd.errors import ZsgdError
 
 SMALL = ("--model", "logreg", "--data", "embedded", "--quiet")
@@ -43,9 +41,9 @@ def isolated(tmp_path, monkeypatch):
 def refused(*args: str, match: str, code: int = 2, seconds: float = 20.0) -> str:
     """Run ``zsgd ARGS`` in-process; assert one ``zsgd: error:`` line matching ``match``, exit ``code``, quickly."""
     t0 = time.monotonic()
-    result = CliRunner().invoke(main, [str(a) for a in args])
+    result = cli(*[str(a) for a in args])
     took = time.monotonic() - t0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = lines_of(result.stderr)
     assert result.exit_code == code, (result.exit_code, result.output, result.exception)
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
@@ -525,7 +523,7 @@ def test_plot_skips_non_numbers(tmp_path):
     (tmp_path / "r" / "metrics.jsonl").write_text(
         '{"event":"train","t":NaN,"updates":1,"loss":NaN}\n{"event":"train","t":1,"updates":2,"loss":1.5}\n'
         '{"event":"eval","t":2,"updates":"x","test_acc":0.5}\n{"event":"train","t":3,"updates":4,"loss":true}\n')
-    result = CliRunner().invoke(main, ["plot", str(tmp_path / "r"), "--out", str(tmp_path / "p")])
+    result = cli("plot", str(tmp_path / "r"), "--out", str(tmp_path / "p"))
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "p").glob("*.png"))) == 2
 
