@@ -59,7 +59,7 @@ def run_node(opts: NodeOptions) -> int:
 def _leave(link: BrokerLink, reason: str) -> None:
     try:
         link.send(protocol.leave(link.run, link.worker, reason))
-    except zmq.ZMQError:
+    except (zmq.ZMQError, ZsgdError):  # ZsgdError: the link thread is gone, there is no one to tell
         pass
 
 

@@ -53,6 +53,10 @@ def _run(config: str, out: str | None, only: tuple[str, ...], check: bool, quiet
         return
     from zsgd.experiments.experiment import run_experiment
     from zsgd.output.live import stderr_console
+    from zsgd.output.rundir import check_out_dir
+
+    if out is not None:
+        check_out_dir(out)  # before any arm's data is loaded
 
     log = None if quiet else (lambda msg: stderr_console.print(msg, highlight=False, markup=False))
     command = "zsgd experiment " + " ".join(shlex.quote(a) for a in [config] + [f"--only={o}" for o in only])

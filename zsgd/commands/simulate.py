@@ -120,9 +120,11 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
         raise ZsgdError(f"--target must be in (0, 1], got {target}")
     arms = build_arms(spec)  # every spec checked before data is loaded
     from zsgd.output.live import stderr_console
-    from zsgd.output.rundir import create_run_dir
+    from zsgd.output.rundir import check_out_dir, create_run_dir
     from zsgd.simulation.sweep import prepare_workload, results_table, run_sweep, scaling_line
 
+    if out is not None:
+        check_out_dir(out)  # before the data is loaded
     workload = prepare_workload(cfg, arms)  # data, model and shards: may still reject e.g. too many workers
     out_dir = create_run_dir(out, cfg.name)
     ds, model = workload.problem.dataset, workload.model
