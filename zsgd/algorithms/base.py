@@ -28,6 +28,8 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from zsgd.nn.server_step import is_finite
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -92,6 +94,8 @@ class ServerAlgorithm:
         self.share_snapshots = False  # set by a driver that sets snapshot_busy (see the module docstring)
         self.snapshot_busy: Callable[[], bool] | None = None
         self._shared = False  # a view of self.w has been handed out since the last write
+        self._spare: np.ndarray | None = None  # the second weights buffer of out-of-place steps
+        self._spare_shared = False  # a view of _spare was handed out while it was live
         self.live: set[int] = set()
         self._snapshot: tuple[int, np.ndarray] | None = None
 
@@ -128,11 +132,52 @@ class ServerAlgorithm:
     def reply(self, worker: int) -> Reply:
         return Reply(worker, self.version, self.snapshot())
 
-    def apply(self, grad: np.ndarray, staleness: int) -> float:
-        """One optimizer step on the central model; returns the lr used."""
+    def apply(self, grad: np.ndarray, staleness: int) -> float | None:
+        """One optimizer step on the central model; returns the lr used, or None when ``grad``
+        holds NaN or Inf (then nothing changed: the caller drops the update).
+
+        The step is one fused numba pass (``zsgd.nn.server_step``). In place
+        when nobody may still be reading the live weights (after a finite
+        check that a driver's own check makes unnecessary); out of place into
+        a second buffer, with the finite check and clipping inside the pass,
+        when a reply of the live weights may still be in flight or
+        ``clip_norm`` is set: the new buffer becomes the live weights and the
+        next reply's buffer, so no snapshot copy is ever made.
+        """
         lr = self.optimizer.lr * self.lr_scale
         if self.staleness_lr and staleness > 0:
             lr = lr / staleness
+        if not hasattr(self.optimizer, "step_into"):
+            return self._apply_unfused(grad, lr)
+        in_flight = False
+        if self._shared:
+            in_flight = self.snapshot_busy() if self.snapshot_busy is not None else True
+            self._shared = in_flight  # not in flight: the view may be overwritten in place
+        if in_flight or self.clip_norm is not None:
+            out = self._take_spare(in_flight)
+            if not self.optimizer.step_into(self.w, grad, out, lr, clip_norm=self.clip_norm):
+                self._spare, self._spare_shared = out, False
+                return None
+            self._spare, self._spare_shared = self.w, self._shared
+            self.w, self._shared = out, False
+        else:
+            if not is_finite(grad):
+                return None
+            self.optimizer.step(self.w, grad, lr)
+        self.version += 1
+        return lr
+
+    def _take_spare(self, busy: bool) -> np.ndarray:
+        """A buffer for an out-of-place step: the previous weights' buffer unless a send of it may be in flight."""
+        spare, self._spare = self._spare, None
+        if spare is None or (self._spare_shared and busy):
+            spare = np.empty_like(self.w)  # the old one stays with whoever still reads it
+        return spare
+
+    def _apply_unfused(self, grad: np.ndarray, lr: float) -> float | None:
+        """The step for an optimizer without ``step_into``: check, clip a copy, step in place."""
+        if not is_finite(grad):
+            return None
         if self.clip_norm is not None:
             from zsgd.nn.optim import clip_grad_norm
 
