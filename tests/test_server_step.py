@@ -199,3 +199,31 @@ def test_algorithm_with_a_foreign_optimizer_still_rejects_non_finite():
     assert a.on_update(Update(0, 0, g, 1), 0.0)[0].reason == "non-finite"
     a.on_update(Update(0, 0, np.ones(N, np.float32), 1), 0.0)
     assert a.version == 1 and np.allclose(a.w, -0.1)
+
+
+def test_reference_counts_tell_which_buffer_is_in_flight():
+    """The broker's trackers only say "some send is in flight"; the algorithm tells which buffer.
+    A held reply (or a memoryview of a reshaped view of it, as the wire's encode makes) keeps its
+    buffer from being written; a released one is overwritten in place or reused from the pool."""
+    a = _algo("async", share=True, busy=lambda: True)
+    _, grads = _vectors(7)
+    reply = a.add_worker(0, 0.0)[0].weights
+    frame = memoryview(reply.reshape(-1)).cast("B")
+    keep = reply.copy()
+    del reply
+    live = a.w
+    a.on_update(Update(0, 0, grads[0], 32), 0.0)
+    assert a.w is not live and np.array_equal(np.frombuffer(frame, np.float32), keep)  # out of place: the frame is intact
+    del frame, live
+    buffers = set()
+    for k in range(6):  # replies dropped at once: every step is in place, on one buffer
+        out = a.on_update(Update(0, a.version, grads[k % 5], 32), 0.0)
+        del out
+        buffers.add(id(a.w))
+    assert len(buffers) == 1
+    held = []
+    for k in range(8):  # every reply held for two updates: out of place, cycling through a bounded pool
+        held.append(a.on_update(Update(0, a.version, grads[k % 5], 32), 0.0)[-1].weights)
+        held = held[-2:]
+        buffers.add(id(a.w))
+    assert len(buffers) <= 5 and all(not np.shares_memory(held[0], held[1]) for _ in [0])
