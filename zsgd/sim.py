@@ -295,6 +295,8 @@ class Simulation:
                 self._applied(out)
             elif isinstance(out, Dropped):
                 self.dropped[out.reason] += 1
+                if out.reason == "non-finite":  # as the broker: a gradient that blew up ends the run
+                    self.ledger.diverge(f"gradient is not finite on worker {out.worker}")
 
     def _send_weights(self, r: Reply) -> None:
         w = r.worker

@@ -139,8 +139,8 @@ class ServerAlgorithm:
         holds NaN or Inf (then nothing changed: the caller drops the update).
 
         The step is one fused numba pass (``zsgd.nn.server_step``). In place
-        when nobody may still be reading the live weights (after a finite
-        check that a driver's own check makes unnecessary); out of place into
+        when nobody may still be reading the live weights (after a separate
+        finite check: an in-place pass cannot take back what it wrote); out of place into
         a second buffer, with the finite check and clipping inside the pass,
         when a reply of the live weights may still be in flight or
         ``clip_norm`` is set: the new buffer becomes the live weights and the

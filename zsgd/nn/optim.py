@@ -376,3 +376,7 @@ def warm_optimizer(name: str, momentum: float = 0.9, weight_decay: float = 0.0) 
     """
     opt = make_optimizer(name, 2, lr=1e-3, momentum=momentum, weight_decay=weight_decay)
     opt.step(np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), 1e-3)
+    # the server step's kernels too: its finite check and the out-of-place pass (with and without clipping)
+    _into.all_finite(np.ones(2, dtype=np.float32))
+    for clip in (None, 1e-3):
+        opt.step_into(np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), np.empty(2, dtype=np.float32), 1e-3, clip_norm=clip)

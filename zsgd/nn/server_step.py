@@ -25,8 +25,6 @@ float32 rounding (a few ulp). ``tests/test_server_step.py`` checks both.
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 from numba import njit
 from numba import uint64 as u8
@@ -114,23 +112,6 @@ def all_finite(g):
     return bad == 0
 
 
-# Arrays a driver has already checked (the wire's finite check marks the
-# read-only arrays it passed), so the in-place path does not read them twice.
-# Keyed by id with the array itself as the weak value, so a recycled id of a
-# dead array never matches.
-_verified: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()
-
-
-def mark_finite(a: np.ndarray) -> None:
-    """Record that ``a`` (read-only: nobody can change it after the check) holds no NaN or Inf."""
-    if isinstance(a, np.ndarray) and not a.flags.writeable:
-        _verified[id(a)] = a
-
-
-def known_finite(a: np.ndarray) -> bool:
-    return _verified.get(id(a)) is a
-
-
 def is_finite(g: np.ndarray) -> bool:
-    """``g`` holds no NaN or Inf: known from a driver's check, or one numba pass."""
-    return known_finite(g) or bool(all_finite(g))
+    """``g`` (a float32 vector) holds no NaN or Inf: one numba pass, no temporary."""
+    return bool(all_finite(g))

@@ -46,18 +46,8 @@ def _check_float_vector(msg: Message, name: str, n_params: int) -> None:
 
 
 def _check_finite(msg: Message) -> None:
-    """No float array holds NaN or Inf. Big float32 vectors go through one numba pass (no temporary)
-    and are marked as checked, so the server step (``zsgd.nn.server_step``) does not read them again."""
     for name, arr in msg.arrays.items():
-        if arr.dtype.kind != "f" or not arr.size:
-            continue
-        if arr.dtype == np.float32 and arr.ndim == 1 and arr.size >= 65536 and arr.flags.c_contiguous:
-            from zsgd.nn.server_step import all_finite, mark_finite
-
-            if not all_finite(arr):
-                raise ProtocolError("non-finite", f"{name!r} holds NaN or Inf")
-            mark_finite(arr)
-        elif not np.isfinite(arr).all():
+        if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
             raise ProtocolError("non-finite", f"{name!r} holds NaN or Inf")
 
 
