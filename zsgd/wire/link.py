@@ -45,6 +45,7 @@ class BrokerLink:
         self._thread = threading.Thread(target=self._pump, name="zsgd-link", daemon=True)
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.last_arrival = 0.0  # time.monotonic() when the I/O thread got the latest broker message (not heartbeats)
 
     def open(self) -> "BrokerLink":
         self._thread.start()
@@ -129,6 +130,7 @@ class BrokerLink:
                     last_recv = now
                     self.bytes_received += sum(len(f.buffer) for f in frames)
                     if not _is_heartbeat(frames):
+                        self.last_arrival = now
                         pipe.send_multipart(frames, copy=False)
                 if now - last_send >= self.heartbeat:
                     dealer.send_multipart(protocol.encode(protocol.heartbeat(self.run, self.worker)))
