@@ -17,7 +17,13 @@ the flat vector is split into K contiguous ranges balanced by bytes. The
 raw echo runs with any K (K echo processes); zsgd runs with K = 1 until
 ``zsgd broker`` can serve a range (``--servers`` in issue 10).
 
-Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1] [--seconds 8] [--rounds 3]``
+``--only step`` times the server's step alone, in this process, on a cnn-size
+vector: the unfused path (numpy finite check, then the in-place momentum
+kernel, plus a snapshot copy when a reply of the live weights is still in
+flight) beside the fused kernels of ``zsgd.nn.server_step`` (a numba finite
+check, then in place; or one out-of-place pass with the check inside).
+
+Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1] [--seconds 8] [--rounds 3] [--only step|exchange]``
 """
 
 from __future__ import annotations
@@ -216,6 +222,57 @@ def measure(mode: str, n_workers: int, k: int, client_procs: int, seconds: float
                 p.wait()
 
 
+def step_table(rounds: int, reps: int = 200) -> None:
+    """Milliseconds per server step, cnn size, momentum: medians of alternating rounds."""
+    from zsgd.nn.optim import make_optimizer
+    from zsgd.nn.server_step import all_finite
+
+    rng = np.random.default_rng(0)
+    g = (rng.standard_normal(N_PARAMS) * 1e-3).astype(np.float32)
+    g.flags.writeable = False  # as received: a read-only view of a frame
+    live = {"w": rng.standard_normal(N_PARAMS).astype(np.float32), "spare": np.empty(N_PARAMS, np.float32)}
+    opt_a, opt_b = make_optimizer("momentum", N_PARAMS, 0.01), make_optimizer("momentum", N_PARAMS, 0.01)
+
+    def unfused():
+        assert np.isfinite(g).all()
+        opt_a.step(live["w"], g)
+
+    def unfused_busy():
+        assert np.isfinite(g).all()
+        live["w"] = live["w"].copy()  # copy-on-write: the old buffer stays with the send in flight
+        opt_a.step(live["w"], g)
+
+    def fused_in_place():
+        assert all_finite(g)
+        opt_a.step(live["w"], g)
+
+    def fused_out_of_place():
+        assert opt_b.step_into(live["w"], g, live["spare"])
+        live["w"], live["spare"] = live["spare"], live["w"]
+
+    cases = [("unfused: numpy finite check + in-place step", unfused),
+             ("unfused, reply in flight: + snapshot copy", unfused_busy),
+             ("fused: numba finite check + in-place step", fused_in_place),
+             ("fused out of place (check inside; no copy ever)", fused_out_of_place)]
+    results: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for _ in range(max(1, rounds)):
+        for name, fn in cases:
+            for _ in range(5):
+                fn()
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            results[name].append(statistics.median(ts) * 1e3)
+    print(f"\nserver step, cnn ({N_PARAMS:,} float32), momentum, one thread: ms per update "
+          f"(median of {reps} per round, {rounds} alternating rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n")
+    print("| path | ms (median of rounds) | per round |")
+    print("|---|---:|---|")
+    for name, _ in cases:
+        print(f"| {name} | {statistics.median(results[name]):.3f} | {', '.join(f'{x:.3f}' for x in results[name])} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=4, help="synthetic workers (pipelined, no compute)")
@@ -224,6 +281,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per round, after --warmup")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=3, help="alternate raw and zsgd this many times")
+    ap.add_argument("--only", choices=["exchange", "step"], default=None, help="only the pipelined exchange, or only the server step")
     ap.add_argument("--client", choices=["raw", "zsgd"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
     ap.add_argument("--client-workers", default="", help=argparse.SUPPRESS)
@@ -234,6 +292,9 @@ def main() -> None:
         return
     if args.workers < 1 or args.servers < 1 or args.client_procs < 1:
         raise SystemExit("--workers, --servers and --client-procs must be >= 1")
+    if args.only == "step":
+        step_table(args.rounds)
+        return
     msg_bytes = 4 * N_PARAMS  # each way
     tmp = Path(tempfile.mkdtemp(prefix="bench-broker-"))
     raw, zs = [], []
@@ -255,6 +316,9 @@ def main() -> None:
     print(f"| raw pyzmq ROUTER echo | {mr:.1f} | {gb(mr):.2f} | {', '.join(f'{x:.0f}' for x in raw)} | 1.00 |")
     print(f"| zsgd broker (async, momentum) | {mz:.1f} | {gb(mz):.2f} | {', '.join(f'{x:.0f}' for x in zs)} | "
           f"**{statistics.median(ratios):.2f}** ({', '.join(f'{x:.2f}' for x in ratios)}) |")
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+    if args.only is None:
+        step_table(args.rounds)
 
 
 if __name__ == "__main__":

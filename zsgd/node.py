@@ -88,6 +88,7 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
         return EXIT_BROKER_GONE
     log(opts, f"joined run {run} at {opts.connect}")
     idle_since = time.monotonic()  # a step's turnaround starts when its weights arrive, or when this loop could take them
+    turnarounds: list[float] = []
     while True:
         msg = link.recv(timeout=opts.timeout)
         if msg is None:
@@ -97,6 +98,9 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             return EXIT_BROKER_GONE
         if msg.type == MsgType.LEAVE:
             log(opts, f"done ({msg.meta.get('reason', 'broker finished')})")
+            if len(turnarounds) >= 20:  # the step-time distribution, for calibrating a simulation on this run
+                q = np.quantile(np.asarray(turnarounds[len(turnarounds) // 10:]) * 1e3, (np.arange(20) + 0.5) / 20)
+                log(opts, "turnaround ms (20 quantiles, after the first 10 % of steps): " + ",".join(f"{x:.3f}" for x in q))
             return EXIT_OK
         if msg.type == MsgType.ERROR:
             log(opts, f"broker reported an error: {msg.meta.get('message', '?')}")
@@ -105,8 +109,11 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             continue
         if msg.type == MsgType.WEIGHTS:
             t0 = max(link.last_arrival, idle_since)
+            # The link thread hands the previous update to the socket after this loop let go of it: that
+            # hand-off is part of the previous turnaround, counted here so the mean comes out right.
+            out_hop = max(0.0, link.last_forward - idle_since) if turnarounds else 0.0
             try:
-                reply = compute(msg, t0)
+                reply = compute(msg, t0 - out_hop)
             except protocol.ProtocolError as exc:
                 log(opts, f"broker sent unusable weights ({exc}); exiting")
                 return EXIT_BAD_REPLY
@@ -117,6 +124,8 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
                 time.sleep((factor - 1.0) * (time.monotonic() - t0))
             link.send(reply)
             idle_since = time.monotonic()
+            if isinstance(reply.meta.get("compute_s"), float):
+                turnarounds.append(reply.meta["compute_s"])
 
 
 def _reply_decoder(spec: str, n_params: int):
