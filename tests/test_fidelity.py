@@ -12,11 +12,11 @@ per step (``compute_s``: from its weights reaching its socket to its update
 going back, which includes its own message handling and any wait for a CPU)
 and logs its distribution when it leaves (20 quantiles); the pooled
 quantiles are the simulator's ``--compute trace:FILE``, so a sync round
-waits for the slowest of its workers' draws, as the real round does. What the simulator
-cannot see is the runtime's overhead outside the workers (the broker's
-thread hand-offs and emulation queue): 4-10 ms per cycle on the 2-core
-development VM at load averages of 2-10. The latencies here (50 ms each way)
-keep that below about 10 % of a cycle.
+waits for the slowest of its workers' draws, as the real round does. What
+the simulator cannot see is the runtime's overhead outside the workers (the broker's
+thread hand-offs and emulation queue): 5-17 ms per cycle on the 2-core
+development VM at a load average of 9, which leaves the simulator 9-14 % fast.
+The latencies here (50 ms each way) keep that inside the tolerance.
 """
 
 from __future__ import annotations
