@@ -49,7 +49,8 @@ def test_grid_makes_every_arm_with_runtime_files_table_and_plots(tmp_path):
 
 
 def test_same_command_same_bytes(tmp_path):
-    args = ["--workers", "5", "--algo", "async", "--latency", "lognormal:5ms,0.5", "--compute", "normal:3ms,1ms",
+    # Given compute and broker times: measured ones (the defaults) depend on this machine at this moment.
+    args = ["--workers", "5", "--algo", "async", "--latency", "lognormal:5ms,0.5", "--compute", "normal:3ms,1ms", "--broker-time", "0.1ms",
             "--stragglers", "0.2:3x,transient:0.1:0.05", "--loss", "2%", "--steps", "60", "--model", "logreg",
             "--data", "embedded", "--eval-every", "20", "-q"]
     for name in ("a", "b"):

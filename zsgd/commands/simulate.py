@@ -64,7 +64,9 @@ def _sim_options(func):
                      help="W@T[+RECOVER],... (e.g. 3@10s+5s, 0-7@60s) or rate:R[+RECOVER] (R per worker per second). "
                           "Separate scenarios (arms) with ';'."),
         click.option("--detect", default="3s", show_default=True, help="Time for the broker to notice a dead worker (the runtime's --timeout)."),
-        click.option("--broker-time", default="0", show_default=True, help="Broker time per update (0: instantaneous), queued FIFO."),
+        click.option("--broker-time", default="measured", show_default=True,
+                     help="Broker time per update, queued FIFO: 'measured' (the broker's handler for this model, optimizer, "
+                          "algorithm and codec, timed here once) or a duration, e.g. 0.2ms; 0 makes the broker instantaneous."),
         click.option("--target", default=0.75, show_default=True, type=float, help="Accuracy whose virtual time-to-reach is reported."),
         click.option("--literal", is_flag=True,
                      help="Take --batch-size and --lr as given, defaults included, in every arm (for sweeps that must change one "

@@ -25,8 +25,8 @@ import numpy as np
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
 from zsgd.output.live import row_cells
-from zsgd.simulation.netmodel import (Constant, Network, parse_bandwidth, parse_compute, parse_delay, parse_duration, parse_failures,
-                           parse_loss, parse_stragglers, parse_worker_latency, split_specs)
+from zsgd.simulation.netmodel import (Constant, Network, parse_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration,
+                                      parse_failures, parse_loss, parse_stragglers, parse_worker_latency, split_specs)
 from zsgd.sim import SimOptions, SimResult, Workload, run_arm
 
 # Grid dimensions in the order they vary (the last one fastest): key, flag, short label, units propagate.
@@ -54,7 +54,7 @@ class SweepSpec:
     latency_worker: tuple[str, ...] = ()
     retransmit: str = "200ms"
     detect: str = "3s"
-    broker_time: str = "0"
+    broker_time: str = "measured"
     broker_bandwidth: str = "inf"
     staleness_lr: str | bool = "off"
     target: float = 0.8
@@ -126,7 +126,7 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
     overrides = parse_worker_latency(spec.latency_worker)
     retransmit = parse_delay(spec.retransmit, "retransmit delay")
     detect = parse_duration(spec.detect, "--detect", default_unit="s")
-    broker_s = parse_duration(spec.broker_time, "--broker-time")
+    broker_s = parse_broker_time(spec.broker_time)
     broker_bw = parse_bandwidth(spec.broker_bandwidth)
     dec_algos = [a for a in lists.get("algo", ["async"]) if is_decentralized(a)]
     params = _decentralized_params(spec, dec_algos)

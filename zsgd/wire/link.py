@@ -76,6 +76,8 @@ class BrokerLink:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.error: str | None = None  # why the link thread died, if it did
+        self.last_arrival = 0.0  # time.monotonic() when the I/O thread got the latest broker message (not heartbeats)
+        self.last_forward = 0.0  # ... and when it last passed a message of the compute thread on to the broker
 
     def open(self) -> "BrokerLink":
         self._thread.start()
@@ -168,6 +170,7 @@ class BrokerLink:
                     if len(frames) == 1 and frames[0].bytes == STOP:
                         return
                     dealer.send_multipart(frames, copy=False)
+                    self.last_forward = time.monotonic()
                     self.bytes_sent += sum(len(f.buffer) for f in frames)
                     last_send = now
                 if dealer in events:
@@ -175,6 +178,7 @@ class BrokerLink:
                     last_recv = now
                     self.bytes_received += sum(len(f.buffer) for f in frames)
                     if not _is_heartbeat(frames):
+                        self.last_arrival = now
                         pipe.send_multipart(frames, copy=False)
                 if now - last_send >= self.heartbeat:
                     dealer.send_multipart(protocol.encode(protocol.heartbeat(self.run, self.worker)))
