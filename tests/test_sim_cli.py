@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from helpers import cli
+from helpers import cli, run_zsgd
 
 FAST = ["--model", "logreg", "--data", "embedded", "--compute", "2ms", "--eval-every", "20", "-q"]
 
@@ -227,13 +227,10 @@ def test_results_tables_never_cut_arm_names(width):
 def test_sweep_table_at_80_columns_names_every_arm(tmp_path):
     """The real terminal path: COLUMNS=80, a grid with long arm names."""
     import os
-    import subprocess
-    import sys
 
     out = tmp_path / "w"
-    proc = subprocess.run([sys.executable, "-m", "zsgd", "sim", "--workers", "4", "--algo", "async,ssp:2", "--latency", "0,uniform:5ms,20ms",
-                           "--stragglers", "none,0.25:4x", "--out", str(out), *SMALL], capture_output=True, text=True, timeout=240,
-                          env=os.environ | {"COLUMNS": "80"}, stdin=subprocess.DEVNULL)
+    proc = run_zsgd("sim", "--workers", "4", "--algo", "async,ssp:2", "--latency", "0,uniform:5ms,20ms", "--stragglers", "none,0.25:4x",
+                    "--out", str(out), *SMALL, env=os.environ | {"COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
     table = proc.stderr[proc.stderr.index("simulated arms"):]
     arms = [row["arm"] for row in csv.DictReader(open(out / "results.csv"))]
