@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import read_events, run_zsgd
+from helpers import cli, lines_of, read_events, run_zsgd
 from zsgd.core.config import LM_DEFAULTS, TrainConfig
 from zsgd.core.ledger import perplexity
 from zsgd.core.problem import Problem
@@ -83,9 +83,8 @@ def test_target_perplexity_stop_rule_and_validation():
 
 def test_train_lstm_writes_perplexity_and_tokens_per_s(tmp_path, corpus):
     out = tmp_path / "run"
-    proc = run_zsgd("train", *TINY, "--data", f"text:{corpus}", "--lr", "0.02", "--steps", "150", "--eval-every", "75",
-                    "--out", str(out), "-q")
-    assert proc.returncode == 0, proc.stderr
+    r = cli("train", *TINY, "--data", f"text:{corpus}", "--lr", "0.02", "--steps", "150", "--eval-every", "75", "--out", str(out), "-q")
+    assert r.exit_code == 0, r.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens_per_s"] > 0 and summary["tokens_per_s"] == summary["samples_per_s"]
     assert summary["samples"] == 150 * 4 * 16
@@ -110,18 +109,17 @@ def test_train_lstm_writes_perplexity_and_tokens_per_s(tmp_path, corpus):
 def test_bad_text_is_one_line_exit_2(tmp_path, content, needle):
     f = tmp_path / "bad.txt"
     f.write_bytes(content)
-    proc = run_zsgd("train", "--model", "lstm:embed=8,hidden=16,layers=1", "--data", f"text:{f}", "--steps", "2",
-                    "--out", str(tmp_path / "o"), "-q")
-    assert proc.returncode == 2, proc.stderr
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+    r = cli("train", "--model", "lstm:embed=8,hidden=16,layers=1", "--data", f"text:{f}", "--steps", "2", "--out", str(tmp_path / "o"), "-q")
+    assert r.exit_code == 2, r.output
+    lines = lines_of(r.stderr)
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
 
 
 def test_sim_measures_the_lstm_step(tmp_path, corpus):
     out = tmp_path / "sim"
-    proc = run_zsgd("sim", *TINY, "--data", f"text:{corpus}", "--workers", "3", "--algo", "async", "--compute", "measured",
-                    "--steps", "30", "--eval-every", "15", "--out", str(out), "-q")
-    assert proc.returncode == 0, proc.stderr
+    r = cli("sim", *TINY, "--data", f"text:{corpus}", "--workers", "3", "--algo", "async", "--compute", "measured",
+            "--steps", "30", "--eval-every", "15", "--out", str(out), "-q")
+    assert r.exit_code == 0, r.output
     summaries = list(out.rglob("summary.json"))
     assert summaries
     s = json.loads(summaries[0].read_text())

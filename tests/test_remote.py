@@ -94,7 +94,8 @@ def test_init_prepares_both_hosts(cluster, initialized):
     marker = json.loads((cluster.remote_dir / "installed.json").read_text())
     assert marker["zsgd"] and marker["system_site_packages"] is True and len(marker["sha256"]) == 64
     venv_py = cluster.remote_dir / "venv" / "bin" / "python"
-    where = subprocess.run([str(venv_py), "-c", "import zsgd; print(zsgd.__file__)"], capture_output=True, text=True, cwd="/")
+    bare_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as on a host: nothing but the venv's own packages
+    where = subprocess.run([str(venv_py), "-c", "import zsgd; print(zsgd.__file__)"], capture_output=True, text=True, cwd="/", env=bare_env)
     assert str(cluster.remote_dir / "venv") in where.stdout, where.stderr  # zsgd from the wheel, not the checkout
     assert not (initialized["src"] / "build").exists()  # the wheel is built from a scratch copy: the checkout stays clean
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from helpers import cli
+from helpers import cli, run_zsgd
 
 FAST = ["--model", "logreg", "--data", "embedded", "--compute", "2ms", "--eval-every", "20", "-q"]
 
@@ -17,6 +17,7 @@ def invoke(*args: str):
     return cli("sim", *args, catch_exceptions=False)
 
 
+@pytest.mark.slow  # a whole simulated sweep: several seconds
 def test_grid_makes_every_arm_with_runtime_files_table_and_plots(tmp_path):
     out = tmp_path / "sweep"
     r = invoke("--workers", "4", "--algo", "async,sync,ssp:1", "--latency", "0,10ms", "--stragglers", "0.25:4x",
@@ -130,6 +131,7 @@ def arm_configs(out) -> dict[str, dict]:
     return {row["arm"]: yaml.safe_load((out / row["dir"] / "config.yaml").read_text()) for row in csv.DictReader(open(out / "results.csv"))}
 
 
+@pytest.mark.slow  # a whole simulated sweep: several seconds
 def test_unset_batch_and_lr_follow_each_arms_workers_as_in_run(tmp_path):
     from zsgd.core.config import TrainConfig
     from zsgd.core.scaling import SCALED_FIELDS, scale_for_workers
@@ -151,6 +153,7 @@ def test_unset_batch_and_lr_follow_each_arms_workers_as_in_run(tmp_path):
     assert configs["async n=4"]["batch_size"] == 16 and configs["localsgd:2 n=2"]["lr"] == 0.05
 
 
+@pytest.mark.slow  # a whole simulated sweep: several seconds
 def test_literal_keeps_every_value_and_given_values_are_never_scaled(tmp_path):
     r = invoke("--workers", "4", "--algo", "async,sync", "--literal", "--out", str(tmp_path / "lit"), *SMALL)
     assert r.exit_code == 0, r.output
@@ -166,6 +169,7 @@ def test_literal_keeps_every_value_and_given_values_are_never_scaled(tmp_path):
     assert "lr 0.05 -> 0.2" in stored["sim"]["scaling"]
 
 
+@pytest.mark.slow  # a whole simulated sweep: several seconds
 def test_unset_eval_every_gives_a_curve_not_one_point(tmp_path):
     """The delay study needs a time to target: with --eval-every unset, a sim arm evaluates as a run does
     (the ledger's cadence, several points per run), not once at the end of its single epoch."""
@@ -224,16 +228,14 @@ def test_results_tables_never_cut_arm_names(width):
         assert "diverged" in text  # the experiment's last arm is marked beside its name
 
 
+@pytest.mark.slow  # a whole simulated sweep: several seconds
 def test_sweep_table_at_80_columns_names_every_arm(tmp_path):
     """The real terminal path: COLUMNS=80, a grid with long arm names."""
     import os
-    import subprocess
-    import sys
 
     out = tmp_path / "w"
-    proc = subprocess.run([sys.executable, "-m", "zsgd", "sim", "--workers", "4", "--algo", "async,ssp:2", "--latency", "0,uniform:5ms,20ms",
-                           "--stragglers", "none,0.25:4x", "--out", str(out), *SMALL], capture_output=True, text=True, timeout=240,
-                          env=os.environ | {"COLUMNS": "80"}, stdin=subprocess.DEVNULL)
+    proc = run_zsgd("sim", "--workers", "4", "--algo", "async,ssp:2", "--latency", "0,uniform:5ms,20ms", "--stragglers", "none,0.25:4x",
+                    "--out", str(out), *SMALL, env=os.environ | {"COLUMNS": "80"})
     assert proc.returncode == 0, proc.stderr
     table = proc.stderr[proc.stderr.index("simulated arms"):]
     arms = [row["arm"] for row in csv.DictReader(open(out / "results.csv"))]
