@@ -11,7 +11,9 @@ from zsgd.errors import ZsgdError
 
 @click.command()
 @click.option("--connect", required=True, help="Broker address, e.g. tcp://127.0.0.1:5555.")
-@click.option("--id", "worker_id", type=int, default=None, help="Worker id (stable across restarts); default: the broker picks.")
+@click.option("--id", "worker_id", type=int, default=None,
+              help="Worker id (stable across restarts); default: the launcher's rank (OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID), "
+                   "else the broker picks.")
 @click.option("--role", type=click.Choice(["worker", "evaluator"]), default="worker", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Local copy of the data set (else the broker sends the shard).")
 @click.option("--heartbeat", default=1.0, show_default=True, type=float)
@@ -33,6 +35,11 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
 
     if not connect.startswith(("tcp://", "ipc://")):
         raise ZsgdError(f"--connect needs tcp://HOST:PORT or ipc://PATH, got {connect!r}")
+    if worker_id is None and role == "worker":
+        from zsgd.runtime.ranks import rank_from_env
+
+        found = rank_from_env()  # srun, mpirun or a PMI launcher numbered this process
+        worker_id = None if found is None else found[0]
     if heartbeat <= 0 or timeout <= heartbeat:
         raise ZsgdError("--timeout must be longer than --heartbeat")
     curve = None
