@@ -209,26 +209,44 @@ def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> 
 
 
 def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workload | None = None, show: bool = True,
-              arm_plots: bool = False) -> list[ArmOutcome]:
-    """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots."""
+              arm_plots: bool = False, jobs: int = 1, step_argv: Callable[[int], list[str]] | None = None,
+              step_capacity: int = 1) -> list[ArmOutcome]:
+    """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots.
+
+    ``jobs`` arms run at once in forked processes (``zsgd.simulation.parallel``);
+    with ``step_argv`` each arm is instead the command ``step_argv(index)``
+    (an ``srun`` step running ``zsgd sim-arm``), ``step_capacity`` at a time,
+    and its result is read back from its directory."""
     from zsgd.output.live import stderr_console
+    from zsgd.simulation.parallel import ArmsView, CommandRunner, ForkRunner, InlineRunner, run_arms
+    from zsgd.simulation.arm_files import calibrate_once, load_result, save_plan
 
     cfg.validate()
     arms = build_arms(spec)
     workload = workload or prepare_workload(cfg, arms)
-    problem = workload.problem
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(out_dir / "sweep.yaml", cfg.to_dict() | {"mode": "sim-sweep", "grid": {k: v for k, v in spec.grid.items() if v is not None},
                                                           "arms": [a.dirname for a in arms], "target": spec.target})
-    outcomes: list[ArmOutcome] = []
-    total = problem.stop_rule(cfg).total_updates
-    with _SweepProgress(len(arms), total, show, stderr_console) as bar:
-        for arm in arms:
-            bar.start_arm(arm.label)
-            result = _simulate(cfg, arm, workload, out_dir, bar.arm_progress, arm_plots)
-            outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
-            bar.end_arm()
+    total = workload.problem.stop_rule(cfg).total_updates
+    calibrate_once(workload, [a.opts for a in arms])  # one measurement for every arm, wherever it runs
+    view = ArmsView([a.label for a in arms], total, show, stderr_console)
+
+    def simulate(index: int, progress: Any) -> SimResult:
+        return _simulate(cfg, arms[index], workload, out_dir, progress, arm_plots)
+
+    jobs = max(1, min(jobs, len(arms)))
+    if step_argv is not None:
+        save_plan(out_dir, cfg, spec, workload, arm_plots)
+        runner: Any = CommandRunner(step_argv, step_capacity, lambda i: out_dir / arms[i].dirname / "step.log")
+    else:
+        runner = InlineRunner(simulate, view.arm_progress) if jobs == 1 else ForkRunner(simulate, jobs)  # fork before the view's thread
+    with view:
+        results = run_arms(range(len(arms)), runner, view)
+    outcomes = []
+    for i, arm in enumerate(arms):
+        result = results[i] if results[i] is not None else load_result(out_dir / arm.dirname)
+        outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
     write_results(outcomes, out_dir, spec.target)
     plot_sweep(outcomes, out_dir, spec.target)
     return outcomes
@@ -245,38 +263,6 @@ def _simulate(cfg: TrainConfig, arm: Arm, workload: Workload, out_dir: Path, pro
 
         plot_curves([out_dir / arm.dirname], out_dir / arm.dirname, time_label="virtual time (s)")
     return result
-
-
-class _SweepProgress:
-    """Two rich bars: arms done, and the current arm's central updates (virtual time shown)."""
-
-    def __init__(self, n_arms: int, total_updates: int | None, enabled: bool, console: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.total = total_updates
-        self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled,
-                                 refresh_per_second=4)
-        self.arms = self.progress.add_task("arms", total=n_arms, info="")
-        self.task: Any = None
-
-    def __enter__(self) -> "_SweepProgress":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-    def start_arm(self, label: str) -> None:
-        self.task = self.progress.add_task(label[:40], total=self.total, info="")
-
-    def arm_progress(self, updates: int, samples: int, t: float, acc: float) -> None:
-        info = f"virtual {t:,.2f} s" + ("" if math.isnan(acc) else f"  acc {acc:.2%}")
-        self.progress.update(self.task, completed=updates, info=info)
-
-    def end_arm(self) -> None:
-        self.progress.remove_task(self.task)
-        self.progress.advance(self.arms)
 
 
 # ---------------------------------------------------------------------------

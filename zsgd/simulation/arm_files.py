@@ -1,0 +1,91 @@
+"""A sweep's arms as files, so an arm can run in another process or on another node.
+
+``zsgd sim --launcher slurm`` runs each arm as an ``srun`` step of
+``zsgd sim-arm DIR INDEX``. That process has none of the parent's memory, so
+the parent writes ``DIR/plan.json`` (the resolved configuration, the grid as
+typed, the compute calibration) and the step rebuilds exactly the arms the
+parent built; the step writes its result (staleness and evaluations, beside
+the run directory's usual ``summary.json``) to ``NN-arm/result.npz``, and
+the parent reads it back into the same table and plots.
+
+Why the calibration travels in the plan: compute=measured is timed once for
+the whole sweep (``calibrate_once``); a step timing its own node would let
+one busy node masquerade as an effect of the grid.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from zsgd.errors import ZsgdError
+
+PLAN = "plan.json"
+RESULT = "result.npz"
+
+
+def calibrate_once(workload: Any, options: Iterable[Any]) -> None:
+    """Time compute=measured now, in this process, if any arm uses it (every arm then shares the number);
+    else take one gradient step, so the kernels are compiled (or loaded from numba's cache) once, here,
+    and forked arms inherit them instead of each compiling its own."""
+    from zsgd.netmodel import Measured
+
+    steps = [o.calibration_steps for o in options if isinstance(getattr(o, "compute", None), Measured)]
+    if steps:
+        workload.calibrate(steps[0])
+        return
+    from zsgd.data import to_float
+
+    ds = workload.problem.dataset
+    idx = np.arange(min(workload.cfg.batch_size, len(ds.y_train)))
+    workload.model.loss_and_grad(workload.w0, to_float(ds.x_train[idx]), ds.y_train[idx], training=True, seed=0)
+
+
+def save_plan(out_dir: Path, cfg: Any, spec: Any, workload: Any, arm_plots: bool) -> Path:
+    path = Path(out_dir) / PLAN
+    path.write_text(json.dumps({"config": cfg.to_dict(), "spec": asdict(spec), "compute_samples": workload.compute_samples,
+                                "arm_plots": arm_plots}, indent=1))
+    return path
+
+
+def run_planned_arm(out_dir: Path, index: int) -> Path:
+    """The step's side: rebuild the sweep from ``plan.json``, simulate arm ``index``, save its result; returns its directory."""
+    from zsgd.config import TrainConfig
+    from zsgd.sweep import SweepSpec, _simulate, build_arms, prepare_workload
+
+    path = Path(out_dir) / PLAN
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ZsgdError(f"{path}: not a sweep plan written by 'zsgd sim' ({exc})") from None
+    spec = SweepSpec(**plan["spec"])
+    spec.latency_worker = tuple(spec.latency_worker)
+    cfg = TrainConfig.from_dict(plan["config"]).validate()
+    arms = build_arms(spec)
+    if not 0 <= index < len(arms):
+        raise ZsgdError(f"{path}: no arm {index} (the sweep has {len(arms)})")
+    arm = arms[index]
+    workload = prepare_workload(cfg, [arm])
+    workload.compute_samples = plan["compute_samples"]
+    result = _simulate(cfg, arm, workload, Path(out_dir), None, bool(plan["arm_plots"]))
+    run_dir = Path(out_dir) / arm.dirname
+    evals = np.asarray(result.evals, dtype=np.float64).reshape(-1, 3)
+    np.savez(run_dir / RESULT, staleness=np.asarray(result.staleness, dtype=np.int64), evals=evals)
+    return run_dir
+
+
+def load_result(run_dir: Path) -> Any:
+    """A ``SimResult`` from an arm's directory (the final weights stay in its ``weights.npz``)."""
+    from zsgd.sim import SimResult
+
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        with np.load(Path(run_dir) / RESULT) as f:
+            staleness, evals = f["staleness"], f["evals"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ZsgdError(f"{run_dir}: the arm's step left no result ({exc}); see its step.log") from None
+    return SimResult(summary, staleness, [(float(t), int(u), float(a)) for t, u, a in evals], np.empty(0, np.float32))
