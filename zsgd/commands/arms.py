@@ -28,16 +28,16 @@ def arm_options(func: Callable) -> Callable:
 
 @dataclass
 class ArmLaunch:
-    """How a command runs its arms: ``jobs`` forked processes, or srun steps built by ``step_argv``."""
+    """How a command runs its arms: ``jobs`` forked processes, or srun steps built by ``step_argv(out_dir, index)``."""
 
     jobs: int
-    step_argv: Callable[[int], list[str]] | None = None
+    step_argv: Callable[[Path, int], list[str]] | None = None
     capacity: int = 1
     where: str = ""  # for the start-up line, e.g. "4 srun steps at a time in job 17"
 
 
-def resolve_arm_launch(jobs: int | None, launcher: str, out_dir: Path, command: str) -> ArmLaunch:
-    """Check the flags and the allocation up front; ``command`` is the hidden per-arm command (``sim-arm``)."""
+def resolve_arm_launch(jobs: int | None, launcher: str, command: str) -> ArmLaunch:
+    """Check the flags and the allocation before anything is written; ``command`` is the hidden per-arm command (``sim-arm``)."""
     from zsgd.simulation.parallel import default_jobs
 
     if jobs is not None and jobs < 1:
@@ -51,8 +51,9 @@ def resolve_arm_launch(jobs: int | None, launcher: str, out_dir: Path, command: 
     base = alloc.step_argv(1, "zsgd-arm")  # also checks that srun is on PATH
     capacity = min(jobs or alloc.cpus, alloc.cpus)
 
-    def step_argv(index: int) -> list[str]:
-        return [*base[:1], f"--job-name=zsgd-arm-{index}", *base[2:], sys.executable, "-m", "zsgd", command, str(out_dir), str(index)]
+    def step_argv(out_dir: Path, index: int) -> list[str]:
+        return [*base[:1], f"--job-name=zsgd-arm-{index}", *base[2:], sys.executable, "-m", "zsgd", command, str(Path(out_dir).resolve()),
+                str(index)]
 
     return ArmLaunch(jobs=1, step_argv=step_argv, capacity=capacity,
                      where=f"{capacity} srun step(s) at a time in Slurm job {alloc.job_id} ({len(alloc.nodes)} node(s), {alloc.cpus} CPUs)")

@@ -102,17 +102,15 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
     workload = prepare_workload(cfg, arms)  # data, model and shards: may still reject e.g. too many workers
     from zsgd.commands.arms import resolve_arm_launch
 
-    if launcher == "slurm":  # outside an allocation or without srun: refused before anything is written
-        resolve_arm_launch(jobs, launcher, Path("."), "sim-arm")
+    launch = resolve_arm_launch(jobs, launcher, "sim-arm")  # outside an allocation, without srun: refused before anything is written
     out_dir = create_run_dir(out, cfg.name)
-    launch = resolve_arm_launch(jobs, launcher, out_dir.resolve(), "sim-arm")
     ds, model = workload.problem.dataset, workload.model
     if not quiet:
         stderr_console.print(f"data: [bold]{ds.name}[/] ({ds.source}), {len(ds.y_train):,} train / {len(ds.y_test):,} test; "
                              f"model: [bold]{cfg.model}[/] ({model.n_params:,} parameters); {len(arms)} arm(s), "
                              f"{launch.where} -> {out_dir}")
     outcomes = run_sweep(cfg, spec, out_dir, workload=workload, show=not quiet, arm_plots=arm_plots, jobs=launch.jobs,
-                         step_argv=launch.step_argv, step_capacity=launch.capacity)
+                         step_argv=launch.step_argv and (lambda i: launch.step_argv(out_dir, i)), step_capacity=launch.capacity)
     if not quiet:
         stderr_console.print(results_table(outcomes, target))
         stderr_console.print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.csv'}; plots in {out_dir}")

@@ -120,8 +120,10 @@ class ForkRunner:
         for p in self.procs:
             p.start()
         self.owner: dict[int, int] = {}  # pid -> arm index it is running
+        self.pending: set[int] = set()  # handed out, not yet reported done or failed
 
     def start(self, index: int) -> None:
+        self.pending.add(index)
         self.tasks.put(index)
 
     def poll(self, timeout: float) -> list[ArmEvent]:
@@ -136,15 +138,20 @@ class ForkRunner:
                 else:
                     if kind != "progress":
                         self.owner = {pid: i for pid, i in self.owner.items() if i != index}
+                        self.pending.discard(index)
                     out.append(ArmEvent(kind, index, payload))
                 kind, index, payload = self.events.get_nowait()
         except queue.Empty:
             pass
         if not out:  # only when the queue is quiet: a dead child's last words may still be in it
-            for p in self.procs:
-                if p.exitcode is not None and p.pid in self.owner:
-                    index = self.owner.pop(p.pid)
+            for p in self.procs:  # children leave only when told to: any exit now is a death
+                if p.exitcode is not None and self.pending:
+                    # its "started" may have died with it: then blame an arm no live child claims
+                    unclaimed = sorted(self.pending - set(self.owner.values()))
+                    index = self.owner.pop(p.pid, unclaimed[0] if unclaimed else min(self.pending))
+                    self.pending.discard(index)
                     out.append(ArmEvent("failed", index, f"its process died ({_exit_text(p.exitcode)})"))
+                    break
         return out
 
     def close(self, abort: bool = False) -> None:
