@@ -12,7 +12,7 @@ from conftest import read_events, run_zsgd, wait_for, zsgd_cmd
 from zsgd.errors import ZsgdError
 from zsgd.runtime.ranks import rank_from_env
 
-FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.01", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.01", "--heartbeat", "0.5", "--timeout", "5", "--quiet"]
 
 
 def test_rank_order_prefers_the_launcher_closest_to_the_process():
@@ -49,7 +49,7 @@ def test_workers_take_their_ids_from_the_launcher(tmp_path, variable, no_orphans
         address = wait_for(lambda: next((e["address"] for e in read_events(out) if e["event"] == "start"), None), 60, what="broker")
         for rank in (1, 0):
             env = {k: v for k, v in os.environ.items() if k not in ("SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")}
-            workers.append(subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"),
+            workers.append(subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--heartbeat", "0.5", "--timeout", "5", "--quiet"),
                                             env=env | {variable: str(rank)}, stdin=subprocess.DEVNULL))
         _, err = broker.communicate(timeout=120)
         codes = [w.wait(timeout=30) for w in workers]

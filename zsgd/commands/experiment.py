@@ -82,9 +82,9 @@ def _run(config: str, out: str | None, only: tuple[str, ...], check: bool, quiet
 @click.argument("index", type=int)
 def experiment_arm_command(out_dir: str, index: int) -> None:
     """One simulated arm of an experiment that 'zsgd experiment --launcher slurm' planned in OUT_DIR (run as an srun step)."""
-    from zsgd.threads import single_threaded_blas
+    from zsgd.runtime.threads import single_threaded_blas
 
     single_threaded_blas()
-    from zsgd.experiment import run_planned_arm
+    from zsgd.experiments.experiment import run_planned_arm
 
     click.echo(str(run_planned_arm(Path(out_dir), index)))

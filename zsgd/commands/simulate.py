@@ -122,9 +122,9 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
 @click.argument("index", type=int)
 def sim_arm_command(out_dir: str, index: int) -> None:
     """One arm of a sweep that 'zsgd sim --launcher slurm' planned in OUT_DIR (run as an srun step)."""
-    from zsgd.threads import single_threaded_blas
+    from zsgd.runtime.threads import single_threaded_blas
 
     single_threaded_blas()
-    from zsgd.simulation.arm_files import run_planned_arm
+    from zsgd.simulation.sweep import run_planned_arm
 
     click.echo(str(run_planned_arm(Path(out_dir), index)))

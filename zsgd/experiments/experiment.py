@@ -205,7 +205,7 @@ def run_planned_arm(out_dir: Path, index: int) -> Path:
     """An srun step's side: rebuild the experiment from ``OUT_DIR/plan.json`` and run its arm ``index``."""
     import json
 
-    from zsgd.experiment_config import load_experiment
+    from zsgd.experiments.config import load_experiment
 
     path = Path(out_dir) / "plan.json"
     try:

@@ -1,7 +1,7 @@
 """A sweep's arms as files, so an arm can run in another process or on another node.
 
 ``zsgd sim --launcher slurm`` runs each arm as an ``srun`` step of
-``zsgd sim-arm DIR INDEX``. That process has none of the parent's memory, so
+``zsgd sim-arm DIR INDEX`` (``zsgd.simulation.sweep.run_planned_arm``). That process has none of the parent's memory, so
 the parent writes ``DIR/plan.json`` (the resolved configuration, the grid as
 typed, the compute calibration) and the step rebuilds exactly the arms the
 parent built; the step writes its result (staleness and evaluations, beside
@@ -32,7 +32,7 @@ def calibrate_once(workload: Any, options: Iterable[Any]) -> None:
     """Time compute=measured now, in this process, if any arm uses it (every arm then shares the number);
     else take one gradient step, so the kernels are compiled (or loaded from numba's cache) once, here,
     and forked arms inherit them instead of each compiling its own."""
-    from zsgd.netmodel import Measured
+    from zsgd.simulation.netmodel import Measured
 
     steps = [o.calibration_steps for o in options if isinstance(getattr(o, "compute", None), Measured)]
     if steps:
@@ -52,30 +52,18 @@ def save_plan(out_dir: Path, cfg: Any, spec: Any, workload: Any, arm_plots: bool
     return path
 
 
-def run_planned_arm(out_dir: Path, index: int) -> Path:
-    """The step's side: rebuild the sweep from ``plan.json``, simulate arm ``index``, save its result; returns its directory."""
-    from zsgd.config import TrainConfig
-    from zsgd.sweep import SweepSpec, _simulate, build_arms, prepare_workload
-
+def load_plan(out_dir: Path) -> dict[str, Any]:
     path = Path(out_dir) / PLAN
     try:
-        plan = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ZsgdError(f"{path}: not a sweep plan written by 'zsgd sim' ({exc})") from None
-    spec = SweepSpec(**plan["spec"])
-    spec.latency_worker = tuple(spec.latency_worker)
-    cfg = TrainConfig.from_dict(plan["config"]).validate()
-    arms = build_arms(spec)
-    if not 0 <= index < len(arms):
-        raise ZsgdError(f"{path}: no arm {index} (the sweep has {len(arms)})")
-    arm = arms[index]
-    workload = prepare_workload(cfg, [arm])
-    workload.compute_samples = plan["compute_samples"]
-    result = _simulate(cfg, arm, workload, Path(out_dir), None, bool(plan["arm_plots"]))
-    run_dir = Path(out_dir) / arm.dirname
+
+
+def save_result(run_dir: Path, result: Any) -> None:
+    """The parts of a ``SimResult`` the sweep's table and plots need, beside the arm's summary.json."""
     evals = np.asarray(result.evals, dtype=np.float64).reshape(-1, 3)
-    np.savez(run_dir / RESULT, staleness=np.asarray(result.staleness, dtype=np.int64), evals=evals)
-    return run_dir
+    np.savez(Path(run_dir) / RESULT, staleness=np.asarray(result.staleness, dtype=np.int64), evals=evals)
 
 
 def load_result(run_dir: Path) -> Any:

@@ -265,6 +265,25 @@ def _simulate(cfg: TrainConfig, arm: Arm, workload: Workload, out_dir: Path, pro
     return result
 
 
+def run_planned_arm(out_dir: Path, index: int) -> Path:
+    """An srun step's side of ``zsgd sim --launcher slurm``: rebuild the sweep from ``plan.json``,
+    simulate arm ``index`` with the parent's compute calibration, save its result; returns its directory."""
+    from zsgd.simulation.arm_files import load_plan, save_result
+
+    plan = load_plan(out_dir)
+    spec = SweepSpec(**plan["spec"])
+    spec.latency_worker = tuple(spec.latency_worker)
+    cfg = TrainConfig.from_dict(plan["config"]).validate()
+    arms = build_arms(spec)
+    if not 0 <= index < len(arms):
+        raise ZsgdError(f"{Path(out_dir) / 'plan.json'}: no arm {index} (the sweep has {len(arms)})")
+    workload = prepare_workload(cfg, [arms[index]])
+    workload.compute_samples = plan["compute_samples"]
+    result = _simulate(cfg, arms[index], workload, Path(out_dir), None, bool(plan["arm_plots"]))
+    save_result(Path(out_dir) / arms[index].dirname, result)
+    return Path(out_dir) / arms[index].dirname
+
+
 # ---------------------------------------------------------------------------
 # results table
 
