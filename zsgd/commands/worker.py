@@ -48,11 +48,15 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
     if keys_stdin or keys_file:
         from zsgd.wire.security import curve_for_link, read_keys_line, read_secret_json
 
-        curve = read_keys_line() if keys_stdin else curve_for_link(read_secret_json(keys_file))
+        curve = read_keys_line(rank=worker_id) if keys_stdin else curve_for_link(read_secret_json(keys_file))
     if watch_stdin:
         from zsgd.remote.launcher import exit_when_stdin_closes
 
         exit_when_stdin_closes()
+    if host_label is None:
+        import os
+
+        host_label = os.environ.get("SLURMD_NODENAME")  # in a Slurm step: the node's name in the cluster (may differ from hostname)
     code = run_node(NodeOptions(connect=connect, worker_id=worker_id, role=role, heartbeat=heartbeat, timeout=timeout,
                                 join_timeout=join_timeout, data_dir=data_dir, quiet=quiet, curve=curve, host_label=host_label))
     sys.exit(code)

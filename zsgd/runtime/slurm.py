@@ -15,8 +15,10 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Mapping
+from pathlib import Path
+from typing import Any, Mapping
 
 from zsgd.errors import ZsgdError
 
@@ -102,3 +104,146 @@ def current_allocation(environ: Mapping[str, str] | None = None, flag: str = "--
         mem = max(1, int(env["SLURM_MEM_PER_NODE"]) // max(cpus))
     host = env.get("SLURMD_NODENAME") or socket.gethostname().split(".")[0]
     return Allocation(job_id=job, nodes=nodes, cpus_per_node=cpus, batch_host=host, mem_per_cpu_mb=mem)
+
+
+# -- the workers of 'zsgd run --launcher slurm' ------------------------------------------------
+BROKER_CPUS = 1  # the broker (with its evaluator, which runs only at evaluation points) keeps one CPU of the batch host
+
+
+@dataclass
+class SlurmPlan:
+    """Where the workers of a run go: one srun step of ``n_workers`` tasks; the addresses they use."""
+
+    allocation: Allocation
+    n_workers: int
+    advertise: str  # the address workers connect to (on the route from the nodes to the batch host)
+    bind_host: str
+
+
+def plan_workers(requested: int | None, advertise: str | None, host_flag: str | None) -> SlurmPlan:
+    """Check the allocation can hold the workers asked for (default: all its CPUs but the broker's) and pick the addresses."""
+    alloc = current_allocation()
+    srun_path()
+    room = alloc.cpus - BROKER_CPUS
+    n = room if requested is None else requested
+    if n < 1 or n > room:
+        asked = f"{n} worker(s) + {BROKER_CPUS} CPU for the broker need {n + BROKER_CPUS} CPUs"
+        raise ZsgdError(f"--launcher slurm: the allocation is too small: {asked}, Slurm job {alloc.job_id} has {alloc.cpus} "
+                        f"(ask for more with salloc/sbatch -n, or fewer workers with --n-proc)" if n >= 1 else
+                        f"--launcher slurm: Slurm job {alloc.job_id} has {alloc.cpus} CPU(s): none left for workers after the broker's "
+                        f"{BROKER_CPUS}; ask for at least {BROKER_CPUS + 1} (salloc/sbatch -n {BROKER_CPUS + 1})")
+    adv = (advertise or host_flag or route_to(alloc.nodes)).strip("[]")
+    bind = host_flag or adv
+    return SlurmPlan(alloc, n, adv, bind)
+
+
+def route_to(nodes: list[str]) -> str:
+    """The local address on the route to the allocation's nodes (UDP connect: no packet is sent)."""
+    for node in nodes:
+        try:
+            info = socket.getaddrinfo(node, 6818, type=socket.SOCK_DGRAM)[0]
+            with socket.socket(info[0], socket.SOCK_DGRAM) as s:
+                s.connect(info[4])
+                return s.getsockname()[0]
+        except OSError:
+            continue
+    raise ZsgdError(f"cannot work out which address the nodes ({', '.join(nodes[:3])}) reach this machine on; pass --advertise ADDRESS")
+
+
+class SlurmLauncher:
+    """The workers of a run as one ``srun`` step; the launcher interface of ``LocalLauncher`` (``children``, ``running``, ``stop_all``).
+
+    Keys travel on the step's stdin, never through a file: ``srun --input=all``
+    gives every task the same lines, one bundle per rank, and each worker keeps
+    the line of its own ``SLURM_PROCID`` (``zsgd.wire.security.read_keys_line``).
+    The pipe then stays open: a worker started with ``--watch-stdin`` leaves
+    when it closes, which ties the whole step to this process (Ctrl-C, an
+    error, even ``kill -9``: srun gets SIGTERM from the parent-death signal).
+
+    Why no ``--kill-on-bad-exit``: a dead task is a dead worker, as with the
+    other launchers -- the broker carries on with the rest instead of losing
+    the whole step to one failure."""
+
+    def __init__(self, plan: SlurmPlan, address: str, log_dir: Path, heartbeat: float, timeout: float, run_id: str,
+                 keys: Any = None, join_timeout: float = 120.0) -> None:
+        self.plan, self.address, self.log_dir = plan, address, Path(log_dir)
+        self.heartbeat, self.timeout, self.join_timeout = heartbeat, timeout, join_timeout
+        self.keys, self.job_name = keys, f"zsgd-workers-{run_id}"
+        self.children: list[Any] = []
+
+    def argv(self, n: int) -> list[str]:
+        base = self.plan.allocation.step_argv(n, self.job_name, extra=("--input=all", "--kill-on-bad-exit=0"))
+        base = [a for a in base if not a.startswith("--kill-on-bad-exit=1")]
+        worker = [sys.executable, "-m", "zsgd", "worker", "--connect", self.address, "--heartbeat", f"{self.heartbeat:g}",
+                  "--timeout", f"{self.timeout:g}", "--join-timeout", f"{self.join_timeout:g}", "--watch-stdin"]
+        return base + worker + (["--keys-stdin"] if self.keys is not None else [])
+
+    def start_step(self, n: int) -> Any:
+        """Start workers ``0 .. n - 1`` as one step; each takes its id from ``SLURM_PROCID``."""
+        from zsgd.runtime.launch import Child, _die_with_parent
+        from zsgd.runtime.threads import SINGLE_THREAD_ENV
+
+        first_id = 0
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / "workers-srun.log"
+        env = os.environ | SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(self.argv(n), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+        if self.keys is not None and proc.stdin is not None:
+            import json
+
+            try:
+                for rank in range(n):
+                    bundle = self.keys.bundle(f"worker-{first_id + rank}")
+                    proc.stdin.write(json.dumps({"rank": first_id + rank} | bundle).encode() + b"\n")
+                proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass  # srun already failed; its log says why
+        child = Child(f"workers {first_id}-{first_id + n - 1} (srun step of job {self.plan.allocation.job_id})", proc, log_path)
+        self.children.append(child)
+        return child
+
+    def running(self) -> list[Any]:
+        return [c for c in self.children if c.returncode is None]
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        """Wait ``grace`` s for the step to end on its own (the broker said LEAVE); then close its stdin
+        (the workers' watchdogs end them); then SIGTERM srun, which signals its tasks; last, scancel the step."""
+        import time
+
+        def wait(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while self.running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+        wait(grace)
+        for c in self.children:
+            if c.proc.stdin is not None and not c.proc.stdin.closed:
+                try:
+                    c.proc.stdin.close()
+                except OSError:
+                    pass
+        wait(7.0)
+        for c in self.running():
+            c.proc.terminate()
+        wait(10.0)
+        if self.running():
+            self.cancel_step()
+            for c in self.running():
+                c.proc.kill()
+        for c in self.children:
+            try:
+                c.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def cancel_step(self) -> None:
+        """Last resort: ``scancel`` this run's step by its name, so no task outlives the run."""
+        job = self.plan.allocation.job_id
+        out = subprocess.run(["squeue", "-h", "--steps", "-j", job, "-o", "%i %j"], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL)
+        for line in out.stdout.splitlines():
+            step, _, name = line.strip().partition(" ")
+            if name == self.job_name:
+                subprocess.run(["scancel", step], capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
