@@ -19,6 +19,11 @@ from slurm_cluster import slurm  # noqa: F401  (the session fixture)
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.parametrize("package", ["slurm-wlm", "munge"])
+def test_setup_script_installs_slurm(package):
+    assert package in (REPO / "scripts" / "setup.sh").read_text()
+
+
 def test_cluster_grants_more_tasks_than_cores(slurm):
     """config_overrides + CPUs=8: a 2-core machine grants 4 tasks, and the step runs them all."""
     out = slurm.client(["salloc", "-n", "4", "srun", "hostname"], timeout=60)

@@ -178,5 +178,5 @@ def pop_run_flags(params: dict, launcher: str = "local") -> dict:
         if out["remote"] is None and out["allow_partial"]:
             raise ZsgdError("--allow-partial needs --remote HOSTS_FILE")
         if out["remote"] is None and out["advertise"] and launcher != "slurm":
-            raise ZsgdError("--advertise needs --remote HOSTS_FILE or --launcher slurm")
+            raise ZsgdError("--advertise is the address of workers on other machines: they need --remote HOSTS_FILE or --launcher slurm")
     return out
