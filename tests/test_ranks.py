@@ -67,3 +67,42 @@ def test_workers_take_their_ids_from_the_launcher(tmp_path, variable, no_orphans
     assert joined == {0, 1}
     s = json.loads((out / "summary.json").read_text())
     assert s["updates"] >= 200 and s["test_accuracy"] > 0.6
+
+
+@pytest.mark.slow
+def test_ranked_workers_take_their_own_key_from_a_keys_folder(tmp_path, no_orphans):
+    """mpirun -n 2 zsgd worker --keys-file KEYS: rank r uses KEYS/client-(r+1).json, so no two workers share a key."""
+    keys = tmp_path / "keys"
+    assert run_zsgd("keys", "generate", str(keys), "--clients", "2", timeout=60).returncode == 0
+    out = tmp_path / "run"
+    broker = subprocess.Popen(zsgd_cmd("broker", "--workers", "2", "--keys", str(keys), "--steps", "200", "--out", str(out), *FAST),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+    workers = []
+    try:
+        address = wait_for(lambda: next((e["address"] for e in read_events(out) if e["event"] == "start"), None), 60, what="broker")
+        for rank in (0, 1):
+            workers.append(subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--keys-file", str(keys), "--heartbeat", "0.5",
+                                                     "--timeout", "5", "--quiet"),
+                                            env=os.environ | {"PMI_RANK": str(rank)}, stdin=subprocess.DEVNULL))
+        _, err = broker.communicate(timeout=120)
+        codes = [w.wait(timeout=30) for w in workers]
+    finally:
+        if broker.poll() is None:
+            broker.kill()
+            broker.communicate()
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    assert broker.returncode == 0 and codes == [0, 0], err[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["updates"] >= 200 and s["refused_clients"] == 0 and s["rejected_messages"] == 0
+
+
+def test_a_keys_folder_without_an_id_is_refused(tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")}
+    proc = subprocess.run(zsgd_cmd("worker", "--connect", "tcp://127.0.0.1:9", "--keys-file", str(keys)), capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL, env=env)
+    assert proc.returncode == 2 and "is a folder: give --id" in proc.stderr and proc.stderr.strip().count("\n") == 0

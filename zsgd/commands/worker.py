@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -21,7 +22,9 @@ from zsgd.errors import ZsgdError
 @click.option("--join-timeout", default=60.0, show_default=True, type=float, help="Give up if no broker answers within this time.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--keys-stdin", is_flag=True, help="Read CURVE keys as one JSON line from stdin (how 'zsgd run' hands them over).")
-@click.option("--keys-file", type=click.Path(dir_okay=False), default=None, help="CURVE keys file (mode 0600), e.g. from 'zsgd keys generate'.")
+@click.option("--keys-file", type=click.Path(), default=None,
+              help="CURVE keys file (mode 0600), e.g. from 'zsgd keys generate'; or that folder, to take client-(ID+1).json "
+                   "(one key per worker of an mpirun/srun launch).")
 @click.option("--watch-stdin", is_flag=True, help="Exit when stdin closes (ties a remote worker to its SSH session).")
 @click.option("--host-label", default=None, help="Name of this machine in the broker's view (default: hostname).")
 @click.option("--tag", default=None, hidden=True, help="Marker in the command line, so 'zsgd run' can find its processes.")
@@ -48,14 +51,19 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
     if keys_stdin or keys_file:
         from zsgd.wire.security import curve_for_link, read_keys_line, read_secret_json
 
+        if keys_file and os.path.isdir(keys_file):
+            if worker_id is None:
+                raise ZsgdError(f"--keys-file {keys_file} is a folder: give --id (or start under a launcher that sets a rank) "
+                                "so the worker knows which client key is its own")
+            keys_file = os.path.join(keys_file, f"client-{worker_id + 1}.json")
+            if not os.path.isfile(keys_file):
+                raise ZsgdError(f"--keys-file: no {keys_file} for worker {worker_id} (make more with 'zsgd keys generate --clients N')")
         curve = read_keys_line(rank=worker_id) if keys_stdin else curve_for_link(read_secret_json(keys_file))
     if watch_stdin:
         from zsgd.remote.launcher import exit_when_stdin_closes
 
         exit_when_stdin_closes()
     if host_label is None:
-        import os
-
         host_label = os.environ.get("SLURMD_NODENAME")  # in a Slurm step: the node's name in the cluster (may differ from hostname)
     code = run_node(NodeOptions(connect=connect, worker_id=worker_id, role=role, heartbeat=heartbeat, timeout=timeout,
                                 join_timeout=join_timeout, data_dir=data_dir, quiet=quiet, curve=curve, host_label=host_label))
