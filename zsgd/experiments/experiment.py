@@ -67,6 +67,7 @@ class Experiment:
         self.out = out_dir  # created after prepare(): a file that cannot run leaves nothing behind
         self.out_dir = Path(".")
         self.log = log or (lambda _msg: None)
+        self.show = log is not None  # progress bars go with the log lines
         self._workloads: dict[int, Any] = {}
         self.problem: Any = None
 
@@ -96,7 +97,7 @@ class Experiment:
             self._workloads[bs] = Workload(arm.cfg, self.problem)
         return self._workloads[bs]
 
-    def run_arm(self, arm: ArmSpec) -> Path:
+    def run_arm(self, arm: ArmSpec, progress: Any = None) -> Path:
         run_dir = self.out_dir / arm.dirname
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a re-run into the same --out starts clean
@@ -111,11 +112,11 @@ class Experiment:
         elif arm.decentralized:
             from zsgd.simulation.decentralized import run_decentralized_arm
 
-            run_decentralized_arm(arm.cfg, arm.opts, wl, run_dir)
+            run_decentralized_arm(arm.cfg, arm.opts, wl, run_dir, progress=progress)
         else:
             from zsgd.sim import run_arm
 
-            run_arm(arm.cfg, arm.opts, wl, run_dir)
+            run_arm(arm.cfg, arm.opts, wl, run_dir, progress=progress)
         return run_dir
 
     def run(self, command: str = "", jobs: int = 1, step_argv: Callable[[Path, int], list[str]] | None = None,
@@ -126,7 +127,8 @@ class Experiment:
         from zsgd.experiments.report import arm_row, plot_experiment, write_results
         from zsgd.output.rundir import create_run_dir
         from zsgd.simulation.arm_files import calibrate_once
-        from zsgd.simulation.parallel import CommandRunner, ForkRunner, InlineRunner, run_arms
+        from zsgd.output.live import stderr_console
+        from zsgd.simulation.parallel import ArmsView, CommandRunner, ForkRunner, InlineRunner, run_arms
 
         self.prepare()
         self.out_dir = create_run_dir(self.out, self.spec.name)
@@ -154,8 +156,10 @@ class Experiment:
                      f"{row['time_s'] or 0:.3g} s {'virtual' if arm.mode == 'sim' else 'wall'} "
                      f"({time.perf_counter() - started.get(k, time.perf_counter()):.1f} s real)")
 
-        def simulate(k: int, _progress: Any) -> None:
-            self.run_arm(self.arms[k])
+        def simulate(k: int, progress: Any) -> None:
+            self.run_arm(self.arms[k], progress)
+
+        view = ArmsView([a.name for a in self.arms], None, self.show, stderr_console, count=len(sims))
 
         class Logged:  # the scheduler's runner, with a start line per arm
             def __init__(self, inner: Any) -> None:
@@ -179,8 +183,9 @@ class Experiment:
                 elif min(jobs, len(sims)) > 1:
                     inner = ForkRunner(simulate, min(jobs, len(sims)))
                 else:
-                    inner = InlineRunner(simulate, lambda _k, _p: None)
-                run_arms(sims, Logged(inner), on_done=finish)
+                    inner = InlineRunner(simulate, view.arm_progress)
+                with view:  # closed before any run arm, whose own live view needs the terminal
+                    run_arms(sims, Logged(inner), view, on_done=finish)
             for k, arm in enumerate(self.arms):
                 if arm.mode == "run":
                     begin(k)

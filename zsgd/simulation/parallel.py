@@ -243,15 +243,17 @@ def _tail(path: Path, n: int = 3) -> str:
 class ArmsView:
     """One bar for the arms (queued, running, done) and one per running arm (its updates, virtual time, accuracy)."""
 
-    def __init__(self, labels: list[str], total_updates: int | None, enabled: bool, console: Any) -> None:
+    def __init__(self, labels: list[str], total_updates: int | None, enabled: bool, console: Any, count: int | None = None) -> None:
+        """``labels[i]`` names arm ``i``; ``count`` arms are shown (default: all of them)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.labels, self.total = labels, total_updates
         self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled,
                                  refresh_per_second=4)
-        self.queued, self.running, self.done = len(labels), 0, 0
-        self.arms = self.progress.add_task("arms", total=len(labels), info=self._counts())
+        n = len(labels) if count is None else count
+        self.queued, self.running, self.done = n, 0, 0
+        self.arms = self.progress.add_task("arms", total=n, info=self._counts())
         self.tasks: dict[int, Any] = {}
 
     def _counts(self) -> str:
