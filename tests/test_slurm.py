@@ -152,3 +152,68 @@ def test_srun_missing_from_path_is_one_line_exit_2(tmp_path):
                           timeout=120, stdin=subprocess.DEVNULL, env=env)
     assert proc.returncode == 2 and "'srun' is not on PATH" in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 1 and proc.stderr.startswith("note: inside Slurm job 7")  # the note, then the error
+
+
+def test_sigterm_checkpoints_and_resume_auto_continues(tmp_path, no_orphans):
+    """What a time limit does (no cluster needed): SIGTERM to zsgd run -> checkpoint, summary, exit 0;
+    the same command with --resume auto then ends at the same total update count."""
+    out = tmp_path / "run"
+    cmd = [*ZSGD, "run", "--n-proc", "2", *FAST, "--steps", "1200", "--checkpoint-every", "100", "--resume", "auto", "--quiet",
+           "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: (out / "checkpoint.json").exists() and json.loads((out / "checkpoint.json").read_text())["updates"] >= 200,
+                 180, what="a checkpoint at 200 updates")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    s = summary_of(out)
+    assert s["stop_reason"].startswith("stopped by SIGTERM") and s["updates"] < 1200
+    assert json.loads((out / "checkpoint.json").read_text())["updates"] == s["updates"]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "--resume auto: continuing" in again.stderr
+    s = summary_of(out)
+    assert s["updates"] == 1200 and s["stop_reason"] == "reached 1200 updates"
+
+
+def test_a_dead_task_is_a_dead_worker(slurm, tmp_path, no_orphans):
+    """kill -9 of one srun task: the broker counts a death and the other workers finish the run."""
+    out = tmp_path / "run"
+    salloc = subprocess.Popen(["salloc", "-n", "4", *ZSGD, "run", *FAST, "--timeout", "5", "--steps", "3000", "--quiet", "--out", str(out)],
+                              env=slurm.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        pids = wait_for(lambda: {e["worker"]: e["pid"] for e in read_events(out) if e["event"] == "worker" and e.get("role") == "worker"
+                                 and e.get("pid")} if sum(e["event"] == "update" for e in read_events(out)) > 50 else None,
+                        120, what="workers at work")
+        os.kill(pids[1], signal.SIGKILL)
+        _, err = salloc.communicate(timeout=300)
+    finally:
+        if salloc.poll() is None:
+            os.killpg(salloc.pid, signal.SIGKILL)
+            salloc.communicate()
+    assert salloc.returncode == 0, err[-2000:]
+    s = summary_of(out)
+    assert s["updates"] >= 3000 and s["worker_deaths"] >= 1, s
+    dead = {e["worker"] for e in read_events(out) if e["event"] == "worker" and e.get("status") == "dead"}
+    assert 1 in dead
+    after = [e for e in read_events(out) if e["event"] == "update"][-100:]  # the last updates came from the survivors
+    assert {e["worker"] for e in after} <= {0, 2}
+    slurm.wait_idle()
+
+
+def test_sweep_sbatch_gathers_its_arms(slurm, tmp_path, no_orphans):
+    out = tmp_path / "sweep"
+    env = slurm.env | {"ZSGD": f"{sys.executable} -m zsgd", "ZSGD_OUT": str(out)}
+    proc = slurm.client(["sbatch", "--parsable", "--wait", "-n", "3", f"--chdir={tmp_path}", f"--output={tmp_path}/job-%j.out",
+                         str(REPO / "examples/slurm/sweep.sbatch"), "--workers", "4", "--algo", "async", "--latency", "0,10ms",
+                         "--stragglers", "none", "--steps", "100", "--compute", "2ms"], env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr + "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert sorted(p.name for p in out.glob("0*")) == ["00-lat0ms", "01-lat10ms"]
+    assert (out / "results.md").read_text().count("\n| ") == 3 and (out / "accuracy_vs_time.png").is_file()
+    slurm.wait_idle()
