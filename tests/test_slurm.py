@@ -226,3 +226,19 @@ def test_sweep_sbatch_gathers_its_arms(slurm, tmp_path, no_orphans):
     assert sorted(p.name for p in out.glob("0*")) == ["00-lat0ms", "01-lat10ms"]
     assert (out / "results.md").read_text().count("\n| ") == 3 and (out / "accuracy_vs_time.png").is_file()
     slurm.wait_idle()
+
+
+def test_experiment_under_slurm_writes_what_jobs_1_writes(slurm, tmp_path, no_orphans):
+    config = str(REPO / "examples/compare_small.yaml")
+    only = ["--only", "async", "--only", "dsgd-ring", "-q"]
+    local = subprocess.run([*ZSGD, "experiment", config, *only, "--jobs", "1", "--out", str(tmp_path / "local")], capture_output=True,
+                           text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert local.returncode == 0, local.stderr[-2000:]
+    steps = slurm.client(["salloc", "-n", "2", *ZSGD, "experiment", config, *only, "--launcher", "slurm", "--out", str(tmp_path / "slurm")],
+                         timeout=300)
+    assert steps.returncode == 0, steps.stderr[-2000:]
+    arms = sorted(p.name for p in (tmp_path / "local").glob("0*"))
+    assert len(arms) == 2
+    for arm in arms:
+        assert (tmp_path / "local" / arm / "metrics.jsonl").read_bytes() == (tmp_path / "slurm" / arm / "metrics.jsonl").read_bytes()
+    slurm.wait_idle()
