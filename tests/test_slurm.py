@@ -242,3 +242,25 @@ def test_experiment_under_slurm_writes_what_jobs_1_writes(slurm, tmp_path, no_or
     for arm in arms:
         assert (tmp_path / "local" / arm / "metrics.jsonl").read_bytes() == (tmp_path / "slurm" / arm / "metrics.jsonl").read_bytes()
     slurm.wait_idle()
+
+
+def test_ctrl_c_ends_the_sweeps_arm_steps(slurm, tmp_path, no_orphans):
+    out = tmp_path / "sweep"
+    salloc = subprocess.Popen(["salloc", "-n", "2", *ZSGD, "sim", "--model", "logreg", "--data", "embedded", "--workers", "4",
+                               "--latency", "0,10,20ms", "--compute", "2ms", "--steps", "100000000", "-q", "--launcher", "slurm",
+                               "--out", str(out)],
+                              env=slurm.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        wait_for(lambda: sum("zsgd-arm" in line for line in slurm.steps()) == 2, 120, what="two arm steps running")
+        wait_for(lambda: (out / "00-lat0ms" / "metrics.jsonl").exists(), 120, what="the first arm at work")
+        argv = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in zsgd_processes()}
+        parent = next(pid for pid, a in argv.items() if a[0] == sys.executable.encode() and a[3:4] == [b"sim"])
+        os.kill(parent, signal.SIGINT)
+        _, err = salloc.communicate(timeout=60)
+    finally:
+        if salloc.poll() is None:
+            os.killpg(salloc.pid, signal.SIGKILL)
+            salloc.communicate()
+    assert "zsgd: interrupted" in err, err[-2000:]
+    slurm.wait_idle(timeout=30)

@@ -48,12 +48,11 @@ def resolve_arm_launch(jobs: int | None, launcher: str, command: str) -> ArmLaun
     from zsgd.runtime.slurm import current_allocation
 
     alloc = current_allocation()
-    base = alloc.step_argv(1, "zsgd-arm")  # also checks that srun is on PATH
+    alloc.step_argv(1, "zsgd-arm")  # checks that srun is on PATH, before anything is written
     capacity = min(jobs or alloc.cpus, alloc.cpus)
 
     def step_argv(out_dir: Path, index: int) -> list[str]:
-        return [*base[:1], f"--job-name=zsgd-arm-{index}", *base[2:], sys.executable, "-m", "zsgd", command, str(Path(out_dir).resolve()),
-                str(index)]
+        return [*alloc.step_argv(1, f"zsgd-arm-{index}"), sys.executable, "-m", "zsgd", command, str(Path(out_dir).resolve()), str(index)]
 
     return ArmLaunch(jobs=1, step_argv=step_argv, capacity=capacity,
                      where=f"{capacity} srun step(s) at a time in Slurm job {alloc.job_id} ({len(alloc.nodes)} node(s), {alloc.cpus} CPUs)")

@@ -37,16 +37,17 @@ class Allocation:
     def cpus(self) -> int:
         return sum(self.cpus_per_node)
 
-    def step_argv(self, ntasks: int, job_name: str, cpus_per_task: int = 1, extra: tuple[str, ...] = ()) -> list[str]:
+    def step_argv(self, ntasks: int, job_name: str, cpus_per_task: int = 1, kill_on_bad_exit: bool = True,
+                  extra: tuple[str, ...] = ()) -> list[str]:
         """``srun`` for a step of ``ntasks`` one-CPU tasks that shares the allocation with other steps.
 
         ``--exact`` gives the step only the CPUs it asks for (so several steps
         run side by side); ``--mem-per-cpu`` keeps a step from claiming all of
         the job's memory, which on clusters that schedule memory would make
         every other step wait; ``--kill-on-bad-exit`` ends the step when one
-        task fails, as a dead worker or arm should."""
+        task fails (said explicitly either way: sites set their own default)."""
         argv = [srun_path(), f"--job-name={job_name}", f"--ntasks={ntasks}", f"--cpus-per-task={cpus_per_task}", "--exact",
-                "--kill-on-bad-exit=1", "--quiet"]
+                f"--kill-on-bad-exit={int(kill_on_bad_exit)}", "--quiet"]
         if self.mem_per_cpu_mb:
             argv.append(f"--mem-per-cpu={self.mem_per_cpu_mb}")
         return argv + list(extra)
@@ -172,8 +173,7 @@ class SlurmLauncher:
         self.children: list[Any] = []
 
     def argv(self, n: int) -> list[str]:
-        base = self.plan.allocation.step_argv(n, self.job_name, extra=("--input=all", "--kill-on-bad-exit=0"))
-        base = [a for a in base if not a.startswith("--kill-on-bad-exit=1")]
+        base = self.plan.allocation.step_argv(n, self.job_name, kill_on_bad_exit=False, extra=("--input=all",))
         worker = [sys.executable, "-m", "zsgd", "worker", "--connect", self.address, "--heartbeat", f"{self.heartbeat:g}",
                   "--timeout", f"{self.timeout:g}", "--join-timeout", f"{self.join_timeout:g}", "--watch-stdin"]
         return base + worker + (["--keys-stdin"] if self.keys is not None else [])

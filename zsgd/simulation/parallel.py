@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import signal
 import subprocess
 import time
@@ -127,8 +128,6 @@ class ForkRunner:
         self.tasks.put(index)
 
     def poll(self, timeout: float) -> list[ArmEvent]:
-        import queue
-
         out: list[ArmEvent] = []
         try:
             kind, index, payload = self.events.get(timeout=timeout)
@@ -293,12 +292,12 @@ def run_arms(indices: Iterable[int], runner: Any, view: ArmsView | None = None,
     Returns ``{index: payload}``. The first failure stops the others (their
     processes are ended) and raises ``ArmFailed`` naming the arm; so does
     Ctrl-C (KeyboardInterrupt, after the same clean-up)."""
-    queue, running, results = deque(indices), set(), {}
+    waiting, running, results = deque(indices), set(), {}
     ok = False
     try:
-        while queue or running:
-            while queue and len(running) < runner.capacity:
-                index = queue.popleft()
+        while waiting or running:
+            while waiting and len(running) < runner.capacity:
+                index = waiting.popleft()
                 running.add(index)
                 if view:
                     view.started(index)
