@@ -4,7 +4,6 @@ faster on two cores, a progress view that counts arms, and failures that name th
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pid_alive, zsgd_cmd
+from conftest import zsgd_cmd
 from zsgd.errors import ZsgdError
 from zsgd.simulation.parallel import ArmFailed, ArmsView, ForkRunner, InlineRunner, default_jobs, run_arms
 

@@ -200,8 +200,6 @@ class Experiment:
 
     def save_plan(self) -> None:
         """What an ``experiment-arm`` step needs to rebuild this experiment: the file and the compute calibrations."""
-        import json
-
         write_json(self.out_dir / "plan.json", {"config": str(Path(self.spec.path).resolve()), "only": [a.name for a in self.arms],
                                                 "compute_samples": {str(bs): wl.compute_samples for bs, wl in self._workloads.items()}})
 
