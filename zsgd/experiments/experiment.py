@@ -55,7 +55,7 @@ def identity(workload: Any, n_workers: int) -> dict[str, Any]:
 
 
 class Experiment:
-    """Loads data once, checks every arm can be served, runs arms in order."""
+    """Loads data once, checks every arm can be served, runs the arms (simulated ones side by side with --jobs)."""
 
     def __init__(self, spec: ExperimentSpec, out_dir: Path | None, only: Sequence[str] = (), log: Log | None = None) -> None:
         names = [a.name for a in spec.arms]
