@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import zsgd_cmd
+from helpers import cli, lines_of, zsgd_cmd
 from zsgd.errors import ZsgdError
 from zsgd.simulation.parallel import ArmFailed, ArmsView, ForkRunner, InlineRunner, default_jobs, run_arms
 
@@ -51,6 +50,7 @@ def _square(index: int, progress) -> int:
     return index * index
 
 
+@pytest.mark.slow
 def test_fork_runner_returns_every_arm_and_the_view_counts_them():
     from rich.console import Console
 
@@ -76,6 +76,7 @@ def _fails_on_two(index: int, progress) -> int:
     return index
 
 
+@pytest.mark.slow
 def test_a_failed_arm_names_itself_and_ends_the_others():
     runner = ForkRunner(_fails_on_two, 3)
     view = ArmsView([f"arm {i}" for i in range(6)], None, False, None)
@@ -84,18 +85,16 @@ def test_a_failed_arm_names_itself_and_ends_the_others():
     assert not any(p.is_alive() for p in runner.procs)
 
 
-@pytest.mark.parametrize("args,env_extra,needle", [
+@pytest.mark.parametrize("args,env,needle", [
     (["--jobs", "0"], {}, "--jobs must be >= 1"),
-    (["--launcher", "slurm"], {}, "not inside a Slurm allocation"),
+    (["--launcher", "slurm"], {"SLURM_JOB_ID": None}, "not inside a Slurm allocation"),
     (["--launcher", "slurm"], {"SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_CPUS_PER_NODE": "2", "PATH": "/nonexistent"},
      "'srun' is not on PATH"),
 ])
-def test_bad_launch_flags_exit_2_with_one_line_before_writing(tmp_path, args, env_extra, needle):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")} | env_extra
-    proc = subprocess.run([sys.executable, "-m", "zsgd", "sim", *GRID, "--steps", "10", "--out", str(tmp_path / "x"), *args],
-                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and needle in proc.stderr, proc.stderr
+def test_bad_launch_flags_exit_2_with_one_line_before_writing(tmp_path, args, env, needle):
+    r = cli("sim", *GRID, "--steps", "10", "--out", str(tmp_path / "x"), *args, env=env)
+    assert r.exit_code == 2, r.stderr
+    assert len(lines_of(r.stderr)) == 1 and needle in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
 
 
@@ -103,6 +102,7 @@ def _dies(index: int, progress) -> int:
     os._exit(9)
 
 
+@pytest.mark.slow
 def test_a_child_that_dies_at_once_is_a_failed_arm_not_a_hang():
     with pytest.raises(ArmFailed, match=r"its process died \(exit code 9\)"):
         run_arms(range(2), ForkRunner(_dies, 1))

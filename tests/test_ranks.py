@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 
 import pytest
 
-from conftest import read_events, run_zsgd, wait_for, zsgd_cmd
+from helpers import broker_address, cli, lines_of, read_events, reap, run_zsgd, start_worker, start_zsgd, stop, summary_of
 from zsgd.errors import ZsgdError
-from zsgd.runtime.ranks import rank_from_env
+from zsgd.runtime.ranks import RANK_VARIABLES, rank_from_env
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.01", "--heartbeat", "0.5", "--timeout", "5", "--quiet"]
+NO_RANKS = {name: None for name in RANK_VARIABLES}  # CliRunner's env: None unsets
 
 
 def test_rank_order_prefers_the_launcher_closest_to_the_process():
@@ -30,42 +29,42 @@ def test_a_rank_that_is_not_a_number_is_refused(value):
 
 
 def test_worker_with_bad_rank_variable_says_so_in_one_line():
-    env = os.environ | {"OMPI_COMM_WORLD_RANK": "zero"}
-    proc = subprocess.run(zsgd_cmd("worker", "--connect", "tcp://127.0.0.1:9"), capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, env=env)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "OMPI_COMM_WORLD_RANK='zero' is not a rank" in proc.stderr
+    r = cli("worker", "--connect", "tcp://127.0.0.1:9", env=NO_RANKS | {"OMPI_COMM_WORLD_RANK": "zero"})
+    assert r.exit_code == 2
+    assert len(lines_of(r.stderr)) == 1 and "OMPI_COMM_WORLD_RANK='zero' is not a rank" in r.stderr
+
+
+def test_a_keys_folder_without_an_id_is_refused(tmp_path):
+    (tmp_path / "keys").mkdir()
+    r = cli("worker", "--connect", "tcp://127.0.0.1:9", "--keys-file", str(tmp_path / "keys"), env=NO_RANKS)
+    assert r.exit_code == 2 and len(lines_of(r.stderr)) == 1 and "is a folder: give --id" in r.stderr
+
+
+def _ranked_workers(out, variable: str, *extra: str) -> tuple[int, list[int], str]:
+    """A broker for 2 workers and two 'zsgd worker --connect' processes told only their rank (as mpirun -n 2 would)."""
+    broker = start_zsgd("broker", "--workers", "2", "--steps", "200", "--out", str(out), *FAST, *extra[:2])
+    workers = []
+    try:
+        address = broker_address(out)
+        env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+        for rank in (1, 0):
+            workers.append(start_worker(address, "--heartbeat", "0.5", "--timeout", "5", "--quiet", *extra[2:],
+                                        env=env | {variable: str(rank)}))
+        _, err = broker.communicate(timeout=120)
+        reap(*workers, timeout=30)
+    finally:
+        stop(broker, *workers)
+    return broker.returncode, [w.returncode for w in workers], err
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variable", ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"])
+@pytest.mark.parametrize("variable", RANK_VARIABLES)
 def test_workers_take_their_ids_from_the_launcher(tmp_path, variable, no_orphans):
-    """What mpirun -n 2 zsgd worker --connect ADDR does: two processes, ids from the rank variable."""
-    out = tmp_path / "run"
-    broker = subprocess.Popen(zsgd_cmd("broker", "--workers", "2", "--steps", "200", "--out", str(out), *FAST),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
-    workers = []
-    try:
-        address = wait_for(lambda: next((e["address"] for e in read_events(out) if e["event"] == "start"), None), 60, what="broker")
-        for rank in (1, 0):
-            env = {k: v for k, v in os.environ.items() if k not in ("SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")}
-            workers.append(subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--heartbeat", "0.5", "--timeout", "5", "--quiet"),
-                                            env=env | {variable: str(rank)}, stdin=subprocess.DEVNULL))
-        _, err = broker.communicate(timeout=120)
-        codes = [w.wait(timeout=30) for w in workers]
-    finally:
-        if broker.poll() is None:
-            broker.kill()
-            broker.communicate()
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    assert broker.returncode == 0, err[-2000:]
-    assert codes == [0, 0]
-    joined = {e["worker"] for e in read_events(out) if e["event"] == "worker" and e.get("role") == "worker"}
+    code, codes, err = _ranked_workers(tmp_path / "run", variable)
+    assert code == 0 and codes == [0, 0], err[-2000:]
+    joined = {e["worker"] for e in read_events(tmp_path / "run") if e["event"] == "worker" and e.get("role") == "worker"}
     assert joined == {0, 1}
-    s = json.loads((out / "summary.json").read_text())
+    s = summary_of(tmp_path / "run")
     assert s["updates"] >= 200 and s["test_accuracy"] > 0.6
 
 
@@ -74,35 +73,7 @@ def test_ranked_workers_take_their_own_key_from_a_keys_folder(tmp_path, no_orpha
     """mpirun -n 2 zsgd worker --keys-file KEYS: rank r uses KEYS/client-(r+1).json, so no two workers share a key."""
     keys = tmp_path / "keys"
     assert run_zsgd("keys", "generate", str(keys), "--clients", "2", timeout=60).returncode == 0
-    out = tmp_path / "run"
-    broker = subprocess.Popen(zsgd_cmd("broker", "--workers", "2", "--keys", str(keys), "--steps", "200", "--out", str(out), *FAST),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
-    workers = []
-    try:
-        address = wait_for(lambda: next((e["address"] for e in read_events(out) if e["event"] == "start"), None), 60, what="broker")
-        for rank in (0, 1):
-            workers.append(subprocess.Popen(zsgd_cmd("worker", "--connect", address, "--keys-file", str(keys), "--heartbeat", "0.5",
-                                                     "--timeout", "5", "--quiet"),
-                                            env=os.environ | {"PMI_RANK": str(rank)}, stdin=subprocess.DEVNULL))
-        _, err = broker.communicate(timeout=120)
-        codes = [w.wait(timeout=30) for w in workers]
-    finally:
-        if broker.poll() is None:
-            broker.kill()
-            broker.communicate()
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    assert broker.returncode == 0 and codes == [0, 0], err[-2000:]
-    s = json.loads((out / "summary.json").read_text())
+    code, codes, err = _ranked_workers(tmp_path / "run", "PMI_RANK", "--keys", str(keys), "--keys-file", str(keys))
+    assert code == 0 and codes == [0, 0], err[-2000:]
+    s = summary_of(tmp_path / "run")
     assert s["updates"] >= 200 and s["refused_clients"] == 0 and s["rejected_messages"] == 0
-
-
-def test_a_keys_folder_without_an_id_is_refused(tmp_path):
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")}
-    proc = subprocess.run(zsgd_cmd("worker", "--connect", "tcp://127.0.0.1:9", "--keys-file", str(keys)), capture_output=True, text=True,
-                          timeout=60, stdin=subprocess.DEVNULL, env=env)
-    assert proc.returncode == 2 and "is a folder: give --id" in proc.stderr and proc.stderr.strip().count("\n") == 0

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_events, wait_for, zsgd_processes
+from helpers import REPO, read_events, summary_of, wait_for, zsgd_processes
 
 from slurm_cluster import slurm  # noqa: F401  (the session fixture)
 
@@ -34,10 +34,6 @@ def test_cluster_grants_more_tasks_than_cores(slurm):
 
 ZSGD = [sys.executable, "-m", "zsgd"]
 FAST = ["--model", "logreg", "--data", "embedded", "--heartbeat", "1", "--timeout", "10"]
-
-
-def summary_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
 
 
 def test_run_inside_salloc_starts_workers_as_one_srun_step(slurm, tmp_path, no_orphans):
