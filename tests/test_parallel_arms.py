@@ -29,10 +29,42 @@ def arm_metrics(out: Path) -> dict[str, bytes]:
     return {p.parent.name: p.read_bytes() for p in sorted(out.glob("0*/metrics.jsonl"))}
 
 
+def _spin(seconds: float) -> int:
+    """Busy work for ``seconds`` of wall time; returns how many rounds it got done."""
+    end, n = time.perf_counter() + seconds, 0
+    while time.perf_counter() < end:
+        sum(range(10_000))
+        n += 1
+    return n
+
+
+def two_cores_free() -> float:
+    """How much more two spinning processes get done than one (about 2 when two cores are ours, 1 when we share one)."""
+    import multiprocessing
+
+    one = _spin(0.5)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        two = sum(pool.map(_spin, [0.5, 0.5]))
+    return two / max(one, 1)
+
+
 @pytest.mark.slow
-def test_jobs_2_writes_what_jobs_1_writes_in_at_most_0_6_of_the_time(tmp_path):
+def test_jobs_2_writes_what_jobs_1_writes(tmp_path):
+    one, _ = sim(tmp_path / "one", "--jobs", "1", "--steps", "600")
+    two, _ = sim(tmp_path / "two", "--jobs", "2", "--steps", "600")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    m1 = arm_metrics(tmp_path / "one")
+    assert len(m1) == 4 and m1 == arm_metrics(tmp_path / "two")
+    assert (tmp_path / "one" / "results.md").read_text() == (tmp_path / "two" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_jobs_2_takes_at_most_0_6_of_the_time_of_jobs_1(tmp_path):
     if default_jobs() < 2:
         pytest.skip("needs 2 cores")
+    gain = two_cores_free()
+    if gain < 1.7:  # other work on the machine takes a core: a wall-time ratio would measure that, not --jobs
+        pytest.skip(f"two processes get only {gain:.2f}x the work of one done here right now: no 2 free cores to time --jobs 2 on")
     steps = ["--steps", "12000"]  # arms long enough that loading, calibration and plots (serial) are a small part
     one, t1 = sim(tmp_path / "one", "--jobs", "1", *steps)
     two, t2 = sim(tmp_path / "two", "--jobs", "2", *steps)
