@@ -130,14 +130,19 @@ def test_sim_measures_the_lstm_step(tmp_path, corpus):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["async", "localsgd:4", "dsgd"])
-def test_run_lstm_with_workers(tmp_path, corpus, algo, no_orphans):
+@pytest.mark.parametrize("algo,extra", [("async", []), ("localsgd:4", []), ("dsgd", []),
+                                        ("ssp:2", ["--compress", "topk:0.05", "--compress-replies", "topk:0.1"])])
+def test_run_lstm_with_workers(tmp_path, corpus, algo, extra, no_orphans):
     out = tmp_path / "run"
-    proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, *TINY, "--data", f"text:{corpus}", "--steps", "24",
+    proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, *extra, *TINY, "--data", f"text:{corpus}", "--steps", "24",
                     "--heartbeat", "0.5", "--timeout", "5", "--out", str(out), "-q", timeout=200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens_per_s"] > 0 and math.isfinite(summary["test_perplexity"])
+    if algo in ("async", "ssp:2"):  # one update is one worker's block of 4 streams x 16 tokens
+        assert summary["samples"] == summary["updates"] * 4 * 16
+    if extra:
+        assert summary["compression_ratio"] > 5 and summary["reply_compression_ratio"] > 2
 
 
 @pytest.mark.slow

@@ -156,6 +156,21 @@ def test_remote_run_trains_across_both_hosts(cluster, initialized, tmp_path, no_
     assert pids and not any(pid_alive(p) for p in pids)
 
 
+@pytest.mark.slow
+def test_readme_headline_remote_run_learns(cluster, initialized, tmp_path, no_orphans):
+    """The README's ``zsgd run --remote ssh_hosts.txt``: workers on the hosts only, every value the
+    default but a step budget and the mlp (see test_headline.py), and it learns."""
+    out = tmp_path / "headline"
+    proc = cluster.zsgd("run", "--remote", str(initialized["hosts"]), *cluster.ssh_args, "--model", "mlp", "--steps", "300",
+                        "--out", str(out), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_workers"] == 2 and {info["host"] for info in s["workers"].values()} == set(HOSTS), s["workers"]
+    assert s["updates"] >= 300 and s["test_accuracy"] > 0.55 and s["worker_deaths"] == 0, s
+    loss = [e["loss"] for e in read_events(out) if e["event"] == "train" and e.get("loss") is not None]
+    assert len(loss) >= 5 and loss[-1] < 0.6 * loss[0], loss
+
+
 @pytest.mark.parametrize("case", ["refused-key", "host-down", "unknown-host", "no-zsgd", "no-python", "port-blocked"])
 def test_unusable_host_is_a_one_line_error(cluster, initialized, tmp_path, case, no_orphans):
     remote_dir = cluster.ssh_args

@@ -61,3 +61,23 @@ def test_run_scales_defaults_says_so_and_records_them(tmp_path, no_orphans):
     assert "scaled" not in proc.stderr
     stored = yaml.safe_load((out2 / "config.yaml").read_text())
     assert (stored["batch_size"], stored["lr"], stored["momentum"]) == (64, 0.05, 0.9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo, extra", [("sync", []), ("async", ["--batch-size", "40"])])
+def test_sim_trains_with_the_values_run_uses_for_the_same_flags(tmp_path, no_orphans, algo, extra):
+    """The simulator predicts the run of the same flags: both resolve the same batch size, rate and schedule."""
+    common = ["--algo", algo, "--model", "logreg", "--data", "embedded", "--steps", "20", *extra]
+    real = tmp_path / "run"
+    proc = run_zsgd("run", "--n-proc", "3", *common, "--heartbeat", "0.5", "--timeout", "3", "--quiet", "--out", str(real))
+    assert proc.returncode == 0, proc.stderr
+    sim = tmp_path / "sim"
+    proc = run_zsgd("sim", "--workers", "3", *common, "--compute", "2ms", "--out", str(sim))
+    assert proc.returncode == 0, proc.stderr
+    ran = yaml.safe_load((real / "config.yaml").read_text())
+    (arm,) = [p for p in sim.iterdir() if p.is_dir()]
+    simulated = yaml.safe_load((arm / "config.yaml").read_text())
+    keys = ("batch_size", "lr", "momentum", "optimizer", "lr_schedule", "weight_decay", "steps", "epochs")
+    assert {k: simulated[k] for k in keys} == {k: ran[k] for k in keys}
+    assert ran["batch_size"] == (40 if extra else 22) and ran["lr"] != 0.05  # scaled, so the check above means something
+    assert f"scaled for 3 {algo} workers" in proc.stderr

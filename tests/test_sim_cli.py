@@ -49,7 +49,8 @@ def test_grid_makes_every_arm_with_runtime_files_table_and_plots(tmp_path):
 
 
 def test_same_command_same_bytes(tmp_path):
-    args = ["--workers", "5", "--algo", "async", "--latency", "lognormal:5ms,0.5", "--compute", "normal:3ms,1ms",
+    # Given compute and broker times: measured ones (the defaults) depend on this machine at this moment.
+    args = ["--workers", "5", "--algo", "async", "--latency", "lognormal:5ms,0.5", "--compute", "normal:3ms,1ms", "--broker-time", "0.1ms",
             "--stragglers", "0.2:3x,transient:0.1:0.05", "--loss", "2%", "--steps", "60", "--model", "logreg",
             "--data", "embedded", "--eval-every", "20", "-q"]
     for name in ("a", "b"):
@@ -115,3 +116,128 @@ def test_decentralized_flags_are_checked(tmp_path, args, needle):
         return
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------
+# the defaults of 'zsgd run': unset batch size and lr follow each arm's workers
+
+SMALL = ["--model", "logreg", "--data", "embedded", "--compute", "2ms", "--steps", "10"]
+
+
+def arm_configs(out) -> dict[str, dict]:
+    import yaml
+
+    return {row["arm"]: yaml.safe_load((out / row["dir"] / "config.yaml").read_text()) for row in csv.DictReader(open(out / "results.csv"))}
+
+
+def test_unset_batch_and_lr_follow_each_arms_workers_as_in_run(tmp_path):
+    from zsgd.core.config import TrainConfig
+    from zsgd.core.scaling import SCALED_FIELDS, scale_for_workers
+
+    out = tmp_path / "s"
+    r = invoke("--workers", "2,4", "--algo", "async,sync,localsgd:2", "--out", str(out), *SMALL)
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if "scaled" in ln]
+    assert len(lines) == 1 and lines[0].startswith("scaled per arm from batch 64, lr 0.05: async x2: batch 32"), r.stderr
+    assert "localsgd:2 x4: as given" in lines[0] and "--literal" in lines[0]
+    configs = arm_configs(out)
+    assert len(configs) == 6
+    for arm, stored in configs.items():
+        algo, n = stored["sim"]["algo"], stored["sim"]["n_workers"]
+        expected, note = scale_for_workers(TrainConfig(), algo, n, set(SCALED_FIELDS))  # what 'zsgd run' uses
+        assert (stored["batch_size"], stored["momentum"]) == (expected.batch_size, 0.9), arm
+        assert stored["lr"] == pytest.approx(expected.lr), arm
+        assert stored["sim"]["scaling"] == note, arm
+    assert configs["async n=4"]["batch_size"] == 16 and configs["localsgd:2 n=2"]["lr"] == 0.05
+
+
+def test_literal_keeps_every_value_and_given_values_are_never_scaled(tmp_path):
+    r = invoke("--workers", "4", "--algo", "async,sync", "--literal", "--out", str(tmp_path / "lit"), *SMALL)
+    assert r.exit_code == 0, r.output
+    assert "scaled" not in r.stderr
+    for stored in arm_configs(tmp_path / "lit").values():
+        assert (stored["batch_size"], stored["lr"], stored["sim"]["scaling"]) == (64, 0.05, None)
+    conf = tmp_path / "c.yaml"
+    conf.write_text("batch_size: 64\n")  # a value in a file counts as given, as in 'zsgd run'
+    r = invoke("--workers", "4", "--algo", "sync", "--config", str(conf), "--out", str(tmp_path / "file"), *SMALL)
+    assert r.exit_code == 0, r.output
+    (stored,) = arm_configs(tmp_path / "file").values()
+    assert stored["batch_size"] == 64 and stored["lr"] == pytest.approx(0.2)  # lr x N, batch as given
+    assert "lr 0.05 -> 0.2" in stored["sim"]["scaling"]
+
+
+def test_unset_eval_every_gives_a_curve_not_one_point(tmp_path):
+    """The delay study needs a time to target: with --eval-every unset, a sim arm evaluates as a run does
+    (the ledger's cadence, several points per run), not once at the end of its single epoch."""
+    from zsgd.core.ledger import EVALS_PER_RUN
+
+    out = tmp_path / "e"
+    r = invoke("--workers", "4", "--algo", "async,sync", "--model", "logreg", "--data", "embedded", "--compute", "2ms", "--steps", "100",
+               "-q", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    for row in csv.DictReader(open(out / "results.csv")):
+        evals = [json.loads(ln) for ln in (out / row["dir"] / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+        assert len(evals) >= EVALS_PER_RUN and evals[0]["updates"] <= 100 // EVALS_PER_RUN + 1, (row["arm"], evals)
+    r = invoke("--workers", "4", "--model", "logreg", "--data", "embedded", "--compute", "2ms", "--steps", "100", "--eval-every", "50",
+               "-q", "--out", str(tmp_path / "given"))
+    evals = [ln for ln in (tmp_path / "given" / "00-async" / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+    assert r.exit_code == 0 and len(evals) == 2
+
+
+# ---------------------------------------------------------------------------
+# tables at 80 columns
+
+LONG = ["async lat=0ms", "ssp:4 lat=uniform:5ms,20ms strag=0.1:4x comp=topk:0.01",
+        "sync n=256 lat=lognormal:10ms,0.5 bw=100Mbps loss=1% comp=qsgd:4 reply=topk:0.05"]
+
+
+def rendered(table, width: int) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, record=True, file=open("/dev/null", "w"))
+    console.print(table)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [40, 80, 200])
+def test_results_tables_never_cut_arm_names(width):
+    from zsgd.experiments.report import SHORT_COLUMNS, results_table as experiment_table
+    from zsgd.output.live import ResultsTable
+
+    heads = ["arm", "acc", "t→target s", "upd/s", "sent", "recv", "stale", "p50", "p99", "max"]
+    rows = [[name, "81.65%", "not reached", "19,570", "3.53 GB", "3.53 GB", "6.99", "7", "7", "7"] for name in LONG]
+    exp_rows = [{"arm": name, "final_acc": 0.8, "time_to_target_s": 1.5, "updates": 300, "time_s": 2.0, "bytes_total": 10**9} for name in LONG]
+    exp_rows[-1] |= {"final_acc": 0.1, "diverged": True}
+    for table, n_heads in ((ResultsTable("sim", heads, rows), len(heads)), (experiment_table(exp_rows, "experiment"), len(SHORT_COLUMNS))):
+        text = rendered(table, width)
+        assert max(len(ln) for ln in text.splitlines()) <= width and "…" not in text
+        words = " ".join(text.split())
+        for name in LONG:
+            assert all(w in words for w in name.split()), (name, text)  # whole, maybe wrapped at its spaces
+        if width >= 200:
+            assert "not shown" not in text and all(name in text for name in LONG)
+        else:
+            assert "not shown at this width" in text and "results.md" in text
+        if width == 80:
+            assert "81.65%" in text or "80.00%" in text  # the first results stay beside the names
+    if width >= 80:
+        assert "diverged" in text  # the experiment's last arm is marked beside its name
+
+
+def test_sweep_table_at_80_columns_names_every_arm(tmp_path):
+    """The real terminal path: COLUMNS=80, a grid with long arm names."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "w"
+    proc = subprocess.run([sys.executable, "-m", "zsgd", "sim", "--workers", "4", "--algo", "async,ssp:2", "--latency", "0,uniform:5ms,20ms",
+                           "--stragglers", "none,0.25:4x", "--out", str(out), *SMALL], capture_output=True, text=True, timeout=240,
+                          env=os.environ | {"COLUMNS": "80"}, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stderr[proc.stderr.index("simulated arms"):]
+    arms = [row["arm"] for row in csv.DictReader(open(out / "results.csv"))]
+    assert len(arms) == 8 and all(f"│ {arm} " in table for arm in arms), table
+    assert max(len(ln) for ln in table.splitlines()) <= 80
+    md = (out / "results.md").read_text()
+    assert all(f"| {arm} |" in md for arm in arms) and "| max |" in md

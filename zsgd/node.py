@@ -59,7 +59,7 @@ def run_node(opts: NodeOptions) -> int:
 def _leave(link: BrokerLink, reason: str) -> None:
     try:
         link.send(protocol.leave(link.run, link.worker, reason))
-    except zmq.ZMQError:
+    except (zmq.ZMQError, ZsgdError):  # ZsgdError: the link thread is gone, there is no one to tell
         pass
 
 
@@ -87,6 +87,8 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
     if compute is None:
         return EXIT_BROKER_GONE
     log(opts, f"joined run {run} at {opts.connect}")
+    idle_since = time.monotonic()  # a step's turnaround starts when its weights arrive, or when this loop could take them
+    turnarounds: list[float] = []
     while True:
         msg = link.recv(timeout=opts.timeout)
         if msg is None:
@@ -96,6 +98,9 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             return EXIT_BROKER_GONE
         if msg.type == MsgType.LEAVE:
             log(opts, f"done ({msg.meta.get('reason', 'broker finished')})")
+            if len(turnarounds) >= 20:  # the step-time distribution, for calibrating a simulation on this run
+                q = np.quantile(np.asarray(turnarounds[len(turnarounds) // 10:]) * 1e3, (np.arange(20) + 0.5) / 20)
+                log(opts, "turnaround ms (20 quantiles, after the first 10 % of steps): " + ",".join(f"{x:.3f}" for x in q))
             return EXIT_OK
         if msg.type == MsgType.ERROR:
             log(opts, f"broker reported an error: {msg.meta.get('message', '?')}")
@@ -103,16 +108,24 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
                 return EXIT_USAGE
             continue
         if msg.type == MsgType.WEIGHTS:
-            t0 = time.perf_counter()
+            t0 = max(link.last_arrival, idle_since)
+            # The link thread hands the previous update to the socket after this loop let go of it: that
+            # hand-off is part of the previous turnaround, counted here so the mean comes out right.
+            out_hop = max(0.0, link.last_forward - idle_since) if turnarounds else 0.0
             try:
-                reply = compute(msg)
+                reply = compute(msg, t0 - out_hop)
             except protocol.ProtocolError as exc:
                 log(opts, f"broker sent unusable weights ({exc}); exiting")
                 return EXIT_BAD_REPLY
-            factor = float(msg.meta.get("slowdown", 1.0))  # emulated straggler: stretch this step
+            # Emulated straggler: stretch this step, measured as compute_s is (from the weights' arrival),
+            # so the emulation and the simulator's straggler model stretch the same time.
+            factor = float(msg.meta.get("slowdown", 1.0))
             if factor > 1.0:
-                time.sleep((factor - 1.0) * (time.perf_counter() - t0))
+                time.sleep((factor - 1.0) * (time.monotonic() - t0))
             link.send(reply)
+            idle_since = time.monotonic()
+            if isinstance(reply.meta.get("compute_s"), float):
+                turnarounds.append(reply.meta["compute_s"])
 
 
 def _reply_decoder(spec: str, n_params: int):
@@ -204,7 +217,7 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
     model, ds, x, y = loaded
 
     if opts.role == "evaluator":
-        def handle_eval(msg: Message) -> Message:
+        def handle_eval(msg: Message, t0: float = 0.0) -> Message:
             loss, acc = evaluate(model, msg.arrays["w"], ds.x_test, ds.y_test)
             meta = {k: msg.meta[k] for k in ("updates", "samples", "t") if k in msg.meta}
             return protocol.eval_message(link.run, link.worker, msg.version, loss, acc, **meta)
@@ -218,12 +231,19 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
     step = make_worker_step(algo, model, x, y, config.batch_size, config.seed, link.worker, lr=config.lr,
                             weight_decay=config.weight_decay, clip_norm=config.clip_norm)
     codec = make_codec(str(assign_meta.get("compress", "none")), model.n_params, seed=config.seed * 1_000_003 + link.worker)
+    # One throw-away step loads the kernels now, so the first timed step (its compute_s, and an
+    # emulated straggler's sleep, which is proportional to it) is a steady-state one.
+    step.warm_up(model.init(seed=config.seed))
     weights_of = _reply_decoder(str(assign_meta.get("compress_replies", "none")), model.n_params)
 
-    def handle_weights(msg: Message) -> Message:
-        t0 = time.perf_counter()
+    def handle_weights(msg: Message, t0: float = 0.0) -> Message:
+        # compute_s is the worker's whole turnaround, from the weights reaching its socket (``t0``, or
+        # from when the worker was ready for them) to the update going back, not the gradient alone:
+        # it is what the simulator's compute time stands for (the worker holds the weights that long),
+        # so a simulation calibrated on it sees this run's own message handling and CPU contention too.
+        t0 = t0 or time.monotonic()
         update = step.compute(weights_of(msg), msg.version)
-        extra = {"compute_s": time.perf_counter() - t0}  # lets a simulation be calibrated against this very run
+        extra = {"compute_s": time.monotonic() - t0}  # lets a simulation be calibrated against this very run
         if "kind" in update.meta:
             extra["kind"] = update.meta["kind"]
         if codec.name == "none" or not np.isfinite(update.grad).all():

@@ -18,10 +18,12 @@ Why it scales with central updates rather than workers: a worker's gradient
 is computed lazily when its update reaches the broker (the result is the
 same, as it depends only on the weights it holds and its own batch stream),
 so an idle worker costs one heap entry and a reference to a weights snapshot
-that is shared by every worker holding that version. Broker processing time
-is 0 by default (``broker_s`` models a constant per-update cost, queued
-FIFO); evaluation costs no virtual time (the runtime evaluates in a separate
-process too).
+that is shared by every worker holding that version. The broker handles one
+update at a time (FIFO) and each costs ``broker_s``: measured by default
+(``zsgd.simulation.calibrate`` times the broker's own handler code for this
+model, optimizer, algorithm and codec, once per workload), so a sweep over
+worker counts finds the server's saturation knee; evaluation costs no
+virtual time (the runtime evaluates in a separate process too).
 """
 
 from __future__ import annotations
@@ -61,13 +63,14 @@ class SimOptions:
     stragglers: StragglerSpec | None = None
     failures: FailureSpec | None = None
     detect_s: float = 3.0  # failure -> broker notices (the runtime's heartbeat timeout)
-    broker_s: float = 0.0  # broker time per update (0: instantaneous)
+    broker_s: float | Measured = 0.0  # broker time per update (0: instantaneous; Measured: timed here, the CLI's default)
     broker_bandwidth: float = math.inf  # bytes/s of the broker's own NIC, shared by all links
     staleness_lr: str | bool = "off"
     compress: str = "none"  # worker->broker codec, as in the runtime (real encoded sizes on the wire)
     compress_replies: str = "none"  # broker->worker weight deltas, as the runtime's --compress-replies
     target: float | None = None  # accuracy whose first crossing is reported (time_to_target_s)
     calibration_steps: int = 5  # timed steps for compute=measured (median)
+    scaling: str | None = None  # what the sweep adapted to n_workers, as 'zsgd run' prints it (None: values as given)
 
     def validate(self) -> "SimOptions":
         from zsgd.compression import make_codec
@@ -81,7 +84,7 @@ class SimOptions:
             self.failures.check(self.n_workers)
         if self.target is not None and not 0 < self.target <= 1:
             raise ZsgdError(f"--target must be in (0, 1], got {self.target}")
-        for name, v in (("--detect", self.detect_s), ("--broker-time", self.broker_s)):
+        for name, v in (("--detect", self.detect_s), ("--broker-time", 0.0 if isinstance(self.broker_s, Measured) else self.broker_s)):
             if not math.isfinite(v) or v < 0:
                 raise ZsgdError(f"{name} must be a finite duration >= 0, got {v}")
         return self
@@ -91,8 +94,10 @@ class SimOptions:
         return {"algo": self.algo, "n_workers": self.n_workers, **self.network.describe(), "compute": str(self.compute),
                 "stragglers": str(self.stragglers) if self.stragglers else "none",
                 "failures": str(self.failures) if self.failures else "none", "detect_s": self.detect_s,
-                "broker_s": self.broker_s, "broker_bandwidth": format_bandwidth(self.broker_bandwidth),
-                "staleness_lr": self.staleness_lr, "compress": self.compress, "compress_replies": self.compress_replies}
+                "broker_s": str(self.broker_s) if isinstance(self.broker_s, Measured) else self.broker_s,
+                "broker_bandwidth": format_bandwidth(self.broker_bandwidth),
+                "staleness_lr": self.staleness_lr, "compress": self.compress, "compress_replies": self.compress_replies,
+                "scaling": self.scaling}
 
 
 class Workload:
@@ -111,6 +116,7 @@ class Workload:
         self.weights_bytes = protocol.message_nbytes(protocol.weights_message(run, 0, flat))
         self._shards: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.compute_samples: list[float] | None = None  # timed steps behind compute=measured
+        self.server_step_samples: dict[tuple, list[float]] = {}  # broker-time=measured, per algorithm and codecs
 
     def shards(self, n_workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(x, y) of each worker, as ``make_shard`` gives the runtime's workers."""
@@ -128,6 +134,28 @@ class Workload:
             seconds = self.calibrate(steps)
             return Constant(seconds), seconds
         return spec, None
+
+    def broker_model(self, opts: "SimOptions") -> "tuple[float, list[float] | None]":
+        """Seconds per update at the broker, and the timed samples when ``opts.broker_s`` is measured.
+
+        Timed once per (algorithm, codecs) and shared by every arm, like the
+        compute time, and for the same reason: arms differ only in what the
+        grid varies. Worker counts share it too: the handler's cost per
+        update does not depend on them (a sync round's one step is spread
+        over at most 8 updates here).
+        """
+        if not isinstance(opts.broker_s, Measured):
+            return float(opts.broker_s), None
+        from zsgd.simulation.calibrate import median, time_server_step
+
+        workers = min(opts.n_workers, 8)
+        key = (opts.algo, opts.compress, opts.compress_replies, str(opts.staleness_lr), workers if opts.algo != "async" else 1)
+        if key not in self.server_step_samples:
+            self.server_step_samples[key] = time_server_step(self.cfg, self.model, self.w0, opts.algo, opts.compress,
+                                                             opts.compress_replies, opts.staleness_lr, workers=key[-1],
+                                                             cycles=max(5, 24 // key[-1]))
+        samples = self.server_step_samples[key]
+        return median(samples), samples
 
     def calibrate(self, steps: int = 5, warmup: int = 3) -> float:
         """Median seconds of one real gradient step on this machine, measured
@@ -193,6 +221,7 @@ class Simulation:
         optimizer = make_optimizer(cfg.optimizer, self.model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.algo = make_server_algorithm(opts.algo, workload.w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=cfg.clip_norm)
         self.compute, self.compute_s = workload.compute_model(opts.compute, opts.calibration_steps)
+        self.broker_s, self.broker_samples = workload.broker_model(opts)
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
         rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0x51D]).spawn(4)]
         self.rng_down, self.rng_up, self.rng_compute, self.rng_fail = rngs
@@ -266,6 +295,8 @@ class Simulation:
                 self._applied(out)
             elif isinstance(out, Dropped):
                 self.dropped[out.reason] += 1
+                if out.reason == "non-finite":  # as the broker: a gradient that blew up ends the run
+                    self.ledger.diverge(f"gradient is not finite on worker {out.worker}")
 
     def _send_weights(self, r: Reply) -> None:
         w = r.worker
@@ -359,8 +390,8 @@ class Simulation:
         if update is None:
             update, nbytes = self._compute_update(w, version, payload)
         self.last_update_bytes = nbytes
-        if self.opts.broker_s > 0:
-            self.busy_until = max(self.now, self.busy_until) + self.opts.broker_s
+        if self.broker_s > 0:
+            self.busy_until = max(self.now, self.busy_until) + self.broker_s
             self._push(self.busy_until, _PROCESS, w, inc, update)
         else:
             self._process(update)
@@ -441,7 +472,7 @@ class Simulation:
         real0 = time.perf_counter()
         cfg, opts, ds = self.cfg, self.opts, self.wl.problem.dataset
         self.metrics.write("start", 0.0, mode="sim", model=cfg.model, data=ds.name, n_params=self.model.n_params,
-                           n_train=self.n_train, **opts.describe(), compute_s=self.compute_s,
+                           n_train=self.n_train, **(opts.describe() | {"broker_s": self.broker_s}), compute_s=self.compute_s,
                            straggler_workers=sorted(self.stragglers.workers) if self.stragglers else [],
                            update_bytes=self.u_bytes, weights_bytes=self.w_bytes)
         if opts.failures is not None:
@@ -493,6 +524,8 @@ class Simulation:
             "compute_s": self.compute_s if self.compute_s is not None else self.compute.mean,
             "compute_measured": self.compute_s is not None,
             "compute_calibration_s": self.wl.compute_samples if self.compute_s is not None else None,
+            "broker_s": self.broker_s, "broker_measured": self.broker_samples is not None,
+            "broker_calibration_s": self.broker_samples,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
             "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s,
             "workers": {str(w): {"host": "sim", "steps": self.w_steps[w], "samples": self.w_samples[w],

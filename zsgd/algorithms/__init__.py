@@ -13,6 +13,9 @@ from zsgd.algorithms.worker import WorkerStep
 from zsgd.errors import ZsgdError
 
 ALGORITHMS = ("async", "sync", "ssp:S", "localsgd:K")
+# Dispatched by the callers before parse_algo (zsgd.decentralized.rules.DECENTRALIZED, a layer above),
+# named here so that a typo's message lists every algorithm --algo takes.
+DECENTRALIZED_NAMES = ("dsgd", "dsgt", "cadmm")
 STALENESS_LR = ("off", "scalar", "per-coordinate")
 
 
@@ -31,7 +34,8 @@ def parse_algo(spec: str) -> tuple[str, dict]:
         return "ssp", {"bound": bound}
     if name == "localsgd":
         return "localsgd", parse_localsgd(arg)
-    raise ZsgdError(f"unknown algorithm {spec!r}; choose one of {', '.join(ALGORITHMS)}")
+    raise ZsgdError(f"unknown algorithm {spec!r}; choose one of {', '.join(ALGORITHMS)}, "
+                    f"or decentralized {', '.join(DECENTRALIZED_NAMES)}")
 
 
 def parse_staleness_lr(mode: str | bool | None) -> str:

@@ -30,4 +30,6 @@ class AsyncSGD(ServerAlgorithm):
             return [Dropped(update.worker, "bad-version"), self.reply(update.worker)]
         staleness = self.version - update.base_version
         lr = self.apply(update.grad, staleness)
+        if lr is None:  # NaN or Inf: rejected, and the sender gets the current weights
+            return [Dropped(update.worker, "non-finite"), self.reply(update.worker)]
         return [Applied(update.worker, self.version, staleness, update.n_samples, lr), self.reply(update.worker)]

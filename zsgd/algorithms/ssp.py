@@ -48,6 +48,8 @@ class StaleSynchronousSGD(ServerAlgorithm):
             return [Dropped(w, "bad-version")]
         staleness = self.version - update.base_version
         lr = self.apply(update.grad, staleness)
+        if lr is None:  # NaN or Inf: rejected; its clock stays, and it gets the current weights
+            return [Dropped(w, "non-finite"), self.reply(w)]
         self.clock[w] += 1
         out: list[Output] = [Applied(w, self.version, staleness, update.n_samples, lr)]
         if self.clock[w] - self._min_clock() > self.bound:

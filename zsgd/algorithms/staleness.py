@@ -180,7 +180,7 @@ class CoordinateStalenessMixin:
         finally:
             self._handling = None
 
-    def apply(self, grad: np.ndarray, staleness: int) -> float:
+    def apply(self, grad: np.ndarray, staleness: int) -> float | None:
         update = self._handling
         if update is None:
             return super().apply(grad, staleness)  # type: ignore[misc]
@@ -196,7 +196,8 @@ class CoordinateStalenessMixin:
             lr = super().apply(g, 0)  # type: ignore[misc]
         finally:
             self.staleness_lr = saved  # type: ignore[attr-defined]
-        self.tracker.record(indices, self.version)  # type: ignore[attr-defined]
+        if lr is not None:
+            self.tracker.record(indices, self.version)  # type: ignore[attr-defined]
         return lr
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from zsgd.algorithms.base import Applied, Dropped, Output, ServerAlgorithm, Update
+from zsgd.nn.server_step import is_finite
 
 
 class SyncSGD(ServerAlgorithm):
@@ -54,6 +55,11 @@ class SyncSGD(ServerAlgorithm):
             out: list[Output] = [Dropped(w, "stale-round")]
             return out + self._maybe_finish()
         grad = np.asarray(update.grad, dtype=np.float32)
+        if not is_finite(grad):
+            # Rejected: like a worker the driver re-admits, it leaves this round and waits for the next.
+            self.expected.discard(w)
+            self.waiting.add(w)
+            return [Dropped(w, "non-finite")] + self._maybe_finish()
         if self._sum is None:
             # Keep the first gradient as is: a round of one applies it exactly,
             # so a single-worker sync run reproduces the single-process trainer.
@@ -74,7 +80,10 @@ class SyncSGD(ServerAlgorithm):
         if self._sum is not None and self._samples > 0:
             grad = self._sum if self._first_n is not None else self._sum / np.float32(self._samples)
             lr = self.apply(grad, 0)
-            out.append(Applied(-1, self.version, 0, self._samples, lr, contributors=len(self._got)))
+            if lr is None:  # the sum overflowed
+                out.append(Dropped(-1, "non-finite"))
+            else:
+                out.append(Applied(-1, self.version, 0, self._samples, lr, contributors=len(self._got)))
         return out + self._start_round()
 
     def _start_round(self) -> list[Output]:

@@ -53,6 +53,21 @@ class WorkerStep:
         self.steps += 1
         return Update(self.worker, version, grad, len(idx), float(loss))
 
+    def warm_up(self, weights: np.ndarray) -> None:
+        """One throw-away gradient on the shard's first examples, so the kernels are loaded before
+        the first timed step; the batch stream, the step count and a carried state stay untouched."""
+        from zsgd.data import to_float
+
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.tokens is not None:
+                rows = self.tokens.rows[:1]
+                t = min(self.model.bptt, rows.shape[1] - 1)
+                x, y = (np.ascontiguousarray(rows[:, s:s + t], dtype=np.int64) for s in (0, 1))
+                self.model.loss_and_grad(weights, x, y, state=self.model.init_state(1))
+            else:
+                n = min(len(self.y), 2)
+                self.model.loss_and_grad(weights, to_float(self.x[:n]), self.y[:n], training=True, seed=0)
+
     def _compute_lm(self, weights: np.ndarray, version: int) -> Update:
         xb, yb, reset = next(self.tokens)
         if reset:  # the stream starts over: the carried state belongs to the span's end, not to this text

@@ -61,6 +61,10 @@ def _run(config: str, out: str | None, only: tuple[str, ...], check: bool, quiet
     from zsgd.commands.arms import resolve_arm_launch
     from zsgd.experiments.experiment import run_experiment
     from zsgd.output.live import stderr_console
+    from zsgd.output.rundir import check_out_dir
+
+    if out is not None:
+        check_out_dir(out)  # before any arm's data is loaded
 
     launch = resolve_arm_launch(jobs, launcher, "experiment-arm")
 

@@ -51,11 +51,31 @@ TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
 
 
 def training_options(func: Callable) -> Callable:
-    for flag, field, kwargs in reversed(TRAINING_FLAGS):
-        names = [flag] if "/" in flag else [flag, field]
-        func = click.option(*names, **kwargs)(func)
-    func = click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML file of options; flags override it.")(func)
-    return func
+    """The TRAINING_FLAGS with their shared defaults (train, run, broker, worker)."""
+    return training_options_with()(func)
+
+
+def training_options_with(**defaults: Any) -> Callable[[Callable], Callable]:
+    """The TRAINING_FLAGS with some defaults replaced (by ``TrainConfig`` field name).
+
+    For ``zsgd sim`` alone: its default model is the one a laptop can simulate
+    for many workers in minutes (see ``zsgd.commands.simulate``). Every
+    hyper-parameter default stays shared, so a simulation and a run of the same
+    flags train the same way.
+    """
+    fields = {field for _flag, field, _kw in TRAINING_FLAGS}
+    unknown = sorted(set(defaults) - fields)
+    if unknown:
+        raise ValueError(f"not training flags: {', '.join(unknown)}")
+
+    def decorate(func: Callable) -> Callable:
+        for flag, field, kwargs in reversed(TRAINING_FLAGS):
+            names = [flag] if "/" in flag else [flag, field]
+            func = click.option(*names, **(kwargs | ({"default": defaults[field]} if field in defaults else {})))(func)
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                            help="YAML file of options; flags override it.")(func)
+
+    return decorate
 
 
 def decentralized_options(func: Callable) -> Callable:
@@ -108,25 +128,38 @@ def build_config(ctx: click.Context, params: dict[str, Any], default_name: str, 
 
 
 def load_yaml_config(path: Path) -> dict[str, Any]:
-    import yaml
+    """The options in a ``--config`` file, each type-checked; errors name the file and line.
 
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ZsgdError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ZsgdError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise ZsgdError(f"{path}: expected a mapping of option: value")
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    if "time" in data:
-        data["time_limit"] = data.pop("time")
+    Read like an experiment file (``zsgd.core.yaml_loader``): no aliases, no
+    duplicate keys, UTF-8, a size cap.
+    """
+    from zsgd.core.config import check_field
+    from zsgd.core.yaml_loader import load_marked
+
+    doc = load_marked(path, what="config file")
+    if doc.data is None:
+        return {}
+    if not isinstance(doc.data, dict):
+        raise doc.error(f"expected a mapping of option: value, got {type(doc.data).__name__}")
     known = {field for _f, field, _k in TRAINING_FLAGS}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ZsgdError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    data: dict[str, Any] = {}
+    for key, value in doc.data.items():
+        field = str(key).replace("-", "_")
+        field = "time_limit" if field == "time" else field
+        if field not in known:
+            import difflib
+
+            names = sorted(k.replace("_limit", "") for k in known)
+            close = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise doc.error(f"unknown key {str(key)[:60]!r}{hint}", key)
+        if field in data:
+            raise doc.error(f"{key!r} repeats an option given above (time and time_limit are the same option)", key)
+        try:
+            check_field(field, value)
+        except ZsgdError as exc:
+            message = str(exc)
+            flag = "--" + ("time" if field == "time_limit" else field.replace("_", "-"))
+            raise doc.error(message.replace(flag, str(key), 1) if message.startswith(flag) else f"{key}: {message}", key) from None
+        data[field] = value
     return data

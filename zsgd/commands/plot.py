@@ -12,8 +12,12 @@ def plot(run_dirs: tuple[str, ...], out: str) -> None:
     """Draw runs (real or simulated) side by side as PNG plots."""
     from pathlib import Path
 
+    from zsgd.errors import ZsgdError
     from zsgd.output.plots import plot_curves
 
-    Path(out).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ZsgdError(f"cannot create --out {out}: {exc.strerror or exc}") from None
     for path in plot_curves([Path(d) for d in run_dirs], Path(out)):
         click.echo(str(path))

@@ -78,17 +78,23 @@ def run(ctx: click.Context, n_proc: int, launcher: str | None, resume_dir: str |
     extra["launcher"] = launcher
     if launcher == "slurm":
         extra["slurm_request"], n_proc = n_proc, 0
-    if n_proc is None:
-        n_proc = 0 if extra.get("remote") else 2
     if resume_dir == "auto":
         resume_dir = _auto_resume(out, quiet)
     if resume_dir is not None:
-        cfg, stored = _resume_config(ctx, resume_dir, params)
-        algo = stored.get("algo", algo)
-        staleness_lr = stored.get("staleness_lr", staleness_lr)
-        compress = stored.get("compress", compress)
-        extra["compress_replies"] = stored.get("compress_replies", "none")
-    else:
+        cfg, stored = _resume_config(ctx, resume_dir, params | {"algo": algo, "staleness_lr": staleness_lr, "compress": compress,
+                                                                "compress_replies": extra["compress_replies"]})
+        algo, staleness_lr, compress = stored["algo"], stored["staleness_lr"], stored["compress"]
+        extra["compress_replies"] = stored["compress_replies"]
+        if n_proc is None:  # the run's own worker count, unless changed on purpose (then config.yaml records it)
+            n_proc = stored["n_proc"]
+        defaulted = set(stored["auto_scale"])  # what was scaled when the run started (not scaled again)
+    if n_proc is None:
+        n_proc = 0 if extra.get("remote") else 2
+    if resume_dir is None:
+        if out is not None:
+            from zsgd.output.rundir import check_out_dir
+
+            check_out_dir(out)  # before remote hosts are probed or data loaded
         cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}", defaulted=defaulted)
     opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
                       compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, inject_latency=inject_latency,
@@ -136,28 +142,72 @@ def _auto_resume(out: str | None, quiet: bool) -> str | None:
     return None
 
 
+RESUME_RUN_FLAGS = ("algo", "staleness_lr", "compress", "compress_replies")  # stored with the run; a resume keeps them
+STOP_FIELDS = ("epochs", "steps", "time_limit", "target_acc", "target_ppl")  # what a resume may extend
+
+
 def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
-    """The stored configuration of RUN_DIR; explicit stop flags (--epochs ...) extend it."""
+    """The stored configuration of RUN_DIR, checked, and its run options.
+
+    Explicit stop flags (--steps ...) extend it; any other flag that differs
+    from the stored run is refused, since resuming would silently ignore it.
+    """
     from pathlib import Path
 
-    import yaml
-
-    from zsgd.core.config import TrainConfig
     from zsgd.commands.options import TRAINING_FLAGS
+    from zsgd.core.config import TrainConfig
+    from zsgd.core.yaml_loader import load_marked
+    from zsgd.runtime.checkpoint import load_counters
 
     path = Path(resume_dir) / "config.yaml"
     if not path.is_file():
         raise ZsgdError(f"{resume_dir} is not a zsgd run directory (no config.yaml)")
-    stored = yaml.safe_load(path.read_text()) or {}
-    run_opts = stored.get("run", {}) if stored.get("mode") == "run" else None
-    if run_opts is None:
+    if params.get("config_file"):
+        raise ZsgdError("--config does not apply with --resume: the run keeps the configuration in its config.yaml")
+    doc = load_marked(path, what="run configuration")
+    stored = doc.data if isinstance(doc.data, dict) else None
+    if stored is None:
+        raise ZsgdError(f"{path}: not a run configuration (a mapping expected)")
+    run_opts = stored.get("run") if stored.get("mode") == "run" else None
+    if not isinstance(run_opts, dict):
         raise ZsgdError(f"{resume_dir} was not made by 'zsgd run'; only distributed runs can be resumed")
     fields = {f for _flag, f, _k in TRAINING_FLAGS} | {"extra"}
     values = {k: v for k, v in stored.items() if k in fields}
-    for field in ("epochs", "steps", "time_limit", "target_acc", "target_ppl"):
-        if ctx.get_parameter_source(field) == click.core.ParameterSource.COMMANDLINE:
+    given = {f for f in fields | set(RESUME_RUN_FLAGS)
+             if f in params and ctx.get_parameter_source(f) in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
+    for field in sorted(given - set(STOP_FIELDS)):
+        old = run_opts.get(field, "none" if field.startswith("compress") else None) if field in RESUME_RUN_FLAGS else values.get(field)
+        if params[field] != old:
+            flag = field.replace("_", "-")
+            raise ZsgdError(f"--resume continues the run as it was configured: --{flag} {params[field]} differs from its "
+                            f"{old} (in {path}); start a new run to change it")
+    for field in STOP_FIELDS:
+        if field in given:
             values[field] = params[field]
-    return TrainConfig.from_dict(values).validate(), run_opts
+    try:
+        cfg = TrainConfig.from_dict(values).validate()
+    except (ZsgdError, TypeError) as exc:
+        raise ZsgdError(f"{path}: {exc}") from None
+    resolved = {"algo": run_opts.get("algo", "async"), "staleness_lr": run_opts.get("staleness_lr", "off"),
+                "compress": run_opts.get("compress", "none"), "compress_replies": run_opts.get("compress_replies", "none"),
+                "n_proc": run_opts.get("n_proc", 2), "auto_scale": run_opts.get("auto_scale") or []}
+    for key in ("algo", "staleness_lr", "compress", "compress_replies"):
+        if not isinstance(resolved[key], (str, bool)):
+            raise ZsgdError(f"{path}: run.{key} must be a string, got {str(resolved[key])[:40]}")
+    if isinstance(resolved["n_proc"], bool) or not isinstance(resolved["n_proc"], int) or resolved["n_proc"] < 0:
+        raise ZsgdError(f"{path}: run.n_proc must be a whole number >= 0, got {str(resolved['n_proc'])[:40]}")
+    if not isinstance(resolved["auto_scale"], list) or not all(isinstance(f, str) for f in resolved["auto_scale"]):
+        raise ZsgdError(f"{path}: run.auto_scale must be a list of option names")
+    counters = load_counters(Path(resume_dir))
+    done = counters["updates"]
+    if cfg.steps is not None and cfg.steps <= done:
+        if "steps" in given:
+            raise ZsgdError(f"--steps {cfg.steps}: {resume_dir} is already at {done} updates; give --steps above {done} to continue it")
+        raise ZsgdError(f"{resume_dir} already reached its --steps {cfg.steps} ({done} updates); give --steps above {done} to continue it")
+    if cfg.time_limit is not None and cfg.time_limit <= counters.get("elapsed", 0.0):
+        raise ZsgdError(f"--time {cfg.time_limit:g}: {resume_dir} has already run {counters.get('elapsed', 0.0):.0f} s; "
+                        f"give a longer --time to continue it")
+    return cfg, resolved
 
 
 @click.command()

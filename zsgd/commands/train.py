@@ -16,6 +16,10 @@ from zsgd.errors import RunDiverged
 def train(ctx: click.Context, out: str | None, quiet: bool, **params) -> None:
     """Train in one process: the baseline every distributed run is compared with."""
     cfg = build_config(ctx, params, default_name=f"train-{params['model']}")
+    from zsgd.output.rundir import check_out_dir
+
+    if out is not None:
+        check_out_dir(out)  # before the data is loaded
     from zsgd.output.live import stderr_console, summary_table
     from zsgd.core.problem import Problem
     from zsgd.runtime.trainer import train as run_training

@@ -31,20 +31,24 @@ from zsgd.errors import ZsgdError
 def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None, heartbeat: float, timeout: float, join_timeout: float, quiet: bool,
            keys_stdin: bool, keys_file: str | None, watch_stdin: bool, host_label: str | None, tag: str | None) -> None:
     """Join a broker and compute gradients until it says stop."""
+    import math
+
+    from zsgd.wire.link import check_endpoint, check_intervals
+
+    check_endpoint(connect)
+    check_intervals(heartbeat, timeout)
+    if not math.isfinite(join_timeout) or join_timeout <= 0:
+        raise ZsgdError(f"--join-timeout must be a positive number of seconds, got {join_timeout!r}")
     from zsgd.runtime.threads import single_threaded_blas
 
     single_threaded_blas()
     from zsgd.node import NodeOptions, run_node
 
-    if not connect.startswith(("tcp://", "ipc://")):
-        raise ZsgdError(f"--connect needs tcp://HOST:PORT or ipc://PATH, got {connect!r}")
     if worker_id is None and role == "worker":
         from zsgd.runtime.ranks import rank_from_env
 
         found = rank_from_env()  # srun, mpirun or a PMI launcher numbered this process
         worker_id = None if found is None else found[0]
-    if heartbeat <= 0 or timeout <= heartbeat:
-        raise ZsgdError("--timeout must be longer than --heartbeat")
     curve = None
     if keys_stdin and keys_file:
         raise ZsgdError("give --keys-stdin or --keys-file, not both")

@@ -53,47 +53,20 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
-        """Raise ZsgdError naming the first bad option; return self."""
-        _positive_int("batch-size", self.batch_size)
-        _positive_float("lr", self.lr)
+        """Raise ZsgdError naming the first bad option; return self.
+
+        Every field's type is checked first (a YAML file can hold anything: a
+        list as ``name``, a mapping as ``model``), then its range, then the
+        combinations.
+        """
+        for f in dataclasses.fields(self):
+            check_field(f.name, getattr(self, f.name))
         from zsgd.core.schedule import check_lr_schedule
 
         check_lr_schedule(self.lr_schedule)
         if self.lr_schedule in ("cosine", "linear") and self.epochs is None and self.steps is None and self.time_limit is None \
                 and (self.target_acc is not None or self.target_ppl is not None):
             raise ZsgdError(f"--lr-schedule {self.lr_schedule} needs a run length to decay over: add --epochs, --steps or --time")
-        if self.optimizer not in OPTIMIZERS:
-            raise ZsgdError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ZsgdError(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0 or not math.isfinite(self.weight_decay):
-            raise ZsgdError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.clip_norm is not None:
-            _positive_float("clip-norm", self.clip_norm)
-        if self.epochs is not None:
-            _positive_float("epochs", self.epochs)
-        if self.steps is not None:
-            _positive_int("steps", self.steps)
-        if self.time_limit is not None:
-            _positive_float("time", self.time_limit)
-        if self.target_acc is not None and not 0.0 < self.target_acc <= 1.0:
-            raise ZsgdError(f"--target-acc must be in (0, 1], got {self.target_acc}")
-        if self.target_ppl is not None and not (math.isfinite(self.target_ppl) and self.target_ppl >= 1.0):
-            raise ZsgdError(f"--target-ppl must be a perplexity >= 1, got {self.target_ppl}")
-        _positive_int("bptt", self.bptt)
-        from zsgd.data.text import TOKEN_KINDS
-
-        if self.tokens not in TOKEN_KINDS:
-            raise ZsgdError(f"--tokens must be one of {', '.join(TOKEN_KINDS)}, got {self.tokens!r}")
-        if self.eval_every < 0:
-            raise ZsgdError(f"--eval-every must be >= 0, got {self.eval_every}")
-        if self.log_every <= 0:
-            raise ZsgdError(f"--log-every must be > 0, got {self.log_every}")
-        if not isinstance(self.diverge_factor, (int, float)) or not math.isfinite(self.diverge_factor) \
-                or (self.diverge_factor != 0 and self.diverge_factor <= 1):
-            raise ZsgdError(f"--diverge-factor must be 0 (off) or a number > 1, got {self.diverge_factor!r}")
-        if self.image_size < 8:
-            raise ZsgdError(f"--image-size must be >= 8, got {self.image_size}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,18 +102,108 @@ def model_defaults(model: str) -> dict[str, Any]:
     return dict(LM_DEFAULTS) if is_lstm_name(model) else {}
 
 
+MAX_SEED = 2**32 - 1  # seeds are folded to 32 bits where random streams are derived
+MAX_IMAGE_SIZE = 1024
+MAX_NAME = 256
+
+
+def check_field(name: str, value: Any) -> None:
+    """ZsgdError unless ``value`` has the type and range of TrainConfig field ``name``.
+
+    The message names the option as a flag (``--batch-size``); a YAML file's
+    loader adds the file and line.
+    """
+    flag = "time" if name == "time_limit" else name.replace("_", "-")
+    if name in ("model", "data", "name", "split", "lr_schedule", "optimizer"):
+        if not isinstance(value, str) or not value.strip():
+            raise ZsgdError(f"--{flag} must be a non-empty string, got {_show(value)}")
+        if name == "name" and (len(value) > MAX_NAME or not value.isprintable()):
+            raise ZsgdError(f"--name must be at most {MAX_NAME} printable characters, got {_show(value)}")
+        if name == "split":
+            from zsgd.data.shards import parse_split
+
+            parse_split(value)
+        if name == "optimizer" and value not in OPTIMIZERS:
+            raise ZsgdError(f"unknown optimizer {value!r}; choose one of {', '.join(OPTIMIZERS)}")
+    elif name == "data_dir":
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ZsgdError(f"--data-dir must be a directory path, got {_show(value)}")
+    elif name == "grayscale":
+        if not isinstance(value, bool):
+            raise ZsgdError(f"--grayscale must be true or false, got {_show(value)}")
+    elif name == "extra":
+        if not isinstance(value, dict):
+            raise ZsgdError(f"extra must be a mapping, got {_show(value)}")
+    elif name in ("batch_size", "steps"):
+        if value is not None or name == "batch_size":
+            _positive_int(flag, value)
+    elif name == "seed":
+        if not _is_int(value) or not 0 <= value <= MAX_SEED:
+            raise ZsgdError(f"--seed must be a whole number in 0..{MAX_SEED}, got {_show(value)}")
+    elif name == "image_size":
+        if not _is_int(value) or not 8 <= value <= MAX_IMAGE_SIZE:
+            raise ZsgdError(f"--image-size must be a whole number in 8..{MAX_IMAGE_SIZE}, got {_show(value)}")
+    elif name in ("eval_every", "log_every"):
+        if not _is_int(value) or value < (0 if name == "eval_every" else 1):
+            raise ZsgdError(f"--{flag} must be a whole number >= {0 if name == 'eval_every' else 1}, got {_show(value)}")
+    elif name in ("lr", "clip_norm", "epochs", "time_limit"):
+        if value is not None or name == "lr":
+            _positive_float(flag, value)
+    elif name == "target_ppl":
+        if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 1.0):
+            raise ZsgdError(f"--target-ppl must be a perplexity >= 1, got {_show(value)}")
+    elif name == "bptt":
+        _positive_int("bptt", value)
+    elif name == "tokens":
+        from zsgd.data.text import TOKEN_KINDS
+
+        if value not in TOKEN_KINDS:
+            raise ZsgdError(f"--tokens must be one of {', '.join(TOKEN_KINDS)}, got {_show(value)}")
+    elif name == "diverge_factor":
+        if not _is_number(value) or not math.isfinite(value) or (value != 0 and value <= 1):
+            raise ZsgdError(f"--diverge-factor must be 0 (off) or a number > 1, got {_show(value)}")
+    elif name in ("momentum", "weight_decay", "target_acc"):
+        if value is None and name == "target_acc":
+            return
+        if not _is_number(value) or not math.isfinite(value):
+            raise ZsgdError(f"--{flag} must be a number, got {_show(value)}")
+        if name == "momentum" and not 0.0 <= value < 1.0:
+            raise ZsgdError(f"--momentum must be in [0, 1), got {value}")
+        if name == "weight_decay" and value < 0:
+            raise ZsgdError(f"--weight-decay must be >= 0, got {value}")
+        if name == "target_acc" and not 0.0 < value <= 1.0:
+            raise ZsgdError(f"--target-acc must be in (0, 1], got {value}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _show(value: Any) -> str:
+    """A value for an error message, cut short: a bad value can be a megabyte of nested lists."""
+    text = repr(value)
+    kind = "" if isinstance(value, (str, int, float, type(None))) else f"{type(value).__name__} "
+    return kind + (text if len(text) <= 60 else text[:57] + "...")
+
+
 def _positive_int(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ZsgdError(f"--{name} must be a positive integer, got {value!r}")
+    if not _is_int(value) or value <= 0:
+        raise ZsgdError(f"--{name} must be a positive integer, got {_show(value)}")
 
 
 def _positive_float(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ZsgdError(f"--{name} must be a positive number, got {value!r}")
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ZsgdError(f"--{name} must be a positive number, got {_show(value)}")
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:
-    """Write the resolved configuration as YAML, the form users edit and re-run."""
+    """Write the resolved configuration as YAML, the form users edit and re-run (atomically: never half a file)."""
     import yaml
 
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    from zsgd.output.rundir import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), yaml.safe_dump(config, sort_keys=False).encode())

@@ -15,6 +15,7 @@ import numpy as np
 from zsgd.core.config import TrainConfig
 from zsgd.core.ledger import RunLedger
 from zsgd.core.stopping import StopRule
+from zsgd.errors import ZsgdError
 
 
 @dataclass
@@ -42,7 +43,13 @@ class Problem:
             # A worker's shard of text is one contiguous span, so its batches can
             # continue each other and carry the hidden state: no other split means that.
             cfg.split = "shards"
+        else:  # (text: check_fits checks the spans against batch x bptt)
+            n_train = len(ds.y_train)
+            if cfg.batch_size > n_train:
+                raise ZsgdError(f"--batch-size {cfg.batch_size:,} is larger than the training set ({n_train:,} samples of "
+                                f"{ds.name}): choose at most {n_train:,} (64-256 is usual)")
         model = get_model(cfg.model, input_shape=ds.input_shape, n_classes=ds.n_classes, seed=cfg.seed, bptt=cfg.bptt)
+        _check_batch_memory(cfg, model)
         return cls(ds, model)
 
     @property
@@ -114,6 +121,21 @@ class Problem:
         from zsgd.nn.models import evaluate
 
         return evaluate(self.model, w, self.dataset.x_test, self.dataset.y_test)
+
+
+def _check_batch_memory(cfg: TrainConfig, model: Any) -> None:
+    """Refuse a batch whose step cannot fit in this machine's available memory (built-in models know their need)."""
+    from zsgd.core.machine import available_memory
+
+    per_sample = getattr(model, "bytes_per_sample", None)
+    avail = available_memory()
+    if not callable(per_sample) or avail is None:
+        return
+    need = cfg.batch_size * per_sample()
+    if need > avail:
+        fits = max(1, avail // per_sample())
+        raise ZsgdError(f"--batch-size {cfg.batch_size:,} needs about {need / 2**30:.1f} GiB for one step of {cfg.model}, more than the "
+                        f"{avail / 2**30:.1f} GiB available: choose at most {fits:,}")
 
 
 def step_seed(seed: int, worker: int, step: int) -> int:

@@ -25,8 +25,11 @@ so on the terminal and in ``config.yaml``:
 
 The momentum is left as given. Local SGD and the decentralized algorithms
 step on each worker like one process does and keep every value.
-``zsgd sim`` and experiments take every value literally: a sweep must vary
-one thing at a time.
+``zsgd sim`` applies the same rule to each arm (``zsgd.simulation.sweep.arm_config``),
+so a simulation predicts the run of the same flags; ``zsgd sim --literal``
+keeps every value, for sweeps that must vary one thing at a time.
+Experiment files are always literal: the file is the record of what each
+arm trains with.
 """
 
 from __future__ import annotations

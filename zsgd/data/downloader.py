@@ -171,7 +171,7 @@ def _fetch(url: str, part: Path, expected_size: int, progress, task) -> bool:
         else:
             have, mode = 0, "wb"  # server ignored Range (or nothing to resume): start clean
         length = response.headers.get("Content-Length")
-        promised = int(length) if length and length.isdigit() else None
+        promised = int(length) if length and length.isascii() and length.isdigit() else None
         total = expected_size or (have + promised if promised is not None else None)
         if progress is not None:
             progress.update(task, completed=have, total=total)

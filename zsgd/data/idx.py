@@ -35,6 +35,7 @@ _KIND_FOR_MAGIC = {LABELS_MAGIC: "labels", IMAGES_MAGIC: "images"}
 # A sanity bound on one dimension: rejects garbage headers before allocating.
 _MAX_DIM = 1 << 28
 _CHUNK = 1 << 20
+_GZIP_MAX_RATIO = 1032  # deflate's best case: 258 bytes from 2 bits
 
 
 def is_gzip(path: str | Path) -> bool:
@@ -60,12 +61,16 @@ def read_idx(path: str | Path, expect: str | None = None) -> np.ndarray:
         raise ZsgdError(f"IDX file {path} does not exist: check the path or re-download the data set")
     try:
         with open(path, "rb") as raw:
+            size = raw.seek(0, 2)
+            raw.seek(0)
             if raw.read(2) == GZIP_MAGIC:
+                raw.seek(-4, 2)
+                isize = struct.unpack("<I", raw.read(4))[0] if size >= 18 else None
                 raw.seek(0)
                 with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
-                    return _read_stream(gz, path, expect)  # type: ignore[arg-type]
+                    return _read_stream(gz, path, expect, _gzip_capacity(size, isize))  # type: ignore[arg-type]
             raw.seek(0)
-            return _read_stream(raw, path, expect)
+            return _read_stream(raw, path, expect, (size, True))
     except ZsgdError:
         raise
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
@@ -76,7 +81,17 @@ def read_idx(path: str | Path, expect: str | None = None) -> np.ndarray:
         raise ZsgdError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _read_stream(stream: BinaryIO, path: Path, expect: str | None) -> np.ndarray:
+def _gzip_capacity(compressed: int, isize: int | None) -> tuple[int, bool]:
+    """(most bytes a gzip file of ``compressed`` bytes can expand to, whether that is its exact size).
+
+    The trailer's size field is exact below 4 GiB (IDX files are single gzip members)."""
+    bound = compressed * _GZIP_MAX_RATIO + 1024
+    if isize is not None and bound < 1 << 32:
+        return isize, True
+    return bound, False
+
+
+def _read_stream(stream: BinaryIO, path: Path, expect: str | None, capacity: tuple[int, bool] | None = None) -> np.ndarray:
     header = _read_exact(stream, 4)
     if len(header) < 4:
         raise ZsgdError(f"{path} is too short to be an IDX file ({len(header)} bytes): download it again")
@@ -96,6 +111,13 @@ def _read_stream(stream: BinaryIO, path: Path, expect: str | None) -> np.ndarray
     dims = struct.unpack(f">{ndim}I", dims_raw)
     if any(d == 0 or d > _MAX_DIM for d in dims):
         raise ZsgdError(f"{path} has implausible IDX dimensions {dims}: the file is corrupt")
+    header_bytes, promised = 4 + 4 * ndim, int(np.prod(dims, dtype=object))
+    if capacity is not None and promised > capacity[0] - header_bytes:  # checked before allocating
+        if capacity[1]:
+            raise ZsgdError(f"{path} is truncated: header promises {promised} data bytes, found "
+                            f"{max(0, capacity[0] - header_bytes)}; download it again")
+        raise ZsgdError(f"{path}: its IDX header promises {' x '.join(map(str, dims))} values, more than a file of this size "
+                        f"can hold: the file is corrupt; download it again")
     out = np.empty(dims, dtype=np.uint8)
     view = memoryview(out.reshape(-1))
     filled = 0

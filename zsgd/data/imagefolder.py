@@ -204,6 +204,9 @@ def load_imagefolder(
             _write_cache(cache_file, arrays)
     else:
         source = f"{root} (cached decode {cache_file})"
+    if len(arrays["y_test"]) == 0:  # a class with one image keeps it for training: all singletons leave no test set
+        raise ZsgdError(f"{root} has one readable image per class, which leaves none to test on: a class folder needs at "
+                        f"least 2 images to give one to the test set ({test_fraction:.0%} of each class is held out)")
     skipped = [str(s) for s in arrays["skipped"]]
     if skipped:
         log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(skipped), root, skipped[0])

@@ -72,7 +72,7 @@ def parse_split(spec: str | Split) -> Split:
             return Split("dirichlet", alpha=alpha)
         raise ZsgdError(f"invalid split '{spec}': ALPHA in dirichlet:ALPHA must be a positive number, e.g. dirichlet:0.5")
     if kind == "classes" and arg:
-        if arg.isdigit() and int(arg) >= 1:
+        if arg.isascii() and arg.isdigit() and int(arg) >= 1:
             return Split("classes", k=int(arg))
         raise ZsgdError(f"invalid split '{spec}': K in classes:K must be a whole number >= 1, e.g. classes:2")
     raise ZsgdError(f"invalid split '{spec}': use {SPLIT_HELP}")

@@ -4,7 +4,9 @@
 the corpus shipped in the package (Genesis to Ruth of the public-domain King
 James Version, 1.0 MB, see ``scripts/make_text_corpus.py``). Larger corpora
 on a Debian machine: ``/usr/share/dictd/gcide.dict.dz`` (``dict-gcide``,
-zcat it first) or the ``fortunes`` files under ``/usr/share/games/fortunes``.
+40 MB once unzipped, with a few stray Windows-1252 bytes: ``--tokens
+bytes``) or the ``fortunes`` files under ``/usr/share/games/fortunes``
+(2.6 MB without the ``.dat`` indexes); see the README.
 
 Tokens (``--tokens``):
 

@@ -54,7 +54,7 @@ from typing import Any, Callable
 
 from zsgd.core.config import TrainConfig, model_defaults
 from zsgd.errors import ZsgdError
-from zsgd.experiments.yaml_loader import Marked, load_marked
+from zsgd.core.yaml_loader import Marked, load_marked
 
 TOP_KEYS = ("name", "description", "problem", "target", "defaults", "arms")
 SHARED_KEYS = ("model", "data", "data_dir", "image_size", "grayscale", "split", "seed", "bptt", "tokens")
@@ -123,6 +123,11 @@ def _mapping(doc: Marked, value: Any, what: str, *path: Any) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in value.items()}
 
 
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _text(v: Any) -> str:
     """YAML scalars to the spec text the parsers read (0 -> "0", 0.01 -> "0.01", True -> "true")."""
     if isinstance(v, bool):
@@ -168,7 +173,7 @@ def _value_checkers() -> dict[str, Callable[[Any], Any]]:
     from zsgd.algorithms import parse_staleness_lr
     from zsgd.compression import make_codec
     from zsgd.decentralized.rules import DecentralizedParams
-    from zsgd.simulation.netmodel import (parse_bandwidth, parse_compute, parse_delay, parse_duration, parse_failures, parse_loss,
+    from zsgd.simulation.netmodel import (parse_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration, parse_failures, parse_loss,
                                parse_stragglers, split_specs)
 
     def param(key: str) -> Callable[[Any], Any]:
@@ -193,7 +198,7 @@ def _value_checkers() -> dict[str, Callable[[Any], Any]]:
         "stragglers": one("stragglers", parse_stragglers, units=False), "compute": one("compute", parse_compute),
         "failures": lambda v: parse_failures(_text(v)),
         "detect": lambda v: parse_duration(_text(v), "detect", default_unit="s"),
-        "broker_time": lambda v: parse_duration(_text(v), "broker_time"), "broker_bandwidth": lambda v: parse_bandwidth(_text(v)),
+        "broker_time": lambda v: parse_broker_time(_text(v)), "broker_bandwidth": lambda v: parse_bandwidth(_text(v)),
         "retransmit": lambda v: parse_delay(_text(v), "retransmit delay"),
         "staleness_lr": parse_staleness_lr, "heartbeat": _number("heartbeat"), "timeout": _number("timeout"),
         "topology": lambda v: v if isinstance(v, str) else _fail(f"must be a string such as ring or random-regular:4, got {v!r}"),
@@ -256,8 +261,11 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
         if k not in TOP_KEYS:
             raise _unknown(doc, "top level", k, TOP_KEYS, k)
     name = top.get("name") or Path(path).stem
-    if not isinstance(name, str):
-        raise doc.error(f"name must be a string, got {name!r}", "name")
+    if not isinstance(name, str) or len(name) > 100 or not name.isprintable():
+        raise doc.error(f"name must be a string of at most 100 printable characters, got {_short(name)}", "name")
+    description = top.get("description")
+    if description is not None and not isinstance(description, str):
+        raise doc.error(f"description must be text, got {type(description).__name__} {_short(description)}", "description")
     problem = _mapping(doc, top.get("problem"), "problem", "problem")
     for k in problem:
         if k not in PROBLEM_KEYS:
@@ -279,7 +287,7 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     arms_raw = top.get("arms")
     if not isinstance(arms_raw, list) or not arms_raw:
         raise doc.error("arms must be a non-empty list of arms (each a mapping with at least a name)", "arms")
-    spec = ExperimentSpec(Path(path), doc.text, name, str(top.get("description") or ""), problem, base_cfg, float(target))
+    spec = ExperimentSpec(Path(path), doc.text, name, description or "", problem, base_cfg, float(target))
     seen: dict[str, int] = {}
     for i, raw in enumerate(arms_raw):
         arm = _arm(doc, i, _mapping(doc, raw, f"arms[{i}]", "arms", i), defaults, base_cfg, float(target), checkers)
@@ -304,8 +312,8 @@ def _arm(doc: Marked, i: int, raw: dict[str, Any], defaults: dict[str, Any], bas
          checkers: dict[str, Callable[[Any], Any]]) -> ArmSpec:
     path = ("arms", i)
     name = raw.get("name")
-    if not isinstance(name, str) or not name.strip():
-        raise doc.error(f"arms[{i}]: every arm needs a name (a non-empty string)", *path)
+    if not isinstance(name, str) or not name.strip() or len(name) > 100 or not name.isprintable():
+        raise doc.error(f"arms[{i}]: every arm needs a name (a non-empty string of at most 100 printable characters)", *path)
     where = f"arms[{i}] {name!r}"
     for k, v in raw.items():
         if k in SHARED_KEYS:

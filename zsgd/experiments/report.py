@@ -87,14 +87,10 @@ SHORT_COLUMNS = [("arm", "arm"), ("final_acc", "acc"), ("time_to_target_s", "tâ†
 
 
 def results_table(rows: list[dict[str, Any]], title: str) -> Any:
-    from rich.table import Table
+    """The terminal table: arm names whole, the other columns as the width allows (see ``ResultsTable``)."""
+    from zsgd.output.live import ResultsTable
 
-    table = Table(title=title, title_justify="left")
-    for key, head in SHORT_COLUMNS:
-        table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
-    for r in rows:
-        table.add_row(*row_cells(r, SHORT_COLUMNS))
-    return table
+    return ResultsTable(title, [h for _k, h in SHORT_COLUMNS], [row_cells(r, SHORT_COLUMNS) for r in rows])
 
 
 def _bytes_series(events: list[dict[str, Any]], kind: str, y: str, total: int, final_updates: int) -> tuple[list[float], list[float]]:

@@ -3,10 +3,10 @@
 ``lstm[:embed=E,hidden=H,layers=L]``: token embedding (V x E) -> L stacked
 LSTM layers of H units -> linear layer over the vocabulary, trained with the
 mean next-token cross-entropy over every position of a (batch, bptt) block.
-Defaults (E=64, H=256, L=2, about 0.9 M parameters for a 75-character
-vocabulary) learn a character model of the embedded corpus to a perplexity
-near 4 in a few minutes on one laptop core; one layer of 128 units is four
-times faster and still far below the unigram baseline.
+Defaults (E=64, H=256, L=2: 879,176 parameters for the 72 characters of the
+embedded corpus) learn a character model of it to a test perplexity of 5.4
+in three minutes on one (shared) core, against 20.3 for the characters'
+frequencies alone.
 
 Parameters are views into the flat vector in PyTorch's names, shapes and
 order (``embed.weight``, ``lstm.weight_ih_l0``, ``lstm.weight_hh_l0``,
@@ -22,8 +22,8 @@ caller resets it where a stream starts over (``zsgd.data.text``).
 
 How a step runs: one sgemm projects every time step's input at once
 (``X @ W_ih.T``), then per step one (B, H) x (H, 4H) sgemm for the
-recurrence and one fused numba kernel for the gates and the cell
-(``zsgd.nn.lstm_kernels``). The backward pass mirrors it and leaves the
+recurrence and two fused numba kernels, the gates' non-linearities and the
+cell update (``zsgd.nn.lstm_kernels``). The backward pass mirrors it and leaves the
 weight gradients to three large sgemms over the whole block.
 """
 
@@ -38,6 +38,8 @@ import numpy as np
 from zsgd import kernels as K
 from zsgd.errors import ZsgdError
 from zsgd.nn import lstm_kernels as LK
+from zsgd.nn.flat import check_flat, load_flat
+from zsgd.nn.layers import buffer
 from zsgd.nn.lstm_spec import LSTMSpec, is_lstm_name, parse_lstm_name
 
 __all__ = ["LSTMModel", "LSTMSpec", "LSTMState", "get_lstm", "is_lstm_name", "parse_lstm_name", "warm_up"]
@@ -65,13 +67,6 @@ class LSTMState:
         """Zero the state: the next block starts a stream afresh."""
         self.h.fill(0.0)
         self.c.fill(0.0)
-
-
-def _buf(ws: dict, key: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-    a = ws.get(key)
-    if a is None or a.shape != shape or a.dtype != dtype:
-        a = ws[key] = np.empty(shape, dtype)
-    return a
 
 
 class LSTMModel:
@@ -138,19 +133,7 @@ class LSTMModel:
 
     def load_state_dict(self, sd: dict[str, Any]) -> np.ndarray:
         """A new flat vector from a ``state_dict`` (numpy arrays or CPU torch tensors)."""
-        names = [n for n, _, _ in self._specs]
-        missing = [n for n in names if n not in sd]
-        extra = [n for n in sd if n not in names]
-        if missing or extra:
-            raise ZsgdError(f"state_dict does not match model '{self.name}': missing {missing}, unexpected {extra}")
-        w = np.empty(self.n_params, np.float32)
-        for n, shape, off in self._specs:
-            v = sd[n]
-            v = np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-            if v.shape != shape:
-                raise ZsgdError(f"state_dict['{n}'] has shape {v.shape}, model '{self.name}' needs {shape}")
-            w[off:off + v.size] = v.astype(np.float32, copy=False).ravel()
-        return w
+        return load_flat(sd, self._specs, self.n_params, self.name)
 
     def _views(self, w: np.ndarray) -> dict[str, np.ndarray]:
         return {n: w[o:o + int(np.prod(s))].reshape(s) for n, s, o in self._specs}
@@ -162,11 +145,7 @@ class LSTMModel:
     # ------------------------------------------------------------ validation
 
     def _check_w(self, w: np.ndarray) -> np.ndarray:
-        if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.shape != (self.n_params,):
-            got = f"{getattr(w, 'dtype', type(w).__name__)} {getattr(w, 'shape', '')}"
-            raise ZsgdError(f"model '{self.name}' needs a flat float32 vector of {self.n_params} parameters, "
-                            f"got {got}: use model.init() or load_state_dict()")
-        return w if w.flags.c_contiguous else np.ascontiguousarray(w)
+        return check_flat(w, self.n_params, self.name)
 
     def _check_tokens(self, x: Any, what: str) -> np.ndarray:
         x = np.asarray(x)
@@ -203,15 +182,15 @@ class LSTMModel:
         """Logits (T*B, V), time-major; keeps every activation the backward pass needs in ``ws``."""
         T, B = tok.shape
         E, H, V = self.spec.embed, self.spec.hidden, self.vocab_size
-        inp = _buf(ws, "x0", (T * B, E))
+        inp = buffer(ws, "x0", (T * B, E))
         LK.embed_gather(p["embed.weight"], tok.reshape(-1), inp)
-        rec = _buf(ws, "rec", (B, 4 * H))
+        rec = buffer(ws, "rec", (B, 4 * H))
         for layer in range(self.spec.layers):
             w_ih, w_hh = p[f"lstm.weight_ih_l{layer}"], p[f"lstm.weight_hh_l{layer}"]
-            xp = _buf(ws, f"xp{layer}", (T, B, 4 * H))
-            a = _buf(ws, f"a{layer}", (T, B, 4 * H))
-            hs = _buf(ws, f"h{layer}", (T + 1, B, H))
-            cs = _buf(ws, f"c{layer}", (T + 1, B, H))
+            xp = buffer(ws, f"xp{layer}", (T, B, 4 * H))
+            a = buffer(ws, f"a{layer}", (T, B, 4 * H))
+            hs = buffer(ws, f"h{layer}", (T + 1, B, H))
+            cs = buffer(ws, f"c{layer}", (T + 1, B, H))
             np.matmul(inp, w_ih.T, out=xp.reshape(T * B, 4 * H))
             LK.add_two_biases(xp.reshape(T * B, 4 * H), p[f"lstm.bias_ih_l{layer}"], p[f"lstm.bias_hh_l{layer}"])
             if state is None:
@@ -220,7 +199,7 @@ class LSTMModel:
             else:
                 hs[0] = state.h[layer]
                 cs[0] = state.c[layer]
-            w_hh_t = _buf(ws, "w_hh_t", (H, 4 * H))
+            w_hh_t = buffer(ws, "w_hh_t", (H, 4 * H))
             np.copyto(w_hh_t, w_hh.T)  # OpenBLAS: h @ W.T with W pre-transposed is 1.5x faster
             for t in range(T):
                 np.matmul(hs[t], w_hh_t, out=rec)
@@ -230,7 +209,7 @@ class LSTMModel:
                 state.h[layer] = hs[T]
                 state.c[layer] = cs[T]
             inp = hs[1:].reshape(T * B, H)
-        logits = _buf(ws, "logits", (T * B, V))
+        logits = buffer(ws, "logits", (T * B, V))
         np.matmul(inp, p["fc.weight"].T, out=logits)
         K.bias_act_rows(logits, p["fc.bias"], False)
         return logits
@@ -258,7 +237,7 @@ class LSTMModel:
         ws = self._workspace(T, B)
         p, g = self._views(w), self._views(grad)
         logits = self._forward(p, tok, state, ws)
-        dlogits = _buf(ws, "dlogits", logits.shape)
+        dlogits = buffer(ws, "dlogits", logits.shape)
         loss = float(K.softmax_xent(logits, tgt.reshape(-1), dlogits))
         self._backward(p, g, tok, dlogits, ws)
         return loss, grad
@@ -272,11 +251,11 @@ class LSTMModel:
         np.matmul(dlogits.T, top, out=g["fc.weight"])
         g["fc.bias"].fill(0.0)
         K.colsum_add(dlogits, g["fc.bias"])
-        dh = _buf(ws, f"dh{L - 1}", (T * B, H))
+        dh = buffer(ws, f"dh{L - 1}", (T * B, H))
         np.matmul(dlogits, p["fc.weight"], out=dh)
-        dg = _buf(ws, "dg", (T, B, 4 * H))
+        dg = buffer(ws, "dg", (T, B, 4 * H))
         dg2 = dg.reshape(T * B, 4 * H)
-        carry = _buf(ws, "carry", (2, B, H))  # d(loss)/d(c), d(loss)/d(h) flowing back in time
+        carry = buffer(ws, "carry", (2, B, H))  # d(loss)/d(c), d(loss)/d(h) flowing back in time
         for layer in range(L - 1, -1, -1):
             w_ih, w_hh = p[f"lstm.weight_ih_l{layer}"], p[f"lstm.weight_hh_l{layer}"]
             a, cs, hs = ws[f"a{layer}"], ws[f"c{layer}"], ws[f"h{layer}"]
@@ -294,7 +273,7 @@ class LSTMModel:
             K.colsum_add(dg2, gb)
             g[f"lstm.bias_hh_l{layer}"][:] = gb
             n_in = E if layer == 0 else H
-            dh = _buf(ws, f"dh{layer - 1}" if layer else "dx0", (T * B, n_in))
+            dh = buffer(ws, f"dh{layer - 1}" if layer else "dx0", (T * B, n_in))
             np.matmul(dg2, w_ih, out=dh)
         g["embed.weight"].fill(0.0)
         LK.embed_scatter_add(dh, tok.reshape(-1), g["embed.weight"])

@@ -14,6 +14,11 @@ Arithmetic is float32, like PyTorch's; the gradient is never modified
 
 ``step(w, g, lr=...)`` takes a per-step learning rate so the broker can use
 staleness-aware rates (``lr / staleness``) without rebuilding the optimizer.
+
+``step_into(w, g, out, ...)`` is the server's variant (``zsgd.nn.server_step``):
+one out-of-place pass that also checks the gradient is finite and folds in
+gradient clipping; the new weights land in ``out`` and nothing changes when
+the gradient holds NaN or Inf.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from numba import njit
 from numba import uint64 as u8
 
 from zsgd.errors import ZsgdError
+from zsgd.nn import server_step as _into
 
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adagrad", "adam", "adamw")
@@ -148,14 +154,15 @@ class Optimizer:
         self.weight_decay = wd
         self.steps = 0
         self._state = {k: np.zeros(self.n_params, np.float32) for k in self._state_names}
+        self._spare: dict[str, np.ndarray] | None = None  # step_into's second state set
 
-    def _check(self, w: np.ndarray, g: np.ndarray) -> None:
+    def _check(self, w: np.ndarray, g: np.ndarray, writable: bool = True) -> None:
         for nm, a in (("weights", w), ("gradient", g)):
             if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != (self.n_params,) \
                     or not a.flags.c_contiguous:
                 got = f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}"
                 raise ZsgdError(f"{self.name}: {nm} must be a contiguous float32 vector of {self.n_params}, got {got}")
-        if not w.flags.writeable:
+        if writable and not w.flags.writeable:
             raise ZsgdError(f"{self.name}: weights are read-only; pass a writable copy")
 
     def step(self, w: np.ndarray, g: np.ndarray, lr: float | None = None) -> None:
@@ -167,6 +174,42 @@ class Optimizer:
 
     def _update(self, w: np.ndarray, g: np.ndarray, lr: float) -> None:
         _sgd(w, g, np.float32(lr), np.float32(self.weight_decay))
+
+    def step_into(self, w: np.ndarray, g: np.ndarray, out: np.ndarray, lr: float | None = None,
+                  clip_norm: float | None = None) -> bool:
+        """One fused out-of-place step: ``out`` gets the new weights; ``w`` and ``g`` are only read.
+
+        Checks that ``g`` is finite in the same pass and, with ``clip_norm``,
+        scales it as :func:`clip_grad_norm` would (one extra read of ``g`` for
+        its norm). Returns False, changing nothing (state, step count), when
+        ``g`` holds NaN or Inf. The state is double-buffered: the pass writes
+        the spare set, which becomes current on success.
+        """
+        self._check(w, g, writable=False)
+        if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != w.shape or not out.flags.c_contiguous \
+                or not out.flags.writeable or np.may_share_memory(out, w) or np.may_share_memory(out, g):
+            raise ZsgdError(f"{self.name}: out must be a writable contiguous float32 vector of {self.n_params}, apart from w and g")
+        lr = self.lr if lr is None else _check_lr(lr, allow_zero=True)
+        scaled, c = False, np.float32(1.0)
+        if clip_norm is not None:
+            norm = math.sqrt(_sumsq(g))
+            if not math.isfinite(norm):
+                return False
+            if norm > clip_norm:
+                scaled, c = True, np.float32(clip_norm / (norm + 1e-6))
+        spare = self._spare
+        if spare is None:
+            spare = {k: np.empty(self.n_params, np.float32) for k in self._state_names}
+        self.steps += 1
+        if not self._update_into(w, g, out, spare, lr, scaled, c):
+            self.steps -= 1
+            self._spare = spare
+            return False
+        self._spare, self._state = self._state, spare
+        return True
+
+    def _update_into(self, w, g, out, new, lr, scaled, c) -> bool:
+        return _into.sgd_into(w, g, out, np.float32(lr), np.float32(self.weight_decay), scaled, c)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Checkpointable state: flat float32 arrays (copies) and ``step`` (int64 scalar array)."""
@@ -190,6 +233,7 @@ class Optimizer:
                 raise ZsgdError(f"optimizer state '{k}' must be float32 ({self.n_params},), got {a.dtype} {a.shape}")
             new[k] = a.copy()
         self._state = new
+        self._spare = None
         self.steps = int(step)
 
     def __repr__(self) -> str:
@@ -220,6 +264,10 @@ class Momentum(Optimizer):
         _momentum(w, g, self._state["momentum_buffer"], np.float32(lr), np.float32(self.momentum),
                   np.float32(self.weight_decay), self.nesterov)
 
+    def _update_into(self, w, g, out, new, lr, scaled, c):
+        return _into.momentum_into(w, g, self._state["momentum_buffer"], out, new["momentum_buffer"], np.float32(lr),
+                                   np.float32(self.momentum), np.float32(self.weight_decay), self.nesterov, scaled, c)
+
 
 class Adagrad(Optimizer):
     """``torch.optim.Adagrad``: per-coordinate rate ``lr / sqrt(sum g^2)``; ``lr_decay``, ``eps=1e-10``."""
@@ -240,6 +288,11 @@ class Adagrad(Optimizer):
     def _update(self, w, g, lr):
         clr = lr / (1.0 + (self.steps - 1) * self.lr_decay)
         _adagrad(w, g, self._state["sum"], np.float32(clr), np.float32(self.weight_decay), np.float32(self.eps))
+
+    def _update_into(self, w, g, out, new, lr, scaled, c):
+        clr = lr / (1.0 + (self.steps - 1) * self.lr_decay)
+        return _into.adagrad_into(w, g, self._state["sum"], out, new["sum"], np.float32(clr), np.float32(self.weight_decay),
+                                  np.float32(self.eps), scaled, c)
 
 
 class Adam(Optimizer):
@@ -266,13 +319,22 @@ class Adam(Optimizer):
         if self.decoupled:
             self.name = "adamw"
 
-    def _update(self, w, g, lr):
+    def _bias(self, lr):
         t = self.steps
-        bc1 = 1.0 - self.beta1 ** t
-        bc2_sqrt = math.sqrt(1.0 - self.beta2 ** t)
+        return lr / (1.0 - self.beta1 ** t), math.sqrt(1.0 - self.beta2 ** t)
+
+    def _update(self, w, g, lr):
+        step_size, bc2_sqrt = self._bias(lr)
         f = np.float32
         _adam(w, g, self._state["exp_avg"], self._state["exp_avg_sq"], f(lr), f(self.beta1), f(self.beta2),
-              f(self.eps), f(self.weight_decay), self.decoupled, f(lr / bc1), f(bc2_sqrt))
+              f(self.eps), f(self.weight_decay), self.decoupled, f(step_size), f(bc2_sqrt))
+
+    def _update_into(self, w, g, out, new, lr, scaled, c):
+        step_size, bc2_sqrt = self._bias(lr)
+        f = np.float32
+        return _into.adam_into(w, g, self._state["exp_avg"], self._state["exp_avg_sq"], out, new["exp_avg"], new["exp_avg_sq"],
+                               f(lr), f(self.beta1), f(self.beta2), f(self.eps), f(self.weight_decay), self.decoupled,
+                               f(step_size), f(bc2_sqrt), scaled, c)
 
 
 def make_optimizer(name: str, n_params: int, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -314,3 +376,7 @@ def warm_optimizer(name: str, momentum: float = 0.9, weight_decay: float = 0.0) 
     """
     opt = make_optimizer(name, 2, lr=1e-3, momentum=momentum, weight_decay=weight_decay)
     opt.step(np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), 1e-3)
+    # the server step's kernels too: its finite check and the out-of-place pass (with and without clipping)
+    _into.all_finite(np.ones(2, dtype=np.float32))
+    for clip in (None, 1e-3):
+        opt.step_into(np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), np.empty(2, dtype=np.float32), 1e-3, clip_norm=clip)

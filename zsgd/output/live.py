@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -113,3 +113,59 @@ def format_cell(key: str, v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
+
+
+class ResultsTable:
+    """A results table whose first column (the arm names) is never cut, at any terminal width.
+
+    Why not a plain rich ``Table``: squeezed into 80 columns, rich shrinks every
+    column alike and elides what no longer fits, so the arm names, the one
+    column that tells the rows apart, became "…" or vanished. Here the width is
+    known only when the table is drawn (``__rich_console__``), and the other
+    columns are kept left to right (the order of importance) while they fit
+    whole; those left out are named below the table, since the complete table
+    is in the file (``results.md``). Arm names longer than the whole width wrap
+    instead of being cut.
+    """
+
+    def __init__(self, title: str, heads: Sequence[str], rows: Sequence[Sequence[str]], complete_in: str = "results.md",
+                 keep_with_arm: int = 2) -> None:
+        self.title, self.heads, self.rows, self.complete_in = title, list(heads), [list(r) for r in rows], complete_in
+        self.keep_with_arm = keep_with_arm  # columns worth wrapping long arm names for (accuracy, time to target)
+
+    def __rich_console__(self, console: Console, options: Any) -> Iterator[Table]:
+        yield self.build(options.max_width)
+
+    def build(self, width: int) -> Table:
+        from rich.cells import cell_len
+
+        natural = [max([cell_len(h)] + [cell_len(r[i]) for r in self.rows]) for i, h in enumerate(self.heads)]
+
+        def drawn(widths: list[int]) -> int:  # a boxed table: one space of padding each side, a rule between columns
+            return sum(w + 2 for w in widths) + len(widths) + 1
+
+        def fit(first: int) -> list[int]:  # the columns kept, left to right, beside an arm column this wide
+            shown = [0]
+            for i in range(1, len(self.heads)):
+                if drawn([first] + [natural[j] for j in shown[1:] + [i]]) > width:
+                    break
+                shown.append(i)
+            return shown
+
+        shown = fit(natural[0])
+        if len(shown) - 1 < min(self.keep_with_arm, len(self.heads) - 1):
+            # long arm names: wrap them (at spaces) rather than hide the first results
+            words = [cell_len(w) for r in self.rows for w in r[0].split()] or [4]
+            shown = fit(min(natural[0], max(max(words), 16)))[:1 + self.keep_with_arm]  # and the rest of the width to them
+        first = min(natural[0], max(4, width - drawn([0] + [natural[j] for j in shown[1:]])))  # what the kept columns leave
+        left_out = [self.heads[i] for i in range(len(self.heads)) if i not in shown]
+        caption = f"not shown at this width: {', '.join(left_out)} (all in {self.complete_in})" if left_out else None
+        table = Table(title=self.title, title_justify="left", caption=caption, caption_justify="left")
+        for i in shown:
+            if i == 0:
+                table.add_column(self.heads[0], justify="left", overflow="fold", min_width=first, max_width=first)
+            else:
+                table.add_column(self.heads[i], justify="right", no_wrap=True, min_width=natural[i])
+        for r in self.rows:
+            table.add_row(*(r[i] for i in shown))
+        return table

@@ -96,21 +96,24 @@ class TensorBoardSink:
 
 def read_metrics(path: Path) -> Iterator[dict[str, Any]]:
     """Yield events; a torn last line (a killed run) is skipped, anything
-    else that is not JSON is an error naming the line."""
+    else that is not a JSON object (or not UTF-8 text) is an error naming the line."""
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_bytes().splitlines()
     except OSError as exc:
         raise ZsgdError(f"cannot read {path}: {exc.strerror or exc}") from None
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
             continue
         try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
+            event = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             if i == len(lines):
                 return
             raise ZsgdError(f"{path}:{i}: not a metrics event (corrupt line)") from None
+        if not isinstance(event, dict):
+            raise ZsgdError(f"{path}:{i}: not a metrics event (a JSON object expected, got {type(event).__name__})")
+        yield event
 
 
 def drop_events_after(path: Path, updates: int) -> int:
@@ -126,11 +129,11 @@ def drop_events_after(path: Path, updates: int) -> int:
     if not path.exists():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
-            dropped += 1  # a torn last line of a killed run
+            dropped += 1  # a torn last line of a killed run (or bytes that were never JSON)
             continue
         if isinstance(event, dict) and isinstance(event.get("updates"), int) and event["updates"] > updates \
                 and event.get("event") in ("update", "train", "eval"):

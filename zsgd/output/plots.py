@@ -7,6 +7,7 @@ long after it ended.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,14 +15,20 @@ from zsgd.errors import ZsgdError
 from zsgd.output.metrics import read_metrics
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _series(events: list[dict[str, Any]], kind: str, x: str, y: str) -> tuple[list[float], list[float]]:
+    """The points of one curve: events of ``kind`` whose ``x`` and ``y`` are finite numbers (a diverged
+    loss is written as null, a hand-edited file may hold anything)."""
     if y == "tokens_per_s":  # derived: tokens between consecutive train events over their time
-        train = [e for e in events if e.get("event") == "train" and e.get(x) is not None]
+        train = [e for e in events if e.get("event") == "train" and _finite(e.get(x)) and _finite(e.get("samples")) and _finite(e.get("t"))]
         pairs = [(b[x], (b["samples"] - a["samples"]) / (b["t"] - a["t"])) for a, b in zip(train, train[1:]) if b["t"] > a["t"]]
         return [p[0] for p in pairs], [p[1] for p in pairs]
     xs, ys = [], []
     for e in events:
-        if e.get("event") == kind and e.get(x) is not None and e.get(y) is not None:
+        if e.get("event") == kind and _finite(e.get(x)) and _finite(e.get(y)):
             xs.append(e[x])
             ys.append(e[y])
     return xs, ys
@@ -46,6 +53,9 @@ def plot_curves(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] |
     import matplotlib.pyplot as plt
 
     runs = [(lbl, _load(Path(d))) for lbl, d in zip(labels or [_label(Path(d)) for d in run_dirs], run_dirs)]
+    if not any(_series(events, kind, "t", y)[0] for _lbl, events in runs for kind, y in (("train", "loss"), ("eval", "test_acc"))):
+        names = ", ".join(str(d) for d in run_dirs)
+        raise ZsgdError(f"nothing to plot: the metrics.jsonl of {names} holds no train or eval events with numbers")
     written = []
     panels = [("train", "loss", "train loss"), ("eval", "test_acc", "test accuracy")]
     if any("test_perplexity" in e for _, events in runs for e in events):  # language models
@@ -81,13 +91,15 @@ def plot_workers(run_dir: Path, out_dir: Path | None = None, time_label: str = "
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir)
-    updates = [e for e in _load(run_dir) if e.get("event") == "update"]
+    updates = [e for e in _load(run_dir) if e.get("event") == "update" and _finite(e.get("t"))
+               and _finite(e.get("staleness", 0)) and _finite(e.get("worker", -1))]
     if not updates:
         return []
     written = []
     stale = np.array([e.get("staleness", 0) for e in updates])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(stale, bins=np.arange(stale.max() + 2) - 0.5, color="tab:blue", alpha=0.8)
+    bins = np.arange(stale.max() + 2) - 0.5 if 0 <= stale.min() and stale.max() <= 200 else 100  # bounded, whatever the file says
+    ax.hist(stale, bins=bins, color="tab:blue", alpha=0.8)
     ax.set_xlabel("staleness (central updates between fetch and apply)")
     ax.set_ylabel("updates")
     ax.set_title(f"mean {stale.mean():.2f}, p99 {np.percentile(stale, 99):.0f}, max {stale.max()}")

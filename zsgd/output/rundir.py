@@ -26,16 +26,17 @@ def create_run_dir(out: str | os.PathLike | None, name: str, root: str | os.Path
     """Make (or reuse, if empty) the run directory and check it is writable now,
     not at the end of a two-hour run."""
     if out is None:
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:100].strip("-") or "run"  # file names end at 255 bytes
         path = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}"
         n = 1
         while path.exists():
             n += 1
             path = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{slug}-{n}"
     else:
-        path = Path(out)
+        path = check_out_dir(out)
         if (path / "metrics.jsonl").exists() or (path / "results.csv").exists():
-            raise ZsgdError(f"{path} already holds a run; choose another --out (or continue it with 'zsgd run --resume {path}')")
+            for leftover in NEVER_STARTED_FILES:  # a failed start's files (check_out_dir let them pass): this run replaces them
+                (path / leftover).unlink(missing_ok=True)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
@@ -44,6 +45,52 @@ def create_run_dir(out: str | os.PathLike | None, name: str, root: str | os.Path
     except OSError as exc:
         raise ZsgdError(f"cannot write to output directory {path}: {exc.strerror or exc}; choose another with --out") from None
     return path
+
+
+def check_out_dir(out: str | os.PathLike) -> Path:
+    """``--out`` as a Path if a run may be written there; ZsgdError otherwise (commands call it before loading data).
+
+    Refused: an empty string (it would mean the current directory), a file, a
+    directory holding a run that started; a run that never started may be reused."""
+    if not str(out).strip():
+        raise ZsgdError("--out must name a directory, got an empty string")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ZsgdError(f"--out {path} is a file, not a directory")
+    if ((path / "metrics.jsonl").exists() or (path / "results.csv").exists()) and not never_started(path):
+        hint = f" (or continue it with 'zsgd run --resume {path}')" if (path / "checkpoint.json").exists() else ""
+        raise ZsgdError(f"{path} already holds a run; choose another --out{hint}")
+    return path
+
+
+NEVER_STARTED_FILES = ("config.yaml", "metrics.jsonl")
+_STARTED_FILES = ("summary.json", "checkpoint.json", "checkpoint.npz", "weights.npz", "results.csv")
+_SETUP_EVENTS = {"start", "worker"}
+
+
+def never_started(path: Path) -> bool:
+    """True if ``path`` holds only what a run that failed to start leaves: a config and a metrics file
+    with no training event (no train, eval or update line, no checkpoint, no summary)."""
+    path = Path(path)
+    if any((path / name).exists() for name in _STARTED_FILES):
+        return False
+    metrics = path / "metrics.jsonl"
+    if not metrics.exists():
+        return True
+    try:
+        if metrics.stat().st_size > 1 << 20:
+            return False
+        lines = metrics.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return False
+        if not isinstance(event, dict) or event.get("event") not in _SETUP_EVENTS:
+            return False
+    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -93,8 +140,20 @@ def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz``; ZsgdError for a missing, empty, truncated or corrupted file.
+
+    A damaged zip raises many kinds of error inside numpy and zipfile (EOFError among them, which
+    click would report as "interrupted"); all of them are one line here."""
+    import zipfile
+    import zlib
+
     try:
+        if Path(path).stat().st_size == 0:
+            raise ZsgdError(f"cannot read {path}: the file is empty")
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise ZsgdError(f"cannot read {path}: {exc}") from None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, MemoryError, NotImplementedError) as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ZsgdError(f"cannot read {path}: {detail} (the file is damaged)") from None
+    except (AttributeError, TypeError):  # np.load returned a plain array: a .npy, not an .npz
+        raise ZsgdError(f"cannot read {path}: not an .npz archive") from None

@@ -108,7 +108,7 @@ def _parse_line(line: str, lineno: int, source: str) -> Host:
             raise _error(source, lineno, f"{key}= given twice")
         given.add(key)
         if key == "slots":
-            if not value.isdigit() or not 1 <= int(value) <= MAX_SLOTS:
+            if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_SLOTS:
                 raise _error(source, lineno, f"slots must be a whole number from 1 to {MAX_SLOTS}, got {value!r}")
             slots = int(value)
         else:
@@ -145,7 +145,7 @@ def _parse_destination(dest: str, lineno: int, source: str) -> tuple[str | None,
             raise _error(source, lineno, f"bad host name {host!r} (format: {FORMAT})")
     port = None
     if port_text is not None:
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
             raise _error(source, lineno, f"port must be 1-65535, got {port_text!r}")
         port = int(port_text)
     return user, host, port

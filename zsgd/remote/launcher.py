@@ -74,8 +74,11 @@ class RemotePlan:
 
 
 def prepare_remote(path: str, ssh: SshOptions, first_id: int, allow_partial: bool = False, advertise: str | None = None,
-                   host_flag: str | None = None, show: bool = True) -> RemotePlan:
-    """Parse the hosts file, probe every host, choose the broker's addresses; raise on an unusable host."""
+                   host_flag: str | None = None, show: bool = True) -> RemotePlan | None:
+    """Parse the hosts file, probe every host, choose the broker's addresses; raise on an unusable host.
+
+    With ``allow_partial`` and local workers (``first_id`` > 0, the ids they take), no usable host at all is
+    a warning and None: the run goes on with its local workers."""
     from zsgd.output.live import stderr_console
 
     hosts = load_hosts(path)
@@ -93,6 +96,10 @@ def prepare_remote(path: str, ssh: SshOptions, first_id: int, allow_partial: boo
         stderr_console.print(f"[yellow]skipping {p.host.label}[/]: {p.reason}")
     good = [p for p in probes if p.ok]
     if not good:
+        if allow_partial and first_id > 0:
+            stderr_console.print(f"[yellow]warning[/]: no host in {path} is usable; going on with the {first_id} local "
+                                 f"worker{'s' if first_id != 1 else ''} (--allow-partial)")
+            return None
         raise HostError(bad[0].host, f"{bad[0].reason} -- and no other host in {path} is usable")
     for p in good:
         if p.zsgd != __version__:

@@ -112,8 +112,9 @@ def prepare_access(opts) -> Access:
         ssh = SshOptions(**{**(opts.ssh or {}), "options": tuple((opts.ssh or {}).get("options", ()))})
         plan = prepare_remote(opts.remote, ssh, first_id=opts.n_proc, allow_partial=opts.allow_partial, advertise=opts.advertise,
                               host_flag=opts.host, show=opts.show)
-        opts.remote_workers = plan.n_workers
-        bind_host = plan.bind_host
+        if plan is not None:  # None: --allow-partial and no usable host, the local workers go on alone
+            opts.remote_workers = plan.n_workers
+            bind_host = plan.bind_host
     elif opts.launcher == "slurm":
         from zsgd.runtime.slurm import plan_workers
 

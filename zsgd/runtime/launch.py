@@ -23,6 +23,23 @@ from pathlib import Path
 from zsgd.runtime.threads import SINGLE_THREAD_ENV
 
 
+WORKERS_PER_CPU = 8  # oversubscription still useful for staleness studies; beyond it workers only time-share
+MIN_WORKER_CAP = 16
+WORKER_MEMORY = 300 << 20  # a worker process: interpreter, numpy/numba, its copy of the data set
+
+
+def max_local_workers() -> tuple[int, str]:
+    """(most local worker processes this machine can run, why): CPUs and available memory."""
+    from zsgd.core.machine import available_memory, cpu_count
+
+    cpus = cpu_count()
+    limit, why = max(MIN_WORKER_CAP, WORKERS_PER_CPU * cpus), f"{cpus} CPU{'s' if cpus != 1 else ''}"
+    avail = available_memory()
+    if avail is not None and max(1, avail // WORKER_MEMORY) < limit:
+        return max(1, avail // WORKER_MEMORY), f"{avail / 2**30:.1f} GiB of available memory at ~{WORKER_MEMORY >> 20} MiB a worker"
+    return limit, why
+
+
 def _die_with_parent() -> None:
     """preexec: SIGTERM this child when the process that started it dies."""
     try:

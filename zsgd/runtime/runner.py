@@ -116,12 +116,19 @@ class RunOptions:
         self.emulator(0)  # parses every injected spec now, so a typo fails before anything starts
         if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.remote and self.launcher != "slurm"):
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
+        from zsgd.runtime.launch import max_local_workers
+
+        cap, why = max_local_workers()
+        if self.n_proc > cap:
+            raise ZsgdError(f"--n-proc {self.n_proc:,} is more local workers than this machine can run (at most {cap} for {why}); "
+                            f"use 'zsgd sim --workers {self.n_proc}' to study that many, or --remote to add machines")
         if not 0 <= self.port <= 65535:
             raise ZsgdError(f"--port must be in 0..65535, got {self.port}")
-        if self.heartbeat <= 0 or self.timeout <= self.heartbeat:
-            raise ZsgdError("--timeout must be longer than --heartbeat (3-5 heartbeats is the usual choice)")
-        if self.eval_interval < 0:
-            raise ZsgdError(f"--eval-interval must be >= 0, got {self.eval_interval}")
+        from zsgd.wire.link import check_intervals
+
+        check_intervals(self.heartbeat, self.timeout)
+        if not self.eval_interval >= 0 or self.eval_interval == float("inf"):
+            raise ZsgdError(f"--eval-interval must be a finite number of seconds >= 0, got {self.eval_interval}")
         if self.checkpoint_every < 0:
             raise ZsgdError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         return self
@@ -195,8 +202,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                              f"model: [bold]{cfg.model}[/] ({problem.model.n_params:,} parameters); algorithm: [bold]{opts.algo}[/]")
     resolved = cfg.to_dict() | {"mode": "run", "run": {k: v for k, v in asdict(opts).items() if k != "show"}, "data_source": ds.source,
                                 "n_params": problem.model.n_params} | problem.data_fields()
-    if resume is None:
-        write_config(run_dir / "config.yaml", resolved)
+    write_config(run_dir / "config.yaml", resolved)  # on --resume too: it records a changed --n-proc or stop rule
     bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=access.bind(opts.port), curve=access.broker_curve(), heartbeat=opts.heartbeat,
                           timeout=opts.timeout, staleness_lr=opts.staleness_lr, compress=opts.compress, compress_replies=opts.compress_replies,
                           checkpoint_every=opts.checkpoint_every,

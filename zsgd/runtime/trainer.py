@@ -22,7 +22,7 @@ from zsgd.core.problem import Problem
 
 def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool = True, problem: Problem | None = None) -> dict[str, Any]:
     """Train in this process; write the run directory; return the summary."""
-    from zsgd.algorithms import Applied, Reply, make_server_algorithm
+    from zsgd.algorithms import Applied, Dropped, Reply, make_server_algorithm
     from zsgd.algorithms.worker import WorkerStep
     from zsgd.core.schedule import lr_factor
     from zsgd.nn.optim import make_optimizer
@@ -72,6 +72,8 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
                     ledger.applied(now, version=o.version, n_samples=o.n_samples, worker=0, staleness=o.staleness, lr=o.lr)
                 elif isinstance(o, Reply):
                     weights = o.weights
+                elif isinstance(o, Dropped) and o.reason == "non-finite":  # the server step refused it
+                    ledger.diverge("gradient is not finite")
             if ledger.take_eval():
                 evaluate()
             bar.update(ledger.updates, ledger.samples, ledger.samples / n_train, None if np.isnan(ledger.last_loss) else ledger.last_loss,

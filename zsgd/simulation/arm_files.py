@@ -45,9 +45,11 @@ def calibrate_once(workload: Any, options: Iterable[Any]) -> None:
     workload.model.loss_and_grad(workload.w0, to_float(ds.x_train[idx]), ds.y_train[idx], training=True, seed=0)
 
 
-def save_plan(out_dir: Path, cfg: Any, spec: Any, workload: Any, arm_plots: bool) -> Path:
+def save_plan(out_dir: Path, cfg: Any, spec: Any, workloads: dict[int, Any], arm_plots: bool) -> Path:
+    """``workloads``: batch size -> Workload (arms of one batch size share one calibration)."""
     path = Path(out_dir) / PLAN
-    path.write_text(json.dumps({"config": cfg.to_dict(), "spec": asdict(spec), "compute_samples": workload.compute_samples,
+    path.write_text(json.dumps({"config": cfg.to_dict(), "spec": asdict(spec),
+                                "compute_samples": {str(bs): wl.compute_samples for bs, wl in workloads.items()},
                                 "arm_plots": arm_plots}, indent=1))
     return path
 

@@ -420,6 +420,13 @@ class Measured:
         return "measured"
 
 
+def parse_broker_time(text: str) -> float | Measured:
+    """``--broker-time``: ``measured`` (the server's step timed on this machine) or a duration such as 0.2ms."""
+    if str(text).strip().lower() == "measured":
+        return Measured()
+    return parse_duration(text, "--broker-time")
+
+
 def parse_compute(text: str) -> Delay | Measured:
     """``measured`` or a delay spec for one worker's gradient step."""
     if str(text).strip().lower() == "measured":

@@ -242,8 +242,9 @@ def _tail(path: Path, n: int = 3) -> str:
 class ArmsView:
     """One bar for the arms (queued, running, done) and one per running arm (its updates, virtual time, accuracy)."""
 
-    def __init__(self, labels: list[str], total_updates: int | None, enabled: bool, console: Any, count: int | None = None) -> None:
-        """``labels[i]`` names arm ``i``; ``count`` arms are shown (default: all of them)."""
+    def __init__(self, labels: list[str], total_updates: int | list[int | None] | None, enabled: bool, console: Any,
+                 count: int | None = None) -> None:
+        """``labels[i]`` names arm ``i``; ``total_updates`` is one for all or one per arm; ``count`` arms are shown (default: all)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.labels, self.total = labels, total_updates
@@ -267,7 +268,8 @@ class ArmsView:
 
     def started(self, index: int) -> None:
         self.queued, self.running = self.queued - 1, self.running + 1
-        self.tasks[index] = self.progress.add_task(self.labels[index][:40], total=self.total, info="")
+        total = self.total[index] if isinstance(self.total, list) else self.total
+        self.tasks[index] = self.progress.add_task(self.labels[index][:40], total=total, info="")
         self.progress.update(self.arms, info=self._counts())
 
     def arm_progress(self, index: int, p: tuple) -> None:

@@ -25,8 +25,8 @@ import numpy as np
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
 from zsgd.output.live import row_cells
-from zsgd.simulation.netmodel import (Constant, Network, parse_bandwidth, parse_compute, parse_delay, parse_duration, parse_failures,
-                           parse_loss, parse_stragglers, parse_worker_latency, split_specs)
+from zsgd.simulation.netmodel import (Constant, Network, parse_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration,
+                                      parse_failures, parse_loss, parse_stragglers, parse_worker_latency, split_specs)
 from zsgd.sim import SimOptions, SimResult, Workload, run_arm
 
 # Grid dimensions in the order they vary (the last one fastest): key, flag, short label, units propagate.
@@ -54,12 +54,15 @@ class SweepSpec:
     latency_worker: tuple[str, ...] = ()
     retransmit: str = "200ms"
     detect: str = "3s"
-    broker_time: str = "0"
+    broker_time: str = "measured"
     broker_bandwidth: str = "inf"
     staleness_lr: str | bool = "off"
     target: float = 0.8
     topology: str = "ring"  # decentralized arms (dsgd, dsgt, cadmm): their graph and rule parameters
     decentralized: dict[str, Any] = field(default_factory=dict)
+    # Fields neither a flag nor --config set, which each arm adapts to its workers as
+    # 'zsgd run' does (zsgd.core.scaling); empty with --literal.
+    auto_scale: tuple[str, ...] = ()
 
 
 @dataclass
@@ -106,7 +109,7 @@ def _parse_compress(text: str) -> str:
 def build_arms(spec: SweepSpec) -> list[Arm]:
     """Parse every value of every dimension, then form the cross product."""
     from zsgd.algorithms import parse_algo
-    from zsgd.decentralized.rules import DecentralizedParams, is_decentralized
+    from zsgd.decentralized.rules import is_decentralized
 
     lists: dict[str, list[str]] = {}
     for key, flag, _short, units in DIMENSIONS:
@@ -123,7 +126,7 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
     overrides = parse_worker_latency(spec.latency_worker)
     retransmit = parse_delay(spec.retransmit, "retransmit delay")
     detect = parse_duration(spec.detect, "--detect", default_unit="s")
-    broker_s = parse_duration(spec.broker_time, "--broker-time")
+    broker_s = parse_broker_time(spec.broker_time)
     broker_bw = parse_bandwidth(spec.broker_bandwidth)
     dec_algos = [a for a in lists.get("algo", ["async"]) if is_decentralized(a)]
     params = _decentralized_params(spec, dec_algos)
@@ -174,6 +177,44 @@ def _decentralized_params(spec: SweepSpec, algos: list[str]) -> Any:
     return DecentralizedParams(**given).validate()
 
 
+def arm_config(cfg: TrainConfig, arm: Arm, spec: SweepSpec) -> tuple[TrainConfig, str | None]:
+    """The configuration ``arm`` trains with, and what was adapted (None: nothing).
+
+    The batch size and learning rate the user left unset follow the arm's number
+    of workers and algorithm exactly as in ``zsgd run`` (``scale_for_workers``),
+    so a simulated arm predicts the real run of the same flags; decentralized
+    arms and local SGD keep every value there too. Done per arm because a grid
+    may vary ``--workers`` and ``--algo``.
+    """
+    from zsgd.core.scaling import scale_for_workers
+
+    return scale_for_workers(cfg, arm.values.get("algo", "async"), arm.opts.n_workers, set(spec.auto_scale))
+
+
+def scaling_line(cfg: TrainConfig, arms: list[Arm], spec: SweepSpec) -> str | None:
+    """One line saying how the arms' batch size and learning rate were adapted, or None.
+
+    The same words as ``zsgd run`` when every arm changed alike; per (algorithm,
+    workers) group when the grid varies them.
+    """
+    from zsgd.core.scaling import scale_for_workers
+
+    groups: dict[tuple[str, int], tuple[TrainConfig, str | None]] = {}
+    for arm in arms:
+        key = (arm.values.get("algo", "async"), arm.opts.n_workers)
+        if key not in groups:
+            groups[key] = scale_for_workers(cfg, key[0], key[1], set(spec.auto_scale))
+    notes = [note for _c, note in groups.values() if note]
+    if not notes:
+        return None
+    if len(groups) == 1:
+        return f"{notes[0][:-1]}; --literal keeps them as given)"
+    parts = [f"{algo} x{n}: " + (f"batch {scaled.batch_size}, lr {scaled.lr:g}" if note else "as given")
+             for (algo, n), (scaled, note) in groups.items()]
+    given = ", ".join("--" + k.replace("_", "-") for k in spec.auto_scale)
+    return f"scaled per arm from batch {cfg.batch_size}, lr {cfg.lr:g}: {'; '.join(parts)} (set {given} to choose yourself; --literal keeps them)"
+
+
 @dataclass
 class ArmOutcome:
     arm: Arm
@@ -213,31 +254,48 @@ def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Worklo
               step_capacity: int = 1) -> list[ArmOutcome]:
     """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots.
 
-    ``jobs`` arms run at once in forked processes (``zsgd.simulation.parallel``);
-    with ``step_argv`` each arm is instead the command ``step_argv(index)``
-    (an ``srun`` step running ``zsgd sim-arm``), ``step_capacity`` at a time,
-    and its result is read back from its directory."""
+    Each arm trains with ``arm_config`` (its own batch size and rate when they
+    follow the workers); arms of one batch size share one ``Workload``, so one
+    compute calibration, as in ``zsgd experiment``. ``jobs`` arms run at once in
+    forked processes (``zsgd.simulation.parallel``); with ``step_argv`` each arm
+    is instead the command ``step_argv(index)`` (an ``srun`` step running
+    ``zsgd sim-arm``), ``step_capacity`` at a time, read back from its directory.
+    """
+    from dataclasses import replace
+
     from zsgd.output.live import stderr_console
-    from zsgd.simulation.parallel import ArmsView, CommandRunner, ForkRunner, InlineRunner, run_arms
     from zsgd.simulation.arm_files import calibrate_once, load_result, save_plan
+    from zsgd.simulation.parallel import ArmsView, CommandRunner, ForkRunner, InlineRunner, run_arms
 
     cfg.validate()
     arms = build_arms(spec)
     workload = workload or prepare_workload(cfg, arms)
+    problem = workload.problem
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_config(out_dir / "sweep.yaml", cfg.to_dict() | {"mode": "sim-sweep", "grid": {k: v for k, v in spec.grid.items() if v is not None},
-                                                          "arms": [a.dirname for a in arms], "target": spec.target})
-    total = workload.problem.stop_rule(cfg).total_updates
-    calibrate_once(workload, [a.opts for a in arms])  # one measurement for every arm, wherever it runs
-    view = ArmsView([a.label for a in arms], total, show, stderr_console)
+                                                          "arms": [a.dirname for a in arms], "target": spec.target,
+                                                          "auto_scale": list(spec.auto_scale)})
+    workloads = {cfg.batch_size: workload}
+    cfgs = []  # every arm's configuration and workload made here, before any fork
+    for arm in arms:
+        arm_cfg, note = arm_config(cfg, arm, spec)
+        if note:  # only centralized arms (SimOptions) are ever scaled
+            arm.opts = replace(arm.opts, scaling=note)
+        if arm_cfg.batch_size not in workloads:
+            workloads[arm_cfg.batch_size] = Workload(arm_cfg, problem)
+        cfgs.append(arm_cfg)
+    for bs, wl in workloads.items():  # compute=measured timed once per workload, wherever the arms run
+        calibrate_once(wl, [a.opts for a, c in zip(arms, cfgs) if c.batch_size == bs])
+    totals = [problem.stop_rule(c).total_updates for c in cfgs]
+    view = ArmsView([a.label for a in arms], totals, show, stderr_console)
 
     def simulate(index: int, progress: Any) -> SimResult:
-        return _simulate(cfg, arms[index], workload, out_dir, progress, arm_plots)
+        return _simulate(cfgs[index], arms[index], workloads[cfgs[index].batch_size], out_dir, progress, arm_plots)
 
     jobs = max(1, min(jobs, len(arms)))
     if step_argv is not None:
-        save_plan(out_dir, cfg, spec, workload, arm_plots)
+        save_plan(out_dir, cfg, spec, workloads, arm_plots)
         runner: Any = CommandRunner(step_argv, step_capacity, lambda i: out_dir / arms[i].dirname / "step.log")
     else:
         runner = InlineRunner(simulate, view.arm_progress) if jobs == 1 else ForkRunner(simulate, jobs)  # fork before the view's thread
@@ -268,20 +326,26 @@ def _simulate(cfg: TrainConfig, arm: Arm, workload: Workload, out_dir: Path, pro
 def run_planned_arm(out_dir: Path, index: int) -> Path:
     """An srun step's side of ``zsgd sim --launcher slurm``: rebuild the sweep from ``plan.json``,
     simulate arm ``index`` with the parent's compute calibration, save its result; returns its directory."""
+    from dataclasses import replace
+
     from zsgd.simulation.arm_files import load_plan, save_result
 
     plan = load_plan(out_dir)
     spec = SweepSpec(**plan["spec"])
-    spec.latency_worker = tuple(spec.latency_worker)
+    spec.latency_worker, spec.auto_scale = tuple(spec.latency_worker), tuple(spec.auto_scale)
     cfg = TrainConfig.from_dict(plan["config"]).validate()
     arms = build_arms(spec)
     if not 0 <= index < len(arms):
         raise ZsgdError(f"{Path(out_dir) / 'plan.json'}: no arm {index} (the sweep has {len(arms)})")
-    workload = prepare_workload(cfg, [arms[index]])
-    workload.compute_samples = plan["compute_samples"]
-    result = _simulate(cfg, arms[index], workload, Path(out_dir), None, bool(plan["arm_plots"]))
-    save_result(Path(out_dir) / arms[index].dirname, result)
-    return Path(out_dir) / arms[index].dirname
+    arm = arms[index]
+    arm_cfg, note = arm_config(cfg, arm, spec)
+    if note:
+        arm.opts = replace(arm.opts, scaling=note)
+    workload = prepare_workload(arm_cfg, [arm])
+    workload.compute_samples = plan["compute_samples"].get(str(arm_cfg.batch_size))
+    result = _simulate(arm_cfg, arm, workload, Path(out_dir), None, bool(plan["arm_plots"]))
+    save_result(Path(out_dir) / arm.dirname, result)
+    return Path(out_dir) / arm.dirname
 
 
 # ---------------------------------------------------------------------------
@@ -320,15 +384,12 @@ def write_results(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> t
 
 
 def results_table(outcomes: list[ArmOutcome], target: float) -> Any:
-    from rich.table import Table
+    """The terminal table: arm names whole, the other columns as the width allows (see ``ResultsTable``)."""
+    from zsgd.output.live import ResultsTable
 
-    table = Table(title=f"simulated arms (target {target:.0%}; virtual time)", title_justify="left")
     columns = _columns([o.row for o in outcomes])
-    for key, head in columns:
-        table.add_column(head, justify="left" if key == "arm" else "right", no_wrap=key != "arm")
-    for o in outcomes:
-        table.add_row(*row_cells(o.row, columns))
-    return table
+    return ResultsTable(f"simulated arms (target {target:.0%}; virtual time)", [h for _k, h in columns],
+                        [row_cells(o.row, columns) for o in outcomes])
 
 
 # ---------------------------------------------------------------------------
@@ -351,7 +412,10 @@ def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list
         ev = o.result.evals
         ax.plot([e[0] for e in ev], [e[2] for e in ev], marker="o" if len(ev) < 30 else None, ms=3, label=o.arm.label)
     ax.axhline(target, color="grey", ls="--", lw=0.8)
-    ax.set(xlabel="virtual time (s)", ylabel="test accuracy", title="test accuracy vs virtual time")
+    log = _log_time_axis([o.result.evals for o in outcomes])
+    if log:
+        ax.set_xscale("log")
+    ax.set(xlabel="virtual time (s, log scale)" if log else "virtual time (s)", ylabel="test accuracy", title="test accuracy vs virtual time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     written.append(_save(fig, out_dir / "accuracy_vs_time.png"))
@@ -391,6 +455,14 @@ def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list
         written += plot_curves([o.run_dir for o in outcomes], out_dir, labels=[o.arm.label for o in outcomes],
                                time_label="virtual time (s)")
     return written
+
+
+def _log_time_axis(evals: list[list[tuple[float, int, float]]]) -> bool:
+    """Whether arms' lengths span more than 20x (latency 0 against 50 ms does, 100x):
+    on a linear axis the fast arms' curves would be squeezed into the first pixels."""
+    ends = [ev[-1][0] for ev in evals if ev]
+    firsts = [ev[0][0] for ev in evals if ev]
+    return bool(ends) and min(firsts) > 0 and max(ends) > 20 * min(ends)
 
 
 def _save(fig: Any, path: Path) -> Path:

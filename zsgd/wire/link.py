@@ -13,17 +13,47 @@ thread delivers a local ``broker-dead`` marker and ends.
 
 from __future__ import annotations
 
+import math
+import re
 import threading
 import time
 import uuid
 
 import zmq
 
+from zsgd.errors import ZsgdError
 from zsgd.wire import protocol
 from zsgd.wire.protocol import Message, MsgType
 
 BROKER_DEAD = b"zsgd:broker-dead"
 STOP = b"zsgd:stop"
+
+
+def check_endpoint(address: str, what: str = "--connect") -> str:
+    """``address`` if it is a connectable ZeroMQ endpoint (tcp://HOST:PORT, ipc://PATH), else ZsgdError.
+
+    Checked before any socket exists: ZeroMQ reports a bad address only as an
+    EINVAL from ``connect`` inside the link thread.
+    """
+    if not isinstance(address, str) or not address.startswith(("tcp://", "ipc://")):
+        raise ZsgdError(f"{what} needs tcp://HOST:PORT or ipc://PATH, got {address!r}")
+    if address.startswith("ipc://"):
+        if not address[len("ipc://"):].strip():
+            raise ZsgdError(f"{what} {address!r}: ipc:// needs a socket path, e.g. ipc:///tmp/zsgd.sock")
+        return address
+    match = re.fullmatch(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([0-9]+)", address)
+    if match is None or match.group(1) == "*" or not 1 <= int(match.group(2)) <= 65535:
+        raise ZsgdError(f"{what} {address!r}: expected tcp://HOST:PORT with a host and a port in 1-65535, e.g. tcp://127.0.0.1:5555")
+    return address
+
+
+def check_intervals(heartbeat: float, timeout: float) -> None:
+    """ZsgdError unless 0 < heartbeat < timeout, both finite (nan and inf would make every wait endless)."""
+    for name, value in (("--heartbeat", heartbeat), ("--timeout", timeout)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ZsgdError(f"{name} must be a positive number of seconds, got {value!r}")
+    if timeout <= heartbeat:
+        raise ZsgdError(f"--timeout ({timeout:g} s) must be longer than --heartbeat ({heartbeat:g} s)")
 
 
 class BrokerLink:
@@ -45,6 +75,9 @@ class BrokerLink:
         self._thread = threading.Thread(target=self._pump, name="zsgd-link", daemon=True)
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.error: str | None = None  # why the link thread died, if it did
+        self.last_arrival = 0.0  # time.monotonic() when the I/O thread got the latest broker message (not heartbeats)
+        self.last_forward = 0.0  # ... and when it last passed a message of the compute thread on to the broker
 
     def open(self) -> "BrokerLink":
         self._thread.start()
@@ -56,7 +89,8 @@ class BrokerLink:
 
     # -- compute-thread side -------------------------------------------------
     def send(self, msg: Message) -> None:
-        """Hand ``msg`` to the I/O thread; dropped once that thread has ended (the next ``recv`` says why).
+        """Hand ``msg`` to the I/O thread; dropped once that thread has ended (the next ``recv`` says why),
+        ZsgdError if it failed.
 
         Never blocks for good: a PAIR socket whose peer has gone blocks a send
         forever, and a worker finishing a step just after its broker left
@@ -64,22 +98,29 @@ class BrokerLink:
         """
         frames = protocol.encode(msg)
         while True:
+            self._check_alive()
             try:
                 self._pipe.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
                 return
             except zmq.Again:
                 if not self._thread.is_alive():
+                    self._check_alive()
                     return
                 self._pipe.poll(100, zmq.POLLOUT)
 
     def recv(self, timeout: float) -> Message | bytes | None:
-        """The next broker message, ``BROKER_DEAD``, or None on timeout."""
+        """The next broker message, ``BROKER_DEAD``, or None on timeout; ZsgdError if the link thread failed."""
         if not self._pipe.poll(int(timeout * 1000)):
+            self._check_alive()
             return BROKER_DEAD if not self._thread.is_alive() and not self._pipe.poll(0) else None
         frames = self._pipe.recv_multipart(copy=False)
         if len(frames) == 1 and frames[0].bytes == BROKER_DEAD:
             return BROKER_DEAD
         return protocol.decode(frames)
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise ZsgdError(f"connection to {self.address} failed: {self.error}")
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -92,26 +133,33 @@ class BrokerLink:
 
     # -- I/O thread ----------------------------------------------------------
     def _pump(self) -> None:
-        dealer = self.ctx.socket(zmq.DEALER)
-        dealer.linger = 1000  # lets a final LEAVE out, but never blocks exit for long
-        dealer.setsockopt(zmq.ROUTING_ID, self.identity)
-        dealer.sndhwm = dealer.rcvhwm = 16
-        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        protocol.set_socket_limits(dealer)  # a shard is the largest message a worker takes (DEFAULT_LIMITS)
-        if self.curve:
-            dealer.curve_secretkey = self.curve["secret"]
-            dealer.curve_publickey = self.curve["public"]
-            dealer.curve_serverkey = self.curve["server"]
-        dealer.connect(self.address)
-        pipe = self.ctx.socket(zmq.PAIR)
+        try:
+            self._pump_frames()
+        except Exception as exc:  # noqa: BLE001 -- the compute thread reports it (as one line) and ends the process
+            self.error = str(exc) or type(exc).__name__
+
+    def _pump_frames(self) -> None:
+        pipe = self.ctx.socket(zmq.PAIR)  # first: a failure below must never leave the compute thread's sends blocked
         pipe.linger = 0
         pipe.connect(self._pipe_name)
-        poller = zmq.Poller()
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(pipe, zmq.POLLIN)
-        last_recv = last_send = time.monotonic()
+        dealer = None
         try:
+            dealer = self.ctx.socket(zmq.DEALER)
+            dealer.linger = 1000  # lets a final LEAVE out, but never blocks exit for long
+            dealer.setsockopt(zmq.ROUTING_ID, self.identity)
+            dealer.sndhwm = dealer.rcvhwm = 16
+            dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+            dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+            protocol.set_socket_limits(dealer)  # a shard is the largest message a worker takes (DEFAULT_LIMITS)
+            if self.curve:
+                dealer.curve_secretkey = self.curve["secret"]
+                dealer.curve_publickey = self.curve["public"]
+                dealer.curve_serverkey = self.curve["server"]
+            dealer.connect(self.address)
+            poller = zmq.Poller()
+            poller.register(dealer, zmq.POLLIN)
+            poller.register(pipe, zmq.POLLIN)
+            last_recv = last_send = time.monotonic()
             while True:
                 now = time.monotonic()
                 wait = max(0.0, min(last_send + self.heartbeat, last_recv + self.timeout) - now)
@@ -122,6 +170,7 @@ class BrokerLink:
                     if len(frames) == 1 and frames[0].bytes == STOP:
                         return
                     dealer.send_multipart(frames, copy=False)
+                    self.last_forward = time.monotonic()
                     self.bytes_sent += sum(len(f.buffer) for f in frames)
                     last_send = now
                 if dealer in events:
@@ -129,6 +178,7 @@ class BrokerLink:
                     last_recv = now
                     self.bytes_received += sum(len(f.buffer) for f in frames)
                     if not _is_heartbeat(frames):
+                        self.last_arrival = now
                         pipe.send_multipart(frames, copy=False)
                 if now - last_send >= self.heartbeat:
                     dealer.send_multipart(protocol.encode(protocol.heartbeat(self.run, self.worker)))
@@ -137,7 +187,8 @@ class BrokerLink:
                     pipe.send(BROKER_DEAD)
                     return
         finally:
-            dealer.close()
+            if dealer is not None:
+                dealer.close()
             pipe.close(linger=0)
 
 

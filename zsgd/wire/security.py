@@ -124,10 +124,14 @@ def write_secret_json(path: Path, obj: dict[str, Any]) -> None:
     """Write a JSON file only its owner can read (created 0600; never briefly world-readable)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_secret_json(path: str | Path) -> dict[str, Any]:
@@ -149,25 +153,36 @@ def read_secret_json(path: str | Path) -> dict[str, Any]:
     return data
 
 
+MAX_CLIENT_FILES = 10_000
+
+
 def generate_keys_dir(directory: str | Path, n_clients: int, force: bool = False) -> list[Path]:
     """``zsgd keys generate``: a server keypair and ``n_clients`` client bundles."""
     d = Path(directory)
     if n_clients < 0:
         raise ZsgdError(f"--clients must be >= 0, got {n_clients}")
+    if n_clients > MAX_CLIENT_FILES:
+        raise ZsgdError(f"--clients {n_clients:,} is more than {MAX_CLIENT_FILES:,} key files; workers can share a client file")
     if (d / SERVER_FILE).exists() and not force:
         raise ZsgdError(f"{d / SERVER_FILE} exists; pass --force to replace the keys (running workers will be locked out)")
-    d.mkdir(parents=True, exist_ok=True)
-    os.chmod(d, 0o700)
-    if force:
-        for old in d.glob(CLIENT_GLOB):
-            old.unlink()
-    server = KeyPair.generate()
-    write_secret_json(d / SERVER_FILE, {"public": server.public, "secret": server.secret})
-    written = [d / SERVER_FILE]
-    for i in range(1, n_clients + 1):
-        path = d / f"client-{i}.json"
-        write_secret_json(path, client_bundle(server.public, KeyPair.generate()))
-        written.append(path)
+    written: list[Path] = []
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+        if force:
+            for old in d.glob(CLIENT_GLOB):
+                old.unlink()
+        server = KeyPair.generate()
+        write_secret_json(d / SERVER_FILE, {"public": server.public, "secret": server.secret})
+        written.append(d / SERVER_FILE)
+        for i in range(1, n_clients + 1):
+            path = d / f"client-{i}.json"
+            write_secret_json(path, client_bundle(server.public, KeyPair.generate()))
+            written.append(path)
+    except OSError as exc:
+        for path in written:  # a partial set of keys is worse than none: the server key would not match
+            path.unlink(missing_ok=True)
+        raise ZsgdError(f"cannot write keys to {d}: {exc.strerror or exc}") from None
     return written
 
 

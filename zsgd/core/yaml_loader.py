@@ -6,7 +6,10 @@ a bad key". ``load_marked`` composes the node tree (PyYAML nodes carry
 ``start_mark``), constructs the plain data with the safe constructor, and
 records the line of every mapping key and sequence item by its path, e.g.
 ``("arms", 2, "rho") -> 31``. It also rejects duplicate keys, which
-``safe_load`` silently resolves to the last one.
+``safe_load`` silently resolves to the last one, and aliases (``*name``):
+a few hundred bytes of nested aliases expand to gigabytes (the "billion
+laughs"), and no zsgd file needs them. Without aliases the data is at most
+as large as the file, which is capped at ``MAX_BYTES``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,12 @@ from typing import Any
 from zsgd.errors import ZsgdError
 
 PathKey = tuple[Any, ...]
+MAX_BYTES = 4 * 1024 * 1024  # experiment and config files are a few kB; a bigger one is a mistake
+
+
+class _AliasFound(Exception):
+    def __init__(self, line: int, anchor: str) -> None:
+        self.line, self.anchor = line, anchor
 
 
 class Marked:
@@ -41,24 +50,45 @@ class Marked:
         return ZsgdError(f"{where}: {' '.join(message.split())}")
 
 
-def load_marked(path: Path) -> Marked:
-    """Read and parse ``path``; ZsgdError (with the line) for unreadable files, bad YAML, duplicate keys."""
+def _loader(text: str) -> Any:
+    """A SafeLoader that refuses aliases while composing (before anything is expanded)."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise _AliasFound(event.start_mark.line + 1, event.anchor)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader(text)
+
+
+def load_marked(path: Path, what: str = "experiment file") -> Marked:
+    """Read and parse ``path``; ZsgdError (with the line) for unreadable or oversized files, bad YAML,
+    aliases, duplicate keys."""
     import yaml
 
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_BYTES:
+            raise ZsgdError(f"{path}: {path.stat().st_size:,} bytes is too large for a {what} (at most {MAX_BYTES:,})")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
-        raise ZsgdError(f"cannot read experiment file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ZsgdError(f"{path}: not a text file (UTF-8 YAML expected)") from None
-    loader = yaml.SafeLoader(text)
+        raise ZsgdError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ZsgdError(f"{path}: not a text file (UTF-8 YAML expected; byte {exc.start} is not UTF-8)") from None
+    loader = _loader(text)
     try:
         node = loader.get_single_node()
         lines: dict[PathKey, int] = {}
         if node is not None:
             _walk(loader, node, (), lines, path)
         data = loader.construct_document(node) if node is not None else None
+    except _AliasFound as exc:
+        raise ZsgdError(f"{path}:{exc.line}: YAML aliases (*{exc.anchor}) are not accepted; write the value out") from None
+    except RecursionError:
+        raise ZsgdError(f"{path}: nested too deeply to be a {what}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -83,7 +113,8 @@ def _walk(loader: Any, node: Any, prefix: PathKey, lines: dict[PathKey, int], pa
             except TypeError:
                 raise ZsgdError(f"{path}:{line}: a mapping key must be a plain value") from None
             if key in seen:
-                raise ZsgdError(f"{path}:{line}: duplicate key {key!r} (first on line {seen[key]})")
+                shown = repr(key) if len(repr(key)) <= 60 else repr(key)[:57] + "..."
+                raise ZsgdError(f"{path}:{line}: duplicate key {shown} (first on line {seen[key]})")
             seen[key] = line
             lines[prefix + (key,)] = line
             _walk(loader, value_node, prefix + (key,), lines, path)

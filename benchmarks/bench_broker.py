@@ -1,0 +1,325 @@
+"""Server throughput: N pipelined synthetic workers against a real ``zsgd broker``,
+beside a raw pyzmq ROUTER echo with the same clients and payload, in the same run.
+
+Each synthetic worker speaks zsgd's protocol (HELLO, ASSIGN, HELLO ready,
+then UPDATE -> WEIGHTS for ever) with a pre-computed ``cnn``-size gradient
+(1,199,882 float32: 4.8 MB up, 4.8 MB down) and no compute: the moment its
+weights arrive it sends the next update, so the server is the only thing
+that limits the rate. The reference is the same client processes, with the
+same sockets and payload, against a ROUTER that echoes a buffer of the same
+size (no decode, no validation, no optimizer step). Raw and zsgd rounds
+alternate (``--rounds``) because a shared machine's speed drifts; the table
+reports each round and the medians.
+
+Structure for sharded servers: a worker holds one link (a DEALER) per
+server, and an exchange is complete when every link's reply has arrived;
+the flat vector is split into K contiguous ranges balanced by bytes. The
+raw echo runs with any K (K echo processes); zsgd runs with K = 1 until
+``zsgd broker`` can serve a range (``--servers`` in issue 10).
+
+``--only step`` times the server's step alone, in this process, on a cnn-size
+vector: the unfused path (numpy finite check, then the in-place momentum
+kernel, plus a snapshot copy when a reply of the live weights is still in
+flight) beside the fused kernels of ``zsgd.nn.server_step`` (a numba finite
+check, then in place; or one out-of-place pass with the check inside).
+
+Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1] [--seconds 8] [--rounds 3] [--only step|exchange]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from zsgd.wire import protocol  # noqa: E402
+from zsgd.wire.protocol import Message, MsgType  # noqa: E402
+
+N_PARAMS = 1_199_882
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+ECHO_SERVER = r"""
+import sys, zmq, numpy as np
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.linger = 0; s.sndhwm = s.rcvhwm = 64
+s.bind(sys.argv[1]); reply = np.ones(int(sys.argv[2]), np.float32)
+print("ready", flush=True)
+while True:
+    ident, payload = s.recv_multipart(copy=False)
+    s.send_multipart([ident, reply], copy=False)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranges(n: int, k: int) -> list[tuple[int, int]]:
+    """K contiguous ranges of a flat float32 vector, balanced by bytes (a sharded server's split)."""
+    cuts = [round(i * n / k) for i in range(k + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(k)]
+
+
+# ------------------------------------------------------------------ client process
+
+
+def client_main(args: argparse.Namespace) -> None:
+    """One client process driving several synthetic workers; prints {"exchanges": n, "seconds": s}."""
+    endpoints = args.endpoints.split(",")
+    workers = [int(w) for w in args.client_workers.split(",")]
+    spans = ranges(N_PARAMS, len(endpoints))
+    grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * np.float32(1e-3)
+    ctx = zmq.Context()
+    links: dict[zmq.Socket, tuple[int, int]] = {}  # socket -> (worker, server)
+    by_worker: dict[int, list[zmq.Socket]] = {}
+    for w in workers:
+        for k, ep in enumerate(endpoints):
+            d = ctx.socket(zmq.DEALER)
+            d.linger = 0
+            d.sndhwm = d.rcvhwm = 64
+            if args.mode == "zsgd":
+                d.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", w))
+            d.connect(ep)
+            links[d] = (w, k)
+            by_worker.setdefault(w, []).append(d)
+    run: dict[zmq.Socket, str] = {}
+    version: dict[zmq.Socket, int] = {}
+
+    def send(d: zmq.Socket) -> None:
+        w, k = links[d]
+        lo, hi = spans[k]
+        if args.mode == "raw":
+            d.send(grad[lo:hi], copy=False)
+        else:
+            protocol.send(d, protocol.update_message(run[d], w, version[d], grad[lo:hi], 64, 0.5))
+
+    if args.mode == "zsgd":  # the handshake, one link at a time
+        for d, (w, _) in links.items():
+            protocol.send(d, Message(MsgType.HELLO, "-", w, 0, {}, meta={"stage": "join", "role": "worker"}))
+        pending = set(links)
+        deadline = time.monotonic() + 120
+        while pending:
+            if time.monotonic() > deadline:
+                raise SystemExit("no ASSIGN/WEIGHTS from the broker within 120 s")
+            for d in list(pending):
+                if not d.poll(10):
+                    continue
+                _, msg = protocol.recv(d)
+                if msg.type == MsgType.ASSIGN:
+                    run[d] = msg.run
+                    protocol.send(d, Message(MsgType.HELLO, msg.run, links[d][0], 0, {},
+                                             meta={"stage": "ready", "role": "worker", "need_shard": False}))
+                elif msg.type == MsgType.WEIGHTS:
+                    version[d] = msg.version
+                    pending.discard(d)
+    waiting: dict[int, int] = {}  # worker -> replies still outstanding in its current exchange
+    for w, socks in by_worker.items():
+        for d in socks:
+            send(d)
+        waiting[w] = len(socks)
+    poller = zmq.Poller()
+    for d in links:
+        poller.register(d, zmq.POLLIN)
+    t_start = time.monotonic()
+    t_measure, t_end = t_start + args.warmup, t_start + args.warmup + args.seconds
+    counted = 0
+    while True:
+        now = time.monotonic()
+        if now >= t_end:
+            break
+        for d, _ in poller.poll(100):
+            while True:
+                try:
+                    if args.mode == "raw":
+                        d.recv(zmq.NOBLOCK, copy=False)
+                    else:
+                        _, msg = protocol.recv(d, flags=zmq.NOBLOCK)
+                        if msg.type != MsgType.WEIGHTS:
+                            continue  # heartbeats
+                        version[d] = msg.version
+                except zmq.Again:
+                    break
+                w = links[d][0]
+                waiting[w] -= 1
+                if waiting[w] == 0:  # every range is back: one exchange done, start the next
+                    if time.monotonic() >= t_measure:
+                        counted += 1
+                    for dd in by_worker[w]:
+                        send(dd)
+                    waiting[w] = len(by_worker[w])
+    elapsed = min(time.monotonic(), t_end) - t_measure
+    print(json.dumps({"exchanges": counted, "seconds": elapsed}), flush=True)
+    for d in links:
+        d.close(linger=0)
+    ctx.term()
+
+
+# ------------------------------------------------------------------ servers
+
+
+def start_echo(k: int) -> tuple[list[subprocess.Popen], list[str]]:
+    procs, eps = [], []
+    for lo, hi in ranges(N_PARAMS, k):
+        ep = f"tcp://127.0.0.1:{free_port()}"
+        p = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, ep, str(hi - lo)], stdout=subprocess.PIPE, text=True, env=ENV)
+        p.stdout.readline()
+        procs.append(p)
+        eps.append(ep)
+    return procs, eps
+
+
+def start_brokers(k: int, n_workers: int, out: Path) -> tuple[list[subprocess.Popen], list[str]]:
+    if k != 1:
+        raise SystemExit("zsgd serves one range per broker today: --servers K > 1 needs sharded servers (issue 10, item 1)")
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "zsgd", "broker", "--workers", str(n_workers), "--model", "cnn", "--data", "embedded",
+                          "--algo", "async", "--port", str(port), "--no-evaluator", "--quiet", "--checkpoint-every", "0",
+                          "--eval-every", "100000000", "--steps", "100000000", "--lr", "0.001", "--lr-schedule", "constant",
+                          "--heartbeat", "1", "--timeout", "30", "--out", str(out)],
+                         env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return [p], [f"tcp://127.0.0.1:{port}"]
+
+
+def measure(mode: str, n_workers: int, k: int, client_procs: int, seconds: float, warmup: float, out: Path) -> float:
+    """Exchanges per second summed over every worker."""
+    servers, eps = (start_echo(k) if mode == "raw" else start_brokers(k, n_workers, out))
+    try:
+        groups = [list(range(n_workers))[i::client_procs] for i in range(min(client_procs, n_workers))]
+        clients = [subprocess.Popen([sys.executable, __file__, "--client", mode, "--endpoints", ",".join(eps),
+                                     "--client-workers", ",".join(map(str, g)), "--seconds", str(seconds), "--warmup", str(warmup)],
+                                    env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for g in groups]
+        rate = 0.0
+        for c in clients:
+            so, se = c.communicate(timeout=seconds + warmup + 180)
+            if c.returncode != 0:
+                detail = servers[0].stderr.read() if mode == "zsgd" and servers[0].poll() is not None else ""
+                raise RuntimeError(f"client failed: {se[-2000:]} {detail[-2000:]}")
+            r = json.loads(so.strip().splitlines()[-1])
+            rate += r["exchanges"] / r["seconds"]
+        return rate
+    finally:
+        for p in servers:
+            p.send_signal(signal.SIGINT)  # the broker ends its run and writes summary.json
+        for p in servers:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def step_table(rounds: int, reps: int = 200) -> None:
+    """Milliseconds per server step, cnn size, momentum: medians of alternating rounds."""
+    from zsgd.nn.optim import make_optimizer
+    from zsgd.nn.server_step import all_finite
+
+    rng = np.random.default_rng(0)
+    g = (rng.standard_normal(N_PARAMS) * 1e-3).astype(np.float32)
+    g.flags.writeable = False  # as received: a read-only view of a frame
+    live = {"w": rng.standard_normal(N_PARAMS).astype(np.float32), "spare": np.empty(N_PARAMS, np.float32)}
+    opt_a, opt_b = make_optimizer("momentum", N_PARAMS, 0.01), make_optimizer("momentum", N_PARAMS, 0.01)
+
+    def unfused():
+        assert np.isfinite(g).all()
+        opt_a.step(live["w"], g)
+
+    def unfused_busy():
+        assert np.isfinite(g).all()
+        live["w"] = live["w"].copy()  # copy-on-write: the old buffer stays with the send in flight
+        opt_a.step(live["w"], g)
+
+    def fused_in_place():
+        assert all_finite(g)
+        opt_a.step(live["w"], g)
+
+    def fused_out_of_place():
+        assert opt_b.step_into(live["w"], g, live["spare"])
+        live["w"], live["spare"] = live["spare"], live["w"]
+
+    cases = [("unfused: numpy finite check + in-place step", unfused),
+             ("unfused, reply in flight: + snapshot copy", unfused_busy),
+             ("fused: numba finite check + in-place step", fused_in_place),
+             ("fused out of place (check inside; no copy ever)", fused_out_of_place)]
+    results: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for _ in range(max(1, rounds)):
+        for name, fn in cases:
+            for _ in range(5):
+                fn()
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            results[name].append(statistics.median(ts) * 1e3)
+    print(f"\nserver step, cnn ({N_PARAMS:,} float32), momentum, one thread: ms per update "
+          f"(median of {reps} per round, {rounds} alternating rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n")
+    print("| path | ms (median of rounds) | per round |")
+    print("|---|---:|---|")
+    for name, _ in cases:
+        print(f"| {name} | {statistics.median(results[name]):.3f} | {', '.join(f'{x:.3f}' for x in results[name])} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, default=4, help="synthetic workers (pipelined, no compute)")
+    ap.add_argument("--servers", type=int, default=1, help="K servers (zsgd: 1 until sharded servers exist)")
+    ap.add_argument("--client-procs", type=int, default=2, help="client processes the workers are spread over")
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per round, after --warmup")
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=3, help="alternate raw and zsgd this many times")
+    ap.add_argument("--only", choices=["exchange", "step"], default=None, help="only the pipelined exchange, or only the server step")
+    ap.add_argument("--client", choices=["raw", "zsgd"], default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--client-workers", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.client:
+        args.mode = args.client
+        client_main(args)
+        return
+    if args.workers < 1 or args.servers < 1 or args.client_procs < 1:
+        raise SystemExit("--workers, --servers and --client-procs must be >= 1")
+    if args.only == "step":
+        step_table(args.rounds)
+        return
+    msg_bytes = 4 * N_PARAMS  # each way
+    tmp = Path(tempfile.mkdtemp(prefix="bench-broker-"))
+    raw, zs = [], []
+    try:
+        for r in range(max(1, args.rounds)):
+            raw.append(measure("raw", args.workers, args.servers, args.client_procs, args.seconds, args.warmup, tmp))
+            zs.append(measure("zsgd", args.workers, args.servers, args.client_procs, args.seconds, args.warmup, tmp / f"run{r}"))
+            print(f"round {r + 1}: raw echo {raw[-1]:.1f}/s, zsgd broker {zs[-1]:.1f}/s, ratio {zs[-1] / raw[-1]:.2f}", file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratios = [z / w for z, w in zip(zs, raw)]
+    mr, mz = statistics.median(raw), statistics.median(zs)
+    gb = lambda rate: rate * 2 * msg_bytes / 1e9  # noqa: E731
+    print(f"\n{args.workers} pipelined workers, {args.servers} server(s), cnn ({N_PARAMS:,} float32: {msg_bytes / 1e6:.1f} MB up + "
+          f"{msg_bytes / 1e6:.1f} MB down per update), tcp loopback, {os.cpu_count()} cores, {args.client_procs} client process(es), "
+          f"{args.rounds} alternating rounds of {args.seconds:g} s\n")
+    print("| server | updates/s (median) | GB/s (up + down) | per round | ratio to raw (median of rounds) |")
+    print("|---|---:|---:|---|---:|")
+    print(f"| raw pyzmq ROUTER echo | {mr:.1f} | {gb(mr):.2f} | {', '.join(f'{x:.0f}' for x in raw)} | 1.00 |")
+    print(f"| zsgd broker (async, momentum) | {mz:.1f} | {gb(mz):.2f} | {', '.join(f'{x:.0f}' for x in zs)} | "
+          f"**{statistics.median(ratios):.2f}** ({', '.join(f'{x:.2f}' for x in ratios)}) |")
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+    if args.only is None:
+        step_table(args.rounds)
+
+
+if __name__ == "__main__":
+    main()

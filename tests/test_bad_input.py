@@ -1,0 +1,536 @@
+"""Bad input, as a probe found it (issue 12, item 4): one line on stderr, a non-zero exit, no traceback.
+
+Each case runs in-process through click's runner against ``zsgd.cli.main``
+(the ZsgdGroup turns a ZsgdError into ``zsgd: error: ...`` and exit 2), and
+is refused before anything starts: no worker process, nothing half-written.
+The few that need a real process (a worker's signals, a real run to resume,
+an SSH probe) are marked slow and wait on conditions with deadlines.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from helpers import cli, lines_of, run_zsgd, wait_for, zsgd_cmd
+from zsgd.errors import ZsgdError
+
+SMALL = ("--model", "logreg", "--data", "embedded", "--quiet")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "zsgd-home"))
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.chdir(tmp_path)
+
+
+def refused(*args: str, match: str, code: int = 2, seconds: float = 20.0) -> str:
+    """Run ``zsgd ARGS`` in-process; assert one ``zsgd: error:`` line matching ``match``, exit ``code``, quickly."""
+    t0 = time.monotonic()
+    result = cli(*[str(a) for a in args])
+    took = time.monotonic() - t0
+    lines = lines_of(result.stderr)
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    assert len(lines) == 1 and lines[0].startswith("zsgd: error: "), result.stderr
+    import re
+
+    assert re.search(match, lines[0]), lines[0]
+    assert took < seconds, f"took {took:.1f} s"
+    return lines[0]
+
+
+# -- zsgd worker: endpoints and intervals --------------------------------------------------
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:notaport", "tcp://127.0.0.1:", "tcp://127.0.0.1:-1", "ipc://",
+                                      "tcp://:5555", "tcp://127.0.0.1:70000", "udp://127.0.0.1:5555", "tcp://*:5555",
+                                      "tcp://127.0.0.1:5555 "])
+def test_worker_bad_endpoint(endpoint):
+    refused("worker", "--connect", endpoint, match=r"--connect .*(tcp://HOST:PORT|ipc://)", seconds=5)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (("--heartbeat", "nan"), r"--heartbeat must be a positive number of seconds, got nan"),
+    (("--timeout", "inf"), r"--timeout must be a positive number of seconds, got inf"),
+    (("--timeout", "nan"), r"--timeout must be a positive number"),
+    (("--heartbeat", "2", "--timeout", "1"), r"--timeout \(1 s\) must be longer than --heartbeat \(2 s\)"),
+    (("--join-timeout", "nan"), r"--join-timeout must be a positive number"),
+])
+def test_worker_bad_intervals(flags, match):
+    refused("worker", "--connect", "tcp://127.0.0.1:5555", *flags, match=match, seconds=5)
+
+
+def test_link_thread_death_ends_the_worker():
+    """An address ZeroMQ refuses inside the link thread (past the up-front check) is an error on the compute side, not a hang."""
+    import zmq
+
+    from zsgd.wire.link import BrokerLink
+    from zsgd.wire.protocol import Message, MsgType
+
+    ctx = zmq.Context()
+    link = BrokerLink(ctx, "tcp://127.0.0.1:notaport", b"w", run="-", worker=-1, heartbeat=0.2, timeout=1.0).open()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ZsgdError, match=r"connection to tcp://127.0.0.1:notaport failed: Invalid argument"):
+            link.send(Message(MsgType.HELLO, "-", -1, 0, {}, meta={}))
+            while time.monotonic() - t0 < 10:
+                link.recv(timeout=0.2)
+        assert time.monotonic() - t0 < 5
+    finally:
+        link.close()
+        ctx.term()
+
+
+def _comm(task: Path) -> str:
+    try:
+        return (task / "comm").read_text()
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_waiting_worker_ends_on_sigterm(tmp_path, no_orphans):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nobody listens: the worker waits to join
+    proc = subprocess.Popen(zsgd_cmd("worker", "--connect", f"tcp://127.0.0.1:{port}", "--join-timeout", "120"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        # ZeroMQ's I/O thread exists once run_node has its SIGTERM handler and context
+        wait_for(lambda: proc.poll() is not None or any(_comm(t).startswith("ZMQbg") for t in Path(f"/proc/{proc.pid}/task").glob("*")),
+                 60, what="worker's ZeroMQ context")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+
+
+# -- YAML: alias bombs, types, duplicates, encodings ---------------------------------------------
+def _bomb(levels: int = 9) -> str:
+    """A "billion laughs": a few hundred bytes that expand to 9**levels strings."""
+    text = "x0: &x0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for i in range(1, levels):
+        text += f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 9) + "]\n"
+    return "{" + text.strip().replace("\n", ", ") + "}"
+
+
+def test_alias_bomb_in_experiment_file(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"arms: [{{name: a}}]\ndescription: {_bomb()}\n")
+    assert path.stat().st_size < 600
+    refused("experiment", path, match=r"bomb.yaml:2: YAML aliases \(\*x0\) are not accepted", seconds=5)
+
+
+@pytest.mark.parametrize("key", ["name", "lr"])
+def test_alias_bomb_in_config_file(tmp_path, key):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"model: logreg\n{key}: {_bomb()}\n")
+    refused("train", "--config", path, *SMALL, match=r"bomb.yaml:2: YAML aliases", seconds=5)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_alias_in_merge_key_refused(tmp_path):
+    (tmp_path / "m.yaml").write_text("defaults: &d {workers: 2}\narms:\n  - {<<: *d, name: a}\n")
+    refused("experiment", tmp_path / "m.yaml", match=r"m.yaml:3: YAML aliases \(\*d\)")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("name: [[a, b], [c]]\n", r"c.yaml:1: name must be a non-empty string, got list"),
+    ("model: {a: 1}\n", r"c.yaml:1: model must be a non-empty string, got dict"),
+    ("data: [embedded]\n", r"c.yaml:1: data must be a non-empty string, got list"),
+    ("lr: 0.1\nlr: 0.2\n", r"c.yaml:2: duplicate key 'lr' \(first on line 1\)"),
+    ("lr: 0.1\nmomentum: fast\n", r"c.yaml:2: momentum must be a number, got 'fast'"),
+    ("batch_size: 3.5\n", r"c.yaml:1: batch_size must be a positive integer, got 3.5"),
+    ("seed: -1\n", r"c.yaml:1: seed must be a whole number in 0\.\.4294967295, got -1"),
+    ("grayscale: maybe\n", r"c.yaml:1: grayscale must be true or false"),
+    ("steps: [1, 2]\n", r"c.yaml:1: steps must be a positive integer, got list"),
+    ("lrr: 0.1\n", r"c.yaml:1: unknown key 'lrr'; did you mean 'lr'\?"),
+    ("time: 5\ntime_limit: 3\n", r"c.yaml:2: 'time_limit' repeats an option"),
+    ("- lr\n", r"c.yaml:1: expected a mapping of option: value, got list"),
+    ("lr: [0.1\n", r"c.yaml:2: invalid YAML"),
+    ("split: foo\n", r"c.yaml:1: split: invalid split 'foo'"),
+])
+def test_config_file_checked_with_line(tmp_path, text, match):
+    (tmp_path / "c.yaml").write_text(text)
+    refused("train", "--config", tmp_path / "c.yaml", "--steps", "5", "--out", tmp_path / "out", match=match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_file_not_utf8(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"name: \xff\xfe\n")
+    refused("train", "--config", tmp_path / "c.yaml", match=r"c.yaml: not a text file \(UTF-8 YAML expected")
+
+
+def test_config_file_too_large(tmp_path):
+    (tmp_path / "c.yaml").write_text("name: " + "x" * (5 << 20) + "\n")
+    refused("train", "--config", tmp_path / "c.yaml", match=r"too large for a config file")
+
+
+def test_config_file_nested_too_deeply(tmp_path):
+    (tmp_path / "c.yaml").write_text("name: " + "[" * 5000 + "]" * 5000 + "\n")
+    refused("train", "--config", tmp_path / "c.yaml", match=r"c.yaml: nested too deeply|c.yaml:1: name must be")
+
+
+def test_experiment_fields_type_checked(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text("description: [a, b]\narms: [{name: a}]\n")
+    refused("experiment", path, match=r"e.yaml:1: description must be text, got list")
+    path.write_text("name: [[a]]\narms: [{name: a}]\n")
+    refused("experiment", path, match=r"e.yaml:1: name must be a string")
+    path.write_text("problem: {model: logreg, data: embedded, seed: -1}\narms: [{name: a}]\n")
+    refused("experiment", path, match=r"e.yaml:1: problem: seed: --seed must be a whole number in 0\.\.4294967295, got -1")
+    path.write_text("problem:\n  model: {a: 1}\narms: [{name: a}]\n")
+    refused("experiment", path, match=r"e.yaml:2: problem: model: --model must be a non-empty string, got dict")
+    path.write_text("arms:\n  - {name: a, mode: run, timeout: .inf}\n")
+    refused("experiment", path, match=r"--timeout must be a positive number of seconds, got inf")
+
+
+# -- flags out of range ----------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "sim"])
+def test_negative_seed(command, tmp_path):
+    refused(command, "--seed", "-1", "--steps", "5", *(SMALL if command == "train" else SMALL[:4]), "--out", tmp_path / "o",
+            match=r"--seed must be a whole number in 0\.\.4294967295, got -1")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags,match", [
+    (("--timeout", "nan"), r"--timeout must be a positive number of seconds, got nan"),
+    (("--timeout", "inf"), r"--timeout must be a positive number of seconds, got inf"),
+    (("--heartbeat", "nan"), r"--heartbeat must be a positive number of seconds, got nan"),
+    (("--eval-interval", "nan"), r"--eval-interval must be a finite number of seconds >= 0, got nan"),
+    (("--n-proc", "100000"), r"--n-proc 100,000 is more local workers than this machine can run \(at most \d+ for "),
+    (("--algo", "foo"), r"unknown algorithm 'foo'; choose one of async, sync, ssp:S, localsgd:K, or decentralized dsgd, dsgt, cadmm"),
+])
+def test_run_flags_refused_before_anything_starts(tmp_path, flags, match):
+    refused("run", *flags, "--steps", "5", *SMALL, "--out", tmp_path / "o", match=match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_algo_lists_every_algorithm():
+    from zsgd.decentralized.rules import DECENTRALIZED
+
+    line = refused("run", "--algo", "nope", *SMALL, match="unknown algorithm")
+    for name in ("async", "sync", "ssp", "localsgd", *DECENTRALIZED):
+        assert name in line
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_batch_size_larger_than_data_set(command, tmp_path):
+    refused(command, "--batch-size", "100000000", "--steps", "5", *SMALL, "--out", tmp_path / "o",
+            match=r"--batch-size 100,000,000 is larger than the training set \([\d,]+ samples of embedded\)")
+    assert not (tmp_path / "o" / "config.yaml").exists()
+
+
+def test_batch_size_beyond_memory(tmp_path, monkeypatch):
+    import zsgd.core.machine as machine
+
+    monkeypatch.setattr(machine, "available_memory", lambda: 1 << 30)
+    refused("train", "--model", "cnn", "--data", "embedded", "--batch-size", "9000", "--steps", "5", "--quiet", "--out", tmp_path / "o",
+            match=r"--batch-size 9,000 needs about [\d.]+ GiB for one step of cnn, more than the 1.0 GiB available: choose at most [\d,]+")
+    assert not (tmp_path / "o").exists()
+
+
+def test_split_checked_by_train(tmp_path):
+    refused("train", "--split", "foo", "--steps", "5", *SMALL, "--out", tmp_path / "o", match=r"invalid split 'foo'")
+    refused("train", "--split", "classes:²", "--steps", "5", *SMALL, "--out", tmp_path / "o", match=r"invalid split 'classes:²'")
+
+
+def test_empty_out_refused(tmp_path):
+    refused("train", "--out", "", "--steps", "5", *SMALL, match=r"--out must name a directory, got an empty string")
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+# -- --resume ---------------------------------------------------------------------------------------
+@pytest.fixture
+def run_at_200(tmp_path) -> Path:
+    """A run directory as 'zsgd run --steps 200' leaves it, checkpoint at 200 updates (made without running)."""
+    from zsgd.core.config import TrainConfig, write_config
+    from zsgd.core.problem import Problem
+    from zsgd.runtime.checkpoint import save_checkpoint
+    from zsgd.runtime.runner import RunOptions
+
+    cfg = TrainConfig(model="logreg", data="embedded", steps=200, batch_size=32, name="r").validate()
+    problem = Problem.from_config(cfg)
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    write_config(run_dir / "config.yaml", cfg.to_dict() | {"mode": "run", "run": asdict(RunOptions(n_proc=2, show=False))})
+    w = problem.model.init(seed=0)
+    save_checkpoint(run_dir, w, {"step": np.asarray(200), "momentum_buffer": np.zeros_like(w)},
+                    {"updates": 200, "samples": 6400, "elapsed": 5.0, "algo": "async", "run": "abc"})
+    (run_dir / "metrics.jsonl").write_text('{"event":"start","t":0}\n{"event":"train","t":1,"updates":20,"loss":2.0}\n')
+    return run_dir
+
+
+def _damage(run_dir: Path, how: str) -> None:
+    npz = run_dir / "checkpoint.npz"
+    if how == "truncated":
+        npz.write_bytes(npz.read_bytes()[: npz.stat().st_size // 2])
+    elif how == "bit-flipped":  # inside the weights' bytes (a flip in a zip header's date field would be harmless)
+        data = bytearray(npz.read_bytes())
+        data[len(data) // 4] ^= 0x10
+        npz.write_bytes(bytes(data))
+    elif how == "empty":
+        npz.write_bytes(b"")
+    elif how == "checkpoint.json":
+        (run_dir / "checkpoint.json").write_text('{"updates": 20')
+    elif how == "counters":
+        (run_dir / "checkpoint.json").write_text('{"updates": "many", "samples": 1}')
+    elif how == "config.yaml":
+        (run_dir / "config.yaml").write_text("model: [logreg\n")
+    elif how == "config-types":
+        stored = yaml.safe_load((run_dir / "config.yaml").read_text())
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(stored | {"batch_size": "big"}))
+
+
+@pytest.mark.parametrize("how,match", [
+    ("truncated", r"cannot read .*checkpoint.npz: .*\(the file is damaged\)"),
+    ("bit-flipped", r"cannot read .*checkpoint.npz: Bad CRC-32 for file 'w.npy' \(the file is damaged\)"),
+    ("empty", r"cannot read .*checkpoint.npz: the file is empty"),
+    ("checkpoint.json", r"cannot read .*checkpoint.json: "),
+    ("counters", r"checkpoint.json: 'updates' must be a whole number >= 0"),
+    ("config.yaml", r"config.yaml:2: invalid YAML"),
+    ("config-types", r"config.yaml: --batch-size must be a positive integer, got 'big'"),
+])
+def test_resume_damaged_run_dir(run_at_200, how, match):
+    _damage(run_at_200, how)
+    refused("run", "--resume", run_at_200, "--steps", "300", "--quiet", match=match)
+    assert "resumed" not in (run_at_200 / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("flags,match", [
+    (("--model", "mlp"), r"--resume continues the run as it was configured: --model mlp differs from its logreg"),
+    (("--algo", "sync"), r"--algo sync differs from its async"),
+    (("--lr", "0.5"), r"--lr 0.5 differs from its 0.05"),
+    (("--compress", "topk:0.1"), r"--compress topk:0.1 differs from its none"),
+])
+def test_resume_refuses_changed_configuration(run_at_200, flags, match):
+    refused("run", "--resume", run_at_200, "--steps", "300", *flags, "--quiet", match=match)
+
+
+def test_resume_refuses_a_stop_rule_already_reached(run_at_200):
+    refused("run", "--resume", run_at_200, "--steps", "100", "--quiet",
+            match=r"--steps 100: .* is already at 200 updates; give --steps above 200 to continue it")
+    refused("run", "--resume", run_at_200, "--quiet", match=r"already reached its --steps 200 \(200 updates\)")
+    refused("run", "--resume", run_at_200, "--steps", "300", "--time", "1", "--quiet", match=r"--time 1: .* has already run 5 s")
+    summary_before = (run_at_200 / "summary.json").exists()
+    assert not summary_before
+
+
+def test_resume_refuses_config_file(run_at_200, tmp_path):
+    (tmp_path / "c.yaml").write_text("lr: 0.1\n")
+    refused("run", "--resume", run_at_200, "--steps", "300", "--config", tmp_path / "c.yaml", match=r"--config does not apply with --resume")
+
+
+def test_resume_of_a_train_dir(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.yaml").write_text("model: logreg\nmode: train\n")
+    refused("run", "--resume", tmp_path / "t", match=r"was not made by 'zsgd run'")
+
+
+@pytest.mark.slow
+def test_resume_keeps_and_records_n_proc(tmp_path, no_orphans):
+    out = tmp_path / "run"
+    common = ("--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+    run_zsgd("run", "--n-proc", "2", "--steps", "60", "--checkpoint-every", "20", *SMALL, "--out", str(out), *common, check=True)
+    run_zsgd("run", "--resume", str(out), "--steps", "90", "--n-proc", "1", *common, check=True)
+    assert yaml.safe_load((out / "config.yaml").read_text())["run"]["n_proc"] == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["steps"] == 90
+    run_zsgd("run", "--resume", str(out), "--steps", "120", *common, check=True)
+    starts = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"start"' in line]
+    assert [s["n_workers"] for s in starts] == [2, 1, 1]  # the stored --n-proc 1, not the default 2
+
+
+# -- data and models --------------------------------------------------------------------------------
+def _mnist_dir(tmp_path: Path, images_header: bytes) -> Path:
+    d = tmp_path / "mnist"
+    d.mkdir()
+    labels = np.zeros(10, dtype=np.uint8)
+    (d / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(images_header + bytes(100)))
+    (d / "train-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, 10) + labels.tobytes())
+    (d / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, 10, 28, 28) + bytes(10 * 784))
+    (d / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, 10) + labels.tobytes())
+    return d
+
+
+def test_idx_header_claiming_huge_dims(tmp_path):
+    d = _mnist_dir(tmp_path, struct.pack(">IIII", 0x803, 100_000_000, 28, 28))
+    refused("train", "--data", "mnist", "--data-dir", d, "--model", "logreg", "--steps", "5", "--quiet",
+            match=r"train-images-idx3-ubyte.gz is truncated: header promises 78400000000 data bytes, found 100", seconds=10)
+    raw = tmp_path / "raw-images"
+    raw.write_bytes(struct.pack(">IIII", 0x803, 100_000_000, 28, 28) + bytes(100))
+    from zsgd.data.idx import read_idx
+
+    with pytest.raises(ZsgdError, match="header promises 78400000000 data bytes, found 100"):
+        read_idx(raw)
+
+
+def test_imagefolder_one_image_per_class(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog", "eel"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        Image.new("RGB", (12, 12), (10, 20, 30)).save(tmp_path / "imgs" / cls / "a.png")
+    refused("train", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--image-size", "8", "--model", "logreg", "--steps", "5", "--quiet",
+            "--out", tmp_path / "o", match=r"one readable image per class, which leaves none to test on")
+    assert not (tmp_path / "o").exists()
+
+
+USER_MODELS = '''
+from zsgd.nn.models import get_model
+
+def raises(input_shape, n_classes):
+    raise RuntimeError("boom\\nsecond line")
+
+not_callable = 42
+
+class Wrap:
+    def __init__(self, inner):
+        self._m = inner
+    def __getattr__(self, k):
+        return getattr(self._m, k)
+
+class WrongShape(Wrap):
+    def predict(self, w, x):
+        return self._m.predict(w, x)[:, :3]
+
+class BadState(Wrap):
+    def state_dict(self, w):
+        return [w]
+
+def wrong_shape(input_shape, n_classes):
+    return WrongShape(get_model("logreg", input_shape, n_classes))
+
+def bad_state(input_shape, n_classes):
+    return BadState(get_model("logreg", input_shape, n_classes))
+
+def not_a_model(input_shape, n_classes):
+    return "model"
+'''
+
+
+@pytest.mark.parametrize("factory,match", [
+    ("raises", r"model 'zsgd_bad_models:raises': the factory raised RuntimeError: boom second line"),
+    ("not_callable", r"model factory 'zsgd_bad_models:not_callable' is a int, not a function"),
+    ("wrong_shape", r"predict\(\) on 2 images must return an array of shape \(2, 10\) .* got array of shape \(2, 3\)"),
+    ("bad_state", r"state_dict\(\) must return a dict of name -> numpy array, got list"),
+    ("not_a_model", r"returned str, which lacks"),
+    ("missing", r"cannot load model factory 'zsgd_bad_models:missing'"),
+])
+@pytest.mark.parametrize("command", ["train", "sim"])
+def test_user_model_checked_before_training(tmp_path, monkeypatch, factory, match, command):
+    (tmp_path / "zsgd_bad_models.py").write_text(USER_MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "zsgd_bad_models", raising=False)
+    extra = ("--quiet",) if command == "train" else ()
+    refused(command, "--model", f"zsgd_bad_models:{factory}", "--data", "embedded", "--steps", "5", *extra, "--out", tmp_path / "o", match=match)
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+# -- run directories ------------------------------------------------------------------------------
+def test_failed_start_does_not_block_the_next_run(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        for _ in range(2):  # the second attempt gets the same error, not "already holds a run"
+            refused("run", "--port", port, "--steps", "5", *SMALL, "--out", tmp_path / "o", match=r"cannot listen on .*the port is in use")
+    finally:
+        busy.close()
+    assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_a_run_that_trained_is_still_protected(tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "config.yaml").write_text("model: logreg\n")
+    (out / "metrics.jsonl").write_text('{"event":"start","t":0}\n{"event":"train","t":1,"updates":20,"loss":2.0}\n')
+    refused("train", "--steps", "5", *SMALL, "--out", out, match=r"already holds a run; choose another --out")
+    assert "train" in (out / "metrics.jsonl").read_text()
+
+
+def test_keys_generate_into_unwritable_place(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    refused("keys", "generate", tmp_path / "a-file" / "keys", match=r"cannot write keys to .*a-file/keys: Not a directory")
+    refused("keys", "generate", tmp_path / "k", "--clients", "100000000", match=r"--clients 100,000,000 is more than")
+    assert not (tmp_path / "k").exists()
+
+
+# -- hosts files ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("line,match", [
+    ("localhost slots=²", r"slots must be a whole number from 1 to \d+, got '²'"),
+    ("localhost:²² ", r"port"),
+])
+def test_hosts_file_superscript_digits(tmp_path, line, match):
+    (tmp_path / "hosts.txt").write_text(line + "\n")
+    refused("run", "--remote", tmp_path / "hosts.txt", "--steps", "5", *SMALL, "--out", tmp_path / "o", match=match)
+
+
+@pytest.mark.slow
+def test_allow_partial_with_no_usable_host_runs_locally(tmp_path, no_orphans):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    (tmp_path / "hosts.txt").write_text(f"nobody@127.0.0.1:{port}\n")
+    proc = run_zsgd("run", "--remote", str(tmp_path / "hosts.txt"), "--allow-partial", "--n-proc", "1", "--steps", "20", *SMALL, "--out", str(tmp_path / "o"), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no host in" in proc.stderr and "going on with the 1 local worker" in proc.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["updates"] >= 20, summary["stop_reason"]
+    proc = run_zsgd("run", "--remote", str(tmp_path / "hosts.txt"), "--allow-partial", "--steps", "20", *SMALL,
+                    "--out", str(tmp_path / "o2"), timeout=120)
+    assert proc.returncode == 2 and "no other host" in proc.stderr  # no local worker: nothing to run
+
+
+# -- zsgd plot --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content,match", [
+    (os.urandom(3000) + b"\n" + os.urandom(100), r"metrics.jsonl:1: not a metrics event \(corrupt line\)|nothing to plot"),
+    (b'[1, 2]\n5\n{"event":"train","t":1,"updates":1,"loss":1}\n', r"metrics.jsonl:1: not a metrics event \(a JSON object expected, got list\)"),
+    (b"", r"nothing to plot: the metrics.jsonl of .* holds no train or eval events"),
+    (b'{"event":"train","t":NaN,"updates":1,"loss":NaN}\n{"event":"eval","t":"x","updates":1,"test_acc":Infinity}\n',
+     r"nothing to plot"),
+])
+def test_plot_bad_metrics(tmp_path, content, match):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_bytes(content)
+    refused("plot", tmp_path / "r", "--out", tmp_path / "p", match=match)
+    assert not list((tmp_path / "p").glob("*.png")) if (tmp_path / "p").exists() else True
+
+
+def test_plot_skips_non_numbers(tmp_path):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.jsonl").write_text(
+        '{"event":"train","t":NaN,"updates":1,"loss":NaN}\n{"event":"train","t":1,"updates":2,"loss":1.5}\n'
+        '{"event":"eval","t":2,"updates":"x","test_acc":0.5}\n{"event":"train","t":3,"updates":4,"loss":true}\n')
+    result = cli("plot", str(tmp_path / "r"), "--out", str(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "p").glob("*.png"))) == 2
+
+
+def test_worker_plot_with_absurd_staleness(tmp_path):
+    from zsgd.output.plots import plot_workers
+
+    (tmp_path / "metrics.jsonl").write_text('{"event":"update","t":1,"staleness":1e15,"worker":0}\n'
+                                            '{"event":"update","t":2,"staleness":3,"worker":1}\n')
+    assert len(plot_workers(tmp_path)) == 2  # bounded bins, not an array of 1e15

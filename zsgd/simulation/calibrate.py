@@ -1,0 +1,102 @@
+"""Costs the simulator measures on this machine instead of assuming: the server's step.
+
+``zsgd sim --broker-time measured`` (the default) times what the broker does
+for one update of *this* model, optimizer, algorithm and codec, with the
+broker's own code: decode the frames the worker sent (zero-copy views),
+validate them (including the finite check), decode the codec, run the server
+algorithm's ``on_update`` (the fused optimizer step, on reply views of the
+live weights, as the broker sets it up) and encode every reply it asks for
+(``--compress-replies`` included). What it leaves out is the socket I/O,
+which ZeroMQ's I/O thread does beside the handler, and the metrics line.
+
+The synthetic workers answer round-robin from a queue of replies, so
+sync, SSP and local SGD rounds complete as they do in a run; the time per
+update is averaged over whole cycles of ``workers`` updates (a sync round's
+one optimizer step is spread over its updates, as the sim's FIFO server
+model charges every update the same), and the median of several cycles is
+kept, so a busy neighbour during one cycle does not set the figure.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+
+def time_server_step(cfg: Any, model: Any, w0: np.ndarray, algo: str, compress: str = "none", compress_replies: str = "none",
+                     staleness_lr: str | bool = "off", workers: int = 4, cycles: int = 5, warmup: int = 1) -> list[float]:
+    """Seconds per update of the broker's handler, one figure per cycle of ``workers`` updates (after ``warmup`` cycles)."""
+    from zsgd.algorithms import Reply, Update, make_server_algorithm, parse_algo
+    from zsgd.compression import decode, make_codec, touched_indices
+    from zsgd.nn.optim import make_optimizer
+    from zsgd.wire import protocol
+
+    n = model.n_params
+    run = "0" * 12
+    optimizer = make_optimizer(cfg.optimizer, n, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    server = make_server_algorithm(algo, w0, optimizer, staleness_lr=staleness_lr, clip_norm=cfg.clip_norm)
+    server.share_snapshots = True  # as the broker: replies are views of the live weights
+    server.snapshot_busy = lambda: False  # each reply leaves before the next update arrives (the common case)
+    reply_codec = None
+    if compress_replies != "none":
+        from zsgd.compression.delta import DeltaReplyEncoder
+
+        reply_codec = DeltaReplyEncoder(compress_replies, n, seed=cfg.seed)
+    limits = protocol.Limits.for_model(n)
+    kind = {"kind": "delta"} if parse_algo(algo)[0] == "localsgd" else {}
+    grad = (np.random.default_rng(cfg.seed).standard_normal(n) * 1e-4).astype(np.float32)
+    codec = make_codec(compress, n, seed=cfg.seed) if compress != "none" else None
+    coded = codec.encode(grad) if codec is not None else None
+
+    def frames_of(worker: int, version: int) -> list:
+        if codec is None:
+            msg = protocol.update_message(run, worker, version, grad, cfg.batch_size, 0.5, **kind)
+        else:
+            msg = protocol.update_message(run, worker, version, None, cfg.batch_size, 0.5, codec=codec.name, extra_arrays=coded, **kind)
+        return protocol.encode(msg)
+
+    pending: deque[tuple[int, int]] = deque()  # (worker, version of the weights it holds)
+
+    def handle(outputs: list) -> None:
+        for out in outputs:
+            if isinstance(out, Reply) and out.weights is not None:
+                arrays = reply_codec.reply(out.worker, out.weights) if reply_codec is not None else None
+                if arrays is None:
+                    msg = protocol.weights_message(run, out.version, out.weights)
+                else:
+                    msg = protocol.Message(protocol.MsgType.WEIGHTS, run, -1, out.version, arrays, codec=reply_codec.name)
+                protocol.encode(msg)
+                pending.append((out.worker, out.version))
+
+    for w in range(workers):
+        handle(server.add_worker(w, 0.0))
+    per_update: list[float] = []
+    for cycle in range(warmup + cycles):
+        spent, count = 0.0, 0
+        while count < workers and pending:
+            w, version = pending.popleft()
+            frames = frames_of(w, version)
+            t0 = time.perf_counter()
+            msg = protocol.decode(frames, limits)
+            protocol.validate_update(msg, run=run, known_workers={w}, n_params=n)
+            g = msg.arrays.get("g")
+            meta = dict(kind)
+            if msg.codec != "none":
+                g = decode(msg.codec, msg.arrays, n)
+                meta["indices"] = touched_indices(msg.codec, msg.arrays)
+            handle(server.on_update(Update(w, msg.version, g, cfg.batch_size, 0.5, meta), 0.0))
+            spent += time.perf_counter() - t0
+            count += 1
+        if not count:
+            break  # nobody holds weights (not with these rules; but never loop for ever)
+        if cycle >= warmup:
+            per_update.append(spent / count)
+    return per_update
+
+
+def median(samples: list[float]) -> float:
+    return float(statistics.median(samples)) if samples else 0.0
