@@ -15,7 +15,7 @@ from zsgd.errors import ZsgdError
 from zsgd.simulation.parallel import ArmFailed, ArmsView, ForkRunner, InlineRunner, default_jobs, run_arms
 
 GRID = ["--model", "logreg", "--data", "embedded", "--workers", "4", "--algo", "async,sync", "--latency", "0,10ms",
-        "--compute", "2ms", "--eval-every", "200", "-q"]
+        "--compute", "2ms", "--broker-time", "0", "--eval-every", "200", "-q"]
 
 
 def sim(out: Path, *args: str, env: dict | None = None, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float]:

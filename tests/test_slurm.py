@@ -108,7 +108,7 @@ def test_train_sbatch_cut_by_sigterm_resumes_to_the_same_update_count(slurm, tmp
 
 def test_sim_grid_under_slurm_writes_what_jobs_1_writes(slurm, tmp_path, no_orphans):
     grid = ["sim", "--model", "logreg", "--data", "embedded", "--workers", "4", "--algo", "async,sync", "--latency", "0,10ms",
-            "--compute", "2ms", "--steps", "300", "--eval-every", "100", "-q"]
+            "--compute", "2ms", "--broker-time", "0", "--steps", "300", "--eval-every", "100", "-q"]  # timings fixed: comparable bytes
     local = subprocess.run([*ZSGD, *grid, "--jobs", "1", "--out", str(tmp_path / "local")], capture_output=True, text=True, timeout=300,
                            stdin=subprocess.DEVNULL)
     assert local.returncode == 0, local.stderr[-2000:]

@@ -201,7 +201,9 @@ class Experiment:
     def save_plan(self) -> None:
         """What an ``experiment-arm`` step needs to rebuild this experiment: the file and the compute calibrations."""
         write_json(self.out_dir / "plan.json", {"config": str(Path(self.spec.path).resolve()), "only": [a.name for a in self.arms],
-                                                "compute_samples": {str(bs): wl.compute_samples for bs, wl in self._workloads.items()}})
+                                                "compute_samples": {str(bs): wl.compute_samples for bs, wl in self._workloads.items()},
+                                                "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()]
+                                                                        for bs, wl in self._workloads.items()}})
 
 
 def run_planned_arm(out_dir: Path, index: int) -> Path:
@@ -220,9 +222,10 @@ def run_planned_arm(out_dir: Path, index: int) -> Path:
         raise ZsgdError(f"{path}: no arm {index} (the experiment has {len(exp.arms)})")
     exp.prepare()
     exp.out_dir = Path(out_dir)
-    for bs, samples in plan["compute_samples"].items():
-        if int(bs) in exp._workloads:
-            exp._workloads[int(bs)].compute_samples = samples
+    from zsgd.simulation.arm_files import restore_calibration
+
+    for bs, wl in exp._workloads.items():
+        restore_calibration(wl, plan, bs)
     return exp.run_arm(exp.arms[index])
 
 

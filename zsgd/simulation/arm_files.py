@@ -34,6 +34,10 @@ def calibrate_once(workload: Any, options: Iterable[Any]) -> None:
     and forked arms inherit them instead of each compiling its own."""
     from zsgd.simulation.netmodel import Measured
 
+    options = list(options)
+    for o in options:  # broker-time=measured: timed once per (algorithm, codecs), cached on the workload
+        if isinstance(getattr(o, "broker_s", None), Measured):
+            workload.broker_model(o)
     steps = [o.calibration_steps for o in options if isinstance(getattr(o, "compute", None), Measured)]
     if steps:
         workload.calibrate(steps[0])
@@ -50,8 +54,16 @@ def save_plan(out_dir: Path, cfg: Any, spec: Any, workloads: dict[int, Any], arm
     path = Path(out_dir) / PLAN
     path.write_text(json.dumps({"config": cfg.to_dict(), "spec": asdict(spec),
                                 "compute_samples": {str(bs): wl.compute_samples for bs, wl in workloads.items()},
+                                "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()]
+                                                        for bs, wl in workloads.items()},
                                 "arm_plots": arm_plots}, indent=1))
     return path
+
+
+def restore_calibration(workload: Any, plan: dict[str, Any], batch_size: int) -> None:
+    """Give a step's workload the parent's timings (compute, broker), so it simulates the arm the parent would have."""
+    workload.compute_samples = plan["compute_samples"].get(str(batch_size))
+    workload.server_step_samples = {tuple(k): v for k, v in plan.get("server_step_samples", {}).get(str(batch_size), [])}
 
 
 def load_plan(out_dir: Path) -> dict[str, Any]:

@@ -328,7 +328,7 @@ def run_planned_arm(out_dir: Path, index: int) -> Path:
     simulate arm ``index`` with the parent's compute calibration, save its result; returns its directory."""
     from dataclasses import replace
 
-    from zsgd.simulation.arm_files import load_plan, save_result
+    from zsgd.simulation.arm_files import load_plan, restore_calibration, save_result
 
     plan = load_plan(out_dir)
     spec = SweepSpec(**plan["spec"])
@@ -342,7 +342,7 @@ def run_planned_arm(out_dir: Path, index: int) -> Path:
     if note:
         arm.opts = replace(arm.opts, scaling=note)
     workload = prepare_workload(arm_cfg, [arm])
-    workload.compute_samples = plan["compute_samples"].get(str(arm_cfg.batch_size))
+    restore_calibration(workload, plan, arm_cfg.batch_size)
     result = _simulate(arm_cfg, arm, workload, Path(out_dir), None, bool(plan["arm_plots"]))
     save_result(Path(out_dir) / arm.dirname, result)
     return Path(out_dir) / arm.dirname
