@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything zsgd and its tests need on a fresh Debian/Ubuntu machine:
 # the Python package with its test extras, Fashion-MNIST and OpenSSH (for the
-# remote-worker tests) from Debian, and PyTorch's CPU build when available
+# remote-worker tests) and Slurm with munge (for the cluster-launcher tests,
+# which start their own one-node cluster) from Debian, and PyTorch's CPU build when available
 # (benchmarks and parity tests only; they skip cleanly without it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,10 @@ if command -v apt-get >/dev/null 2>&1; then
   $SUDO apt-get update -qq || echo "setup: apt-get update failed; continuing"
   $SUDO apt-get install -y -qq --no-install-recommends dataset-fashion-mnist openssh-server openssh-client \
     || echo "setup: could not install Debian packages; zsgd falls back to its embedded data set"
+  # Only the packages: the tests start their own munged/slurmctld/slurmd in a temporary
+  # directory, so no system daemon is configured or started here.
+  $SUDO apt-get install -y -qq --no-install-recommends slurm-wlm munge \
+    || echo "setup: could not install slurm-wlm and munge; the Slurm launcher tests will be skipped"
 fi
 
 PY=${PYTHON:-python3}

@@ -11,12 +11,12 @@ import click
 
 from zsgd import __version__
 from zsgd.commands.data import data_group
-from zsgd.commands.experiment import experiment_command
+from zsgd.commands.experiment import experiment_arm_command, experiment_command
 from zsgd.commands.group import ZsgdGroup
 from zsgd.commands.plot import plot
 from zsgd.commands.remote import keys_group, remote_group
 from zsgd.commands.run import broker, run
-from zsgd.commands.simulate import sim_command
+from zsgd.commands.simulate import sim_arm_command, sim_command
 from zsgd.commands.train import train
 from zsgd.commands.worker import worker
 
@@ -28,5 +28,6 @@ def main() -> None:
     simulate latency, stragglers and staleness in virtual time."""
 
 
-for command in (train, run, broker, worker, plot, data_group, remote_group, keys_group, sim_command, experiment_command):
+for command in (train, run, broker, worker, plot, data_group, remote_group, keys_group, sim_command, sim_arm_command,
+                experiment_command, experiment_arm_command):
     main.add_command(command)

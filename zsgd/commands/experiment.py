@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from zsgd.commands.arms import arm_options
 from zsgd.errors import ZsgdError
 
 
@@ -25,8 +26,10 @@ from zsgd.errors import ZsgdError
 @click.option("--only", multiple=True, metavar="ARM", help="Run only this arm (repeatable); the others are skipped.")
 @click.option("--check", is_flag=True, help="Validate the file (every arm) and exit without running anything.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or table.")
+@arm_options
 @click.pass_context
-def experiment_command(ctx: click.Context, config: str, out: str | None, only: tuple[str, ...], check: bool, quiet: bool) -> None:
+def experiment_command(ctx: click.Context, config: str, out: str | None, only: tuple[str, ...], check: bool, quiet: bool,
+                       jobs: int | None, launcher: str) -> None:
     """Run the arms of an experiment file and compare them.
 
     The file names one problem (model, data, split, seed, hyper-parameters,
@@ -36,7 +39,7 @@ def experiment_command(ctx: click.Context, config: str, out: str | None, only: t
     examples/compare_small.yaml.
     """
     try:
-        _run(config, out, only, check, quiet)
+        _run(config, out, only, check, quiet, jobs, launcher)
     except ZsgdError as exc:
         if ctx.parent is not None:
             raise  # inside the zsgd group: it prints the one line and exits 2, as for every command
@@ -44,13 +47,18 @@ def experiment_command(ctx: click.Context, config: str, out: str | None, only: t
         sys.exit(exc.exit_code)
 
 
-def _run(config: str, out: str | None, only: tuple[str, ...], check: bool, quiet: bool) -> None:
+def _run(config: str, out: str | None, only: tuple[str, ...], check: bool, quiet: bool, jobs: int | None = None,
+         launcher: str = "local") -> None:
+    from zsgd.runtime.threads import single_threaded_blas
+
+    single_threaded_blas()  # as in zsgd sim: measured compute is one worker's, and parallel arms must not fight over cores
     from zsgd.experiments.config import load_experiment
 
     spec = load_experiment(Path(config))
     if check:
         click.echo(f"{config}: {len(spec.arms)} arm(s) OK: {', '.join(a.name for a in spec.arms)}")
         return
+    from zsgd.commands.arms import resolve_arm_launch
     from zsgd.experiments.experiment import run_experiment
     from zsgd.output.live import stderr_console
     from zsgd.output.rundir import check_out_dir
@@ -58,9 +66,12 @@ def _run(config: str, out: str | None, only: tuple[str, ...], check: bool, quiet
     if out is not None:
         check_out_dir(out)  # before any arm's data is loaded
 
+    launch = resolve_arm_launch(jobs, launcher, "experiment-arm")
+
     log = None if quiet else (lambda msg: stderr_console.print(msg, highlight=False, markup=False))
     command = "zsgd experiment " + " ".join(shlex.quote(a) for a in [config] + [f"--only={o}" for o in only])
-    out_dir, rows = run_experiment(spec, out, only, log=log, command=command)
+    out_dir, rows = run_experiment(spec, out, only, log=log, command=command, jobs=launch.jobs, step_argv=launch.step_argv,
+                                   step_capacity=launch.capacity)
     if not quiet:
         from zsgd.experiments.report import results_table
 
@@ -68,3 +79,16 @@ def _run(config: str, out: str | None, only: tuple[str, ...], check: bool, quiet
         stderr_console.print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.csv'}; plots in {out_dir}")
     click.echo(str(out_dir))
     sys.stdout.flush()
+
+
+@click.command("experiment-arm", hidden=True)
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("index", type=int)
+def experiment_arm_command(out_dir: str, index: int) -> None:
+    """One simulated arm of an experiment that 'zsgd experiment --launcher slurm' planned in OUT_DIR (run as an srun step)."""
+    from zsgd.runtime.threads import single_threaded_blas
+
+    single_threaded_blas()
+    from zsgd.experiments.experiment import run_planned_arm
+
+    click.echo(str(run_planned_arm(Path(out_dir), index)))

@@ -166,7 +166,7 @@ def remote_run_options(func: Callable) -> Callable:
     return func
 
 
-def pop_run_flags(params: dict) -> dict:
+def pop_run_flags(params: dict, launcher: str = "local") -> dict:
     """Take the remote/security flags out of a command's params as ``RunOptions`` fields."""
     import dataclasses
 
@@ -175,6 +175,8 @@ def pop_run_flags(params: dict) -> dict:
         ssh = make_ssh_options(params.pop("ssh_config"), params.pop("ssh_option"), params.pop("connect_timeout"), params.pop("remote_dir"))
         out |= {"remote": params.pop("remote"), "advertise": params.pop("advertise"), "allow_partial": params.pop("allow_partial"),
                 "ssh": {**dataclasses.asdict(ssh), "options": list(ssh.options)}}
-        if out["remote"] is None and (out["advertise"] or out["allow_partial"]):
-            raise ZsgdError("--advertise and --allow-partial need --remote HOSTS_FILE")
+        if out["remote"] is None and out["allow_partial"]:
+            raise ZsgdError("--allow-partial needs --remote HOSTS_FILE")
+        if out["remote"] is None and out["advertise"] and launcher != "slurm":
+            raise ZsgdError("--advertise is the address of workers on other machines: they need --remote HOSTS_FILE or --launcher slurm")
     return out

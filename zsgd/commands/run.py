@@ -53,20 +53,33 @@ def _print_run_summary(summary: dict) -> None:
 @_decentralized_options
 @remote_run_options
 @secure_options
-@click.option("--n-proc", default=None, type=int, help="Local worker processes to start (default 2; 0 with --remote).")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None, help="Continue RUN_DIR from its last checkpoint.")
+@click.option("--n-proc", default=None, type=int,
+              help="Worker processes: local ones (default 2; 0 with --remote), or with --launcher slurm the tasks of the srun step "
+                   "(default: every CPU of the allocation but the broker's).")
+@click.option("--launcher", type=click.Choice(["local", "ssh", "slurm"]), default=None,
+              help="Who starts the workers: 'local' processes, 'ssh' (the hosts of --remote) or 'slurm' (one srun step across the "
+                   "allocation). Default: ssh with --remote; slurm inside a Slurm job when --n-proc is not given; else local.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue RUN_DIR from its last checkpoint; 'auto': continue --out if it holds a checkpoint, else start it fresh "
+                   "(for batch jobs that are submitted again).")
 @click.pass_context
-def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port: int, host: str, heartbeat: float, timeout: float,
-        staleness_lr: str, compress: str, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
-        stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+def run(ctx: click.Context, n_proc: int, launcher: str | None, resume_dir: str | None, algo: str, port: int, host: str, heartbeat: float,
+        timeout: float, staleness_lr: str, compress: str, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None,
+        inject_loss: str | None, stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
     """Train with a broker and N worker processes over ZeroMQ."""
     from zsgd.runtime.runner import RunOptions, run_distributed
 
     from zsgd.core.scaling import SCALED_FIELDS
 
-    extra = pop_run_flags(params) | pop_decentralized(params) | {"tensorboard": params.pop("tensorboard"),
-                                                                   "compress_replies": params.pop("compress_replies")}
+    launcher = _choose_launcher(launcher, n_proc, params.get("remote"), quiet)
+    extra = pop_run_flags(params, launcher) | pop_decentralized(params) | {"tensorboard": params.pop("tensorboard"),
+                                                                             "compress_replies": params.pop("compress_replies")}
     defaulted: set[str] = set()
+    extra["launcher"] = launcher
+    if launcher == "slurm":
+        extra["slurm_request"], n_proc = n_proc, 0
+    if resume_dir == "auto":
+        resume_dir = _auto_resume(out, quiet)
     if resume_dir is not None:
         cfg, stored = _resume_config(ctx, resume_dir, params | {"algo": algo, "staleness_lr": staleness_lr, "compress": compress,
                                                                 "compress_replies": extra["compress_replies"]})
@@ -88,6 +101,45 @@ def run(ctx: click.Context, n_proc: int, resume_dir: str | None, algo: str, port
                       inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers, show=not quiet, **extra)
     summary = run_distributed(cfg, opts, out=out, resume_dir=resume_dir)
     _print_run_summary(summary)
+
+
+def _choose_launcher(launcher: str | None, n_proc: int | None, remote: str | None, quiet: bool) -> str:
+    """The launcher given, or the one the situation calls for; contradictory flags are one line, exit 2."""
+    import os
+
+    if launcher is None:
+        if remote:
+            return "ssh"
+        if os.environ.get("SLURM_JOB_ID") and n_proc is None:
+            if not quiet:
+                click.echo(f"note: inside Slurm job {os.environ['SLURM_JOB_ID']}: workers start as an srun step "
+                           "(--launcher slurm); pass --launcher local or --n-proc N to start them here", err=True)
+            return "slurm"
+        return "local"
+    if launcher == "ssh" and not remote:
+        raise ZsgdError("--launcher ssh needs --remote HOSTS_FILE (the hosts to start workers on)")
+    if launcher != "ssh" and remote:
+        raise ZsgdError(f"--remote starts workers over SSH; it does not go with --launcher {launcher}")
+    return launcher
+
+
+def _auto_resume(out: str | None, quiet: bool) -> str | None:
+    """``--resume auto``: RUN_DIR (= --out) if it holds a checkpoint, else None (a fresh run there).
+
+    A directory with metrics but no checkpoint (a job killed before its first
+    one) starts over: its old metrics file is kept aside, not appended to."""
+    import time
+    from pathlib import Path
+
+    if out is None:
+        raise ZsgdError("--resume auto needs --out RUN_DIR (the directory a resubmitted job continues)")
+    path = Path(out)
+    if (path / "checkpoint.json").is_file() and (path / "config.yaml").is_file():
+        click.echo(f"--resume auto: continuing {path} from its checkpoint", err=True)  # even with --quiet: batch logs must show it
+        return str(path)
+    if (path / "metrics.jsonl").exists():
+        (path / "metrics.jsonl").rename(path / f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    return None
 
 
 RESUME_RUN_FLAGS = ("algo", "staleness_lr", "compress", "compress_replies")  # stored with the run; a resume keeps them

@@ -23,9 +23,12 @@ are imported when the command runs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from zsgd.commands.options import build_config, decentralized_options, pop_decentralized, training_options_with
+from zsgd.commands.arms import arm_options
 from zsgd.errors import ZsgdError
 
 _LIST = " A comma list makes arms (every combination with the other lists)."
@@ -83,12 +86,13 @@ def _sim_options(func):
 @click.command("sim")
 @training_options_with(model="mlp")
 @_sim_options
+@arm_options
 @decentralized_options
 @click.pass_context
 def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str, latency: str, latency_up: str | None,
                 latency_down: str | None, latency_worker: tuple[str, ...], bandwidth: str, broker_bandwidth: str, loss: str,
                 retransmit: str, compute: str, stragglers: str, failures: str, detect: str, broker_time: str, target: float,
-                literal: bool, arm_plots: bool, out: str | None, quiet: bool, **params) -> None:
+                literal: bool, arm_plots: bool, out: str | None, quiet: bool, jobs: int | None, launcher: str, **params) -> None:
     """Simulate distributed SGD in virtual time: real gradients, simulated clock.
 
     Comma lists form a grid of arms, e.g. 'zsgd sim --latency 0,10,50ms' (a
@@ -128,16 +132,35 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
     if out is not None:
         check_out_dir(out)  # before the data is loaded
     workload = prepare_workload(cfg, arms)  # data, model and shards: may still reject e.g. too many workers
+    from zsgd.commands.arms import resolve_arm_launch
+
+    launch = resolve_arm_launch(jobs, launcher, "sim-arm")  # outside an allocation, without srun: refused before anything is written
     out_dir = create_run_dir(out, cfg.name)
     ds, model = workload.problem.dataset, workload.model
     if not quiet:
         stderr_console.print(f"data: [bold]{ds.name}[/] ({ds.source}), {len(ds.y_train):,} train / {len(ds.y_test):,} test; "
-                             f"model: [bold]{cfg.model}[/] ({model.n_params:,} parameters); {len(arms)} arm(s) -> {out_dir}")
+                             f"model: [bold]{cfg.model}[/] ({model.n_params:,} parameters); {len(arms)} arm(s), "
+                             f"{launch.where} -> {out_dir}")
+    if not quiet:
         scaled = scaling_line(cfg, arms, spec)
         if scaled:
             stderr_console.print(scaled, highlight=False, markup=False, soft_wrap=True)  # one line, however wide
-    outcomes = run_sweep(cfg, spec, out_dir, workload=workload, show=not quiet, arm_plots=arm_plots)
+    outcomes = run_sweep(cfg, spec, out_dir, workload=workload, show=not quiet, arm_plots=arm_plots, jobs=launch.jobs,
+                         step_argv=launch.step_argv and (lambda i: launch.step_argv(out_dir, i)), step_capacity=launch.capacity)
     if not quiet:
         stderr_console.print(results_table(outcomes, target))
         stderr_console.print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.csv'}; plots in {out_dir}")
     click.echo(str(out_dir))
+
+
+@click.command("sim-arm", hidden=True)
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("index", type=int)
+def sim_arm_command(out_dir: str, index: int) -> None:
+    """One arm of a sweep that 'zsgd sim --launcher slurm' planned in OUT_DIR (run as an srun step)."""
+    from zsgd.runtime.threads import single_threaded_blas
+
+    single_threaded_blas()
+    from zsgd.simulation.sweep import run_planned_arm
+
+    click.echo(str(run_planned_arm(Path(out_dir), index)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -11,7 +12,9 @@ from zsgd.errors import ZsgdError
 
 @click.command()
 @click.option("--connect", required=True, help="Broker address, e.g. tcp://127.0.0.1:5555.")
-@click.option("--id", "worker_id", type=int, default=None, help="Worker id (stable across restarts); default: the broker picks.")
+@click.option("--id", "worker_id", type=int, default=None,
+              help="Worker id (stable across restarts); default: the launcher's rank (OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID), "
+                   "else the broker picks.")
 @click.option("--role", type=click.Choice(["worker", "evaluator"]), default="worker", show_default=True)
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Local copy of the data set (else the broker sends the shard).")
 @click.option("--heartbeat", default=1.0, show_default=True, type=float)
@@ -19,7 +22,9 @@ from zsgd.errors import ZsgdError
 @click.option("--join-timeout", default=60.0, show_default=True, type=float, help="Give up if no broker answers within this time.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--keys-stdin", is_flag=True, help="Read CURVE keys as one JSON line from stdin (how 'zsgd run' hands them over).")
-@click.option("--keys-file", type=click.Path(dir_okay=False), default=None, help="CURVE keys file (mode 0600), e.g. from 'zsgd keys generate'.")
+@click.option("--keys-file", type=click.Path(), default=None,
+              help="CURVE keys file (mode 0600), e.g. from 'zsgd keys generate'; or that folder, to take client-(ID+1).json "
+                   "(one key per worker of an mpirun/srun launch).")
 @click.option("--watch-stdin", is_flag=True, help="Exit when stdin closes (ties a remote worker to its SSH session).")
 @click.option("--host-label", default=None, help="Name of this machine in the broker's view (default: hostname).")
 @click.option("--tag", default=None, hidden=True, help="Marker in the command line, so 'zsgd run' can find its processes.")
@@ -39,17 +44,31 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
     single_threaded_blas()
     from zsgd.node import NodeOptions, run_node
 
+    if worker_id is None and role == "worker":
+        from zsgd.runtime.ranks import rank_from_env
+
+        found = rank_from_env()  # srun, mpirun or a PMI launcher numbered this process
+        worker_id = None if found is None else found[0]
     curve = None
     if keys_stdin and keys_file:
         raise ZsgdError("give --keys-stdin or --keys-file, not both")
     if keys_stdin or keys_file:
         from zsgd.wire.security import curve_for_link, read_keys_line, read_secret_json
 
-        curve = read_keys_line() if keys_stdin else curve_for_link(read_secret_json(keys_file))
+        if keys_file and os.path.isdir(keys_file):
+            if worker_id is None:
+                raise ZsgdError(f"--keys-file {keys_file} is a folder: give --id (or start under a launcher that sets a rank) "
+                                "so the worker knows which client key is its own")
+            keys_file = os.path.join(keys_file, f"client-{worker_id + 1}.json")
+            if not os.path.isfile(keys_file):
+                raise ZsgdError(f"--keys-file: no {keys_file} for worker {worker_id} (make more with 'zsgd keys generate --clients N')")
+        curve = read_keys_line(rank=worker_id) if keys_stdin else curve_for_link(read_secret_json(keys_file))
     if watch_stdin:
         from zsgd.remote.launcher import exit_when_stdin_closes
 
         exit_when_stdin_closes()
+    if host_label is None:
+        host_label = os.environ.get("SLURMD_NODENAME")  # in a Slurm step: the node's name in the cluster (may differ from hostname)
     code = run_node(NodeOptions(connect=connect, worker_id=worker_id, role=role, heartbeat=heartbeat, timeout=timeout,
                                 join_timeout=join_timeout, data_dir=data_dir, quiet=quiet, curve=curve, host_label=host_label))
     sys.exit(code)

@@ -55,7 +55,7 @@ def identity(workload: Any, n_workers: int) -> dict[str, Any]:
 
 
 class Experiment:
-    """Loads data once, checks every arm can be served, runs arms in order."""
+    """Loads data once, checks every arm can be served, runs the arms (simulated ones side by side with --jobs)."""
 
     def __init__(self, spec: ExperimentSpec, out_dir: Path | None, only: Sequence[str] = (), log: Log | None = None) -> None:
         names = [a.name for a in spec.arms]
@@ -67,6 +67,7 @@ class Experiment:
         self.out = out_dir  # created after prepare(): a file that cannot run leaves nothing behind
         self.out_dir = Path(".")
         self.log = log or (lambda _msg: None)
+        self.show = log is not None  # progress bars go with the log lines
         self._workloads: dict[int, Any] = {}
         self.problem: Any = None
 
@@ -96,7 +97,7 @@ class Experiment:
             self._workloads[bs] = Workload(arm.cfg, self.problem)
         return self._workloads[bs]
 
-    def run_arm(self, arm: ArmSpec) -> Path:
+    def run_arm(self, arm: ArmSpec, progress: Any = None) -> Path:
         run_dir = self.out_dir / arm.dirname
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a re-run into the same --out starts clean
@@ -111,40 +112,121 @@ class Experiment:
         elif arm.decentralized:
             from zsgd.simulation.decentralized import run_decentralized_arm
 
-            run_decentralized_arm(arm.cfg, arm.opts, wl, run_dir)
+            run_decentralized_arm(arm.cfg, arm.opts, wl, run_dir, progress=progress)
         else:
             from zsgd.sim import run_arm
 
-            run_arm(arm.cfg, arm.opts, wl, run_dir)
+            run_arm(arm.cfg, arm.opts, wl, run_dir, progress=progress)
         return run_dir
 
-    def run(self, command: str = "") -> list[dict[str, Any]]:
+    def run(self, command: str = "", jobs: int = 1, step_argv: Callable[[Path, int], list[str]] | None = None,
+            step_capacity: int = 1) -> list[dict[str, Any]]:
+        """Run every arm; simulated arms ``jobs`` at a time (forked processes), or as the commands
+        ``step_argv(out_dir, k)`` (srun steps of ``zsgd experiment-arm``); ``run`` arms one at a time in this
+        process, as their workers need the cores and their wall times must not compete."""
         from zsgd.experiments.report import arm_row, plot_experiment, write_results
-
         from zsgd.output.rundir import create_run_dir
+        from zsgd.simulation.arm_files import calibrate_once
+        from zsgd.output.live import stderr_console
+        from zsgd.simulation.parallel import ArmsView, CommandRunner, ForkRunner, InlineRunner, run_arms
 
         self.prepare()
         self.out_dir = create_run_dir(self.out, self.spec.name)
         (self.out_dir / "experiment.yaml").write_text(self.spec.text)
-        rows: list[dict[str, Any]] = []
-        dirs: list[Path] = []
+        sims = [k for k, a in enumerate(self.arms) if a.mode == "sim"]
+        for bs, wl in self._workloads.items():  # compute=measured timed once per workload, before any fork
+            calibrate_once(wl, [a.opts for a in self.arms if a.mode == "sim" and a.cfg.batch_size == bs])
+        rows: dict[int, dict[str, Any]] = {}
+        dirs: dict[int, Path] = {}
         title = f"experiment {self.spec.name}" + (f": {self.spec.description}" if self.spec.description else "")
+        started: dict[int, float] = {}
+
+        def begin(k: int) -> None:
+            arm = self.arms[k]
+            started[k] = time.perf_counter()
+            self.log(f"[{k + 1}/{len(self.arms)}] {arm.name} ({arm.mode}, {arm.algo}, {self._n(arm)} workers) ...")
+
+        def finish(k: int, _payload: Any = None) -> None:
+            arm = self.arms[k]
+            run_dir = self.out_dir / arm.dirname
+            row = arm_row(arm.name, arm.settings, run_dir, self.spec.target)
+            rows[k], dirs[k] = row, run_dir
+            acc = row["final_acc"]
+            self.log(f"      {arm.name}: accuracy {'-' if acc is None else f'{acc:.2%}'} after {row['updates']} updates, "
+                     f"{row['time_s'] or 0:.3g} s {'virtual' if arm.mode == 'sim' else 'wall'} "
+                     f"({time.perf_counter() - started.get(k, time.perf_counter()):.1f} s real)")
+
+        def simulate(k: int, progress: Any) -> None:
+            self.run_arm(self.arms[k], progress)
+
+        view = ArmsView([a.name for a in self.arms], None, self.show, stderr_console, count=len(sims))
+
+        class Logged:  # the scheduler's runner, with a start line per arm
+            def __init__(self, inner: Any) -> None:
+                self.inner, self.capacity = inner, inner.capacity
+
+            def start(self, k: int) -> None:
+                begin(k)
+                self.inner.start(k)
+
+            def poll(self, timeout: float) -> list:
+                return self.inner.poll(timeout)
+
+            def close(self, abort: bool = False) -> None:
+                self.inner.close(abort)
+
         try:
-            for k, arm in enumerate(self.arms, 1):
-                self.log(f"[{k}/{len(self.arms)}] {arm.name} ({arm.mode}, {arm.algo}, {self._n(arm)} workers) ...")
-                t0 = time.perf_counter()
-                run_dir = self.run_arm(arm)
-                row = arm_row(arm.name, arm.settings, run_dir, self.spec.target)
-                rows.append(row)
-                dirs.append(run_dir)
-                acc = row["final_acc"]
-                self.log(f"      accuracy {'-' if acc is None else f'{acc:.2%}'} after {row['updates']} updates, "
-                         f"{row['time_s'] or 0:.3g} s {'virtual' if arm.mode == 'sim' else 'wall'} ({time.perf_counter() - t0:.1f} s real)")
+            if sims:
+                if step_argv is not None:
+                    self.save_plan()
+                    inner: Any = CommandRunner(lambda k: step_argv(self.out_dir, k), step_capacity, lambda k: self.out_dir / self.arms[k].dirname / "step.log")
+                elif min(jobs, len(sims)) > 1:
+                    inner = ForkRunner(simulate, min(jobs, len(sims)))
+                else:
+                    inner = InlineRunner(simulate, view.arm_progress)
+                with view:  # closed before any run arm, whose own live view needs the terminal
+                    run_arms(sims, Logged(inner), view, on_done=finish)
+            for k, arm in enumerate(self.arms):
+                if arm.mode == "run":
+                    begin(k)
+                    self.run_arm(arm)
+                    finish(k)
         finally:
             if rows:  # whatever finished is reported, even if a later arm failed
-                write_results(rows, self.out_dir, title, self.spec.target, command)
-                plot_experiment(dirs, [r["arm"] for r in rows], self.out_dir)
-        return rows
+                done = sorted(rows)
+                write_results([rows[k] for k in done], self.out_dir, title, self.spec.target, command)
+                plot_experiment([dirs[k] for k in done], [rows[k]["arm"] for k in done], self.out_dir)
+        return [rows[k] for k in sorted(rows)]
+
+    def save_plan(self) -> None:
+        """What an ``experiment-arm`` step needs to rebuild this experiment: the file and the compute calibrations."""
+        write_json(self.out_dir / "plan.json", {"config": str(Path(self.spec.path).resolve()), "only": [a.name for a in self.arms],
+                                                "compute_samples": {str(bs): wl.compute_samples for bs, wl in self._workloads.items()},
+                                                "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()]
+                                                                        for bs, wl in self._workloads.items()}})
+
+
+def run_planned_arm(out_dir: Path, index: int) -> Path:
+    """An srun step's side: rebuild the experiment from ``OUT_DIR/plan.json`` and run its arm ``index``."""
+    import json
+
+    from zsgd.experiments.config import load_experiment
+
+    path = Path(out_dir) / "plan.json"
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ZsgdError(f"{path}: not an experiment plan written by 'zsgd experiment' ({exc})") from None
+    exp = Experiment(load_experiment(Path(plan["config"])), Path(out_dir), plan["only"])
+    if not 0 <= index < len(exp.arms):
+        raise ZsgdError(f"{path}: no arm {index} (the experiment has {len(exp.arms)})")
+    exp.prepare()
+    exp.out_dir = Path(out_dir)
+    from zsgd.simulation.arm_files import restore_calibration
+
+    for bs, wl in exp._workloads.items():
+        restore_calibration(wl, plan, bs)
+    return exp.run_arm(exp.arms[index])
 
 
 def _plain(v: Any) -> Any:
@@ -152,9 +234,10 @@ def _plain(v: Any) -> Any:
 
 
 def run_experiment(spec: ExperimentSpec, out_dir: str | Path | None, only: Sequence[str] = (), log: Log | None = None,
-                   command: str = "") -> tuple[Path, list[dict[str, Any]]]:
+                   command: str = "", jobs: int = 1, step_argv: Callable[[Path, int], list[str]] | None = None,
+                   step_capacity: int = 1) -> tuple[Path, list[dict[str, Any]]]:
     """Run the (selected) arms of ``spec`` into ``out_dir`` (None: ``runs/<time>-<name>/``);
     returns the directory and the table's rows."""
     exp = Experiment(spec, None if out_dir is None else Path(out_dir), only, log)
-    rows = exp.run(command)
+    rows = exp.run(command, jobs=jobs, step_argv=step_argv, step_capacity=step_capacity)
     return exp.out_dir, rows

@@ -26,6 +26,7 @@ class Access:
     bind_host: str
     plan: Any = None  # zsgd.remote.launcher.RemotePlan when --remote
     keys: RunKeys | None = None
+    slurm: Any = None  # zsgd.runtime.slurm.SlurmPlan with --launcher slurm
 
     @property
     def secure(self) -> bool:
@@ -45,9 +46,9 @@ class Access:
                 return f"tcp://{LOOPBACK}:{bound.rsplit(':', 1)[1]}"
         return bound
 
-    def remote_address(self, bound: str) -> str:
+    def remote_address(self, bound: str, advertise: str | None = None) -> str:
         port = bound.rsplit(":", 1)[1]
-        adv = self.plan.advertise
+        adv = advertise or self.plan.advertise
         return f"tcp://[{adv}]:{port}" if ":" in adv else f"tcp://{adv}:{port}"
 
     def write_client_files(self, run_dir: Path, n: int) -> Path:
@@ -82,8 +83,18 @@ class Access:
             stderr_console.print(f"remote workers connect to [bold]{address}[/]" + (" (CURVE)" if self.secure else ""))
             check_reach(self.plan, int(address.rsplit(":", 1)[1]))
             remote = RemoteLauncher(self.plan, address, run_dir / "logs" / "hosts", heartbeat, timeout, broker.run, keys=self.keys)
-        group = LauncherGroup(local, remote)
-        group.local, group.remote = local, remote
+        slurm = None
+        if self.slurm is not None:
+            from zsgd.output.live import stderr_console
+            from zsgd.runtime.slurm import SlurmLauncher
+
+            address = self.remote_address(broker.address, self.slurm.advertise)
+            alloc = self.slurm.allocation
+            stderr_console.print(f"{self.slurm.n_workers} workers start as an srun step of Slurm job {alloc.job_id} on "
+                                 f"{', '.join(alloc.nodes[:4])}{' ...' if len(alloc.nodes) > 4 else ''}; they connect to [bold]{address}[/] (CURVE)")
+            slurm = SlurmLauncher(self.slurm, address, run_dir / "logs", heartbeat, timeout, broker.run, keys=self.keys)
+        group = LauncherGroup(local, remote, slurm)
+        group.local, group.remote, group.slurm = local, remote, slurm
         return group
 
 
@@ -104,8 +115,15 @@ def prepare_access(opts) -> Access:
         if plan is not None:  # None: --allow-partial and no usable host, the local workers go on alone
             opts.remote_workers = plan.n_workers
             bind_host = plan.bind_host
+    elif opts.launcher == "slurm":
+        from zsgd.runtime.slurm import plan_workers
+
+        slurm = plan_workers(opts.slurm_request, opts.advertise, opts.host)
+        opts.slurm_workers = slurm.n_workers
+        keys = RunKeys.create(opts.keys_dir)  # always CURVE: the workers are on other machines, or could be
+        return Access(slurm.bind_host, None, keys, slurm)
     elif opts.advertise:
-        raise ZsgdError("--advertise is for remote workers; use it with --remote")
+        raise ZsgdError("--advertise is for remote workers; use it with --remote or --launcher slurm")
     secure = opts.secure or bool(opts.keys_dir) or not is_loopback(bind_host)
     keys = RunKeys.create(opts.keys_dir) if secure else None
     return Access(bind_host, plan, keys)

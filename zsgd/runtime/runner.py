@@ -51,6 +51,9 @@ class RunOptions:
     secure: bool = False  # CURVE even on loopback (always on beyond it)
     keys_dir: str | None = None  # from 'zsgd keys generate'
     remote_workers: int = 0  # set once the hosts have answered
+    launcher: str = "local"  # "local", "ssh" (with --remote) or "slurm" (workers as one srun step: zsgd.runtime.slurm)
+    slurm_request: int | None = None  # workers asked for under Slurm (None: every CPU of the allocation but the broker's)
+    slurm_workers: int = 0  # set once the allocation is read
     auto_scale: list[str] = field(default_factory=list)  # defaulted hyper-parameters to scale to the workers (zsgd.core.scaling)
     # decentralized algorithms (dsgd, dsgt, cadmm): the graph and the rule's hyper-parameters
     # (None: the defaults of DecentralizedParams; refused with a centralized --algo)
@@ -111,7 +114,7 @@ class RunOptions:
         make_codec(self.compress, 1)
         make_codec(self.compress_replies, 1)
         self.emulator(0)  # parses every injected spec now, so a typo fails before anything starts
-        if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.remote):
+        if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.remote and self.launcher != "slurm"):
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
         from zsgd.runtime.launch import max_local_workers
 
@@ -148,7 +151,7 @@ class RunOptions:
 
     @property
     def n_workers(self) -> int:
-        return self.expect_workers or self.n_proc + self.remote_workers
+        return self.expect_workers or self.n_proc + self.remote_workers + self.slurm_workers
 
 
 def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None = None, resume_dir: str | Path | None = None) -> dict[str, Any]:
@@ -221,11 +224,16 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
         launcher = access.launchers(broker, run_dir, opts.heartbeat, opts.timeout, opts.show)
         started = time.monotonic()
         interrupted = False
+        from zsgd.runtime.stop_signal import stop_on_sigterm
+
         try:
+            stop_on_sigterm(broker, opts.show)  # a time limit's SIGTERM: checkpoint, summary, clean exit
             for i in range(opts.n_proc):
                 launcher.local.start(i)
             for i in range(opts.n_proc, opts.n_proc + opts.remote_workers):
                 launcher.remote.start(i)
+            if launcher.slurm is not None:
+                launcher.slurm.start_step(opts.slurm_workers)
             if opts.evaluator:
                 launcher.local.start(0, role="evaluator")
             with RunView(f"{opts.algo} x{opts.n_workers}", problem.stop_rule(cfg).total_updates, enabled=opts.show,
@@ -243,6 +251,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                     broker.ledger.stop("interrupted")
         finally:
             launcher.stop_all(grace=2 * opts.heartbeat + 1)
+            stop_on_sigterm(None)
         broker.final_evaluation()
         summary = broker.summary() | {"mode": "run", "algo": opts.algo, "n_workers": opts.n_workers, "model": cfg.model,
                                       "data": ds.name, "data_source": ds.source, "n_params": problem.model.n_params}
@@ -274,7 +283,12 @@ def _resolved_params(opts: RunOptions, cfg: TrainConfig):
 
 
 def _check_children(broker: Broker, launcher, opts: RunOptions, started: float) -> None:
-    """Abort early, with the reason, if every launched worker died before joining."""
+    """Abort early, with the reason, if every launched worker died before joining; stop (with a
+    checkpoint) when the workers' srun step has ended, since none of them can come back."""
+    step = launcher.slurm.children[0] if launcher.slurm is not None and launcher.slurm.children else None
+    if step is not None and step.returncode is not None and broker.ledger.updates > 0 and broker.ledger.stop_reason is None:
+        broker.ledger.stop(f"the workers' srun step ended (exit {step.returncode}: {step.log_tail(2) or 'no output'})")
+        return
     if not launcher.children or broker.ledger.updates > 0:
         return
     workers = [c for c in launcher.children if c.name.startswith("worker")]

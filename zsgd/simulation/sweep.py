@@ -250,16 +250,22 @@ def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> 
 
 
 def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workload | None = None, show: bool = True,
-              arm_plots: bool = False) -> list[ArmOutcome]:
+              arm_plots: bool = False, jobs: int = 1, step_argv: Callable[[int], list[str]] | None = None,
+              step_capacity: int = 1) -> list[ArmOutcome]:
     """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots.
 
     Each arm trains with ``arm_config`` (its own batch size and rate when they
     follow the workers); arms of one batch size share one ``Workload``, so one
-    compute calibration, as in ``zsgd experiment``.
+    compute calibration, as in ``zsgd experiment``. ``jobs`` arms run at once in
+    forked processes (``zsgd.simulation.parallel``); with ``step_argv`` each arm
+    is instead the command ``step_argv(index)`` (an ``srun`` step running
+    ``zsgd sim-arm``), ``step_capacity`` at a time, read back from its directory.
     """
     from dataclasses import replace
 
     from zsgd.output.live import stderr_console
+    from zsgd.simulation.arm_files import calibrate_once, load_result, save_plan
+    from zsgd.simulation.parallel import ArmsView, CommandRunner, ForkRunner, InlineRunner, run_arms
 
     cfg.validate()
     arms = build_arms(spec)
@@ -271,18 +277,34 @@ def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Worklo
                                                           "arms": [a.dirname for a in arms], "target": spec.target,
                                                           "auto_scale": list(spec.auto_scale)})
     workloads = {cfg.batch_size: workload}
-    outcomes: list[ArmOutcome] = []
-    with _SweepProgress(len(arms), show, stderr_console) as bar:
-        for arm in arms:
-            arm_cfg, note = arm_config(cfg, arm, spec)
-            if note:  # only centralized arms (SimOptions) are ever scaled
-                arm.opts = replace(arm.opts, scaling=note)
-            if arm_cfg.batch_size not in workloads:
-                workloads[arm_cfg.batch_size] = Workload(arm_cfg, problem)
-            bar.start_arm(arm.label, problem.stop_rule(arm_cfg).total_updates)
-            result = _simulate(arm_cfg, arm, workloads[arm_cfg.batch_size], out_dir, bar.arm_progress, arm_plots)
-            outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
-            bar.end_arm()
+    cfgs = []  # every arm's configuration and workload made here, before any fork
+    for arm in arms:
+        arm_cfg, note = arm_config(cfg, arm, spec)
+        if note:  # only centralized arms (SimOptions) are ever scaled
+            arm.opts = replace(arm.opts, scaling=note)
+        if arm_cfg.batch_size not in workloads:
+            workloads[arm_cfg.batch_size] = Workload(arm_cfg, problem)
+        cfgs.append(arm_cfg)
+    for bs, wl in workloads.items():  # compute=measured timed once per workload, wherever the arms run
+        calibrate_once(wl, [a.opts for a, c in zip(arms, cfgs) if c.batch_size == bs])
+    totals = [problem.stop_rule(c).total_updates for c in cfgs]
+    view = ArmsView([a.label for a in arms], totals, show, stderr_console)
+
+    def simulate(index: int, progress: Any) -> SimResult:
+        return _simulate(cfgs[index], arms[index], workloads[cfgs[index].batch_size], out_dir, progress, arm_plots)
+
+    jobs = max(1, min(jobs, len(arms)))
+    if step_argv is not None:
+        save_plan(out_dir, cfg, spec, workloads, arm_plots)
+        runner: Any = CommandRunner(step_argv, step_capacity, lambda i: out_dir / arms[i].dirname / "step.log")
+    else:
+        runner = InlineRunner(simulate, view.arm_progress) if jobs == 1 else ForkRunner(simulate, jobs)  # fork before the view's thread
+    with view:
+        results = run_arms(range(len(arms)), runner, view)
+    outcomes = []
+    for i, arm in enumerate(arms):
+        result = results[i] if results[i] is not None else load_result(out_dir / arm.dirname)
+        outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
     write_results(outcomes, out_dir, spec.target)
     plot_sweep(outcomes, out_dir, spec.target)
     return outcomes
@@ -301,35 +323,29 @@ def _simulate(cfg: TrainConfig, arm: Arm, workload: Workload, out_dir: Path, pro
     return result
 
 
-class _SweepProgress:
-    """Two rich bars: arms done, and the current arm's central updates (virtual time shown)."""
+def run_planned_arm(out_dir: Path, index: int) -> Path:
+    """An srun step's side of ``zsgd sim --launcher slurm``: rebuild the sweep from ``plan.json``,
+    simulate arm ``index`` with the parent's compute calibration, save its result; returns its directory."""
+    from dataclasses import replace
 
-    def __init__(self, n_arms: int, enabled: bool, console: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from zsgd.simulation.arm_files import load_plan, restore_calibration, save_result
 
-        self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled,
-                                 refresh_per_second=4)
-        self.arms = self.progress.add_task("arms", total=n_arms, info="")
-        self.task: Any = None
-
-    def __enter__(self) -> "_SweepProgress":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.stop()
-
-    def start_arm(self, label: str, total_updates: int | None) -> None:
-        self.task = self.progress.add_task(label[:40], total=total_updates, info="")
-
-    def arm_progress(self, updates: int, samples: int, t: float, acc: float) -> None:
-        info = f"virtual {t:,.2f} s" + ("" if math.isnan(acc) else f"  acc {acc:.2%}")
-        self.progress.update(self.task, completed=updates, info=info)
-
-    def end_arm(self) -> None:
-        self.progress.remove_task(self.task)
-        self.progress.advance(self.arms)
+    plan = load_plan(out_dir)
+    spec = SweepSpec(**plan["spec"])
+    spec.latency_worker, spec.auto_scale = tuple(spec.latency_worker), tuple(spec.auto_scale)
+    cfg = TrainConfig.from_dict(plan["config"]).validate()
+    arms = build_arms(spec)
+    if not 0 <= index < len(arms):
+        raise ZsgdError(f"{Path(out_dir) / 'plan.json'}: no arm {index} (the sweep has {len(arms)})")
+    arm = arms[index]
+    arm_cfg, note = arm_config(cfg, arm, spec)
+    if note:
+        arm.opts = replace(arm.opts, scaling=note)
+    workload = prepare_workload(arm_cfg, [arm])
+    restore_calibration(workload, plan, arm_cfg.batch_size)
+    result = _simulate(arm_cfg, arm, workload, Path(out_dir), None, bool(plan["arm_plots"]))
+    save_result(Path(out_dir) / arm.dirname, result)
+    return Path(out_dir) / arm.dirname
 
 
 # ---------------------------------------------------------------------------

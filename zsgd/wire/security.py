@@ -207,30 +207,36 @@ def load_keys_dir(directory: str | Path) -> tuple[KeyPair, dict[str, str]]:
     return server, allowed
 
 
-def read_keys_line(fd: int = 0, timeout: float = KEYS_LINE_TIMEOUT_S) -> dict[str, bytes]:
+def read_keys_line(fd: int = 0, timeout: float = KEYS_LINE_TIMEOUT_S, rank: int | None = None) -> dict[str, bytes]:
     """Read one JSON line of keys from ``fd`` (stdin) without buffering past it.
 
     Unbuffered so that whatever follows on stdin stays unread (the SSH
-    watchdog waits for EOF on the same descriptor)."""
-    data = b""
+    watchdog waits for EOF on the same descriptor). With ``rank``, the
+    lines are ``{"rank": R, ...bundle}``, one per worker of an srun step
+    (which hands every task the same stdin): lines of other ranks are
+    skipped, and this worker's line is the one it keeps."""
     deadline = time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise ZsgdError(f"--keys-stdin: no keys arrived on stdin within {timeout:g} s")
-        chunk = os.read(fd, 1)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > 4096:
-            raise ZsgdError("--keys-stdin: the keys line is too long")
-    try:
-        bundle = json.loads(data.decode("utf-8") or "null")
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        bundle = None
-    if not isinstance(bundle, dict):
-        raise ZsgdError("--keys-stdin: expected one JSON line {\"server\": ..., \"public\": ..., \"secret\": ...}")
-    return curve_for_link(bundle)
+    while True:
+        data = b""
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise ZsgdError(f"--keys-stdin: no keys arrived on stdin within {timeout:g} s")
+            chunk = os.read(fd, 1)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > 4096:
+                raise ZsgdError("--keys-stdin: the keys line is too long")
+        try:
+            bundle = json.loads(data.decode("utf-8") or "null")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            bundle = None
+        if not isinstance(bundle, dict):
+            raise ZsgdError("--keys-stdin: expected one JSON line {\"server\": ..., \"public\": ..., \"secret\": ...}"
+                            + (f" for rank {rank}" if rank is not None and data else ""))
+        if rank is None or "rank" not in bundle or bundle["rank"] == rank:
+            return curve_for_link(bundle)
 
 
 def is_loopback(host: str) -> bool:
