@@ -130,7 +130,8 @@ class ParameterServer:
             b.ledger.diverge(f"train loss is not finite on worker {peer.worker}")
             return
         try:
-            protocol.validate_update(msg, run=b.run, known_workers={peer.worker}, n_params=self.algo.w.size)
+            # Finiteness is checked once, inside the fused server step (the algorithm drops such an update).
+            protocol.validate_update(msg, run=b.run, known_workers={peer.worker}, n_params=self.algo.w.size, require_finite=False)
             grad = msg.arrays.get("g")
             meta: dict[str, Any] = {"kind": str(msg.meta.get("kind", "grad"))}
             if msg.codec != "none":
@@ -171,6 +172,14 @@ class ParameterServer:
                 b.endpoint.hold(("out", peer, msg), b.opts.emulator.delay(peer.worker, False, protocol.message_nbytes(msg)))
             elif isinstance(out, Applied):
                 self._on_applied(out)
+            elif isinstance(out, Dropped) and out.reason == "non-finite":
+                # A NaN/Inf gradient with a finite loss: a bad message (rejected, counted, the run goes on);
+                # a round whose average is not finite: the run diverged.
+                sender = b.session.members.by_worker.get(out.worker)
+                if out.worker < 0 or sender is None:
+                    b.ledger.diverge("the averaged gradient is not finite")
+                else:
+                    b.reject(sender.identity, "non-finite", f"worker {out.worker} sent a gradient holding NaN or Inf")
             elif isinstance(out, Dropped):
                 self.dropped[out.reason] += 1
 
