@@ -97,7 +97,7 @@ class Broker:
         limits = protocol.Limits.for_model(n_params, factor=self.service.limits_factor)
         self.endpoint = Endpoint(opts.bind, limits, self.run_dir, opts.curve, emulated=opts.emulator is not None)
         self.address = self.endpoint.address
-        if opts.emulator is None and hasattr(self.service, "share_replies"):
+        if opts.emulator is None:
             self.service.share_replies()
         self.session = Session(self, opts.n_workers, opts.heartbeat, opts.timeout, opts.wait_workers_s)
         self._eval_pending = False
@@ -119,7 +119,7 @@ class Broker:
     @property
     def failed(self) -> bool:
         """The service gave up on the run (the relay, when a node is lost); the runner exits non-zero."""
-        return bool(getattr(self.service, "failed", False))
+        return self.service.failed
 
     def assign_meta(self) -> dict[str, Any]:
         o = self.opts
@@ -196,12 +196,12 @@ class Broker:
         if self.opts.eval_every_s and self.elapsed - self._last_eval_t >= self.opts.eval_every_s:
             self.request_eval()
         self.ledger.check(self.elapsed)
-        if self.ledger.take_eval() and getattr(self.service, "evaluates_on_cadence", True):
+        if self.ledger.take_eval() and self.service.evaluates_on_cadence:
             self.request_eval()
 
     def after_update(self) -> None:
         """The service applied an update (the ledger has it): evaluate and checkpoint on their cadences."""
-        if self.ledger.take_eval() and getattr(self.service, "evaluates_on_cadence", True):
+        if self.ledger.take_eval() and self.service.evaluates_on_cadence:
             self.request_eval()
         if self.checkpoint_every and self.ledger.updates % self.checkpoint_every == 0:
             self.checkpoint()
@@ -235,7 +235,7 @@ class Broker:
         self.maybe_send_eval()
 
     def record_eval(self, rec: dict[str, Any]) -> None:
-        extra = self.service.eval_fields(rec["updates"]) if hasattr(self.service, "eval_fields") else {}
+        extra = self.service.eval_fields(rec["updates"])
         self.ledger.evaluated(rec["t"], rec["test_loss"], rec["test_acc"], updates=rec["updates"], samples=rec["samples"], **extra)
 
     def final_evaluation(self) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm
 from zsgd.core.schedule import lr_factor
 from zsgd.errors import ProtocolError
+from zsgd.runtime.service import Service
 from zsgd.wire import protocol
 from zsgd.wire.membership import Peer
 from zsgd.wire.protocol import Message
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from zsgd.broker import Broker
 
 
-class ParameterServer:
+class ParameterServer(Service):
     """Holds the central weights and optimizer; applies updates; replies with weights."""
 
     limits_factor = 2  # a gradient plus one more vector (or a sparse codec at full density) per message
@@ -53,7 +54,6 @@ class ParameterServer:
         self.dropped: Counter = Counter()
         self.update_bytes = self.dense_update_bytes = 0  # accepted updates as sent, and uncompressed
         self.reply_bytes = self.dense_reply_bytes = 0  # weight replies as sent, and as full weights
-        self.failed = False
 
     def share_replies(self) -> None:
         """Replies go out zero-copy as views of the live weights; the algorithm copies them away
@@ -80,9 +80,6 @@ class ParameterServer:
         """The step size now, after --lr-schedule (for the live view)."""
         return self.optimizer.lr * getattr(self.algo, "lr_scale", 1.0)
 
-    def assign_meta(self, peer: Peer) -> dict[str, Any]:
-        return {}
-
     def worker_joined(self, peer: Peer) -> None:
         if self.reply_codec is not None:
             self.reply_codec.forget(peer.worker)  # a (re)joining worker holds no weights yet: full ones first
@@ -104,9 +101,6 @@ class ParameterServer:
             self.on_update(peer, msg)
         else:
             self._send_reply(peer, msg)
-
-    def tick(self, now: float) -> None:
-        """Nothing periodic: the parameter server acts on messages only."""
 
     def checkpoint_state(self) -> tuple[np.ndarray, dict] | None:
         return self.algo.w, self.optimizer.state_arrays()

@@ -50,6 +50,7 @@ from zsgd.decentralized.driver import average, consensus_error, eval_every_round
 from zsgd.decentralized.rules import DecentralizedParams
 from zsgd.decentralized.topology import Topology
 from zsgd.errors import ProtocolError, ZsgdError
+from zsgd.runtime.service import Service
 from zsgd.wire import protocol
 from zsgd.wire.membership import Peer
 from zsgd.wire.protocol import Message
@@ -75,7 +76,7 @@ def relay_service(algo: str, topology: Topology, params: DecentralizedParams) ->
     return make
 
 
-class RelayService:
+class RelayService(Service):
     """The decentralized broker's service: relay PEER, count rounds, evaluate x_bar."""
 
     limits_factor = 4  # dsgt sends two vectors, a compressed message an index per value: room for both
@@ -133,9 +134,6 @@ class RelayService:
             # A node restarted from round 0 cannot rejoin rounds its neighbours are past.
             return "late-join", "this decentralized run has started; a worker cannot join or rejoin it"
         return None
-
-    def worker_joined(self, peer: Peer) -> None:
-        """Nothing to prepare: a node's state lives in the node."""
 
     def worker_ready(self, peer: Peer) -> None:
         b = self.b

@@ -62,7 +62,7 @@ class Session:
             b.reject(identity, "bad-role", f"role {role!r}")
             return
         if stage == "join":
-            refusal = b.service.refuse_join(role) if hasattr(b.service, "refuse_join") else None
+            refusal = b.service.refuse_join(role)
             if refusal is not None:
                 b.endpoint.send(identity, protocol.error_message(b.run, -1, refusal[1], refusal[0], fatal=True))
                 b.rejected[refusal[0]] += 1

@@ -1,0 +1,38 @@
+"""What a broker service is: the hooks the broker and its session call, with their defaults.
+
+A service (the parameter server, the decentralized relay, sharded servers
+next) overrides what it needs; the broker calls every hook unconditionally,
+so a new service cannot be half-wired by a missing method.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zsgd.wire.membership import Peer
+
+
+class Service:
+    limits_factor = 2  # model-sized vectors one inbound message may carry (sizes the socket's limit)
+    evaluates_on_cadence = True  # False: the service asks for evaluations itself (request_eval)
+    failed = False  # True: the service gave up on the run (the runner then exits non-zero)
+
+    def share_replies(self) -> None:
+        """Called when sends are tracked (no emulation): replies may be views of live buffers."""
+
+    def refuse_join(self, role: str) -> tuple[str, str] | None:
+        """``(reason, message)`` to refuse a joining peer, or None to admit it."""
+        return None
+
+    def eval_fields(self, updates: int) -> dict[str, Any]:
+        """Extra fields of the ``eval`` event of the model at ``updates``."""
+        return {}
+
+    def assign_meta(self, peer: Peer) -> dict[str, Any]:
+        return {}
+
+    def worker_joined(self, peer: Peer) -> None:
+        """A worker (re)joined: it holds no weights yet."""
+
+    def tick(self, now: float) -> None:
+        """Periodic housekeeping."""
