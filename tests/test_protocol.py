@@ -102,6 +102,8 @@ def _all_messages() -> list[Message]:
             "w": np.zeros(0, np.float32), "s": np.zeros((0, 5), np.int8),
             "u": np.arange(12, dtype=np.uint16).reshape(3, 4), "k": np.full((), 7, np.int64)}),
         P.wait_message(RUN, 3, 7, "ssp"),
+        P.state_request(RUN, 5, full=True),
+        P.state_message(RUN, 1, 7, {"w": w[:100], "opt.m": w[100:200], "opt.step": np.array(3, np.int64)}, tag=5),
     ]
 
 

@@ -58,6 +58,7 @@ class BrokerOptions:
     wait_workers_s: float = 120.0  # abort if no worker is live this long after start
     curve: dict | None = None  # {"secret": ..., "public": ..., "allowed": [...]}
     emulator: Any = None  # zsgd.runtime.emulation.LinkEmulator: delays messages and slows stragglers (emulation)
+    servers: int = 1  # --servers K: this broker serves range 0 and coordinates K-1 range servers (zsgd.runtime.sharded)
 
 
 ServiceFactory = Callable[["Broker", np.ndarray, dict | None], Any]
@@ -185,6 +186,8 @@ class Broker:
             self._on_eval(peer, msg)
         elif msg.type == MsgType.PEER:
             self.service.on_peer(peer, frames, msg)
+        elif msg.type == MsgType.STATE and peer.role == "server":
+            self.service.on_state(peer, msg)
         elif msg.type == MsgType.LEAVE:
             self.session.drop(peer, "left")
         else:
@@ -215,7 +218,10 @@ class Broker:
         ev = self.session.members.evaluator
         if not self._eval_pending or ev is None or ev.state != "ready" or ev.busy:
             return
-        msg = protocol.weights_message(self.run, self.service.version, self.service.snapshot(),
+        w = self.service.snapshot()
+        if w is None:
+            return  # being gathered from the range servers; the service calls again
+        msg = protocol.weights_message(self.run, self.service.version, w,
                                        updates=self.ledger.updates, samples=self.ledger.samples, t=self.elapsed)
         if self.session.send(ev, msg):
             ev.busy = True
@@ -247,14 +253,16 @@ class Broker:
     # -- ending ----------------------------------------------------------------------
     def checkpoint(self) -> None:
         state = self.service.checkpoint_state()
-        if state is None:
-            return
-        w, opt_state = state
+        if state is not None:  # None: nothing to save, or (range servers) it is being gathered and comes back here
+            self.write_checkpoint(*state)
+
+    def write_checkpoint(self, w: np.ndarray, opt_state: dict) -> None:
         counters = {"updates": self.ledger.updates, "samples": self.ledger.samples, "elapsed": self.elapsed,
                     "algo": self.opts.algo, "run": self.run}
         save_checkpoint(self.run_dir, w, opt_state, counters)
 
     def _finish(self) -> None:
+        self.service.before_leave()
         self.session.leave_all(self.ledger.stop_reason or "broker stopped")
         self.endpoint.close(linger_ms=500)
         if self.checkpoint_every:

@@ -27,6 +27,7 @@ from zsgd.errors import ZsgdError
 from zsgd.wire.link import BROKER_DEAD, BrokerLink
 from zsgd.wire.protocol import Message, MsgType
 from zsgd.runtime.node_options import NodeOptions, identity_for, log
+from zsgd.runtime.replies import reply_decoder
 
 if TYPE_CHECKING:
     from zsgd.core.config import TrainConfig
@@ -73,6 +74,20 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
     opts.worker_id = worker
     link.set_identity(run, worker)
     link.timeout = opts.timeout
+    if opts.role == "server":
+        from zsgd.runtime.range_server import serve_range
+
+        return serve_range(opts, link, msg)
+    if opts.role == "worker" and msg.meta.get("servers"):
+        from zsgd.core.config import TrainConfig
+        from zsgd.runtime.sharded_worker import run_sharded
+
+        config = TrainConfig.from_dict(cfg)
+        loaded = _load(opts, link, config, msg.meta)
+        if loaded is None:
+            return EXIT_BROKER_GONE
+        log(opts, f"joined run {run} at {opts.connect} ({len(msg.meta['servers']) + 1} servers)")
+        return run_sharded(opts, link, config, msg.meta, loaded[0], loaded[2], loaded[3])
     if opts.role == "worker" and "decentralized" in msg.meta:
         from zsgd.core.config import TrainConfig
         from zsgd.runtime.decentralized_node import run_rounds
@@ -126,32 +141,6 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             idle_since = time.monotonic()
             if isinstance(reply.meta.get("compute_s"), float):
                 turnarounds.append(reply.meta["compute_s"])
-
-
-def _reply_decoder(spec: str, n_params: int):
-    """``msg -> weights``: full WEIGHTS as they come, or with --compress-replies the
-    local copy advanced by each coded delta (ProtocolError if a message does not fit)."""
-    if spec == "none":
-        def full_only(msg: Message) -> np.ndarray:
-            if msg.codec != "none":
-                raise protocol.ProtocolError("bad-schema", f"unexpected reply codec {msg.codec!r}")
-            protocol.validate_weights(msg, run=msg.run, n_params=n_params, require_finite=False)
-            return msg.arrays["w"]
-
-        return full_only
-    from zsgd.compression.delta import DeltaReplyDecoder, delta_codec_name
-
-    decoder = DeltaReplyDecoder(delta_codec_name(spec), n_params)
-
-    def with_deltas(msg: Message) -> np.ndarray:
-        if msg.codec == "none":
-            protocol.validate_weights(msg, run=msg.run, n_params=n_params, require_finite=False)
-            return decoder.full(msg.arrays["w"])
-        if msg.codec != "delta+" + decoder.inner:
-            raise protocol.ProtocolError("bad-schema", f"unexpected reply codec {msg.codec!r}")
-        return decoder.apply(msg.arrays)
-
-    return with_deltas
 
 
 def _expect(opts: NodeOptions, link: BrokerLink, types: set, timeout: float, stage: str) -> Message | None:
@@ -234,7 +223,7 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
     # One throw-away step loads the kernels now, so the first timed step (its compute_s, and an
     # emulated straggler's sleep, which is proportional to it) is a steady-state one.
     step.warm_up(model.init(seed=config.seed))
-    weights_of = _reply_decoder(str(assign_meta.get("compress_replies", "none")), model.n_params)
+    weights_of = reply_decoder(str(assign_meta.get("compress_replies", "none")), model.n_params)
 
     def handle_weights(msg: Message, t0: float = 0.0) -> Message:
         # compute_s is the worker's whole turnaround, from the weights reaching its socket (``t0``, or

@@ -21,6 +21,9 @@ def _runtime_options(func):
         click.option("--compress", default="none", show_default=True, help="Worker->broker codec: none, topk:FRACTION, adacomp:BIN, qsgd:8|4."),
         click.option("--compress-replies", default="none", show_default=True,
                      help="Broker->worker replies as compressed weight deltas (same codecs), e.g. topk:0.05 or qsgd:8."),
+        click.option("--servers", default=1, show_default=True, type=int,
+                     help="Split the model over K parameter-server processes (contiguous ranges, one port and core each); "
+                          "workers push and pull every range at once."),
         click.option("--eval-interval", default=0.0, show_default=True, type=float, help="Also evaluate every N seconds (0: off)."),
         click.option("--inject-latency", default=None, metavar="SPEC", help="Emulate one-way latency per message (same specs as 'zsgd sim --latency', e.g. 20ms, lognormal:20ms,0.5)."),
         click.option("--inject-bandwidth", default=None, metavar="SPEC", help="Emulate per-worker link bandwidth, e.g. 100Mbps."),
@@ -73,7 +76,8 @@ def run(ctx: click.Context, n_proc: int, launcher: str | None, resume_dir: str |
 
     launcher = _choose_launcher(launcher, n_proc, params.get("remote"), quiet)
     extra = pop_run_flags(params, launcher) | pop_decentralized(params) | {"tensorboard": params.pop("tensorboard"),
-                                                                             "compress_replies": params.pop("compress_replies")}
+                                                                             "compress_replies": params.pop("compress_replies"),
+                                                                             "servers": params.pop("servers")}
     defaulted: set[str] = set()
     extra["launcher"] = launcher
     if launcher == "slurm":
@@ -87,6 +91,8 @@ def run(ctx: click.Context, n_proc: int, launcher: str | None, resume_dir: str |
         extra["compress_replies"] = stored["compress_replies"]
         if n_proc is None:  # the run's own worker count, unless changed on purpose (then config.yaml records it)
             n_proc = stored["n_proc"]
+        if ctx.get_parameter_source("servers") == click.core.ParameterSource.DEFAULT:
+            extra["servers"] = stored["servers"]  # the checkpoint holds the whole vector: any K can continue it
         defaulted = set(stored["auto_scale"])  # what was scaled when the run started (not scaled again)
     if n_proc is None:
         n_proc = 0 if extra.get("remote") else 2
@@ -190,12 +196,15 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
         raise ZsgdError(f"{path}: {exc}") from None
     resolved = {"algo": run_opts.get("algo", "async"), "staleness_lr": run_opts.get("staleness_lr", "off"),
                 "compress": run_opts.get("compress", "none"), "compress_replies": run_opts.get("compress_replies", "none"),
-                "n_proc": run_opts.get("n_proc", 2), "auto_scale": run_opts.get("auto_scale") or []}
+                "n_proc": run_opts.get("n_proc", 2), "auto_scale": run_opts.get("auto_scale") or [],
+                "servers": run_opts.get("servers", 1)}
     for key in ("algo", "staleness_lr", "compress", "compress_replies"):
         if not isinstance(resolved[key], (str, bool)):
             raise ZsgdError(f"{path}: run.{key} must be a string, got {str(resolved[key])[:40]}")
     if isinstance(resolved["n_proc"], bool) or not isinstance(resolved["n_proc"], int) or resolved["n_proc"] < 0:
         raise ZsgdError(f"{path}: run.n_proc must be a whole number >= 0, got {str(resolved['n_proc'])[:40]}")
+    if isinstance(resolved["servers"], bool) or not isinstance(resolved["servers"], int) or resolved["servers"] < 1:
+        raise ZsgdError(f"{path}: run.servers must be a whole number >= 1, got {str(resolved['servers'])[:40]}")
     if not isinstance(resolved["auto_scale"], list) or not all(isinstance(f, str) for f in resolved["auto_scale"]):
         raise ZsgdError(f"{path}: run.auto_scale must be a list of option names")
     counters = load_counters(Path(resume_dir))
@@ -234,6 +243,6 @@ def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port:
                       staleness_lr=staleness_lr, compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
                       inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
                       show=not quiet, tensorboard=params.pop("tensorboard"), compress_replies=params.pop("compress_replies"),
-                      **pop_run_flags(params), **pop_decentralized(params))
+                      servers=params.pop("servers"), **pop_run_flags(params), **pop_decentralized(params))
     summary = run_distributed(cfg, opts, out=out)
     _print_run_summary(summary)

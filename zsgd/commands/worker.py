@@ -15,7 +15,8 @@ from zsgd.errors import ZsgdError
 @click.option("--id", "worker_id", type=int, default=None,
               help="Worker id (stable across restarts); default: the launcher's rank (OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID), "
                    "else the broker picks.")
-@click.option("--role", type=click.Choice(["worker", "evaluator"]), default="worker", show_default=True)
+@click.option("--role", type=click.Choice(["worker", "evaluator", "server"]), default="worker", show_default=True,
+              help="server: a range server of a --servers K run (started by 'zsgd run' with --id 1..K-1).")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Local copy of the data set (else the broker sends the shard).")
 @click.option("--heartbeat", default=1.0, show_default=True, type=float)
 @click.option("--timeout", default=3.0, show_default=True, type=float, help="Exit when the broker is silent this long.")
@@ -44,6 +45,8 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
     single_threaded_blas()
     from zsgd.node import NodeOptions, run_node
 
+    if role == "server" and (worker_id is None or worker_id < 1):
+        raise ZsgdError("--role server needs --id I >= 1 (its range of the model; range 0 is the coordinator's)")
     if worker_id is None and role == "worker":
         from zsgd.runtime.ranks import rank_from_env
 

@@ -21,7 +21,7 @@ the pair; zsgd's DEALER/ROUTER links are ordered and a worker that times out
 rejoins (and gets full weights), which is what ``forget`` is for.
 
 Wire (``--compress-replies``; the broker's ``_reply_message``, the
-simulator's ``_reply``, the worker's ``_reply_decoder``): a WEIGHTS message
+simulator's ``_reply``, the worker's ``reply_decoder``): a WEIGHTS message
 with codec ``"delta+" + inner_name`` (e.g. ``delta+topk:0.01``, a valid
 protocol codec string) and the inner codec's arrays; the version is the
 model version the worker holds after applying it.

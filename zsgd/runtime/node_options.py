@@ -18,7 +18,7 @@ from zsgd.wire import protocol
 class NodeOptions:
     connect: str
     worker_id: int | None = None
-    role: str = "worker"  # or "evaluator"
+    role: str = "worker"  # or "evaluator", or "server" (a range server of --servers K)
     heartbeat: float = 1.0
     timeout: float = 10.0
     join_timeout: float = 60.0
@@ -37,5 +37,7 @@ def log(opts: NodeOptions, text: str) -> None:
 def identity_for(opts: NodeOptions) -> bytes:
     """Stable per worker id, so a restarted worker is routed as the same peer."""
     if opts.worker_id is not None:
+        if opts.role == "server":
+            return f"zsgd-server-{opts.worker_id}".encode()
         return protocol.worker_identity("", opts.worker_id) if opts.role == "worker" else f"zsgd-eval-{opts.worker_id}".encode()
     return f"zsgd-{opts.role}-{socket.gethostname()}-{os.getpid()}".encode()

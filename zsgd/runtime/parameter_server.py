@@ -38,13 +38,16 @@ class ParameterServer(Service):
 
     limits_factor = 2  # a gradient plus one more vector (or a sparse codec at full density) per message
 
-    def __init__(self, broker: "Broker", w0: np.ndarray, optimizer: Any, opts: Any, opt_state: dict | None = None) -> None:
+    def __init__(self, broker: "Broker", w0: np.ndarray, optimizer: Any, opts: Any, opt_state: dict | None = None,
+                 clip_norm: float | None | str = "config") -> None:
         self.b = broker
         self.opts = opts
         self.optimizer = optimizer
         if opt_state is not None:
             optimizer.load_state_arrays(opt_state)
-        self.algo = make_server_algorithm(opts.algo, w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=broker.cfg.clip_norm)
+        # clip_norm=None: the workers clip (a range of the vector cannot see the whole gradient's norm)
+        clip = broker.cfg.clip_norm if clip_norm == "config" else clip_norm
+        self.algo = make_server_algorithm(opts.algo, w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=clip)
         self.algo.version = broker.ledger.updates
         self.reply_codec = None
         if opts.compress_replies != "none":

@@ -35,6 +35,7 @@ class RunOptions:
     staleness_lr: str | bool = "off"
     compress: str = "none"
     compress_replies: str = "none"  # broker->worker weight deltas through this codec (zsgd.compression.delta)
+    servers: int = 1  # --servers K: the parameter vector split over K server processes (zsgd.runtime.sharded)
     checkpoint_every: int = 500
     eval_interval: float = 0.0
     evaluator: bool = True
@@ -131,6 +132,11 @@ class RunOptions:
             raise ZsgdError(f"--eval-interval must be a finite number of seconds >= 0, got {self.eval_interval}")
         if self.checkpoint_every < 0:
             raise ZsgdError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        from zsgd.core.ranges import check_servers
+
+        check_servers(self.servers)
+        if self.servers > 1 and self.decentralized:
+            raise ZsgdError(f"--servers splits the central model over server processes; {self.algo} has no central model")
         return self
 
     def emulator(self, seed: int):
@@ -192,6 +198,10 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
         run_dir = create_run_dir(out, cfg.name)
     problem = Problem.from_config(cfg)
     problem.check_fits(cfg, opts.n_workers)
+    if opts.servers > 1:
+        from zsgd.core.ranges import check_servers
+
+        check_servers(opts.servers, problem.model.n_params)
     ds = problem.dataset
     if resume_dir is not None:
         import yaml
@@ -205,7 +215,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     write_config(run_dir / "config.yaml", resolved)  # on --resume too: it records a changed --n-proc or stop rule
     bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=access.bind(opts.port), curve=access.broker_curve(), heartbeat=opts.heartbeat,
                           timeout=opts.timeout, staleness_lr=opts.staleness_lr, compress=opts.compress, compress_replies=opts.compress_replies,
-                          checkpoint_every=opts.checkpoint_every,
+                          checkpoint_every=opts.checkpoint_every, servers=opts.servers,
                           eval_every_s=opts.eval_interval, emulator=opts.emulator(cfg.seed))
     with MetricsWriter(run_dir / "metrics.jsonl", tensorboard=run_dir / "tensorboard" if opts.tensorboard else None) as metrics:
         if topology is not None:
@@ -214,7 +224,11 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             bopts.checkpoint_every = 0
             broker = Broker(cfg, problem, bopts, run_dir, metrics, service=relay_service(opts.algo, topology, _resolved_params(opts, cfg)))
         else:
-            broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None)
+            from zsgd.broker import parameter_server
+            from zsgd.runtime.sharded import sharded_parameter_server
+
+            broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None,
+                            service=sharded_parameter_server if opts.servers > 1 else parameter_server)
         metrics.write("start", broker.elapsed, mode="run", algo=opts.algo, n_workers=opts.n_workers, address=broker.address,
                       model=cfg.model, data=ds.name, n_params=problem.model.n_params, resumed=resume is not None)
         if opts.show:
@@ -228,6 +242,11 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
 
         try:
             stop_on_sigterm(broker, opts.show)  # a time limit's SIGTERM: checkpoint, summary, clean exit
+            if opts.servers > 1 and access.keys is not None:
+                for i in range(opts.n_workers):  # the range servers' allow-lists are fixed when they start
+                    access.keys.bundle(f"worker-{i}")
+            for i in range(1, opts.servers):
+                launcher.local.start(i, role="server")
             for i in range(opts.n_proc):
                 launcher.local.start(i)
             for i in range(opts.n_proc, opts.n_proc + opts.remote_workers):
@@ -289,6 +308,10 @@ def _check_children(broker: Broker, launcher, opts: RunOptions, started: float) 
     if step is not None and step.returncode is not None and broker.ledger.updates > 0 and broker.ledger.stop_reason is None:
         broker.ledger.stop(f"the workers' srun step ended (exit {step.returncode}: {step.log_tail(2) or 'no output'})")
         return
+    servers = [c for c in launcher.children if c.name.startswith("server") and c.returncode not in (None, 0)]
+    if servers and broker.ledger.stop_reason is None and not broker.service.all_serving():
+        broker.ledger.stop(f"range server {servers[0].name} failed to start")
+        raise ZsgdError(f"range server {servers[0].name} exited before serving (exit {servers[0].returncode}: {servers[0].log_tail()})")
     if not launcher.children or broker.ledger.updates > 0:
         return
     workers = [c for c in launcher.children if c.name.startswith("worker")]

@@ -36,3 +36,27 @@ class Service:
 
     def tick(self, now: float) -> None:
         """Periodic housekeeping."""
+
+    def defer_join(self, role: str) -> bool:
+        """True: hold a HELLO join of ``role`` for now (the service calls ``session.replay_deferred()`` when it can assign)."""
+        return False
+
+    # -- range servers (--servers K; zsgd.runtime.sharded) ----------------------------
+    def server_joined(self, peer: Peer) -> None:
+        """A range server joined (its ASSIGN is sent): a service without ranges has none to give."""
+
+    def server_ready(self, peer: Peer, msg: Any) -> None:
+        """A range server is serving its range."""
+
+    def server_gone(self, peer: Peer, status: str) -> None:
+        """A range server left or died."""
+
+    def on_state(self, peer: Peer, msg: Any) -> None:
+        """A STATE message from a range server (the broker accepts STATE from no other role)."""
+
+    def before_leave(self) -> None:
+        """The run is ending and the peers are still connected: gather what the end needs."""
+
+    def snapshot(self) -> Any:
+        """The model to evaluate now, or None when it is being gathered (the service asks again when it is)."""
+        raise NotImplementedError

@@ -31,6 +31,7 @@ class Session:
         self.wait_workers_s = wait_workers_s
         self.deaths = self.rejoins = 0
         self._joining_user: str | None = None  # the CURVE key of the HELLO being handled
+        self._deferred: list[tuple[bytes, Message, str | None]] = []  # joins the service asked to hold
         self._last_live = time.monotonic()
 
     # -- identity ------------------------------------------------------------------
@@ -58,10 +59,14 @@ class Session:
         b = self.broker
         stage = msg.meta.get("stage", "join")
         role = msg.meta.get("role", "worker")
-        if role not in ("worker", "evaluator"):
+        if role not in ("worker", "evaluator", "server"):
             b.reject(identity, "bad-role", f"role {role!r}")
             return
         if stage == "join":
+            if b.service.defer_join(role):  # range servers not all up yet: replay_deferred() answers it
+                if not any(ident == identity for ident, _m, _u in self._deferred):
+                    self._deferred.append((identity, msg, self._joining_user))
+                return
             refusal = b.service.refuse_join(role)
             if refusal is not None:
                 b.endpoint.send(identity, protocol.error_message(b.run, -1, refusal[1], refusal[0], fatal=True))
@@ -70,6 +75,10 @@ class Session:
             if peer is not None and peer.state == "ready" and peer.role == "worker":
                 b.service.worker_gone(peer, "rejoining")
             peer, rejoined = self.members.admit(identity, role, msg.worker, now)
+            if peer is None and role == "server":
+                b.endpoint.send(identity, protocol.error_message(b.run, -1, f"range server {msg.worker} is already in the run", "server-taken", fatal=True))
+                b.rejected["server-taken"] += 1
+                return
             if peer is None:
                 b.endpoint.send(identity, protocol.error_message(b.run, -1, f"run is full ({self.members.n_workers} workers)", "run-full", fatal=True))
                 b.rejected["run-full"] += 1
@@ -82,6 +91,8 @@ class Session:
                 self.rejoins += 1
             meta = b.assign_meta() | b.service.assign_meta(peer)
             self.send(peer, protocol.assign(b.run, peer.worker, b.cfg.to_dict(), version=b.service.version, **meta))
+            if role == "server":
+                b.service.server_joined(peer)
             b.metrics.write("worker", b.elapsed, worker=peer.worker, role=role, status="rejoined" if rejoined else "joined", host=peer.host, pid=peer.pid)
         elif stage == "ready" and peer is not None and peer.state == "joining" and msg.run == b.run:
             if msg.meta.get("need_shard") and role == "worker":
@@ -89,10 +100,19 @@ class Session:
             peer.state = "ready"
             if role == "worker":
                 b.service.worker_ready(peer)
+            elif role == "server":
+                b.service.server_ready(peer, msg)
             else:
                 b.maybe_send_eval()
         else:
             b.reject(identity, "bad-hello", f"HELLO stage {stage!r} out of order")
+
+    def replay_deferred(self) -> None:
+        """Answer the joins held by ``defer_join``, each with the CURVE key it arrived with."""
+        deferred, self._deferred = self._deferred, []
+        for identity, msg, user in deferred:
+            self._joining_user = user
+            self.on_hello(identity, self.members.peers.get(identity), msg, time.monotonic())
 
     def _send_shard(self, peer: Peer) -> None:
         from zsgd.data import make_shard
@@ -110,6 +130,8 @@ class Session:
         peer.state = "gone"
         if peer.role == "worker":
             b.service.worker_gone(peer, status)
+        elif peer.role == "server":
+            b.service.server_gone(peer, status)
         else:
             peer.busy = False
         if status == "dead":

@@ -107,6 +107,8 @@ class MsgType(enum.IntEnum):
     SHARD = 9      # broker -> worker: data shard (arrays "x" uint8, "y" int64)
     PEER = 10      # worker -> worker relayed by the broker (m: to, round)
     WAIT = 11      # broker -> worker: no weights for you yet (m: reason)
+    STATE = 12     # coordinator <-> range server (--servers K): a request (m: tag, full), or the range's
+                   # weights "w" [+ optimizer state "opt.NAME"] and counters in reply
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,28 @@ class BrokerLink:
             pipe.close(linger=0)
 
 
+def recv_any(links: list["BrokerLink"], timeout: float) -> tuple[int, Message | bytes] | None:
+    """The next message from whichever of ``links`` has one: ``(index, message or BROKER_DEAD)``, or None on timeout.
+
+    A worker of a sharded run (``--servers K``) holds one link per server and
+    takes whichever range arrives first.
+    """
+    for i, link in enumerate(links):  # a dead link thread shows as BROKER_DEAD at once, not after the poll
+        if not link._thread.is_alive() and not link._pipe.poll(0):
+            link._check_alive()
+            return i, BROKER_DEAD
+    poller = zmq.Poller()
+    for link in links:
+        poller.register(link._pipe, zmq.POLLIN)
+    ready = dict(poller.poll(int(timeout * 1000)))
+    for i, link in enumerate(links):
+        if link._pipe in ready:
+            msg = link.recv(0)
+            if msg is not None:
+                return i, msg
+    return None
+
+
 def _is_heartbeat(frames: list) -> bool:
     head = frames[0].buffer
     return len(frames) == 1 and len(head) >= 4 and head[3] == MsgType.HEARTBEAT

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 class Peer:
     identity: bytes
     worker: int
-    role: str  # "worker" | "evaluator"
+    role: str  # "worker" | "evaluator" | "server" (a range server of --servers K)
     host: str = "?"
     pid: int = 0
     state: str = "joining"  # joining -> ready -> gone
@@ -45,6 +45,7 @@ class Membership:
     peers: dict[bytes, Peer] = field(default_factory=dict)
     by_worker: dict[int, Peer] = field(default_factory=dict)
     evaluator: Peer | None = None
+    servers: dict[int, Peer] = field(default_factory=dict)  # --servers K: range servers 1..K-1, by index
 
     def admit(self, identity: bytes, role: str, requested: int, now: float) -> tuple[Peer | None, bool]:
         """Return (peer, rejoined) or (None, False) when the run is full."""
@@ -56,6 +57,13 @@ class Membership:
         if role == "evaluator":
             peer = Peer(identity, -1, role, last_seen=now)
             self.evaluator = peer
+            self.peers[identity] = peer
+            return peer, False
+        if role == "server":  # its index is its place in the range split, asked for by whoever started it
+            if requested in self.servers and self.servers[requested].state != "gone":
+                return None, False
+            peer = Peer(identity, requested, role, last_seen=now)
+            self.servers[requested] = peer
             self.peers[identity] = peer
             return peer, False
         if 0 <= requested < self.n_workers and requested not in self.by_worker:

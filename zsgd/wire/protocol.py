@@ -179,6 +179,16 @@ def peer_message(run: str, worker: int, to: int, round: int, arrays: Mapping[str
                    meta={"to": to, "round": round, **meta})
 
 
+def state_request(run: str, tag: int, full: bool = False) -> Message:
+    """Coordinator -> range server: send your range's weights (``full``: and optimizer state), answering ``tag``."""
+    return Message(MsgType.STATE, run, -1, 0, meta={"tag": int(tag), "full": bool(full)})
+
+
+def state_message(run: str, server: int, version: int, arrays: Mapping[str, np.ndarray], **meta: Any) -> Message:
+    """A range's state: weights ``w`` and optionally ``opt.NAME`` arrays (both ways: a server's reply, or its initial state)."""
+    return Message(MsgType.STATE, run, server, version, dict(arrays), meta=dict(meta))
+
+
 def wait_message(run: str, worker: int, version: int, reason: str = "barrier") -> Message:
     """No weights for this worker yet (sync barrier, SSP bound); ask again later."""
     return Message(MsgType.WAIT, run, worker, version, meta={"reason": reason})

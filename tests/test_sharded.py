@@ -1,0 +1,135 @@
+"""``--servers K``: the parameter vector split over K server processes.
+
+The split itself (ranges, optimizer state) is tested in-process; the runs
+are real: a coordinator, range-server processes and workers on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from helpers import cli, events, lines_of, read_events, run_zsgd, start_run, stop, summary_of, wait_for
+
+from zsgd.core.ranges import join_state, slice_state, split_ranges
+from zsgd.errors import ZsgdError
+
+
+# -- the split --------------------------------------------------------------------------
+@pytest.mark.parametrize("n,k", [(10, 1), (10, 3), (7850, 2), (7850, 7), (5, 5)])
+def test_ranges_cover_the_vector_contiguously_and_evenly(n, k):
+    ranges = split_ranges(n, k)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    sizes = [hi - lo for lo, hi in ranges]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+@pytest.mark.parametrize("k", [0, -1, 11])
+def test_impossible_server_counts_are_refused(k):
+    with pytest.raises(ZsgdError, match="--servers"):
+        split_ranges(10, k)
+
+
+def test_optimizer_state_splits_and_joins_back():
+    n = 11
+    state = {"m": np.arange(n, dtype=np.float32), "v": np.arange(n, dtype=np.float32) * 2, "step": np.array(7, dtype=np.int64)}
+    parts = [slice_state(state, n, lo, hi) for lo, hi in split_ranges(n, 3)]
+    assert [len(p["m"]) for p in parts] == [3, 4, 4]
+    assert all(int(p["step"]) == 7 for p in parts)
+    joined = join_state(parts, n)
+    assert set(joined) == set(state)
+    for key in state:
+        np.testing.assert_array_equal(joined[key], state[key])
+
+
+# -- bad input: one line, exit 2 ----------------------------------------------------------
+@pytest.mark.parametrize("args,match", [
+    (["--servers", "0"], "--servers must be a whole number >= 1, got 0"),
+    (["--servers", "2", "--algo", "dsgd"], "dsgd has no central model"),
+    (["--servers", "8000", "--model", "logreg"], "more servers than the model has parameters"),
+])
+def test_bad_server_flags_are_one_line(tmp_path, args, match):
+    result = cli("run", "--n-proc", "1", "--steps", "5", "--quiet", "--out", str(tmp_path / "r"), *args)
+    assert result.exit_code == 2, result.output
+    assert match in result.stderr
+    assert len(lines_of(result.stderr)) == 1
+    assert "Traceback" not in result.output
+
+
+# -- real runs ------------------------------------------------------------------------------
+def _run(tmp_path, name, *args, timeout=240):
+    out = tmp_path / name
+    proc = run_zsgd("run", "--out", str(out), "--quiet", "--model", "logreg", *args, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_sync_sharded_run_is_bit_identical_to_one_server(tmp_path, no_orphans):
+    """Optimizers act per coordinate, so one worker's sync run must not change by a bit when split in 3."""
+    common = ("--n-proc", "1", "--algo", "sync", "--steps", "40", "--checkpoint-every", "0", "--optimizer", "adam", "--lr", "0.01")
+    one = _run(tmp_path, "one", *common)
+    three = _run(tmp_path, "three", *common, "--servers", "3")
+    a, b = np.load(one / "weights.npz"), np.load(three / "weights.npz")
+    for key in a.files:
+        np.testing.assert_array_equal(a[key], b[key])
+    s = summary_of(three)
+    assert s["servers"] == 3 and s["updates"] == 40
+    assert sorted(s["server_stats"]) == ["1", "2"]
+    served = [e for e in events(three, "server") if e["status"] == "serving"]
+    assert sorted(e["server"] for e in served) == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,extra", [
+    ("async", ("--compress", "topk:0.1", "--compress-replies", "qsgd:8", "--staleness-lr")),
+    ("ssp:1", ()),
+    ("localsgd:2", ()),
+])
+def test_sharded_runs_train(tmp_path, no_orphans, algo, extra):
+    out = _run(tmp_path, "r", "--n-proc", "2", "--servers", "2", "--algo", algo, "--steps", "120", "--lr", "0.05", *extra)
+    s = summary_of(out)
+    assert s["updates"] == 120 and s["stop_reason"] == "reached 120 updates"
+    assert s["test_accuracy"] > 0.5, s["test_accuracy"]
+    assert s["rejected_messages"] == 0
+    stats = s["server_stats"]["1"]
+    assert stats["updates"] >= 100 and stats["range"] == list(s["server_ranges"][1])
+    if "--compress" in extra:
+        assert s["compression_ratio"] > 2
+    for w in (0, 1):
+        log = (out / "logs" / f"worker-{w}.log").read_text()
+        assert "joined 2 servers" in log and "done" in log
+
+
+@pytest.mark.slow
+def test_secure_sharded_run(tmp_path, no_orphans):
+    out = _run(tmp_path, "r", "--n-proc", "2", "--servers", "2", "--steps", "40", "--secure")
+    s = summary_of(out)
+    assert s["updates"] == 40 and s["refused_clients"] == 0
+
+
+@pytest.mark.slow
+def test_killed_server_stops_the_run_and_resume_continues(tmp_path, no_orphans):
+    out = tmp_path / "r"
+    proc = start_run(out, "--quiet", "--model", "logreg", "--n-proc", "2", "--servers", "2", "--steps", "100000",
+                     "--checkpoint-every", "20", "--heartbeat", "0.2", "--timeout", "1")
+    try:
+        server = wait_for(lambda: next((e for e in read_events(out) if e["event"] == "server" and e.get("status") == "serving"), None),
+                          90, what="the range server to serve")
+        wait_for(lambda: (out / "checkpoint.json").exists() and any(e["event"] == "update" and e["updates"] >= 60 for e in read_events(out)),
+                 90, what="a checkpoint after 60 updates")
+        os.kill(server["pid"], signal.SIGKILL)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        stop(proc, group=True)
+    assert proc.returncode == 1, err[-2000:]
+    assert "range server 1" in err and "died" in err and "Traceback" not in err
+    done = summary_of(out)["updates"]
+    resumed = run_zsgd("run", "--resume", str(out), "--steps", str(done + 60), "--quiet", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    s = summary_of(out)
+    assert s["updates"] == done + 60 and s["servers"] == 2

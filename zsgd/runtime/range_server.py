@@ -1,0 +1,193 @@
+"""A range server: one of the K processes of ``--servers K``.
+
+It is started like a worker (``zsgd worker --role server --id I``, locally
+or over SSH, CURVE keys on stdin), joins the coordinator (the ``zsgd run``
+process) over a heartbeating link, and gets its range ``[lo, hi)`` of the
+flat parameter vector, the run's configuration and, in a STATE message,
+that range's weights and optimizer state (fresh, or from a checkpoint on
+``--resume``). It then binds a ROUTER of its own and runs an ordinary
+broker on it: the same endpoint, session and parameter-server service as
+the coordinator, over a vector of ``hi - lo`` coordinates. Workers join it
+like any broker and push and pull that range; the server algorithm (async,
+sync, ssp, local SGD) decides alone, and because every worker sends every
+range together, the K servers' rounds stay in step.
+
+What it does not own: the stop rule, evaluation and checkpoints. The
+coordinator asks for the range's state (STATE requests, answered from the
+broker's tick) and says LEAVE when the run is over; if the coordinator goes
+silent for ``--timeout``, the server stops too. Everything ends.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zsgd.core.config import TrainConfig
+from zsgd.core.ledger import RunLedger
+from zsgd.core.stopping import StopRule
+from zsgd.errors import ZsgdError
+from zsgd.runtime.node_options import NodeOptions, log
+from zsgd.wire import protocol
+from zsgd.wire.link import BROKER_DEAD, BrokerLink
+from zsgd.wire.protocol import Message, MsgType
+
+STATS_EVERY_S = 0.5  # how often the coordinator's live view hears from this server
+
+
+class _RangeModel:
+    """What the broker needs of a model, for a range: its size (weights come from the coordinator)."""
+
+    def __init__(self, n_params: int) -> None:
+        self.n_params = n_params
+
+    def init(self, seed: int = 0) -> np.ndarray:
+        return np.zeros(self.n_params, dtype=np.float32)
+
+
+class FollowerLedger(RunLedger):
+    """A range server's ledger: it counts and follows the run's progress (so ``--lr-schedule`` decays
+    every range alike) but never ends the run; the coordinator applies the stop and divergence rules
+    to the same updates and losses, and says LEAVE."""
+
+    def stop(self, reason: str) -> None:
+        pass
+
+    def diverge(self, what: str, update: int | None = None) -> None:
+        pass
+
+    def end(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+
+class RangeProblem:
+    """The broker's view of the problem on a range server: a size, and the run's stop rule to follow."""
+
+    def __init__(self, n_params: int, rule: dict[str, Any]) -> None:
+        self.model = _RangeModel(n_params)
+        self.rule = StopRule(**rule)
+
+    def ledger(self, cfg: TrainConfig, emit=None, updates: int = 0, samples: int = 0, eval_every: int | None = None) -> RunLedger:
+        return FollowerLedger(self.rule, n_train=self.rule.n_train, log_every=1 << 30, eval_every=0, diverge_factor=0.0, emit=emit,
+                              updates=updates, samples=samples)
+
+
+def _range_service(broker, w0: np.ndarray, opt_state: dict | None):
+    from zsgd.nn.optim import make_optimizer, warm_optimizer
+    from zsgd.runtime.parameter_server import ParameterServer
+
+    cfg = broker.cfg
+    warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, w0.size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    service = ParameterServer(broker, w0, optimizer, broker.opts, opt_state, clip_norm=None)  # workers clip (see sharded.py)
+    return service
+
+
+def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
+    """Serve range ``assign.meta['range']`` until the coordinator says LEAVE or goes silent; the exit code."""
+    from zsgd.broker import Broker, BrokerOptions
+    from zsgd.output.metrics import MetricsWriter
+
+    meta = assign.meta
+    index = assign.worker
+    cfg = TrainConfig.from_dict(dict(meta["config"]))
+    lo, hi = (int(x) for x in meta["range"])
+    state = _initial_state(opts, link, hi - lo)
+    if state is None:
+        return 3
+    w, opt_state, counters = state
+    curve = meta.get("curve")
+    if curve is not None:
+        curve = {"secret": curve["secret"].encode("ascii"), "public": curve["public"].encode("ascii"), "allowed": dict(curve["allowed"])}
+    so = meta["server_options"]
+    bopts = BrokerOptions(algo=so["algo"], n_workers=int(meta["n_workers"]), bind=f"tcp://{meta['bind_host']}:0",
+                          heartbeat=float(meta["heartbeat"]), timeout=float(so["timeout"]), staleness_lr=so["staleness_lr"],
+                          compress=so["compress"], compress_replies=so["compress_replies"], checkpoint_every=0,
+                          wait_workers_s=math.inf, curve=curve)
+    work = Path(tempfile.mkdtemp(prefix=f"zsgd-server-{index}-"))
+    try:
+        with MetricsWriter(work / "metrics.jsonl") as metrics:
+            broker = Broker(cfg, RangeProblem(hi - lo, dict(meta["stop_rule"])), bopts, work, metrics, resume=(w, opt_state, counters), run_id=assign.run,
+                            service=_range_service)
+            port = int(broker.address.rsplit(":", 1)[1])
+            link.send(protocol.hello(link.run, index, stage="ready", role="server", port=port,
+                                     host=meta.get("advertise"), address=broker.address))
+            log(opts, f"serving range [{lo:,}, {hi:,}) of run {assign.run} on {broker.address}")
+            control = _Control(opts, link, broker, index)
+            broker.serve(on_tick=control.tick, tick_s=0.05)
+            return control.exit_code
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _initial_state(opts: NodeOptions, link: BrokerLink, n: int) -> tuple[np.ndarray, dict | None, dict] | None:
+    deadline = time.monotonic() + opts.join_timeout
+    while time.monotonic() < deadline:
+        msg = link.recv(timeout=1.0)
+        if msg is BROKER_DEAD:
+            break
+        if msg is None or msg.type != MsgType.STATE:
+            continue
+        w = np.array(msg.arrays["w"], dtype=np.float32)
+        if w.shape != (n,):
+            raise ZsgdError(f"the coordinator sent {w.size} weights for a range of {n}")
+        opt = {k[4:]: np.array(v) for k, v in msg.arrays.items() if k.startswith("opt.")} or None
+        return w, opt, {"updates": int(msg.meta.get("updates", 0)), "samples": int(msg.meta.get("samples", 0)),
+                   "elapsed": float(msg.meta.get("elapsed", 0.0))}
+    log(opts, "the coordinator sent no state for this range; exiting")
+    return None
+
+
+class _Control:
+    """The coordinator's side of the range server, handled between bursts of worker traffic."""
+
+    def __init__(self, opts: NodeOptions, link: BrokerLink, broker: Any, index: int) -> None:
+        self.opts, self.link, self.broker, self.index = opts, link, broker, index
+        self.exit_code = 0
+        self._last_stats = 0.0
+        self._last = (time.monotonic(), 0, 0, 0)
+
+    def tick(self, broker: Any) -> None:
+        while True:
+            msg = self.link.recv(timeout=0)
+            if msg is None:
+                break
+            if msg is BROKER_DEAD:
+                log(self.opts, f"coordinator at {self.opts.connect} silent for {self.opts.timeout:g} s; stopping")
+                self.exit_code = 3
+                broker.ledger.end("coordinator gone")
+                return
+            if msg.type == MsgType.LEAVE:
+                broker.ledger.end(str(msg.meta.get("reason", "run over")))
+                return
+            if msg.type == MsgType.STATE:
+                self._answer(msg)
+        now = time.monotonic()
+        if now - self._last_stats >= STATS_EVERY_S:
+            self._last_stats = now
+            self.link.send(protocol.state_message(self.link.run, self.index, broker.service.version, {}, tag=0, stats=self.stats(now)))
+
+    def stats(self, now: float) -> dict[str, float]:
+        b = self.broker
+        t0, u0, i0, o0 = self._last
+        dt = max(now - t0, 1e-9)
+        out = {"updates": b.service.version, "updates_per_s": (b.service.version - u0) / dt,
+               "bytes_in_per_s": (b.endpoint.bytes_in - i0) / dt, "bytes_out_per_s": (b.endpoint.bytes_out - o0) / dt,
+               "rejected": int(sum(b.rejected.values())), "workers": len(b.session.members.live_workers())}
+        self._last = (now, b.service.version, b.endpoint.bytes_in, b.endpoint.bytes_out)
+        return out
+
+    def _answer(self, request: Message) -> None:
+        service = self.broker.service
+        arrays: dict[str, np.ndarray] = {"w": np.array(service.weights, copy=True)}
+        if request.meta.get("full"):
+            arrays |= {f"opt.{k}": v for k, v in service.optimizer.state_arrays().items()}
+        self.link.send(protocol.state_message(self.link.run, self.index, service.version, arrays, tag=int(request.meta.get("tag", 0)),
+                                              stats=self.stats(time.monotonic())))

@@ -1,0 +1,259 @@
+"""``--servers K``: the coordinator's service, serving range 0 and gathering the others.
+
+The flat parameter vector is cut into K contiguous ranges
+(``zsgd.core.ranges``). The ``zsgd run`` process keeps range 0 in an
+ordinary parameter server and coordinates K-1 range servers
+(``zsgd.runtime.range_server``), each its own process with its own ROUTER
+port, so K servers use K cores and K links. Workers hold one link per
+server and push and pull every range concurrently
+(``zsgd.runtime.sharded_worker``).
+
+The coordinator keeps what is one per run: membership of the run (workers
+join it first and learn the servers' addresses from its ASSIGN; they join
+no server before every server is up), the ledger (range 0 sees every
+update, loss and staleness), the stop rule, evaluations (the ranges are
+gathered into one vector first), and checkpoints: one file of the whole
+vector and optimizer state, gathered from every server, so ``--resume``
+restores every range and ``--servers 1`` and ``--servers K`` runs write the
+same format. A range server that dies stops the run within ``--timeout``
+with one line naming it; the last complete checkpoint is where
+``--resume`` continues.
+
+Gradient clipping (``--clip-norm``) needs the whole gradient's norm, which
+no range server sees: with K > 1 each worker clips its own gradient before
+splitting it. For async and ssp that is exactly the single server's rule;
+for sync and local SGD it clips each worker's contribution rather than
+their average.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from zsgd.core.ranges import join_state, slice_state, split_ranges
+from zsgd.runtime.parameter_server import ParameterServer
+from zsgd.wire import protocol
+from zsgd.wire.membership import Peer
+from zsgd.wire.protocol import Message, MsgType
+
+Done = Callable[[np.ndarray, dict | None], None]
+
+
+@dataclass
+class _Gather:
+    full: bool
+    own_w: np.ndarray
+    own_opt: dict | None
+    done: Done
+    parts: dict[int, tuple[np.ndarray, dict | None]] = field(default_factory=dict)
+
+
+def sharded_parameter_server(broker: Any, w0: np.ndarray, opt_state: dict | None) -> "ShardedParameterServer":
+    """The broker's service with ``--servers K > 1`` (``zsgd.broker.Broker(service=...)``)."""
+    from zsgd.nn.optim import make_optimizer, warm_optimizer
+
+    cfg = broker.cfg
+    ranges = split_ranges(w0.size, broker.opts.servers)
+    lo, hi = ranges[0]
+    warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, hi - lo, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return ShardedParameterServer(broker, w0, optimizer, opt_state, ranges)
+
+
+class ShardedParameterServer(ParameterServer):
+    """Range 0 of the model, plus the coordination of range servers 1..K-1."""
+
+    def __init__(self, broker: Any, w0: np.ndarray, optimizer: Any, opt_state: dict | None, ranges: list[tuple[int, int]]) -> None:
+        n = w0.size
+        lo, hi = ranges[0]
+        super().__init__(broker, np.ascontiguousarray(w0[lo:hi]), optimizer, broker.opts, slice_state(opt_state, n, lo, hi), clip_norm=None)
+        self.n_params, self.ranges = n, ranges
+        # What each range server starts from (sent after its ASSIGN), and the latest of its weights we have seen.
+        self.initial = {i: (np.ascontiguousarray(w0[a:b]), slice_state(opt_state, n, a, b)) for i, (a, b) in enumerate(ranges) if i}
+        self.latest: dict[int, np.ndarray] = {i: w for i, (w, _opt) in self.initial.items()}
+        self.addresses: dict[int, dict[str, Any]] = {}  # server index -> {"port", "host"} once it serves
+        self.stats: dict[int, dict[str, Any]] = {}
+        self._gathers: dict[int, _Gather] = {}
+        self._tag = 0
+        self._eval_w: np.ndarray | None = None
+        self._eval_gathering = False
+        self._checkpointing = False
+        self._final: tuple[np.ndarray, dict] | None = None
+        self._leaving = False
+        self.failed = False
+
+    @property
+    def k(self) -> int:
+        return len(self.ranges)
+
+    def all_serving(self) -> bool:
+        return len(self.addresses) == self.k - 1
+
+    # -- joining -----------------------------------------------------------------------
+    def defer_join(self, role: str) -> bool:
+        return role == "worker" and not self.all_serving()  # its ASSIGN must list every server
+
+    def assign_meta(self, peer: Peer) -> dict[str, Any]:
+        b = self.b
+        if peer.role == "server":
+            lo, hi = self.ranges[peer.worker] if 0 < peer.worker < self.k else (0, 0)
+            o = b.opts
+            curve = None
+            if o.curve is not None:
+                allowed = o.curve["allowed"]() if callable(o.curve["allowed"]) else o.curve["allowed"]
+                curve = {"secret": o.curve["secret"].decode("ascii"), "public": o.curve["public"].decode("ascii"), "allowed": dict(allowed)}
+            return {"range": [lo, hi], "n_params": self.n_params, "bind_host": _host_of(b.address), "curve": curve,
+                    "stop_rule": dataclasses.asdict(b.ledger.rule),
+                    "server_options": {"algo": o.algo, "timeout": o.timeout, "staleness_lr": o.staleness_lr, "compress": o.compress,
+                                       "compress_replies": o.compress_replies}}
+        if peer.role == "worker":
+            servers = [{"index": i, "lo": self.ranges[i][0], "hi": self.ranges[i][1], **self.addresses[i]} for i in sorted(self.addresses)]
+            return {"servers": servers, "range0": list(self.ranges[0])}
+        return {}
+
+    def server_joined(self, peer: Peer) -> None:
+        b = self.b
+        if not 0 < peer.worker < self.k:
+            b.session.send(peer, protocol.error_message(b.run, peer.worker, f"no range {peer.worker} in a run of --servers {self.k}",
+                                                        "bad-server", fatal=True))
+            return
+        w, opt = self.initial[peer.worker]
+        arrays = {"w": w} | {f"opt.{k}": v for k, v in (opt or {}).items()}
+        b.session.send(peer, protocol.state_message(b.run, peer.worker, self.version, arrays, updates=b.ledger.updates, samples=b.ledger.samples,
+                                                    elapsed=b.elapsed))
+
+    def server_ready(self, peer: Peer, msg: Message) -> None:
+        port = msg.meta.get("port")
+        if not isinstance(port, int) or not 0 < port < 65536:
+            self.b.reject(peer.identity, "bad-hello", "range server without a port")
+            return
+        host = msg.meta.get("host")
+        self.addresses[peer.worker] = {"port": port, "host": host if isinstance(host, str) else None}
+        self.b.metrics.write("server", self.b.elapsed, server=peer.worker, status="serving", range=list(self.ranges[peer.worker]),
+                             host=peer.host, port=port, pid=peer.pid)
+        if self.all_serving():
+            self.b.session.replay_deferred()
+
+    def server_gone(self, peer: Peer, status: str) -> None:
+        b = self.b
+        self._gathers.clear()  # none of them can complete now
+        self._eval_gathering = self._checkpointing = False
+        b.metrics.write("server", b.elapsed, server=peer.worker, status=status, host=peer.host)
+        if b.ledger.stop_reason is None and not self._leaving:
+            what = "died (silent for {:g} s)".format(b.opts.timeout) if status == "dead" else f"left ({status})"
+            self.failed = True
+            b.ledger.stop(f"range server {peer.worker} on {peer.host} {what}; continue with --resume RUN_DIR")
+
+    # -- gathering the ranges ----------------------------------------------------------
+    def _gather(self, full: bool, done: Done) -> None:
+        self._tag += 1
+        own_opt = self.optimizer.state_arrays() if full else None
+        g = _Gather(full, np.array(self.algo.w, copy=True), own_opt, done)
+        if self.k == 1:
+            done(g.own_w, own_opt)
+            return
+        self._gathers[self._tag] = g
+        for peer in self.b.session.members.servers.values():
+            if peer.state == "ready":
+                self.b.session.send(peer, protocol.state_request(self.b.run, self._tag, full))
+
+    def on_state(self, peer: Peer, msg: Message) -> None:
+        tag = msg.meta.get("tag")
+        if isinstance(msg.meta.get("stats"), dict):
+            self.stats[peer.worker] = dict(msg.meta["stats"]) | {"range": list(self.ranges[peer.worker])}
+        if tag == 0 or tag not in self._gathers:
+            return
+        g = self._gathers[tag]
+        lo, hi = self.ranges[peer.worker]
+        w = msg.arrays.get("w")
+        if w is None or w.shape != (hi - lo,) or w.dtype != np.float32:
+            self.b.reject(peer.identity, "bad-schema", f"STATE of range server {peer.worker} without its {hi - lo} weights")
+            return
+        opt = {k[4:]: np.array(v) for k, v in msg.arrays.items() if k.startswith("opt.")} if g.full else None
+        g.parts[peer.worker] = (np.array(w), opt)
+        self.latest[peer.worker] = g.parts[peer.worker][0]
+        if len(g.parts) == self.k - 1:
+            del self._gathers[tag]
+            order = range(1, self.k)
+            w_all = np.concatenate([g.own_w] + [g.parts[i][0] for i in order])
+            opt_all = join_state([g.own_opt] + [g.parts[i][1] for i in order], self.n_params) if g.full and g.own_opt is not None else None
+            g.done(w_all, opt_all)
+
+    # -- what the broker asks ----------------------------------------------------------
+    @property
+    def weights(self) -> np.ndarray:
+        """The whole model: the final gathered one at the end, else range 0 now and the others as last seen."""
+        if self._final is not None:
+            return self._final[0]
+        return np.concatenate([self.algo.w] + [self.latest[i] for i in range(1, self.k)])
+
+    def snapshot(self) -> np.ndarray | None:
+        if self._eval_w is not None:
+            w, self._eval_w = self._eval_w, None
+            return w
+        if not self._eval_gathering:
+            self._eval_gathering = True
+
+            def ready(w: np.ndarray, _opt: dict | None) -> None:
+                self._eval_gathering = False
+                self._eval_w = w
+                self.b.maybe_send_eval()
+
+            self._gather(False, ready)
+        return None
+
+    def checkpoint_state(self) -> tuple[np.ndarray, dict] | None:
+        if self._leaving:
+            return self._final  # None when a server could not answer: the last complete checkpoint stays
+        if not self._checkpointing:
+            self._checkpointing = True
+
+            def ready(w: np.ndarray, opt: dict | None) -> None:
+                self._checkpointing = False
+                self.b.write_checkpoint(w, opt or {})
+
+            self._gather(True, ready)
+        return None
+
+    def before_leave(self) -> None:
+        """Gather every range's final weights and optimizer state while the servers are still up."""
+        self._leaving = True
+        b = self.b
+        if self.failed or self.k == 1:
+            return
+
+        def final(w: np.ndarray, opt: dict | None) -> None:
+            self._final = (w, opt or {})
+
+        self._gathers.clear()
+        self._gather(True, final)
+        deadline = time.monotonic() + max(2.0, b.opts.timeout)
+        while self._final is None and self._gathers and time.monotonic() < deadline:
+            if not b.endpoint.poll(0.05):
+                continue
+            for frames in b.endpoint.receive():
+                self._take_state_only(frames)
+
+    def _take_state_only(self, frames: list) -> None:
+        """At the end only STATE from the servers matters; updates arriving now are not applied."""
+        try:
+            msg = protocol.decode(frames[1:], self.b.endpoint.limits)
+        except protocol.ProtocolError:
+            return
+        peer = self.b.session.members.peers.get(frames[0].bytes)
+        if peer is not None and peer.role == "server" and msg.type == MsgType.STATE and msg.run == self.b.run:
+            self.on_state(peer, msg)
+
+    def summary(self) -> dict[str, Any]:
+        return super().summary() | {"servers": self.k, "server_ranges": [list(r) for r in self.ranges],
+                                    "server_stats": {str(i): s for i, s in sorted(self.stats.items())}}
+
+
+def _host_of(address: str) -> str:
+    """``tcp://HOST:PORT`` -> HOST (brackets of an IPv6 address kept)."""
+    return address[len("tcp://"):].rsplit(":", 1)[0]

@@ -1,0 +1,157 @@
+"""The worker of a sharded run (``--servers K``): one link per server, every range at once.
+
+The coordinator's ASSIGN lists the range servers (index, ``[lo, hi)``,
+port). The worker joins each one like a broker, then loops: it takes
+each range's WEIGHTS as they arrive (from whichever server answers first)
+into one flat buffer, and once it holds all K computes one gradient and
+pushes each range to its server, with that range's own version. K servers
+therefore work on K ranges in parallel, over K connections.
+
+Per range: the server's version (async staleness and sync rounds are per
+range), the update codec (``--compress``: top-k keeps its fraction of every
+range, so of the whole) and the reply decoder (``--compress-replies``).
+Gradient clipping happens here, before the split, since no server sees the
+whole gradient (see ``zsgd.runtime.sharded``). LEAVE from any server ends the
+worker; a server that goes silent ends it too (the coordinator stops the run).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from zsgd.core.config import TrainConfig
+from zsgd.errors import ZsgdError
+from zsgd.runtime.node_options import NodeOptions, log
+from zsgd.runtime.replies import reply_decoder
+from zsgd.wire import protocol
+from zsgd.wire.link import BROKER_DEAD, BrokerLink, recv_any
+from zsgd.wire.protocol import Message, MsgType
+
+EXIT_OK, EXIT_BAD_REPLY, EXIT_USAGE, EXIT_BROKER_GONE = 0, 1, 2, 3
+
+
+def server_address(connect: str, entry: dict[str, Any]) -> str:
+    """Where range server ``entry`` listens: its own host, or (a server on the coordinator's machine) the host we reached the coordinator at."""
+    host = entry.get("host") or connect[len("tcp://"):].rsplit(":", 1)[0]
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"tcp://{host}:{int(entry['port'])}"
+
+
+def run_sharded(opts: NodeOptions, link: BrokerLink, config: TrainConfig, assign_meta: dict, model: Any, x: np.ndarray, y: np.ndarray) -> int:
+    """Train on every range until a server says LEAVE or goes silent; the exit code."""
+    servers = list(assign_meta["servers"])
+    ranges = [tuple(assign_meta["range0"])] + [(int(s["lo"]), int(s["hi"])) for s in servers]
+    ctx = zmq.Context()
+    links = [link]
+    try:
+        for s in servers:
+            extra = BrokerLink(ctx, server_address(opts.connect, s), link.identity, run=link.run, worker=link.worker,
+                               heartbeat=opts.heartbeat, timeout=opts.timeout, curve=opts.curve).open()
+            links.append(extra)
+        for i, extra in enumerate(links[1:], start=1):
+            extra.send(protocol.hello(link.run, link.worker, stage="join", role="worker", host=opts.host_label or "?"))
+        for i, extra in enumerate(links[1:], start=1):
+            if not _joined(opts, extra, i):
+                return EXIT_BROKER_GONE
+            extra.send(protocol.hello(link.run, link.worker, stage="ready", role="worker"))
+        log(opts, f"joined {len(links)} servers (ranges {', '.join(f'[{a:,}, {b:,})' for a, b in ranges)})")
+        return _loop(opts, links, config, assign_meta, model, x, y, ranges)
+    finally:
+        for extra in links[1:]:
+            extra.close()
+        ctx.term()
+
+
+def _joined(opts: NodeOptions, link: BrokerLink, index: int) -> bool:
+    deadline = time.monotonic() + opts.join_timeout
+    while time.monotonic() < deadline:
+        msg = link.recv(timeout=0.5)
+        if msg is BROKER_DEAD:
+            break
+        if msg is None:
+            continue
+        if msg.type == MsgType.ERROR:
+            raise ZsgdError(f"range server {index} refused this worker: {msg.meta.get('message', '?')}")
+        if msg.type == MsgType.ASSIGN:
+            return True
+    log(opts, f"range server {index} at {link.address} did not answer within {opts.join_timeout:g} s")
+    return False
+
+
+def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta: dict, model: Any, x: np.ndarray, y: np.ndarray,
+          ranges: list[tuple[int, int]]) -> int:
+    from zsgd.algorithms import make_worker_step
+    from zsgd.compression import make_codec
+    from zsgd.nn.optim import clip_grad_norm
+
+    algo = str(meta.get("algo", "async"))
+    worker = links[0].worker
+    step = make_worker_step(algo, model, x, y, config.batch_size, config.seed, worker, lr=config.lr,
+                            weight_decay=config.weight_decay, clip_norm=config.clip_norm)
+    clip = config.clip_norm if not algo.startswith("localsgd") else None  # local SGD clips each local step itself
+    codecs = [make_codec(str(meta.get("compress", "none")), b - a, seed=(config.seed * 1_000_003 + worker) * 64 + i)
+              for i, (a, b) in enumerate(ranges)]
+    decoders = [reply_decoder(str(meta.get("compress_replies", "none")), b - a) for a, b in ranges]
+    step.warm_up(model.init(seed=config.seed))
+    w = np.empty(model.n_params, dtype=np.float32)
+    versions = [0] * len(links)
+    have = [False] * len(links)
+    slowdown = 1.0
+    t0 = None
+    while True:
+        got = recv_any(links, opts.timeout)
+        if got is None:
+            continue
+        i, msg = got
+        if msg is BROKER_DEAD:
+            who = "the coordinator" if i == 0 else f"range server {i}"
+            log(opts, f"{who} at {links[i].address} silent for {opts.timeout:g} s; exiting")
+            return EXIT_BROKER_GONE
+        if msg.type == MsgType.LEAVE:
+            log(opts, f"done ({msg.meta.get('reason', 'run over')})")
+            return EXIT_OK
+        if msg.type == MsgType.ERROR:
+            log(opts, f"server {i} reported an error: {msg.meta.get('message', '?')}")
+            if msg.meta.get("fatal"):
+                return EXIT_USAGE
+            continue
+        if msg.type != MsgType.WEIGHTS:
+            continue
+        a, b = ranges[i]
+        try:
+            w[a:b] = decoders[i](msg)
+        except protocol.ProtocolError as exc:
+            log(opts, f"server {i} sent unusable weights ({exc}); exiting")
+            return EXIT_BAD_REPLY
+        versions[i], have[i] = msg.version, True
+        if i == 0:
+            slowdown = float(msg.meta.get("slowdown", 1.0))
+        if t0 is None:
+            t0 = links[i].last_arrival or time.monotonic()
+        if not all(have):
+            continue
+        update = step.compute(w, versions[0])
+        grad = update.grad
+        if clip is not None and np.isfinite(grad).all():
+            clip_grad_norm(grad, clip)
+        if slowdown > 1.0:  # an emulated straggler: stretch the step as the single-broker worker does
+            time.sleep((slowdown - 1.0) * (time.monotonic() - t0))
+        extra = {"compute_s": time.monotonic() - t0}
+        if "kind" in update.meta:
+            extra["kind"] = update.meta["kind"]
+        finite = bool(np.isfinite(grad).all())
+        for j, (lo, hi) in enumerate(ranges):
+            part = grad[lo:hi]
+            if codecs[j].name == "none" or not finite:
+                msg_out = protocol.update_message(links[j].run, worker, versions[j], part, update.n_samples, update.loss, **extra)
+            else:
+                msg_out = protocol.update_message(links[j].run, worker, versions[j], None, update.n_samples, update.loss,
+                                                  codec=codecs[j].name, extra_arrays=codecs[j].encode(part), **extra)
+            links[j].send(msg_out)
+        have = [False] * len(links)
+        t0 = None
