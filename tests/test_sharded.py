@@ -87,7 +87,7 @@ def test_sync_sharded_run_is_bit_identical_to_one_server(tmp_path, no_orphans):
 @pytest.mark.slow
 @pytest.mark.parametrize("algo,extra", [
     ("async", ("--compress", "topk:0.1", "--compress-replies", "qsgd:8", "--staleness-lr")),
-    ("ssp:1", ()),
+    ("ssp:1", ("--inject-latency", "2ms", "--stragglers", "0.5:2x")),
     ("localsgd:2", ()),
 ])
 def test_sharded_runs_train(tmp_path, no_orphans, algo, extra):

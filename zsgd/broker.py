@@ -58,6 +58,7 @@ class BrokerOptions:
     wait_workers_s: float = 120.0  # abort if no worker is live this long after start
     curve: dict | None = None  # {"secret": ..., "public": ..., "allowed": [...]}
     emulator: Any = None  # zsgd.runtime.emulation.LinkEmulator: delays messages and slows stragglers (emulation)
+    emulation: tuple = (None, None, None, None)  # the --inject-latency/bandwidth/loss, --stragglers specs (range servers rebuild the emulator)
     servers: int = 1  # --servers K: this broker serves range 0 and coordinates K-1 range servers (zsgd.runtime.sharded)
 
 

@@ -71,6 +71,22 @@ class RunView:
             table.add_row(str(w), p.host, f"[{style}]{p.state}[/]", str(p.steps), f"{p.mean_staleness:.1f}/{p.staleness_max}",
                           f"{p.last_loss:.3f}" if p.last_loss == p.last_loss else "-", str(p.incarnations))
         parts = [self.progress.get_renderable(), stats, table]
+        servers = broker.service.server_rows()
+        if servers:
+            parts.append(_server_table(servers))
         if st.stop_reason is not None:
             parts.insert(2, Text(f"stopping: {st.stop_reason}", style="bold red" if st.diverged else "bold"))
         self.live.update(Group(*parts))
+
+
+def _server_table(rows: list[dict]) -> Table:
+    """``--servers K``: a row per server, so the one that cannot keep up (its queue grows) stands out."""
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    for col in ("server", "range", "state", "updates/s", "queue", "MB/s in", "MB/s out"):
+        table.add_column(col, justify="left" if col in ("range", "state") else "right")
+    for r in rows:
+        style = {"ready": "green", "joining": "yellow", "gone": "red"}.get(r["state"], "yellow")
+        lo, hi = r["range"]
+        table.add_row(str(r["server"]), f"{lo:,}-{hi:,}", f"[{style}]{r['state']}[/]", f"{r.get('updates_per_s', 0.0):,.1f}",
+                      str(r.get("queue_depth", "-")), f"{r.get('bytes_in_per_s', 0.0) / 1e6:,.1f}", f"{r.get('bytes_out_per_s', 0.0) / 1e6:,.1f}")
+    return table

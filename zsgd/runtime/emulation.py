@@ -86,3 +86,23 @@ class LinkEmulator:
     def slowdown(self, worker: int, now: float) -> float:
         """Factor by which ``worker``'s step starting at ``now`` is slowed (1.0: not a straggler)."""
         return 1.0 if self.stragglers is None else self.stragglers.factor(worker, now)
+
+
+def emulator_from_specs(latency: str | None, bandwidth: str | None, loss: str | None, stragglers: str | None,
+                        n_workers: int, seed: int) -> "LinkEmulator | None":
+    """The ``--inject-*`` and ``--stragglers`` specs as a LinkEmulator, or None when they emulate nothing.
+
+    One function, so that the coordinator and every range server of
+    ``--servers K`` emulate the same network: each server delays its own
+    link's messages by its own share of the bytes.
+    """
+    from zsgd.simulation.netmodel import Constant
+
+    if not (latency or bandwidth or loss or stragglers):
+        return None
+    lat = parse_delay(latency or "0", "--inject-latency")
+    net = Network(latency_up=lat, latency_down=lat, bandwidth=parse_bandwidth(bandwidth or "inf"), loss=parse_loss(loss or "0"))
+    spec = parse_stragglers(stragglers) if stragglers else None
+    if isinstance(lat, Constant) and lat.seconds == 0 and net.bandwidth == float("inf") and net.loss == 0 and spec is None:
+        return None  # "0", "inf", "none": nothing to emulate
+    return LinkEmulator(net, spec, n_workers=n_workers, seed=seed)

@@ -37,6 +37,7 @@ class Endpoint:
         self.limits = limits
         self.ctx = zmq.Context()
         self.bytes_in = self.bytes_out = 0
+        self.queue_depth = self._burst = 0  # messages found waiting at the last receive
         self.dropped: Counter = Counter()  # sends that could not go out, by reason
         self._disconnects = 0  # without CURVE; with it the guard's monitor counts them (one monitor per socket)
         self._weight_sends: list[zmq.MessageTracker] = []
@@ -89,13 +90,20 @@ class Endpoint:
         return bool(self.sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN))
 
     def receive(self, burst: int = 256) -> Iterator[list[zmq.Frame]]:
-        """Up to ``burst`` waiting multipart messages (identity first), without blocking."""
+        """Up to ``burst`` waiting multipart messages (identity first), without blocking.
+
+        ``queue_depth`` keeps how many were waiting at the last burst: the
+        live view's sign of a server that cannot keep up (1 means it never
+        had a backlog)."""
+        self._burst = 0
         for _ in range(burst):
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self.bytes_in += sum(len(f.buffer) for f in frames[1:])
+            self._burst += 1
+            self.queue_depth = self._burst
             yield frames
 
     def _count_disconnects(self) -> None:

@@ -94,6 +94,7 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
     """Serve range ``assign.meta['range']`` until the coordinator says LEAVE or goes silent; the exit code."""
     from zsgd.broker import Broker, BrokerOptions
     from zsgd.output.metrics import MetricsWriter
+    from zsgd.runtime.emulation import emulator_from_specs
 
     meta = assign.meta
     index = assign.worker
@@ -110,7 +111,8 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
     bopts = BrokerOptions(algo=so["algo"], n_workers=int(meta["n_workers"]), bind=f"tcp://{meta['bind_host']}:0",
                           heartbeat=float(meta["heartbeat"]), timeout=float(so["timeout"]), staleness_lr=so["staleness_lr"],
                           compress=so["compress"], compress_replies=so["compress_replies"], checkpoint_every=0,
-                          wait_workers_s=math.inf, curve=curve)
+                          wait_workers_s=math.inf, curve=curve,
+                          emulator=emulator_from_specs(*meta.get("emulation", [None] * 4), n_workers=int(meta["n_workers"]), seed=int(meta["seed"])))
     work = Path(tempfile.mkdtemp(prefix=f"zsgd-server-{index}-"))
     try:
         with MetricsWriter(work / "metrics.jsonl") as metrics:
@@ -180,7 +182,8 @@ class _Control:
         dt = max(now - t0, 1e-9)
         out = {"updates": b.service.version, "updates_per_s": (b.service.version - u0) / dt,
                "bytes_in_per_s": (b.endpoint.bytes_in - i0) / dt, "bytes_out_per_s": (b.endpoint.bytes_out - o0) / dt,
-               "rejected": int(sum(b.rejected.values())), "workers": len(b.session.members.live_workers())}
+               "rejected": int(sum(b.rejected.values())), "workers": len(b.session.members.live_workers()),
+               "queue_depth": b.endpoint.queue_depth}
         self._last = (now, b.service.version, b.endpoint.bytes_in, b.endpoint.bytes_out)
         return out
 

@@ -141,19 +141,12 @@ class RunOptions:
 
     def emulator(self, seed: int):
         """A LinkEmulator when any network condition or straggler is injected, else None."""
-        if not (self.inject_latency or self.inject_bandwidth or self.inject_loss or self.stragglers):
-            return None
-        from zsgd.runtime.emulation import LinkEmulator, Network, parse_bandwidth, parse_delay, parse_loss, parse_stragglers
-        from zsgd.simulation.netmodel import Constant
+        from zsgd.runtime.emulation import emulator_from_specs
 
-        latency = parse_delay(self.inject_latency or "0", "--inject-latency")
-        net = Network(latency_up=latency, latency_down=latency, bandwidth=parse_bandwidth(self.inject_bandwidth or "inf"),
-                      loss=parse_loss(self.inject_loss or "0"))
-        stragglers = parse_stragglers(self.stragglers) if self.stragglers else None
-        ideal = isinstance(latency, Constant) and latency.seconds == 0 and net.bandwidth == float("inf") and net.loss == 0 and stragglers is None
-        if ideal:
-            return None  # "0", "inf", "none": nothing to emulate
-        return LinkEmulator(net, stragglers, n_workers=self.n_workers, seed=seed)
+        return emulator_from_specs(*self.emulation_specs(), n_workers=self.n_workers, seed=seed)
+
+    def emulation_specs(self) -> tuple[str | None, str | None, str | None, str | None]:
+        return self.inject_latency, self.inject_bandwidth, self.inject_loss, self.stragglers
 
     @property
     def n_workers(self) -> int:
@@ -215,7 +208,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     write_config(run_dir / "config.yaml", resolved)  # on --resume too: it records a changed --n-proc or stop rule
     bopts = BrokerOptions(algo=opts.algo, n_workers=opts.n_workers, bind=access.bind(opts.port), curve=access.broker_curve(), heartbeat=opts.heartbeat,
                           timeout=opts.timeout, staleness_lr=opts.staleness_lr, compress=opts.compress, compress_replies=opts.compress_replies,
-                          checkpoint_every=opts.checkpoint_every, servers=opts.servers,
+                          checkpoint_every=opts.checkpoint_every, servers=opts.servers, emulation=opts.emulation_specs(),
                           eval_every_s=opts.eval_interval, emulator=opts.emulator(cfg.seed))
     with MetricsWriter(run_dir / "metrics.jsonl", tensorboard=run_dir / "tensorboard" if opts.tensorboard else None) as metrics:
         if topology is not None:

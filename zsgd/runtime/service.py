@@ -54,6 +54,10 @@ class Service:
     def on_state(self, peer: Peer, msg: Any) -> None:
         """A STATE message from a range server (the broker accepts STATE from no other role)."""
 
+    def server_rows(self) -> list[dict[str, Any]]:
+        """One row per range server for the live view (none without --servers)."""
+        return []
+
     def before_leave(self) -> None:
         """The run is ending and the peers are still connected: gather what the end needs."""
 

@@ -86,6 +86,8 @@ class ShardedParameterServer(ParameterServer):
         self._final: tuple[np.ndarray, dict] | None = None
         self._leaving = False
         self.failed = False
+        self._own_last = (time.monotonic(), self.version, 0, 0)
+        self._own_rates = (0.0, 0.0, 0.0)
 
     @property
     def k(self) -> int:
@@ -108,7 +110,7 @@ class ShardedParameterServer(ParameterServer):
                 allowed = o.curve["allowed"]() if callable(o.curve["allowed"]) else o.curve["allowed"]
                 curve = {"secret": o.curve["secret"].decode("ascii"), "public": o.curve["public"].decode("ascii"), "allowed": dict(allowed)}
             return {"range": [lo, hi], "n_params": self.n_params, "bind_host": _host_of(b.address), "curve": curve,
-                    "stop_rule": dataclasses.asdict(b.ledger.rule),
+                    "stop_rule": dataclasses.asdict(b.ledger.rule), "emulation": list(o.emulation), "seed": b.cfg.seed,
                     "server_options": {"algo": o.algo, "timeout": o.timeout, "staleness_lr": o.staleness_lr, "compress": o.compress,
                                        "compress_replies": o.compress_replies}}
         if peer.role == "worker":
@@ -248,6 +250,25 @@ class ShardedParameterServer(ParameterServer):
         peer = self.b.session.members.peers.get(frames[0].bytes)
         if peer is not None and peer.role == "server" and msg.type == MsgType.STATE and msg.run == self.b.run:
             self.on_state(peer, msg)
+
+    def server_rows(self) -> list[dict[str, Any]]:
+        """Server 0 (this process) measured here; the others as they last reported (every 0.5 s)."""
+        now = time.monotonic()
+        e = self.b.endpoint
+        t, u, i, o = self._own_last
+        dt = max(now - t, 1e-9)
+        if dt >= 1.0:
+            self._own_rates = ((self.version - u) / dt, (e.bytes_in - i) / dt, (e.bytes_out - o) / dt)
+            self._own_last = (now, self.version, e.bytes_in, e.bytes_out)
+        ups, bin_, bout = self._own_rates
+        rows = [{"server": 0, "range": list(self.ranges[0]), "state": "ready", "updates_per_s": ups, "queue_depth": e.queue_depth,
+                 "bytes_in_per_s": bin_, "bytes_out_per_s": bout}]
+        members = self.b.session.members.servers
+        for i in range(1, self.k):
+            peer = members.get(i)
+            rows.append({"server": i, "range": list(self.ranges[i]), "state": peer.state if peer is not None else "starting"}
+                        | {k: v for k, v in self.stats.get(i, {}).items() if k != "range"})
+        return rows
 
     def summary(self) -> dict[str, Any]:
         return super().summary() | {"servers": self.k, "server_ranges": [list(r) for r in self.ranges],
