@@ -157,6 +157,35 @@ def test_remote_run_trains_across_both_hosts(cluster, initialized, tmp_path, no_
     assert pids and not any(pid_alive(p) for p in pids)
 
 
+def test_range_server_placed_on_a_host(cluster, initialized, tmp_path, no_orphans):
+    """``servers=1`` on a host line: range server 1 runs there (over SSH, listening on that host's address);
+    every worker, local and remote, pushes and pulls both ranges."""
+    hosts = cluster.hosts_file(f"{HOSTS[0]} slots=1 servers=1 python={sys.executable}", f"{HOSTS[1]} python={sys.executable}")
+    out = tmp_path / "run"
+    proc = cluster.zsgd("run", "--remote", str(hosts), *cluster.ssh_args, "--n-proc", "1", "--servers", "2", "--steps", "150",
+                        "--out", str(out), *FAST, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary_of(out)
+    assert s["servers"] == 2 and s["updates"] >= 150 and s["test_accuracy"] > 0.6, s
+    assert s["server_stats"]["1"]["updates"] >= 100
+    served = [e for e in read_events(out) if e["event"] == "server" and e.get("status") == "serving"]
+    assert len(served) == 1 and served[0]["server"] == 1
+    log = (out / "logs" / "hosts" / HOSTS[0] / "server-1.log").read_text()
+    assert f"on tcp://{HOSTS[0]}:" in log, log
+    for wid, where in ((0, out / "logs"), (1, out / "logs" / "hosts" / HOSTS[0]), (2, out / "logs" / "hosts" / HOSTS[1])):
+        text = (where / f"worker-{wid}.log").read_text()
+        assert "joined 2 servers" in text and "done" in text, text
+
+
+def test_too_few_servers_for_the_hosts_file_is_one_line(cluster, initialized, tmp_path, no_orphans):
+    hosts = cluster.hosts_file(f"{HOSTS[0]} servers=2 python={sys.executable}")
+    proc = cluster.zsgd("run", "--remote", str(hosts), *cluster.ssh_args, "--n-proc", "0", "--servers", "2", "--steps", "10",
+                        "--out", str(tmp_path / "run"), *FAST, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "places 2 range servers" in proc.stderr and "give --servers 3" in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+
+
 @pytest.mark.slow
 def test_readme_headline_remote_run_learns(cluster, initialized, tmp_path, no_orphans):
     """The README's ``zsgd run --remote ssh_hosts.txt``: workers on the hosts only, every value the

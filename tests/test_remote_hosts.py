@@ -125,3 +125,19 @@ def test_setup_script_installs_openssh():
     text = (REPO / "scripts" / "setup.sh").read_text()
     assert "openssh-server" in text and "openssh-client" in text
     assert Path(REPO / "scripts" / "init_remote.py").is_file()
+
+
+def test_servers_key_places_range_servers():
+    hosts = parse_hosts("a slots=2 servers=1\nb\nc servers=2\n", "hosts.txt")
+    assert [h.servers for h in hosts] == [1, 0, 2]
+    from zsgd.remote.launcher import RemotePlan
+
+    plan = RemotePlan("hosts.txt", None, hosts, {})
+    assert plan.n_servers == 3 and plan.n_workers == 4
+    assert {i: h.host for i, h in plan.server_placement().items()} == {1: "a", 2: "c", 3: "c"}
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "65", "1.5", ""])
+def test_malformed_servers_key_names_the_line(value):
+    with pytest.raises(ZsgdError, match=r"hosts.txt:2: .*servers"):
+        parse_hosts(f"a\nb servers={value}\n", "hosts.txt")

@@ -1,6 +1,6 @@
 """The hosts file: which machines run workers, and how many on each.
 
-One host per line, ``[user@]host[:port] [slots=N] [python=/path/to/python]``,
+One host per line, ``[user@]host[:port] [slots=N] [servers=N] [python=/path/to/python]``,
 with blank lines and ``#`` comments. The ``host slots=N`` form is the one MPI
 and DeepSpeed hostfiles use, so an existing hostfile works unchanged. ``host``
 may be an alias from ``~/.ssh/config``: zsgd hands it to ``ssh`` as written,
@@ -18,8 +18,9 @@ from pathlib import Path
 
 from zsgd.errors import ZsgdError
 
-FORMAT = "[user@]host[:port] [slots=N] [python=/path/to/python]"
-KNOWN_KEYS = ("slots", "python")
+FORMAT = "[user@]host[:port] [slots=N] [servers=N] [python=/path/to/python]"
+KNOWN_KEYS = ("slots", "servers", "python")
+MAX_SERVERS = 64  # range servers of --servers K placed on one host
 MAX_SLOTS = 1024  # more on one host is a typo, not a machine
 _HOST_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._%-]*$")  # names, IPv4, ssh aliases; never an option ("-o...")
 _USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
@@ -36,6 +37,7 @@ class Host:
     python: str | None = None  # interpreter on the host; None: the venv 'zsgd remote init' made, else python3
     line: int = 0
     source: str = ""  # the hosts file, for messages
+    servers: int = 0  # range servers of --servers K to run here (zsgd.runtime.sharded), besides its slots workers
 
     @property
     def label(self) -> str:
@@ -96,7 +98,7 @@ def _error(source: str, lineno: int, what: str) -> ZsgdError:
 def _parse_line(line: str, lineno: int, source: str) -> Host:
     fields = line.split()
     user, host, port = _parse_destination(fields[0], lineno, source)
-    slots, python = 1, None
+    slots, servers, python = 1, 0, None
     given: set[str] = set()
     for field in fields[1:]:
         key, sep, value = field.partition("=")
@@ -111,12 +113,16 @@ def _parse_line(line: str, lineno: int, source: str) -> Host:
             if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_SLOTS:
                 raise _error(source, lineno, f"slots must be a whole number from 1 to {MAX_SLOTS}, got {value!r}")
             slots = int(value)
+        elif key == "servers":
+            if not (value.isascii() and value.isdigit()) or not 0 <= int(value) <= MAX_SERVERS:
+                raise _error(source, lineno, f"servers must be a whole number from 0 to {MAX_SERVERS}, got {value!r}")
+            servers = int(value)
         else:
             if any(c in value for c in "'\"`$\\;|&<>(){}*?") or ("/" in value and not value.startswith(("/", "~/"))):
                 raise _error(source, lineno, f"python= needs an absolute path (e.g. /usr/bin/python3 or ~/venv/bin/python) "
                                              f"or a command name, got {value!r}")
             python = value
-    return Host(host=host, user=user, port=port, slots=slots, python=python, line=lineno, source=source)
+    return Host(host=host, user=user, port=port, slots=slots, servers=servers, python=python, line=lineno, source=source)
 
 
 def _parse_destination(dest: str, lineno: int, source: str) -> tuple[str | None, str, int | None]:

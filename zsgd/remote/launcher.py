@@ -63,6 +63,20 @@ class RemotePlan:
     def n_workers(self) -> int:
         return sum(h.slots for h in self.hosts)
 
+    @property
+    def n_servers(self) -> int:
+        """Range servers the hosts file places (``servers=N``); the others run on this machine."""
+        return sum(h.servers for h in self.hosts)
+
+    def server_placement(self) -> dict[int, Host]:
+        """Range-server index -> host: indices from 1 (range 0 is the coordinator's), in file order."""
+        out, index = {}, 1
+        for h in self.hosts:
+            for _ in range(h.servers):
+                out[index] = h
+                index += 1
+        return out
+
     def placement(self) -> dict[int, Host]:
         """Worker id -> host: local workers take the first ids, then each host its ``slots`` ids in file order."""
         out, wid = {}, self.first_id
@@ -213,6 +227,7 @@ class RemoteLauncher:
         self.keys = keys  # zsgd.wire.security.RunKeys or None
         self.marker = run_marker(run_id)
         self.hosts = plan.placement()
+        self.server_hosts = plan.server_placement()
         self.children: list[Child] = []
         self._host_of: dict[int, Host] = {}  # id(child) -> host
         self._forced: set[int] = set()
@@ -223,15 +238,17 @@ class RemoteLauncher:
                 "--watch-stdin", "--host-label", host.label, "--tag", self.marker]
         if self.keys is not None:
             args.append("--keys-stdin")
+        if role == "server":
+            args += ["--advertise", host.host]  # a range server listens on the host's own address
         env = " ".join(f"{k}={v}" for k, v in (SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}).items())
         return (f"{python_sh(host, self.plan.ssh.remote_dir)}; "
                 f'command -v "$PY" >/dev/null 2>&1 || {{ echo "zsgd: no Python at $PY on this host; run zsgd remote init" >&2; exit 127; }}; '
                 f'export {env}; exec "$PY" ' + " ".join(shlex.quote(a) for a in args))
 
     def start(self, worker_id: int, role: str = "worker") -> Child:
-        host = self.hosts.get(worker_id)
+        host = (self.server_hosts if role == "server" else self.hosts).get(worker_id)
         if host is None:
-            raise ZsgdError(f"worker id {worker_id} is not placed on any remote host")
+            raise ZsgdError(f"{role} {worker_id} is not placed on any remote host")
         name = f"{role}-{worker_id}@{host.label}"
         log_dir = self.log_dir / host.safe_label()
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ class NodeOptions:
     curve: dict | None = None
     quiet: bool = False
     host_label: str | None = None  # how the live view names this machine (remote runs: the hosts-file name)
+    advertise: str | None = None  # a range server on another host: the address it listens on and workers reach
 
 
 def log(opts: NodeOptions, text: str) -> None:

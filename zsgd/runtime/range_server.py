@@ -108,7 +108,7 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
     if curve is not None:
         curve = {"secret": curve["secret"].encode("ascii"), "public": curve["public"].encode("ascii"), "allowed": dict(curve["allowed"])}
     so = meta["server_options"]
-    bopts = BrokerOptions(algo=so["algo"], n_workers=int(meta["n_workers"]), bind=f"tcp://{meta['bind_host']}:0",
+    bopts = BrokerOptions(algo=so["algo"], n_workers=int(meta["n_workers"]), bind=f"tcp://{_bracketed(opts.advertise) if opts.advertise else meta['bind_host']}:0",
                           heartbeat=float(meta["heartbeat"]), timeout=float(so["timeout"]), staleness_lr=so["staleness_lr"],
                           compress=so["compress"], compress_replies=so["compress_replies"], checkpoint_every=0,
                           wait_workers_s=math.inf, curve=curve,
@@ -120,13 +120,17 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
                             service=_range_service)
             port = int(broker.address.rsplit(":", 1)[1])
             link.send(protocol.hello(link.run, index, stage="ready", role="server", port=port,
-                                     host=meta.get("advertise"), address=broker.address))
+                                     host=opts.advertise, address=broker.address))
             log(opts, f"serving range [{lo:,}, {hi:,}) of run {assign.run} on {broker.address}")
             control = _Control(opts, link, broker, index)
             broker.serve(on_tick=control.tick, tick_s=0.05)
             return control.exit_code
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _initial_state(opts: NodeOptions, link: BrokerLink, n: int) -> tuple[np.ndarray, dict | None, dict] | None:

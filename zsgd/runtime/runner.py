@@ -165,6 +165,9 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     from zsgd.runtime.access import prepare_access
 
     access = prepare_access(opts)  # probes remote hosts; a bad host fails here, before anything starts
+    if access.plan is not None and access.plan.n_servers > opts.servers - 1:
+        raise ZsgdError(f"{opts.remote} places {access.plan.n_servers} range servers (servers=) but --servers {opts.servers} has "
+                        f"{opts.servers - 1} besides the coordinator's range; give --servers {access.plan.n_servers + 1}")
     if resume_dir is None:
         from zsgd.core.scaling import scale_for_workers
 
@@ -238,8 +241,9 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             if opts.servers > 1 and access.keys is not None:
                 for i in range(opts.n_workers):  # the range servers' allow-lists are fixed when they start
                     access.keys.bundle(f"worker-{i}")
+            placed = access.plan.server_placement() if access.plan is not None else {}
             for i in range(1, opts.servers):
-                launcher.local.start(i, role="server")
+                (launcher.remote if i in placed else launcher.local).start(i, role="server")
             for i in range(opts.n_proc):
                 launcher.local.start(i)
             for i in range(opts.n_proc, opts.n_proc + opts.remote_workers):
