@@ -133,3 +133,38 @@ def test_killed_server_stops_the_run_and_resume_continues(tmp_path, no_orphans):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     s = summary_of(out)
     assert s["updates"] == done + 60 and s["servers"] == 2
+
+
+# -- the simulator's model of K servers --------------------------------------------------------
+def test_sim_times_one_range_per_server_and_widens_the_servers_nic(tmp_path, monkeypatch):
+    """--servers K: the measured step is the largest range's (timed for real), and the K servers' NICs carry the bytes."""
+    import zsgd.simulation.calibrate as calibrate
+
+    sizes = []
+    real = calibrate.time_server_step
+
+    def recording(cfg, model, w0, *args, **kw):
+        sizes.append((w0.size, kw.get("clip")))
+        return real(cfg, model, w0, *args, **kw)
+
+    monkeypatch.setattr(calibrate, "time_server_step", recording)
+    out = tmp_path / "sim"
+    result = cli("sim", "--model", "logreg", "--workers", "4", "--servers", "1,3", "--compute", "1ms", "--steps", "60",
+                 "--broker-bandwidth", "100Mbps", "--quiet", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert sorted(sizes) == [(2617, False), (7850, True)]
+    arms = sorted(p for p in out.iterdir() if p.is_dir())
+    s1, s3 = (summary_of(a) for a in arms)
+    assert s1["servers"] == 1 and s3["servers"] == 3
+    # the same bytes over three NICs instead of one: the NIC-bound run goes faster
+    assert s3["updates_per_s"] > s1["updates_per_s"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--servers", "0"], "--servers must be a whole number >= 1"),
+    (["--servers", "x"], "bad --servers 'x'"),
+    (["--servers", "2", "--algo", "dsgd"], "dsgd has no central model"),
+])
+def test_sim_bad_servers_is_one_line(tmp_path, args, match):
+    result = cli("sim", "--model", "logreg", "--workers", "4", "--steps", "10", "--quiet", "--out", str(tmp_path / "s"), *args)
+    assert result.exit_code == 2 and match in result.stderr and len(lines_of(result.stderr)) == 1, result.output

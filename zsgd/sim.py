@@ -65,6 +65,7 @@ class SimOptions:
     detect_s: float = 3.0  # failure -> broker notices (the runtime's heartbeat timeout)
     broker_s: float | Measured = 0.0  # broker time per update (0: instantaneous; Measured: timed here, the CLI's default)
     broker_bandwidth: float = math.inf  # bytes/s of the broker's own NIC, shared by all links
+    servers: int = 1  # --servers K: K servers, each with its range, its step and its own NIC (see broker_model)
     staleness_lr: str | bool = "off"
     compress: str = "none"  # worker->broker codec, as in the runtime (real encoded sizes on the wire)
     compress_replies: str = "none"  # broker->worker weight deltas, as the runtime's --compress-replies
@@ -84,6 +85,9 @@ class SimOptions:
             self.failures.check(self.n_workers)
         if self.target is not None and not 0 < self.target <= 1:
             raise ZsgdError(f"--target must be in (0, 1], got {self.target}")
+        from zsgd.core.ranges import check_servers
+
+        check_servers(self.servers)
         for name, v in (("--detect", self.detect_s), ("--broker-time", 0.0 if isinstance(self.broker_s, Measured) else self.broker_s)):
             if not math.isfinite(v) or v < 0:
                 raise ZsgdError(f"{name} must be a finite duration >= 0, got {v}")
@@ -95,7 +99,7 @@ class SimOptions:
                 "stragglers": str(self.stragglers) if self.stragglers else "none",
                 "failures": str(self.failures) if self.failures else "none", "detect_s": self.detect_s,
                 "broker_s": str(self.broker_s) if isinstance(self.broker_s, Measured) else self.broker_s,
-                "broker_bandwidth": format_bandwidth(self.broker_bandwidth),
+                "broker_bandwidth": format_bandwidth(self.broker_bandwidth), "servers": self.servers,
                 "staleness_lr": self.staleness_lr, "compress": self.compress, "compress_replies": self.compress_replies,
                 "scaling": self.scaling}
 
@@ -146,14 +150,18 @@ class Workload:
         """
         if not isinstance(opts.broker_s, Measured):
             return float(opts.broker_s), None
+        from zsgd.core.ranges import split_ranges
         from zsgd.simulation.calibrate import median, time_server_step
 
         workers = min(opts.n_workers, 8)
-        key = (opts.algo, opts.compress, opts.compress_replies, str(opts.staleness_lr), workers if opts.algo != "async" else 1)
+        # --servers K: the K servers take their ranges of every update at once and step in parallel, so
+        # the update costs the largest range's step (the handler's fixed part included, timed for real).
+        size = max(hi - lo for lo, hi in split_ranges(self.model.n_params, opts.servers))
+        key = (opts.algo, opts.compress, opts.compress_replies, str(opts.staleness_lr), size, workers if opts.algo != "async" else 1)
         if key not in self.server_step_samples:
-            self.server_step_samples[key] = time_server_step(self.cfg, self.model, self.w0, opts.algo, opts.compress,
+            self.server_step_samples[key] = time_server_step(self.cfg, self.model, self.w0[:size], opts.algo, opts.compress,
                                                              opts.compress_replies, opts.staleness_lr, workers=key[-1],
-                                                             cycles=max(5, 24 // key[-1]))
+                                                             cycles=max(5, 24 // key[-1]), clip=opts.servers == 1)
         samples = self.server_step_samples[key]
         return median(samples), samples
 
@@ -310,7 +318,7 @@ class Simulation:
             return  # dead, not yet noticed: the message goes nowhere
         t = self.now
         if self.opts.broker_bandwidth != math.inf:  # the broker's NIC sends one message at a time
-            self.tx_free = max(t, self.tx_free) + nbytes / self.opts.broker_bandwidth
+            self.tx_free = max(t, self.tx_free) + nbytes / (self.opts.broker_bandwidth * self.opts.servers)
             t = self.tx_free
         t += self.net.delay(w, False, nbytes, self.rng_down)
         c = sum(self.compute.sample(self.rng_compute) for _ in range(self.local_steps))  # local SGD: K steps per round
@@ -374,7 +382,7 @@ class Simulation:
             payload, nbytes = weights, self.u_bytes
         t = self.now + self.net.delay(w, True, nbytes, self.rng_up)
         if self.opts.broker_bandwidth != math.inf:
-            self.rx_free = max(t, self.rx_free) + nbytes / self.opts.broker_bandwidth
+            self.rx_free = max(t, self.rx_free) + nbytes / (self.opts.broker_bandwidth * self.opts.servers)
             t = self.rx_free
         self._push(t, _ARRIVE, w, inc, version, payload)
 
@@ -524,7 +532,7 @@ class Simulation:
             "compute_s": self.compute_s if self.compute_s is not None else self.compute.mean,
             "compute_measured": self.compute_s is not None,
             "compute_calibration_s": self.wl.compute_samples if self.compute_s is not None else None,
-            "broker_s": self.broker_s, "broker_measured": self.broker_samples is not None,
+            "servers": self.opts.servers, "broker_s": self.broker_s, "broker_measured": self.broker_samples is not None,
             "broker_calibration_s": self.broker_samples,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
             "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s,

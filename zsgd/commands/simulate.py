@@ -53,6 +53,9 @@ def _sim_options(func):
         click.option("--latency-worker", multiple=True, metavar="W=SPEC",
                      help="Latency of one worker or a range, both directions, e.g. 3=50ms or 0-7=exp:30ms (repeatable)."),
         click.option("--bandwidth", default="inf", show_default=True, help="Per-worker link bandwidth: 100Mbps, 1Gbps, 10MB/s, inf." + _LIST),
+        click.option("--servers", default="1", show_default=True,
+                     help="Parameter servers, each holding a contiguous range of the model with its own step and NIC "
+                          "(as 'zsgd run --servers K')." + _LIST),
         click.option("--broker-bandwidth", default="inf", show_default=True,
                      help="The broker's own NIC, shared by all workers (messages queue on it one at a time)."),
         click.option("--loss", default="0", show_default=True, help="Chance a message is lost and resent, e.g. 0.01 or 1%." + _LIST),
@@ -89,7 +92,7 @@ def _sim_options(func):
 @arm_options
 @decentralized_options
 @click.pass_context
-def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str, latency: str, latency_up: str | None,
+def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str, latency: str, latency_up: str | None,
                 latency_down: str | None, latency_worker: tuple[str, ...], bandwidth: str, broker_bandwidth: str, loss: str,
                 retransmit: str, compute: str, stragglers: str, failures: str, detect: str, broker_time: str, target: float,
                 literal: bool, arm_plots: bool, out: str | None, quiet: bool, jobs: int | None, launcher: str, **params) -> None:
@@ -117,7 +120,8 @@ def sim_command(ctx: click.Context, workers: str, algo: str, staleness_lr: str, 
     cfg = build_config(ctx, params, default_name=f"sim-{params['model']}", defaulted=defaulted)
     spec = SweepSpec(grid={"algo": algo, "workers": workers, "latency": latency, "latency_up": latency_up,
                            "latency_down": latency_down, "bandwidth": bandwidth, "loss": loss, "compute": compute,
-                           "stragglers": stragglers, "failures": failures, "compress": compress, "compress_replies": compress_replies},
+                           "stragglers": stragglers, "failures": failures, "compress": compress, "compress_replies": compress_replies,
+                           "servers": servers},
                      latency_worker=latency_worker, retransmit=retransmit, detect=detect, broker_time=broker_time,
                      broker_bandwidth=broker_bandwidth, staleness_lr=staleness_lr, target=target,
                      topology=topology or "ring", decentralized=decentralized,

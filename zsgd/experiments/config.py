@@ -63,7 +63,7 @@ OVERRIDE_KEYS = ("batch_size", "lr", "lr_schedule", "optimizer", "momentum", "we
 PROBLEM_KEYS = SHARED_KEYS + OVERRIDE_KEYS
 NETWORK_KEYS = ("latency", "bandwidth", "loss", "stragglers")  # sim and run (emulated)
 SIM_KEYS = ("latency_up", "latency_down", "compute", "failures", "detect", "broker_time", "broker_bandwidth", "retransmit")
-CENTRAL_KEYS = ("staleness_lr", "compress_replies")
+CENTRAL_KEYS = ("staleness_lr", "compress_replies", "servers")
 RUN_KEYS = ("heartbeat", "timeout")
 DECENTRAL_KEYS = ("topology", "alpha0", "mu", "gamma", "rho", "rho_scaling", "primal_steps")
 BASE_KEYS = ("name", "mode", "algo", "workers", "compress")
@@ -192,6 +192,7 @@ def _value_checkers() -> dict[str, Callable[[Any], Any]]:
         "name": lambda v: v, "mode": _mode, "algo": _algo, "workers": _workers,
         "compress": one("compress", lambda t: make_codec(t, 1) and t, units=False),
         "compress_replies": one("compress_replies", lambda t: make_codec(t, 1) and t, units=False),
+        "servers": _servers,
         "latency": one("latency", parse_delay), "latency_up": one("latency_up", lambda t: parse_delay(t, "uplink latency")),
         "latency_down": one("latency_down", lambda t: parse_delay(t, "downlink latency")),
         "bandwidth": one("bandwidth", parse_bandwidth), "loss": one("loss", parse_loss),
@@ -346,6 +347,13 @@ def _arm(doc: Marked, i: int, raw: dict[str, Any], defaults: dict[str, Any], bas
     return ArmSpec(i, name.strip(), mode, algo, cfg, opts, dict(merged), doc.line(*path))
 
 
+def _servers(v: Any) -> int:
+    from zsgd.core.ranges import check_servers
+
+    check_servers(v)
+    return v
+
+
 def _options(mode: str, algo: str, s: dict[str, Any], cfg: TrainConfig, target: float) -> Any:
     """The callee's options object for one arm (every spec parsed now, nothing run)."""
     from zsgd.decentralized.rules import DecentralizedParams, is_decentralized
@@ -363,13 +371,13 @@ def _options(mode: str, algo: str, s: dict[str, Any], cfg: TrainConfig, target: 
 
             parse_topology(str(s.get("topology", "ring")), n, cfg.seed)  # a topology that cannot be built on n nodes fails now
         return RunOptions(n_proc=n, algo=algo, staleness_lr=s.get("staleness_lr", "off"), compress=_text(s.get("compress", "none")),
-                          compress_replies=_text(s.get("compress_replies", "none")),
+                          compress_replies=_text(s.get("compress_replies", "none")), servers=s.get("servers", 1),
                           inject_latency=_opt(s, "latency"), inject_bandwidth=_opt(s, "bandwidth"), inject_loss=_opt(s, "loss"),
                           stragglers=_opt(s, "stragglers"), show=False, **kw).validate()
     from zsgd.simulation.sweep import SweepSpec, build_arms
 
     grid = {k: _text(s[k]) for k in ("workers", "latency", "latency_up", "latency_down", "bandwidth", "loss", "compute",
-                                      "stragglers", "failures", "compress", "compress_replies") if k in s}
+                                      "stragglers", "failures", "compress", "compress_replies", "servers") if k in s}
     extra = {k: _text(s[k]) for k in ("detect", "broker_time", "broker_bandwidth", "retransmit") if k in s}
     central = not is_decentralized(algo)
     sweep = SweepSpec(grid=grid | {"algo": algo if central else "sync"}, staleness_lr=s.get("staleness_lr", "off"), target=target,

@@ -28,17 +28,20 @@ import numpy as np
 
 
 def time_server_step(cfg: Any, model: Any, w0: np.ndarray, algo: str, compress: str = "none", compress_replies: str = "none",
-                     staleness_lr: str | bool = "off", workers: int = 4, cycles: int = 5, warmup: int = 1) -> list[float]:
-    """Seconds per update of the broker's handler, one figure per cycle of ``workers`` updates (after ``warmup`` cycles)."""
+                     staleness_lr: str | bool = "off", workers: int = 4, cycles: int = 5, warmup: int = 1, clip: bool = True) -> list[float]:
+    """Seconds per update of the broker's handler, one figure per cycle of ``workers`` updates (after ``warmup`` cycles).
+
+    ``w0`` may be one range of the model (``--servers K``: what one server
+    holds); ``clip`` False leaves out ``--clip-norm``, which workers then do."""
     from zsgd.algorithms import Reply, Update, make_server_algorithm, parse_algo
     from zsgd.compression import decode, make_codec, touched_indices
     from zsgd.nn.optim import make_optimizer
     from zsgd.wire import protocol
 
-    n = model.n_params
+    n = w0.size
     run = "0" * 12
     optimizer = make_optimizer(cfg.optimizer, n, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    server = make_server_algorithm(algo, w0, optimizer, staleness_lr=staleness_lr, clip_norm=cfg.clip_norm)
+    server = make_server_algorithm(algo, w0, optimizer, staleness_lr=staleness_lr, clip_norm=cfg.clip_norm if clip else None)
     server.share_snapshots = True  # as the broker: replies are views of the live weights
     server.snapshot_busy = lambda: False  # each reply leaves before the next update arrives (the common case)
     reply_codec = None

@@ -42,6 +42,7 @@ DIMENSIONS: list[tuple[str, str, str, bool]] = [
     ("stragglers", "--stragglers", "strag", False),
     ("compress", "--compress", "comp", False),
     ("compress_replies", "--compress-replies", "reply", False),
+    ("servers", "--servers", "srv", False),
     ("failures", "--failures", "fail", False),
 ]
 
@@ -100,6 +101,17 @@ def _parse_workers(text: str) -> int:
     return n
 
 
+def _parse_servers(text: str) -> int:
+    from zsgd.core.ranges import check_servers
+
+    try:
+        k = int(text)
+    except ValueError:
+        raise ZsgdError(f"bad --servers {text!r}: expected a whole number >= 1 (or a comma list, e.g. 1,2,4)") from None
+    check_servers(k)
+    return k
+
+
 def _parse_compress(text: str) -> str:
     from zsgd.compression import make_codec
 
@@ -120,7 +132,7 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
         "algo": lambda s: s if is_decentralized(s) else parse_algo(s) and s, "workers": _parse_workers, "latency": parse_delay,
         "latency_up": lambda s: parse_delay(s, "uplink latency"), "latency_down": lambda s: parse_delay(s, "downlink latency"),
         "bandwidth": parse_bandwidth, "loss": parse_loss, "compute": parse_compute, "stragglers": parse_stragglers,
-        "failures": parse_failures, "compress": _parse_compress, "compress_replies": _parse_compress,
+        "failures": parse_failures, "compress": _parse_compress, "compress_replies": _parse_compress, "servers": _parse_servers,
     }
     parsed = {k: {v: parse_one[k](v) for v in vs} for k, vs in lists.items()}
     overrides = parse_worker_latency(spec.latency_worker)
@@ -146,10 +158,12 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
         opts = SimOptions(algo="sync" if dec else algo, n_workers=n, network=net, stragglers=p.get("stragglers"),
                           failures=p.get("failures"), detect_s=detect, broker_s=broker_s, broker_bandwidth=broker_bw,
                           staleness_lr=spec.staleness_lr, target=spec.target, compress=values.get("compress", "none"),
-                          compress_replies=values.get("compress_replies", "none"))
+                          compress_replies=values.get("compress_replies", "none"), servers=p.get("servers", 1))
         if "compute" in p:
             opts.compute = p["compute"]
         opts.validate()
+        if dec and opts.servers > 1:
+            raise ZsgdError(f"--servers splits the central model over server processes; {algo} has no central model")
         if dec:
             from zsgd.simulation.decentralized import DecentralizedOptions
 
