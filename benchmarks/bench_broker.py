@@ -11,11 +11,11 @@ size (no decode, no validation, no optimizer step). Raw and zsgd rounds
 alternate (``--rounds``) because a shared machine's speed drifts; the table
 reports each round and the medians.
 
-Structure for sharded servers: a worker holds one link (a DEALER) per
+Sharded servers (``--servers K``): a worker holds one link (a DEALER) per
 server, and an exchange is complete when every link's reply has arrived;
 the flat vector is split into K contiguous ranges balanced by bytes. The
-raw echo runs with any K (K echo processes); zsgd runs with K = 1 until
-``zsgd broker`` can serve a range (``--servers`` in issue 10).
+raw echo runs K echo processes; zsgd runs ``zsgd broker --servers K``
+(the coordinator serves range 0 and starts K-1 range servers).
 
 ``--only step`` times the server's step alone, in this process, on a cnn-size
 vector: the unfused path (numpy finite check, then the in-place momentum
@@ -23,7 +23,7 @@ kernel, plus a snapshot copy when a reply of the live weights is still in
 flight) beside the fused kernels of ``zsgd.nn.server_step`` (a numba finite
 check, then in place; or one out-of-place pass with the check inside).
 
-Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1] [--seconds 8] [--rounds 3] [--only step|exchange]``
+Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1,2,4] [--seconds 8] [--rounds 3] [--only step|exchange]``
 """
 
 from __future__ import annotations
@@ -78,51 +78,72 @@ def ranges(n: int, k: int) -> list[tuple[int, int]]:
 
 
 def client_main(args: argparse.Namespace) -> None:
-    """One client process driving several synthetic workers; prints {"exchanges": n, "seconds": s}."""
+    """One client process driving several synthetic workers; prints {"exchanges": n, "seconds": s}.
+
+    raw: one DEALER per echo endpoint, the vector split as ``ranges`` says.
+    zsgd: one DEALER to the broker; its ASSIGN lists the range servers of
+    ``--servers K`` (port and range), and the worker joins each of them too,
+    exactly as ``zsgd.runtime.sharded_worker`` does.
+    """
     endpoints = args.endpoints.split(",")
     workers = [int(w) for w in args.client_workers.split(",")]
-    spans = ranges(N_PARAMS, len(endpoints))
     grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * np.float32(1e-3)
     ctx = zmq.Context()
     links: dict[zmq.Socket, tuple[int, int]] = {}  # socket -> (worker, server)
+    span: dict[zmq.Socket, tuple[int, int]] = {}  # socket -> its range of the vector
     by_worker: dict[int, list[zmq.Socket]] = {}
+
+    def dealer(w: int, k: int, ep: str, lo_hi: tuple[int, int]) -> zmq.Socket:
+        d = ctx.socket(zmq.DEALER)
+        d.linger = 0
+        d.sndhwm = d.rcvhwm = 64
+        if args.mode == "zsgd":
+            d.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", w))
+        d.connect(ep)
+        links[d], span[d] = (w, k), lo_hi
+        by_worker.setdefault(w, []).append(d)
+        return d
+
     for w in workers:
-        for k, ep in enumerate(endpoints):
-            d = ctx.socket(zmq.DEALER)
-            d.linger = 0
-            d.sndhwm = d.rcvhwm = 64
-            if args.mode == "zsgd":
-                d.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", w))
-            d.connect(ep)
-            links[d] = (w, k)
-            by_worker.setdefault(w, []).append(d)
+        if args.mode == "raw":
+            for k, (ep, lo_hi) in enumerate(zip(endpoints, ranges(N_PARAMS, len(endpoints)))):
+                dealer(w, k, ep, lo_hi)
+        else:
+            dealer(w, 0, endpoints[0], (0, N_PARAMS))
     run: dict[zmq.Socket, str] = {}
     version: dict[zmq.Socket, int] = {}
 
     def send(d: zmq.Socket) -> None:
         w, k = links[d]
-        lo, hi = spans[k]
+        lo, hi = span[d]
         if args.mode == "raw":
             d.send(grad[lo:hi], copy=False)
         else:
             protocol.send(d, protocol.update_message(run[d], w, version[d], grad[lo:hi], 64, 0.5))
 
-    if args.mode == "zsgd":  # the handshake, one link at a time
-        for d, (w, _) in links.items():
+    if args.mode == "zsgd":  # the handshake: the broker first, then every range server its ASSIGN names
+        host = endpoints[0].rsplit(":", 1)[0]
+        for d, (w, _) in list(links.items()):
             protocol.send(d, Message(MsgType.HELLO, "-", w, 0, {}, meta={"stage": "join", "role": "worker"}))
         pending = set(links)
         deadline = time.monotonic() + 120
         while pending:
             if time.monotonic() > deadline:
-                raise SystemExit("no ASSIGN/WEIGHTS from the broker within 120 s")
+                raise SystemExit("no ASSIGN/WEIGHTS from the servers within 120 s")
             for d in list(pending):
                 if not d.poll(10):
                     continue
                 _, msg = protocol.recv(d)
+                w, k = links[d]
                 if msg.type == MsgType.ASSIGN:
                     run[d] = msg.run
-                    protocol.send(d, Message(MsgType.HELLO, msg.run, links[d][0], 0, {},
-                                             meta={"stage": "ready", "role": "worker", "need_shard": False}))
+                    protocol.send(d, Message(MsgType.HELLO, msg.run, w, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
+                    if k == 0 and msg.meta.get("servers"):
+                        span[d] = tuple(msg.meta["range0"])
+                        for entry in msg.meta["servers"]:
+                            extra = dealer(w, int(entry["index"]), f"{host}:{entry['port']}", (int(entry["lo"]), int(entry["hi"])))
+                            protocol.send(extra, Message(MsgType.HELLO, msg.run, w, 0, {}, meta={"stage": "join", "role": "worker"}))
+                            pending.add(extra)
                 elif msg.type == MsgType.WEIGHTS:
                     version[d] = msg.version
                     pending.discard(d)
@@ -183,10 +204,9 @@ def start_echo(k: int) -> tuple[list[subprocess.Popen], list[str]]:
 
 
 def start_brokers(k: int, n_workers: int, out: Path) -> tuple[list[subprocess.Popen], list[str]]:
-    if k != 1:
-        raise SystemExit("zsgd serves one range per broker today: --servers K > 1 needs sharded servers (issue 10, item 1)")
+    """``zsgd broker --servers K``: the coordinator (range 0) starts K-1 range servers itself."""
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "zsgd", "broker", "--workers", str(n_workers), "--model", "cnn", "--data", "embedded",
+    p = subprocess.Popen([sys.executable, "-m", "zsgd", "broker", "--workers", str(n_workers), "--servers", str(k), "--model", "cnn", "--data", "embedded",
                           "--algo", "async", "--port", str(port), "--no-evaluator", "--quiet", "--checkpoint-every", "0",
                           "--eval-every", "100000000", "--steps", "100000000", "--lr", "0.001", "--lr-schedule", "constant",
                           "--heartbeat", "1", "--timeout", "30", "--out", str(out)],
@@ -276,7 +296,7 @@ def step_table(rounds: int, reps: int = 200) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=4, help="synthetic workers (pipelined, no compute)")
-    ap.add_argument("--servers", type=int, default=1, help="K servers (zsgd: 1 until sharded servers exist)")
+    ap.add_argument("--servers", default="1", help="K servers, or a comma list such as 1,2,4 (raw: K echo processes; zsgd: --servers K)")
     ap.add_argument("--client-procs", type=int, default=2, help="client processes the workers are spread over")
     ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per round, after --warmup")
     ap.add_argument("--warmup", type=float, default=2.0)
@@ -290,32 +310,43 @@ def main() -> None:
         args.mode = args.client
         client_main(args)
         return
-    if args.workers < 1 or args.servers < 1 or args.client_procs < 1:
+    try:
+        ks = [int(x) for x in str(args.servers).split(",")]
+    except ValueError:
+        raise SystemExit(f"--servers takes whole numbers, e.g. 1,2,4; got {args.servers!r}") from None
+    if args.workers < 1 or min(ks) < 1 or args.client_procs < 1:
         raise SystemExit("--workers, --servers and --client-procs must be >= 1")
     if args.only == "step":
         step_table(args.rounds)
         return
     msg_bytes = 4 * N_PARAMS  # each way
     tmp = Path(tempfile.mkdtemp(prefix="bench-broker-"))
-    raw, zs = [], []
+    results: dict[int, tuple[list[float], list[float]]] = {}
     try:
-        for r in range(max(1, args.rounds)):
-            raw.append(measure("raw", args.workers, args.servers, args.client_procs, args.seconds, args.warmup, tmp))
-            zs.append(measure("zsgd", args.workers, args.servers, args.client_procs, args.seconds, args.warmup, tmp / f"run{r}"))
-            print(f"round {r + 1}: raw echo {raw[-1]:.1f}/s, zsgd broker {zs[-1]:.1f}/s, ratio {zs[-1] / raw[-1]:.2f}", file=sys.stderr)
+        for k in ks:
+            raw, zs = [], []
+            for r in range(max(1, args.rounds)):
+                raw.append(measure("raw", args.workers, k, args.client_procs, args.seconds, args.warmup, tmp))
+                zs.append(measure("zsgd", args.workers, k, args.client_procs, args.seconds, args.warmup, tmp / f"run{k}-{r}"))
+                print(f"K={k} round {r + 1}: raw echo {raw[-1]:.1f}/s, zsgd {zs[-1]:.1f}/s, ratio {zs[-1] / raw[-1]:.2f}", file=sys.stderr)
+            results[k] = (raw, zs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ratios = [z / w for z, w in zip(zs, raw)]
-    mr, mz = statistics.median(raw), statistics.median(zs)
     gb = lambda rate: rate * 2 * msg_bytes / 1e9  # noqa: E731
-    print(f"\n{args.workers} pipelined workers, {args.servers} server(s), cnn ({N_PARAMS:,} float32: {msg_bytes / 1e6:.1f} MB up + "
+    print(f"\n{args.workers} pipelined workers, cnn ({N_PARAMS:,} float32: {msg_bytes / 1e6:.1f} MB up + "
           f"{msg_bytes / 1e6:.1f} MB down per update), tcp loopback, {os.cpu_count()} cores, {args.client_procs} client process(es), "
-          f"{args.rounds} alternating rounds of {args.seconds:g} s\n")
-    print("| server | updates/s (median) | GB/s (up + down) | per round | ratio to raw (median of rounds) |")
-    print("|---|---:|---:|---|---:|")
-    print(f"| raw pyzmq ROUTER echo | {mr:.1f} | {gb(mr):.2f} | {', '.join(f'{x:.0f}' for x in raw)} | 1.00 |")
-    print(f"| zsgd broker (async, momentum) | {mz:.1f} | {gb(mz):.2f} | {', '.join(f'{x:.0f}' for x in zs)} | "
-          f"**{statistics.median(ratios):.2f}** ({', '.join(f'{x:.2f}' for x in ratios)}) |")
+          f"{args.rounds} alternating rounds of {args.seconds:g} s per K\n")
+    print("| K | server | updates/s (median) | GB/s (up + down) | per round | ratio to raw (median of rounds) | x of its K = 1 |")
+    print("|---:|---|---:|---:|---|---:|---:|")
+    base: dict[str, float] = {}
+    for k, (raw, zs) in results.items():
+        ratios = [z / w for z, w in zip(zs, raw)]
+        for name, vals, ratio in (("raw pyzmq ROUTER echo", raw, "1.00"),
+                                  (f"zsgd --servers {k} (async, momentum)", zs, f"**{statistics.median(ratios):.2f}** ({', '.join(f'{x:.2f}' for x in ratios)})")):
+            m = statistics.median(vals)
+            key = name.split(" ")[0]
+            base.setdefault(key, m)
+            print(f"| {k} | {name} | {m:.1f} | {gb(m):.2f} | {', '.join(f'{x:.0f}' for x in vals)} | {ratio} | {m / base[key]:.2f} |")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
     if args.only is None:
         step_table(args.rounds)
