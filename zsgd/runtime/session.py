@@ -32,6 +32,7 @@ class Session:
         self.deaths = self.rejoins = 0
         self._joining_user: str | None = None  # the CURVE key of the HELLO being handled
         self._deferred: list[tuple[bytes, Message, str | None]] = []  # joins the service asked to hold
+        self._inbox_busy_since: float | None = None  # messages have waited unread since then
         self._last_live = time.monotonic()
 
     # -- identity ------------------------------------------------------------------
@@ -139,8 +140,16 @@ class Session:
         b.metrics.write("worker", b.elapsed, worker=peer.worker, role=peer.role, status=status, host=peer.host)
 
     def housekeeping(self, now: float) -> None:
-        for peer in self.members.expired(now):
-            self.drop(peer, "dead")
+        # Messages waiting unread may be the very heartbeats of the peers that look silent (after a long
+        # step, or a busy machine starved this loop): read them first and judge on a later pass. Never
+        # for longer than a timeout, so a peer flooding the socket cannot keep the dead alive.
+        if not self.broker.endpoint.poll(0):
+            self._inbox_busy_since = None
+        elif self._inbox_busy_since is None:
+            self._inbox_busy_since = now
+        if self._inbox_busy_since is None or now - self._inbox_busy_since > self.members.timeout:
+            for peer in self.members.expired(now):
+                self.drop(peer, "dead")
         for peer in self.members.needing_heartbeat(now, self.heartbeat):
             self.send(peer, protocol.heartbeat(self.broker.run, -1))
         if self.members.live_workers():
