@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from zsgd.algorithms.base import Applied, Dropped, Output, ServerAlgorithm, Update
-from zsgd.nn.server_step import is_finite
+from zsgd.nn.server_step import add_scaled, is_finite
 
 
 class SyncSGD(ServerAlgorithm):
@@ -68,7 +68,7 @@ class SyncSGD(ServerAlgorithm):
             if self._first_n is not None:
                 self._sum = self._sum * np.float32(self._first_n)
                 self._first_n = None
-            self._sum += grad * np.float32(update.n_samples)
+            add_scaled(self._sum, grad, np.float32(update.n_samples))
         self._samples += update.n_samples
         self._got.add(w)
         return self._maybe_finish()

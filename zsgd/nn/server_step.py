@@ -115,3 +115,14 @@ def all_finite(g):
 def is_finite(g: np.ndarray) -> bool:
     """``g`` (a float32 vector) holds no NaN or Inf: one numba pass, no temporary."""
     return bool(all_finite(g))
+
+
+@njit(cache=True)  # no fastmath: a * g + acc rounds exactly as numpy's acc += g * a (no fused multiply-add)
+def add_scaled(acc, g, a):
+    """``acc += a * g`` in one pass, without the model-sized temporary numpy makes for ``g * a``.
+
+    A sync round sums its workers' gradients weighted by their sample counts;
+    with this, each arriving gradient costs one read of it and one
+    read-write of the sum."""
+    for i in range(u8(acc.size)):
+        acc[i] += a * g[i]
