@@ -353,7 +353,7 @@ def test_run_options_place_each_flag_in_its_group():
     from zsgd.runtime.run_options import RunOptions
 
     opts = RunOptions.from_flags({"algo": "sync", "port": 5555, "inject_latency": "5ms", "keys_dir": "k", "rho": 0.2, "tensorboard": True})
-    assert (opts.server.algo, opts.network.port, opts.emulation.inject_latency, opts.access.keys_dir, opts.decentralized.rho,
+    assert (opts.server.algo, opts.network.port, opts.emulation.inject_latency, opts.remote.keys_dir, opts.decentralized.rho,
             opts.output.tensorboard) == ("sync", 5555, "5ms", "k", 0.2, True)
     with pytest.raises(TypeError, match="not run options: nope"):
         RunOptions.from_flags({"nope": 1})

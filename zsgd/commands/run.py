@@ -87,7 +87,7 @@ def run(ctx: click.Context, n_proc: int | None, launcher: str | None, resume_dir
             n_proc = stored["n_proc"]
         defaulted = set(stored["auto_scale"])  # what was scaled when the run started (not scaled again)
     if n_proc is None:
-        n_proc = 0 if opts.access.hosts_file else 2
+        n_proc = 0 if opts.remote.hosts_file else 2
     opts.n_proc = n_proc
     if resume_dir is None:
         if out is not None:
@@ -114,7 +114,7 @@ def run_options(params: dict[str, Any], **resolved: Any) -> "RunOptions":
     names = RunOptions.flag_names()
     values = {k: params.pop(k) for k in [k for k in params if k in names]} | ({"ssh": ssh} if ssh is not None else {})
     opts = RunOptions.from_flags(values | resolved)
-    opts.access.validate(opts.launcher)
+    opts.remote.validate(opts.launcher)
     return opts
 
 

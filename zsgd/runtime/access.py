@@ -105,7 +105,7 @@ def prepare_access(opts) -> Access:
     ``slurm_workers``) is set here, since it is known only once the hosts
     (or the allocation) have answered."""
     plan = None
-    acc, host = opts.access, opts.network.host
+    acc, host = opts.remote, opts.network.host
     bind_host = host or LOOPBACK
     if acc.hosts_file:
         from zsgd.remote.launcher import prepare_remote

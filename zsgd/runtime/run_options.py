@@ -6,7 +6,7 @@ holds one small group per concern::
     server         what the broker computes: --algo, --staleness-lr, --compress ... (the broker takes it as it is)
     network        where it listens and how liveness is judged: --host, --port, --heartbeat, --timeout
     emulation      injected network conditions and stragglers (builds the LinkEmulator)
-    access         who may reach the broker, from where: --remote HOSTS, --advertise, ssh, CURVE
+    remote         who may reach the broker, from where: --remote HOSTS, --advertise, ssh, CURVE
     decentralized  dsgd/dsgt/cadmm: the graph and the rule's hyper-parameters
     output         live view, TensorBoard
 
@@ -112,7 +112,7 @@ class EmulationOptions:
 
 
 @dataclass
-class AccessOptions:
+class RemoteOptions:
     """Who may reach the broker and from where: remote hosts over SSH, the advertised address, CURVE."""
 
     hosts_file: str | None = None  # --remote: its workers take the ids after the local ones (zsgd.remote.launcher)
@@ -122,7 +122,7 @@ class AccessOptions:
     secure: bool = False  # CURVE even on loopback (always on beyond it)
     keys_dir: str | None = None  # from 'zsgd keys generate'
 
-    def validate(self, launcher: str = "local") -> "AccessOptions":
+    def validate(self, launcher: str = "local") -> "RemoteOptions":
         if self.hosts_file is None and self.allow_partial:
             raise ZsgdError("--allow-partial needs --remote HOSTS_FILE")
         if self.hosts_file is None and self.advertise and launcher != "slurm":
@@ -183,7 +183,7 @@ class OutputOptions:
     tensorboard: bool = False  # also write TensorBoard event files (tensorboardX)
 
 
-GROUPS: dict[str, type] = {"server": ServerOptions, "network": NetworkOptions, "emulation": EmulationOptions, "access": AccessOptions,
+GROUPS: dict[str, type] = {"server": ServerOptions, "network": NetworkOptions, "emulation": EmulationOptions, "remote": RemoteOptions,
                            "decentralized": DecentralizedRunOptions, "output": OutputOptions}
 
 
@@ -202,7 +202,7 @@ class RunOptions:
     server: ServerOptions = field(default_factory=ServerOptions)
     network: NetworkOptions = field(default_factory=NetworkOptions)
     emulation: EmulationOptions = field(default_factory=EmulationOptions)
-    access: AccessOptions = field(default_factory=AccessOptions)
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
     decentralized: DecentralizedRunOptions = field(default_factory=DecentralizedRunOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
 
@@ -239,8 +239,8 @@ class RunOptions:
         self.decentralized.validate(self.server)
         self.server.validate()
         self.emulation.validate(self.n_workers)
-        self.access.validate(self.launcher)
-        if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.access.hosts_file and self.launcher != "slurm"):
+        self.remote.validate(self.launcher)
+        if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.remote.hosts_file and self.launcher != "slurm"):
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
         from zsgd.runtime.launch import max_local_workers
 

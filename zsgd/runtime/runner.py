@@ -86,7 +86,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
         show, net = opts.output.show, opts.network
         if show:
             stderr_console.print(f"broker listening on [bold]{broker.address}[/]{' (CURVE)' if access.secure else ''}; run directory {run_dir}")
-        if access.secure and opts.expect_workers and not opts.access.keys_dir:
+        if access.secure and opts.expect_workers and not opts.remote.keys_dir:
             access.write_client_files(run_dir, opts.expect_workers)
         launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show)
         started = time.monotonic()
