@@ -267,13 +267,13 @@ def run_at_200(tmp_path) -> Path:
     from zsgd.core.config import TrainConfig, write_config
     from zsgd.core.problem import Problem
     from zsgd.runtime.checkpoint import save_checkpoint
-    from zsgd.runtime.runner import RunOptions
+    from zsgd.runtime.run_options import RunOptions
 
     cfg = TrainConfig(model="logreg", data="embedded", steps=200, batch_size=32, name="r").validate()
     problem = Problem.from_config(cfg)
     run_dir = tmp_path / "r"
     run_dir.mkdir()
-    write_config(run_dir / "config.yaml", cfg.to_dict() | {"mode": "run", "run": asdict(RunOptions(n_proc=2, show=False))})
+    write_config(run_dir / "config.yaml", cfg.to_dict() | {"mode": "run", "run": asdict(RunOptions.from_flags({"n_proc": 2, "show": False}))})
     w = problem.model.init(seed=0)
     save_checkpoint(run_dir, w, {"step": np.asarray(200), "momentum_buffer": np.zeros_like(w)},
                     {"updates": 200, "samples": 6400, "elapsed": 5.0, "algo": "async", "run": "abc"})
@@ -325,6 +325,38 @@ def test_resume_damaged_run_dir(run_at_200, how, match):
 ])
 def test_resume_refuses_changed_configuration(run_at_200, flags, match):
     refused("run", "--resume", run_at_200, "--steps", "300", *flags, "--quiet", match=match)
+
+
+# config.yaml's run: as zsgd wrote it before the options were grouped (one flat mapping)
+FLAT_RUN_OPTIONS = {"n_proc": 3, "algo": "sync", "host": None, "port": 0, "heartbeat": 1.0, "timeout": 3.0, "staleness_lr": "off",
+                    "compress": "topk:0.1", "compress_replies": "none", "checkpoint_every": 500, "eval_interval": 0.0, "evaluator": True,
+                    "tensorboard": False, "expect_workers": None, "inject_latency": None, "inject_bandwidth": None, "inject_loss": None,
+                    "stragglers": None, "remote": None, "advertise": None, "allow_partial": False, "ssh": {"config": None, "options": []},
+                    "secure": False, "keys_dir": None, "remote_workers": 0, "launcher": "local", "slurm_request": None,
+                    "slurm_workers": 0, "auto_scale": ["lr"], "topology": None, "alpha0": None, "mu": None, "rho": None,
+                    "rho_scaling": None, "primal_steps": None, "gamma": None}
+
+
+def test_resume_reads_the_flat_run_options_of_earlier_versions(run_at_200):
+    from zsgd.runtime.run_options import RunOptions, flat_run_dict
+
+    stored = yaml.safe_load((run_at_200 / "config.yaml").read_text())
+    (run_at_200 / "config.yaml").write_text(yaml.safe_dump(stored | {"run": FLAT_RUN_OPTIONS}))
+    refused("run", "--resume", run_at_200, "--steps", "300", "--algo", "async", "--quiet", match=r"--algo async differs from its sync")
+    refused("run", "--resume", run_at_200, "--steps", "300", "--compress", "none", "--quiet", match=r"--compress none differs from its topk:0.1")
+    nested = RunOptions.from_flags({"n_proc": 3, "algo": "sync", "compress": "topk:0.1", "auto_scale": ["lr"]}).to_dict()
+    for key in ("n_proc", "algo", "compress", "compress_replies", "staleness_lr", "auto_scale"):
+        assert flat_run_dict(FLAT_RUN_OPTIONS)[key] == flat_run_dict(nested)[key]
+
+
+def test_run_options_place_each_flag_in_its_group():
+    from zsgd.runtime.run_options import RunOptions
+
+    opts = RunOptions.from_flags({"algo": "sync", "port": 5555, "inject_latency": "5ms", "keys_dir": "k", "rho": 0.2, "tensorboard": True})
+    assert (opts.server.algo, opts.network.port, opts.emulation.inject_latency, opts.remote.keys_dir, opts.decentralized.rho,
+            opts.output.tensorboard) == ("sync", 5555, "5ms", "k", 0.2, True)
+    with pytest.raises(TypeError, match="not run options: nope"):
+        RunOptions.from_flags({"nope": 1})
 
 
 def test_resume_refuses_a_stop_rule_already_reached(run_at_200):

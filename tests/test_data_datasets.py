@@ -70,6 +70,26 @@ def test_embedded_file_has_no_pickles():
             assert not store[name].dtype.hasobject
 
 
+def test_embedded_decode_is_cached_by_content_and_a_bad_cache_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "h"))
+    decoded = read_embedded_arrays(use_cache=False)
+    first = read_embedded_arrays()
+    (cached,) = (tmp_path / "h" / "data" / "embedded").glob("*.npz")
+    again = read_embedded_arrays()
+    for name in ("x_train", "y_train", "x_test", "y_test", "classes"):
+        np.testing.assert_array_equal(first[name], decoded[name])
+        np.testing.assert_array_equal(again[name], decoded[name])
+    cached.write_bytes(cached.read_bytes()[:1000])  # damaged: decoded again and rewritten
+    np.testing.assert_array_equal(read_embedded_arrays()["x_test"], decoded["x_test"])
+    assert cached.stat().st_size > 1000
+    other = tmp_path / "other.npz"  # another file's content has another key: never served this cache
+    small = {"x_train": np.ones((2, 1, 2, 2), np.uint8), "y_train": np.arange(2), "x_test": np.zeros((1, 1, 2, 2), np.uint8),
+             "y_test": np.arange(1)}
+    np.savez(other, **small)
+    assert read_embedded_arrays(other)["x_train"].shape == (2, 1, 2, 2)
+    assert len(list((tmp_path / "h" / "data" / "embedded").glob("*.npz"))) == 2
+
+
 @pytest.mark.skipif(not SYSTEM.is_dir(), reason="Debian dataset-fashion-mnist not installed")
 def test_embedded_matches_its_recorded_source_indices():
     arrays = read_embedded_arrays()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +37,7 @@ from zsgd.errors import ProtocolError, ZsgdError
 from zsgd.output.metrics import MetricsWriter
 from zsgd.runtime.checkpoint import save_checkpoint
 from zsgd.runtime.endpoint import Endpoint
+from zsgd.runtime.run_options import EmulationOptions, NetworkOptions, ServerOptions
 from zsgd.runtime.session import Session
 from zsgd.wire import protocol
 from zsgd.wire.membership import Membership
@@ -45,21 +46,17 @@ from zsgd.wire.protocol import MsgType
 
 @dataclass
 class BrokerOptions:
-    algo: str = "async"
+    """The broker's options: the run's server and network groups as they are, plus what the
+    runner resolves only at run time (the bound address, CURVE keys, the emulator, the worker count)."""
+
+    server: ServerOptions = field(default_factory=ServerOptions)
+    network: NetworkOptions = field(default_factory=NetworkOptions)
     n_workers: int = 1
     bind: str = "tcp://127.0.0.1:0"
-    heartbeat: float = 1.0
-    timeout: float = 3.0  # a worker silent this long is dead (3 heartbeats)
-    staleness_lr: str | bool = "off"  # off | scalar | per-coordinate
-    compress: str = "none"  # the workers' update codec (travels in ASSIGN)
-    compress_replies: str = "none"  # replies as weight deltas through this codec (zsgd.compression.delta)
-    checkpoint_every: int = 500  # updates; 0 disables
-    eval_every_s: float = 0.0  # also evaluate every N seconds (0: off)
-    wait_workers_s: float = 120.0  # abort if no worker is live this long after start
     curve: dict | None = None  # {"secret": ..., "public": ..., "allowed": [...]}
     emulator: Any = None  # zsgd.runtime.emulation.LinkEmulator: delays messages and slows stragglers (emulation)
-    emulation: tuple = (None, None, None, None)  # the --inject-latency/bandwidth/loss, --stragglers specs (range servers rebuild the emulator)
-    servers: int = 1  # --servers K: this broker serves range 0 and coordinates K-1 range servers (zsgd.runtime.sharded)
+    emulation: EmulationOptions = field(default_factory=EmulationOptions)  # its specs: range servers build their own emulator
+    wait_workers_s: float = 120.0  # abort if no worker is live this long after start
 
 
 ServiceFactory = Callable[["Broker", np.ndarray, dict | None], Any]
@@ -73,14 +70,14 @@ def parameter_server(broker: "Broker", w0: np.ndarray, opt_state: dict | None) -
     cfg = broker.cfg
     warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)  # now, not on the first update: see its docstring
     optimizer = make_optimizer(cfg.optimizer, w0.size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return ParameterServer(broker, w0, optimizer, broker.opts, opt_state)
+    return ParameterServer(broker, w0, optimizer, broker.opts.server, opt_state)
 
 
 class Broker:
     def __init__(self, cfg: TrainConfig, problem: Any, opts: BrokerOptions, run_dir: Path, metrics: MetricsWriter,
                  resume: tuple[np.ndarray, dict, dict] | None = None, run_id: str | None = None,
                  service: ServiceFactory = parameter_server) -> None:
-        self.cfg = resolve_lr_schedule(cfg, opts.algo)
+        self.cfg = resolve_lr_schedule(cfg, opts.server.algo)
         self.problem, self.opts, self.run_dir, self.metrics = problem, opts, Path(run_dir), metrics
         self.run = run_id or uuid.uuid4().hex[:12]
         self.rejected: Counter = Counter()
@@ -93,7 +90,6 @@ class Broker:
                 raise ZsgdError("checkpoint does not match the model (parameter count differs)")
             self.t_offset = float(counters.get("elapsed", 0.0))
         self.ledger = problem.ledger(self.cfg, emit=metrics.write, updates=int(counters["updates"]), samples=int(counters["samples"]))
-        self.checkpoint_every = opts.checkpoint_every
         self._t0 = time.monotonic()
         self.service = service(self, w0, opt_state)
         limits = protocol.Limits.for_model(n_params, factor=self.service.limits_factor)
@@ -101,7 +97,7 @@ class Broker:
         self.address = self.endpoint.address
         if opts.emulator is None:
             self.service.share_replies()
-        self.session = Session(self, opts.n_workers, opts.heartbeat, opts.timeout, opts.wait_workers_s)
+        self.session = Session(self, opts.n_workers, opts.network.heartbeat, opts.network.timeout, opts.wait_workers_s)
         self._eval_pending = False
         self._last_eval_t = 0.0
 
@@ -124,9 +120,9 @@ class Broker:
         return self.service.failed
 
     def assign_meta(self) -> dict[str, Any]:
-        o = self.opts
-        return {"n_workers": o.n_workers, "heartbeat": o.heartbeat, "algo": o.algo, "compress": o.compress,
-                "compress_replies": o.compress_replies}
+        s = self.opts.server
+        return {"n_workers": self.opts.n_workers, "heartbeat": self.opts.network.heartbeat, "algo": s.algo, "compress": s.compress,
+                "compress_replies": s.compress_replies}
 
     def reject(self, identity: bytes, reason: str, text: str) -> None:
         self.rejected[reason] += 1
@@ -138,7 +134,7 @@ class Broker:
         last_tick = 0.0
         try:
             while self.ledger.stop_reason is None:
-                if self.endpoint.poll(self.endpoint.poll_timeout(min(self.opts.heartbeat / 4, tick_s))):
+                if self.endpoint.poll(self.endpoint.poll_timeout(min(self.opts.network.heartbeat / 4, tick_s))):
                     for frames in self.endpoint.receive():  # a burst, then housekeeping
                         self._on_frames(frames)
                         if self.ledger.stop_reason is not None:
@@ -197,7 +193,8 @@ class Broker:
     def _housekeeping(self, now: float) -> None:
         self.session.housekeeping(now)
         self.service.tick(now)
-        if self.opts.eval_every_s and self.elapsed - self._last_eval_t >= self.opts.eval_every_s:
+        every_s = self.opts.server.eval_interval
+        if every_s and self.elapsed - self._last_eval_t >= every_s:
             self.request_eval()
         self.ledger.check(self.elapsed)
         if self.ledger.take_eval() and self.service.evaluates_on_cadence:
@@ -207,7 +204,8 @@ class Broker:
         """The service applied an update (the ledger has it): evaluate and checkpoint on their cadences."""
         if self.ledger.take_eval() and self.service.evaluates_on_cadence:
             self.request_eval()
-        if self.checkpoint_every and self.ledger.updates % self.checkpoint_every == 0:
+        every = self.opts.server.checkpoint_every
+        if every and self.ledger.updates % every == 0:
             self.checkpoint()
 
     # -- evaluation ----------------------------------------------------------------
@@ -259,14 +257,14 @@ class Broker:
 
     def write_checkpoint(self, w: np.ndarray, opt_state: dict) -> None:
         counters = {"updates": self.ledger.updates, "samples": self.ledger.samples, "elapsed": self.elapsed,
-                    "algo": self.opts.algo, "run": self.run}
+                    "algo": self.opts.server.algo, "run": self.run}
         save_checkpoint(self.run_dir, w, opt_state, counters)
 
     def _finish(self) -> None:
         self.service.before_leave()
         self.session.leave_all(self.ledger.stop_reason or "broker stopped")
         self.endpoint.close(linger_ms=500)
-        if self.checkpoint_every:
+        if self.opts.server.checkpoint_every:
             self.checkpoint()
 
     def summary(self) -> dict[str, Any]:

@@ -95,8 +95,8 @@ def decentralized_options(func: Callable) -> Callable:
 
 
 def pop_decentralized(params: dict[str, Any]) -> dict[str, Any]:
-    """Take the ``decentralized_options`` values out of a command's params (``RunOptions`` field names)."""
-    from zsgd.runtime.runner import DECENTRALIZED_FLAGS
+    """Take the ``decentralized_options`` values out of a command's params (their field names in ``RunOptions``)."""
+    from zsgd.runtime.run_options import DECENTRALIZED_FLAGS
 
     return {k: params.pop(k) for k in DECENTRALIZED_FLAGS}
 

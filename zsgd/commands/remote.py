@@ -161,22 +161,16 @@ def remote_run_options(func: Callable) -> Callable:
     func = click.option("--allow-partial", is_flag=True, help="Skip unusable hosts (with a warning) instead of aborting.")(func)
     func = click.option("--advertise", default=None, metavar="ADDR",
                         help="Address remote workers connect to (default: this machine's address on the route to the hosts).")(func)
-    func = click.option("--remote", "remote", type=click.Path(dir_okay=False), default=None, metavar="HOSTS_FILE",
+    func = click.option("--remote", "hosts_file", type=click.Path(dir_okay=False), default=None, metavar="HOSTS_FILE",
                         help="Also start workers over SSH on the hosts of HOSTS_FILE (see ssh_hosts.txt).")(func)
     return func
 
 
-def pop_run_flags(params: dict, launcher: str = "local") -> dict:
-    """Take the remote/security flags out of a command's params as ``RunOptions`` fields."""
+def pop_ssh_flags(params: dict) -> dict | None:
+    """Take the ssh flags out of a command's params, validated, as ``AccessOptions.ssh`` (None: the command has none)."""
     import dataclasses
 
-    out = {"secure": params.pop("secure", False), "keys_dir": params.pop("keys_dir", None)}
-    if "remote" in params:
-        ssh = make_ssh_options(params.pop("ssh_config"), params.pop("ssh_option"), params.pop("connect_timeout"), params.pop("remote_dir"))
-        out |= {"remote": params.pop("remote"), "advertise": params.pop("advertise"), "allow_partial": params.pop("allow_partial"),
-                "ssh": {**dataclasses.asdict(ssh), "options": list(ssh.options)}}
-        if out["remote"] is None and out["allow_partial"]:
-            raise ZsgdError("--allow-partial needs --remote HOSTS_FILE")
-        if out["remote"] is None and out["advertise"] and launcher != "slurm":
-            raise ZsgdError("--advertise is the address of workers on other machines: they need --remote HOSTS_FILE or --launcher slurm")
-    return out
+    if "ssh_config" not in params:
+        return None
+    ssh = make_ssh_options(params.pop("ssh_config"), params.pop("ssh_option"), params.pop("connect_timeout"), params.pop("remote_dir"))
+    return {**dataclasses.asdict(ssh), "options": list(ssh.options)}

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import click
 
-from zsgd.commands.options import build_config, decentralized_options as _decentralized_options, pop_decentralized, training_options
-from zsgd.commands.remote import pop_run_flags, remote_run_options, secure_options
+from zsgd.commands.options import build_config, decentralized_options as _decentralized_options, training_options
+from zsgd.commands.remote import pop_ssh_flags, remote_run_options, secure_options
 from zsgd.errors import RunDiverged, ZsgdError
+
+if TYPE_CHECKING:
+    from zsgd.runtime.run_options import RunOptions
 
 
 def _runtime_options(func):
@@ -66,47 +71,62 @@ def _print_run_summary(summary: dict) -> None:
               help="Continue RUN_DIR from its last checkpoint; 'auto': continue --out if it holds a checkpoint, else start it fresh "
                    "(for batch jobs that are submitted again).")
 @click.pass_context
-def run(ctx: click.Context, n_proc: int, launcher: str | None, resume_dir: str | None, algo: str, port: int, host: str, heartbeat: float,
-        timeout: float, staleness_lr: str, compress: str, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None,
-        inject_loss: str | None, stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+def run(ctx: click.Context, n_proc: int | None, launcher: str | None, resume_dir: str | None, out: str | None, quiet: bool, **params) -> None:
     """Train with a broker and N worker processes over ZeroMQ."""
-    from zsgd.runtime.runner import RunOptions, run_distributed
+    from zsgd.runtime.runner import run_distributed
 
-    from zsgd.core.scaling import SCALED_FIELDS
-
-    launcher = _choose_launcher(launcher, n_proc, params.get("remote"), quiet)
-    extra = pop_run_flags(params, launcher) | pop_decentralized(params) | {"tensorboard": params.pop("tensorboard"),
-                                                                             "compress_replies": params.pop("compress_replies"),
-                                                                             "servers": params.pop("servers")}
-    defaulted: set[str] = set()
-    extra["launcher"] = launcher
+    launcher = _choose_launcher(launcher, n_proc, params.get("hosts_file"), quiet)
+    opts = run_options(params, launcher=launcher, show=not quiet)
     if launcher == "slurm":
-        extra["slurm_request"], n_proc = n_proc, 0
+        opts.slurm_request, n_proc = n_proc, 0
+    defaulted: set[str] = set()
     if resume_dir == "auto":
         resume_dir = _auto_resume(out, quiet)
     if resume_dir is not None:
-        cfg, stored = _resume_config(ctx, resume_dir, params | {"algo": algo, "staleness_lr": staleness_lr, "compress": compress,
-                                                                "compress_replies": extra["compress_replies"]})
-        algo, staleness_lr, compress = stored["algo"], stored["staleness_lr"], stored["compress"]
-        extra["compress_replies"] = stored["compress_replies"]
+        cfg, stored = _resume_config(ctx, resume_dir, params | {k: getattr(opts.server, k) for k in RESUME_RUN_FLAGS})
+        for key in RESUME_RUN_FLAGS:
+            setattr(opts.server, key, stored[key])
         if n_proc is None:  # the run's own worker count, unless changed on purpose (then config.yaml records it)
             n_proc = stored["n_proc"]
         if ctx.get_parameter_source("servers") == click.core.ParameterSource.DEFAULT:
-            extra["servers"] = stored["servers"]  # the checkpoint holds the whole vector: any K can continue it
+            opts.server.servers = stored["servers"]  # the checkpoint holds the whole vector: any K can continue it
         defaulted = set(stored["auto_scale"])  # what was scaled when the run started (not scaled again)
     if n_proc is None:
-        n_proc = 0 if extra.get("remote") else 2
+        n_proc = 0 if opts.remote.hosts_file else 2
+    opts.n_proc = n_proc
     if resume_dir is None:
         if out is not None:
             from zsgd.output.rundir import check_out_dir
 
             check_out_dir(out)  # before remote hosts are probed or data loaded
-        cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{algo.replace(':', '')}-x{n_proc}", defaulted=defaulted)
-    opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=n_proc, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout, staleness_lr=staleness_lr,
-                      compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, inject_latency=inject_latency,
-                      inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers, show=not quiet, **extra)
+        cfg = build_config(ctx, params, default_name=f"run-{params['model']}-{opts.server.algo.replace(':', '')}-x{n_proc}", defaulted=defaulted)
+    opts.auto_scale = _auto_scaled(defaulted)
     summary = run_distributed(cfg, opts, out=out, resume_dir=resume_dir)
     _print_run_summary(summary)
+
+
+def run_options(params: dict[str, Any], **resolved: Any) -> "RunOptions":
+    """The nested ``RunOptions`` of 'zsgd run' and 'zsgd broker', from click's params.
+
+    Every param named as a run option (``RunOptions.flag_names``) is taken out
+    of ``params``, which keeps the training flags for ``build_config``;
+    ``resolved`` sets what the command worked out itself (launcher, --quiet).
+    Flags that need others (--allow-partial without --remote) fail here,
+    before anything is read or probed."""
+    from zsgd.runtime.run_options import RunOptions
+
+    ssh = pop_ssh_flags(params)
+    names = RunOptions.flag_names()
+    values = {k: params.pop(k) for k in [k for k in params if k in names]} | ({"ssh": ssh} if ssh is not None else {})
+    opts = RunOptions.from_flags(values | resolved)
+    opts.remote.validate(opts.launcher)
+    return opts
+
+
+def _auto_scaled(defaulted: set[str]) -> list[str]:
+    from zsgd.core.scaling import SCALED_FIELDS
+
+    return sorted(defaulted & set(SCALED_FIELDS))
 
 
 def _choose_launcher(launcher: str | None, n_proc: int | None, remote: str | None, quiet: bool) -> str:
@@ -177,6 +197,9 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
     run_opts = stored.get("run") if stored.get("mode") == "run" else None
     if not isinstance(run_opts, dict):
         raise ZsgdError(f"{resume_dir} was not made by 'zsgd run'; only distributed runs can be resumed")
+    from zsgd.runtime.run_options import flat_run_dict
+
+    run_opts = flat_run_dict(run_opts)  # nested, or flat as earlier versions wrote it
     fields = {f for _flag, f, _k in TRAINING_FLAGS} | {"extra"}
     values = {k: v for k, v in stored.items() if k in fields}
     given = {f for f in fields | set(RESUME_RUN_FLAGS)
@@ -223,26 +246,19 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
 @training_options
 @_runtime_options
 @_decentralized_options
-@click.option("--workers", "n_workers", required=True, type=int, help="Number of workers the run expects (they join with 'zsgd worker').")
+@click.option("--workers", "expect_workers", required=True, type=int, help="Number of workers the run expects (they join with 'zsgd worker').")
 @click.option("--evaluator/--no-evaluator", default=True, show_default=True, help="Start a local evaluator process.")
 @secure_options
 @click.pass_context
-def broker(ctx: click.Context, n_workers: int, evaluator: bool, algo: str, port: int, host: str, heartbeat: float, timeout: float,
-           staleness_lr: str, compress: str, eval_interval: float, inject_latency: str | None, inject_bandwidth: str | None, inject_loss: str | None,
-           stragglers: str | None, checkpoint_every: int, out: str | None, quiet: bool, **params) -> None:
+def broker(ctx: click.Context, out: str | None, quiet: bool, **params) -> None:
     """Run the broker alone; start workers by hand with 'zsgd worker --connect'."""
-    from zsgd.runtime.runner import RunOptions, run_distributed
+    from zsgd.runtime.runner import run_distributed
 
-    if n_workers < 1:
-        raise ZsgdError(f"--workers must be >= 1, got {n_workers}")
-    from zsgd.core.scaling import SCALED_FIELDS
-
+    if params["expect_workers"] < 1:
+        raise ZsgdError(f"--workers must be >= 1, got {params['expect_workers']}")
     defaulted: set[str] = set()
-    cfg = build_config(ctx, params, default_name=f"broker-{params['model']}-{algo.replace(':', '')}", defaulted=defaulted)
-    opts = RunOptions(auto_scale=sorted(defaulted & set(SCALED_FIELDS)), n_proc=0, expect_workers=n_workers, algo=algo, host=host, port=port, heartbeat=heartbeat, timeout=timeout,
-                      staleness_lr=staleness_lr, compress=compress, checkpoint_every=checkpoint_every, eval_interval=eval_interval, evaluator=evaluator,
-                      inject_latency=inject_latency, inject_bandwidth=inject_bandwidth, inject_loss=inject_loss, stragglers=stragglers,
-                      show=not quiet, tensorboard=params.pop("tensorboard"), compress_replies=params.pop("compress_replies"),
-                      servers=params.pop("servers"), **pop_run_flags(params), **pop_decentralized(params))
+    cfg = build_config(ctx, params, default_name=f"broker-{params['model']}-{params['algo'].replace(':', '')}", defaulted=defaulted)
+    opts = run_options(params, n_proc=0, show=not quiet)
+    opts.auto_scale = _auto_scaled(defaulted)
     summary = run_distributed(cfg, opts, out=out)
     _print_run_summary(summary)

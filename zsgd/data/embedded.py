@@ -11,11 +11,21 @@ File format: a plain ``.npz`` (read with ``allow_pickle=False``). Each array
 smaller, as xz bytes ``NAME.xz`` with ``NAME.shape`` and ``NAME.dtype``; xz
 (LZMA) packs these images about 15% tighter than zlib. ``scripts/make_embedded.py``
 writes it deterministically and picks the smaller encoding.
+
+Decoding the xz arrays costs most of a second of CPU, and every process of a
+run (broker, each worker, the evaluator) loads the set: the decoded arrays
+are cached uncompressed in the zsgd cache (``<zsgd_home>/data/embedded/``)
+under the file's sha256, so a changed file is never read stale, and a second
+load is a file read. A cache that cannot be written or read is skipped, never
+fatal.
 """
 
 from __future__ import annotations
 
+import hashlib
 import lzma
+import os
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,17 +67,59 @@ def _decode(store: np.lib.npyio.NpzFile, name: str) -> np.ndarray:
     return flat.reshape(shape)
 
 
-def read_embedded_arrays(path: str | Path = EMBEDDED_PATH) -> dict[str, np.ndarray]:
+def read_embedded_arrays(path: str | Path = EMBEDDED_PATH, use_cache: bool = True) -> dict[str, np.ndarray]:
     """Every array in the embedded file, decoded, by name (the four splits, classes, provenance)."""
     path = Path(path)
     if not path.is_file():
         raise ZsgdError(f"embedded data file {path} is missing: reinstall zsgd (pip install --force-reinstall zsgd)")
     try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise ZsgdError(f"embedded data file {path} is corrupt ({exc}): reinstall zsgd") from None
+    cache = _cache_path(hashlib.sha256(blob).hexdigest()) if use_cache else None
+    arrays = _read_cache(cache) if cache is not None else None
+    if arrays is not None:
+        return arrays
+    try:
         with np.load(path, allow_pickle=False) as store:
             names = sorted({f.split(".", 1)[0] for f in store.files})
-            return {name: _decode(store, name) for name in names}
+            arrays = {name: _decode(store, name) for name in names}
     except (OSError, ValueError, KeyError, lzma.LZMAError, zipfile.BadZipFile, EOFError) as exc:
         raise ZsgdError(f"embedded data file {path} is corrupt ({exc}): reinstall zsgd") from None
+    if cache is not None:
+        _write_cache(cache, arrays)
+    return arrays
+
+
+def _cache_path(sha256: str) -> Path:
+    from zsgd.data.cache import data_home
+
+    return data_home() / "embedded" / f"{sha256[:24]}.npz"
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as store:
+            arrays = {name: np.array(store[name]) for name in store.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # absent or damaged: decoded again and rewritten
+    return arrays if set(ARRAY_NAMES) <= arrays.keys() else None
+
+
+def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomically (temp file + rename): processes loading at once never read half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass  # a read-only or full cache: decode each time
 
 
 def load_embedded(path: str | Path = EMBEDDED_PATH) -> Dataset:

@@ -360,7 +360,7 @@ def _options(mode: str, algo: str, s: dict[str, Any], cfg: TrainConfig, target: 
 
     n = s["workers"]
     if mode == "run":
-        from zsgd.runtime.runner import DECENTRALIZED_FLAGS, RunOptions
+        from zsgd.runtime.run_options import DECENTRALIZED_FLAGS, RunOptions
 
         kw = {"heartbeat": s["heartbeat"]} if "heartbeat" in s else {}
         if "timeout" in s:
@@ -370,10 +370,10 @@ def _options(mode: str, algo: str, s: dict[str, Any], cfg: TrainConfig, target: 
             from zsgd.decentralized.topology import parse_topology
 
             parse_topology(str(s.get("topology", "ring")), n, cfg.seed)  # a topology that cannot be built on n nodes fails now
-        return RunOptions(n_proc=n, algo=algo, staleness_lr=s.get("staleness_lr", "off"), compress=_text(s.get("compress", "none")),
-                          compress_replies=_text(s.get("compress_replies", "none")), servers=s.get("servers", 1),
-                          inject_latency=_opt(s, "latency"), inject_bandwidth=_opt(s, "bandwidth"), inject_loss=_opt(s, "loss"),
-                          stragglers=_opt(s, "stragglers"), show=False, **kw).validate()
+        return RunOptions.from_flags(dict(n_proc=n, algo=algo, staleness_lr=s.get("staleness_lr", "off"), compress=_text(s.get("compress", "none")),
+                                          compress_replies=_text(s.get("compress_replies", "none")), servers=s.get("servers", 1),
+                                          inject_latency=_opt(s, "latency"), inject_bandwidth=_opt(s, "bandwidth"), inject_loss=_opt(s, "loss"),
+                                          stragglers=_opt(s, "stragglers"), show=False, **kw)).validate()
     from zsgd.simulation.sweep import SweepSpec, build_arms
 
     grid = {k: _text(s[k]) for k in ("workers", "latency", "latency_up", "latency_down", "bandwidth", "loss", "compute",

@@ -101,29 +101,31 @@ class Access:
 def prepare_access(opts) -> Access:
     """Probe remote hosts (if any), choose the bind address and make this run's keys.
 
-    ``opts`` is the runner's ``RunOptions``; its ``remote_workers`` is set
-    here, since it is known only once the hosts have answered."""
+    ``opts`` is the runner's ``RunOptions``; its ``remote_workers`` (or
+    ``slurm_workers``) is set here, since it is known only once the hosts
+    (or the allocation) have answered."""
     plan = None
-    bind_host = opts.host or LOOPBACK
-    if opts.remote:
+    acc, host = opts.remote, opts.network.host
+    bind_host = host or LOOPBACK
+    if acc.hosts_file:
         from zsgd.remote.launcher import prepare_remote
         from zsgd.remote.ssh import SshOptions
 
-        ssh = SshOptions(**{**(opts.ssh or {}), "options": tuple((opts.ssh or {}).get("options", ()))})
-        plan = prepare_remote(opts.remote, ssh, first_id=opts.n_proc, allow_partial=opts.allow_partial, advertise=opts.advertise,
-                              host_flag=opts.host, show=opts.show)
+        ssh = SshOptions(**{**(acc.ssh or {}), "options": tuple((acc.ssh or {}).get("options", ()))})
+        plan = prepare_remote(acc.hosts_file, ssh, first_id=opts.n_proc, allow_partial=acc.allow_partial, advertise=acc.advertise,
+                              host_flag=host, show=opts.output.show)
         if plan is not None:  # None: --allow-partial and no usable host, the local workers go on alone
             opts.remote_workers = plan.n_workers
             bind_host = plan.bind_host
     elif opts.launcher == "slurm":
         from zsgd.runtime.slurm import plan_workers
 
-        slurm = plan_workers(opts.slurm_request, opts.advertise, opts.host)
+        slurm = plan_workers(opts.slurm_request, acc.advertise, host)
         opts.slurm_workers = slurm.n_workers
-        keys = RunKeys.create(opts.keys_dir)  # always CURVE: the workers are on other machines, or could be
+        keys = RunKeys.create(acc.keys_dir)  # always CURVE: the workers are on other machines, or could be
         return Access(slurm.bind_host, None, keys, slurm)
-    elif opts.advertise:
+    elif acc.advertise:
         raise ZsgdError("--advertise is for remote workers; use it with --remote or --launcher slurm")
-    secure = opts.secure or bool(opts.keys_dir) or not is_loopback(bind_host)
-    keys = RunKeys.create(opts.keys_dir) if secure else None
+    secure = acc.secure or bool(acc.keys_dir) or not is_loopback(bind_host)
+    keys = RunKeys.create(acc.keys_dir) if secure else None
     return Access(bind_host, plan, keys)

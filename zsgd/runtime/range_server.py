@@ -86,7 +86,7 @@ def _range_service(broker, w0: np.ndarray, opt_state: dict | None):
     cfg = broker.cfg
     warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)
     optimizer = make_optimizer(cfg.optimizer, w0.size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    service = ParameterServer(broker, w0, optimizer, broker.opts, opt_state, clip_norm=None)  # workers clip (see sharded.py)
+    service = ParameterServer(broker, w0, optimizer, broker.opts.server, opt_state, clip_norm=None)  # workers clip (see sharded.py)
     return service
 
 
@@ -94,7 +94,7 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
     """Serve range ``assign.meta['range']`` until the coordinator says LEAVE or goes silent; the exit code."""
     from zsgd.broker import Broker, BrokerOptions
     from zsgd.output.metrics import MetricsWriter
-    from zsgd.runtime.emulation import emulator_from_specs
+    from zsgd.runtime.run_options import EmulationOptions, NetworkOptions, ServerOptions
 
     meta = assign.meta
     index = assign.worker
@@ -107,12 +107,13 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
     curve = meta.get("curve")
     if curve is not None:
         curve = {"secret": curve["secret"].encode("ascii"), "public": curve["public"].encode("ascii"), "allowed": dict(curve["allowed"])}
-    so = meta["server_options"]
-    bopts = BrokerOptions(algo=so["algo"], n_workers=int(meta["n_workers"]), bind=f"tcp://{_bracketed(opts.advertise) if opts.advertise else meta['bind_host']}:0",
-                          heartbeat=float(meta["heartbeat"]), timeout=float(so["timeout"]), staleness_lr=so["staleness_lr"],
-                          compress=so["compress"], compress_replies=so["compress_replies"], checkpoint_every=0,
-                          wait_workers_s=math.inf, curve=curve,
-                          emulator=emulator_from_specs(*meta.get("emulation", [None] * 4), n_workers=int(meta["n_workers"]), seed=int(meta["seed"])))
+    server = ServerOptions(**dict(meta["server_options"]) | {"checkpoint_every": 0, "eval_interval": 0.0, "servers": 1})
+    emulation = EmulationOptions(**dict(meta["emulation"]))
+    n_workers = int(meta["n_workers"])
+    bind = f"tcp://{_bracketed(opts.advertise) if opts.advertise else meta['bind_host']}:0"
+    bopts = BrokerOptions(server, NetworkOptions(heartbeat=float(meta["heartbeat"]), timeout=float(meta["timeout"])), n_workers=n_workers,
+                          bind=bind, curve=curve, emulator=emulation.emulator(n_workers, int(meta["seed"])), emulation=emulation,
+                          wait_workers_s=math.inf)
     work = Path(tempfile.mkdtemp(prefix=f"zsgd-server-{index}-"))
     try:
         with MetricsWriter(work / "metrics.jsonl") as metrics:

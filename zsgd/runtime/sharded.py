@@ -58,7 +58,7 @@ def sharded_parameter_server(broker: Any, w0: np.ndarray, opt_state: dict | None
     from zsgd.nn.optim import make_optimizer, warm_optimizer
 
     cfg = broker.cfg
-    ranges = split_ranges(w0.size, broker.opts.servers)
+    ranges = split_ranges(w0.size, broker.opts.server.servers)
     lo, hi = ranges[0]
     warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)
     optimizer = make_optimizer(cfg.optimizer, hi - lo, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -71,7 +71,8 @@ class ShardedParameterServer(ParameterServer):
     def __init__(self, broker: Any, w0: np.ndarray, optimizer: Any, opt_state: dict | None, ranges: list[tuple[int, int]]) -> None:
         n = w0.size
         lo, hi = ranges[0]
-        super().__init__(broker, np.ascontiguousarray(w0[lo:hi]), optimizer, broker.opts, slice_state(opt_state, n, lo, hi), clip_norm=None)
+        super().__init__(broker, np.ascontiguousarray(w0[lo:hi]), optimizer, broker.opts.server, slice_state(opt_state, n, lo, hi),
+                         clip_norm=None)
         self.n_params, self.ranges = n, ranges
         # What each range server starts from (sent after its ASSIGN), and the latest of its weights we have seen.
         self.initial = {i: (np.ascontiguousarray(w0[a:b]), slice_state(opt_state, n, a, b)) for i, (a, b) in enumerate(ranges) if i}
@@ -110,9 +111,8 @@ class ShardedParameterServer(ParameterServer):
                 allowed = o.curve["allowed"]() if callable(o.curve["allowed"]) else o.curve["allowed"]
                 curve = {"secret": o.curve["secret"].decode("ascii"), "public": o.curve["public"].decode("ascii"), "allowed": dict(allowed)}
             return {"range": [lo, hi], "n_params": self.n_params, "bind_host": _host_of(b.address), "curve": curve,
-                    "stop_rule": dataclasses.asdict(b.ledger.rule), "emulation": list(o.emulation), "seed": b.cfg.seed,
-                    "server_options": {"algo": o.algo, "timeout": o.timeout, "staleness_lr": o.staleness_lr, "compress": o.compress,
-                                       "compress_replies": o.compress_replies}}
+                    "stop_rule": dataclasses.asdict(b.ledger.rule), "emulation": dataclasses.asdict(o.emulation), "seed": b.cfg.seed,
+                    "server_options": dataclasses.asdict(o.server), "timeout": o.network.timeout}
         if peer.role == "worker":
             servers = [{"index": i, "lo": self.ranges[i][0], "hi": self.ranges[i][1], **self.addresses[i]} for i in sorted(self.addresses)]
             return {"servers": servers, "range0": list(self.ranges[0])}
@@ -147,7 +147,7 @@ class ShardedParameterServer(ParameterServer):
         self._eval_gathering = self._checkpointing = False
         b.metrics.write("server", b.elapsed, server=peer.worker, status=status, host=peer.host)
         if b.ledger.stop_reason is None and not self._leaving:
-            what = "died (silent for {:g} s)".format(b.opts.timeout) if status == "dead" else f"left ({status})"
+            what = "died (silent for {:g} s)".format(b.opts.network.timeout) if status == "dead" else f"left ({status})"
             self.failed = True
             b.ledger.stop(f"range server {peer.worker} on {peer.host} {what}; continue with --resume RUN_DIR")
 
@@ -234,7 +234,7 @@ class ShardedParameterServer(ParameterServer):
 
         self._gathers.clear()
         self._gather(True, final)
-        deadline = time.monotonic() + max(2.0, b.opts.timeout)
+        deadline = time.monotonic() + max(2.0, b.opts.network.timeout)
         while self._final is None and self._gathers and time.monotonic() < deadline:
             if not b.endpoint.poll(0.05):
                 continue
