@@ -184,8 +184,10 @@ class Endpoint:
     def close(self, linger_ms: int = 500) -> None:
         self._count_disconnects()
         if self._monitor is not None:
-            self._monitor.close(linger=0)
+            # This order: libzmq's I/O thread blocks for ever sending an event to a monitor socket that is
+            # already closed (pyzmq#1020, libzmq#3575), and this process then hangs in disable_monitor or term.
             self.sock.disable_monitor()
+            self._monitor.close(linger=0)
         self.sock.close(linger=linger_ms)
         if self.guard is not None:
             self.guard.stop()
