@@ -161,6 +161,40 @@ def test_gradients_match_finite_differences():
             assert abs(fd - g[i]) <= 2e-3 + 2e-2 * abs(fd), f"{name}[{k}]: fd {fd:.6f} vs grad {g[i]:.6f}"
 
 
+def test_token_table_and_block_projection_give_the_same_gradients(monkeypatch):
+    """Layer 0 reads a (V, 4H) token table when the vocabulary is small; the general path must agree."""
+    rng = np.random.default_rng(7)
+    m = get_lstm("lstm:embed=5,hidden=7,layers=2", 11)
+    w = m.init(3)
+    x, y = _batch(rng, 11, 3, 6)  # 18 rows >= 11 tokens: the table path
+    assert m._token_table(18)
+    st_table = m.init_state(3)
+    loss_table, g_table = m.loss_and_grad(w, x, y, state=st_table)
+    monkeypatch.setattr(LSTMModel, "_token_table", lambda self, rows: False)
+    st_block = m.init_state(3)
+    loss_block, g_block = m.loss_and_grad(w, x, y, state=st_block)
+    assert loss_block == pytest.approx(loss_table, rel=1e-6)
+    np.testing.assert_allclose(st_block.h, st_table.h, atol=1e-6)
+    for name, shape, off in m.layout():
+        ref = g_block[off:off + int(np.prod(shape))]
+        err = np.abs(g_table[off:off + ref.size] - ref).max() / max(np.abs(ref).max(), 1e-12)
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 9, 36), (4, 16, 64), (5, 7, 13), (32, 256, 1024), (33, 17, 6)])
+def test_small_gemm_matches_numpy(m, k, n):
+    """The per-step product of the recurrence, every edge of its 4 x 4 tiling included."""
+    from zsgd.nn.lstm_gemm import gemm_nt
+
+    rng = np.random.default_rng(m * 100 + n)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    c = np.full((m, n), np.nan, np.float32)
+    gemm_nt(a, w, c)
+    ref = a.astype(np.float64) @ w.T.astype(np.float64)
+    assert np.abs(c - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
 # ---------------------------------------------------------------- state, prediction, errors
 
 

@@ -35,6 +35,8 @@ import numpy as np
 from numba import njit
 from numba import uint64 as u8
 
+from zsgd.nn.lstm_gemm import gemm_nt, prefer_512
+
 #: LLVM vectorises a loop over several arrays only after run-time checks
 #: that they do not overlap, and gives up past 8 such checks (its
 #: ``-runtime-memory-check-threshold``). The LSTM's backward step reads and
@@ -122,26 +124,30 @@ def sigmoid_array(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def gates_forward(xp: np.ndarray, rec: np.ndarray, a: np.ndarray) -> None:
-    """Activated gates of one step: ``a = act(xp + rec)``, all (B, 4H).
+def gates_forward(xp: np.ndarray, rows: np.ndarray, rec: np.ndarray, bias: np.ndarray, a: np.ndarray) -> None:
+    """Activated gates of one step: ``a[b] = act(xp[rows[b]] + rec[b] + bias)``, all rows 4H wide.
 
-    ``xp``: ``x_t @ W_ih.T + b_ih + b_hh``; ``rec``: ``h_{t-1} @ W_hh.T``;
-    sigmoid for i, f, o and tanh for g. Kept apart from the cell update so
+    ``xp``: input projections ``x @ weight_ih.T``, one row per (step, stream)
+    or, for a small vocabulary, one row per token (``rows`` then holds the
+    step's token ids: the embedding and the projection folded into one
+    table); ``rec``: ``h_{t-1} @ W_hh.T``; ``bias``: ``b_ih + b_hh``.
+    Sigmoid for i, f, o and tanh for g. Kept apart from the cell update so
     each loop touches few arrays: LLVM vectorises a loop only when a
     handful of run-time overlap checks between its arrays suffice.
     """
+    prefer_512()
     B, H4 = a.shape
     uh = u8(H4 // 4)
     for b in range(B):
-        xr = xp[b]
+        xr = xp[rows[b]]
         rr = rec[b]
         ar = a[b]
         for j in range(2 * uh):
-            ar[j] = _sigmoid(xr[j] + rr[j])
+            ar[j] = _sigmoid(xr[j] + rr[j] + bias[j])
         for j in range(2 * uh, 3 * uh):
-            ar[j] = _tanh(xr[j] + rr[j])
+            ar[j] = _tanh(xr[j] + rr[j] + bias[j])
         for j in range(3 * uh, 4 * uh):
-            ar[j] = _sigmoid(xr[j] + rr[j])
+            ar[j] = _sigmoid(xr[j] + rr[j] + bias[j])
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
@@ -150,6 +156,7 @@ def cell_forward(a: np.ndarray, c_prev: np.ndarray, c: np.ndarray, h: np.ndarray
 
     ``a``: the step's activated gates (B, 4H); the others (B, H).
     """
+    prefer_512()
     B, H = c.shape
     uh = u8(H)
     for b in range(B):
@@ -180,6 +187,7 @@ def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, car
     grouped (``cs``, ``carry``) to keep the loop to few distinct arrays,
     which is what lets LLVM vectorise it (3x faster than seven arrays).
     """
+    prefer_512()
     B, H = dh_out.shape
     uh = u8(H)
     for b in range(B):
@@ -205,7 +213,48 @@ def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, car
             dcr[j] = dcv * f
 
 
-# ---------------------------------------------------------------- embedding and bias
+# ---------------------------------------------------------------- a whole layer through time
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def layer_forward(xp: np.ndarray, rows: np.ndarray, bias: np.ndarray, w_hh: np.ndarray, rec: np.ndarray,
+                  a: np.ndarray, cs: np.ndarray, hs: np.ndarray) -> None:
+    """Run one LSTM layer over every time step of a block.
+
+    ``xp`` (R, 4H) and ``rows`` (T, B): step t's input projections are
+    ``xp[rows[t]]`` (see :func:`gates_forward`); ``bias`` (4H,) the two
+    biases summed; ``w_hh`` (4H, H) in PyTorch's layout; ``rec`` (B, 4H)
+    scratch. Writes the activated gates ``a`` (T, B, 4H) and, from the
+    initial ``cs[0]``, ``hs[0]`` (each (T+1, B, H)), every step's cell and
+    hidden state. One call per layer instead of three per step keeps Python
+    out of the loop.
+    """
+    prefer_512()
+    for t in range(rows.shape[0]):
+        gemm_nt(hs[t], w_hh, rec)
+        gates_forward(xp, rows[t], rec, bias, a[t])
+        cell_forward(a[t], cs[t], cs[t + 1], hs[t + 1])
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def layer_backward(a: np.ndarray, cs: np.ndarray, dh: np.ndarray, w_hh_t: np.ndarray, carry: np.ndarray,
+                   dg: np.ndarray) -> None:
+    """Back-propagate one layer through every time step of a block.
+
+    ``dh`` (T, B, H): d(loss)/d(h_t) from above; ``w_hh_t`` (H, 4H): the
+    recurrent matrix transposed (contiguous, so that ``dg_t @ w_hh`` reads
+    rows); ``carry`` (2, B, H) zeroed by the caller, see
+    :func:`cell_backward`. Writes d(loss)/d(pre-activation gates) of every
+    step to ``dg`` (T, B, 4H).
+    """
+    prefer_512()
+    for t in range(a.shape[0] - 1, -1, -1):
+        cell_backward(a[t], cs, t, dh[t], carry, dg[t])
+        if t:
+            gemm_nt(dg[t], w_hh_t, carry[1])
+
+
+# ---------------------------------------------------------------- embedding
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
@@ -230,17 +279,6 @@ def embed_scatter_add(dx: np.ndarray, tokens: np.ndarray, gtable: np.ndarray) ->
         src = dx[r]
         for k in range(ue):
             dst[k] += src[k]
-
-
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def add_two_biases(z: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> None:
-    """In place ``z[r, :] += b1 + b2`` for (rows, C) ``z`` (PyTorch's LSTM keeps two bias vectors)."""
-    R, C = z.shape
-    uc = u8(C)
-    for r in range(R):
-        zr = z[r]
-        for k in range(uc):
-            zr[k] += b1[k] + b2[k]
 
 
 @njit(cache=True)
