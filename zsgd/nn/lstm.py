@@ -21,10 +21,13 @@ final (h, c) in it; no gradient flows into it (that is the truncation). The
 caller resets it where a stream starts over (``zsgd.data.text``).
 
 How a step runs: one sgemm projects every time step's input at once
-(``X @ W_ih.T``), then per step one (B, H) x (H, 4H) sgemm for the
-recurrence and two fused numba kernels, the gates' non-linearities and the
-cell update (``zsgd.nn.lstm_kernels``). The backward pass mirrors it and leaves the
-weight gradients to three large sgemms over the whole block.
+(``X @ W_ih.T``; for layer 0 with a vocabulary no larger than the block,
+``embed.weight @ W_ih0.T``, one row per token), then one numba call per
+layer walks the time steps: the (B, H) x (H, 4H) product of the recurrence
+(``zsgd.nn.lstm_gemm``, no weight repacking per step) and two fused
+kernels, the gates' non-linearities and the cell update
+(``zsgd.nn.lstm_kernels``). The backward pass mirrors it and leaves the
+weight gradients to large sgemms over the whole block.
 """
 
 from __future__ import annotations

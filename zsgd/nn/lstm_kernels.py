@@ -1,11 +1,14 @@
-"""Numba kernels of the LSTM: the element-wise half of every time step.
+"""Numba kernels of the LSTM: every time step of a layer, and the element-wise work.
 
-As for the convolutions (``zsgd.nn.conv``), the matrix products run as
-float32 sgemm through numpy's OpenBLAS and numba does everything else:
-embedding gather/scatter, and the fused gate non-linearities and cell update
-of one time step, forward and backward. One kernel call per step and layer
-replaces the half-dozen element-wise tensor ops (each a pass over memory)
-an autograd LSTM makes.
+The block-wide matrix products (input projections, weight gradients) run as
+float32 sgemm through numpy's OpenBLAS, as for the convolutions; the small
+per-step products of the recurrence run in ``zsgd.nn.lstm_gemm``, called
+from :func:`layer_forward` and :func:`layer_backward`, which walk a whole
+layer through time in one call. Numba does everything else: embedding
+gather/scatter, and the fused gate non-linearities and cell update of one
+time step, forward and backward. One kernel call per step replaces the
+half-dozen element-wise tensor ops (each a pass over memory) an autograd
+LSTM makes.
 
 Layouts (time-major, so one time step is one contiguous block):
 
@@ -156,7 +159,6 @@ def cell_forward(a: np.ndarray, c_prev: np.ndarray, c: np.ndarray, h: np.ndarray
 
     ``a``: the step's activated gates (B, 4H); the others (B, H).
     """
-    prefer_512()
     B, H = c.shape
     uh = u8(H)
     for b in range(B):
@@ -187,7 +189,6 @@ def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, car
     grouped (``cs``, ``carry``) to keep the loop to few distinct arrays,
     which is what lets LLVM vectorise it (3x faster than seven arrays).
     """
-    prefer_512()
     B, H = dh_out.shape
     uh = u8(H)
     for b in range(B):
