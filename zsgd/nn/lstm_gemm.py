@@ -27,6 +27,11 @@ without AVX-512 simply gets its widest vectors. llvmlite only accepts the
 attribute names it knows, so the string attribute is added to the set
 directly; should a future llvmlite refuse it, the kernels compile without it
 (slower, same results).
+
+Numba's on-disk cache of ``zsgd.nn.lstm_kernels`` holds its own copy of
+``gemm_nt`` and is keyed on that file only: after editing this one, touch
+``lstm_kernels.py`` (or clear its ``__pycache__``) so the layer loops
+recompile.
 """
 
 from __future__ import annotations
