@@ -181,18 +181,23 @@ def test_token_table_and_block_projection_give_the_same_gradients(monkeypatch):
         assert err <= 1e-5, f"{name}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 9, 36), (4, 16, 64), (5, 7, 13), (32, 256, 1024), (33, 17, 6)])
-def test_small_gemm_matches_numpy(m, k, n):
-    """The per-step product of the recurrence, every edge of its 4 x 4 tiling included."""
-    from zsgd.nn.lstm_gemm import gemm_nt
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 9, 36), (8, 16, 64), (15, 7, 13), (32, 256, 1024), (32, 1024, 256),
+                                   (33, 300, 70), (6, 0, 5)])
+def test_packed_gemm_matches_numpy(m, k, n):
+    """The per-step product of the recurrence: both packings, tiles of 8/4/2/1 rows, padded panels, k blocks."""
+    from zsgd.nn import lstm_gemm as LG
 
     rng = np.random.default_rng(m * 100 + n)
     a = rng.standard_normal((m, k), dtype=np.float32)
     w = rng.standard_normal((n, k), dtype=np.float32)
-    c = np.full((m, n), np.nan, np.float32)
-    gemm_nt(a, w, c)
     ref = a.astype(np.float64) @ w.T.astype(np.float64)
-    assert np.abs(c - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    for pack, weights in ((LG.pack_rows, w), (LG.pack_cols, np.ascontiguousarray(w.T))):
+        bp = np.full((LG.panels(n), k, LG.NR), np.nan, np.float32)
+        pack(weights, bp)
+        c = np.full((m, LG.panels(n) * LG.NR + 3), np.nan, np.float32)
+        LG.gemm_packed(a, bp, c)
+        assert np.abs(c[:, :n] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), pack.__name__
+        assert not c[:, n:LG.panels(n) * LG.NR].any()  # the padding columns come out zero
 
 
 # ---------------------------------------------------------------- state, prediction, errors

@@ -40,6 +40,7 @@ import numpy as np
 
 from zsgd import kernels as K
 from zsgd.errors import ZsgdError
+from zsgd.nn import lstm_gemm as LG
 from zsgd.nn import lstm_kernels as LK
 from zsgd.nn.flat import check_flat, load_flat
 from zsgd.nn.layers import buffer
@@ -198,7 +199,8 @@ class LSTMModel:
         """Logits (T*B, V), time-major; keeps every activation the backward pass needs in ``ws``."""
         T, B = tok.shape
         E, H, V = self.spec.embed, self.spec.hidden, self.vocab_size
-        rec = buffer(ws, "rec", (B, 4 * H))
+        rec = buffer(ws, "rec", (B, LG.panels(4 * H) * LG.NR))
+        w_pack = buffer(ws, "w_pack_rows", (LG.panels(4 * H), H, LG.NR))
         bias = buffer(ws, "bias", (4 * H,))
         inp = None
         for layer in range(self.spec.layers):
@@ -222,7 +224,8 @@ class LSTMModel:
             else:
                 hs[0] = state.h[layer]
                 cs[0] = state.c[layer]
-            LK.layer_forward(xp, rows, bias, w_hh, rec, a, cs, hs)
+            LG.pack_rows(w_hh, w_pack)
+            LK.layer_forward(xp, rows, bias, w_pack, rec, a, cs, hs)
             if state is not None:
                 state.h[layer] = hs[T]
                 state.c[layer] = cs[T]
@@ -281,15 +284,15 @@ class LSTMModel:
         np.matmul(dlogits, p["fc.weight"], out=dh)
         dg = buffer(ws, "dg", (T, B, 4 * H))
         dg2 = dg.reshape(T * B, 4 * H)
-        carry = buffer(ws, "carry", (2, B, H))  # d(loss)/d(c), d(loss)/d(h) flowing back in time
+        carry = buffer(ws, "carry", (2, B, LG.panels(H) * LG.NR))  # d(loss)/d(c), d(loss)/d(h) flowing back in time
+        w_pack = buffer(ws, "w_pack_cols", (LG.panels(H), 4 * H, LG.NR))
         for layer in range(L - 1, -1, -1):
             w_ih, w_hh = p[f"lstm.weight_ih_l{layer}"], p[f"lstm.weight_hh_l{layer}"]
             a, cs, hs = ws[f"a{layer}"], ws[f"c{layer}"], ws[f"h{layer}"]
             dh3 = dh.reshape(T, B, H)
             carry.fill(0.0)
-            w_hh_t = buffer(ws, "w_hh_t", (H, 4 * H))
-            np.copyto(w_hh_t, w_hh.T)  # dg_t @ W_hh as dot products along contiguous rows
-            LK.layer_backward(a, cs, dh3, w_hh_t, carry, dg)
+            LG.pack_cols(w_hh, w_pack)
+            LK.layer_backward(a, cs, dh3, w_pack, carry, dg)
             np.matmul(dg2.T, hs[:T].reshape(T * B, H), out=g[f"lstm.weight_hh_l{layer}"])
             gb = g[f"lstm.bias_ih_l{layer}"]
             gb.fill(0.0)

@@ -1,47 +1,71 @@
-"""The LSTM's per-time-step matrix products as numba kernels, with no weight packing.
+"""The LSTM's per-time-step matrix products: a register-blocked AVX-512 kernel over weights packed once.
 
 Each time step of the recurrence multiplies a (B, H) state by the (4H, H)
 recurrent matrix, B = 32 rows: 128 such products forward and 126 backward in
 a training step of the default model. Through OpenBLAS each call repacks the
 1 MB weight matrix before it computes (there is no "pack once" API), and at
 32 rows that packing is about 40 % of the call (93 GFLOP/s against 160 for
-the same sgemm at 2,048 rows). The products here read the weight rows as
-they are:
+the same sgemm at 2,048 rows). Here the weights are packed once per layer
+and block (:func:`pack_rows`, :func:`pack_cols`: panels of 32 columns, each
+k's 32 values contiguous), and every step's product runs over the packed
+panels (:func:`gemm_packed`).
 
-``gemm_nt(a, w, c)``: ``c = a @ w.T`` for row-major ``a`` (M, K) and ``w``
-(N, K). Every output is a dot product along contiguous rows; a 4 x 4 tile of
-outputs is sixteen scalar reductions over k in one loop, which LLVM turns
-into sixteen AVX-512 accumulators fed by eight vector loads per sixteen
-fused multiply-adds (no spills, checked in the generated assembly). Each
-output then costs one horizontal sum of a 16-lane register, which is why the
-kernel gains more the longer the rows: forward (K = H = 256) it matches
-OpenBLAS, backward (K = 4H = 1024) it is 1.4x faster.
+**The micro-kernel** keeps an 8 x 32 tile of the result in sixteen 512-bit
+registers for the whole k loop: per k, two vector loads of the panel, eight
+broadcasts of ``a``, sixteen fused multiply-adds, the classic BLIS/OpenBLAS
+shape. Numba's loop vectoriser cannot express that (it keeps such
+accumulators in memory, or reduces dot products horizontally, each output
+paying a 16-lane sum), so :func:`_tile` is a numba ``@intrinsic`` that
+emits the loop as LLVM IR with explicit ``<16 x float>`` values; LLVM then
+only allocates registers. Rows that do not fill a tile of 8 use tiles of 4,
+2 and 1; columns are padded with zeros in the panels (the result's rows
+are ``c.shape[1] >= panels * 32`` wide). ``k`` is cut into blocks of 256 so
+the rows of ``a`` being broadcast stay in L1; blocks after the first add to
+the tile.
 
-**Why ``prefer_512()``.** LLVM's default tuning for Intel server cores
-prefers 256-bit vectors when it vectorises loops ("prefer-vector-width" 256,
-to avoid AVX-512 clock throttling on older parts), which halves the peak of
-a multiply-add loop. The intrinsic below marks the one numba function that
-calls it with ``"prefer-vector-width"="512"``, the attribute clang sets for
-``-mprefer-vector-width=512``; other functions are untouched, and a CPU
-without AVX-512 simply gets its widest vectors. llvmlite only accepts the
-attribute names it knows, so the string attribute is added to the set
-directly; should a future llvmlite refuse it, the kernels compile without it
-(slower, same results).
+**Why ``"prefer-vector-width"="512"``.** LLVM's tuning for Intel server
+cores prefers 256-bit vectors (to avoid AVX-512 clock throttling on older
+parts) and would split every ``<16 x float>`` in two. The functions that
+run the kernel carry the attribute clang sets for
+``-mprefer-vector-width=512`` (:func:`prefer_512`); other functions are
+untouched, and a CPU without AVX-512 gets its widest vectors. llvmlite
+accepts only the attribute names it knows, so the string attribute is added
+to the set directly; should a future llvmlite refuse it, the kernels still
+compile (slower, same results).
 
 Numba's on-disk cache of ``zsgd.nn.lstm_kernels`` holds its own copy of
-``gemm_nt`` and is keyed on that file only: after editing this one, touch
-``lstm_kernels.py`` (or clear its ``__pycache__``) so the layer loops
+these functions and is keyed on that file only: after editing this one,
+touch ``lstm_kernels.py`` (or clear its ``__pycache__``) so the layer loops
 recompile.
 """
 
 from __future__ import annotations
 
+import llvmlite.ir as ir
 import numpy as np
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 _WIDE = '"prefer-vector-width"="512"'
+
+#: Columns per panel: two 16-lane registers.
+NR = 32
+_NV = NR // 16
+#: k per block: 8 rows of ``a`` x 256 floats = 8 KB broadcast from L1, a panel block of 32 KB.
+KC = 256
+
+_F32 = ir.FloatType()
+_VEC = ir.VectorType(_F32, 16)
+_SPLAT = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+
+
+def _mark_wide(builder: ir.IRBuilder) -> None:
+    try:
+        set.add(builder.function.attributes, _WIDE)
+    except Exception:  # pragma: no cover - an llvmlite that stores attributes differently: narrower, still correct
+        pass
 
 
 @intrinsic
@@ -50,95 +74,158 @@ def prefer_512(typingctx):
     sig = types.none()
 
     def codegen(context, builder, signature, args):
-        try:
-            set.add(builder.function.attributes, _WIDE)
-        except Exception:  # pragma: no cover - an llvmlite that stores attributes differently: narrower, still correct
-            pass
+        _mark_wide(builder)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def gemm_nt(a: np.ndarray, w: np.ndarray, c: np.ndarray) -> None:
-    """``c[:] = a @ w.T``; ``a`` (M, K), ``w`` (N, K), ``c`` (M, N), all C-contiguous float32.
+def _tile_codegen(mr: int):
+    """LLVM IR for ``c[i0:i0+mr, p*NR:(p+1)*NR] (+)= a[i0:i0+mr, k0:k1] @ panel p, rows k0:k1``."""
 
-    ``c`` must not overlap ``a`` or ``w``. Loops: 4 weight rows at a time
-    (16 KB at K = 1024, kept in L1) against every 4-row block of ``a``,
-    then the leftover rows and columns one dot product at a time.
+    def codegen(context, builder, sig, args):
+        a, bp, c, i0, p, k0, k1, accumulate = args
+        A = context.make_array(sig.args[0])(context, builder, a)
+        Bp = context.make_array(sig.args[1])(context, builder, bp)
+        C = context.make_array(sig.args[2])(context, builder, c)
+        lda = cgutils.unpack_tuple(builder, A.shape)[1]
+        kp = cgutils.unpack_tuple(builder, Bp.shape)[1]
+        ldc = cgutils.unpack_tuple(builder, C.shape)[1]
+        intp = lda.type
+        const = lambda v: ir.Constant(intp, v)  # noqa: E731
+        _mark_wide(builder)
+        zero = ir.Constant(_VEC, None)
+        # Row r of the tile: a[i0 + r, k0 + k] and c[i0 + r, p * NR + 16 v].
+        arows = [builder.gep(A.data, [builder.add(builder.mul(builder.add(i0, const(r)), lda), k0)]) for r in range(mr)]
+        crows = [builder.gep(C.data, [builder.add(builder.mul(builder.add(i0, const(r)), ldc), builder.mul(p, const(NR)))])
+                 for r in range(mr)]
+        panel = builder.gep(Bp.data, [builder.mul(builder.add(builder.mul(p, kp), k0), const(NR))])
+        flag = builder.icmp_signed("!=", accumulate, ir.Constant(accumulate.type, 0))
+        init = []
+        for r in range(mr):
+            row = []
+            for v in range(_NV):
+                old = builder.load(builder.bitcast(builder.gep(crows[r], [const(16 * v)]), _VEC.as_pointer()), typ=_VEC)
+                old.align = 4
+                row.append(builder.select(flag, old, zero))
+            init.append(row)
+        n = builder.sub(k1, k0)
+        pre = builder.block
+        loop = builder.append_basic_block("tile.loop")
+        done = builder.append_basic_block("tile.done")
+        builder.cbranch(builder.icmp_signed(">", n, const(0)), loop, done)
+        builder.position_at_end(loop)
+        k = builder.phi(intp)
+        k.add_incoming(const(0), pre)
+        acc = [[builder.phi(_VEC) for _ in range(_NV)] for _ in range(mr)]
+        for r in range(mr):
+            for v in range(_NV):
+                acc[r][v].add_incoming(init[r][v], pre)
+        bk = builder.gep(panel, [builder.mul(k, const(NR))])
+        bv = []
+        for v in range(_NV):
+            ld = builder.load(builder.bitcast(builder.gep(bk, [const(16 * v)]), _VEC.as_pointer()), typ=_VEC)
+            ld.align = 4
+            bv.append(ld)
+        new = []
+        for r in range(mr):
+            s = builder.load(builder.gep(arows[r], [k]), typ=_F32)
+            sv = builder.insert_element(ir.Constant(_VEC, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+            sv = builder.shuffle_vector(sv, ir.Constant(_VEC, ir.Undefined), _SPLAT)
+            new.append([builder.fadd(acc[r][v], builder.fmul(sv, bv[v], flags=("contract",)), flags=("contract",))
+                        for v in range(_NV)])
+        k_next = builder.add(k, const(1))
+        k.add_incoming(k_next, loop)
+        for r in range(mr):
+            for v in range(_NV):
+                acc[r][v].add_incoming(new[r][v], loop)
+        builder.cbranch(builder.icmp_signed("<", k_next, n), loop, done)
+        builder.position_at_end(done)
+        out = []
+        for r in range(mr):  # every phi first: LLVM wants them at the top of the block
+            row = []
+            for v in range(_NV):
+                ph = builder.phi(_VEC)
+                ph.add_incoming(init[r][v], pre)
+                ph.add_incoming(new[r][v], loop)
+                row.append(ph)
+            out.append(row)
+        for r in range(mr):
+            for v in range(_NV):
+                st = builder.store(out[r][v], builder.bitcast(builder.gep(crows[r], [const(16 * v)]), _VEC.as_pointer()))
+                st.align = 4
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_tile(mr: int):
+    @intrinsic
+    def tile(typingctx, a, bp, c, i0, p, k0, k1, accumulate):
+        return types.none(a, bp, c, types.intp, types.intp, types.intp, types.intp, types.intp), _tile_codegen(mr)
+
+    return tile
+
+
+_tile8, _tile4, _tile2, _tile1 = (_make_tile(m) for m in (8, 4, 2, 1))
+
+
+def panels(n: int) -> int:
+    """Panels of :data:`NR` columns that hold ``n`` columns."""
+    return -(-n // NR)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def pack_rows(w: np.ndarray, out: np.ndarray) -> None:
+    """Pack ``w`` (N, K) for ``c = a @ w.T``: ``out[p, k, j] = w[p * NR + j, k]``, zero past N."""
+    N, K = w.shape
+    for p in range(out.shape[0]):
+        for j in range(NR):
+            n = p * NR + j
+            if n < N:
+                src = w[n]
+                for k in range(K):
+                    out[p, k, j] = src[k]
+            else:
+                for k in range(K):
+                    out[p, k, j] = 0.0
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def pack_cols(w: np.ndarray, out: np.ndarray) -> None:
+    """Pack ``w`` (K, N) for ``c = a @ w``: ``out[p, k, j] = w[k, p * NR + j]``, zero past N."""
+    K, N = w.shape
+    for p in range(out.shape[0]):
+        for k in range(K):
+            src = w[k]
+            dst = out[p, k]
+            for j in range(NR):
+                n = p * NR + j
+                dst[j] = src[n] if n < N else 0.0
+
+
+@njit(cache=True, error_model="numpy")
+def gemm_packed(a: np.ndarray, bp: np.ndarray, c: np.ndarray) -> None:
+    """``c[:, :P * NR] = a @ B`` with ``B`` packed in ``bp`` (P, K, NR); ``a`` (M, K); all C-contiguous float32.
+
+    ``c`` (M, >= P * NR) must not overlap ``a`` or ``bp``; its columns past
+    the packed matrix's own width come out zero (the padding).
     """
     prefer_512()
     M, K = a.shape
-    N = w.shape[0]
-    m4 = M - M % 4
-    n4 = N - N % 4
-    for n in range(0, n4, 4):
-        w0 = w[n]
-        w1 = w[n + 1]
-        w2 = w[n + 2]
-        w3 = w[n + 3]
-        for i in range(0, m4, 4):
-            a0 = a[i]
-            a1 = a[i + 1]
-            a2 = a[i + 2]
-            a3 = a[i + 3]
-            s00 = s01 = s02 = s03 = np.float32(0.0)
-            s10 = s11 = s12 = s13 = np.float32(0.0)
-            s20 = s21 = s22 = s23 = np.float32(0.0)
-            s30 = s31 = s32 = s33 = np.float32(0.0)
-            for k in range(K):
-                x0 = a0[k]
-                x1 = a1[k]
-                x2 = a2[k]
-                x3 = a3[k]
-                y0 = w0[k]
-                y1 = w1[k]
-                y2 = w2[k]
-                y3 = w3[k]
-                s00 += x0 * y0
-                s01 += x0 * y1
-                s02 += x0 * y2
-                s03 += x0 * y3
-                s10 += x1 * y0
-                s11 += x1 * y1
-                s12 += x1 * y2
-                s13 += x1 * y3
-                s20 += x2 * y0
-                s21 += x2 * y1
-                s22 += x2 * y2
-                s23 += x2 * y3
-                s30 += x3 * y0
-                s31 += x3 * y1
-                s32 += x3 * y2
-                s33 += x3 * y3
-            c[i, n] = s00
-            c[i, n + 1] = s01
-            c[i, n + 2] = s02
-            c[i, n + 3] = s03
-            c[i + 1, n] = s10
-            c[i + 1, n + 1] = s11
-            c[i + 1, n + 2] = s12
-            c[i + 1, n + 3] = s13
-            c[i + 2, n] = s20
-            c[i + 2, n + 1] = s21
-            c[i + 2, n + 2] = s22
-            c[i + 2, n + 3] = s23
-            c[i + 3, n] = s30
-            c[i + 3, n + 1] = s31
-            c[i + 3, n + 2] = s32
-            c[i + 3, n + 3] = s33
-        for i in range(m4, M):
-            _dots(a[i], w, n, n + 4, c[i])
-    for i in range(M):
-        _dots(a[i], w, n4, N, c[i])
-
-
-@njit(cache=True, fastmath=_FM, error_model="numpy", inline="always")
-def _dots(x: np.ndarray, w: np.ndarray, n0: int, n1: int, out: np.ndarray) -> None:
-    """``out[n] = x . w[n]`` for n in [n0, n1): the edges of :func:`gemm_nt`."""
-    for n in range(n0, n1):
-        wr = w[n]
-        s = np.float32(0.0)
-        for k in range(x.shape[0]):
-            s += x[k] * wr[k]
-        out[n] = s
+    m8 = M - M % 8
+    for k0 in range(0, max(K, 1), KC):
+        k1 = min(K, k0 + KC)
+        acc = 1 if k0 else 0
+        for p in range(bp.shape[0]):
+            for i in range(0, m8, 8):
+                _tile8(a, bp, c, i, p, k0, k1, acc)
+            i = m8
+            if M - i >= 4:
+                _tile4(a, bp, c, i, p, k0, k1, acc)
+                i += 4
+            if M - i >= 2:
+                _tile2(a, bp, c, i, p, k0, k1, acc)
+                i += 2
+            if M - i >= 1:
+                _tile1(a, bp, c, i, p, k0, k1, acc)

@@ -38,7 +38,7 @@ import numpy as np
 from numba import njit
 from numba import uint64 as u8
 
-from zsgd.nn.lstm_gemm import gemm_nt, prefer_512
+from zsgd.nn.lstm_gemm import gemm_packed, prefer_512
 
 #: LLVM vectorises a loop over several arrays only after run-time checks
 #: that they do not overlap, and gives up past 8 such checks (its
@@ -218,41 +218,40 @@ def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, car
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def layer_forward(xp: np.ndarray, rows: np.ndarray, bias: np.ndarray, w_hh: np.ndarray, rec: np.ndarray,
+def layer_forward(xp: np.ndarray, rows: np.ndarray, bias: np.ndarray, w_pack: np.ndarray, rec: np.ndarray,
                   a: np.ndarray, cs: np.ndarray, hs: np.ndarray) -> None:
     """Run one LSTM layer over every time step of a block.
 
     ``xp`` (R, 4H) and ``rows`` (T, B): step t's input projections are
     ``xp[rows[t]]`` (see :func:`gates_forward`); ``bias`` (4H,) the two
-    biases summed; ``w_hh`` (4H, H) in PyTorch's layout; ``rec`` (B, 4H)
-    scratch. Writes the activated gates ``a`` (T, B, 4H) and, from the
-    initial ``cs[0]``, ``hs[0]`` (each (T+1, B, H)), every step's cell and
-    hidden state. One call per layer instead of three per step keeps Python
-    out of the loop.
+    biases summed; ``w_pack``: ``weight_hh`` packed by
+    ``lstm_gemm.pack_rows``; ``rec`` (B, >= 4H) scratch. Writes the
+    activated gates ``a`` (T, B, 4H) and, from the initial ``cs[0]``,
+    ``hs[0]`` (each (T+1, B, H)), every step's cell and hidden state. One
+    call per layer instead of three per step keeps Python out of the loop.
     """
     prefer_512()
     for t in range(rows.shape[0]):
-        gemm_nt(hs[t], w_hh, rec)
+        gemm_packed(hs[t], w_pack, rec)
         gates_forward(xp, rows[t], rec, bias, a[t])
         cell_forward(a[t], cs[t], cs[t + 1], hs[t + 1])
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def layer_backward(a: np.ndarray, cs: np.ndarray, dh: np.ndarray, w_hh_t: np.ndarray, carry: np.ndarray,
+def layer_backward(a: np.ndarray, cs: np.ndarray, dh: np.ndarray, w_pack: np.ndarray, carry: np.ndarray,
                    dg: np.ndarray) -> None:
     """Back-propagate one layer through every time step of a block.
 
-    ``dh`` (T, B, H): d(loss)/d(h_t) from above; ``w_hh_t`` (H, 4H): the
-    recurrent matrix transposed (contiguous, so that ``dg_t @ w_hh`` reads
-    rows); ``carry`` (2, B, H) zeroed by the caller, see
-    :func:`cell_backward`. Writes d(loss)/d(pre-activation gates) of every
-    step to ``dg`` (T, B, 4H).
+    ``dh`` (T, B, H): d(loss)/d(h_t) from above; ``w_pack``: ``weight_hh``
+    packed by ``lstm_gemm.pack_cols`` (for ``dg_t @ W_hh``); ``carry``
+    (2, B, >= H) zeroed by the caller, see :func:`cell_backward`. Writes
+    d(loss)/d(pre-activation gates) of every step to ``dg`` (T, B, 4H).
     """
     prefer_512()
     for t in range(a.shape[0] - 1, -1, -1):
         cell_backward(a[t], cs, t, dh[t], carry, dg[t])
         if t:
-            gemm_nt(dg[t], w_hh_t, carry[1])
+            gemm_packed(dg[t], w_pack, carry[1])
 
 
 # ---------------------------------------------------------------- embedding
