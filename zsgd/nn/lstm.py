@@ -364,9 +364,9 @@ def get_lstm(name: str, vocab_size: int, seed: int = 0, bptt: int = 64) -> LSTMM
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) every LSTM kernel, so a worker's first step is not a compile."""
-    m = get_lstm("lstm:embed=4,hidden=4,layers=2", 5)
-    w = m.init(0)
     x = np.array([[0, 1, 2], [3, 4, 0]], np.int64)
-    m.loss_and_grad(w, x, x, state=m.init_state(2))
+    for vocab in (5, 7):  # 6 tokens: layer 0 from the token table, then from the block-wide projection
+        m = get_lstm("lstm:embed=4,hidden=4,layers=2", vocab)
+        m.loss_and_grad(m.init(0), x, x, state=m.init_state(2))
     LK.tanh_array(np.zeros(1, np.float32), np.zeros(1, np.float32))
     LK.sigmoid_array(np.zeros(1, np.float32), np.zeros(1, np.float32))
