@@ -200,6 +200,51 @@ def test_packed_gemm_matches_numpy(m, k, n):
         assert not c[:, n:LG.panels(n) * LG.NR].any()  # the padding columns come out zero
 
 
+@pytest.mark.slow
+def test_packed_gemm_without_avx512_uses_the_narrow_tile(tmp_path):
+    """Compiled for a CPU without AVX-512 (numba's target set by environment), the kernel takes 4 x 16
+    tiles of 8-float vectors, and the products and the model's gradients stay right."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    code = """
+import numpy as np
+from zsgd.nn import lstm_gemm as LG
+from zsgd.nn.lstm import get_lstm
+assert (LG.NR, LG.MR) == (16, 4), (LG.NR, LG.MR)
+rng = np.random.default_rng(0)
+for m, k, n in ((32, 256, 1024), (7, 300, 20), (1, 3, 5)):
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    bp = np.empty((LG.panels(n), k, LG.NR), np.float32)
+    LG.pack_rows(w, bp)
+    c = np.empty((m, LG.panels(n) * LG.NR), np.float32)
+    LG.gemm_packed(a, bp, c)
+    ref = a.astype(np.float64) @ w.T.astype(np.float64)
+    assert np.abs(c[:, :n] - ref).max() <= 1e-5 * np.abs(ref).max()
+mdl = get_lstm("lstm:embed=5,hidden=20,layers=2", 9)
+wt = mdl.init(1)
+x = rng.integers(0, 9, (6, 7))
+g = mdl.loss_and_grad(wt, x, x)[1]
+eps, i = 1e-2, mdl.layout()[2][2] + 3  # one weight of weight_hh_l0
+wp, wm = wt.copy(), wt.copy()
+wp[i] += eps
+wm[i] -= eps
+fd = (mdl.loss_and_grad(wp, x, x)[0] - mdl.loss_and_grad(wm, x, x)[0]) / (2 * eps)
+assert abs(fd - g[i]) <= 2e-3 + 2e-2 * abs(fd), (fd, g[i])
+print("narrow ok")
+"""
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
+               NUMBA_CPU_FEATURES="+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,"
+                                  "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and "narrow ok" in proc.stdout, proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- state, prediction, errors
 
 

@@ -6,20 +6,22 @@ a training step of the default model. Through OpenBLAS each call repacks the
 1 MB weight matrix before it computes (there is no "pack once" API), and at
 32 rows that packing is about 40 % of the call (93 GFLOP/s against 160 for
 the same sgemm at 2,048 rows). Here the weights are packed once per layer
-and block (:func:`pack_rows`, :func:`pack_cols`: panels of 32 columns, each
-k's 32 values contiguous), and every step's product runs over the packed
-panels (:func:`gemm_packed`).
+and block (:func:`pack_rows`, :func:`pack_cols`: panels of :data:`NR` columns,
+32 with AVX-512, each k's values contiguous), and every step's product runs
+over the packed panels (:func:`gemm_packed`).
 
 **The micro-kernel** keeps an 8 x 32 tile of the result in sixteen 512-bit
 registers for the whole k loop: per k, two vector loads of the panel, eight
 broadcasts of ``a``, sixteen fused multiply-adds, the classic BLIS/OpenBLAS
-shape. Numba's loop vectoriser cannot express that (it keeps such
+shape. Where numba compiles for a CPU without AVX-512 (16 vector registers
+of 8 floats), the tile is 4 x 16 in eight 256-bit registers instead, so it
+does not spill. Numba's loop vectoriser cannot express that (it keeps such
 accumulators in memory, or reduces dot products horizontally, each output
-paying a 16-lane sum), so :func:`_tile` is a numba ``@intrinsic`` that
+paying a 16-lane sum), so the tile (``_make_tile``) is a numba ``@intrinsic`` that
 emits the loop as LLVM IR with explicit ``<16 x float>`` values; LLVM then
-only allocates registers. Rows that do not fill a tile of 8 use tiles of 4,
-2 and 1; columns are padded with zeros in the panels (the result's rows
-are ``c.shape[1] >= panels * 32`` wide). ``k`` is cut into blocks of 256 so
+only allocates registers. Rows that do not fill a tile use smaller ones (4,
+2, 1 rows); columns are padded with zeros in the panels (the result's rows
+are ``c.shape[1] >= panels * NR`` wide). ``k`` is cut into blocks of 256 so
 the rows of ``a`` being broadcast stay in L1; blocks after the first add to
 the tile.
 
@@ -50,15 +52,32 @@ from numba.extending import intrinsic
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 _WIDE = '"prefer-vector-width"="512"'
 
-#: Columns per panel: two 16-lane registers.
-NR = 32
-_NV = NR // 16
+
+
+def _vector_lanes() -> int:
+    """Floats per vector register numba compiles for: 16 with AVX-512, else 8."""
+    try:
+        import llvmlite.binding as ll
+        from numba.core import config
+
+        features = config.CPU_FEATURES if config.CPU_FEATURES is not None else ll.get_host_cpu_features().flatten()
+    except Exception:  # pragma: no cover - cannot tell: the narrow tile is safe everywhere
+        return 8
+    return 16 if "+avx512f" in features.split(",") else 8
+
+
+_LANES = _vector_lanes()
+#: Columns per panel: two vector registers.
+NR = 2 * _LANES
+_NV = 2
+#: Rows per full tile: 2 x MR accumulators, half the vector registers (32 with AVX-512, 16 without).
+MR = 8 if _LANES == 16 else 4
 #: k per block: 8 rows of ``a`` x 256 floats = 8 KB broadcast from L1, a panel block of 32 KB.
 KC = 256
 
 _F32 = ir.FloatType()
-_VEC = ir.VectorType(_F32, 16)
-_SPLAT = ir.Constant(ir.VectorType(ir.IntType(32), 16), [0] * 16)
+_VEC = ir.VectorType(_F32, _LANES)
+_SPLAT = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES)
 
 
 def _mark_wide(builder: ir.IRBuilder) -> None:
@@ -81,7 +100,11 @@ def prefer_512(typingctx):
 
 
 def _tile_codegen(mr: int):
-    """LLVM IR for ``c[i0:i0+mr, p*NR:(p+1)*NR] (+)= a[i0:i0+mr, k0:k1] @ panel p, rows k0:k1``."""
+    """LLVM IR for ``c[i0:i0+mr, p*NR:(p+1)*NR] (+)= a[i0:i0+mr, k0:k1] @ panel p, rows k0:k1``.
+
+    ``accumulate`` (0 or 1, at run time) starts the tile from ``c`` instead
+    of zeros: the k blocks after the first.
+    """
 
     def codegen(context, builder, sig, args):
         a, bp, c, i0, p, k0, k1, accumulate = args
@@ -95,7 +118,7 @@ def _tile_codegen(mr: int):
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
         _mark_wide(builder)
         zero = ir.Constant(_VEC, None)
-        # Row r of the tile: a[i0 + r, k0 + k] and c[i0 + r, p * NR + 16 v].
+        # Row r of the tile: a[i0 + r, k0 + k] and c[i0 + r, p * NR + LANES * v].
         arows = [builder.gep(A.data, [builder.add(builder.mul(builder.add(i0, const(r)), lda), k0)]) for r in range(mr)]
         crows = [builder.gep(C.data, [builder.add(builder.mul(builder.add(i0, const(r)), ldc), builder.mul(p, const(NR)))])
                  for r in range(mr)]
@@ -105,7 +128,7 @@ def _tile_codegen(mr: int):
         for r in range(mr):
             row = []
             for v in range(_NV):
-                old = builder.load(builder.bitcast(builder.gep(crows[r], [const(16 * v)]), _VEC.as_pointer()), typ=_VEC)
+                old = builder.load(builder.bitcast(builder.gep(crows[r], [const(_LANES * v)]), _VEC.as_pointer()), typ=_VEC)
                 old.align = 4
                 row.append(builder.select(flag, old, zero))
             init.append(row)
@@ -124,7 +147,7 @@ def _tile_codegen(mr: int):
         bk = builder.gep(panel, [builder.mul(k, const(NR))])
         bv = []
         for v in range(_NV):
-            ld = builder.load(builder.bitcast(builder.gep(bk, [const(16 * v)]), _VEC.as_pointer()), typ=_VEC)
+            ld = builder.load(builder.bitcast(builder.gep(bk, [const(_LANES * v)]), _VEC.as_pointer()), typ=_VEC)
             ld.align = 4
             bv.append(ld)
         new = []
@@ -152,7 +175,7 @@ def _tile_codegen(mr: int):
             out.append(row)
         for r in range(mr):
             for v in range(_NV):
-                st = builder.store(out[r][v], builder.bitcast(builder.gep(crows[r], [const(16 * v)]), _VEC.as_pointer()))
+                st = builder.store(out[r][v], builder.bitcast(builder.gep(crows[r], [const(_LANES * v)]), _VEC.as_pointer()))
                 st.align = 4
         return context.get_dummy_value()
 
@@ -167,7 +190,7 @@ def _make_tile(mr: int):
     return tile
 
 
-_tile8, _tile4, _tile2, _tile1 = (_make_tile(m) for m in (8, 4, 2, 1))
+_tile_full, _tile4, _tile2, _tile1 = (_make_tile(m) for m in (MR, 4, 2, 1))
 
 
 def panels(n: int) -> int:
@@ -213,15 +236,15 @@ def gemm_packed(a: np.ndarray, bp: np.ndarray, c: np.ndarray) -> None:
     """
     prefer_512()
     M, K = a.shape
-    m8 = M - M % 8
+    m_full = M - M % MR
     for k0 in range(0, max(K, 1), KC):
         k1 = min(K, k0 + KC)
         acc = 1 if k0 else 0
         for p in range(bp.shape[0]):
-            for i in range(0, m8, 8):
-                _tile8(a, bp, c, i, p, k0, k1, acc)
-            i = m8
-            if M - i >= 4:
+            for i in range(0, m_full, MR):
+                _tile_full(a, bp, c, i, p, k0, k1, acc)
+            i = m_full
+            if MR > 4 and M - i >= 4:
                 _tile4(a, bp, c, i, p, k0, k1, acc)
                 i += 4
             if M - i >= 2:
