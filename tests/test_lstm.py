@@ -161,6 +161,90 @@ def test_gradients_match_finite_differences():
             assert abs(fd - g[i]) <= 2e-3 + 2e-2 * abs(fd), f"{name}[{k}]: fd {fd:.6f} vs grad {g[i]:.6f}"
 
 
+def test_token_table_and_block_projection_give_the_same_gradients(monkeypatch):
+    """Layer 0 reads a (V, 4H) token table when the vocabulary is small; the general path must agree."""
+    rng = np.random.default_rng(7)
+    m = get_lstm("lstm:embed=5,hidden=7,layers=2", 11)
+    w = m.init(3)
+    x, y = _batch(rng, 11, 3, 6)  # 18 rows >= 11 tokens: the table path
+    assert m._token_table(18)
+    st_table = m.init_state(3)
+    loss_table, g_table = m.loss_and_grad(w, x, y, state=st_table)
+    monkeypatch.setattr(LSTMModel, "_token_table", lambda self, rows: False)
+    st_block = m.init_state(3)
+    loss_block, g_block = m.loss_and_grad(w, x, y, state=st_block)
+    assert loss_block == pytest.approx(loss_table, rel=1e-6)
+    np.testing.assert_allclose(st_block.h, st_table.h, atol=1e-6)
+    for name, shape, off in m.layout():
+        ref = g_block[off:off + int(np.prod(shape))]
+        err = np.abs(g_table[off:off + ref.size] - ref).max() / max(np.abs(ref).max(), 1e-12)
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (3, 9, 36), (8, 16, 64), (15, 7, 13), (32, 256, 1024), (32, 1024, 256),
+                                   (33, 300, 70), (6, 0, 5)])
+def test_packed_gemm_matches_numpy(m, k, n):
+    """The per-step product of the recurrence: both packings, tiles of 8/4/2/1 rows, padded panels, k blocks."""
+    from zsgd.nn import lstm_gemm as LG
+
+    rng = np.random.default_rng(m * 100 + n)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    ref = a.astype(np.float64) @ w.T.astype(np.float64)
+    for pack, weights in ((LG.pack_rows, w), (LG.pack_cols, np.ascontiguousarray(w.T))):
+        bp = np.full((LG.panels(n), k, LG.NR), np.nan, np.float32)
+        pack(weights, bp)
+        c = np.full((m, LG.panels(n) * LG.NR + 3), np.nan, np.float32)
+        LG.gemm_packed(a, bp, c)
+        assert np.abs(c[:, :n] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max()), pack.__name__
+        assert not c[:, n:LG.panels(n) * LG.NR].any()  # the padding columns come out zero
+
+
+@pytest.mark.slow
+def test_packed_gemm_without_avx512_uses_the_narrow_tile(tmp_path):
+    """Compiled for a CPU without AVX-512 (numba's target set by environment), the kernel takes 4 x 16
+    tiles of 8-float vectors, and the products and the model's gradients stay right."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    code = """
+import numpy as np
+from zsgd.nn import lstm_gemm as LG
+from zsgd.nn.lstm import get_lstm
+assert (LG.NR, LG.MR) == (16, 4), (LG.NR, LG.MR)
+rng = np.random.default_rng(0)
+for m, k, n in ((32, 256, 1024), (7, 300, 20), (1, 3, 5)):
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((n, k), dtype=np.float32)
+    bp = np.empty((LG.panels(n), k, LG.NR), np.float32)
+    LG.pack_rows(w, bp)
+    c = np.empty((m, LG.panels(n) * LG.NR), np.float32)
+    LG.gemm_packed(a, bp, c)
+    ref = a.astype(np.float64) @ w.T.astype(np.float64)
+    assert np.abs(c[:, :n] - ref).max() <= 1e-5 * np.abs(ref).max()
+mdl = get_lstm("lstm:embed=5,hidden=20,layers=2", 9)
+wt = mdl.init(1)
+x = rng.integers(0, 9, (6, 7))
+g = mdl.loss_and_grad(wt, x, x)[1]
+eps, i = 1e-2, mdl.layout()[2][2] + 3  # one weight of weight_hh_l0
+wp, wm = wt.copy(), wt.copy()
+wp[i] += eps
+wm[i] -= eps
+fd = (mdl.loss_and_grad(wp, x, x)[0] - mdl.loss_and_grad(wm, x, x)[0]) / (2 * eps)
+assert abs(fd - g[i]) <= 2e-3 + 2e-2 * abs(fd), (fd, g[i])
+print("narrow ok")
+"""
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
+               NUMBA_CPU_FEATURES="+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,"
+                                  "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and "narrow ok" in proc.stdout, proc.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- state, prediction, errors
 
 

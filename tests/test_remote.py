@@ -201,6 +201,26 @@ def test_readme_headline_remote_run_learns(cluster, initialized, tmp_path, no_or
     assert len(loss) >= 5 and loss[-1] < 0.6 * loss[0], loss
 
 
+@pytest.mark.slow
+def test_remote_lstm_run_reports_tokens_and_perplexity(cluster, initialized, tmp_path, no_orphans):
+    """The language model (issue 13) on workers on both hosts only: the text file exists where the broker
+    runs (a relative path), each worker trains its contiguous span, and the summary has the LM metrics."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("".join(f"the {w} fox jumps over the lazy dog {i % 5}.\n" for i, w in enumerate(["quick", "slow", "red"] * 40)))
+    out = tmp_path / "lstm"
+    proc = cluster.zsgd("run", "--remote", str(initialized["hosts"]), *cluster.ssh_args, "--n-proc", "0",
+                        "--model", "lstm:embed=8,hidden=16,layers=1", "--bptt", "16", "--batch-size", "4", "--data", "text:corpus.txt",
+                        "--steps", "12", "--heartbeat", "0.5", "--timeout", "10", "--out", str(out), "--quiet", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = summary_of(out)
+    assert s["n_workers"] == 2 and {info["host"] for info in s["workers"].values()} == set(HOSTS), s["workers"]
+    assert s["updates"] >= 12 and s["worker_deaths"] == 0, s
+    assert s["tokens_per_s"] > 0 and s["samples"] == s["updates"] * 4 * 16, s  # async: one update is one block of 4 x 16 tokens
+    assert 1.0 < s["test_perplexity"] < float("inf") and "test_accuracy" in s, s
+    for wid, h in ((0, HOSTS[0]), (1, HOSTS[1])):
+        assert "done" in (out / "logs" / "hosts" / h / f"worker-{wid}.log").read_text()
+
+
 @pytest.mark.parametrize("case", ["refused-key", "host-down", "unknown-host", "no-zsgd", "no-python", "port-blocked"])
 def test_unusable_host_is_a_one_line_error(cluster, initialized, tmp_path, case, no_orphans):
     remote_dir = cluster.ssh_args

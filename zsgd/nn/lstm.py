@@ -21,10 +21,13 @@ final (h, c) in it; no gradient flows into it (that is the truncation). The
 caller resets it where a stream starts over (``zsgd.data.text``).
 
 How a step runs: one sgemm projects every time step's input at once
-(``X @ W_ih.T``), then per step one (B, H) x (H, 4H) sgemm for the
-recurrence and two fused numba kernels, the gates' non-linearities and the
-cell update (``zsgd.nn.lstm_kernels``). The backward pass mirrors it and leaves the
-weight gradients to three large sgemms over the whole block.
+(``X @ W_ih.T``; for layer 0 with a vocabulary no larger than the block,
+``embed.weight @ W_ih0.T``, one row per token), then one numba call per
+layer walks the time steps: the (B, H) x (H, 4H) product of the recurrence
+(``zsgd.nn.lstm_gemm``, no weight repacking per step) and two fused
+kernels, the gates' non-linearities and the cell update
+(``zsgd.nn.lstm_kernels``). The backward pass mirrors it and leaves the
+weight gradients to large sgemms over the whole block.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import numpy as np
 
 from zsgd import kernels as K
 from zsgd.errors import ZsgdError
+from zsgd.nn import lstm_gemm as LG
 from zsgd.nn import lstm_kernels as LK
 from zsgd.nn.flat import check_flat, load_flat
 from zsgd.nn.layers import buffer
@@ -178,33 +182,50 @@ class LSTMModel:
 
     # ------------------------------------------------------------ compute
 
+    def _token_table(self, rows: int) -> bool:
+        """Whether layer 0 reads its input projections from a (V, 4H) table instead of (rows, 4H).
+
+        ``x_t @ W_ih0.T`` depends only on the token, so for a vocabulary no
+        larger than the block's rows, ``embed.weight @ W_ih0.T`` (V rows)
+        replaces the embedding lookup and the block-wide product, and the
+        backward pass sums the gate gradients per token first (``S``, V
+        rows): every layer-0 input gradient is then a product with ``S``.
+        Same results to rounding; for a character vocabulary it removes
+        three (T*B, 4H) x E products per step.
+        """
+        return self.vocab_size <= rows
+
     def _forward(self, p: dict[str, np.ndarray], tok: np.ndarray, state: LSTMState | None, ws: dict) -> np.ndarray:
         """Logits (T*B, V), time-major; keeps every activation the backward pass needs in ``ws``."""
         T, B = tok.shape
         E, H, V = self.spec.embed, self.spec.hidden, self.vocab_size
-        inp = buffer(ws, "x0", (T * B, E))
-        LK.embed_gather(p["embed.weight"], tok.reshape(-1), inp)
-        rec = buffer(ws, "rec", (B, 4 * H))
+        rec = buffer(ws, "rec", (B, LG.panels(4 * H) * LG.NR))
+        w_pack = buffer(ws, "w_pack_rows", (LG.panels(4 * H), H, LG.NR))
+        bias = buffer(ws, "bias", (4 * H,))
+        inp = None
         for layer in range(self.spec.layers):
             w_ih, w_hh = p[f"lstm.weight_ih_l{layer}"], p[f"lstm.weight_hh_l{layer}"]
-            xp = buffer(ws, f"xp{layer}", (T, B, 4 * H))
             a = buffer(ws, f"a{layer}", (T, B, 4 * H))
             hs = buffer(ws, f"h{layer}", (T + 1, B, H))
             cs = buffer(ws, f"c{layer}", (T + 1, B, H))
-            np.matmul(inp, w_ih.T, out=xp.reshape(T * B, 4 * H))
-            LK.add_two_biases(xp.reshape(T * B, 4 * H), p[f"lstm.bias_ih_l{layer}"], p[f"lstm.bias_hh_l{layer}"])
+            if layer == 0 and self._token_table(T * B):
+                xp, rows = buffer(ws, "xp_table", (V, 4 * H)), tok
+                np.matmul(p["embed.weight"], w_ih.T, out=xp)
+            else:
+                if inp is None:
+                    inp = buffer(ws, "x0", (T * B, E))
+                    LK.embed_gather(p["embed.weight"], tok.reshape(-1), inp)
+                xp, rows = buffer(ws, f"xp{layer}", (T * B, 4 * H)), self._step_rows(T, B, ws)
+                np.matmul(inp, w_ih.T, out=xp)
+            np.add(p[f"lstm.bias_ih_l{layer}"], p[f"lstm.bias_hh_l{layer}"], out=bias)
             if state is None:
                 hs[0].fill(0.0)
                 cs[0].fill(0.0)
             else:
                 hs[0] = state.h[layer]
                 cs[0] = state.c[layer]
-            w_hh_t = buffer(ws, "w_hh_t", (H, 4 * H))
-            np.copyto(w_hh_t, w_hh.T)  # OpenBLAS: h @ W.T with W pre-transposed is 1.5x faster
-            for t in range(T):
-                np.matmul(hs[t], w_hh_t, out=rec)
-                LK.gates_forward(xp[t], rec, a[t])
-                LK.cell_forward(a[t], cs[t], cs[t + 1], hs[t + 1])
+            LG.pack_rows(w_hh, w_pack)
+            LK.layer_forward(xp, rows, bias, w_pack, rec, a, cs, hs)
             if state is not None:
                 state.h[layer] = hs[T]
                 state.c[layer] = cs[T]
@@ -213,6 +234,14 @@ class LSTMModel:
         np.matmul(inp, p["fc.weight"].T, out=logits)
         K.bias_act_rows(logits, p["fc.bias"], False)
         return logits
+
+    @staticmethod
+    def _step_rows(T: int, B: int, ws: dict) -> np.ndarray:
+        """(T, B) row indices 0..T*B-1: step t reads rows t*B..t*B+B-1 of a block-wide projection."""
+        rows = ws.get("rows")
+        if rows is None or rows.shape != (T, B):
+            rows = ws["rows"] = np.arange(T * B, dtype=np.int64).reshape(T, B)
+        return rows
 
     def loss_and_grad(self, w: np.ndarray, x: np.ndarray, y: np.ndarray, training: bool = True,
                       seed: int | None = None, out: np.ndarray | None = None,
@@ -255,28 +284,36 @@ class LSTMModel:
         np.matmul(dlogits, p["fc.weight"], out=dh)
         dg = buffer(ws, "dg", (T, B, 4 * H))
         dg2 = dg.reshape(T * B, 4 * H)
-        carry = buffer(ws, "carry", (2, B, H))  # d(loss)/d(c), d(loss)/d(h) flowing back in time
+        carry = buffer(ws, "carry", (2, B, LG.panels(H) * LG.NR))  # d(loss)/d(c), d(loss)/d(h) flowing back in time
+        w_pack = buffer(ws, "w_pack_cols", (LG.panels(H), 4 * H, LG.NR))
         for layer in range(L - 1, -1, -1):
             w_ih, w_hh = p[f"lstm.weight_ih_l{layer}"], p[f"lstm.weight_hh_l{layer}"]
             a, cs, hs = ws[f"a{layer}"], ws[f"c{layer}"], ws[f"h{layer}"]
             dh3 = dh.reshape(T, B, H)
             carry.fill(0.0)
-            for t in range(T - 1, -1, -1):
-                LK.cell_backward(a[t], cs, t, dh3[t], carry, dg[t])
-                if t:
-                    np.matmul(dg[t], w_hh, out=carry[1])
-            inp = ws["x0"] if layer == 0 else ws[f"h{layer - 1}"][1:].reshape(T * B, H)
+            LG.pack_cols(w_hh, w_pack)
+            LK.layer_backward(a, cs, dh3, w_pack, carry, dg)
             np.matmul(dg2.T, hs[:T].reshape(T * B, H), out=g[f"lstm.weight_hh_l{layer}"])
-            np.matmul(dg2.T, inp, out=g[f"lstm.weight_ih_l{layer}"])
             gb = g[f"lstm.bias_ih_l{layer}"]
             gb.fill(0.0)
-            K.colsum_add(dg2, gb)
+            if layer == 0 and self._token_table(T * B):
+                s = buffer(ws, "s0", (self.vocab_size, 4 * H))  # gate gradients summed per token
+                s.fill(0.0)
+                LK.embed_scatter_add(dg2, tok.reshape(-1), s)
+                np.matmul(s.T, p["embed.weight"], out=g["lstm.weight_ih_l0"])
+                np.matmul(s, w_ih, out=g["embed.weight"])
+                K.colsum_add(s, gb)
+            else:
+                inp = ws["x0"] if layer == 0 else ws[f"h{layer - 1}"][1:].reshape(T * B, H)
+                np.matmul(dg2.T, inp, out=g[f"lstm.weight_ih_l{layer}"])
+                K.colsum_add(dg2, gb)
+                n_in = E if layer == 0 else H
+                dh = buffer(ws, f"dh{layer - 1}" if layer else "dx0", (T * B, n_in))
+                np.matmul(dg2, w_ih, out=dh)
+                if layer == 0:
+                    g["embed.weight"].fill(0.0)
+                    LK.embed_scatter_add(dh, tok.reshape(-1), g["embed.weight"])
             g[f"lstm.bias_hh_l{layer}"][:] = gb
-            n_in = E if layer == 0 else H
-            dh = buffer(ws, f"dh{layer - 1}" if layer else "dx0", (T * B, n_in))
-            np.matmul(dg2, w_ih, out=dh)
-        g["embed.weight"].fill(0.0)
-        LK.embed_scatter_add(dh, tok.reshape(-1), g["embed.weight"])
 
     def predict(self, w: np.ndarray, x: np.ndarray, state: LSTMState | None = None) -> np.ndarray:
         """Next-token logits (batch, bptt, V) for token ids ``x``; ``state`` as in :meth:`loss_and_grad`."""
@@ -327,9 +364,9 @@ def get_lstm(name: str, vocab_size: int, seed: int = 0, bptt: int = 64) -> LSTMM
 
 def warm_up() -> None:
     """Compile (or load from numba's cache) every LSTM kernel, so a worker's first step is not a compile."""
-    m = get_lstm("lstm:embed=4,hidden=4,layers=2", 5)
-    w = m.init(0)
     x = np.array([[0, 1, 2], [3, 4, 0]], np.int64)
-    m.loss_and_grad(w, x, x, state=m.init_state(2))
+    for vocab in (5, 7):  # 6 tokens: layer 0 from the token table, then from the block-wide projection
+        m = get_lstm("lstm:embed=4,hidden=4,layers=2", vocab)
+        m.loss_and_grad(m.init(0), x, x, state=m.init_state(2))
     LK.tanh_array(np.zeros(1, np.float32), np.zeros(1, np.float32))
     LK.sigmoid_array(np.zeros(1, np.float32), np.zeros(1, np.float32))

@@ -1,11 +1,14 @@
-"""Numba kernels of the LSTM: the element-wise half of every time step.
+"""Numba kernels of the LSTM: every time step of a layer, and the element-wise work.
 
-As for the convolutions (``zsgd.nn.conv``), the matrix products run as
-float32 sgemm through numpy's OpenBLAS and numba does everything else:
-embedding gather/scatter, and the fused gate non-linearities and cell update
-of one time step, forward and backward. One kernel call per step and layer
-replaces the half-dozen element-wise tensor ops (each a pass over memory)
-an autograd LSTM makes.
+The block-wide matrix products (input projections, weight gradients) run as
+float32 sgemm through numpy's OpenBLAS, as for the convolutions; the small
+per-step products of the recurrence run in ``zsgd.nn.lstm_gemm``, called
+from :func:`layer_forward` and :func:`layer_backward`, which walk a whole
+layer through time in one call. Numba does everything else: embedding
+gather/scatter, and the fused gate non-linearities and cell update of one
+time step, forward and backward. One kernel call per step replaces the
+half-dozen element-wise tensor ops (each a pass over memory) an autograd
+LSTM makes.
 
 Layouts (time-major, so one time step is one contiguous block):
 
@@ -34,6 +37,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 from numba import uint64 as u8
+
+from zsgd.nn.lstm_gemm import gemm_packed, prefer_512
 
 #: LLVM vectorises a loop over several arrays only after run-time checks
 #: that they do not overlap, and gives up past 8 such checks (its
@@ -122,26 +127,30 @@ def sigmoid_array(x: np.ndarray, out: np.ndarray) -> None:
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def gates_forward(xp: np.ndarray, rec: np.ndarray, a: np.ndarray) -> None:
-    """Activated gates of one step: ``a = act(xp + rec)``, all (B, 4H).
+def gates_forward(xp: np.ndarray, rows: np.ndarray, rec: np.ndarray, bias: np.ndarray, a: np.ndarray) -> None:
+    """Activated gates of one step: ``a[b] = act(xp[rows[b]] + rec[b] + bias)``, all rows 4H wide.
 
-    ``xp``: ``x_t @ W_ih.T + b_ih + b_hh``; ``rec``: ``h_{t-1} @ W_hh.T``;
-    sigmoid for i, f, o and tanh for g. Kept apart from the cell update so
+    ``xp``: input projections ``x @ weight_ih.T``, one row per (step, stream)
+    or, for a small vocabulary, one row per token (``rows`` then holds the
+    step's token ids: the embedding and the projection folded into one
+    table); ``rec``: ``h_{t-1} @ W_hh.T``; ``bias``: ``b_ih + b_hh``.
+    Sigmoid for i, f, o and tanh for g. Kept apart from the cell update so
     each loop touches few arrays: LLVM vectorises a loop only when a
     handful of run-time overlap checks between its arrays suffice.
     """
+    prefer_512()
     B, H4 = a.shape
     uh = u8(H4 // 4)
     for b in range(B):
-        xr = xp[b]
+        xr = xp[rows[b]]
         rr = rec[b]
         ar = a[b]
         for j in range(2 * uh):
-            ar[j] = _sigmoid(xr[j] + rr[j])
+            ar[j] = _sigmoid(xr[j] + rr[j] + bias[j])
         for j in range(2 * uh, 3 * uh):
-            ar[j] = _tanh(xr[j] + rr[j])
+            ar[j] = _tanh(xr[j] + rr[j] + bias[j])
         for j in range(3 * uh, 4 * uh):
-            ar[j] = _sigmoid(xr[j] + rr[j])
+            ar[j] = _sigmoid(xr[j] + rr[j] + bias[j])
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
@@ -205,7 +214,47 @@ def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, car
             dcr[j] = dcv * f
 
 
-# ---------------------------------------------------------------- embedding and bias
+# ---------------------------------------------------------------- a whole layer through time
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def layer_forward(xp: np.ndarray, rows: np.ndarray, bias: np.ndarray, w_pack: np.ndarray, rec: np.ndarray,
+                  a: np.ndarray, cs: np.ndarray, hs: np.ndarray) -> None:
+    """Run one LSTM layer over every time step of a block.
+
+    ``xp`` (R, 4H) and ``rows`` (T, B): step t's input projections are
+    ``xp[rows[t]]`` (see :func:`gates_forward`); ``bias`` (4H,) the two
+    biases summed; ``w_pack``: ``weight_hh`` packed by
+    ``lstm_gemm.pack_rows``; ``rec`` (B, >= 4H) scratch. Writes the
+    activated gates ``a`` (T, B, 4H) and, from the initial ``cs[0]``,
+    ``hs[0]`` (each (T+1, B, H)), every step's cell and hidden state. One
+    call per layer instead of three per step keeps Python out of the loop.
+    """
+    prefer_512()
+    for t in range(rows.shape[0]):
+        gemm_packed(hs[t], w_pack, rec)
+        gates_forward(xp, rows[t], rec, bias, a[t])
+        cell_forward(a[t], cs[t], cs[t + 1], hs[t + 1])
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def layer_backward(a: np.ndarray, cs: np.ndarray, dh: np.ndarray, w_pack: np.ndarray, carry: np.ndarray,
+                   dg: np.ndarray) -> None:
+    """Back-propagate one layer through every time step of a block.
+
+    ``dh`` (T, B, H): d(loss)/d(h_t) from above; ``w_pack``: ``weight_hh``
+    packed by ``lstm_gemm.pack_cols`` (for ``dg_t @ W_hh``); ``carry``
+    (2, B, >= H) zeroed by the caller, see :func:`cell_backward`. Writes
+    d(loss)/d(pre-activation gates) of every step to ``dg`` (T, B, 4H).
+    """
+    prefer_512()
+    for t in range(a.shape[0] - 1, -1, -1):
+        cell_backward(a[t], cs, t, dh[t], carry, dg[t])
+        if t:
+            gemm_packed(dg[t], w_pack, carry[1])
+
+
+# ---------------------------------------------------------------- embedding
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
@@ -230,17 +279,6 @@ def embed_scatter_add(dx: np.ndarray, tokens: np.ndarray, gtable: np.ndarray) ->
         src = dx[r]
         for k in range(ue):
             dst[k] += src[k]
-
-
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def add_two_biases(z: np.ndarray, b1: np.ndarray, b2: np.ndarray) -> None:
-    """In place ``z[r, :] += b1 + b2`` for (rows, C) ``z`` (PyTorch's LSTM keeps two bias vectors)."""
-    R, C = z.shape
-    uc = u8(C)
-    for r in range(R):
-        zr = z[r]
-        for k in range(uc):
-            zr[k] += b1[k] + b2[k]
 
 
 @njit(cache=True)
