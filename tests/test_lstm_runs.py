@@ -127,6 +127,18 @@ def test_sim_measures_the_lstm_step(tmp_path, corpus):
     assert s["tokens_per_s"] > 0 and math.isfinite(s["test_perplexity"])
 
 
+def test_sim_grid_with_a_given_step_time(tmp_path, corpus):
+    """A grid with a fixed --compute (nothing to time) still compiles the kernels once before its arms
+    fork, on a language model's own tokens (it once fed the LSTM image pixels: a traceback)."""
+    out = tmp_path / "sim"
+    r = cli("sim", *TINY, "--data", f"text:{corpus}", "--workers", "1,2", "--compute", "77ms", "--broker-time", "1ms",
+            "--steps", "8", "--eval-every", "1000000", "--out", str(out), "-q")
+    assert r.exit_code == 0, r.output
+    summaries = sorted(out.rglob("summary.json"))
+    assert len(summaries) == 2
+    assert all(json.loads(p.read_text())["tokens_per_s"] > 0 for p in summaries)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("algo,extra", [("async", []), ("localsgd:4", []), ("dsgd", []),
                                         ("ssp:2", ["--compress", "topk:0.05", "--compress-replies", "topk:0.1"])])

@@ -165,6 +165,21 @@ class Workload:
         samples = self.server_step_samples[key]
         return median(samples), samples
 
+    def gradient_step(self) -> Callable[[int], Any]:
+        """``step(i)``: one real gradient of a worker's size at the initial weights (an image batch, or
+        for a language model one block of batch x bptt tokens with the state carried)."""
+        from zsgd.data import to_float
+
+        ds = self.problem.dataset
+        if getattr(self.model, "is_language_model", False):
+            from zsgd.data import TokenStream
+
+            stream, state = TokenStream(ds.x_train, self.cfg.batch_size, self.model.bptt), self.model.init_state(self.cfg.batch_size)
+            return lambda i: self.model.loss_and_grad(self.w0, *next(stream)[:2], state=state)
+        idx = np.arange(self.cfg.batch_size) % len(ds.y_train)
+        xb, yb = to_float(ds.x_train[idx]), ds.y_train[idx]
+        return lambda i: self.model.loss_and_grad(self.w0, xb, yb, training=True, seed=i)
+
     def calibrate(self, steps: int = 5, warmup: int = 3) -> float:
         """Median seconds of one real gradient step on this machine, measured
         once per workload and shared by every arm.
@@ -175,19 +190,7 @@ class Workload:
         the first calls pay JIT compilation and first-touch of scratch buffers.
         """
         if self.compute_samples is None:
-            from zsgd.data import to_float
-
-            ds = self.problem.dataset
-            if getattr(self.model, "is_language_model", False):
-                # a worker's step: one block of batch x bptt tokens, the state carried
-                from zsgd.data import TokenStream
-
-                stream, state = TokenStream(ds.x_train, self.cfg.batch_size, self.model.bptt), self.model.init_state(self.cfg.batch_size)
-                step = lambda i: self.model.loss_and_grad(self.w0, *next(stream)[:2], state=state)  # noqa: E731
-            else:
-                idx = np.arange(self.cfg.batch_size) % len(ds.y_train)
-                xb, yb = to_float(ds.x_train[idx]), ds.y_train[idx]
-                step = lambda i: self.model.loss_and_grad(self.w0, xb, yb, training=True, seed=i)  # noqa: E731
+            step = self.gradient_step()
             for i in range(warmup):
                 step(i)
             times = []

@@ -42,11 +42,7 @@ def calibrate_once(workload: Any, options: Iterable[Any]) -> None:
     if steps:
         workload.calibrate(steps[0])
         return
-    from zsgd.data import to_float
-
-    ds = workload.problem.dataset
-    idx = np.arange(min(workload.cfg.batch_size, len(ds.y_train)))
-    workload.model.loss_and_grad(workload.w0, to_float(ds.x_train[idx]), ds.y_train[idx], training=True, seed=0)
+    workload.gradient_step()(0)
 
 
 def save_plan(out_dir: Path, cfg: Any, spec: Any, workloads: dict[int, Any], arm_plots: bool) -> Path:
