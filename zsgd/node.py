@@ -26,7 +26,7 @@ from zsgd.wire import protocol
 from zsgd.errors import ZsgdError
 from zsgd.wire.link import BROKER_DEAD, BrokerLink
 from zsgd.wire.protocol import Message, MsgType
-from zsgd.runtime.node_options import NodeOptions, identity_for, log
+from zsgd.runtime.node_options import NodeOptions, expect, identity_for, log, log_turnarounds
 from zsgd.runtime.replies import reply_decoder
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ def _leave(link: BrokerLink, reason: str) -> None:
 
 def _session(opts: NodeOptions, link: BrokerLink) -> int:
     link.send(protocol.hello(UNASSIGNED_RUN, link.worker, stage="join", role=opts.role, host=opts.host_label or socket.gethostname()))
-    msg = _expect(opts, link, {MsgType.ASSIGN}, opts.join_timeout, "join")
+    msg = expect(opts, link, {MsgType.ASSIGN}, opts.join_timeout, "join")
     if msg is None:
         return EXIT_BROKER_GONE
     cfg = dict(msg.meta["config"])
@@ -78,26 +78,17 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
         from zsgd.runtime.range_server import serve_range
 
         return serve_range(opts, link, msg)
-    if opts.role == "worker" and msg.meta.get("servers"):
+    loop = _own_loop(opts.role, msg.meta)
+    if loop is not None:  # a decentralized node, or a worker of K sharded servers: (opts, link, config, meta, model, x, y)
         from zsgd.core.config import TrainConfig
-        from zsgd.runtime.sharded_worker import run_sharded
 
         config = TrainConfig.from_dict(cfg)
         loaded = _load(opts, link, config, msg.meta)
         if loaded is None:
             return EXIT_BROKER_GONE
-        log(opts, f"joined run {run} at {opts.connect} ({len(msg.meta['servers']) + 1} servers)")
-        return run_sharded(opts, link, config, msg.meta, loaded[0], loaded[2], loaded[3])
-    if opts.role == "worker" and "decentralized" in msg.meta:
-        from zsgd.core.config import TrainConfig
-        from zsgd.runtime.decentralized_node import run_rounds
-
-        config = TrainConfig.from_dict(cfg)
-        loaded = _load(opts, link, config, msg.meta)
-        if loaded is None:
-            return EXIT_BROKER_GONE
-        log(opts, f"joined decentralized run {run} at {opts.connect}")
-        return run_rounds(opts, link, config, msg.meta, loaded[0], loaded[2], loaded[3])
+        kind = f"{len(msg.meta['servers']) + 1} servers" if msg.meta.get("servers") else "decentralized"
+        log(opts, f"joined run {run} at {opts.connect} ({kind})")
+        return loop(opts, link, config, msg.meta, loaded[0], loaded[2], loaded[3])
     compute = _build(opts, link, cfg, msg.meta)
     if compute is None:
         return EXIT_BROKER_GONE
@@ -113,9 +104,7 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             return EXIT_BROKER_GONE
         if msg.type == MsgType.LEAVE:
             log(opts, f"done ({msg.meta.get('reason', 'broker finished')})")
-            if len(turnarounds) >= 20:  # the step-time distribution, for calibrating a simulation on this run
-                q = np.quantile(np.asarray(turnarounds[len(turnarounds) // 10:]) * 1e3, (np.arange(20) + 0.5) / 20)
-                log(opts, "turnaround ms (20 quantiles, after the first 10 % of steps): " + ",".join(f"{x:.3f}" for x in q))
+            log_turnarounds(opts, turnarounds)
             return EXIT_OK
         if msg.type == MsgType.ERROR:
             log(opts, f"broker reported an error: {msg.meta.get('message', '?')}")
@@ -143,19 +132,18 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
                 turnarounds.append(reply.meta["compute_s"])
 
 
-def _expect(opts: NodeOptions, link: BrokerLink, types: set, timeout: float, stage: str) -> Message | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = link.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-        if msg is None:
-            continue
-        if msg is BROKER_DEAD:
-            break
-        if msg.type == MsgType.ERROR:
-            raise ZsgdError(f"broker refused this {opts.role}: {msg.meta.get('message', '?')}")
-        if msg.type in types:
-            return msg
-    log(opts, f"no broker answered at {opts.connect} within {timeout:g} s ({stage}); is the broker running and the address right?")
+def _own_loop(role: str, meta: dict):
+    """The loop of a worker that is not the single-broker kind, or None."""
+    if role != "worker":
+        return None
+    if meta.get("servers"):
+        from zsgd.runtime.sharded_worker import run_sharded
+
+        return run_sharded
+    if "decentralized" in meta:
+        from zsgd.runtime.decentralized_node import run_rounds
+
+        return run_rounds
     return None
 
 
@@ -182,7 +170,7 @@ def _load(opts: NodeOptions, link: BrokerLink, config: "TrainConfig", assign_met
         need_shard, ds = True, None
     link.send(protocol.hello(link.run, link.worker, stage="ready", role=opts.role, need_shard=need_shard))
     if need_shard:
-        shard = _expect(opts, link, {MsgType.SHARD}, opts.join_timeout, "shard")
+        shard = expect(opts, link, {MsgType.SHARD}, opts.join_timeout, "shard")
         if shard is None:
             return None
         x, y = np.array(shard.arrays["x"]), np.array(shard.arrays["y"])

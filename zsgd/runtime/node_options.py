@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
+from typing import Any
 
 from zsgd.wire import protocol
 
@@ -42,3 +44,36 @@ def identity_for(opts: NodeOptions) -> bytes:
             return f"zsgd-server-{opts.worker_id}".encode()
         return protocol.worker_identity("", opts.worker_id) if opts.role == "worker" else f"zsgd-eval-{opts.worker_id}".encode()
     return f"zsgd-{opts.role}-{socket.gethostname()}-{os.getpid()}".encode()
+
+
+def expect(opts: NodeOptions, link: Any, types: set, timeout: float, stage: str, who: str = "broker") -> Any:
+    """The next message of ``types`` from ``link`` (a ``BrokerLink``) within ``timeout``, or None (logged) if
+    ``who`` did not answer or went silent; an ERROR is ZsgdError (refused)."""
+    from zsgd.errors import ZsgdError
+    from zsgd.wire.link import BROKER_DEAD
+    from zsgd.wire.protocol import MsgType
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = link.recv(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+        if msg is None:
+            continue
+        if msg is BROKER_DEAD:
+            break
+        if msg.type == MsgType.ERROR:
+            raise ZsgdError(f"{who} refused this {opts.role}: {msg.meta.get('message', '?')}")
+        if msg.type in types:
+            return msg
+    log(opts, f"no {who} answered at {link.address} within {timeout:g} s ({stage}); is the {who} running and the address right?")
+    return None
+
+
+def log_turnarounds(opts: NodeOptions, turnarounds: list[float]) -> None:
+    """Log the step-time distribution at the end (20 quantiles in ms, after the first 10 % of steps):
+    a simulation of this run takes it as ``--compute trace:FILE``."""
+    if len(turnarounds) < 20:
+        return
+    import numpy as np
+
+    q = np.quantile(np.asarray(turnarounds[len(turnarounds) // 10:]) * 1e3, (np.arange(20) + 0.5) / 20)
+    log(opts, "turnaround ms (20 quantiles, after the first 10 % of steps): " + ",".join(f"{x:.3f}" for x in q))

@@ -24,12 +24,11 @@ import numpy as np
 import zmq
 
 from zsgd.core.config import TrainConfig
-from zsgd.errors import ZsgdError
-from zsgd.runtime.node_options import NodeOptions, log
+from zsgd.runtime.node_options import NodeOptions, expect, log, log_turnarounds
 from zsgd.runtime.replies import reply_decoder
 from zsgd.wire import protocol
 from zsgd.wire.link import BROKER_DEAD, BrokerLink, recv_any
-from zsgd.wire.protocol import Message, MsgType
+from zsgd.wire.protocol import MsgType
 
 EXIT_OK, EXIT_BAD_REPLY, EXIT_USAGE, EXIT_BROKER_GONE = 0, 1, 2, 3
 
@@ -56,7 +55,7 @@ def run_sharded(opts: NodeOptions, link: BrokerLink, config: TrainConfig, assign
         for i, extra in enumerate(links[1:], start=1):
             extra.send(protocol.hello(link.run, link.worker, stage="join", role="worker", host=opts.host_label or "?"))
         for i, extra in enumerate(links[1:], start=1):
-            if not _joined(opts, extra, i):
+            if expect(opts, extra, {MsgType.ASSIGN}, opts.join_timeout, "join", who=f"range server {i}") is None:
                 return EXIT_BROKER_GONE
             extra.send(protocol.hello(link.run, link.worker, stage="ready", role="worker"))
         log(opts, f"joined {len(links)} servers (ranges {', '.join(f'[{a:,}, {b:,})' for a, b in ranges)})")
@@ -65,22 +64,6 @@ def run_sharded(opts: NodeOptions, link: BrokerLink, config: TrainConfig, assign
         for extra in links[1:]:
             extra.close()
         ctx.term()
-
-
-def _joined(opts: NodeOptions, link: BrokerLink, index: int) -> bool:
-    deadline = time.monotonic() + opts.join_timeout
-    while time.monotonic() < deadline:
-        msg = link.recv(timeout=0.5)
-        if msg is BROKER_DEAD:
-            break
-        if msg is None:
-            continue
-        if msg.type == MsgType.ERROR:
-            raise ZsgdError(f"range server {index} refused this worker: {msg.meta.get('message', '?')}")
-        if msg.type == MsgType.ASSIGN:
-            return True
-    log(opts, f"range server {index} at {link.address} did not answer within {opts.join_timeout:g} s")
-    return False
 
 
 def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta: dict, model: Any, x: np.ndarray, y: np.ndarray,
@@ -103,6 +86,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
     have = [False] * len(links)
     slowdown = 1.0
     t0 = None
+    turnarounds: list[float] = []
     while True:
         got = recv_any(links, opts.timeout)
         if got is None:
@@ -114,6 +98,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
             return EXIT_BROKER_GONE
         if msg.type == MsgType.LEAVE:
             log(opts, f"done ({msg.meta.get('reason', 'run over')})")
+            log_turnarounds(opts, turnarounds)
             return EXIT_OK
         if msg.type == MsgType.ERROR:
             log(opts, f"server {i} reported an error: {msg.meta.get('message', '?')}")
@@ -142,6 +127,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
         if slowdown > 1.0:  # an emulated straggler: stretch the step as the single-broker worker does
             time.sleep((slowdown - 1.0) * (time.monotonic() - t0))
         extra = {"compute_s": time.monotonic() - t0}
+        turnarounds.append(extra["compute_s"])
         if "kind" in update.meta:
             extra["kind"] = update.meta["kind"]
         finite = bool(np.isfinite(grad).all())
