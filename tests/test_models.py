@@ -248,3 +248,24 @@ def test_user_factory(tmp_path, monkeypatch):
     with pytest.raises(ZsgdError, match="lacks"):
         get_model("my_models:broken", input_shape=(1, 4, 4), n_classes=3)
     sys.modules.pop("my_models", None)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet5"])
+def test_gradient_tails_are_final_when_announced(name):
+    """on_ready(offset, ...) promises grad[offset:] will not change: a sharded worker sends those ranges at once."""
+    from zsgd.nn.models import get_model
+
+    model = get_model(name, input_shape=(1, 28, 28), n_classes=10, seed=0)
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, 8)
+    w = model.init(seed=0)
+    seen = []
+    loss, grad = model.loss_and_grad(w, x, y, training=False, on_ready=lambda off, g, l, n: seen.append((off, g[off:].copy(), l, n)))
+    offsets = [off for off, *_ in seen]
+    assert offsets == sorted(offsets, reverse=True) and offsets[-1] == 0 and offsets[0] < model.n_params
+    for off, tail, l, n in seen:
+        np.testing.assert_array_equal(tail, grad[off:])
+        assert l == loss and n == 8
+    loss2, grad2 = model.loss_and_grad(w, x, y, training=False)
+    assert loss2 == loss and np.array_equal(grad2, grad)  # the callback changes nothing

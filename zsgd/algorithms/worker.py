@@ -14,6 +14,8 @@ starts over; its ``n_samples`` are tokens (batch x bptt).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from zsgd.algorithms.base import Update
@@ -39,16 +41,19 @@ class WorkerStep:
             self.tokens = None
             self.stream = BatchStream(np.arange(len(y), dtype=np.int64), batch_size, seed=seed * 1_000_003 + worker)
 
-    def compute(self, weights: np.ndarray, version: int) -> Update:
+    def compute(self, weights: np.ndarray, version: int, on_ready: Callable | None = None) -> Update:
+        """One gradient at ``weights``. ``on_ready(offset, grad, loss, n)``, when the model streams its
+        gradient (``streams_gradients``), hears of each finished tail ``grad[offset:]`` during backward."""
         from zsgd.data import to_float
         from zsgd.core.problem import step_seed
 
         if self.tokens is not None:
             return self._compute_lm(weights, version)
         idx = next(self.stream)
+        stream = {"on_ready": on_ready} if on_ready is not None and getattr(self.model, "streams_gradients", False) else {}
         with np.errstate(over="ignore", invalid="ignore"):  # divergence shows as a non-finite loss, reported by the caller
             loss, grad = self.model.loss_and_grad(
-                weights, to_float(self.x[idx]), self.y[idx], training=True, seed=step_seed(self.seed, self.worker, self.steps)
+                weights, to_float(self.x[idx]), self.y[idx], training=True, seed=step_seed(self.seed, self.worker, self.steps), **stream
             )
         self.steps += 1
         return Update(self.worker, version, grad, len(idx), float(loss))

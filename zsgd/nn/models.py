@@ -91,6 +91,10 @@ class Model:
                 off += int(np.prod(shape))
             self._slots.append(slots)
         self.n_params = off
+        # After layer i's backward, grad[_ready_from[i]:] is final (layers own contiguous, increasing offsets).
+        self._ready_from = [off] * (len(layers) + 1)
+        for i in range(len(layers) - 1, -1, -1):
+            self._ready_from[i] = self._slots[i][0][0] if self._slots[i] else self._ready_from[i + 1]
         # Fuse the ReLU derivative of conv i into conv i+1's col2im (see layers.Conv2d).
         for prev, cur in zip(layers, layers[1:]):
             if isinstance(prev, Conv2d) and isinstance(cur, Conv2d) and prev.relu and not prev.g.pool:
@@ -195,13 +199,19 @@ class Model:
             t = self._tick(f"{layer.name}/fwd", t)
         return acts
 
+    streams_gradients = True  # loss_and_grad takes on_ready (a user's model need not)
+
     def loss_and_grad(self, w: np.ndarray, x: np.ndarray, y: np.ndarray, training: bool = True,
-                      seed: int | None = None, out: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+                      seed: int | None = None, out: np.ndarray | None = None,
+                      on_ready: Callable[[int, np.ndarray, float, int], None] | None = None) -> tuple[float, np.ndarray]:
         """Mean cross-entropy over the batch and its gradient (a new flat vector, or ``out``).
 
         ``training=False`` turns dropout off (exact, deterministic gradients).
         ``seed`` picks this step's dropout masks; ``None`` draws from the model's
-        own stream (``get_model(..., seed=)``).
+        own stream (``get_model(..., seed=)``). ``on_ready(offset, grad, loss,
+        n)`` is called after each layer's backward pass, when ``grad[offset:]``
+        is final: backward produces the last layers first, so a worker can send
+        those ranges while the first layers are still being computed.
         """
         w = self._check_w(w)
         x = self._check_x(x)
@@ -224,6 +234,8 @@ class Model:
             layer = self.layers[i]
             d = layer.backward(ws[i], acts[i], acts[i + 1], d, self._views(w, i), self._views(grad, i), i > 0)
             t = self._tick(f"{layer.name}/bwd", t)
+            if on_ready is not None:
+                on_ready(self._ready_from[i], grad, loss, n)
         return loss, grad
 
     def predict(self, w: np.ndarray, x: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:

@@ -7,6 +7,11 @@ into one flat buffer, and once it holds all K computes one gradient and
 pushes each range to its server, with that range's own version. K servers
 therefore work on K ranges in parallel, over K connections.
 
+Backward produces the last layers first, and each range goes out as soon
+as backward has finished it (``Model.loss_and_grad(on_ready=...)``): the
+last servers apply their part while the first layers are still being
+computed, as DDP overlaps its all-reduce buckets with the backward pass.
+
 Per range: the server's version (async staleness and sync rounds are per
 range), the update codec (``--compress``: top-k keeps its fraction of every
 range, so of the whole) and the reply decoder (``--compress-replies``).
@@ -120,24 +125,38 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
             t0 = links[i].last_arrival or time.monotonic()
         if not all(have):
             continue
-        update = step.compute(w, versions[0])
+        sent = [False] * len(ranges)
+
+        def push(j: int, grad: np.ndarray, loss: float, n: int, kind: str | None = None) -> None:
+            lo, hi = ranges[j]
+            part = grad[lo:hi]
+            extra = {"compute_s": time.monotonic() - t0} | ({"kind": kind} if kind else {})
+            if codecs[j].name == "none" or not np.isfinite(part).all():  # a non-finite range goes dense: its server rejects it
+                out = protocol.update_message(links[j].run, worker, versions[j], part, n, loss, **extra)
+            else:
+                out = protocol.update_message(links[j].run, worker, versions[j], None, n, loss, codec=codecs[j].name,
+                                              extra_arrays=codecs[j].encode(part), **extra)
+            links[j].send(out)
+            sent[j] = True
+
+        def on_ready(offset: int, grad: np.ndarray, loss: float, n: int) -> None:
+            """Backward finished grad[offset:]: send the ranges it completes now, while the first layers still compute."""
+            for j in range(len(ranges) - 1, -1, -1):
+                if not sent[j] and ranges[j][0] >= offset:
+                    push(j, grad, loss, n)
+
+        # Streaming needs the gradient as it is sent: not with clipping (the whole norm first), local SGD (a delta
+        # after K steps) or an emulated straggler (its stretch comes before anything leaves).
+        streaming = clip is None and not algo.startswith("localsgd") and slowdown <= 1.0
+        update = step.compute(w, versions[0], on_ready=on_ready) if streaming else step.compute(w, versions[0])
         grad = update.grad
         if clip is not None and np.isfinite(grad).all():
             clip_grad_norm(grad, clip)
         if slowdown > 1.0:  # an emulated straggler: stretch the step as the single-broker worker does
             time.sleep((slowdown - 1.0) * (time.monotonic() - t0))
-        extra = {"compute_s": time.monotonic() - t0}
-        turnarounds.append(extra["compute_s"])
-        if "kind" in update.meta:
-            extra["kind"] = update.meta["kind"]
-        finite = bool(np.isfinite(grad).all())
-        for j, (lo, hi) in enumerate(ranges):
-            part = grad[lo:hi]
-            if codecs[j].name == "none" or not finite:
-                msg_out = protocol.update_message(links[j].run, worker, versions[j], part, update.n_samples, update.loss, **extra)
-            else:
-                msg_out = protocol.update_message(links[j].run, worker, versions[j], None, update.n_samples, update.loss,
-                                                  codec=codecs[j].name, extra_arrays=codecs[j].encode(part), **extra)
-            links[j].send(msg_out)
+        turnarounds.append(time.monotonic() - t0)
+        for j in range(len(ranges) - 1, -1, -1):
+            if not sent[j]:
+                push(j, grad, update.loss, update.n_samples, update.meta.get("kind"))
         have = [False] * len(links)
         t0 = None
