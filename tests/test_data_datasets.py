@@ -195,3 +195,25 @@ def test_dataset_properties():
                  np.zeros((1, 3, 5, 6), np.uint8), np.array([2]), ["a", "b", "c"])
     assert ds.input_shape == (3, 5, 6) and ds.n_classes == 3
     assert ds.class_counts().tolist() == [1, 2, 1] and ds.class_counts("test").tolist() == [0, 0, 1]
+
+
+def test_idx_files_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    """Every process of a run loads the IDX files: the second load reads the decoded cache, and a file
+    whose bytes changed (same size, same directory) is decoded again, never served stale."""
+    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "home"))
+    d = fake_idx_dir(tmp_path / "fm", seed=1)
+    first = datasets.load_idx_dataset("fashion-mnist", d)
+    assert len(list((data_home() / "idx").glob("*.npz"))) == 1
+    decoded = []
+    import zsgd.data.idx as idx
+
+    monkeypatch.setattr(idx, "read_idx", lambda *a, **k: decoded.append(a) or read_idx(*a, **k))
+    again = datasets.load_idx_dataset("fashion-mnist", d)
+    assert decoded == []
+    for a, b in ((first.x_train, again.x_train), (first.y_test, again.y_test)):
+        np.testing.assert_array_equal(a, b)
+    fake_idx_dir(d, seed=2)  # new pixels and labels, the same sizes
+    changed = datasets.load_idx_dataset("fashion-mnist", d)
+    assert len(decoded) == 4
+    assert not np.array_equal(changed.x_train, first.x_train)
+    np.testing.assert_array_equal(changed.x_train, read_idx(next(d.glob("train-images*")))[:, None])

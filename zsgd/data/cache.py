@@ -9,7 +9,12 @@ convention, so zsgd's data sits next to every other tool's cache.
 from __future__ import annotations
 
 import os
+import tempfile
+import zipfile
 from pathlib import Path
+from typing import Iterable
+
+import numpy as np
 
 
 def zsgd_home() -> Path:
@@ -31,3 +36,31 @@ def data_home() -> Path:
 def dataset_cache_dir(name: str) -> Path:
     """Where ``zsgd data download NAME`` puts a data set's files."""
     return data_home() / name
+
+
+def read_array_cache(path: Path, required: Iterable[str]) -> dict[str, np.ndarray] | None:
+    """The arrays of a cache file written by ``write_array_cache``, or None when it is absent, damaged
+    or lacks one of ``required`` (the caller then decodes again and rewrites it)."""
+    try:
+        with np.load(path, allow_pickle=False) as store:
+            arrays = {name: np.array(store[name]) for name in store.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return arrays if set(required) <= arrays.keys() else None
+
+
+def write_array_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Save ``arrays`` atomically (temp file + rename: processes loading at once never read half a file);
+    a read-only or full disk is not an error, only a slower next load."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass
