@@ -49,9 +49,9 @@ def read_array_cache(path: Path, required: Iterable[str]) -> dict[str, np.ndarra
     return arrays if set(required) <= arrays.keys() else None
 
 
-def write_array_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Save ``arrays`` atomically (temp file + rename: processes loading at once never read half a file);
-    a read-only or full disk is not an error, only a slower next load."""
+def write_array_cache(path: Path, arrays: dict[str, np.ndarray]) -> OSError | None:
+    """Save ``arrays`` atomically (temp file + rename: processes loading at once never read half a file).
+    A read-only or full disk is not an error, only a slower next load: the OSError is returned, not raised."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
@@ -62,5 +62,6 @@ def write_array_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    except OSError:
-        pass
+    except OSError as exc:
+        return exc
+    return None

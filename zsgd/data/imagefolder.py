@@ -21,15 +21,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from zsgd.data.cache import data_home
+from zsgd.data.cache import data_home, read_array_cache, write_array_cache
 from zsgd.errors import ZsgdError
 
 if TYPE_CHECKING:
@@ -139,27 +137,15 @@ def _build(root: Path, classes: list[str], files: list[tuple[str, int]], image_s
 
 
 def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
-    try:
-        with np.load(path, allow_pickle=False) as store:
-            arrays = {name: np.array(store[name]) for name in store.files}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # a damaged cache is rebuilt, never fatal
-    needed = {"x_train", "y_train", "x_test", "y_test", "classes", "skipped", "format"}
-    if not needed <= arrays.keys() or int(arrays["format"][0]) != CACHE_FORMAT:
-        return None
-    return arrays
+    """A damaged, partial or older-format cache is None: rebuilt, never fatal."""
+    arrays = read_array_cache(path, ("x_train", "y_train", "x_test", "y_test", "classes", "skipped", "format"))
+    return arrays if arrays is not None and int(arrays["format"][0]) == CACHE_FORMAT else None
 
 
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically (temp file + rename) so concurrent workers never read half a file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("could not cache decoded images at %s: %s", path, exc)
+    failed = write_array_cache(path, arrays)
+    if failed is not None:
+        log.warning("could not cache decoded images at %s: %s", path, failed)
 
 
 def imagefolder_cache_dir() -> Path:
