@@ -176,8 +176,10 @@ class Endpoint:
     def close(self, linger_ms: int = 500) -> None:
         self._count_disconnects()
         if self._monitor is not None:
-            self._monitor.close(linger=0)
+            # In this order: libzmq sends a last event to the monitor when it is disabled, and a PAIR
+            # send with its reader already closed blocks for ever (the broker hung here at the end of runs).
             self.sock.disable_monitor()
+            self._monitor.close(linger=0)
         self.sock.close(linger=linger_ms)
         if self.guard is not None:
             self.guard.stop()
