@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+
+# One BLAS thread in this process too, as zsgd gives its own (zsgd.runtime.threads): the tests run
+# simulations and trainers in-process next to worker processes, and on two cores a second OpenBLAS
+# thread busy-waits against them (an in-process simulation ran several times slower than 'zsgd sim').
+if "numpy" not in sys.modules:
+    for _key, _value in (("OMP_NUM_THREADS", "1"), ("OPENBLAS_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("NUMBA_NUM_THREADS", "1")):
+        os.environ.setdefault(_key, _value)
 
 import pytest
 from hypothesis import settings

@@ -530,9 +530,9 @@ def test_allow_partial_with_no_usable_host_runs_locally(tmp_path, no_orphans):
     assert "no host in" in proc.stderr and "going on with the 1 local worker" in proc.stderr
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["updates"] >= 20, summary["stop_reason"]
-    proc = run_zsgd("run", "--remote", str(tmp_path / "hosts.txt"), "--allow-partial", "--steps", "20", *SMALL,
-                    "--out", str(tmp_path / "o2"), timeout=120)
-    assert proc.returncode == 2 and "no other host" in proc.stderr  # no local worker: nothing to run
+    proc = cli("run", "--remote", str(tmp_path / "hosts.txt"), "--allow-partial", "--steps", "20", *SMALL,
+               "--out", str(tmp_path / "o2"))  # refused before anything starts: in-process
+    assert proc.exit_code == 2 and "no other host" in proc.stderr  # no local worker: nothing to run
 
 
 # -- zsgd plot --------------------------------------------------------------------------------------

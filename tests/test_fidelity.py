@@ -26,7 +26,7 @@ import json
 
 import pytest
 
-from helpers import run_zsgd
+from helpers import cli, run_zsgd
 
 SPEC = ["--model", "mlp", "--data", "embedded", "--batch-size", "32", "--lr", "0.02", "--eval-every", "1000000", "--quiet"]
 NET = ["--stragglers", "0.25:3x"]  # the decentralized test's straggler
@@ -78,8 +78,8 @@ def test_simulator_matches_emulated_run_within_15_percent(tmp_path, no_orphans, 
     assert summary["worker_deaths"] == 0
     compute = compute_trace(real, tmp_path / "turnaround.csv")
     sim = tmp_path / "sim"
-    proc = run_zsgd("sim", "--workers", str(n), "--latency", latency, "--compute", compute, *spec, "--out", str(sim))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = cli("sim", "--workers", str(n), "--latency", latency, "--compute", compute, *spec, "--out", str(sim))  # one process: this one
+    assert result.exit_code == 0, result.stderr[-2000:]
     (t_real, s_real), (t_sim, s_sim) = steady(real, skip), steady(sim, skip)
     assert abs(t_sim - t_real) / t_real < TOL, ("time per update", t_real, t_sim, summary["compute_s_mean"])
     if s_real > 0 or s_sim > 0:
@@ -99,7 +99,7 @@ def test_simulator_matches_an_emulated_decentralized_run(tmp_path, no_orphans):
     summary = json.loads((real / "summary.json").read_text())
     compute_ms = summary["compute_s_mean"] * 1000
     sim = tmp_path / "sim"
-    proc = run_zsgd("sim", "--workers", "4", "--latency", "20ms", *NET, "--compute", f"{compute_ms:.3f}ms", *spec, "--out", str(sim))
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = cli("sim", "--workers", "4", "--latency", "20ms", *NET, "--compute", f"{compute_ms:.3f}ms", *spec, "--out", str(sim))
+    assert result.exit_code == 0, result.stderr[-2000:]
     (t_real, _), (t_sim, _) = steady(real, skip=30), steady(sim, skip=30)
     assert abs(t_sim - t_real) / t_real < TOL, (t_real, t_sim, compute_ms)

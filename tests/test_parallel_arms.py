@@ -50,9 +50,9 @@ def two_cores_free() -> float:
 
 @pytest.mark.slow
 def test_jobs_2_writes_what_jobs_1_writes(tmp_path):
-    one, _ = sim(tmp_path / "one", "--jobs", "1", "--steps", "600")
+    one = cli("sim", *GRID, "--out", str(tmp_path / "one"), "--jobs", "1", "--steps", "600")  # one arm at a time: in this process
     two, _ = sim(tmp_path / "two", "--jobs", "2", "--steps", "600")
-    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    assert one.exit_code == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
     m1 = arm_metrics(tmp_path / "one")
     assert len(m1) == 4 and m1 == arm_metrics(tmp_path / "two")
     assert (tmp_path / "one" / "results.md").read_text() == (tmp_path / "two" / "results.md").read_text()

@@ -68,7 +68,7 @@ def test_kill_9_one_of_four_workers(tmp_path, algo, no_orphans):
 def test_restarted_worker_rejoins_and_contributes(tmp_path, replies, no_orphans):
     """With --compress-replies the restarted worker holds no weights: it must get full ones, then deltas again."""
     out = tmp_path / "run"
-    proc = start_run(out, *FAST, "--n-proc", "2", "--algo", "async", "--steps", "3000", "--compress-replies", replies)
+    proc = start_run(out, *FAST, "--n-proc", "2", "--algo", "async", "--steps", "1000000", "--compress-replies", replies)
     rejoined = None
     try:
         pids = wait_for_workers(out, 2)
@@ -76,7 +76,16 @@ def test_restarted_worker_rejoins_and_contributes(tmp_path, replies, no_orphans)
         os.kill(pids[0], signal.SIGKILL)
         wait_for(lambda: any(e["event"] == "worker" and e.get("status") == "dead" for e in read_events(out)), 10, what="death")
         rejoined = start_worker(address, "--id", "0", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
-        _, err = proc.communicate(timeout=180)
+
+        def contributed() -> bool:  # the restarted worker's updates count, and the run has trained a while
+            events = read_events(out)
+            t = next((e["t"] for e in events if e.get("status") == "rejoined"), None)
+            ups = [e for e in events if e["event"] == "update"]
+            return t is not None and len(ups) >= 600 and sum(e["worker"] == 0 and e["t"] > t for e in ups) >= 20
+
+        wait_for(contributed, 120, what="the restarted worker to contribute")
+        proc.send_signal(signal.SIGTERM)  # then end the run as a time limit would: no need to wait out a step budget
+        _, err = proc.communicate(timeout=60)
         assert rejoined.wait(timeout=20) == 0
     finally:
         stop(proc, rejoined)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, read_events, summary_of, wait_for, zsgd_processes
+from helpers import REPO, cli, read_events, summary_of, wait_for, zsgd_processes
 
 from slurm_cluster import slurm  # noqa: F401  (the session fixture)
 
@@ -109,9 +109,8 @@ def test_train_sbatch_cut_by_sigterm_resumes_to_the_same_update_count(slurm, tmp
 def test_sim_grid_under_slurm_writes_what_jobs_1_writes(slurm, tmp_path, no_orphans):
     grid = ["sim", "--model", "logreg", "--data", "embedded", "--workers", "4", "--algo", "async,sync", "--latency", "0,10ms",
             "--compute", "2ms", "--broker-time", "0", "--steps", "300", "--eval-every", "100", "-q"]  # timings fixed: comparable bytes
-    local = subprocess.run([*ZSGD, *grid, "--jobs", "1", "--out", str(tmp_path / "local")], capture_output=True, text=True, timeout=300,
-                           stdin=subprocess.DEVNULL)
-    assert local.returncode == 0, local.stderr[-2000:]
+    local = cli(*grid, "--jobs", "1", "--out", str(tmp_path / "local"))  # the reference, one arm at a time: in this process
+    assert local.exit_code == 0, local.stderr[-2000:]
     steps = slurm.client(["salloc", "-n", "4", *ZSGD, *grid, "--launcher", "slurm", "--out", str(tmp_path / "slurm")], timeout=300)
     assert steps.returncode == 0, steps.stderr[-2000:]
     arms = sorted(p.name for p in (tmp_path / "local").glob("0*"))
@@ -230,9 +229,8 @@ def test_experiment_under_slurm_writes_what_jobs_1_writes(slurm, tmp_path, no_or
     (tmp_path / "exp.yaml").write_text(text.replace("\ndefaults:\n", "\ndefaults:\n  broker_time: 0       # fixed, as compute is: comparable bytes\n"))
     config = str(tmp_path / "exp.yaml")
     only = ["--only", "async", "--only", "dsgd-ring", "-q"]
-    local = subprocess.run([*ZSGD, "experiment", config, *only, "--jobs", "1", "--out", str(tmp_path / "local")], capture_output=True,
-                           text=True, timeout=300, stdin=subprocess.DEVNULL)
-    assert local.returncode == 0, local.stderr[-2000:]
+    local = cli("experiment", config, *only, "--jobs", "1", "--out", str(tmp_path / "local"))  # the reference: in this process
+    assert local.exit_code == 0, local.stderr[-2000:]
     steps = slurm.client(["salloc", "-n", "2", *ZSGD, "experiment", config, *only, "--launcher", "slurm", "--out", str(tmp_path / "slurm")],
                          timeout=300)
     assert steps.returncode == 0, steps.stderr[-2000:]

@@ -46,14 +46,16 @@ def run_node(opts: NodeOptions) -> int:
     ctx = zmq.Context()
     link = BrokerLink(ctx, opts.connect, identity_for(opts), run=UNASSIGNED_RUN, worker=opts.worker_id if opts.worker_id is not None else -1,
                       heartbeat=opts.heartbeat, timeout=max(opts.timeout, opts.join_timeout), curve=opts.curve).open()
+    flush = False  # only our own LEAVE needs to go out: after the broker's LEAVE (or its death) nothing queued matters
     try:
         return _session(opts, link)
     except KeyboardInterrupt:
         log(opts, "interrupted; leaving")
         _leave(link, "interrupted")
+        flush = True
         return 130
     finally:
-        link.close()
+        link.close(flush=flush)
         ctx.term()
 
 

@@ -67,7 +67,7 @@ def _decode(store: np.lib.npyio.NpzFile, name: str) -> np.ndarray:
     return flat.reshape(shape)
 
 
-def read_embedded_arrays(path: str | Path = EMBEDDED_PATH, use_cache: bool = True) -> dict[str, np.ndarray]:
+def read_embedded_arrays(path: str | Path = EMBEDDED_PATH) -> dict[str, np.ndarray]:
     """Every array in the embedded file, decoded, by name (the four splits, classes, provenance)."""
     path = Path(path)
     if not path.is_file():
@@ -76,8 +76,8 @@ def read_embedded_arrays(path: str | Path = EMBEDDED_PATH, use_cache: bool = Tru
         blob = path.read_bytes()
     except OSError as exc:
         raise ZsgdError(f"embedded data file {path} is corrupt ({exc}): reinstall zsgd") from None
-    cache = _cache_path(hashlib.sha256(blob).hexdigest()) if use_cache else None
-    arrays = _read_cache(cache) if cache is not None else None
+    cache = _cache_path(hashlib.sha256(blob).hexdigest())
+    arrays = _read_cache(cache)
     if arrays is not None:
         return arrays
     try:
@@ -86,8 +86,7 @@ def read_embedded_arrays(path: str | Path = EMBEDDED_PATH, use_cache: bool = Tru
             arrays = {name: _decode(store, name) for name in names}
     except (OSError, ValueError, KeyError, lzma.LZMAError, zipfile.BadZipFile, EOFError) as exc:
         raise ZsgdError(f"embedded data file {path} is corrupt ({exc}): reinstall zsgd") from None
-    if cache is not None:
-        _write_cache(cache, arrays)
+    _write_cache(cache, arrays)
     return arrays
 
 

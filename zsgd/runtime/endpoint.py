@@ -184,8 +184,8 @@ class Endpoint:
     def close(self, linger_ms: int = 500) -> None:
         self._count_disconnects()
         if self._monitor is not None:
-            # This order: libzmq's I/O thread blocks for ever sending an event to a monitor socket that is
-            # already closed (pyzmq#1020, libzmq#3575), and this process then hangs in disable_monitor or term.
+            # In this order: libzmq sends a last event to the monitor when it is disabled, and a PAIR send with
+            # its reader already closed blocks for ever (the broker hung at the end of runs; pyzmq#1020, libzmq#3575).
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
         self.sock.close(linger=linger_ms)

@@ -78,6 +78,7 @@ class BrokerLink:
         self.error: str | None = None  # why the link thread died, if it did
         self.last_arrival = 0.0  # time.monotonic() when the I/O thread got the latest broker message (not heartbeats)
         self.last_forward = 0.0  # ... and when it last passed a message of the compute thread on to the broker
+        self._linger_ms: int | None = None  # set by close(); None: the socket's own (a thread that ended on its own)
 
     def open(self) -> "BrokerLink":
         self._thread.start()
@@ -122,7 +123,11 @@ class BrokerLink:
         if self.error is not None:
             raise ZsgdError(f"connection to {self.address} failed: {self.error}")
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Stop the I/O thread. ``flush``: give messages still queued (a final LEAVE) up to a second to go out;
+        False once the broker has said LEAVE or is gone, since nothing queued then can matter, and waiting
+        for it would only hold the process (and the broker's wait for its children) for that second."""
+        self._linger_ms = 1000 if flush else 0
         if self._thread.is_alive():
             try:
                 self._pipe.send(STOP)
@@ -145,7 +150,7 @@ class BrokerLink:
         dealer = None
         try:
             dealer = self.ctx.socket(zmq.DEALER)
-            dealer.linger = 1000  # lets a final LEAVE out, but never blocks exit for long
+            dealer.linger = 1000  # lets a final LEAVE out, but never blocks exit for long (close(flush=False): 0)
             dealer.setsockopt(zmq.ROUTING_ID, self.identity)
             dealer.sndhwm = dealer.rcvhwm = 16
             dealer.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -188,7 +193,7 @@ class BrokerLink:
                     return
         finally:
             if dealer is not None:
-                dealer.close()
+                dealer.close(linger=self._linger_ms)
             pipe.close(linger=0)
 
 
