@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import lzma
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from zsgd.data.cache import read_array_cache, write_array_cache
 from zsgd.errors import ZsgdError
 
 if TYPE_CHECKING:
@@ -77,7 +76,7 @@ def read_embedded_arrays(path: str | Path = EMBEDDED_PATH) -> dict[str, np.ndarr
     except OSError as exc:
         raise ZsgdError(f"embedded data file {path} is corrupt ({exc}): reinstall zsgd") from None
     cache = _cache_path(hashlib.sha256(blob).hexdigest())
-    arrays = _read_cache(cache)
+    arrays = read_array_cache(cache, ARRAY_NAMES)
     if arrays is not None:
         return arrays
     try:
@@ -86,7 +85,7 @@ def read_embedded_arrays(path: str | Path = EMBEDDED_PATH) -> dict[str, np.ndarr
             arrays = {name: _decode(store, name) for name in names}
     except (OSError, ValueError, KeyError, lzma.LZMAError, zipfile.BadZipFile, EOFError) as exc:
         raise ZsgdError(f"embedded data file {path} is corrupt ({exc}): reinstall zsgd") from None
-    _write_cache(cache, arrays)
+    write_array_cache(cache, arrays)  # a read-only or full cache: decoded again next time
     return arrays
 
 
@@ -94,31 +93,6 @@ def _cache_path(sha256: str) -> Path:
     from zsgd.data.cache import data_home
 
     return data_home() / "embedded" / f"{sha256[:24]}.npz"
-
-
-def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
-    try:
-        with np.load(path, allow_pickle=False) as store:
-            arrays = {name: np.array(store[name]) for name in store.files}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None  # absent or damaged: decoded again and rewritten
-    return arrays if set(ARRAY_NAMES) <= arrays.keys() else None
-
-
-def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Atomically (temp file + rename): processes loading at once never read half a file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError:
-        pass  # a read-only or full cache: decode each time
 
 
 def load_embedded(path: str | Path = EMBEDDED_PATH) -> Dataset:
