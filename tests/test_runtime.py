@@ -19,7 +19,9 @@ FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr",
 @pytest.mark.parametrize("algo", ["async", "sync", "ssp:2"])
 def test_run_trains_and_cleans_up(tmp_path, algo, no_orphans):
     out = tmp_path / "run"
-    proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, "--steps", "150", "--out", str(out), *FAST)
+    # Long enough for both workers to take part: 150 updates take a fraction of a second, less than one
+    # worker can be ready before the other, and a run one worker did alone has no staleness to see.
+    proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, "--steps", "600", "--out", str(out), *FAST)
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = summary_of(out)
     assert s["updates"] >= 150
