@@ -18,6 +18,12 @@ if "numpy" not in sys.modules:
     for _key, _value in (("OMP_NUM_THREADS", "1"), ("OPENBLAS_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"), ("NUMBA_NUM_THREADS", "1")):
         os.environ.setdefault(_key, _value)
 
+# A suite started in the background of a non-interactive shell (``pytest &``) inherits SIGINT ignored,
+# and so would every zsgd process it starts: the Ctrl-C tests would wait out their deadline on a run
+# that cannot hear them. A Python handler here is reset to the default in every child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import pytest
 from hypothesis import settings
 

@@ -108,18 +108,44 @@ def lines_of(text: str) -> list[str]:
 
 # -- what a run wrote ---------------------------------------------------------------
 
+_READ: dict[Path, tuple[tuple, int, list[dict]]] = {}  # path -> (which file, bytes parsed, events so far); a few runs' worth
+
+
 def read_events(run_dir: Path) -> list[dict]:
-    """The events of a run that may still be writing: a half-written last line is skipped."""
+    """The events of a run that may still be writing: a half-written last line is skipped.
+
+    Tests poll this while a run writes thousands of events; each call parses only the lines added
+    since the last one (a file replaced, truncated or rewritten, as on --resume, is read again from
+    the start), so the waiting test does not take a core from the run it waits on."""
     path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            head = f.read(256)  # with the inode, tells this file from an earlier one at the same path
+            ident = (st.st_dev, st.st_ino, head)
+            cached_ident, offset, events = _READ.get(path, (None, 0, []))
+            if cached_ident is None or cached_ident[:2] != ident[:2] or not head.startswith(cached_ident[2]) or st.st_size < offset:
+                offset, events = 0, []
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
         return []
-    events = []
-    for line in path.read_text().splitlines():
+    complete = data.rfind(b"\n") + 1  # the lines written so far; a last line without its newline may be half-written
+    events = events + _parse_lines(data[:complete])
+    if len(_READ) > 8:
+        _READ.clear()
+    _READ[path] = (ident, offset + complete, events)
+    return events + _parse_lines(data[complete:])
+
+
+def _parse_lines(data: bytes) -> list[dict]:
+    out = []
+    for line in data.decode(errors="replace").splitlines():
         try:
-            events.append(json.loads(line))
+            out.append(json.loads(line))
         except json.JSONDecodeError:
             pass
-    return events
+    return out
 
 
 def events(run_dir: Path, kind: str | None = None) -> list[dict]:

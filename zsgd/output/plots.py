@@ -34,6 +34,15 @@ def _series(events: list[dict[str, Any]], kind: str, x: str, y: str) -> tuple[li
     return xs, ys
 
 
+def fixed_margins(fig: Any, panels: int = 1) -> None:
+    """Margins in inches, set once, instead of ``tight_layout``: that measures every label with an
+    extra draw of the figure (and makes ``savefig`` draw it once more), two thirds of a run's plotting
+    time. The margins fit tick labels of up to about seven characters and one-line axis labels."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=0.85 / width, right=1 - 0.2 / width, bottom=0.55 / height, top=1 - 0.4 / height,
+                        wspace=0.95 * panels / max(width - 1.05, 1.0) if panels > 1 else 0.2)
+
+
 def _label(run_dir: Path) -> str:
     return run_dir.name
 
@@ -73,7 +82,7 @@ def plot_curves(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] |
             ax.grid(alpha=0.3)
             if len(runs) > 1:
                 ax.legend(fontsize=8)
-        fig.tight_layout()
+        fixed_margins(fig, len(panels))
         path = Path(out_dir) / fname
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -104,7 +113,7 @@ def plot_workers(run_dir: Path, out_dir: Path | None = None, time_label: str = "
     ax.set_ylabel("updates")
     ax.set_title(f"mean {stale.mean():.2f}, p99 {np.percentile(stale, 99):.0f}, max {stale.max()}")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fixed_margins(fig)
     written.append(out_dir / "staleness_hist.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
@@ -123,7 +132,7 @@ def plot_workers(run_dir: Path, out_dir: Path | None = None, time_label: str = "
         ax.grid(alpha=0.3)
         if len(workers) <= 16:
             ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
+        fixed_margins(fig)
         written.append(out_dir / "worker_throughput.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)

@@ -1,9 +1,11 @@
 """``zsgd run`` and ``zsgd broker``: a broker plus the workers it launches.
 
 The order matters for "no orphans, no leaked ports": bind first (a port in
-use fails before anything starts), then launch, then serve; whatever
-happens (normal end, error, Ctrl-C) the ``finally`` sends LEAVE, reaps every
-child and closes the socket before the summary is written.
+use fails before anything starts), then launch, then serve. Whatever happens
+(normal end, error, Ctrl-C) the broker sends LEAVE and closes its socket on
+its way out of ``serve``; the children then end on their own while the final
+evaluation, the summary and the plots are written, and the ``finally`` reaps
+every one of them before ``run_distributed`` returns or raises.
 """
 
 from __future__ import annotations
@@ -81,31 +83,32 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     write_config(run_dir / "config.yaml", resolved)  # on --resume too: it records a changed --n-proc or stop rule
     bopts = BrokerOptions(opts.server, opts.network, n_workers=opts.n_workers, bind=access.bind(opts.network.port), curve=access.broker_curve(),
                           emulator=opts.emulator(cfg.seed), emulation=opts.emulation)
-    with MetricsWriter(run_dir / "metrics.jsonl", tensorboard=run_dir / "tensorboard" if opts.output.tensorboard else None) as metrics:
-        if topology is not None:
-            from zsgd.runtime.relay import relay_service
+    launcher = None
+    interrupted = False
+    from zsgd.runtime.stop_signal import stop_on_sigterm
 
-            # the relay keeps no checkpoint (the nodes hold the state): its checkpoint_state() is None
-            broker = Broker(cfg, problem, bopts, run_dir, metrics, service=relay_service(algo, topology, _resolved_params(opts, cfg)))
-        else:
-            from zsgd.broker import parameter_server
-            from zsgd.runtime.sharded import sharded_parameter_server
+    try:
+        with MetricsWriter(run_dir / "metrics.jsonl", tensorboard=run_dir / "tensorboard" if opts.output.tensorboard else None) as metrics:
+            if topology is not None:
+                from zsgd.runtime.relay import relay_service
 
-            broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None,
-                            service=sharded_parameter_server if servers > 1 else parameter_server)
-        metrics.write("start", broker.elapsed, mode="run", algo=algo, n_workers=opts.n_workers, address=broker.address,
-                      model=cfg.model, data=ds.name, n_params=problem.model.n_params, resumed=resume is not None)
-        show, net = opts.output.show, opts.network
-        if show:
-            stderr_console.print(f"broker listening on [bold]{broker.address}[/]{' (CURVE)' if access.secure else ''}; run directory {run_dir}")
-        if access.secure and opts.expect_workers and not opts.remote.keys_dir:
-            access.write_client_files(run_dir, opts.expect_workers)
-        launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show)
-        started = time.monotonic()
-        interrupted = False
-        from zsgd.runtime.stop_signal import stop_on_sigterm
+                # the relay keeps no checkpoint (the nodes hold the state): its checkpoint_state() is None
+                broker = Broker(cfg, problem, bopts, run_dir, metrics, service=relay_service(algo, topology, _resolved_params(opts, cfg)))
+            else:
+                from zsgd.broker import parameter_server
+                from zsgd.runtime.sharded import sharded_parameter_server
 
-        try:
+                broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None,
+                                service=sharded_parameter_server if servers > 1 else parameter_server)
+            metrics.write("start", broker.elapsed, mode="run", algo=algo, n_workers=opts.n_workers, address=broker.address,
+                          model=cfg.model, data=ds.name, n_params=problem.model.n_params, resumed=resume is not None)
+            show, net = opts.output.show, opts.network
+            if show:
+                stderr_console.print(f"broker listening on [bold]{broker.address}[/]{' (CURVE)' if access.secure else ''}; run directory {run_dir}")
+            if access.secure and opts.expect_workers and not opts.remote.keys_dir:
+                access.write_client_files(run_dir, opts.expect_workers)
+            launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show)
+            started = time.monotonic()
             stop_on_sigterm(broker, show)  # a time limit's SIGTERM: checkpoint, summary, clean exit
             if servers > 1 and access.keys is not None:
                 for i in range(opts.n_workers):  # the range servers' allow-lists are fixed when they start
@@ -134,21 +137,24 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                     # out; write the summary of what was done, then exit as interrupted.
                     interrupted = True
                     broker.ledger.stop("interrupted")
-        finally:
-            launcher.stop_all(grace=2 * net.heartbeat + 1)
-            stop_on_sigterm(None)
-        broker.final_evaluation()
-        summary = broker.summary() | {"mode": "run", "algo": algo, "n_workers": opts.n_workers, "model": cfg.model,
-                                      "data": ds.name, "data_source": ds.source, "n_params": problem.model.n_params}
-        metrics.write("end", broker.elapsed, updates=summary["updates"], samples=summary["samples"], test_loss=summary["test_loss"],
-                      test_acc=summary["test_accuracy"], reason=summary["stop_reason"])
-    from zsgd.output.rundir import save_arrays
+            # The broker has said LEAVE and closed its socket: the children end on their own while the
+            # results are written, and are reaped below before this function returns, whatever happens.
+            broker.final_evaluation()
+            summary = broker.summary() | {"mode": "run", "algo": algo, "n_workers": opts.n_workers, "model": cfg.model,
+                                          "data": ds.name, "data_source": ds.source, "n_params": problem.model.n_params}
+            metrics.write("end", broker.elapsed, updates=summary["updates"], samples=summary["samples"], test_loss=summary["test_loss"],
+                          test_acc=summary["test_accuracy"], reason=summary["stop_reason"])
+        from zsgd.output.rundir import save_arrays
 
-    save_arrays(run_dir / "weights.npz", problem.model.state_dict(broker.service.weights))
-    write_json(run_dir / "summary.json", summary)
-    from zsgd.output.plots import plot_run
+        save_arrays(run_dir / "weights.npz", problem.model.state_dict(broker.service.weights))
+        write_json(run_dir / "summary.json", summary)
+        from zsgd.output.plots import plot_run
 
-    plot_run(run_dir)
+        plot_run(run_dir)
+    finally:
+        if launcher is not None:
+            launcher.stop_all(grace=2 * opts.network.heartbeat + 1)
+        stop_on_sigterm(None)
     summary["run_dir"] = str(run_dir)
     if interrupted:
         raise KeyboardInterrupt
