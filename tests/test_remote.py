@@ -138,7 +138,7 @@ def test_remote_run_trains_across_both_hosts(cluster, initialized, tmp_path, no_
     write_broker_only_data(tmp_path / "fmdata")
     out = tmp_path / "run"
     proc = cluster.zsgd("run", "--remote", str(initialized["hosts"]), *cluster.ssh_args, "--n-proc", "1", "--secure", "--data", "fashion-mnist",
-                        "--data-dir", "fmdata", "--algo", "sync", "--steps", "300", "--out", str(out), *FAST, cwd=tmp_path)
+                        "--data-dir", "fmdata", "--algo", "sync", "--steps", "4000", "--out", str(out), *FAST, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "remote workers connect to tcp://127.0.0.1:" in proc.stderr and "(CURVE)" in proc.stderr
     s = summary_of(out)
@@ -283,7 +283,8 @@ def test_ctrl_c_stops_every_remote_worker(cluster, initialized, tmp_path, no_orp
                       "--steps", "1000000", "--out", str(out), *FAST)
     try:
         joined = lambda: {e.get("host") for e in read_events(out) if e["event"] == "worker" and e.get("role") == "worker"}  # noqa: E731
-        wait_for(lambda: set(HOSTS) <= joined(), 60, what="workers on both hosts")
+        remote = lambda: [e for e in read_events(out) if e["event"] == "worker" and e.get("role") == "worker" and e.get("host") in HOSTS]  # noqa: E731
+        wait_for(lambda: set(HOSTS) <= joined() and len(remote()) >= 3, 60, what="the three workers on both hosts")
         wait_for(lambda: any(e["event"] == "update" and e["updates"] >= 30 for e in read_events(out)), 60, what="training")
         running = zsgd_processes() - before
         assert len(running) >= 5  # run, 1 local worker, evaluator, 3 remote workers

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, cli, read_events, summary_of, wait_for, zsgd_processes
+from helpers import REPO, cli, read_events, start_event, summary_of, wait_for, zsgd_processes
 
 from slurm_cluster import slurm  # noqa: F401  (the session fixture)
 
@@ -60,7 +60,7 @@ def test_ctrl_c_ends_the_workers_step(slurm, tmp_path, no_orphans):
     try:
         wait_for(lambda: any(e["event"] == "update" for e in read_events(out)), 120, what="the first update")
         assert any("zsgd-wor" in line for line in slurm.steps())
-        os.kill(_broker_pid(), signal.SIGINT)
+        os.kill(_broker_pid(out), signal.SIGINT)
         _, err = salloc.communicate(timeout=60)
     finally:
         if salloc.poll() is None:
@@ -174,10 +174,10 @@ def test_sigterm_checkpoints_and_resume_auto_continues(tmp_path, no_orphans):
     assert s["updates"] == 1200 and s["stop_reason"] == "reached 1200 updates"
 
 
-def _broker_pid() -> int:
-    """The 'python -m zsgd run' process of this test (not salloc, whose command line holds the same words)."""
-    argv = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in zsgd_processes()}
-    return next(pid for pid, a in argv.items() if a[0] == sys.executable.encode() and a[3:4] == [b"run"])
+def _broker_pid(out: Path) -> int:
+    """The 'zsgd run' process of this test, from its start event: its forked children (the evaluator)
+    and salloc hold the same words in their command lines."""
+    return start_event(out)["pid"]
 
 
 def test_a_dead_task_is_a_dead_worker(slurm, tmp_path, no_orphans):
@@ -198,7 +198,7 @@ def test_a_dead_task_is_a_dead_worker(slurm, tmp_path, no_orphans):
         wait_for(lambda: any(e["worker"] == 1 and e["status"] == "dead" for e in events("worker")), 60, what="worker 1 declared dead")
         mark = len(events("update"))
         wait_for(lambda: len(events("update")) > mark + 100, 60, what="updates after the death")
-        os.kill(_broker_pid(), signal.SIGTERM)
+        os.kill(_broker_pid(out), signal.SIGTERM)
         _, err = salloc.communicate(timeout=120)
     finally:
         if salloc.poll() is None:

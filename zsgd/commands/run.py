@@ -73,6 +73,9 @@ def _print_run_summary(summary: dict) -> None:
 @click.pass_context
 def run(ctx: click.Context, n_proc: int | None, launcher: str | None, resume_dir: str | None, out: str | None, quiet: bool, **params) -> None:
     """Train with a broker and N worker processes over ZeroMQ."""
+    from zsgd.runtime.threads import single_threaded_blas
+
+    single_threaded_blas()  # before numpy: local workers are forked from this process and keep its BLAS
     from zsgd.runtime.runner import run_distributed
 
     launcher = _choose_launcher(launcher, n_proc, params.get("hosts_file"), quiet)
@@ -252,6 +255,9 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
 @click.pass_context
 def broker(ctx: click.Context, out: str | None, quiet: bool, **params) -> None:
     """Run the broker alone; start workers by hand with 'zsgd worker --connect'."""
+    from zsgd.runtime.threads import single_threaded_blas
+
+    single_threaded_blas()  # before numpy: local range servers are forked from this process and keep its BLAS
     from zsgd.runtime.runner import run_distributed
 
     if params["expect_workers"] < 1:

@@ -339,10 +339,7 @@ class KeyedLocalLauncher(LocalLauncher):
     def start(self, worker_id: int, role: str = "worker") -> Child:
         name = f"{role}-{worker_id}"
         log_path = self.log_dir / f"{name}.log"
-        env = os.environ | SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(self.command(worker_id, role), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        proc = self.spawn(self.command(worker_id, role), log_path, name, stdin_pipe=True)
         _send_line(proc, self.keys.bundle(f"worker-{worker_id}" if role == "worker" else f"{role}-{worker_id}"))
         child = Child(name, proc, log_path)
         self.children.append(child)

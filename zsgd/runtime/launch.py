@@ -1,8 +1,9 @@
 """Starting and stopping worker processes on this machine.
 
-Local workers are started through the very entry point remote ones use
+Local workers run the very command remote ones run
 (``python -m zsgd worker --connect ...``), so a local run exercises the
-same code path as a cluster. Each child gets its own session (a Ctrl-C in
+same code path as a cluster; on Linux they are forked from this warmed-up
+process rather than started as new interpreters (``zsgd.runtime.forked``). Each child gets its own session (a Ctrl-C in
 the terminal reaches only the broker, which then tears down in order), one
 BLAS thread (parallelism comes from processes), a log file in the run
 directory, and on Linux a parent-death signal, so even a ``kill -9`` of
@@ -11,7 +12,6 @@ the broker leaves no orphan computing forever.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -19,7 +19,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from zsgd.runtime.forked import die_with_parent, fork_available, fork_command
 from zsgd.runtime.threads import SINGLE_THREAD_ENV
 
 
@@ -42,18 +44,13 @@ def max_local_workers() -> tuple[int, str]:
 
 def _die_with_parent() -> None:
     """preexec: SIGTERM this child when the process that started it dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        PR_SET_PDEATHSIG = 1
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+    die_with_parent()
 
 
 @dataclass
 class Child:
     name: str
-    proc: subprocess.Popen
+    proc: Any  # subprocess.Popen, or a ForkedProcess (the same poll/wait/send_signal/kill/pid/stdin)
     log_path: Path
     started: float = field(default_factory=time.monotonic)
 
@@ -86,14 +83,19 @@ class LocalLauncher:
     def start(self, worker_id: int, role: str = "worker") -> Child:
         name = f"{role}-{worker_id}"
         log_path = self.log_dir / f"{name}.log"
-        log = open(log_path, "ab")
-        env = os.environ | SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(self.command(worker_id, role), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, preexec_fn=_die_with_parent)
-        log.close()
-        child = Child(name, proc, log_path)
+        child = Child(name, self.spawn(self.command(worker_id, role), log_path, name), log_path)
         self.children.append(child)
         return child
+
+    def spawn(self, command: list[str], log_path: Path, name: str, stdin_pipe: bool = False) -> Any:
+        """Start ``command`` (``python -m zsgd ...``) in its own session with its output on ``log_path``:
+        forked from this warmed-up process where that is safe (``zsgd.runtime.forked``), else exec'd."""
+        if command[1:3] == ["-m", "zsgd"] and command[0] == sys.executable and fork_available():
+            return fork_command(command[3:], log_path, title=f"zsgd {name}", stdin_pipe=stdin_pipe)
+        env = os.environ | SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(command, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent)
 
     def running(self) -> list[Child]:
         return [c for c in self.children if c.returncode is None]

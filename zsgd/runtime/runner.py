@@ -10,6 +10,7 @@ every one of them before ``run_distributed`` returns or raises.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
 
                 broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None,
                                 service=sharded_parameter_server if servers > 1 else parameter_server)
-            metrics.write("start", broker.elapsed, mode="run", algo=algo, n_workers=opts.n_workers, address=broker.address,
+            metrics.write("start", broker.elapsed, mode="run", algo=algo, n_workers=opts.n_workers, address=broker.address, pid=os.getpid(),
                           model=cfg.model, data=ds.name, n_params=problem.model.n_params, resumed=resume is not None)
             show, net = opts.output.show, opts.network
             if show:

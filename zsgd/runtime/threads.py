@@ -22,3 +22,13 @@ def single_threaded_blas() -> bool:
     for key, value in SINGLE_THREAD_ENV.items():
         os.environ.setdefault(key, value)
     return True
+
+
+
+def blas_single_threaded() -> bool:
+    """True when numpy in this process runs one BLAS thread: the thread settings are in the
+    environment (zsgd sets them only before numpy is imported). A child forked from this process
+    inherits its BLAS as it is, so launchers fork only then."""
+    if "numpy" not in sys.modules:
+        return True
+    return all(os.environ.get(key) == "1" for key in SINGLE_THREAD_ENV)
