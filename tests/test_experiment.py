@@ -146,6 +146,7 @@ ARMS = "arms:\n  - name: a\n    algo: sync\n"
     ("problem: {}\narms:\n  - name: a\n    workers: 0\n", [":4:", "'workers'", ">= 1"]),
     ("problem: {}\narms:\n  - name: a\n    compress: topk:2\n", [":4:", "'compress'"]),
     ("problem: {}\narms:\n  - name: a\n    servers: 0\n", [":4:", "'servers'", ">= 1"]),
+    ("problem: {}\narms:\n  - name: a\n    broker_bandwidth: fast\n", [":4:", "'broker_bandwidth'", "fast"]),
     ("problem: {}\narms:\n  - name: d\n    algo: dsgd\n    servers: 2\n", [":5:", "'servers'"]),
     ("problem: {}\narms:\n  - name: a\n    seed: 3\n", [":4:", "'seed'", "problem:"]),
     ("problem: {}\narms:\n  - name: a\n    mode: run\n    compute: 5ms\n", [":5:", "'compute'", "sim arms only"]),

@@ -65,7 +65,7 @@ def test_same_command_same_bytes(tmp_path):
     ("--latency", "trace:/nonexistent/pings.csv"), ("--latency-up", "uniform:9ms,1ms"), ("--bandwidth", "fast"),
     ("--loss", "1.5"), ("--compute", "quick"), ("--stragglers", "1.5:2x"), ("--failures", "9@1s"), ("--algo", "hogwild"),
     ("--workers", "0"), ("--workers", "4,x"), ("--latency-worker", "3"), ("--retransmit", "-1s"), ("--detect", "soon"),
-    ("--target", "2"),
+    ("--target", "2"), ("--broker-bandwidth", "fast"),
 ])
 def test_bad_specs_exit_2_with_one_line(tmp_path, flag, value):
     r = cli("sim", "--workers", "4", "--steps", "5", "--out", str(tmp_path / "x"), *FAST, flag, value)

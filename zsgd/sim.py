@@ -64,7 +64,7 @@ class SimOptions:
     failures: FailureSpec | None = None
     detect_s: float = 3.0  # failure -> broker notices (the runtime's heartbeat timeout)
     broker_s: float | Measured = 0.0  # broker time per update (0: instantaneous; Measured: timed here, the CLI's default)
-    broker_bandwidth: float = math.inf  # bytes/s of the broker's own NIC, shared by all links
+    broker_bandwidth: float | Measured = math.inf  # bytes/s of the broker's own NIC (Measured: ZeroMQ's here, the CLI's default)
     servers: int = 1  # --servers K: K servers, each with its range, its step and its own NIC (see broker_model)
     staleness_lr: str | bool = "off"
     compress: str = "none"  # worker->broker codec, as in the runtime (real encoded sizes on the wire)
@@ -99,7 +99,8 @@ class SimOptions:
                 "stragglers": str(self.stragglers) if self.stragglers else "none",
                 "failures": str(self.failures) if self.failures else "none", "detect_s": self.detect_s,
                 "broker_s": str(self.broker_s) if isinstance(self.broker_s, Measured) else self.broker_s,
-                "broker_bandwidth": format_bandwidth(self.broker_bandwidth), "servers": self.servers,
+                "broker_bandwidth": str(self.broker_bandwidth) if isinstance(self.broker_bandwidth, Measured)
+                else format_bandwidth(self.broker_bandwidth), "servers": self.servers,
                 "staleness_lr": self.staleness_lr, "compress": self.compress, "compress_replies": self.compress_replies,
                 "scaling": self.scaling}
 
@@ -121,6 +122,7 @@ class Workload:
         self._shards: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.compute_samples: list[float] | None = None  # timed steps behind compute=measured
         self.server_step_samples: dict[tuple, list[float]] = {}  # broker-time=measured, per algorithm and codecs
+        self.transport_bps: float | None = None  # broker-bandwidth=measured: bytes/s each way, per message size
 
     def shards(self, n_workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(x, y) of each worker, as ``make_shard`` gives the runtime's workers."""
@@ -164,6 +166,17 @@ class Workload:
                                                              cycles=max(5, 24 // key[-1]), clip=opts.servers == 1)
         samples = self.server_step_samples[key]
         return median(samples), samples
+
+    def transport_model(self, opts: "SimOptions") -> "tuple[float, bool]":
+        """Bytes/s of one server's NIC, and whether it was measured (``zsgd.simulation.transport``: a ZeroMQ
+        echo of this model's message size, timed once per machine and cached)."""
+        if not isinstance(opts.broker_bandwidth, Measured):
+            return float(opts.broker_bandwidth), False
+        if self.transport_bps is None:
+            from zsgd.simulation.transport import transport_bandwidth
+
+            self.transport_bps = transport_bandwidth(max(self.update_bytes, self.weights_bytes))
+        return self.transport_bps, True
 
     def gradient_step(self) -> Callable[[int], Any]:
         """``step(i)``: one real gradient of a worker's size at the initial weights (an image batch, or
@@ -233,6 +246,8 @@ class Simulation:
         self.algo = make_server_algorithm(opts.algo, workload.w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=cfg.clip_norm)
         self.compute, self.compute_s = workload.compute_model(opts.compute, opts.calibration_steps)
         self.broker_s, self.broker_samples = workload.broker_model(opts)
+        self.broker_bw, self.broker_bw_measured = workload.transport_model(opts)
+        self.nic_bw = self.broker_bw * opts.servers  # --servers K: K NICs
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
         rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0x51D]).spawn(4)]
         self.rng_down, self.rng_up, self.rng_compute, self.rng_fail = rngs
@@ -320,8 +335,8 @@ class Simulation:
                 self.reply_codec.forget(w)  # lost with the worker: it restarts from full weights
             return  # dead, not yet noticed: the message goes nowhere
         t = self.now
-        if self.opts.broker_bandwidth != math.inf:  # the broker's NIC sends one message at a time
-            self.tx_free = max(t, self.tx_free) + nbytes / (self.opts.broker_bandwidth * self.opts.servers)
+        if self.nic_bw != math.inf:  # the broker's NIC sends one message at a time
+            self.tx_free = max(t, self.tx_free) + nbytes / self.nic_bw
             t = self.tx_free
         t += self.net.delay(w, False, nbytes, self.rng_down)
         c = sum(self.compute.sample(self.rng_compute) for _ in range(self.local_steps))  # local SGD: K steps per round
@@ -384,8 +399,8 @@ class Simulation:
         else:
             payload, nbytes = weights, self.u_bytes
         t = self.now + self.net.delay(w, True, nbytes, self.rng_up)
-        if self.opts.broker_bandwidth != math.inf:
-            self.rx_free = max(t, self.rx_free) + nbytes / (self.opts.broker_bandwidth * self.opts.servers)
+        if self.nic_bw != math.inf:  # and receives one at a time, beside its sends
+            self.rx_free = max(t, self.rx_free) + nbytes / self.nic_bw
             t = self.rx_free
         self._push(t, _ARRIVE, w, inc, version, payload)
 
@@ -483,7 +498,8 @@ class Simulation:
         real0 = time.perf_counter()
         cfg, opts, ds = self.cfg, self.opts, self.wl.problem.dataset
         self.metrics.write("start", 0.0, mode="sim", model=cfg.model, data=ds.name, n_params=self.model.n_params,
-                           n_train=self.n_train, **(opts.describe() | {"broker_s": self.broker_s}), compute_s=self.compute_s,
+                           n_train=self.n_train, compute_s=self.compute_s,
+                           **(opts.describe() | {"broker_s": self.broker_s, "broker_bandwidth": format_bandwidth(self.broker_bw)}),
                            straggler_workers=sorted(self.stragglers.workers) if self.stragglers else [],
                            update_bytes=self.u_bytes, weights_bytes=self.w_bytes)
         if opts.failures is not None:
@@ -537,6 +553,7 @@ class Simulation:
             "compute_calibration_s": self.wl.compute_samples if self.compute_s is not None else None,
             "servers": self.opts.servers, "broker_s": self.broker_s, "broker_measured": self.broker_samples is not None,
             "broker_calibration_s": self.broker_samples,
+            "broker_bandwidth_Bps": self.broker_bw, "broker_bandwidth_measured": self.broker_bw_measured,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
             "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s,
             "workers": {str(w): {"host": "sim", "steps": self.w_steps[w], "samples": self.w_samples[w],

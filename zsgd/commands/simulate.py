@@ -56,8 +56,10 @@ def _sim_options(func):
         click.option("--servers", default="1", show_default=True,
                      help="Parameter servers, each holding a contiguous range of the model with its own step and NIC "
                           "(as 'zsgd run --servers K')." + _LIST),
-        click.option("--broker-bandwidth", default="inf", show_default=True,
-                     help="The broker's own NIC, shared by all workers (messages queue on it one at a time)."),
+        click.option("--broker-bandwidth", default="measured", show_default=True,
+                     help="Each server's own NIC, shared by all workers (received and sent messages each queue on it one at a "
+                          "time): 'measured' (the bytes/s a ZeroMQ server moves each way on this machine for this model's "
+                          "messages, timed once and cached) or a bandwidth, e.g. 10Gbps; inf makes it free."),
         click.option("--loss", default="0", show_default=True, help="Chance a message is lost and resent, e.g. 0.01 or 1%." + _LIST),
         click.option("--retransmit", default="200ms", show_default=True, help="Delay before a lost message is resent (TCP's minimum RTO is 200 ms)."),
         click.option("--compute", default="measured", show_default=True,

@@ -173,7 +173,7 @@ def _value_checkers() -> dict[str, Callable[[Any], Any]]:
     from zsgd.algorithms import parse_staleness_lr
     from zsgd.compression import make_codec
     from zsgd.decentralized.rules import DecentralizedParams
-    from zsgd.simulation.netmodel import (parse_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration, parse_failures, parse_loss,
+    from zsgd.simulation.netmodel import (parse_bandwidth, parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration, parse_failures, parse_loss,
                                parse_stragglers, split_specs)
 
     def param(key: str) -> Callable[[Any], Any]:
@@ -199,7 +199,7 @@ def _value_checkers() -> dict[str, Callable[[Any], Any]]:
         "stragglers": one("stragglers", parse_stragglers, units=False), "compute": one("compute", parse_compute),
         "failures": lambda v: parse_failures(_text(v)),
         "detect": lambda v: parse_duration(_text(v), "detect", default_unit="s"),
-        "broker_time": lambda v: parse_broker_time(_text(v)), "broker_bandwidth": lambda v: parse_bandwidth(_text(v)),
+        "broker_time": lambda v: parse_broker_time(_text(v)), "broker_bandwidth": lambda v: parse_broker_bandwidth(_text(v)),
         "retransmit": lambda v: parse_delay(_text(v), "retransmit delay"),
         "staleness_lr": parse_staleness_lr, "heartbeat": _number("heartbeat"), "timeout": _number("timeout"),
         "topology": lambda v: v if isinstance(v, str) else _fail(f"must be a string such as ring or random-regular:4, got {v!r}"),

@@ -38,6 +38,10 @@ def calibrate_once(workload: Any, options: Iterable[Any]) -> None:
     for o in options:  # broker-time=measured: timed once per (algorithm, codecs), cached on the workload
         if isinstance(getattr(o, "broker_s", None), Measured):
             workload.broker_model(o)
+    for o in options:  # broker-bandwidth=measured: one echo, before any fork (arms timing it at once would share the cores)
+        if isinstance(getattr(o, "broker_bandwidth", None), Measured):
+            workload.transport_model(o)
+            break
     steps = [o.calibration_steps for o in options if isinstance(getattr(o, "compute", None), Measured)]
     if steps:
         workload.calibrate(steps[0])
@@ -52,14 +56,16 @@ def save_plan(out_dir: Path, cfg: Any, spec: Any, workloads: dict[int, Any], arm
                                 "compute_samples": {str(bs): wl.compute_samples for bs, wl in workloads.items()},
                                 "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()]
                                                         for bs, wl in workloads.items()},
+                                "transport_bps": {str(bs): wl.transport_bps for bs, wl in workloads.items()},
                                 "arm_plots": arm_plots}, indent=1))
     return path
 
 
 def restore_calibration(workload: Any, plan: dict[str, Any], batch_size: int) -> None:
-    """Give a step's workload the parent's timings (compute, broker), so it simulates the arm the parent would have."""
+    """Give a step's workload the parent's timings (compute, broker step, transport), so it simulates the arm the parent would have."""
     workload.compute_samples = plan["compute_samples"].get(str(batch_size))
     workload.server_step_samples = {tuple(k): v for k, v in plan.get("server_step_samples", {}).get(str(batch_size), [])}
+    workload.transport_bps = plan.get("transport_bps", {}).get(str(batch_size))
 
 
 def load_plan(out_dir: Path) -> dict[str, Any]:

@@ -427,6 +427,14 @@ def parse_broker_time(text: str) -> float | Measured:
     return parse_duration(text, "--broker-time")
 
 
+def parse_broker_bandwidth(text: str) -> float | Measured:
+    """``--broker-bandwidth``: ``measured`` (what one ZeroMQ server moves each way here, ``zsgd.simulation.transport``)
+    or a bandwidth such as 10Gbps or inf."""
+    if str(text).strip().lower() == "measured":
+        return Measured()
+    return parse_bandwidth(text)
+
+
 def parse_compute(text: str) -> Delay | Measured:
     """``measured`` or a delay spec for one worker's gradient step."""
     if str(text).strip().lower() == "measured":

@@ -25,7 +25,7 @@ import numpy as np
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
 from zsgd.output.live import row_cells
-from zsgd.simulation.netmodel import (Constant, Network, parse_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration,
+from zsgd.simulation.netmodel import (Constant, Network, parse_bandwidth, parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration,
                                       parse_failures, parse_loss, parse_stragglers, parse_worker_latency, split_specs)
 from zsgd.sim import SimOptions, SimResult, Workload, run_arm
 
@@ -56,7 +56,7 @@ class SweepSpec:
     retransmit: str = "200ms"
     detect: str = "3s"
     broker_time: str = "measured"
-    broker_bandwidth: str = "inf"
+    broker_bandwidth: str = "measured"
     staleness_lr: str | bool = "off"
     target: float = 0.8
     topology: str = "ring"  # decentralized arms (dsgd, dsgt, cadmm): their graph and rule parameters
@@ -139,7 +139,7 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
     retransmit = parse_delay(spec.retransmit, "retransmit delay")
     detect = parse_duration(spec.detect, "--detect", default_unit="s")
     broker_s = parse_broker_time(spec.broker_time)
-    broker_bw = parse_bandwidth(spec.broker_bandwidth)
+    broker_bw = parse_broker_bandwidth(spec.broker_bandwidth)
     dec_algos = [a for a in lists.get("algo", ["async"]) if is_decentralized(a)]
     params = _decentralized_params(spec, dec_algos)
     varying = [k for k, vs in lists.items() if len(vs) > 1]

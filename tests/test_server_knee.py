@@ -1,0 +1,166 @@
+"""The simulator knows the server: ``--broker-bandwidth measured`` (the default) and the saturation knee.
+
+The model tests are queueing arithmetic on a virtual clock (no timing): a
+worker's cycle is C + S_up/B + T + S_down/B, and the server is three FIFO
+stages in tandem (the NIC receiving at B, the step T, the NIC sending at B),
+so with enough workers it settles at the slowest stage:
+
+    updates/s = min(N / (C + T + (S_up + S_down) / B),  1 / max(T, S_up / B, S_down / B))
+
+With B = inf that is min(N / (C + T), 1 / T): the knee sits at N = C / T.
+
+The real-against-simulated knee is a wall-time check, skipped unless
+``ZSGD_TIMING=1`` (run it on purpose, on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from helpers import cli
+from zsgd.core.config import TrainConfig
+from zsgd.core.problem import Problem
+from zsgd.errors import ZsgdError
+from zsgd.sim import SimOptions, Workload, run_arm
+from zsgd.simulation import transport
+from zsgd.simulation.netmodel import Constant, Measured, parse_bandwidth, parse_broker_bandwidth
+from zsgd.simulation.sweep import SweepSpec, build_arms
+
+WORKERS = (1, 2, 4, 8, 16)
+
+
+@pytest.fixture(scope="module")
+def workload() -> Workload:
+    cfg = TrainConfig(model="logreg", data="embedded", steps=600, lr=0.02, eval_every=100000).validate()
+    return Workload(cfg, Problem.from_config(cfg))
+
+
+def rate(workload: Workload, out: Path, n: int, compute: float, broker_s: float, bandwidth: float) -> float:
+    opts = SimOptions(algo="async", n_workers=n, compute=Constant(compute), broker_s=broker_s, broker_bandwidth=bandwidth)
+    return run_arm(workload.cfg, opts, workload, out / f"n{n}").summary["updates_per_s"]
+
+
+# -- parsing and defaults -----------------------------------------------------------------------------
+
+
+def test_measured_is_parsed_everywhere_and_is_the_default():
+    assert isinstance(parse_broker_bandwidth("measured"), Measured) and isinstance(parse_broker_bandwidth(" Measured "), Measured)
+    assert parse_broker_bandwidth("inf") == math.inf  # explicit values mean what they say
+    assert parse_broker_bandwidth("10Gbps") == parse_bandwidth("10Gbps")
+    with pytest.raises(ZsgdError, match="bad bandwidth 'fast'"):
+        parse_broker_bandwidth("fast")
+    assert SweepSpec(grid={}).broker_bandwidth == "measured"
+    (arm,) = build_arms(SweepSpec(grid={"workers": "4"}))
+    assert isinstance(arm.opts.broker_bandwidth, Measured) and arm.opts.describe()["broker_bandwidth"] == "measured"
+    (arm,) = build_arms(SweepSpec(grid={"workers": "4"}, broker_bandwidth="inf"))
+    assert arm.opts.broker_bandwidth == math.inf and arm.opts.describe()["broker_bandwidth"] == "inf"
+    assert SimOptions().broker_bandwidth == math.inf  # the library's object keeps a free NIC unless told
+
+
+def test_cli_help_names_the_default():
+    r = cli("sim", "--help")
+    assert r.exit_code == 0 and "--broker-bandwidth" in r.output and "measured" in r.output
+
+
+def test_experiment_files_take_measured(tmp_path):
+    from zsgd.experiments.config import load_experiment
+
+    p = tmp_path / "exp.yaml"
+    p.write_text("problem: {model: logreg, data: embedded}\narms:\n  - {name: m, broker_bandwidth: measured}\n"
+                 "  - {name: i, broker_bandwidth: inf}\n  - {name: d}\n")
+    arms = {a.name: a.opts for a in load_experiment(p).arms}
+    assert isinstance(arms["m"].broker_bandwidth, Measured) and isinstance(arms["d"].broker_bandwidth, Measured)
+    assert arms["i"].broker_bandwidth == math.inf
+
+
+# -- the measurement and its caches ---------------------------------------------------------------------
+
+
+def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(transport, "_memory", {})
+    monkeypatch.setattr(transport, "BURSTS", 2)
+    nbytes = 40_000
+    before = transport.measurements
+    bps = transport.transport_bandwidth(nbytes)
+    assert math.isfinite(bps) and bps > 0 and transport.measurements == before + 1
+    assert transport.transport_bandwidth(nbytes) == bps and transport.measurements == before + 1  # this process: memory
+    assert transport.cache_path().is_file() and transport.cache_path().is_relative_to(tmp_path / "home")
+    monkeypatch.setattr(transport, "_memory", {})  # a new process: the file answers
+    assert transport.transport_bandwidth(nbytes) == bps and transport.measurements == before + 1
+    data = json.loads(transport.cache_path().read_text())
+    (key,) = data
+    data[key]["at"] -= transport.MAX_AGE_S + 1  # too old: measured afresh
+    transport.cache_path().write_text(json.dumps(data))
+    monkeypatch.setattr(transport, "_memory", {})
+    assert transport.transport_bandwidth(nbytes) > 0 and transport.measurements == before + 2
+
+
+def test_workload_measures_once_and_the_summary_says_so(workload, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(transport, "transport_bandwidth", lambda nbytes: calls.append(nbytes) or 4e8)
+    monkeypatch.setattr(workload, "transport_bps", None)
+    opts = dict(algo="async", n_workers=4, compute=Constant(0.002), broker_bandwidth=Measured())
+    s = run_arm(workload.cfg, SimOptions(**opts), workload, tmp_path / "a").summary
+    run_arm(workload.cfg, SimOptions(**opts | {"n_workers": 8}), workload, tmp_path / "b")
+    assert calls == [max(workload.update_bytes, workload.weights_bytes)]  # once, for this model's message size
+    assert s["broker_bandwidth_Bps"] == 4e8 and s["broker_bandwidth_measured"] is True and s["sim"]["broker_bandwidth"] == "measured"
+    start = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["broker_bandwidth"] == "3.2Gbps"
+    given = run_arm(workload.cfg, SimOptions(**opts | {"broker_bandwidth": 1e9}), workload, tmp_path / "c").summary
+    assert given["broker_bandwidth_Bps"] == 1e9 and given["broker_bandwidth_measured"] is False
+
+
+# -- the knee, on the virtual clock ---------------------------------------------------------------------
+
+
+def test_knee_sits_at_compute_over_server_time(workload, tmp_path):
+    c, t = 0.004, 0.0005  # knee at N = C / T = 8
+    for n in WORKERS:
+        expected = min(n / (c + t), 1 / t)
+        assert rate(workload, tmp_path, n, c, t, math.inf) == pytest.approx(expected, rel=0.03), n
+
+
+def test_finite_nic_the_slowest_stage_sets_the_ceiling(workload, tmp_path):
+    c, t = 0.004, 0.0005
+    s_up, s_down = workload.update_bytes, workload.weights_bytes
+    b = max(s_up, s_down) / 0.001  # a message takes 1 ms on the NIC each way: slower than the step
+    cycle = c + t + (s_up + s_down) / b
+    ceiling = 1 / max(t, s_up / b, s_down / b)
+    for n in WORKERS:
+        assert rate(workload, tmp_path, n, c, t, b) == pytest.approx(min(n / cycle, ceiling), rel=0.03), n
+
+
+# -- the real server against the simulator's defaults (wall time: on purpose only) -----------------------
+
+
+@pytest.mark.slow
+def test_real_server_knee_matches_the_simulated_defaults(tmp_path):
+    """Real ``zsgd broker`` fed by N pipelined synthetic cnn-size workers (bench_broker's machinery) against
+    ``zsgd sim --compute 0`` with its defaults, within 20 % at each N."""
+    if os.environ.get("ZSGD_TIMING") != "1":
+        pytest.skip("a wall-time check: run with ZSGD_TIMING=1 on a quiet machine")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_broker import measure
+
+    ns = [1, 2, 4, 8]
+    real = {n: measure("zsgd", n, 1, min(2, n), 3.0, 2.0, Path(tempfile.mkdtemp(dir=tmp_path))) for n in ns}
+    out = tmp_path / "sim"
+    r = cli("sim", "--model", "cnn", "--data", "embedded", "--compute", "0", "--steps", "400", "--eval-every", "100000000",
+            "--literal", "--workers", ",".join(map(str, ns)), "--quiet", "--out", str(out), catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    simulated = {}
+    for arm in sorted(p for p in out.iterdir() if p.is_dir()):
+        s = json.loads((arm / "summary.json").read_text())
+        assert s["broker_bandwidth_measured"] and s["broker_measured"]
+        simulated[s["n_workers"]] = s["updates_per_s"]
+    table = {n: (round(real[n], 1), round(simulated[n], 1), round(simulated[n] / real[n], 2)) for n in ns}
+    print("workers: (real, sim, ratio)", table, f"load {os.getloadavg()[0]:.1f}")
+    assert all(abs(ratio - 1) <= 0.20 for _r, _s, ratio in table.values()), table

@@ -1,0 +1,191 @@
+"""The cost the simulator measures for moving messages through one server: ``--broker-bandwidth measured``.
+
+Why: on one machine (or any fast network) what bounds a parameter server is
+not its optimizer step but moving every message through ZeroMQ and the
+kernel. A cnn update is 4.8 MB each way; the server's ZeroMQ I/O thread
+copies both through TCP, one message after another. With the NIC modelled
+as infinite the simulator predicted 4-7x the real updates/s
+(``benchmarks/bench_server_capacity.py``); with the bytes/s a raw ZeroMQ
+echo moves here it predicted the saturation knee.
+
+How: a ROUTER echo (its own ZeroMQ context, so its own I/O thread, as the
+broker has) and a few DEALER clients on ``tcp://127.0.0.1`` that each keep
+one message of the model's size in flight (``copy=False``, as the
+runtime sends), like pipelined workers with no compute. The echo's
+messages/s at saturation times the message size is the bytes/s the server
+moves *each way* (the figure ``--broker-bandwidth`` takes: the simulator
+queues received and sent messages separately, each at this rate). The
+median of a few short bursts is kept, so one busy moment does not set it.
+
+The echo runs in a thread of this process: ZeroMQ's I/O threads do the
+copies without the GIL, and the Python around each message is a few
+microseconds. Checked against an echo in a child process (as
+``benchmarks/bench_broker.py`` runs it), cnn size, 4 and 8 clients, three
+rounds on the loaded 2-core VM: 0.60-0.94 GB/s in a thread, 0.63-0.83 GB/s
+in a child: the same within the noise, without the 0.1 s of starting one.
+
+Cached twice: in this process by message size, and on disk under
+``<zsgd home>/calibration/transport.json`` keyed by message size and
+machine (host name, cores, libzmq version), so repeated ``zsgd sim``
+invocations do not pay the ~0.3 s again; an entry older than
+``MAX_AGE_S`` is measured afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+#: Bytes each burst moves (each way): the cnn's 4.8 MB messages make about 20 exchanges a burst.
+BURST_BYTES = 96 * 2**20
+MIN_MESSAGES, MAX_MESSAGES = 4, 800  # per burst: huge models send fewer, tiny ones are capped
+BURSTS = 3
+CLIENTS = 4
+MAX_AGE_S = 7 * 24 * 3600.0
+#: Counts real measurements in this process (tests check the caches with it, never with time).
+measurements = 0
+_memory: dict[int, float] = {}
+
+
+def messages_per_burst(nbytes: int) -> int:
+    """Exchanges timed per burst for messages of ``nbytes``: about ``BURST_BYTES``, within [4, 800]."""
+    return max(MIN_MESSAGES, min(MAX_MESSAGES, BURST_BYTES // max(1, int(nbytes))))
+
+
+def _echo(ctx, nbytes: int, ready: list, stop: threading.Event) -> None:
+    """A ROUTER that answers every message with a buffer of ``nbytes`` (no decode, no step)."""
+    import numpy as np
+    import zmq
+
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    sock.sndhwm = sock.rcvhwm = 64
+    ready.append(sock.bind_to_random_port("tcp://127.0.0.1"))
+    reply = np.ones(max(1, int(nbytes)), np.uint8)
+    try:
+        while not stop.is_set():
+            if sock.poll(20):
+                ident, _payload = sock.recv_multipart(copy=False)
+                sock.send_multipart([ident, reply], copy=False)
+    finally:
+        sock.close(linger=0)
+
+
+def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS, messages: int | None = None,
+                      timeout_s: float = 30.0) -> list[float]:
+    """Bytes/s each way of one ZeroMQ echo server for ``nbytes`` messages, one figure per burst.
+
+    ``clients`` DEALERs each keep one message in flight; the first
+    ``clients`` replies are a warm-up (connections, first touches of the
+    buffers), then each burst times ``messages`` replies."""
+    global measurements
+    import numpy as np
+    import zmq
+
+    from zsgd.errors import ZsgdError
+
+    nbytes = max(1, int(nbytes))
+    per_burst = messages or messages_per_burst(nbytes)
+    server_ctx, client_ctx = zmq.Context(io_threads=1), zmq.Context(io_threads=2)
+    stop, ready = threading.Event(), []
+    thread = threading.Thread(target=_echo, args=(server_ctx, nbytes, ready, stop), name="zsgd-transport-echo", daemon=True)
+    thread.start()
+    socks: list = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not ready:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise ZsgdError("--broker-bandwidth measured: the echo server did not start")
+            time.sleep(0.001)
+        payload = np.zeros(nbytes, np.uint8)
+        poller = zmq.Poller()
+        for _ in range(clients):
+            s = client_ctx.socket(zmq.DEALER)
+            s.linger = 0
+            s.sndhwm = s.rcvhwm = 64
+            s.connect(f"tcp://127.0.0.1:{ready[0]}")
+            poller.register(s, zmq.POLLIN)
+            socks.append(s)
+        for s in socks:
+            s.send(payload, copy=False)
+        stamps: list[float] = []
+        need = clients + bursts * per_burst
+        while len(stamps) < need:
+            if time.monotonic() > deadline:
+                raise ZsgdError(f"--broker-bandwidth measured: {len(stamps)} of {need} echoes in {timeout_s:g} s")
+            for s, _ in poller.poll(100):
+                s.recv(copy=False)
+                stamps.append(time.perf_counter())
+                s.send(payload, copy=False)
+        measurements += 1
+        marks = stamps[clients - 1::per_burst]  # burst b spans marks[b] -> marks[b + 1]
+        return [per_burst * nbytes / (b - a) for a, b in zip(marks, marks[1:]) if b > a]
+    finally:
+        stop.set()
+        for s in socks:
+            s.close(linger=0)
+        thread.join(timeout=5)
+        client_ctx.term()
+        server_ctx.term()
+
+
+def _machine() -> str:
+    import zmq
+
+    return f"{platform.node()}/{os.cpu_count()}cpu/libzmq-{zmq.zmq_version()}"
+
+
+def cache_path() -> Path:
+    from zsgd.data.cache import zsgd_home
+
+    return zsgd_home() / "calibration" / "transport.json"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    """Atomic (temp file + rename); a read-only or full disk only costs a measurement next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="transport", suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def transport_bandwidth(nbytes: int) -> float:
+    """Bytes/s each way one ZeroMQ server moves for ``nbytes`` messages on this machine: measured once, then cached."""
+    nbytes = max(1, int(nbytes))
+    if nbytes in _memory:
+        return _memory[nbytes]
+    path, key = cache_path(), f"{_machine()}/{nbytes}"
+    data = _read_cache(path)
+    entry = data.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("bytes_per_s"), (int, float)) and entry["bytes_per_s"] > 0 \
+            and time.time() - float(entry.get("at", 0)) < MAX_AGE_S:
+        _memory[nbytes] = float(entry["bytes_per_s"])
+        return _memory[nbytes]
+    samples = measure_transport(nbytes)
+    value = float(statistics.median(samples))
+    _memory[nbytes] = value
+    data = _read_cache(path)  # another process may have added entries meanwhile
+    data[key] = {"bytes_per_s": value, "samples": samples, "at": time.time(), "load": os.getloadavg()[0]}
+    _write_cache(path, data)
+    return value
+
+
+__all__ = ["cache_path", "measure_transport", "messages_per_burst", "transport_bandwidth"]
