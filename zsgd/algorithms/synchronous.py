@@ -17,6 +17,11 @@ from zsgd.nn.server_step import add_scaled, is_finite
 
 class SyncSGD(ServerAlgorithm):
     name = "sync"
+    #: Admit a joiner into the round in progress while none of its gradients has arrived (else it waits for
+    #: the next round). Sharded servers (--servers K) set it: each keeps its own rounds, and workers that start
+    #: together reach the K servers in different orders; a worker in one server's round but waiting at
+    #: another's holds up both rounds for ever. Before any gradient of a round exists every server admits it.
+    admit_into_open_round = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -33,6 +38,9 @@ class SyncSGD(ServerAlgorithm):
         if not self.expected - self._got:
             # Nobody is computing: start a round with this worker (and any waiters) right away.
             return self._maybe_finish()
+        if self.admit_into_open_round and not self._got:
+            self.expected.add(worker)  # computes at the weights everyone in this round has
+            return [self.reply(worker)]
         self.waiting.add(worker)
         return []
 

@@ -109,6 +109,11 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             if access.secure and opts.expect_workers and not opts.remote.keys_dir:
                 access.write_client_files(run_dir, opts.expect_workers)
             launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show)
+            if servers > 1 and launcher.local is not None:
+                # Sharded sync rounds can deadlock when every worker and server starts at the same instant
+                # (seen with forked children: 4 workers x 3 servers hung in about 4 runs of 10; not yet
+                # understood), so a sharded run starts its local children as new interpreters, as before.
+                launcher.local.allow_fork = False
             started = time.monotonic()
             stop_on_sigterm(broker, show)  # a time limit's SIGTERM: checkpoint, summary, clean exit
             if servers > 1 and access.keys is not None:
