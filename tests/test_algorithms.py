@@ -72,6 +72,23 @@ def test_sync_waits_for_all_then_averages_by_samples():
     np.testing.assert_allclose(algo.w, -3.0 - (1.0 * 30 + 5.0 * 10) / 40)
 
 
+def test_sharded_sync_admits_a_joiner_into_the_round_in_progress():
+    """--servers K: each server admits a joiner into its current round, so no worker is ever held at one
+    server while it is in another's round (both would wait for ever)."""
+    algo = SyncSGD(np.zeros(2, np.float32), PlainSGD(1.0))
+    algo.admit_into_open_round = True
+    algo.add_worker(0, 0)
+    algo.add_worker(1, 0)
+    assert algo.on_update(Update(0, 0, grad(1.0, 2), 10), 1) == []  # worker 1 is in this round: it waits for it
+    (reply,) = ups(algo.add_worker(2, 1), Reply)  # joins after a gradient arrived: still in this round
+    assert reply.worker == 2 and reply.version == 0 and algo.expected == {0, 1, 2}
+    assert algo.on_update(Update(1, 0, grad(2.0, 2), 10), 2) == []
+    out = algo.on_update(Update(2, 0, grad(3.0, 2), 20), 3)
+    (applied,) = ups(out, Applied)
+    assert applied.contributors == 3 and applied.n_samples == 40
+    assert sorted(r.worker for r in ups(out, Reply)) == [0, 1, 2]
+
+
 def test_sync_dead_worker_is_dropped_from_round():
     algo = SyncSGD(np.zeros(2, np.float32), PlainSGD(1.0))
     algo.add_worker(0, 0)

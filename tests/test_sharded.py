@@ -106,6 +106,20 @@ def test_sharded_runs_train(tmp_path, no_orphans, algo, extra):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algo", ["sync", "localsgd:2"])
+def test_workers_that_start_at_once_share_every_servers_rounds(tmp_path, no_orphans, algo):
+    """Forked workers and servers start within milliseconds and reach the 3 servers in different orders;
+    a server that held a joiner for its next round while another put it in the current one deadlocked
+    both (about 4 runs in 10 of this shape hung before servers admitted joiners into the open round)."""
+    for attempt in range(2):
+        out = _run(tmp_path, f"r{attempt}", "--n-proc", "4", "--servers", "3", "--algo", algo, "--steps", "150", "--lr", "0.05",
+                   "--timeout", "5", timeout=90)
+        s = summary_of(out)
+        assert s["updates"] == 150 and s["worker_deaths"] == 0, s
+        assert set(s["workers"]) <= {"0", "1", "2", "3"}
+
+
+@pytest.mark.slow
 def test_killed_server_stops_the_run_and_resume_continues(tmp_path, no_orphans):
     out = tmp_path / "r"
     proc = start_run(out, "--quiet", "--model", "logreg", "--n-proc", "2", "--servers", "2", "--steps", "100000",

@@ -17,10 +17,11 @@ from zsgd.nn.server_step import add_scaled, is_finite
 
 class SyncSGD(ServerAlgorithm):
     name = "sync"
-    #: Admit a joiner into the round in progress while none of its gradients has arrived (else it waits for
-    #: the next round). Sharded servers (--servers K) set it: each keeps its own rounds, and workers that start
-    #: together reach the K servers in different orders; a worker in one server's round but waiting at
-    #: another's holds up both rounds for ever. Before any gradient of a round exists every server admits it.
+    #: Admit a joiner into the round in progress (it computes at this round's weights, and the round waits for
+    #: it) instead of holding it for the next round. Sharded servers (--servers K) set it: each server keeps
+    #: its own rounds, and a joiner reaches them at different moments; held at one server but in another's
+    #: round, it would wait for the first while the second waits for it, for ever. Admitted everywhere, it
+    #: gets every server's weights at once, computes, and every round it is in completes.
     admit_into_open_round = False
 
     def __init__(self, *args, **kwargs) -> None:
@@ -38,8 +39,9 @@ class SyncSGD(ServerAlgorithm):
         if not self.expected - self._got:
             # Nobody is computing: start a round with this worker (and any waiters) right away.
             return self._maybe_finish()
-        if self.admit_into_open_round and not self._got:
-            self.expected.add(worker)  # computes at the weights everyone in this round has
+        if self.admit_into_open_round:
+            self.waiting.discard(worker)
+            self.expected.add(worker)  # computes at this round's weights; the round waits for it
             return [self.reply(worker)]
         self.waiting.add(worker)
         return []

@@ -75,7 +75,6 @@ class LocalLauncher:
         self.timeout = timeout
         self.python = python
         self.children: list[Child] = []
-        self.allow_fork = True  # False: every child is a new interpreter (see runner: --servers K > 1)
 
     def command(self, worker_id: int, role: str = "worker") -> list[str]:
         return [self.python, "-m", "zsgd", "worker", "--connect", self.address, "--id", str(worker_id), "--role", role,
@@ -91,7 +90,7 @@ class LocalLauncher:
     def spawn(self, command: list[str], log_path: Path, name: str, stdin_pipe: bool = False) -> Any:
         """Start ``command`` (``python -m zsgd ...``) in its own session with its output on ``log_path``:
         forked from this warmed-up process where that is safe (``zsgd.runtime.forked``), else exec'd."""
-        if self.allow_fork and command[1:3] == ["-m", "zsgd"] and command[0] == sys.executable and fork_available():
+        if command[1:3] == ["-m", "zsgd"] and command[0] == sys.executable and fork_available():
             return fork_command(command[3:], log_path, title=f"zsgd {name}", stdin_pipe=stdin_pipe)
         env = os.environ | SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log:

@@ -109,13 +109,6 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             if access.secure and opts.expect_workers and not opts.remote.keys_dir:
                 access.write_client_files(run_dir, opts.expect_workers)
             launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show)
-            if servers > 1 and launcher.local is not None:
-                # Each server admits a joining worker into its sync rounds on its own, and a worker that joins
-                # mid-run can land in round r at one server and r+1 at another: both rounds then wait for ever
-                # (seen when forked children all start at once: 4 workers x 3 servers hung in about 4 runs of
-                # 10). Until the coordinator fixes each joiner's first round for every server, a sharded run
-                # starts its local children as new interpreters, whose staggered start avoids the race.
-                launcher.local.allow_fork = False
             started = time.monotonic()
             stop_on_sigterm(broker, show)  # a time limit's SIGTERM: checkpoint, summary, clean exit
             if servers > 1 and access.keys is not None:
