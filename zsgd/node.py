@@ -24,15 +24,14 @@ import zmq
 
 from zsgd.wire import protocol
 from zsgd.errors import ZsgdError
-from zsgd.wire.link import BROKER_DEAD, BrokerLink
+from zsgd.wire.link import BrokerLink
 from zsgd.wire.protocol import Message, MsgType
-from zsgd.runtime.node_options import NodeOptions, expect, identity_for, log, log_turnarounds
+from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, expect, identity_for, log, session_end
 from zsgd.runtime.replies import reply_decoder
 
 if TYPE_CHECKING:
     from zsgd.core.config import TrainConfig
 
-EXIT_OK, EXIT_BAD_REPLY, EXIT_USAGE, EXIT_BROKER_GONE = 0, 1, 2, 3
 UNASSIGNED_RUN = "-"  # run id in messages sent before the broker assigned one
 
 
@@ -101,18 +100,9 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
         msg = link.recv(timeout=opts.timeout)
         if msg is None:
             continue  # the link thread decides when the broker is dead
-        if msg is BROKER_DEAD:
-            log(opts, f"broker at {opts.connect} silent for {opts.timeout:g} s; exiting")
-            return EXIT_BROKER_GONE
-        if msg.type == MsgType.LEAVE:
-            log(opts, f"done ({msg.meta.get('reason', 'broker finished')})")
-            log_turnarounds(opts, turnarounds)
-            return EXIT_OK
-        if msg.type == MsgType.ERROR:
-            log(opts, f"broker reported an error: {msg.meta.get('message', '?')}")
-            if msg.meta.get("fatal"):
-                return EXIT_USAGE
-            continue
+        code = session_end(opts, msg, "broker", opts.connect, turnarounds, "broker finished")
+        if code is not None:
+            return code
         if msg.type == MsgType.WEIGHTS:
             t0 = max(link.last_arrival, idle_since)
             # The link thread hands the previous update to the socket after this loop let go of it: that

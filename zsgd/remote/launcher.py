@@ -34,11 +34,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from zsgd import __version__
 from zsgd.errors import ZsgdError
 from zsgd.remote.hosts import Host, load_hosts
-from zsgd.runtime.launch import SINGLE_THREAD_ENV, Child, LocalLauncher, _die_with_parent
+from zsgd.runtime.forked import die_with_parent
+from zsgd.runtime.launch import SINGLE_THREAD_ENV, Child, LocalLauncher
 from zsgd.remote.ssh import HostError, Probe, SshOptions, parallel, probe_host, python_sh
 
 WILDCARDS = ("0.0.0.0", "::", "*", "")
@@ -256,7 +258,7 @@ class RemoteLauncher:
         argv = self.plan.ssh.argv(host, self.command(worker_id, role, host), stdin=True)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
         if self.keys is not None:
             _send_line(proc, self.keys.bundle(f"worker-{worker_id}" if role == "worker" else f"{role}-{worker_id}"))
         child = Child(name, proc, log_path)
@@ -336,14 +338,10 @@ class KeyedLocalLauncher(LocalLauncher):
     def command(self, worker_id: int, role: str = "worker") -> list[str]:
         return [*super().command(worker_id, role), "--keys-stdin", "--watch-stdin"]
 
-    def start(self, worker_id: int, role: str = "worker") -> Child:
-        name = f"{role}-{worker_id}"
-        log_path = self.log_dir / f"{name}.log"
-        proc = self.spawn(self.command(worker_id, role), log_path, name, stdin_pipe=True)
+    stdin_pipe = True
+
+    def hand_over(self, proc: Any, worker_id: int, role: str) -> None:
         _send_line(proc, self.keys.bundle(f"worker-{worker_id}" if role == "worker" else f"{role}-{worker_id}"))
-        child = Child(name, proc, log_path)
-        self.children.append(child)
-        return child
 
     def stop_all(self, grace: float = 5.0) -> None:
         super().stop_all(grace)

@@ -42,11 +42,6 @@ def max_local_workers() -> tuple[int, str]:
     return limit, why
 
 
-def _die_with_parent() -> None:
-    """preexec: SIGTERM this child when the process that started it dies."""
-    die_with_parent()
-
-
 @dataclass
 class Child:
     name: str
@@ -80,12 +75,19 @@ class LocalLauncher:
         return [self.python, "-m", "zsgd", "worker", "--connect", self.address, "--id", str(worker_id), "--role", role,
                 "--heartbeat", f"{self.heartbeat:g}", "--timeout", f"{self.timeout:g}"]
 
+    stdin_pipe = False  # a pipe on the child's stdin, for hand_over()
+
     def start(self, worker_id: int, role: str = "worker") -> Child:
         name = f"{role}-{worker_id}"
         log_path = self.log_dir / f"{name}.log"
-        child = Child(name, self.spawn(self.command(worker_id, role), log_path, name), log_path)
+        proc = self.spawn(self.command(worker_id, role), log_path, name, stdin_pipe=self.stdin_pipe)
+        self.hand_over(proc, worker_id, role)
+        child = Child(name, proc, log_path)
         self.children.append(child)
         return child
+
+    def hand_over(self, proc: Any, worker_id: int, role: str) -> None:
+        """What a started child gets on its stdin pipe (nothing here; CURVE keys in a secure run)."""
 
     def spawn(self, command: list[str], log_path: Path, name: str, stdin_pipe: bool = False) -> Any:
         """Start ``command`` (``python -m zsgd ...``) in its own session with its output on ``log_path``:
@@ -95,7 +97,7 @@ class LocalLauncher:
         env = os.environ | SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log:
             return subprocess.Popen(command, stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent)
 
     def running(self) -> list[Child]:
         return [c for c in self.children if c.returncode is None]

@@ -68,6 +68,29 @@ def expect(opts: NodeOptions, link: Any, types: set, timeout: float, stage: str,
     return None
 
 
+EXIT_OK, EXIT_BAD_REPLY, EXIT_USAGE, EXIT_BROKER_GONE = 0, 1, 2, 3
+
+
+def session_end(opts: NodeOptions, msg: Any, who: str, address: str, turnarounds: list[float], done: str) -> int | None:
+    """The exit code when ``msg`` ends a worker's loop (its server went silent, said LEAVE, or sent a fatal
+    ERROR), else None; a non-fatal ERROR is logged here and the caller skips it like any non-WEIGHTS message.
+    ``done`` is the reason logged when a LEAVE gives none."""
+    from zsgd.wire.link import BROKER_DEAD
+
+    if msg is BROKER_DEAD:
+        log(opts, f"{who} at {address} silent for {opts.timeout:g} s; exiting")
+        return EXIT_BROKER_GONE
+    if msg.type == protocol.MsgType.LEAVE:
+        log(opts, f"done ({msg.meta.get('reason', done)})")
+        log_turnarounds(opts, turnarounds)
+        return EXIT_OK
+    if msg.type == protocol.MsgType.ERROR:
+        log(opts, f"{who} reported an error: {msg.meta.get('message', '?')}")
+        if msg.meta.get("fatal"):
+            return EXIT_USAGE
+    return None
+
+
 def log_turnarounds(opts: NodeOptions, turnarounds: list[float]) -> None:
     """Log the step-time distribution at the end (20 quantiles in ms, after the first 10 % of steps):
     a simulation of this run takes it as ``--compute trace:FILE``."""

@@ -29,13 +29,12 @@ import numpy as np
 import zmq
 
 from zsgd.core.config import TrainConfig
-from zsgd.runtime.node_options import NodeOptions, expect, log, log_turnarounds
+from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, expect, log, session_end
 from zsgd.runtime.replies import reply_decoder
 from zsgd.wire import protocol
-from zsgd.wire.link import BROKER_DEAD, BrokerLink, recv_any
+from zsgd.wire.link import BrokerLink, recv_any
 from zsgd.wire.protocol import MsgType
 
-EXIT_OK, EXIT_BAD_REPLY, EXIT_USAGE, EXIT_BROKER_GONE = 0, 1, 2, 3
 
 
 def server_address(connect: str, entry: dict[str, Any]) -> str:
@@ -97,19 +96,9 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
         if got is None:
             continue
         i, msg = got
-        if msg is BROKER_DEAD:
-            who = "the coordinator" if i == 0 else f"range server {i}"
-            log(opts, f"{who} at {links[i].address} silent for {opts.timeout:g} s; exiting")
-            return EXIT_BROKER_GONE
-        if msg.type == MsgType.LEAVE:
-            log(opts, f"done ({msg.meta.get('reason', 'run over')})")
-            log_turnarounds(opts, turnarounds)
-            return EXIT_OK
-        if msg.type == MsgType.ERROR:
-            log(opts, f"server {i} reported an error: {msg.meta.get('message', '?')}")
-            if msg.meta.get("fatal"):
-                return EXIT_USAGE
-            continue
+        code = session_end(opts, msg, "the coordinator" if i == 0 else f"range server {i}", links[i].address, turnarounds, "run over")
+        if code is not None:
+            return code
         if msg.type != MsgType.WEIGHTS:
             continue
         a, b = ranges[i]

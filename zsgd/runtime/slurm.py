@@ -180,7 +180,8 @@ class SlurmLauncher:
 
     def start_step(self, n: int) -> Any:
         """Start workers ``0 .. n - 1`` as one step; each takes its id from ``SLURM_PROCID``."""
-        from zsgd.runtime.launch import Child, _die_with_parent
+        from zsgd.runtime.forked import die_with_parent
+        from zsgd.runtime.launch import Child
         from zsgd.runtime.threads import SINGLE_THREAD_ENV
 
         first_id = 0
@@ -189,7 +190,7 @@ class SlurmLauncher:
         env = os.environ | SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(self.argv(n), stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True, preexec_fn=_die_with_parent)
+                                    start_new_session=True, preexec_fn=die_with_parent)
         if self.keys is not None and proc.stdin is not None:
             import json
 

@@ -24,7 +24,6 @@ def single_threaded_blas() -> bool:
     return True
 
 
-
 def blas_single_threaded() -> bool:
     """True when numpy in this process runs one BLAS thread: the thread settings are in the
     environment (zsgd sets them only before numpy is imported). A child forked from this process

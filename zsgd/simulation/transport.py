@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -156,13 +155,12 @@ def _read_cache(path: Path) -> dict:
 
 
 def _write_cache(path: Path, data: dict) -> None:
-    """Atomic (temp file + rename); a read-only or full disk only costs a measurement next time."""
+    """Atomic, as every file zsgd writes; a read-only or full disk only costs a measurement next time."""
+    from zsgd.output.rundir import atomic_write_bytes
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="transport", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, json.dumps(data, indent=1).encode())
     except OSError:
         pass
 
