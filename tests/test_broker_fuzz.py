@@ -30,7 +30,7 @@ garbage = st.one_of(
 @pytest.mark.slow
 def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_path, no_orphans):
     out = tmp_path / "run"
-    broker = start_zsgd("broker", "--workers", "3", "--algo", "async", "--steps", "2500", "--out", str(out), *FAST)
+    broker = start_zsgd("broker", "--workers", "3", "--algo", "async", "--steps", "2500", "--start-wait", "0", "--out", str(out), *FAST)  # the rogue is the third
     workers = []
     ctx = zmq.Context()
     try:

@@ -138,7 +138,7 @@ def test_remote_run_trains_across_both_hosts(cluster, initialized, tmp_path, no_
     write_broker_only_data(tmp_path / "fmdata")
     out = tmp_path / "run"
     proc = cluster.zsgd("run", "--remote", str(initialized["hosts"]), *cluster.ssh_args, "--n-proc", "1", "--secure", "--data", "fashion-mnist",
-                        "--data-dir", "fmdata", "--algo", "sync", "--steps", "4000", "--out", str(out), *FAST, cwd=tmp_path)
+                        "--data-dir", "fmdata", "--algo", "sync", "--steps", "400", "--out", str(out), *FAST, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "remote workers connect to tcp://127.0.0.1:" in proc.stderr and "(CURVE)" in proc.stderr
     s = summary_of(out)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from helpers import (broker_address, cli, pid_alive, port_free, read_events, run_zsgd, start_run, start_worker, stop, summary_of,
+from helpers import (broker_address, cli, pid_alive, port_free, read_events, run_zsgd, start_run, start_worker, start_zsgd, stop, summary_of,
                      wait_for, wait_for_updates, wait_for_workers, worker_pids)
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.01", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
@@ -187,3 +187,45 @@ def test_ctrl_c_tears_everything_down(tmp_path, no_orphans):
     assert "interrupted" in err and "Traceback" not in err
     assert not any(pid_alive(p) for p in pids.values())
     assert (out / "checkpoint.json").exists()
+
+
+@pytest.mark.slow
+def test_training_waits_for_every_worker_at_the_start_barrier(tmp_path, no_orphans):
+    """The first worker ready holds no weights until the second is ready too: no update comes before the
+    second worker joined, and both start together (the ``barrier`` event)."""
+    out = tmp_path / "run"
+    broker = start_zsgd("broker", "--workers", "2", "--no-evaluator", "--steps", "200", "--start-wait", "60", "--out", str(out), *FAST)
+    first = second = None
+    try:
+        address = broker_address(out)
+        first = start_worker(address, "--id", "0", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+        wait_for_workers(out, 1)
+        second = start_worker(address, "--id", "1", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+        _, err = broker.communicate(timeout=120)
+        assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0
+    finally:
+        stop(broker, first, second)
+    assert broker.returncode == 0, err[-2000:]
+    events = read_events(out)
+    joined = max(e["t"] for e in events if e["event"] == "worker" and e.get("status") == "joined")
+    barrier = next(e for e in events if e["event"] == "barrier")
+    assert barrier["workers"] == 2 and barrier["expected"] == 2 and barrier["t"] >= joined
+    assert min(e["t"] for e in events if e["event"] == "update") >= barrier["t"]
+
+
+@pytest.mark.slow
+def test_the_start_barrier_gives_up_on_a_missing_worker(tmp_path, no_orphans):
+    """--start-wait bounds the barrier: a run expecting two workers trains with the one that came."""
+    out = tmp_path / "run"
+    broker = start_zsgd("broker", "--workers", "2", "--no-evaluator", "--steps", "100", "--start-wait", "0.5", "--out", str(out), *FAST)
+    worker = None
+    try:
+        worker = start_worker(broker_address(out), "--id", "0", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+        _, err = broker.communicate(timeout=120)
+        assert worker.wait(timeout=30) == 0
+    finally:
+        stop(broker, worker)
+    assert broker.returncode == 0, err[-2000:]
+    barrier = next(e for e in read_events(out) if e["event"] == "barrier")
+    assert barrier["workers"] == 1 and barrier["expected"] == 2 and barrier["waited_s"] >= 0.5
+    assert summary_of(out)["updates"] >= 100

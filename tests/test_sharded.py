@@ -175,3 +175,37 @@ def test_sim_times_one_range_per_server_and_widens_the_servers_nic(tmp_path, mon
 def test_sim_bad_servers_is_one_line(tmp_path, args, match):
     result = cli("sim", "--model", "logreg", "--workers", "4", "--steps", "10", "--quiet", "--out", str(tmp_path / "s"), *args)
     assert result.exit_code == 2 and match in result.stderr and len(lines_of(result.stderr)) == 1, result.output
+
+
+def test_a_worker_joining_range_servers_leaves_when_the_run_ends_meanwhile():
+    """A late worker waits for a range server's ASSIGN; the coordinator's LEAVE (the run ended before it
+    joined) ends the wait at once, not after --join-timeout; the coordinator's other messages are kept."""
+    import zmq
+
+    from zsgd.runtime.node_options import EXIT_OK, NodeOptions
+    from zsgd.runtime.sharded_worker import _join_servers
+    from zsgd.wire import protocol
+    from zsgd.wire.frames import encode
+    from zsgd.wire.link import BrokerLink
+
+    ctx = zmq.Context()
+    coordinator, silent = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    links = []
+    try:
+        ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in (coordinator, silent)]
+        run = "c" * 12
+        links = [BrokerLink(ctx, f"tcp://127.0.0.1:{p}", b"w-5", run=run, worker=5, heartbeat=0.1, timeout=30).open() for p in ports]
+        opts = NodeOptions(connect=links[0].address, worker_id=5, join_timeout=60, heartbeat=0.1, timeout=30, quiet=True)
+        assert coordinator.poll(10_000), "the worker's link never reached the coordinator"
+        identity = coordinator.recv_multipart()[0]
+        coordinator.send_multipart([identity, *encode(protocol.weights_message(run, 3, np.ones(4, np.float32)))])
+        coordinator.send_multipart([identity, *encode(protocol.leave(run, 5, "reached 10 updates"))])
+        early: list = []
+        assert _join_servers(opts, links, early) == EXIT_OK  # waiting out the join timeout would be EXIT_BROKER_GONE
+        assert [m.type for _, m in early] == [protocol.MsgType.WEIGHTS]
+    finally:
+        for link in links:
+            link.close()
+        coordinator.close(0)
+        silent.close(0)
+        ctx.term()

@@ -29,6 +29,8 @@ def _runtime_options(func):
         click.option("--servers", default=1, show_default=True, type=int,
                      help="Split the model over K parameter-server processes (contiguous ranges, one port and core each); "
                           "workers push and pull every range at once."),
+        click.option("--start-wait", default=10.0, show_default=True, type=float,
+                     help="Hold training until every worker is ready, at most this many seconds after the first (0: start at once)."),
         click.option("--eval-interval", default=0.0, show_default=True, type=float, help="Also evaluate every N seconds (0: off)."),
         click.option("--inject-latency", default=None, metavar="SPEC", help="Emulate one-way latency per message (same specs as 'zsgd sim --latency', e.g. 20ms, lognormal:20ms,0.5)."),
         click.option("--inject-bandwidth", default=None, metavar="SPEC", help="Emulate per-worker link bandwidth, e.g. 100Mbps."),

@@ -57,6 +57,9 @@ class ParameterServer(Service):
         self.dropped: Counter = Counter()
         self.update_bytes = self.dense_update_bytes = 0  # accepted updates as sent, and uncompressed
         self.reply_bytes = self.dense_reply_bytes = 0  # weight replies as sent, and as full weights
+        # The start barrier: ready workers wait here (no weights yet) until all the run's workers are
+        # ready, or --start-wait seconds after the first; then all start together. None: started.
+        self._waiting: dict[int, float] | None = {} if opts.start_wait > 0 and broker.opts.n_workers > 1 else None
 
     def share_replies(self) -> None:
         """Replies go out zero-copy as views of the live weights; the algorithm copies them away
@@ -88,12 +91,36 @@ class ParameterServer(Service):
             self.reply_codec.forget(peer.worker)  # a (re)joining worker holds no weights yet: full ones first
 
     def worker_ready(self, peer: Peer) -> None:
-        self._dispatch(self.algo.add_worker(peer.worker, self.b.elapsed))
+        if self._waiting is None:
+            self._dispatch(self.algo.add_worker(peer.worker, self.b.elapsed))
+            return
+        self._waiting.setdefault(peer.worker, self.b.elapsed)
+        if len(self._waiting) >= self.b.opts.n_workers:
+            self._start()
 
     def worker_gone(self, peer: Peer, status: str) -> None:
         if self.reply_codec is not None:
             self.reply_codec.forget(peer.worker)
+        if self._waiting is not None:
+            self._waiting.pop(peer.worker, None)
+            return
         self._dispatch(self.algo.remove_worker(peer.worker, self.b.elapsed))
+
+    def tick(self, now: float) -> None:
+        if self._waiting and self.b.elapsed - min(self._waiting.values()) > self.opts.start_wait:
+            self._start()
+
+    def _start(self) -> None:
+        """Release the start barrier: every waiting worker gets the weights at once (a sync run's first
+        round holds them all; an async run's throughput is measured with all of them from its first update)."""
+        b, waiting = self.b, self._waiting or {}
+        self._waiting = None
+        b.metrics.write("barrier", b.elapsed, workers=len(waiting), expected=b.opts.n_workers,
+                        waited_s=round(b.elapsed - min(waiting.values(), default=b.elapsed), 3))
+        for worker in sorted(waiting):
+            peer = b.session.members.by_worker.get(worker)
+            if peer is not None and peer.state == "ready":
+                self._dispatch(self.algo.add_worker(worker, b.elapsed))
 
     def on_peer(self, peer: Peer, frames: list, msg: Message) -> None:
         self.b.reject(peer.identity, "unexpected-type", "PEER is not accepted by a centralized broker")

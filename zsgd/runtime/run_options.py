@@ -37,6 +37,7 @@ class ServerOptions:
     checkpoint_every: int = 500  # updates; 0: off
     eval_interval: float = 0.0  # also evaluate every N seconds (0: off)
     servers: int = 1  # --servers K: the vector split over K server processes (zsgd.runtime.sharded)
+    start_wait: float = 10.0  # seconds the first ready worker waits for the others before training starts (0: no barrier)
 
     @property
     def decentralized(self) -> bool:
@@ -59,6 +60,8 @@ class ServerOptions:
         make_codec(self.compress_replies, 1)
         if not self.eval_interval >= 0 or self.eval_interval == float("inf"):
             raise ZsgdError(f"--eval-interval must be a finite number of seconds >= 0, got {self.eval_interval}")
+        if not 0 <= self.start_wait < float("inf"):
+            raise ZsgdError(f"--start-wait must be a finite number of seconds >= 0, got {self.start_wait}")
         if self.checkpoint_every < 0:
             raise ZsgdError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         from zsgd.core.ranges import check_servers

@@ -86,7 +86,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                           emulator=opts.emulator(cfg.seed), emulation=opts.emulation)
     launcher = None
     interrupted = False
-    from zsgd.runtime.stop_signal import stop_on_sigterm
+    from zsgd.runtime import stop_signal
 
     try:
         with MetricsWriter(run_dir / "metrics.jsonl", tensorboard=run_dir / "tensorboard" if opts.output.tensorboard else None) as metrics:
@@ -110,7 +110,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                 access.write_client_files(run_dir, opts.expect_workers)
             launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show)
             started = time.monotonic()
-            stop_on_sigterm(broker, show)  # a time limit's SIGTERM: checkpoint, summary, clean exit
+            stop_signal.stop_on_signals(broker, show)  # SIGTERM, Ctrl-C: checkpoint, summary, clean exit
             if servers > 1 and access.keys is not None:
                 for i in range(opts.n_workers):  # the range servers' allow-lists are fixed when they start
                     access.keys.bundle(f"worker-{i}")
@@ -134,10 +134,11 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                 try:
                     broker.serve(on_tick=tick)
                 except KeyboardInterrupt:
-                    # Ctrl-C (or SIGTERM from a launcher): the broker has checkpointed on its way
-                    # out; write the summary of what was done, then exit as interrupted.
+                    # A second Ctrl-C (the first only set the stop reason): the broker has checkpointed
+                    # on its way out; write the summary of what was done, then exit as interrupted.
                     interrupted = True
                     broker.ledger.stop("interrupted")
+                interrupted = interrupted or stop_signal.interrupted()
             # The broker has said LEAVE and closed its socket: the children end on their own while the
             # results are written, and are reaped below before this function returns, whatever happens.
             broker.final_evaluation()
@@ -155,7 +156,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     finally:
         if launcher is not None:
             launcher.stop_all(grace=2 * opts.network.heartbeat + 1)
-        stop_on_sigterm(None)
+        stop_signal.stop_on_signals(None)
     summary["run_dir"] = str(run_dir)
     if interrupted:
         raise KeyboardInterrupt

@@ -29,10 +29,11 @@ import numpy as np
 import zmq
 
 from zsgd.core.config import TrainConfig
-from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, expect, log, session_end
+from zsgd.errors import ZsgdError
+from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, log, session_end
 from zsgd.runtime.replies import reply_decoder
 from zsgd.wire import protocol
-from zsgd.wire.link import BrokerLink, recv_any
+from zsgd.wire.link import BROKER_DEAD, BrokerLink, recv_any
 from zsgd.wire.protocol import MsgType
 
 
@@ -56,22 +57,52 @@ def run_sharded(opts: NodeOptions, link: BrokerLink, config: TrainConfig, assign
             extra = BrokerLink(ctx, server_address(opts.connect, s), link.identity, run=link.run, worker=link.worker,
                                heartbeat=opts.heartbeat, timeout=opts.timeout, curve=opts.curve).open()
             links.append(extra)
-        for i, extra in enumerate(links[1:], start=1):
+        for extra in links[1:]:
             extra.send(protocol.hello(link.run, link.worker, stage="join", role="worker", host=opts.host_label or "?"))
-        for i, extra in enumerate(links[1:], start=1):
-            if expect(opts, extra, {MsgType.ASSIGN}, opts.join_timeout, "join", who=f"range server {i}") is None:
-                return EXIT_BROKER_GONE
-            extra.send(protocol.hello(link.run, link.worker, stage="ready", role="worker"))
+        early: list = []
+        code = _join_servers(opts, links, early)
+        if code is not None:
+            return code
         log(opts, f"joined {len(links)} servers (ranges {', '.join(f'[{a:,}, {b:,})' for a, b in ranges)})")
-        return _loop(opts, links, config, assign_meta, model, x, y, ranges)
+        return _loop(opts, links, config, assign_meta, model, x, y, ranges, early)
     finally:
         for extra in links[1:]:
             extra.close()
         ctx.term()
 
 
+def _join_servers(opts: NodeOptions, links: list[BrokerLink], early: list) -> int | None:
+    """Wait for every range server's ASSIGN (answering each with HELLO ready) while watching the coordinator:
+    None when all have answered, else the exit code. A run that ends meanwhile (a worker that started
+    late) ends the wait at once; the coordinator's other messages are kept in ``early`` for the loop."""
+    pending = set(range(1, len(links)))
+    deadline = time.monotonic() + opts.join_timeout
+    while pending and time.monotonic() < deadline:
+        got = recv_any(links, min(1.0, max(0.0, deadline - time.monotonic())))
+        if got is None:
+            continue
+        i, msg = got
+        who = "the coordinator" if i == 0 else f"range server {i}"
+        if i in pending and msg is not BROKER_DEAD and msg.type == MsgType.ERROR:
+            raise ZsgdError(f"{who} refused this worker: {msg.meta.get('message', '?')}")
+        code = session_end(opts, msg, who, links[i].address, [], "the run ended before this worker joined every range server")
+        if code is not None:
+            return code
+        if i == 0:
+            early.append((i, msg))
+        elif msg.type == MsgType.ASSIGN and i in pending:
+            pending.discard(i)
+            links[i].send(protocol.hello(links[0].run, links[0].worker, stage="ready", role="worker"))
+    if not pending:
+        return None
+    first = min(pending)
+    log(opts, f"no range server {first} answered at {links[first].address} within {opts.join_timeout:g} s (join); "
+              f"is the range server {first} running and the address right?")
+    return EXIT_BROKER_GONE
+
+
 def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta: dict, model: Any, x: np.ndarray, y: np.ndarray,
-          ranges: list[tuple[int, int]]) -> int:
+          ranges: list[tuple[int, int]], early: list | None = None) -> int:
     from zsgd.algorithms import make_worker_step
     from zsgd.compression import make_codec
     from zsgd.nn.optim import clip_grad_norm
@@ -92,7 +123,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
     t0 = None
     turnarounds: list[float] = []
     while True:
-        got = recv_any(links, opts.timeout)
+        got = early.pop(0) if early else recv_any(links, opts.timeout)
         if got is None:
             continue
         i, msg = got

@@ -1,11 +1,18 @@
-"""SIGTERM stops a run the way its stop rule would: checkpoint, final evaluation, summary, exit 0.
+"""SIGTERM and Ctrl-C stop a run the way its stop rule would: checkpoint, final evaluation, summary.
 
 Slurm sends SIGTERM before a job's time limit (``#SBATCH --signal=B:TERM@120``),
 on ``scancel --signal=TERM`` and before preemption, then SIGKILL after a
 grace period. Dying on the signal would lose everything since the last
 periodic checkpoint; instead the broker's loop ends at its next turn (a
 fraction of a heartbeat), which writes the checkpoint that ``--resume auto``
-picks up when the job is submitted again.
+picks up when the job is submitted again; the exit status is 0.
+
+Ctrl-C (SIGINT) does the same and then exits with 130. It sets the stop
+reason instead of raising KeyboardInterrupt: an exception raised by a signal
+lands in whatever code runs at that instant, and when that is a finalizer
+(a garbage-collected ZeroMQ object's ``__del__``) Python prints it as
+"Exception ignored" and drops it, and the run went on training. A second
+Ctrl-C raises KeyboardInterrupt at once, for a clean stop that hangs.
 """
 
 from __future__ import annotations
@@ -14,28 +21,46 @@ import signal
 import threading
 from typing import Any
 
-_previous: Any = None
+_previous: dict[int, Any] = {}
+_interrupted = False
 
 
-def stop_on_sigterm(broker: Any, show: bool = True) -> None:
-    """From now on SIGTERM sets ``broker``'s stop reason; ``None`` restores the previous handler."""
-    global _previous
+def stop_on_signals(broker: Any, show: bool = True) -> None:
+    """From now on SIGTERM and SIGINT set ``broker``'s stop reason; ``None`` restores the previous handlers."""
+    global _interrupted
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may set handlers (a run started from a library thread keeps the default)
     if broker is None:
-        if _previous is not None:
-            signal.signal(signal.SIGTERM, _previous)
-            _previous = None
+        for signum, previous in _previous.items():
+            signal.signal(signum, previous)
+        _previous.clear()
         return
+    _interrupted = False
 
-    def handle(signum: int, frame: Any) -> None:
+    def say(text: str) -> None:
+        if show:
+            from zsgd.output.live import stderr_console
+
+            stderr_console.print(text)
+
+    def on_term(signum: int, frame: Any) -> None:
         if broker.ledger.stop_reason is None:
             broker.ledger.stop("stopped by SIGTERM (checkpoint written; continue with --resume)")
-            if show:
-                from zsgd.output.live import stderr_console
+            say("[yellow]SIGTERM[/]: stopping with a checkpoint")
 
-                stderr_console.print("[yellow]SIGTERM[/]: stopping with a checkpoint")
+    def on_int(signum: int, frame: Any) -> None:
+        global _interrupted
+        if _interrupted:
+            raise KeyboardInterrupt
+        _interrupted = True
+        broker.ledger.stop("interrupted")
+        say("[yellow]Ctrl-C[/]: stopping with a checkpoint and a summary (Ctrl-C again to stop at once)")
 
-    previous = signal.signal(signal.SIGTERM, handle)
-    if _previous is None:
-        _previous = previous
+    for signum, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, on_int)):
+        previous = signal.signal(signum, handler)
+        _previous.setdefault(signum, previous)
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C stopped the run (its command then exits with 130, after the summary)."""
+    return _interrupted
