@@ -80,24 +80,18 @@ def zip_bytes(entries: dict[str, np.ndarray], compression: int) -> bytes:
     return buffer.getvalue()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="directory with the four IDX files")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument("--no-verify", action="store_true", help="skip the source checksum check")
-    args = parser.parse_args(argv)
-
-    found, missing = find_idx_files(args.source)
+def select(source: Path, seed: int, verify: bool = True) -> tuple[dict, dict, dict]:
+    """``(meta, subset, provenance)`` arrays drawn from the IDX files in ``source``; ValueError if they are
+    missing or (``verify``) not the upstream files."""
+    found, missing = find_idx_files(source)
     if missing:
-        parser.error(f"{args.source} lacks {missing}")
+        raise ValueError(f"{source} lacks {missing}")
     full = {role: read_idx(path) for role, path in found.items()}
     for role, array in full.items():
         digest = idx_payload_sha256(array)
-        if digest != DECOMPRESSED_SHA256[role] and not args.no_verify:
-            parser.error(f"{found[role]} is not the upstream Fashion-MNIST file (sha256 {digest}); use --no-verify")
-
-    rng = np.random.default_rng(args.seed)
+        if digest != DECOMPRESSED_SHA256[role] and verify:
+            raise ValueError(f"{found[role]} is not the upstream Fashion-MNIST file (sha256 {digest}); use --no-verify")
+    rng = np.random.default_rng(seed)
     train_idx = stratified(full["y_train"], TRAIN_PER_CLASS, rng)
     test_idx = stratified(full["y_test"], TEST_PER_CLASS, rng)
     subset = {
@@ -109,15 +103,35 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "classes": np.asarray(FASHION_MNIST_CLASSES),
         "format": np.asarray([1], dtype=np.int64),
-        "seed": np.asarray([args.seed], dtype=np.int64),
+        "seed": np.asarray([seed], dtype=np.int64),
     }
     provenance = {"train_indices": train_idx.astype(np.uint16), "test_indices": test_idx.astype(np.uint16)}
+    return meta, subset, provenance
 
-    xz_entries = dict(meta)
-    for name, array in {**subset, **provenance}.items():
-        xz_entries.update(encode_xz(name, array))
+
+def xz_archive(meta: dict[str, np.ndarray], arrays: dict[str, np.ndarray], encode=encode_xz) -> bytes:
+    """The xz encoding's npz bytes: ``meta`` as it is, each of ``arrays`` through ``encode`` (the test
+    passes one that reuses the shipped payloads of the big arrays, whose xz takes seconds)."""
+    entries = dict(meta)
+    for name, array in arrays.items():
+        entries.update(encode(name, array))
+    return zip_bytes(entries, zipfile.ZIP_STORED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="directory with the four IDX files")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--no-verify", action="store_true", help="skip the source checksum check")
+    args = parser.parse_args(argv)
+
+    try:
+        meta, subset, provenance = select(args.source, args.seed, verify=not args.no_verify)
+    except ValueError as exc:
+        parser.error(str(exc))
     candidates = {
-        "xz": zip_bytes(xz_entries, zipfile.ZIP_STORED),
+        "xz": xz_archive(meta, {**subset, **provenance}),
         "savez_compressed": zip_bytes({**meta, **subset, **provenance}, zipfile.ZIP_DEFLATED),
     }
     for label, blob in candidates.items():
