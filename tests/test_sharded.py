@@ -16,6 +16,7 @@ from helpers import cli, events, lines_of, read_events, run_zsgd, start_run, sto
 
 from zsgd.core.ranges import join_state, slice_state, split_ranges
 from zsgd.errors import ZsgdError
+from zsgd.wire import protocol
 
 
 # -- the split --------------------------------------------------------------------------
@@ -177,35 +178,93 @@ def test_sim_bad_servers_is_one_line(tmp_path, args, match):
     assert result.exit_code == 2 and match in result.stderr and len(lines_of(result.stderr)) == 1, result.output
 
 
+class _FakeServers:
+    """A coordinator and range servers as bare ROUTER sockets, and a worker's links to them (real ZeroMQ on loopback)."""
+
+    def __init__(self, n: int) -> None:
+        import zmq
+
+        from zsgd.runtime.node_options import NodeOptions
+        from zsgd.wire.link import BrokerLink
+
+        self.ctx = zmq.Context()
+        self.sockets = [self.ctx.socket(zmq.ROUTER) for _ in range(n)]
+        ports = [sock.bind_to_random_port("tcp://127.0.0.1") for sock in self.sockets]
+        self.run = "c" * 12
+        self.links = [BrokerLink(self.ctx, f"tcp://127.0.0.1:{p}", b"w-5", run=self.run, worker=5, heartbeat=0.1, timeout=30).open()
+                      for p in ports]
+        self.opts = NodeOptions(connect=self.links[0].address, worker_id=5, join_timeout=60, heartbeat=0.1, timeout=30, quiet=True)
+        self.identity: list = [None] * n
+
+    def recv(self, i: int):
+        """The next message the worker sent to socket ``i`` (heartbeats included), decoded."""
+        from zsgd.wire.frames import decode
+
+        assert self.sockets[i].poll(10_000), f"nothing reached socket {i}"
+        frames = self.sockets[i].recv_multipart()
+        self.identity[i] = frames[0]
+        return decode(frames[1:])
+
+    def recv_stage(self, i: int, stage: str) -> None:
+        while (m := self.recv(i)).type != protocol.MsgType.HELLO or m.meta.get("stage") != stage:
+            pass
+
+    def send(self, i: int, msg) -> None:
+        from zsgd.wire.frames import encode
+
+        if self.identity[i] is None:
+            self.recv(i)  # a heartbeat names the worker's socket
+        self.sockets[i].send_multipart([self.identity[i], *encode(msg)])
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+        for sock in self.sockets:
+            sock.close(0)
+        self.ctx.term()
+
+
+def test_a_worker_joining_range_servers_keeps_weights_that_come_meanwhile():
+    """Weights from the coordinator, or from a server that has answered, while another server's ASSIGN is
+    awaited, are kept for the training loop (dropping them left the worker waiting for ever)."""
+    import threading
+
+    from zsgd.runtime.sharded_worker import _join_servers
+    from zsgd.wire.protocol import MsgType
+
+    fake = _FakeServers(3)
+    early: list = []
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(_join_servers(fake.opts, fake.links, early)), daemon=True)
+    try:
+        for link in fake.links[1:]:
+            link.send(protocol.hello(fake.run, 5, stage="join", role="worker"))
+        worker.start()
+        fake.send(0, protocol.weights_message(fake.run, 3, np.ones(4, np.float32)))
+        fake.recv_stage(1, "join")
+        fake.send(1, protocol.assign(fake.run, 5, {}))
+        fake.recv_stage(1, "ready")
+        fake.send(1, protocol.weights_message(fake.run, 7, np.ones(2, np.float32)))
+        wait_for(lambda: len(early) == 2, 20, interval=0.01, what="both weights to be kept")
+        fake.recv_stage(2, "join")
+        fake.send(2, protocol.assign(fake.run, 5, {}))
+        fake.recv_stage(2, "ready")
+        worker.join(20)
+        assert result == [None]
+        assert sorted((i, m.type, m.version) for i, m in early) == [(0, MsgType.WEIGHTS, 3), (1, MsgType.WEIGHTS, 7)]
+    finally:
+        fake.close()
+
+
 def test_a_worker_joining_range_servers_leaves_when_the_run_ends_meanwhile():
     """A late worker waits for a range server's ASSIGN; the coordinator's LEAVE (the run ended before it
-    joined) ends the wait at once, not after --join-timeout; the coordinator's other messages are kept."""
-    import zmq
-
-    from zsgd.runtime.node_options import EXIT_OK, NodeOptions
+    joined) ends the wait at once, not after --join-timeout."""
+    from zsgd.runtime.node_options import EXIT_OK
     from zsgd.runtime.sharded_worker import _join_servers
-    from zsgd.wire import protocol
-    from zsgd.wire.frames import encode
-    from zsgd.wire.link import BrokerLink
 
-    ctx = zmq.Context()
-    coordinator, silent = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
-    links = []
+    fake = _FakeServers(2)
     try:
-        ports = [s.bind_to_random_port("tcp://127.0.0.1") for s in (coordinator, silent)]
-        run = "c" * 12
-        links = [BrokerLink(ctx, f"tcp://127.0.0.1:{p}", b"w-5", run=run, worker=5, heartbeat=0.1, timeout=30).open() for p in ports]
-        opts = NodeOptions(connect=links[0].address, worker_id=5, join_timeout=60, heartbeat=0.1, timeout=30, quiet=True)
-        assert coordinator.poll(10_000), "the worker's link never reached the coordinator"
-        identity = coordinator.recv_multipart()[0]
-        coordinator.send_multipart([identity, *encode(protocol.weights_message(run, 3, np.ones(4, np.float32)))])
-        coordinator.send_multipart([identity, *encode(protocol.leave(run, 5, "reached 10 updates"))])
-        early: list = []
-        assert _join_servers(opts, links, early) == EXIT_OK  # waiting out the join timeout would be EXIT_BROKER_GONE
-        assert [m.type for _, m in early] == [protocol.MsgType.WEIGHTS]
+        fake.send(0, protocol.leave(fake.run, 5, "reached 10 updates"))
+        assert _join_servers(fake.opts, fake.links, []) == EXIT_OK  # waiting out the join timeout would be EXIT_BROKER_GONE
     finally:
-        for link in links:
-            link.close()
-        coordinator.close(0)
-        silent.close(0)
-        ctx.term()
+        fake.close()

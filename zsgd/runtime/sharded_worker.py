@@ -74,7 +74,8 @@ def run_sharded(opts: NodeOptions, link: BrokerLink, config: TrainConfig, assign
 def _join_servers(opts: NodeOptions, links: list[BrokerLink], early: list) -> int | None:
     """Wait for every range server's ASSIGN (answering each with HELLO ready) while watching the coordinator:
     None when all have answered, else the exit code. A run that ends meanwhile (a worker that started
-    late) ends the wait at once; the coordinator's other messages are kept in ``early`` for the loop."""
+    late) ends the wait at once. Every other message (weights of the coordinator or of a server that has
+    answered) is kept in ``early`` for the loop."""
     pending = set(range(1, len(links)))
     deadline = time.monotonic() + opts.join_timeout
     while pending and time.monotonic() < deadline:
@@ -88,11 +89,11 @@ def _join_servers(opts: NodeOptions, links: list[BrokerLink], early: list) -> in
         code = session_end(opts, msg, who, links[i].address, [], "the run ended before this worker joined every range server")
         if code is not None:
             return code
-        if i == 0:
-            early.append((i, msg))
-        elif msg.type == MsgType.ASSIGN and i in pending:
+        if i in pending and msg.type == MsgType.ASSIGN:
             pending.discard(i)
             links[i].send(protocol.hello(links[0].run, links[0].worker, stage="ready", role="worker"))
+        else:  # the coordinator's weights, or those of a server that has already answered
+            early.append((i, msg))
     if not pending:
         return None
     first = min(pending)
