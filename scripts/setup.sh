@@ -25,5 +25,5 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q -e '.[dev]'
 "$PY" -m pip install -q 'torch==2.13.0' || echo "setup: torch 2.13.0 not installable here; PyTorch parity tests and benchmarks will be skipped"
 # Compile the numba kernels once so the first run and the tests start fast.
-"$PY" -c "import zsgd.nn.models as m; m.warm_up()" || echo "setup: numba warm-up failed"
+"$PY" -c "import zsgd.nn.models as m; m.warm_up_in_parallel()" || echo "setup: numba warm-up failed"
 echo "setup: done"

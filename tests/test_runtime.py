@@ -43,8 +43,10 @@ def test_run_trains_and_cleans_up(tmp_path, algo, no_orphans):
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", ["async", "sync"])
 def test_kill_9_one_of_four_workers(tmp_path, algo, no_orphans):
+    """A worker killed outright is declared dead within a few heartbeat timeouts, and the run trains on
+    without it (sync: its rounds resume with three); then SIGTERM ends the run as a time limit would."""
     out = tmp_path / "run"
-    proc = start_run(out, *FAST, "--n-proc", "4", "--algo", algo, "--steps", "3000")
+    proc = start_run(out, *FAST, "--n-proc", "4", "--algo", algo, "--steps", "1000000")
     try:
         pids = wait_for_workers(out, 4)
         wait_for_updates(out, 20)
@@ -53,16 +55,16 @@ def test_kill_9_one_of_four_workers(tmp_path, algo, no_orphans):
         death = wait_for(lambda: [e for e in read_events(out) if e["event"] == "worker" and e.get("status") == "dead"], 10, what="death")
         assert death[0]["worker"] == 1
         assert time.monotonic() - t_kill < 3 * 1.5 + 2  # within a few heartbeat timeouts
-        _, err = proc.communicate(timeout=180)
+        dead_t = death[0]["t"]
+        wait_for(lambda: sum(e["event"] == "update" and e["t"] > dead_t + 0.5 for e in read_events(out)) >= 100, 60,
+                 what="100 updates after the death")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
     finally:
         stop(proc, group=True)
     assert proc.returncode == 0, err[-2000:]
     s = summary_of(out)
-    assert s["updates"] >= 3000 and s["worker_deaths"] == 1
-    if algo == "sync":
-        dead_t = death[0]["t"]
-        later = [e for e in read_events(out) if e["event"] == "update" and e["t"] > dead_t + 0.5]
-        assert later, "sync rounds did not resume after the death"
+    assert s["worker_deaths"] == 1 and s["stop_reason"].startswith("stopped by SIGTERM"), s
 
 
 @pytest.mark.slow

@@ -475,3 +475,25 @@ def warm_up(names: tuple[str, ...] = ("logreg", "mlp", "cnn", "lenet5", "lstm"))
 
     for opt in OPTIMIZER_NAMES:
         warm_optimizer(opt, weight_decay=1e-4)
+
+
+def warm_up_in_parallel(jobs: int | None = None) -> None:
+    """``warm_up`` of every built-in model, in up to ``jobs`` processes (default: one per core, at most one
+    per model): numba compiles on one thread, so ``zsgd remote init`` on a many-core host would otherwise
+    compile for minutes on one core. Kernels two models share are compiled by both at worst; numba writes
+    its cache files atomically."""
+    import os
+    import subprocess
+    import sys
+
+    order = ("cnn", "lenet5", "lstm", "mlp", "logreg")  # most kernels first, so the bins come out even
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(order)))
+    if jobs == 1:
+        warm_up(order)
+        return
+    bins = [order[i::jobs] for i in range(jobs)]
+    procs = [subprocess.Popen([sys.executable, "-c", f"import zsgd.nn.models as m; m.warm_up({names!r})"], stdin=subprocess.DEVNULL)
+             for names in bins]
+    failed = [names for names, proc in zip(bins, procs) if proc.wait() != 0]
+    if failed:
+        raise RuntimeError(f"compiling the kernels of {', '.join(n for names in failed for n in names)} failed")

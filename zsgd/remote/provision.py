@@ -157,7 +157,7 @@ WARM_CODE = (
     "import numpy as np\n"
     "import zsgd.nn.models as m\n"
     "from zsgd.data import to_float\n"
-    "w_up = getattr(m, 'warm_up', None)\n"
+    "w_up = getattr(m, 'warm_up_in_parallel', None) or getattr(m, 'warm_up', None)\n"
     "if w_up is not None:\n    w_up()\n"
     "else:\n"
     "    x = np.zeros((4, 1, 28, 28), np.uint8); y = np.arange(4) % 10\n"
