@@ -27,14 +27,21 @@ def test_every_mode_writes_the_same_core_summary_keys(tmp_path):
         "run-dsgd": ["run", "--n-proc", "3", "--algo", "dsgd", *TINY, "--steps", "10", *NET],
     }
     found = {}
-    for name, args in runs.items():
+    # The real runs (processes) go in the background while the one-process modes run here (no interpreter
+    # to start, no data set to load again).
+    procs = {name: start_zsgd(*args, "--out", str(tmp_path / name)) for name, args in runs.items() if args[0] == "run"}
+    try:
+        for name, args in runs.items():
+            if name not in procs:
+                result = cli(*args, "--out", str(tmp_path / name))
+                assert result.exit_code == 0, f"{name}: {result.stderr[-2000:]}"
+        for name, proc in procs.items():
+            _, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, f"{name}: {err[-2000:]}"
+    finally:
+        stop(*procs.values(), group=True)
+    for name in runs:
         out = tmp_path / name
-        if args[0] == "run":  # real processes
-            proc = run_zsgd(*args, "--out", str(out), timeout=240)
-            assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
-        else:  # one process either way: run here (no interpreter to start, no data set to load again)
-            result = cli(*args, "--out", str(out))
-            assert result.exit_code == 0, f"{name}: {result.stderr[-2000:]}"
         arm = out if (out / "summary.json").exists() else next(p for p in sorted(out.iterdir()) if (p / "summary.json").exists())
         found[name] = summary(arm)
     for name, s in found.items():
