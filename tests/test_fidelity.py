@@ -124,7 +124,7 @@ def test_simulator_matches_an_emulated_decentralized_run(tmp_path, no_orphans):
     """dsgd on a ring of 4 processes, 20 ms per peer message, one 3x straggler: the relay holds each message,
     the straggler stretches its rounds, and the simulator's neighbour-wait model predicts the round time."""
     spec = ["--algo", "dsgd", "--topology", "ring", "--model", "mlp", "--data", "embedded", "--batch-size", "32", "--lr", "0.02",
-            "--steps", "130", "--eval-every", "1000000", "--quiet"]
+            "--steps", "200", "--eval-every", "1000000", "--quiet"]
     real = tmp_path / "real"
     proc = run_zsgd("run", "--n-proc", "4", "--inject-latency", "20ms", *NET, *spec, "--heartbeat", "0.5", "--timeout", "5",
                     "--out", str(real))
