@@ -14,7 +14,7 @@ from helpers import broker_address, read_events, reap, start_worker, start_zsgd,
 from zsgd.wire import protocol
 from zsgd.wire.protocol import Message, MsgType
 
-FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
 
 valid_header = protocol.encode(protocol.update_message("x", 0, 0, np.zeros(4, np.float32), 32, 0.5))[0]
 garbage = st.one_of(

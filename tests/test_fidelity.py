@@ -87,7 +87,8 @@ def real_runs(tmp_path_factory):
                     algo, n, latency, stragglers, steps, _skip = MATRIX[j]
                     out = tmp_path_factory.mktemp(f"real{j}") / "real"
                     procs[j] = (out, start_zsgd("run", "--n-proc", str(n), "--inject-latency", latency, *_spec(algo, stragglers, steps),
-                                                "--checkpoint-every", "0", "--heartbeat", "0.5", "--timeout", "5", "--out", str(out)))
+                                                "--checkpoint-every", "0", "--heartbeat", "0.5", "--timeout", "5", "--no-plots",
+                                                "--out", str(out)))
                 for j, (out, proc) in procs.items():
                     _, err = proc.communicate(timeout=240)
                     done[j] = (out, proc.returncode, err)
@@ -127,7 +128,7 @@ def test_simulator_matches_an_emulated_decentralized_run(tmp_path, no_orphans):
             "--steps", "200", "--eval-every", "1000000", "--quiet"]
     real = tmp_path / "real"
     proc = run_zsgd("run", "--n-proc", "4", "--inject-latency", "20ms", *NET, *spec, "--heartbeat", "0.5", "--timeout", "5",
-                    "--out", str(real))
+                    "--no-plots", "--out", str(real))
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((real / "summary.json").read_text())
     compute_ms = summary["compute_s_mean"] * 1000

@@ -74,6 +74,9 @@ def test_cnn_parameter_count_and_layout():
 def test_parity_with_torch(name, shape):
     torch = pytest.importorskip("torch")
     m = get_model(name, input_shape=shape, n_classes=10)
+    # torch's own init, seeded: unseeded, about one draw in a few hundred put a max-pool window or a ReLU
+    # input within float rounding of a tie, where the two libraries may route the gradient differently.
+    torch.manual_seed(0)
     net = torch_module(name, shape, 10).eval()
     assert sum(p.numel() for p in net.parameters()) == m.n_params
     w = m.load_state_dict(net.state_dict())  # torch's own init, loaded through our names/layouts

@@ -26,7 +26,7 @@ from sshd import DOWN_HOST, HOSTS, SshServer, missing_reason
 # Every test here starts a real sshd, and most start zsgd runs through it.
 pytestmark = [pytest.mark.skipif(missing_reason() is not None, reason=f"no OpenSSH server: {missing_reason()}"), pytest.mark.slow]
 
-FAST = ["--model", "logreg", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+FAST = ["--model", "logreg", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
 
 
 class Cluster:

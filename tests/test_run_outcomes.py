@@ -13,7 +13,7 @@ from helpers import summary_of as summary
 from zsgd.core.ledger import CORE_SUMMARY_KEYS
 
 TINY = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05"]
-NET = ["--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+NET = ["--heartbeat", "0.2", "--timeout", "1.5", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from helpers import (broker_address, cli, pid_alive, port_free, read_events, run_zsgd, start_run, start_worker, start_zsgd, stop, summary_of,
                      wait_for, wait_for_updates, wait_for_workers, worker_pids)
 
-FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.01", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.01", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
 
 
 @pytest.mark.slow
@@ -21,7 +21,7 @@ def test_run_trains_and_cleans_up(tmp_path, algo, no_orphans):
     out = tmp_path / "run"
     # Long enough for both workers to take part: 150 updates take a fraction of a second, less than one
     # worker can be ready before the other, and a run one worker did alone has no staleness to see.
-    proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, "--steps", "600", "--out", str(out), *FAST)
+    proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, "--steps", "600", "--out", str(out), *FAST, "--plots")
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = summary_of(out)
     assert s["updates"] >= 150
@@ -231,3 +231,6 @@ def test_the_start_barrier_gives_up_on_a_missing_worker(tmp_path, no_orphans):
     barrier = next(e for e in read_events(out) if e["event"] == "barrier")
     assert barrier["workers"] == 1 and barrier["expected"] == 2 and barrier["waited_s"] >= 0.5
     assert summary_of(out)["updates"] >= 100
+    # --no-plots (in FAST): no PNG at the end; 'zsgd plot' draws them from the run directory later.
+    assert not list(out.glob("*.png"))
+    assert cli("plot", str(out), "--out", str(out)).exit_code == 0 and (out / "curves_vs_time.png").exists()

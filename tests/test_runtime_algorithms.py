@@ -8,7 +8,7 @@ import pytest
 
 from helpers import cli, lines_of, run_zsgd
 
-FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.5", "--timeout", "3", "--quiet"]
+FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.5", "--timeout", "3", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from helpers import (cli, lines_of, pid_alive, read_events, run_zsgd, start_even
 from zsgd.wire import protocol
 from zsgd.wire.protocol import Message, MsgType
 
-FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from zsgd.errors import ZsgdError
 from zsgd.wire.protocol import Message, MsgType
 from zsgd.wire.security import KeyPair, generate_keys_dir, is_loopback, load_keys_dir, read_keys_line
 
-FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet"]
+FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
 
 
 def test_keys_generate_writes_private_files(tmp_path):

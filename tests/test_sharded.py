@@ -64,7 +64,7 @@ def test_bad_server_flags_are_one_line(tmp_path, args, match):
 # -- real runs ------------------------------------------------------------------------------
 def _run(tmp_path, name, *args, timeout=240):
     out = tmp_path / name
-    proc = run_zsgd("run", "--out", str(out), "--quiet", "--model", "logreg", *args, timeout=timeout)
+    proc = run_zsgd("run", "--out", str(out), "--quiet", "--no-plots", "--model", "logreg", *args, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

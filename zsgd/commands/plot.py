@@ -9,7 +9,7 @@ import click
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=".", show_default=True, help="Where to write the PNGs.")
 def plot(run_dirs: tuple[str, ...], out: str) -> None:
-    """Draw runs (real or simulated) side by side as PNG plots."""
+    """Draw runs (real or simulated) side by side as PNG plots; one run also gets its staleness and per-worker figures."""
     from pathlib import Path
 
     from zsgd.errors import ZsgdError
@@ -19,5 +19,10 @@ def plot(run_dirs: tuple[str, ...], out: str) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ZsgdError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-    for path in plot_curves([Path(d) for d in run_dirs], Path(out)):
+    written = plot_curves([Path(d) for d in run_dirs], Path(out))
+    if len(run_dirs) == 1:  # one run: also its workers' figures, the set 'zsgd run' draws (--no-plots skips it)
+        from zsgd.output.plots import plot_workers
+
+        written += plot_workers(Path(run_dirs[0]), Path(out))
+    for path in written:
         click.echo(str(path))

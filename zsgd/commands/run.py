@@ -40,6 +40,8 @@ def _runtime_options(func):
         click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
         click.option("--quiet", "-q", is_flag=True, help="No live view."),
         click.option("--tensorboard", is_flag=True, help="Also write TensorBoard event files to RUN_DIR/tensorboard (needs tensorboardX)."),
+        click.option("--plots/--no-plots", default=True, show_default=True,
+                     help="Draw the run's PNGs at its end (--no-plots saves about a second; 'zsgd plot RUN_DIR --out RUN_DIR' draws them later)."),
     ]
     for opt in reversed(opts):
         func = opt(func)

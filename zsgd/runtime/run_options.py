@@ -180,6 +180,7 @@ DECENTRALIZED_FLAGS = tuple(f.name for f in fields(DecentralizedRunOptions))
 class OutputOptions:
     show: bool = True  # the live view and progress lines (--quiet: off); not stored in config.yaml
     tensorboard: bool = False  # also write TensorBoard event files (tensorboardX)
+    plots: bool = True  # the run's PNGs at its end (--no-plots: none; 'zsgd plot RUN_DIR' draws them later)
 
 
 GROUPS: dict[str, type] = {"server": ServerOptions, "network": NetworkOptions, "emulation": EmulationOptions, "remote": RemoteOptions,

@@ -150,9 +150,10 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
 
         save_arrays(run_dir / "weights.npz", problem.model.state_dict(broker.service.weights))
         write_json(run_dir / "summary.json", summary)
-        from zsgd.output.plots import plot_run
+        if opts.output.plots:
+            from zsgd.output.plots import plot_run
 
-        plot_run(run_dir)
+            plot_run(run_dir)
     finally:
         if launcher is not None:
             launcher.stop_all(grace=2 * opts.network.heartbeat + 1)
