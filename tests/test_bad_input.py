@@ -382,7 +382,7 @@ def test_resume_of_a_train_dir(tmp_path):
 @pytest.mark.slow
 def test_resume_keeps_and_records_n_proc(tmp_path, no_orphans):
     out = tmp_path / "run"
-    common = ("--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+    common = ("--heartbeat", "0.2", "--timeout", "1.5", "--quiet", "--no-plots")
     run_zsgd("run", "--n-proc", "2", "--steps", "60", "--checkpoint-every", "20", *SMALL, "--out", str(out), *common, check=True)
     run_zsgd("run", "--resume", str(out), "--steps", "90", "--n-proc", "1", *common, check=True)
     assert yaml.safe_load((out / "config.yaml").read_text())["run"]["n_proc"] == 1

@@ -145,7 +145,7 @@ def test_sim_grid_with_a_given_step_time(tmp_path, corpus):
 def test_run_lstm_with_workers(tmp_path, corpus, algo, extra, no_orphans):
     out = tmp_path / "run"
     proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, *extra, *TINY, "--data", f"text:{corpus}", "--steps", "24",
-                    "--heartbeat", "0.5", "--timeout", "5", "--out", str(out), "-q", timeout=200)
+                    "--heartbeat", "0.5", "--timeout", "5", "--no-plots", "--out", str(out), "-q", timeout=200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tokens_per_s"] > 0 and math.isfinite(summary["test_perplexity"])
@@ -159,7 +159,7 @@ def test_run_lstm_with_workers(tmp_path, corpus, algo, extra, no_orphans):
 def test_resume_on_another_vocabulary_is_refused(tmp_path, corpus, no_orphans):
     out = tmp_path / "run"
     proc = run_zsgd("run", "--n-proc", "1", *TINY, "--data", f"text:{corpus}", "--steps", "6", "--checkpoint-every", "3",
-                    "--heartbeat", "0.5", "--timeout", "5", "--out", str(out), "-q", timeout=200)
+                    "--heartbeat", "0.5", "--timeout", "5", "--no-plots", "--out", str(out), "-q", timeout=200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     corpus.write_text(corpus.read_text() + "Zebras & quaggas!\n")  # new characters: another vocabulary
     proc = cli("run", "--resume", str(out), "--steps", "12", "-q")  # refused before anything starts: in-process

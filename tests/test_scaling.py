@@ -48,7 +48,7 @@ def test_run_scales_defaults_says_so_and_records_them(tmp_path, no_orphans):
     common = ["--n-proc", "2", "--algo", "async", "--model", "logreg", "--data", "embedded", "--steps", "30",
               "--heartbeat", "0.5", "--timeout", "3"]
     out = tmp_path / "auto"
-    proc = run_zsgd("run", *common, "--out", str(out))
+    proc = run_zsgd("run", *common, "--no-plots", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "scaled for 2 async workers" in proc.stderr
     stored = yaml.safe_load((out / "config.yaml").read_text())
@@ -56,7 +56,7 @@ def test_run_scales_defaults_says_so_and_records_them(tmp_path, no_orphans):
     conf = tmp_path / "c.yaml"
     conf.write_text("batch_size: 64\nlr: 0.05\n")  # values in a file count as given
     out2 = tmp_path / "given"
-    proc = run_zsgd("run", *common, "--config", str(conf), "--out", str(out2))
+    proc = run_zsgd("run", *common, "--no-plots", "--config", str(conf), "--out", str(out2))
     assert proc.returncode == 0, proc.stderr
     assert "scaled" not in proc.stderr
     stored = yaml.safe_load((out2 / "config.yaml").read_text())
@@ -69,7 +69,7 @@ def test_sim_trains_with_the_values_run_uses_for_the_same_flags(tmp_path, no_orp
     """The simulator predicts the run of the same flags: both resolve the same batch size, rate and schedule."""
     common = ["--algo", algo, "--model", "logreg", "--data", "embedded", "--steps", "20", *extra]
     real = tmp_path / "run"
-    proc = run_zsgd("run", "--n-proc", "3", *common, "--heartbeat", "0.5", "--timeout", "3", "--quiet", "--out", str(real))
+    proc = run_zsgd("run", "--n-proc", "3", *common, "--heartbeat", "0.5", "--timeout", "3", "--quiet", "--no-plots", "--out", str(real))
     assert proc.returncode == 0, proc.stderr
     sim = tmp_path / "sim"
     proc = cli("sim", "--workers", "3", *common, "--compute", "2ms", "--out", str(sim))  # one process: this one

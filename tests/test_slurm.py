@@ -33,7 +33,7 @@ def test_cluster_grants_more_tasks_than_cores(slurm):
 
 
 ZSGD = [sys.executable, "-m", "zsgd"]
-FAST = ["--model", "logreg", "--data", "embedded", "--heartbeat", "1", "--timeout", "10"]
+FAST = ["--model", "logreg", "--data", "embedded", "--heartbeat", "1", "--timeout", "10", "--no-plots"]  # zsgd run only
 
 
 def test_run_inside_salloc_starts_workers_as_one_srun_step(slurm, tmp_path, no_orphans):
@@ -76,7 +76,7 @@ def test_train_sbatch_cut_by_sigterm_resumes_to_the_same_update_count(slurm, tmp
     out = tmp_path / "run"
     env = slurm.env | {"ZSGD": f"{sys.executable} -m zsgd", "ZSGD_OUT": str(out)}
     args = ["--model", "logreg", "--data", "embedded", "--epochs", "1000", "--steps", "1500", "--checkpoint-every", "100",
-            "--heartbeat", "1", "--timeout", "10"]
+            "--heartbeat", "1", "--timeout", "10", "--no-plots"]
 
     def submit() -> str:
         proc = slurm.client(["sbatch", "--parsable", "-n", "4", f"--chdir={tmp_path}", f"--output={tmp_path}/job-%j.out",

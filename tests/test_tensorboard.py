@@ -30,7 +30,7 @@ def read_scalars(path):
 def test_run_writes_tensorboard_scalars(tmp_path, no_orphans):
     pytest.importorskip("tensorboardX")
     out = tmp_path / "run"
-    proc = run_zsgd("run", "--n-proc", "2", "--model", "logreg", "--data", "embedded", "--steps", "200", "--eval-every", "100",
+    proc = run_zsgd("run", "--no-plots", "--n-proc", "2", "--model", "logreg", "--data", "embedded", "--steps", "200", "--eval-every", "100",
                     "--tensorboard", "--quiet", "--heartbeat", "0.5", "--timeout", "3", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     (events,) = list((out / "tensorboard").glob("events.out.tfevents.*"))
