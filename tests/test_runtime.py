@@ -147,6 +147,8 @@ def test_port_in_use_is_a_one_line_error(tmp_path):
     (["--lr", "-1"], "--lr"),
     (["--batch-size", "0"], "--batch-size"),
     (["--timeout", "0.1"], "--timeout"),
+    (["--start-wait", "-1"], "--start-wait"),
+    (["--start-wait", "inf"], "--start-wait"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, args, needle):
     r = cli("run", "--out", str(tmp_path / "r"), *FAST, *args)
