@@ -39,16 +39,20 @@ class ParameterServer(Service):
     limits_factor = 2  # a gradient plus one more vector (or a sparse codec at full density) per message
 
     def __init__(self, broker: "Broker", w0: np.ndarray, optimizer: Any, opts: Any, opt_state: dict | None = None,
-                 clip_norm: float | None | str = "config") -> None:
+                 one_range: bool = False) -> None:
+        """``one_range``: this server holds one range of a model split over K servers (--servers K). Then the
+        workers clip (no range sees the whole gradient's norm), and sync rounds admit a joiner into the round
+        in progress (``SyncSGD.admit_into_open_round``: the K servers' rounds must agree)."""
         self.b = broker
         self.opts = opts
         self.optimizer = optimizer
         if opt_state is not None:
             optimizer.load_state_arrays(opt_state)
-        # clip_norm=None: the workers clip (a range of the vector cannot see the whole gradient's norm)
-        clip = broker.cfg.clip_norm if clip_norm == "config" else clip_norm
-        self.algo = make_server_algorithm(opts.algo, w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=clip)
+        self.algo = make_server_algorithm(opts.algo, w0, optimizer, staleness_lr=opts.staleness_lr,
+                                          clip_norm=None if one_range else broker.cfg.clip_norm)
         self.algo.version = broker.ledger.updates
+        if one_range and hasattr(self.algo, "admit_into_open_round"):
+            self.algo.admit_into_open_round = True
         self.reply_codec = None
         if opts.compress_replies != "none":
             from zsgd.compression.delta import DeltaReplyEncoder
@@ -58,8 +62,10 @@ class ParameterServer(Service):
         self.update_bytes = self.dense_update_bytes = 0  # accepted updates as sent, and uncompressed
         self.reply_bytes = self.dense_reply_bytes = 0  # weight replies as sent, and as full weights
         # The start barrier: ready workers wait here (no weights yet) until all the run's workers are
-        # ready, or --start-wait seconds after the first; then all start together. None: started.
-        self._waiting: dict[int, float] | None = {} if opts.start_wait > 0 and broker.opts.n_workers > 1 else None
+        # ready, or --start-wait seconds after the first (at _first_ready); then all start together.
+        # None: started.
+        self._waiting: set[int] | None = set() if opts.start_wait > 0 and broker.opts.n_workers > 1 else None
+        self._first_ready = 0.0
 
     def share_replies(self) -> None:
         """Replies go out zero-copy as views of the live weights; the algorithm copies them away
@@ -94,7 +100,9 @@ class ParameterServer(Service):
         if self._waiting is None:
             self._dispatch(self.algo.add_worker(peer.worker, self.b.elapsed))
             return
-        self._waiting.setdefault(peer.worker, self.b.elapsed)
+        if not self._waiting:
+            self._first_ready = self.b.elapsed
+        self._waiting.add(peer.worker)
         if len(self._waiting) >= self.b.opts.n_workers:
             self._start()
 
@@ -102,21 +110,21 @@ class ParameterServer(Service):
         if self.reply_codec is not None:
             self.reply_codec.forget(peer.worker)
         if self._waiting is not None:
-            self._waiting.pop(peer.worker, None)
+            self._waiting.discard(peer.worker)
             return
         self._dispatch(self.algo.remove_worker(peer.worker, self.b.elapsed))
 
     def tick(self, now: float) -> None:
-        if self._waiting and self.b.elapsed - min(self._waiting.values()) > self.opts.start_wait:
+        if self._waiting and self.b.elapsed - self._first_ready > self.opts.start_wait:
             self._start()
 
     def _start(self) -> None:
         """Release the start barrier: every waiting worker gets the weights at once (a sync run's first
         round holds them all; an async run's throughput is measured with all of them from its first update)."""
-        b, waiting = self.b, self._waiting or {}
+        b, waiting = self.b, self._waiting or set()
         self._waiting = None
         b.metrics.write("barrier", b.elapsed, workers=len(waiting), expected=b.opts.n_workers,
-                        waited_s=round(b.elapsed - min(waiting.values(), default=b.elapsed), 3))
+                        waited_s=round(b.elapsed - self._first_ready, 3))
         for worker in sorted(waiting):
             peer = b.session.members.by_worker.get(worker)
             if peer is not None and peer.state == "ready":

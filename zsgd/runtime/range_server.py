@@ -86,9 +86,7 @@ def _range_service(broker, w0: np.ndarray, opt_state: dict | None):
     cfg = broker.cfg
     warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)
     optimizer = make_optimizer(cfg.optimizer, w0.size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    service = ParameterServer(broker, w0, optimizer, broker.opts.server, opt_state, clip_norm=None)  # workers clip (see sharded.py)
-    service.algo.admit_into_open_round = True  # rounds that agree across servers (SyncSGD)
-    return service
+    return ParameterServer(broker, w0, optimizer, broker.opts.server, opt_state, one_range=True)
 
 
 def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:

@@ -72,8 +72,7 @@ class ShardedParameterServer(ParameterServer):
         n = w0.size
         lo, hi = ranges[0]
         super().__init__(broker, np.ascontiguousarray(w0[lo:hi]), optimizer, broker.opts.server, slice_state(opt_state, n, lo, hi),
-                         clip_norm=None)
-        self.algo.admit_into_open_round = True  # rounds that agree across servers (SyncSGD)
+                         one_range=True)
         self.n_params, self.ranges = n, ranges
         # What each range server starts from (sent after its ASSIGN), and the latest of its weights we have seen.
         self.initial = {i: (np.ascontiguousarray(w0[a:b]), slice_state(opt_state, n, a, b)) for i, (a, b) in enumerate(ranges) if i}

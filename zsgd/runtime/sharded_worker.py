@@ -71,6 +71,11 @@ def run_sharded(opts: NodeOptions, link: BrokerLink, config: TrainConfig, assign
         ctx.term()
 
 
+def _who(i: int) -> str:
+    """How the logs name link ``i``: 0 is the coordinator, the others are range servers."""
+    return "the coordinator" if i == 0 else f"range server {i}"
+
+
 def _join_servers(opts: NodeOptions, links: list[BrokerLink], early: list) -> int | None:
     """Wait for every range server's ASSIGN (answering each with HELLO ready) while watching the coordinator:
     None when all have answered, else the exit code. A run that ends meanwhile (a worker that started
@@ -83,7 +88,7 @@ def _join_servers(opts: NodeOptions, links: list[BrokerLink], early: list) -> in
         if got is None:
             continue
         i, msg = got
-        who = "the coordinator" if i == 0 else f"range server {i}"
+        who = _who(i)
         if i in pending and msg is not BROKER_DEAD and msg.type == MsgType.ERROR:
             raise ZsgdError(f"{who} refused this worker: {msg.meta.get('message', '?')}")
         code = session_end(opts, msg, who, links[i].address, [], "the run ended before this worker joined every range server")
@@ -128,7 +133,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
         if got is None:
             continue
         i, msg = got
-        code = session_end(opts, msg, "the coordinator" if i == 0 else f"range server {i}", links[i].address, turnarounds, "run over")
+        code = session_end(opts, msg, _who(i), links[i].address, turnarounds, "run over")
         if code is not None:
             return code
         if msg.type != MsgType.WEIGHTS:
