@@ -87,35 +87,62 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(transport, "_memory", {})
     monkeypatch.setattr(transport, "BURSTS", 2)
+    monkeypatch.setattr(transport, "PAIRS", 1)
     nbytes = 40_000
     before = transport.measurements
     bps = transport.transport_bandwidth(nbytes)
     assert math.isfinite(bps) and bps > 0 and transport.measurements == before + 1
+    overlap = transport.server_transport(nbytes).overlap
+    assert 0.0 <= overlap <= 1.0 and transport.measurements == before + 1  # measured with the bandwidth, cached with it
     assert transport.transport_bandwidth(nbytes) == bps and transport.measurements == before + 1  # this process: memory
     assert transport.cache_path().is_file() and transport.cache_path().is_relative_to(tmp_path / "home")
     monkeypatch.setattr(transport, "_memory", {})  # a new process: the file answers
-    assert transport.transport_bandwidth(nbytes) == bps and transport.measurements == before + 1
+    assert transport.server_transport(nbytes) == transport.Transport(bps, overlap) and transport.measurements == before + 1
     data = json.loads(transport.cache_path().read_text())
     (key,) = data
-    data[key]["at"] -= transport.MAX_AGE_S + 1  # too old: measured afresh
+    assert len(data[key]["overlaps"]) == 1 and len(data[key]["loaded_samples"]) == 1 and data[key]["work_s"] > 0
+    del data[key]["overlap"]  # an entry written before the overlap was measured: measured afresh
     transport.cache_path().write_text(json.dumps(data))
     monkeypatch.setattr(transport, "_memory", {})
     assert transport.transport_bandwidth(nbytes) > 0 and transport.measurements == before + 2
+    data = json.loads(transport.cache_path().read_text())
+    data[key]["at"] -= transport.MAX_AGE_S + 1  # too old: measured afresh
+    transport.cache_path().write_text(json.dumps(data))
+    monkeypatch.setattr(transport, "_memory", {})
+    assert transport.transport_bandwidth(nbytes) > 0 and transport.measurements == before + 3
 
 
+def test_overlap_is_read_off_the_echo_with_and_without_work():
+    echo, work = 0.003, 0.001
+    assert transport.overlap_from(echo, max(echo, work), work) == 1.0  # the work hid behind the I/O: tandem
+    assert transport.overlap_from(echo, echo + work, work) == 0.0  # the two added in full
+    assert transport.overlap_from(echo, echo + 0.25 * work, work) == pytest.approx(0.75)
+    assert transport.overlap_from(0.001, 0.0035, 0.003) == pytest.approx(0.5)  # work longer than the echo: min() is the echo
+    assert transport.overlap_from(echo, echo * 0.9, work) == 1.0 and transport.overlap_from(echo, echo + 3 * work, work) == 0.0  # noise: clipped
+    assert transport.overlap_from(echo, echo, 0.0) == 1.0
+
+
+def test_busy_work_takes_about_what_it_was_sized_for():
+    work, seconds = transport.busy_work(0.002)
+    assert seconds > 0 and callable(work)
+    before = work().copy()
+    work()
+    assert (work() == before).all()  # x * 1.0 in place: the same data, a real pass over it each call
 def test_workload_measures_once_and_the_summary_says_so(workload, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(transport, "transport_bandwidth", lambda nbytes: calls.append(nbytes) or 4e8)
+    monkeypatch.setattr(transport, "server_transport", lambda nbytes: calls.append(nbytes) or transport.Transport(4e8, 0.25))
     monkeypatch.setattr(workload, "transport_bps", None)
+    monkeypatch.setattr(workload, "transport_overlap", None)
     opts = dict(algo="async", n_workers=4, compute=Constant(0.002), broker_bandwidth=Measured())
     s = run_arm(workload.cfg, SimOptions(**opts), workload, tmp_path / "a").summary
     run_arm(workload.cfg, SimOptions(**opts | {"n_workers": 8}), workload, tmp_path / "b")
     assert calls == [max(workload.update_bytes, workload.weights_bytes)]  # once, for this model's message size
     assert s["broker_bandwidth_Bps"] == 4e8 and s["broker_bandwidth_measured"] is True and s["sim"]["broker_bandwidth"] == "measured"
     start = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
-    assert start["broker_bandwidth"] == "3.2Gbps"
+    assert start["broker_bandwidth"] == "3.2Gbps" and s["server_overlap"] == 0.25
     given = run_arm(workload.cfg, SimOptions(**opts | {"broker_bandwidth": 1e9}), workload, tmp_path / "c").summary
     assert given["broker_bandwidth_Bps"] == 1e9 and given["broker_bandwidth_measured"] is False
+    assert given["server_overlap"] == 1.0  # a NIC given by hand is a server host's own: the step runs beside it
 
 
 # -- the knee, on the virtual clock ---------------------------------------------------------------------
@@ -136,6 +163,27 @@ def test_finite_nic_the_slowest_stage_sets_the_ceiling(workload, tmp_path):
     ceiling = 1 / max(t, s_up / b, s_down / b)
     for n in WORKERS:
         assert rate(workload, tmp_path, n, c, t, b) == pytest.approx(min(n / cycle, ceiling), rel=0.03), n
+
+
+def test_a_step_that_takes_turns_with_the_io_lowers_the_plateau_and_nothing_else(workload, tmp_path, monkeypatch):
+    """The measured overlap f: the part of the step and the receive that do not run beside each other,
+    (1 - f) * min(T, S_up/B), holds both stages that much longer; no message waits for it on its own."""
+    c, t = 0.004, 0.0005
+    s_up, s_down = workload.update_bytes, workload.weights_bytes
+    b = max(s_up, s_down) / 0.001  # 1 ms a message on the NIC: the step is the shorter stage
+    cycle = c + t + (s_up + s_down) / b
+    for f in (1.0, 0.5, 0.0):
+        monkeypatch.setattr(transport, "server_transport", lambda nbytes, f=f: transport.Transport(b, f))
+        monkeypatch.setattr(workload, "transport_bps", None)
+        monkeypatch.setattr(workload, "transport_overlap", None)
+        held = (1 - f) * min(t, s_up / b)
+        ceiling = 1 / max(s_up / b + held, t + held, s_down / b)
+        for n in WORKERS:
+            opts = SimOptions(algo="async", n_workers=n, compute=Constant(c), broker_s=t, broker_bandwidth=Measured())
+            summary = run_arm(workload.cfg, opts, workload, tmp_path / f"f{f}n{n}").summary
+            assert summary["server_overlap"] == f
+            assert summary["updates_per_s"] == pytest.approx(min(n / cycle, ceiling), rel=0.03), (f, n)
+    assert 1 / (s_up / b + t) < 0.9 * (1 / (s_up / b))  # the case is one where f matters: the ceilings differ
 
 
 # -- the real server against the simulator's defaults (wall time: on purpose only) -----------------------

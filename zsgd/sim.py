@@ -123,6 +123,7 @@ class Workload:
         self.compute_samples: list[float] | None = None  # timed steps behind compute=measured
         self.server_step_samples: dict[tuple, list[float]] = {}  # broker-time=measured, per algorithm and codecs
         self.transport_bps: float | None = None  # broker-bandwidth=measured: bytes/s each way, per message size
+        self.transport_overlap: float | None = None  # and how much of the server's step runs beside that I/O here
 
     def shards(self, n_workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """(x, y) of each worker, as ``make_shard`` gives the runtime's workers."""
@@ -167,16 +168,19 @@ class Workload:
         samples = self.server_step_samples[key]
         return median(samples), samples
 
-    def transport_model(self, opts: "SimOptions") -> "tuple[float, bool]":
-        """Bytes/s of one server's NIC, and whether it was measured (``zsgd.simulation.transport``: a ZeroMQ
-        echo of this model's message size, timed once per machine and cached)."""
+    def transport_model(self, opts: "SimOptions") -> "tuple[float, bool, float]":
+        """Bytes/s of one server's NIC, whether it was measured, and the overlap of the server's step with
+        that I/O (``zsgd.simulation.transport``: a ZeroMQ echo of this model's message size, plain and with
+        work in its loop, timed once per machine and cached). A NIC given by hand is a server host's own:
+        its step runs beside the I/O (overlap 1)."""
         if not isinstance(opts.broker_bandwidth, Measured):
-            return float(opts.broker_bandwidth), False
-        if self.transport_bps is None:
-            from zsgd.simulation.transport import transport_bandwidth
+            return float(opts.broker_bandwidth), False, 1.0
+        if self.transport_bps is None or self.transport_overlap is None:
+            from zsgd.simulation.transport import server_transport
 
-            self.transport_bps = transport_bandwidth(max(self.update_bytes, self.weights_bytes))
-        return self.transport_bps, True
+            measured = server_transport(max(self.update_bytes, self.weights_bytes))
+            self.transport_bps, self.transport_overlap = measured.bytes_per_s, measured.overlap
+        return self.transport_bps, True, self.transport_overlap
 
     def gradient_step(self) -> Callable[[int], Any]:
         """``step(i)``: one real gradient of a worker's size at the initial weights (an image batch, or
@@ -246,7 +250,7 @@ class Simulation:
         self.algo = make_server_algorithm(opts.algo, workload.w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=cfg.clip_norm)
         self.compute, self.compute_s = workload.compute_model(opts.compute, opts.calibration_steps)
         self.broker_s, self.broker_samples = workload.broker_model(opts)
-        self.broker_bw, self.broker_bw_measured = workload.transport_model(opts)
+        self.broker_bw, self.broker_bw_measured, self.overlap = workload.transport_model(opts)
         self.nic_bw = self.broker_bw * opts.servers  # --servers K: K NICs
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
         rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0x51D]).spawn(4)]
@@ -402,7 +406,17 @@ class Simulation:
         if self.nic_bw != math.inf:  # and receives one at a time, beside its sends
             self.rx_free = max(t, self.rx_free) + nbytes / self.nic_bw
             t = self.rx_free
+            self.rx_free += self._not_overlapped(nbytes)
         self._push(t, _ARRIVE, w, inc, version, payload)
+
+    def _not_overlapped(self, nbytes: int) -> float:
+        """Seconds of this update's step and receive that do not run beside each other (``1 - overlap`` of the
+        shorter, measured with the transport): on a host whose cores are all busy the server's stages take
+        turns, so each is held that much longer. Occupancy only: no message of its own waits for it, so one
+        worker alone never sees it, and the plateau is ``1 / (max(step, receive) + that)``."""
+        if self.overlap >= 1.0 or self.nic_bw == math.inf or self.broker_s <= 0:
+            return 0.0
+        return (1.0 - self.overlap) * min(self.broker_s, nbytes / self.nic_bw)
 
     def _on_arrive(self, w: int, inc: int, version: int, payload: Any) -> None:
         update, nbytes = payload if isinstance(payload, tuple) else (None, self.u_bytes)
@@ -419,6 +433,7 @@ class Simulation:
         if self.broker_s > 0:
             self.busy_until = max(self.now, self.busy_until) + self.broker_s
             self._push(self.busy_until, _PROCESS, w, inc, update)
+            self.busy_until += self._not_overlapped(nbytes)
         else:
             self._process(update)
 
@@ -554,6 +569,7 @@ class Simulation:
             "servers": self.opts.servers, "broker_s": self.broker_s, "broker_measured": self.broker_samples is not None,
             "broker_calibration_s": self.broker_samples,
             "broker_bandwidth_Bps": self.broker_bw, "broker_bandwidth_measured": self.broker_bw_measured,
+            "server_overlap": self.overlap,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
             "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s,
             "workers": {str(w): {"host": "sim", "steps": self.w_steps[w], "samples": self.w_samples[w],

@@ -204,7 +204,8 @@ class Experiment:
                                                 "compute_samples": {str(bs): wl.compute_samples for bs, wl in self._workloads.items()},
                                                 "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()]
                                                                         for bs, wl in self._workloads.items()},
-                                                "transport_bps": {str(bs): wl.transport_bps for bs, wl in self._workloads.items()}})
+                                                "transport_bps": {str(bs): wl.transport_bps for bs, wl in self._workloads.items()},
+                                                "transport_overlap": {str(bs): wl.transport_overlap for bs, wl in self._workloads.items()}})
 
 
 def run_planned_arm(out_dir: Path, index: int) -> Path:

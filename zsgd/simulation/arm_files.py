@@ -57,6 +57,7 @@ def save_plan(out_dir: Path, cfg: Any, spec: Any, workloads: dict[int, Any], arm
                                 "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()]
                                                         for bs, wl in workloads.items()},
                                 "transport_bps": {str(bs): wl.transport_bps for bs, wl in workloads.items()},
+                                "transport_overlap": {str(bs): wl.transport_overlap for bs, wl in workloads.items()},
                                 "arm_plots": arm_plots}, indent=1))
     return path
 
@@ -66,6 +67,7 @@ def restore_calibration(workload: Any, plan: dict[str, Any], batch_size: int) ->
     workload.compute_samples = plan["compute_samples"].get(str(batch_size))
     workload.server_step_samples = {tuple(k): v for k, v in plan.get("server_step_samples", {}).get(str(batch_size), [])}
     workload.transport_bps = plan.get("transport_bps", {}).get(str(batch_size))
+    workload.transport_overlap = plan.get("transport_overlap", {}).get(str(batch_size))
 
 
 def load_plan(out_dir: Path) -> dict[str, Any]:
