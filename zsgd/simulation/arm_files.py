@@ -49,6 +49,11 @@ def calibrate_once(workload: Any, options: Iterable[Any]) -> None:
     workload.gradient_step()(0)
 
 
+def transports(workloads: dict[int, Any]) -> dict[str, Any]:
+    """The measured transport of each batch size's workload (None where no arm measured it), for a plan file."""
+    return {str(bs): asdict(wl.transport) if wl.transport is not None else None for bs, wl in workloads.items()}
+
+
 def save_plan(out_dir: Path, cfg: Any, spec: Any, workloads: dict[int, Any], arm_plots: bool) -> Path:
     """``workloads``: batch size -> Workload (arms of one batch size share one calibration)."""
     path = Path(out_dir) / PLAN
@@ -56,8 +61,7 @@ def save_plan(out_dir: Path, cfg: Any, spec: Any, workloads: dict[int, Any], arm
                                 "compute_samples": {str(bs): wl.compute_samples for bs, wl in workloads.items()},
                                 "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()]
                                                         for bs, wl in workloads.items()},
-                                "transport_bps": {str(bs): wl.transport_bps for bs, wl in workloads.items()},
-                                "transport_overlap": {str(bs): wl.transport_overlap for bs, wl in workloads.items()},
+                                "transport": transports(workloads),
                                 "arm_plots": arm_plots}, indent=1))
     return path
 
@@ -66,8 +70,11 @@ def restore_calibration(workload: Any, plan: dict[str, Any], batch_size: int) ->
     """Give a step's workload the parent's timings (compute, broker step, transport), so it simulates the arm the parent would have."""
     workload.compute_samples = plan["compute_samples"].get(str(batch_size))
     workload.server_step_samples = {tuple(k): v for k, v in plan.get("server_step_samples", {}).get(str(batch_size), [])}
-    workload.transport_bps = plan.get("transport_bps", {}).get(str(batch_size))
-    workload.transport_overlap = plan.get("transport_overlap", {}).get(str(batch_size))
+    measured = plan.get("transport", {}).get(str(batch_size))
+    if measured is not None:
+        from zsgd.simulation.transport import Transport
+
+        workload.transport = Transport(**measured)
 
 
 def load_plan(out_dir: Path) -> dict[str, Any]:

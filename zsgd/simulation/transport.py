@@ -17,6 +17,15 @@ moves *each way* (the figure ``--broker-bandwidth`` takes: the simulator
 queues received and sent messages separately, each at this rate). The
 median of a few short bursts is kept, so one busy moment does not set it.
 
+The overlap: the same echo, in bursts that alternate with bursts where
+its loop does a memory-bound pass of about 0.7 of a message's time per
+message (the server's step sits there: same thread, between receiving and
+replying). If the pass hides behind the I/O the server's stages work in
+tandem (overlap 1); if the two add, the step holds up receiving (overlap
+0). On the 2-core development VM, where the clients share the cores, it
+measured 0.1-0.8 (noisy) and the real server's plateau had matched
+1 / (1/echo + step) rather than the tandem's 1 / max(1/echo, step).
+
 The echo runs in a thread of this process: ZeroMQ's I/O threads do the
 copies without the GIL, and the Python around each message is a few
 microseconds. Checked against an echo in a child process (as
@@ -27,7 +36,7 @@ in a child: the same within the noise, without the 0.1 s of starting one.
 Cached twice: in this process by message size, and on disk under
 ``<zsgd home>/calibration/transport.json`` keyed by message size and
 machine (host name, cores, libzmq version), so repeated ``zsgd sim``
-invocations do not pay the ~0.3 s again; an entry older than
+invocations do not pay the ~1 s again; an entry older than
 ``MAX_AGE_S`` is measured afresh.
 """
 
@@ -179,10 +188,11 @@ def _write_cache(path: Path, data: dict) -> None:
 class Transport:
     """What one server does with messages of one size on this machine.
 
-    ``bytes_per_s``: what the echo moves each way. ``overlap``: how much of
-    a server's step runs beside its socket I/O, from 1 (a core to spare:
-    receiving the next update, stepping and sending proceed in tandem) to 0
-    (the step holds up receiving, so their times add at saturation)."""
+    ``bytes_per_s``: what the echo moves each way with several clients in
+    flight (the server's throughput). ``overlap``: how much of a server's
+    step runs beside its socket I/O, from 1 (a core to spare: receiving the
+    next update, stepping and sending proceed in tandem) to 0 (the step
+    holds up receiving, so their times add at saturation)."""
 
     bytes_per_s: float
     overlap: float
