@@ -95,6 +95,7 @@ class Broker:
         limits = protocol.Limits.for_model(n_params, factor=self.service.limits_factor)
         self.endpoint = Endpoint(opts.bind, limits, self.run_dir, opts.curve, emulated=opts.emulator is not None)
         self.address = self.endpoint.address
+        self.endpoint.share_memory(n_params)  # workers on this machine may offer it (zsgd.wire.shm)
         if opts.emulator is None:
             self.service.share_replies()
         self.session = Session(self, opts.n_workers, opts.network.heartbeat, opts.network.timeout, opts.wait_workers_s)
@@ -175,6 +176,12 @@ class Broker:
         elif peer is None or peer.state == "gone" or msg.run != self.run:
             self.reject(identity, "unknown-peer" if peer is None or peer.state == "gone" else "wrong-run", f"{msg.type.name} from a peer not in this run")
         elif msg.type == MsgType.UPDATE:
+            if self.endpoint.shared is not None:
+                try:
+                    msg = self.endpoint.shared.incoming(identity, msg)  # the gradient, if it came through shared memory
+                except ProtocolError as exc:
+                    self.reject(identity, exc.reason, str(exc))
+                    return
             if self.endpoint.held is not None:  # emulated uplink: the update "arrives" later
                 self.endpoint.hold(("in", peer, msg), self.opts.emulator.delay(peer.worker, True, protocol.message_nbytes(msg)))
             else:
@@ -275,4 +282,4 @@ class Broker:
             "bytes_sent": self.endpoint.bytes_in, "bytes_received": self.endpoint.bytes_out,
             "worker_deaths": s.deaths, "worker_rejoins": s.rejoins, "refused_clients": self.endpoint.refused,
             "compute_s_mean": s.mean_compute(), "workers": s.workers_summary(),
-        } | self.service.summary()
+        } | self.endpoint.shared.summary() | self.service.summary()

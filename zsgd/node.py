@@ -97,7 +97,11 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
     idle_since = time.monotonic()  # a step's turnaround starts when its weights arrive, or when this loop could take them
     turnarounds: list[float] = []
     while True:
-        msg = link.recv(timeout=opts.timeout)
+        try:
+            msg = link.recv(timeout=opts.timeout)
+        except protocol.ProtocolError as exc:  # weights in shared memory that are not what the message says
+            log(opts, f"broker sent unusable weights ({exc}); exiting")
+            return EXIT_BAD_REPLY
         if msg is None:
             continue  # the link thread decides when the broker is dead
         code = session_end(opts, msg, "broker", opts.connect, turnarounds, "broker finished")
@@ -204,6 +208,8 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
     # emulated straggler's sleep, which is proportional to it) is a steady-state one.
     step.warm_up(model.init(seed=config.seed))
     weights_of = reply_decoder(str(assign_meta.get("compress_replies", "none")), model.n_params)
+    if opts.shared_memory and codec.name == "none":
+        link.offer_shared_memory(model.n_params)  # a broker on this machine takes it; any other goes on over the socket
 
     def handle_weights(msg: Message, t0: float = 0.0) -> Message:
         # compute_s is the worker's whole turnaround, from the weights reaching its socket (``t0``, or

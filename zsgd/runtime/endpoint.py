@@ -42,6 +42,7 @@ class Endpoint:
         self._disconnects = 0  # without CURVE; with it the guard's monitor counts them (one monitor per socket)
         self._weight_sends: list[zmq.MessageTracker] = []
         self.guard = None  # CURVE: ZAP allow-list + refusal counter (zsgd.wire.security)
+        self.shared: Any = None  # zsgd.wire.shm.SharedPeers: workers on this machine that share memory with it
         self.sock = self._bind(bind, curve, run_dir)
         self._monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.guard is None else None
         if emulated:
@@ -127,7 +128,10 @@ class Endpoint:
     # -- sending -----------------------------------------------------------------
     def send(self, identity: bytes, msg: Message) -> bool:
         """Encode and send ``msg`` to one peer; False (and counted) when it cannot go out now."""
-        track = msg.type == MsgType.WEIGHTS and msg.codec == "none"
+        nbytes = protocol.message_nbytes(msg)  # what the peer gets, over the socket or through shared memory
+        if self.shared is not None:
+            msg = self.shared.outgoing(identity, msg)  # copied into its slot now: nothing left to track
+        track = msg.type == MsgType.WEIGHTS and msg.codec == "none" and "w" in msg.arrays
         # Encoded with the receiver's limits (a worker takes a whole data shard), not this socket's
         # inbound ones, which are sized for the model.
         tracker = self._send_frames(identity, protocol.encode(msg), track)
@@ -135,8 +139,18 @@ class Endpoint:
             return False
         if track:
             self._weight_sends.append(tracker)
-        self.bytes_out += protocol.message_nbytes(msg)
+        self.bytes_out += nbytes
         return True
+
+    def share_memory(self, n_params: int) -> None:
+        """Take shared-memory offers from workers on this machine (``zsgd.wire.shm``) for a model of ``n_params``."""
+        from zsgd.wire.shm import SharedPeers
+
+        self.shared = SharedPeers(n_params)
+
+    def forget_shared(self, identity: bytes) -> None:
+        if self.shared is not None:
+            self.shared.forget(identity)
 
     def forward(self, identity: bytes, frames: list) -> str | None:
         """Send already-encoded frames as they are (the relay); the reason when they cannot go out, else None."""
@@ -183,6 +197,8 @@ class Endpoint:
 
     def close(self, linger_ms: int = 500) -> None:
         self._count_disconnects()
+        if self.shared is not None:
+            self.shared.close()
         if self._monitor is not None:
             # In this order: libzmq sends a last event to the monitor when it is disabled, and a PAIR send with
             # its reader already closed blocks for ever (the broker hung at the end of runs; pyzmq#1020, libzmq#3575).

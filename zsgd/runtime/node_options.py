@@ -10,10 +10,11 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from zsgd.wire import protocol
+from zsgd.wire.shm import enabled_by_default
 
 
 @dataclass
@@ -29,6 +30,7 @@ class NodeOptions:
     quiet: bool = False
     host_label: str | None = None  # how the live view names this machine (remote runs: the hosts-file name)
     advertise: str | None = None  # a range server on another host: the address it listens on and workers reach
+    shared_memory: bool = field(default_factory=enabled_by_default)  # offer the broker shared memory (zsgd.wire.shm)
 
 
 def log(opts: NodeOptions, text: str) -> None:

@@ -64,6 +64,7 @@ class Session:
             b.reject(identity, "bad-role", f"role {role!r}")
             return
         if stage == "join":
+            b.endpoint.forget_shared(identity)  # a new incarnation offers its own slots
             if b.service.defer_join(role):  # range servers not all up yet: replay_deferred() answers it
                 if not any(ident == identity for ident, _m, _u in self._deferred):
                     self._deferred.append((identity, msg, self._joining_user))
@@ -129,6 +130,7 @@ class Session:
         """``peer`` left, died or was replaced: tell the service, count it, log it."""
         b = self.broker
         peer.state = "gone"
+        b.endpoint.forget_shared(peer.identity)
         if peer.role == "worker":
             b.service.worker_gone(peer, status)
         elif peer.role == "server":

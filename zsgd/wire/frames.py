@@ -81,6 +81,8 @@ REASONS = frozenset({
     # validate_update / validate_weights
     "wrong-type", "wrong-run", "unknown-worker", "wrong-identity", "wrong-shape", "wrong-dtype",
     "missing-array", "non-finite", "bad-meta",
+    # zsgd.wire.shm: a slot overwritten before (or while) it was read
+    "shm-stale",
 })
 
 _MAX_NDIM = 32          # numpy 1.x's limit; no model array comes close

@@ -18,7 +18,9 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import replace
 
+import numpy as np
 import zmq
 
 from zsgd.errors import ZsgdError
@@ -79,6 +81,10 @@ class BrokerLink:
         self.last_arrival = 0.0  # time.monotonic() when the I/O thread got the latest broker message (not heartbeats)
         self.last_forward = 0.0  # ... and when it last passed a message of the compute thread on to the broker
         self._linger_ms: int | None = None  # set by close(); None: the socket's own (a thread that ended on its own)
+        self.shm = None  # zsgd.wire.shm.SharedSlots offered to the broker (offer_shared_memory), and whether it took them:
+        self.shm_active = False
+        self._shm_offered = False
+        self._shm_buffers: list[np.ndarray] = []  # replies alternate between two: the previous one may still be in use
 
     def open(self) -> "BrokerLink":
         self._thread.start()
@@ -89,6 +95,46 @@ class BrokerLink:
         self.run, self.worker = run, worker
 
     # -- compute-thread side -------------------------------------------------
+    def offer_shared_memory(self, n_params: int) -> bool:
+        """Make this worker's shared-memory slots (``zsgd.wire.shm``) to offer with its first dense update; False if the
+        machine will not give them (the exchange then stays on the socket)."""
+        from zsgd.wire.shm import SharedSlots
+
+        try:
+            self.shm = SharedSlots.create(n_params)
+        except OSError:
+            self.shm = None
+        return self.shm is not None
+
+    def _through_shared_memory(self, msg: Message) -> Message:
+        """A dense UPDATE with its gradient in the shared slot once the broker took them; the offer on the first one."""
+        if self.shm is None or msg.type != MsgType.UPDATE or msg.codec != "none" or "g" not in msg.arrays:
+            return msg
+        if self.shm_active:
+            seq = self.shm.put("update", msg.arrays["g"])
+            arrays = {k: a for k, a in msg.arrays.items() if k != "g"}
+            return replace(msg, arrays=arrays, meta=msg.meta | {"shm": seq})
+        if not self._shm_offered:
+            self._shm_offered = True
+            return replace(msg, meta=msg.meta | {"shm_offer": self.shm.offer()})
+        return msg
+
+    def _from_shared_memory(self, msg: Message) -> Message:
+        """WEIGHTS whose array the broker left in the shared reply slot, with that array put back (a copy)."""
+        if msg.type != MsgType.WEIGHTS or "shm" not in msg.meta:
+            return msg
+        if self.shm is None:
+            raise protocol.ProtocolError("bad-schema", "weights in shared memory this worker never offered")
+        if not self.shm_active:
+            self.shm_active = True
+            self.shm.unlink()  # the broker has it mapped (and removed the name itself); this covers a broker that did not
+            self._shm_buffers = [np.empty(self.shm.n, np.float32) for _ in range(2)]
+        out = self._shm_buffers[0]
+        self._shm_buffers.reverse()
+        w = self.shm.take("reply", msg.meta["shm"], out=out)
+        w.flags.writeable = False
+        return replace(msg, arrays={"w": w, **msg.arrays})
+
     def send(self, msg: Message) -> None:
         """Hand ``msg`` to the I/O thread; dropped once that thread has ended (the next ``recv`` says why),
         ZsgdError if it failed.
@@ -97,7 +143,7 @@ class BrokerLink:
         forever, and a worker finishing a step just after its broker left
         would hang there instead of reading the LEAVE already waiting for it.
         """
-        frames = protocol.encode(msg)
+        frames = protocol.encode(self._through_shared_memory(msg))
         while True:
             self._check_alive()
             try:
@@ -117,7 +163,7 @@ class BrokerLink:
         frames = self._pipe.recv_multipart(copy=False)
         if len(frames) == 1 and frames[0].bytes == BROKER_DEAD:
             return BROKER_DEAD
-        return protocol.decode(frames)
+        return self._from_shared_memory(protocol.decode(frames))
 
     def _check_alive(self) -> None:
         if self.error is not None:
@@ -128,6 +174,8 @@ class BrokerLink:
         False once the broker has said LEAVE or is gone, since nothing queued then can matter, and waiting
         for it would only hold the process (and the broker's wait for its children) for that second."""
         self._linger_ms = 1000 if flush else 0
+        if self.shm is not None:
+            self.shm.unlink()
         if self._thread.is_alive():
             try:
                 self._pipe.send(STOP)
