@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from helpers import broker_address, read_events, reap, start_worker, start_zsgd, stop, summary_of, wait_for, wait_for_updates
 from zsgd.wire import protocol
+from zsgd.wire.shm import SharedSlots
 from zsgd.wire.protocol import Message, MsgType
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
@@ -75,6 +76,22 @@ def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_pat
         for n, msg in enumerate(poison, 1):  # one at a time: each is turned down before the next goes out
             protocol.send(rogue, msg)
             wait_for(lambda n=n: rejected() >= n, 20, interval=0.01, what=f"poison message {n} to be rejected")
+        # Shared memory (zsgd.wire.shm): a gradient "in" slots never offered; an offer of a file that is not one
+        # (declined, the update itself is fine); then real slots and a sequence number they were never written under.
+        zeros = np.zeros(n_params, np.float32)
+        protocol.send(rogue, protocol.update_message(run, wid, weights.version, None, 32, 0.1, shm=2))
+        wait_for(lambda: rejected() >= len(poison) + 1, 20, interval=0.01, what="an update in slots never offered to be rejected")
+        protocol.send(rogue, protocol.update_message(run, wid, weights.version, zeros, 32, 0.1, shm_offer={"path": "/etc/passwd", "n": n_params}))
+        slots = SharedSlots.create(n_params)
+        protocol.send(rogue, protocol.update_message(run, wid, weights.version, zeros, 32, 0.1, shm_offer=slots.offer()))
+        # Replies to the NaN poison (async answers a dropped update with the current weights) and to the declined
+        # offer come over the socket first; the reply to the taken offer is the first in the slot.
+        weights = _recv_type(rogue, MsgType.WEIGHTS, where=lambda m: "shm" in m.meta)
+        assert "w" not in weights.arrays and not slots.path.exists()  # taken: the reply is in the slot, the name is gone
+        assert np.isfinite(slots.take("reply", weights.meta["shm"])).all() and weights.meta["shm"] % 2 == 0
+        protocol.send(rogue, protocol.update_message(run, wid, weights.version, None, 32, 0.1, shm=slots.put("update", zeros) + 2))
+        wait_for(lambda: rejected() >= len(poison) + 2, 20, interval=0.01, what="a stale shared-memory update to be rejected")
+        slots.close()
         _, err = broker.communicate(timeout=120)
         assert broker.returncode == 0, err[-2000:]
     finally:
@@ -87,13 +104,16 @@ def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_pat
     assert summary["rejected_messages"] >= sent + len(poison) - 5, summary["rejected_by_reason"]
     reasons = summary["rejected_by_reason"]
     assert reasons.get("non-finite", 0) >= 2 and reasons.get("wrong-shape", 0) + reasons.get("wrong-dtype", 0) >= 2
+    assert reasons.get("shm-stale", 0) == 1 and reasons.get("bad-schema", 0) >= 1
+    assert summary["shared_memory_links"] == 3  # the two workers (on this machine) and the rogue's own slots
+    assert summary["shared_memory_declined"] == {"not-a-zsgd-file": 1}
 
 
-def _recv_type(sock, mtype, timeout=20.0):
+def _recv_type(sock, mtype, timeout=20.0, where=lambda msg: True):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if sock.poll(200):
             _, msg = protocol.recv(sock)
-            if msg.type == mtype:
+            if msg.type == mtype and where(msg):
                 return msg
     raise AssertionError(f"no {mtype.name} within {timeout} s")

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import (broker_address, cli, pid_alive, port_free, read_events, run_zsgd, start_run, start_worker, start_zsgd, stop, summary_of,
                      wait_for, wait_for_updates, wait_for_workers, worker_pids)
+from zsgd.wire.shm import shm_dir
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.01", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
 
@@ -21,10 +22,13 @@ def test_run_trains_and_cleans_up(tmp_path, algo, no_orphans):
     out = tmp_path / "run"
     # Long enough for both workers to take part: 150 updates take a fraction of a second, less than one
     # worker can be ready before the other, and a run one worker did alone has no staleness to see.
-    proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, "--steps", "600", "--out", str(out), *FAST, "--plots")
+    # The ssp run keeps every exchange on the socket (ZSGD_SHARED_MEMORY=0); the others go through shared memory.
+    env = os.environ | ({"ZSGD_SHARED_MEMORY": "0"} if algo.startswith("ssp") else {})
+    proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, "--steps", "600", "--out", str(out), *FAST, "--plots", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = summary_of(out)
     assert s["updates"] >= 150
+    assert s["shared_memory_links"] == (0 if algo.startswith("ssp") else 2) and s["shared_memory_declined"] == {}
     assert s["test_accuracy"] > 0.6, s
     assert s["rejected_messages"] == 0
     if algo == "sync":
@@ -38,6 +42,7 @@ def test_run_trains_and_cleans_up(tmp_path, algo, no_orphans):
     assert port_free(int(start["address"].rsplit(":", 1)[1]))
     for pid in worker_pids(out).values():
         assert not pid_alive(pid)
+        assert not list(shm_dir().glob(f"zsgd-shm-{pid}-*"))  # no shared-memory file left behind
 
 
 @pytest.mark.slow

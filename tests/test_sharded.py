@@ -78,6 +78,7 @@ def test_sync_sharded_run_is_bit_identical_to_one_server(tmp_path, no_orphans):
     a, b = np.load(one / "weights.npz"), np.load(three / "weights.npz")
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key])
+    assert summary_of(one)["shared_memory_links"] == 1  # one server: through shared memory, bit for bit what 3 get over TCP
     s = summary_of(three)
     assert s["servers"] == 3 and s["updates"] == 40
     assert sorted(s["server_stats"]) == ["1", "2"]

@@ -66,6 +66,14 @@ def enabled_by_default() -> bool:
     return os.environ.get("ZSGD_SHARED_MEMORY", "1").strip().lower() not in ("0", "no", "off", "false")
 
 
+class Declined(ValueError):
+    """Why a broker did not take an offer; ``reason`` is the key it is counted under."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
 class SharedSlots:
     """One worker's two slots, mapped by the worker (``create``) and by its broker (``attach``)."""
 
@@ -92,28 +100,28 @@ class SharedSlots:
 
     @classmethod
     def attach(cls, offer: object, n: int) -> "SharedSlots":
-        """Map the file a peer offered; ValueError (with why) unless it is safe and fits a model of ``n`` parameters."""
+        """Map the file a peer offered; :class:`Declined` unless it is safe and fits a model of ``n`` parameters."""
         if not isinstance(offer, dict) or not isinstance(offer.get("path"), str):
-            raise ValueError("the offer names no file")
+            raise Declined("no-file", "the offer names no file")
         path = Path(offer["path"])
         if path.parent != shm_dir() or not path.name.startswith(PREFIX):
-            raise ValueError(f"{path} is not a zsgd shared-memory file here")
+            raise Declined("not-a-zsgd-file", f"{path} is not a zsgd shared-memory file here")
         try:
             fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        except OSError as exc:
-            raise ValueError(f"cannot open {path}: {exc.strerror}") from None  # another machine's file, most often
+        except OSError as exc:  # another machine's file, most often
+            raise Declined("cannot-open", f"cannot open {path}: {exc.strerror}") from None
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-                raise ValueError(f"{path} is not a private file of this user")
+                raise Declined("not-private", f"{path} is not a private file of this user")
             if st.st_size != file_bytes(n):
-                raise ValueError(f"{path} has {st.st_size} bytes, not {file_bytes(n)}")
+                raise Declined("wrong-size", f"{path} has {st.st_size} bytes, not {file_bytes(n)}")
             mm = mmap.mmap(fd, file_bytes(n))
         finally:
             os.close(fd)
         if mm[:8] != MAGIC or int(np.frombuffer(mm, np.uint64, count=1, offset=8)[0]) != n:
             mm.close()
-            raise ValueError(f"{path} is not laid out for {n} parameters")
+            raise Declined("wrong-layout", f"{path} is not laid out for {n} parameters")
         return cls(mm, n, path)
 
     def offer(self) -> dict:
@@ -177,9 +185,8 @@ class SharedPeers:
         if offer is not None and identity not in self.slots:
             try:
                 slots = SharedSlots.attach(offer, self.n)
-            except ValueError as exc:
-                reason = str(exc).split(":")[0][:80]
-                self.declined[reason] = self.declined.get(reason, 0) + 1
+            except Declined as exc:
+                self.declined[exc.reason] = self.declined.get(exc.reason, 0) + 1
             else:
                 slots.unlink()  # both ends have it mapped: no name is left to clean up, whatever ends either process
                 self.slots[identity] = slots
@@ -226,4 +233,4 @@ class SharedPeers:
             self.forget(identity)
 
 
-__all__ = ["SharedPeers", "SharedSlots", "enabled_by_default", "file_bytes", "shm_dir"]
+__all__ = ["Declined", "SharedPeers", "SharedSlots", "enabled_by_default", "file_bytes", "shm_dir"]

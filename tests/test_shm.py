@@ -1,0 +1,131 @@
+"""Shared memory between a worker and its broker on one machine (``zsgd.wire.shm``): the slots, the checks a
+broker makes before it maps a file a peer named, and the messages with and without their big array."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from zsgd.wire import protocol
+from zsgd.wire.frames import ProtocolError
+from zsgd.wire.protocol import MsgType
+from zsgd.wire.shm import Declined, SharedPeers, SharedSlots, file_bytes, shm_dir
+
+N = 1000
+
+
+@pytest.fixture
+def slots():
+    s = SharedSlots.create(N)
+    yield s
+    s.unlink()
+    s.close()
+
+
+def test_a_slot_gives_back_what_was_put_under_its_sequence_number(slots):
+    g = np.arange(N, dtype=np.float32)
+    seq = slots.put("update", g)
+    assert seq == 2 and np.array_equal(slots.take("update", seq), g)
+    assert slots.put("update", g * 2) == 4 and slots.put("reply", -g) == 2  # each slot counts on its own
+    assert np.array_equal(slots.take("reply", 2), -g)
+    with pytest.raises(ProtocolError) as e:
+        slots.take("update", 2)  # overwritten since: never the newer data under the older name
+    assert e.value.reason == "shm-stale"
+    for bad in (3, 0, -2, "4", True, None):
+        with pytest.raises(ProtocolError) as e:
+            slots.take("update", bad)
+        assert e.value.reason == "bad-schema"
+
+
+def test_the_file_is_private_and_both_ends_see_one_memory(slots):
+    st = os.stat(slots.path)
+    assert st.st_mode & 0o777 == 0o600 and st.st_size == file_bytes(N) and slots.path.parent == shm_dir()
+    other = SharedSlots.attach(slots.offer(), N)
+    seq = other.put("reply", np.ones(N, np.float32))
+    assert np.array_equal(slots.take("reply", seq), np.ones(N, np.float32))
+    out = np.zeros(N, np.float32)
+    out.flags.writeable = False  # handed out read-only last time: taken into again
+    assert slots.take("reply", seq, out=out) is out and out.all()
+    other.unlink()
+    assert not slots.path.exists()
+    seq = slots.put("update", np.full(N, 3, np.float32))  # mappings outlive the name
+    assert other.take("update", seq)[0] == 3
+    other.close()
+
+
+@pytest.mark.parametrize("case", ["no-file", "elsewhere", "wrong-prefix", "group-readable", "wrong-size", "wrong-n", "symlink", "gone"])
+def test_a_broker_maps_only_a_private_zsgd_file_of_the_right_size(slots, tmp_path, case):
+    offer, n = slots.offer(), N
+    if case == "no-file":
+        offer = {"n": N}
+    elif case == "elsewhere":
+        offer = {"path": str(tmp_path / slots.path.name)}
+        (tmp_path / slots.path.name).write_bytes(slots.path.read_bytes())
+    elif case == "wrong-prefix":
+        other = shm_dir() / f"not-zsgd-{os.getpid()}"
+        other.write_bytes(b"x")
+        offer = {"path": str(other)}
+    elif case == "group-readable":
+        os.chmod(slots.path, 0o640)
+    elif case == "wrong-size":
+        n = N + 1
+    elif case == "wrong-n":
+        os.truncate(slots.path, file_bytes(N))  # same size; the header says N, the broker's model is bigger
+        n = N
+        np.frombuffer(slots._mm, np.uint64, count=1, offset=8)[0] = N - 2  # noqa: SLF001 -- a forged header
+    elif case == "symlink":
+        link = shm_dir() / f"zsgd-shm-link-{os.getpid()}"
+        link.symlink_to(slots.path)
+        offer = {"path": str(link)}
+    elif case == "gone":
+        slots.unlink()
+    try:
+        with pytest.raises(Declined) as e:
+            SharedSlots.attach(offer, n)
+    finally:
+        for p in shm_dir().glob(f"*-{os.getpid()}"):
+            p.unlink()
+    assert e.value.reason == {"no-file": "no-file", "elsewhere": "not-a-zsgd-file", "wrong-prefix": "not-a-zsgd-file",
+                              "group-readable": "not-private", "wrong-size": "wrong-size", "wrong-n": "wrong-layout",
+                              "symlink": "cannot-open", "gone": "cannot-open"}[case]
+
+
+def test_the_broker_end_takes_an_offer_and_moves_the_big_arrays_through_the_slots(slots):
+    peers = SharedPeers(N)
+    g = np.linspace(-1, 1, N, dtype=np.float32)
+    first = protocol.update_message("r", 0, 0, g, 32, 0.5, shm_offer=slots.offer())
+    assert peers.incoming(b"w0", first) is first and not slots.path.exists()  # taken, and the name removed at once
+    assert peers.summary() == {"shared_memory_links": 1, "shared_memory_declined": {}}
+    reply = peers.outgoing(b"w0", protocol.weights_message("r", 7, g * 3))
+    assert "w" not in reply.arrays and np.array_equal(slots.take("reply", reply.meta["shm"]), g * 3)
+    decoded = protocol.decode(protocol.encode(reply))  # what goes on the wire is a plain message without the array
+    assert decoded.type == MsgType.WEIGHTS and decoded.meta["shm"] == reply.meta["shm"]
+    update = protocol.update_message("r", 0, 7, None, 32, 0.4, shm=slots.put("update", g + 1))
+    got = peers.incoming(b"w0", update)
+    assert np.array_equal(got.arrays["g"], g + 1) and not got.arrays["g"].flags.writeable
+    protocol.validate_update(got, run="r", known_workers={0}, n_params=N)  # as if it had come in a frame
+    assert peers.outgoing(b"other", protocol.weights_message("r", 7, g)).arrays["w"] is not None  # no slots: unchanged
+    with pytest.raises(ProtocolError, match="from a peer that has none"):
+        peers.incoming(b"other", update)
+    with pytest.raises(ProtocolError, match="both in shared memory and in a frame"):
+        peers.incoming(b"w0", protocol.update_message("r", 0, 7, g, 32, 0.4, shm=update.meta["shm"]))
+    peers.incoming(b"w1", protocol.update_message("r", 1, 0, g, 32, 0.5, shm_offer={"path": "/etc/passwd"}))
+    assert peers.summary()["shared_memory_declined"] == {"not-a-zsgd-file": 1}
+    peers.forget(b"w0")
+    with pytest.raises(ProtocolError):
+        peers.incoming(b"w0", update)  # a dead incarnation's slots are gone with it
+    peers.close()
+
+
+def test_a_gradient_buffer_still_held_elsewhere_is_not_reused(slots):
+    peers = SharedPeers(N)
+    peers.incoming(b"w0", protocol.update_message("r", 0, 0, np.zeros(N, np.float32), 32, 0.5, shm_offer=slots.offer()))
+    held = peers.incoming(b"w0", protocol.update_message("r", 0, 0, None, 32, 0.5, shm=slots.put("update", np.ones(N, np.float32)))).arrays["g"]
+    again = peers.incoming(b"w0", protocol.update_message("r", 0, 0, None, 32, 0.5, shm=slots.put("update", np.full(N, 2, np.float32)))).arrays["g"]
+    assert held[0] == 1 and again[0] == 2 and held is not again  # a sync round may keep the first update until it ends
+    del held
+    third = peers.incoming(b"w0", protocol.update_message("r", 0, 0, None, 32, 0.5, shm=slots.put("update", np.full(N, 3, np.float32)))).arrays["g"]
+    assert third[0] == 3 and len(peers._pool) == 2  # noqa: SLF001 -- the freed buffer came back
+    peers.close()
