@@ -129,3 +129,13 @@ def test_a_gradient_buffer_still_held_elsewhere_is_not_reused(slots):
     third = peers.incoming(b"w0", protocol.update_message("r", 0, 0, None, 32, 0.5, shm=slots.put("update", np.full(N, 3, np.float32)))).arrays["g"]
     assert third[0] == 3 and len(peers._pool) == 2  # noqa: SLF001 -- the freed buffer came back
     peers.close()
+
+
+def test_only_a_worker_whose_broker_must_be_on_this_machine_offers():
+    from zsgd.wire.shm import broker_on_this_machine
+
+    for address in ("tcp://127.0.0.1:5555", "tcp://127.0.0.2:1", "tcp://localhost:80", "tcp://[::1]:5", "ipc:///tmp/zsgd.sock"):
+        assert broker_on_this_machine(address), address
+    # Parsed only, never contacted: a documentation address (TEST-NET-1) and a scheme ZeroMQ would refuse.
+    for address in ("tcp://192.0.2.1:5555", "udp://127.0.0.1:1", "tcp://name.invalid:5"):
+        assert not broker_on_this_machine(address), address

@@ -199,6 +199,7 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
 
     from zsgd.algorithms import make_worker_step
     from zsgd.compression import make_codec
+    from zsgd.wire.shm import broker_on_this_machine
 
     algo = str(assign_meta.get("algo", "async"))
     step = make_worker_step(algo, model, x, y, config.batch_size, config.seed, link.worker, lr=config.lr,
@@ -208,8 +209,8 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
     # emulated straggler's sleep, which is proportional to it) is a steady-state one.
     step.warm_up(model.init(seed=config.seed))
     weights_of = reply_decoder(str(assign_meta.get("compress_replies", "none")), model.n_params)
-    if opts.shared_memory and codec.name == "none":
-        link.offer_shared_memory(model.n_params)  # a broker on this machine takes it; any other goes on over the socket
+    if opts.shared_memory and codec.name == "none" and broker_on_this_machine(opts.connect):
+        link.offer_shared_memory(model.n_params)  # the big arrays through /dev/shm instead of TCP (zsgd.wire.shm)
 
     def handle_weights(msg: Message, t0: float = 0.0) -> Message:
         # compute_s is the worker's whole turnaround, from the weights reaching its socket (``t0``, or

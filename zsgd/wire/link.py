@@ -84,6 +84,7 @@ class BrokerLink:
         self.shm = None  # zsgd.wire.shm.SharedSlots offered to the broker (offer_shared_memory), and whether it took them:
         self.shm_active = False
         self._shm_offered = False
+        self._shm_params = 0  # set by offer_shared_memory
         self._shm_buffers: list[np.ndarray] = []  # replies alternate between two: the previous one may still be in use
 
     def open(self) -> "BrokerLink":
@@ -95,20 +96,23 @@ class BrokerLink:
         self.run, self.worker = run, worker
 
     # -- compute-thread side -------------------------------------------------
-    def offer_shared_memory(self, n_params: int) -> bool:
-        """Make this worker's shared-memory slots (``zsgd.wire.shm``) to offer with its first dense update; False if the
-        machine will not give them (the exchange then stays on the socket)."""
-        from zsgd.wire.shm import SharedSlots
-
-        try:
-            self.shm = SharedSlots.create(n_params)
-        except OSError:
-            self.shm = None
-        return self.shm is not None
+    def offer_shared_memory(self, n_params: int) -> None:
+        """Offer the broker shared-memory slots (``zsgd.wire.shm``) with the first dense update of ``n_params``. The
+        file is made then, not now, so that a worker killed while it waits for its first weights leaves none."""
+        self._shm_params = int(n_params)
 
     def _through_shared_memory(self, msg: Message) -> Message:
         """A dense UPDATE with its gradient in the shared slot once the broker took them; the offer on the first one."""
-        if self.shm is None or msg.type != MsgType.UPDATE or msg.codec != "none" or "g" not in msg.arrays:
+        if msg.type != MsgType.UPDATE or msg.codec != "none" or "g" not in msg.arrays:
+            return msg
+        if self.shm is None and self._shm_params and not self._shm_offered:
+            from zsgd.wire.shm import SharedSlots
+
+            try:
+                self.shm = SharedSlots.create(self._shm_params)
+            except OSError:  # no room in /dev/shm, say: the exchange stays on the socket
+                self._shm_offered = True
+        if self.shm is None:
             return msg
         if self.shm_active:
             seq = self.shm.put("update", msg.arrays["g"])

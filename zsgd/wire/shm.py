@@ -66,6 +66,27 @@ def enabled_by_default() -> bool:
     return os.environ.get("ZSGD_SHARED_MEMORY", "1").strip().lower() not in ("0", "no", "off", "false")
 
 
+def broker_on_this_machine(address: str) -> bool:
+    """Whether a ZeroMQ address can only be this machine (``ipc://``, a loopback host): the workers that offer.
+
+    A worker elsewhere would offer harmlessly (its broker cannot open the
+    name and declines), but its file would then live as long as it does, and
+    one killed with SIGKILL would leave it in ``/dev/shm``."""
+    import ipaddress
+    import socket
+
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    if not address.startswith("tcp://"):
+        return False
+    host = address[len("tcp://"):].rsplit(":", 1)[0].strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (OSError, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
 class Declined(ValueError):
     """Why a broker did not take an offer; ``reason`` is the key it is counted under."""
 
@@ -233,4 +254,4 @@ class SharedPeers:
             self.forget(identity)
 
 
-__all__ = ["Declined", "SharedPeers", "SharedSlots", "enabled_by_default", "file_bytes", "shm_dir"]
+__all__ = ["Declined", "broker_on_this_machine", "SharedPeers", "SharedSlots", "enabled_by_default", "file_bytes", "shm_dir"]
