@@ -123,8 +123,9 @@ class BrokerLink:
             return replace(msg, meta=msg.meta | {"shm_offer": self.shm.offer()})
         return msg
 
-    def _from_shared_memory(self, msg: Message) -> Message:
-        """WEIGHTS whose array the broker left in the shared reply slot, with that array put back (a copy)."""
+    def _from_shared_memory(self, msg: Message) -> Message | None:
+        """WEIGHTS whose array the broker left in the shared reply slot, with that array put back (a copy); None when
+        the slot already holds newer weights (read those, from the message that names them, instead)."""
         if msg.type != MsgType.WEIGHTS or "shm" not in msg.meta:
             return msg
         if self.shm is None:
@@ -134,8 +135,13 @@ class BrokerLink:
             self.shm.unlink()  # the broker has it mapped (and removed the name itself); this covers a broker that did not
             self._shm_buffers = [np.empty(self.shm.n, np.float32) for _ in range(2)]
         out = self._shm_buffers[0]
+        try:
+            w = self.shm.take("reply", msg.meta["shm"], out=out)
+        except protocol.ProtocolError as exc:
+            if exc.reason == "shm-stale":  # the broker wrote newer weights, so their message is on its way: take that one
+                return None
+            raise
         self._shm_buffers.reverse()
-        w = self.shm.take("reply", msg.meta["shm"], out=out)
         w.flags.writeable = False
         return replace(msg, arrays={"w": w, **msg.arrays})
 
@@ -160,7 +166,8 @@ class BrokerLink:
                 self._pipe.poll(100, zmq.POLLOUT)
 
     def recv(self, timeout: float) -> Message | bytes | None:
-        """The next broker message, ``BROKER_DEAD``, or None on timeout; ZsgdError if the link thread failed."""
+        """The next broker message, ``BROKER_DEAD``, or None on timeout (or for weights in shared memory already
+        superseded: their successor is on its way); ZsgdError if the link thread failed."""
         if not self._pipe.poll(int(timeout * 1000)):
             self._check_alive()
             return BROKER_DEAD if not self._thread.is_alive() and not self._pipe.poll(0) else None
