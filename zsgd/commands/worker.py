@@ -30,8 +30,12 @@ from zsgd.errors import ZsgdError
 @click.option("--host-label", default=None, help="Name of this machine in the broker's view (default: hostname).")
 @click.option("--advertise", default=None, hidden=True, help="A range server's address on this host (set by 'zsgd run --remote').")
 @click.option("--tag", default=None, hidden=True, help="Marker in the command line, so 'zsgd run' can find its processes.")
+@click.option("--shared-memory/--no-shared-memory", default=None,
+              help="With a broker on this machine, move gradients and weights through /dev/shm instead of TCP "
+                   "[default: on, unless ZSGD_SHARED_MEMORY=0].")
 def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None, heartbeat: float, timeout: float, join_timeout: float, quiet: bool,
-           keys_stdin: bool, keys_file: str | None, watch_stdin: bool, host_label: str | None, advertise: str | None, tag: str | None) -> None:
+           keys_stdin: bool, keys_file: str | None, watch_stdin: bool, host_label: str | None, advertise: str | None, tag: str | None,
+           shared_memory: bool | None) -> None:
     """Join a broker and compute gradients until it says stop."""
     import math
 
@@ -75,5 +79,5 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
         host_label = os.environ.get("SLURMD_NODENAME")  # in a Slurm step: the node's name in the cluster (may differ from hostname)
     code = run_node(NodeOptions(connect=connect, worker_id=worker_id, role=role, heartbeat=heartbeat, timeout=timeout,
                                 join_timeout=join_timeout, data_dir=data_dir, quiet=quiet, curve=curve, host_label=host_label,
-                                advertise=advertise))
+                                advertise=advertise, **({} if shared_memory is None else {"shared_memory": shared_memory})))
     sys.exit(code)
