@@ -34,6 +34,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zsgd.wire import protocol  # noqa: E402
 from zsgd.wire.protocol import Message, MsgType  # noqa: E402
+from zsgd.wire.shm import SharedSlots  # noqa: E402
 
 N_PARAMS = 1_199_882
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -78,7 +79,10 @@ def raw_round_trip(endpoint: str, reps: int) -> list[float]:
     return times
 
 
-def zsgd_round_trip(reps: int, out: Path) -> list[float]:
+def zsgd_round_trip(reps: int, out: Path, shared_memory: bool = False) -> list[float]:
+    """Seconds per exchange of a client speaking zsgd's protocol with a real broker. ``shared_memory``: the client
+    offers slots with its first update, as a worker on the broker's machine does, and from then on puts its
+    gradient in them and copies the weights out (both copies timed)."""
     port = free_port()
     prefix = os.environ.get("BENCH_BROKER_PREFIX", "-m zsgd").split()
     broker = subprocess.Popen([sys.executable, *prefix, "broker", "--workers", "1", "--model", "cnn", "--data", "embedded", "--algo", "async",
@@ -105,13 +109,23 @@ def zsgd_round_trip(reps: int, out: Path) -> list[float]:
     protocol.send(d, Message(MsgType.HELLO, run, 0, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
     msg = expect(MsgType.WEIGHTS)
     grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * 1e-3
+    slots = SharedSlots.create(N_PARAMS) if shared_memory else None
+    held = np.empty(N_PARAMS, np.float32)
     times = []
     for i in range(reps + 10):
         t = time.perf_counter()
-        protocol.send(d, protocol.update_message(run, 0, msg.version, grad, 64, 0.5))
+        if slots is not None and "shm" in msg.meta:
+            update = protocol.update_message(run, 0, msg.version, None, 64, 0.5, shm=slots.put("update", grad))
+        else:
+            update = protocol.update_message(run, 0, msg.version, grad, 64, 0.5, **({"shm_offer": slots.offer()} if slots is not None and i == 0 else {}))
+        protocol.send(d, update)
         msg = expect(MsgType.WEIGHTS)
+        w = slots.take("reply", msg.meta["shm"], out=held) if "shm" in msg.meta else msg.arrays["w"]
         if i >= 10:
             times.append(time.perf_counter() - t)
+    if slots is not None:
+        assert "shm" in msg.meta and w.shape == (N_PARAMS,), "the broker did not take the shared-memory offer"
+        slots.unlink()
     protocol.send(d, Message(MsgType.LEAVE, run, 0, 0, {}, meta={"reason": "benchmark done"}))
     broker.terminate()
     broker.wait(timeout=60)
@@ -283,13 +297,18 @@ def main() -> None:
             for r in range(max(1, args.rounds)):
                 raw = statistics.median(raw_round_trip(f"tcp://127.0.0.1:{free_port()}", args.reps)) * 1e3
                 z = statistics.median(zsgd_round_trip(args.reps, tmp / f"exchange{r}")) * 1e3
-                pairs.append((z, raw))
+                shm = statistics.median(zsgd_round_trip(args.reps, tmp / f"exchange-shm{r}", shared_memory=True)) * 1e3
+                pairs.append((z, raw, shm))
             z, raw_tcp = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
             ratio = statistics.median(p[0] / p[1] for p in pairs)
-            spread = ", ".join(f"{a / b:.2f}" for a, b in pairs)
+            spread = ", ".join(f"{a / b:.2f}" for a, b, _ in pairs)
             raw_ipc = statistics.median(raw_round_trip(f"ipc://{tmp}/echo.ipc", args.reps)) * 1e3
             table.add_row(f"step exchange, 4.8 MB up + down, tcp (ms, median; ratios of {len(pairs)} alternating pairs: {spread})",
                           f"{z:.2f}", f"raw pyzmq {raw_tcp:.2f}", f"{ratio:.2f}x", "<= 1.25x")
+            shm = statistics.median(p[2] for p in pairs)
+            shm_spread = ", ".join(f"{c / b:.2f}" for _, b, c in pairs)
+            table.add_row(f"the same exchange on one machine, through shared memory (ms; ratios to the raw tcp echo: {shm_spread})",
+                          f"{shm:.2f}", f"raw pyzmq {raw_tcp:.2f}", f"{statistics.median(c / b for _, b, c in pairs):.2f}x", "")
             table.add_row("raw pyzmq round trip over ipc (ms, for reference)", "", f"{raw_ipc:.2f}", "", "")
         if args.only in (None, "e2e"):
             z = zsgd_end_to_end(args.seconds, tmp / "e2e")
