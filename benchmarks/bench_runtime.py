@@ -110,6 +110,10 @@ def zsgd_round_trip(reps: int, out: Path, shared_memory: bool = False) -> list[f
     msg = expect(MsgType.WEIGHTS)
     grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * 1e-3
     slots = SharedSlots.create(N_PARAMS) if shared_memory else None
+    if slots is not None:
+        import atexit
+
+        atexit.register(slots.unlink)  # whatever happens below, no file is left in /dev/shm
     held = np.empty(N_PARAMS, np.float32)
     times = []
     for i in range(reps + 10):

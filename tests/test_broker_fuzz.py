@@ -32,7 +32,7 @@ garbage = st.one_of(
 def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_path, no_orphans):
     out = tmp_path / "run"
     broker = start_zsgd("broker", "--workers", "3", "--algo", "async", "--steps", "2500", "--start-wait", "0", "--out", str(out), *FAST)  # the rogue is the third
-    workers = []
+    workers, made = [], []
     ctx = zmq.Context()
     try:
         address = broker_address(out)
@@ -83,6 +83,7 @@ def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_pat
         wait_for(lambda: rejected() >= len(poison) + 1, 20, interval=0.01, what="an update in slots never offered to be rejected")
         protocol.send(rogue, protocol.update_message(run, wid, weights.version, zeros, 32, 0.1, shm_offer={"path": "/etc/passwd", "n": n_params}))
         slots = SharedSlots.create(n_params)
+        made.append(slots)  # removed in the finally below, whatever fails first
         protocol.send(rogue, protocol.update_message(run, wid, weights.version, zeros, 32, 0.1, shm_offer=slots.offer()))
         # Replies to the NaN poison (async answers a dropped update with the current weights) and to the declined
         # offer come over the socket first; the reply to the taken offer is the first in the slot.
@@ -91,10 +92,12 @@ def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_pat
         assert np.isfinite(slots.take("reply", weights.meta["shm"])).all() and weights.meta["shm"] % 2 == 0
         protocol.send(rogue, protocol.update_message(run, wid, weights.version, None, 32, 0.1, shm=slots.put("update", zeros) + 2))
         wait_for(lambda: rejected() >= len(poison) + 2, 20, interval=0.01, what="a stale shared-memory update to be rejected")
-        slots.close()
         _, err = broker.communicate(timeout=120)
         assert broker.returncode == 0, err[-2000:]
     finally:
+        for slots in made:
+            slots.unlink()
+            slots.close()
         stop(broker, group=True)
         reap(*workers, timeout=15)
         ctx.destroy(linger=0)
