@@ -34,7 +34,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zsgd.wire import protocol  # noqa: E402
 from zsgd.wire.protocol import Message, MsgType  # noqa: E402
-from zsgd.wire.shm import SharedSlots  # noqa: E402
+from zsgd.wire.shm import WorkerShare  # noqa: E402
 
 N_PARAMS = 1_199_882
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -109,27 +109,20 @@ def zsgd_round_trip(reps: int, out: Path, shared_memory: bool = False) -> list[f
     protocol.send(d, Message(MsgType.HELLO, run, 0, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
     msg = expect(MsgType.WEIGHTS)
     grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * 1e-3
-    slots = SharedSlots.create(N_PARAMS) if shared_memory else None
-    if slots is not None:
-        import atexit
-
-        atexit.register(slots.unlink)  # whatever happens below, no file is left in /dev/shm
-    held = np.empty(N_PARAMS, np.float32)
+    share = WorkerShare(N_PARAMS if shared_memory else 0)  # the worker's own end (zsgd.wire.link uses it the same way)
     times = []
-    for i in range(reps + 10):
-        t = time.perf_counter()
-        if slots is not None and "shm" in msg.meta:
-            update = protocol.update_message(run, 0, msg.version, None, 64, 0.5, shm=slots.put("update", grad))
-        else:
-            update = protocol.update_message(run, 0, msg.version, grad, 64, 0.5, **({"shm_offer": slots.offer()} if slots is not None and i == 0 else {}))
-        protocol.send(d, update)
-        msg = expect(MsgType.WEIGHTS)
-        w = slots.take("reply", msg.meta["shm"], out=held) if "shm" in msg.meta else msg.arrays["w"]
-        if i >= 10:
-            times.append(time.perf_counter() - t)
-    if slots is not None:
-        assert "shm" in msg.meta and w.shape == (N_PARAMS,), "the broker did not take the shared-memory offer"
-        slots.unlink()
+    try:
+        for i in range(reps + 10):
+            t = time.perf_counter()
+            protocol.send(d, share.outgoing(protocol.update_message(run, 0, msg.version, grad, 64, 0.5)))
+            msg = None
+            while msg is None:  # None: superseded weights in the slot (never here: one update in flight)
+                msg = share.incoming(expect(MsgType.WEIGHTS))
+            if i >= 10:
+                times.append(time.perf_counter() - t)
+    finally:
+        share.close()  # no file is left in /dev/shm, whatever happened
+    assert share.active == shared_memory, "the broker did not take the shared-memory offer"
     protocol.send(d, Message(MsgType.LEAVE, run, 0, 0, {}, meta={"reason": "benchmark done"}))
     broker.terminate()
     broker.wait(timeout=60)

@@ -94,11 +94,11 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     monkeypatch.setattr(transport, "PAIRS", 1)
     nbytes = 40_000
     before = transport.measurements
-    bps = transport.transport_bandwidth(nbytes)
+    bps = transport.server_transport(nbytes).bytes_per_s
     assert math.isfinite(bps) and bps > 0 and transport.measurements == before + 1
     overlap = transport.server_transport(nbytes).overlap
     assert 0.0 <= overlap <= 1.0 and transport.measurements == before + 1  # measured with the bandwidth, cached with it
-    assert transport.transport_bandwidth(nbytes) == bps and transport.measurements == before + 1  # this process: memory
+    assert transport.server_transport(nbytes).bytes_per_s == bps and transport.measurements == before + 1  # this process: memory
     assert transport.cache_path().is_file() and transport.cache_path().is_relative_to(tmp_path / "home")
     monkeypatch.setattr(transport, "_memory", {})  # a new process: the file answers
     assert transport.server_transport(nbytes) == transport.Transport(bps, overlap) and transport.measurements == before + 1
@@ -108,12 +108,12 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     del data[key]["overlap"]  # an entry written before the overlap was measured: measured afresh
     transport.cache_path().write_text(json.dumps(data))
     monkeypatch.setattr(transport, "_memory", {})
-    assert transport.transport_bandwidth(nbytes) > 0 and transport.measurements == before + 2
+    assert transport.server_transport(nbytes).bytes_per_s > 0 and transport.measurements == before + 2
     data = json.loads(transport.cache_path().read_text())
     data[key]["at"] -= transport.MAX_AGE_S + 1  # too old: measured afresh
     transport.cache_path().write_text(json.dumps(data))
     monkeypatch.setattr(transport, "_memory", {})
-    assert transport.transport_bandwidth(nbytes) > 0 and transport.measurements == before + 3
+    assert transport.server_transport(nbytes).bytes_per_s > 0 and transport.measurements == before + 3
 
 
 def test_overlap_is_read_off_the_echo_with_and_without_work():

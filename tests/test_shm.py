@@ -150,22 +150,22 @@ def test_the_worker_end_offers_once_then_moves_both_arrays_through_the_slots():
     link = BrokerLink(ctx, "tcp://127.0.0.1:9", b"w", run="r", worker=0, heartbeat=1.0, timeout=5.0)  # never opened: no traffic
     try:
         g = np.arange(N, dtype=np.float32)
-        assert link._through_shared_memory(protocol.update_message("r", 0, 0, g, 32, 0.5)).meta.get("shm_offer") is None  # not asked to
+        assert link.shared.outgoing(protocol.update_message("r", 0, 0, g, 32, 0.5)).meta.get("shm_offer") is None  # not asked to
         link.offer_shared_memory(N)
-        first = link._through_shared_memory(protocol.update_message("r", 0, 0, g, 32, 0.5))
-        assert first.arrays["g"] is g and first.meta["shm_offer"]["path"] == str(link.shm.path)  # offered, gradient still in a frame
+        first = link.shared.outgoing(protocol.update_message("r", 0, 0, g, 32, 0.5))
+        assert first.arrays["g"] is g and first.meta["shm_offer"]["path"] == str(link.shared.slots.path)  # offered, gradient still in a frame
         broker = SharedSlots.attach(first.meta["shm_offer"], N)
         broker.unlink()
         older, newer = broker.put("reply", g), broker.put("reply", g * 2)
-        assert link._from_shared_memory(protocol.Message(MsgType.WEIGHTS, "r", -1, 1, {}, meta={"shm": older})) is None  # superseded
-        got = link._from_shared_memory(protocol.Message(MsgType.WEIGHTS, "r", -1, 2, {}, meta={"shm": newer}))
-        assert np.array_equal(got.arrays["w"], g * 2) and not got.arrays["w"].flags.writeable and link.shm_active
-        second = link._through_shared_memory(protocol.update_message("r", 0, 2, g + 1, 32, 0.5))
+        assert link.shared.incoming(protocol.Message(MsgType.WEIGHTS, "r", -1, 1, {}, meta={"shm": older})) is None  # superseded
+        got = link.shared.incoming(protocol.Message(MsgType.WEIGHTS, "r", -1, 2, {}, meta={"shm": newer}))
+        assert np.array_equal(got.arrays["w"], g * 2) and not got.arrays["w"].flags.writeable and link.shared.active
+        second = link.shared.outgoing(protocol.update_message("r", 0, 2, g + 1, 32, 0.5))
         assert "g" not in second.arrays and np.array_equal(broker.take("update", second.meta["shm"]), g + 1)
         assert "shm_offer" not in second.meta
         coded = protocol.update_message("r", 0, 2, None, 32, 0.5, codec="topk:0.1", extra_arrays={"i": np.arange(3, dtype=np.int32),
                                                                                                    "v": np.ones(3, np.float32)})
-        assert link._through_shared_memory(coded) is coded  # compressed updates stay on the socket
+        assert link.shared.outgoing(coded) is coded  # compressed updates stay on the socket
         broker.close()
     finally:
         link.close(flush=False)

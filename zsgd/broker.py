@@ -176,12 +176,11 @@ class Broker:
         elif peer is None or peer.state == "gone" or msg.run != self.run:
             self.reject(identity, "unknown-peer" if peer is None or peer.state == "gone" else "wrong-run", f"{msg.type.name} from a peer not in this run")
         elif msg.type == MsgType.UPDATE:
-            if self.endpoint.shared is not None:
-                try:
-                    msg = self.endpoint.shared.incoming(identity, msg)  # the gradient, if it came through shared memory
-                except ProtocolError as exc:
-                    self.reject(identity, exc.reason, str(exc))
-                    return
+            try:
+                msg = self.endpoint.shared.incoming(identity, msg)  # the gradient, if it came through shared memory
+            except ProtocolError as exc:
+                self.reject(identity, exc.reason, str(exc))
+                return
             if self.endpoint.held is not None:  # emulated uplink: the update "arrives" later
                 self.endpoint.hold(("in", peer, msg), self.opts.emulator.delay(peer.worker, True, protocol.message_nbytes(msg)))
             else:

@@ -22,9 +22,19 @@ from __future__ import annotations
 import statistics
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+
+
+def timings(fn: Callable[[int], object], reps: int, start: int = 0) -> list[float]:
+    """Seconds of each of ``reps`` calls ``fn(start)``, ``fn(start + 1)``, ... (the index seeds a step's batch)."""
+    times = []
+    for i in range(start, start + max(1, reps)):
+        t0 = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def time_server_step(cfg: Any, model: Any, w0: np.ndarray, algo: str, compress: str = "none", compress_replies: str = "none",

@@ -69,8 +69,7 @@ def messages_per_burst(nbytes: int) -> int:
     return max(MIN_MESSAGES, min(MAX_MESSAGES, BURST_BYTES // max(1, int(nbytes))))
 
 
-def _echo(ctx, nbytes: int, ready: list, stop: threading.Event, work: "Callable[[], object] | None" = None,
-          loaded: threading.Event | None = None) -> None:
+def _echo(ctx, nbytes: int, ready: list, stop: threading.Event, work: "Callable[[], object] | None", loaded: threading.Event) -> None:
     """A ROUTER that answers every message with a buffer of ``nbytes``, after ``work()`` while ``loaded`` is set
     (a stand-in for the server's step: the same thread, between receiving and replying, as in the broker)."""
     import numpy as np
@@ -85,7 +84,7 @@ def _echo(ctx, nbytes: int, ready: list, stop: threading.Event, work: "Callable[
         while not stop.is_set():
             if sock.poll(20):
                 ident, _payload = sock.recv_multipart(copy=False)
-                if work is not None and loaded is not None and loaded.is_set():
+                if work is not None and loaded.is_set():
                     work()
                 sock.send_multipart([ident, reply], copy=False)
     finally:
@@ -203,23 +202,17 @@ def busy_work(seconds: float) -> "tuple[Callable[[], object], float]":
     ``seconds`` here, and its measured median time."""
     import numpy as np
 
-    def timed(fn: Callable[[], object], reps: int) -> float:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    from zsgd.simulation.calibrate import timings
 
     data = np.ones(1 << 20, np.float32)
     for _ in range(2):  # sized at a probe's speed, then at its own (caches make small passes faster per element)
-        per_element = timed(lambda: np.multiply(data, 1.0, out=data), 5) / data.size
+        per_element = statistics.median(timings(lambda _i: np.multiply(data, 1.0, out=data), 5)) / data.size
         data = np.ones(max(1024, int(seconds / max(per_element, 1e-12))), np.float32)
 
     def work() -> object:
         return np.multiply(data, 1.0, out=data)
 
-    return work, timed(work, 7)
+    return work, statistics.median(timings(lambda _i: work(), 7))
 
 
 def overlap_from(echo_s: float, loaded_echo_s: float, work_s: float) -> float:
@@ -276,10 +269,5 @@ def server_transport(nbytes: int) -> Transport:
     return value
 
 
-def transport_bandwidth(nbytes: int) -> float:
-    """Bytes/s each way one ZeroMQ server moves for ``nbytes`` messages on this machine: measured once, then cached."""
-    return server_transport(nbytes).bytes_per_s
-
-
 __all__ = ["Transport", "busy_work", "cache_path", "measure_server_transport", "measure_transport", "messages_per_burst",
-           "overlap_from", "server_transport", "transport_bandwidth"]
+           "overlap_from", "server_transport"]

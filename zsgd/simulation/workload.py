@@ -3,7 +3,6 @@ and the calibrations (a worker's step, the server's step, the server's transport
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -116,15 +115,12 @@ class Workload:
         the first calls pay JIT compilation and first-touch of scratch buffers.
         """
         if self.compute_samples is None:
+            from zsgd.simulation.calibrate import timings
+
             step = self.gradient_step()
             for i in range(warmup):
                 step(i)
-            times = []
-            for i in range(max(1, steps)):
-                t0 = time.perf_counter()
-                step(warmup + i)
-                times.append(time.perf_counter() - t0)
-            self.compute_samples = times
+            self.compute_samples = timings(step, steps, start=warmup)
         return float(np.median(self.compute_samples))
 
 

@@ -18,14 +18,12 @@ import re
 import threading
 import time
 import uuid
-from dataclasses import replace
-
-import numpy as np
 import zmq
 
 from zsgd.errors import ZsgdError
 from zsgd.wire import protocol
 from zsgd.wire.protocol import Message, MsgType
+from zsgd.wire.shm import WorkerShare
 
 BROKER_DEAD = b"zsgd:broker-dead"
 STOP = b"zsgd:stop"
@@ -81,11 +79,7 @@ class BrokerLink:
         self.last_arrival = 0.0  # time.monotonic() when the I/O thread got the latest broker message (not heartbeats)
         self.last_forward = 0.0  # ... and when it last passed a message of the compute thread on to the broker
         self._linger_ms: int | None = None  # set by close(); None: the socket's own (a thread that ended on its own)
-        self.shm = None  # zsgd.wire.shm.SharedSlots offered to the broker (offer_shared_memory), and whether it took them:
-        self.shm_active = False
-        self._shm_offered = False
-        self._shm_params = 0  # set by offer_shared_memory
-        self._shm_buffers: list[np.ndarray] = []  # replies alternate between two: the previous one may still be in use
+        self.shared = WorkerShare()  # shared memory with the broker: not offered unless offer_shared_memory()
 
     def open(self) -> "BrokerLink":
         self._thread.start()
@@ -97,53 +91,8 @@ class BrokerLink:
 
     # -- compute-thread side -------------------------------------------------
     def offer_shared_memory(self, n_params: int) -> None:
-        """Offer the broker shared-memory slots (``zsgd.wire.shm``) with the first dense update of ``n_params``. The
-        file is made then, not now, so that a worker killed while it waits for its first weights leaves none."""
-        self._shm_params = int(n_params)
-
-    def _through_shared_memory(self, msg: Message) -> Message:
-        """A dense UPDATE with its gradient in the shared slot once the broker took them; the offer on the first one."""
-        if msg.type != MsgType.UPDATE or msg.codec != "none" or "g" not in msg.arrays:
-            return msg
-        if self.shm is None and self._shm_params and not self._shm_offered:
-            from zsgd.wire.shm import SharedSlots
-
-            try:
-                self.shm = SharedSlots.create(self._shm_params)
-            except OSError:  # no room in /dev/shm, say: the exchange stays on the socket
-                self._shm_offered = True
-        if self.shm is None:
-            return msg
-        if self.shm_active:
-            seq = self.shm.put("update", msg.arrays["g"])
-            arrays = {k: a for k, a in msg.arrays.items() if k != "g"}
-            return replace(msg, arrays=arrays, meta=msg.meta | {"shm": seq})
-        if not self._shm_offered:
-            self._shm_offered = True
-            return replace(msg, meta=msg.meta | {"shm_offer": self.shm.offer()})
-        return msg
-
-    def _from_shared_memory(self, msg: Message) -> Message | None:
-        """WEIGHTS whose array the broker left in the shared reply slot, with that array put back (a copy); None when
-        the slot already holds newer weights (read those, from the message that names them, instead)."""
-        if msg.type != MsgType.WEIGHTS or "shm" not in msg.meta:
-            return msg
-        if self.shm is None:
-            raise protocol.ProtocolError("bad-schema", "weights in shared memory this worker never offered")
-        if not self.shm_active:
-            self.shm_active = True
-            self.shm.unlink()  # the broker has it mapped (and removed the name itself); this covers a broker that did not
-            self._shm_buffers = [np.empty(self.shm.n, np.float32) for _ in range(2)]
-        out = self._shm_buffers[0]
-        try:
-            w = self.shm.take("reply", msg.meta["shm"], out=out)
-        except protocol.ProtocolError as exc:
-            if exc.reason == "shm-stale":  # the broker wrote newer weights, so their message is on its way: take that one
-                return None
-            raise
-        self._shm_buffers.reverse()
-        w.flags.writeable = False
-        return replace(msg, arrays={"w": w, **msg.arrays})
+        """Offer the broker shared-memory slots for the big arrays (``zsgd.wire.shm``) with the first dense update."""
+        self.shared = WorkerShare(n_params)
 
     def send(self, msg: Message) -> None:
         """Hand ``msg`` to the I/O thread; dropped once that thread has ended (the next ``recv`` says why),
@@ -153,7 +102,7 @@ class BrokerLink:
         forever, and a worker finishing a step just after its broker left
         would hang there instead of reading the LEAVE already waiting for it.
         """
-        frames = protocol.encode(self._through_shared_memory(msg))
+        frames = protocol.encode(self.shared.outgoing(msg))
         while True:
             self._check_alive()
             try:
@@ -174,7 +123,7 @@ class BrokerLink:
         frames = self._pipe.recv_multipart(copy=False)
         if len(frames) == 1 and frames[0].bytes == BROKER_DEAD:
             return BROKER_DEAD
-        return self._from_shared_memory(protocol.decode(frames))
+        return self.shared.incoming(protocol.decode(frames))
 
     def _check_alive(self) -> None:
         if self.error is not None:
@@ -185,8 +134,7 @@ class BrokerLink:
         False once the broker has said LEAVE or is gone, since nothing queued then can matter, and waiting
         for it would only hold the process (and the broker's wait for its children) for that second."""
         self._linger_ms = 1000 if flush else 0
-        if self.shm is not None:
-            self.shm.unlink()
+        self.shared.close()
         if self._thread.is_alive():
             try:
                 self._pipe.send(STOP)

@@ -187,6 +187,58 @@ class SharedSlots:
             pass
 
 
+class WorkerShare:
+    """The worker's end: with ``n`` set, makes its slots when it sends its first dense update (a worker killed while
+    it waits for its first weights leaves no file), offers them in that update, and uses them once the broker has."""
+
+    def __init__(self, n: int = 0) -> None:
+        self.n = int(n)  # 0: not offered (a broker elsewhere, compressed updates, or switched off)
+        self.slots: SharedSlots | None = None
+        self.active = False  # the broker took them
+        self._offered = False
+        self._replies: list[np.ndarray] = []  # replies alternate between two: the previous one may still be in use
+
+    def outgoing(self, msg: Message) -> Message:
+        """A dense UPDATE with its gradient in the slot once the broker took them; the offer on the first one."""
+        dense_update = msg.type == MsgType.UPDATE and msg.codec == "none" and "g" in msg.arrays
+        if not dense_update or not self.n or (self._offered and not self.active):
+            return msg
+        if self.active:
+            seq = self.slots.put("update", msg.arrays["g"])
+            return replace(msg, arrays={k: a for k, a in msg.arrays.items() if k != "g"}, meta=msg.meta | {"shm": seq})
+        self._offered = True
+        try:
+            self.slots = SharedSlots.create(self.n)
+        except OSError:  # no room in /dev/shm, say: the exchange stays on the socket
+            return msg
+        return replace(msg, meta=msg.meta | {"shm_offer": self.slots.offer()})
+
+    def incoming(self, msg: Message) -> Message | None:
+        """WEIGHTS whose array the broker left in the reply slot, with that array put back (a copy); None when the
+        slot already holds newer weights (their message is on its way: read them from that one)."""
+        if msg.type != MsgType.WEIGHTS or "shm" not in msg.meta:
+            return msg
+        if self.slots is None:
+            raise ProtocolError("bad-schema", "weights in shared memory this worker never offered")
+        if not self.active:
+            self.active = True
+            self.slots.unlink()  # the broker removed the name when it mapped the file; this covers one that did not
+            self._replies = [np.empty(self.n, np.float32) for _ in range(2)]
+        try:
+            w = self.slots.take("reply", msg.meta["shm"], out=self._replies[0])
+        except ProtocolError as exc:
+            if exc.reason == "shm-stale":
+                return None
+            raise
+        self._replies.reverse()
+        w.flags.writeable = False
+        return replace(msg, arrays={"w": w, **msg.arrays})
+
+    def close(self) -> None:
+        if self.slots is not None:
+            self.slots.unlink()
+
+
 class SharedPeers:
     """The broker's end: the slots of each worker that offered them, by ZeroMQ identity."""
 
@@ -254,4 +306,4 @@ class SharedPeers:
             self.forget(identity)
 
 
-__all__ = ["Declined", "broker_on_this_machine", "SharedPeers", "SharedSlots", "enabled_by_default", "file_bytes", "shm_dir"]
+__all__ = ["Declined", "broker_on_this_machine", "SharedPeers", "SharedSlots", "WorkerShare", "enabled_by_default", "file_bytes", "shm_dir"]
