@@ -78,21 +78,22 @@ def test_sync_sharded_run_is_bit_identical_to_one_server(tmp_path, no_orphans):
     a, b = np.load(one / "weights.npz"), np.load(three / "weights.npz")
     for key in a.files:
         np.testing.assert_array_equal(a[key], b[key])
-    assert summary_of(one)["shared_memory_links"] == 1  # one server: through shared memory, bit for bit what 3 get over TCP
+    assert summary_of(one)["shared_memory_links"] == 1  # one server: through shared memory, as each of the 3 is
     s = summary_of(three)
     assert s["servers"] == 3 and s["updates"] == 40
     assert sorted(s["server_stats"]) == ["1", "2"]
+    assert s["shared_memory_links"] == 1 and [s["server_stats"][i]["shared_memory_links"] for i in "12"] == [1, 1]
     served = [e for e in events(three, "server") if e["status"] == "serving"]
     assert sorted(e["server"] for e in served) == [1, 2]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo,extra", [
-    ("async", ("--compress", "topk:0.1", "--compress-replies", "qsgd:8", "--staleness-lr")),
-    ("ssp:1", ("--inject-latency", "2ms", "--stragglers", "0.5:2x", "--secure")),
-    ("localsgd:2", ()),
+@pytest.mark.parametrize("algo,extra,shared", [
+    ("async", ("--compress", "topk:0.1", "--compress-replies", "qsgd:8", "--staleness-lr"), 0),  # compressed: on the socket
+    ("ssp:1", ("--inject-latency", "2ms", "--stragglers", "0.5:2x", "--secure"), 2),
+    ("localsgd:2", ("--no-shared-memory",), 0),
 ])
-def test_sharded_runs_train(tmp_path, no_orphans, algo, extra):
+def test_sharded_runs_train(tmp_path, no_orphans, algo, extra, shared):
     out = _run(tmp_path, "r", "--n-proc", "2", "--servers", "2", "--algo", algo, "--steps", "120", "--lr", "0.05", *extra)
     s = summary_of(out)
     assert s["updates"] == 120 and s["stop_reason"] == "reached 120 updates"
@@ -100,6 +101,7 @@ def test_sharded_runs_train(tmp_path, no_orphans, algo, extra):
     assert s["rejected_messages"] == 0 and s["refused_clients"] == 0
     stats = s["server_stats"]["1"]
     assert stats["updates"] >= 100 and stats["range"] == list(s["server_ranges"][1])
+    assert s["shared_memory_links"] == stats["shared_memory_links"] == shared and s["shared_memory_declined"] == {}
     if "--compress" in extra:
         assert s["compression_ratio"] > 2
     for w in (0, 1):

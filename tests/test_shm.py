@@ -92,6 +92,18 @@ def test_a_broker_maps_only_a_private_zsgd_file_of_the_right_size(slots, tmp_pat
                               "symlink": "cannot-open", "gone": "cannot-open"}[case]
 
 
+def test_a_broker_switched_off_declines_every_offer_and_leaves_the_arrays_on_the_socket(slots):
+    peers = SharedPeers(N, enabled=False)  # --no-shared-memory
+    g = np.linspace(-1, 1, N, dtype=np.float32)
+    first = protocol.update_message("r", 0, 0, g, 32, 0.5, shm_offer=slots.offer())
+    assert peers.incoming(b"w0", first) is first and slots.path.exists()  # not mapped, not unlinked: the worker's to remove
+    assert peers.summary() == {"shared_memory_links": 0, "shared_memory_declined": {"switched-off": 1}}
+    assert peers.outgoing(b"w0", protocol.weights_message("r", 1, g)).arrays["w"] is not None
+    with pytest.raises(ProtocolError, match="from a peer that has none"):
+        peers.incoming(b"w0", protocol.update_message("r", 0, 1, None, 32, 0.4, shm=slots.put("update", g)))
+    peers.close()
+
+
 def test_the_broker_end_takes_an_offer_and_moves_the_big_arrays_through_the_slots(slots):
     peers = SharedPeers(N)
     g = np.linspace(-1, 1, N, dtype=np.float32)

@@ -95,7 +95,8 @@ class Broker:
         limits = protocol.Limits.for_model(n_params, factor=self.service.limits_factor)
         self.endpoint = Endpoint(opts.bind, limits, self.run_dir, opts.curve, emulated=opts.emulator is not None)
         self.address = self.endpoint.address
-        self.endpoint.share_memory(n_params)  # workers on this machine may offer it (zsgd.wire.shm)
+        # Workers on this machine may offer it (zsgd.wire.shm), for the vectors of this server's range.
+        self.endpoint.share_memory(self.service.exchanged_size(n_params), enabled=opts.network.shared_memory)
         if opts.emulator is None:
             self.service.share_replies()
         self.session = Session(self, opts.n_workers, opts.network.heartbeat, opts.network.timeout, opts.wait_workers_s)

@@ -21,6 +21,9 @@ def _runtime_options(func):
         click.option("--host", default=None, help="Interface the broker listens on (default 127.0.0.1; with --remote, the advertised address)."),
         click.option("--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."),
         click.option("--timeout", default=3.0, show_default=True, type=float, help="Seconds of silence before a peer is declared dead (3 heartbeats)."),
+        click.option("--shared-memory/--no-shared-memory", default=None,
+                     help="Workers on the broker's machine (and on a range server's) move gradients and weights through /dev/shm "
+                          "instead of TCP [default: on, unless ZSGD_SHARED_MEMORY=0]."),
         click.option("--staleness-lr", type=click.Choice(["off", "scalar", "per-coordinate"]), default="off", is_flag=False, flag_value="scalar",
                      help="Divide each async update's step by its staleness (scalar; the bare flag), or per coordinate (AdaComp)."),
         click.option("--compress", default="none", show_default=True, help="Worker->broker codec: none, topk:FRACTION, adacomp:BIN, qsgd:8|4."),
@@ -123,6 +126,8 @@ def run_options(params: dict[str, Any], **resolved: Any) -> "RunOptions":
     from zsgd.runtime.run_options import RunOptions
 
     ssh = pop_ssh_flags(params)
+    if params.get("shared_memory", False) is None:
+        del params["shared_memory"]  # not given: the option's own default (ZSGD_SHARED_MEMORY)
     names = RunOptions.flag_names()
     values = {k: params.pop(k) for k in [k for k in params if k in names]} | ({"ssh": ssh} if ssh is not None else {})
     opts = RunOptions.from_flags(values | resolved)

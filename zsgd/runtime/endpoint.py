@@ -142,11 +142,12 @@ class Endpoint:
         self.bytes_out += nbytes
         return True
 
-    def share_memory(self, n_params: int) -> None:
-        """Take shared-memory offers from workers on this machine (``zsgd.wire.shm``) for a model of ``n_params``."""
+    def share_memory(self, n_params: int, enabled: bool = True) -> None:
+        """Take shared-memory offers from workers on this machine (``zsgd.wire.shm``) for vectors of ``n_params``;
+        ``enabled`` False (``--no-shared-memory``): decline every one."""
         from zsgd.wire.shm import SharedPeers
 
-        self.shared = SharedPeers(n_params)
+        self.shared = SharedPeers(n_params, enabled=enabled)
 
     def forget_shared(self, identity: bytes) -> None:
         if self.shared is not None:

@@ -67,6 +67,9 @@ class ParameterServer(Service):
         self._waiting: set[int] | None = set() if opts.start_wait > 0 and broker.opts.n_workers > 1 else None
         self._first_ready = 0.0
 
+    def exchanged_size(self, n_params: int) -> int:
+        return self.algo.w.size  # with --servers K, this server's range
+
     def share_replies(self) -> None:
         """Replies go out zero-copy as views of the live weights; the algorithm copies them away
         before an update only while a tracked send of that view is in flight (emulation parks

@@ -110,7 +110,8 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
     emulation = EmulationOptions(**dict(meta["emulation"]))
     n_workers = int(meta["n_workers"])
     bind = f"tcp://{_bracketed(opts.advertise) if opts.advertise else meta['bind_host']}:0"
-    bopts = BrokerOptions(server, NetworkOptions(heartbeat=float(meta["heartbeat"]), timeout=float(meta["timeout"])), n_workers=n_workers,
+    network = NetworkOptions(heartbeat=float(meta["heartbeat"]), timeout=float(meta["timeout"]), shared_memory=meta.get("shared_memory") is not False)
+    bopts = BrokerOptions(server, network, n_workers=n_workers,
                           bind=bind, curve=curve, emulator=emulation.emulator(n_workers, int(meta["seed"])), emulation=emulation,
                           wait_workers_s=math.inf)
     work = Path(tempfile.mkdtemp(prefix=f"zsgd-server-{index}-"))
@@ -187,7 +188,7 @@ class _Control:
         out = {"updates": b.service.version, "updates_per_s": (b.service.version - u0) / dt,
                "bytes_in_per_s": (b.endpoint.bytes_in - i0) / dt, "bytes_out_per_s": (b.endpoint.bytes_out - o0) / dt,
                "rejected": int(sum(b.rejected.values())), "workers": len(b.session.members.live_workers()),
-               "queue_depth": b.endpoint.queue_depth}
+               "queue_depth": b.endpoint.queue_depth, "shared_memory_links": b.endpoint.shared.taken}
         self._last = (now, b.service.version, b.endpoint.bytes_in, b.endpoint.bytes_out)
         return out
 

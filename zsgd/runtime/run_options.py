@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from zsgd.errors import ZsgdError
+from zsgd.wire.shm import enabled_by_default as shm_by_default
 
 
 @dataclass
@@ -80,6 +81,7 @@ class NetworkOptions:
     port: int = 0
     heartbeat: float = 1.0
     timeout: float = 3.0  # a peer silent this long is dead (3 heartbeats)
+    shared_memory: bool = field(default_factory=shm_by_default)  # workers on the broker's machine exchange through /dev/shm
 
     def validate(self) -> "NetworkOptions":
         from zsgd.wire.link import check_intervals

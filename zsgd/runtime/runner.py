@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from zsgd.broker import Broker, BrokerOptions
 from zsgd.core.config import TrainConfig, write_config
@@ -86,6 +86,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                           emulator=opts.emulator(cfg.seed), emulation=opts.emulation)
     launcher = None
     interrupted = False
+    restore_env: Callable[[], None] = lambda: None
     from zsgd.runtime import stop_signal
 
     try:
@@ -109,6 +110,8 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             if access.secure and opts.expect_workers and not opts.remote.keys_dir:
                 access.write_client_files(run_dir, opts.expect_workers)
             launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show)
+            if not net.shared_memory:
+                restore_env = _children_env("ZSGD_SHARED_MEMORY", "0")  # local and srun workers do not offer (the broker declines too)
             started = time.monotonic()
             stop_signal.stop_on_signals(broker, show)  # SIGTERM, Ctrl-C: checkpoint, summary, clean exit
             if servers > 1 and access.keys is not None:
@@ -158,6 +161,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
         if launcher is not None:
             launcher.stop_all(grace=2 * opts.network.heartbeat + 1)
         stop_signal.stop_on_signals(None)
+        restore_env()
     summary["run_dir"] = str(run_dir)
     if interrupted:
         raise KeyboardInterrupt
@@ -166,6 +170,21 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
 
         raise RunStopped(f"run stopped early: {summary['stop_reason']} (summary of {summary['updates']} rounds in {run_dir})")
     return summary
+
+
+def _children_env(name: str, value: str) -> Callable[[], None]:
+    """Set ``name`` for the processes this run starts from now on (forked, exec'd or srun'd, they inherit it);
+    returns what puts it back, for a run made in a longer-lived process (tests, notebooks)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+
+    def restore() -> None:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+    return restore
 
 
 def _resolved_params(opts: RunOptions, cfg: TrainConfig):

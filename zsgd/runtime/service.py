@@ -20,6 +20,10 @@ class Service:
     def share_replies(self) -> None:
         """Called when sends are tracked (no emulation): replies may be views of live buffers."""
 
+    def exchanged_size(self, n_params: int) -> int:
+        """Elements of the dense vectors workers exchange with this broker: what their shared-memory slots must hold."""
+        return n_params
+
     def refuse_join(self, role: str) -> tuple[str, str] | None:
         """``(reason, message)`` to refuse a joining peer, or None to admit it."""
         return None

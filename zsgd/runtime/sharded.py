@@ -112,7 +112,7 @@ class ShardedParameterServer(ParameterServer):
                 curve = {"secret": o.curve["secret"].decode("ascii"), "public": o.curve["public"].decode("ascii"), "allowed": dict(allowed)}
             return {"range": [lo, hi], "n_params": self.n_params, "bind_host": _host_of(b.address), "curve": curve,
                     "stop_rule": dataclasses.asdict(b.ledger.rule), "emulation": dataclasses.asdict(o.emulation), "seed": b.cfg.seed,
-                    "server_options": dataclasses.asdict(o.server), "timeout": o.network.timeout}
+                    "server_options": dataclasses.asdict(o.server), "timeout": o.network.timeout, "shared_memory": o.network.shared_memory}
         if peer.role == "worker":
             servers = [{"index": i, "lo": self.ranges[i][0], "hi": self.ranges[i][1], **self.addresses[i]} for i in sorted(self.addresses)]
             return {"servers": servers, "range0": list(self.ranges[0])}

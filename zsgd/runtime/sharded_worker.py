@@ -12,6 +12,10 @@ as backward has finished it (``Model.loss_and_grad(on_ready=...)``): the
 last servers apply their part while the first layers are still being
 computed, as DDP overlaps its all-reduce buckets with the backward pass.
 
+A server on the worker's machine gets its range through shared memory
+(``zsgd.wire.shm``), as a single broker does: each link offers slots of its
+range's size.
+
 Per range: the server's version (async staleness and sync rounds are per
 range), the update codec (``--compress``: top-k keeps its fraction of every
 range, so of the whole) and the reply decoder (``--compress-replies``).
@@ -34,6 +38,7 @@ from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOpti
 from zsgd.runtime.replies import reply_decoder
 from zsgd.wire import protocol
 from zsgd.wire.link import BROKER_DEAD, BrokerLink, recv_any
+from zsgd.wire.shm import broker_on_this_machine
 from zsgd.wire.protocol import MsgType
 
 
@@ -121,6 +126,10 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
     codecs = [make_codec(str(meta.get("compress", "none")), b - a, seed=(config.seed * 1_000_003 + worker) * 64 + i)
               for i, (a, b) in enumerate(ranges)]
     decoders = [reply_decoder(str(meta.get("compress_replies", "none")), b - a) for a, b in ranges]
+    if opts.shared_memory and codecs[0].name == "none":
+        for link, (a, b) in zip(links, ranges):  # each server on this machine takes its range through /dev/shm (zsgd.wire.shm)
+            if broker_on_this_machine(link.address):
+                link.offer_shared_memory(b - a)
     step.warm_up(model.init(seed=config.seed))
     w = np.empty(model.n_params, dtype=np.float32)
     versions = [0] * len(links)

@@ -242,8 +242,9 @@ class WorkerShare:
 class SharedPeers:
     """The broker's end: the slots of each worker that offered them, by ZeroMQ identity."""
 
-    def __init__(self, n_params: int) -> None:
+    def __init__(self, n_params: int, enabled: bool = True) -> None:
         self.n = int(n_params)
+        self.enabled = enabled  # False: every offer is declined ("switched-off"), and the exchange stays on the socket
         self.slots: dict[bytes, SharedSlots] = {}
         self.declined: dict[str, int] = {}  # why offers were not taken (another machine's file, most often)
         self.taken = 0  # offers taken, over the run
@@ -255,7 +256,9 @@ class SharedPeers:
         if msg.type != MsgType.UPDATE:
             return msg
         offer = msg.meta.get("shm_offer")
-        if offer is not None and identity not in self.slots:
+        if offer is not None and identity not in self.slots and not self.enabled:
+            self.declined["switched-off"] = self.declined.get("switched-off", 0) + 1
+        elif offer is not None and identity not in self.slots:
             try:
                 slots = SharedSlots.attach(offer, self.n)
             except Declined as exc:
