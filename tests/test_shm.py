@@ -4,6 +4,8 @@ broker makes before it maps a file a peer named, and the messages with and witho
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from zsgd.wire import protocol
 from zsgd.wire.frames import ProtocolError
 from zsgd.wire.protocol import MsgType
-from zsgd.wire.shm import Declined, SharedPeers, SharedSlots, file_bytes, shm_dir
+from zsgd.wire.shm import PREFIX, Declined, SharedPeers, SharedSlots, file_bytes, shm_dir, sweep_orphans
 
 N = 1000
 
@@ -183,3 +185,33 @@ def test_the_worker_end_offers_once_then_moves_both_arrays_through_the_slots():
         link.close(flush=False)
         ctx.destroy(linger=0)
     assert not list(shm_dir().glob(f"zsgd-shm-{os.getpid()}-*"))
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_files_of_dead_workers_are_swept_and_no_others(tmp_path):
+    dead, alive = tmp_path / f"{PREFIX}{_dead_pid()}-abc", tmp_path / f"{PREFIX}{os.getpid()}-abc"
+    odd, other = tmp_path / f"{PREFIX}notapid-abc", tmp_path / "unrelated-1"
+    for f in (dead, alive, odd, other):
+        f.write_bytes(b"x")
+    assert sweep_orphans(tmp_path) == 1
+    assert not dead.exists() and alive.exists() and odd.exists() and other.exists()
+
+
+def test_a_worker_making_its_slots_sweeps_a_file_a_killed_worker_left():
+    """A worker SIGKILLed between making its file and its broker mapping it leaves the name behind."""
+    left = shm_dir() / f"{PREFIX}{_dead_pid()}-{os.getpid()}"
+    left.write_bytes(b"x")
+    s = None
+    try:
+        s = SharedSlots.create(N)
+        assert not left.exists() and s.path.exists()
+    finally:
+        left.unlink(missing_ok=True)
+        if s is not None:
+            s.unlink()
+            s.close()

@@ -66,6 +66,30 @@ def enabled_by_default() -> bool:
     return os.environ.get("ZSGD_SHARED_MEMORY", "1").strip().lower() not in ("0", "no", "off", "false")
 
 
+def sweep_orphans(directory: Path | None = None) -> int:
+    """Remove this user's slot files whose worker has died; how many.
+
+    A file lives under its name only from the worker's first update until
+    its broker maps it (or the worker exits), so one is left behind only by
+    a worker killed with SIGKILL in that window. The next worker on the
+    machine sweeps it. Removing the file of a live worker this process
+    cannot see (another PID namespace sharing the folder) costs no more than
+    a declined offer: that worker's exchange stays on the socket."""
+    removed = 0
+    for path in (directory or shm_dir()).glob(f"{PREFIX}*"):
+        try:
+            pid = int(path.name[len(PREFIX):].split("-", 1)[0])
+            if path.lstat().st_uid != os.getuid() or pid <= 0:
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            removed += 1
+        except (ValueError, OSError):  # not our naming, gone already, or a live process of another user
+            continue
+    return removed
+
+
 def broker_on_this_machine(address: str) -> bool:
     """Whether a ZeroMQ address can only be this machine (``ipc://``, a loopback host): the workers that offer.
 
@@ -105,6 +129,7 @@ class SharedSlots:
 
     @classmethod
     def create(cls, n: int) -> "SharedSlots":
+        sweep_orphans()
         path = shm_dir() / f"{PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
@@ -309,4 +334,4 @@ class SharedPeers:
             self.forget(identity)
 
 
-__all__ = ["Declined", "broker_on_this_machine", "SharedPeers", "SharedSlots", "WorkerShare", "enabled_by_default", "file_bytes", "shm_dir"]
+__all__ = ["Declined", "broker_on_this_machine", "sweep_orphans", "SharedPeers", "SharedSlots", "WorkerShare", "enabled_by_default", "file_bytes", "shm_dir"]
