@@ -200,13 +200,10 @@ class Experiment:
 
     def save_plan(self) -> None:
         """What an ``experiment-arm`` step needs to rebuild this experiment: the file and the calibrations (compute, server step, transport)."""
-        from zsgd.simulation.arm_files import transports
+        from zsgd.simulation.arm_files import calibrations
 
         write_json(self.out_dir / "plan.json", {"config": str(Path(self.spec.path).resolve()), "only": [a.name for a in self.arms],
-                                                "compute_samples": {str(bs): wl.compute_samples for bs, wl in self._workloads.items()},
-                                                "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()]
-                                                                        for bs, wl in self._workloads.items()},
-                                                "transport": transports(self._workloads)})
+                                                **calibrations(self._workloads)})
 
 
 def run_planned_arm(out_dir: Path, index: int) -> Path:

@@ -49,20 +49,19 @@ def calibrate_once(workload: Any, options: Iterable[Any]) -> None:
     workload.gradient_step()(0)
 
 
-def transports(workloads: dict[int, Any]) -> dict[str, Any]:
-    """The measured transport of each batch size's workload (None where no arm measured it), for a plan file."""
-    return {str(bs): asdict(wl.transport) if wl.transport is not None else None for bs, wl in workloads.items()}
+def calibrations(workloads: dict[int, Any]) -> dict[str, Any]:
+    """What every batch size's workload measured (compute, server step, transport; batch size -> Workload), for a
+    plan file: a step started elsewhere (an srun step, a pool worker) simulates its arm with the parent's timings
+    (``restore_calibration``) instead of measuring its own on a machine that may differ."""
+    return {"compute_samples": {str(bs): wl.compute_samples for bs, wl in workloads.items()},
+            "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()] for bs, wl in workloads.items()},
+            "transport": {str(bs): asdict(wl.transport) if wl.transport is not None else None for bs, wl in workloads.items()}}
 
 
 def save_plan(out_dir: Path, cfg: Any, spec: Any, workloads: dict[int, Any], arm_plots: bool) -> Path:
     """``workloads``: batch size -> Workload (arms of one batch size share one calibration)."""
     path = Path(out_dir) / PLAN
-    path.write_text(json.dumps({"config": cfg.to_dict(), "spec": asdict(spec),
-                                "compute_samples": {str(bs): wl.compute_samples for bs, wl in workloads.items()},
-                                "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()]
-                                                        for bs, wl in workloads.items()},
-                                "transport": transports(workloads),
-                                "arm_plots": arm_plots}, indent=1))
+    path.write_text(json.dumps({"config": cfg.to_dict(), "spec": asdict(spec), **calibrations(workloads), "arm_plots": arm_plots}, indent=1))
     return path
 
 
