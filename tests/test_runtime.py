@@ -22,9 +22,11 @@ def test_run_trains_and_cleans_up(tmp_path, algo, no_orphans):
     out = tmp_path / "run"
     # Long enough for both workers to take part: 150 updates take a fraction of a second, less than one
     # worker can be ready before the other, and a run one worker did alone has no staleness to see.
-    # The ssp run keeps every exchange on the socket (--no-shared-memory); the others go through shared memory.
-    off = ("--no-shared-memory",) if algo.startswith("ssp") else ()
-    proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, "--steps", "600", "--out", str(out), *FAST, "--plots", *off)
+    # The ssp run keeps every exchange on the socket (--no-shared-memory); the others go through shared memory,
+    # the async one because --shared-memory overrides ZSGD_SHARED_MEMORY=0 for the run's workers too.
+    flag = {"ssp:2": ("--no-shared-memory",), "async": ("--shared-memory",)}.get(algo, ())
+    env = os.environ | ({"ZSGD_SHARED_MEMORY": "0"} if algo == "async" else {})
+    proc = run_zsgd("run", "--n-proc", "2", "--algo", algo, "--steps", "600", "--out", str(out), *FAST, "--plots", *flag, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = summary_of(out)
     assert s["updates"] >= 150

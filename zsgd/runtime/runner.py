@@ -110,8 +110,8 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             if access.secure and opts.expect_workers and not opts.remote.keys_dir:
                 access.write_client_files(run_dir, opts.expect_workers)
             launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show)
-            if not net.shared_memory:
-                restore_env = _children_env("ZSGD_SHARED_MEMORY", "0")  # local and srun workers do not offer (the broker declines too)
+            # Local and srun workers follow the run's --shared-memory (and a broker switched off declines offers anyway).
+            restore_env = _children_env("ZSGD_SHARED_MEMORY", "1" if net.shared_memory else "0")
             started = time.monotonic()
             stop_signal.stop_on_signals(broker, show)  # SIGTERM, Ctrl-C: checkpoint, summary, clean exit
             if servers > 1 and access.keys is not None:
