@@ -128,13 +128,15 @@ class Endpoint:
     # -- sending -----------------------------------------------------------------
     def send(self, identity: bytes, msg: Message) -> bool:
         """Encode and send ``msg`` to one peer; False (and counted) when it cannot go out now."""
-        nbytes = protocol.message_nbytes(msg)  # what the peer gets, over the socket or through shared memory
-        if self.shared is not None:
-            msg = self.shared.outgoing(identity, msg)  # copied into its slot now: nothing left to track
-        track = msg.type == MsgType.WEIGHTS and msg.codec == "none" and "w" in msg.arrays
+        sent = self.shared.outgoing(identity, msg) if self.shared is not None else msg  # shared memory: copied into its slot now
+        track = sent.type == MsgType.WEIGHTS and sent.codec == "none" and "w" in sent.arrays
         # Encoded with the receiver's limits (a worker takes a whole data shard), not this socket's
         # inbound ones, which are sized for the model.
-        tracker = self._send_frames(identity, protocol.encode(msg), track)
+        frames = protocol.encode(sent)
+        # What the peer gets, over the socket or through shared memory (the frames' own sizes when they carry it all:
+        # the header is not encoded twice per message).
+        nbytes = sum(len(f) for f in frames) if sent is msg else protocol.message_nbytes(msg)
+        tracker = self._send_frames(identity, frames, track)
         if tracker is False:
             return False
         if track:

@@ -240,9 +240,11 @@ class ParameterServer(Service):
     def _reply_message(self, worker: int, version: int, weights: np.ndarray) -> Message:
         """WEIGHTS for a worker: the full snapshot, or with --compress-replies a coded delta from what it holds."""
         full = protocol.weights_message(self.b.run, version, weights)
+        if self.reply_codec is None:
+            return full  # every reply dense: the ratio is 1 (nothing to count on this hot path)
         dense = protocol.message_nbytes(full)
         self.dense_reply_bytes += dense
-        arrays = self.reply_codec.reply(worker, weights) if self.reply_codec is not None else None
+        arrays = self.reply_codec.reply(worker, weights)
         if arrays is None:
             self.reply_bytes += dense
             return full
