@@ -138,7 +138,9 @@ class _Loopback:
     def carry(self, frames: list) -> list:
         self.tx.send_multipart(frames, copy=False)
         if not self.rx.poll(30_000):
-            raise RuntimeError("the calibration's loopback socket carried nothing in 30 s")
+            from zsgd.errors import ZsgdError
+
+            raise ZsgdError("--broker-time measured: a loopback socket on 127.0.0.1 carried nothing in 30 s; give --broker-time a value")
         return self.rx.recv_multipart(copy=False)
 
     def __exit__(self, *exc: object) -> None:
