@@ -270,3 +270,29 @@ def test_a_worker_joining_range_servers_leaves_when_the_run_ends_meanwhile():
         assert _join_servers(fake.opts, fake.links, []) == EXIT_OK  # waiting out the join timeout would be EXIT_BROKER_GONE
     finally:
         fake.close()
+
+
+def test_a_sharded_worker_handed_unusable_shared_memory_weights_exits_with_one_line(monkeypatch, capsys):
+    """As the single-broker worker: weights in shared memory that are not what the message says end it, no traceback."""
+    from types import SimpleNamespace
+
+    from zsgd.core.config import TrainConfig
+    from zsgd.core.problem import Problem
+    from zsgd.runtime import sharded_worker
+    from zsgd.runtime.node_options import EXIT_BAD_REPLY, NodeOptions
+
+    cfg = TrainConfig(model="logreg", data="embedded")
+    problem = Problem.from_config(cfg)
+    ds = problem.dataset
+
+    def unusable(links, timeout):
+        raise protocol.ProtocolError("bad-schema", "weights in shared memory this worker never offered")
+
+    monkeypatch.setattr(sharded_worker, "recv_any", unusable)
+    n = problem.model.n_params
+    links = [SimpleNamespace(worker=0, address="tcp://127.0.0.1:1")]
+    opts = NodeOptions(connect="tcp://127.0.0.1:1", shared_memory=False)
+    code = sharded_worker._loop(opts, links, cfg, {"algo": "async"}, problem.model, ds.x_train[:64], ds.y_train[:64], [(0, n)])
+    assert code == EXIT_BAD_REPLY
+    err = capsys.readouterr()
+    assert "unusable weights" in err.out + err.err and "Traceback" not in err.out + err.err

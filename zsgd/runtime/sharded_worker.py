@@ -138,7 +138,11 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
     t0 = None
     turnarounds: list[float] = []
     while True:
-        got = early.pop(0) if early else recv_any(links, opts.timeout)
+        try:
+            got = early.pop(0) if early else recv_any(links, opts.timeout)
+        except protocol.ProtocolError as exc:  # weights in shared memory that are not what the message says (as zsgd.node)
+            log(opts, f"a server sent unusable weights ({exc}); exiting")
+            return EXIT_BAD_REPLY
         if got is None:
             continue
         i, msg = got

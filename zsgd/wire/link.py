@@ -18,6 +18,7 @@ import re
 import threading
 import time
 import uuid
+
 import zmq
 
 from zsgd.errors import ZsgdError
