@@ -566,3 +566,52 @@ def test_worker_plot_with_absurd_staleness(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"event":"update","t":1,"staleness":1e15,"worker":0}\n'
                                             '{"event":"update","t":2,"staleness":3,"worker":1}\n')
     assert len(plot_workers(tmp_path)) == 2  # bounded bins, not an array of 1e15
+
+
+# -- issue 20: simulator, experiment and plot input ---------------------------------------------
+EXPERIMENT_HEAD = "problem: {model: logreg, data: embedded, steps: 20}\narms:\n"
+
+
+def test_trace_that_is_a_device_is_refused(tmp_path):
+    refused("sim", "--latency", "trace:/dev/zero", *SMALL, match=r"trace '/dev/zero': not a regular file")
+    refused("run", "--inject-latency", "trace:/dev/zero", *SMALL, match=r"trace '/dev/zero': not a regular file")
+    (tmp_path / "e.yaml").write_text(EXPERIMENT_HEAD + "  - {name: a, latency: 'trace:/dev/zero'}\n")
+    refused("experiment", tmp_path / "e.yaml", "--check", match=r"trace '/dev/zero': not a regular file")
+
+
+def test_trace_larger_than_the_cap_is_refused(tmp_path):
+    from zsgd.simulation.netmodel import MAX_TRACE_BYTES, MAX_TRACE_ROWS
+
+    with open(tmp_path / "huge.csv", "wb") as f:
+        f.truncate(MAX_TRACE_BYTES + 1)  # sparse: costs no disk
+    refused("sim", "--latency", f"trace:{tmp_path / 'huge.csv'}", *SMALL, match=r"larger than the 32 MiB a trace may be")
+    (tmp_path / "rows.csv").write_text("1\n" * (MAX_TRACE_ROWS + 1))
+    refused("sim", "--latency", f"trace:{tmp_path / 'rows.csv'}", *SMALL, match=r"more than the 1,000,000 samples a trace may hold")
+    (tmp_path / "ok.csv").write_text("1\n" * MAX_TRACE_ROWS)
+    from zsgd.simulation.netmodel import parse_delay
+
+    assert parse_delay(f"trace:{tmp_path / 'ok.csv'}").mean == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (("--failures", "0-99999999999@10s"), r"--failures item '0-99999999999@10s': worker 99999999999 does not exist \(at most 8 workers"),
+    (("--latency-worker", "0-99999999999=50ms"), r"--latency-worker .*: worker 99999999999 does not exist \(at most 8 workers"),
+    (("--failures", "9" * 5000 + "@1s"), r"worker 99999999\.\.\. \(5000 digits\) does not exist"),
+    (("--workers", "4,16", "--latency-worker", "16=5ms"), r"worker 16 does not exist \(at most 16 workers"),
+    (("--workers", "10000", "--algo", "dsgd", "--topology", "complete"),
+     r"topology 'complete' on 10,000 nodes has 49,995,000 edges .* more than the 1,000,000"),
+    (("--workers", "5000", "--algo", "dsgd", "--topology", "erdos-renyi:0.001"), r"more than the 1,000,000 a graph may have"),
+])
+def test_worker_ranges_and_graphs_bounded_before_allocation(flags, match):
+    refused("sim", *flags, *SMALL, match=match, seconds=10)
+
+
+def test_worker_range_bounded_in_experiment_and_dense_random_graph(tmp_path):
+    (tmp_path / "e.yaml").write_text(EXPERIMENT_HEAD + "  - {name: a, workers: 4, failures: '0-99999999999@1s'}\n")
+    refused("experiment", tmp_path / "e.yaml", "--check", match=r"worker 99999999999 does not exist \(at most 1,000,000 workers")
+    (tmp_path / "e.yaml").write_text(EXPERIMENT_HEAD + "  - {name: a, workers: 4, failures: '0-9@1s'}\n")
+    refused("experiment", tmp_path / "e.yaml", "--check", match=r"worker 9 does not exist \(at most 4 workers")
+    from zsgd.decentralized.topology import parse_topology
+
+    with pytest.raises(ZsgdError, match="more than the 1,000,000"):
+        parse_topology("random-regular:1990", 2000)

@@ -46,6 +46,10 @@ TOPOLOGY_HELP = "ring, torus[:RxC], wheel, complete, random-regular:D or erdos-r
 #: Resampling budget for random graphs. Connected draws are the common case
 #: (>99% for random-regular with D >= 3); 200 failures means the spec cannot work.
 MAX_DRAWS = 200
+#: Edges a graph may have, checked before it is built (``complete`` on 10,000 nodes would be 50 million
+#: neighbour entries, gigabytes, and a mixing round of 50 million model-sized sums). A million edges is
+#: already a complete graph on 1,414 nodes, or random-regular:8 on 250,000.
+MAX_EDGES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -248,12 +252,25 @@ def erdos_renyi(n: int, p: float, seed: int) -> Topology:
     raise ZsgdError(f"topology {spec!r} on {n} nodes was disconnected in {MAX_DRAWS} draws: use P above ln(n)/n = {hint:.3g}, e.g. {min(1.0, 2 * hint):.2g}")
 
 
+def _check_size(spec: str, n: int, edges: int) -> None:
+    """Refuse a graph of more than ``MAX_EDGES`` edges (or candidate pairs) before building it."""
+    if edges > MAX_EDGES:
+        raise ZsgdError(f"topology {spec!r} on {n:,} nodes has {edges:,} edges (or candidate pairs), more than the "
+                        f"{MAX_EDGES:,} a graph may have: use a sparser one (ring, torus, random-regular:D) or fewer workers")
+
+
 def parse_topology(spec: str, n: int, seed: int = 0) -> Topology:
-    """Spec text -> a connected Topology on ``n`` nodes; ZsgdError names a bad spec."""
+    """Spec text -> a connected Topology on ``n`` nodes; ZsgdError names a bad spec (or one too large to build)."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ZsgdError(f"a topology needs a whole number of nodes >= 1, got {n!r}")
     text = str(spec).strip().lower()
     kind, sep, arg = text.partition(":")
+    pairs = n * (n - 1) // 2
+    if kind in ("complete", "erdos-renyi"):  # erdos-renyi draws from every candidate pair
+        _check_size(text, n, pairs)
+    elif kind == "random-regular" and re.fullmatch(r"\d{1,6}", arg):  # dense D builds the complement from every pair
+        d = int(arg)
+        _check_size(text, n, pairs if 2 * d > n - 1 else n * d // 2)
     if n == 1 and kind in ("ring", "torus", "wheel", "complete") and not sep:
         return Topology(kind, 1, ((),))  # a single node trains alone
     if kind in ("ring", "wheel", "complete") and not sep:

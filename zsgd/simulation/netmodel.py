@@ -237,13 +237,29 @@ class Trace:
 Delay = Constant | Uniform | Normal | LogNormal | Exponential | Trace
 
 
+#: A trace is measured samples (ping times): a million rows is far more than any measurement, and
+#: bounded so that ``trace:/dev/zero`` or a mistyped multi-gigabyte file is an error, not a MemoryError.
+MAX_TRACE_BYTES = 32 * 1024 * 1024
+MAX_TRACE_ROWS = 1_000_000
+
+
 def load_trace(path: str, what: str = "latency") -> Trace:
-    """Read the first column of a CSV of samples in milliseconds; a header line is allowed."""
+    """Read the first column of a CSV of samples in milliseconds; a header line is allowed.
+
+    The one place trace files are read (``zsgd sim``, ``zsgd run --inject-latency``
+    and experiment arms all come here): only a regular file, at most
+    ``MAX_TRACE_BYTES`` read and ``MAX_TRACE_ROWS`` samples kept.
+    """
     p = Path(path).expanduser()
     try:
-        lines = p.read_text().splitlines()
-    except FileNotFoundError:
-        raise ZsgdError(f"bad {what} trace {path!r}: file not found") from None
+        if not p.is_file():  # a device (/dev/zero), a FIFO (which would block) or a directory
+            raise ZsgdError(f"bad {what} trace {path!r}: " + ("not a regular file" if p.exists() else "file not found"))
+        with open(p, "rb") as f:
+            data = f.read(MAX_TRACE_BYTES + 1)
+        if len(data) > MAX_TRACE_BYTES:
+            raise ZsgdError(f"bad {what} trace {path!r}: larger than the {MAX_TRACE_BYTES >> 20} MiB a trace may be "
+                            f"(at most {MAX_TRACE_ROWS:,} samples)")
+        lines = data.decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ZsgdError(f"bad {what} trace {path!r}: cannot read it ({exc})") from None
     values: list[float] = []
@@ -255,10 +271,12 @@ def load_trace(path: str, what: str = "latency") -> Trace:
             v = float(cell)
         except ValueError:
             if values:  # a header is fine on top, not in the middle
-                raise ZsgdError(f"bad {what} trace {path}:{i}: {cell!r} is not a number (milliseconds)") from None
+                raise ZsgdError(f"bad {what} trace {path}:{i}: {cell[:40]!r} is not a number (milliseconds)") from None
             continue
         if not math.isfinite(v) or v < 0:
-            raise ZsgdError(f"bad {what} trace {path}:{i}: {cell!r} must be a finite number of ms >= 0")
+            raise ZsgdError(f"bad {what} trace {path}:{i}: {cell[:40]!r} must be a finite number of ms >= 0")
+        if len(values) == MAX_TRACE_ROWS:
+            raise ZsgdError(f"bad {what} trace {path!r}: more than the {MAX_TRACE_ROWS:,} samples a trace may hold")
         values.append(v)
     if not values:
         raise ZsgdError(f"bad {what} trace {path!r}: no numbers in its first column (samples in ms)")
@@ -393,19 +411,37 @@ class Network:
                 "bandwidth": format_bandwidth(self.bandwidth), "loss": self.loss, "retransmit": str(self.retransmit)}
 
 
-def parse_worker_latency(items: list[str] | tuple[str, ...]) -> dict[int, Delay]:
-    """``["3=50ms", "0-7=uniform:5ms,20ms"]`` -> {worker: delay}; later items win."""
+#: Worker numbers a range may name when the caller does not know the worker count (a sweep passes its
+#: largest arm's): ranges are expanded worker by worker, so ``0-99999999999`` must fail before that.
+MAX_WORKERS = 1_000_000
+
+
+def _worker_range(flag: str, item: str, first: str, last: str | None, max_workers: int) -> range:
+    """FIRST[-LAST] (digits) as a range, non-empty and only of workers below ``max_workers``
+    (checked on the digits first: a 5000-digit number is too large for ``int``, not a traceback)."""
+    short = item if len(item) <= 60 else item[:57] + "..."
+    for text in (first, last or first):
+        if len(text.lstrip("0")) > len(str(max_workers)) or int(text) >= max_workers:
+            shown = text if len(text) <= 20 else text[:8] + "..." + f" ({len(text)} digits)"
+            raise ZsgdError(f"bad {flag} {short!r}: worker {shown} does not exist "
+                            f"(at most {max_workers:,} workers: 0..{max_workers - 1})")
+    lo, hi = int(first), int(last or first)
+    if hi < lo:
+        raise ZsgdError(f"bad {flag} {short!r}: range {lo}-{hi} is empty")
+    return range(lo, hi + 1)
+
+
+def parse_worker_latency(items: list[str] | tuple[str, ...], max_workers: int = MAX_WORKERS) -> dict[int, Delay]:
+    """``["3=50ms", "0-7=uniform:5ms,20ms"]`` -> {worker: delay}; later items win; workers below ``max_workers``."""
     out: dict[int, Delay] = {}
     for item in items:
         who, sep, spec = str(item).partition("=")
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", who)
         if not sep or m is None:
             raise ZsgdError(f"bad --latency-worker {item!r}: expected WORKER=SPEC or FIRST-LAST=SPEC, e.g. 3=50ms")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ZsgdError(f"bad --latency-worker {item!r}: range {lo}-{hi} is empty")
+        workers = _worker_range("--latency-worker", str(item), m.group(1), m.group(2), max_workers)
         delay = parse_delay(spec, f"latency of worker {who.strip()}")
-        out.update({w: delay for w in range(lo, hi + 1)})
+        out.update({w: delay for w in workers})
     return out
 
 
@@ -553,8 +589,8 @@ class FailureSpec:
             raise ZsgdError(f"bad --failures {self}: worker {bad[0]} does not exist ({n_workers} workers: 0..{n_workers - 1})")
 
 
-def parse_failures(text: str) -> FailureSpec | None:
-    """``none`` | ``W@T[+RECOVER],...`` (W may be FIRST-LAST) | ``rate:R[+RECOVER]``."""
+def parse_failures(text: str, max_workers: int = MAX_WORKERS) -> FailureSpec | None:
+    """``none`` | ``W@T[+RECOVER],...`` (W may be FIRST-LAST, below ``max_workers``) | ``rate:R[+RECOVER]``."""
     s = str(text).strip()
     if not s:
         raise ZsgdError("bad --failures '': empty; use none, W@T[+RECOVER] (e.g. 3@10s+5s) or rate:R[+RECOVER]")
@@ -574,10 +610,8 @@ def parse_failures(text: str) -> FailureSpec | None:
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*@([^+]+)(?:\+(.+))?", item)
         if m is None:
             raise ZsgdError(f"bad --failures item {item.strip()!r}: expected WORKER@TIME[+RECOVER], e.g. 3@10s+5s")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise ZsgdError(f"bad --failures item {item.strip()!r}: range {lo}-{hi} is empty")
+        workers = _worker_range("--failures item", item.strip(), m.group(1), m.group(2), max_workers)
         at = parse_duration(m.group(3), "failure time", "s")
         rec = parse_duration(m.group(4), "failure recovery time", "s") if m.group(4) else None
-        events.extend((w, at, rec) for w in range(lo, hi + 1))
+        events.extend((w, at, rec) for w in workers)
     return FailureSpec(events=tuple(sorted(events, key=lambda e: (e[1], e[0]))))

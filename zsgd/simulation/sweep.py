@@ -128,14 +128,17 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
         text = spec.grid.get(key)
         if text is not None:
             lists[key] = _split(key, flag, text, units)
+    # ranges of workers (--failures 0-7@10s, --latency-worker 0-7=...) may name only workers some arm has:
+    # they are expanded worker by worker, so they are bounded before that
+    max_n = max(_parse_workers(w) for w in lists["workers"]) if "workers" in lists else 16
     parse_one: dict[str, Callable[[str], Any]] = {
         "algo": lambda s: s if is_decentralized(s) else parse_algo(s) and s, "workers": _parse_workers, "latency": parse_delay,
         "latency_up": lambda s: parse_delay(s, "uplink latency"), "latency_down": lambda s: parse_delay(s, "downlink latency"),
         "bandwidth": parse_bandwidth, "loss": parse_loss, "compute": parse_compute, "stragglers": parse_stragglers,
-        "failures": parse_failures, "compress": _parse_compress, "compress_replies": _parse_compress, "servers": _parse_servers,
+        "failures": lambda s: parse_failures(s, max_n), "compress": _parse_compress, "compress_replies": _parse_compress, "servers": _parse_servers,
     }
     parsed = {k: {v: parse_one[k](v) for v in vs} for k, vs in lists.items()}
-    overrides = parse_worker_latency(spec.latency_worker)
+    overrides = parse_worker_latency(spec.latency_worker, max_n)
     retransmit = parse_delay(spec.retransmit, "retransmit delay")
     detect = parse_duration(spec.detect, "--detect", default_unit="s")
     broker_s = parse_broker_time(spec.broker_time)
