@@ -615,3 +615,51 @@ def test_worker_range_bounded_in_experiment_and_dense_random_graph(tmp_path):
 
     with pytest.raises(ZsgdError, match="more than the 1,000,000"):
         parse_topology("random-regular:1990", 2000)
+
+
+def _metrics(path: Path, text: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "metrics.jsonl").write_text(text)
+    return path
+
+
+GOOD_LINES = '{"event":"train","t":1,"updates":1,"loss":2.0}\n{"event":"train","t":2,"updates":2,"loss":1.0}\n'
+
+
+def test_plot_number_too_long_for_python(tmp_path):
+    """A 100,000-digit integer: json raises a ValueError that is no JSONDecodeError (Python's 4300-digit limit)."""
+    run = _metrics(tmp_path / "r", '{"event":"train","t":1,"updates":1,"loss":' + "9" * 100_000 + "}\n" + GOOD_LINES)
+    refused("plot", run, "--out", tmp_path / "p", match=r"metrics.jsonl:1: not a metrics event \(corrupt line\)")
+    big = "9" * 400  # parses, but has no float
+    _metrics(run, GOOD_LINES + f'{{"event":"train","t":3,"updates":3,"loss":{big}}}\n{{"event":"update","t":1,"staleness":{big},"worker":{big}}}\n'
+             '{"event":"update","t":1,"staleness":1,"worker":0}\n')
+    result = cli("plot", str(run), "--out", str(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == ["curves_vs_time.png", "curves_vs_updates.png",
+                                                                        "staleness_hist.png", "worker_throughput.png"]
+
+
+def test_plot_line_and_file_sizes_bounded(tmp_path):
+    from zsgd.output.metrics import MAX_LINE_BYTES
+    from zsgd.output.plots import MAX_METRICS_BYTES
+
+    run = _metrics(tmp_path / "r", '{"event":"train","t":1,"updates":1,"loss":1,"pad":"' + "x" * MAX_LINE_BYTES + '"}\n' + GOOD_LINES)
+    refused("plot", run, "--out", tmp_path / "p", match=r"metrics.jsonl:1: not a metrics event \(a line longer than 1 MiB\)")
+    with open(run / "metrics.jsonl", "r+b") as f:
+        f.truncate(MAX_METRICS_BYTES + 1)  # sparse: costs no disk
+    refused("plot", run, "--out", tmp_path / "p", match=r"metrics.jsonl is 2.0 GiB, more than the 2 GiB zsgd plot reads")
+
+
+def test_plot_of_a_sweep_draws_every_arm(tmp_path):
+    sweep = tmp_path / "sweep"
+    for arm in ("00-lat0", "01-lat10ms"):
+        _metrics(sweep / arm, GOOD_LINES)
+    (sweep / "sweep.yaml").write_text("mode: sim-sweep\n")
+    result = cli("plot", str(sweep), "--out", str(tmp_path / "p"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == ["curves_vs_time.png", "curves_vs_updates.png"]
+    from zsgd.output.plots import run_dirs_of
+
+    assert [d.name for d in run_dirs_of(sweep)] == ["00-lat0", "01-lat10ms"]
+    (tmp_path / "empty").mkdir()
+    refused("plot", tmp_path / "empty", match=r"empty is not a run directory \(no metrics.jsonl\), nor a sweep or experiment directory")

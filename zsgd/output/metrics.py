@@ -94,26 +94,44 @@ class TensorBoardSink:
         self._writer.close()
 
 
+#: The longest line read: an event is a few hundred bytes (the start event's configuration a few kB);
+#: a longer line is not one zsgd wrote, and is refused before it is held in memory.
+MAX_LINE_BYTES = 1 << 20
+
+
 def read_metrics(path: Path) -> Iterator[dict[str, Any]]:
     """Yield events; a torn last line (a killed run) is skipped, anything
-    else that is not a JSON object (or not UTF-8 text) is an error naming the line."""
+    else that is not a JSON object (or not UTF-8 text, or longer than
+    ``MAX_LINE_BYTES``) is an error naming the line.
+
+    Read line by line, so memory is one line (and what the caller keeps),
+    whatever the file's size. JSON that Python refuses for its size (an
+    integer of 5 million digits: a ``ValueError`` that is no
+    ``JSONDecodeError``) is a corrupt line like any other.
+    """
     path = Path(path)
     try:
-        lines = path.read_bytes().splitlines()
+        f = open(path, "rb")
     except OSError as exc:
         raise ZsgdError(f"cannot read {path}: {exc.strerror or exc}") from None
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            event = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            if i == len(lines):
-                return
-            raise ZsgdError(f"{path}:{i}: not a metrics event (corrupt line)") from None
-        if not isinstance(event, dict):
-            raise ZsgdError(f"{path}:{i}: not a metrics event (a JSON object expected, got {type(event).__name__})")
-        yield event
+    with f:
+        i, raw = 0, f.readline(MAX_LINE_BYTES + 1)
+        while raw:
+            i += 1
+            if len(raw) > MAX_LINE_BYTES:
+                raise ZsgdError(f"{path}:{i}: not a metrics event (a line longer than {MAX_LINE_BYTES >> 20} MiB)")
+            following = f.readline(MAX_LINE_BYTES + 1)
+            if raw.strip():
+                try:
+                    event = json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError, RecursionError):
+                    if not following:  # the torn last line of a killed run
+                        return
+                    raise ZsgdError(f"{path}:{i}: not a metrics event (corrupt line)") from None
+                if not isinstance(event, dict):
+                    raise ZsgdError(f"{path}:{i}: not a metrics event (a JSON object expected, got {type(event).__name__})")
+                yield event
+            raw = following
 
 
 def drop_events_after(path: Path, updates: int) -> int:

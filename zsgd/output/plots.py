@@ -8,6 +8,7 @@ long after it ended.
 from __future__ import annotations
 
 import math
+from array import array
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,7 +17,13 @@ from zsgd.output.metrics import read_metrics
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A number a figure can use (an int of 400 digits is none: it has no float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _series(events: list[dict[str, Any]], kind: str, x: str, y: str) -> tuple[list[float], list[float]]:
@@ -47,11 +54,43 @@ def _label(run_dir: Path) -> str:
     return run_dir.name
 
 
-def _load(run_dir: Path) -> list[dict[str, Any]]:
+#: The largest metrics.jsonl plotted. Events are streamed and only the numbers a figure needs are kept
+#: (about a fifth of the file's size at most), so this bounds memory; a long real run's file
+#: (an ``update`` event per applied update, ~110 bytes) reaches it after about 20 million updates.
+MAX_METRICS_BYTES = 2 << 30
+MAX_WORKER_LINES = 256
+CURVE_KEYS = ("event", "t", "updates", "samples", "loss", "test_acc", "test_perplexity")
+
+
+def _metrics_path(run_dir: Path) -> Path:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ZsgdError(f"{run_dir} is not a run directory (no metrics.jsonl)")
-    return list(read_metrics(path))
+    size = path.stat().st_size
+    if size > MAX_METRICS_BYTES:
+        raise ZsgdError(f"{path} is {size / 2**30:.1f} GiB, more than the {MAX_METRICS_BYTES >> 30} GiB zsgd plot reads")
+    return path
+
+
+def _load(run_dir: Path, kinds: tuple[str, ...] = ("train", "eval"), keys: tuple[str, ...] = CURVE_KEYS) -> list[dict[str, Any]]:
+    """The events of ``kinds``, each cut to ``keys``: what the curves need, not the whole file."""
+    return [{k: e[k] for k in keys if k in e} for e in read_metrics(_metrics_path(run_dir)) if e.get("event") in kinds]
+
+
+def run_dirs_of(path: Path) -> list[Path]:
+    """The run directories ``path`` stands for: itself when it holds a metrics.jsonl, else the arm
+    directories of a sweep (``zsgd sim``) or an experiment, in their order (what plotting a sweep means)."""
+    path = Path(path)
+    if (path / "metrics.jsonl").is_file():
+        return [path]
+    try:
+        arms = sorted(d for d in path.iterdir() if d.is_dir() and (d / "metrics.jsonl").is_file())
+    except OSError as exc:
+        raise ZsgdError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not arms:
+        raise ZsgdError(f"{path} is not a run directory (no metrics.jsonl), nor a sweep or experiment directory "
+                        f"(no arm directory in it holds one)")
+    return arms
 
 
 def plot_curves(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] | None = None, time_label: str = "time (s)") -> list[Path]:
@@ -80,7 +119,7 @@ def plot_curves(run_dirs: Sequence[Path], out_dir: Path, labels: Sequence[str] |
             ax.set_xlabel(xlabel)
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
-            if len(runs) > 1:
+            if len(runs) > 1 and ax.get_lines():  # a panel no run has points for gets no (empty) legend
                 ax.legend(fontsize=8)
         fixed_margins(fig, len(panels))
         path = Path(out_dir) / fname
@@ -100,37 +139,44 @@ def plot_workers(run_dir: Path, out_dir: Path | None = None, time_label: str = "
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir)
-    updates = [e for e in _load(run_dir) if e.get("event") == "update" and _finite(e.get("t"))
-               and _finite(e.get("staleness", 0)) and _finite(e.get("worker", -1))]
-    if not updates:
+    ts, stales, wks = array("d"), array("d"), array("d")  # 24 bytes an update event, however long the run
+    for e in read_metrics(_metrics_path(run_dir)):
+        if e.get("event") == "update" and _finite(e.get("t")) and _finite(e.get("staleness", 0)) and _finite(e.get("worker", -1)):
+            ts.append(e["t"])
+            stales.append(e.get("staleness", 0))
+            wks.append(e.get("worker", -1))
+    if not ts:
         return []
     written = []
-    stale = np.array([e.get("staleness", 0) for e in updates])
+    t_all, wk_all = np.frombuffer(ts), np.frombuffer(wks)
+    stale = np.frombuffer(stales)
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.arange(stale.max() + 2) - 0.5 if 0 <= stale.min() and stale.max() <= 200 else 100  # bounded, whatever the file says
     ax.hist(stale, bins=bins, color="tab:blue", alpha=0.8)
     ax.set_xlabel("staleness (central updates between fetch and apply)")
     ax.set_ylabel("updates")
-    ax.set_title(f"mean {stale.mean():.2f}, p99 {np.percentile(stale, 99):.0f}, max {stale.max()}")
+    ax.set_title(f"mean {stale.mean():.2f}, p99 {np.percentile(stale, 99):.0f}, max {stale.max():g}")
     ax.grid(alpha=0.3)
     fixed_margins(fig)
     written.append(out_dir / "staleness_hist.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
 
-    workers = sorted({e["worker"] for e in updates if e.get("worker", -1) >= 0})
-    if workers:
-        t_end = max(e["t"] for e in updates)
-        bins = np.linspace(min(e["t"] for e in updates), t_end, 21)
+    workers = np.unique(wk_all[wk_all >= 0])
+    if len(workers):
+        shown = workers[:MAX_WORKER_LINES]  # a line per worker: bounded, whatever the file says
+        t0, t1 = t_all.min(), t_all.max()
+        bins = np.linspace(t0, t1 if t1 > t0 else t0 + 1.0, 21)
         fig, ax = plt.subplots(figsize=(7, 4))
-        for w in workers:
-            ts = np.array([e["t"] for e in updates if e.get("worker") == w])
-            counts, _ = np.histogram(ts, bins=bins)
-            ax.plot((bins[:-1] + bins[1:]) / 2, counts / np.diff(bins), label=f"worker {w}")
+        for w in shown:
+            counts, _ = np.histogram(t_all[wk_all == w], bins=bins)
+            ax.plot((bins[:-1] + bins[1:]) / 2, counts / np.diff(bins), label=f"worker {w:g}")
+        if len(shown) < len(workers):
+            ax.set_title(f"the first {len(shown)} of {len(workers)} workers")
         ax.set_xlabel(time_label)
         ax.set_ylabel("applied updates / s")
         ax.grid(alpha=0.3)
-        if len(workers) <= 16:
+        if len(shown) <= 16:
             ax.legend(fontsize=8, ncol=2)
         fixed_margins(fig)
         written.append(out_dir / "worker_throughput.png")
