@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd.wire import protocol
-from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm, make_worker_step, parse_algo
+from zsgd.algorithms import Applied, Dropped, Notice, Reply, Update, check_servers_support, make_server_algorithm, make_worker_step, parse_algo
 from zsgd.algorithms.worker import WorkerStep
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
@@ -89,6 +89,7 @@ class SimOptions:
         from zsgd.core.ranges import check_servers
 
         check_servers(self.servers)
+        check_servers_support(self.algo, self.servers)
         for name, v in (("--detect", self.detect_s), ("--broker-time", 0.0 if isinstance(self.broker_s, Measured) else self.broker_s)):
             if not math.isfinite(v) or v < 0:
                 raise ZsgdError(f"{name} must be a finite duration >= 0, got {v}")
@@ -215,6 +216,8 @@ class Simulation:
                 self.dropped[out.reason] += 1
                 if out.reason == "non-finite":  # as the broker: a gradient that blew up ends the run
                     self.ledger.diverge(f"gradient is not finite on worker {out.worker}")
+            elif isinstance(out, Notice):
+                self.metrics.write(out.kind, self.now, **out.fields)
 
     def _send_weights(self, r: Reply) -> None:
         w = r.worker
@@ -459,7 +462,7 @@ class Simulation:
             "broker_bandwidth_Bps": self.broker_bw, "broker_bandwidth_measured": self.broker_bw_measured,
             "server_overlap": self.overlap,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
-            "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s,
+            "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s, **self.algo.report(),
             "workers": {str(w): {"host": "sim", "steps": self.w_steps[w], "samples": self.w_samples[w],
                                  "mean_staleness": self.w_stale_sum[w] / self.w_steps[w] if self.w_steps[w] else 0.0,
                                  "max_staleness": self.w_stale_max[w], "incarnations": self.w_lives[w]}

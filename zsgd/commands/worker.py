@@ -8,11 +8,12 @@ import sys
 import click
 
 from zsgd.errors import ZsgdError
+from zsgd.runtime.ranks import MAX_WORKER_ID
 
 
 @click.command()
 @click.option("--connect", required=True, help="Broker address, e.g. tcp://127.0.0.1:5555.")
-@click.option("--id", "worker_id", type=int, default=None,
+@click.option("--id", "worker_id", type=click.IntRange(0, MAX_WORKER_ID), default=None,
               help="Worker id (stable across restarts); default: the launcher's rank (OMPI_COMM_WORLD_RANK, PMI_RANK, SLURM_PROCID), "
                    "else the broker picks.")
 @click.option("--role", type=click.Choice(["worker", "evaluator", "server"]), default="worker", show_default=True,

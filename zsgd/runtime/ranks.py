@@ -21,6 +21,9 @@ from typing import Mapping
 from zsgd.errors import ZsgdError
 
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+#: The largest worker id: the wire header carries ids in [-1, 2**31) (zsgd.wire.frames), so a larger one
+#: would be a protocol error at the first message instead of a usage error at the command line.
+MAX_WORKER_ID = 2**31 - 1
 
 
 def rank_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, str] | None:
@@ -35,7 +38,8 @@ def rank_from_env(environ: Mapping[str, str] | None = None) -> tuple[int, str] |
         if value is None:
             continue
         text = value.strip()
-        if not text.isdigit():
-            raise ZsgdError(f"{name}={value!r} is not a rank (expected a whole number >= 0); pass --id or unset {name}")
+        if not (text.isascii() and text.isdigit()) or int(text) > MAX_WORKER_ID:
+            raise ZsgdError(f"{name}={value[:40]!r} is not a rank (expected a whole number in 0..{MAX_WORKER_ID}); "
+                            f"pass --id or unset {name}")
         return int(text), name
     return None
