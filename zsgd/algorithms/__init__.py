@@ -5,14 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from zsgd.algorithms.asynchronous import AsyncSGD
-from zsgd.algorithms.base import Applied, Dropped, Output, Reply, ServerAlgorithm, Update
+from zsgd.algorithms.base import Applied, Dropped, Notice, Output, Reply, ServerAlgorithm, Update
+from zsgd.algorithms.kgroup import KAsyncSGD, KSyncSGD, parse_k
 from zsgd.algorithms.localsgd import LocalSGD, LocalSGDWorkerStep, parse_localsgd
 from zsgd.algorithms.ssp import StaleSynchronousSGD
 from zsgd.algorithms.synchronous import SyncSGD
 from zsgd.algorithms.worker import WorkerStep
 from zsgd.errors import ZsgdError
 
-ALGORITHMS = ("async", "sync", "ssp:S", "localsgd:K")
+ALGORITHMS = ("async", "sync", "ssp:S", "localsgd:K", "ksync:K", "kasync:K")
 # Dispatched by the callers before parse_algo (zsgd.decentralized.rules.DECENTRALIZED, a layer above),
 # named here so that a typo's message lists every algorithm --algo takes.
 DECENTRALIZED_NAMES = ("dsgd", "dsgt", "cadmm")
@@ -20,7 +21,7 @@ STALENESS_LR = ("off", "scalar", "per-coordinate")
 
 
 def parse_algo(spec: str) -> tuple[str, dict]:
-    """``async`` | ``sync`` | ``ssp:S`` | ``localsgd:K`` -> (name, options); ZsgdError names a bad spec."""
+    """``async`` | ``sync`` | ``ssp:S`` | ``localsgd:K`` | ``ksync:K`` | ``kasync:K`` -> (name, options); ZsgdError names a bad spec."""
     name, _, arg = spec.strip().partition(":")
     if name in ("async", "sync") and not arg:
         return name, {}
@@ -34,6 +35,8 @@ def parse_algo(spec: str) -> tuple[str, dict]:
         return "ssp", {"bound": bound}
     if name == "localsgd":
         return "localsgd", parse_localsgd(arg)
+    if name in ("ksync", "kasync"):
+        return name, parse_k(name, arg)
     raise ZsgdError(f"unknown algorithm {spec!r}; choose one of {', '.join(ALGORITHMS)}, "
                     f"or decentralized {', '.join(DECENTRALIZED_NAMES)}")
 
@@ -49,6 +52,24 @@ def parse_staleness_lr(mode: str | bool | None) -> str:
     return mode
 
 
+SERVER_RULES: dict[str, type[ServerAlgorithm]] = {
+    "async": AsyncSGD, "sync": SyncSGD, "ssp": StaleSynchronousSGD, "localsgd": LocalSGD, "ksync": KSyncSGD, "kasync": KAsyncSGD,
+}
+
+
+def algorithm_class(spec: str) -> type[ServerAlgorithm]:
+    """The server rule's class for ``spec``: its capabilities (``shardable``, ...) without building it."""
+    return SERVER_RULES[parse_algo(spec)[0]]
+
+
+def check_servers_support(spec: str, servers: int) -> None:
+    """ZsgdError when ``--servers`` > 1 and the rule cannot run split over range servers."""
+    if servers > 1 and not algorithm_class(spec).shardable:
+        name = parse_algo(spec)[0]
+        raise ZsgdError(f"--algo {spec} cannot run with --servers {servers}: each range server would pick its own first K "
+                        f"gradients by arrival order, and two servers could wait on each other; use --servers 1 with {name}")
+
+
 def make_server_algorithm(spec: str, w0: np.ndarray, optimizer, staleness_lr: str | bool = "off", clip_norm: float | None = None) -> ServerAlgorithm:
     name, opts = parse_algo(spec)
     mode = parse_staleness_lr(staleness_lr)
@@ -59,8 +80,7 @@ def make_server_algorithm(spec: str, w0: np.ndarray, optimizer, staleness_lr: st
             raise ZsgdError(f"--staleness-lr per-coordinate needs --algo async or ssp:S, not {spec!r}")
         cls = {"async": CoordinateStalenessAsyncSGD, "ssp": CoordinateStalenessSSP}[name]
         return cls(w0, optimizer, clip_norm=clip_norm, **opts)
-    cls = {"async": AsyncSGD, "sync": SyncSGD, "ssp": StaleSynchronousSGD, "localsgd": LocalSGD}[name]
-    return cls(w0, optimizer, staleness_lr=mode == "scalar", clip_norm=clip_norm, **opts)
+    return algorithm_class(spec)(w0, optimizer, staleness_lr=mode == "scalar", clip_norm=clip_norm, **opts)
 
 
 def make_worker_step(spec: str, model, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, worker: int, *,
@@ -73,6 +93,7 @@ def make_worker_step(spec: str, model, x: np.ndarray, y: np.ndarray, batch_size:
 
 
 __all__ = [
-    "Applied", "AsyncSGD", "Dropped", "LocalSGD", "Output", "Reply", "ServerAlgorithm", "StaleSynchronousSGD",
-    "SyncSGD", "Update", "WorkerStep", "make_server_algorithm", "make_worker_step", "parse_algo", "parse_staleness_lr",
+    "Applied", "AsyncSGD", "Dropped", "KAsyncSGD", "KSyncSGD", "LocalSGD", "Notice", "Output", "Reply", "ServerAlgorithm",
+    "StaleSynchronousSGD", "SyncSGD", "Update", "WorkerStep", "algorithm_class", "check_servers_support", "make_server_algorithm",
+    "make_worker_step", "parse_algo", "parse_staleness_lr",
 ]

@@ -4,8 +4,9 @@ A server algorithm is a plain object: the driver (the ZeroMQ broker, or the
 simulator's event loop) tells it that a worker joined, left, or sent an
 update, passing the current time; it answers with a list of outputs:
 ``Reply`` (send these weights, or "wait", to that worker), ``Applied``
-(an update changed the central model: for metrics) and ``Dropped`` (an
-update was discarded, e.g. a sync gradient for a round that already ended).
+(an update changed the central model: for metrics), ``Dropped`` (an
+update was discarded, e.g. a sync gradient for a round that already ended)
+and ``Notice`` (something to log, e.g. K-sync's K shrinking).
 No sockets, no clocks, no threads inside, which is why the runtime and the
 simulator run exactly the same rules.
 
@@ -53,6 +54,7 @@ class Applied:
     n_samples: int
     lr: float
     contributors: int = 1
+    workers: tuple[int, ...] = ()  # a step of several gradients: who contributed (empty: every live worker, as in sync)
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,16 @@ class Dropped:
     reason: str
 
 
-Output = Reply | Applied | Dropped
+@dataclass(frozen=True)
+class Notice:
+    """Something about the run a driver should log (an event ``kind`` with ``fields`` in metrics.jsonl),
+    e.g. K-sync's K shrinking to the live workers. Changes nothing; a driver that does not know it may ignore it."""
+
+    kind: str
+    fields: dict[str, Any]
+
+
+Output = Reply | Applied | Dropped | Notice
 
 
 @dataclass
@@ -86,6 +97,8 @@ class ServerAlgorithm:
     """Holds the central weights and version; subclasses decide when to apply and reply."""
 
     name = "base"
+    #: Works with --servers K (each range server runs its own copy of the rule over its range).
+    shardable = True
 
     def __init__(self, w0: np.ndarray, optimizer: Optimizer, staleness_lr: bool = False, clip_norm: float | None = None) -> None:
         self.w = np.array(w0, dtype=np.float32, copy=True)
@@ -212,6 +225,10 @@ class ServerAlgorithm:
         self.optimizer.step(self.writable_weights(), grad, lr)
         self.version += 1
         return lr
+
+    def report(self) -> dict[str, Any]:
+        """What the rule adds to ``summary.json`` (nothing by default)."""
+        return {}
 
     def state(self) -> dict[str, Any]:
         """Counters for checkpoints and live views."""

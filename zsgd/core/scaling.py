@@ -24,7 +24,9 @@ so on the terminal and in ``config.yaml``:
   instead (0.6, the 1 - N * 0.1 rule) 87.6 %.
 
 The momentum is left as given. Local SGD and the decentralized algorithms
-step on each worker like one process does and keep every value.
+step on each worker like one process does and keep every value, and so do
+``ksync:K`` and ``kasync:K``, whose step size depends on K as much as on N
+(a study of K sets its own values).
 ``zsgd sim`` applies the same rule to each arm (``zsgd.simulation.sweep.arm_config``),
 so a simulation predicts the run of the same flags; ``zsgd sim --literal``
 keeps every value, for sweeps that must vary one thing at a time.

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from zsgd.core.config import TrainConfig
 
 LR_SCHEDULES = ("auto", "constant", "cosine", "linear")
-CENTRAL = ("train", "async", "sync", "ssp")
+CENTRAL = ("train", "async", "sync", "ssp", "ksync", "kasync")
 
 
 def check_lr_schedule(kind: str) -> str:

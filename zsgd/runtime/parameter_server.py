@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from zsgd.algorithms import Applied, Dropped, Reply, Update, make_server_algorithm
+from zsgd.algorithms import Applied, Dropped, Notice, Reply, Update, make_server_algorithm
 from zsgd.core.schedule import lr_factor
 from zsgd.errors import ProtocolError
 from zsgd.runtime.service import Service
@@ -149,7 +149,7 @@ class ParameterServer(Service):
     def summary(self) -> dict[str, Any]:
         return {"dropped_updates": dict(self.dropped + self.b.endpoint.dropped),
                 "compression_ratio": self.dense_update_bytes / self.update_bytes if self.update_bytes else 1.0,
-                "reply_compression_ratio": self.dense_reply_bytes / self.reply_bytes if self.reply_bytes else 1.0}
+                "reply_compression_ratio": self.dense_reply_bytes / self.reply_bytes if self.reply_bytes else 1.0} | self.algo.report()
 
     # -- updates -----------------------------------------------------------------------
     def on_update(self, peer: Peer, msg: Message) -> None:
@@ -217,6 +217,8 @@ class ParameterServer(Service):
                     b.reject(sender.identity, "non-finite", f"worker {out.worker} sent a gradient holding NaN or Inf")
             elif isinstance(out, Dropped):
                 self.dropped[out.reason] += 1
+            elif isinstance(out, Notice):
+                b.metrics.write(out.kind, b.elapsed, **out.fields)
 
     def _on_applied(self, a: Applied) -> None:
         b = self.b
@@ -229,7 +231,9 @@ class ParameterServer(Service):
             peer.staleness_max = max(peer.staleness_max, a.staleness)
             b.ledger.loss(peer.last_loss, a.worker)
         elif a.worker == -1:
-            for p in members.live_workers():
+            # A round's step: every live worker contributed (sync), or the ones the rule names (ksync, kasync).
+            contributors = [members.by_worker.get(w) for w in a.workers] if a.workers else members.live_workers()
+            for p in (p for p in contributors if p is not None):
                 p.steps += 1
                 if math.isfinite(p.last_loss):  # NaN: joined mid-round, no gradient yet (updates are checked finite)
                     b.ledger.loss(p.last_loss, p.worker)

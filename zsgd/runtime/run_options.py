@@ -68,6 +68,10 @@ class ServerOptions:
         from zsgd.core.ranges import check_servers
 
         check_servers(self.servers)
+        if not self.decentralized:
+            from zsgd.algorithms import check_servers_support
+
+            check_servers_support(self.algo, self.servers)
         if self.servers > 1 and self.decentralized:
             raise ZsgdError(f"--servers splits the central model over server processes; {self.algo} has no central model")
         return self
