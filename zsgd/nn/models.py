@@ -21,6 +21,7 @@ Models (``get_model(name, input_shape=(C, H, W), n_classes=K)``):
 
 ``"package.module:factory"`` names a user's model: ``factory(input_shape=...,
 n_classes=...)`` must return an object with the same interface as ``Model``.
+``"torch:package.module:factory"`` names a ``torch.nn.Module`` (zsgd.nn.torch_model).
 
 A ``Model`` keeps scratch buffers between calls, so one instance must not be
 used from two threads at once (zsgd's workers are processes).
@@ -28,7 +29,6 @@ used from two threads at once (zsgd's workers are processes).
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -39,6 +39,7 @@ from zsgd import kernels as K
 from zsgd.errors import ZsgdError
 from zsgd.nn.flat import check_flat, load_flat
 from zsgd.nn.layers import Conv2d, Dense, Dropout, Layer, buffer, uniform_init
+from zsgd.nn.user_code import describe as _describe, load_factory, user_call as _user_call
 
 #: Samples per forward pass in ``predict``: bounds memory (the CNN's conv1
 #: output is 86 KB per sample) while keeping each sgemm large.
@@ -312,16 +313,7 @@ def _check_shape(input_shape: Any, n_classes: Any) -> tuple[tuple[int, int, int]
 
 
 def _user_model(spec: str, input_shape: tuple[int, int, int], n_classes: int, seed: int = 0) -> ModelLike:
-    mod_name, _, fn_name = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError, ValueError, TypeError) as exc:
-        raise ZsgdError(f"cannot load model factory '{spec}' ({_one_line(exc)}): give 'package.module:function' "
-                        f"importable from this Python") from None
-    except Exception as exc:  # noqa: BLE001 -- the user's module failed while importing
-        raise ZsgdError(f"cannot load model factory '{spec}': importing {mod_name} raised {type(exc).__name__}: {_one_line(exc)}") from None
-    if not callable(factory):
-        raise ZsgdError(f"model factory '{spec}' is a {type(factory).__name__}, not a function: give 'package.module:function'")
+    factory = load_factory(spec)
     model = _user_call(spec, "the factory", lambda: factory(input_shape=input_shape, n_classes=n_classes))
     missing = [a for a in ("name", "input_shape", "n_classes", "n_params", "init", "loss_and_grad", "predict",
                            "state_dict", "load_state_dict", "layout") if not hasattr(model, a)]
@@ -363,30 +355,23 @@ def check_model(spec: str, model: ModelLike, input_shape: tuple[int, int, int], 
         raise ZsgdError(f"model '{spec}': state_dict() must return a dict of name -> numpy array, got {_describe(sd)}")
 
 
-def _user_call(spec: str, what: str, call: Callable[[], Any]) -> Any:
-    try:
-        return call()
-    except ZsgdError:
-        raise
-    except Exception as exc:  # noqa: BLE001 -- a user's code: report it as one line, not a traceback
-        raise ZsgdError(f"model '{spec}': {what} raised {type(exc).__name__}: {_one_line(exc)}") from None
+#: A model spec that starts so names a PyTorch module: ``torch:package.module:factory`` (see zsgd.nn.torch_model).
+TORCH_PREFIX = "torch:"
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, np.ndarray):
-        return f"array of shape {value.shape} ({value.dtype})"
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+def is_user_model(spec: Any) -> bool:
+    """True when ``spec`` names a user's code (``package.module:factory`` or ``torch:package.module:factory``)
+    rather than a built-in model: building it imports and runs that code, so a worker should build it only
+    when it was started for it. Cheap: imports nothing."""
+    from zsgd.nn.lstm_spec import is_lstm_name
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return isinstance(spec, str) and ":" in spec and not is_lstm_name(spec)
 
 
 def get_model(name: str, input_shape: tuple[int, ...], n_classes: int, seed: int = 0,
               bptt: int = 64) -> Model | ModelLike:
-    """Build a model by name (``logreg|mlp|cnn|lenet5|lstm[:...]``) or ``package.module:factory``.
+    """Build a model by name (``logreg|mlp|cnn|lenet5|lstm[:...]``), ``package.module:factory`` or
+    ``torch:package.module:factory`` (a PyTorch module, see zsgd.nn.torch_model; needs ``zsgd[torch]``).
 
     ``seed`` seeds the model's own dropout stream (used when a step passes no seed).
     ``lstm`` is a language model over ``n_classes`` tokens: it takes text data
@@ -403,6 +388,13 @@ def get_model(name: str, input_shape: tuple[int, ...], n_classes: int, seed: int
             raise ZsgdError(f"model '{name}' is a language model and needs text data: use --data text "
                             f"(the embedded corpus) or --data text:FILE")
         return get_lstm(name, n_classes, seed=seed, bptt=bptt)
+    if isinstance(name, str) and name.startswith(TORCH_PREFIX):
+        from zsgd.nn.torch_model import torch_model
+
+        if text:
+            raise ZsgdError(f"model '{name}' is a PyTorch image classifier; text data needs --model lstm")
+        shape, k = _check_shape(input_shape, n_classes)
+        return torch_model(name, shape, k, seed)
     if text and not (isinstance(name, str) and ":" in name):
         raise ZsgdError(f"model '{name}' classifies images; text data needs a language model: use --model lstm")
     shape, k = _check_shape(input_shape, n_classes)

@@ -1,0 +1,1 @@
+"""zsgd's examples; a package so that ``--model torch:examples.torch.resnet:make`` imports from the repository root."""

@@ -1,0 +1,1 @@
+"""PyTorch models trained by zsgd through ``--model torch:package.module:factory`` (see resnet.py)."""
