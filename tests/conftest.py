@@ -44,6 +44,29 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError("multi-process tests without @pytest.mark.slow: " + ", ".join(unmarked))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_cache(tmp_path_factory):
+    """The simulator's calibration cache (``zsgd.simulation.calibration``) in a folder of this session, never the
+    user's: tests share its figures as runs on one machine do; a test of the cache points it elsewhere itself."""
+    previous = os.environ.get("ZSGD_CALIBRATION_DIR")
+    os.environ["ZSGD_CALIBRATION_DIR"] = str(tmp_path_factory.mktemp("calibration"))
+    yield
+    if previous is None:
+        os.environ.pop("ZSGD_CALIBRATION_DIR", None)
+    else:
+        os.environ["ZSGD_CALIBRATION_DIR"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _default_calibration():
+    """Each test starts with the default calibration (this machine's cache): an in-process ``zsgd sim
+    --calibration FILE`` or ``--recalibrate`` sets the process's, which must not leak into the next test."""
+    yield
+    from zsgd.simulation import calibration
+
+    calibration.use(None)
+
+
 @pytest.fixture
 def no_orphans():
     """Fail the test if it leaves any zsgd process running; kill them so later tests are clean."""

@@ -88,32 +88,29 @@ def test_experiment_files_take_measured(tmp_path):
 
 
 def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(transport, "_memory", {})
+    from zsgd.simulation.calibration import Calibration
+
+    monkeypatch.setenv("ZSGD_CALIBRATION_DIR", str(tmp_path / "calibration"))
     monkeypatch.setattr(transport, "BURSTS", 2)
     monkeypatch.setattr(transport, "PAIRS", 1)
     nbytes = 40_000
     before = transport.measurements
-    bps = transport.server_transport(nbytes).bytes_per_s
-    assert math.isfinite(bps) and bps > 0 and transport.measurements == before + 1
-    overlap = transport.server_transport(nbytes).overlap
-    assert 0.0 <= overlap <= 1.0 and transport.measurements == before + 1  # measured with the bandwidth, cached with it
-    assert transport.server_transport(nbytes).bytes_per_s == bps and transport.measurements == before + 1  # this process: memory
-    assert transport.cache_path().is_file() and transport.cache_path().is_relative_to(tmp_path / "home")
-    monkeypatch.setattr(transport, "_memory", {})  # a new process: the file answers
-    assert transport.server_transport(nbytes) == transport.Transport(bps, overlap) and transport.measurements == before + 1
-    data = json.loads(transport.cache_path().read_text())
-    (key,) = data
-    assert len(data[key]["overlaps"]) == 1 and len(data[key]["loaded_samples"]) == 1 and data[key]["work_s"] > 0
-    del data[key]["overlap"]  # an entry written before the overlap was measured: measured afresh
-    transport.cache_path().write_text(json.dumps(data))
-    monkeypatch.setattr(transport, "_memory", {})
-    assert transport.server_transport(nbytes).bytes_per_s > 0 and transport.measurements == before + 2
-    data = json.loads(transport.cache_path().read_text())
-    data[key]["at"] -= transport.MAX_AGE_S + 1  # too old: measured afresh
-    transport.cache_path().write_text(json.dumps(data))
-    monkeypatch.setattr(transport, "_memory", {})
-    assert transport.server_transport(nbytes).bytes_per_s > 0 and transport.measurements == before + 3
+    cal = Calibration()
+    measured = transport.server_transport(nbytes, cal)
+    assert math.isfinite(measured.bytes_per_s) and measured.bytes_per_s > 0 and transport.measurements == before + 1
+    assert 0.0 <= measured.overlap <= 1.0  # measured with the bandwidth, cached with it
+    assert transport.server_transport(nbytes, cal) == measured and transport.measurements == before + 1  # this process: memory
+    path = cal.cache_path()
+    assert path.is_file() and path.is_relative_to(tmp_path / "calibration")
+    assert transport.server_transport(nbytes, Calibration()) == measured and transport.measurements == before + 1  # a new process: the file
+    data = json.loads(path.read_text())
+    (key,) = data["transport"]
+    entry = data["transport"][key]
+    assert len(entry["overlaps"]) == 1 and len(entry["loaded_samples"]) == 1 and entry["work_s"] > 0
+    del entry["overlap"]  # an entry written before the overlap was measured: measured afresh
+    path.write_text(json.dumps(data))
+    assert transport.server_transport(nbytes, Calibration()).bytes_per_s > 0 and transport.measurements == before + 2
+    assert transport.server_transport(nbytes, Calibration("recalibrate")).bytes_per_s > 0 and transport.measurements == before + 3
 
 
 def test_overlap_is_read_off_the_echo_with_and_without_work():
@@ -134,7 +131,7 @@ def test_busy_work_takes_about_what_it_was_sized_for():
     assert (work() == before).all()  # x * 1.0 in place: the same data, a real pass over it each call
 def test_workload_measures_once_and_the_summary_says_so(workload, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(transport, "server_transport", lambda nbytes: calls.append(nbytes) or transport.Transport(4e8, 0.25))
+    monkeypatch.setattr(transport, "server_transport", lambda nbytes, calibration=None: calls.append(nbytes) or transport.Transport(4e8, 0.25))
     monkeypatch.setattr(workload, "transport", None)
     opts = dict(algo="async", n_workers=4, compute=Constant(0.002), broker_bandwidth=Measured())
     s = run_arm(workload.cfg, SimOptions(**opts), workload, tmp_path / "a").summary
@@ -176,7 +173,7 @@ def test_a_step_that_takes_turns_with_the_io_lowers_the_plateau_and_nothing_else
     b = max(s_up, s_down) / 0.001  # 1 ms a message on the NIC: the step is the shorter stage
     cycle = c + t + (s_up + s_down) / b
     for f in (1.0, 0.5, 0.0):
-        monkeypatch.setattr(transport, "server_transport", lambda nbytes, f=f: transport.Transport(b, f))
+        monkeypatch.setattr(transport, "server_transport", lambda nbytes, calibration=None, f=f: transport.Transport(b, f))
         monkeypatch.setattr(workload, "transport", None)
         held = (1 - f) * min(t, s_up / b)
         ceiling = 1 / max(s_up / b + held, t + held, s_down / b)

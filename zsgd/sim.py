@@ -470,14 +470,16 @@ class Simulation:
         }
 
 
-def record_arm(run_dir: Path, cfg: TrainConfig, described: dict, workload: Workload, simulate) -> SimResult:
+def record_arm(run_dir: Path, cfg: TrainConfig, described: dict, workload: Workload, simulate,
+               calibration: dict | None = None) -> SimResult:
     """Write one simulated arm's run directory around ``simulate(metrics)``:
-    config.yaml, metrics.jsonl, summary.json, weights.npz (the layout of real runs)."""
+    config.yaml, metrics.jsonl, summary.json, weights.npz (the layout of real runs).
+    ``calibration``: the measured figures the arm uses, recorded in config.yaml (``--calibration`` replays them)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ds, model = workload.problem.dataset, workload.model
     write_config(run_dir / "config.yaml", cfg.to_dict() | {"mode": "sim", "sim": described, "data_source": ds.source,
-                                                           "n_params": model.n_params})
+                                                           "n_params": model.n_params} | ({"calibration": calibration} if calibration else {}))
     path = run_dir / "metrics.jsonl"
     path.unlink(missing_ok=True)  # MetricsWriter appends; a re-run must not
     with MetricsWriter(path) as metrics:
@@ -492,7 +494,7 @@ def run_arm(cfg: TrainConfig, opts: SimOptions, workload: Workload, run_dir: Pat
     """Simulate one arm into ``run_dir``."""
     cfg = resolve_lr_schedule(cfg, opts.algo)
     result = record_arm(run_dir, cfg, opts.validate().describe(), workload,
-                        lambda metrics: Simulation(cfg, opts, workload, metrics, progress).run())
+                        lambda metrics: Simulation(cfg, opts, workload, metrics, progress).run(), workload.calibration_record(opts))
     if plots:
         from zsgd.output.plots import plot_curves
 

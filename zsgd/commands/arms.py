@@ -1,4 +1,4 @@
-"""``--jobs`` and ``--launcher`` for commands that run many arms (``zsgd sim``, ``zsgd experiment``).
+"""``--jobs``, ``--launcher`` and the calibration flags for commands that run many arms (``zsgd sim``, ``zsgd experiment``).
 
 Only click is imported at start-up; the Slurm and process machinery loads
 when a command runs.
@@ -24,6 +24,24 @@ def arm_options(func: Callable) -> Callable:
                         help="Arms run at once, each single-threaded (default: the cores this process may use). "
                              "Results are identical to --jobs 1.")(func)
     return func
+
+
+def calibration_options(func: Callable) -> Callable:
+    """``--calibration FILE`` and ``--recalibrate``: where the measured figures come from (``zsgd.simulation.calibration``)."""
+    func = click.option("--recalibrate", is_flag=True,
+                        help="Measure the compute, broker-time and bandwidth figures again (they are cached per machine, so "
+                             "the same command and seed give the same metrics) and replace the cached ones.")(func)
+    func = click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                        help="Replay the measured figures in FILE (an arm's config.yaml, a sweep's calibration.json, or another "
+                             "machine's cache file) instead of this machine's; nothing is measured.")(func)
+    return func
+
+
+def use_calibration(calibration_file: str | None, recalibrate: bool) -> None:
+    """Check the calibration flags (a bad FILE is one line, before anything is loaded) and make them this process's."""
+    from zsgd.simulation.calibration import Calibration, use
+
+    use(Calibration.from_flags(calibration_file, recalibrate))
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from zsgd.commands.arms import arm_options
+from zsgd.commands.arms import arm_options, calibration_options
 from zsgd.errors import ZsgdError
 
 
@@ -27,9 +27,10 @@ from zsgd.errors import ZsgdError
 @click.option("--check", is_flag=True, help="Validate the file (every arm) and exit without running anything.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines or table.")
 @arm_options
+@calibration_options
 @click.pass_context
 def experiment_command(ctx: click.Context, config: str, out: str | None, only: tuple[str, ...], check: bool, quiet: bool,
-                       jobs: int | None, launcher: str) -> None:
+                       jobs: int | None, launcher: str, calibration_file: str | None, recalibrate: bool) -> None:
     """Run the arms of an experiment file and compare them.
 
     The file names one problem (model, data, split, seed, hyper-parameters,
@@ -39,7 +40,7 @@ def experiment_command(ctx: click.Context, config: str, out: str | None, only: t
     examples/compare_small.yaml.
     """
     try:
-        _run(config, out, only, check, quiet, jobs, launcher)
+        _run(config, out, only, check, quiet, jobs, launcher, calibration_file, recalibrate)
     except ZsgdError as exc:
         if ctx.parent is not None:
             raise  # inside the zsgd group: it prints the one line and exits 2, as for every command
@@ -48,10 +49,12 @@ def experiment_command(ctx: click.Context, config: str, out: str | None, only: t
 
 
 def _run(config: str, out: str | None, only: tuple[str, ...], check: bool, quiet: bool, jobs: int | None = None,
-         launcher: str = "local") -> None:
+         launcher: str = "local", calibration_file: str | None = None, recalibrate: bool = False) -> None:
+    from zsgd.commands.arms import use_calibration
     from zsgd.runtime.threads import single_threaded_blas
 
     single_threaded_blas()  # as in zsgd sim: measured compute is one worker's, and parallel arms must not fight over cores
+    use_calibration(calibration_file, recalibrate)  # a bad --calibration FILE fails before anything is loaded
     from zsgd.experiments.config import load_experiment
 
     spec = load_experiment(Path(config))

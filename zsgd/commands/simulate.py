@@ -28,7 +28,7 @@ from pathlib import Path
 import click
 
 from zsgd.commands.options import build_config, decentralized_options, pop_decentralized, training_options_with
-from zsgd.commands.arms import arm_options
+from zsgd.commands.arms import arm_options, calibration_options
 from zsgd.errors import ZsgdError
 
 _LIST = " A comma list makes arms (every combination with the other lists)."
@@ -92,12 +92,14 @@ def _sim_options(func):
 @training_options_with(model="mlp")
 @_sim_options
 @arm_options
+@calibration_options
 @decentralized_options
 @click.pass_context
 def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str, latency: str, latency_up: str | None,
                 latency_down: str | None, latency_worker: tuple[str, ...], bandwidth: str, broker_bandwidth: str, loss: str,
                 retransmit: str, compute: str, stragglers: str, failures: str, detect: str, broker_time: str, target: float,
-                literal: bool, arm_plots: bool, out: str | None, quiet: bool, jobs: int | None, launcher: str, **params) -> None:
+                literal: bool, arm_plots: bool, out: str | None, quiet: bool, jobs: int | None, launcher: str,
+                calibration_file: str | None, recalibrate: bool, **params) -> None:
     """Simulate distributed SGD in virtual time: real gradients, simulated clock.
 
     Comma lists form a grid of arms, e.g. 'zsgd sim --latency 0,10,50ms' (a
@@ -112,7 +114,10 @@ def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, stale
     from zsgd.runtime.threads import single_threaded_blas
 
     single_threaded_blas()  # measured compute must be a worker's (one thread), and arms must not fight over cores
+    from zsgd.commands.arms import use_calibration
     from zsgd.simulation.sweep import SweepSpec, build_arms
+
+    use_calibration(calibration_file, recalibrate)  # a bad --calibration FILE fails before the data is loaded
 
     from zsgd.core.scaling import SCALED_FIELDS
 
@@ -154,6 +159,11 @@ def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, stale
     outcomes = run_sweep(cfg, spec, out_dir, workload=workload, show=not quiet, arm_plots=arm_plots, jobs=launch.jobs,
                          step_argv=launch.step_argv and (lambda i: launch.step_argv(out_dir, i)), step_capacity=launch.capacity)
     if not quiet:
+        from zsgd.simulation.calibration import current
+
+        line = current().summary()
+        if line:
+            stderr_console.print(line, highlight=False, markup=False, soft_wrap=True)
         stderr_console.print(results_table(outcomes, target))
         stderr_console.print(f"results: {out_dir / 'results.md'}, {out_dir / 'results.csv'}; plots in {out_dir}")
     click.echo(str(out_dir))

@@ -8,9 +8,9 @@ parent built; the step writes its result (staleness and evaluations, beside
 the run directory's usual ``summary.json``) to ``NN-arm/result.npz``, and
 the parent reads it back into the same table and plots.
 
-Why the calibration travels in the plan: compute=measured is timed once for
-the whole sweep (``calibrate_once``); a step timing its own node would let
-one busy node masquerade as an effect of the grid.
+Why the calibration travels in the plan: the measured figures are the parent's
+for the whole sweep (``calibrate_once``, ``zsgd.simulation.calibration``); a step
+timing its own node would let one busy node masquerade as an effect of the grid.
 """
 
 from __future__ import annotations
@@ -29,33 +29,27 @@ RESULT = "result.npz"
 
 
 def calibrate_once(workload: Any, options: Iterable[Any]) -> None:
-    """Time compute=measured now, in this process, if any arm uses it (every arm then shares the number);
-    else take one gradient step, so the kernels are compiled (or loaded from numba's cache) once, here,
-    and forked arms inherit them instead of each compiling its own."""
-    from zsgd.simulation.netmodel import Measured
-
-    options = list(options)
-    for o in options:  # broker-time=measured: timed once per (algorithm, codecs), cached on the workload
-        if isinstance(getattr(o, "broker_s", None), Measured):
-            workload.broker_model(o)
-    for o in options:  # broker-bandwidth=measured: one echo, before any fork (arms timing it at once would share the cores)
-        if isinstance(getattr(o, "broker_bandwidth", None), Measured):
-            workload.transport_model(o)
-            break
-    steps = [o.calibration_steps for o in options if isinstance(getattr(o, "compute", None), Measured)]
-    if steps:
-        workload.calibrate(steps[0])
-        return
+    """Get every measured figure the arms ``options`` use now, in this process (from the calibration cache, or
+    measured: then before any fork, as arms timing at once would share the cores), so every arm shares them; then
+    take one gradient step, so the kernels are compiled (or loaded from numba's cache) once, here, and forked
+    arms inherit them instead of each compiling its own."""
+    for o in options:
+        workload.calibration_record(o)
     workload.gradient_step()(0)
 
 
 def calibrations(workloads: dict[int, Any]) -> dict[str, Any]:
-    """What every batch size's workload measured (compute, server step, transport; batch size -> Workload), for a
-    plan file: a step started elsewhere (an srun step, a pool worker) simulates its arm with the parent's timings
-    (``restore_calibration``) instead of measuring its own on a machine that may differ."""
-    return {"compute_samples": {str(bs): wl.compute_samples for bs, wl in workloads.items()},
-            "server_step_samples": {str(bs): [[list(k), v] for k, v in wl.server_step_samples.items()] for bs, wl in workloads.items()},
-            "transport": {str(bs): asdict(wl.transport) if wl.transport is not None else None for bs, wl in workloads.items()}}
+    """The measured figures every workload used (batch size -> Workload), for a plan file: a step started elsewhere
+    (an srun step) simulates its arm with the parent's figures (``restore_calibration``) instead of measuring its
+    own on a machine that may differ."""
+    merged: dict[str, Any] = {}
+    for wl in workloads.values():
+        for kind, value in wl.calibration.record().items():
+            if isinstance(value, dict) and kind != "machine":
+                merged.setdefault(kind, {}).update(value)
+            else:
+                merged.setdefault(kind, value)
+    return {"calibration": merged}
 
 
 def save_plan(out_dir: Path, cfg: Any, spec: Any, workloads: dict[int, Any], arm_plots: bool) -> Path:
@@ -65,15 +59,16 @@ def save_plan(out_dir: Path, cfg: Any, spec: Any, workloads: dict[int, Any], arm
     return path
 
 
-def restore_calibration(workload: Any, plan: dict[str, Any], batch_size: int) -> None:
-    """Give a step's workload the parent's timings (compute, broker step, transport), so it simulates the arm the parent would have."""
-    workload.compute_samples = plan["compute_samples"].get(str(batch_size))
-    workload.server_step_samples = {tuple(k): v for k, v in plan.get("server_step_samples", {}).get(str(batch_size), [])}
-    measured = plan.get("transport", {}).get(str(batch_size))
-    if measured is not None:
-        from zsgd.simulation.transport import Transport
+def restore_calibration(workload: Any, plan: dict[str, Any], batch_size: int | None = None) -> None:
+    """Give a step's workload the parent's figures (compute, server step, transport), so it simulates the arm the
+    parent would have (``batch_size``: kept for callers; the figures are keyed by it already)."""
+    from zsgd.simulation.calibration import Calibration
 
-        workload.transport = Transport(**measured)
+    record = plan.get("calibration")
+    if not isinstance(record, dict):
+        raise ZsgdError("the sweep's plan holds no calibration; run the sweep again with this version of zsgd")
+    workload.calibration = Calibration("replay", record, source="the sweep's plan.json")
+    workload.compute_samples, workload.transport = None, None
 
 
 def load_plan(out_dir: Path) -> dict[str, Any]:

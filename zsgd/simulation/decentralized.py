@@ -283,4 +283,4 @@ def run_decentralized_arm(cfg: TrainConfig, opts: DecentralizedOptions, workload
     opts = opts.validate().resolved(cfg)
     cfg = resolve_lr_schedule(cfg, opts.algo)
     return record_arm(run_dir, cfg, opts.describe(), workload,
-                      lambda metrics: DecentralizedSimulation(cfg, opts, workload, metrics, progress).run())
+                      lambda metrics: DecentralizedSimulation(cfg, opts, workload, metrics, progress).run(), workload.calibration_record(opts))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 import re
 import warnings
@@ -281,7 +282,7 @@ def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Worklo
     from dataclasses import replace
 
     from zsgd.output.live import stderr_console
-    from zsgd.simulation.arm_files import calibrate_once, load_result, save_plan
+    from zsgd.simulation.arm_files import calibrate_once, calibrations, load_result, save_plan
     from zsgd.simulation.parallel import ArmsView, CommandRunner, ForkRunner, InlineRunner, run_arms
 
     cfg.validate()
@@ -304,6 +305,9 @@ def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Worklo
         cfgs.append(arm_cfg)
     for bs, wl in workloads.items():  # compute=measured timed once per workload, wherever the arms run
         calibrate_once(wl, [a.opts for a, c in zip(arms, cfgs) if c.batch_size == bs])
+    figures = calibrations(workloads)["calibration"]
+    if any(k in figures for k in ("compute", "server_step", "transport")):  # what --calibration replays for the whole sweep
+        (out_dir / "calibration.json").write_text(json.dumps(figures, indent=1) + "\n")
     totals = [problem.stop_rule(c).total_updates for c in cfgs]
     view = ArmsView([a.label for a in arms], totals, show, stderr_console)
 

@@ -33,24 +33,18 @@ microseconds. Checked against an echo in a child process (as
 rounds on the loaded 2-core VM: 0.60-0.94 GB/s in a thread, 0.63-0.83 GB/s
 in a child: the same within the noise, without the 0.1 s of starting one.
 
-Cached twice: in this process by message size, and on disk under
-``<zsgd home>/calibration/transport.json`` keyed by message size and
-machine (host name, cores, libzmq version), so repeated ``zsgd sim``
-invocations do not pay the ~1 s again; an entry older than
-``MAX_AGE_S`` is measured afresh.
+Kept with the simulator's other measured figures (``zsgd.simulation.calibration``):
+once per machine and message size, so repeated ``zsgd sim`` invocations do
+not pay the ~1 s again, and give the same metrics.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import statistics
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 #: Bytes each burst moves (each way): the cnn's 4.8 MB messages make about 20 exchanges a burst.
 BURST_BYTES = 96 * 2**20
@@ -58,10 +52,8 @@ MIN_MESSAGES, MAX_MESSAGES = 4, 800  # per burst: huge models send fewer, tiny o
 BURSTS = 3
 PAIRS = 5  # plain and loaded bursts, alternating, behind the overlap
 CLIENTS = 4
-MAX_AGE_S = 7 * 24 * 3600.0
 #: Counts calibrations (echo and overlap) made in this process (tests check the caches with it, never with time).
 measurements = 0
-_memory: dict[int, "Transport"] = {}
 
 
 def messages_per_burst(nbytes: int) -> int:
@@ -152,37 +144,6 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
         server_ctx.term()
 
 
-def _machine() -> str:
-    import zmq
-
-    return f"{platform.node()}/{os.cpu_count()}cpu/libzmq-{zmq.zmq_version()}"
-
-
-def cache_path() -> Path:
-    from zsgd.data.cache import zsgd_home
-
-    return zsgd_home() / "calibration" / "transport.json"
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_cache(path: Path, data: dict) -> None:
-    """Atomic, as every file zsgd writes; a read-only or full disk only costs a measurement next time."""
-    from zsgd.output.rundir import atomic_write_bytes
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, json.dumps(data, indent=1).encode())
-    except OSError:
-        pass
-
-
 @dataclass(frozen=True)
 class Transport:
     """What one server does with messages of one size on this machine.
@@ -249,25 +210,20 @@ def measure_server_transport(nbytes: int, bursts: int | None = None, pairs: int 
                                                                 "overlaps": overlaps, "work_s": work_s}
 
 
-def server_transport(nbytes: int) -> Transport:
-    """:class:`Transport` for ``nbytes`` messages on this machine: measured once, then cached."""
+def server_transport(nbytes: int, calibration: Any = None) -> Transport:
+    """:class:`Transport` for ``nbytes`` messages on this machine: measured once, then kept by ``calibration``
+    (a ``zsgd.simulation.calibration.Calibration``; default: this process's)."""
+    from zsgd.simulation.calibration import current
+
     nbytes = max(1, int(nbytes))
-    if nbytes in _memory:
-        return _memory[nbytes]
-    path, key = cache_path(), f"{_machine()}/{nbytes}"
-    data = _read_cache(path)
-    entry = data.get(key)
-    if isinstance(entry, dict) and all(isinstance(entry.get(k), (int, float)) for k in ("bytes_per_s", "overlap")) \
-            and entry["bytes_per_s"] > 0 and 0 <= entry["overlap"] <= 1 and time.time() - float(entry.get("at", 0)) < MAX_AGE_S:
-        _memory[nbytes] = Transport(float(entry["bytes_per_s"]), float(entry["overlap"]))
-        return _memory[nbytes]
-    value, details = measure_server_transport(nbytes)
-    _memory[nbytes] = value
-    data = _read_cache(path)  # another process may have added entries meanwhile
-    data[key] = {"bytes_per_s": value.bytes_per_s, "overlap": value.overlap, **details, "at": time.time(), "load": os.getloadavg()[0]}
-    _write_cache(path, data)
-    return value
+
+    def measure() -> dict:
+        value, details = measure_server_transport(nbytes)
+        return {"bytes_per_s": value.bytes_per_s, "overlap": value.overlap, **details}
+
+    entry = (calibration or current()).get("transport", {"message_bytes": nbytes}, measure)
+    return Transport(float(entry["bytes_per_s"]), float(entry["overlap"]))
 
 
-__all__ = ["Transport", "busy_work", "cache_path", "measure_server_transport", "measure_transport", "messages_per_burst",
+__all__ = ["Transport", "busy_work", "measure_server_transport", "measure_transport", "messages_per_burst",
            "overlap_from", "server_transport"]

@@ -1,5 +1,6 @@
 """What every arm of a sweep shares, measured once: data, model, initial weights, shards, message sizes,
-and the calibrations (a worker's step, the server's step, the server's transport)."""
+and the calibrations (a worker's step, the server's step, the server's transport), which a
+``zsgd.simulation.calibration.Calibration`` keeps per machine so the same command gives the same metrics."""
 
 from __future__ import annotations
 
@@ -20,8 +21,11 @@ class Workload:
     the shards (so arms differ only in the world they run in), and the exact
     message sizes of the real encoding, computed once per model."""
 
-    def __init__(self, cfg: TrainConfig, problem: Any) -> None:
+    def __init__(self, cfg: TrainConfig, problem: Any, calibration: Any = None) -> None:
+        from zsgd.simulation.calibration import current
+
         self.cfg, self.problem = cfg, problem
+        self.calibration = calibration or current()  # where the measured figures come from (cache, fresh, a file)
         self.model = problem.model
         self.w0 = np.asarray(self.model.init(seed=cfg.seed), dtype=np.float32)
         self.w0.flags.writeable = False
@@ -31,7 +35,6 @@ class Workload:
         self.weights_bytes = protocol.message_nbytes(protocol.weights_message(run, 0, flat))
         self._shards: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self.compute_samples: list[float] | None = None  # timed steps behind compute=measured
-        self.server_step_samples: dict[tuple, list[float]] = {}  # broker-time=measured, per algorithm and codecs
         self.transport: Any = None  # broker-bandwidth=measured: zsgd.simulation.transport.Transport, for this message size
 
     def shards(self, n_workers: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -54,28 +57,65 @@ class Workload:
     def broker_model(self, opts: "SimOptions") -> "tuple[float, list[float] | None]":
         """Seconds per update at the broker, and the timed samples when ``opts.broker_s`` is measured.
 
-        Timed once per (algorithm, codecs) and shared by every arm, like the
-        compute time, and for the same reason: arms differ only in what the
-        grid varies. Worker counts share it too: the handler's cost per
-        update does not depend on them (a sync round's one step is spread
-        over at most 8 updates here).
+        Timed once per machine and ``server_step_key`` (kept by
+        ``self.calibration``) and shared by every arm, like the compute time,
+        and for the same reason: arms differ only in what the grid varies.
+        Worker counts share it too: the handler's cost per update does not
+        depend on them (a sync round's one step is spread over at most 8
+        updates here).
         """
         if not isinstance(opts.broker_s, Measured):
             return float(opts.broker_s), None
-        from zsgd.core.ranges import split_ranges
         from zsgd.simulation.calibrate import median, time_server_step
 
-        workers = min(opts.n_workers, 8)
-        # --servers K: the K servers take their ranges of every update at once and step in parallel, so
-        # the update costs the largest range's step (the handler's fixed part included, timed for real).
-        size = max(hi - lo for lo, hi in split_ranges(self.model.n_params, opts.servers))
-        key = (opts.algo, opts.compress, opts.compress_replies, str(opts.staleness_lr), size, workers if opts.algo != "async" else 1)
-        if key not in self.server_step_samples:
-            self.server_step_samples[key] = time_server_step(self.cfg, self.model, self.w0[:size], opts.algo, opts.compress,
-                                                             opts.compress_replies, opts.staleness_lr, workers=key[-1],
-                                                             cycles=max(5, 24 // key[-1]), clip=opts.servers == 1)
-        samples = self.server_step_samples[key]
+        key = self.server_step_key(opts)
+        size, workers = key["range"], key["workers"]
+        entry = self.calibration.get("server_step", key, lambda: {"samples": time_server_step(
+            self.cfg, self.model, self.w0[:size], opts.algo, opts.compress, opts.compress_replies, opts.staleness_lr, workers=workers,
+            cycles=max(5, 24 // workers), clip=opts.servers == 1)})
+        samples = [float(v) for v in entry["samples"]]
         return median(samples), samples
+
+    def server_step_key(self, opts: "SimOptions") -> dict[str, Any]:
+        """What the server step's time depends on: the range one server holds, the rule, its workers, the optimizer, codecs.
+
+        --servers K: the K servers take their ranges of every update at once and step in parallel, so the update
+        costs the largest range's step (the handler's fixed part included, timed for real). Worker counts above 8
+        share a figure (a sync round's one step spread over 8 updates) and async needs one."""
+        from zsgd.core.ranges import split_ranges
+
+        cfg = self.cfg
+        size = max(hi - lo for lo, hi in split_ranges(self.model.n_params, opts.servers))
+        return {"model": cfg.model, "range": size, "algo": opts.algo, "workers": min(opts.n_workers, 8) if opts.algo != "async" else 1,
+                "optimizer": cfg.optimizer, "momentum": float(cfg.momentum), "weight_decay": float(cfg.weight_decay),
+                "clip_norm": cfg.clip_norm if opts.servers == 1 else None, "staleness_lr": str(opts.staleness_lr),
+                "compress": opts.compress, "compress_replies": opts.compress_replies}
+
+    def compute_key(self) -> dict[str, Any]:
+        """What a gradient step's time depends on: the model, its input and the batch (the data set's name for the record)."""
+        ds, cfg = self.problem.dataset, self.cfg
+        key: dict[str, Any] = {"model": cfg.model, "n_params": int(self.model.n_params), "data": ds.name,
+                               "sample": [int(d) for d in np.shape(ds.x_train)[1:]], "batch_size": cfg.batch_size}
+        if getattr(self.model, "is_language_model", False):
+            key["bptt"] = int(self.model.bptt)
+        return key
+
+    def transport_key(self) -> dict[str, Any]:
+        return {"message_bytes": max(1, int(max(self.update_bytes, self.weights_bytes)))}
+
+    def calibration_record(self, opts: Any) -> dict[str, Any] | None:
+        """The measured figures arm ``opts`` uses (measured or read now if not yet), for its config.yaml; None: it uses none."""
+        wanted = []
+        if isinstance(getattr(opts, "compute", None), Measured):
+            self.calibrate(getattr(opts, "calibration_steps", 5))
+            wanted.append(("compute", self.compute_key()))
+        if isinstance(getattr(opts, "broker_s", None), Measured):
+            self.broker_model(opts)
+            wanted.append(("server_step", self.server_step_key(opts)))
+        if isinstance(getattr(opts, "broker_bandwidth", None), Measured):
+            self.transport_model(opts)
+            wanted.append(("transport", self.transport_key()))
+        return self.calibration.record(wanted) if wanted else None
 
     def transport_model(self, opts: "SimOptions") -> "tuple[Any, bool]":
         """One server's transport (``zsgd.simulation.transport.Transport``) and whether it was measured (a
@@ -87,7 +127,7 @@ class Workload:
             bw = float(opts.broker_bandwidth)
             return Transport(bw, 1.0), False
         if self.transport is None:
-            self.transport = server_transport(max(self.update_bytes, self.weights_bytes))
+            self.transport = server_transport(self.transport_key()["message_bytes"], calibration=self.calibration)
         return self.transport, True
 
     def gradient_step(self) -> Callable[[int], Any]:
@@ -107,7 +147,7 @@ class Workload:
 
     def calibrate(self, steps: int = 5, warmup: int = 3) -> float:
         """Median seconds of one real gradient step on this machine, measured
-        once per workload and shared by every arm.
+        once per machine (kept by ``self.calibration``) and shared by every arm.
 
         Why once: arms must differ only in what the grid varies; timing each
         arm separately lets machine noise (a busy neighbour, turbo states)
@@ -117,10 +157,14 @@ class Workload:
         if self.compute_samples is None:
             from zsgd.simulation.calibrate import timings
 
-            step = self.gradient_step()
-            for i in range(warmup):
-                step(i)
-            self.compute_samples = timings(step, steps, start=warmup)
+            def measure() -> dict[str, Any]:
+                step = self.gradient_step()
+                for i in range(warmup):
+                    step(i)
+                return {"samples": timings(step, steps, start=warmup)}
+
+            entry = self.calibration.get("compute", self.compute_key(), measure)
+            self.compute_samples = [float(v) for v in entry["samples"]]
         return float(np.median(self.compute_samples))
 
 
