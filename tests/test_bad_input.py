@@ -663,3 +663,61 @@ def test_plot_of_a_sweep_draws_every_arm(tmp_path):
     assert [d.name for d in run_dirs_of(sweep)] == ["00-lat0", "01-lat10ms"]
     (tmp_path / "empty").mkdir()
     refused("plot", tmp_path / "empty", match=r"empty is not a run directory \(no metrics.jsonl\), nor a sweep or experiment directory")
+
+
+FAST_SIM = ("--compute", "1ms", "--broker-time", "0", "--broker-bandwidth", "inf")  # nothing timed on this machine
+
+
+def test_sim_table_follows_target_acc(tmp_path):
+    """--target-acc 0.5 stops the arm at 50 %: the table's target is 50 % too, not --target's 75 %."""
+    result = cli("sim", *SMALL, *FAST_SIM, "--target-acc", "0.5", "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    assert "target accuracy 50%" in (tmp_path / "s" / "results.md").read_text()
+    row = next(iter(__import__("csv").DictReader(open(tmp_path / "s" / "results.csv"))))
+    assert row["time_to_target_s"] != "" and row["stop_reason"].startswith("reached the target accuracy"), row
+    (tmp_path / "e.yaml").write_text("problem: {model: logreg, data: embedded, steps: 20, target_acc: 0.6}\narms:\n  - {name: a}\n")
+    from zsgd.experiments.config import load_experiment
+
+    assert load_experiment(tmp_path / "e.yaml").target == 0.6
+
+
+def test_config_file_sets_every_flag_of_its_command(tmp_path):
+    (tmp_path / "c.yaml").write_text("workers: 4\nlatency: [0, 10ms]\ncompute: 1ms\nbroker_time: 0\nbroker-bandwidth: inf\n"
+                                     "latency_worker: ['0=5ms']\ntarget: 0.5\nquiet: true\n")
+    result = cli("sim", "--config", str(tmp_path / "c.yaml"), "--model", "logreg", "--data", "embedded", "--steps", "5",
+                 "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    arms = sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir())
+    assert arms == ["00-lat0ms", "01-lat10ms"]
+    cfg = yaml.safe_load((tmp_path / "s" / arms[1] / "config.yaml").read_text())
+    assert cfg["sim"]["n_workers"] == 4 and cfg["sim"]["latency_worker"] == {"0": "5ms"}, cfg["sim"]
+    result = cli("sim", "--config", str(tmp_path / "c.yaml"), "--workers", "2", "--latency", "0", *SMALL, "--steps", "5",
+                 "--out", str(tmp_path / "s2"))  # flags win over the file
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "s2" / "00-async" / "config.yaml").read_text())["sim"]["n_workers"] == 2
+    (tmp_path / "r.yaml").write_text("n-proc: 100000\n")  # zsgd run's own options too (refused as a flag would be)
+    refused("run", "--config", tmp_path / "r.yaml", *SMALL, match=r"--n-proc 100,000 is more local workers")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("n_proc: 3.5\n", r"r.yaml:1: n_proc must be a whole number, got float 3.5"),
+    ("quiet: 1\n", r"r.yaml:1: quiet must be true or false"),
+    ("launcher: foo\n", r"r.yaml:1: launcher: 'foo' is not one of 'local', 'ssh', 'slurm'"),
+    ("algo: {a: 1}\n", r"r.yaml:1: algo must be a single value"),
+    ("n_proc: 2\nn-proc: 3\n", r"r.yaml:2: 'n-proc' repeats an option given above"),
+    ("inject_latncy: 5ms\n", r"r.yaml:1: unknown key 'inject_latncy'; did you mean 'inject_latency'\?"),
+])
+def test_config_file_command_options_checked_with_line(tmp_path, text, match):
+    (tmp_path / "r.yaml").write_text(text)
+    refused("run", "--config", tmp_path / "r.yaml", *SMALL, match=match)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (("--latency", "10,10,10ms"), r"bad --latency '10,10,10ms': 10ms is given twice; each value of a comma list makes one arm"),
+    (("--workers", "1,1"), r"bad --workers '1,1': 1 is given twice"),
+    (("--latency", "10ms,0.01s"), r"0.01s is given twice \(10ms and 0.01s are the same\)"),
+    (("--failures", "1@1s;1@1s"), r"bad --failures '1@1s;1@1s': 1@1s is given twice"),
+    (("--model", "lstm:embed=64,embed=32", "--data", "text"), r"lstm embed is given twice in 'lstm:embed=64,embed=32'"),
+])
+def test_duplicate_values_and_keys_refused(flags, match):
+    refused("sim", *SMALL, *flags, match=match, seconds=10)

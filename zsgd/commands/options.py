@@ -72,8 +72,11 @@ def training_options_with(**defaults: Any) -> Callable[[Callable], Callable]:
         for flag, field, kwargs in reversed(TRAINING_FLAGS):
             names = [flag] if "/" in flag else [flag, field]
             func = click.option(*names, **(kwargs | ({"default": defaults[field]} if field in defaults else {})))(func)
-        return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
-                            help="YAML file of options; flags override it.")(func)
+        from zsgd.commands.config_file import load_into_context
+
+        return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, is_eager=True,
+                            callback=load_into_context,
+                            help="YAML file of options (any flag of this command, e.g. 'workers: 64'); flags override it.")(func)
 
     return decorate
 
@@ -104,12 +107,13 @@ def pop_decentralized(params: dict[str, Any]) -> dict[str, Any]:
 def build_config(ctx: click.Context, params: dict[str, Any], default_name: str, defaulted: set[str] | None = None) -> TrainConfig:
     """Merge YAML file values with flags (explicit flags win) and validate.
 
-    ``defaulted``, when given, receives the fields that neither a flag nor the
-    file set: the ones ``zsgd run`` may scale to its number of workers.
+    The ``--config`` file was read into ``ctx.default_map`` when it was parsed
+    (``zsgd.commands.config_file``), so ``params`` already hold its values,
+    with the source ``DEFAULT_MAP``. ``defaulted``, when given, receives the
+    fields that neither a flag nor the file set: the ones ``zsgd run`` may
+    scale to its number of workers.
     """
     values: dict[str, Any] = {}
-    if params.get("config_file"):
-        values.update(load_yaml_config(Path(params["config_file"])))
     unset: set[str] = set()
     for _flag, field, _kw in TRAINING_FLAGS:
         explicit = ctx.get_parameter_source(field) not in (ParameterSource.DEFAULT, None)
@@ -127,12 +131,15 @@ def build_config(ctx: click.Context, params: dict[str, Any], default_name: str, 
     return TrainConfig.from_dict(values).validate()
 
 
-def load_yaml_config(path: Path) -> dict[str, Any]:
-    """The options in a ``--config`` file, each type-checked; errors name the file and line.
+def load_yaml_config(path: Path, ctx: click.Context | None = None) -> dict[str, Any]:
+    """The options in a ``--config`` file, each type-checked, by parameter name; errors name the file and line.
 
     Read like an experiment file (``zsgd.core.yaml_loader``): no aliases, no
-    duplicate keys, UTF-8, a size cap.
+    duplicate keys, UTF-8, a size cap. With ``ctx``, every other option of
+    its command may be set too (``zsgd.commands.config_file``).
     """
+    from zsgd.commands.config_file import cast_option, option_keys
+
     from zsgd.core.config import check_field
     from zsgd.core.yaml_loader import load_marked
 
@@ -142,14 +149,24 @@ def load_yaml_config(path: Path) -> dict[str, Any]:
     if not isinstance(doc.data, dict):
         raise doc.error(f"expected a mapping of option: value, got {type(doc.data).__name__}")
     known = {field for _f, field, _k in TRAINING_FLAGS}
+    others = {k: p for k, p in option_keys(ctx.command).items() if p.name not in known} if ctx is not None else {}
     data: dict[str, Any] = {}
     for key, value in doc.data.items():
         field = str(key).replace("-", "_")
         field = "time_limit" if field == "time" else field
+        if field in others:
+            name = str(others[field].name)
+            if name in data:
+                raise doc.error(f"{key!r} repeats an option given above (under another of its names)", key)
+            try:
+                data[name] = cast_option(ctx, others[field], str(key), value)  # type: ignore[arg-type]
+            except ZsgdError as exc:
+                raise doc.error(str(exc), key) from None
+            continue
         if field not in known:
             import difflib
 
-            names = sorted(k.replace("_limit", "") for k in known)
+            names = sorted({k.replace("_limit", "") for k in known} | set(others))
             close = difflib.get_close_matches(str(key).replace("-", "_"), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
             raise doc.error(f"unknown key {str(key)[:60]!r}{hint}", key)

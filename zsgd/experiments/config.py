@@ -13,7 +13,7 @@
       optimizer: sgd
       steps: 300
       eval_every: 25
-    target: 0.75        # accuracy for the "time to target" column
+    target: 0.75        # accuracy for the "time to target" column (default: problem's target_acc, else 0.8)
     defaults:           # arm settings shared by every arm where they apply
       workers: 8
       compute: 5ms
@@ -272,7 +272,7 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
         if k not in PROBLEM_KEYS:
             raise _unknown(doc, "problem", k, PROBLEM_KEYS, "problem", k)
     base_cfg = _problem_cfg(doc, problem, name)
-    target = top.get("target", 0.8)
+    target = top.get("target", 0.8 if base_cfg.target_acc is None else base_cfg.target_acc)  # one target: the stop rule's, if any
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise doc.error(f"target must be an accuracy in (0, 1], got {target!r}", "target")
     defaults = _mapping(doc, top.get("defaults"), "defaults", "defaults")

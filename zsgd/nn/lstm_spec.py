@@ -41,11 +41,15 @@ def parse_lstm_name(name: str) -> LSTMSpec:
     if head != "lstm":
         raise ZsgdError(f"not an lstm model name: '{name}'")
     sizes = dict(_DEFAULTS)
+    given: set[str] = set()
     for item in filter(None, (a.strip() for a in args.split(","))):
         key, eq, val = item.partition("=")
         key = key.strip()
         if key not in sizes or not eq:
             raise ZsgdError(f"bad lstm model option '{item}' in '{name}': use lstm:embed=E,hidden=H,layers=L")
+        if key in given:  # which one would win is a guess; say so instead
+            raise ZsgdError(f"lstm {key} is given twice in '{name}': give each of embed, hidden, layers at most once")
+        given.add(key)
         lo, hi = _LIMITS[key]
         if not val.strip().isdigit() or not lo <= int(val) <= hi:
             raise ZsgdError(f"lstm {key} must be a whole number in [{lo}, {hi}], got '{val}' in '{name}'")

@@ -139,6 +139,7 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
         "failures": lambda s: parse_failures(s, max_n), "compress": _parse_compress, "compress_replies": _parse_compress, "servers": _parse_servers,
     }
     parsed = {k: {v: parse_one[k](v) for v in vs} for k, vs in lists.items()}
+    _refuse_duplicates(spec.grid, lists, parsed)
     overrides = parse_worker_latency(spec.latency_worker, max_n)
     retransmit = parse_delay(spec.retransmit, "retransmit delay")
     detect = parse_duration(spec.detect, "--detect", default_unit="s")
@@ -176,6 +177,26 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
     if overrides and max(overrides) >= max(a.opts.n_workers for a in arms):
         raise ZsgdError(f"bad --latency-worker: worker {max(overrides)} does not exist (at most {max(a.opts.n_workers for a in arms)} workers)")
     return arms
+
+
+def _refuse_duplicates(grid: dict[str, str | None], lists: dict[str, list[str]], parsed: dict[str, dict[str, Any]]) -> None:
+    """A value given twice in one comma list (``--workers 1,1``, ``--latency 10,10ms``, ``10ms,0.01s``) would
+    make the same arm twice, under two directory names: an error, as it is almost surely a typo."""
+    flags = {k: f for k, f, _s, _u in DIMENSIONS}
+    for key, values in lists.items():
+        for j, later in enumerate(values):
+            for earlier in values[:j]:
+                if earlier == later or _same(parsed[key][earlier], parsed[key][later]):
+                    same = "twice" if earlier == later else f"twice ({earlier} and {later} are the same)"
+                    raise ZsgdError(f"bad {flags[key]} {grid[key]!r}: {later} is given {same}; "
+                                    f"each value of a comma list makes one arm")
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 -- values without a meaningful == (arrays) are told apart by their text
+        return False
 
 
 def _decentralized_params(spec: SweepSpec, algos: list[str]) -> Any:
