@@ -69,3 +69,33 @@ def test_hosts_file_that_is_not_a_file_or_too_large(tmp_path):
     big = tmp_path / "hosts"
     big.write_text("localhost\n" + "# padding\n" * 120_000)
     refused("remote", "check", big, match=r"larger than 1 MiB")
+
+
+# -- item 3: --servers is bounded by the machine, the model and sense -----------------------------------
+@pytest.mark.parametrize("command", [("run", *SMALL), ("broker", *SMALL, "--workers", "2")])
+def test_run_servers_capped_by_the_machine(command, tmp_path):
+    from zsgd.runtime.launch import max_local_servers
+
+    cap, why = max_local_servers()
+    refused(*command, "--servers", "1000", "--out", tmp_path / "o",
+            match=rf"--servers 1,000 would start 999 range servers on this machine, .*at most {cap} for {why}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sim_servers_beyond_any_sense_refused(tmp_path):
+    refused("sim", *SMALL, "--workers", "4", "--steps", "20", "--servers", "100000", "--broker-time", "1ms", "--out", tmp_path / "o",
+            match=r"--servers 100,000 is more servers than zsgd splits a model over \(at most 1,024\)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sim_servers_beyond_the_models_parameters_refused(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "imgs" / cls / f"{i}.png")
+    data = ("--model", "logreg", "--data", f"imagefolder:{tmp_path / 'imgs'}", "--image-size", "8", "--grayscale", "--batch-size", "2")  # 130 parameters
+    refused("sim", *data, "--workers", "2", "--steps", "5", "--servers", "1,200", "--broker-time", "1ms", "--out", tmp_path / "o",
+            match=r"--servers 200 is more servers than the model has parameters \(130\)")
+    assert not (tmp_path / "o").exists()

@@ -51,7 +51,8 @@ def test_optimizer_state_splits_and_joins_back():
 @pytest.mark.parametrize("args,match", [
     (["--servers", "0"], "--servers must be a whole number >= 1, got 0"),
     (["--servers", "2", "--algo", "dsgd"], "dsgd has no central model"),
-    (["--servers", "8000", "--model", "logreg"], "more servers than the model has parameters"),
+    (["--servers", "8000", "--model", "logreg"], "more servers than zsgd splits a model over (at most 1,024)"),
+    (["--servers", "1000", "--model", "logreg"], "would start 999 range servers on this machine"),
 ])
 def test_bad_server_flags_are_one_line(tmp_path, args, match):
     result = cli("run", "--n-proc", "1", "--steps", "5", "--quiet", "--out", str(tmp_path / "r"), *args)

@@ -16,6 +16,9 @@ import numpy as np
 from zsgd.errors import ZsgdError
 
 Range = tuple[int, int]
+#: The most servers a run or simulation may split a model over: far beyond any cluster's parameter servers, and
+#: it keeps a typo (--servers 100000) from passing silently into a simulation with more servers than sense.
+MAX_SERVERS = 1024
 
 
 def split_ranges(n_params: int, k: int) -> list[Range]:
@@ -26,9 +29,12 @@ def split_ranges(n_params: int, k: int) -> list[Range]:
 
 
 def check_servers(k: int, n_params: int | None = None) -> None:
-    """``--servers K`` is a whole number from 1 to the model's parameter count (one line, exit 2, otherwise)."""
+    """``--servers K`` is a whole number from 1 to ``MAX_SERVERS`` and to the model's parameter count (one line,
+    exit 2, otherwise)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ZsgdError(f"--servers must be a whole number >= 1, got {k}")
+        raise ZsgdError(f"--servers must be a whole number >= 1, got {str(k)[:40]}")
+    if k > MAX_SERVERS:
+        raise ZsgdError(f"--servers {k:,} is more servers than zsgd splits a model over (at most {MAX_SERVERS:,})")
     if n_params is not None and k > n_params:
         raise ZsgdError(f"--servers {k} is more servers than the model has parameters ({n_params:,}); use at most {n_params:,}")
 

@@ -74,12 +74,14 @@ class Experiment:
     def prepare(self) -> None:
         """Data, model and every arm's shards, so an arm that cannot run fails before the first one starts."""
         from zsgd.core.problem import Problem
+        from zsgd.core.ranges import check_servers
 
         self.problem = Problem.from_config(self.spec.cfg)  # resolves data "default" to a concrete set
         for arm in self.arms:
             arm.cfg.data = self.spec.cfg.data
             try:
                 self.workload(arm).shards(self._n(arm))
+                check_servers(arm.opts.server.servers if arm.mode == "run" else getattr(arm.opts, "servers", 1), self.problem.model.n_params)
             except ZsgdError as exc:
                 raise ZsgdError(f"{self.spec.path}:{arm.line}: arm {arm.name!r}: {exc}") from None
 

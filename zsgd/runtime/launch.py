@@ -28,17 +28,30 @@ from zsgd.runtime.threads import SINGLE_THREAD_ENV
 WORKERS_PER_CPU = 8  # oversubscription still useful for staleness studies; beyond it workers only time-share
 MIN_WORKER_CAP = 16
 WORKER_MEMORY = 300 << 20  # a worker process: interpreter, numpy/numba, its copy of the data set
+#: A range server of --servers K steps its range for every update of every worker: it is busy, not waiting,
+#: so beyond two per CPU servers only time-share (--servers 1000 on 2 CPUs made no update in a minute).
+SERVERS_PER_CPU = 2
+MIN_SERVER_CAP = 4
 
 
 def max_local_workers() -> tuple[int, str]:
     """(most local worker processes this machine can run, why): CPUs and available memory."""
+    return _machine_cap(WORKERS_PER_CPU, MIN_WORKER_CAP, "worker")
+
+
+def max_local_servers() -> tuple[int, str]:
+    """(most range-server processes of --servers K this machine can run besides its workers, why)."""
+    return _machine_cap(SERVERS_PER_CPU, MIN_SERVER_CAP, "server")
+
+
+def _machine_cap(per_cpu: int, minimum: int, what: str) -> tuple[int, str]:
     from zsgd.core.machine import available_memory, cpu_count
 
     cpus = cpu_count()
-    limit, why = max(MIN_WORKER_CAP, WORKERS_PER_CPU * cpus), f"{cpus} CPU{'s' if cpus != 1 else ''}"
+    limit, why = max(minimum, per_cpu * cpus), f"{cpus} CPU{'s' if cpus != 1 else ''}"
     avail = available_memory()
     if avail is not None and max(1, avail // WORKER_MEMORY) < limit:
-        return max(1, avail // WORKER_MEMORY), f"{avail / 2**30:.1f} GiB of available memory at ~{WORKER_MEMORY >> 20} MiB a worker"
+        return max(1, avail // WORKER_MEMORY), f"{avail / 2**30:.1f} GiB of available memory at ~{WORKER_MEMORY >> 20} MiB a {what}"
     return limit, why
 
 

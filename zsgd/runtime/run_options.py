@@ -254,8 +254,27 @@ class RunOptions:
         if self.n_proc > cap:
             raise ZsgdError(f"--n-proc {self.n_proc:,} is more local workers than this machine can run (at most {cap} for {why}); "
                             f"use 'zsgd sim --workers {self.n_proc}' to study that many, or --remote to add machines")
+        self._check_local_servers()
         self.network.validate()
         return self
+
+
+    def _check_local_servers(self) -> None:
+        """--servers K forks every range server the hosts file does not place elsewhere (K-1 besides the
+        coordinator): at most what this machine can run (``max_local_servers``), checked before anything starts."""
+        from zsgd.runtime.launch import max_local_servers
+
+        placed = 0
+        if self.remote.hosts_file is not None and self.server.servers > 1:
+            from zsgd.remote.hosts import load_hosts
+
+            placed = sum(h.servers for h in load_hosts(self.remote.hosts_file))
+        local = self.server.servers - 1 - placed
+        cap, why = max_local_servers()
+        if local > cap:
+            raise ZsgdError(f"--servers {self.server.servers:,} would start {local:,} range servers on this machine, more than it can "
+                            f"run (at most {cap} for {why}); place them on other hosts (servers=N in a --remote hosts file), "
+                            f"or use 'zsgd sim --servers {self.server.servers}' to study that many")
 
 
 def flat_run_dict(stored: dict[str, Any]) -> dict[str, Any]:

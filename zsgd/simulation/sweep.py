@@ -281,10 +281,14 @@ def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> 
     split that cannot serve some arm fails before anything is written."""
     from zsgd.core.problem import Problem
 
+    from zsgd.core.ranges import check_servers
+
     workload = Workload(cfg, problem or Problem.from_config(cfg))
     for n in sorted({a.opts.n_workers for a in arms}):
         workload.problem.check_fits(cfg, n)
         workload.shards(n)
+    for k in sorted({getattr(a.opts, "servers", 1) for a in arms}):
+        check_servers(k, workload.model.n_params)
     return workload
 
 
