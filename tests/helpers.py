@@ -55,10 +55,22 @@ def start_run(out: Path, *args: str) -> subprocess.Popen:
     return start_zsgd("run", "--out", str(out), *args)
 
 
-def start_worker(address: str, *args: str, **popen) -> subprocess.Popen:
-    """A hand-started ``zsgd worker --connect ADDRESS ARGS`` (its output goes where ``popen`` says, default: ours)."""
+def start_worker(address: str, *args: str, keys: Path | None = None, **popen) -> subprocess.Popen:
+    """A hand-started ``zsgd worker --connect ADDRESS ARGS`` (its output goes where ``popen`` says, default: ours);
+    ``keys``: the run's keys folder (``RUN_DIR/keys``), whose secret a hand-started worker needs to be admitted."""
     popen.setdefault("stdin", subprocess.DEVNULL)
-    return subprocess.Popen(zsgd_cmd("worker", "--connect", address, *args), **popen)
+    extra = ["--keys-file", str(keys)] if keys is not None else []
+    return subprocess.Popen(zsgd_cmd("worker", "--connect", address, *args, *extra), **popen)
+
+
+def join_proof(run_dir: Path, role: str, worker: int, timeout: float = 60) -> dict[str, str]:
+    """HELLO meta proving the run secret of the run in ``run_dir`` (a test's rogue that the run admits, to see
+    what an admitted but hostile peer can do)."""
+    from zsgd.wire.auth import hello_proof
+
+    path = Path(run_dir) / "keys" / "run.json"
+    wait_for(lambda: path.exists() and path.stat().st_size > 0, timeout, what=f"{path}")
+    return {"proof": hello_proof(json.loads(path.read_text())["token"], role, worker)}
 
 
 def stop(*procs: subprocess.Popen | None, group: bool = False) -> None:

@@ -10,7 +10,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import broker_address, read_events, reap, start_worker, start_zsgd, stop, summary_of, wait_for, wait_for_updates
+from helpers import broker_address, join_proof, read_events, reap, start_worker, start_zsgd, stop, summary_of, wait_for, wait_for_updates
 from zsgd.wire import protocol
 from zsgd.wire.shm import SharedSlots
 from zsgd.wire.protocol import Message, MsgType
@@ -37,7 +37,8 @@ def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_pat
     try:
         address = broker_address(out)
         for i in range(2):  # worker 0 keeps its exchanges on the socket (--no-shared-memory); worker 1 shares memory
-            workers.append(start_worker(address, "--id", str(i), "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", *(["--no-shared-memory"] * (i == 0))))
+            workers.append(start_worker(address, "--id", str(i), "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", *(["--no-shared-memory"] * (i == 0)),
+                                        keys=out / "keys"))
         wait_for_updates(out, 1)
         sent = 0
         attacker = ctx.socket(zmq.DEALER)
@@ -57,7 +58,7 @@ def test_fuzzed_and_hostile_messages_are_rejected_and_training_continues(tmp_pat
         rogue.linger = 0
         rogue.setsockopt(zmq.ROUTING_ID, b"rogue")
         rogue.connect(address)
-        protocol.send(rogue, Message(MsgType.HELLO, "-", 2, 0, {}, meta={"stage": "join", "role": "worker"}))
+        protocol.send(rogue, Message(MsgType.HELLO, "-", 2, 0, {}, meta={"stage": "join", "role": "worker", **join_proof(out, "worker", 2)}))
         assign = _recv_type(rogue, MsgType.ASSIGN)
         run, wid, n_params = assign.run, assign.worker, 784 * 10 + 10
         protocol.send(rogue, Message(MsgType.HELLO, run, wid, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))

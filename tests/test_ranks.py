@@ -49,7 +49,7 @@ def _ranked_workers(out, variable: str, *extra: str) -> tuple[int, list[int], st
         env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
         for rank in (1, 0):
             workers.append(start_worker(address, "--heartbeat", "0.5", "--timeout", "5", "--quiet", *extra[2:],
-                                        env=env | {variable: str(rank)}))
+                                        env=env | {variable: str(rank)}, keys=None if extra else out / "keys"))
         _, err = broker.communicate(timeout=120)
         reap(*workers, timeout=30)
     finally:

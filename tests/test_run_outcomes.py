@@ -101,7 +101,7 @@ def test_a_junk_frame_larger_than_the_model_is_never_buffered(tmp_path, no_orpha
     ctx = zmq.Context()
     try:
         address = broker_address(out)
-        worker = start_worker(address, "--heartbeat", "0.2", "--timeout", "1.5", "-q")
+        worker = start_worker(address, "--heartbeat", "0.2", "--timeout", "1.5", "-q", keys=out / "keys")
         wait_for_updates(out, 1)
         rss_before = _rss_kib(broker.pid)
         attacker = ctx.socket(zmq.DEALER)

@@ -86,7 +86,7 @@ def test_restarted_worker_rejoins_and_contributes(tmp_path, replies, no_orphans)
         address = broker_address(out)
         os.kill(pids[0], signal.SIGKILL)
         wait_for(lambda: any(e["event"] == "worker" and e.get("status") == "dead" for e in read_events(out)), 10, what="death")
-        rejoined = start_worker(address, "--id", "0", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+        rejoined = start_worker(address, "--id", "0", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", keys=out / "keys")
 
         def contributed() -> bool:  # the restarted worker's updates count, and the run has trained a while
             events = read_events(out)
@@ -209,9 +209,9 @@ def test_training_waits_for_every_worker_at_the_start_barrier(tmp_path, no_orpha
     first = second = None
     try:
         address = broker_address(out)
-        first = start_worker(address, "--id", "0", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+        first = start_worker(address, "--id", "0", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", keys=out / "keys")
         wait_for_workers(out, 1)
-        second = start_worker(address, "--id", "1", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+        second = start_worker(address, "--id", "1", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", keys=out / "keys")
         _, err = broker.communicate(timeout=120)
         assert first.wait(timeout=30) == 0 and second.wait(timeout=30) == 0
     finally:
@@ -231,7 +231,7 @@ def test_the_start_barrier_gives_up_on_a_missing_worker(tmp_path, no_orphans):
     broker = start_zsgd("broker", "--workers", "2", "--no-evaluator", "--steps", "100", "--start-wait", "0.5", "--out", str(out), *FAST)
     worker = None
     try:
-        worker = start_worker(broker_address(out), "--id", "0", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+        worker = start_worker(broker_address(out), "--id", "0", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", keys=out / "keys")
         _, err = broker.communicate(timeout=120)
         assert worker.wait(timeout=30) == 0
     finally:

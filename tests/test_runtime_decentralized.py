@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from helpers import (cli, lines_of, pid_alive, read_events, run_zsgd, start_event, start_run, start_worker, start_zsgd, stop, summary_of,
+from helpers import (cli, join_proof, lines_of, pid_alive, read_events, run_zsgd, start_event, start_run, start_worker, start_zsgd, stop, summary_of,
                      wait_for, wait_for_updates, wait_for_workers, worker_pids)
 from zsgd.wire import protocol
 from zsgd.wire.protocol import Message, MsgType
@@ -152,10 +152,11 @@ def test_peer_message_to_a_non_neighbour_is_rejected_and_counted(tmp_path, no_or
         start = start_event(out)
         address = start["address"]
         for i in range(3):
-            workers.append(start_worker(address, "--id", str(i), "--heartbeat", "0.2", "--timeout", "1.5", "-q",
+            workers.append(start_worker(address, "--id", str(i), "--heartbeat", "0.2", "--timeout", "1.5", "-q", keys=out / "keys",
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
         rogue = Rogue(address, 3)
-        rogue.send(Message(MsgType.HELLO, "-", 3, 0, {}, meta={"stage": "join", "role": "worker", "host": "rogue", "pid": os.getpid()}))
+        rogue.send(Message(MsgType.HELLO, "-", 3, 0, {}, meta={"stage": "join", "role": "worker", "host": "rogue", "pid": os.getpid(),
+                                                                **join_proof(out, "worker", 3)}))
         assign = rogue.expect(MsgType.ASSIGN)
         assert assign.worker == 3 and sorted(assign.meta["decentralized"]["neighbours"]) == [0, 2]
         rogue.run = assign.run

@@ -41,9 +41,16 @@ def test_keys_line_from_stdin():
     r, w = os.pipe()
     kp = KeyPair.generate()
     os.write(w, json.dumps({"server": kp.public, "public": kp.public, "secret": kp.secret}).encode() + b"\nstays unread")
-    curve = read_keys_line(r, timeout=2)
-    assert curve["secret"] == kp.secret.encode()
+    creds = read_keys_line(r, timeout=2)
+    assert creds.curve["secret"] == kp.secret.encode() and creds.token is None
     assert os.read(r, 100) == b"stays unread"  # nothing past the line was consumed (the stdin watchdog reads the rest)
+    token = "ab" * 32  # a run without CURVE hands over its secret instead
+    os.write(w, json.dumps({"token": token}).encode() + b"\n")
+    creds = read_keys_line(r, timeout=2)
+    assert creds.token == token and creds.curve is None
+    os.write(w, b'{"token": "not-hex"}\n')
+    with pytest.raises(ZsgdError, match="not a run secret"):
+        read_keys_line(r, timeout=2)
     os.write(w, b'{"server": "short"}\n')
     with pytest.raises(ZsgdError, match="Z85|'public'"):
         read_keys_line(r, timeout=2)

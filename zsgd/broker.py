@@ -22,6 +22,7 @@ rejected and counted; the broker keeps running.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections import Counter
@@ -54,6 +55,7 @@ class BrokerOptions:
     n_workers: int = 1
     bind: str = "tcp://127.0.0.1:0"
     curve: dict | None = None  # {"secret": ..., "public": ..., "allowed": [...]}
+    token: str | None = None  # without CURVE: the run secret every HELLO join must prove (zsgd.wire.auth)
     emulator: Any = None  # zsgd.runtime.emulation.LinkEmulator: delays messages and slows stragglers (emulation)
     emulation: EmulationOptions = field(default_factory=EmulationOptions)  # its specs: range servers build their own emulator
     wait_workers_s: float = 120.0  # abort if no worker is live this long after start
@@ -101,6 +103,7 @@ class Broker:
             self.service.share_replies()
         self.session = Session(self, opts.n_workers, opts.network.heartbeat, opts.network.timeout, opts.wait_workers_s)
         self._eval_pending = False
+        self._eval_asked: dict[str, Any] | None = None  # what the evaluator was sent: its answer must match
         self._last_eval_t = 0.0
 
     # -- what other parts read -------------------------------------------------------
@@ -227,23 +230,40 @@ class Broker:
         w = self.service.snapshot()
         if w is None:
             return  # being gathered from the range servers; the service calls again
-        msg = protocol.weights_message(self.run, self.service.version, w,
-                                       updates=self.ledger.updates, samples=self.ledger.samples, t=self.elapsed)
+        asked = {"version": self.service.version, "updates": self.ledger.updates, "samples": self.ledger.samples, "t": self.elapsed}
+        msg = protocol.weights_message(self.run, asked["version"], w, updates=asked["updates"], samples=asked["samples"], t=asked["t"])
         if self.session.send(ev, msg):
             ev.busy = True
+            self._eval_asked = asked
             self._eval_pending = False
             self._last_eval_t = self.elapsed
 
     def _on_eval(self, peer: Any, msg: Any) -> None:
-        peer.busy = False
-        m = msg.meta
-        try:
-            rec = {k: float("nan") if k == "test_loss" and m[k] is None else float(m[k]) for k in ("test_loss", "test_acc", "t")} \
-                | {k: int(m[k]) for k in ("updates", "samples")}
-        except (KeyError, TypeError, ValueError):
-            self.reject(peer.identity, "bad-eval", "EVAL without its numbers")
+        """An evaluation from the evaluator: checked against what it was asked, and never trusted to stop the run alone.
+
+        Only the run's one evaluator, with an evaluation outstanding, may answer; the time, update and
+        sample counts are the broker's own (those it sent with the weights), so only the loss and the
+        accuracy come from the peer, each range-checked. An answer that would end the run (a target
+        reached, a non-finite loss) is confirmed by the broker's own evaluation of its current model,
+        and that evaluation is what the ledger decides on."""
+        asked = self._eval_asked
+        if peer is not self.session.members.evaluator or not peer.busy or asked is None:
+            self.reject(peer.identity, "unasked-eval", f"EVAL from {peer.role} {peer.worker}, which was not asked to evaluate")
             return
-        self.record_eval(rec)
+        checked = _checked_eval(msg, asked)
+        if isinstance(checked, str):
+            self.reject(peer.identity, "bad-eval", checked)
+            return
+        peer.busy = False
+        self._eval_asked = None
+        rule = self.ledger.rule
+        ends = not math.isfinite(checked["test_loss"]) or (
+            rule.reason(self.ledger.updates, self.ledger.samples, self.elapsed, checked["test_acc"], checked["test_loss"]) is not None
+            and rule.reason(self.ledger.updates, self.ledger.samples, self.elapsed) is None)
+        if ends:
+            self.final_evaluation()  # the broker's own numbers decide whether the run ends
+        else:
+            self.record_eval(checked)
         self.maybe_send_eval()
 
     def record_eval(self, rec: dict[str, Any]) -> None:
@@ -280,6 +300,22 @@ class Broker:
             "rejected_messages": int(sum(self.rejected.values())), "rejected_by_reason": dict(self.rejected),
             "dropped_connections": self.endpoint.dropped_connections,
             "bytes_sent": self.endpoint.bytes_in, "bytes_received": self.endpoint.bytes_out,
-            "worker_deaths": s.deaths, "worker_rejoins": s.rejoins, "refused_clients": self.endpoint.refused,
+            "worker_deaths": s.deaths, "worker_rejoins": s.rejoins, "refused_clients": self.endpoint.refused + s.refused,
             "compute_s_mean": s.mean_compute(), "workers": s.workers_summary(),
         } | self.endpoint.shared.summary() | self.service.summary()
+
+
+def _checked_eval(msg: Any, asked: dict[str, Any]) -> dict[str, Any] | str:
+    """An EVAL's record (the broker's own counts, the peer's loss and accuracy), or why it is refused."""
+    m = msg.meta
+    if msg.version != asked["version"] or any(m.get(k) != asked[k] for k in ("updates", "samples", "t")):
+        return (f"EVAL of version {msg.version} ({m.get('updates')!r} updates at t={m.get('t')!r}) does not answer the weights sent "
+                f"(version {asked['version']}, {asked['updates']} updates at t={asked['t']:.3f})")[:300]
+    acc, loss = m.get("test_acc"), m.get("test_loss")
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0.0 <= acc <= 1.0:
+        return f"EVAL accuracy {str(acc)[:40]} is not a number in [0, 1]"
+    if loss is None:
+        loss = float("nan")  # the evaluator's word for a diverged model (JSON has no NaN); confirmed before it ends the run
+    elif isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
+        return f"EVAL loss {str(loss)[:40]} is not a finite number >= 0 (or null for a diverged model)"
+    return {"test_loss": float(loss), "test_acc": float(acc), "t": asked["t"], "updates": asked["updates"], "samples": asked["samples"]}

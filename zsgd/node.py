@@ -26,8 +26,8 @@ from zsgd.wire import protocol
 from zsgd.errors import ZsgdError
 from zsgd.wire.link import BrokerLink
 from zsgd.wire.protocol import Message, MsgType
-from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, expect, identity_for, log, session_end
-from zsgd.runtime.replies import reply_decoder
+from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, expect, identity_for, join_proof, log, session_end
+from zsgd.runtime.replies import emulated_stretch, reply_decoder, stretch_step
 
 if TYPE_CHECKING:
     from zsgd.core.config import TrainConfig
@@ -66,11 +66,12 @@ def _leave(link: BrokerLink, reason: str) -> None:
 
 
 def _session(opts: NodeOptions, link: BrokerLink) -> int:
-    link.send(protocol.hello(UNASSIGNED_RUN, link.worker, stage="join", role=opts.role, host=opts.host_label or socket.gethostname()))
+    link.send(protocol.hello(UNASSIGNED_RUN, link.worker, stage="join", role=opts.role, host=opts.host_label or socket.gethostname(),
+                             **join_proof(opts)))
     msg = expect(opts, link, {MsgType.ASSIGN}, opts.join_timeout, "join")
     if msg is None:
         return EXIT_BROKER_GONE
-    cfg = dict(msg.meta["config"])
+    cfg = checked_assign(opts, msg)
     run, worker = msg.run, msg.worker
     opts.worker_id = worker
     link.set_identity(run, worker)
@@ -117,15 +118,43 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             except protocol.ProtocolError as exc:
                 log(opts, f"broker sent unusable weights ({exc}); exiting")
                 return EXIT_BAD_REPLY
-            # Emulated straggler: stretch this step, measured as compute_s is (from the weights' arrival),
-            # so the emulation and the simulator's straggler model stretch the same time.
-            factor = float(msg.meta.get("slowdown", 1.0))
-            if factor > 1.0:
-                time.sleep((factor - 1.0) * (time.monotonic() - t0))
+            # Emulated compute time and straggler: stretch this step, measured as compute_s is (from the weights'
+            # arrival), so the emulation and the simulator's models stretch the same time.
+            stretch_step(t0, *emulated_stretch(msg.meta))
             link.send(reply)
             idle_since = time.monotonic()
             if isinstance(reply.meta.get("compute_s"), float):
                 turnarounds.append(reply.meta["compute_s"])
+
+
+ASSIGN_NEEDS = {"worker": ("n_workers",), "evaluator": (),
+                "server": ("range", "stop_rule", "server_options", "emulation", "n_workers", "heartbeat", "timeout", "seed")}
+
+
+def checked_assign(opts: NodeOptions, msg: Message) -> dict:
+    """The run configuration of the broker's ASSIGN, validated like any message from a peer: a worker
+    trusts its broker no more than the broker trusts it. A user model (``package.module:factory``) is
+    run only when this process was started for that very spec (``--model``), so a broker -- or something
+    posing as one -- cannot make a worker import and call a module of its choosing; ZsgdError otherwise."""
+    from zsgd.core.config import TrainConfig
+    from zsgd.nn.models import is_user_model
+
+    cfg, meta = msg.meta.get("config"), msg.meta
+    if not isinstance(cfg, dict):
+        raise ZsgdError("the broker's ASSIGN carries no run configuration; is the address a zsgd broker of the same version?")
+    try:
+        config = TrainConfig.from_dict(dict(cfg)).validate()
+    except (ZsgdError, TypeError, ValueError) as exc:
+        raise ZsgdError(f"the broker's ASSIGN carries an unusable configuration: {str(exc).splitlines()[0][:200]}") from None
+    if is_user_model(config.model) and config.model != opts.model:
+        raise ZsgdError(f"the broker asks this {opts.role} to run user model '{config.model[:100]}', which it was not started for; "
+                        f"start it with --model {config.model[:100]} to allow that model")
+    if not isinstance(msg.worker, int) or msg.worker < -1 or not isinstance(msg.run, str) or not msg.run:
+        raise ZsgdError(f"the broker's ASSIGN gives no usable run and worker id ({str(msg.run)[:20]!r}, {str(msg.worker)[:20]})")
+    missing = [k for k in ASSIGN_NEEDS.get(opts.role, ()) if k not in meta]
+    if missing:
+        raise ZsgdError(f"the broker's ASSIGN for a {opts.role} lacks {', '.join(missing)}; is it a zsgd broker of the same version?")
+    return dict(cfg)
 
 
 def _own_loop(role: str, meta: dict):

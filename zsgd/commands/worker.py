@@ -23,10 +23,13 @@ from zsgd.runtime.ranks import MAX_WORKER_ID
 @click.option("--timeout", default=3.0, show_default=True, type=float, help="Exit when the broker is silent this long.")
 @click.option("--join-timeout", default=60.0, show_default=True, type=float, help="Give up if no broker answers within this time.")
 @click.option("--quiet", "-q", is_flag=True)
-@click.option("--keys-stdin", is_flag=True, help="Read CURVE keys as one JSON line from stdin (how 'zsgd run' hands them over).")
+@click.option("--keys-stdin", is_flag=True, help="Read CURVE keys or the run secret as one JSON line from stdin (how 'zsgd run' hands them over).")
 @click.option("--keys-file", type=click.Path(), default=None,
-              help="CURVE keys file (mode 0600), e.g. from 'zsgd keys generate'; or that folder, to take client-(ID+1).json "
-                   "(one key per worker of an mpirun/srun launch).")
+              help="Keys file (mode 0600): CURVE keys, e.g. from 'zsgd keys generate', or a run's secret (RUN_DIR/keys/run.json); "
+                   "or that folder, to take client-(ID+1).json (one key per worker of an mpirun/srun launch), else its run.json.")
+@click.option("--model", "started_for", default=None, metavar="SPEC",
+              help="The user model (package.module:factory) this worker may run: a broker asking for any other user model "
+                   "is refused. Built-in models need no flag.")
 @click.option("--watch-stdin", is_flag=True, help="Exit when stdin closes (ties a remote worker to its SSH session).")
 @click.option("--host-label", default=None, help="Name of this machine in the broker's view (default: hostname).")
 @click.option("--advertise", default=None, hidden=True, help="A range server's address on this host (set by 'zsgd run --remote').")
@@ -36,7 +39,7 @@ from zsgd.runtime.ranks import MAX_WORKER_ID
                    "[default: on, unless ZSGD_SHARED_MEMORY=0].")
 def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None, heartbeat: float, timeout: float, join_timeout: float, quiet: bool,
            keys_stdin: bool, keys_file: str | None, watch_stdin: bool, host_label: str | None, advertise: str | None, tag: str | None,
-           shared_memory: bool | None) -> None:
+           shared_memory: bool | None, started_for: str | None) -> None:
     """Join a broker and compute gradients until it says stop."""
     import math
 
@@ -58,20 +61,24 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
 
         found = rank_from_env()  # srun, mpirun or a PMI launcher numbered this process
         worker_id = None if found is None else found[0]
-    curve = None
+    creds = None
     if keys_stdin and keys_file:
         raise ZsgdError("give --keys-stdin or --keys-file, not both")
     if keys_stdin or keys_file:
-        from zsgd.wire.security import curve_for_link, read_keys_line, read_secret_json
+        from zsgd.wire.security import RUN_SECRET_FILE, credentials, read_keys_line, read_secret_json
 
         if keys_file and os.path.isdir(keys_file):
-            if worker_id is None:
-                raise ZsgdError(f"--keys-file {keys_file} is a folder: give --id (or start under a launcher that sets a rank) "
-                                "so the worker knows which client key is its own")
-            keys_file = os.path.join(keys_file, f"client-{worker_id + 1}.json")
+            folder = keys_file
+            keys_file = os.path.join(folder, f"client-{worker_id + 1}.json") if worker_id is not None else None
+            if keys_file is None or not os.path.isfile(keys_file):
+                keys_file = os.path.join(folder, RUN_SECRET_FILE)
             if not os.path.isfile(keys_file):
-                raise ZsgdError(f"--keys-file: no {keys_file} for worker {worker_id} (make more with 'zsgd keys generate --clients N')")
-        curve = read_keys_line(rank=worker_id) if keys_stdin else curve_for_link(read_secret_json(keys_file))
+                if worker_id is None:
+                    raise ZsgdError(f"--keys-file {folder} is a folder: give --id (or start under a launcher that sets a rank) "
+                                    "so the worker knows which client key is its own")
+                raise ZsgdError(f"--keys-file: no client-{worker_id + 1}.json or {RUN_SECRET_FILE} in {folder} for worker {worker_id} "
+                                "(make more with 'zsgd keys generate --clients N')")
+        creds = read_keys_line(rank=worker_id) if keys_stdin else credentials(read_secret_json(keys_file))
     if watch_stdin:
         from zsgd.remote.launcher import exit_when_stdin_closes
 
@@ -79,6 +86,7 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
     if host_label is None:
         host_label = os.environ.get("SLURMD_NODENAME")  # in a Slurm step: the node's name in the cluster (may differ from hostname)
     code = run_node(NodeOptions(connect=connect, worker_id=worker_id, role=role, heartbeat=heartbeat, timeout=timeout,
-                                join_timeout=join_timeout, data_dir=data_dir, quiet=quiet, curve=curve, host_label=host_label,
+                                join_timeout=join_timeout, data_dir=data_dir, quiet=quiet, curve=creds.curve if creds else None,
+                                token=creds.token if creds else None, model=started_for, host_label=host_label,
                                 advertise=advertise, **({} if shared_memory is None else {"shared_memory": shared_memory})))
     sys.exit(code)

@@ -221,8 +221,9 @@ class RemoteLauncher:
     """Start and stop workers over SSH; the same interface as ``LocalLauncher``."""
 
     def __init__(self, plan: RemotePlan, address: str, log_dir: Path, heartbeat: float, timeout: float, run_id: str,
-                 keys=None, join_timeout: float = 60.0) -> None:
+                 keys=None, join_timeout: float = 60.0, model: str | None = None) -> None:
         self.plan = plan
+        self.model = model  # a user model's spec: the workers are started for it
         self.address = address
         self.log_dir = Path(log_dir)
         self.heartbeat, self.timeout, self.join_timeout = heartbeat, timeout, join_timeout
@@ -240,6 +241,8 @@ class RemoteLauncher:
                 "--watch-stdin", "--host-label", host.label, "--tag", self.marker]
         if self.keys is not None:
             args.append("--keys-stdin")
+        if self.model:
+            args += ["--model", self.model]
         if role == "server":
             args += ["--advertise", host.host]  # a range server listens on the host's own address
         env = " ".join(f"{k}={v}" for k, v in (SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}).items())
@@ -329,7 +332,7 @@ def _wait(running, seconds: float) -> None:
 
 
 class KeyedLocalLauncher(LocalLauncher):
-    """Local workers of a secure run: keys on a stdin pipe, which also ties them to this process."""
+    """Local workers: their keys (CURVE, or the run secret) on a stdin pipe, which also ties them to this process."""
 
     def __init__(self, *args, keys, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -6,7 +6,8 @@ run loop itself stays the same for a laptop run and a cluster run.
 
 Rules (README, "Remote workers"): the broker binds loopback unless told
 otherwise; with ``--remote`` it binds the advertised address (or ``--host``);
-CURVE is on whenever it listens beyond loopback, or with ``--secure``.
+CURVE is on whenever it listens beyond loopback, or with ``--secure``; without
+it the run secret (``zsgd.wire.auth``) authenticates every process the run starts.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ LOOPBACK = "127.0.0.1"
 class Access:
     bind_host: str
     plan: Any = None  # zsgd.remote.launcher.RemotePlan when --remote
-    keys: RunKeys | None = None
+    keys: RunKeys | None = None  # CURVE keys, or the run secret alone (RunKeys.secret_only)
     slurm: Any = None  # zsgd.runtime.slurm.SlurmPlan with --launcher slurm
 
     @property
     def secure(self) -> bool:
-        return self.keys is not None
+        """CURVE is on (else the run secret alone authenticates the run's processes)."""
+        return self.keys is not None and self.keys.curve
 
     def bind(self, port: int) -> str:
         host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
@@ -38,6 +40,9 @@ class Access:
 
     def broker_curve(self) -> dict | None:
         return self.keys.broker_curve() if self.keys else None
+
+    def broker_token(self) -> str | None:
+        return self.keys.broker_token() if self.keys else None
 
     def local_address(self, bound: str) -> str:
         """Where local workers connect: a wildcard bind is reached through loopback."""
@@ -51,17 +56,25 @@ class Access:
         adv = advertise or self.plan.advertise
         return f"tcp://[{adv}]:{port}" if ":" in adv else f"tcp://{adv}:{port}"
 
-    def write_client_files(self, run_dir: Path, n: int) -> Path:
-        """``zsgd broker`` with CURVE and no ``--keys``: key files (0600) for the workers started by hand."""
+    def write_client_files(self, run_dir: Path, n: int, announce: bool = True) -> Path:
+        """Key files (0600, in a 0700 folder) for workers started by hand: one CURVE bundle per worker, or
+        the run secret (``keys/run.json``) that every process of a run without CURVE proves it holds."""
         from zsgd.output.live import stderr_console
-        from zsgd.wire.security import write_secret_json
+        from zsgd.wire.security import RUN_SECRET_FILE, write_secret_json
 
         folder = Path(run_dir) / "keys"
         folder.mkdir(mode=0o700, exist_ok=True)
+        if not self.secure:
+            write_secret_json(folder / RUN_SECRET_FILE, self.keys.bundle("by-hand"))
+            if announce:
+                stderr_console.print(f"workers started by hand join with 'zsgd worker --keys-file {folder / RUN_SECRET_FILE} ...' "
+                                     f"(this run's secret: a process without it is refused)")
+            return folder
         for i in range(n):
             write_secret_json(folder / f"client-{i}.json", self.keys.bundle(f"worker-{i}"))
-        stderr_console.print(f"CURVE is on: give each worker one key file, e.g. 'zsgd worker --keys-file {folder}/client-0.json ...' "
-                             f"(copy them over SSH; they are secret)")
+        if announce:
+            stderr_console.print(f"CURVE is on: give each worker one key file, e.g. 'zsgd worker --keys-file {folder}/client-0.json ...' "
+                                 f"(copy them over SSH; they are secret)")
         return folder
 
     def launchers(self, broker, run_dir: Path, heartbeat: float, timeout: float, show: bool):
@@ -70,10 +83,8 @@ class Access:
         from zsgd.remote.launcher import KeyedLocalLauncher, LauncherGroup, RemoteLauncher, check_reach
 
         local_addr = self.local_address(broker.address)
-        if self.keys is not None:
-            local = KeyedLocalLauncher(local_addr, run_dir / "logs", heartbeat, timeout, keys=self.keys)
-        else:
-            local = LocalLauncher(local_addr, run_dir / "logs", heartbeat, timeout)
+        model = user_model_flag(broker.cfg.model)
+        local = KeyedLocalLauncher(local_addr, run_dir / "logs", heartbeat, timeout, keys=self.keys, model=model)
         remote = None
         if self.plan is not None:
             address = self.remote_address(broker.address)
@@ -82,7 +93,8 @@ class Access:
             # Printed even with --quiet: the one address a user must know to debug a firewall.
             stderr_console.print(f"remote workers connect to [bold]{address}[/]" + (" (CURVE)" if self.secure else ""))
             check_reach(self.plan, int(address.rsplit(":", 1)[1]))
-            remote = RemoteLauncher(self.plan, address, run_dir / "logs" / "hosts", heartbeat, timeout, broker.run, keys=self.keys)
+            remote = RemoteLauncher(self.plan, address, run_dir / "logs" / "hosts", heartbeat, timeout, broker.run, keys=self.keys,
+                                    model=model)
         slurm = None
         if self.slurm is not None:
             from zsgd.output.live import stderr_console
@@ -92,7 +104,7 @@ class Access:
             alloc = self.slurm.allocation
             stderr_console.print(f"{self.slurm.n_workers} workers start as an srun step of Slurm job {alloc.job_id} on "
                                  f"{', '.join(alloc.nodes[:4])}{' ...' if len(alloc.nodes) > 4 else ''}; they connect to [bold]{address}[/] (CURVE)")
-            slurm = SlurmLauncher(self.slurm, address, run_dir / "logs", heartbeat, timeout, broker.run, keys=self.keys)
+            slurm = SlurmLauncher(self.slurm, address, run_dir / "logs", heartbeat, timeout, broker.run, keys=self.keys, model=model)
         group = LauncherGroup(local, remote, slurm)
         group.local, group.remote, group.slurm = local, remote, slurm
         return group
@@ -127,5 +139,13 @@ def prepare_access(opts) -> Access:
     elif acc.advertise:
         raise ZsgdError("--advertise is for remote workers; use it with --remote or --launcher slurm")
     secure = acc.secure or bool(acc.keys_dir) or not is_loopback(bind_host)
-    keys = RunKeys.create(acc.keys_dir) if secure else None
+    keys = RunKeys.create(acc.keys_dir) if secure else RunKeys.secret_only()
     return Access(bind_host, plan, keys)
+
+
+def user_model_flag(spec: str) -> str | None:
+    """The ``--model`` a launched worker is given when the run trains a user model: a worker runs a
+    user's factory only when it was started for that very spec (a broker cannot make it import another)."""
+    from zsgd.nn.models import is_user_model
+
+    return spec if is_user_model(spec) else None

@@ -75,8 +75,10 @@ class Child:
 
 
 class LocalLauncher:
-    def __init__(self, address: str, log_dir: Path, heartbeat: float, timeout: float, python: str = sys.executable) -> None:
+    def __init__(self, address: str, log_dir: Path, heartbeat: float, timeout: float, python: str = sys.executable,
+                 model: str | None = None) -> None:
         self.address = address
+        self.model = model  # a user model's spec: the worker is started for it (zsgd.runtime.access.user_model_flag)
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.heartbeat = heartbeat
@@ -86,7 +88,7 @@ class LocalLauncher:
 
     def command(self, worker_id: int, role: str = "worker") -> list[str]:
         return [self.python, "-m", "zsgd", "worker", "--connect", self.address, "--id", str(worker_id), "--role", role,
-                "--heartbeat", f"{self.heartbeat:g}", "--timeout", f"{self.timeout:g}"]
+                "--heartbeat", f"{self.heartbeat:g}", "--timeout", f"{self.timeout:g}", *(["--model", self.model] if self.model else [])]
 
     stdin_pipe = False  # a pipe on the child's stdin, for hand_over()
 

@@ -27,10 +27,21 @@ class NodeOptions:
     join_timeout: float = 60.0
     data_dir: str | None = None
     curve: dict | None = None
+    token: str | None = None  # the run secret (a run without CURVE): HELLO joins prove it, identities derive from it
+    model: str | None = None  # the user model this process was started for (the only one a broker may ask it to run)
     quiet: bool = False
     host_label: str | None = None  # how the live view names this machine (remote runs: the hosts-file name)
     advertise: str | None = None  # a range server on another host: the address it listens on and workers reach
     shared_memory: bool = field(default_factory=enabled_by_default)  # offer the broker shared memory (zsgd.wire.shm)
+
+
+def join_proof(opts: NodeOptions, role: str | None = None) -> dict[str, str]:
+    """The HELLO join's proof of the run secret (``zsgd.wire.auth``), as HELLO meta; nothing under CURVE."""
+    if opts.token is None:
+        return {}
+    from zsgd.wire.auth import hello_proof
+
+    return {"proof": hello_proof(opts.token, role or opts.role, opts.worker_id)}
 
 
 def log(opts: NodeOptions, text: str) -> None:
@@ -40,7 +51,16 @@ def log(opts: NodeOptions, text: str) -> None:
 
 
 def identity_for(opts: NodeOptions) -> bytes:
-    """Stable per worker id, so a restarted worker is routed as the same peer."""
+    """Stable per worker id, so a restarted worker is routed as the same peer; with a run secret, derived
+    from it, so no process without the secret can guess a live peer's identity and take over its route."""
+    if opts.token is not None:
+        from zsgd.wire.auth import secret_identity
+
+        if opts.worker_id is not None:
+            return secret_identity(opts.token, opts.role, opts.worker_id)
+        import secrets
+
+        return f"zsgd-{opts.role}-{secrets.token_hex(12)}".encode()
     if opts.worker_id is not None:
         if opts.role == "server":
             return f"zsgd-server-{opts.worker_id}".encode()

@@ -112,7 +112,7 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
     bind = f"tcp://{_bracketed(opts.advertise) if opts.advertise else meta['bind_host']}:0"
     network = NetworkOptions(heartbeat=float(meta["heartbeat"]), timeout=float(meta["timeout"]), shared_memory=meta.get("shared_memory") is not False)
     bopts = BrokerOptions(server, network, n_workers=n_workers,
-                          bind=bind, curve=curve, emulator=emulation.emulator(n_workers, int(meta["seed"])), emulation=emulation,
+                          bind=bind, curve=curve, token=opts.token if curve is None else None, emulator=emulation.emulator(n_workers, int(meta["seed"])), emulation=emulation,
                           wait_workers_s=math.inf)
     work = Path(tempfile.mkdtemp(prefix=f"zsgd-server-{index}-"))
     try:

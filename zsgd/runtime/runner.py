@@ -83,6 +83,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                                 "n_params": problem.model.n_params} | problem.data_fields()
     write_config(run_dir / "config.yaml", resolved)  # on --resume too: it records a changed --n-proc or stop rule
     bopts = BrokerOptions(opts.server, opts.network, n_workers=opts.n_workers, bind=access.bind(opts.network.port), curve=access.broker_curve(),
+                          token=access.broker_token(),
                           emulator=opts.emulator(cfg.seed), emulation=opts.emulation)
     launcher = None
     interrupted = False
@@ -107,14 +108,15 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             show, net = opts.output.show, opts.network
             if show:
                 stderr_console.print(f"broker listening on [bold]{broker.address}[/]{' (CURVE)' if access.secure else ''}; run directory {run_dir}")
-            if access.secure and opts.expect_workers and not opts.remote.keys_dir:
-                access.write_client_files(run_dir, opts.expect_workers)
+            if not access.secure or (opts.expect_workers and not opts.remote.keys_dir):
+                # workers started by hand ('zsgd broker', or a worker of 'zsgd run' restarted by hand) need these to join
+                access.write_client_files(run_dir, opts.expect_workers or 0, announce=show and bool(opts.expect_workers))
             launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show)
             # Local and srun workers follow the run's --shared-memory (and a broker switched off declines offers anyway).
             restore_env = _children_env("ZSGD_SHARED_MEMORY", "1" if net.shared_memory else "0")
             started = time.monotonic()
             stop_signal.stop_on_signals(broker, show)  # SIGTERM, Ctrl-C: checkpoint, summary, clean exit
-            if servers > 1 and access.keys is not None:
+            if servers > 1 and access.secure:
                 for i in range(opts.n_workers):  # the range servers' allow-lists are fixed when they start
                     access.keys.bundle(f"worker-{i}")
             placed = access.plan.server_placement() if access.plan is not None else {}

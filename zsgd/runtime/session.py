@@ -14,11 +14,15 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from zsgd.wire import protocol
+from zsgd.wire.auth import check_proof
 from zsgd.wire.membership import Membership, Peer
 from zsgd.wire.protocol import Message, MsgType
 
 if TYPE_CHECKING:
     from zsgd.broker import Broker
+
+UNASSIGNED_RUN = "-"  # the run id of what is sent to a peer before it has joined: a refusal names no run
+REFUSALS_ANSWERED = 100  # unauthenticated joins told why; later ones are only counted
 
 
 class Session:
@@ -30,6 +34,7 @@ class Session:
         self.heartbeat = heartbeat
         self.wait_workers_s = wait_workers_s
         self.deaths = self.rejoins = 0
+        self.refused = 0  # joins without the run secret (with CURVE, the endpoint's guard counts refusals instead)
         self._joining_user: str | None = None  # the CURVE key of the HELLO being handled
         self._deferred: list[tuple[bytes, Message, str | None]] = []  # joins the service asked to hold
         self._inbox_busy_since: float | None = None  # messages have waited unread since then
@@ -64,6 +69,8 @@ class Session:
             b.reject(identity, "bad-role", f"role {role!r}")
             return
         if stage == "join":
+            if not self._admissible(identity, role, msg):
+                return
             b.endpoint.forget_shared(identity)  # a new incarnation offers its own slots
             if b.service.defer_join(role):  # range servers not all up yet: replay_deferred() answers it
                 if not any(ident == identity for ident, _m, _u in self._deferred):
@@ -76,6 +83,12 @@ class Session:
                 return
             if peer is not None and peer.state == "ready" and peer.role == "worker":
                 b.service.worker_gone(peer, "rejoining")
+            if role == "evaluator" and self.members.evaluator is not None and self.members.evaluator.state != "gone" \
+                    and self.members.evaluator.identity != identity:
+                b.endpoint.send(identity, protocol.error_message(UNASSIGNED_RUN, -1, "the run has its evaluator already", "evaluator-taken",
+                                                                 fatal=True))
+                b.rejected["evaluator-taken"] += 1
+                return
             peer, rejoined = self.members.admit(identity, role, msg.worker, now)
             if peer is None and role == "server":
                 b.endpoint.send(identity, protocol.error_message(b.run, -1, f"range server {msg.worker} is already in the run", "server-taken", fatal=True))
@@ -87,7 +100,7 @@ class Session:
                 return
             if role == "worker":
                 b.service.worker_joined(peer)
-            peer.host, peer.pid = str(msg.meta.get("host", "?"))[:64], int(msg.meta.get("pid", 0) or 0)
+            peer.host, peer.pid = str(msg.meta.get("host", "?"))[:64], msg.meta.get("pid", 0)
             peer.user = self._joining_user
             if rejoined:
                 self.rejoins += 1
@@ -108,6 +121,26 @@ class Session:
                 b.maybe_send_eval()
         else:
             b.reject(identity, "bad-hello", f"HELLO stage {stage!r} out of order")
+
+    def _admissible(self, identity: bytes, role: str, msg: Message) -> bool:
+        """A join must be well formed, and (without CURVE, whose allow-list already vouched for the
+        connection) prove the run secret; a refusal tells the peer why, and nothing about the run."""
+        b = self.broker
+        meta = msg.meta
+        pid, host = meta.get("pid", 0), meta.get("host", "?")
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < 1 << 31 or not isinstance(host, str):
+            b.reject(identity, "bad-hello", f"HELLO with pid {str(pid)[:20]!r} and host {str(host)[:20]!r}")
+            return False
+        token = b.opts.token
+        if token is None or check_proof(token, role, msg.worker, meta.get("proof")):
+            return True
+        self.refused += 1
+        b.reject(identity, "unauthenticated", f"HELLO {role} {msg.worker} without this run's secret")
+        if self.refused <= REFUSALS_ANSWERED:  # a flood of them is counted, not answered
+            b.endpoint.send(identity, protocol.error_message(
+                UNASSIGNED_RUN, -1, "this run admits only the processes it started: give a worker started by hand the run's "
+                "secret with --keys-file RUN_DIR/keys/run.json", "unauthenticated", fatal=True))
+        return False
 
     def replay_deferred(self) -> None:
         """Answer the joins held by ``defer_join``, each with the CURVE key it arrived with."""

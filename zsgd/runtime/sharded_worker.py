@@ -34,8 +34,8 @@ import zmq
 
 from zsgd.core.config import TrainConfig
 from zsgd.errors import ZsgdError
-from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, log, session_end
-from zsgd.runtime.replies import reply_decoder
+from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, join_proof, log, session_end
+from zsgd.runtime.replies import emulated_stretch, reply_decoder, stretch_step
 from zsgd.wire import protocol
 from zsgd.wire.link import BROKER_DEAD, BrokerLink, recv_any
 from zsgd.wire.shm import broker_on_this_machine
@@ -63,7 +63,8 @@ def run_sharded(opts: NodeOptions, link: BrokerLink, config: TrainConfig, assign
                                heartbeat=opts.heartbeat, timeout=opts.timeout, curve=opts.curve).open()
             links.append(extra)
         for extra in links[1:]:
-            extra.send(protocol.hello(link.run, link.worker, stage="join", role="worker", host=opts.host_label or "?"))
+            extra.send(protocol.hello(link.run, link.worker, stage="join", role="worker", host=opts.host_label or "?",
+                                      **join_proof(opts, "worker")))
         early: list = []
         code = _join_servers(opts, links, early)
         if code is not None:
@@ -134,7 +135,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
     w = np.empty(model.n_params, dtype=np.float32)
     versions = [0] * len(links)
     have = [False] * len(links)
-    slowdown = 1.0
+    target_s, slowdown = 0.0, 1.0
     t0 = None
     turnarounds: list[float] = []
     while True:
@@ -158,8 +159,8 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
             log(opts, f"server {i} sent unusable weights ({exc}); exiting")
             return EXIT_BAD_REPLY
         versions[i], have[i] = msg.version, True
-        if i == 0:
-            slowdown = float(msg.meta.get("slowdown", 1.0))
+        if i == 0:  # the coordinator's reply carries the emulated compute time and straggler factor
+            target_s, slowdown = emulated_stretch(msg.meta)
         if t0 is None:
             t0 = links[i].last_arrival or time.monotonic()
         if not all(have):
@@ -185,14 +186,13 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
                     push(j, grad, loss, n)
 
         # Streaming needs the gradient as it is sent: not with clipping (the whole norm first), local SGD (a delta
-        # after K steps) or an emulated straggler (its stretch comes before anything leaves).
-        streaming = clip is None and not algo.startswith("localsgd") and slowdown <= 1.0
+        # after K steps) or an emulated compute time or straggler (its stretch comes before anything leaves).
+        streaming = clip is None and not algo.startswith("localsgd") and slowdown <= 1.0 and target_s <= 0
         update = step.compute(w, versions[0], on_ready=on_ready) if streaming else step.compute(w, versions[0])
         grad = update.grad
         if clip is not None and np.isfinite(grad).all():
             clip_grad_norm(grad, clip)
-        if slowdown > 1.0:  # an emulated straggler: stretch the step as the single-broker worker does
-            time.sleep((slowdown - 1.0) * (time.monotonic() - t0))
+        stretch_step(t0, target_s, slowdown)  # emulation: stretch the step as the single-broker worker does
         turnarounds.append(time.monotonic() - t0)
         for j in range(len(ranges) - 1, -1, -1):
             if not sent[j]:

@@ -166,8 +166,9 @@ class SlurmLauncher:
     the whole step to one failure."""
 
     def __init__(self, plan: SlurmPlan, address: str, log_dir: Path, heartbeat: float, timeout: float, run_id: str,
-                 keys: Any = None, join_timeout: float = 120.0) -> None:
+                 keys: Any = None, join_timeout: float = 120.0, model: str | None = None) -> None:
         self.plan, self.address, self.log_dir = plan, address, Path(log_dir)
+        self.model = model  # a user model's spec: the workers are started for it
         self.heartbeat, self.timeout, self.join_timeout = heartbeat, timeout, join_timeout
         self.keys, self.job_name = keys, f"zsgd-workers-{run_id}"
         self.children: list[Any] = []
@@ -176,7 +177,7 @@ class SlurmLauncher:
         base = self.plan.allocation.step_argv(n, self.job_name, kill_on_bad_exit=False, extra=("--input=all",))
         worker = [sys.executable, "-m", "zsgd", "worker", "--connect", self.address, "--heartbeat", f"{self.heartbeat:g}",
                   "--timeout", f"{self.timeout:g}", "--join-timeout", f"{self.join_timeout:g}", "--watch-stdin"]
-        return base + worker + (["--keys-stdin"] if self.keys is not None else [])
+        return base + worker + (["--keys-stdin"] if self.keys is not None else []) + (["--model", self.model] if self.model else [])
 
     def start_step(self, n: int) -> Any:
         """Start workers ``0 .. n - 1`` as one step; each takes its id from ``SLURM_PROCID``."""

@@ -39,11 +39,13 @@ import zmq.utils.z85
 from zmq.utils.monitor import parse_monitor_message
 
 from zsgd.errors import ZsgdError
+from zsgd.wire.auth import is_token, new_token
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"zsgd"
 SERVER_FILE = "server.json"
 CLIENT_GLOB = "client-*.json"
+RUN_SECRET_FILE = "run.json"  # a run without CURVE: its secret, for workers started by hand
 KEYS_LINE_TIMEOUT_S = 30.0  # a worker told to read keys from stdin gives up after this
 
 
@@ -76,6 +78,25 @@ def curve_for_link(bundle: dict[str, Any]) -> dict[str, bytes]:
     return out
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """What a started process was handed: CURVE keys for its link, or the run secret its HELLO proves."""
+
+    curve: dict[str, bytes] | None = None
+    token: str | None = None
+
+
+def credentials(bundle: Any) -> Credentials:
+    """Validate a keys line or file: CURVE keys (``server``, ``public``, ``secret``) or a run secret (``token``)."""
+    if isinstance(bundle, dict) and "token" in bundle and not any(k in bundle for k in ("server", "public", "secret")):
+        if not is_token(bundle["token"]):
+            raise ZsgdError("key bundle 'token' is not a run secret (64 hex characters, as 'zsgd run' writes them)")
+        return Credentials(token=bundle["token"])
+    if not isinstance(bundle, dict):
+        raise ZsgdError("key bundle must be a JSON object with CURVE keys ('server', 'public', 'secret') or a run secret ('token')")
+    return Credentials(curve=curve_for_link(bundle))
+
+
 def _check_z85(value: bytes, what: str) -> bytes:
     try:
         raw = zmq.utils.z85.decode(value)
@@ -88,26 +109,42 @@ def _check_z85(value: bytes, what: str) -> bytes:
 
 @dataclass
 class RunKeys:
-    """The keys of one secure run: the server's, and one client keypair per launched process.
+    """What authenticates one run's processes: CURVE keys, or (on loopback without ``--secure``) a run secret.
 
-    ``extra_allowed`` holds client public keys from ``zsgd keys generate``,
-    so workers started by hand with ``--keys-file`` may join as well.
+    With CURVE, the server's keypair and one client keypair per launched
+    process; ``extra_allowed`` holds client public keys from ``zsgd keys
+    generate``, so workers started by hand with ``--keys-file`` may join as
+    well. Without CURVE (``server`` is None), the run secret (``zsgd.wire.auth``)
+    is what every launched process gets instead, over the same channel.
     """
 
-    server: KeyPair
+    server: KeyPair | None
     clients: dict[str, KeyPair] = field(default_factory=dict)
     extra_allowed: dict[str, str] = field(default_factory=dict)  # public -> name
+    token: str = field(default_factory=new_token)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # the ZAP thread reads while launchers add
 
     @classmethod
     def create(cls, keys_dir: str | Path | None = None) -> "RunKeys":
+        """CURVE keys for a secure run (made here, or the server key of a ``zsgd keys generate`` folder)."""
         if keys_dir is None:
             return cls(KeyPair.generate())
         server, allowed = load_keys_dir(keys_dir)
         return cls(server, extra_allowed=allowed)
 
+    @classmethod
+    def secret_only(cls) -> "RunKeys":
+        """A run on loopback without CURVE: its processes prove themselves with the run secret alone."""
+        return cls(None)
+
+    @property
+    def curve(self) -> bool:
+        return self.server is not None
+
     def bundle(self, name: str) -> dict[str, str]:
-        """The keys for process ``name`` (e.g. ``worker-3``), made on first use."""
+        """What process ``name`` (e.g. ``worker-3``) is handed: its CURVE keys (made on first use), or the run secret."""
+        if self.server is None:
+            return {"token": self.token}
         with self._lock:
             if name not in self.clients:
                 self.clients[name] = KeyPair.generate()
@@ -117,9 +154,15 @@ class RunKeys:
         with self._lock:
             return {kp.public: name for name, kp in self.clients.items()} | self.extra_allowed
 
-    def broker_curve(self) -> dict[str, Any]:
+    def broker_curve(self) -> dict[str, Any] | None:
         """``BrokerOptions.curve``: the server keypair and the allow-list, read live (launchers add keys after the bind)."""
+        if self.server is None:
+            return None
         return {"secret": self.server.secret.encode(), "public": self.server.public.encode(), "allowed": self.allowed}
+
+    def broker_token(self) -> str | None:
+        """``BrokerOptions.token``: the secret a HELLO must prove, where CURVE does not authenticate."""
+        return None if self.server is not None else self.token
 
 
 # -- key files -------------------------------------------------------------------------
@@ -210,8 +253,8 @@ def load_keys_dir(directory: str | Path) -> tuple[KeyPair, dict[str, str]]:
     return server, allowed
 
 
-def read_keys_line(fd: int = 0, timeout: float = KEYS_LINE_TIMEOUT_S, rank: int | None = None) -> dict[str, bytes]:
-    """Read one JSON line of keys from ``fd`` (stdin) without buffering past it.
+def read_keys_line(fd: int = 0, timeout: float = KEYS_LINE_TIMEOUT_S, rank: int | None = None) -> Credentials:
+    """Read one JSON line of keys (or the run secret) from ``fd`` (stdin) without buffering past it.
 
     Unbuffered so that whatever follows on stdin stays unread (the SSH
     watchdog waits for EOF on the same descriptor). With ``rank``, the
@@ -236,10 +279,10 @@ def read_keys_line(fd: int = 0, timeout: float = KEYS_LINE_TIMEOUT_S, rank: int 
         except (UnicodeDecodeError, json.JSONDecodeError):
             bundle = None
         if not isinstance(bundle, dict):
-            raise ZsgdError("--keys-stdin: expected one JSON line {\"server\": ..., \"public\": ..., \"secret\": ...}"
+            raise ZsgdError("--keys-stdin: expected one JSON line {\"server\": ..., \"public\": ..., \"secret\": ...} or {\"token\": ...}"
                             + (f" for rank {rank}" if rank is not None and data else ""))
         if rank is None or "rank" not in bundle or bundle["rank"] == rank:
-            return curve_for_link(bundle)
+            return credentials({k: v for k, v in bundle.items() if k != "rank"})
 
 
 def is_loopback(host: str) -> bool:

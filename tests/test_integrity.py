@@ -1,0 +1,165 @@
+"""A default run (no --secure, loopback) admits only the processes it started, and nothing a peer
+reports can crash it, stop it or change its results. Each test starts a real run and attacks it over
+loopback, as another local process would."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from helpers import broker_address, join_proof, read_events, reap, start_run, start_worker, start_zsgd, stop, summary_of, wait_for, \
+    wait_for_updates, wait_for_workers
+from zsgd.wire import protocol
+from zsgd.wire.protocol import Message, MsgType
+
+NET = ["--heartbeat", "0.2", "--timeout", "1.5"]
+TINY = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--quiet", "--no-plots", *NET]
+
+
+def _dealer(ctx: zmq.Context, address: str, identity: bytes | None = None) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.connect(address)
+    return sock
+
+
+def _replies(sock: zmq.Socket, seconds: float) -> list[Message]:
+    """Every message ``sock`` receives within ``seconds`` (a rogue that must get nothing of the run)."""
+    got, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if sock.poll(50):
+            got.append(protocol.recv(sock)[1])
+    return got
+
+
+def _next(sock: zmq.Socket, mtype: MsgType, timeout: float = 30.0) -> Message:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sock.poll(100):
+            msg = protocol.recv(sock)[1]
+            if msg.type == mtype:
+                return msg
+    raise AssertionError(f"no {mtype.name} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_a_default_run_refuses_processes_it_did_not_start(tmp_path, no_orphans):
+    """Forged joins (a bad pid, no secret, a flood), a forged EVAL claiming the target, and a peer that takes the
+    routing identity a worker had before identities were secret: none joins, none is told the run id, and the
+    run trains on to its own end with its own numbers."""
+    out = tmp_path / "run"
+    proc = start_run(out, *TINY, "--n-proc", "1", "--time", "12", "--target-acc", "0.95")
+    ctx = zmq.Context()
+    try:
+        address = broker_address(out)
+        wait_for_workers(out, 1)
+        wait_for_updates(out, 1)
+        # 1. An evaluator HELLO with a pid that is not a number (this crashed the broker) and no proof.
+        crash = _dealer(ctx, address)
+        protocol.send(crash, Message(MsgType.HELLO, "any-run", -1, 0, {}, meta={"stage": "join", "role": "evaluator", "pid": "abc"}))
+        # 2. Well-formed joins without the run's secret, as evaluator and as worker: an ERROR that names no run, never an ASSIGN.
+        strangers = []
+        for role, wid in (("evaluator", -1), ("worker", 0), ("server", 1)):
+            sock = _dealer(ctx, address)
+            protocol.send(sock, protocol.hello("-", wid, stage="join", role=role, proof="0" * 64))
+            strangers.append(sock)
+        # 3. The identities workers and evaluators used to take (predictable from their id), to hijack their routes.
+        hijackers = [_dealer(ctx, address, protocol.worker_identity("", 0)), _dealer(ctx, address, b"zsgd-eval-0")]
+        for sock in hijackers:
+            protocol.send(sock, protocol.eval_message("-", -1, 1, 0.1, 0.999, updates=1, samples=32, t=1.0))
+            protocol.send(sock, protocol.update_message("-", 0, 0, np.full(7850, 1e3, np.float32), 32, 0.1))
+        # 4. A stranger's EVAL claiming the target, and one saying the model diverged.
+        forger = _dealer(ctx, address)
+        protocol.send(forger, protocol.eval_message("-", -1, 10, 0.01, 0.999, updates=10**12, samples=32, t=-5.0))
+        protocol.send(forger, Message(MsgType.EVAL, "-", -1, 10, {}, meta={"test_loss": None, "test_acc": 0.5, "updates": 1, "samples": 1, "t": 1}))
+        # 5. A flood of joins without the secret: counted, and only the first hundred answered.
+        flood = _dealer(ctx, address)
+        for _ in range(300):
+            protocol.send(flood, protocol.hello("-", 0, stage="join", role="worker"))
+        answers = [_replies(sock, 2.0) for sock in strangers]
+        for got in answers:
+            assert [m.type for m in got] == [MsgType.ERROR], got
+            assert got[0].run == "-" and got[0].meta["reason"] == "unauthenticated" and got[0].meta.get("fatal")
+        assert not any(m.type in (MsgType.ASSIGN, MsgType.WEIGHTS) for m in _replies(crash, 0.5) + _replies(forger, 0.5))
+        for sock in hijackers:
+            assert not any(m.type in (MsgType.ASSIGN, MsgType.WEIGHTS) for m in _replies(sock, 0.5))
+        flood_answers = _replies(flood, 2.0)
+        assert 0 < len(flood_answers) <= 100 and all(m.type == MsgType.ERROR for m in flood_answers)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        stop(proc, group=True)
+        ctx.destroy(linger=0)
+    assert proc.returncode == 0, err[-2000:]
+    summary = summary_of(out)
+    assert "time limit" in summary["stop_reason"], summary["stop_reason"]
+    assert 0.5 < summary["test_accuracy"] < 0.95
+    reasons = summary["rejected_by_reason"]
+    assert reasons.get("unauthenticated", 0) >= 303 and reasons.get("bad-hello", 0) >= 1, reasons
+    assert reasons.get("unknown-peer", 0) >= 4, reasons  # the hijackers' messages (the forger's too, or they fail validation first)
+    assert summary["refused_clients"] >= 303
+    events = read_events(out)
+    evals = [e for e in events if e["event"] == "eval"]
+    assert evals and all(e["t"] >= 0 and e["updates"] <= summary["updates"] and e["test_acc"] < 0.95 for e in evals)
+    joined = [e for e in events if e["event"] == "worker" and e.get("status") in ("joined", "rejoined")]
+    assert sorted(e["role"] for e in joined) == ["evaluator", "worker"]  # the run's own two processes, no one else
+
+
+@pytest.mark.slow
+def test_an_admitted_evaluator_cannot_fake_results_or_stop_the_run(tmp_path, no_orphans):
+    """Even a process holding the run's secret (here: the test, reading RUN_DIR/keys) is held to what it was
+    asked: EVALs with out-of-range numbers, or counts that do not answer the weights sent, are rejected; one that
+    claims the target, or says the model diverged, is checked by the broker's own evaluation, which decides."""
+    out = tmp_path / "run"
+    broker = start_zsgd("broker", "--workers", "1", "--no-evaluator", *TINY, "--time", "12", "--target-acc", "0.95", "--out", str(out))
+    worker = None
+    ctx = zmq.Context()
+    try:
+        address = broker_address(out)
+        worker = start_worker(address, "--id", "0", *NET, "--quiet", keys=out / "keys")
+        wait_for_updates(out, 1)
+        insider = _dealer(ctx, address)
+        protocol.send(insider, protocol.hello("-", -1, stage="join", role="evaluator", **join_proof(out, "evaluator", -1)))
+        run = _next(insider, MsgType.ASSIGN).run
+        protocol.send(insider, protocol.hello(run, -1, stage="ready", role="evaluator"))
+        second = _dealer(ctx, address)  # one evaluator at a time, even with the secret
+        protocol.send(second, protocol.hello("-", -1, stage="join", role="evaluator", **join_proof(out, "evaluator", -1)))
+        taken = _next(second, MsgType.ERROR)
+        assert taken.meta["reason"] == "evaluator-taken"
+        asked = _next(insider, MsgType.WEIGHTS)
+        echo = {k: asked.meta[k] for k in ("updates", "samples", "t")}
+        bad = [
+            protocol.eval_message(run, -1, asked.version, 0.3, 1.5, **echo),  # accuracy outside [0, 1]
+            protocol.eval_message(run, -1, asked.version, 0.3, 0.5, **(echo | {"updates": 10**12})),  # counts ahead of the server
+            protocol.eval_message(run, -1, asked.version, 0.3, 0.5, **(echo | {"t": -5.0})),  # a time before the run
+            protocol.eval_message(run, -1, asked.version + 7, 0.3, 0.5, **echo),  # another version than the one sent
+            protocol.eval_message(run, -1, asked.version, -1.0, 0.5, **echo),  # a negative loss
+        ]
+        for msg in bad:
+            protocol.send(insider, msg)
+        wait_for(lambda: sum(e["event"] == "rejected" and e["reason"] == "bad-eval" for e in read_events(out)) >= len(bad), 20,
+                 what="the bad EVALs to be rejected")
+        # The target "reached", in an answer that matches the request: the broker evaluates itself and goes on.
+        protocol.send(insider, protocol.eval_message(run, -1, asked.version, 0.01, 0.999, **echo))
+        asked = _next(insider, MsgType.WEIGHTS)
+        echo = {k: asked.meta[k] for k in ("updates", "samples", "t")}
+        protocol.send(insider, Message(MsgType.EVAL, run, -1, asked.version, {}, meta={"test_loss": None, "test_acc": 0.1, **echo}))
+        _, err = broker.communicate(timeout=120)
+        reap(worker, timeout=30)
+    finally:
+        stop(broker, worker, group=False)
+        ctx.destroy(linger=0)
+    assert broker.returncode == 0, err[-2000:]
+    summary = summary_of(out)
+    assert "time limit" in summary["stop_reason"], summary["stop_reason"]  # neither the fake target nor the fake divergence ended it
+    assert 0.5 < summary["test_accuracy"] < 0.95
+    assert summary["rejected_by_reason"].get("bad-eval") == len(bad)
+    assert summary["rejected_by_reason"].get("evaluator-taken") == 1
+    evals = [e for e in read_events(out) if e["event"] == "eval"]
+    assert evals and all(0.5 < e["test_acc"] < 0.95 and np.isfinite(e["test_loss"]) and e["t"] >= 0 for e in evals), evals
