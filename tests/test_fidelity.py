@@ -1,9 +1,10 @@
 """The simulator predicts a real emulated run: same algorithm code, same network specs.
 
 A small matrix of real runs (``zsgd run`` with injected latency and emulated
-stragglers) against ``zsgd sim`` with the same flags: async, sync and
-``ssp:S``; 2 and 4 workers; constant and random latency; with and without a
-3x straggler. For each, the time per steady-state update and the mean
+stragglers) against ``zsgd sim`` with the same flags: async, sync,
+``ssp:S``, ``ksync:K`` and ``kasync:K``; 2 and 4 workers; constant and random
+latency; with and without a 3x straggler; the K rules with random compute
+times (``--inject-compute``, the simulator's ``--compute``). For each, the time per steady-state update and the mean
 staleness must agree within 15 %.
 
 Robust to a loaded machine: the simulator is calibrated on the real run
@@ -45,7 +46,13 @@ MATRIX = [  # in pairs whose real runs go together
     ("sync", 2, "uniform:25ms,75ms", "0.5:3x", 50, 10),
     ("ssp:1", 4, "uniform:25ms,75ms", "0.25:3x", 240, 60),
     ("ssp:2", 4, "50ms", None, 240, 60),
+    ("ksync:3", 4, "50ms", None, 60, 10),
+    ("kasync:2", 4, "uniform:25ms,75ms", None, 120, 30),
 ]
+# Rows whose steps take a seeded random time (--inject-compute in the real run, the same --compute in the simulator:
+# the same draw per worker and step). The floor keeps every draw above the real gradient (1-3 ms here), so the
+# real step is the draw, as the simulated one is. K-sync is the case that needs it: which 3 of 4 make a round.
+INJECT = {"ksync:3": "shifted-exp:10ms,20ms", "kasync:2": "shifted-exp:10ms,20ms"}
 
 
 def compute_trace(run_dir, out) -> str:
@@ -86,7 +93,8 @@ def real_runs(tmp_path_factory):
                 for j in rows:
                     algo, n, latency, stragglers, steps, _skip = MATRIX[j]
                     out = tmp_path_factory.mktemp(f"real{j}") / "real"
-                    procs[j] = (out, start_zsgd("run", "--n-proc", str(n), "--inject-latency", latency, *_spec(algo, stragglers, steps),
+                    inject = ["--inject-compute", INJECT[algo]] if algo in INJECT else []
+                    procs[j] = (out, start_zsgd("run", "--n-proc", str(n), "--inject-latency", latency, *inject, *_spec(algo, stragglers, steps),
                                                 "--checkpoint-every", "0", "--heartbeat", "0.5", "--timeout", "5", "--no-plots",
                                                 "--out", str(out)))
                 for j, (out, proc) in procs.items():
@@ -109,7 +117,7 @@ def test_simulator_matches_emulated_run_within_15_percent(tmp_path, no_orphans, 
     assert returncode == 0, err[-2000:]
     summary = json.loads((real / "summary.json").read_text())
     assert summary["worker_deaths"] == 0
-    compute = compute_trace(real, tmp_path / "turnaround.csv")
+    compute = INJECT.get(algo) or compute_trace(real, tmp_path / "turnaround.csv")
     sim = tmp_path / "sim"
     result = cli("sim", "--workers", str(n), "--latency", latency, "--compute", compute, *_spec(algo, stragglers, steps),
                  "--out", str(sim))  # one process: this one
@@ -118,6 +126,10 @@ def test_simulator_matches_emulated_run_within_15_percent(tmp_path, no_orphans, 
     assert abs(t_sim - t_real) / t_real < TOL, ("time per update", t_real, t_sim, summary["compute_s_mean"])
     if s_real > 0 or s_sim > 0:
         assert abs(s_sim - s_real) / max(s_real, 1e-9) < TOL, ("mean staleness", s_real, s_sim)
+    if algo.startswith("ksync"):  # the backup worker's late gradients: dropped and counted, as often in both
+        late = [json.loads(open(glob.glob(f"{d}/**/summary.json", recursive=True)[0]).read())["dropped_updates"].get("stale-round", 0)
+                for d in (real, sim)]
+        assert late[0] > 0 and abs(late[1] - late[0]) / late[0] < 2 * TOL, ("late gradients", *late)
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ from zsgd.algorithms.worker import WorkerStep
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
+from zsgd.simulation.compute_draw import ComputeDraw
 from zsgd.simulation.netmodel import Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
 from zsgd.output.rundir import save_arrays, write_json
 from zsgd.simulation.workload import Workload
@@ -143,7 +144,8 @@ class Simulation:
         self.nic_bw = self.broker_bw * opts.servers  # --servers K: K NICs
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
         rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0x51D]).spawn(4)]
-        self.rng_down, self.rng_up, self.rng_compute, self.rng_fail = rngs
+        self.rng_down, self.rng_up, _compute, self.rng_fail = rngs  # the third was compute's: now per worker and step
+        self.compute_draw = ComputeDraw(self.compute, cfg.seed)  # the draws of zsgd run --inject-compute
         self.net = opts.network
         self.u_bytes, self.w_bytes = workload.update_bytes, workload.weights_bytes
         self.codecs: list = [None] * n
@@ -234,7 +236,7 @@ class Simulation:
             self.tx_free = max(t, self.tx_free) + nbytes / self.nic_bw
             t = self.tx_free
         t += self.net.delay(w, False, nbytes, self.rng_down)
-        c = sum(self.compute.sample(self.rng_compute) for _ in range(self.local_steps))  # local SGD: K steps per round
+        c = self.compute_draw.next(w, self.local_steps)  # local SGD: K steps per round
         if self.stragglers is not None:
             c *= self.stragglers.factor(w, t)
         self._push(t + c, _DONE, w, self.inc[w], r.version, weights)

@@ -99,6 +99,8 @@ class ServerAlgorithm:
     name = "base"
     #: Works with --servers K (each range server runs its own copy of the rule over its range).
     shardable = True
+    #: Gradient steps a worker takes per reply (local SGD: K): an injected compute time draws this many.
+    local_steps = 1
 
     def __init__(self, w0: np.ndarray, optimizer: Optimizer, staleness_lr: bool = False, clip_norm: float | None = None) -> None:
         self.w = np.array(w0, dtype=np.float32, copy=True)

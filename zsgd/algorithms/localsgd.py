@@ -75,7 +75,7 @@ class LocalSGD(SyncSGD):
         super().__init__(*args, **kwargs)
         if k < 1 or not server_lr > 0 or not 0.0 <= server_momentum < 1.0:
             raise ValueError("LocalSGD needs k >= 1, server_lr > 0, 0 <= server_momentum < 1")
-        self.k = int(k)
+        self.k = self.local_steps = int(k)
         self.server_lr = float(server_lr)
         self.server_momentum = float(server_momentum)
         self._buf = np.zeros_like(self.w) if self.server_momentum else None

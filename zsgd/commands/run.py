@@ -39,6 +39,8 @@ def _runtime_options(func):
         click.option("--inject-bandwidth", default=None, metavar="SPEC", help="Emulate per-worker link bandwidth, e.g. 100Mbps."),
         click.option("--inject-loss", default=None, metavar="P", help="Emulate message loss with a 200 ms retransmit, e.g. 0.01."),
         click.option("--stragglers", default=None, metavar="SPEC", help="Slow a fraction of workers, e.g. 0.25:3x (as in 'zsgd sim')."),
+        click.option("--inject-compute", default=None, metavar="SPEC",
+                     help="Stretch each worker's step to a seeded draw, as 'zsgd sim --compute' draws it: exp:MEAN, shifted-exp:SHIFT,MEAN, trace:FILE."),
         click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Checkpoint every N updates (0: off)."),
         click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
         click.option("--quiet", "-q", is_flag=True, help="No live view."),

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from zsgd.simulation.netmodel import (Measured, Network, StragglerSpec, Stragglers, parse_bandwidth, parse_compute, parse_delay,
+from zsgd.simulation.compute_draw import ComputeDraw
+from zsgd.simulation.netmodel import (Delay, Measured, Network, StragglerSpec, Stragglers, parse_bandwidth, parse_compute, parse_delay,
                            parse_duration, parse_failures, parse_loss, parse_stragglers, parse_worker_latency)
 
 __all__ = [
@@ -72,12 +73,19 @@ class DelayQueue:
 
 
 class LinkEmulator:
-    """Samples per-message delays and straggler slowdowns for a real run."""
+    """Samples per-message delays, straggler slowdowns and (``--inject-compute``) compute times for a real run."""
 
-    def __init__(self, network: Network, stragglers: StragglerSpec | None = None, n_workers: int = 1, seed: int = 0) -> None:
+    def __init__(self, network: Network, stragglers: StragglerSpec | None = None, n_workers: int = 1, seed: int = 0,
+                 compute: Delay | None = None) -> None:
         self.network = network
         self.rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0xE31]))
         self.stragglers: Stragglers | None = stragglers.assign(n_workers, seed) if stragglers is not None else None
+        self.compute: ComputeDraw | None = ComputeDraw(compute, seed) if compute is not None else None
+
+    def compute_target(self, worker: int, local_steps: int = 1) -> float | None:
+        """Seconds ``worker``'s next step should take (its reply carries them; the worker stretches its step to
+        them), drawn as ``zsgd sim --compute`` draws that step; None without --inject-compute."""
+        return None if self.compute is None else self.compute.next(worker, local_steps)
 
     def delay(self, worker: int, up: bool, nbytes: int) -> float:
         """Seconds to hold one message of ``nbytes`` to (up=False) or from (up=True) ``worker``."""
@@ -89,7 +97,7 @@ class LinkEmulator:
 
 
 def emulator_from_specs(latency: str | None, bandwidth: str | None, loss: str | None, stragglers: str | None,
-                        n_workers: int, seed: int) -> "LinkEmulator | None":
+                        n_workers: int, seed: int, compute: str | None = None) -> "LinkEmulator | None":
     """The ``--inject-*`` and ``--stragglers`` specs as a LinkEmulator, or None when they emulate nothing.
 
     One function, so that the coordinator and every range server of
@@ -98,11 +106,14 @@ def emulator_from_specs(latency: str | None, bandwidth: str | None, loss: str | 
     """
     from zsgd.simulation.netmodel import Constant
 
-    if not (latency or bandwidth or loss or stragglers):
+    if not (latency or bandwidth or loss or stragglers or compute):
         return None
     lat = parse_delay(latency or "0", "--inject-latency")
     net = Network(latency_up=lat, latency_down=lat, bandwidth=parse_bandwidth(bandwidth or "inf"), loss=parse_loss(loss or "0"))
     spec = parse_stragglers(stragglers) if stragglers else None
-    if isinstance(lat, Constant) and lat.seconds == 0 and net.bandwidth == float("inf") and net.loss == 0 and spec is None:
+    draw = parse_delay(compute, "--inject-compute") if compute else None
+    if isinstance(draw, Constant) and draw.seconds == 0:
+        draw = None  # "0": no step is stretched
+    if isinstance(lat, Constant) and lat.seconds == 0 and net.bandwidth == float("inf") and net.loss == 0 and spec is None and draw is None:
         return None  # "0", "inf", "none": nothing to emulate
-    return LinkEmulator(net, spec, n_workers=n_workers, seed=seed)
+    return LinkEmulator(net, spec, n_workers=n_workers, seed=seed, compute=draw)

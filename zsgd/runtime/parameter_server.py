@@ -204,6 +204,9 @@ class ParameterServer(Service):
                 factor = b.opts.emulator.slowdown(peer.worker, b.elapsed)
                 if factor != 1.0:
                     msg.meta["slowdown"] = factor
+                target = b.opts.emulator.compute_target(peer.worker, self.algo.local_steps)  # --inject-compute
+                if target is not None:
+                    msg.meta["compute_target_s"] = target
                 b.endpoint.hold(("out", peer, msg), b.opts.emulator.delay(peer.worker, False, protocol.message_nbytes(msg)))
             elif isinstance(out, Applied):
                 self._on_applied(out)

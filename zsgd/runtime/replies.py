@@ -1,4 +1,5 @@
-"""How a worker turns the broker's WEIGHTS replies into weights (full, or ``--compress-replies`` deltas).
+"""How a worker turns the broker's WEIGHTS replies into weights (full, or ``--compress-replies`` deltas),
+and how long it then takes over its step under emulation (``emulated_stretch``).
 
 Shared by the single-broker worker (``zsgd.node``) and the worker of a
 sharded run (``zsgd.runtime.sharded_worker``), which keeps one decoder per range.
@@ -6,7 +7,9 @@ sharded run (``zsgd.runtime.sharded_worker``), which keeps one decoder per range
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+import time
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,3 +41,27 @@ def reply_decoder(spec: str, n_params: int) -> Callable[[Message], np.ndarray]:
         return decoder.apply(msg.arrays)
 
     return with_deltas
+
+
+MAX_STRETCH_S = 3600.0  # a reply asking for a longer step is not the emulation's: it is ignored
+
+
+def emulated_stretch(meta: dict[str, Any]) -> tuple[float, float]:
+    """``(target_s, slowdown)`` that the broker's emulation put in a reply: the drawn compute time of this step
+    (``--inject-compute``; 0: none) and the straggler factor (``--stragglers``; 1: none). Anything else is ignored,
+    as a worker validates what its broker sends."""
+    def number(key: str, lo: float) -> float:
+        v = meta.get(key, lo)
+        good = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= MAX_STRETCH_S
+        return float(v) if good else lo
+
+    return number("compute_target_s", 0.0), number("slowdown", 1.0)
+
+
+def stretch_step(t0: float, target_s: float, slowdown: float) -> None:
+    """Hold the step that started at ``t0`` (monotonic) as the simulator times it: first to ``target_s`` (a real
+    gradient cannot go faster, so the step takes ``max(draw, real)``), then ``slowdown`` times all of that."""
+    if target_s > 0:
+        time.sleep(max(0.0, target_s - (time.monotonic() - t0)))
+    if slowdown > 1.0:
+        time.sleep((slowdown - 1.0) * (time.monotonic() - t0))

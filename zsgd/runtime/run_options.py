@@ -104,6 +104,7 @@ class EmulationOptions:
     inject_bandwidth: str | None = None
     inject_loss: str | None = None
     stragglers: str | None = None
+    inject_compute: str | None = None  # each step stretched to a seeded draw (zsgd.simulation.compute_draw), as zsgd sim --compute
 
     def validate(self, n_workers: int = 0) -> "EmulationOptions":
         self.emulator(n_workers, 0)  # parses every spec now, so a typo fails before anything starts
@@ -113,7 +114,8 @@ class EmulationOptions:
         """A LinkEmulator when any network condition or straggler is injected, else None."""
         from zsgd.runtime.emulation import emulator_from_specs
 
-        return emulator_from_specs(self.inject_latency, self.inject_bandwidth, self.inject_loss, self.stragglers, n_workers, seed)
+        return emulator_from_specs(self.inject_latency, self.inject_bandwidth, self.inject_loss, self.stragglers, n_workers, seed,
+                                   compute=self.inject_compute)
 
 
 @dataclass
@@ -245,6 +247,9 @@ class RunOptions:
         self.decentralized.validate(self.server)
         self.server.validate()
         self.emulation.validate(self.n_workers)
+        if self.emulation.inject_compute and self.server.decentralized:
+            raise ZsgdError(f"--inject-compute stretches the steps a parameter server hands out; {self.server.algo} has none "
+                            f"(use --stragglers to slow decentralized nodes)")
         self.remote.validate(self.launcher)
         if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.remote.hosts_file and self.launcher != "slurm"):
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")

@@ -16,7 +16,9 @@ Spec syntax (the same in flags and YAML):
   20 ms.
 - delay distributions: ``uniform:LO,HI``, ``normal:MEAN,SD`` (clipped at 0),
   ``lognormal:MEDIAN,SIGMA`` (SIGMA unitless; heavy right tail, the usual fit
-  for WAN round trips), ``exp:MEAN``, ``trace:FILE.csv`` (first column:
+  for WAN round trips), ``exp:MEAN``, ``shifted-exp:SHIFT,MEAN`` (SHIFT plus an
+  exponential of mean MEAN: the compute-time model of the K-sync/K-async
+  analyses, Dutta et al. 2018), ``trace:FILE.csv`` (first column:
   measured samples in milliseconds, resampled uniformly).
 - bandwidth: ``100Mbps``, ``1Gbps`` (bits/s), ``10MB/s``, ``1GiB/s``
   (bytes/s), ``inf``.
@@ -51,7 +53,7 @@ _BW_RE = re.compile(rf"^({_NUM})\s*([kmgt]?)(i?)(bps|bit/s|b/s|B/s|Bps)$", re.IG
 _BW_SCALE = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 _BIN_SCALE = {"": 1.0, "k": 2.0**10, "m": 2.0**20, "g": 2.0**30, "t": 2.0**40}
 #: Distributions and how many comma-separated arguments each takes (for list splitting).
-DISTRIBUTIONS = {"uniform": 2, "normal": 2, "lognormal": 2, "exp": 1, "trace": 1}
+DISTRIBUTIONS = {"uniform": 2, "normal": 2, "lognormal": 2, "exp": 1, "shifted-exp": 2, "trace": 1}
 NONE_WORDS = ("none", "off", "0")
 
 
@@ -216,6 +218,24 @@ class Exponential:
         return f"exp:{format_duration(self.mean_s)}"
 
 
+@dataclass(frozen=True)
+class ShiftedExponential:
+    """``shift + Exp(mean)``: a floor no step goes below, and an exponential tail (Dutta et al. 2018)."""
+
+    shift_s: float
+    mean_s: float
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return self.shift_s + self.mean_s * rng.standard_exponential()
+
+    @property
+    def mean(self) -> float:
+        return self.shift_s + self.mean_s
+
+    def __str__(self) -> str:
+        return f"shifted-exp:{format_duration(self.shift_s)},{format_duration(self.mean_s)}"
+
+
 @dataclass(frozen=True, eq=False)
 class Trace:
     """Measured samples (e.g. ping times), drawn uniformly with replacement."""
@@ -234,7 +254,7 @@ class Trace:
         return f"trace:{self.path}"
 
 
-Delay = Constant | Uniform | Normal | LogNormal | Exponential | Trace
+Delay = Constant | Uniform | Normal | LogNormal | Exponential | ShiftedExponential | Trace
 
 
 #: A trace is measured samples (ping times): a million rows is far more than any measurement, and
@@ -300,7 +320,8 @@ def parse_delay(text: str, what: str = "latency") -> Delay:
         return load_trace(arg.strip(), what)
     args = [a.strip() for a in arg.split(",")]
     if len(args) != DISTRIBUTIONS[name] or not all(args):
-        example = {"uniform": "uniform:5ms,20ms", "normal": "normal:10ms,2ms", "lognormal": "lognormal:10ms,0.5", "exp": "exp:10ms"}[name]
+        example = {"uniform": "uniform:5ms,20ms", "normal": "normal:10ms,2ms", "lognormal": "lognormal:10ms,0.5", "exp": "exp:10ms",
+                   "shifted-exp": "shifted-exp:10ms,5ms"}[name]
         raise ZsgdError(f"bad {what} {text!r}: {name} takes {DISTRIBUTIONS[name]} value(s), e.g. {example}")
     if name == "lognormal":
         median = parse_duration(args[0], what)
@@ -314,6 +335,8 @@ def parse_delay(text: str, what: str = "latency") -> Delay:
     vals = [parse_duration(a, what) for a in propagate_units(args)]
     if name == "exp":
         return Exponential(vals[0])
+    if name == "shifted-exp":
+        return ShiftedExponential(vals[0], vals[1])
     if name == "normal":
         return Normal(vals[0], vals[1])
     if vals[0] > vals[1]:

@@ -1,0 +1,72 @@
+"""Random compute times: one seeded draw per worker and step, shared by ``zsgd sim --compute`` and
+``zsgd run --inject-compute`` (``zsgd.simulation.compute_draw``), and the worker's stretch of its step."""
+
+import numpy as np
+import pytest
+
+from helpers import cli, lines_of
+from zsgd.errors import ZsgdError
+from zsgd.runtime.replies import emulated_stretch
+from zsgd.runtime.run_options import RunOptions
+from zsgd.simulation.compute_draw import ComputeDraw
+from zsgd.simulation.netmodel import ShiftedExponential, parse_compute, parse_delay
+
+
+def test_shifted_exponential_spec_and_its_moments():
+    d = parse_delay("shifted-exp:10ms,20ms", "compute time")
+    assert d == ShiftedExponential(0.010, 0.020) and str(d) == "shifted-exp:10ms,20ms" and d.mean == pytest.approx(0.030)
+    x = np.array([d.sample(np.random.default_rng(i)) for i in range(4000)])
+    assert x.min() >= 0.010 and abs(x.mean() - 0.030) < 0.002  # 4000 draws: the mean within ~6 standard errors
+    assert parse_delay("shifted-exp:0,5ms") == ShiftedExponential(0.0, 0.005)  # a unitless 0 takes its neighbour's unit
+
+
+@pytest.mark.parametrize("bad,needle", [("shifted-exp:10ms", "takes 2"), ("shifted-exp:-1ms,2ms", ">= 0"), ("shifted-exp:1ms,x", "unit")])
+def test_bad_shifted_exponential_specs(bad, needle):
+    with pytest.raises(ZsgdError, match=needle):
+        parse_compute(bad)
+
+
+def test_draws_depend_on_seed_worker_and_step_only():
+    spec = parse_compute("exp:20ms")
+    a, b = ComputeDraw(spec, seed=7), ComputeDraw(spec, seed=7)
+    forward = [[a.next(w) for _ in range(5)] for w in range(3)]
+    interleaved = {w: [] for w in range(3)}
+    for _ in range(5):  # another order of asking, as a sync round's replies may go out
+        for w in (2, 0, 1):
+            interleaved[w].append(b.next(w))
+    assert forward == [interleaved[w] for w in range(3)]
+    assert forward[0] != forward[1] and len(set(np.round(forward[0], 12))) == 5
+    assert ComputeDraw(spec, seed=8).draw(0, 0) != a.draw(0, 0)
+    one = ComputeDraw(spec, seed=7)
+    rng = np.random.default_rng([7, 0xC0417E, 1, 3])
+    assert one.draw(1, 3, local_steps=2) == pytest.approx(spec.sample(rng) + spec.sample(rng))  # local SGD: K draws of one stream
+
+
+def test_the_run_draws_what_the_simulation_draws():
+    """``zsgd run --inject-compute``'s emulator (built as the run builds it) hands each worker the draws
+    ``zsgd sim --compute`` gives that worker's steps, for the same seed."""
+    opts = RunOptions.from_flags({"n_proc": 3, "algo": "ksync:2", "inject_compute": "shifted-exp:10ms,20ms"}).validate()
+    emulator = opts.emulator(seed=11)
+    sim = ComputeDraw(parse_compute("shifted-exp:10ms,20ms"), 11)  # what zsgd.sim.Simulation builds from cfg.seed
+    got = [emulator.compute_target(w) for _ in range(4) for w in range(3)]
+    assert got == [sim.draw(w, n) for n in range(4) for w in range(3)]
+    assert RunOptions.from_flags({"inject_compute": "0"}).emulator(seed=1) is None  # "0": nothing stretched, nothing emulated
+
+
+def test_reply_stretch_is_validated_like_any_broker_message():
+    assert emulated_stretch({"compute_target_s": 0.025, "slowdown": 3}) == (0.025, 3.0)
+    for meta in ({}, {"compute_target_s": "1", "slowdown": None}, {"compute_target_s": float("inf"), "slowdown": -2.0},
+                 {"compute_target_s": 1e9, "slowdown": True}):
+        assert emulated_stretch(meta) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--inject-compute", "shifted-exp:5ms"], "--inject-compute 'shifted-exp:5ms': shifted-exp takes 2"),
+    (["--inject-compute", "exp:20ms", "--algo", "dsgd", "--topology", "ring"], "--inject-compute stretches the steps a parameter server"),
+    (["--algo", "ksync:2", "--servers", "2"], "cannot run with --servers 2"),
+    (["--algo", "kasync:0"], "kasync needs K >= 1"),
+])
+def test_bad_flags_are_one_line(tmp_path, args, needle):
+    result = cli("run", "--n-proc", "2", "--model", "logreg", "--data", "embedded", "--steps", "5", *args, "--out", str(tmp_path / "r"))
+    lines = lines_of(result.stderr)
+    assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
