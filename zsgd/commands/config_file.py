@@ -4,7 +4,7 @@ Why: a file that can set ``model: mlp`` but not ``workers: 64`` (``zsgd
 sim``) or ``n_proc: 4`` (``zsgd run``) is half a configuration, and its error
 ("unknown key 'workers'; did you mean 'tokens'?") sends the user the wrong
 way. The file's values become the command's ``default_map``, set by an eager
-callback before click reads the other flags, so every flag given on the
+callback (``zsgd.commands.options.load_config_file``) before click reads the other flags, so every flag given on the
 command line still wins and click's parameter sources tell a file's value
 (``DEFAULT_MAP``) from a built-in default.
 
@@ -77,15 +77,3 @@ def _cast_one(ctx: click.Context, param: click.Option, key: str, value: Any) -> 
 def _show(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
-def load_into_context(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """The eager ``--config`` callback: the file's options become ``ctx.default_map`` (flags still win)."""
-    if value is None or ctx.resilient_parsing:
-        return value
-    from pathlib import Path
-
-    from zsgd.commands.options import load_yaml_config
-
-    ctx.default_map = (ctx.default_map or {}) | load_yaml_config(Path(value), ctx)
-    return value

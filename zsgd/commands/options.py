@@ -72,13 +72,19 @@ def training_options_with(**defaults: Any) -> Callable[[Callable], Callable]:
         for flag, field, kwargs in reversed(TRAINING_FLAGS):
             names = [flag] if "/" in flag else [flag, field]
             func = click.option(*names, **(kwargs | ({"default": defaults[field]} if field in defaults else {})))(func)
-        from zsgd.commands.config_file import load_into_context
-
         return click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, is_eager=True,
-                            callback=load_into_context,
+                            callback=load_config_file,
                             help="YAML file of options (any flag of this command, e.g. 'workers: 64'); flags override it.")(func)
 
     return decorate
+
+
+def load_config_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """The eager ``--config`` callback: the file's options become ``ctx.default_map``, read before the
+    other flags, so every option of the command can be set in it and a flag still wins."""
+    if value is not None and not ctx.resilient_parsing:
+        ctx.default_map = (ctx.default_map or {}) | load_yaml_config(Path(value), ctx)
+    return value
 
 
 def decentralized_options(func: Callable) -> Callable:
