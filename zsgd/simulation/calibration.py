@@ -193,7 +193,7 @@ class Calibration:
         path = self.cache_path()
         try:
             doc = json.loads(path.read_text())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing cached yet (the write says if it cannot be)
             return {}
         except (OSError, ValueError) as exc:
             if warn:
