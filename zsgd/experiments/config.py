@@ -25,7 +25,7 @@
       - {name: cadmm, algo: cadmm, topology: ring, rho: 0.1, primal_steps: 5}
 
 Arm keys: ``name`` (required, unique), ``mode`` (``sim`` default, or ``run``:
-real processes), ``algo`` (async, sync, ssp:S, localsgd:K, dsgd, dsgt, cadmm),
+real processes), ``algo`` (async, sync, ssp:S, localsgd:K, ksync:K, kasync:K, dsgd, dsgt, cadmm),
 ``workers``, ``compress``; the world (as in ``zsgd sim``): ``latency``,
 ``bandwidth``, ``loss``, ``stragglers`` (also emulated in ``run`` mode),
 ``latency_up``, ``latency_down``, ``compute``, ``failures``, ``detect``,
