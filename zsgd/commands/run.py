@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def _runtime_options(func):
     opts = [
-        click.option("--algo", default="async", show_default=True, help="async, sync, ssp:S, localsgd:K; or decentralized dsgd, dsgt, cadmm."),
+        click.option("--algo", default="async", show_default=True, help="async, sync, ssp:S, localsgd:K, ksync:K, kasync:K; or decentralized dsgd, dsgt, cadmm."),
         click.option("--port", default=0, show_default=True, type=int, help="Broker port (0 picks a free one)."),
         click.option("--host", default=None, help="Interface the broker listens on (default 127.0.0.1; with --remote, the advertised address)."),
         click.option("--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."),

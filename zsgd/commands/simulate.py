@@ -39,7 +39,7 @@ def _sim_options(func):
     opts = [
         click.option("--workers", default="8", show_default=True, help="Simulated workers, e.g. 64 or 16,64,256." + _LIST),
         click.option("--algo", default="async", show_default=True,
-                     help="async, sync, ssp:S, localsgd:K; or decentralized dsgd, dsgt, cadmm (see --topology)." + _LIST),
+                     help="async, sync, ssp:S, localsgd:K, ksync:K, kasync:K; or decentralized dsgd, dsgt, cadmm (see --topology)." + _LIST),
         click.option("--staleness-lr", type=click.Choice(["off", "scalar", "per-coordinate"]), default="off", is_flag=False, flag_value="scalar",
                      help="Divide each async update's step by its staleness (scalar; the bare flag), or per coordinate (AdaComp)."),
         click.option("--compress", default="none", show_default=True,
