@@ -163,3 +163,94 @@ def test_an_admitted_evaluator_cannot_fake_results_or_stop_the_run(tmp_path, no_
     assert summary["rejected_by_reason"].get("evaluator-taken") == 1
     evals = [e for e in read_events(out) if e["event"] == "eval"]
     assert evals and all(0.5 < e["test_acc"] < 0.95 and np.isfinite(e["test_loss"]) and e["t"] >= 0 for e in evals), evals
+
+
+# -- a worker trusts its broker no more than the broker trusts it --------------------------------------------------------
+class FakeBroker:
+    """A ROUTER on loopback that answers one HELLO join with the ASSIGN a test gives it (a hostile broker)."""
+
+    def __init__(self, assign_meta: dict, run: str = "fake-run", worker: int = 0) -> None:
+        import threading
+
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.linger = 0
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self.hello: Message | None = None
+        self._meta, self._run, self._worker = assign_meta, run, worker
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not self.sock.poll(100):
+                continue
+            identity, msg = protocol.recv(self.sock, router=True)
+            if msg.type == MsgType.HELLO and self.hello is None:
+                self.hello = msg
+                assign = Message(MsgType.ASSIGN, self._run, self._worker, 0, {}, meta=dict(self._meta))
+                protocol.send(self.sock, assign, identity=identity)
+                return
+
+    def close(self) -> None:
+        self._thread.join(timeout=35)
+        self.sock.close()
+        self.ctx.term()
+
+
+def _node(address: str, **kw):
+    from zsgd.runtime.node_options import NodeOptions
+
+    return NodeOptions(connect=address, worker_id=0, heartbeat=0.2, timeout=3.0, join_timeout=10.0, quiet=True, shared_memory=False, **kw)
+
+
+@pytest.fixture
+def canary(tmp_path, monkeypatch):
+    """A user-model module whose import leaves a file behind: proof that a worker ran a broker's choice."""
+    (tmp_path / "zsgd_canary_model.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('imported').write_text('x')\n"
+        "def make(input_shape, n_classes):\n    raise SystemExit('ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path / "imported"
+
+
+@pytest.mark.parametrize("meta, match", [
+    ({}, "carries no run configuration"),
+    ({"config": "not a mapping"}, "carries no run configuration"),
+    ({"config": {"model": "logreg", "no_such_key": 1}}, "unusable configuration: unknown configuration key"),
+    ({"config": {"model": "logreg", "batch_size": -3}}, "unusable configuration"),
+    ({"config": {"model": "logreg"}}, "lacks n_workers"),
+])
+def test_a_worker_refuses_an_unusable_assign_with_one_line(meta, match):
+    from zsgd.errors import ZsgdError
+    from zsgd.node import run_node
+
+    fake = FakeBroker(meta)
+    try:
+        with pytest.raises(ZsgdError, match=match) as info:
+            run_node(_node(fake.address))
+    finally:
+        fake.close()
+    assert "\n" not in str(info.value)
+
+
+def test_a_worker_runs_a_user_model_only_when_started_for_it(canary):
+    from zsgd.errors import ZsgdError
+    from zsgd.node import run_node
+
+    fake = FakeBroker({"config": {"model": "zsgd_canary_model:make", "data": "embedded"}, "n_workers": 1})
+    try:
+        with pytest.raises(ZsgdError, match="not started for; start it with --model zsgd_canary_model:make"):
+            run_node(_node(fake.address))
+    finally:
+        fake.close()
+    assert not canary.exists()  # the module was never imported
+    fake = FakeBroker({"config": {"model": "zsgd_canary_model:make", "data": "embedded"}, "n_workers": 1})
+    try:
+        with pytest.raises(ZsgdError, match="not started for"):  # started for another user model: refused too
+            run_node(_node(fake.address, model="zsgd_canary_model:other"))
+    finally:
+        fake.close()
+    assert not canary.exists()

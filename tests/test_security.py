@@ -76,6 +76,49 @@ def test_loopback_detection():
     assert not is_loopback("0.0.0.0") and not is_loopback("192.0.2.1") and not is_loopback("example.org")
 
 
+def test_a_plain_text_client_that_hangs_up_is_a_refused_client_not_a_dropped_connection(tmp_path):
+    """A client without CURVE that sends its greeting and leaves at once fails the handshake without detail:
+    it counts in refused_clients (it was counted as a dropped connection of the run). Only the reach tests that
+    zsgd itself makes (announced with expect_probes) are not refusals."""
+    import socket
+    import time
+
+    from zsgd.wire.security import CurveGuard
+
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    server.linger = 0
+    keys = KeyPair.generate()
+    server.curve_server, server.curve_secretkey, server.curve_publickey = True, keys.secret.encode(), keys.public.encode()
+    guard = CurveGuard(ctx, {}, tmp_path / "security.log")
+    guard.attach(server)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+
+    def settled(refused: int, failed: int) -> None:
+        deadline = time.monotonic() + 10
+        while (guard.refused, guard.handshakes_failed) != (refused, failed) or guard.disconnects < failed:
+            assert time.monotonic() < deadline, (guard.refused, guard.handshakes_failed, guard.disconnects)
+            server.poll(20)
+    try:
+        guard.expect_probes(1)
+        socket.create_connection(("127.0.0.1", port)).close()  # zsgd's own reach test
+        settled(0, 1)
+        for _ in range(3):
+            plain = ctx.socket(zmq.DEALER)
+            plain.linger = 0
+            plain.connect(f"tcp://127.0.0.1:{port}")
+            plain.send_multipart(protocol.encode(protocol.hello("-", 0, stage="join", role="worker")))
+            plain.close()
+        socket.create_connection(("127.0.0.1", port)).close()  # a scanner: no reach test is expected any more
+        settled(4, 5)
+        assert guard.dropped == 0
+    finally:
+        guard.stop()
+        server.close()
+        ctx.term()
+    assert "refused a client" in (tmp_path / "security.log").read_text()
+
+
 def _rogue(ctx: zmq.Context, address: str, kind: str, server_public: str) -> zmq.Socket:
     """A client that tries to join and inject: no keys, unknown keys, or the wrong server key.
 

@@ -92,6 +92,8 @@ class Access:
 
             # Printed even with --quiet: the one address a user must know to debug a firewall.
             stderr_console.print(f"remote workers connect to [bold]{address}[/]" + (" (CURVE)" if self.secure else ""))
+            if broker.endpoint.guard is not None:
+                broker.endpoint.guard.expect_probes(len(self.plan.hosts))  # not refused clients
             check_reach(self.plan, int(address.rsplit(":", 1)[1]))
             remote = RemoteLauncher(self.plan, address, run_dir / "logs" / "hosts", heartbeat, timeout, broker.run, keys=self.keys,
                                     model=model)

@@ -115,7 +115,7 @@ class Endpoint:
     @property
     def dropped_connections(self) -> int:
         """Connections closed under the broker: a frame over the size limit (libzmq drops it unread), or a vanished peer."""
-        return self.guard.disconnects if self.guard is not None else self._disconnects
+        return self.guard.dropped if self.guard is not None else self._disconnects
 
     @staticmethod
     def client_key(frame: Any) -> str | None:

@@ -322,6 +322,8 @@ class CurveGuard:
         self.log_path = Path(log_path) if log_path else None
         self.refused = 0
         self.disconnects = 0  # connections closed by libzmq or the peer (the endpoint reports them)
+        self.handshakes_failed = 0  # each is followed by a disconnect, which is not a dropped connection of the run
+        self._probes_left = 0  # reach tests zsgd itself is about to make (expect_probes)
         self._stop = threading.Event()
         self._monitor_addr = f"inproc://zsgd-monitor-{uuid.uuid4().hex}"
         self._zap = ctx.socket(zmq.REP)  # bound here, before the ROUTER binds; used only by the thread afterwards
@@ -346,6 +348,15 @@ class CurveGuard:
             key = public.encode() if isinstance(public, str) else bytes(public)
             out[zmq.utils.z85.decode(key)] = str(name)
         return out
+
+    def expect_probes(self, n: int) -> None:
+        """``n`` connections that open and close without a handshake are zsgd's own reach tests: not refusals."""
+        self._probes_left += n
+
+    @property
+    def dropped(self) -> int:
+        """Connections of admitted peers that closed (a failed handshake's own disconnect is not one)."""
+        return max(0, self.disconnects - self.handshakes_failed)
 
     def stop(self) -> None:
         """End the thread and close its sockets (before the context is terminated)."""
@@ -389,14 +400,20 @@ class CurveGuard:
                     where = event["endpoint"].decode(errors="replace")
                     if event["event"] == zmq.EVENT_DISCONNECTED:
                         self.disconnects += 1
-                    elif event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                        # The peer hung up mid-handshake: a port check (zsgd's own reach test) or a scanner. It got
-                        # nothing; logged, not counted, so 'refused_clients' means clients that tried to talk.
-                        self._log(f"a connection closed during the handshake (errno {int(event['value'])}) on {where}")
                     elif event["event"] & _HANDSHAKE_FAILED:
+                        self.handshakes_failed += 1
+                        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self._probes_left > 0:
+                            # The peer hung up mid-handshake, as zsgd's own reach test does (one per remote host):
+                            # logged, not counted. Any other such hang-up -- a plain-text client that sent its
+                            # greeting and left, a scanner -- is a refused client like the rest.
+                            self._probes_left -= 1
+                            self._log(f"a connection closed during the handshake (errno {int(event['value'])}) on {where}")
+                            continue
                         self.refused += 1
                         if self.refused <= LOG_FIRST or self.refused % 1000 == 0:  # a client retrying for hours must not fill the disk
                             reason = _DETAILS.get(int(event["value"]), _REASONS.get(event["event"], "handshake failed"))
+                            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                                reason = f"hung up during the handshake (errno {int(event['value'])}; a plain-text client or a scanner)"
                             self._log(f"refused a client ({self.refused} so far): {reason} on {where}")
         finally:
             self._zap.close(linger=0)
