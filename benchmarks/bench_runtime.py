@@ -15,6 +15,9 @@
 3. **Start-up**: from launching ``zsgd run --n-proc 4`` to the first applied
    update, warm numba cache. Target: < 5 s.
 
+4. **Authentication** (``--only auth``): the exchange and the start-up with the run
+   secret that authenticates every run (``zsgd.wire.auth``) beside CURVE (``--secure``).
+
 Run: ``python benchmarks/bench_runtime.py [--seconds 30] [--reps 200] [--skip-ddp]``
 """
 
@@ -37,6 +40,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zsgd.wire import protocol  # noqa: E402
 from zsgd.wire.protocol import Message, MsgType  # noqa: E402
+from zsgd.wire.auth import hello_proof  # noqa: E402
 from zsgd.wire.shm import WorkerShare  # noqa: E402
 
 N_PARAMS = 1_199_882
@@ -97,20 +101,34 @@ def raw_round_trip(endpoint: str, reps: int, with_step: bool = False) -> list[fl
     return times
 
 
-def zsgd_round_trip(reps: int, out: Path, shared_memory: bool = False) -> list[float]:
+def zsgd_round_trip(reps: int, out: Path, shared_memory: bool = False, secure: bool = False) -> list[float]:
     """Seconds per exchange of a client speaking zsgd's protocol with a real broker. ``shared_memory``: the client
     offers slots with its first update, as a worker on the broker's machine does, and from then on puts its
-    gradient in them and copies the weights out (both copies timed)."""
+    gradient in them and copies the weights out (both copies timed). The client joins as a hand-started worker
+    does, with the run's key file: the run secret by default, CURVE keys with ``secure`` (every byte encrypted)."""
     port = free_port()
     prefix = os.environ.get("BENCH_BROKER_PREFIX", "-m zsgd").split()
     broker = subprocess.Popen([sys.executable, *prefix, "broker", "--workers", "1", "--model", "cnn", "--data", "embedded", "--algo", "async",
                                "--port", str(port), "--no-evaluator", "--quiet", "--checkpoint-every", "0", "--eval-every", "100000000",
-                               "--steps", str(reps + 1000), "--lr", "0.001", "--lr-schedule", "constant", "--out", str(out)],
+                               "--steps", str(reps + 1000), "--lr", "0.001", "--lr-schedule", "constant", "--out", str(out),
+                               *(["--secure"] if secure else [])],
                               env=ENV, stdin=subprocess.DEVNULL, stdout=None if prefix[0] != "-m" else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    keys = out / "keys" / ("client-0.json" if secure else "run.json")
+    deadline = time.monotonic() + 120
+    while not (keys.exists() and keys.stat().st_size > 0):  # written by the broker before it listens
+        if broker.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the broker wrote no {keys}: {broker.stderr.read() if broker.poll() is not None else 'timed out'}")
+        time.sleep(0.01)
+    bundle = json.loads(keys.read_text())
     ctx = zmq.Context()
     d = ctx.socket(zmq.DEALER)
     d.linger = 0
     d.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", 0))
+    proof = {}
+    if secure:
+        d.curve_serverkey, d.curve_publickey, d.curve_secretkey = (bundle[k].encode() for k in ("server", "public", "secret"))
+    else:
+        proof = {"proof": hello_proof(bundle["token"], "worker", 0)}
     d.connect(f"tcp://127.0.0.1:{port}")
 
     def expect(mtype):
@@ -121,7 +139,7 @@ def zsgd_round_trip(reps: int, out: Path, shared_memory: bool = False) -> list[f
             if msg.type == mtype:
                 return msg
 
-    protocol.send(d, Message(MsgType.HELLO, "-", 0, 0, {}, meta={"stage": "join", "role": "worker"}))
+    protocol.send(d, Message(MsgType.HELLO, "-", 0, 0, {}, meta={"stage": "join", "role": "worker", "pid": os.getpid(), **proof}))
     assign = expect(MsgType.ASSIGN)
     run = assign.run
     protocol.send(d, Message(MsgType.HELLO, run, 0, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
@@ -268,12 +286,12 @@ def zsgd_time_to_accuracy(out: Path, target: float, batch: int, lr: float, eval_
     return (hit["t"], int(hit["samples"])) if hit else (float("nan"), 0)
 
 
-def startup_to_first_update(out: Path, n_proc: int = 4, start: str = "fork") -> float:
+def startup_to_first_update(out: Path, n_proc: int = 4, start: str = "fork", extra: tuple[str, ...] = ()) -> float:
     """Seconds from typing ``zsgd run --n-proc 4`` to its first applied update; ``start`` is how the local
     children start (``ZSGD_LOCAL_START``: forked from the warmed-up run process, or exec'd interpreters)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "zsgd", "run", "--n-proc", str(n_proc), "--model", "cnn", "--steps", "30", "--quiet",
-                             "--out", str(out), "--eval-every", "100000000"], env=ENV | {"ZSGD_LOCAL_START": start},
+                             "--out", str(out), "--eval-every", "100000000", *extra], env=ENV | {"ZSGD_LOCAL_START": start},
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
@@ -292,7 +310,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--skip-ddp", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="alternate raw and zsgd exchange measurements this many times (the machine drifts)")
-    ap.add_argument("--only", choices=["exchange", "e2e", "startup", "accuracy"], default=None)
+    ap.add_argument("--only", choices=["exchange", "e2e", "startup", "accuracy", "auth"], default=None)
     ap.add_argument("--accuracy", action="store_true", help="also time to 88%% Fashion-MNIST test accuracy beside DDP (about 4 minutes a seed)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the time-to-accuracy comparison (each runs zsgd, then DDP)")
     ap.add_argument("--first-seed", type=int, default=0, help="the first of those seeds (more seeds in a later run)")
@@ -360,6 +378,21 @@ def main() -> None:
             table.add_row("zsgd run --n-proc 4 to first update (s), median of 3: forked children | exec'd interpreters",
                           f"{statistics.median(forked):.2f}", f"{statistics.median(execd):.2f}", f"{statistics.median(forked) / statistics.median(execd):.2f}x",
                           "< 5 s")
+        if args.only == "auth":
+            # What authenticating every run costs: the run secret (a proof in the HELLO, nothing per message)
+            # against CURVE (every byte encrypted), alternating so the machine's drift moves both.
+            rows = []
+            for r in range(max(1, args.rounds)):
+                plain = statistics.median(zsgd_round_trip(args.reps, tmp / f"auth-secret{r}")) * 1e3
+                curve = statistics.median(zsgd_round_trip(args.reps, tmp / f"auth-curve{r}", secure=True)) * 1e3
+                up_secret = startup_to_first_update(tmp / f"auth-up-secret{r}")
+                up_curve = startup_to_first_update(tmp / f"auth-up-curve{r}", extra=("--secure",))
+                rows.append((plain, curve, up_secret, up_curve))
+            med = [statistics.median(row[i] for row in rows) for i in range(4)]
+            table.add_row(f"step exchange, 4.8 MB up + down, tcp (ms, median of {len(rows)} rounds): run secret | CURVE",
+                          f"{med[0]:.2f}", f"{med[1]:.2f}", f"{med[1] / med[0]:.2f}x", "")
+            table.add_row(f"zsgd run --n-proc 4 to first update (s, median of {len(rows)}): run secret | CURVE (--secure)",
+                          f"{med[2]:.2f}", f"{med[3]:.2f}", f"{med[3] / med[2]:.2f}x", "")
     Console().print(table)
 
 
