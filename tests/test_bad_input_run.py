@@ -99,3 +99,63 @@ def test_sim_servers_beyond_the_models_parameters_refused(tmp_path):
     refused("sim", *data, "--workers", "2", "--steps", "5", "--servers", "1,200", "--broker-time", "1ms", "--out", tmp_path / "o",
             match=r"--servers 200 is more servers than the model has parameters \(130\)")
     assert not (tmp_path / "o").exists()
+
+
+# -- item 9: every duration and factor has a sane ceiling -------------------------------------------------
+@pytest.mark.parametrize("flags,match", [
+    (("--timeout", "1e308"), r"--timeout must be a number of seconds > 0 and at most 3,600 s, got 1e\+308"),
+    (("--heartbeat", "1e-9"), r"--heartbeat must be at least 0.01 s"),
+    (("--stragglers", "1:1e308x"), r"bad --stragglers '1:1e308x': FACTOR must be from 1 to 1000"),
+    (("--inject-latency", "1e308s"), r"bad --inject-latency '1e308s': at most 1,000,000 s"),
+    (("--inject-latency", "lognormal:1ms,1e308"), r"lognormal SIGMA must be a unitless number in \[0, 10\]"),
+    (("--inject-latency", "uniform:1ms,2e6s"), r"bad --inject-latency '2e6s': at most 1,000,000 s"),
+    (("--inject-bandwidth", "1e-300bps"), r"bad bandwidth '1e-300bps': at least 1Kbps"),
+    (("--inject-loss", "0.99"), r"bad loss '0.99': must be in \[0, 0.9\]"),
+    (("--time", "1e308"), r"--time must be a number of seconds > 0 and at most 366 days"),
+    (("--eval-interval", "1e308"), r"--eval-interval must be a number of seconds >= 0 and at most 86,400 s"),
+    (("--start-wait", "1e9"), r"--start-wait must be a number of seconds >= 0 and at most 86,400 s"),
+])
+def test_run_durations_and_factors_bounded(tmp_path, flags, match):
+    refused("run", *SMALL, "--steps", "5", *flags, "--out", tmp_path / "o", match=match)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flags,match", [
+    (("--timeout", "1e308"), r"--timeout must be a number of seconds > 0 and at most 3,600 s"),
+    (("--join-timeout", "1e308"), r"--join-timeout must be a number of seconds > 0 and at most 86,400 s"),
+])
+def test_worker_durations_bounded(flags, match):
+    refused("worker", "--connect", "tcp://127.0.0.1:1", *flags, match=match)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (("--stragglers", "1:1e308x"), r"FACTOR must be from 1 to 1000"),
+    (("--failures", "0@1e300s"), r"bad failure time '1e300s': at most 1,000,000 s"),
+    (("--time", "1e308"), r"--time must be a number of seconds > 0 and at most 366 days"),
+])
+def test_sim_durations_and_factors_bounded(tmp_path, flags, match):
+    refused("sim", *SMALL, "--workers", "2", "--steps", "5", *flags, "--out", tmp_path / "o", match=match)
+
+
+def test_config_file_time_bounded(tmp_path):
+    (tmp_path / "c.yaml").write_text("time: 1.0e+308\n")
+    refused("train", *SMALL, "--config", tmp_path / "c.yaml", match=r"c.yaml:1: time must be a number of seconds > 0 and at most 366 days")
+
+
+def test_a_dead_childs_traceback_is_one_short_line(tmp_path):
+    """What a run's error quotes of a dead worker's log: the lines before its traceback and what was raised."""
+    from zsgd.runtime.launch import Child
+
+    log = tmp_path / "worker-0.log"
+    log.write_text("zsgd worker 0: joining tcp://127.0.0.1:5555\n"
+                   "Traceback (most recent call last):\n"
+                   '  File "/x/zsgd/wire/link.py", line 121, in recv\n'
+                   "    if not self._pipe.poll(int(timeout * 1000)):\n"
+                   "                           ^^^^^^^^^^^^^^^^^^^\n"
+                   "OverflowError: cannot convert float infinity to integer\n" + "x" * 5000 + "\n")
+    tail = Child("worker-0", None, log).log_tail()
+    assert tail.startswith("zsgd worker 0: joining tcp://127.0.0.1:5555 | xxx"), tail
+    assert "File" not in tail and "^" not in tail and len(tail) < 300, tail
+    log.write_text("zsgd worker 0: joining\nTraceback (most recent call last):\n  File \"x\", line 1, in f\n"
+                   "OverflowError: cannot convert float infinity to integer\n")
+    assert Child("worker-0", None, log).log_tail() == "zsgd worker 0: joining | OverflowError: cannot convert float infinity to integer"

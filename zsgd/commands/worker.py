@@ -41,14 +41,13 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
            keys_stdin: bool, keys_file: str | None, watch_stdin: bool, host_label: str | None, advertise: str | None, tag: str | None,
            shared_memory: bool | None, started_for: str | None) -> None:
     """Join a broker and compute gradients until it says stop."""
-    import math
-
-    from zsgd.wire.link import check_endpoint, check_intervals
+    from zsgd.core.config import check_seconds
+    from zsgd.runtime.node_options import MAX_JOIN_TIMEOUT, check_liveness
+    from zsgd.wire.link import check_endpoint
 
     check_endpoint(connect)
-    check_intervals(heartbeat, timeout)
-    if not math.isfinite(join_timeout) or join_timeout <= 0:
-        raise ZsgdError(f"--join-timeout must be a positive number of seconds, got {join_timeout!r}")
+    check_liveness(heartbeat, timeout)
+    check_seconds("--join-timeout", join_timeout, MAX_JOIN_TIMEOUT, positive=True)
     from zsgd.runtime.threads import single_threaded_blas
 
     single_threaded_blas()

@@ -103,6 +103,10 @@ def model_defaults(model: str) -> dict[str, Any]:
 
 
 MAX_SEED = 2**32 - 1  # seeds are folded to 32 bits where random streams are derived
+DAY = 86_400.0
+#: --time: a year of wall or virtual seconds. Every duration a user gives has a sane ceiling, because an
+#: absurd one (1e308) is accepted by a float check and then overflows where it becomes an integer timeout.
+MAX_TIME_LIMIT = 366 * DAY
 MAX_IMAGE_SIZE = 1024
 MAX_NAME = 256
 
@@ -146,7 +150,10 @@ def check_field(name: str, value: Any) -> None:
     elif name in ("eval_every", "log_every"):
         if not _is_int(value) or value < (0 if name == "eval_every" else 1):
             raise ZsgdError(f"--{flag} must be a whole number >= {0 if name == 'eval_every' else 1}, got {_show(value)}")
-    elif name in ("lr", "clip_norm", "epochs", "time_limit"):
+    elif name == "time_limit":
+        if value is not None:
+            check_seconds("--time", value, MAX_TIME_LIMIT, positive=True)
+    elif name in ("lr", "clip_norm", "epochs"):
         if value is not None or name == "lr":
             _positive_float(flag, value)
     elif name == "target_ppl":
@@ -193,6 +200,15 @@ def _show(value: Any) -> str:
 def _positive_int(name: str, value: int) -> None:
     if not _is_int(value) or value <= 0:
         raise ZsgdError(f"--{name} must be a positive integer, got {_show(value)}")
+
+
+def check_seconds(flag: str, value: Any, high: float, positive: bool = False) -> float:
+    """``value`` if it is a finite number of seconds >= 0 (> 0 with ``positive``) and at most ``high``, else
+    ZsgdError naming ``flag``: the one check of every duration option, so none overflows a timer later."""
+    if not _is_number(value) or not math.isfinite(value) or value < 0 or (positive and value == 0) or value > high:
+        limit = f"{high / DAY:g} days" if high >= 2 * DAY else f"{high:,g} s"
+        raise ZsgdError(f"{flag} must be a number of seconds {'> 0' if positive else '>= 0'} and at most {limit}, got {_show(value)}")
+    return float(value)
 
 
 def _positive_float(name: str, value: float) -> None:

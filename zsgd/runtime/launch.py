@@ -31,6 +31,7 @@ WORKER_MEMORY = 300 << 20  # a worker process: interpreter, numpy/numba, its cop
 #: A range server of --servers K steps its range for every update of every worker: it is busy, not waiting,
 #: so beyond two per CPU servers only time-share (--servers 1000 on 2 CPUs made no update in a minute).
 SERVERS_PER_CPU = 2
+LOG_TAIL_BYTES = 64 << 10
 MIN_SERVER_CAP = 4
 
 
@@ -67,11 +68,21 @@ class Child:
         return self.proc.poll()
 
     def log_tail(self, n: int = 5) -> str:
+        """The last ``n`` lines of the child's log as one line, for the run's one-line error.
+
+        A traceback is cut to its last line (what was raised): its frames are code and carets that say nothing
+        to the user and made the run's error a page long. Only the log's last 64 KiB is read, each line cut short.
+        """
         try:
-            lines = self.log_path.read_text(errors="replace").strip().splitlines()
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+                lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
         except OSError:
             return ""
-        return " | ".join(lines[-n:])
+        first = next((i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")), None)
+        if first is not None:
+            lines = lines[:first] + lines[-1:]
+        return " | ".join(line if len(line) <= 200 else line[:197] + "..." for line in lines[-n:])
 
 
 class LocalLauncher:

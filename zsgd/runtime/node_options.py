@@ -13,8 +13,27 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from zsgd.errors import ZsgdError
 from zsgd.wire import protocol
 from zsgd.wire.shm import enabled_by_default
+
+
+#: Liveness bounds of --heartbeat and --timeout, for the broker's side and the worker's alike: a heartbeat
+#: faster than 10 ms is a flood of messages, and a peer silent for more than an hour is dead to anyone watching.
+MIN_HEARTBEAT = 0.01
+MAX_TIMEOUT = 3600.0
+MAX_JOIN_TIMEOUT = 86_400.0  # --join-timeout: a worker started before its broker waits at most a day
+
+
+def check_liveness(heartbeat: float, timeout: float) -> None:
+    """ZsgdError unless ``MIN_HEARTBEAT <= heartbeat < timeout <= MAX_TIMEOUT`` (finite numbers of seconds)."""
+    from zsgd.core.config import check_seconds
+    from zsgd.wire.link import check_intervals
+
+    check_intervals(heartbeat, timeout)
+    check_seconds("--timeout", timeout, MAX_TIMEOUT, positive=True)
+    if heartbeat < MIN_HEARTBEAT:
+        raise ZsgdError(f"--heartbeat must be at least {MIN_HEARTBEAT:g} s (more often is a flood of messages), got {heartbeat!r}")
 
 
 @dataclass

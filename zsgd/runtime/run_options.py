@@ -59,10 +59,10 @@ class ServerOptions:
             raise ZsgdError(f"--staleness-lr per-coordinate needs --algo async or ssp:S, not {self.algo!r}")
         make_codec(self.compress, 1)
         make_codec(self.compress_replies, 1)
-        if not self.eval_interval >= 0 or self.eval_interval == float("inf"):
-            raise ZsgdError(f"--eval-interval must be a finite number of seconds >= 0, got {self.eval_interval}")
-        if not 0 <= self.start_wait < float("inf"):
-            raise ZsgdError(f"--start-wait must be a finite number of seconds >= 0, got {self.start_wait}")
+        from zsgd.core.config import DAY, check_seconds
+
+        check_seconds("--eval-interval", self.eval_interval, DAY)
+        check_seconds("--start-wait", self.start_wait, DAY)
         if self.checkpoint_every < 0:
             raise ZsgdError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         from zsgd.core.ranges import check_servers
@@ -88,11 +88,11 @@ class NetworkOptions:
     shared_memory: bool = field(default_factory=shm_by_default)  # workers on the broker's machine exchange through /dev/shm
 
     def validate(self) -> "NetworkOptions":
-        from zsgd.wire.link import check_intervals
+        from zsgd.runtime.node_options import check_liveness
 
         if not 0 <= self.port <= 65535:
             raise ZsgdError(f"--port must be in 0..65535, got {self.port}")
-        check_intervals(self.heartbeat, self.timeout)
+        check_liveness(self.heartbeat, self.timeout)
         return self
 
 

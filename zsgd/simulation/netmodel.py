@@ -55,6 +55,14 @@ _BIN_SCALE = {"": 1.0, "k": 2.0**10, "m": 2.0**20, "g": 2.0**30, "t": 2.0**40}
 #: Distributions and how many comma-separated arguments each takes (for list splitting).
 DISTRIBUTIONS = {"uniform": 2, "normal": 2, "lognormal": 2, "exp": 1, "shifted-exp": 2, "trace": 1}
 NONE_WORDS = ("none", "off", "0")
+#: Ceilings of the specs below (issue 20: ``--stragglers 1:1e308x`` and ``--timeout 1e308`` passed a finite
+#: check, then overflowed where a worker turned them into a sleep or a poll timeout). Each is far beyond any
+#: network or machine worth modelling; a value above it is a typo.
+MAX_DURATION = 1e6  # seconds (11.6 days) of one delay, failure time, period or retransmission
+MAX_SIGMA = 10.0  # lognormal spread: exp(10) is a factor of 22,000 between median and one sigma
+MAX_FACTOR = 1000.0  # a straggler 1000 times slower is already one that never finishes a step
+MIN_BANDWIDTH = 125.0  # bytes/s (1 Kbps): slower links make one model's transfer take days
+MAX_LOSS = 0.9  # beyond it a message needs more than ten sends on average
 
 
 # ---------------------------------------------------------------------------
@@ -79,6 +87,8 @@ def parse_duration(text: str, what: str = "duration", default_unit: str | None =
         unit = default_unit
     if unit not in TIME_UNITS:
         raise ZsgdError(f"bad {what} {text!r}: unknown unit {unit!r}; use us, ms, s or min")
+    if value * TIME_UNITS[unit] > MAX_DURATION:
+        raise ZsgdError(f"bad {what} {text!r}: at most {MAX_DURATION:,.0f} s ({MAX_DURATION / 86400:.1f} days)")
     return value * TIME_UNITS[unit]
 
 
@@ -106,7 +116,10 @@ def parse_bandwidth(text: str) -> float:
         raise ZsgdError(f"bad bandwidth {text!r}: must be a positive number (or inf)")
     scale = (_BIN_SCALE if binary else _BW_SCALE)[prefix]
     is_bytes = unit in ("B/s", "Bps")  # capital B: bytes; b, bps, bit/s: bits
-    return value * scale / (1.0 if is_bytes else 8.0)
+    bytes_per_s = value * scale / (1.0 if is_bytes else 8.0)
+    if bytes_per_s < MIN_BANDWIDTH:
+        raise ZsgdError(f"bad bandwidth {text!r}: at least 1Kbps (or inf)")
+    return bytes_per_s
 
 
 def format_bandwidth(bytes_per_s: float) -> str:
@@ -127,8 +140,8 @@ def parse_loss(text: str) -> float:
         p = float(s[:-1] if pct else s) / (100.0 if pct else 1.0)
     except ValueError:
         raise ZsgdError(f"bad loss {text!r}: expected a probability such as 0.01 or 1%") from None
-    if not (0.0 <= p < 1.0):
-        raise ZsgdError(f"bad loss {text!r}: must be in [0, 1) (at 1 nothing ever arrives)")
+    if not (0.0 <= p <= MAX_LOSS):
+        raise ZsgdError(f"bad loss {text!r}: must be in [0, {MAX_LOSS:g}] (beyond it a message takes more than ten sends)")
     return p
 
 
@@ -265,8 +278,8 @@ def parse_delay(text: str, what: str = "latency") -> Delay:
             sigma = float(args[1])
         except ValueError:
             sigma = -1.0
-        if not math.isfinite(sigma) or sigma < 0:
-            raise ZsgdError(f"bad {what} {text!r}: lognormal SIGMA must be a unitless number >= 0, e.g. 0.5")
+        if not math.isfinite(sigma) or not 0 <= sigma <= MAX_SIGMA:
+            raise ZsgdError(f"bad {what} {text!r}: lognormal SIGMA must be a unitless number in [0, {MAX_SIGMA:g}], e.g. 0.5")
         return LogNormal(median, sigma)
     vals = [parse_duration(a, what) for a in propagate_units(args)]
     if name == "exp":
@@ -474,8 +487,8 @@ def parse_stragglers(text: str) -> StragglerSpec | None:
     fraction, factor = float(m.group(1)), float(m.group(2))
     if not 0 < fraction <= 1:
         raise ZsgdError(f"bad --stragglers {text!r}: FRACTION must be in (0, 1]")
-    if not math.isfinite(factor) or factor < 1:
-        raise ZsgdError(f"bad --stragglers {text!r}: FACTOR must be >= 1 (how many times slower)")
+    if not math.isfinite(factor) or not 1 <= factor <= MAX_FACTOR:
+        raise ZsgdError(f"bad --stragglers {text!r}: FACTOR must be from 1 to {MAX_FACTOR:g} (how many times slower)")
     if not tail:
         return StragglerSpec(fraction, factor)
     parts = [p.strip() for p in tail.split(":")]
