@@ -721,3 +721,43 @@ def test_config_file_command_options_checked_with_line(tmp_path, text, match):
 ])
 def test_duplicate_values_and_keys_refused(flags, match):
     refused("sim", *SMALL, *flags, match=match, seconds=10)
+
+
+def _train_events(arm: Path) -> bool:
+    try:
+        return b'"event":"train"' in (arm / "metrics.jsonl").read_bytes()
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command,sig", [("sim-j1", signal.SIGINT), ("sim-j2", signal.SIGTERM), ("experiment", signal.SIGINT)])
+def test_interrupted_sim_and_experiment_leave_summaries(tmp_path, no_orphans, command, sig):
+    """Ctrl-C (to the terminal's whole process group) or SIGTERM while arms run: each started arm ends with
+    summary.json marked interrupted, no further arm starts, and the command exits 130 with one line."""
+    from helpers import start_zsgd, stop
+
+    out = tmp_path / "o"
+    long = ("--steps", "100000000")
+    if command == "experiment":
+        (tmp_path / "e.yaml").write_text("problem: {model: logreg, data: embedded, steps: 100000000}\n"
+                                         "defaults: {compute: 1ms, broker_time: 0, broker_bandwidth: inf}\n"
+                                         "arms:\n  - {name: a}\n  - {name: b, latency: 10ms}\n  - {name: c, latency: 20ms}\n")
+        proc = start_zsgd("experiment", str(tmp_path / "e.yaml"), "-q", "-j", "2", "--out", str(out))
+        started = ["00-a", "01-b"]
+    else:
+        jobs = command[-1]
+        proc = start_zsgd("sim", *SMALL, *FAST_SIM, *long, "--latency", "0,10ms,20ms", "-j", jobs, "--out", str(out))
+        started = ["00-lat0ms", "01-lat10ms"][:int(jobs)]
+    try:
+        wait_for(lambda: all(_train_events(out / a) for a in started), 90, what=f"arms {started} training")
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        stop(proc, group=True)
+    assert proc.returncode == 130, err
+    assert lines_of(err) == ["zsgd: interrupted"], err  # --quiet: nothing else
+    for arm in started:
+        summary = json.loads((out / arm / "summary.json").read_text())
+        assert summary["stop_reason"] == "interrupted" and 0 < summary["updates"] < 100000000, summary
+    assert not any((out / d).exists() for d in ("02-lat20ms", "02-c")), "an arm started after the interrupt"

@@ -44,6 +44,7 @@ from zsgd.algorithms.worker import WorkerStep
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
+from zsgd.simulation import interrupt
 from zsgd.simulation.compute_draw import ComputeDraw
 from zsgd.simulation.netmodel import Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
 from zsgd.output.rundir import save_arrays, write_json
@@ -422,6 +423,9 @@ class Simulation:
         limit = cfg.time_limit
         heap, pop = self.heap, heapq.heappop
         while self.reason is None:
+            if interrupt.requested():  # Ctrl-C or SIGTERM: end as a stop rule would, with a summary
+                self.ledger.stop(interrupt.STOP_REASON)
+                break
             if not heap:
                 self.ledger.stop("no events left: every worker failed or is held")
                 break

@@ -39,8 +39,11 @@ def experiment_command(ctx: click.Context, config: str, out: str | None, only: t
     Writes per-arm run directories, results.md/.csv and plots. See
     examples/compare_small.yaml.
     """
+    from zsgd.simulation.interrupt import stop_on_signals
+
     try:
-        _run(config, out, only, check, quiet, jobs, launcher, calibration_file, recalibrate)
+        with stop_on_signals(show=not quiet):  # Ctrl-C, SIGTERM: running arms end with a summary, then exit 130
+            _run(config, out, only, check, quiet, jobs, launcher, calibration_file, recalibrate)
     except ZsgdError as exc:
         if ctx.parent is not None:
             raise  # inside the zsgd group: it prints the one line and exits 2, as for every command
@@ -93,5 +96,9 @@ def experiment_arm_command(out_dir: str, index: int) -> None:
 
     single_threaded_blas()
     from zsgd.experiments.experiment import run_planned_arm
+    from zsgd.simulation.interrupt import requested, stop_on_signals
 
-    click.echo(str(run_planned_arm(Path(out_dir), index)))
+    with stop_on_signals(show=False):  # the parent's SIGTERM (through srun) ends the arm with a summary
+        click.echo(str(run_planned_arm(Path(out_dir), index)))
+        if requested():
+            raise KeyboardInterrupt

@@ -160,8 +160,11 @@ def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, stale
         scaled = scaling_line(cfg, arms, spec)
         if scaled:
             stderr_console.print(scaled, highlight=False, markup=False, soft_wrap=True)  # one line, however wide
-    outcomes = run_sweep(cfg, spec, out_dir, workload=workload, show=not quiet, arm_plots=arm_plots, jobs=launch.jobs,
-                         step_argv=launch.step_argv and (lambda i: launch.step_argv(out_dir, i)), step_capacity=launch.capacity)
+    from zsgd.simulation.interrupt import stop_on_signals
+
+    with stop_on_signals(show=not quiet):  # Ctrl-C, SIGTERM: the running arms end with a summary, then exit 130
+        outcomes = run_sweep(cfg, spec, out_dir, workload=workload, show=not quiet, arm_plots=arm_plots, jobs=launch.jobs,
+                             step_argv=launch.step_argv and (lambda i: launch.step_argv(out_dir, i)), step_capacity=launch.capacity)
     if not quiet:
         from zsgd.simulation.calibration import current
 
@@ -181,6 +184,10 @@ def sim_arm_command(out_dir: str, index: int) -> None:
     from zsgd.runtime.threads import single_threaded_blas
 
     single_threaded_blas()
+    from zsgd.simulation.interrupt import requested, stop_on_signals
     from zsgd.simulation.sweep import run_planned_arm
 
-    click.echo(str(run_planned_arm(Path(out_dir), index)))
+    with stop_on_signals(show=False):  # the parent's SIGTERM (through srun) ends the arm with a summary
+        click.echo(str(run_planned_arm(Path(out_dir), index)))
+        if requested():
+            raise KeyboardInterrupt

@@ -35,6 +35,7 @@ import numpy as np
 
 from zsgd.errors import ZsgdError
 from zsgd.experiments.config import ArmSpec, ExperimentSpec
+from zsgd.simulation import interrupt
 from zsgd.output.rundir import write_json
 
 Log = Callable[[str], None]
@@ -190,6 +191,8 @@ class Experiment:
                     run_arms(sims, Logged(inner), view, on_done=finish)
             for k, arm in enumerate(self.arms):
                 if arm.mode == "run":
+                    if interrupt.requested():  # Ctrl-C during the simulated arms: no real run starts
+                        raise KeyboardInterrupt
                     begin(k)
                     self.run_arm(arm)
                     finish(k)

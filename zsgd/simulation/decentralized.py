@@ -54,6 +54,7 @@ from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn,
 from zsgd.decentralized.topology import Topology, parse_topology
 from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
+from zsgd.simulation import interrupt
 from zsgd.simulation.netmodel import Delay, Measured, Network, StragglerSpec
 from zsgd.wire.protocol import ProtocolError
 from zsgd.core.schedule import check_schedule_applies, resolve_lr_schedule
@@ -236,6 +237,9 @@ class DecentralizedSimulation:
             self.metrics.write("worker", 0.0, worker=w, role="worker", status="joined", host="sim",
                                neighbours=list(self.topology.neighbours[w]))
         while self.ledger.stop_reason is None:
+            if interrupt.requested():  # Ctrl-C or SIGTERM: end as a stop rule would, with a summary
+                self.ledger.stop(interrupt.STOP_REASON)
+                break
             t0 = time.perf_counter()
             try:
                 res = self.driver.run_round()

@@ -42,6 +42,7 @@ from zsgd.errors import ZsgdError
 
 ProgressFn = Callable[[int, int, float, float], None]  # updates, samples, virtual t, test accuracy
 ArmFn = Callable[[int, ProgressFn], Any]  # arm index, progress callback -> payload (picklable for ForkRunner)
+STOP_GRACE_S = 10.0  # for a stopped arm's final evaluation and summary (the cnn evaluates in ~3 s) before SIGKILL
 PROGRESS_EVERY_S = 0.25  # a child reports progress at most this often: the queue is not a firehose
 
 
@@ -86,12 +87,16 @@ class InlineRunner:
 
 
 def _child_loop(fn: ArmFn, tasks: Any, events: Any) -> None:
-    """A forked worker: run arms from ``tasks`` until ``None``; report through ``events``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it ends the children
-    while True:
+    """A forked worker: run arms from ``tasks`` until ``None`` (or the parent's SIGTERM ends its arm); report through ``events``."""
+    from zsgd.simulation import interrupt
+
+    busy = [False]
+    interrupt.in_forked_arm(lambda: busy[0])  # Ctrl-C is the parent's to handle; its SIGTERM ends the arm with a summary
+    while not interrupt.requested():
         index = tasks.get()
         if index is None:
             return
+        busy[0] = True
         events.put(("started", index, os.getpid()))
         last = [0.0]
 
@@ -107,6 +112,8 @@ def _child_loop(fn: ArmFn, tasks: Any, events: Any) -> None:
             events.put(("failed", index, str(exc)))
         except BaseException:  # a bug: the parent shows the child's traceback
             events.put(("failed", index, "\n" + traceback.format_exc()))
+        busy[0] = False
+    events.cancel_join_thread()  # stopped: the parent no longer reads, so exiting must not wait on a full pipe
 
 
 class ForkRunner:
@@ -161,10 +168,13 @@ class ForkRunner:
         deadline = time.monotonic() + (0 if abort else 10)
         for p in self.procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
-        for p in self.procs:
+        for p in self.procs:  # SIGTERM: a running arm ends with its summary (zsgd.simulation.interrupt), then exits
             if p.is_alive():
                 p.terminate()
-                p.join(timeout=3)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=3)
@@ -292,12 +302,17 @@ def run_arms(indices: Iterable[int], runner: Any, view: ArmsView | None = None,
     """Run every arm in ``indices`` through ``runner``, at most ``runner.capacity`` at a time.
 
     Returns ``{index: payload}``. The first failure stops the others (their
-    processes are ended) and raises ``ArmFailed`` naming the arm; so does
-    Ctrl-C (KeyboardInterrupt, after the same clean-up)."""
+    processes are ended) and raises ``ArmFailed`` naming the arm. Ctrl-C
+    (``zsgd.simulation.interrupt``) starts no further arm, lets the running
+    ones end with their summaries and raises KeyboardInterrupt."""
+    from zsgd.simulation import interrupt
+
     waiting, running, results = deque(indices), set(), {}
     ok = False
     try:
         while waiting or running:
+            if interrupt.requested():  # Ctrl-C: no further arm; the running ones end with a summary on close
+                raise KeyboardInterrupt
             while waiting and len(running) < runner.capacity:
                 index = waiting.popleft()
                 running.add(index)
@@ -318,6 +333,8 @@ def run_arms(indices: Iterable[int], runner: Any, view: ArmsView | None = None,
                     view.finished(ev.index)
                 if on_done:
                     on_done(ev.index, ev.payload)
+        if interrupt.requested():  # the last arm ended interrupted: the sweep did not finish
+            raise KeyboardInterrupt
         ok = True
     finally:
         runner.close(abort=not ok)
