@@ -159,3 +159,26 @@ def test_a_dead_childs_traceback_is_one_short_line(tmp_path):
     log.write_text("zsgd worker 0: joining\nTraceback (most recent call last):\n  File \"x\", line 1, in f\n"
                    "OverflowError: cannot convert float infinity to integer\n")
     assert Child("worker-0", None, log).log_tail() == "zsgd worker 0: joining | OverflowError: cannot convert float infinity to integer"
+
+
+# -- item 16: model specs -------------------------------------------------------------------------------
+@pytest.mark.parametrize("model,match", [
+    ("cnn:foo=1", r"model 'cnn' takes no options, got 'cnn:foo=1': only lstm does \(lstm:embed=E,hidden=H,layers=L\)"),
+    ("LOGREG", r"unknown model 'LOGREG' \(did you mean 'logreg'\?\): choose one of logreg, mlp, cnn, lenet5, lstm "),
+    ("Lstm:embed=8", r"unknown model 'Lstm:embed=8' \(did you mean 'lstm:embed=8'\?\)"),
+    ("x" * 100_000, r"--model must be at most 512 printable characters .*got 'xxx.*\.\.\.$"),
+])
+@pytest.mark.parametrize("command", ["train", "sim"])
+def test_bad_model_specs(tmp_path, model, match, command):
+    refused(command, "--model", model, "--data", "embedded", "--steps", "2", "--out", tmp_path / "o", match=match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_builtin_model_is_listed():
+    from zsgd.nn.lstm_spec import LSTM_NAME
+    from zsgd.nn.models import BUILTIN_MODELS, MODEL_NAMES
+
+    line = refused("train", "--model", "nope", "--data", "embedded", "--steps", "2", match=r"unknown model 'nope'")
+    assert set(BUILTIN_MODELS) == {*MODEL_NAMES, LSTM_NAME}
+    for name in BUILTIN_MODELS:
+        assert f" {name}," in line or f" {name} " in line, (name, line)

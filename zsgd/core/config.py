@@ -109,6 +109,7 @@ DAY = 86_400.0
 MAX_TIME_LIMIT = 366 * DAY
 MAX_IMAGE_SIZE = 1024
 MAX_NAME = 256
+MAX_MODEL_SPEC = 512  # a built-in name, lstm:... or [torch:]package.module:factory
 
 
 def check_field(name: str, value: Any) -> None:
@@ -121,6 +122,9 @@ def check_field(name: str, value: Any) -> None:
     if name in ("model", "data", "name", "split", "lr_schedule", "optimizer"):
         if not isinstance(value, str) or not value.strip():
             raise ZsgdError(f"--{flag} must be a non-empty string, got {_show(value)}")
+        if name == "model" and (len(value) > MAX_MODEL_SPEC or not value.isprintable()):
+            raise ZsgdError(f"--model must be at most {MAX_MODEL_SPEC} printable characters (a model's name or "
+                            f"package.module:factory), got {_show(value)}")
         if name == "name" and (len(value) > MAX_NAME or not value.isprintable()):
             raise ZsgdError(f"--name must be at most {MAX_NAME} printable characters, got {_show(value)}")
         if name == "split":

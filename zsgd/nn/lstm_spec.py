@@ -12,6 +12,8 @@ from typing import Any
 
 from zsgd.errors import ZsgdError
 
+LSTM_NAME = "lstm"  # the built-in language model (zsgd.nn.models.BUILTIN_MODELS lists it beside the image models)
+LSTM_FORM = "lstm:embed=E,hidden=H,layers=L"
 _DEFAULTS = {"embed": 64, "hidden": 256, "layers": 2}
 _LIMITS = {"embed": (1, 4096), "hidden": (1, 4096), "layers": (1, 2)}
 
@@ -32,7 +34,7 @@ class LSTMSpec:
 
 def is_lstm_name(name: Any) -> bool:
     """True for ``lstm`` and ``lstm:...`` (and not for a user factory such as ``pkg.lstm:make``)."""
-    return isinstance(name, str) and (name == "lstm" or name.startswith("lstm:"))
+    return isinstance(name, str) and (name == LSTM_NAME or name.startswith(LSTM_NAME + ":"))
 
 
 def parse_lstm_name(name: str) -> LSTMSpec:
@@ -46,7 +48,7 @@ def parse_lstm_name(name: str) -> LSTMSpec:
         key, eq, val = item.partition("=")
         key = key.strip()
         if key not in sizes or not eq:
-            raise ZsgdError(f"bad lstm model option '{item}' in '{name}': use lstm:embed=E,hidden=H,layers=L")
+            raise ZsgdError(f"bad lstm model option '{item}' in '{name}': use {LSTM_FORM}")
         if key in given:  # which one would win is a guess; say so instead
             raise ZsgdError(f"lstm {key} is given twice in '{name}': give each of embed, hidden, layers at most once")
         given.add(key)

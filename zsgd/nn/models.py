@@ -39,6 +39,7 @@ from zsgd import kernels as K
 from zsgd.errors import ZsgdError
 from zsgd.nn.flat import check_flat, load_flat
 from zsgd.nn.layers import Conv2d, Dense, Dropout, Layer, buffer, uniform_init
+from zsgd.nn.lstm_spec import LSTM_FORM, LSTM_NAME
 from zsgd.nn.user_code import describe as _describe, load_factory, user_call as _user_call
 
 #: Samples per forward pass in ``predict``: bounds memory (the CNN's conv1
@@ -296,7 +297,9 @@ _ZOO: dict[str, tuple[Callable[[int, int, int, int], list[Layer]], str]] = {
     "cnn": (_cnn, "images of at least 6x6"),
     "lenet5": (_lenet5, "images of at least 12x12"),
 }
-MODEL_NAMES = tuple(_ZOO)
+MODEL_NAMES = tuple(_ZOO)  # the image models
+#: Every built-in model, for messages and warm-up: the image models of ``_ZOO`` and the language model.
+BUILTIN_MODELS = (*MODEL_NAMES, LSTM_NAME)
 
 
 def _check_shape(input_shape: Any, n_classes: Any) -> tuple[tuple[int, int, int], int]:
@@ -388,6 +391,7 @@ def get_model(name: str, input_shape: tuple[int, ...], n_classes: int, seed: int
             raise ZsgdError(f"model '{name}' is a language model and needs text data: use --data text "
                             f"(the embedded corpus) or --data text:FILE")
         return get_lstm(name, n_classes, seed=seed, bptt=bptt)
+    _check_builtin_name(name)
     if isinstance(name, str) and name.startswith(TORCH_PREFIX):
         from zsgd.nn.torch_model import torch_model
 
@@ -400,15 +404,30 @@ def get_model(name: str, input_shape: tuple[int, ...], n_classes: int, seed: int
     shape, k = _check_shape(input_shape, n_classes)
     if isinstance(name, str) and ":" in name:
         return _user_model(name, shape, k, seed)
-    if name not in _ZOO:
-        raise ZsgdError(f"unknown model '{name}': choose one of {', '.join(MODEL_NAMES)} "
-                        f"or give 'package.module:factory'")
     build, needs = _ZOO[name]
     try:
         layers = build(*shape, k)
     except ValueError as exc:
         raise ZsgdError(f"model '{name}' needs {needs}; input_shape {shape} is too small ({exc})") from None
     return Model(name, shape, k, layers, seed=seed)
+
+
+def _check_builtin_name(name: Any) -> None:
+    """ZsgdError unless ``name`` is an image model of ``_ZOO`` or names code (``module:factory``, ``torch:...``);
+    a built-in name with options (``cnn:foo=1``) is not a module to import: say that only lstm takes options."""
+    if not isinstance(name, str):
+        raise ZsgdError(f"a model is named by a string, got {type(name).__name__}")
+    head, _, rest = name.partition(":")
+    shown = name if len(name) <= 60 else name[:57] + "..."
+    if ":" in name and head.lower() in BUILTIN_MODELS and not rest.isidentifier():  # cnn:make may be a module's factory
+        if head.lower() == LSTM_NAME:
+            raise ZsgdError(f"unknown model '{shown}' (did you mean '{LSTM_NAME}:{rest}'?): {LSTM_FORM}")
+        raise ZsgdError(f"model '{head}' takes no options, got '{shown}': only {LSTM_NAME} does ({LSTM_FORM})")
+    if ":" not in name and name not in _ZOO:
+        close = [m for m in BUILTIN_MODELS if m == name.lower()]
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ZsgdError(f"unknown model '{shown}'{hint}: choose one of {', '.join(BUILTIN_MODELS)} ({LSTM_FORM}) "
+                        f"or give 'package.module:factory'")
 
 
 def evaluate(model: ModelLike, w: np.ndarray, x: np.ndarray, y: np.ndarray,
@@ -444,7 +463,7 @@ def evaluate(model: ModelLike, w: np.ndarray, x: np.ndarray, y: np.ndarray,
     return total / len(x), correct / len(x)
 
 
-def warm_up(names: tuple[str, ...] = ("logreg", "mlp", "cnn", "lenet5", "lstm")) -> None:
+def warm_up(names: tuple[str, ...] = BUILTIN_MODELS) -> None:
     """Compile (or load from numba's cache) every kernel the built-in models use.
 
     Run once after installing, so the first training step of a real run, and
@@ -452,7 +471,7 @@ def warm_up(names: tuple[str, ...] = ("logreg", "mlp", "cnn", "lenet5", "lstm"))
     """
     rng = np.random.default_rng(0)
     for name in names:
-        if name == "lstm":
+        if name == LSTM_NAME:
             from zsgd.nn.lstm import warm_up as warm_up_lstm
 
             warm_up_lstm()
