@@ -761,3 +761,17 @@ def test_interrupted_sim_and_experiment_leave_summaries(tmp_path, no_orphans, co
         summary = json.loads((out / arm / "summary.json").read_text())
         assert summary["stop_reason"] == "interrupted" and 0 < summary["updates"] < 100000000, summary
     assert not any((out / d).exists() for d in ("02-lat20ms", "02-c")), "an arm started after the interrupt"
+
+
+def test_plan_size_checked_before_anything_is_written(tmp_path):
+    many = ",".join(f"{i}ms" for i in range(1, 101))
+    refused("sim", *SMALL, "--latency", many, "--workers", ",".join(str(i) for i in range(1, 21)), "--out", tmp_path / "s",
+            match=r"--workers x --latency makes 2,000 arms, more than the 1,000 one sweep or experiment may run", seconds=10)
+    refused("sim", *SMALL, *FAST_SIM, "--steps", str(10**23), "--out", tmp_path / "s",
+            match=r"the arms would write about 10\^25 bytes \(about 10\^23 updates in all.* more than the .* free on the disk of")
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "e.yaml").write_text(EXPERIMENT_HEAD + "".join(f"  - {{name: a{i}}}\n" for i in range(2_000)))
+    refused("experiment", tmp_path / "e.yaml", "--check", match=r"e.yaml:2: the file's arms: list makes 2,000 arms, more than the 1,000")
+    (tmp_path / "e.yaml").write_text(f"problem: {{model: logreg, data: embedded, steps: {10**23}}}\narms:\n  - {{name: a}}\n")
+    refused("experiment", tmp_path / "e.yaml", "--out", tmp_path / "x", match=r"the arms would write about 10\^25 bytes")
+    assert not (tmp_path / "x").exists()

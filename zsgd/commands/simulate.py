@@ -29,6 +29,7 @@ import click
 
 from zsgd.commands.options import build_config, decentralized_options, pop_decentralized, training_options_with
 from zsgd.commands.arms import arm_options, calibration_options
+from zsgd.commands.sim_validate import refuse_tolerance_alone, run_validate, validate_options
 from zsgd.errors import ZsgdError
 
 DEFAULT_TARGET = 0.75  # every arm of the default delay study passes it with a margin (see above)
@@ -95,13 +96,14 @@ def _sim_options(func):
 @_sim_options
 @arm_options
 @calibration_options
+@validate_options
 @decentralized_options
 @click.pass_context
 def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str, latency: str, latency_up: str | None,
                 latency_down: str | None, latency_worker: tuple[str, ...], bandwidth: str, broker_bandwidth: str, loss: str,
                 retransmit: str, compute: str, stragglers: str, failures: str, detect: str, broker_time: str, target: float | None,
                 literal: bool, arm_plots: bool, out: str | None, quiet: bool, jobs: int | None, launcher: str,
-                calibration_file: str | None, recalibrate: bool, **params) -> None:
+                calibration_file: str | None, recalibrate: bool, validate: bool, tolerance: str | None, **params) -> None:
     """Simulate distributed SGD in virtual time: real gradients, simulated clock.
 
     Comma lists form a grid of arms, e.g. 'zsgd sim --latency 0,10,50ms' (a
@@ -140,6 +142,10 @@ def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, stale
     if not 0 < target <= 1:
         raise ZsgdError(f"--target must be in (0, 1], got {target}")
     arms = build_arms(spec)  # every spec checked before data is loaded
+    refuse_tolerance_alone(validate, tolerance)
+    if validate:  # a short real run beside its simulated twin, instead of the sweep (zsgd.experiments.validate)
+        run_validate(cfg, spec, arms, out, tolerance, quiet)
+        return
     from zsgd.output.live import stderr_console
     from zsgd.output.rundir import check_out_dir, create_run_dir
     from zsgd.simulation.sweep import prepare_workload, results_table, run_sweep, scaling_line
@@ -147,6 +153,9 @@ def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, stale
     if out is not None:
         check_out_dir(out)  # before the data is loaded
     workload = prepare_workload(cfg, arms)  # data, model and shards: may still reject e.g. too many workers
+    from zsgd.simulation.sweep import check_sweep_size
+
+    check_sweep_size(cfg, arms, spec, workload, Path(out) if out is not None else Path("runs"))  # before anything is written
     from zsgd.commands.arms import resolve_arm_launch
 
     launch = resolve_arm_launch(jobs, launcher, "sim-arm")  # outside an allocation, without srun: refused before anything is written

@@ -288,6 +288,12 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     arms_raw = top.get("arms")
     if not isinstance(arms_raw, list) or not arms_raw:
         raise doc.error("arms must be a non-empty list of arms (each a mapping with at least a name)", "arms")
+    from zsgd.simulation.plan import check_arm_count
+
+    try:
+        check_arm_count(len(arms_raw), "the file's arms: list")  # before each is parsed
+    except ZsgdError as exc:
+        raise doc.error(str(exc), "arms") from None
     spec = ExperimentSpec(Path(path), doc.text, name, description or "", problem, base_cfg, float(target))
     seen: dict[str, int] = {}
     for i, raw in enumerate(arms_raw):

@@ -85,6 +85,10 @@ class Experiment:
                 check_servers(arm.opts.server.servers if arm.mode == "run" else getattr(arm.opts, "servers", 1), self.problem.model.n_params)
             except ZsgdError as exc:
                 raise ZsgdError(f"{self.spec.path}:{arm.line}: arm {arm.name!r}: {exc}") from None
+        from zsgd.simulation.plan import check_plan_size
+
+        check_plan_size([self.problem.stop_rule(a.cfg).total_updates for a in self.arms], 4 * self.problem.model.n_params,
+                        self.out if self.out is not None else Path("runs"))  # before the output directory is made
 
     @staticmethod
     def _n(arm: ArmSpec) -> int:

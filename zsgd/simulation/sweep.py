@@ -132,6 +132,10 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
     # ranges of workers (--failures 0-7@10s, --latency-worker 0-7=...) may name only workers some arm has:
     # they are expanded worker by worker, so they are bounded before that
     max_n = max(_parse_workers(w) for w in lists["workers"]) if "workers" in lists else 16
+    from zsgd.simulation.plan import check_arm_count
+
+    check_arm_count(math.prod(len(vs) for vs in lists.values()),  # before the cross product is built
+                    " x ".join(f for k, f, _s, _u in DIMENSIONS if len(lists.get(k, ())) > 1) or "the grid")
     parse_one: dict[str, Callable[[str], Any]] = {
         "algo": lambda s: s if is_decentralized(s) else parse_algo(s) and s, "workers": _parse_workers, "latency": parse_delay,
         "latency_up": lambda s: parse_delay(s, "uplink latency"), "latency_down": lambda s: parse_delay(s, "downlink latency"),
@@ -274,6 +278,14 @@ def result_row(arm: Arm, result: SimResult) -> dict[str, Any]:
     if "test_perplexity" in s:  # a language model: perplexity and tokens/s (its samples) in the tables too
         row |= {"test_ppl": s["test_perplexity"], "tokens_per_s": s["tokens_per_s"]}
     return row
+
+
+def check_sweep_size(cfg: TrainConfig, arms: list[Arm], spec: SweepSpec, workload: Workload, out: Path) -> None:
+    """Refuse a sweep whose arms would write more than the disk of ``out`` holds (``zsgd.simulation.plan``)."""
+    from zsgd.simulation.plan import check_plan_size
+
+    stop = workload.problem.stop_rule
+    check_plan_size([stop(arm_config(cfg, a, spec)[0]).total_updates for a in arms], 4 * workload.model.n_params, out)
 
 
 def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> Workload:
