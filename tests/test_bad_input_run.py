@@ -8,9 +8,13 @@ count) are marked slow and wait on conditions with deadlines.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+
+import numpy as np
 import pytest
 
-from helpers import cli, lines_of
+from helpers import cli, lines_of, read_events, summary_of, wait_for, zsgd_cmd
 
 SMALL = ("--model", "logreg", "--data", "embedded", "--quiet")
 
@@ -182,3 +186,28 @@ def test_every_builtin_model_is_listed():
     assert set(BUILTIN_MODELS) == {*MODEL_NAMES, LSTM_NAME}
     for name in BUILTIN_MODELS:
         assert f" {name}," in line or f" {name} " in line, (name, line)
+
+
+# -- item 6: Ctrl-C and SIGTERM of zsgd train keep the run ---------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code,reason", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 0, "stopped by SIGTERM")])
+def test_train_stopped_by_a_signal_writes_summary_and_weights(tmp_path, no_orphans, sig, code, reason):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(zsgd_cmd("train", *SMALL, "--steps", "100000", "--out", str(out)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: proc.poll() is not None or any(e["event"] == "update" for e in read_events(out)), 120, what="a first update")
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(sig)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err
+    assert "Traceback" not in err
+    summary = summary_of(out)
+    assert summary["stop_reason"] == reason and 0 < summary["updates"] < 100000, summary
+    with np.load(out / "weights.npz") as weights:
+        assert sum(v.size for v in weights.values()) == 7850
+    assert read_events(out)[-1]["event"] == "end"

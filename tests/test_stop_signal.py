@@ -26,7 +26,7 @@ class _Broker:
 def test_first_ctrl_c_sets_the_stop_reason_the_second_raises():
     before = signal.getsignal(signal.SIGINT)
     broker = _Broker()
-    stop_signal.stop_on_signals(broker, show=False)
+    stop_signal.stop_on_signals(broker.ledger, show=False)
     try:
         os.kill(os.getpid(), signal.SIGINT)  # handled on the main thread before the next line runs
         assert broker.ledger.stop_reason == "interrupted" and stop_signal.interrupted()
@@ -40,7 +40,7 @@ def test_first_ctrl_c_sets_the_stop_reason_the_second_raises():
 def test_sigterm_stops_with_a_checkpoint_and_is_no_interruption():
     before = signal.getsignal(signal.SIGTERM)
     broker = _Broker()
-    stop_signal.stop_on_signals(broker, show=False)
+    stop_signal.stop_on_signals(broker.ledger, show=False)
     try:
         os.kill(os.getpid(), signal.SIGTERM)
         assert broker.ledger.stop_reason.startswith("stopped by SIGTERM") and not stop_signal.interrupted()

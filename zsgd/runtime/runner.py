@@ -115,7 +115,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             # Local and srun workers follow the run's --shared-memory (and a broker switched off declines offers anyway).
             restore_env = _children_env("ZSGD_SHARED_MEMORY", "1" if net.shared_memory else "0")
             started = time.monotonic()
-            stop_signal.stop_on_signals(broker, show)  # SIGTERM, Ctrl-C: checkpoint, summary, clean exit
+            stop_signal.stop_on_signals(broker.ledger, show)  # SIGTERM, Ctrl-C: checkpoint, summary, clean exit
             if servers > 1 and access.secure:
                 for i in range(opts.n_workers):  # the range servers' allow-lists are fixed when they start
                     access.keys.bundle(f"worker-{i}")

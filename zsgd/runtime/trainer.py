@@ -18,13 +18,25 @@ from zsgd.output.metrics import MetricsWriter
 from zsgd.output.rundir import create_run_dir, save_arrays, write_json
 from zsgd.core.schedule import resolve_lr_schedule
 from zsgd.core.problem import Problem
+from zsgd.runtime import stop_signal
 
 
 def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool = True, problem: Problem | None = None) -> dict[str, Any]:
-    """Train in this process; write the run directory; return the summary."""
-    from zsgd.algorithms import Applied, Dropped, Reply, make_server_algorithm
+    """Train in this process; write the run directory; return the summary.
+
+    Ctrl-C and SIGTERM end the loop through the ledger, as in ``zsgd run`` (``zsgd.runtime.stop_signal``): the
+    summary (stop reason "interrupted" or "stopped by SIGTERM") and the weights are written either way; after a
+    Ctrl-C, KeyboardInterrupt is raised once they are, so the command exits with 130.
+    """
+    try:
+        return _train(cfg, out, show_progress, problem)
+    finally:
+        stop_signal.stop_on_signals(None)
+
+
+def _train(cfg: TrainConfig, out: str | Path | None, show_progress: bool, problem: Problem | None) -> dict[str, Any]:
+    from zsgd.algorithms import Reply, make_server_algorithm
     from zsgd.algorithms.worker import WorkerStep
-    from zsgd.core.schedule import lr_factor
     from zsgd.nn.optim import make_optimizer
     from zsgd.output.live import TrainProgress
 
@@ -60,26 +72,15 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
             ledger.evaluated(time.perf_counter() - t0, test_loss, test_acc)
 
         weights = next(o for o in server.add_worker(0, 0.0) if isinstance(o, Reply)).weights
-        while ledger.stop_reason is None:
-            update = step.compute(weights, server.version)
-            now = time.perf_counter() - t0
-            # The factor from the counters before this step, as the broker takes it.
-            server.lr_scale = lr_factor(cfg.lr_schedule, ledger.progress(now))
-            outputs = server.on_update(update, now)
-            ledger.loss(update.loss)
-            for o in outputs:
-                if isinstance(o, Applied):
-                    ledger.applied(now, version=o.version, n_samples=o.n_samples, worker=0, staleness=o.staleness, lr=o.lr)
-                elif isinstance(o, Reply):
-                    weights = o.weights
-                elif isinstance(o, Dropped) and o.reason == "non-finite":  # the server step refused it
-                    ledger.diverge("gradient is not finite")
-            if ledger.take_eval():
-                evaluate()
-            bar.update(ledger.updates, ledger.samples, ledger.samples / n_train, None if np.isnan(ledger.last_loss) else ledger.last_loss,
-                       None if np.isnan(ledger.test_acc) else ledger.test_acc, None if np.isnan(ledger.test_loss) else ledger.test_loss)
-            ledger.check(time.perf_counter() - t0)
-        if ledger.final_eval_needed:
+        stop_signal.stop_on_signals(ledger, show_progress, checkpoints=False)
+        at_once = False
+        try:
+            _loop(cfg, server, step, ledger, bar, weights, evaluate, t0, n_train)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once (no final evaluation), still writing what was done
+            ledger.stop("interrupted")
+            at_once = True
+        interrupted = at_once or stop_signal.interrupted()
+        if ledger.final_eval_needed and not at_once:
             evaluate()
         wall = time.perf_counter() - t0
         summary = {"mode": "train", "model": cfg.model, "data": ds.name, "data_source": ds.source, "n_params": model.n_params} \
@@ -92,4 +93,33 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
 
     plot_run(run_dir)
     summary["run_dir"] = str(run_dir)
+    if interrupted:
+        raise KeyboardInterrupt
     return summary
+
+
+def _loop(cfg: TrainConfig, server: Any, step: Any, ledger: Any, bar: Any, weights: np.ndarray, evaluate: Any, t0: float,
+          n_train: int) -> None:
+    """Steps until the ledger has a stop reason (a budget, divergence, or a signal)."""
+    from zsgd.algorithms import Applied, Dropped, Reply
+    from zsgd.core.schedule import lr_factor
+
+    while ledger.stop_reason is None:
+        update = step.compute(weights, server.version)
+        now = time.perf_counter() - t0
+        # The factor from the counters before this step, as the broker takes it.
+        server.lr_scale = lr_factor(cfg.lr_schedule, ledger.progress(now))
+        outputs = server.on_update(update, now)
+        ledger.loss(update.loss)
+        for o in outputs:
+            if isinstance(o, Applied):
+                ledger.applied(now, version=o.version, n_samples=o.n_samples, worker=0, staleness=o.staleness, lr=o.lr)
+            elif isinstance(o, Reply):
+                weights = o.weights
+            elif isinstance(o, Dropped) and o.reason == "non-finite":  # the server step refused it
+                ledger.diverge("gradient is not finite")
+        if ledger.take_eval():
+            evaluate()
+        bar.update(ledger.updates, ledger.samples, ledger.samples / n_train, None if np.isnan(ledger.last_loss) else ledger.last_loss,
+                   None if np.isnan(ledger.test_acc) else ledger.test_acc, None if np.isnan(ledger.test_loss) else ledger.test_loss)
+        ledger.check(time.perf_counter() - t0)
