@@ -1,0 +1,100 @@
+"""Reading a real run beside its simulated twin: the figures both are compared on.
+
+Shared by ``zsgd sim --validate`` (``zsgd.experiments.validate``) and the
+fidelity tests (``tests/test_fidelity.py``), so the check a user runs is the
+one the project tests itself with.
+
+Why the twin is calibrated on the real run itself: a real run's workers
+share this machine's cores with each other, the broker and the evaluator,
+so their steps take longer than one step timed alone. Each worker logs the
+distribution of its *turnaround* per step when it leaves (20 quantiles, after
+its first 10 % of steps: ``logs/worker-N.log``); pooled, those quantiles are
+the twin's ``--compute trace:FILE``, so a sync round waits for the slowest
+of its workers' draws, as the real round does. What the twin is then judged
+on is everything else: the network, the algorithm, the server, the codecs.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TURNAROUND = "turnaround ms (20 quantiles"
+
+
+def metrics_path(run_dir: str | Path) -> Path:
+    """The run's ``metrics.jsonl``: at its top, else the first below it (a sweep's arm directory)."""
+    top = Path(run_dir) / "metrics.jsonl"
+    if top.is_file():
+        return top
+    found = sorted(glob.glob(f"{run_dir}/**/metrics.jsonl", recursive=True))
+    if not found:
+        from zsgd.errors import ZsgdError
+
+        raise ZsgdError(f"{run_dir}: no metrics.jsonl")
+    return Path(found[0])
+
+
+def events(run_dir: str | Path, kind: str) -> list[dict[str, Any]]:
+    """The run's events of one kind, in order (lines that do not parse are skipped: a run cut short may end mid-line)."""
+    out = []
+    needle = f'"event":"{kind}"'
+    with open(metrics_path(run_dir)) as f:
+        for line in f:
+            if needle in line:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+    return out
+
+
+def summary(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((metrics_path(run_dir).parent / "summary.json").read_text())
+
+
+def steady(run_dir: str | Path, skip: int = 200) -> tuple[float, float]:
+    """Seconds per update and mean staleness over the updates after the first ``skip``."""
+    ups = events(run_dir, "update")[skip:]
+    return (ups[-1]["t"] - ups[0]["t"]) / (len(ups) - 1), sum(u["staleness"] for u in ups) / len(ups)
+
+
+def staleness_p99(run_dir: str | Path, skip: int = 0) -> float:
+    """The 99th percentile of the staleness of the updates after the first ``skip`` (nearest rank: a real update's)."""
+    values = [u["staleness"] for u in events(run_dir, "update")[skip:]]
+    return float(np.percentile(values, 99, method="inverted_cdf")) if values else 0.0
+
+
+def accuracies(run_dir: str | Path) -> dict[int, float]:
+    """Test accuracy by the update count it was evaluated at."""
+    return {int(e["updates"]): float(e["test_acc"]) for e in events(run_dir, "eval") if e.get("test_acc") is not None}
+
+
+def turnaround_samples(run_dir: str | Path) -> list[float]:
+    """The workers' logged turnaround quantiles (ms), pooled."""
+    samples: list[float] = []
+    for log in sorted(glob.glob(f"{run_dir}/logs/worker-*.log")):
+        with open(log, errors="replace") as f:
+            for line in f:
+                if TURNAROUND in line:
+                    samples += [float(x) for x in line.rsplit(":", 1)[1].strip().split(",") if x.strip()]
+    return samples
+
+
+def compute_trace(run_dir: str | Path, out: str | Path, steps: int = 1) -> str:
+    """``--compute`` for the twin: the workers' turnaround quantiles as a trace written to ``out``, else their mean.
+
+    ``steps``: gradient steps per turnaround (``localsgd:K`` takes K between replies, and the simulator charges a
+    round K draws of ``--compute``), so each sample is divided by it."""
+    samples = [x / steps for x in turnaround_samples(run_dir)]
+    if not samples:
+        return f"{summary(run_dir)['compute_s_mean'] * 1000 / steps:.4f}ms"
+    Path(out).write_text("\n".join(f"{x:.4f}" for x in samples) + "\n")
+    return f"trace:{out}"
+
+
+__all__ = ["accuracies", "compute_trace", "events", "metrics_path", "staleness_p99", "steady", "summary", "turnaround_samples"]

@@ -1,0 +1,356 @@
+"""``zsgd sim --validate``: the user's own case, run for real here beside its simulated twin.
+
+Why: a simulator's numbers are worth what its model of the world is worth,
+and that model (the network, the algorithm, the server's step and NIC, the
+codecs) is checked in the project's tests for a few cases only. This runs
+the case the user is about to simulate: a short real emulated run of the
+same flags (``zsgd run`` with the latency, bandwidth, loss and stragglers
+injected, the same algorithm, codecs and servers), then the simulator on
+the same flags, and compares time per update, staleness (mean and p99),
+test accuracy at an equal number of updates, and bytes per update each way.
+A figure off by more than ``--tolerance`` (default 5 %) fails the check
+(exit 1).
+
+The twin is calibrated on the real run (``zsgd.experiments.twin``): its
+compute time is the real workers' own turnaround (they share the cores),
+so what is judged is everything else. What plain ``zsgd sim`` would have
+predicted with this machine's cached calibration is shown beside it, not
+judged: on a machine whose cores the workers share it is expected to be
+fast, and the row says by how much.
+
+What it cannot validate, and says so: a run over remote hosts or Slurm
+nodes (the real twin runs here); ``--failures``, per-direction or per-worker
+latencies (the runtime's emulation injects one latency spec); a grid (one
+arm at a time); and a case whose short real run would take more than
+``BUDGET_S`` here (a model too slow for a short run), which it estimates
+first with the simulator itself.
+
+The real run sends every message through ZeroMQ sockets (no shared memory),
+as the simulator models a network; evaluation happens at the same update
+counts in both (four times in the run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from zsgd.core.config import TrainConfig
+from zsgd.errors import ZsgdError
+
+DEFAULT_TOLERANCE = 0.05
+BUDGET_S = 120.0  # the longest short real run it starts (estimated by the simulator, with the cores shared)
+#: Updates of the short run when --steps is not given: enough for a steady state after the first quarter.
+ASYNC_UPDATES, ROUND_UPDATES = 200, 60
+ROUND_ALGOS = ("sync", "ksync", "localsgd", "dsgd", "dsgt", "cadmm")
+STALENESS_SLACK = 1.0  # staleness p99 is a whole number of updates: one apart is as close as it can be
+
+
+class ValidationFailed(ZsgdError):
+    """The simulator is off by more than the tolerance on at least one figure."""
+
+    exit_code = 1
+
+
+@dataclass
+class Row:
+    """One compared figure; ``judged`` False rows inform (they do not fail the check)."""
+
+    name: str
+    real: float | None
+    sim: float | None
+    kind: str = "num"  # how to show it: "ms", "num", "pct", "bytes"
+    judged: bool = True
+    slack: float = 0.0  # an absolute difference that always passes
+
+    @property
+    def error(self) -> float | None:
+        if self.real is None or self.sim is None:
+            return None
+        if self.real == 0:
+            return 0.0 if self.sim == 0 else math.inf
+        return (self.sim - self.real) / abs(self.real)
+
+    def passed(self, tolerance: float) -> bool | None:
+        if not self.judged or self.error is None:
+            return None
+        return abs(self.error) <= tolerance or abs(self.sim - self.real) <= self.slack
+
+
+def parse_tolerance(text: str | None) -> float:
+    """``5%`` or ``0.05`` -> 0.05; a tolerance must be in (0, 1]."""
+    if text is None:
+        return DEFAULT_TOLERANCE
+    s = str(text).strip()
+    try:
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise ZsgdError(f"bad --tolerance {text!r}: expected a fraction in (0, 1] or a percentage, e.g. 5% or 0.05")
+    return value
+
+
+def _zero_delay(d: Any) -> bool:
+    return getattr(d, "mean", None) == 0 and type(d).__name__ == "Constant"
+
+
+def check_validatable(spec: Any, arms: list) -> list[str]:
+    """Refuse, in one line, what a real run here cannot reproduce; return the notes on what is not checked."""
+    if len(arms) != 1:
+        raise ZsgdError(f"--validate checks one arm against a real run; the flags make {len(arms)} (give one value per flag)")
+    grid = spec.grid
+    for key, flag in (("failures", "--failures"), ("latency_up", "--latency-up"), ("latency_down", "--latency-down")):
+        text = grid.get(key)
+        if text is not None and str(text).strip().lower() not in ("none", ""):
+            raise ZsgdError(f"--validate cannot check {flag}: a real run here injects one latency spec and no scheduled failures "
+                            f"(validate without it)")
+    if spec.latency_worker:
+        raise ZsgdError("--validate cannot check --latency-worker: a real run here injects one latency spec for every worker")
+    notes = ["not checked: remote hosts and Slurm nodes (the real run is on this machine, its messages over loopback TCP)",
+             "staleness p99 passes within one update (it is a whole number of updates)"]
+    compute = grid.get("compute")
+    if compute is not None and compute.strip() != "measured" and arms[0].values.get("algo", "async") in ROUND_ALGOS[3:]:
+        notes.append(f"not checked: --compute {compute} is not injected into a decentralized run (no server hands out its steps): "
+                     f"the twin uses the real nodes' own step times")
+    return notes
+
+
+def short_config(cfg: TrainConfig, updates: int | None) -> TrainConfig:
+    """The run both sides train: ``updates`` updates (None: a default for the algorithm), evaluated four times, no early stop."""
+    return replace(cfg, steps=updates, epochs=None, time_limit=None, target_acc=None, target_ppl=None,
+                   eval_every=max(1, updates // 4), name=f"validate-{cfg.model}")
+
+
+def default_updates(algo: str) -> int:
+    name = algo.split(":", 1)[0]
+    return ROUND_UPDATES if name in ROUND_ALGOS else ASYNC_UPDATES
+
+
+def real_options(arm: Any, spec: Any, n: int) -> Any:
+    """``zsgd run`` options for the arm's world: the same algorithm, codecs, servers; its network and stragglers emulated."""
+    from zsgd.decentralized.rules import is_decentralized
+    from zsgd.runtime.run_options import RunOptions
+
+    v, algo = arm.values, arm.values.get("algo", "async")
+    net = arm.opts.network
+    dec = is_decentralized(algo)
+    flags: dict[str, Any] = dict(n_proc=n, algo=algo, show=False, plots=False, checkpoint_every=0, heartbeat=0.5, timeout=5.0,
+                                 shared_memory=False, evaluator=True)
+    if not _zero_delay(net.latency_up):
+        flags["inject_latency"] = spec.grid.get("latency")
+    if math.isfinite(net.bandwidth):
+        flags["inject_bandwidth"] = v.get("bandwidth")
+    if net.loss > 0:
+        flags["inject_loss"] = v.get("loss")
+    if v.get("stragglers", "none").strip().lower() != "none":
+        flags["stragglers"] = v["stragglers"]
+    if dec:
+        flags["topology"] = spec.topology
+        flags |= {k: val for k, val in spec.decentralized.items() if val is not None}
+        flags["compress"] = v.get("compress", "none")
+    else:
+        flags |= dict(staleness_lr=spec.staleness_lr, compress=v.get("compress", "none"), compress_replies=v.get("compress_replies", "none"),
+                      servers=int(v.get("servers", 1)))
+        compute = v.get("compute", "measured")
+        if compute.strip() != "measured":
+            flags["inject_compute"] = compute
+    return RunOptions.from_flags(flags).validate()
+
+
+def local_steps(algo: str) -> int:
+    """Gradient steps a worker takes per reply: K for ``localsgd:K``, else 1."""
+    from zsgd.algorithms import parse_algo
+
+    name, opts = parse_algo(algo) if algo.split(":", 1)[0] not in ROUND_ALGOS[3:] else (algo, {})
+    return int(opts.get("k", 1)) if name == "localsgd" else 1
+
+
+def compare(real: Path, sim: Path, predicted: Path, updates: int, steps: int = 1, servers: int = 1) -> list[Row]:
+    """The figures of the real run against its twin (judged) and against plain ``zsgd sim`` (informing).
+
+    ``steps``: gradient steps per worker turnaround (``local_steps``); ``servers`` > 1: the real summary counts one
+    server's bytes, so the bytes rows inform instead of judging."""
+    from zsgd.experiments import twin
+
+    real_ups = len(twin.events(real, "update"))
+    skip = min(updates, real_ups) // 4
+    if real_ups - skip < 3:
+        raise ZsgdError(f"--validate: the real run applied {real_ups} updates: too few to compare (see {real}/logs)")
+    (t_real, s_real), (t_sim, s_sim), (t_pred, _s) = twin.steady(real, skip), twin.steady(sim, skip), twin.steady(predicted, skip)
+    rows = [Row("time per update (ms)", t_real * 1e3, t_sim * 1e3, "ms"),
+            Row("staleness, mean", s_real, s_sim),
+            Row("staleness, p99", twin.staleness_p99(real, skip), twin.staleness_p99(sim, skip), slack=STALENESS_SLACK)]
+    acc_real, acc_sim = twin.accuracies(real), twin.accuracies(sim)
+    common = sorted(set(acc_real) & set(acc_sim))
+    if common:
+        u = common[-1]
+        rows.append(Row(f"test accuracy at update {u}", acc_real[u], acc_sim[u], "pct"))
+    s_real_sum, s_sim_sum = twin.summary(real), twin.summary(sim)
+    for key, label in (("bytes_sent", "bytes per update, workers to server"), ("bytes_received", "bytes per update, server to workers")):
+        if s_real_sum.get("updates") and s_sim_sum.get("updates"):
+            rows.append(Row(label, s_real_sum[key] / s_real_sum["updates"], s_sim_sum[key] / s_sim_sum["updates"], "bytes",
+                            judged=servers == 1))
+    pred = twin.summary(predicted)
+    compute_real = s_real_sum.get("compute_s_mean")
+    rows.append(Row("compute per step (ms), this machine's calibration", None if compute_real is None else compute_real * 1e3 / steps,
+                    pred["compute_s"] * 1e3, "ms", judged=False))
+    rows.append(Row("time per update (ms), plain zsgd sim", t_real * 1e3, t_pred * 1e3, "ms", judged=False))
+    return rows
+
+
+def _cell(row: Row, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if row.kind == "ms":
+        return f"{value:.2f}"
+    if row.kind == "pct":
+        return f"{value:.2%}"
+    if row.kind == "bytes":
+        from zsgd.output.live import format_bytes
+
+        return format_bytes(value)
+    return f"{value:.2f}"
+
+
+def _verdict(row: Row, tolerance: float) -> str:
+    ok = row.passed(tolerance)
+    return "info" if ok is None else ("ok" if ok else "OFF")
+
+
+def cells(rows: list[Row], tolerance: float) -> list[list[str]]:
+    return [[r.name, _cell(r, r.real), _cell(r, r.sim), "-" if r.error is None else f"{r.error:+.1%}", _verdict(r, tolerance)]
+            for r in rows]
+
+
+HEADS = ["figure", "real", "simulated", "error", "check"]
+
+
+def write_report(rows: list[Row], out_dir: Path, tolerance: float, notes: list[str], command: str) -> Path:
+    """validation.md (the table and the notes) and validation.json (the numbers)."""
+    lines = [f"Validation: a real run on this machine against its simulated twin; tolerance {tolerance:.0%}.", "",
+             f"Command: `{command}`", "", "| " + " | ".join(HEADS) + " |", "|" + "---|" * len(HEADS)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells(rows, tolerance)]
+    lines += ["", "Notes (what is not checked, and how):"] + [f"- {n}" for n in notes] + [""]
+    (out_dir / "validation.md").write_text("\n".join(lines))
+    doc = {"tolerance": tolerance, "passed": all(r.passed(tolerance) is not False for r in rows), "notes": notes,
+           "rows": [{"figure": r.name, "real": r.real, "simulated": r.sim, "error": r.error, "judged": r.judged,
+                     "passed": r.passed(tolerance)} for r in rows]}
+    (out_dir / "validation.json").write_text(json.dumps(doc, indent=1, default=lambda x: None) + "\n")
+    return out_dir / "validation.md"
+
+
+def plot(real: Path, sim: Path, out: Path) -> Path:
+    """validate.png: test accuracy against updates, and updates against time (wall, virtual), real beside simulated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zsgd.experiments import twin
+
+    fig, (acc, ups) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, d, style in (("real", real, "-o"), ("simulated", sim, "--s")):
+        a = sorted(twin.accuracies(d).items())
+        acc.plot([u for u, _ in a], [x for _, x in a], style, ms=4, label=label)
+        ev = twin.events(d, "update")
+        t0 = ev[0]["t"] if ev else 0.0  # from the first update: the real run's start-up is not the simulator's to predict
+        ups.plot([e["t"] - t0 for e in ev], range(1, len(ev) + 1), style[:-1] if len(ev) > 40 else style, ms=3, label=label)
+    acc.set(xlabel="updates", ylabel="test accuracy", title="test accuracy at equal updates")
+    ups.set(xlabel="seconds since the first update: wall (real), virtual (twin)", ylabel="updates applied", title="progress in time")
+    for ax in (acc, ups):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "validate.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def validate(cfg: TrainConfig, spec: Any, arms: list, out_dir: Path, tolerance: float, log: Any = None,
+             command: str = "zsgd sim --validate") -> list[Row]:
+    """Run the check into ``out_dir`` (real/, sim/, predicted/, validation.md/.json, validate.png); the rows compared."""
+    from zsgd.simulation.sweep import arm_config, build_arms, prepare_workload
+
+    say = log or (lambda _msg: None)
+    notes = check_validatable(spec, arms)
+    arm = arms[0]
+    algo, n = arm.values.get("algo", "async"), arm.opts.n_workers
+    arm_cfg, _note = arm_config(cfg, arm, spec)
+    run_cfg = short_config(arm_cfg, cfg.steps or default_updates(algo)).validate()
+    updates = run_cfg.steps
+    real_opts = real_options(arm, spec, n)  # every flag checked before anything runs
+    workload = prepare_workload(run_cfg, [arm])
+    # 1. plain zsgd sim, with this machine's calibration: what it predicts, and how long the real run would take
+    predicted = _simulate(run_cfg, arm, workload, out_dir / "predicted")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    estimate = predicted.summary["virtual_s"] * max(1.0, (n + 1) / cores)
+    if estimate > BUDGET_S:
+        raise ZsgdError(f"--validate: a real run of {updates} updates with {n} workers would take about {estimate:.0f} s here "
+                        f"(the simulator's estimate, {cores} core(s) shared); a model too slow for a short run is not validated: "
+                        f"give fewer --steps or --workers, or a smaller --model")
+    say(f"validate: a real run of {updates} updates, {n} workers ({algo}), about {max(estimate, 1):.0f} s of wall time ...")
+    from zsgd.runtime.runner import run_distributed
+
+    real_dir = out_dir / "real"
+    real_dir.mkdir(parents=True, exist_ok=True)
+    run_distributed(replace(run_cfg, time_limit=max(60.0, 4 * estimate), name="validate-real"), real_opts, out=real_dir)
+    # 2. the twin: the same flags, its compute the real workers' own turnaround (or the injected draw)
+    from zsgd.experiments.twin import compute_trace
+
+    compute = arm.values.get("compute", "measured").strip()
+    steps = local_steps(algo)
+    if compute == "measured" or real_opts.server.decentralized:
+        compute = compute_trace(real_dir, out_dir / "turnaround.csv", steps)
+    (twin_arm,) = build_arms(replace(spec, grid={**spec.grid, "compute": compute}))
+    say("validate: the simulated twin ...")
+    _simulate(run_cfg, twin_arm, workload, out_dir / "sim")
+    rows = compare(real_dir, out_dir / "sim", out_dir / "predicted", updates, steps, real_opts.server.servers)
+    if real_opts.server.servers > 1:
+        notes.append(f"bytes under --servers {real_opts.server.servers}: the real run's summary counts one server's, so they are "
+                     f"shown, not judged")
+    write_report(rows, out_dir, tolerance, notes, command)
+    plot(real_dir, out_dir / "sim", out_dir)
+    return rows
+
+
+def _simulate(cfg: TrainConfig, arm: Any, workload: Any, run_dir: Path) -> Any:
+    from zsgd.simulation.decentralized import DecentralizedOptions, run_decentralized_arm
+
+    if isinstance(arm.opts, DecentralizedOptions):
+        return run_decentralized_arm(cfg, arm.opts, workload, run_dir)
+    from zsgd.sim import run_arm
+
+    return run_arm(cfg, arm.opts, workload, run_dir)
+
+
+def table(rows: list[Row], tolerance: float) -> Any:
+    """The terminal table (rich)."""
+    from rich.table import Table
+
+    t = Table(title=f"zsgd sim --validate: real run vs simulated twin (tolerance {tolerance:.0%})")
+    for h in HEADS:
+        t.add_column(h, justify="left" if h == "figure" else "right")
+    for c, r in zip(cells(rows, tolerance), rows):
+        style = {"ok": "green", "OFF": "bold red"}.get(c[-1], "dim")
+        t.add_row(*c[:-1], f"[{style}]{c[-1]}[/]")
+    return t
+
+
+def failures(rows: list[Row], tolerance: float) -> list[Row]:
+    return [r for r in rows if r.passed(tolerance) is False]
+
+
+def failure_line(rows: list[Row], tolerance: float) -> str:
+    off = failures(rows, tolerance)
+    return (f"the simulator is off by more than {tolerance:.0%} on " +
+            "; ".join(f"{r.name} ({r.error:+.1%})" for r in off) + " (validation.md)")
+
+
+__all__ = ["DEFAULT_TOLERANCE", "Row", "ValidationFailed", "check_validatable", "compare", "failure_line", "failures", "parse_tolerance",
+           "real_options", "table", "validate", "write_report"]
