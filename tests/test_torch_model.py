@@ -88,6 +88,20 @@ def vector_loss():
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")
 
 
+class Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+        self.spare = nn.Linear(2, 3, bias=False)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def unused():
+    return Unused()
+
+
 def tied():
     a = nn.Linear(10, 10)
     net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10), a, nn.ReLU(), a)
@@ -177,8 +191,8 @@ def test_parameters_are_views_into_the_flat_vector_and_grads_fill_out(monkeypatc
     off = dict((n, o) for n, _, o in m.layout())["fc.bias"]
     assert p.data_ptr() == w[off:].__array_interface__["data"][0]  # zero-copy: the module reads w itself
     w[off] = 5.0
-    assert float(p[0]) == 5.0
-    assert np.shares_memory(p.grad.numpy(), out)
+    assert float(p.detach()[0]) == 5.0
+    assert p.grad is None  # backward's tensors were written into out and let go
     ro = w.copy()
     ro.setflags(write=False)  # a received frame: copied into the adapter's own buffer, never written
     np.testing.assert_array_equal(m.loss_and_grad(ro, x, y, training=False)[1], m.loss_and_grad(w, x, y, training=False)[1])
@@ -213,6 +227,14 @@ def test_state_dict_goes_back_into_the_users_module(monkeypatch):
     np.testing.assert_array_equal(m.load_state_dict(net.state_dict()), w)
     with pytest.raises(ZsgdError, match=r"missing \['stem.weight'\]"):
         m.load_state_dict({k: v for k, v in sd.items() if k != "stem.weight"})
+
+
+def test_a_parameter_the_loss_does_not_reach_gets_a_zero_gradient(user_mod):
+    m = get_model(f"{user_mod}:unused", (1, 28, 28), 10)
+    x, y = batch(4)
+    _, g = m.loss_and_grad(m.init(0), x, y, out=np.full(m.n_params, 7.0, np.float32))
+    off = dict((n, o) for n, _, o in m.layout())["spare.weight"]
+    assert (g[off:off + 6] == 0).all() and (g[:off] != 7.0).all()
 
 
 def test_shared_parameters_are_one_slot(user_mod):

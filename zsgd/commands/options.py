@@ -19,7 +19,7 @@ from zsgd.core.schedule import LR_SCHEDULES
 
 # (flag, TrainConfig field, click kwargs)
 TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--model", "model", dict(default="cnn", show_default=True, help="logreg, mlp, cnn, lenet5, lstm[:embed=E,hidden=H,layers=L] (a language model; its defaults: --batch-size 32 streams, --optimizer adam, --lr 0.002, --clip-norm 1), or package.module:factory for your own model.")),
+    ("--model", "model", dict(default="cnn", show_default=True, help="logreg, mlp, cnn, lenet5, lstm[:embed=E,hidden=H,layers=L] (a language model; its defaults: --batch-size 32 streams, --optimizer adam, --lr 0.002, --clip-norm 1), package.module:factory for your own model, or torch:package.module:factory for a PyTorch module (pip install 'zsgd[torch]').")),
     ("--data", "data", dict(default="default", show_default=True, help="fashion-mnist, mnist, embedded, imagefolder:PATH, text[:FILE]; default: full Fashion-MNIST if installed, else the embedded subset (--model lstm: the embedded text corpus).")),
     ("--data-dir", "data_dir", dict(default=None, type=click.Path(file_okay=False), help="Directory holding the data set's files.")),
     ("--image-size", "image_size", dict(default=64, show_default=True, type=int, help="Side length images are resized to (imagefolder).")),

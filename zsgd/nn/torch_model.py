@@ -15,9 +15,13 @@ float32 vector that the broker sends as one frame and updates in one pass.
 * The module's trainable parameters, in ``named_parameters()`` order, become
   views (``torch.from_numpy`` on slices) into the flat weight vector zsgd hands
   in: nothing is copied when that vector is writable; a read-only one (a
-  received frame) is copied once into the adapter's own buffer. Their
-  ``.grad`` are views into the flat gradient that ``loss_and_grad`` returns,
-  and autograd accumulates into them in place. Parameters must be float32 on
+  received frame) is copied once into the adapter's own buffer.
+  ``loss_and_grad`` lets autograd produce its gradient tensors as a plain
+  PyTorch step does (``zero_grad(set_to_none=True)``) and writes them into
+  the flat gradient with one ``torch.cat(..., out=)``: one pass over the
+  parameters, cheaper than accumulating into zeroed views of the flat
+  gradient (a zeroing pass and a read-add-write pass; measured, see
+  ``benchmarks/bench_torch_adapter.py``). Parameters must be float32 on
   the CPU (refused in one line otherwise: call ``module.float()``); frozen
   ones (``requires_grad=False``) are not trained and stay as the factory made
   them, like buffers.
@@ -126,6 +130,7 @@ class TorchModel:
         self._own = self._w0.copy()
         self._bound: np.ndarray | None = None
         self._bound_ptr = -1
+        self._moded: bool | None = None
         self._bind(self._own)
         self._probe()
 
@@ -282,26 +287,48 @@ class TorchModel:
         x = self._check_x(x)
         y = self._check_y(y, x.shape[0])
         if out is None:
-            grad = np.zeros(self.n_params, np.float32)
+            grad = np.empty(self.n_params, np.float32)
         else:
             grad = out
             if grad.shape != (self.n_params,) or grad.dtype != np.float32 or not grad.flags.c_contiguous:
                 raise ZsgdError(f"out must be a contiguous float32 vector of {self.n_params} parameters")
-            grad.fill(0.0)
         self._bind(w)
-        for (_, p), (_, shape, off, size) in zip(self._params, self._slots):
-            p.grad = torch.from_numpy(grad[off:off + size]).view(shape)
+        params = [p for _, p in self._params]
+        for p in params:
+            p.grad = None  # autograd hands backward's own tensors over, as after zero_grad(set_to_none=True)
         if seed is None:
             seed = int(self._rng.integers(0, 2**63 - 1))
         torch.manual_seed(seed)
-        self.module.train(training)
+        self._mode(training)
         logits = self._logits(torch.from_numpy(x))
         loss = user_call(self.name, "the loss", lambda: self._loss(logits, torch.from_numpy(y)))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.requires_grad:
             raise ZsgdError(f"model '{self.name}': the loss must return a scalar tensor that depends on the logits, got "
                             f"{describe(loss) if not isinstance(loss, torch.Tensor) else f'a tensor of shape {tuple(loss.shape)}'}")
         user_call(self.name, "backward", lambda: loss.backward())
+        self._gather(params, torch.from_numpy(grad))
         return float(loss.detach()), grad
+
+    def _gather(self, params: list[Any], flat: Any) -> None:
+        """Write the parameters' gradients into ``flat`` in one pass (zeros for a parameter the loss does not
+        reach) and let go of backward's tensors (the allocator reuses them for the next step)."""
+        grads = [p.grad for p in params]
+        if all(g is not None for g in grads):
+            self._torch.cat([g.reshape(-1) for g in grads], out=flat)
+        else:
+            for g, (_, _, off, size) in zip(grads, self._slots):
+                if g is None:
+                    flat[off:off + size].zero_()
+                else:
+                    flat[off:off + size].copy_(g.reshape(-1))
+        for p in params:
+            p.grad = None
+
+    def _mode(self, training: bool) -> None:
+        """``module.train(training)``, skipped when the module is in that mode already (it walks every submodule)."""
+        if self.module.training != training or self._moded != training:
+            self.module.train(training)
+            self._moded = training
 
     def predict(self, w: np.ndarray, x: np.ndarray, batch_size: int = PREDICT_BATCH) -> np.ndarray:
         """Logits (N, n_classes) in eval mode, ``batch_size`` images at a time."""
@@ -310,7 +337,7 @@ class TorchModel:
         x = np.asarray(x)
         self._check_x(x[:1])
         self._bind(w)
-        self.module.eval()
+        self._mode(False)
         out = np.empty((x.shape[0], self.n_classes), np.float32)
         untrained = self._untrained_norms()
         saved = [(m, m.running_mean, m.running_var) for m in untrained]
