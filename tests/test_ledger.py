@@ -154,3 +154,58 @@ def test_eval_interval_in_updates_follows_the_automatic_cadence():
     led2, _ = ledger(target_acc=0.9)
     assert led2.eval_interval_updates(samples_per_update=10) == 100  # one epoch
     assert math.isfinite(led2.progress(0.0))
+
+
+@pytest.mark.parametrize("algo,n", [("async", 3), ("sync", 4), ("sync", 2), ("ssp:2", 3), ("localsgd:4", 3), ("localsgd:1", 2),
+                                    ("ksync:2", 3), ("kasync:2", 3)])
+def test_the_live_total_is_the_update_count_the_run_stops_at(algo, n):
+    """What a live view shows as its total (``expected_updates``) is, from the second update on, the number of
+    updates the run makes: each real server rule driven as the broker drives it (workers step on the weights
+    they were sent, the ledger counts what is applied) until the epoch budget stops it."""
+    import numpy as np
+
+    from zsgd.algorithms import Applied, Reply, Update, make_server_algorithm
+    from zsgd.nn.optim import make_optimizer
+
+    batch, n_train = 16, 1000
+    ledger = RunLedger(StopRule(n_train=n_train, batch_size=batch, epochs=2.0), n_train=n_train)
+    server = make_server_algorithm(algo, np.zeros(4, np.float32), make_optimizer("sgd", 4, lr=0.01))
+    version: dict[int, int] = {}
+    ready: list[int] = []  # workers holding weights to step on, in the order they got them
+
+    def handle(outputs) -> None:
+        for o in outputs:
+            if isinstance(o, Reply) and o.weights is not None:
+                version[o.worker] = o.version
+                ready.append(o.worker)
+            elif isinstance(o, Applied):
+                ledger.applied(0.0, version=o.version, n_samples=o.n_samples)
+
+    for w in range(n):
+        handle(server.add_worker(w, 0.0))
+    assert ledger.expected_updates() is None  # unknown until an update shows what one is worth
+    totals, first = set(), 0
+    while ledger.stop_reason is None and ready:
+        w = ready.pop(0)
+        meta = {"kind": "delta"} if algo.startswith("localsgd") else {}
+        handle(server.on_update(Update(w, version[w], np.zeros(4, np.float32), batch * server.local_steps, 1.0, meta), 0.0))
+        if ledger.updates == 1:
+            assert ledger.expected_updates() is not None
+            first = ledger.samples
+        elif ledger.updates > 1:  # a sync round's first holds the workers that had joined: from the second on
+            totals.add(ledger.expected_updates())
+    assert ledger.stop_reason == "reached 2 epochs", (ledger.stop_reason, ledger.updates)
+    assert totals == {ledger.updates}, (totals, ledger.updates)
+    per_update = {"sync": n, "localsgd:4": 4 * n, "localsgd:1": n, "ksync:2": 2, "kasync:2": 2}.get(algo, 1) * batch
+    assert ledger.updates == 1 + math.ceil((2 * n_train - first) / per_update), (ledger.updates, first, per_update)
+
+
+def test_expected_updates_follows_steps_and_the_samples_per_update():
+    rule = StopRule(n_train=1000, batch_size=10, epochs=1.0, steps=40)
+    assert rule.expected_updates(0, 0, None) is None
+    assert rule.expected_updates(1, 10, 10) == 40  # 100 batches of 10, but --steps 40 comes first
+    assert rule.expected_updates(1, 40, 40) == 25  # rounds of 4 batches
+    assert rule.expected_updates(2, 50, 40) == 26  # a first round of one batch, then rounds of 4
+    assert rule.expected_updates(30, 990, 30) == 31  # a round shrunk to 3 batches: the last one's size counts
+    assert StopRule(n_train=1000, batch_size=10, steps=7).expected_updates(0, 0, None) == 7
+    assert StopRule(n_train=1000, batch_size=10, time_limit=5.0).expected_updates(3, 30, 10) is None

@@ -95,6 +95,7 @@ class RunLedger:
         self.test_loss = self.test_acc = math.nan
         self.evals: list[EvalRecord] = []
         self.stop_reason: str | None = None
+        self._samples_per_update: float | None = None  # the last update's, for expected_updates
         self.eval_wanted = False
         self._next_epoch_mark = (self.samples // self.n_train + 1) * self.n_train
         self._next_progress_mark = 0
@@ -131,12 +132,18 @@ class RunLedger:
         """How far the run is towards its budget, in [0, 1]: what --lr-schedule follows."""
         return self.rule.progress(self.updates, self.samples, t)
 
+    def expected_updates(self) -> int | None:
+        """The update count the run's count-based stop rule will stop at (None: not known yet), for live views."""
+        return self.rule.expected_updates(self.updates, self.samples, self._samples_per_update)
+
     def applied(self, t: float, *, version: int, n_samples: int, worker: int = -1, staleness: int = 0,
                 lr: float | None = None, train_extra: Callable[[], dict[str, Any]] | None = None, **fields: Any) -> None:
         """An update (or a round) changed the model: count it, log, schedule evaluation, check the stop rule.
 
         ``fields`` go into the ``update`` event; ``train_extra()``, when given, adds fields to a ``train`` event.
         """
+        if int(version) > self.updates:
+            self._samples_per_update = int(n_samples) / (int(version) - self.updates)
         self.updates = int(version)
         self.samples += int(n_samples)
         self.staleness.append(int(staleness))

@@ -49,6 +49,25 @@ class StopRule:
             candidates.append(int(math.ceil(self.total_samples / max(1, samples_per_update))))
         return min(candidates) if candidates else None
 
+    def expected_updates(self, updates: int, samples: int, samples_per_update: float | None) -> int | None:
+        """The update count at which ``reason`` will stop the run on a count: ``--steps``, or the updates the
+        samples still to go take at ``samples_per_update`` (the last update's; None while that is unknown: an
+        epoch budget before the first update, or no count-based limit).
+
+        What a live view shows as its total. Taken from the updates themselves rather than from
+        ``batch_size``: one update is a batch for async and ssp, a round of every worker's batch for sync, K
+        batches each for localsgd:K, the first K gradients for ksync:K, a round of every node for the
+        decentralized rules (and a worker's batch may be the scaled one); the last update, not the mean, since
+        a sync run's first round holds only the workers that had joined, and a dead worker shrinks the rounds.
+        """
+        candidates = [self.steps] if self.steps is not None else []
+        if self.total_samples is not None:
+            if not samples_per_update or samples_per_update <= 0:
+                return None
+            left = max(0, self.total_samples - samples)
+            candidates.append(updates + math.ceil(left / samples_per_update - 1e-9))
+        return min(candidates) if candidates else None
+
     @property
     def has_length(self) -> bool:
         """Whether progress is defined: a step, epoch or time budget is set."""

@@ -57,7 +57,7 @@ class RunView:
             acc = f"{st.test_acc:.2%} (update {st.evals[-1].updates})" if st.evals else "-"
         unit, metric = ("tokens/s", "test ppl") if self.language_model else ("samples/s", "test acc")
         loss = f"{st.last_loss:.4f}" if st.last_loss == st.last_loss else "-"
-        self.progress.update(self.task, completed=st.updates)
+        self.progress.update(self.task, completed=st.updates, total=st.expected_updates())  # the stop rule's count, as it stands
         lr = broker.current_lr
         lr_text = f"lr {lr:.3g}  " if lr == lr else ""
         stats = Text.from_markup(f"[bold]{ups:,.1f}[/] updates/s  [bold]{sps:,.0f}[/] {unit}  train loss [bold]{loss}[/]  "

@@ -130,7 +130,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                 launcher.slurm.start_step(opts.slurm_workers)
             if opts.evaluator:
                 launcher.local.start(0, role="evaluator")
-            with RunView(f"{algo} x{opts.n_workers}", problem.stop_rule(cfg).total_updates, enabled=show,
+            with RunView(f"{algo} x{opts.n_workers}", broker.ledger.expected_updates(), enabled=show,
                          language_model=problem.is_language_model) as view:
                 def tick(b: Broker) -> None:
                     view.update(b)
