@@ -70,3 +70,36 @@ def test_bad_flags_are_one_line(tmp_path, args, needle):
     result = cli("run", "--n-proc", "2", "--model", "logreg", "--data", "embedded", "--steps", "5", *args, "--out", str(tmp_path / "r"))
     lines = lines_of(result.stderr)
     assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_stretch_listens_and_an_abandon_ends_it():
+    """The worker's hold: a WAIT abandon for a newer version ends it (nothing handed back, nothing more awaited);
+    one for the step's own version is stale news; any other message ends it and is handed back; without
+    messages it holds for the draw, then for the straggler factor."""
+    import time
+
+    from zsgd.runtime.replies import stretch_step
+    from zsgd.wire import protocol
+
+    asked: list[float] = []
+
+    def feed(*messages):
+        queue = list(messages)
+
+        def recv(timeout):
+            asked.append(timeout)
+            if queue:
+                return queue.pop(0)
+            time.sleep(timeout)
+            return None
+        return recv
+
+    assert stretch_step(time.monotonic(), 600.0, 1.0, recv=feed(protocol.wait_message("r", 0, 5, reason="abandon")), version=4) is None
+    assert len(asked) == 1  # ended by the abandon: the ten minutes drawn were never waited for
+    leave = protocol.leave("r", 0, "done")
+    asked.clear()
+    got = stretch_step(time.monotonic(), 600.0, 1.0, recv=feed(protocol.wait_message("r", 0, 4, reason="abandon"), leave), version=4)
+    assert got is leave and len(asked) == 2
+    asked.clear()
+    assert stretch_step(time.monotonic(), 0.02, 2.0, recv=feed()) is None
+    assert len(asked) == 2 and 0 < asked[0] <= 0.02 and asked[1] > 0  # the draw, then the straggler's stretch of it

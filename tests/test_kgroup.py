@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from helpers import PlainSGD, ups
-from zsgd.algorithms import (Applied, AsyncSGD, Dropped, KAsyncSGD, KSyncSGD, Notice, Reply, Update, algorithm_class,
+from zsgd.algorithms import (Applied, AsyncSGD, Cancel, Dropped, KAsyncSGD, KSyncSGD, Notice, Reply, Update, algorithm_class,
                              check_servers_support, make_server_algorithm, parse_algo)
 from zsgd.errors import ZsgdError
 
@@ -28,6 +28,7 @@ def test_ksync_steps_on_the_first_k_and_drops_the_late_gradient():
     assert (a.version, a.staleness, a.n_samples, a.contributors, a.workers) == (1, 0, 4, 2, (2, 0))
     np.testing.assert_allclose(algo.w, -0.5 * (1.0 * 1 + 3.0 * 3) / 4)  # sample-weighted mean
     assert sorted(r.worker for r in ups(out, Reply)) == [0, 2]  # only the contributors were waiting
+    assert ups(out, Cancel) == [Cancel(1, 1), Cancel(3, 1)]  # the others abandon their step
     # Workers 1 and 3 computed at version 0: too late, dropped, and they get version 1 at once.
     out = algo.on_update(Update(1, 0, grad(100.0), 1), 3)
     assert [d.reason for d in ups(out, Dropped)] == ["stale-round"]
@@ -101,6 +102,7 @@ def test_kasync_takes_stale_gradients_and_replies_to_the_k_only():
     (a,) = ups(out, Applied)
     assert (a.version, a.workers, a.staleness) == (2, (2, 0), 0)  # staleness 1 and 0: the mean, rounded to even
     assert sorted(r.worker for r in ups(out, Reply)) == [0, 2]
+    assert ups(out, Cancel) == []  # K-async: the others keep computing on their older weights
 
 
 def test_kasync_one_is_async():

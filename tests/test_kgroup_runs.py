@@ -102,3 +102,18 @@ def test_simulated_failure_shrinks_k_as_the_runtime_does(tmp_path):
         assert s["worker_deaths"] == 1 and (s["k"], s["k_min"]) == (4, 3) and s["short_steps"] > 0, s
     ksync = next(s for s in summaries if s["algo"] == "ksync:4")
     assert ksync["staleness_max"] == 0
+
+
+@pytest.mark.slow
+def test_ksync_backup_worker_abandons_its_step(tmp_path, no_orphans):
+    """One worker of four is 1000x slower: each of its steps is drawn 20 ms and stretched to 20 s. With K = 3 the
+    others make every round, and at each round's end the straggler abandons its step (WAIT abandon), sends what it
+    has (dropped as late) and starts on the new weights, so its late gradients are about one per round. A worker
+    that could not abandon would send one in the whole run."""
+    out = tmp_path / "run"
+    proc = run_zsgd("run", "--n-proc", "4", "--algo", "ksync:3", "--steps", "60", "--inject-compute", "20ms", "--stragglers", "0.25:1000x",
+                    "--out", str(out), *FAST, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = summary_of(out)
+    assert s["updates"] == 60 and s["worker_deaths"] == 0, s
+    assert s["dropped_updates"].get("stale-round", 0) >= 40, s["dropped_updates"]

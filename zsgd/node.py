@@ -97,9 +97,10 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
     log(opts, f"joined run {run} at {opts.connect}")
     idle_since = time.monotonic()  # a step's turnaround starts when its weights arrive, or when this loop could take them
     turnarounds: list[float] = []
+    early = None  # a message that ended an emulated stretch: handled next
     while True:
         try:
-            msg = link.recv(timeout=opts.timeout)
+            msg, early = early or link.recv(timeout=opts.timeout), None
         except protocol.ProtocolError as exc:  # weights in shared memory that are not what the message says
             log(opts, f"broker sent unusable weights ({exc}); exiting")
             return EXIT_BAD_REPLY
@@ -115,12 +116,13 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             out_hop = max(0.0, link.last_forward - idle_since) if turnarounds else 0.0
             try:
                 reply = compute(msg, t0 - out_hop)
+                # Emulated compute time and straggler: stretch this step, measured as compute_s is (from the weights'
+                # arrival), so the emulation and the simulator's models stretch the same time; a K-sync step
+                # abandoned meanwhile ends the stretch (zsgd.runtime.replies.stretch_step).
+                early = stretch_step(t0, *emulated_stretch(msg.meta), recv=lambda s: link.recv(timeout=s), version=msg.version)
             except protocol.ProtocolError as exc:
                 log(opts, f"broker sent unusable weights ({exc}); exiting")
                 return EXIT_BAD_REPLY
-            # Emulated compute time and straggler: stretch this step, measured as compute_s is (from the weights'
-            # arrival), so the emulation and the simulator's models stretch the same time.
-            stretch_step(t0, *emulated_stretch(msg.meta))
             link.send(reply)
             idle_since = time.monotonic()
             if isinstance(reply.meta.get("compute_s"), float):

@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd.wire import protocol
-from zsgd.algorithms import Applied, Dropped, Notice, Reply, Update, check_servers_support, make_server_algorithm, make_worker_step, parse_algo
+from zsgd.algorithms import Applied, Cancel, Dropped, Notice, Reply, Update, check_servers_support, make_server_algorithm, make_worker_step, parse_algo
 from zsgd.algorithms.worker import WorkerStep
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
@@ -52,7 +52,7 @@ from zsgd.simulation.workload import Workload
 from zsgd.core.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
 
 # Event kinds. A heap entry is (t, seq, kind, worker, incarnation, a, b).
-_DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER = range(6)
+_DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER, _CANCEL = range(7)
 
 
 @dataclass
@@ -178,6 +178,12 @@ class Simulation:
         self.steppers: list[WorkerStep | None] = [None] * n
         self.w_steps, self.w_samples, self.w_stale_sum, self.w_stale_max = [0] * n, [0] * n, [0] * n, [0] * n
         self.w_lives = [1] * n
+        # The step each worker computes: (token, version, weights, started at), for K-sync's Cancel. A cancelled
+        # step ends at once, but not before the part a real worker cannot cut: its gradient when the compute
+        # time is the measured one (all of it), nothing when it is a drawn one (--inject-compute stretches to it).
+        self.step_of: list[tuple[int, int, np.ndarray, float] | None] = [None] * n
+        self.cancel_floor = self.compute_s if self.compute_s is not None else 0.0
+        self._wait_bytes = protocol.message_nbytes(protocol.wait_message("0" * 12, 0, 0, reason="abandon"))
         # counters
         self.bytes_sent = self.bytes_received = 0  # workers -> broker, broker -> workers
         self.deaths = self.rejoins = self.events = 0
@@ -221,6 +227,9 @@ class Simulation:
                     self.ledger.diverge(f"gradient is not finite on worker {out.worker}")
             elif isinstance(out, Notice):
                 self.metrics.write(out.kind, self.now, **out.fields)
+            elif isinstance(out, Cancel) and self.alive[out.worker]:  # the WAIT the broker sends, over the same link
+                t = self.now + self.net.delay(out.worker, False, self._wait_bytes, self.rng_down)
+                self._push(t, _CANCEL, out.worker, self.inc[out.worker], out.version)
 
     def _send_weights(self, r: Reply) -> None:
         w = r.worker
@@ -240,7 +249,9 @@ class Simulation:
         c = self.compute_draw.next(w, self.local_steps)  # local SGD: K steps per round
         if self.stragglers is not None:
             c *= self.stragglers.factor(w, t)
-        self._push(t + c, _DONE, w, self.inc[w], r.version, weights)
+        self.seq += 1
+        self.step_of[w] = (self.seq, r.version, weights, t)
+        self._push(t + c, _DONE, w, self.inc[w], r.version, (weights, self.seq))
 
     def _reply(self, w: int, r: Reply) -> tuple[np.ndarray, int]:
         """The weights worker ``w`` will hold and the reply's size on the wire (a coded delta with --compress-replies)."""
@@ -287,10 +298,12 @@ class Simulation:
         self.grad_s += time.perf_counter() - t0
         return update, nbytes
 
-    def _on_done(self, w: int, inc: int, version: int, weights: np.ndarray) -> None:
-        """The worker finished computing and sends its update."""
-        if not self.alive[w] or inc != self.inc[w]:
-            return
+    def _on_done(self, w: int, inc: int, version: int, step: tuple[np.ndarray, int]) -> None:
+        """The worker finished computing (or abandoned its step) and sends its update."""
+        weights, token = step
+        if not self.alive[w] or inc != self.inc[w] or self.step_of[w] is None or self.step_of[w][0] != token:
+            return  # dead, or the step already ended (abandoned: this is its original end)
+        self.step_of[w] = None
         if self.eager:
             payload = self._compute_update(w, version, weights)
             nbytes = payload[1]
@@ -311,6 +324,18 @@ class Simulation:
         if self.overlap >= 1.0 or self.nic_bw == math.inf or self.broker_s <= 0:
             return 0.0
         return (1.0 - self.overlap) * min(self.broker_s, nbytes / self.nic_bw)
+
+    def _on_cancel(self, w: int, inc: int, version: int, _b: Any) -> None:
+        """The broker's abandon reaches the worker: a step at an older version ends now (or after its floor)."""
+        step = self.step_of[w]
+        if not self.alive[w] or inc != self.inc[w] or step is None or step[1] >= version:
+            return  # done already, or computing at the current weights
+        token, v, weights, started = step
+        at = started + self.cancel_floor
+        if at > self.now:
+            self._push(at, _DONE, w, inc, v, (weights, token))  # whichever end comes first counts
+        else:
+            self._on_done(w, inc, v, (weights, token))
 
     def _on_arrive(self, w: int, inc: int, version: int, payload: Any) -> None:
         update, nbytes = payload if isinstance(payload, tuple) else (None, self.u_bytes)
@@ -418,7 +443,7 @@ class Simulation:
             self.metrics.write("worker", 0.0, worker=w, role="worker", status="joined", host="sim")
             self._schedule_rate_failure(w)
             self._dispatch(self.algo.add_worker(w, 0.0))
-        handlers = {_DONE: self._on_done, _ARRIVE: self._on_arrive, _PROCESS: self._process, _FAIL: self._on_fail,
+        handlers = {_DONE: self._on_done, _ARRIVE: self._on_arrive, _PROCESS: self._process, _FAIL: self._on_fail, _CANCEL: self._on_cancel,
                     _DETECT: self._on_detect, _RECOVER: self._on_recover}
         limit = cfg.time_limit
         heap, pop = self.heap, heapq.heappop

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from zsgd.algorithms.asynchronous import AsyncSGD
-from zsgd.algorithms.base import Applied, Dropped, Notice, Output, Reply, ServerAlgorithm, Update
+from zsgd.algorithms.base import Applied, Cancel, Dropped, Notice, Output, Reply, ServerAlgorithm, Update
 from zsgd.algorithms.kgroup import KAsyncSGD, KSyncSGD, parse_k
 from zsgd.algorithms.localsgd import LocalSGD, LocalSGDWorkerStep, parse_localsgd
 from zsgd.algorithms.ssp import StaleSynchronousSGD
@@ -93,7 +93,7 @@ def make_worker_step(spec: str, model, x: np.ndarray, y: np.ndarray, batch_size:
 
 
 __all__ = [
-    "Applied", "AsyncSGD", "Dropped", "KAsyncSGD", "KSyncSGD", "LocalSGD", "Notice", "Output", "Reply", "ServerAlgorithm",
+    "Applied", "AsyncSGD", "Cancel", "Dropped", "KAsyncSGD", "KSyncSGD", "LocalSGD", "Notice", "Output", "Reply", "ServerAlgorithm",
     "StaleSynchronousSGD", "SyncSGD", "Update", "WorkerStep", "algorithm_class", "check_servers_support", "make_server_algorithm",
     "make_worker_step", "parse_algo", "parse_staleness_lr",
 ]

@@ -5,8 +5,9 @@ simulator's event loop) tells it that a worker joined, left, or sent an
 update, passing the current time; it answers with a list of outputs:
 ``Reply`` (send these weights, or "wait", to that worker), ``Applied``
 (an update changed the central model: for metrics), ``Dropped`` (an
-update was discarded, e.g. a sync gradient for a round that already ended)
-and ``Notice`` (something to log, e.g. K-sync's K shrinking).
+update was discarded, e.g. a sync gradient for a round that already ended),
+``Cancel`` (a worker's step is no longer wanted: K-sync's backup workers) and
+``Notice`` (something to log, e.g. K-sync's K shrinking).
 No sockets, no clocks, no threads inside, which is why the runtime and the
 simulator run exactly the same rules.
 
@@ -64,6 +65,16 @@ class Dropped:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """``worker``'s step at a version older than ``version`` is no longer wanted (K-sync's backup workers):
+    a driver tells the worker, which may stop stretching it and send what it has (it will be dropped as late,
+    and the reply brings the current weights). Advice only: a worker that finishes its step anyway is answered the same way."""
+
+    worker: int
+    version: int
+
+
+@dataclass(frozen=True)
 class Notice:
     """Something about the run a driver should log (an event ``kind`` with ``fields`` in metrics.jsonl),
     e.g. K-sync's K shrinking to the live workers. Changes nothing; a driver that does not know it may ignore it."""
@@ -72,7 +83,7 @@ class Notice:
     fields: dict[str, Any]
 
 
-Output = Reply | Applied | Dropped | Notice
+Output = Reply | Applied | Dropped | Cancel | Notice
 
 
 @dataclass

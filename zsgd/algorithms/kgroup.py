@@ -7,13 +7,17 @@ Race"):
 
 * ``ksync:K`` -- K-sync SGD with N - K backup workers (Chen et al. 2016;
   TensorFlow's ``SyncReplicasOptimizer(replicas_to_aggregate=K)``). A round
-  takes the first K gradients computed at the round's weights; the others
-  are too late. A worker's step cannot be interrupted (the runtime's
-  worker is one thread computing one gradient), so "abandon the step" is
-  carried out when the late gradient arrives: it is dropped and counted
-  (``stale-round``) and its sender gets the current weights in reply at
-  once. The simulator drives the same rule, so it pays the same price for
-  the late step. Every applied gradient is fresh: staleness is 0.
+  takes the first K gradients computed at the round's weights; the N - K
+  others abandon their step. How, without breaking the one-reply-per-update
+  exchange that shared memory, reply deltas and emulation rely on (the
+  server never has two weights messages in flight to one worker): the step
+  ends with ``Cancel`` for each of them; the driver tells the worker (a
+  WAIT ``abandon``), which stops at once where it can (an injected compute
+  time or straggler stretch; a real gradient runs to its end) and sends what
+  it has; that late gradient is dropped and counted (``stale-round``) and
+  the reply to it is the new weights. A gradient that was already on its
+  way is answered the same way. Every applied gradient is fresh: staleness
+  is 0.
 * ``kasync:K`` -- K-async SGD. Gradients are taken whatever their
   staleness; the K-th one to arrive triggers the step, and the K senders
   get the new weights. The other workers keep computing on the weights
@@ -45,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from zsgd.algorithms.base import Applied, Dropped, Notice, Output, ServerAlgorithm, Update
+from zsgd.algorithms.base import Applied, Cancel, Dropped, Notice, Output, ServerAlgorithm, Update
 from zsgd.errors import ZsgdError
 from zsgd.nn.server_step import add_scaled, is_finite
 
@@ -125,7 +129,11 @@ class FirstKSGD(ServerAlgorithm):
         else:
             out.append(Applied(-1, self.version, staleness, self._samples, lr, contributors=len(contributors), workers=contributors))
         self._sum, self._first_n, self._samples, self._from, self._stale = None, None, 0, [], []
-        return out + [self.reply(w) for w in contributors if w in self.live]
+        return out + [self.reply(w) for w in contributors if w in self.live] + self._after_step(contributors)
+
+    def _after_step(self, contributors: tuple[int, ...]) -> list[Output]:
+        """What the other live workers are told when a step is taken (nothing: they keep computing)."""
+        return []
 
     # -- driver API -------------------------------------------------------------------
     def add_worker(self, worker: int, now: float) -> list[Output]:
@@ -159,6 +167,11 @@ class KSyncSGD(FirstKSGD):
     """``ksync:K``: each round steps on the first K gradients computed at its weights."""
 
     name = "ksync"
+
+    def _after_step(self, contributors: tuple[int, ...]) -> list[Output]:
+        """The N - K others abandon their step: each is told (``Cancel``), sends what it has at once, and the
+        reply to that late gradient brings the new weights."""
+        return [Cancel(w, self.version) for w in sorted(self.live) if w not in contributors]
 
     def on_update(self, update: Update, now: float) -> list[Output]:
         rejected = self._member(update)

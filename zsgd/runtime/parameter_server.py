@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from zsgd.algorithms import Applied, Dropped, Notice, Reply, Update, make_server_algorithm
+from zsgd.algorithms import Applied, Cancel, Dropped, Notice, Reply, Update, make_server_algorithm
 from zsgd.core.schedule import lr_factor
 from zsgd.errors import ProtocolError
+from zsgd.runtime.replies import ABANDON
 from zsgd.runtime.service import Service
 from zsgd.wire import protocol
 from zsgd.wire.membership import Peer
@@ -222,6 +223,21 @@ class ParameterServer(Service):
                 self.dropped[out.reason] += 1
             elif isinstance(out, Notice):
                 b.metrics.write(out.kind, b.elapsed, **out.fields)
+            elif isinstance(out, Cancel):
+                self._cancel(out)
+
+    def _cancel(self, c: Cancel) -> None:
+        """Tell a worker its step is no longer wanted (WAIT ``abandon``: no weights, so no reply slot or delta
+        mirror is touched), over the emulated link like a reply."""
+        b = self.b
+        peer = b.session.members.by_worker.get(c.worker)
+        if peer is None or peer.state != "ready":
+            return
+        msg = protocol.wait_message(b.run, c.worker, c.version, reason=ABANDON)
+        if b.endpoint.held is None:
+            b.session.send(peer, msg)
+        else:
+            b.endpoint.hold(("out", peer, msg), b.opts.emulator.delay(peer.worker, False, protocol.message_nbytes(msg)))
 
     def _on_applied(self, a: Applied) -> None:
         b = self.b

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd.wire import protocol
-from zsgd.wire.protocol import Message
+from zsgd.wire.protocol import Message, MsgType
 
 
 def reply_decoder(spec: str, n_params: int) -> Callable[[Message], np.ndarray]:
@@ -58,10 +58,35 @@ def emulated_stretch(meta: dict[str, Any]) -> tuple[float, float]:
     return number("compute_target_s", 0.0), number("slowdown", 1.0)
 
 
-def stretch_step(t0: float, target_s: float, slowdown: float) -> None:
+ABANDON = "abandon"  # WAIT reason: the step at an older version is no longer wanted (K-sync's backup workers)
+
+
+def stretch_step(t0: float, target_s: float, slowdown: float, recv: Callable[[float], Message | None] | None = None,
+                 version: int = 0) -> Message | None:
     """Hold the step that started at ``t0`` (monotonic) as the simulator times it: first to ``target_s`` (a real
-    gradient cannot go faster, so the step takes ``max(draw, real)``), then ``slowdown`` times all of that."""
-    if target_s > 0:
-        time.sleep(max(0.0, target_s - (time.monotonic() - t0)))
-    if slowdown > 1.0:
-        time.sleep((slowdown - 1.0) * (time.monotonic() - t0))
+    gradient cannot go faster, so the step takes ``max(draw, real)``), then ``slowdown`` times all of that.
+
+    With ``recv`` (``timeout -> message or None``) the hold listens instead of sleeping: a WAIT ``abandon``
+    for a version newer than the step's (``version``) ends it at once (the step is no longer wanted: its
+    update goes now, and the reply brings the new weights); any other message ends it too and is returned,
+    for the caller to handle next. None otherwise."""
+    def hold(seconds: float) -> Message | None:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if recv is None:
+                time.sleep(left)
+                return None
+            msg = recv(left)
+            if msg is not None and not (_abandons(msg) and msg.version <= version):
+                return msg  # an abandon for an older step is stale news: keep holding
+        return None
+
+    got = hold(target_s - (time.monotonic() - t0)) if target_s > 0 else None
+    if got is None and slowdown > 1.0:
+        got = hold((slowdown - 1.0) * (time.monotonic() - t0))
+    return None if got is not None and _abandons(got) else got  # abandoned: the update goes now
+
+
+def _abandons(msg: Any) -> bool:
+    """A WAIT ``abandon`` (anything else, BROKER_DEAD included, is for the caller's loop)."""
+    return isinstance(msg, Message) and msg.type == MsgType.WAIT and msg.meta.get("reason") == ABANDON
