@@ -1,0 +1,123 @@
+"""``zsgd sim --validate``: a short real emulated run of the user's flags beside its simulated twin, for every
+algorithm family; a table of real against simulated with the error, validate.png, exit 1 beyond --tolerance;
+one-line refusals of what a real run here cannot reproduce."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import cli, lines_of, zsgd_cmd
+from zsgd.experiments.validate import Row, parse_tolerance
+
+BASE = ["sim", "--validate", "--model", "mlp", "--data", "embedded", "--batch-size", "32", "--lr", "0.02", "--latency", "20ms"]
+JUDGED = {"time per update (ms)", "staleness, mean", "staleness, p99", "bytes per update, workers to server",
+          "bytes per update, server to workers"}
+
+
+def validate(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(zsgd_cmd(*BASE, "--out", str(out), *args), capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def report(out: Path) -> dict:
+    return json.loads((out / "validation.json").read_text())
+
+
+def rows_of(doc: dict) -> dict[str, dict]:
+    return {r["figure"]: r for r in doc["rows"]}
+
+
+# -- the verdict --------------------------------------------------------------------------------------
+
+
+def test_a_row_passes_within_the_tolerance_or_its_slack_and_informing_rows_never_fail():
+    assert Row("t", 10.0, 10.4).passed(0.05) and not Row("t", 10.0, 10.6).passed(0.05)
+    assert Row("t", 10.0, 9.6).error == pytest.approx(-0.04)
+    assert Row("p99", 3.0, 4.0, slack=1.0).passed(0.05) and not Row("p99", 3.0, 5.0, slack=1.0).passed(0.05)
+    assert Row("s", 0.0, 0.0).passed(0.05) and not Row("s", 0.0, 0.5).passed(0.05)
+    assert Row("info", 1.0, 9.0, judged=False).passed(0.05) is None
+    assert parse_tolerance(None) == 0.05 and parse_tolerance("10%") == pytest.approx(0.1) and parse_tolerance("0.2") == 0.2
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--algo", "async,sync"], "one arm"),
+    (["--failures", "1@1s"], "cannot check --failures"),
+    (["--latency-up", "5ms"], "cannot check --latency-up"),
+    (["--latency-worker", "0=5ms"], "cannot check --latency-worker"),
+    (["--tolerance", "0"], "bad --tolerance"),
+    (["--tolerance", "five"], "bad --tolerance"),
+])
+def test_what_a_real_run_here_cannot_reproduce_is_one_line_exit_2(tmp_path, args, words):
+    r = cli(*BASE, "--workers", "2", "--steps", "20", "--out", str(tmp_path / "v"), *args)
+    assert r.exit_code == 2 and words in r.stderr and len(lines_of(r.stderr)) == 1, r.stderr
+    assert not (tmp_path / "v").exists()
+
+
+def test_tolerance_without_validate_is_one_line_exit_2(tmp_path):
+    r = cli("sim", "--model", "logreg", "--data", "embedded", "--tolerance", "5%", "--out", str(tmp_path / "v"))
+    assert r.exit_code == 2 and "--tolerance applies to --validate" in r.stderr and len(lines_of(r.stderr)) == 1, r.stderr
+
+
+def test_a_case_too_slow_for_a_short_run_is_refused_with_the_estimate(tmp_path):
+    """2 s each way for 200 updates: the simulator itself says the real run would take minutes; nothing is started."""
+    r = cli("sim", "--validate", "--model", "logreg", "--data", "embedded", "--workers", "2", "--latency", "2s", "--steps", "200",
+            "--compute", "1ms", "--broker-time", "0", "--broker-bandwidth", "inf", "--out", str(tmp_path / "v"))
+    assert r.exit_code == 2 and "too slow for a short run" in r.stderr and len(lines_of(r.stderr)) == 1, r.stderr
+    assert not (tmp_path / "v" / "real").exists()
+
+
+# -- real runs, one per algorithm family ----------------------------------------------------------------------
+
+
+FAMILIES = [  # (id, flags): 2-4 workers, short runs
+    ("async", ["--workers", "4", "--steps", "60"]),
+    ("sync", ["--workers", "2", "--algo", "sync", "--steps", "24"]),
+    ("ssp", ["--workers", "4", "--algo", "ssp:1", "--steps", "60"]),
+    ("localsgd", ["--workers", "2", "--algo", "localsgd:2", "--steps", "24"]),
+    ("dsgd", ["--workers", "4", "--algo", "dsgd", "--steps", "24"]),
+    ("compression", ["--workers", "2", "--compress", "topk:0.1", "--steps", "60"]),
+    ("servers", ["--workers", "2", "--servers", "2", "--steps", "60"]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [f for _n, f in FAMILIES], ids=[n for n, _f in FAMILIES])
+def test_validate_compares_a_real_run_with_its_twin(tmp_path, no_orphans, flags):
+    out = tmp_path / "v"
+    r = validate(out, *flags)
+    assert r.returncode in (0, 1), r.stderr[-3000:]  # within the tolerance or not: never a usage error or a crash
+    assert "Traceback" not in r.stderr and r.stdout.strip() == str(out)
+    doc = report(out)
+    rows = rows_of(doc)
+    assert JUDGED <= set(rows) and any(name.startswith("test accuracy at update") for name in rows), rows
+    for name in JUDGED:
+        assert rows[name]["real"] is not None and rows[name]["simulated"] is not None, name
+    # the exit status is the verdict, and the verdict is the table's
+    off = [r for r in doc["rows"] if r["passed"] is False]
+    assert (r.returncode == 1) == bool(off) == (not doc["passed"])
+    if off:
+        assert lines_of(r.stderr)[-1].startswith("zsgd: error: the simulator is off by more than 5% on " + off[0]["figure"])
+    # the figures are read off the two runs it made
+    real = json.loads((out / "real" / "summary.json").read_text())
+    sim = json.loads(next((out / "sim").glob("**/summary.json")).read_text())
+    bytes_row = rows["bytes per update, workers to server"]
+    assert bytes_row["real"] == pytest.approx(real["bytes_sent"] / real["updates"])
+    assert bytes_row["simulated"] == pytest.approx(sim["bytes_sent"] / sim["updates"])
+    assert (out / "validate.png").stat().st_size > 10_000 and "time per update (ms)" in r.stderr
+    assert "real" in (out / "validation.md").read_text() and "not checked: remote hosts" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_world_the_real_run_does_not_have_fails_the_check_and_a_loose_tolerance_passes(tmp_path, no_orphans):
+    """--broker-time 40ms is a server 100x slower than this machine's: the twin waits on it, the real run does not."""
+    slow = validate(tmp_path / "slow", "--workers", "2", "--steps", "40", "--broker-time", "40ms")
+    assert slow.returncode == 1, slow.stderr[-3000:]
+    assert "off by more than 5% on time per update" in lines_of(slow.stderr)[-1]
+    row = rows_of(report(tmp_path / "slow"))["time per update (ms)"]
+    assert row["simulated"] > 1.5 * row["real"] and row["passed"] is False
+    loose = validate(tmp_path / "loose", "--workers", "2", "--steps", "40", "--tolerance", "100%", "-q")
+    assert loose.returncode == 0 and report(tmp_path / "loose")["passed"], loose.stderr[-3000:]
