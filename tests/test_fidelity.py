@@ -33,6 +33,7 @@ import json
 import pytest
 
 from helpers import cli, run_zsgd, start_zsgd, stop
+from zsgd.experiments.twin import compute_trace, steady  # what 'zsgd sim --validate' compares with, too
 
 SPEC = ["--model", "mlp", "--data", "embedded", "--batch-size", "32", "--lr", "0.02", "--eval-every", "1000000", "--quiet"]
 NET = ["--stragglers", "0.25:3x"]  # the decentralized test's straggler
@@ -53,27 +54,6 @@ MATRIX = [  # in pairs whose real runs go together
 # the same draw per worker and step). The floor keeps every draw above the real gradient (1-3 ms here), so the
 # real step is the draw, as the simulated one is. K-sync is the case that needs it: which 3 of 4 make a round.
 INJECT = {"ksync:3": "shifted-exp:10ms,20ms", "kasync:2": "shifted-exp:10ms,20ms"}
-
-
-def compute_trace(run_dir, out) -> str:
-    """``--compute`` for the simulator: the workers' logged turnaround quantiles as a trace, else the mean."""
-    samples = []
-    for log in glob.glob(f"{run_dir}/logs/worker-*.log"):
-        for line in open(log):
-            if "turnaround ms (20 quantiles" in line:
-                samples += line.rsplit(":", 1)[1].strip().split(",")
-    if not samples:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        return f"{summary['compute_s_mean'] * 1000:.3f}ms"
-    out.write_text("\n".join(samples) + "\n")
-    return f"trace:{out}"
-
-
-def steady(run_dir, skip=200):
-    """Seconds per update and mean staleness over the updates after the first ``skip``."""
-    path = glob.glob(f"{run_dir}/**/metrics.jsonl", recursive=True)[0]
-    ups = [json.loads(line) for line in open(path) if '"event":"update"' in line][skip:]
-    return (ups[-1]["t"] - ups[0]["t"]) / (len(ups) - 1), sum(u["staleness"] for u in ups) / len(ups)
 
 
 def _spec(algo: str, stragglers: str | None, steps: int) -> list[str]:
