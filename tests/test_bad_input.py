@@ -219,7 +219,7 @@ def test_negative_seed(command, tmp_path):
     (("--heartbeat", "nan"), r"--heartbeat must be a positive number of seconds, got nan"),
     (("--eval-interval", "nan"), r"--eval-interval must be a number of seconds >= 0 and at most 86,400 s, got nan"),
     (("--n-proc", "100000"), r"--n-proc 100,000 is more local workers than this machine can run \(at most \d+ for "),
-    (("--algo", "foo"), r"unknown algorithm 'foo'; choose one of async, sync, ssp:S, localsgd:K, or decentralized dsgd, dsgt, cadmm"),
+    (("--algo", "foo"), r"unknown algorithm 'foo'; choose one of async, sync, ssp:S, localsgd:K, ksync:K, kasync:K, or decentralized dsgd, dsgt, cadmm"),
 ])
 def test_run_flags_refused_before_anything_starts(tmp_path, flags, match):
     refused("run", *flags, "--steps", "5", *SMALL, "--out", tmp_path / "o", match=match)
