@@ -62,14 +62,37 @@ def test_run_exec_workers_sharded_and_compressed(tmp_path, no_orphans):
     assert s["n_params"] == N_PARAMS and s["test_accuracy"] > CHANCE + 0.1
 
 
-def test_sim_delay_arms(tmp_path, no_orphans):
-    zsgd("sim", "--model", RESNET, "--data", "embedded", "--workers", "4", "--latency", "0,100ms", "--steps", "150",
-         "--quiet", "--out", tmp_path / "s")
-    rows = list(csv.DictReader(open(tmp_path / "s" / "results.csv")))
+def test_sim_delay_arms_are_reproducible(tmp_path, no_orphans):
+    results = []
+    for out in ("s1", "s2"):
+        zsgd("sim", "--model", RESNET, "--data", "embedded", "--workers", "4", "--latency", "0,100ms", "--steps", "150",
+             "--quiet", "--out", tmp_path / out)
+        results.append(list(csv.DictReader(open(tmp_path / out / "results.csv"))))
+    rows = results[0]
     assert len(rows) == 2
     for row in rows:
         assert float(row["final_acc"]) > CHANCE + 0.1, row
-        assert summary_of(tmp_path / "s" / row["dir"])["n_params"] == N_PARAMS
+        assert summary_of(tmp_path / "s1" / row["dir"])["n_params"] == N_PARAMS
+    # same command and seed, same metrics: torch's steps are seeded and single-threaded like the kernels
+    assert [(r["final_acc"], r["test_loss"], r["updates"]) for r in rows] == \
+        [(r["final_acc"], r["test_loss"], r["updates"]) for r in results[1]]
+
+
+def test_a_run_without_a_torch_model_never_imports_torch(tmp_path, no_orphans):
+    code = f"""
+import sys
+from zsgd.cli import main
+try:
+    main(["run", "--n-proc", "2", "--model", "logreg", "--data", "embedded", "--steps", "20", "--quiet", "--out", {str(tmp_path / "r")!r}])
+except SystemExit as exc:
+    assert not exc.code, exc.code
+print("torch" in sys.modules)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+    assert summary_of(tmp_path / "r")["updates"] >= 20
 
 
 def test_experiment_sim_and_run_arms(tmp_path, no_orphans):

@@ -2,10 +2,11 @@
 
     python examples/torch/plain_loop.py --epochs 2 --seed 0
     zsgd train --model torch:examples.torch.resnet:make --data fashion-mnist --epochs 2 --seed 0 \\
-        --batch-size 64 --lr 0.05 --optimizer momentum --momentum 0.9 --lr-schedule constant
+        --batch-size 64 --lr 0.05 --optimizer momentum --momentum 0.9 --lr-schedule cosine
 
 Same settings as that command: SGD with momentum 0.9 (``torch.optim.SGD``, which zsgd's ``momentum``
-optimizer matches), lr 0.05, batch 64, a fresh shuffle every epoch, initial weights from
+optimizer matches), lr 0.05 decayed to 0 by zsgd's cosine (``zsgd.core.schedule.lr_factor``, once per
+step), batch 64, a fresh shuffle every epoch, initial weights from
 ``torch.manual_seed(seed)`` then the factory, as zsgd builds them. Only the shuffle order differs (zsgd
 draws its own), so the two agree within seed-to-seed noise. The images come through zsgd's loader
 (the same arrays, scaled to [0, 1]); everything else is PyTorch.
@@ -14,6 +15,7 @@ draws its own), so the two agree within seed-to-seed noise. The images come thro
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -48,7 +51,10 @@ def main() -> None:
     order, pos = torch.randperm(len(y), generator=gen), 0
     t0 = time.perf_counter()
     net.train()
-    for _ in range(steps):
+    for t in range(steps):
+        if args.lr_schedule == "cosine":
+            for group in opt.param_groups:
+                group["lr"] = args.lr * 0.5 * (1.0 + math.cos(math.pi * t / steps))
         if pos + args.batch_size > len(y):
             order, pos = torch.randperm(len(y), generator=gen), 0
         idx = order[pos:pos + args.batch_size]

@@ -200,9 +200,10 @@ class TorchModel:
         ptr = w.__array_interface__["data"][0]
         if ptr == self._bound_ptr:  # self._bound keeps that memory alive, so it is the same memory
             return
-        from_numpy = self._torch.from_numpy
-        for (_, p), (_, shape, off, size) in zip(self._params, self._slots):
-            p.data = from_numpy(w[off:off + size]).view(shape)
+        storage = self._torch.from_numpy(w).untyped_storage()
+        with self._torch.no_grad():  # set_ on the storage: 16 us for the example's 20 tensors, p.data = ... takes 180
+            for (_, p), (_, shape, off, _) in zip(self._params, self._slots):
+                p.set_(storage, off, shape)
         self._bound, self._bound_ptr = w, ptr
 
     def state_dict(self, w: np.ndarray) -> dict[str, np.ndarray]:
@@ -298,7 +299,7 @@ class TorchModel:
             p.grad = None  # autograd hands backward's own tensors over, as after zero_grad(set_to_none=True)
         if seed is None:
             seed = int(self._rng.integers(0, 2**63 - 1))
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator dropout draws from (torch.manual_seed: 0.3-0.5 ms)
         self._mode(training)
         logits = self._logits(torch.from_numpy(x))
         loss = user_call(self.name, "the loss", lambda: self._loss(logits, torch.from_numpy(y)))
