@@ -60,6 +60,10 @@ def summary(run_dir: str | Path) -> dict[str, Any]:
 def steady(run_dir: str | Path, skip: int = 200) -> tuple[float, float]:
     """Seconds per update and mean staleness over the updates after the first ``skip``."""
     ups = events(run_dir, "update")[skip:]
+    if len(ups) < 2:
+        from zsgd.errors import ZsgdError
+
+        raise ZsgdError(f"{run_dir}: {len(ups)} update(s) after the first {skip}: too few for a time per update")
     return (ups[-1]["t"] - ups[0]["t"]) / (len(ups) - 1), sum(u["staleness"] for u in ups) / len(ups)
 
 

@@ -197,7 +197,8 @@ def compare(real: Path, sim: Path, predicted: Path, updates: int, steps: int = 1
                             judged=servers == 1))
     pred = twin.summary(predicted)
     compute_real = s_real_sum.get("compute_s_mean")
-    rows.append(Row("compute per step (ms), this machine's calibration", None if compute_real is None else compute_real * 1e3 / steps,
+    source = "this machine's calibration" if pred.get("compute_measured") else "--compute as given"
+    rows.append(Row(f"compute per step (ms), {source}", None if compute_real is None else compute_real * 1e3 / steps,
                     pred["compute_s"] * 1e3, "ms", judged=False))
     rows.append(Row("time per update (ms), plain zsgd sim", t_real * 1e3, t_pred * 1e3, "ms", judged=False))
     return rows
