@@ -99,11 +99,13 @@ def prefer_512(typingctx):
     return sig, codegen
 
 
-def _tile_codegen(mr: int):
+def _tile_codegen(mr: int, trans_a: bool = False):
     """LLVM IR for ``c[i0:i0+mr, p*NR:(p+1)*NR] (+)= a[i0:i0+mr, k0:k1] @ panel p, rows k0:k1``.
 
     ``accumulate`` (0 or 1, at run time) starts the tile from ``c`` instead
-    of zeros: the k blocks after the first.
+    of zeros: the k blocks after the first. With ``trans_a`` the array
+    passed is ``a``'s transpose, (K, M): element (i, k) is read at
+    ``[k, i]`` (a weight gradient ``dg.T @ h`` without copying ``dg``).
     """
 
     def codegen(context, builder, sig, args):
@@ -119,7 +121,10 @@ def _tile_codegen(mr: int):
         _mark_wide(builder)
         zero = ir.Constant(_VEC, None)
         # Row r of the tile: a[i0 + r, k0 + k] and c[i0 + r, p * NR + LANES * v].
-        arows = [builder.gep(A.data, [builder.add(builder.mul(builder.add(i0, const(r)), lda), k0)]) for r in range(mr)]
+        if trans_a:  # a(i, k) at [k, i]: row r starts at column i0 + r of row k0, steps of lda per k
+            arows = [builder.gep(A.data, [builder.add(builder.mul(k0, lda), builder.add(i0, const(r)))]) for r in range(mr)]
+        else:
+            arows = [builder.gep(A.data, [builder.add(builder.mul(builder.add(i0, const(r)), lda), k0)]) for r in range(mr)]
         crows = [builder.gep(C.data, [builder.add(builder.mul(builder.add(i0, const(r)), ldc), builder.mul(p, const(NR)))])
                  for r in range(mr)]
         panel = builder.gep(Bp.data, [builder.mul(builder.add(builder.mul(p, kp), k0), const(NR))])
@@ -150,9 +155,10 @@ def _tile_codegen(mr: int):
             ld = builder.load(builder.bitcast(builder.gep(bk, [const(_LANES * v)]), _VEC.as_pointer()), typ=_VEC)
             ld.align = 4
             bv.append(ld)
+        ka = builder.mul(k, lda) if trans_a else k
         new = []
         for r in range(mr):
-            s = builder.load(builder.gep(arows[r], [k]), typ=_F32)
+            s = builder.load(builder.gep(arows[r], [ka]), typ=_F32)
             sv = builder.insert_element(ir.Constant(_VEC, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
             sv = builder.shuffle_vector(sv, ir.Constant(_VEC, ir.Undefined), _SPLAT)
             new.append([builder.fadd(acc[r][v], builder.fmul(sv, bv[v], flags=("contract",)), flags=("contract",))
@@ -182,15 +188,17 @@ def _tile_codegen(mr: int):
     return codegen
 
 
-def _make_tile(mr: int):
+def _make_tile(mr: int, trans_a: bool = False):
     @intrinsic
     def tile(typingctx, a, bp, c, i0, p, k0, k1, accumulate):
-        return types.none(a, bp, c, types.intp, types.intp, types.intp, types.intp, types.intp), _tile_codegen(mr)
+        return (types.none(a, bp, c, types.intp, types.intp, types.intp, types.intp, types.intp),
+                _tile_codegen(mr, trans_a))
 
     return tile
 
 
 _tile_full, _tile4, _tile2, _tile1 = (_make_tile(m) for m in (MR, 4, 2, 1))
+_tile_full_t, _tile4_t, _tile2_t, _tile1_t = (_make_tile(m, True) for m in (MR, 4, 2, 1))
 
 
 def panels(n: int) -> int:
@@ -252,3 +260,32 @@ def gemm_packed(a: np.ndarray, bp: np.ndarray, c: np.ndarray) -> None:
                 i += 2
             if M - i >= 1:
                 _tile1(a, bp, c, i, p, k0, k1, acc)
+
+
+@njit(cache=True, error_model="numpy")
+def gemm_packed_at(at: np.ndarray, bp: np.ndarray, c: np.ndarray) -> None:
+    """``c[:, :P * NR] = at.T @ B``, ``at`` (K, M) C-contiguous, ``B`` packed in ``bp`` (P, K, NR) by :func:`pack_cols`.
+
+    The weight gradients ``dg.T @ h`` of the block: ``at`` is the gate
+    gradients as stored (time steps x streams, 4H), read transposed by the
+    tile (eight consecutive floats of one row broadcast per k), so the
+    8 MB array is never copied. Same contract on ``c`` as :func:`gemm_packed`.
+    """
+    prefer_512()
+    K, M = at.shape
+    m_full = M - M % MR
+    for k0 in range(0, max(K, 1), KC):
+        k1 = min(K, k0 + KC)
+        acc = 1 if k0 else 0
+        for p in range(bp.shape[0]):
+            for i in range(0, m_full, MR):
+                _tile_full_t(at, bp, c, i, p, k0, k1, acc)
+            i = m_full
+            if MR > 4 and M - i >= 4:
+                _tile4_t(at, bp, c, i, p, k0, k1, acc)
+                i += 4
+            if M - i >= 2:
+                _tile2_t(at, bp, c, i, p, k0, k1, acc)
+                i += 2
+            if M - i >= 1:
+                _tile1_t(at, bp, c, i, p, k0, k1, acc)

@@ -179,7 +179,7 @@ def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, car
 
     ``a``: the step's activated gates (B, 4H); ``cs``: every step's cell
     (T+1, B, H), ``cs[t]`` being c_{t-1} and ``cs[t + 1]`` c_t; ``dh_out``:
-    d(loss)/d(h_t) from the layer above (or the output layer). ``carry``
+    d(loss)/d(h_t) from the layer above (or the output layer), (B, >= H). ``carry``
     (2, B, H) is what flows back in time: ``carry[0]`` is d(loss)/d(c_t) on
     entry and d(loss)/d(c_{t-1}) on exit, ``carry[1]`` the part of
     d(loss)/d(h_t) that came back through ``W_hh`` from step t+1. Writes
@@ -189,7 +189,7 @@ def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, car
     grouped (``cs``, ``carry``) to keep the loop to few distinct arrays,
     which is what lets LLVM vectorise it (3x faster than seven arrays).
     """
-    B, H = dh_out.shape
+    B, H = cs.shape[1], cs.shape[2]  # dh_out may be wider (padded to whole panels by the product above)
     uh = u8(H)
     for b in range(B):
         ar = a[b]
@@ -242,7 +242,7 @@ def layer_backward(a: np.ndarray, cs: np.ndarray, dh: np.ndarray, w_pack: np.nda
                    dg: np.ndarray) -> None:
     """Back-propagate one layer through every time step of a block.
 
-    ``dh`` (T, B, H): d(loss)/d(h_t) from above; ``w_pack``: ``weight_hh``
+    ``dh`` (T, B, >= H): d(loss)/d(h_t) from above; ``w_pack``: ``weight_hh``
     packed by ``lstm_gemm.pack_cols`` (for ``dg_t @ W_hh``); ``carry``
     (2, B, >= H) zeroed by the caller, see :func:`cell_backward`. Writes
     d(loss)/d(pre-activation gates) of every step to ``dg`` (T, B, 4H).
