@@ -161,7 +161,8 @@ class ForkRunner:
         return out
 
     def close(self, abort: bool = False) -> None:
-        """Let idle children leave (``None`` each); on abort end them at once (SIGTERM, then SIGKILL), by pid."""
+        """Let idle children leave (``None`` each); on abort SIGTERM them (a running arm ends with its summary,
+        an idle child exits at once), then SIGKILL what is left after ``STOP_GRACE_S``."""
         if not abort:
             for _ in self.procs:
                 self.tasks.put(None)
