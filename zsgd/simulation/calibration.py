@@ -192,6 +192,8 @@ class Calibration:
     def _read_cache(self, warn: bool) -> dict[str, Any]:
         path = self.cache_path()
         try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                raise ValueError("too large")
             doc = json.loads(path.read_text())
         except (FileNotFoundError, NotADirectoryError):  # nothing cached yet (the write says if it cannot be)
             return {}
