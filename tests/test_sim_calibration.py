@@ -194,6 +194,7 @@ def test_recalibrate_measures_again_and_calibration_replays_a_recorded_one(tmp_p
     # an arm's file lacks the other arm's server step: refused with one line, not a silent mix of machines
     r = cli("sim", *GRID, "--out", str(tmp_path / "mixed"), "-q", "--calibration", str(tmp_path / "one" / "00-async" / "config.yaml"))
     assert r.exit_code == 2 and "no valid server-step time" in r.stderr and len(lines_of(r.stderr)) == 1, r.stderr
+    assert not (tmp_path / "mixed").exists()  # refused before anything is written
 
 
 EXPERIMENT = """\
