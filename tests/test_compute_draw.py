@@ -103,3 +103,13 @@ def test_stretch_listens_and_an_abandon_ends_it():
     asked.clear()
     assert stretch_step(time.monotonic(), 0.02, 2.0, recv=feed()) is None
     assert len(asked) == 2 and 0 < asked[0] <= 0.02 and asked[1] > 0  # the draw, then the straggler's stretch of it
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--algo", "ksync:2", "--servers", "2"], "cannot run with --servers 2"),
+    (["--compute", "shifted-exp:1ms"], "shifted-exp takes 2"),
+])
+def test_bad_sim_flags_are_one_line(tmp_path, args, needle):
+    result = cli("sim", "--workers", "2", "--model", "logreg", "--data", "embedded", "--steps", "5", *args, "--out", str(tmp_path / "s"))
+    lines = lines_of(result.stderr)
+    assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
