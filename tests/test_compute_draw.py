@@ -65,6 +65,7 @@ def test_reply_stretch_is_validated_like_any_broker_message():
     (["--inject-compute", "exp:20ms", "--algo", "dsgd", "--topology", "ring"], "--inject-compute stretches the steps a parameter server"),
     (["--algo", "ksync:2", "--servers", "2"], "cannot run with --servers 2"),
     (["--algo", "kasync:0"], "kasync needs K >= 1"),
+    (["--inject-compute", "trace:/nonexistent/steps.csv"], "file not found"),
 ])
 def test_bad_flags_are_one_line(tmp_path, args, needle):
     result = cli("run", "--n-proc", "2", "--model", "logreg", "--data", "embedded", "--steps", "5", *args, "--out", str(tmp_path / "r"))

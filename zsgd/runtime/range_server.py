@@ -107,7 +107,9 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
     if curve is not None:
         curve = {"secret": curve["secret"].encode("ascii"), "public": curve["public"].encode("ascii"), "allowed": dict(curve["allowed"])}
     server = ServerOptions(**dict(meta["server_options"]) | {"checkpoint_every": 0, "eval_interval": 0.0, "servers": 1})
-    emulation = EmulationOptions(**dict(meta["emulation"]))
+    # Compute times are drawn by the coordinator alone (a sharded worker stretches to its reply's draw): a
+    # range server on another machine need not have a --inject-compute trace file.
+    emulation = EmulationOptions(**dict(meta["emulation"]) | {"inject_compute": None})
     n_workers = int(meta["n_workers"])
     bind = f"tcp://{_bracketed(opts.advertise) if opts.advertise else meta['bind_host']}:0"
     network = NetworkOptions(heartbeat=float(meta["heartbeat"]), timeout=float(meta["timeout"]), shared_memory=meta.get("shared_memory") is not False)
