@@ -775,3 +775,15 @@ def test_plan_size_checked_before_anything_is_written(tmp_path):
     (tmp_path / "e.yaml").write_text(f"problem: {{model: logreg, data: embedded, steps: {10**23}}}\narms:\n  - {{name: a}}\n")
     refused("experiment", tmp_path / "e.yaml", "--out", tmp_path / "x", match=r"the arms would write about 10\^25 bytes")
     assert not (tmp_path / "x").exists()
+
+
+def test_decentralized_nodes_checked_against_available_memory(tmp_path, monkeypatch):
+    """Each simulated dsgd node holds its own model: 2,000 mlp nodes are ~6.6 GB, refused on a machine
+    with 1 GiB available (as --n-proc is capped by memory), before any node is built."""
+    monkeypatch.setattr("zsgd.core.machine.available_memory", lambda: 1 << 30)
+    refused("sim", "--model", "mlp", "--data", "embedded", "-q", "--workers", "2000", "--algo", "dsgd", "--out", tmp_path / "s",
+            match=r"--workers 2,000 with dsgd simulates 2,000 nodes, each with its own model of 235,146 parameters "
+                  r"\(about 6.6 GB, 3.5 model copies a node\), more than the 1.1 GB of memory available")
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "e.yaml").write_text("problem: {model: mlp, data: embedded, steps: 2}\narms:\n  - {name: d, algo: dsgt, workers: 2000}\n")
+    refused("experiment", tmp_path / "e.yaml", "--out", tmp_path / "x", match=r"e.yaml:3: arm 'd': --workers 2,000 with dsgt")

@@ -85,10 +85,16 @@ class Experiment:
                 check_servers(arm.opts.server.servers if arm.mode == "run" else getattr(arm.opts, "servers", 1), self.problem.model.n_params)
             except ZsgdError as exc:
                 raise ZsgdError(f"{self.spec.path}:{arm.line}: arm {arm.name!r}: {exc}") from None
-        from zsgd.simulation.plan import check_plan_size
+        from zsgd.simulation.plan import check_node_memory, check_plan_size
 
         check_plan_size([self.problem.stop_rule(a.cfg).total_updates for a in self.arms], 4 * self.problem.model.n_params,
                         self.out if self.out is not None else Path("runs"))  # before the output directory is made
+        for arm in self.arms:
+            if arm.mode == "sim" and arm.decentralized:
+                try:
+                    check_node_memory(arm.algo, self._n(arm), self.problem.model.n_params)
+                except ZsgdError as exc:
+                    raise ZsgdError(f"{self.spec.path}:{arm.line}: arm {arm.name!r}: {exc}") from None
 
     @staticmethod
     def _n(arm: ArmSpec) -> int:

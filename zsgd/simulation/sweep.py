@@ -281,11 +281,16 @@ def result_row(arm: Arm, result: SimResult) -> dict[str, Any]:
 
 
 def check_sweep_size(cfg: TrainConfig, arms: list[Arm], spec: SweepSpec, workload: Workload, out: Path) -> None:
-    """Refuse a sweep whose arms would write more than the disk of ``out`` holds (``zsgd.simulation.plan``)."""
-    from zsgd.simulation.plan import check_plan_size
+    """Refuse a sweep whose arms would write more than the disk of ``out`` holds, or whose decentralized arms'
+    nodes would not fit in memory (``zsgd.simulation.plan``)."""
+    from zsgd.simulation.decentralized import DecentralizedOptions
+    from zsgd.simulation.plan import check_node_memory, check_plan_size
 
     stop = workload.problem.stop_rule
     check_plan_size([stop(arm_config(cfg, a, spec)[0]).total_updates for a in arms], 4 * workload.model.n_params, out)
+    for arm in arms:  # before any arm builds its nodes
+        if isinstance(arm.opts, DecentralizedOptions):
+            check_node_memory(arm.opts.algo, arm.opts.n_workers, workload.model.n_params)
 
 
 def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> Workload:
