@@ -24,6 +24,14 @@ ulp from ``tanh``), which LLVM vectorises to AVX-512 like any other
 multiply-add loop; ``sigmoid(x) = 0.5 + 0.5 tanh(x / 2)`` is exact algebra.
 ``tests/test_lstm.py`` checks both against numpy to 2e-6.
 
+**Why one slice per gate.** The step kernels index every array by the
+loop variable alone (``a[b][uh:2 * uh]`` taken once per row, then ``[j]``),
+never ``row[uh + j]`` or a ``range(2 * uh, 3 * uh)`` loop: with those index
+forms LLVM could not prove the accesses consecutive and vectorised them as
+AVX-512 gathers and scatters (found in the assembly on an AMD Zen 5: the
+gate kernel 23 us and the backward step 28.5 us at B=32, H=256; with the
+slices 6.5 and 4.8 us, same results bit for bit).
+
 **Why ``error_model="numpy"``.** Under numba's default (Python) error model
 every float division checks for zero and raises ``ZeroDivisionError``; that
 branch alone keeps LLVM from vectorising the loop (measured: the gate
@@ -142,15 +150,19 @@ def gates_forward(xp: np.ndarray, rows: np.ndarray, rec: np.ndarray, bias: np.nd
     B, H4 = a.shape
     uh = u8(H4 // 4)
     for b in range(B):
-        xr = xp[rows[b]]
-        rr = rec[b]
-        ar = a[b]
-        for j in range(2 * uh):
-            ar[j] = _sigmoid(xr[j] + rr[j] + bias[j])
-        for j in range(2 * uh, 3 * uh):
-            ar[j] = _tanh(xr[j] + rr[j] + bias[j])
-        for j in range(3 * uh, 4 * uh):
-            ar[j] = _sigmoid(xr[j] + rr[j] + bias[j])
+        x0 = xp[rows[b]]
+        r0 = rec[b]
+        a0 = a[b]
+        for q in range(4):  # one gate's H columns per loop, every array indexed by the loop variable alone
+            lo = u8(q) * uh
+            hi = lo + uh
+            xs, rs, bs, ds = x0[lo:hi], r0[lo:hi], bias[lo:hi], a0[lo:hi]
+            if q == 2:
+                for j in range(uh):
+                    ds[j] = _tanh(xs[j] + rs[j] + bs[j])
+            else:
+                for j in range(uh):
+                    ds[j] = _sigmoid(xs[j] + rs[j] + bs[j])
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
@@ -159,17 +171,19 @@ def cell_forward(a: np.ndarray, c_prev: np.ndarray, c: np.ndarray, h: np.ndarray
 
     ``a``: the step's activated gates (B, 4H); the others (B, H).
     """
+    prefer_512()
     B, H = c.shape
     uh = u8(H)
     for b in range(B):
-        ar = a[b]
+        a0 = a[b]
+        ai, af, ag, ao = a0[:uh], a0[uh:2 * uh], a0[2 * uh:3 * uh], a0[3 * uh:4 * uh]
         cp = c_prev[b]
         cr = c[b]
         hr = h[b]
         for j in range(uh):
-            cv = ar[uh + j] * cp[j] + ar[j] * ar[2 * uh + j]
+            cv = af[j] * cp[j] + ai[j] * ag[j]
             cr[j] = cv
-            hr[j] = ar[3 * uh + j] * _tanh(cv)
+            hr[j] = ao[j] * _tanh(cv)
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
@@ -189,28 +203,31 @@ def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, car
     grouped (``cs``, ``carry``) to keep the loop to few distinct arrays,
     which is what lets LLVM vectorise it (3x faster than seven arrays).
     """
+    prefer_512()
     B, H = cs.shape[1], cs.shape[2]  # dh_out may be wider (padded to whole panels by the product above)
     uh = u8(H)
     for b in range(B):
-        ar = a[b]
+        a0 = a[b]
+        d0 = dg[b]
+        ai, af, ag, ao = a0[:uh], a0[uh:2 * uh], a0[2 * uh:3 * uh], a0[3 * uh:4 * uh]
+        di, df, dgg, do = d0[:uh], d0[uh:2 * uh], d0[2 * uh:3 * uh], d0[3 * uh:4 * uh]
         cp = cs[t, b]
         cr = cs[t + 1, b]
         dho = dh_out[b]
         dcr = carry[0, b]
         dhr = carry[1, b]
-        dgr = dg[b]
         for j in range(uh):
-            i = ar[j]
-            f = ar[uh + j]
-            g = ar[2 * uh + j]
-            o = ar[3 * uh + j]
+            i = ai[j]
+            f = af[j]
+            g = ag[j]
+            o = ao[j]
             th = _tanh(cr[j])
             dh = dho[j] + dhr[j]
             dcv = dcr[j] + dh * o * (_ONE - th * th)
-            dgr[j] = dcv * g * i * (_ONE - i)
-            dgr[uh + j] = dcv * cp[j] * f * (_ONE - f)
-            dgr[2 * uh + j] = dcv * i * (_ONE - g * g)
-            dgr[3 * uh + j] = dh * th * o * (_ONE - o)
+            di[j] = dcv * g * i * (_ONE - i)
+            df[j] = dcv * cp[j] * f * (_ONE - f)
+            dgg[j] = dcv * i * (_ONE - g * g)
+            do[j] = dh * th * o * (_ONE - o)
             dcr[j] = dcv * f
 
 
