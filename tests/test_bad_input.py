@@ -787,3 +787,14 @@ def test_decentralized_nodes_checked_against_available_memory(tmp_path, monkeypa
     assert not (tmp_path / "s").exists()
     (tmp_path / "e.yaml").write_text("problem: {model: mlp, data: embedded, steps: 2}\narms:\n  - {name: d, algo: dsgt, workers: 2000}\n")
     refused("experiment", tmp_path / "e.yaml", "--out", tmp_path / "x", match=r"e.yaml:3: arm 'd': --workers 2,000 with dsgt")
+
+
+@pytest.mark.parametrize("text,match", [
+    ("n_proc: " + "9" * 5000 + "\n", r"c.yaml: invalid value in the config file \(a number of more than 4300 digits\)"),
+    ("name: 2024-13-45\n", r"c.yaml: invalid value in the config file \(month must be in 1..12\)"),
+])
+def test_yaml_values_python_cannot_build(tmp_path, text, match):
+    (tmp_path / "c.yaml").write_text(text)
+    refused("run", "--config", tmp_path / "c.yaml", *SMALL, match=match)
+    (tmp_path / "e.yaml").write_text(EXPERIMENT_HEAD + "  - {name: a, workers: " + text.partition(": ")[2].strip() + "}\n")
+    refused("experiment", tmp_path / "e.yaml", "--check", match=r"e.yaml: invalid value in the experiment file")

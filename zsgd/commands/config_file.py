@@ -25,8 +25,9 @@ from zsgd.errors import ZsgdError
 
 
 def option_keys(command: click.Command) -> dict[str, click.Option]:
-    """The keys a config file may use for ``command``'s own options: each long flag without its
-    dashes, ``-`` or ``_`` (``n-proc``, ``n_proc``), and the parameter's name; ``--config`` itself excluded."""
+    """The keys a config file may use for ``command``'s own options: each long flag without its leading
+    dashes (``n_proc``; the loader reads ``n-proc`` as the same key), and the parameter's name;
+    hidden options and ``--config`` itself excluded."""
     keys: dict[str, click.Option] = {}
     for param in command.params:
         if not isinstance(param, click.Option) or param.name == "config_file" or param.hidden:

@@ -89,6 +89,9 @@ def load_marked(path: Path, what: str = "experiment file") -> Marked:
         raise ZsgdError(f"{path}:{exc.line}: YAML aliases (*{exc.anchor}) are not accepted; write the value out") from None
     except RecursionError:
         raise ZsgdError(f"{path}: nested too deeply to be a {what}") from None
+    except ValueError as exc:  # a value PyYAML resolves but Python cannot build: a 5000-digit int, the date 2024-13-45
+        why = "a number of more than 4300 digits" if "digits" in str(exc) else " ".join(str(exc).split())[:100]
+        raise ZsgdError(f"{path}: invalid value in the {what} ({why})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
