@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 
 from zsgd.wire import protocol
-from zsgd.errors import ZsgdError
+from zsgd.errors import ProtocolError, ZsgdError
 from zsgd.wire.link import BrokerLink
 from zsgd.wire.protocol import Message, MsgType
 from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, expect, identity_for, join_proof, log, session_end
@@ -101,7 +101,7 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
     while True:
         try:
             msg, early = early or link.recv(timeout=opts.timeout), None
-        except protocol.ProtocolError as exc:  # weights in shared memory that are not what the message says
+        except ProtocolError as exc:  # weights in shared memory that are not what the message says
             log(opts, f"broker sent unusable weights ({exc}); exiting")
             return EXIT_BAD_REPLY
         if msg is None:
@@ -120,7 +120,7 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
                 # arrival), so the emulation and the simulator's models stretch the same time; a K-sync step
                 # abandoned meanwhile ends the stretch (zsgd.runtime.replies.stretch_step).
                 early = stretch_step(t0, *emulated_stretch(msg.meta), recv=lambda s: link.recv(timeout=s), version=msg.version)
-            except protocol.ProtocolError as exc:
+            except ProtocolError as exc:
                 log(opts, f"broker sent unusable weights ({exc}); exiting")
                 return EXIT_BAD_REPLY
             link.send(reply)

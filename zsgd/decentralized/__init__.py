@@ -1,6 +1,6 @@
 """Decentralized training: nodes that average with their neighbours, no central model.
 
-Layers, top to bottom (each sans-IO except ``sim``):
+Layers, top to bottom (all sans-IO):
 
 - ``topology``: graphs (ring, torus, wheel, complete, random-regular:D,
   erdos-renyi:P) and their Metropolis mixing weights;
@@ -10,9 +10,12 @@ Layers, top to bottom (each sans-IO except ``sim``):
   round r, how it consumes what it receives), with optional compression;
 - ``driver``: the round driver that advances all nodes together, the
   average model and the consensus error;
-- ``sim``: the virtual-time driver that writes metrics in the runtime's schema;
-- ``relay`` and ``node_loop``: ``zsgd run`` with real processes, the broker
-  relaying PEER messages between neighbours (``docs/algorithms.md``).
+Their drivers live above this package: the virtual-time one in
+``zsgd/simulation/decentralized.py`` (metrics in the runtime's schema), and
+``zsgd run`` with real processes in ``zsgd/runtime/relay.py`` (the broker
+relaying PEER messages between neighbours) and
+``zsgd/runtime/decentralized_node.py`` (a node's loop); see
+``docs/algorithms.md``.
 """
 
 from __future__ import annotations

@@ -41,7 +41,8 @@ import numpy as np
 from zsgd.compression import decode, make_codec
 from zsgd.compression.base import check_finite
 from zsgd.decentralized.rules import NodeRule, StepStats
-from zsgd.wire.protocol import Message, ProtocolError
+from zsgd.errors import ProtocolError
+from zsgd.wire.protocol import Message
 
 FULL = "none"  # codec of a payload that carries the full state arrays
 

@@ -36,7 +36,8 @@ from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn,
 from zsgd.decentralized.topology import MixingRow
 from zsgd.errors import ZsgdError
 from zsgd.wire.link import BROKER_DEAD, BrokerLink
-from zsgd.wire.protocol import Message, MsgType, ProtocolError
+from zsgd.errors import ProtocolError
+from zsgd.wire.protocol import Message, MsgType
 
 EXIT_OK, EXIT_PEER_ERROR, EXIT_BROKER_GONE = 0, 1, 3
 

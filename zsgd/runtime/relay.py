@@ -1,7 +1,7 @@
 """The broker of a decentralized run: a relay and a referee, not a parameter server.
 
 In ``zsgd run --algo dsgd|dsgt|cadmm`` no central model is trained. Workers
-run their node rule (``node_loop.py``) and exchange PEER messages; the
+run their node rule (``zsgd/runtime/decentralized_node.py``) and exchange PEER messages; the
 broker's ROUTER is the only address every worker can reach, so it relays
 them. Why relay rather than connect workers directly: one listening port,
 one CURVE key, one place that knows who is alive, and the graph can be

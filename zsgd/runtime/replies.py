@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from zsgd.errors import ProtocolError
 from zsgd.wire import protocol
 from zsgd.wire.protocol import Message, MsgType
 
@@ -23,7 +24,7 @@ def reply_decoder(spec: str, n_params: int) -> Callable[[Message], np.ndarray]:
     if spec == "none":
         def full_only(msg: Message) -> np.ndarray:
             if msg.codec != "none":
-                raise protocol.ProtocolError("bad-schema", f"unexpected reply codec {msg.codec!r}")
+                raise ProtocolError("bad-schema", f"unexpected reply codec {msg.codec!r}")
             protocol.validate_weights(msg, run=msg.run, n_params=n_params, require_finite=False)
             return msg.arrays["w"]
 
@@ -37,7 +38,7 @@ def reply_decoder(spec: str, n_params: int) -> Callable[[Message], np.ndarray]:
             protocol.validate_weights(msg, run=msg.run, n_params=n_params, require_finite=False)
             return decoder.full(msg.arrays["w"])
         if msg.codec != "delta+" + decoder.inner:
-            raise protocol.ProtocolError("bad-schema", f"unexpected reply codec {msg.codec!r}")
+            raise ProtocolError("bad-schema", f"unexpected reply codec {msg.codec!r}")
         return decoder.apply(msg.arrays)
 
     return with_deltas

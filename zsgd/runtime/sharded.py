@@ -37,6 +37,7 @@ import numpy as np
 
 from zsgd.core.ranges import join_state, slice_state, split_ranges
 from zsgd.runtime.parameter_server import ParameterServer
+from zsgd.errors import ProtocolError
 from zsgd.wire import protocol
 from zsgd.wire.membership import Peer
 from zsgd.wire.protocol import Message, MsgType
@@ -245,7 +246,7 @@ class ShardedParameterServer(ParameterServer):
         """At the end only STATE from the servers matters; updates arriving now are not applied."""
         try:
             msg = protocol.decode(frames[1:], self.b.endpoint.limits)
-        except protocol.ProtocolError:
+        except ProtocolError:
             return
         peer = self.b.session.members.peers.get(frames[0].bytes)
         if peer is not None and peer.role == "server" and msg.type == MsgType.STATE and msg.run == self.b.run:

@@ -33,7 +33,7 @@ import numpy as np
 import zmq
 
 from zsgd.core.config import TrainConfig
-from zsgd.errors import ZsgdError
+from zsgd.errors import ProtocolError, ZsgdError
 from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, join_proof, log, session_end
 from zsgd.runtime.replies import emulated_stretch, reply_decoder, stretch_step
 from zsgd.wire import protocol
@@ -141,7 +141,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
     while True:
         try:
             got = early.pop(0) if early else recv_any(links, opts.timeout)
-        except protocol.ProtocolError as exc:  # weights in shared memory that are not what the message says (as zsgd.node)
+        except ProtocolError as exc:  # weights in shared memory that are not what the message says (as zsgd.node)
             log(opts, f"a server sent unusable weights ({exc}); exiting")
             return EXIT_BAD_REPLY
         if got is None:
@@ -155,7 +155,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
         a, b = ranges[i]
         try:
             w[a:b] = decoders[i](msg)
-        except protocol.ProtocolError as exc:
+        except ProtocolError as exc:
             log(opts, f"server {i} sent unusable weights ({exc}); exiting")
             return EXIT_BAD_REPLY
         versions[i], have[i] = msg.version, True

@@ -56,7 +56,7 @@ from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
 from zsgd.simulation import interrupt
 from zsgd.simulation.netmodel import Delay, Measured, Network, StragglerSpec
-from zsgd.wire.protocol import ProtocolError
+from zsgd.errors import ProtocolError
 from zsgd.core.schedule import check_schedule_applies, resolve_lr_schedule
 from zsgd.sim import ProgressFn, SimResult, Workload, record_arm
 

@@ -12,7 +12,7 @@ means is the runner's business:
   starts its refresh thread (a fork never copies a held lock), each taking
   arm indices from a queue. Forked children share the loaded data set, the
   shards and the compiled kernels copy-on-write, so an arm starts at once;
-  every child runs one BLAS thread (``zsgd.threads``), so ``--jobs N`` on N
+  every child runs one BLAS thread (``zsgd.runtime.threads``), so ``--jobs N`` on N
   cores does not oversubscribe them;
 - ``CommandRunner``: one subprocess per arm from a command line the caller
   builds (``srun --exact -n 1 -c 1 zsgd sim-arm ...`` under Slurm), for arms

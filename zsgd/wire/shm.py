@@ -43,7 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zsgd.wire.frames import Message, MsgType, ProtocolError
+from zsgd.errors import ProtocolError
+from zsgd.wire.frames import Message, MsgType
 
 MAGIC = b"ZSGDSHM1"
 PREFIX = "zsgd-shm-"
