@@ -158,8 +158,9 @@ def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, stale
     check_sweep_size(cfg, arms, spec, workload, Path(out) if out is not None else Path("runs"))  # before anything is written
     from zsgd.commands.arms import resolve_arm_launch
     from zsgd.simulation.arm_files import require_replayed
+    from zsgd.simulation.sweep import arm_config
 
-    require_replayed(cfg, spec, arms, workload)  # --calibration FILE holds every figure the arms use
+    require_replayed([(arm_config(cfg, a, spec)[0], a.opts) for a in arms], workload)  # --calibration FILE holds every figure the arms use
     launch = resolve_arm_launch(jobs, launcher, "sim-arm")  # outside an allocation, without srun: refused before anything is written
     out_dir = create_run_dir(out, cfg.name)
     ds, model = workload.problem.dataset, workload.model

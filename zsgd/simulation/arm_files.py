@@ -38,20 +38,19 @@ def calibrate_once(workload: Any, options: Iterable[Any]) -> None:
     workload.gradient_step()(0)
 
 
-def require_replayed(cfg: Any, spec: Any, arms: list, workload: Any) -> None:
+def require_replayed(arms: list[tuple[Any, Any]], workload: Any) -> None:
     """With ``--calibration FILE``: every figure the arms use is in FILE (one line naming the first missing one),
-    checked before anything is written; a replay measures nothing, so this costs a few look-ups."""
+    checked before anything is written; a replay measures nothing, so this costs a few look-ups. ``arms``: each
+    arm's configuration (``sweep.arm_config``) and its options."""
     if workload.calibration.mode != "replay":
         return
-    from zsgd.simulation.sweep import arm_config
     from zsgd.simulation.workload import Workload
 
     workloads = {workload.cfg.batch_size: workload}
-    for arm in arms:
-        arm_cfg, _note = arm_config(cfg, arm, spec)
+    for arm_cfg, arm_opts in arms:
         if arm_cfg.batch_size not in workloads:
             workloads[arm_cfg.batch_size] = Workload(arm_cfg, workload.problem, workload.calibration)
-        workloads[arm_cfg.batch_size].calibration_record(arm.opts)
+        workloads[arm_cfg.batch_size].calibration_record(arm_opts)
 
 
 def calibrations(workloads: dict[int, Any]) -> dict[str, Any]:
