@@ -40,7 +40,10 @@ its own, like FedBN. A process that has not trained a normalization layer
 (the broker or evaluator of ``zsgd run``) evaluates it with each evaluation
 batch's own statistics (``PREDICT_BATCH`` images) instead of its untouched
 initial ones, so a distributed run's accuracy is not silently wrong; the
-tests check both cases.
+tests check both cases. That process's ``state_dict`` (the ``weights.npz`` of
+``zsgd run``) therefore carries untrained statistics (``num_batches_tracked``
+0): re-estimate them with a few forward passes in train mode before using
+the module in eval mode.
 
 Threads: a process whose ``OMP_NUM_THREADS`` is set (zsgd's workers, ``zsgd
 run`` and ``zsgd sim`` set it to 1 before numpy loads, as they do for numba)
