@@ -233,8 +233,11 @@ class LSTMModel:
                 state.c[layer] = cs[T]
             inp = hs[1:].reshape(T * B, H)
         logits = buffer(ws, "logits", (T * B, V))
-        np.matmul(inp, p["fc.weight"].T, out=logits)
-        K.bias_act_rows(logits, p["fc.bias"], False)
+        fc_pack = buffer(ws, "fc_pack_rows", (LG.panels(V), H, LG.NR))
+        wide = buffer(ws, "logits_wide", (T * B, LG.panels(V) * LG.NR))
+        LG.pack_rows(p["fc.weight"], fc_pack)
+        LG.gemm_packed(inp, fc_pack, wide)
+        LK.narrow_add_bias(wide, p["fc.bias"], logits)
         return logits
 
     @staticmethod
@@ -279,11 +282,13 @@ class LSTMModel:
         E, H = self.spec.embed, self.spec.hidden
         L = self.spec.layers
         top = ws[f"h{L - 1}"][1:].reshape(T * B, H)
-        np.matmul(dlogits.T, top, out=g["fc.weight"])
+        self._weight_grad(dlogits, top, g["fc.weight"], ws)
         g["fc.bias"].fill(0.0)
         K.colsum_add(dlogits, g["fc.bias"])
-        dh = buffer(ws, f"dh{L - 1}", (T * B, H))
-        np.matmul(dlogits, p["fc.weight"], out=dh)
+        dh = buffer(ws, f"dh{L - 1}", (T * B, LG.panels(H) * LG.NR))
+        fc_pack = buffer(ws, "fc_pack_cols", (LG.panels(H), self.vocab_size, LG.NR))
+        LG.pack_cols(p["fc.weight"], fc_pack)
+        LG.gemm_packed(dlogits, fc_pack, dh)
         dg = buffer(ws, "dg", (T, B, 4 * H))
         dg2 = dg.reshape(T * B, 4 * H)
         carry = buffer(ws, "carry", (2, B, LG.panels(H) * LG.NR))  # d(loss)/d(c), d(loss)/d(h) flowing back in time
@@ -325,20 +330,20 @@ class LSTMModel:
         """``out = dg.T @ x`` over the whole block (rows = time steps x streams) with zsgd's own product.
 
         numpy's OpenBLAS picks its AVX2 (Haswell) kernels on some AVX-512
-        CPUs (AMD Zen 4/5) and reaches a quarter of the packed tile's rate
-        there; ``x`` is packed (2 MB at the default sizes, about 0.1 ms) and
-        ``dg`` read transposed in place. ``out`` is written directly when
-        its width is whole panels, else through a padded scratch.
+        CPUs (AMD Zen 4/5) and reaches a quarter of the tile's rate there.
+        ``x`` is read in place when its width is whole panels, else through
+        a zero-padded copy (and ``out`` through a padded scratch).
         """
         n = x.shape[1]
-        xp = buffer(ws, f"x_pack{n}", (LG.panels(n), x.shape[0], LG.NR))
-        LG.pack_cols(x, xp)
         if n % LG.NR == 0:
-            LG.gemm_packed_at(dg, xp, out)
-        else:
-            wide = buffer(ws, f"wgrad{n}", (out.shape[0], LG.panels(n) * LG.NR))
-            LG.gemm_packed_at(dg, xp, wide)
-            out[:] = wide[:, :n]
+            LG.gemm_at(dg, x, out)
+            return
+        xp = buffer(ws, f"x_pad{n}", (x.shape[0], LG.panels(n) * LG.NR))
+        xp[:, n:] = 0.0
+        xp[:, :n] = x
+        wide = buffer(ws, f"wgrad{n}", (out.shape[0], xp.shape[1]))
+        LG.gemm_at(dg, xp, wide)
+        out[:] = wide[:, :n]
 
     def predict(self, w: np.ndarray, x: np.ndarray, state: LSTMState | None = None) -> np.ndarray:
         """Next-token logits (batch, bptt, V) for token ids ``x``; ``state`` as in :meth:`loss_and_grad`."""

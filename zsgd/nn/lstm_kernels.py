@@ -271,6 +271,18 @@ def layer_backward(a: np.ndarray, cs: np.ndarray, dh: np.ndarray, w_pack: np.nda
             gemm_packed(dg[t], w_pack, carry[1])
 
 
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def narrow_add_bias(wide: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """``out = wide[:, :C] + bias`` for (R, C) ``out``: the output layer's logits out of a panel-padded product."""
+    R, C = out.shape
+    uc = u8(C)
+    for r in range(R):
+        src = wide[r]
+        dst = out[r]
+        for j in range(uc):
+            dst[j] = src[j] + bias[j]
+
+
 # ---------------------------------------------------------------- embedding
 
 
