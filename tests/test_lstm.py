@@ -200,6 +200,86 @@ def test_packed_gemm_matches_numpy(m, k, n):
         assert not c[:, n:LG.panels(n) * LG.NR].any()  # the padding columns come out zero
 
 
+@pytest.mark.parametrize("m,k,n,n2", [(1024, 600, 64, 32), (13, 37, 32, 0), (7, 1, 32, 32), (3, 300, 0, 64), (6, 0, 32, 0)])
+def test_gemm_at_matches_numpy(m, k, n, n2):
+    """The weight-gradient product ``at.T @ b`` (and a second ``b2`` in the same pass, and the column sums):
+    k blocks with a ragged last one, row tiles of 8/4/2/1, columns past N left alone."""
+    from zsgd.nn import lstm_gemm as LG
+
+    n, n2 = n * LG.NR // 32, n2 * LG.NR // 32  # the same number of panels on a CPU without AVX-512
+    rng = np.random.default_rng(m + k + n)
+    at = rng.standard_normal((k, m), dtype=np.float32)
+    b, b2 = rng.standard_normal((k, n), dtype=np.float32), rng.standard_normal((k, n2), dtype=np.float32)
+    c, c2 = np.full((m, n + 3), np.nan, np.float32), np.full((m, n2), np.nan, np.float32)
+    sums = np.full(m, 0.5)
+    LG.gemm_at(at, b, c, b2, c2, sums)
+    a64 = at.astype(np.float64)
+    for got, ref in ((c[:, :n], a64.T @ b), (c2, a64.T @ b2)):
+        assert np.abs(got - ref).max(initial=0.0) <= 1e-5 * max(1.0, np.abs(ref).max(initial=0.0))
+    assert np.isnan(c[:, n:]).all()  # columns past N are not written
+    np.testing.assert_allclose(sums, 0.5 + a64.sum(0), rtol=1e-6, atol=1e-5)
+    LG.gemm_at(at, b, c, b2, c2, np.zeros(0))  # no column sums asked for: still the products
+    assert np.abs(c[:, :n] - a64.T @ b).max(initial=0.0) <= 1e-5 * max(1.0, np.abs(a64.T @ b).max(initial=0.0))
+
+
+def test_step_kernels_match_the_lstm_equations():
+    """Gates, cell update and the backward step against the equations in float64, odd H, a panel-padded dh."""
+    rng = np.random.default_rng(11)
+    B, H, T, R = 5, 37, 3, 9
+    xp = rng.standard_normal((R, 4 * H + 5), dtype=np.float32)  # wider than 4H, as a padded product leaves it
+    rows = rng.integers(0, R, B)
+    rec, bias = rng.standard_normal((B, 4 * H), dtype=np.float32), rng.standard_normal(4 * H, dtype=np.float32)
+    a = np.empty((B, 4 * H), np.float32)
+    LK.gates_forward(xp, rows, rec, bias, a)
+    z = xp[rows, :4 * H].astype(np.float64) + rec + bias
+    sig = 1.0 / (1.0 + np.exp(-z))
+    ref = np.concatenate([sig[:, :2 * H], np.tanh(z[:, 2 * H:3 * H]), sig[:, 3 * H:]], axis=1)
+    np.testing.assert_allclose(a, ref, atol=3e-6)
+    i, f, g, o = (a[:, q * H:(q + 1) * H].astype(np.float64) for q in range(4))
+    cs = rng.standard_normal((T + 1, B, H), dtype=np.float32)
+    h = np.empty((B, H), np.float32)
+    LK.cell_forward(a, cs[1], cs[2], h)
+    c_ref = f * cs[1] + i * g
+    np.testing.assert_allclose(cs[2], c_ref, atol=1e-6)
+    np.testing.assert_allclose(h, o * np.tanh(c_ref), atol=3e-6)
+    dh_out = rng.standard_normal((B, H + 11), dtype=np.float32)  # only the first H columns are d(loss)/d(h)
+    carry = rng.standard_normal((2, B, H), dtype=np.float32)
+    dc_in, dh_back = carry[0].astype(np.float64), carry[1].astype(np.float64)
+    dg = np.full((B, 4 * H), np.nan, np.float32)
+    LK.cell_backward(a, cs, 1, dh_out, carry, dg)
+    th = np.tanh(cs[2].astype(np.float64))
+    dh = dh_out[:, :H] + dh_back
+    dc = dc_in + dh * o * (1 - th * th)
+    ref = np.concatenate([dc * g * i * (1 - i), dc * cs[1] * f * (1 - f), dc * i * (1 - g * g), dh * th * o * (1 - o)], 1)
+    np.testing.assert_allclose(dg, ref, atol=1e-5)
+    np.testing.assert_allclose(carry[0], dc * f, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,vocab,b,t", [("lstm:embed=32,hidden=32,layers=2", 50, 3, 5),
+                                            ("lstm:embed=20,hidden=40,layers=2", 13, 5, 7)])
+def test_gradients_match_autograd_with_whole_and_partial_panels(spec, vocab, b, t):
+    """Widths that are whole panels (read in place) and not (padded copies), the block projection of
+    layer 0 (vocabulary above the block's rows) and the token table: gradients as autograd's."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    m = get_lstm(spec, vocab)
+    assert m._token_table(b * t) == (vocab <= b * t)
+    w = m.init(5)
+    x, y = _batch(rng, vocab, b, t)
+    loss, g = m.loss_and_grad(w, x, y)
+    net = _torch_lm(torch, m)
+    net.load_state_dict({k: torch.from_numpy(v.astype(np.float64)) for k, v in m.state_dict(w).items()})
+    lt = torch.nn.functional.cross_entropy(net(torch.from_numpy(x), None)[0].reshape(-1, vocab),
+                                           torch.from_numpy(y).reshape(-1))
+    lt.backward()
+    assert loss == pytest.approx(lt.item(), rel=1e-5)
+    gs = m.state_dict(g)
+    for name, p in net.named_parameters():
+        ref = p.grad.numpy()
+        err = np.abs(gs[name] - ref).max() / np.abs(ref).max()
+        assert err <= 1e-4, f"{name}: relative error {err:.2e}"
+
+
 @pytest.mark.slow
 def test_packed_gemm_without_avx512_uses_the_narrow_tile(tmp_path):
     """Compiled for a CPU without AVX-512 (numba's target set by environment), the kernel takes 4 x 16

@@ -282,7 +282,7 @@ class LSTMModel:
         E, H = self.spec.embed, self.spec.hidden
         L = self.spec.layers
         top = ws[f"h{L - 1}"][1:].reshape(T * B, H)
-        self._weight_grad(dlogits, top, g["fc.weight"], ws)
+        self._weight_grads(dlogits, [(top, g["fc.weight"])], ws)
         g["fc.bias"].fill(0.0)
         K.colsum_add(dlogits, g["fc.bias"])
         dh = buffer(ws, f"dh{L - 1}", (T * B, LG.panels(H) * LG.NR))
@@ -300,10 +300,11 @@ class LSTMModel:
             carry.fill(0.0)
             LG.pack_cols(w_hh, w_pack)
             LK.layer_backward(a, cs, dh3, w_pack, carry, dg)
-            self._weight_grad(dg2, hs[:T].reshape(T * B, H), g[f"lstm.weight_hh_l{layer}"], ws)
+            gw_hh = (hs[:T].reshape(T * B, H), g[f"lstm.weight_hh_l{layer}"])
             gb = g[f"lstm.bias_ih_l{layer}"]
-            gb.fill(0.0)
             if layer == 0 and self._token_table(T * B):
+                self._weight_grads(dg2, [gw_hh], ws)
+                gb.fill(0.0)
                 s = buffer(ws, "s0", (self.vocab_size, 4 * H))  # gate gradients summed per token
                 s.fill(0.0)
                 LK.embed_scatter_add(dg2, tok.reshape(-1), s)
@@ -312,8 +313,7 @@ class LSTMModel:
                 K.colsum_add(s, gb)
             else:
                 inp = ws["x0"] if layer == 0 else ws[f"h{layer - 1}"][1:].reshape(T * B, H)
-                self._weight_grad(dg2, inp, g[f"lstm.weight_ih_l{layer}"], ws)
-                K.colsum_add(dg2, gb)
+                self._weight_grads(dg2, [gw_hh, (inp, g[f"lstm.weight_ih_l{layer}"])], ws, bias=gb)
                 n_in = E if layer == 0 else H
                 # d(loss)/d(input) = dg @ W_ih, with the padding columns past n_in that no reader looks at
                 dh = buffer(ws, f"dh{layer - 1}" if layer else "dx0", (T * B, LG.panels(n_in) * LG.NR))
@@ -326,24 +326,39 @@ class LSTMModel:
             g[f"lstm.bias_hh_l{layer}"][:] = gb
 
     @staticmethod
-    def _weight_grad(dg: np.ndarray, x: np.ndarray, out: np.ndarray, ws: dict) -> None:
-        """``out = dg.T @ x`` over the whole block (rows = time steps x streams) with zsgd's own product.
+    def _weight_grads(dg: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]], ws: dict,
+                      bias: np.ndarray | None = None) -> None:
+        """``out = dg.T @ x`` for each ``(x, out)`` of ``pairs`` (one or two), and ``bias = dg.sum(0)``.
 
-        numpy's OpenBLAS picks its AVX2 (Haswell) kernels on some AVX-512
-        CPUs (AMD Zen 4/5) and reaches a quarter of the tile's rate there.
-        ``x`` is read in place when its width is whole panels, else through
-        a zero-padded copy (and ``out`` through a padded scratch).
+        One pass of zsgd's own product over the block's gate gradients
+        (rows = time steps x streams) serves both of a layer's weight
+        gradients and its bias gradient. (numpy's OpenBLAS picks its AVX2
+        Haswell kernels on some AVX-512 CPUs, AMD Zen 4/5, and reached a
+        quarter of the tile's rate there.) An ``x`` whose width is not
+        whole panels goes through a zero-padded copy, its ``out`` through
+        a padded scratch.
         """
-        n = x.shape[1]
-        if n % LG.NR == 0:
-            LG.gemm_at(dg, x, out)
-            return
-        xp = buffer(ws, f"x_pad{n}", (x.shape[0], LG.panels(n) * LG.NR))
-        xp[:, n:] = 0.0
-        xp[:, :n] = x
-        wide = buffer(ws, f"wgrad{n}", (out.shape[0], xp.shape[1]))
-        LG.gemm_at(dg, xp, wide)
-        out[:] = wide[:, :n]
+        args, copies = [], []
+        for x, out in pairs:
+            n = x.shape[1]
+            if n % LG.NR:
+                xp = buffer(ws, f"x_pad{len(args)}", (x.shape[0], LG.panels(n) * LG.NR))
+                xp[:, n:] = 0.0
+                xp[:, :n] = x
+                wide = buffer(ws, f"wgrad{len(args)}", (out.shape[0], xp.shape[1]))
+                args += [xp, wide]
+                copies.append((out, wide))
+            else:
+                args += [x, out]
+        if len(pairs) == 1:
+            args += [buffer(ws, "no_b", (dg.shape[0], 0)), buffer(ws, "no_c", (dg.shape[1], 0))]
+        sums = buffer(ws, "colsum", (dg.shape[1] if bias is not None else 0,), np.float64)
+        sums.fill(0.0)
+        LG.gemm_at(dg, *args, sums)
+        for out, wide in copies:
+            out[:] = wide[:, :out.shape[1]]
+        if bias is not None:
+            bias[:] = sums
 
     def predict(self, w: np.ndarray, x: np.ndarray, state: LSTMState | None = None) -> np.ndarray:
         """Next-token logits (batch, bptt, V) for token ids ``x``; ``state`` as in :meth:`loss_and_grad`."""

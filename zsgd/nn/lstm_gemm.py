@@ -268,24 +268,29 @@ def gemm_packed(a: np.ndarray, bp: np.ndarray, c: np.ndarray) -> None:
 
 
 @njit(cache=True, error_model="numpy")
-def gemm_at(at: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
-    """``c[:, :N] = at.T @ b``: ``at`` (K, M), ``b`` (K, N) with N a multiple of :data:`NR`, ``c`` (M, >= N); C-contiguous.
+def gemm_at(at: np.ndarray, b: np.ndarray, c: np.ndarray, b2: np.ndarray, c2: np.ndarray, colsum: np.ndarray) -> None:
+    """``c[:, :N] = at.T @ b`` and ``c2[:, :N2] = at.T @ b2``: ``at`` (K, M), ``b`` (K, N), ``c`` (M, >= N).
 
     The block's weight gradients ``dg.T @ h``: ``at`` is the gate gradients
-    as stored (time steps x streams, 4H) and ``b`` the layer's input or
-    previous hidden states, neither copied as a whole. ``b`` is read in
-    place (its rows are the tile's k steps, each panel two vectors of a
-    row): packing it first cost more (0.35 ms for 2 MB, the source no
-    longer in cache) than the strided reads. ``at`` is copied a tile's
-    (KC, MR) block at a time into a buffer that stays in L1 (8 KB) and
-    every panel runs against it: read in place, the tile's k steps are
-    4 KB apart (one row of ``dg``), all in one L1 set (190 GFLOP/s against
-    the 250 of :func:`gemm_packed`).
+    as stored (time steps x streams, 4H) and ``b`` the layer's previous
+    hidden states, ``b2`` its input (a (K, 0) ``b2`` for none): one pass
+    over ``dg`` serves both, and adds its column sums (the bias gradient)
+    to ``colsum`` (M,) float64 when that is not empty. N and N2 must be
+    multiples of :data:`NR`; every array C-contiguous float32.
+
+    ``b`` is read in place (its rows are the tile's k steps, each panel two
+    vectors of a row): packing it first cost as much (0.35 ms for 2 MB, the
+    source no longer in cache). ``at`` is copied a tile's (KC, MR) block at
+    a time into a buffer that stays in L1 (8 KB) and every panel runs
+    against it: read in place, the tile's k steps are 4 KB apart (one row
+    of ``dg``), all in one L1 set (190 GFLOP/s against the 250 of
+    :func:`gemm_packed`).
     """
     prefer_512()
     K, M = at.shape
     buf = np.empty((KC, MR), np.float32)
-    n_panels = b.shape[1] // NR
+    n1, n2 = b.shape[1] // NR, b2.shape[1] // NR
+    sums = colsum.shape[0] > 0
     for k0 in range(0, max(K, 1), KC):
         k1 = min(K, k0 + KC)
         acc = 1 if k0 else 0
@@ -297,20 +302,26 @@ def gemm_at(at: np.ndarray, b: np.ndarray, c: np.ndarray) -> None:
                     src = at[k0 + k]
                     for r in range(MR):
                         buf[k, r] = src[i + r]
-                for p in range(n_panels):
+                for p in range(n1):
                     _tile_full_t(buf, b, c, i, p, k0, k1, acc)
-                i += MR
-                continue
-            mr = 4 if mr >= 4 else (2 if mr >= 2 else 1)
-            for k in range(k1 - k0):
-                src = at[k0 + k]
-                for r in range(mr):
-                    buf[k, r] = src[i + r]
-            for p in range(n_panels):
-                if mr == 4:
-                    _tile4_t(buf, b, c, i, p, k0, k1, acc)
-                elif mr == 2:
-                    _tile2_t(buf, b, c, i, p, k0, k1, acc)
-                else:
-                    _tile1_t(buf, b, c, i, p, k0, k1, acc)
+                for p in range(n2):
+                    _tile_full_t(buf, b2, c2, i, p, k0, k1, acc)
+            else:
+                mr = 4 if mr >= 4 else (2 if mr >= 2 else 1)
+                for k in range(k1 - k0):
+                    src = at[k0 + k]
+                    for r in range(mr):
+                        buf[k, r] = src[i + r]
+                for p in range(n1 + n2):
+                    bb, cc, q = (b, c, p) if p < n1 else (b2, c2, p - n1)
+                    if mr == 4:
+                        _tile4_t(buf, bb, cc, i, q, k0, k1, acc)
+                    elif mr == 2:
+                        _tile2_t(buf, bb, cc, i, q, k0, k1, acc)
+                    else:
+                        _tile1_t(buf, bb, cc, i, q, k0, k1, acc)
+            if sums:
+                for k in range(k1 - k0):
+                    for r in range(mr):
+                        colsum[i + r] += buf[k, r]
             i += mr
