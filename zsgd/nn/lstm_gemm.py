@@ -99,13 +99,14 @@ def prefer_512(typingctx):
     return sig, codegen
 
 
-def _tile_codegen(mr: int, packed_a: bool = False, raw_b: bool = False):
+def _tile_codegen(mr: int, a_mode: str = "rows", raw_b: bool = False):
     """LLVM IR for ``c[i0:i0+mr, p*NR:(p+1)*NR] (+)= a[i0:i0+mr, k0:k1] @ panel p, rows k0:k1``.
 
     ``accumulate`` (0 or 1, at run time) starts the tile from ``c`` instead
-    of zeros: the k blocks after the first. With ``packed_a`` the array
-    passed holds only the tile's block of ``a``, transposed: (k1 - k0, w),
-    ``a[i0 + r, k0 + k]`` at ``[k, r]`` (see :func:`gemm_at`). With
+    of zeros: the k blocks after the first. ``a_mode`` "rows": ``a`` is
+    (M, K); "buf": the array passed holds only the tile's block of ``a``,
+    transposed, (k1 - k0, w) with ``a[i0 + r, k0 + k]`` at ``[k, r]`` (see
+    :func:`gemm_at`). With
     ``raw_b`` the second array is ``B`` itself, (K, N) with N whole panels,
     panel p at columns ``p * NR``, rows ``ldb = N`` floats apart.
     """
@@ -123,7 +124,7 @@ def _tile_codegen(mr: int, packed_a: bool = False, raw_b: bool = False):
         _mark_wide(builder)
         zero = ir.Constant(_VEC, None)
         # Row r of the tile: a[i0 + r, k0 + k] and c[i0 + r, p * NR + LANES * v].
-        if packed_a:  # a[i0 + r, k0 + k] at [k, r]: row r starts at column r, steps of lda per k
+        if a_mode == "buf":  # a[i0 + r, k0 + k] at [k, r]: row r starts at column r, steps of lda per k
             arows = [builder.gep(A.data, [const(r)]) for r in range(mr)]
         else:
             arows = [builder.gep(A.data, [builder.add(builder.mul(builder.add(i0, const(r)), lda), k0)]) for r in range(mr)]
@@ -160,7 +161,7 @@ def _tile_codegen(mr: int, packed_a: bool = False, raw_b: bool = False):
             ld = builder.load(builder.bitcast(builder.gep(bk, [const(_LANES * v)]), _VEC.as_pointer()), typ=_VEC)
             ld.align = 4
             bv.append(ld)
-        ka = builder.mul(k, lda) if packed_a else k
+        ka = k if a_mode == "rows" else builder.mul(k, lda)
         new = []
         for r in range(mr):
             s = builder.load(builder.gep(arows[r], [ka]), typ=_F32)
@@ -193,17 +194,17 @@ def _tile_codegen(mr: int, packed_a: bool = False, raw_b: bool = False):
     return codegen
 
 
-def _make_tile(mr: int, packed_a: bool = False, raw_b: bool = False):
+def _make_tile(mr: int, a_mode: str = "rows", raw_b: bool = False):
     @intrinsic
     def tile(typingctx, a, bp, c, i0, p, k0, k1, accumulate):
         return (types.none(a, bp, c, types.intp, types.intp, types.intp, types.intp, types.intp),
-                _tile_codegen(mr, packed_a, raw_b))
+                _tile_codegen(mr, a_mode, raw_b))
 
     return tile
 
 
 _tile_full, _tile4, _tile2, _tile1 = (_make_tile(m) for m in (MR, 4, 2, 1))
-_tile_full_t, _tile4_t, _tile2_t, _tile1_t = (_make_tile(m, True, True) for m in (MR, 4, 2, 1))
+_tile_full_t, _tile4_t, _tile2_t, _tile1_t = (_make_tile(m, "buf", True) for m in (MR, 4, 2, 1))
 
 
 def panels(n: int) -> int:
