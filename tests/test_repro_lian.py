@@ -1,0 +1,63 @@
+"""Study (b): Lian et al., NeurIPS 2017, "Can Decentralized Algorithms Outperform Centralized Algorithms?"
+(docs/reproductions.md).
+
+The study's own files (examples/repro/lian2017_{bandwidth,latency}.yaml), made small: the embedded data
+(10,000 images), only the fastest and the slowest network. Every link is equal, the server's too, and every arm
+runs the same number of epochs, so the claims are read off time and final accuracy:
+
+* on a free network the three take the same time (nothing to win: each round is one step);
+* on the slowest link dsgd on a ring is several times faster than the parameter server, sync or async,
+  whose one NIC carries every worker's message, where a ring node's carries two;
+* with latency only, dsgd still wins (one hop a round against the server's two), by less;
+* the accuracy after the same epochs stays comparable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import cli
+
+REPRO = Path(__file__).resolve().parent.parent / "examples" / "repro"
+
+
+def small(tmp_path: Path, name: str, keep: tuple[str, ...]) -> dict[str, dict]:
+    """Run the study file ``name`` on the embedded data (its 3 epochs), arms whose name ends in ``keep``."""
+    doc = yaml.safe_load((REPRO / name).read_text())
+    doc["problem"]["data"] = "embedded"
+    doc["arms"] = [a for a in doc["arms"] if a["name"].rsplit("-", 1)[1] in keep]
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "out"
+    result = cli("experiment", str(path), "--out", str(out), "--quiet", "--jobs", "1")
+    assert result.exit_code == 0, result.stderr[-2000:]
+    return {p.name.split("-", 1)[1]: json.loads((p / "summary.json").read_text())
+            for p in sorted(out.iterdir()) if (p / "summary.json").exists()}
+
+
+@pytest.mark.slow
+def test_decentralized_wins_as_the_bandwidth_falls(tmp_path):
+    arms = small(tmp_path, "lian2017_bandwidth.yaml", ("inf", "10mbps"))
+    assert len(arms) == 6
+    t = {name: s["wall_s"] for name, s in arms.items()}
+    fast = [t["sync-inf"], t["async-inf"], t["dsgd-inf"]]
+    assert max(fast) < 1.05 * min(fast), t  # a free network: nothing to win
+    assert t["dsgd-10mbps"] * 5 < t["sync-10mbps"], t  # the server's NIC carries 16 messages each way a round
+    assert t["dsgd-10mbps"] * 3 < t["async-10mbps"], t
+    acc = {name: s["test_accuracy"] for name, s in arms.items()}
+    assert not any(s["diverged"] for s in arms.values())
+    assert abs(acc["dsgd-10mbps"] - acc["sync-10mbps"]) < 0.05, acc  # the same epochs, comparable accuracy
+    assert abs(acc["dsgd-10mbps"] - acc["async-10mbps"]) < 0.10, acc
+
+
+@pytest.mark.slow
+def test_decentralized_wins_by_less_as_the_latency_grows(tmp_path):
+    arms = small(tmp_path, "lian2017_latency.yaml", ("0ms", "100ms"))
+    t = {name: s["wall_s"] for name, s in arms.items()}
+    assert t["dsgd-100ms"] * 1.5 < t["sync-100ms"], t  # one hop a round against the server's two
+    assert t["dsgd-100ms"] * 1.5 < t["async-100ms"], t
+    assert t["sync-100ms"] < 2.2 * t["dsgd-100ms"], t  # and no more than that: latency alone is no order of magnitude
