@@ -207,6 +207,18 @@ def test_link_emulator_uses_the_same_models():
     assert sorted(emu.slowdown(w, 0.0) for w in range(4)) == [1.0, 1.0, 2.0, 2.0]
 
 
+def test_peer_messages_queue_on_the_senders_link_as_the_simulator_sends_them():
+    """A node's copies to its neighbours leave its link one after another: the k-th of a round arrives after
+    k + 1 message times plus the latency (zsgd sim's decentralized model); another node's link is its own,
+    and a link that has sent everything is free again."""
+    emu = LinkEmulator(Network(latency_up=Constant(0.01), bandwidth=1000.0), n_workers=3, seed=0)
+    assert emu.peer_delay(0, 100, now=5.0) == pytest.approx(0.01 + 0.1)
+    assert emu.peer_delay(0, 100, now=5.0) == pytest.approx(0.01 + 0.2)  # behind the first on worker 0's link
+    assert emu.peer_delay(1, 100, now=5.05) == pytest.approx(0.01 + 0.1)  # worker 1's own link
+    assert emu.peer_delay(0, 100, now=5.15) == pytest.approx(0.05 + 0.01 + 0.1)  # worker 0's link busy until 5.2
+    assert emu.peer_delay(0, 100, now=9.0) == pytest.approx(0.01 + 0.1)  # idle again
+
+
 # -- properties ----------------------------------------------------------------
 
 from hypothesis import given, settings  # noqa: E402

@@ -81,6 +81,7 @@ class LinkEmulator:
         self.rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0xE31]))
         self.stragglers: Stragglers | None = stragglers.assign(n_workers, seed) if stragglers is not None else None
         self.compute: ComputeDraw | None = ComputeDraw(compute, seed) if compute is not None else None
+        self._link_free: dict[int, float] = {}  # peer_delay: when each sender's link has sent what it holds
 
     def compute_target(self, worker: int, local_steps: int = 1) -> float | None:
         """Seconds ``worker``'s next step should take (its reply carries them; the worker stretches its step to
@@ -90,6 +91,14 @@ class LinkEmulator:
     def delay(self, worker: int, up: bool, nbytes: int) -> float:
         """Seconds to hold one message of ``nbytes`` to (up=False) or from (up=True) ``worker``."""
         return self.network.delay(worker, up, nbytes, self.rng)
+
+    def peer_delay(self, worker: int, nbytes: int, now: float) -> float:
+        """Seconds to hold one peer message that ``worker`` sends at ``now`` (decentralized runs). Its link
+        sends one message at a time, as ``zsgd sim`` models a node (the k-th message of a round arrives after
+        k + 1 message times, plus the latency): a node's copies to its neighbours queue on its one link."""
+        wait = max(0.0, self._link_free.get(worker, now) - now)
+        self._link_free[worker] = now + wait + nbytes / self.network.bandwidth
+        return wait + self.delay(worker, True, nbytes)
 
     def slowdown(self, worker: int, now: float) -> float:
         """Factor by which ``worker``'s step starting at ``now`` is slowed (1.0: not a straggler)."""

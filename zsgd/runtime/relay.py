@@ -195,9 +195,10 @@ class RelayService(Service):
             self._fail(f"cannot relay to worker {to}: it is not in the run")
             return
         if b.endpoint.held is not None:
-            # Emulated network: one hop from the sender to its neighbour, with the sender's
-            # link (as zsgd sim models a peer message); held, then relayed when due.
-            b.endpoint.hold(("relay", target, frames[1:]), b.opts.emulator.delay(peer.worker, True, sum(len(f.buffer) for f in frames[1:])))
+            # Emulated network: one hop from the sender to its neighbour, over the sender's link,
+            # which sends one message at a time (as zsgd sim models a node); held, then relayed when due.
+            nbytes = sum(len(f.buffer) for f in frames[1:])
+            b.endpoint.hold(("relay", target, frames[1:]), b.opts.emulator.peer_delay(peer.worker, nbytes, time.monotonic()))
             return
         self._relay_now(target, frames[1:])
 
