@@ -86,7 +86,7 @@ def client_main(args: argparse.Namespace) -> None:
     raw: one DEALER per echo endpoint, the vector split as ``ranges`` says.
     zsgd: one DEALER to the broker; its ASSIGN lists the range servers of
     ``--servers K`` (port and range), and the worker joins each of them too,
-    exactly as ``zsgd.runtime.sharded_worker`` does.
+    exactly as ``zsgd.runtime.worker.sharded_worker`` does.
     """
     endpoints = args.endpoints.split(",")
     workers = [int(w) for w in args.client_workers.split(",")]

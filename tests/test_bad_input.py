@@ -266,7 +266,7 @@ def run_at_200(tmp_path) -> Path:
     """A run directory as 'zsgd run --steps 200' leaves it, checkpoint at 200 updates (made without running)."""
     from zsgd.core.config import TrainConfig, write_config
     from zsgd.core.problem import Problem
-    from zsgd.runtime.checkpoint import save_checkpoint
+    from zsgd.runtime.server.checkpoint import save_checkpoint
     from zsgd.runtime.run_options import RunOptions
 
     cfg = TrainConfig(model="logreg", data="embedded", steps=200, batch_size=32, name="r").validate()

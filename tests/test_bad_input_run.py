@@ -78,7 +78,7 @@ def test_hosts_file_that_is_not_a_file_or_too_large(tmp_path):
 # -- item 3: --servers is bounded by the machine, the model and sense -----------------------------------
 @pytest.mark.parametrize("command", [("run", *SMALL), ("broker", *SMALL, "--workers", "2")])
 def test_run_servers_capped_by_the_machine(command, tmp_path):
-    from zsgd.runtime.launch import max_local_servers
+    from zsgd.runtime.launch.local import max_local_servers
 
     cap, why = max_local_servers()
     refused(*command, "--servers", "1000", "--out", tmp_path / "o",
@@ -148,7 +148,7 @@ def test_config_file_time_bounded(tmp_path):
 
 def test_a_dead_childs_traceback_is_one_short_line(tmp_path):
     """What a run's error quotes of a dead worker's log: the lines before its traceback and what was raised."""
-    from zsgd.runtime.launch import Child
+    from zsgd.runtime.launch.local import Child
 
     log = tmp_path / "worker-0.log"
     log.write_text("zsgd worker 0: joining tcp://127.0.0.1:5555\n"

@@ -6,7 +6,7 @@ import pytest
 
 from helpers import cli, lines_of
 from zsgd.errors import ZsgdError
-from zsgd.runtime.replies import emulated_stretch
+from zsgd.runtime.worker.replies import emulated_stretch
 from zsgd.runtime.run_options import RunOptions
 from zsgd.simulation.compute_draw import ComputeDraw
 from zsgd.simulation.netmodel import ShiftedExponential, parse_compute, parse_delay
@@ -79,7 +79,7 @@ def test_stretch_listens_and_an_abandon_ends_it():
     messages it holds for the draw, then for the straggler factor."""
     import time
 
-    from zsgd.runtime.replies import stretch_step
+    from zsgd.runtime.worker.replies import stretch_step
     from zsgd.wire import protocol
 
     asked: list[float] = []

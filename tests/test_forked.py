@@ -12,8 +12,8 @@ import sys
 import pytest
 
 from helpers import run_zsgd, wait_for
-from zsgd.runtime.forked import ForkedProcess, fork_available, fork_command
-from zsgd.runtime.launch import LocalLauncher
+from zsgd.runtime.launch.forked import ForkedProcess, fork_available, fork_command
+from zsgd.runtime.launch.local import LocalLauncher
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
 pytestmark = [pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children are forked on Linux only"), pytest.mark.slow]

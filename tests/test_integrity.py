@@ -201,7 +201,7 @@ class FakeBroker:
 
 
 def _node(address: str, **kw):
-    from zsgd.runtime.node_options import NodeOptions
+    from zsgd.runtime.worker.node_options import NodeOptions
 
     return NodeOptions(connect=address, worker_id=0, heartbeat=0.2, timeout=3.0, join_timeout=10.0, quiet=True, shared_memory=False, **kw)
 

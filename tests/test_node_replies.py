@@ -7,7 +7,7 @@ import pytest
 
 from zsgd.wire import protocol
 from zsgd.compression.delta import DeltaReplyEncoder
-from zsgd.runtime.replies import reply_decoder as _reply_decoder
+from zsgd.runtime.worker.replies import reply_decoder as _reply_decoder
 from zsgd.wire.protocol import Message, MsgType, ProtocolError
 
 N = 300

@@ -8,7 +8,7 @@ import pytest
 
 from helpers import broker_address, cli, lines_of, read_events, reap, start_worker, start_zsgd, stop, summary_of
 from zsgd.errors import ZsgdError
-from zsgd.runtime.ranks import RANK_VARIABLES, rank_from_env
+from zsgd.runtime.launch.ranks import RANK_VARIABLES, rank_from_env
 
 FAST = ["--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.01", "--heartbeat", "0.5", "--timeout", "5", "--quiet", "--no-plots"]  # the PNGs are tested where a test looks at them
 NO_RANKS = {name: None for name in RANK_VARIABLES}  # CliRunner's env: None unsets

@@ -187,7 +187,7 @@ class _FakeServers:
     def __init__(self, n: int) -> None:
         import zmq
 
-        from zsgd.runtime.node_options import NodeOptions
+        from zsgd.runtime.worker.node_options import NodeOptions
         from zsgd.wire.link import BrokerLink
 
         self.ctx = zmq.Context()
@@ -232,7 +232,7 @@ def test_a_worker_joining_range_servers_keeps_weights_that_come_meanwhile():
     awaited, are kept for the training loop (dropping them left the worker waiting for ever)."""
     import threading
 
-    from zsgd.runtime.sharded_worker import _join_servers
+    from zsgd.runtime.worker.sharded_worker import _join_servers
     from zsgd.wire.protocol import MsgType
 
     fake = _FakeServers(3)
@@ -262,8 +262,8 @@ def test_a_worker_joining_range_servers_keeps_weights_that_come_meanwhile():
 def test_a_worker_joining_range_servers_leaves_when_the_run_ends_meanwhile():
     """A late worker waits for a range server's ASSIGN; the coordinator's LEAVE (the run ended before it
     joined) ends the wait at once, not after --join-timeout."""
-    from zsgd.runtime.node_options import EXIT_OK
-    from zsgd.runtime.sharded_worker import _join_servers
+    from zsgd.runtime.worker.node_options import EXIT_OK
+    from zsgd.runtime.worker.sharded_worker import _join_servers
 
     fake = _FakeServers(2)
     try:
@@ -279,8 +279,8 @@ def test_a_sharded_worker_handed_unusable_shared_memory_weights_exits_with_one_l
 
     from zsgd.core.config import TrainConfig
     from zsgd.core.problem import Problem
-    from zsgd.runtime import sharded_worker
-    from zsgd.runtime.node_options import EXIT_BAD_REPLY, NodeOptions
+    from zsgd.runtime.worker import sharded_worker
+    from zsgd.runtime.worker.node_options import EXIT_BAD_REPLY, NodeOptions
 
     cfg = TrainConfig(model="logreg", data="embedded")
     problem = Problem.from_config(cfg)

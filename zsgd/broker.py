@@ -2,13 +2,13 @@
 
 It is built from parts, each with one concern:
 
-- the **endpoint** (``zsgd.runtime.endpoint``): the socket, CURVE, limits,
+- the **endpoint** (``zsgd.runtime.server.endpoint``): the socket, CURVE, limits,
   tracked zero-copy sends, the emulated-network queue;
-- the **session** (``zsgd.runtime.session``): membership, the handshake,
+- the **session** (``zsgd.runtime.server.session``): membership, the handshake,
   heartbeats and dead peers;
 - the **service**: what the run computes. The parameter server
-  (``zsgd.runtime.parameter_server``) trains the central model; the
-  decentralized relay (``zsgd.runtime.relay``) forwards peer messages and
+  (``zsgd.runtime.server.parameter_server``) trains the central model; the
+  decentralized relay (``zsgd.runtime.server.relay``) forwards peer messages and
   averages the nodes' models. A new kind of server is a new service;
 - the **ledger** (``zsgd.core.ledger``): counts, logging, evaluation
   cadence, stop and divergence rules, the summary's core keys -- the same
@@ -36,10 +36,10 @@ from zsgd.core.config import TrainConfig
 from zsgd.core.schedule import resolve_lr_schedule
 from zsgd.errors import ProtocolError, ZsgdError
 from zsgd.output.metrics import MetricsWriter
-from zsgd.runtime.checkpoint import save_checkpoint
-from zsgd.runtime.endpoint import Endpoint
+from zsgd.runtime.server.checkpoint import save_checkpoint
+from zsgd.runtime.server.endpoint import Endpoint
 from zsgd.runtime.run_options import EmulationOptions, NetworkOptions, ServerOptions
-from zsgd.runtime.session import Session
+from zsgd.runtime.server.session import Session
 from zsgd.wire import protocol
 from zsgd.wire.membership import Membership
 from zsgd.wire.protocol import MsgType
@@ -67,7 +67,7 @@ ServiceFactory = Callable[["Broker", np.ndarray, dict | None], Any]
 def parameter_server(broker: "Broker", w0: np.ndarray, opt_state: dict | None) -> Any:
     """The default service: a central model trained by the run's server algorithm."""
     from zsgd.nn.optim import make_optimizer, warm_optimizer
-    from zsgd.runtime.parameter_server import ParameterServer
+    from zsgd.runtime.server.parameter_server import ParameterServer
 
     cfg = broker.cfg
     warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)  # now, not on the first update: see its docstring

@@ -26,8 +26,8 @@ from zsgd.wire import protocol
 from zsgd.errors import ProtocolError, ZsgdError
 from zsgd.wire.link import BrokerLink
 from zsgd.wire.protocol import Message, MsgType
-from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, expect, identity_for, join_proof, log, session_end
-from zsgd.runtime.replies import emulated_stretch, reply_decoder, stretch_step
+from zsgd.runtime.worker.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, expect, identity_for, join_proof, log, session_end
+from zsgd.runtime.worker.replies import emulated_stretch, reply_decoder, stretch_step
 
 if TYPE_CHECKING:
     from zsgd.core.config import TrainConfig
@@ -77,7 +77,7 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
     link.set_identity(run, worker)
     link.timeout = opts.timeout
     if opts.role == "server":
-        from zsgd.runtime.range_server import serve_range
+        from zsgd.runtime.server.range_server import serve_range
 
         return serve_range(opts, link, msg)
     loop = _own_loop(opts.role, msg.meta)
@@ -118,7 +118,7 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
                 reply = compute(msg, t0 - out_hop)
                 # Emulated compute time and straggler: stretch this step, measured as compute_s is (from the weights'
                 # arrival), so the emulation and the simulator's models stretch the same time; a K-sync step
-                # abandoned meanwhile ends the stretch (zsgd.runtime.replies.stretch_step).
+                # abandoned meanwhile ends the stretch (zsgd.runtime.worker.replies.stretch_step).
                 early = stretch_step(t0, *emulated_stretch(msg.meta), recv=lambda s: link.recv(timeout=s), version=msg.version)
             except ProtocolError as exc:
                 log(opts, f"broker sent unusable weights ({exc}); exiting")
@@ -164,11 +164,11 @@ def _own_loop(role: str, meta: dict):
     if role != "worker":
         return None
     if meta.get("servers"):
-        from zsgd.runtime.sharded_worker import run_sharded
+        from zsgd.runtime.worker.sharded_worker import run_sharded
 
         return run_sharded
     if "decentralized" in meta:
-        from zsgd.runtime.decentralized_node import run_rounds
+        from zsgd.runtime.worker.decentralized_node import run_rounds
 
         return run_rounds
     return None

@@ -63,7 +63,7 @@ def resolve_arm_launch(jobs: int | None, launcher: str, command: str) -> ArmLaun
     if launcher == "local":
         n = jobs or default_jobs()
         return ArmLaunch(jobs=n, where=f"{n} process(es) at a time")
-    from zsgd.runtime.slurm import current_allocation
+    from zsgd.runtime.launch.slurm import current_allocation
 
     alloc = current_allocation()
     alloc.step_argv(1, "zsgd-arm")  # checks that srun is on PATH, before anything is written

@@ -197,7 +197,7 @@ def _resume_config(ctx: click.Context, resume_dir: str, params: dict):
     from zsgd.commands.options import TRAINING_FLAGS
     from zsgd.core.config import TrainConfig
     from zsgd.core.yaml_loader import load_marked
-    from zsgd.runtime.checkpoint import load_counters
+    from zsgd.runtime.server.checkpoint import load_counters
 
     path = Path(resume_dir) / "config.yaml"
     if not path.is_file():

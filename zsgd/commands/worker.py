@@ -8,7 +8,7 @@ import sys
 import click
 
 from zsgd.errors import ZsgdError
-from zsgd.runtime.ranks import MAX_WORKER_ID
+from zsgd.runtime.launch.ranks import MAX_WORKER_ID
 
 
 @click.command()
@@ -42,7 +42,7 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
            shared_memory: bool | None, started_for: str | None) -> None:
     """Join a broker and compute gradients until it says stop."""
     from zsgd.core.config import check_seconds
-    from zsgd.runtime.node_options import MAX_JOIN_TIMEOUT, check_liveness
+    from zsgd.runtime.worker.node_options import MAX_JOIN_TIMEOUT, check_liveness
     from zsgd.wire.link import check_endpoint
 
     check_endpoint(connect)
@@ -56,7 +56,7 @@ def worker(connect: str, worker_id: int | None, role: str, data_dir: str | None,
     if role == "server" and (worker_id is None or worker_id < 1):
         raise ZsgdError("--role server needs --id I >= 1 (its range of the model; range 0 is the coordinator's)")
     if worker_id is None and role == "worker":
-        from zsgd.runtime.ranks import rank_from_env
+        from zsgd.runtime.launch.ranks import rank_from_env
 
         found = rank_from_env()  # srun, mpirun or a PMI launcher numbered this process
         worker_id = None if found is None else found[0]

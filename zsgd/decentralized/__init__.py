@@ -12,9 +12,9 @@ Layers, top to bottom (all sans-IO):
   average model and the consensus error;
 Their drivers live above this package: the virtual-time one in
 ``zsgd/simulation/decentralized.py`` (metrics in the runtime's schema), and
-``zsgd run`` with real processes in ``zsgd/runtime/relay.py`` (the broker
+``zsgd run`` with real processes in ``zsgd/runtime/server/relay.py`` (the broker
 relaying PEER messages between neighbours) and
-``zsgd/runtime/decentralized_node.py`` (a node's loop); see
+``zsgd/runtime/worker/decentralized_node.py`` (a node's loop); see
 ``docs/algorithms.md``.
 """
 

@@ -371,7 +371,7 @@ def _options(mode: str, algo: str, s: dict[str, Any], cfg: TrainConfig, target: 
         kw = {"heartbeat": s["heartbeat"]} if "heartbeat" in s else {}
         if "timeout" in s:
             kw["timeout"] = s["timeout"]
-        if is_decentralized(algo):  # real processes relaying PEER messages through the broker (zsgd.runtime.relay)
+        if is_decentralized(algo):  # real processes relaying PEER messages through the broker (zsgd.runtime.server.relay)
             kw |= {k: s[k] for k in DECENTRALIZED_FLAGS if k in s}
             from zsgd.decentralized.topology import parse_topology
 

@@ -42,7 +42,7 @@ class Host:
     python: str | None = None  # interpreter on the host; None: the venv 'zsgd remote init' made, else python3
     line: int = 0
     source: str = ""  # the hosts file, for messages
-    servers: int = 0  # range servers of --servers K to run here (zsgd.runtime.sharded), besides its slots workers
+    servers: int = 0  # range servers of --servers K to run here (zsgd.runtime.server.sharded), besides its slots workers
 
     @property
     def label(self) -> str:

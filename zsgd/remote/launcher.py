@@ -39,8 +39,8 @@ from typing import Any
 from zsgd import __version__
 from zsgd.errors import ZsgdError
 from zsgd.remote.hosts import Host, load_hosts
-from zsgd.runtime.forked import die_with_parent
-from zsgd.runtime.launch import SINGLE_THREAD_ENV, Child, LocalLauncher
+from zsgd.runtime.launch.forked import die_with_parent
+from zsgd.runtime.launch.local import SINGLE_THREAD_ENV, Child, LocalLauncher
 from zsgd.remote.ssh import HostError, Probe, SshOptions, parallel, probe_host, python_sh
 
 WILDCARDS = ("0.0.0.0", "::", "*", "")

@@ -37,7 +37,7 @@ class ServerOptions:
     compress_replies: str = "none"  # broker->worker weight deltas through this codec (zsgd.compression.delta)
     checkpoint_every: int = 500  # updates; 0: off
     eval_interval: float = 0.0  # also evaluate every N seconds (0: off)
-    servers: int = 1  # --servers K: the vector split over K server processes (zsgd.runtime.sharded)
+    servers: int = 1  # --servers K: the vector split over K server processes (zsgd.runtime.server.sharded)
     start_wait: float = 10.0  # seconds the first ready worker waits for the others before training starts (0: no barrier)
 
     @property
@@ -88,7 +88,7 @@ class NetworkOptions:
     shared_memory: bool = field(default_factory=shm_by_default)  # workers on the broker's machine exchange through /dev/shm
 
     def validate(self) -> "NetworkOptions":
-        from zsgd.runtime.node_options import check_liveness
+        from zsgd.runtime.worker.node_options import check_liveness
 
         if not 0 <= self.port <= 65535:
             raise ZsgdError(f"--port must be in 0..65535, got {self.port}")
@@ -200,12 +200,12 @@ class RunOptions:
     """A run's workers and who starts them; the other options in their groups (see the module docstring)."""
 
     n_proc: int = 2  # local worker processes; with --launcher slurm 0 (the srun step's tasks are slurm_request)
-    launcher: str = "local"  # "local", "ssh" (with --remote) or "slurm" (workers as one srun step: zsgd.runtime.slurm)
+    launcher: str = "local"  # "local", "ssh" (with --remote) or "slurm" (workers as one srun step: zsgd.runtime.launch.slurm)
     slurm_request: int | None = None  # workers asked for under Slurm (None: every CPU of the allocation but the broker's)
     expect_workers: int | None = None  # broker-only mode: workers started by hand
     evaluator: bool = True
     auto_scale: list[str] = field(default_factory=list)  # defaulted hyper-parameters to scale to the workers (zsgd.core.scaling)
-    remote_workers: int = 0  # set once the hosts have answered (zsgd.runtime.access)
+    remote_workers: int = 0  # set once the hosts have answered (zsgd.runtime.launch.access)
     slurm_workers: int = 0  # set once the allocation is read
     server: ServerOptions = field(default_factory=ServerOptions)
     network: NetworkOptions = field(default_factory=NetworkOptions)
@@ -253,7 +253,7 @@ class RunOptions:
         self.remote.validate(self.launcher)
         if self.n_proc < 0 or (self.n_proc == 0 and not self.expect_workers and not self.remote.hosts_file and self.launcher != "slurm"):
             raise ZsgdError(f"--n-proc must be >= 1, got {self.n_proc}")
-        from zsgd.runtime.launch import max_local_workers
+        from zsgd.runtime.launch.local import max_local_workers
 
         cap, why = max_local_workers()
         if self.n_proc > cap:
@@ -267,7 +267,7 @@ class RunOptions:
     def _check_local_servers(self) -> None:
         """--servers K forks every range server the hosts file does not place elsewhere (K-1 besides the
         coordinator): at most what this machine can run (``max_local_servers``), checked before anything starts."""
-        from zsgd.runtime.launch import max_local_servers
+        from zsgd.runtime.launch.local import max_local_servers
 
         placed = 0
         if self.remote.hosts_file is not None and self.server.servers > 1:

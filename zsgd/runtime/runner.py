@@ -34,7 +34,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     algo = opts.server.algo
     cfg = resolve_lr_schedule(cfg, algo)
     check_schedule_applies(cfg.lr_schedule, algo)
-    from zsgd.runtime.access import prepare_access
+    from zsgd.runtime.launch.access import prepare_access
 
     access = prepare_access(opts)  # probes remote hosts; a bad host fails here, before anything starts
     servers = opts.server.servers
@@ -56,7 +56,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             raise ZsgdError(f"--resume: {algo} runs keep no checkpoint (each node holds its own state); start a new run")
         topology = parse_topology(opts.decentralized.topology or "ring", opts.n_workers, cfg.seed)  # a bad graph fails before anything starts
     if resume_dir is not None:
-        from zsgd.runtime.checkpoint import load_checkpoint
+        from zsgd.runtime.server.checkpoint import load_checkpoint
 
         resume = load_checkpoint(Path(resume_dir))
         run_dir = Path(resume_dir)
@@ -93,13 +93,13 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     try:
         with MetricsWriter(run_dir / "metrics.jsonl", tensorboard=run_dir / "tensorboard" if opts.output.tensorboard else None) as metrics:
             if topology is not None:
-                from zsgd.runtime.relay import relay_service
+                from zsgd.runtime.server.relay import relay_service
 
                 # the relay keeps no checkpoint (the nodes hold the state): its checkpoint_state() is None
                 broker = Broker(cfg, problem, bopts, run_dir, metrics, service=relay_service(algo, topology, _resolved_params(opts, cfg)))
             else:
                 from zsgd.broker import parameter_server
-                from zsgd.runtime.sharded import sharded_parameter_server
+                from zsgd.runtime.server.sharded import sharded_parameter_server
 
                 broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None,
                                 service=sharded_parameter_server if servers > 1 else parameter_server)
@@ -168,7 +168,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
     if interrupted:
         raise KeyboardInterrupt
     if broker.failed:
-        from zsgd.runtime.relay import RunStopped
+        from zsgd.runtime.server.relay import RunStopped
 
         raise RunStopped(f"run stopped early: {summary['stop_reason']} (summary of {summary['updates']} rounds in {run_dir})")
     return summary

@@ -35,7 +35,7 @@ from typing import Any
 import zmq
 import zmq.utils.z85
 # at the top, not in the thread: an import on the ZAP thread could hold a module lock at the moment
-# 'zsgd run' forks a local worker (zsgd.runtime.forked), and the child would wait on it for ever
+# 'zsgd run' forks a local worker (zsgd.runtime.launch.forked), and the child would wait on it for ever
 from zmq.utils.monitor import parse_monitor_message
 
 from zsgd.errors import ZsgdError

@@ -27,7 +27,7 @@ class Access:
     bind_host: str
     plan: Any = None  # zsgd.remote.launcher.RemotePlan when --remote
     keys: RunKeys | None = None  # CURVE keys, or the run secret alone (RunKeys.secret_only)
-    slurm: Any = None  # zsgd.runtime.slurm.SlurmPlan with --launcher slurm
+    slurm: Any = None  # zsgd.runtime.launch.slurm.SlurmPlan with --launcher slurm
 
     @property
     def secure(self) -> bool:
@@ -79,7 +79,7 @@ class Access:
 
     def launchers(self, broker, run_dir: Path, heartbeat: float, timeout: float, show: bool):
         """Local and (when --remote) remote launchers as one group; checks the port from every host first."""
-        from zsgd.runtime.launch import LocalLauncher
+        from zsgd.runtime.launch.local import LocalLauncher
         from zsgd.remote.launcher import KeyedLocalLauncher, LauncherGroup, RemoteLauncher, check_reach
 
         local_addr = self.local_address(broker.address)
@@ -100,7 +100,7 @@ class Access:
         slurm = None
         if self.slurm is not None:
             from zsgd.output.live import stderr_console
-            from zsgd.runtime.slurm import SlurmLauncher
+            from zsgd.runtime.launch.slurm import SlurmLauncher
 
             address = self.remote_address(broker.address, self.slurm.advertise)
             alloc = self.slurm.allocation
@@ -132,7 +132,7 @@ def prepare_access(opts) -> Access:
             opts.remote_workers = plan.n_workers
             bind_host = plan.bind_host
     elif opts.launcher == "slurm":
-        from zsgd.runtime.slurm import plan_workers
+        from zsgd.runtime.launch.slurm import plan_workers
 
         slurm = plan_workers(opts.slurm_request, acc.advertise, host)
         opts.slurm_workers = slurm.n_workers

@@ -3,7 +3,7 @@
 Local workers run the very command remote ones run
 (``python -m zsgd worker --connect ...``), so a local run exercises the
 same code path as a cluster; on Linux they are forked from this warmed-up
-process rather than started as new interpreters (``zsgd.runtime.forked``). Each child gets its own session (a Ctrl-C in
+process rather than started as new interpreters (``zsgd.runtime.launch.forked``). Each child gets its own session (a Ctrl-C in
 the terminal reaches only the broker, which then tears down in order), one
 BLAS thread (parallelism comes from processes), a log file in the run
 directory, and on Linux a parent-death signal, so even a ``kill -9`` of
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from zsgd.runtime.forked import die_with_parent, fork_available, fork_command
+from zsgd.runtime.launch.forked import die_with_parent, fork_available, fork_command
 from zsgd.runtime.threads import SINGLE_THREAD_ENV
 
 
@@ -89,7 +89,7 @@ class LocalLauncher:
     def __init__(self, address: str, log_dir: Path, heartbeat: float, timeout: float, python: str = sys.executable,
                  model: str | None = None) -> None:
         self.address = address
-        self.model = model  # a user model's spec: the worker is started for it (zsgd.runtime.access.user_model_flag)
+        self.model = model  # a user model's spec: the worker is started for it (zsgd.runtime.launch.access.user_model_flag)
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.heartbeat = heartbeat
@@ -117,7 +117,7 @@ class LocalLauncher:
 
     def spawn(self, command: list[str], log_path: Path, name: str, stdin_pipe: bool = False) -> Any:
         """Start ``command`` (``python -m zsgd ...``) in its own session with its output on ``log_path``:
-        forked from this warmed-up process where that is safe (``zsgd.runtime.forked``), else exec'd."""
+        forked from this warmed-up process where that is safe (``zsgd.runtime.launch.forked``), else exec'd."""
         if command[1:3] == ["-m", "zsgd"] and command[0] == sys.executable and fork_available():
             return fork_command(command[3:], log_path, title=f"zsgd {name}", stdin_pipe=stdin_pipe)
         env = os.environ | SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}

@@ -181,8 +181,8 @@ class SlurmLauncher:
 
     def start_step(self, n: int) -> Any:
         """Start workers ``0 .. n - 1`` as one step; each takes its id from ``SLURM_PROCID``."""
-        from zsgd.runtime.forked import die_with_parent
-        from zsgd.runtime.launch import Child
+        from zsgd.runtime.launch.forked import die_with_parent
+        from zsgd.runtime.launch.local import Child
         from zsgd.runtime.threads import SINGLE_THREAD_ENV
 
         first_id = 0

@@ -24,8 +24,8 @@ import numpy as np
 from zsgd.algorithms import Applied, Cancel, Dropped, Notice, Reply, Update, make_server_algorithm
 from zsgd.core.schedule import lr_factor
 from zsgd.errors import ProtocolError
-from zsgd.runtime.replies import ABANDON
-from zsgd.runtime.service import Service
+from zsgd.runtime.worker.replies import ABANDON
+from zsgd.runtime.server.service import Service
 from zsgd.wire import protocol
 from zsgd.wire.membership import Peer
 from zsgd.wire.protocol import Message

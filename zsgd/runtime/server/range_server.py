@@ -33,7 +33,7 @@ from zsgd.core.config import TrainConfig
 from zsgd.core.ledger import RunLedger
 from zsgd.core.stopping import StopRule
 from zsgd.errors import ZsgdError
-from zsgd.runtime.node_options import NodeOptions, log
+from zsgd.runtime.worker.node_options import NodeOptions, log
 from zsgd.wire import protocol
 from zsgd.wire.link import BROKER_DEAD, BrokerLink
 from zsgd.wire.protocol import Message, MsgType
@@ -81,7 +81,7 @@ class RangeProblem:
 
 def _range_service(broker, w0: np.ndarray, opt_state: dict | None):
     from zsgd.nn.optim import make_optimizer, warm_optimizer
-    from zsgd.runtime.parameter_server import ParameterServer
+    from zsgd.runtime.server.parameter_server import ParameterServer
 
     cfg = broker.cfg
     warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)

@@ -1,7 +1,7 @@
 """The broker of a decentralized run: a relay and a referee, not a parameter server.
 
 In ``zsgd run --algo dsgd|dsgt|cadmm`` no central model is trained. Workers
-run their node rule (``zsgd/runtime/decentralized_node.py``) and exchange PEER messages; the
+run their node rule (``zsgd/runtime/worker/decentralized_node.py``) and exchange PEER messages; the
 broker's ROUTER is the only address every worker can reach, so it relays
 them. Why relay rather than connect workers directly: one listening port,
 one CURVE key, one place that knows who is alive, and the graph can be
@@ -50,7 +50,7 @@ from zsgd.decentralized.driver import average, consensus_error, eval_every_round
 from zsgd.decentralized.rules import DecentralizedParams
 from zsgd.decentralized.topology import Topology
 from zsgd.errors import ProtocolError, ZsgdError
-from zsgd.runtime.service import Service
+from zsgd.runtime.server.service import Service
 from zsgd.wire import protocol
 from zsgd.wire.membership import Peer
 from zsgd.wire.protocol import Message

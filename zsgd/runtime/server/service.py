@@ -45,7 +45,7 @@ class Service:
         """True: hold a HELLO join of ``role`` for now (the service calls ``session.replay_deferred()`` when it can assign)."""
         return False
 
-    # -- range servers (--servers K; zsgd.runtime.sharded) ----------------------------
+    # -- range servers (--servers K; zsgd.runtime.server.sharded) ----------------------------
     def server_joined(self, peer: Peer) -> None:
         """A range server joined (its ASSIGN is sent): a service without ranges has none to give."""
 

@@ -3,10 +3,10 @@
 The flat parameter vector is cut into K contiguous ranges
 (``zsgd.core.ranges``). The ``zsgd run`` process keeps range 0 in an
 ordinary parameter server and coordinates K-1 range servers
-(``zsgd.runtime.range_server``), each its own process with its own ROUTER
+(``zsgd.runtime.server.range_server``), each its own process with its own ROUTER
 port, so K servers use K cores and K links. Workers hold one link per
 server and push and pull every range concurrently
-(``zsgd.runtime.sharded_worker``).
+(``zsgd.runtime.worker.sharded_worker``).
 
 The coordinator keeps what is one per run: membership of the run (workers
 join it first and learn the servers' addresses from its ASSIGN; they join
@@ -36,7 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd.core.ranges import join_state, slice_state, split_ranges
-from zsgd.runtime.parameter_server import ParameterServer
+from zsgd.runtime.server.parameter_server import ParameterServer
 from zsgd.errors import ProtocolError
 from zsgd.wire import protocol
 from zsgd.wire.membership import Peer

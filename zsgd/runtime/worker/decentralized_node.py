@@ -109,7 +109,7 @@ def straggler_delay(assign: dict[str, Any], worker: int, seed: int) -> Callable[
 
 def run_rounds(opts: Any, link: BrokerLink, cfg: TrainConfig, assign: dict[str, Any], model: Any, x: np.ndarray, y: np.ndarray) -> int:
     """Run rounds until the broker says LEAVE; return the process exit code."""
-    from zsgd.runtime.node_options import log
+    from zsgd.runtime.worker.node_options import log
 
     ep, every = build_endpoint(cfg, assign, link.worker, model, x, y)
     stall = straggler_delay(assign, link.worker, cfg.seed)
@@ -131,7 +131,7 @@ def run_rounds(opts: Any, link: BrokerLink, cfg: TrainConfig, assign: dict[str, 
 
 def _handle(opts: Any, link: BrokerLink, ep: PeerEndpoint, msg: Message | bytes | None) -> bool:
     """Act on one broker message; True if it was the start signal. Raises _Stop to end."""
-    from zsgd.runtime.node_options import log
+    from zsgd.runtime.worker.node_options import log
 
     if msg is None:
         return False

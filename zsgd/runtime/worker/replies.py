@@ -2,7 +2,7 @@
 and how long it then takes over its step under emulation (``emulated_stretch``).
 
 Shared by the single-broker worker (``zsgd.node``) and the worker of a
-sharded run (``zsgd.runtime.sharded_worker``), which keeps one decoder per range.
+sharded run (``zsgd.runtime.worker.sharded_worker``), which keeps one decoder per range.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Per range: the server's version (async staleness and sync rounds are per
 range), the update codec (``--compress``: top-k keeps its fraction of every
 range, so of the whole) and the reply decoder (``--compress-replies``).
 Gradient clipping happens here, before the split, since no server sees the
-whole gradient (see ``zsgd.runtime.sharded``). LEAVE from any server ends the
+whole gradient (see ``zsgd.runtime.server.sharded``). LEAVE from any server ends the
 worker; a server that goes silent ends it too (the coordinator stops the run).
 """
 
@@ -34,8 +34,8 @@ import zmq
 
 from zsgd.core.config import TrainConfig
 from zsgd.errors import ProtocolError, ZsgdError
-from zsgd.runtime.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, join_proof, log, session_end
-from zsgd.runtime.replies import emulated_stretch, reply_decoder, stretch_step
+from zsgd.runtime.worker.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, join_proof, log, session_end
+from zsgd.runtime.worker.replies import emulated_stretch, reply_decoder, stretch_step
 from zsgd.wire import protocol
 from zsgd.wire.link import BROKER_DEAD, BrokerLink, recv_any
 from zsgd.wire.shm import broker_on_this_machine
