@@ -9,7 +9,7 @@ bandwidth (Lian et al. 2017: ``--against bandwidth``): the figure a sweep over o
   same value wherever KEY has the same value, and more than one value in all: ``broker_bandwidth`` set
   with ``bandwidth``) is part of the x value, not a series of its own; a setting an arm lacks counts as
   its own value (``staleness_lr: scalar`` on some async arms and not on others makes two lines).
-* **Panels**: the final test accuracy (a diverged arm is an ``x`` at the accuracy it was evaluated at)
+* **Panels**: the final test accuracy (from 50 %, or lower to show the lowest point, to 100 %; a diverged arm is an ``x`` at the accuracy it was evaluated at)
   and the time the arm ran (virtual seconds for ``sim`` arms, log scale; a diverged arm has none).
 
 Everything is read back from the arms' ``arm.json`` and ``summary.json``, as ``report.py`` reads them.
@@ -18,6 +18,7 @@ Everything is read back from the arms' ``arm.json`` and ``summary.json``, as ``r
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,9 @@ def plot_against(exp_dir: Path, key: str, out_dir: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8)
+    accs = [s["test_accuracy"] for pts in lines.values() for _x, s in pts if _finite(s.get("test_accuracy"))]
+    if accs:  # from 50 % (or lower, to the lowest point) to 100 %: a 2-point gap is not drawn as a chasm
+        axes[0].set_ylim(min(0.5, math.floor(min(accs) * 10) / 10), 1.0)
     if axes[1].get_lines():
         axes[1].set_yscale("log")
     if any(s.get("diverged") for pts in lines.values() for _x, s in pts):
