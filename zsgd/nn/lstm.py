@@ -20,14 +20,18 @@ streams ended with. The forward pass starts from it and leaves the block's
 final (h, c) in it; no gradient flows into it (that is the truncation). The
 caller resets it where a stream starts over (``zsgd.data.text``).
 
-How a step runs: one sgemm projects every time step's input at once
+How a step runs: one product projects every time step's input at once
 (``X @ W_ih.T``; for layer 0 with a vocabulary no larger than the block,
 ``embed.weight @ W_ih0.T``, one row per token), then one numba call per
 layer walks the time steps: the (B, H) x (H, 4H) product of the recurrence
-(``zsgd.nn.lstm_gemm``, no weight repacking per step) and two fused
-kernels, the gates' non-linearities and the cell update
-(``zsgd.nn.lstm_kernels``). The backward pass mirrors it and leaves the
-weight gradients to large sgemms over the whole block.
+(no weight repacking per step) and two fused kernels, the gates'
+non-linearities and the cell update (``zsgd.nn.lstm_kernels``). The
+backward pass mirrors it and leaves the weight gradients to products over
+the whole block (one pass over a layer's gate gradients gives both weight
+gradients and the bias gradient). Every product of more than a token
+table's rows runs in ``zsgd.nn.lstm_gemm``'s AVX-512 tile, not numpy's
+BLAS: OpenBLAS picks its AVX2 (Haswell) kernels on AMD Zen 4/5 and reached
+57 GFLOP/s there against the tile's 245.
 """
 
 from __future__ import annotations
