@@ -142,3 +142,26 @@ def _dies(index: int, progress) -> int:
 def test_a_child_that_dies_at_once_is_a_failed_arm_not_a_hang():
     with pytest.raises(ArmFailed, match=r"its process died \(exit code 9\)"):
         run_arms(range(2), ForkRunner(_dies, 1))
+
+
+def test_each_arms_bar_totals_the_updates_the_arm_makes(tmp_path, monkeypatch):
+    """An arm's bar ends at the update its stop rule stopped it (a sync round is every worker's batch, not one): its
+    total follows the samples per update between the arm's reports (one every 32 updates; the first round of a sync
+    arm holds one worker, so the total is exact from the second report on)."""
+    import json
+
+    seen: dict[int, float | None] = {}
+    finished = ArmsView.finished
+
+    def record(self, index: int) -> None:
+        seen[index] = self.progress._tasks[self.tasks[index]].total
+        finished(self, index)
+
+    monkeypatch.setattr(ArmsView, "finished", record)
+    out = tmp_path / "s"
+    result = cli("sim", "--model", "logreg", "--data", "embedded", "--workers", "4", "--algo", "async,sync,localsgd:2",
+                 "--compute", "2ms", "--broker-time", "0", "--epochs", "4", "--jobs", "1", "-q", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    made = [json.loads(p.read_text())["updates"] for p in sorted(out.glob("0*/summary.json"))]
+    assert len(made) == 3 and len(set(made)) == 3, made
+    assert [seen[i] for i in range(3)] == made

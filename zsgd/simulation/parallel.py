@@ -254,11 +254,14 @@ class ArmsView:
     """One bar for the arms (queued, running, done) and one per running arm (its updates, virtual time, accuracy)."""
 
     def __init__(self, labels: list[str], total_updates: int | list[int | None] | None, enabled: bool, console: Any,
-                 count: int | None = None) -> None:
-        """``labels[i]`` names arm ``i``; ``total_updates`` is one for all or one per arm; ``count`` arms are shown (default: all)."""
+                 count: int | None = None, rules: list[Any] | None = None) -> None:
+        """``labels[i]`` names arm ``i``; ``total_updates`` is one for all or one per arm; ``count`` arms are shown (default: all);
+        ``rules[i]``, arm i's ``StopRule``: its bar's total follows the updates its rule will stop at, from the samples per
+        update between two reports (a sync round is every worker's batch, not one)."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.labels, self.total = labels, total_updates
+        self.labels, self.total, self.rules = labels, total_updates, rules
+        self._last: dict[int, tuple[int, int]] = {}  # arm -> (updates, samples) at its previous report
         self.progress = Progress(TextColumn("[bold cyan]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled,
                                  refresh_per_second=4)
@@ -286,10 +289,16 @@ class ArmsView:
     def arm_progress(self, index: int, p: tuple) -> None:
         import math
 
-        updates, _samples, t, acc = p
+        updates, samples, t, acc = p
         if index in self.tasks:
             info = f"virtual {t:,.2f} s" + ("" if math.isnan(acc) else f"  acc {acc:.2%}")
-            self.progress.update(self.tasks[index], completed=updates, info=info)
+            total = None
+            if self.rules is not None:
+                u0, s0 = self._last.get(index, (0, 0))
+                if updates > u0:
+                    total = self.rules[index].expected_updates(updates, samples, (samples - s0) / (updates - u0))
+                    self._last[index] = (updates, samples)
+            self.progress.update(self.tasks[index], completed=updates, info=info, total=total)
 
     def finished(self, index: int) -> None:
         self.running, self.done = self.running - 1, self.done + 1

@@ -350,8 +350,8 @@ def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Worklo
     figures = calibrations(workloads)["calibration"]
     if any(k in figures for k in ("compute", "server_step", "transport")):  # what --calibration replays for the whole sweep
         (out_dir / "calibration.json").write_text(json.dumps(figures, indent=1) + "\n")
-    totals = [problem.stop_rule(c).total_updates for c in cfgs]
-    view = ArmsView([a.label for a in arms], totals, show, stderr_console)
+    rules = [problem.stop_rule(c) for c in cfgs]  # each bar's total: the update its stop rule stops at (ArmsView.arm_progress)
+    view = ArmsView([a.label for a in arms], [r.expected_updates(0, 0, None) for r in rules], show, stderr_console, rules=rules)
 
     def simulate(index: int, progress: Any) -> SimResult:
         return _simulate(cfgs[index], arms[index], workloads[cfgs[index].batch_size], out_dir, progress, arm_plots)
