@@ -116,6 +116,7 @@ def test_sim_servers_beyond_the_models_parameters_refused(tmp_path):
     (("--inject-bandwidth", "1e-300bps"), r"bad bandwidth '1e-300bps': at least 1Kbps"),
     (("--inject-loss", "0.99"), r"bad loss '0.99': must be in \[0, 0.9\]"),
     (("--time", "1e308"), r"--time must be a number of seconds > 0 and at most 366 days"),
+    (("--epochs", "1e308"), r"--epochs must be at most 1,000,000, got 1e\+308"),
     (("--eval-interval", "1e308"), r"--eval-interval must be a number of seconds >= 0 and at most 86,400 s"),
     (("--start-wait", "1e9"), r"--start-wait must be a number of seconds >= 0 and at most 86,400 s"),
 ])
@@ -139,6 +140,10 @@ def test_worker_durations_bounded(flags, match):
 ])
 def test_sim_durations_and_factors_bounded(tmp_path, flags, match):
     refused("sim", *SMALL, "--workers", "2", "--steps", "5", *flags, "--out", tmp_path / "o", match=match)
+
+
+def test_train_epochs_bounded(tmp_path):
+    refused("train", *SMALL, "--epochs", "1e308", "--out", tmp_path / "o", match=r"--epochs must be at most 1,000,000")
 
 
 def test_config_file_time_bounded(tmp_path):

@@ -107,6 +107,7 @@ DAY = 86_400.0
 #: --time: a year of wall or virtual seconds. Every duration a user gives has a sane ceiling, because an
 #: absurd one (1e308) is accepted by a float check and then overflows where it becomes an integer timeout.
 MAX_TIME_LIMIT = 366 * DAY
+MAX_EPOCHS = 1e6  # --epochs: beyond it epochs x samples leaves the floats (1e308 overflowed where the budget became a count)
 MAX_IMAGE_SIZE = 1024
 MAX_NAME = 256
 MAX_MODEL_SPEC = 512  # a built-in name, lstm:... or [torch:]package.module:factory
@@ -160,6 +161,8 @@ def check_field(name: str, value: Any) -> None:
     elif name in ("lr", "clip_norm", "epochs"):
         if value is not None or name == "lr":
             _positive_float(flag, value)
+        if name == "epochs" and value is not None and value > MAX_EPOCHS:
+            raise ZsgdError(f"--epochs must be at most {MAX_EPOCHS:,.0f}, got {_show(value)}")
     elif name == "target_ppl":
         if value is not None and (not _is_number(value) or not math.isfinite(value) or value < 1.0):
             raise ZsgdError(f"--target-ppl must be a perplexity >= 1, got {_show(value)}")
