@@ -209,3 +209,26 @@ def test_expected_updates_follows_steps_and_the_samples_per_update():
     assert rule.expected_updates(30, 990, 30) == 31  # a round shrunk to 3 batches: the last one's size counts
     assert StopRule(n_train=1000, batch_size=10, steps=7).expected_updates(0, 0, None) == 7
     assert StopRule(n_train=1000, batch_size=10, time_limit=5.0).expected_updates(3, 30, 10) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["sync", "localsgd:2"])
+def test_a_real_runs_live_total_is_the_updates_it_makes(tmp_path, no_orphans, monkeypatch, algo):
+    """zsgd run's live view ends with its total equal to the rounds the run made (it showed the worker count times more)."""
+    from helpers import cli, summary_of
+    from zsgd.output.live_run import RunView
+
+    totals = []
+    leave = RunView.__exit__
+
+    def record(self, *exc):
+        totals.append(self.progress.tasks[0].total)
+        return leave(self, *exc)
+
+    monkeypatch.setattr(RunView, "__exit__", record)
+    monkeypatch.setenv("COLUMNS", "200")
+    result = cli("run", "--model", "logreg", "--data", "embedded", "--n-proc", "2", "--algo", algo, "--epochs", "1", "--no-plots",
+                 "--out", str(tmp_path / "r"))
+    assert result.exit_code == 0, result.output
+    made = summary_of(tmp_path / "r")["updates"]
+    assert totals == [made], (totals, made)

@@ -144,6 +144,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                     interrupted = True
                     broker.ledger.stop("interrupted")
                 interrupted = interrupted or stop_signal.interrupted()
+                view.update(broker)  # the last frame: where the run ended, not its last tick
             # The broker has said LEAVE and closed its socket: the children end on their own while the
             # results are written, and are reaped below before this function returns, whatever happens.
             broker.final_evaluation()
