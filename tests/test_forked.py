@@ -77,10 +77,10 @@ def test_keys_reach_a_forked_child_on_its_stdin_pipe(tmp_path):
 def test_the_launcher_forks_unless_told_to_exec(tmp_path, monkeypatch):
     launcher = LocalLauncher(f"tcp://127.0.0.1:{_free_port()}", tmp_path / "logs", heartbeat=0.2, timeout=0.5)
     assert fork_available()
-    forked = launcher.start(0)
+    forked = launcher.start_one(0)
     monkeypatch.setenv("ZSGD_LOCAL_START", "exec")
     assert not fork_available()
-    execd = launcher.start(1)
+    execd = launcher.start_one(1)
     try:
         assert isinstance(forked.proc, ForkedProcess) and isinstance(execd.proc, subprocess.Popen)
     finally:

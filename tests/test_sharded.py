@@ -159,6 +159,7 @@ def test_sim_times_one_range_per_server_and_widens_the_servers_nic(tmp_path, mon
         return real(cfg, model, w0, *args, **kw)
 
     monkeypatch.setattr(calibrate, "time_server_step", recording)
+    monkeypatch.setenv("ZSGD_CALIBRATION_DIR", str(tmp_path / "calibration"))  # measured here, not found in the session's cache
     out = tmp_path / "sim"
     result = cli("sim", "--model", "logreg", "--workers", "4", "--servers", "1,3", "--compute", "1ms", "--steps", "60",
                  "--broker-bandwidth", "100Mbps", "--quiet", "--out", str(out))

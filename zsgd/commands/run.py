@@ -9,6 +9,7 @@ import click
 from zsgd.commands.options import build_config, decentralized_options as _decentralized_options, training_options
 from zsgd.commands.remote import pop_ssh_flags, remote_run_options, secure_options
 from zsgd.errors import RunDiverged, ZsgdError
+from zsgd.runtime.launch.base import LAUNCHERS
 
 if TYPE_CHECKING:
     from zsgd.runtime.run_options import RunOptions
@@ -73,7 +74,7 @@ def _print_run_summary(summary: dict) -> None:
 @click.option("--n-proc", default=None, type=int,
               help="Worker processes: local ones (default 2; 0 with --remote), or with --launcher slurm the tasks of the srun step "
                    "(default: every CPU of the allocation but the broker's).")
-@click.option("--launcher", type=click.Choice(["local", "ssh", "slurm"]), default=None,
+@click.option("--launcher", type=click.Choice(list(LAUNCHERS)), default=None,
               help="Who starts the workers: 'local' processes, 'ssh' (the hosts of --remote) or 'slurm' (one srun step across the "
                    "allocation). Default: ssh with --remote; slurm inside a Slurm job when --n-proc is not given; else local.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,

@@ -40,7 +40,8 @@ from zsgd import __version__
 from zsgd.errors import ZsgdError
 from zsgd.remote.hosts import Host, load_hosts
 from zsgd.runtime.launch.forked import die_with_parent
-from zsgd.runtime.launch.local import SINGLE_THREAD_ENV, Child, LocalLauncher
+from zsgd.runtime.launch.base import LaunchContext, Rank
+from zsgd.runtime.launch.local import SINGLE_THREAD_ENV, Child, close_stdin, send_line
 from zsgd.remote.ssh import HostError, Probe, SshOptions, parallel, probe_host, python_sh
 
 WILDCARDS = ("0.0.0.0", "::", "*", "")
@@ -218,7 +219,9 @@ def run_marker(run_id: str) -> str:
 
 
 class RemoteLauncher:
-    """Start and stop workers over SSH; the same interface as ``LocalLauncher``."""
+    """Start and stop workers (and placed range servers) over SSH (``zsgd.runtime.launch.base``: the shape every launcher shares)."""
+
+    name = "ssh"
 
     def __init__(self, plan: RemotePlan, address: str, log_dir: Path, heartbeat: float, timeout: float, run_id: str,
                  keys=None, join_timeout: float = 60.0, model: str | None = None) -> None:
@@ -250,7 +253,14 @@ class RemoteLauncher:
                 f'command -v "$PY" >/dev/null 2>&1 || {{ echo "zsgd: no Python at $PY on this host; run zsgd remote init" >&2; exit 127; }}; '
                 f'export {env}; exec "$PY" ' + " ".join(shlex.quote(a) for a in args))
 
-    def start(self, worker_id: int, role: str = "worker") -> Child:
+    def start(self, ranks: list[Rank]) -> None:
+        for rank in ranks:
+            self.start_one(rank.id, rank.role)
+
+    def lost(self) -> str | None:
+        return None  # a remote worker that died is a dead worker: the broker notices, the run goes on
+
+    def start_one(self, worker_id: int, role: str = "worker") -> Child:
         host = (self.server_hosts if role == "server" else self.hosts).get(worker_id)
         if host is None:
             raise ZsgdError(f"{role} {worker_id} is not placed on any remote host")
@@ -263,7 +273,7 @@ class RemoteLauncher:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                     preexec_fn=die_with_parent)
         if self.keys is not None:
-            _send_line(proc, self.keys.bundle(f"worker-{worker_id}" if role == "worker" else f"{role}-{worker_id}"))
+            send_line(proc, self.keys.bundle(f"worker-{worker_id}" if role == "worker" else f"{role}-{worker_id}"))
         child = Child(name, proc, log_path)
         self.children.append(child)
         self._host_of[id(child)] = host
@@ -278,7 +288,7 @@ class RemoteLauncher:
         not exit cleanly with ``pkill -f`` of this run's marker."""
         _wait(self.running, grace)
         for c in self.running():
-            _close_stdin(c)
+            close_stdin(c)
         _wait(self.running, STDIN_GRACE_S + 1)
         for c in self.running():
             self._forced.add(id(c))
@@ -288,7 +298,7 @@ class RemoteLauncher:
             _signal(c, signal.SIGKILL)
             c.proc.wait(timeout=5)
         for c in self.children:
-            _close_stdin(c)
+            close_stdin(c)
             c.proc.poll()
         dirty = {self._host_of[id(c)].label: self._host_of[id(c)] for c in self.children
                  if id(c) in self._forced or c.returncode in (255, None) or (c.returncode or 0) < 0}
@@ -302,22 +312,6 @@ class RemoteLauncher:
         parallel(lambda h: self.plan.ssh.run(h, script, timeout=self.plan.ssh.connect_timeout + 10), hosts)
 
 
-def _send_line(proc: subprocess.Popen, obj: dict) -> None:
-    try:
-        proc.stdin.write(json.dumps(obj).encode() + b"\n")
-        proc.stdin.flush()
-    except (BrokenPipeError, OSError):
-        pass  # the process already died; its log says why
-
-
-def _close_stdin(c: Child) -> None:
-    if c.proc.stdin is not None and not c.proc.stdin.closed:
-        try:
-            c.proc.stdin.close()
-        except OSError:
-            pass
-
-
 def _signal(c: Child, sig: int) -> None:
     try:
         c.proc.send_signal(sig)
@@ -329,49 +323,6 @@ def _wait(running, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while running() and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-class KeyedLocalLauncher(LocalLauncher):
-    """Local workers: their keys (CURVE, or the run secret) on a stdin pipe, which also ties them to this process."""
-
-    def __init__(self, *args, keys, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.keys = keys
-
-    def command(self, worker_id: int, role: str = "worker") -> list[str]:
-        return [*super().command(worker_id, role), "--keys-stdin", "--watch-stdin"]
-
-    stdin_pipe = True
-
-    def hand_over(self, proc: Any, worker_id: int, role: str) -> None:
-        _send_line(proc, self.keys.bundle(f"worker-{worker_id}" if role == "worker" else f"{role}-{worker_id}"))
-
-    def stop_all(self, grace: float = 5.0) -> None:
-        super().stop_all(grace)
-        for c in self.children:
-            _close_stdin(c)
-
-
-class LauncherGroup:
-    """Local and remote launchers seen as one (``children``, ``running``, ``stop_all``)."""
-
-    def __init__(self, *launchers) -> None:
-        self.launchers = [launcher for launcher in launchers if launcher is not None]
-
-    @property
-    def children(self) -> list[Child]:
-        return [c for launcher in self.launchers for c in launcher.children]
-
-    def running(self) -> list[Child]:
-        return [c for c in self.children if c.returncode is None]
-
-    def stop_all(self, grace: float = 5.0) -> None:
-        """Stop every launcher at once, so remote and local workers share one grace period."""
-        threads = [threading.Thread(target=launcher.stop_all, args=(grace,)) for launcher in self.launchers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
 
 
 # -- the worker's side ------------------------------------------------------------------------
@@ -392,3 +343,21 @@ def exit_when_stdin_closes(grace: float = STDIN_GRACE_S) -> None:
         os._exit(137)
 
     threading.Thread(target=watch, name="zsgd-stdin-watch", daemon=True).start()
+
+
+def make_remote(ctx: LaunchContext) -> RemoteLauncher | None:
+    """The SSH launcher of a run with ``--remote HOSTS`` (registered as ``ssh``): checks the broker's port from every
+    host first; None without a hosts file."""
+    access = ctx.access
+    if access.plan is None:
+        return None
+    from zsgd.output.live import stderr_console
+
+    address = access.remote_address(ctx.broker.address)
+    # Printed even with --quiet: the one address a user must know to debug a firewall.
+    stderr_console.print(f"remote workers connect to [bold]{address}[/]" + (" (CURVE)" if access.secure else ""))
+    if ctx.broker.endpoint.guard is not None:
+        ctx.broker.endpoint.guard.expect_probes(len(access.plan.hosts))  # not refused clients
+    check_reach(access.plan, int(address.rsplit(":", 1)[1]))
+    return RemoteLauncher(access.plan, address, ctx.run_dir / "logs" / "hosts", ctx.heartbeat, ctx.timeout, ctx.broker.run,
+                          keys=access.keys, model=ctx.model)

@@ -21,6 +21,7 @@ from zsgd.errors import ZsgdError
 from zsgd.core.schedule import check_schedule_applies, resolve_lr_schedule
 from zsgd.output.metrics import MetricsWriter
 from zsgd.output.rundir import create_run_dir, write_json
+from zsgd.runtime.launch.base import LOCAL, plan_ranks
 from zsgd.runtime.run_options import RunOptions
 
 
@@ -111,7 +112,10 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             if not access.secure or (opts.expect_workers and not opts.remote.keys_dir):
                 # workers started by hand ('zsgd broker', or a worker of 'zsgd run' restarted by hand) need these to join
                 access.write_client_files(run_dir, opts.expect_workers or 0, announce=show and bool(opts.expect_workers))
-            launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show)
+            placed = access.plan.server_placement() if access.plan is not None else {}
+            workers_by = LOCAL if opts.launcher in (LOCAL, "ssh") else opts.launcher  # with --remote, the first ids are local
+            ranks = plan_ranks(opts.n_proc + opts.slurm_workers, opts.remote_workers, servers, set(placed), opts.evaluator, workers_by)
+            launcher = access.launchers(broker, run_dir, net.heartbeat, net.timeout, show, ranks)
             # Local and srun workers follow the run's --shared-memory (and a broker switched off declines offers anyway).
             restore_env = _children_env("ZSGD_SHARED_MEMORY", "1" if net.shared_memory else "0")
             started = time.monotonic()
@@ -119,17 +123,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             if servers > 1 and access.secure:
                 for i in range(opts.n_workers):  # the range servers' allow-lists are fixed when they start
                     access.keys.bundle(f"worker-{i}")
-            placed = access.plan.server_placement() if access.plan is not None else {}
-            for i in range(1, servers):
-                (launcher.remote if i in placed else launcher.local).start(i, role="server")
-            for i in range(opts.n_proc):
-                launcher.local.start(i)
-            for i in range(opts.n_proc, opts.n_proc + opts.remote_workers):
-                launcher.remote.start(i)
-            if launcher.slurm is not None:
-                launcher.slurm.start_step(opts.slurm_workers)
-            if opts.evaluator:
-                launcher.local.start(0, role="evaluator")
+            launcher.start(ranks)
             with RunView(f"{algo} x{opts.n_workers}", broker.ledger.expected_updates(), enabled=show,
                          language_model=problem.is_language_model) as view:
                 def tick(b: Broker) -> None:
@@ -200,10 +194,10 @@ def _resolved_params(opts: RunOptions, cfg: TrainConfig):
 
 def _check_children(broker: Broker, launcher, opts: RunOptions, started: float) -> None:
     """Abort early, with the reason, if every launched worker died before joining; stop (with a
-    checkpoint) when the workers' srun step has ended, since none of them can come back."""
-    step = launcher.slurm.children[0] if launcher.slurm is not None and launcher.slurm.children else None
-    if step is not None and step.returncode is not None and broker.ledger.updates > 0 and broker.ledger.stop_reason is None:
-        broker.ledger.stop(f"the workers' srun step ended (exit {step.returncode}: {step.log_tail(2) or 'no output'})")
+    checkpoint) when a launcher has lost its ranks for good (an srun step that ended)."""
+    lost = launcher.lost()
+    if lost is not None and broker.ledger.updates > 0 and broker.ledger.stop_reason is None:
+        broker.ledger.stop(lost)
         return
     servers = [c for c in launcher.children if c.name.startswith("server") and c.returncode not in (None, 0)]
     if servers and broker.ledger.stop_reason is None and not broker.service.all_serving():

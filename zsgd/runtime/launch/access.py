@@ -77,39 +77,12 @@ class Access:
                                  f"(copy them over SSH; they are secret)")
         return folder
 
-    def launchers(self, broker, run_dir: Path, heartbeat: float, timeout: float, show: bool):
-        """Local and (when --remote) remote launchers as one group; checks the port from every host first."""
-        from zsgd.runtime.launch.local import LocalLauncher
-        from zsgd.remote.launcher import KeyedLocalLauncher, LauncherGroup, RemoteLauncher, check_reach
+    def launchers(self, broker, run_dir: Path, heartbeat: float, timeout: float, show: bool, ranks: list):
+        """The launchers ``ranks`` name (``zsgd.runtime.launch.base``), built for this run as one group."""
+        from zsgd.runtime.launch.base import LaunchContext, LauncherGroup
 
-        local_addr = self.local_address(broker.address)
-        model = user_model_flag(broker.cfg.model)
-        local = KeyedLocalLauncher(local_addr, run_dir / "logs", heartbeat, timeout, keys=self.keys, model=model)
-        remote = None
-        if self.plan is not None:
-            address = self.remote_address(broker.address)
-            from zsgd.output.live import stderr_console
-
-            # Printed even with --quiet: the one address a user must know to debug a firewall.
-            stderr_console.print(f"remote workers connect to [bold]{address}[/]" + (" (CURVE)" if self.secure else ""))
-            if broker.endpoint.guard is not None:
-                broker.endpoint.guard.expect_probes(len(self.plan.hosts))  # not refused clients
-            check_reach(self.plan, int(address.rsplit(":", 1)[1]))
-            remote = RemoteLauncher(self.plan, address, run_dir / "logs" / "hosts", heartbeat, timeout, broker.run, keys=self.keys,
-                                    model=model)
-        slurm = None
-        if self.slurm is not None:
-            from zsgd.output.live import stderr_console
-            from zsgd.runtime.launch.slurm import SlurmLauncher
-
-            address = self.remote_address(broker.address, self.slurm.advertise)
-            alloc = self.slurm.allocation
-            stderr_console.print(f"{self.slurm.n_workers} workers start as an srun step of Slurm job {alloc.job_id} on "
-                                 f"{', '.join(alloc.nodes[:4])}{' ...' if len(alloc.nodes) > 4 else ''}; they connect to [bold]{address}[/] (CURVE)")
-            slurm = SlurmLauncher(self.slurm, address, run_dir / "logs", heartbeat, timeout, broker.run, keys=self.keys, model=model)
-        group = LauncherGroup(local, remote, slurm)
-        group.local, group.remote, group.slurm = local, remote, slurm
-        return group
+        ctx = LaunchContext(self, broker, Path(run_dir), heartbeat, timeout, show, user_model_flag(broker.cfg.model))
+        return LauncherGroup.build(ctx, {r.launcher for r in ranks})
 
 
 def prepare_access(opts) -> Access:

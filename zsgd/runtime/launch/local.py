@@ -12,6 +12,7 @@ the broker leaves no orphan computing forever.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zsgd.runtime.launch.base import LOCAL, LaunchContext, Rank
 from zsgd.runtime.launch.forked import die_with_parent, fork_available, fork_command
 from zsgd.runtime.threads import SINGLE_THREAD_ENV
 
@@ -86,6 +88,10 @@ class Child:
 
 
 class LocalLauncher:
+    """Processes on this machine, forked or exec'd (``zsgd.runtime.launch.base`` has the shape every launcher shares)."""
+
+    name = LOCAL
+
     def __init__(self, address: str, log_dir: Path, heartbeat: float, timeout: float, python: str = sys.executable,
                  model: str | None = None) -> None:
         self.address = address
@@ -103,7 +109,14 @@ class LocalLauncher:
 
     stdin_pipe = False  # a pipe on the child's stdin, for hand_over()
 
-    def start(self, worker_id: int, role: str = "worker") -> Child:
+    def start(self, ranks: list[Rank]) -> None:
+        for rank in ranks:
+            self.start_one(rank.id, rank.role)
+
+    def lost(self) -> str | None:
+        return None  # a local process that died is a dead worker: the broker notices, the run goes on
+
+    def start_one(self, worker_id: int, role: str = "worker") -> Child:
         name = f"{role}-{worker_id}"
         log_path = self.log_dir / f"{name}.log"
         proc = self.spawn(self.command(worker_id, role), log_path, name, stdin_pipe=self.stdin_pipe)
@@ -146,3 +159,48 @@ class LocalLauncher:
             except subprocess.TimeoutExpired:
                 c.proc.kill()
                 c.proc.wait(timeout=5)
+
+
+def send_line(proc: Any, obj: dict) -> None:
+    """One JSON line on a child's stdin pipe (its keys); a child that already died is left to its log."""
+    try:
+        proc.stdin.write(json.dumps(obj).encode() + b"\n")
+        proc.stdin.flush()
+    except (BrokenPipeError, OSError):
+        pass  # the process already died; its log says why
+
+
+def close_stdin(c: Child) -> None:
+    if c.proc.stdin is not None and not c.proc.stdin.closed:
+        try:
+            c.proc.stdin.close()
+        except OSError:
+            pass
+
+
+class KeyedLocalLauncher(LocalLauncher):
+    """Local processes of a run: their keys (CURVE, or the run secret) on a stdin pipe, which also ties them to this process."""
+
+    def __init__(self, *args, keys, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.keys = keys
+
+    def command(self, worker_id: int, role: str = "worker") -> list[str]:
+        return [*super().command(worker_id, role), "--keys-stdin", "--watch-stdin"]
+
+    stdin_pipe = True
+
+    def hand_over(self, proc: Any, worker_id: int, role: str) -> None:
+        send_line(proc, self.keys.bundle(f"worker-{worker_id}" if role == "worker" else f"{role}-{worker_id}"))
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        super().stop_all(grace)
+        for c in self.children:
+            close_stdin(c)
+
+
+def make_local(ctx: LaunchContext) -> KeyedLocalLauncher:
+    """The local launcher of a run (registered as ``local``): every run has one, for its evaluator at least."""
+    access = ctx.access
+    return KeyedLocalLauncher(access.local_address(ctx.broker.address), ctx.run_dir / "logs", ctx.heartbeat, ctx.timeout,
+                              keys=access.keys, model=ctx.model)

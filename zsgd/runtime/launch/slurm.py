@@ -179,6 +179,25 @@ class SlurmLauncher:
                   "--timeout", f"{self.timeout:g}", "--join-timeout", f"{self.join_timeout:g}", "--watch-stdin"]
         return base + worker + (["--keys-stdin"] if self.keys is not None else []) + (["--model", self.model] if self.model else [])
 
+    name = "slurm"
+
+    def start(self, ranks: list[Any]) -> None:
+        """The run's workers as one step: Slurm numbers its tasks 0 .. n-1, so these are workers 0 .. n-1."""
+        ids = sorted(r.id for r in ranks if r.role == "worker")
+        if ids != list(range(len(ids))) or len(ids) != len(ranks):
+            from zsgd.errors import ZsgdError
+
+            raise ZsgdError("--launcher slurm starts workers 0 .. n-1 as one srun step, and nothing else")
+        if ids:
+            self.start_step(len(ids))
+
+    def lost(self) -> str | None:
+        """The step ended: none of its workers can come back, so the run stops (with a checkpoint)."""
+        step = self.children[0] if self.children else None
+        if step is None or step.returncode is None:
+            return None
+        return f"the workers' srun step ended (exit {step.returncode}: {step.log_tail(2) or 'no output'})"
+
     def start_step(self, n: int) -> Any:
         """Start workers ``0 .. n - 1`` as one step; each takes its id from ``SLURM_PROCID``."""
         from zsgd.runtime.launch.forked import die_with_parent
@@ -249,3 +268,18 @@ class SlurmLauncher:
             step, _, name = line.strip().partition(" ")
             if name == self.job_name:
                 subprocess.run(["scancel", step], capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+
+
+def make_slurm(ctx: Any) -> SlurmLauncher | None:
+    """The srun-step launcher of ``zsgd run --launcher slurm`` (registered as ``slurm``); None outside such a run."""
+    access = ctx.access
+    if access.slurm is None:
+        return None
+    from zsgd.output.live import stderr_console
+
+    address = access.remote_address(ctx.broker.address, access.slurm.advertise)
+    alloc = access.slurm.allocation
+    stderr_console.print(f"{access.slurm.n_workers} workers start as an srun step of Slurm job {alloc.job_id} on "
+                         f"{', '.join(alloc.nodes[:4])}{' ...' if len(alloc.nodes) > 4 else ''}; they connect to [bold]{address}[/] (CURVE)")
+    return SlurmLauncher(access.slurm, address, ctx.run_dir / "logs", ctx.heartbeat, ctx.timeout, ctx.broker.run, keys=access.keys,
+                         model=ctx.model)
