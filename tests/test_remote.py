@@ -329,7 +329,8 @@ def test_sweep_ends_a_straggler_by_its_run_marker(cluster):
     import uuid
 
     from zsgd.remote.hosts import Host
-    from zsgd.remote.launcher import RemoteLauncher, RemotePlan
+    from zsgd.remote.launcher import RemotePlan
+    from zsgd.runtime.launch.ssh import RemoteLauncher
     from zsgd.remote.ssh import SshOptions
 
     run_id = uuid.uuid4().hex[:12]

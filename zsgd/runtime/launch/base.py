@@ -69,7 +69,7 @@ LauncherFactory = Callable[[LaunchContext], "Launcher | None"]
 LOCAL = "local"
 LAUNCHERS: dict[str, str | LauncherFactory] = {
     LOCAL: "zsgd.runtime.launch.local:make_local",
-    "ssh": "zsgd.remote.launcher:make_remote",
+    "ssh": "zsgd.runtime.launch.ssh:make_remote",
     "slurm": "zsgd.runtime.launch.slurm:make_slurm",
 }
 
