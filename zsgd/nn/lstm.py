@@ -30,8 +30,9 @@ backward pass mirrors it and leaves the weight gradients to products over
 the whole block (one pass over a layer's gate gradients gives both weight
 gradients and the bias gradient). Every product of more than a token
 table's rows runs in ``zsgd.nn.lstm_gemm``'s AVX-512 tile, not numpy's
-BLAS: OpenBLAS picks its AVX2 (Haswell) kernels on AMD Zen 4/5 and reached
-57 GFLOP/s there against the tile's 245.
+BLAS, whose speed depends on which kernels OpenBLAS picks: on an AMD Zen 5
+whose environment sets ``OPENBLAS_CORETYPE=Haswell`` (AVX2), 126 GFLOP/s
+on one core against the tile's 250 (233 with its SkylakeX kernels).
 """
 
 from __future__ import annotations
@@ -336,9 +337,9 @@ class LSTMModel:
 
         One pass of zsgd's own product over the block's gate gradients
         (rows = time steps x streams) serves both of a layer's weight
-        gradients and its bias gradient. (numpy's OpenBLAS picks its AVX2
-        Haswell kernels on some AVX-512 CPUs, AMD Zen 4/5, and reached a
-        quarter of the tile's rate there.) An ``x`` whose width is not
+        gradients and its bias gradient, at the rate of OpenBLAS's best
+        (AVX-512) kernels whichever kernels numpy's OpenBLAS was given (see
+        the module docstring). An ``x`` whose width is not
         whole panels goes through a zero-padded copy, its ``out`` through
         a padded scratch.
         """

@@ -10,9 +10,10 @@ and block (:func:`pack_rows`, :func:`pack_cols`: panels of :data:`NR` columns,
 32 with AVX-512, each k's values contiguous), and every step's product runs
 over the packed panels (:func:`gemm_packed`). The block-wide products
 of ``zsgd.nn.lstm`` (input projections, input and weight gradients) use the
-same tile (:func:`gemm_packed`, :func:`gemm_at`): on an AMD Zen 5 numpy's
-OpenBLAS runs its AVX2 Haswell kernels, 57 GFLOP/s on one core against the
-tile's 245.
+same tile (:func:`gemm_packed`, :func:`gemm_at`), so their speed does not
+depend on which kernels numpy's OpenBLAS picks or is told to use (on an
+AMD Zen 5 with ``OPENBLAS_CORETYPE=Haswell``: 126 GFLOP/s on one core,
+against the tile's 250).
 
 **The micro-kernel** keeps an 8 x 32 tile of the result in sixteen 512-bit
 registers for the whole k loop: per k, two vector loads of the panel, eight
@@ -300,9 +301,10 @@ def gemm_at(at: np.ndarray, b: np.ndarray, c: np.ndarray, b2: np.ndarray, c2: np
     each tile's broadcasts contiguous), and ``b``'s block into panels; then
     each panel (32 KB) stays in L1 while every tile of rows runs against
     it. Read in place instead, the tile's k steps in ``dg`` are 4 KB apart,
-    all in one L1 set, and ``b``'s rows 1 KB apart: 190-200 GFLOP/s against
-    about 245 this way. Rows past the last whole tile go through a small
-    buffer, a tile at a time.
+    all in one L1 set, and ``b``'s rows 1 KB apart: 200 GFLOP/s, against
+    205-215 this way (255 for the tiles alone, 0.5 ms of packing for 8 MB
+    of ``dg``; OpenBLAS's SkylakeX kernels take the same 5.1 ms). Rows past
+    the last whole tile go through a small buffer, a tile at a time.
     """
     prefer_512()
     K, M = at.shape

@@ -4,9 +4,8 @@ Every matrix product of the block (the recurrence's per-step products,
 called from :func:`layer_forward` and :func:`layer_backward`, which walk a
 whole layer through time in one call, and the block-wide input
 projections, input and weight gradients called from ``zsgd.nn.lstm``) runs
-in ``zsgd.nn.lstm_gemm``: numpy's OpenBLAS picks its AVX2 kernels on AMD
-Zen 4/5 and reached a quarter of that tile's rate there. Numba does everything else: embedding
-gather/scatter, and the fused gate non-linearities and cell update of one
+in ``zsgd.nn.lstm_gemm`` (not numpy's BLAS: see ``zsgd.nn.lstm``). Numba
+does everything else: embedding gather/scatter, and the fused gate non-linearities and cell update of one
 time step, forward and backward. One kernel call per step replaces the
 half-dozen element-wise tensor ops (each a pass over memory) an autograd
 LSTM makes.
