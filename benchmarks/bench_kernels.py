@@ -385,7 +385,23 @@ def bench_lstm(args) -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     base = med.get("train/pytorch")
     print(f"{m.name} vocab {V}, batch {B} x bptt {T}, 1 thread, median of {args.rounds} x {max(2, args.group) - 1} "
-          f"timed steps | numpy {np.__version__}, torch {torch_version}")
+          f"timed steps | numpy {np.__version__}, torch {torch_version} | {_cpu_name()}, "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')} (numpy's BLAS: zsgd's LSTM runs its "
+          f"large products in its own tile, PyTorch in MKL and oneDNN)")
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (what the LSTM figures depend on: the vector width, the L2 size)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
     for k, v in med.items():
         ratio = f"{v / base:.2f}x PyTorch" if base else ""
         print(f"  {k:14s} {v:10,.0f} tokens/s (best step {max(results[k]):,.0f})  {ratio}")
