@@ -207,6 +207,25 @@ def test_link_emulator_uses_the_same_models():
     assert sorted(emu.slowdown(w, 0.0) for w in range(4)) == [1.0, 1.0, 2.0, 2.0]
 
 
+def test_the_servers_nic_takes_one_message_at_a_time_each_way():
+    """--inject-broker-bandwidth: updates queue on the server's NIC after their uplink, replies before their
+    downlink, each direction a FIFO of its own (zsgd sim's two FIFOs); without it a message takes its link alone."""
+    from zsgd.runtime.emulation import emulator_from_specs
+
+    emu = LinkEmulator(Network(latency_up=Constant(0.01), latency_down=Constant(0.01), bandwidth=1000.0), n_workers=3,
+                       nic_bandwidth=1000.0)
+    assert emu.update_delay(0, 100, now=2.0) == pytest.approx(0.11 + 0.1)  # uplink, then the NIC
+    assert emu.update_delay(1, 100, now=2.0) == pytest.approx(0.11 + 0.2)  # behind worker 0's on the NIC
+    assert emu.reply_delay(2, 100, now=2.0) == pytest.approx(0.1 + 0.11)  # sending: its own FIFO, free
+    assert emu.reply_delay(0, 100, now=2.05) == pytest.approx(0.15 + 0.11)  # behind the first reply until 2.2
+    assert emu.update_delay(2, 100, now=9.0) == pytest.approx(0.21)  # idle again
+    plain = LinkEmulator(Network(latency_up=Constant(0.01), bandwidth=1000.0), n_workers=2)
+    assert [plain.update_delay(w, 100, now=0.0) for w in (0, 1)] == [pytest.approx(0.11)] * 2
+    assert emulator_from_specs(None, None, None, None, 2, 0, broker_bandwidth="100Mbps").nic_bandwidth == 12.5e6
+    with pytest.raises(ZsgdError, match="^--inject-broker-bandwidth: bad bandwidth 'fast'"):
+        emulator_from_specs(None, None, None, None, 2, 0, broker_bandwidth="fast")
+
+
 def test_peer_messages_queue_on_the_senders_link_as_the_simulator_sends_them():
     """A node's copies to its neighbours leave its link one after another: the k-th of a round arrives after
     k + 1 message times plus the latency (zsgd sim's decentralized model); another node's link is its own,

@@ -186,7 +186,7 @@ class Broker:
                 self.reject(identity, exc.reason, str(exc))
                 return
             if self.endpoint.held is not None:  # emulated uplink: the update "arrives" later
-                self.endpoint.hold(("in", peer, msg), self.opts.emulator.delay(peer.worker, True, protocol.message_nbytes(msg)))
+                self.endpoint.hold(("in", peer, msg), self.opts.emulator.update_delay(peer.worker, protocol.message_nbytes(msg), time.monotonic()))
             else:
                 self.service.on_update(peer, msg)
         elif msg.type == MsgType.EVAL:

@@ -38,6 +38,9 @@ def _runtime_options(func):
         click.option("--eval-interval", default=0.0, show_default=True, type=float, help="Also evaluate every N seconds (0: off)."),
         click.option("--inject-latency", default=None, metavar="SPEC", help="Emulate one-way latency per message (same specs as 'zsgd sim --latency', e.g. 20ms, lognormal:20ms,0.5)."),
         click.option("--inject-bandwidth", default=None, metavar="SPEC", help="Emulate per-worker link bandwidth, e.g. 100Mbps."),
+        click.option("--inject-broker-bandwidth", default=None, metavar="SPEC",
+                     help="Emulate the server's own NIC, shared by every worker's updates and replies (one at a time each way), "
+                          "as 'zsgd sim --broker-bandwidth', e.g. 100Mbps; each of --servers K has its own."),
         click.option("--inject-loss", default=None, metavar="P", help="Emulate message loss with a 200 ms retransmit, e.g. 0.01."),
         click.option("--stragglers", default=None, metavar="SPEC", help="Slow a fraction of workers, e.g. 0.25:3x (as in 'zsgd sim')."),
         click.option("--inject-compute", default=None, metavar="SPEC",

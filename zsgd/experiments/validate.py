@@ -159,6 +159,9 @@ def real_options(arm: Any, spec: Any, n: int) -> Any:
         compute = v.get("compute", "measured")
         if compute.strip() != "measured":
             flags["inject_compute"] = compute
+        nic = arm.opts.broker_bandwidth
+        if isinstance(nic, (int, float)) and math.isfinite(nic):  # a server NIC given by hand: emulated for real too
+            flags["inject_broker_bandwidth"] = f"{float(nic)!r}B/s"
     return RunOptions.from_flags(flags).validate()
 
 

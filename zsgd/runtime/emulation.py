@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from zsgd.errors import ZsgdError
 from zsgd.simulation.compute_draw import ComputeDraw
 from zsgd.simulation.netmodel import (Delay, Measured, Network, StragglerSpec, Stragglers, parse_bandwidth, parse_compute, parse_delay,
                            parse_duration, parse_failures, parse_loss, parse_stragglers, parse_worker_latency)
@@ -76,8 +77,10 @@ class LinkEmulator:
     """Samples per-message delays, straggler slowdowns and (``--inject-compute``) compute times for a real run."""
 
     def __init__(self, network: Network, stragglers: StragglerSpec | None = None, n_workers: int = 1, seed: int = 0,
-                 compute: Delay | None = None) -> None:
+                 compute: Delay | None = None, nic_bandwidth: float = float("inf")) -> None:
         self.network = network
+        self.nic_bandwidth = nic_bandwidth  # bytes/s of the server's own NIC (--inject-broker-bandwidth), shared by all
+        self._rx_free = self._tx_free = 0.0  # when the NIC has received / sent what it holds
         self.rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0xE31]))
         self.stragglers: Stragglers | None = stragglers.assign(n_workers, seed) if stragglers is not None else None
         self.compute: ComputeDraw | None = ComputeDraw(compute, seed) if compute is not None else None
@@ -91,6 +94,24 @@ class LinkEmulator:
     def delay(self, worker: int, up: bool, nbytes: int) -> float:
         """Seconds to hold one message of ``nbytes`` to (up=False) or from (up=True) ``worker``."""
         return self.network.delay(worker, up, nbytes, self.rng)
+
+    def update_delay(self, worker: int, nbytes: int, now: float) -> float:
+        """Seconds to hold an update that arrives from ``worker`` at ``now``: its uplink, then the server's NIC,
+        which takes one message at a time (``zsgd sim --broker-bandwidth``: reserved in the order they are sent)."""
+        d = self.delay(worker, True, nbytes)
+        if self.nic_bandwidth == float("inf"):
+            return d
+        self._rx_free = max(now + d, self._rx_free) + nbytes / self.nic_bandwidth
+        return self._rx_free - now
+
+    def reply_delay(self, worker: int, nbytes: int, now: float) -> float:
+        """Seconds to hold a reply to ``worker`` sent at ``now``: the server's NIC sends one message at a time
+        (beside its receiving), then the worker's downlink, as ``zsgd sim`` models them."""
+        d = self.delay(worker, False, nbytes)
+        if self.nic_bandwidth == float("inf"):
+            return d
+        self._tx_free = max(now, self._tx_free) + nbytes / self.nic_bandwidth
+        return self._tx_free - now + d
 
     def peer_delay(self, worker: int, nbytes: int, now: float) -> float:
         """Seconds to hold one peer message that ``worker`` sends at ``now`` (decentralized runs). Its link
@@ -106,7 +127,7 @@ class LinkEmulator:
 
 
 def emulator_from_specs(latency: str | None, bandwidth: str | None, loss: str | None, stragglers: str | None,
-                        n_workers: int, seed: int, compute: str | None = None) -> "LinkEmulator | None":
+                        n_workers: int, seed: int, compute: str | None = None, broker_bandwidth: str | None = None) -> "LinkEmulator | None":
     """The ``--inject-*`` and ``--stragglers`` specs as a LinkEmulator, or None when they emulate nothing.
 
     One function, so that the coordinator and every range server of
@@ -115,7 +136,7 @@ def emulator_from_specs(latency: str | None, bandwidth: str | None, loss: str | 
     """
     from zsgd.simulation.netmodel import Constant
 
-    if not (latency or bandwidth or loss or stragglers or compute):
+    if not (latency or bandwidth or loss or stragglers or compute or broker_bandwidth):
         return None
     lat = parse_delay(latency or "0", "--inject-latency")
     net = Network(latency_up=lat, latency_down=lat, bandwidth=parse_bandwidth(bandwidth or "inf"), loss=parse_loss(loss or "0"))
@@ -123,6 +144,11 @@ def emulator_from_specs(latency: str | None, bandwidth: str | None, loss: str | 
     draw = parse_delay(compute, "--inject-compute") if compute else None
     if isinstance(draw, Constant) and draw.seconds == 0:
         draw = None  # "0": no step is stretched
-    if isinstance(lat, Constant) and lat.seconds == 0 and net.bandwidth == float("inf") and net.loss == 0 and spec is None and draw is None:
+    try:
+        nic = parse_bandwidth(broker_bandwidth or "inf")
+    except ZsgdError as exc:
+        raise ZsgdError(f"--inject-broker-bandwidth: {exc}") from None
+    if (isinstance(lat, Constant) and lat.seconds == 0 and net.bandwidth == float("inf") and net.loss == 0 and spec is None and draw is None
+            and nic == float("inf")):
         return None  # "0", "inf", "none": nothing to emulate
-    return LinkEmulator(net, spec, n_workers=n_workers, seed=seed, compute=draw)
+    return LinkEmulator(net, spec, n_workers=n_workers, seed=seed, compute=draw, nic_bandwidth=nic)

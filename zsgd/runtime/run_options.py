@@ -105,6 +105,7 @@ class EmulationOptions:
     inject_loss: str | None = None
     stragglers: str | None = None
     inject_compute: str | None = None  # each step stretched to a seeded draw (zsgd.simulation.compute_draw), as zsgd sim --compute
+    inject_broker_bandwidth: str | None = None  # the server's own NIC, shared by every worker's messages (zsgd sim --broker-bandwidth)
 
     def validate(self, n_workers: int = 0) -> "EmulationOptions":
         self.emulator(n_workers, 0)  # parses every spec now, so a typo fails before anything starts
@@ -115,7 +116,7 @@ class EmulationOptions:
         from zsgd.runtime.emulation import emulator_from_specs
 
         return emulator_from_specs(self.inject_latency, self.inject_bandwidth, self.inject_loss, self.stragglers, n_workers, seed,
-                                   compute=self.inject_compute)
+                                   compute=self.inject_compute, broker_bandwidth=self.inject_broker_bandwidth)
 
 
 @dataclass

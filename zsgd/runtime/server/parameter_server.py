@@ -208,7 +208,7 @@ class ParameterServer(Service):
                 target = b.opts.emulator.compute_target(peer.worker, self.algo.local_steps)  # --inject-compute
                 if target is not None:
                     msg.meta["compute_target_s"] = target
-                b.endpoint.hold(("out", peer, msg), b.opts.emulator.delay(peer.worker, False, protocol.message_nbytes(msg)))
+                b.endpoint.hold(("out", peer, msg), b.opts.emulator.reply_delay(peer.worker, protocol.message_nbytes(msg), time.monotonic()))
             elif isinstance(out, Applied):
                 self._on_applied(out)
             elif isinstance(out, Dropped) and out.reason == "non-finite":
