@@ -216,3 +216,11 @@ def test_train_stopped_by_a_signal_writes_summary_and_weights(tmp_path, no_orpha
     with np.load(out / "weights.npz") as weights:
         assert sum(v.size for v in weights.values()) == 7850
     assert read_events(out)[-1]["event"] == "end"
+
+
+@pytest.mark.parametrize("command,flag", [("run", "--inject-latency"), ("run", "--stragglers"), ("run", "--inject-bandwidth"),
+                                          ("run", "--inject-loss"), ("sim", "--bandwidth"), ("sim", "--latency")])
+def test_a_pasted_spec_is_refused_at_once_and_quoted_short(tmp_path, command, flag):
+    """100,000 digits and a bad unit: refused by its length before any regex (one took minutes to backtrack)."""
+    extra = ("--workers", "2") if command == "sim" else ()
+    refused(command, *SMALL, *extra, "--steps", "5", flag, "9" * 100_000 + "q", "--out", tmp_path / "o", match=r"'9{50,}\.\.\.'")

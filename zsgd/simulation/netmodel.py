@@ -46,7 +46,9 @@ import numpy as np
 from zsgd.errors import ZsgdError
 from zsgd.simulation.trace import MAX_TRACE_BYTES, MAX_TRACE_ROWS, Trace, load_trace  # noqa: F401 -- re-exported: trace:FILE specs
 
-_NUM = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+# ``\d+(?:\.\d*)?`` rather than ``\d+\.?\d*``: the same numbers, but a long run of digits that fails to match
+# is not tried at every split between its two digit runs (100,000 digits and a bad unit took minutes).
+_NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 TIME_UNITS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "sec": 1.0, "min": 60.0}
 _TIME_RE = re.compile(rf"^({_NUM})\s*([a-zµ]*)$", re.IGNORECASE)
 _BW_RE = re.compile(rf"^({_NUM})\s*([kmgt]?)(i?)(bps|bit/s|b/s|B/s|Bps)$", re.IGNORECASE)
@@ -65,6 +67,23 @@ MIN_BANDWIDTH = 125.0  # bytes/s (1 Kbps): slower links make one model's transfe
 MAX_LOSS = 0.9  # beyond it a message needs more than ten sends on average
 
 
+MAX_SPEC = 4096  # characters of one spec (a trace file's path included); a longer one is a paste, not a spec
+
+
+def _spec(text: object, what: str, limit: int = MAX_SPEC) -> str:
+    """``text`` stripped, or ZsgdError when it is longer than ``limit`` characters (checked before any regex)."""
+    s = str(text).strip()
+    if len(s) > limit:
+        raise ZsgdError(f"bad {what} {_q(s)}: {len(s):,} characters, at most {limit:,}")
+    return s
+
+
+def _q(value: object) -> str:
+    """A user's spec quoted for an error message, cut to 60 characters (a spec can be a pasted megabyte)."""
+    text = repr(str(value))
+    return text if len(text) <= 60 else text[:56] + "...'"
+
+
 # ---------------------------------------------------------------------------
 # numbers with units
 
@@ -72,23 +91,23 @@ MAX_LOSS = 0.9  # beyond it a message needs more than ten sends on average
 def parse_duration(text: str, what: str = "duration", default_unit: str | None = None) -> float:
     """``10ms`` -> 0.01 seconds. Negative, non-finite, unit-less (unless
     ``default_unit``) or unknown-unit values raise ZsgdError naming ``what``."""
-    s = str(text).strip()
+    s = _spec(text, what, 256)
     m = _TIME_RE.match(s)
     if not s or m is None:
-        raise ZsgdError(f"bad {what} {text!r}: expected a number with a unit, e.g. 10ms, 0.5s")
+        raise ZsgdError(f"bad {what} {_q(text)}: expected a number with a unit, e.g. 10ms, 0.5s")
     value, unit = float(m.group(1)), m.group(2).lower()
     if not math.isfinite(value) or value < 0:
-        raise ZsgdError(f"bad {what} {text!r}: must be a finite number >= 0")
+        raise ZsgdError(f"bad {what} {_q(text)}: must be a finite number >= 0")
     if not unit:
         if value == 0:
             return 0.0
         if default_unit is None:
-            raise ZsgdError(f"bad {what} {text!r}: give a unit, e.g. {m.group(1)}ms or {m.group(1)}s")
+            raise ZsgdError(f"bad {what} {_q(text)}: give a unit, e.g. {m.group(1)}ms or {m.group(1)}s")
         unit = default_unit
     if unit not in TIME_UNITS:
-        raise ZsgdError(f"bad {what} {text!r}: unknown unit {unit!r}; use us, ms, s or min")
+        raise ZsgdError(f"bad {what} {_q(text)}: unknown unit {_q(unit)}; use us, ms, s or min")
     if value * TIME_UNITS[unit] > MAX_DURATION:
-        raise ZsgdError(f"bad {what} {text!r}: at most {MAX_DURATION:,.0f} s ({MAX_DURATION / 86400:.1f} days)")
+        raise ZsgdError(f"bad {what} {_q(text)}: at most {MAX_DURATION:,.0f} s ({MAX_DURATION / 86400:.1f} days)")
     return value * TIME_UNITS[unit]
 
 
@@ -105,20 +124,20 @@ def format_duration(seconds: float) -> str:
 
 def parse_bandwidth(text: str) -> float:
     """``100Mbps`` / ``10MB/s`` / ``inf`` -> bytes per second (``inf``: no transfer time)."""
-    s = str(text).strip()
+    s = _spec(text, "bandwidth", 256)
     if s.lower() in ("inf", "infinite", "unlimited", "none"):
         return math.inf
     m = _BW_RE.match(s)
     if m is None:
-        raise ZsgdError(f"bad bandwidth {text!r}: expected e.g. 100Mbps, 1Gbps, 10MB/s or inf")
+        raise ZsgdError(f"bad bandwidth {_q(text)}: expected e.g. 100Mbps, 1Gbps, 10MB/s or inf")
     value, prefix, binary, unit = float(m.group(1)), m.group(2).lower(), m.group(3), m.group(4)
     if not math.isfinite(value) or value <= 0:
-        raise ZsgdError(f"bad bandwidth {text!r}: must be a positive number (or inf)")
+        raise ZsgdError(f"bad bandwidth {_q(text)}: must be a positive number (or inf)")
     scale = (_BIN_SCALE if binary else _BW_SCALE)[prefix]
     is_bytes = unit in ("B/s", "Bps")  # capital B: bytes; b, bps, bit/s: bits
     bytes_per_s = value * scale / (1.0 if is_bytes else 8.0)
     if bytes_per_s < MIN_BANDWIDTH:
-        raise ZsgdError(f"bad bandwidth {text!r}: at least 1Kbps (or inf)")
+        raise ZsgdError(f"bad bandwidth {_q(text)}: at least 1Kbps (or inf)")
     return bytes_per_s
 
 
@@ -134,14 +153,14 @@ def format_bandwidth(bytes_per_s: float) -> str:
 
 def parse_loss(text: str) -> float:
     """``0.01`` or ``1%`` -> probability in [0, 1) that one message is lost."""
-    s = str(text).strip()
+    s = _spec(text, "loss", 256)
     pct = s.endswith("%")
     try:
         p = float(s[:-1] if pct else s) / (100.0 if pct else 1.0)
     except ValueError:
-        raise ZsgdError(f"bad loss {text!r}: expected a probability such as 0.01 or 1%") from None
+        raise ZsgdError(f"bad loss {_q(text)}: expected a probability such as 0.01 or 1%") from None
     if not (0.0 <= p <= MAX_LOSS):
-        raise ZsgdError(f"bad loss {text!r}: must be in [0, {MAX_LOSS:g}] (beyond it a message takes more than ten sends)")
+        raise ZsgdError(f"bad loss {_q(text)}: must be in [0, {MAX_LOSS:g}] (beyond it a message takes more than ten sends)")
     return p
 
 
@@ -254,24 +273,24 @@ Delay = Constant | Uniform | Normal | LogNormal | Exponential | ShiftedExponenti
 
 def parse_delay(text: str, what: str = "latency") -> Delay:
     """A delay spec (see the module docstring) -> a sampler of seconds."""
-    s = str(text).strip()
+    s = _spec(text, what)
     if not s:
         raise ZsgdError(f"bad {what} '': empty; give e.g. 10ms or normal:10ms,2ms")
     name, sep, arg = s.partition(":")
     name = name.strip().lower()
     if not sep or name not in DISTRIBUTIONS:
         if sep:
-            raise ZsgdError(f"bad {what} {text!r}: unknown distribution {name!r}; use {', '.join(DISTRIBUTIONS)}")
+            raise ZsgdError(f"bad {what} {_q(text)}: unknown distribution {_q(name)}; use {', '.join(DISTRIBUTIONS)}")
         return Constant(parse_duration(s, what))
     if name == "trace":
         if not arg.strip():
-            raise ZsgdError(f"bad {what} {text!r}: trace needs a file, e.g. trace:pings.csv")
+            raise ZsgdError(f"bad {what} {_q(text)}: trace needs a file, e.g. trace:pings.csv")
         return load_trace(arg.strip(), what)
     args = [a.strip() for a in arg.split(",")]
     if len(args) != DISTRIBUTIONS[name] or not all(args):
         example = {"uniform": "uniform:5ms,20ms", "normal": "normal:10ms,2ms", "lognormal": "lognormal:10ms,0.5", "exp": "exp:10ms",
                    "shifted-exp": "shifted-exp:10ms,5ms"}[name]
-        raise ZsgdError(f"bad {what} {text!r}: {name} takes {DISTRIBUTIONS[name]} value(s), e.g. {example}")
+        raise ZsgdError(f"bad {what} {_q(text)}: {name} takes {DISTRIBUTIONS[name]} value(s), e.g. {example}")
     if name == "lognormal":
         median = parse_duration(args[0], what)
         try:
@@ -279,7 +298,7 @@ def parse_delay(text: str, what: str = "latency") -> Delay:
         except ValueError:
             sigma = -1.0
         if not math.isfinite(sigma) or not 0 <= sigma <= MAX_SIGMA:
-            raise ZsgdError(f"bad {what} {text!r}: lognormal SIGMA must be a unitless number in [0, {MAX_SIGMA:g}], e.g. 0.5")
+            raise ZsgdError(f"bad {what} {_q(text)}: lognormal SIGMA must be a unitless number in [0, {MAX_SIGMA:g}], e.g. 0.5")
         return LogNormal(median, sigma)
     vals = [parse_duration(a, what) for a in propagate_units(args)]
     if name == "exp":
@@ -289,7 +308,7 @@ def parse_delay(text: str, what: str = "latency") -> Delay:
     if name == "normal":
         return Normal(vals[0], vals[1])
     if vals[0] > vals[1]:
-        raise ZsgdError(f"bad {what} {text!r}: uniform needs LO <= HI")
+        raise ZsgdError(f"bad {what} {_q(text)}: uniform needs LO <= HI")
     return Uniform(vals[0], vals[1])
 
 
@@ -326,7 +345,7 @@ def split_specs(value: str, what: str, units: bool = True) -> list[str]:
     if ";" in text:
         items = [t.strip() for t in text.split(";")]
         if not all(items):
-            raise ZsgdError(f"bad {what} {value!r}: empty item in the ';' list")
+            raise ZsgdError(f"bad {what} {_q(value)}: empty item in the ';' list")
         return items
     tokens = [t.strip() for t in text.split(",")]
     items: list[str] = []
@@ -334,7 +353,7 @@ def split_specs(value: str, what: str, units: bool = True) -> list[str]:
     while i < len(tokens):
         tok = tokens[i]
         if not tok:
-            raise ZsgdError(f"bad {what} {value!r}: empty item in the comma list")
+            raise ZsgdError(f"bad {what} {_q(value)}: empty item in the comma list")
         name = tok.partition(":")[0].lower()
         if name == "transient" and items:
             items[-1] += "," + tok
@@ -410,7 +429,7 @@ def parse_worker_latency(items: list[str] | tuple[str, ...], max_workers: int = 
         who, sep, spec = str(item).partition("=")
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", who)
         if not sep or m is None:
-            raise ZsgdError(f"bad --latency-worker {item!r}: expected WORKER=SPEC or FIRST-LAST=SPEC, e.g. 3=50ms")
+            raise ZsgdError(f"bad --latency-worker {_q(item)}: expected WORKER=SPEC or FIRST-LAST=SPEC, e.g. 3=50ms")
         workers = _worker_range("--latency-worker", str(item), m.group(1), m.group(2), max_workers)
         delay = parse_delay(spec, f"latency of worker {who.strip()}")
         out.update({w: delay for w in workers})
@@ -475,7 +494,7 @@ class StragglerSpec:
 
 def parse_stragglers(text: str) -> StragglerSpec | None:
     """``none`` | ``FRACTION:FACTORx[,transient:PERIOD:DURATION]``."""
-    s = str(text).strip()
+    s = _spec(text, "--stragglers")
     if not s:
         raise ZsgdError("bad --stragglers '': empty; use none or FRACTION:FACTORx, e.g. 0.1:4x")
     if s.lower() in NONE_WORDS:
@@ -483,21 +502,21 @@ def parse_stragglers(text: str) -> StragglerSpec | None:
     head, _, tail = s.partition(",")
     m = re.fullmatch(rf"\s*({_NUM})\s*:\s*({_NUM})\s*x?\s*", head, re.IGNORECASE)
     if m is None:
-        raise ZsgdError(f"bad --stragglers {text!r}: expected FRACTION:FACTORx, e.g. 0.1:4x")
+        raise ZsgdError(f"bad --stragglers {_q(text)}: expected FRACTION:FACTORx, e.g. 0.1:4x")
     fraction, factor = float(m.group(1)), float(m.group(2))
     if not 0 < fraction <= 1:
-        raise ZsgdError(f"bad --stragglers {text!r}: FRACTION must be in (0, 1]")
+        raise ZsgdError(f"bad --stragglers {_q(text)}: FRACTION must be in (0, 1]")
     if not math.isfinite(factor) or not 1 <= factor <= MAX_FACTOR:
-        raise ZsgdError(f"bad --stragglers {text!r}: FACTOR must be from 1 to {MAX_FACTOR:g} (how many times slower)")
+        raise ZsgdError(f"bad --stragglers {_q(text)}: FACTOR must be from 1 to {MAX_FACTOR:g} (how many times slower)")
     if not tail:
         return StragglerSpec(fraction, factor)
     parts = [p.strip() for p in tail.split(":")]
     if len(parts) != 3 or parts[0].lower() != "transient":
-        raise ZsgdError(f"bad --stragglers {text!r}: the option is transient:MEAN_PERIOD_S:MEAN_DURATION_S, e.g. transient:30:5")
+        raise ZsgdError(f"bad --stragglers {_q(text)}: the option is transient:MEAN_PERIOD_S:MEAN_DURATION_S, e.g. transient:30:5")
     period = parse_duration(parts[1], "straggler period", default_unit="s")
     duration = parse_duration(parts[2], "straggler duration", default_unit="s")
     if period <= 0 or duration <= 0:
-        raise ZsgdError(f"bad --stragglers {text!r}: transient period and duration must be > 0")
+        raise ZsgdError(f"bad --stragglers {_q(text)}: transient period and duration must be > 0")
     return StragglerSpec(fraction, factor, period, duration)
 
 
@@ -575,13 +594,13 @@ def parse_failures(text: str, max_workers: int = MAX_WORKERS) -> FailureSpec | N
         except ValueError:
             rate = -1.0
         if not math.isfinite(rate) or rate <= 0:
-            raise ZsgdError(f"bad --failures {text!r}: rate:R needs R > 0 failures per worker per second, e.g. rate:0.001+30s")
+            raise ZsgdError(f"bad --failures {_q(text)}: rate:R needs R > 0 failures per worker per second, e.g. rate:0.001+30s")
         return FailureSpec(rate=rate, recover_s=parse_duration(rec, "failure recovery time", "s") if rec else None)
     events = []
     for item in s.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*@([^+]+)(?:\+(.+))?", item)
         if m is None:
-            raise ZsgdError(f"bad --failures item {item.strip()!r}: expected WORKER@TIME[+RECOVER], e.g. 3@10s+5s")
+            raise ZsgdError(f"bad --failures item {_q(item.strip())}: expected WORKER@TIME[+RECOVER], e.g. 3@10s+5s")
         workers = _worker_range("--failures item", item.strip(), m.group(1), m.group(2), max_workers)
         at = parse_duration(m.group(3), "failure time", "s")
         rec = parse_duration(m.group(4), "failure recovery time", "s") if m.group(4) else None
