@@ -86,6 +86,19 @@ def test_run_servers_capped_by_the_machine(command, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_run_servers_placed_by_the_hosts_file_are_not_counted_here(tmp_path):
+    from zsgd.runtime.launch.local import max_local_servers
+
+    cap, _why = max_local_servers()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1:1 slots=1 servers=3\n")  # nothing listens on port 1: the probe fails at once
+    k = cap + 1 + 3  # the coordinator, cap here, 3 there
+    refused("run", *SMALL, "--remote", hosts, "--servers", k + 1, "--out", tmp_path / "o",
+            match=rf"--servers {k + 1} would start {cap + 1} range servers on this machine")
+    line = refused("run", *SMALL, "--remote", hosts, "--servers", k, "--out", tmp_path / "o", match=r"127\.0\.0\.1")
+    assert "range servers on this machine" not in line
+
+
 def test_sim_servers_beyond_any_sense_refused(tmp_path):
     refused("sim", *SMALL, "--workers", "4", "--steps", "20", "--servers", "100000", "--broker-time", "1ms", "--out", tmp_path / "o",
             match=r"--servers 100,000 is more servers than zsgd splits a model over \(at most 1,024\)")
