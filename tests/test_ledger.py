@@ -212,7 +212,7 @@ def test_expected_updates_follows_steps_and_the_samples_per_update():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["sync", "localsgd:2"])
+@pytest.mark.parametrize("algo", ["sync", "localsgd:2", "ssp:1", "dsgd"])
 def test_a_real_runs_live_total_is_the_updates_it_makes(tmp_path, no_orphans, monkeypatch, algo):
     """zsgd run's live view ends with its total equal to the rounds the run made (it showed the worker count times more)."""
     from helpers import cli, summary_of
