@@ -28,7 +28,7 @@ from pathlib import Path
 from zsgd.core.config import TrainConfig
 from zsgd.simulation.netmodel import parse_compute, parse_delay
 from zsgd.simulation.netmodel import Network
-from zsgd.sim import SimOptions, Workload, run_arm
+from zsgd.simulation.simulator import SimOptions, Workload, run_arm
 from zsgd.core.problem import Problem
 
 

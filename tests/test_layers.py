@@ -131,6 +131,31 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+def test_no_package_cycles():
+    """Between the top-level packages and modules (``zsgd.runtime``, ``zsgd.sim``, ...): an entry point such as
+    ``zsgd/sim.py`` imports its package, and nothing in the package imports it back."""
+    def top(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    edges: dict[str, set[str]] = {}
+    for a, deps in graph().items():
+        edges.setdefault(top(a), set()).update(top(b) for b in deps if top(b) != top(a))
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            if node == goal:
+                return True
+            if node not in seen:
+                seen.add(node)
+                todo.extend(edges.get(node, ()))
+        return False
+
+    cycles = sorted({tuple(sorted((a, b))) for a, deps in edges.items() for b in deps if reaches(b, a)})
+    assert not cycles, f"package cycles: {cycles}"
+
+
 def test_few_modules_at_the_top():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= MAX_TOP_LEVEL_MODULES, top

@@ -103,7 +103,7 @@ class Experiment:
     def workload(self, arm: ArmSpec) -> Any:
         """One Workload per batch size (the message sizes and compute calibration depend on it);
         the weights and shards are the same in all of them (same model, seed and split)."""
-        from zsgd.sim import Workload
+        from zsgd.simulation.simulator import Workload
 
         bs = arm.cfg.batch_size
         if bs not in self._workloads:
@@ -127,7 +127,7 @@ class Experiment:
 
             run_decentralized_arm(arm.cfg, arm.opts, wl, run_dir, progress=progress)
         else:
-            from zsgd.sim import run_arm
+            from zsgd.simulation.simulator import run_arm
 
             run_arm(arm.cfg, arm.opts, wl, run_dir, progress=progress)
         return run_dir

@@ -328,7 +328,7 @@ def _simulate(cfg: TrainConfig, arm: Any, workload: Any, run_dir: Path) -> Any:
 
     if isinstance(arm.opts, DecentralizedOptions):
         return run_decentralized_arm(cfg, arm.opts, workload, run_dir)
-    from zsgd.sim import run_arm
+    from zsgd.simulation.simulator import run_arm
 
     return run_arm(cfg, arm.opts, workload, run_dir)
 

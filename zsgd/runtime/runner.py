@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from zsgd.broker import Broker, BrokerOptions
+from zsgd.runtime.server.broker import Broker, BrokerOptions
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
 from zsgd.core.schedule import check_schedule_applies, resolve_lr_schedule
@@ -99,7 +99,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
                 # the relay keeps no checkpoint (the nodes hold the state): its checkpoint_state() is None
                 broker = Broker(cfg, problem, bopts, run_dir, metrics, service=relay_service(algo, topology, _resolved_params(opts, cfg)))
             else:
-                from zsgd.broker import parameter_server
+                from zsgd.runtime.server.broker import parameter_server
                 from zsgd.runtime.server.sharded import sharded_parameter_server
 
                 broker = Broker(cfg, problem, bopts, run_dir, metrics, resume=resume, run_id=resume[2].get("run") if resume else None,

@@ -102,7 +102,7 @@ def save_result(run_dir: Path, result: Any) -> None:
 
 def load_result(run_dir: Path) -> Any:
     """A ``SimResult`` from an arm's directory (the final weights stay in its ``weights.npz``)."""
-    from zsgd.sim import SimResult
+    from zsgd.simulation.simulator import SimResult
 
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text())

@@ -58,7 +58,7 @@ from zsgd.simulation import interrupt
 from zsgd.simulation.netmodel import Delay, Measured, Network, StragglerSpec
 from zsgd.errors import ProtocolError
 from zsgd.core.schedule import check_schedule_applies, resolve_lr_schedule
-from zsgd.sim import ProgressFn, SimResult, Workload, record_arm
+from zsgd.simulation.simulator import ProgressFn, SimResult, Workload, record_arm
 
 
 @dataclass

@@ -28,7 +28,7 @@ from zsgd.errors import ZsgdError
 from zsgd.output.live import row_cells
 from zsgd.simulation.netmodel import (Constant, Network, parse_bandwidth, parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration,
                                       parse_failures, parse_loss, parse_stragglers, parse_worker_latency, split_specs)
-from zsgd.sim import SimOptions, SimResult, Workload, run_arm
+from zsgd.simulation.simulator import SimOptions, SimResult, Workload, run_arm
 
 # Grid dimensions in the order they vary (the last one fastest): key, flag, short label, units propagate.
 DIMENSIONS: list[tuple[str, str, str, bool]] = [

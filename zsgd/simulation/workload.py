@@ -13,7 +13,7 @@ from zsgd.simulation.netmodel import Constant, Delay, Measured
 from zsgd.wire import protocol
 
 if TYPE_CHECKING:
-    from zsgd.sim import SimOptions
+    from zsgd.simulation.simulator import SimOptions
 
 
 class Workload:

@@ -31,7 +31,7 @@ from zsgd.wire.membership import Peer
 from zsgd.wire.protocol import Message
 
 if TYPE_CHECKING:
-    from zsgd.broker import Broker
+    from zsgd.runtime.server.broker import Broker
 
 
 class ParameterServer(Service):

@@ -91,7 +91,7 @@ def _range_service(broker, w0: np.ndarray, opt_state: dict | None):
 
 def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
     """Serve range ``assign.meta['range']`` until the coordinator says LEAVE or goes silent; the exit code."""
-    from zsgd.broker import Broker, BrokerOptions
+    from zsgd.runtime.server.broker import Broker, BrokerOptions
     from zsgd.output.metrics import MetricsWriter
     from zsgd.runtime.run_options import EmulationOptions, NetworkOptions, ServerOptions
 

@@ -56,7 +56,7 @@ from zsgd.wire.membership import Peer
 from zsgd.wire.protocol import Message
 
 if TYPE_CHECKING:
-    from zsgd.broker import Broker
+    from zsgd.runtime.server.broker import Broker
 
 
 class RunStopped(ZsgdError):

@@ -19,7 +19,7 @@ from zsgd.wire.membership import Membership, Peer
 from zsgd.wire.protocol import Message, MsgType
 
 if TYPE_CHECKING:
-    from zsgd.broker import Broker
+    from zsgd.runtime.server.broker import Broker
 
 UNASSIGNED_RUN = "-"  # the run id of what is sent to a peer before it has joined: a refusal names no run
 REFUSALS_ANSWERED = 100  # unauthenticated joins told why; later ones are only counted

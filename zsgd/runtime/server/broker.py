@@ -1,0 +1,321 @@
+"""The broker (``zsgd/broker.py`` is its entry point): one ZeroMQ ROUTER in front of a training service.
+
+It is built from parts, each with one concern:
+
+- the **endpoint** (``zsgd.runtime.server.endpoint``): the socket, CURVE, limits,
+  tracked zero-copy sends, the emulated-network queue;
+- the **session** (``zsgd.runtime.server.session``): membership, the handshake,
+  heartbeats and dead peers;
+- the **service**: what the run computes. The parameter server
+  (``zsgd.runtime.server.parameter_server``) trains the central model; the
+  decentralized relay (``zsgd.runtime.server.relay``) forwards peer messages and
+  averages the nodes' models. A new kind of server is a new service;
+- the **ledger** (``zsgd.core.ledger``): counts, logging, evaluation
+  cadence, stop and divergence rules, the summary's core keys -- the same
+  object the trainer and the simulators keep.
+
+The broker itself routes each incoming message to the part that handles it,
+runs the evaluator (a separate process, so updates never wait on a test-set
+pass), writes checkpoints and assembles the summary. A bad message is
+rejected and counted; the broker keeps running.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from zsgd.core.config import TrainConfig
+from zsgd.core.schedule import resolve_lr_schedule
+from zsgd.errors import ProtocolError, ZsgdError
+from zsgd.output.metrics import MetricsWriter
+from zsgd.runtime.server.checkpoint import save_checkpoint
+from zsgd.runtime.server.endpoint import Endpoint
+from zsgd.runtime.run_options import EmulationOptions, NetworkOptions, ServerOptions
+from zsgd.runtime.server.session import Session
+from zsgd.wire import protocol
+from zsgd.wire.membership import Membership
+from zsgd.wire.protocol import MsgType
+
+
+@dataclass
+class BrokerOptions:
+    """The broker's options: the run's server and network groups as they are, plus what the
+    runner resolves only at run time (the bound address, CURVE keys, the emulator, the worker count)."""
+
+    server: ServerOptions = field(default_factory=ServerOptions)
+    network: NetworkOptions = field(default_factory=NetworkOptions)
+    n_workers: int = 1
+    bind: str = "tcp://127.0.0.1:0"
+    curve: dict | None = None  # {"secret": ..., "public": ..., "allowed": [...]}
+    token: str | None = None  # without CURVE: the run secret every HELLO join must prove (zsgd.wire.auth)
+    emulator: Any = None  # zsgd.runtime.emulation.LinkEmulator: delays messages and slows stragglers (emulation)
+    emulation: EmulationOptions = field(default_factory=EmulationOptions)  # its specs: range servers build their own emulator
+    wait_workers_s: float = 120.0  # abort if no worker is live this long after start
+
+
+ServiceFactory = Callable[["Broker", np.ndarray, dict | None], Any]
+
+
+def parameter_server(broker: "Broker", w0: np.ndarray, opt_state: dict | None) -> Any:
+    """The default service: a central model trained by the run's server algorithm."""
+    from zsgd.nn.optim import make_optimizer, warm_optimizer
+    from zsgd.runtime.server.parameter_server import ParameterServer
+
+    cfg = broker.cfg
+    warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)  # now, not on the first update: see its docstring
+    optimizer = make_optimizer(cfg.optimizer, w0.size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return ParameterServer(broker, w0, optimizer, broker.opts.server, opt_state)
+
+
+class Broker:
+    def __init__(self, cfg: TrainConfig, problem: Any, opts: BrokerOptions, run_dir: Path, metrics: MetricsWriter,
+                 resume: tuple[np.ndarray, dict, dict] | None = None, run_id: str | None = None,
+                 service: ServiceFactory = parameter_server) -> None:
+        self.cfg = resolve_lr_schedule(cfg, opts.server.algo)
+        self.problem, self.opts, self.run_dir, self.metrics = problem, opts, Path(run_dir), metrics
+        self.run = run_id or uuid.uuid4().hex[:12]
+        self.rejected: Counter = Counter()
+        n_params = problem.model.n_params
+        w0, opt_state, counters = problem.model.init(seed=cfg.seed), None, {"updates": 0, "samples": 0}
+        self.t_offset = 0.0
+        if resume is not None:
+            w0, opt_state, counters = resume
+            if w0.shape != (n_params,):
+                raise ZsgdError("checkpoint does not match the model (parameter count differs)")
+            self.t_offset = float(counters.get("elapsed", 0.0))
+        self.ledger = problem.ledger(self.cfg, emit=metrics.write, updates=int(counters["updates"]), samples=int(counters["samples"]))
+        self._t0 = time.monotonic()
+        self.service = service(self, w0, opt_state)
+        limits = protocol.Limits.for_model(n_params, factor=self.service.limits_factor)
+        self.endpoint = Endpoint(opts.bind, limits, self.run_dir, opts.curve, emulated=opts.emulator is not None)
+        self.address = self.endpoint.address
+        # Workers on this machine may offer it (zsgd.wire.shm), for the vectors of this server's range.
+        self.endpoint.share_memory(self.service.exchanged_size(n_params), enabled=opts.network.shared_memory)
+        if opts.emulator is None:
+            self.service.share_replies()
+        self.session = Session(self, opts.n_workers, opts.network.heartbeat, opts.network.timeout, opts.wait_workers_s)
+        self._eval_pending = False
+        self._eval_asked: dict[str, Any] | None = None  # what the evaluator was sent: its answer must match
+        self._last_eval_t = 0.0
+
+    # -- what other parts read -------------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        return self.t_offset + time.monotonic() - self._t0
+
+    @property
+    def members(self) -> Membership:
+        return self.session.members
+
+    @property
+    def current_lr(self) -> float:
+        return self.service.current_lr
+
+    @property
+    def failed(self) -> bool:
+        """The service gave up on the run (the relay, when a node is lost); the runner exits non-zero."""
+        return self.service.failed
+
+    def assign_meta(self) -> dict[str, Any]:
+        s = self.opts.server
+        return {"n_workers": self.opts.n_workers, "heartbeat": self.opts.network.heartbeat, "algo": s.algo, "compress": s.compress,
+                "compress_replies": s.compress_replies}
+
+    def reject(self, identity: bytes, reason: str, text: str) -> None:
+        self.rejected[reason] += 1
+        self.metrics.write("rejected", self.elapsed, reason=reason, detail=text[:200], peer=identity[:64].hex())
+
+    # -- main loop -----------------------------------------------------------------
+    def serve(self, on_tick: Callable[["Broker"], None] | None = None, tick_s: float = 0.25) -> dict[str, Any]:
+        """Run until the ledger says stop; return the summary."""
+        last_tick = 0.0
+        try:
+            while self.ledger.stop_reason is None:
+                if self.endpoint.poll(self.endpoint.poll_timeout(min(self.opts.network.heartbeat / 4, tick_s))):
+                    for frames in self.endpoint.receive():  # a burst, then housekeeping
+                        self._on_frames(frames)
+                        if self.ledger.stop_reason is not None:
+                            break
+                now = time.monotonic()
+                for direction, peer, payload in self.endpoint.due(now):
+                    if peer.state == "ready" and self.ledger.stop_reason is None:
+                        self.service.deliver_held(direction, peer, payload)
+                self._housekeeping(now)
+                if on_tick is not None and now - last_tick >= tick_s:
+                    on_tick(self)
+                    last_tick = now
+        finally:
+            self._finish()
+        return self.summary()
+
+    def _on_frames(self, frames: list) -> None:
+        now = time.monotonic()
+        identity = frames[0].bytes
+        if len(frames) < 2:
+            self.reject(identity, "frame-count", "a message without frames")
+            return
+        try:
+            msg = protocol.decode(frames[1:], self.endpoint.limits)
+        except ProtocolError as exc:
+            self.reject(identity, exc.reason, str(exc))
+            return
+        members = self.session.members
+        peer = members.peers.get(identity)
+        if self.endpoint.guard is not None and not self.session.key_matches(identity, peer, frames[1], msg):
+            return
+        if peer is not None:
+            peer.last_seen = now
+        if msg.type == MsgType.HEARTBEAT:
+            return  # liveness only (already noted); may precede the run id's assignment
+        if msg.type == MsgType.HELLO:
+            self.session.on_hello(identity, peer, msg, now)
+        elif peer is None or peer.state == "gone" or msg.run != self.run:
+            self.reject(identity, "unknown-peer" if peer is None or peer.state == "gone" else "wrong-run", f"{msg.type.name} from a peer not in this run")
+        elif msg.type == MsgType.UPDATE:
+            try:
+                msg = self.endpoint.shared.incoming(identity, msg)  # the gradient, if it came through shared memory
+            except ProtocolError as exc:
+                self.reject(identity, exc.reason, str(exc))
+                return
+            if self.endpoint.held is not None:  # emulated uplink: the update "arrives" later
+                self.endpoint.hold(("in", peer, msg), self.opts.emulator.update_delay(peer.worker, protocol.message_nbytes(msg), time.monotonic()))
+            else:
+                self.service.on_update(peer, msg)
+        elif msg.type == MsgType.EVAL:
+            self._on_eval(peer, msg)
+        elif msg.type == MsgType.PEER:
+            self.service.on_peer(peer, frames, msg)
+        elif msg.type == MsgType.STATE and peer.role == "server":
+            self.service.on_state(peer, msg)
+        elif msg.type == MsgType.LEAVE:
+            self.session.drop(peer, "left")
+        else:
+            self.reject(identity, "unexpected-type", f"{msg.type.name} is not accepted by the broker")
+
+    def _housekeeping(self, now: float) -> None:
+        self.session.housekeeping(now)
+        self.service.tick(now)
+        every_s = self.opts.server.eval_interval
+        if every_s and self.elapsed - self._last_eval_t >= every_s:
+            self.request_eval()
+        self.ledger.check(self.elapsed)
+        if self.ledger.take_eval() and self.service.evaluates_on_cadence:
+            self.request_eval()
+
+    def after_update(self) -> None:
+        """The service applied an update (the ledger has it): evaluate and checkpoint on their cadences."""
+        if self.ledger.take_eval() and self.service.evaluates_on_cadence:
+            self.request_eval()
+        every = self.opts.server.checkpoint_every
+        if every and self.ledger.updates % every == 0:
+            self.checkpoint()
+
+    # -- evaluation ----------------------------------------------------------------
+    def request_eval(self) -> None:
+        self._eval_pending = True
+        self.maybe_send_eval()
+
+    def maybe_send_eval(self) -> None:
+        ev = self.session.members.evaluator
+        if not self._eval_pending or ev is None or ev.state != "ready" or ev.busy:
+            return
+        w = self.service.snapshot()
+        if w is None:
+            return  # being gathered from the range servers; the service calls again
+        asked = {"version": self.service.version, "updates": self.ledger.updates, "samples": self.ledger.samples, "t": self.elapsed}
+        msg = protocol.weights_message(self.run, asked["version"], w, updates=asked["updates"], samples=asked["samples"], t=asked["t"])
+        if self.session.send(ev, msg):
+            ev.busy = True
+            self._eval_asked = asked
+            self._eval_pending = False
+            self._last_eval_t = self.elapsed
+
+    def _on_eval(self, peer: Any, msg: Any) -> None:
+        """An evaluation from the evaluator: checked against what it was asked, and never trusted to stop the run alone.
+
+        Only the run's one evaluator, with an evaluation outstanding, may answer; the time, update and
+        sample counts are the broker's own (those it sent with the weights), so only the loss and the
+        accuracy come from the peer, each range-checked. An answer that would end the run (a target
+        reached, a non-finite loss) is confirmed by the broker's own evaluation of its current model,
+        and that evaluation is what the ledger decides on."""
+        asked = self._eval_asked
+        if peer is not self.session.members.evaluator or not peer.busy or asked is None:
+            self.reject(peer.identity, "unasked-eval", f"EVAL from {peer.role} {peer.worker}, which was not asked to evaluate")
+            return
+        checked = _checked_eval(msg, asked)
+        if isinstance(checked, str):
+            self.reject(peer.identity, "bad-eval", checked)
+            return
+        peer.busy = False
+        self._eval_asked = None
+        rule = self.ledger.rule
+        ends = not math.isfinite(checked["test_loss"]) or (
+            rule.reason(self.ledger.updates, self.ledger.samples, self.elapsed, checked["test_acc"], checked["test_loss"]) is not None
+            and rule.reason(self.ledger.updates, self.ledger.samples, self.elapsed) is None)
+        if ends:
+            self.final_evaluation()  # the broker's own numbers decide whether the run ends
+        else:
+            self.record_eval(checked)
+        self.maybe_send_eval()
+
+    def record_eval(self, rec: dict[str, Any]) -> None:
+        extra = self.service.eval_fields(rec["updates"])
+        self.ledger.evaluated(rec["t"], rec["test_loss"], rec["test_acc"], updates=rec["updates"], samples=rec["samples"], **extra)
+
+    def final_evaluation(self) -> None:
+        """Evaluate the final model here, so the summary is exact and current."""
+        loss, acc = self.problem.evaluate(self.service.weights)
+        self.record_eval({"test_loss": loss, "test_acc": acc, "t": self.elapsed, "updates": self.service.version,
+                          "samples": self.ledger.samples})
+
+    # -- ending ----------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        state = self.service.checkpoint_state()
+        if state is not None:  # None: nothing to save, or (range servers) it is being gathered and comes back here
+            self.write_checkpoint(*state)
+
+    def write_checkpoint(self, w: np.ndarray, opt_state: dict) -> None:
+        counters = {"updates": self.ledger.updates, "samples": self.ledger.samples, "elapsed": self.elapsed,
+                    "algo": self.opts.server.algo, "run": self.run}
+        save_checkpoint(self.run_dir, w, opt_state, counters)
+
+    def _finish(self) -> None:
+        self.service.before_leave()
+        self.session.leave_all(self.ledger.stop_reason or "broker stopped")
+        self.endpoint.close(linger_ms=500)
+        if self.opts.server.checkpoint_every:
+            self.checkpoint()
+
+    def summary(self) -> dict[str, Any]:
+        s = self.session
+        return self.ledger.summary(self.elapsed) | {
+            "rejected_messages": int(sum(self.rejected.values())), "rejected_by_reason": dict(self.rejected),
+            "dropped_connections": self.endpoint.dropped_connections,
+            "bytes_sent": self.endpoint.bytes_in, "bytes_received": self.endpoint.bytes_out,
+            "worker_deaths": s.deaths, "worker_rejoins": s.rejoins, "refused_clients": self.endpoint.refused + s.refused,
+            "compute_s_mean": s.mean_compute(), "workers": s.workers_summary(),
+        } | self.endpoint.shared.summary() | self.service.summary()
+
+
+def _checked_eval(msg: Any, asked: dict[str, Any]) -> dict[str, Any] | str:
+    """An EVAL's record (the broker's own counts, the peer's loss and accuracy), or why it is refused."""
+    m = msg.meta
+    if msg.version != asked["version"] or any(m.get(k) != asked[k] for k in ("updates", "samples", "t")):
+        return (f"EVAL of version {msg.version} ({m.get('updates')!r} updates at t={m.get('t')!r}) does not answer the weights sent "
+                f"(version {asked['version']}, {asked['updates']} updates at t={asked['t']:.3f})")[:300]
+    acc, loss = m.get("test_acc"), m.get("test_loss")
+    if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0.0 <= acc <= 1.0:
+        return f"EVAL accuracy {str(acc)[:40]} is not a number in [0, 1]"
+    if loss is None:
+        loss = float("nan")  # the evaluator's word for a diverged model (JSON has no NaN); confirmed before it ends the run
+    elif isinstance(loss, bool) or not isinstance(loss, (int, float)) or not math.isfinite(loss) or loss < 0:
+        return f"EVAL loss {str(loss)[:40]} is not a finite number >= 0 (or null for a diverged model)"
+    return {"test_loss": float(loss), "test_acc": float(acc), "t": asked["t"], "updates": asked["updates"], "samples": asked["samples"]}
