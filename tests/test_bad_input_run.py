@@ -237,3 +237,26 @@ def test_a_pasted_spec_is_refused_at_once_and_quoted_short(tmp_path, command, fl
     """100,000 digits and a bad unit: refused by its length before any regex (one took minutes to backtrack)."""
     extra = ("--workers", "2") if command == "sim" else ()
     refused(command, *SMALL, *extra, "--steps", "5", flag, "9" * 100_000 + "q", "--out", tmp_path / "o", match=r"'9{50,}\.\.\.'")
+
+
+# -- paths no file system can hold (a probe's follow-up: each was an OSError traceback) ------------------------------
+LONG = "x" * 300  # one name past NAME_MAX
+
+
+@pytest.mark.parametrize("command,flags,flag", [
+    ("train", ("--data", f"imagefolder:{LONG}"), "--data"),
+    ("train", ("--data", f"text:{LONG}"), "--data"),
+    ("train", ("--data", "mnist", "--data-dir", LONG), "--data-dir"),
+    ("train", ("--data", "embedded", "--out", f"runs/{LONG}"), "--out"),
+    ("run", ("--data", "embedded", "--resume", LONG), "--resume"),
+    ("run", ("--data", "embedded", "--keys", LONG), "--keys"),
+    ("sim", ("--data", "embedded", "--out", LONG), "--out"),
+])
+def test_a_path_too_long_for_any_file_system(command, flags, flag):
+    refused(command, "--model", "logreg", "--steps", "2", "--quiet", *flags,
+            match=rf"{flag} '.*\.\.\.' has a name of 300 bytes; a file or folder name has at most 255")
+
+
+def test_a_path_longer_than_path_max():
+    refused("train", *SMALL, "--steps", "2", "--out", "/".join(["y" * 200] * 21),
+            match=r"--out 'yyy.*\.\.\.' is 4,220 bytes long; a path has at most 4,095")

@@ -96,6 +96,10 @@ def run(ctx: click.Context, n_proc: int | None, launcher: str | None, resume_dir
     if launcher == "slurm":
         opts.slurm_request, n_proc = n_proc, 0
     defaulted: set[str] = set()
+    if resume_dir not in (None, "auto"):
+        from zsgd.output.rundir import check_path_name
+
+        check_path_name("--resume", resume_dir)
     if resume_dir == "auto":
         resume_dir = _auto_resume(out, quiet)
     if resume_dir is not None:

@@ -128,6 +128,10 @@ def check_field(name: str, value: Any) -> None:
                             f"package.module:factory), got {_show(value)}")
         if name == "name" and (len(value) > MAX_NAME or not value.isprintable()):
             raise ZsgdError(f"--name must be at most {MAX_NAME} printable characters, got {_show(value)}")
+        if name == "data" and value.partition(":")[2]:  # imagefolder:PATH, text:FILE
+            from zsgd.output.rundir import check_path_name
+
+            check_path_name("--data", value.partition(":")[2])
         if name == "split":
             from zsgd.data.shards import parse_split
 
@@ -137,6 +141,10 @@ def check_field(name: str, value: Any) -> None:
     elif name == "data_dir":
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ZsgdError(f"--data-dir must be a directory path, got {_show(value)}")
+        if value is not None:
+            from zsgd.output.rundir import check_path_name
+
+            check_path_name("--data-dir", value)
     elif name == "grayscale":
         if not isinstance(value, bool):
             raise ZsgdError(f"--grayscale must be true or false, got {_show(value)}")

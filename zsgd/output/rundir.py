@@ -47,6 +47,25 @@ def create_run_dir(out: str | os.PathLike | None, name: str, root: str | os.Path
     return path
 
 
+MAX_PATH_BYTES = 4095  # Linux PATH_MAX less its NUL
+MAX_NAME_BYTES = 255  # NAME_MAX: one component of a path
+
+
+def check_path_name(flag: str, path: str | os.PathLike) -> None:
+    """ZsgdError unless ``path`` can name a file at all: no NUL, at most ``MAX_PATH_BYTES``, each part at most
+    ``MAX_NAME_BYTES`` (else every open, stat or mkdir of it fails with "File name too long", far from the flag)."""
+    raw = os.fsencode(path)
+    text = os.fsdecode(raw)
+    shown = repr(text if len(text) <= 60 else text[:57] + "...")
+    if b"\0" in raw:
+        raise ZsgdError(f"{flag} {shown} holds a NUL byte")
+    if len(raw) > MAX_PATH_BYTES:
+        raise ZsgdError(f"{flag} {shown} is {len(raw):,} bytes long; a path has at most {MAX_PATH_BYTES:,}")
+    part = max(raw.split(b"/"), key=len)
+    if len(part) > MAX_NAME_BYTES:
+        raise ZsgdError(f"{flag} {shown} has a name of {len(part):,} bytes; a file or folder name has at most {MAX_NAME_BYTES}")
+
+
 def check_out_dir(out: str | os.PathLike) -> Path:
     """``--out`` as a Path if a run may be written there; ZsgdError otherwise (commands call it before loading data).
 
@@ -54,6 +73,7 @@ def check_out_dir(out: str | os.PathLike) -> Path:
     directory holding a run that started; a run that never started may be reused."""
     if not str(out).strip():
         raise ZsgdError("--out must name a directory, got an empty string")
+    check_path_name("--out", out)
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ZsgdError(f"--out {path} is a file, not a directory")

@@ -131,6 +131,11 @@ class RemoteOptions:
     keys_dir: str | None = None  # from 'zsgd keys generate'
 
     def validate(self, launcher: str = "local") -> "RemoteOptions":
+        from zsgd.output.rundir import check_path_name
+
+        for flag, path in (("--remote", self.hosts_file), ("--keys", self.keys_dir)):
+            if path is not None:
+                check_path_name(flag, path)
         if self.hosts_file is None and self.allow_partial:
             raise ZsgdError("--allow-partial needs --remote HOSTS_FILE")
         if self.hosts_file is None and self.advertise and launcher != "slurm":
