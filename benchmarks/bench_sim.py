@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 from zsgd.core.config import TrainConfig
-from zsgd.simulation.netmodel import parse_compute, parse_delay
-from zsgd.simulation.netmodel import Network
+from zsgd.network import parse_compute, parse_delay
+from zsgd.network import Network
 from zsgd.simulation.simulator import SimOptions, Workload, run_arm
 from zsgd.core.problem import Problem
 

@@ -580,7 +580,7 @@ def test_trace_that_is_a_device_is_refused(tmp_path):
 
 
 def test_trace_larger_than_the_cap_is_refused(tmp_path):
-    from zsgd.simulation.netmodel import MAX_TRACE_BYTES, MAX_TRACE_ROWS
+    from zsgd.network import MAX_TRACE_BYTES, MAX_TRACE_ROWS
 
     with open(tmp_path / "huge.csv", "wb") as f:
         f.truncate(MAX_TRACE_BYTES + 1)  # sparse: costs no disk
@@ -588,7 +588,7 @@ def test_trace_larger_than_the_cap_is_refused(tmp_path):
     (tmp_path / "rows.csv").write_text("1\n" * (MAX_TRACE_ROWS + 1))
     refused("sim", "--latency", f"trace:{tmp_path / 'rows.csv'}", *SMALL, match=r"more than the 1,000,000 samples a trace may hold")
     (tmp_path / "ok.csv").write_text("1\n" * MAX_TRACE_ROWS)
-    from zsgd.simulation.netmodel import parse_delay
+    from zsgd.network import parse_delay
 
     assert parse_delay(f"trace:{tmp_path / 'ok.csv'}").mean == pytest.approx(0.001)
 

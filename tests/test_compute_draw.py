@@ -1,5 +1,5 @@
 """Random compute times: one seeded draw per worker and step, shared by ``zsgd sim --compute`` and
-``zsgd run --inject-compute`` (``zsgd.simulation.compute_draw``), and the worker's stretch of its step."""
+``zsgd run --inject-compute`` (``zsgd.network.compute_draw``), and the worker's stretch of its step."""
 
 import numpy as np
 import pytest
@@ -8,8 +8,8 @@ from helpers import cli, lines_of
 from zsgd.errors import ZsgdError
 from zsgd.runtime.worker.replies import emulated_stretch
 from zsgd.runtime.run_options import RunOptions
-from zsgd.simulation.compute_draw import ComputeDraw
-from zsgd.simulation.netmodel import ShiftedExponential, parse_compute, parse_delay
+from zsgd.network.compute_draw import ComputeDraw
+from zsgd.network import ShiftedExponential, parse_compute, parse_delay
 
 
 def test_shifted_exponential_spec_and_its_moments():

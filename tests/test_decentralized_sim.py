@@ -11,7 +11,7 @@ from zsgd.wire import protocol
 from zsgd.core.config import TrainConfig
 from zsgd.decentralized.rules import DecentralizedParams
 from zsgd.simulation.decentralized import DecentralizedOptions, run_decentralized_arm
-from zsgd.simulation.netmodel import Constant, Network, parse_stragglers
+from zsgd.network import Constant, Network, parse_stragglers
 from zsgd.sim import Workload
 from zsgd.core.problem import Problem
 

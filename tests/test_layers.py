@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("zsgd.data",),
     ("zsgd.kernels", "zsgd.nn"),
     ("zsgd.core",),
+    ("zsgd.network",),
     ("zsgd.compression",),
     ("zsgd.algorithms",),
     ("zsgd.wire",),

@@ -10,7 +10,7 @@ import pytest
 
 from zsgd.runtime.emulation import DelayQueue, LinkEmulator
 from zsgd.errors import ZsgdError
-from zsgd.simulation.netmodel import (Constant, Exponential, LogNormal, Measured, Network, Normal, Trace, Uniform, parse_bandwidth,
+from zsgd.network import (Constant, Exponential, LogNormal, Measured, Network, Normal, Trace, Uniform, parse_bandwidth,
                            parse_compute, parse_delay, parse_duration, parse_failures, parse_loss, parse_stragglers,
                            parse_worker_latency, propagate_units, split_specs)
 
@@ -261,7 +261,7 @@ def test_delay_queue_releases_exactly_the_due_items_in_order(items, now):
 @settings(max_examples=200, deadline=None)
 @given(st.floats(0, 1e4, allow_nan=False), st.sampled_from(["us", "ms", "s", "min"]))
 def test_any_duration_with_a_unit_parses(value, unit):
-    from zsgd.simulation.netmodel import TIME_UNITS
+    from zsgd.network import TIME_UNITS
 
     assert parse_duration(f"{value!r}{unit}") == pytest.approx(value * TIME_UNITS[unit])
 

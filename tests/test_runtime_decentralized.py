@@ -60,7 +60,7 @@ def test_dsgt_and_cadmm_finish_and_learn(tmp_path, algo, args, no_orphans):
 @pytest.mark.slow
 def test_emulated_latency_and_a_straggler_slow_the_rounds(tmp_path, no_orphans):
     """--inject-latency holds every relayed peer message; --stragglers makes the seeded choice of node stretch its rounds."""
-    from zsgd.simulation.netmodel import parse_stragglers
+    from zsgd.network import parse_stragglers
 
     out = tmp_path / "run"
     proc = run_zsgd("run", "--n-proc", "4", "--algo", "dsgd", "--topology", "ring", "--steps", "30", "--lr", "0.05",

@@ -10,7 +10,7 @@ import pytest
 from helpers import cli
 from zsgd.core.config import TrainConfig
 from zsgd.errors import ZsgdError
-from zsgd.simulation.netmodel import Constant
+from zsgd.network import Constant
 from zsgd.core.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
 from zsgd.sim import SimOptions, Workload, run_arm
 from zsgd.core.stopping import StopRule

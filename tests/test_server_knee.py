@@ -34,7 +34,7 @@ from zsgd.core.problem import Problem
 from zsgd.errors import ZsgdError
 from zsgd.sim import SimOptions, Workload, run_arm
 from zsgd.simulation import transport
-from zsgd.simulation.netmodel import Constant, Measured, parse_bandwidth, parse_broker_bandwidth
+from zsgd.network import Constant, Measured, parse_bandwidth, parse_broker_bandwidth
 from zsgd.simulation.sweep import SweepSpec, build_arms
 
 WORKERS = (1, 2, 4, 8, 16)

@@ -15,7 +15,7 @@ import pytest
 from helpers import events
 from zsgd.wire import protocol
 from zsgd.core.config import TrainConfig
-from zsgd.simulation.netmodel import Constant, Network, Normal, parse_compute, parse_delay, parse_failures, parse_stragglers
+from zsgd.network import Constant, Network, Normal, parse_compute, parse_delay, parse_failures, parse_stragglers
 from zsgd.sim import SimOptions, SimResult, Workload, run_arm
 from zsgd.core.problem import Problem
 

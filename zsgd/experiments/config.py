@@ -173,7 +173,7 @@ def _value_checkers() -> dict[str, Callable[[Any], Any]]:
     from zsgd.algorithms import parse_staleness_lr
     from zsgd.compression import make_codec
     from zsgd.decentralized.rules import DecentralizedParams
-    from zsgd.simulation.netmodel import (parse_bandwidth, parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration, parse_failures, parse_loss,
+    from zsgd.network import (parse_bandwidth, parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration, parse_failures, parse_loss,
                                parse_stragglers, split_specs)
 
     def param(key: str) -> Callable[[Any], Any]:

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from zsgd.simulation.netmodel import Delay
+from zsgd.network import Delay
 
 _TAG = 0xC0417E  # keeps these streams apart from every other seeded stream of a run
 
 
 class ComputeDraw:
-    """``draw(worker, step)`` -> seconds, from ``spec`` (a ``zsgd.simulation.netmodel`` delay) and the run seed."""
+    """``draw(worker, step)`` -> seconds, from ``spec`` (a ``zsgd.network`` delay) and the run seed."""
 
     def __init__(self, spec: Delay, seed: int) -> None:
         self.spec = spec

@@ -2,7 +2,7 @@
 
 The one place trace files are read: ``zsgd sim --latency trace:...``,
 ``zsgd run --inject-latency trace:...`` and experiment arms all come here
-through ``zsgd.simulation.netmodel.parse_delay``, so one size cap guards all
+through ``zsgd.network.parse_delay``, so one size cap guards all
 of them (``trace:/dev/zero`` used to grow to 3.4 GB and die in a MemoryError).
 """
 

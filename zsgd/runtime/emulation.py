@@ -1,7 +1,7 @@
 """Emulated network conditions for real runs, from the simulator's models.
 
 ``zsgd run`` can hold real messages back by samples of the same
-``zsgd.simulation.netmodel`` objects ``zsgd sim`` uses, so one spec (``--latency
+``zsgd.network`` objects ``zsgd sim`` uses, so one spec (``--latency
 lognormal:20ms,0.5 --stragglers 0.1:4x``) means the same thing in a
 simulation and on real sockets. Everything here is sans-IO: the broker asks
 ``LinkEmulator`` how long a message should take, parks it in a
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from zsgd.errors import ZsgdError
-from zsgd.simulation.compute_draw import ComputeDraw
-from zsgd.simulation.netmodel import (Delay, Measured, Network, StragglerSpec, Stragglers, parse_bandwidth, parse_compute, parse_delay,
+from zsgd.network.compute_draw import ComputeDraw
+from zsgd.network import (Delay, Measured, Network, StragglerSpec, Stragglers, parse_bandwidth, parse_compute, parse_delay,
                            parse_duration, parse_failures, parse_loss, parse_stragglers, parse_worker_latency)
 
 __all__ = [
@@ -134,7 +134,7 @@ def emulator_from_specs(latency: str | None, bandwidth: str | None, loss: str | 
     ``--servers K`` emulate the same network: each server delays its own
     link's messages by its own share of the bytes.
     """
-    from zsgd.simulation.netmodel import Constant
+    from zsgd.network import Constant
 
     if not (latency or bandwidth or loss or stragglers or compute or broker_bandwidth):
         return None

@@ -104,7 +104,7 @@ class EmulationOptions:
     inject_bandwidth: str | None = None
     inject_loss: str | None = None
     stragglers: str | None = None
-    inject_compute: str | None = None  # each step stretched to a seeded draw (zsgd.simulation.compute_draw), as zsgd sim --compute
+    inject_compute: str | None = None  # each step stretched to a seeded draw (zsgd.network.compute_draw), as zsgd sim --compute
     inject_broker_bandwidth: str | None = None  # the server's own NIC, shared by every worker's messages (zsgd sim --broker-bandwidth)
 
     def validate(self, n_workers: int = 0) -> "EmulationOptions":

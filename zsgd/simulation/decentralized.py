@@ -55,7 +55,7 @@ from zsgd.decentralized.topology import Topology, parse_topology
 from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
 from zsgd.simulation import interrupt
-from zsgd.simulation.netmodel import Delay, Measured, Network, StragglerSpec
+from zsgd.network import Delay, Measured, Network, StragglerSpec
 from zsgd.errors import ProtocolError
 from zsgd.core.schedule import check_schedule_applies, resolve_lr_schedule
 from zsgd.simulation.simulator import ProgressFn, SimResult, Workload, record_arm

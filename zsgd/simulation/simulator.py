@@ -45,8 +45,8 @@ from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
 from zsgd.simulation import interrupt
-from zsgd.simulation.compute_draw import ComputeDraw
-from zsgd.simulation.netmodel import Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
+from zsgd.network.compute_draw import ComputeDraw
+from zsgd.network import Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
 from zsgd.output.rundir import save_arrays, write_json
 from zsgd.simulation.workload import Workload
 from zsgd.core.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule

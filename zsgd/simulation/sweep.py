@@ -26,7 +26,7 @@ import numpy as np
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
 from zsgd.output.live import row_cells
-from zsgd.simulation.netmodel import (Constant, Network, parse_bandwidth, parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration,
+from zsgd.network import (Constant, Network, parse_bandwidth, parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration,
                                       parse_failures, parse_loss, parse_stragglers, parse_worker_latency, split_specs)
 from zsgd.simulation.simulator import SimOptions, SimResult, Workload, run_arm
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from zsgd.core.config import TrainConfig
-from zsgd.simulation.netmodel import Constant, Delay, Measured
+from zsgd.network import Constant, Delay, Measured
 from zsgd.wire import protocol
 
 if TYPE_CHECKING:

@@ -97,7 +97,7 @@ def straggler_delay(assign: dict[str, Any], worker: int, seed: int) -> Callable[
     nodes (``StragglerSpec.assign``, as ``zsgd sim`` does) and stretches its own
     round's computation, transient episodes included, on its own clock.
     """
-    from zsgd.simulation.netmodel import parse_stragglers
+    from zsgd.network import parse_stragglers
 
     d = assign.get("decentralized", {})
     spec = parse_stragglers(d["stragglers"]) if isinstance(d.get("stragglers"), str) else None
