@@ -1,4 +1,4 @@
-"""Defaulted hyper-parameters scaled to the number of workers (zsgd.core.scaling)."""
+"""Defaulted hyper-parameters scaled to the number of workers (zsgd.algorithms.scaling)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import yaml
 
 from helpers import cli, run_zsgd
 from zsgd.core.config import TrainConfig
-from zsgd.core.scaling import SCALED_FIELDS, scale_for_workers
+from zsgd.algorithms.scaling import SCALED_FIELDS, scale_for_workers
 
 ALL = set(SCALED_FIELDS)
 

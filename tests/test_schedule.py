@@ -11,7 +11,8 @@ from helpers import cli
 from zsgd.core.config import TrainConfig
 from zsgd.errors import ZsgdError
 from zsgd.network import Constant
-from zsgd.core.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
+from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
+from zsgd.core.schedule import lr_factor
 from zsgd.sim import SimOptions, Workload, run_arm
 from zsgd.core.stopping import StopRule
 from zsgd.core.problem import Problem

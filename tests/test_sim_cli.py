@@ -134,7 +134,7 @@ def arm_configs(out) -> dict[str, dict]:
 @pytest.mark.slow  # a whole simulated sweep: several seconds
 def test_unset_batch_and_lr_follow_each_arms_workers_as_in_run(tmp_path):
     from zsgd.core.config import TrainConfig
-    from zsgd.core.scaling import SCALED_FIELDS, scale_for_workers
+    from zsgd.algorithms.scaling import SCALED_FIELDS, scale_for_workers
 
     out = tmp_path / "s"
     r = invoke("--workers", "2,4", "--algo", "async,sync,localsgd:2", "--out", str(out), *SMALL)

@@ -62,6 +62,17 @@ def algorithm_class(spec: str) -> type[ServerAlgorithm]:
     return SERVER_RULES[parse_algo(spec)[0]]
 
 
+def local_steps_of(spec: str) -> int:
+    """Gradient steps a worker takes per reply under ``spec`` (localsgd:K: K; the others 1), asked of the rule."""
+    name, opts = parse_algo(spec)
+    return SERVER_RULES[name].steps_per_reply(opts)
+
+
+def update_kind_of(spec: str) -> str:
+    """What a worker's update carries under ``spec``: "grad", or "delta" (a model change), asked of the rule."""
+    return algorithm_class(spec).update_kind
+
+
 def check_servers_support(spec: str, servers: int) -> None:
     """ZsgdError when ``--servers`` > 1 and the rule cannot run split over range servers."""
     if servers > 1 and not algorithm_class(spec).shardable:
@@ -94,6 +105,6 @@ def make_worker_step(spec: str, model, x: np.ndarray, y: np.ndarray, batch_size:
 
 __all__ = [
     "Applied", "AsyncSGD", "Cancel", "Dropped", "KAsyncSGD", "KSyncSGD", "LocalSGD", "Notice", "Output", "Reply", "ServerAlgorithm",
-    "StaleSynchronousSGD", "SyncSGD", "Update", "WorkerStep", "algorithm_class", "check_servers_support", "make_server_algorithm",
-    "make_worker_step", "parse_algo", "parse_staleness_lr",
+    "StaleSynchronousSGD", "SyncSGD", "Update", "WorkerStep", "algorithm_class", "check_servers_support", "local_steps_of", "make_server_algorithm",
+    "make_worker_step", "parse_algo", "parse_staleness_lr", "update_kind_of",
 ]

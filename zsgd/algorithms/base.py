@@ -112,6 +112,18 @@ class ServerAlgorithm:
     shardable = True
     #: Gradient steps a worker takes per reply (local SGD: K): an injected compute time draws this many.
     local_steps = 1
+    #: What a worker's update carries: a gradient, or (local SGD) the change of its model over its local steps.
+    update_kind = "grad"
+    #: --lr-schedule auto decays this rule's central optimizer (False: the workers step at a constant --lr).
+    central_schedule = True
+    #: How a learning rate and batch the user left alone follow N workers (zsgd.algorithms.scaling): "sqrt" (every
+    #: stale batch applied on its own), "linear" (N batches averaged a step), or None (the values stay as given).
+    worker_scaling: str | None = "sqrt"
+
+    @classmethod
+    def steps_per_reply(cls, opts: dict) -> int:
+        """``local_steps`` of the rule ``opts`` (parse_algo's) would build, without building it."""
+        return cls.local_steps
 
     def __init__(self, w0: np.ndarray, optimizer: Optimizer, staleness_lr: bool = False, clip_norm: float | None = None) -> None:
         self.w = np.array(w0, dtype=np.float32, copy=True)

@@ -67,6 +67,7 @@ class FirstKSGD(ServerAlgorithm):
     """What both rules share: K, its shrinking with the live count, the sample-weighted sum of up to K gradients."""
 
     shardable = False  # see the module docstring
+    worker_scaling = None  # the step depends on K as much as on N: a study of K sets its own values
 
     def __init__(self, *args, k: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -70,6 +70,13 @@ class LocalSGD(SyncSGD):
     """Synchronous rounds of averaged model deltas (server side of ``localsgd:K``)."""
 
     name = "localsgd"
+    update_kind = "delta"
+    central_schedule = False  # the workers step at a constant --lr
+    worker_scaling = None  # each worker steps like one process
+
+    @classmethod
+    def steps_per_reply(cls, opts: dict) -> int:
+        return int(opts.get("k", 1))
 
     def __init__(self, *args, k: int = 1, server_lr: float = 1.0, server_momentum: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)

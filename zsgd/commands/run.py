@@ -146,7 +146,7 @@ def run_options(params: dict[str, Any], **resolved: Any) -> "RunOptions":
 
 
 def _auto_scaled(defaulted: set[str]) -> list[str]:
-    from zsgd.core.scaling import SCALED_FIELDS
+    from zsgd.algorithms.scaling import SCALED_FIELDS
 
     return sorted(defaulted & set(SCALED_FIELDS))
 

@@ -3,7 +3,7 @@
 Defaults: everything that decides how the model trains (batch size, learning
 rate, momentum, schedule, the one-epoch budget) is ``zsgd run``'s, and an
 unset batch size or learning rate follows each arm's workers exactly as in
-``zsgd run`` (``zsgd.core.scaling``), so an arm predicts the real run of the
+``zsgd run`` (``zsgd.algorithms.scaling``), so an arm predicts the real run of the
 same flags; ``--literal`` keeps the values as given for sweeps that must change
 one thing at a time. What is simulated differs, because a simulator computes
 every worker's gradient on one core: the model is ``mlp`` (0.4-0.5 ms a step at
@@ -166,7 +166,7 @@ def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, stale
 
     use_calibration(calibration_file, recalibrate)  # a bad --calibration FILE fails before the data is loaded
 
-    from zsgd.core.scaling import SCALED_FIELDS
+    from zsgd.algorithms.scaling import SCALED_FIELDS
 
     decentralized = pop_decentralized(params)
     topology = decentralized.pop("topology")

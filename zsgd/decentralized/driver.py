@@ -23,7 +23,7 @@ import numpy as np
 
 from zsgd.wire import protocol
 from zsgd.decentralized.peer import PeerDecoder, PeerEndpoint, PeerPayload
-from zsgd.decentralized.rules import DecentralizedParams, GradFn, NodeRule, StepStats, make_rule
+from zsgd.decentralized.rules import DecentralizedParams, GradFn, NodeRule, StepStats, make_rule, rule_class
 from zsgd.decentralized.topology import Topology
 
 
@@ -146,6 +146,6 @@ def eval_every_rounds(cfg: Any, rule: Any, algo: str, params: DecentralizedParam
     """
     from zsgd.core.ledger import RunLedger
 
-    steps = params.primal_steps if algo == "cadmm" else 1
+    steps = rule_class(algo).batches_per_round(params)
     ledger = RunLedger(rule, n_train=n_train, eval_every=cfg.eval_every)
     return ledger.eval_interval_updates(n_workers * rule.batch_size * steps)

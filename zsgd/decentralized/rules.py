@@ -210,6 +210,13 @@ class NodeRule:
 
     name = "base"
     shared: tuple[str, ...] = ("x",)
+    #: The rule's own local optimizer applies the weight decay (cadmm), so its gradients carry none.
+    applies_weight_decay = False
+
+    @classmethod
+    def batches_per_round(cls, params: "DecentralizedParams") -> int:
+        """Mini-batches a node takes in one round (cadmm: its primal steps)."""
+        return 1
 
     def __init__(self, row: MixingRow, x0: np.ndarray, grad_fn: GradFn) -> None:
         self.row = row
@@ -331,6 +338,11 @@ class CADMM(NodeRule):
     """
 
     name = "cadmm"
+    applies_weight_decay = True
+
+    @classmethod
+    def batches_per_round(cls, params: "DecentralizedParams") -> int:
+        return params.primal_steps
 
     def __init__(self, row: MixingRow, x0: np.ndarray, grad_fn: GradFn, *, optimizer: Any, rho: float = 0.1,
                  rho_scaling: float = 1.0, primal_steps: int = 5) -> None:
@@ -373,6 +385,14 @@ class CADMM(NodeRule):
         return super().state() | {"rho": self.rho}
 
 
+RULES: dict[str, type[NodeRule]] = {}  # filled below, once the classes exist
+
+
+def rule_class(algo: str) -> type[NodeRule]:
+    """The node rule's class for ``algo``: its capabilities without building it."""
+    return RULES[str(algo).strip()]
+
+
 def make_rule(algo: str, row: MixingRow, x0: np.ndarray, grad_fn: GradFn, params: DecentralizedParams, *,
               lr: float, optimizer: Any = None) -> NodeRule:
     """The node rule for ``algo``; ``lr`` is the problem's (alpha0's default), ``optimizer`` cadmm's local one.
@@ -393,3 +413,6 @@ def make_rule(algo: str, row: MixingRow, x0: np.ndarray, grad_fn: GradFn, params
         return CADMM(row, x0, grad_fn, optimizer=optimizer, rho=params.rho, rho_scaling=params.rho_scaling,
                      primal_steps=params.primal_steps)
     raise ZsgdError(f"unknown decentralized algorithm {algo!r}; choose one of {', '.join(DECENTRALIZED)}")
+
+
+RULES.update({"dsgd": DSGD, "dsgt": DSGT, "cadmm": CADMM})

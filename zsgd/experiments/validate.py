@@ -167,10 +167,9 @@ def real_options(arm: Any, spec: Any, n: int) -> Any:
 
 def local_steps(algo: str) -> int:
     """Gradient steps a worker takes per reply: K for ``localsgd:K``, else 1."""
-    from zsgd.algorithms import parse_algo
+    from zsgd.algorithms import local_steps_of
 
-    name, opts = parse_algo(algo) if algo.split(":", 1)[0] not in ROUND_ALGOS[3:] else (algo, {})
-    return int(opts.get("k", 1)) if name == "localsgd" else 1
+    return 1 if algo.split(":", 1)[0] in ROUND_ALGOS[3:] else local_steps_of(algo)
 
 
 def compare(real: Path, sim: Path, predicted: Path, updates: int, steps: int = 1, servers: int = 1) -> list[Row]:

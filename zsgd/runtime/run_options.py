@@ -210,7 +210,7 @@ class RunOptions:
     slurm_request: int | None = None  # workers asked for under Slurm (None: every CPU of the allocation but the broker's)
     expect_workers: int | None = None  # broker-only mode: workers started by hand
     evaluator: bool = True
-    auto_scale: list[str] = field(default_factory=list)  # defaulted hyper-parameters to scale to the workers (zsgd.core.scaling)
+    auto_scale: list[str] = field(default_factory=list)  # defaulted hyper-parameters to scale to the workers (zsgd.algorithms.scaling)
     remote_workers: int = 0  # set once the hosts have answered (zsgd.runtime.launch.access)
     slurm_workers: int = 0  # set once the allocation is read
     server: ServerOptions = field(default_factory=ServerOptions)

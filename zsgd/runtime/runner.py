@@ -18,7 +18,7 @@ from typing import Any, Callable
 from zsgd.runtime.server.broker import Broker, BrokerOptions
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
-from zsgd.core.schedule import check_schedule_applies, resolve_lr_schedule
+from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
 from zsgd.output.metrics import MetricsWriter
 from zsgd.output.rundir import create_run_dir, write_json
 from zsgd.runtime.launch.base import LOCAL, plan_ranks
@@ -43,7 +43,7 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
         raise ZsgdError(f"{opts.remote.hosts_file} places {access.plan.n_servers} range servers (servers=) but --servers {servers} has "
                         f"{servers - 1} besides the coordinator's range; give --servers {access.plan.n_servers + 1}")
     if resume_dir is None:
-        from zsgd.core.scaling import scale_for_workers
+        from zsgd.algorithms.scaling import scale_for_workers
 
         cfg, scaled = scale_for_workers(cfg, algo, opts.n_workers, set(opts.auto_scale))
         if scaled and opts.output.show:

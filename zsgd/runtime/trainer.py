@@ -16,7 +16,7 @@ import numpy as np
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.output.metrics import MetricsWriter
 from zsgd.output.rundir import create_run_dir, save_arrays, write_json
-from zsgd.core.schedule import resolve_lr_schedule
+from zsgd.algorithms.schedules import resolve_lr_schedule
 from zsgd.core.problem import Problem
 from zsgd.runtime import stop_signal
 

@@ -51,7 +51,7 @@ def time_server_step(cfg: Any, model: Any, w0: np.ndarray, algo: str, compress: 
 
     ``w0`` may be one range of the model (``--servers K``: what one server
     holds); ``clip`` False leaves out ``--clip-norm``, which workers then do."""
-    from zsgd.algorithms import Reply, Update, make_server_algorithm, parse_algo
+    from zsgd.algorithms import Reply, Update, make_server_algorithm, update_kind_of
     from zsgd.compression import decode, make_codec, touched_indices
     from zsgd.nn.optim import make_optimizer
     from zsgd.wire import protocol
@@ -68,7 +68,7 @@ def time_server_step(cfg: Any, model: Any, w0: np.ndarray, algo: str, compress: 
 
         reply_codec = DeltaReplyEncoder(compress_replies, n, seed=cfg.seed)
     limits = protocol.Limits.for_model(n)
-    kind = {"kind": "delta"} if parse_algo(algo)[0] == "localsgd" else {}
+    kind = {"kind": "delta"} if update_kind_of(algo) == "delta" else {}
     grad = (np.random.default_rng(cfg.seed).standard_normal(n) * 1e-4).astype(np.float32)
     codec = make_codec(compress, n, seed=cfg.seed) if compress != "none" else None
     coded = codec.encode(grad) if codec is not None else None

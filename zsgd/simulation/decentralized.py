@@ -57,7 +57,7 @@ from zsgd.output.metrics import MetricsWriter
 from zsgd.simulation import interrupt
 from zsgd.network import Delay, Measured, Network, StragglerSpec
 from zsgd.errors import ProtocolError
-from zsgd.core.schedule import check_schedule_applies, resolve_lr_schedule
+from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
 from zsgd.simulation.simulator import ProgressFn, SimResult, Workload, record_arm
 
 

@@ -39,7 +39,8 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd.wire import protocol
-from zsgd.algorithms import Applied, Cancel, Dropped, Notice, Reply, Update, check_servers_support, make_server_algorithm, make_worker_step, parse_algo
+from zsgd.algorithms import (Applied, Cancel, Dropped, Notice, Reply, Update, check_servers_support, local_steps_of, make_server_algorithm,
+                             make_worker_step, parse_algo)
 from zsgd.algorithms.worker import WorkerStep
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
@@ -49,7 +50,8 @@ from zsgd.network.compute_draw import ComputeDraw
 from zsgd.network import Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
 from zsgd.output.rundir import save_arrays, write_json
 from zsgd.simulation.workload import Workload
-from zsgd.core.schedule import check_schedule_applies, lr_factor, resolve_lr_schedule
+from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
+from zsgd.core.schedule import lr_factor
 
 # Event kinds. A heap entry is (t, seq, kind, worker, incarnation, a, b).
 _DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER, _CANCEL = range(7)
@@ -156,8 +158,7 @@ class Simulation:
 
             self.reply_codec = DeltaReplyEncoder(opts.compress_replies, self.model.n_params, seed=cfg.seed)
         self.reply_bytes = self.dense_reply_bytes = 0
-        name, algo_opts = parse_algo(opts.algo)
-        self.local_steps = int(algo_opts.get("k", 1)) if name == "localsgd" else 1
+        self.local_steps = local_steps_of(opts.algo)
         self.last_update_bytes = self.u_bytes
         # Sparse codecs whose size depends on the gradient (AdaComp) are encoded when
         # the worker finishes, so the transfer time uses the real size; fixed-size

@@ -63,7 +63,7 @@ class SweepSpec:
     topology: str = "ring"  # decentralized arms (dsgd, dsgt, cadmm): their graph and rule parameters
     decentralized: dict[str, Any] = field(default_factory=dict)
     # Fields neither a flag nor --config set, which each arm adapts to its workers as
-    # 'zsgd run' does (zsgd.core.scaling); empty with --literal.
+    # 'zsgd run' does (zsgd.algorithms.scaling); empty with --literal.
     auto_scale: tuple[str, ...] = ()
 
 
@@ -229,7 +229,7 @@ def arm_config(cfg: TrainConfig, arm: Arm, spec: SweepSpec) -> tuple[TrainConfig
     arms and local SGD keep every value there too. Done per arm because a grid
     may vary ``--workers`` and ``--algo``.
     """
-    from zsgd.core.scaling import scale_for_workers
+    from zsgd.algorithms.scaling import scale_for_workers
 
     return scale_for_workers(cfg, arm.values.get("algo", "async"), arm.opts.n_workers, set(spec.auto_scale))
 
@@ -240,7 +240,7 @@ def scaling_line(cfg: TrainConfig, arms: list[Arm], spec: SweepSpec) -> str | No
     The same words as ``zsgd run`` when every arm changed alike; per (algorithm,
     workers) group when the grid varies them.
     """
-    from zsgd.core.scaling import scale_for_workers
+    from zsgd.algorithms.scaling import scale_for_workers
 
     groups: dict[tuple[str, int], tuple[TrainConfig, str | None]] = {}
     for arm in arms:

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd.core.config import TrainConfig
-from zsgd.core.schedule import resolve_lr_schedule
+from zsgd.algorithms.schedules import resolve_lr_schedule
 from zsgd.errors import ProtocolError, ZsgdError
 from zsgd.output.metrics import MetricsWriter
 from zsgd.runtime.server.checkpoint import save_checkpoint

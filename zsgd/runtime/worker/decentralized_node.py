@@ -32,7 +32,7 @@ import numpy as np
 from zsgd.wire import protocol
 from zsgd.core.config import TrainConfig
 from zsgd.decentralized.peer import PeerEndpoint, PeerPayload
-from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, make_rule, node_gradient
+from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, make_rule, node_gradient, rule_class
 from zsgd.decentralized.topology import MixingRow
 from zsgd.errors import ZsgdError
 from zsgd.wire.link import BROKER_DEAD, BrokerLink
@@ -83,9 +83,10 @@ def build_endpoint(cfg: TrainConfig, assign: dict[str, Any], worker: int, model:
     algo, row, params, every = parse_assignment(assign, worker)
     compress = str(assign.get("compress", "none"))
     params = replace(params, gamma=params.resolved_gamma(compress))
-    grad = make_grad_fn(model, x, y, cfg, worker, add_weight_decay=algo != "cadmm")
+    own_decay = rule_class(algo).applies_weight_decay  # cadmm's local solver applies the weight decay itself
+    grad = make_grad_fn(model, x, y, cfg, worker, add_weight_decay=not own_decay)
     opt = make_optimizer(cfg.optimizer, model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay) \
-        if algo == "cadmm" else None  # cadmm's local solver applies the weight decay itself
+        if own_decay else None
     rule = make_rule(algo, row, model.init(seed=cfg.seed), grad, params, lr=cfg.lr, optimizer=opt)
     return PeerEndpoint(rule, compress, seed=cfg.seed), every
 

@@ -27,6 +27,7 @@ The momentum is left as given. Local SGD and the decentralized algorithms
 step on each worker like one process does and keep every value, and so do
 ``ksync:K`` and ``kasync:K``, whose step size depends on K as much as on N
 (a study of K sets its own values).
+Which rule applies is the server rule's own answer (``worker_scaling``).
 ``zsgd sim`` applies the same rule to each arm (``zsgd.simulation.sweep.arm_config``),
 so a simulation predicts the run of the same flags; ``zsgd sim --literal``
 keeps every value, for sweeps that must vary one thing at a time.
@@ -48,7 +49,8 @@ MIN_BATCH = 16
 def scale_for_workers(cfg: TrainConfig, algo: str, n_workers: int, free: set[str] | frozenset[str]) -> tuple[TrainConfig, str | None]:
     """``cfg`` with the ``free`` fields adapted to ``n_workers`` of ``algo``, and a line saying what changed (None: nothing)."""
     name = algo.partition(":")[0]
-    if n_workers <= 1 or name not in ("async", "sync", "ssp") or not free:
+    mode = _worker_scaling(algo)
+    if n_workers <= 1 or mode is None or not free:
         return cfg, None
     ref_batch = cfg.batch_size
     batch = max(MIN_BATCH, math.ceil(ref_batch / n_workers)) if "batch_size" in free else ref_batch
@@ -56,7 +58,7 @@ def scale_for_workers(cfg: TrainConfig, algo: str, n_workers: int, free: set[str
     if batch != cfg.batch_size:
         changes["batch_size"] = batch
     if "lr" in free:
-        if name == "sync":
+        if mode == "linear":
             changes["lr"] = round(cfg.lr * n_workers * batch / ref_batch, 8)
         else:
             changes["lr"] = round(cfg.lr * batch / ref_batch / math.sqrt(n_workers), 8)
@@ -68,3 +70,12 @@ def scale_for_workers(cfg: TrainConfig, algo: str, n_workers: int, free: set[str
     parts = [f"{shown[k]} {getattr(cfg, k):g} -> {v:g}" for k, v in changes.items()]
     flags = ", ".join("--" + k.replace("_", "-") for k in changes)
     return scaled, f"scaled for {n_workers} {name} workers: {', '.join(parts)} (set {flags} to choose yourself)"
+
+
+def _worker_scaling(algo: str) -> str | None:
+    """The rule's ``worker_scaling``; the decentralized rules keep every value."""
+    from zsgd.algorithms import DECENTRALIZED_NAMES, algorithm_class
+
+    if algo.partition(":")[0] in DECENTRALIZED_NAMES:
+        return None
+    return algorithm_class(algo).worker_scaling
