@@ -251,6 +251,14 @@ class RunLedger:
     def final_eval_needed(self) -> bool:
         return not self.evals or self.evals[-1].updates != self.updates or not math.isfinite(self.test_acc)
 
+    def close(self, t: float, header: dict[str, Any], *, busy_s: float | None = None, end_fields: dict[str, Any] | None = None,
+              **extra: Any) -> dict[str, Any]:
+        """The end of a run, the same for every driver: the ``end`` event, and the summary -- ``header``
+        (``run_header``: what ran), the keys every mode has (``summary``), then the driver's ``extra``."""
+        self.emit("end", t, updates=self.updates, samples=self.samples, test_loss=self.test_loss, test_acc=self.test_acc,
+                  reason=self.stop_reason, **(end_fields or {}))
+        return header | self.summary(t, busy_s) | extra
+
     def summary(self, t: float, busy_s: float | None = None) -> dict[str, Any]:
         """The keys every mode's ``summary.json`` has, with the same meaning everywhere."""
         stale = np.asarray(self.staleness if self.staleness else [0])
@@ -267,6 +275,12 @@ class RunLedger:
             "staleness_p99": float(np.percentile(stale, 99)), "staleness_max": int(stale.max()),
             "stop_reason": self.stop_reason, "diverged": self.diverged,
         }
+
+
+def run_header(mode: str, algo: str | None, n_workers: int, model: str, dataset: Any, n_params: int) -> dict[str, Any]:
+    """What ran, at the head of every ``summary.json`` (``dataset``: the problem's, with its name and source)."""
+    head: dict[str, Any] = {"mode": mode} | ({"algo": algo} if algo is not None else {})
+    return head | {"n_workers": n_workers, "model": model, "data": dataset.name, "data_source": dataset.source, "n_params": n_params}
 
 
 CORE_SUMMARY_KEYS = ("test_accuracy", "test_loss", "train_loss", "updates", "samples", "epochs", "wall_s", "samples_per_s",

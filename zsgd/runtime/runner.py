@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from zsgd.runtime.server.broker import Broker, BrokerOptions
 from zsgd.core.config import TrainConfig, write_config
+from zsgd.core.ledger import run_header
 from zsgd.errors import ZsgdError
 from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
 from zsgd.output.metrics import MetricsWriter
@@ -142,10 +143,8 @@ def run_distributed(cfg: TrainConfig, opts: RunOptions, out: str | Path | None =
             # The broker has said LEAVE and closed its socket: the children end on their own while the
             # results are written, and are reaped below before this function returns, whatever happens.
             broker.final_evaluation()
-            summary = broker.summary() | {"mode": "run", "algo": algo, "n_workers": opts.n_workers, "model": cfg.model,
-                                          "data": ds.name, "data_source": ds.source, "n_params": problem.model.n_params}
-            metrics.write("end", broker.elapsed, updates=summary["updates"], samples=summary["samples"], test_loss=summary["test_loss"],
-                          test_acc=summary["test_accuracy"], reason=summary["stop_reason"])
+            summary = broker.ledger.close(broker.elapsed, run_header("run", algo, opts.n_workers, cfg.model, ds, problem.model.n_params),
+                                          **broker.summary_extra())
         from zsgd.output.rundir import save_arrays
 
         save_arrays(run_dir / "weights.npz", problem.model.state_dict(broker.service.weights))

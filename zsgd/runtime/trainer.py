@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from zsgd.core.config import TrainConfig, write_config
+from zsgd.core.ledger import run_header
 from zsgd.output.metrics import MetricsWriter
 from zsgd.output.rundir import create_run_dir, save_arrays, write_json
 from zsgd.algorithms.schedules import resolve_lr_schedule
@@ -83,10 +84,7 @@ def _train(cfg: TrainConfig, out: str | Path | None, show_progress: bool, proble
         if ledger.final_eval_needed and not at_once:
             evaluate()
         wall = time.perf_counter() - t0
-        summary = {"mode": "train", "model": cfg.model, "data": ds.name, "data_source": ds.source, "n_params": model.n_params} \
-            | ledger.summary(wall, busy_s=wall - eval_time) | {"n_workers": 1}
-        metrics.write("end", wall, updates=ledger.updates, samples=ledger.samples, test_loss=ledger.test_loss, test_acc=ledger.test_acc,
-                      reason=ledger.stop_reason)
+        summary = ledger.close(wall, run_header("train", None, 1, cfg.model, ds, model.n_params), busy_s=wall - eval_time)
     save_arrays(run_dir / "weights.npz", model.state_dict(server.w))
     write_json(run_dir / "summary.json", summary)
     from zsgd.output.plots import plot_run

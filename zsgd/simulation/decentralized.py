@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from zsgd.core.config import TrainConfig
+from zsgd.core.ledger import run_header
 from zsgd.decentralized.driver import DecentralizedRound, RoundResult, average, consensus_error, eval_every_rounds
 from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, node_gradient
 from zsgd.decentralized.topology import Topology, parse_topology
@@ -251,16 +252,15 @@ class DecentralizedSimulation:
             self.grad_s += time.perf_counter() - t0
             self._after_round(res)
         xbar = self._evaluate() if self.ledger.final_eval_needed else average(self.driver.models())
-        self.metrics.write("end", self.now, updates=self.rounds, samples=self.samples, test_loss=self.ledger.test_loss,
-                           test_acc=self.ledger.test_acc, reason=self.ledger.stop_reason, consensus_error=self.consensus, bytes_total=self.bytes)
-        return SimResult(self._summary(time.perf_counter() - real0), np.zeros(max(self.rounds, 1), np.int64), self.evals, xbar)
+        header = run_header("sim", self.opts.algo, self.n, self.cfg.model, self.wl.problem.dataset, self.model.n_params)
+        summary = self.ledger.close(self.now, header, end_fields={"consensus_error": self.consensus, "bytes_total": self.bytes},
+                                    **self._summary_extra(time.perf_counter() - real0))
+        return SimResult(summary, np.zeros(max(self.rounds, 1), np.int64), self.evals, xbar)
 
-    def _summary(self, real_s: float) -> dict[str, Any]:
-        v, ds = self.now, self.wl.problem.dataset
+    def _summary_extra(self, real_s: float) -> dict[str, Any]:
+        """What a simulated decentralized run's summary has beyond the keys every mode has."""
+        v = self.now
         return {
-            "mode": "sim", "algo": self.opts.algo, "n_workers": self.n, "model": self.cfg.model, "data": ds.name,
-            "data_source": ds.source, "n_params": self.model.n_params,
-        } | self.ledger.summary(v) | {
             "rounds": self.rounds, "virtual_s": v, "real_s": real_s, "eval_every_rounds": self.eval_rounds,
             "rejected_messages": 0, "rejected_by_reason": {}, "dropped_updates": {},
             # Every peer message is sent by one node and received by one node: both totals are the

@@ -43,6 +43,7 @@ from zsgd.algorithms import (Applied, Cancel, Dropped, Notice, Reply, Update, ch
                              make_worker_step, parse_algo)
 from zsgd.algorithms.worker import WorkerStep
 from zsgd.core.config import TrainConfig, write_config
+from zsgd.core.ledger import run_header
 from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
 from zsgd.simulation import interrupt
@@ -468,18 +469,14 @@ class Simulation:
                 handlers[kind](w, inc, a, b)
         if self.ledger.final_eval_needed:
             self._evaluate()
-        self.metrics.write("end", self.now, updates=self.updates, samples=self.samples, test_loss=self.ledger.test_loss,
-                           test_acc=self.test_acc, reason=self.reason)
-        return SimResult(self._summary(time.perf_counter() - real0), np.asarray(self.ledger.staleness, dtype=np.int64), self.evals,
-                         self.algo.w)
+        header = run_header("sim", self.opts.algo, self.n, self.cfg.model, self.wl.problem.dataset, self.model.n_params)
+        summary = self.ledger.close(self.now, header, **self._summary_extra(time.perf_counter() - real0))
+        return SimResult(summary, np.asarray(self.ledger.staleness, dtype=np.int64), self.evals, self.algo.w)
 
-    def _summary(self, real_s: float) -> dict[str, Any]:
+    def _summary_extra(self, real_s: float) -> dict[str, Any]:
+        """What a simulated run's summary has beyond the keys every mode has."""
         v = self.now
-        ds = self.wl.problem.dataset
         return {
-            "mode": "sim", "algo": self.opts.algo, "n_workers": self.n, "model": self.cfg.model, "data": ds.name,
-            "data_source": ds.source, "n_params": self.model.n_params,
-        } | self.ledger.summary(v) | {
             "virtual_s": v, "real_s": real_s,
             "rejected_messages": 0, "rejected_by_reason": {}, "dropped_updates": dict(self.dropped),
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,

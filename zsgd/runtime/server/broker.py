@@ -295,8 +295,13 @@ class Broker:
             self.checkpoint()
 
     def summary(self) -> dict[str, Any]:
+        """The ledger's keys and the broker's own (``summary_extra``); the runner closes the ledger with the latter."""
+        return self.ledger.summary(self.elapsed) | self.summary_extra()
+
+    def summary_extra(self) -> dict[str, Any]:
+        """What a real run's summary has beyond the keys every mode has: messages, bytes, peers, the service's."""
         s = self.session
-        return self.ledger.summary(self.elapsed) | {
+        return {
             "rejected_messages": int(sum(self.rejected.values())), "rejected_by_reason": dict(self.rejected),
             "dropped_connections": self.endpoint.dropped_connections,
             "bytes_sent": self.endpoint.bytes_in, "bytes_received": self.endpoint.bytes_out,
