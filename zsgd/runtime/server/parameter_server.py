@@ -134,9 +134,6 @@ class ParameterServer(Service):
             if peer is not None and peer.state == "ready":
                 self._dispatch(self.algo.add_worker(worker, b.elapsed))
 
-    def on_peer(self, peer: Peer, frames: list, msg: Message) -> None:
-        self.b.reject(peer.identity, "unexpected-type", "PEER is not accepted by a centralized broker")
-
     def deliver_held(self, direction: str, peer: Peer, msg: Any) -> None:
         """One emulated message arrives: an update from a worker, or a reply to it."""
         if direction == "in":
