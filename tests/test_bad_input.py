@@ -798,3 +798,20 @@ def test_yaml_values_python_cannot_build(tmp_path, text, match):
     refused("run", "--config", tmp_path / "c.yaml", *SMALL, match=match)
     (tmp_path / "e.yaml").write_text(EXPERIMENT_HEAD + "  - {name: a, workers: " + text.partition(": ")[2].strip() + "}\n")
     refused("experiment", tmp_path / "e.yaml", "--check", match=r"e.yaml: invalid value in the experiment file")
+
+
+# -- an error names a huge value; it never repeats it whole -----------------------------------------------------------------
+@pytest.mark.parametrize("args", [("sim", "--algo", "ssp:" + "x" * 100_000, "--steps", "5"),
+                                  ("sim", "--steps", "9" * 5_000),
+                                  ("sim", "--algo", "dsgd", "--topology", "x" * 100_000, "--steps", "5")])
+def test_an_error_about_a_huge_value_stays_a_short_line(args, tmp_path):
+    line = refused(*args, "--out", tmp_path / "o", match=r"\.\.\. [\d,]+ characters \.\.\.")
+    assert len(line) < 600
+
+
+@pytest.mark.parametrize("topology, match", [("xxxx", "unknown topology 'xxxx'"), ("random-regular:7", "random-regular")])
+def test_sim_refuses_a_graph_it_cannot_build_before_writing_anything(topology, match, tmp_path):
+    """The arm's graph is built when the sweep is checked (it was first built inside the running arm, after the
+    output directory and the progress view existed)."""
+    refused("sim", "--algo", "dsgd", "--topology", topology, "--workers", "4", "--steps", "5", "--out", tmp_path / "o", match=match)
+    assert not (tmp_path / "o").exists()

@@ -291,6 +291,7 @@ def check_sweep_size(cfg: TrainConfig, arms: list[Arm], spec: SweepSpec, workloa
     for arm in arms:  # before any arm builds its nodes
         if isinstance(arm.opts, DecentralizedOptions):
             check_node_memory(arm.opts.algo, arm.opts.n_workers, workload.model.n_params)
+            arm.opts.graph(cfg.seed)  # a graph that cannot be built on the arm's nodes fails before anything is written
 
 
 def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> Workload:
