@@ -63,7 +63,6 @@ def test_reply_stretch_is_validated_like_any_broker_message():
 @pytest.mark.parametrize("args,needle", [
     (["--inject-compute", "shifted-exp:5ms"], "--inject-compute 'shifted-exp:5ms': shifted-exp takes 2"),
     (["--inject-compute", "exp:20ms", "--algo", "dsgd", "--topology", "ring"], "--inject-compute stretches the steps a parameter server"),
-    (["--algo", "ksync:2", "--servers", "2"], "cannot run with --servers 2"),
     (["--algo", "kasync:0"], "kasync needs K >= 1"),
     (["--inject-compute", "trace:/nonexistent/steps.csv"], "file not found"),
 ])
@@ -107,7 +106,6 @@ def test_stretch_listens_and_an_abandon_ends_it():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--algo", "ksync:2", "--servers", "2"], "cannot run with --servers 2"),
     (["--compute", "shifted-exp:1ms"], "shifted-exp takes 2"),
 ])
 def test_bad_sim_flags_are_one_line(tmp_path, args, needle):

@@ -77,8 +77,8 @@ def check_servers_support(spec: str, servers: int) -> None:
     """ZsgdError when ``--servers`` > 1 and the rule cannot run split over range servers."""
     if servers > 1 and not algorithm_class(spec).shardable:
         name = parse_algo(spec)[0]
-        raise ZsgdError(f"--algo {spec} cannot run with --servers {servers}: each range server would pick its own first K "
-                        f"gradients by arrival order, and two servers could wait on each other; use --servers 1 with {name}")
+        raise ZsgdError(f"--algo {spec} cannot run with --servers {servers}: its rule cannot be split over range servers; "
+                        f"use --servers 1 with {name}")
 
 
 def make_server_algorithm(spec: str, w0: np.ndarray, optimizer, staleness_lr: str | bool = "off", clip_norm: float | None = None) -> ServerAlgorithm:

@@ -110,6 +110,9 @@ class ServerAlgorithm:
     name = "base"
     #: Works with --servers K (each range server runs its own copy of the rule over its range).
     shardable = True
+    #: With --servers K the rule runs at the coordinator only, and the range servers replay its decisions
+    #: (zsgd.algorithms.step_log): for rules that pick gradients by arrival order, which each server sees differently.
+    step_log = False
     #: Gradient steps a worker takes per reply (local SGD: K): an injected compute time draws this many.
     local_steps = 1
     #: What a worker's update carries: a gradient, or (local SGD) the change of its model over its local steps.
@@ -172,7 +175,7 @@ class ServerAlgorithm:
     def reply(self, worker: int) -> Reply:
         return Reply(worker, self.version, self.snapshot())
 
-    def apply(self, grad: np.ndarray, staleness: int) -> float | None:
+    def apply(self, grad: np.ndarray, staleness: int, lr: float | None = None) -> float | None:
         """One optimizer step on the central model; returns the lr used, or None when ``grad``
         holds NaN or Inf (then nothing changed: the caller drops the update).
 
@@ -182,11 +185,13 @@ class ServerAlgorithm:
         a second buffer, with the finite check and clipping inside the pass,
         when a reply of the live weights may still be in flight or
         ``clip_norm`` is set: the new buffer becomes the live weights and the
-        next reply's buffer, so no snapshot copy is ever made.
+        next reply's buffer, so no snapshot copy is ever made. ``lr``: this step size, as given (a range server
+        replaying its coordinator's step, ``zsgd.algorithms.step_log``), instead of the schedule's.
         """
-        lr = self.optimizer.lr * self.lr_scale
-        if self.staleness_lr and staleness > 0:
-            lr = lr / staleness
+        if lr is None:
+            lr = self.optimizer.lr * self.lr_scale
+            if self.staleness_lr and staleness > 0:
+                lr = lr / staleness
         if not hasattr(self.optimizer, "step_into"):
             return self._apply_unfused(grad, lr)
         in_flight = False

@@ -38,9 +38,12 @@ computed at valid weights. Only contributors wait for a reply, and K never
 exceeds the live workers, so a step is always reachable: every live worker
 is either computing (its gradient will come) or waiting in the sum.
 
-Not shardable (``shardable = False``): with ``--servers K`` each range server
-would pick its own first K by arrival order, and with orders that differ
-two servers can each wait for a gradient whose sender waits on the other.
+With ``--servers K`` each range server would pick its own first K by arrival
+order, and with orders that differ two servers could each wait for a gradient
+whose sender waits on the other. So the rule runs at the coordinator alone
+(``step_log = True``) and the range servers replay its decisions: the same
+workers' gradients, summed in the same order, at every range
+(``zsgd.algorithms.step_log``).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def parse_k(name: str, arg: str) -> dict[str, int]:
 class FirstKSGD(ServerAlgorithm):
     """What both rules share: K, its shrinking with the live count, the sample-weighted sum of up to K gradients."""
 
-    shardable = False  # see the module docstring
+    step_log = True  # with --servers K: decided at the coordinator, replayed by the range servers (module docstring)
     worker_scaling = None  # the step depends on K as much as on N: a study of K sets its own values
 
     def __init__(self, *args, k: int = 1, **kwargs) -> None:

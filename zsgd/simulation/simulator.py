@@ -71,7 +71,10 @@ class SimOptions:
     detect_s: float = 3.0  # failure -> broker notices (the runtime's heartbeat timeout)
     broker_s: float | Measured = 0.0  # broker time per update (0: instantaneous; Measured: timed here, the CLI's default)
     broker_bandwidth: float | Measured = math.inf  # bytes/s of the broker's own NIC (Measured: ZeroMQ's here, the CLI's default)
-    servers: int = 1  # --servers K: K servers, each with its range, its step and its own NIC (see broker_model)
+    # --servers K: K servers, each with its range, its step and its own NIC (see broker_model). One rule over the
+    # whole vector is what K ranges in step make (ksync/kasync: the runtime's coordinator decides, and its range
+    # servers replay the same steps, zsgd.algorithms.step_log; that hop is not modelled).
+    servers: int = 1
     staleness_lr: str | bool = "off"
     compress: str = "none"  # worker->broker codec, as in the runtime (real encoded sizes on the wire)
     compress_replies: str = "none"  # broker->worker weight deltas, as the runtime's --compress-replies

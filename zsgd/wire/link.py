@@ -126,6 +126,11 @@ class BrokerLink:
             return BROKER_DEAD
         return self.shared.incoming(protocol.decode(frames))
 
+    @property
+    def wake_socket(self) -> zmq.Socket:
+        """Readable when a message (or ``BROKER_DEAD``) waits for ``recv``: to poll beside other sockets."""
+        return self._pipe
+
     def _check_alive(self) -> None:
         if self.error is not None:
             raise ZsgdError(f"connection to {self.address} failed: {self.error}")

@@ -134,12 +134,19 @@ class Broker:
         self.metrics.write("rejected", self.elapsed, reason=reason, detail=text[:200], peer=identity[:64].hex())
 
     # -- main loop -----------------------------------------------------------------
-    def serve(self, on_tick: Callable[["Broker"], None] | None = None, tick_s: float = 0.25) -> dict[str, Any]:
-        """Run until the ledger says stop; return the summary."""
+    def serve(self, on_tick: Callable[["Broker"], None] | None = None, tick_s: float = 0.25, wake: Any = None) -> dict[str, Any]:
+        """Run until the ledger says stop; return the summary. ``wake``: a socket whose messages ``on_tick``
+        handles; readable, it ticks at once (a range server's link to its coordinator)."""
         last_tick = 0.0
         try:
             while self.ledger.stop_reason is None:
-                if self.endpoint.poll(self.endpoint.poll_timeout(min(self.opts.network.heartbeat / 4, tick_s))):
+                timeout = self.endpoint.poll_timeout(min(self.opts.network.heartbeat / 4, tick_s))
+                woken = False
+                if wake is None:
+                    readable = self.endpoint.poll(timeout)
+                else:
+                    readable, woken = self.endpoint.poll_with(wake, timeout)
+                if readable:
                     for frames in self.endpoint.receive():  # a burst, then housekeeping
                         self._on_frames(frames)
                         if self.ledger.stop_reason is not None:
@@ -149,7 +156,7 @@ class Broker:
                     if peer.state == "ready" and self.ledger.stop_reason is None:
                         self.service.deliver_held(direction, peer, payload)
                 self._housekeeping(now)
-                if on_tick is not None and now - last_tick >= tick_s:
+                if on_tick is not None and (woken or now - last_tick >= tick_s):
                     on_tick(self)
                     last_tick = now
         finally:

@@ -90,6 +90,15 @@ class Endpoint:
         self._count_disconnects()
         return bool(self.sock.poll(max(0, int(timeout_s * 1000)), zmq.POLLIN))
 
+    def poll_with(self, other: zmq.Socket, timeout_s: float) -> tuple[bool, bool]:
+        """``poll``, also waking for ``other``: (this socket readable, ``other`` readable)."""
+        self._count_disconnects()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(other, zmq.POLLIN)
+        ready = dict(poller.poll(max(0, int(timeout_s * 1000))))
+        return self.sock in ready, other in ready
+
     def receive(self, burst: int = 256) -> Iterator[list[zmq.Frame]]:
         """Up to ``burst`` waiting multipart messages (identity first), without blocking.
 

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from zsgd.algorithms import Applied, Cancel, Dropped, Notice, Reply, Update, make_server_algorithm
+from zsgd.algorithms import Applied, Cancel, Dropped, Notice, Reply, Update, algorithm_class, make_server_algorithm
+from zsgd.algorithms.step_log import Gather, StepFollower, StepLeader
 from zsgd.core.schedule import lr_factor
 from zsgd.errors import ProtocolError
 from zsgd.runtime.worker.replies import ABANDON
@@ -40,17 +41,26 @@ class ParameterServer(Service):
     limits_factor = 2  # a gradient plus one more vector (or a sparse codec at full density) per message
 
     def __init__(self, broker: "Broker", w0: np.ndarray, optimizer: Any, opts: Any, opt_state: dict | None = None,
-                 one_range: bool = False) -> None:
+                 one_range: bool = False, follower: bool = False) -> None:
         """``one_range``: this server holds one range of a model split over K servers (--servers K). Then the
         workers clip (no range sees the whole gradient's norm), and sync rounds admit a joiner into the round
-        in progress (``SyncSGD.admit_into_open_round``: the K servers' rounds must agree)."""
+        in progress (``SyncSGD.admit_into_open_round``: the K servers' rounds must agree). A rule that picks
+        its gradients by arrival order (``step_log``: ksync, kasync) runs at the coordinator only, which logs
+        its decisions (``leader``); a range server (``follower``) replays them (``zsgd.algorithms.step_log``)."""
         self.b = broker
         self.opts = opts
         self.optimizer = optimizer
         if opt_state is not None:
             optimizer.load_state_arrays(opt_state)
-        self.algo = make_server_algorithm(opts.algo, w0, optimizer, staleness_lr=opts.staleness_lr,
-                                          clip_norm=None if one_range else broker.cfg.clip_norm)
+        logged = one_range and algorithm_class(opts.algo).step_log
+        if logged and follower:
+            self.algo = StepFollower(w0, optimizer, give_up_s=2 * broker.opts.network.timeout)
+        else:
+            self.algo = make_server_algorithm(opts.algo, w0, optimizer, staleness_lr=opts.staleness_lr,
+                                              clip_norm=None if one_range else broker.cfg.clip_norm)
+        self.leader = StepLeader() if logged and not follower else None
+        self.on_gather: Any = None  # a follower's answer to a gather its log reached (set by the range server)
+        self._log_next = 0  # a follower: the index of the next log entry it expects
         self.algo.version = broker.ledger.updates
         if one_range and hasattr(self.algo, "admit_into_open_round"):
             self.algo.admit_into_open_round = True
@@ -65,7 +75,7 @@ class ParameterServer(Service):
         # The start barrier: ready workers wait here (no weights yet) until all the run's workers are
         # ready, or --start-wait seconds after the first (at _first_ready); then all start together.
         # None: started.
-        self._waiting: set[int] | None = set() if opts.start_wait > 0 and broker.opts.n_workers > 1 else None
+        self._waiting: set[int] | None = set() if opts.start_wait > 0 and broker.opts.n_workers > 1 and not (logged and follower) else None
         self._first_ready = 0.0
 
     def exchanged_size(self, n_params: int) -> int:
@@ -119,6 +129,8 @@ class ParameterServer(Service):
         self._dispatch(self.algo.remove_worker(peer.worker, self.b.elapsed))
 
     def tick(self, now: float) -> None:
+        if isinstance(self.algo, StepFollower):
+            self._dispatch(self.algo.tick(self.b.elapsed))  # a step waiting for a gradient that will not come gives up
         if self._waiting and self.b.elapsed - self._first_ready > self.opts.start_wait:
             self._start()
 
@@ -185,12 +197,37 @@ class ParameterServer(Service):
         compute_s = msg.meta.get("compute_s")
         if isinstance(compute_s, (int, float)) and 0 <= compute_s < 3600:
             peer.compute_s_sum += float(compute_s)
+        seq = msg.meta.get("seq")  # a sharded worker's number for this gradient, the same on every range
+        if isinstance(seq, int) and not isinstance(seq, bool):
+            meta["seq"] = seq
         self.algo.lr_scale = lr_factor(b.cfg.lr_schedule, b.ledger.progress(b.elapsed))
-        self._dispatch(self.algo.on_update(Update(peer.worker, msg.version, grad, n, loss, meta), b.elapsed))
+        update = Update(peer.worker, msg.version, grad, n, loss, meta)
+        outputs = self.algo.on_update(update, b.elapsed)
+        if self.leader is not None:
+            self.leader.update(update, outputs)
+        self._dispatch(outputs)
+
+    def follow_log(self, meta: dict) -> bool:
+        """A follower: the coordinator's next log entries (``zsgd.algorithms.step_log``); False on a gap (lost entries)."""
+        entries, first = meta.get("log"), meta.get("first")
+        if not isinstance(entries, list) or first != self._log_next:
+            return False
+        self._log_next += len(entries)
+        self._dispatch(self.algo.follow(entries, self.b.elapsed))
+        return True
+
+    def publish_log(self) -> None:
+        """The coordinator: send its rule's new decisions to the range servers (``ShardedParameterServer``)."""
 
     def _dispatch(self, outputs: list) -> None:
         b = self.b
+        if self.leader is not None:
+            self.leader.outputs(outputs)
         for out in outputs:
+            if isinstance(out, Gather):
+                if self.on_gather is not None:
+                    self.on_gather(out.tag, out.full)
+                continue
             if isinstance(out, Reply):
                 peer = b.session.members.by_worker.get(out.worker)
                 if peer is None or peer.state != "ready":
@@ -222,6 +259,8 @@ class ParameterServer(Service):
                 b.metrics.write(out.kind, b.elapsed, **out.fields)
             elif isinstance(out, Cancel):
                 self._cancel(out)
+        if self.leader is not None and self.leader.entries:
+            self.publish_log()
 
     def _cancel(self, c: Cancel) -> None:
         """Tell a worker its step is no longer wanted (WAIT ``abandon``: no weights, so no reply slot or delta

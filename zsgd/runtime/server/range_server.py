@@ -86,7 +86,7 @@ def _range_service(broker, w0: np.ndarray, opt_state: dict | None):
     cfg = broker.cfg
     warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)
     optimizer = make_optimizer(cfg.optimizer, w0.size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return ParameterServer(broker, w0, optimizer, broker.opts.server, opt_state, one_range=True)
+    return ParameterServer(broker, w0, optimizer, broker.opts.server, opt_state, one_range=True, follower=True)
 
 
 def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
@@ -126,7 +126,9 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
                                      host=opts.advertise, address=broker.address))
             log(opts, f"serving range [{lo:,}, {hi:,}) of run {assign.run} on {broker.address}")
             control = _Control(opts, link, broker, index)
-            broker.serve(on_tick=control.tick, tick_s=0.05)
+            broker.service.on_gather = control.answer
+            # Woken by the coordinator's messages as by the workers': ksync/kasync replay its decisions at once.
+            broker.serve(on_tick=control.tick, tick_s=0.05, wake=link.wake_socket)
             return control.exit_code
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -176,8 +178,14 @@ class _Control:
             if msg.type == MsgType.LEAVE:
                 broker.ledger.end(str(msg.meta.get("reason", "run over")))
                 return
-            if msg.type == MsgType.STATE:
-                self._answer(msg)
+            if msg.type == MsgType.STATE and "log" in msg.meta:  # ksync/kasync: the coordinator's decisions (step_log)
+                if not broker.service.follow_log(msg.meta):
+                    log(self.opts, "lost part of the coordinator's step log; stopping (continue with --resume RUN_DIR)")
+                    self.exit_code = 3
+                    broker.ledger.end("step log lost")
+                    return
+            elif msg.type == MsgType.STATE:
+                self.answer(int(msg.meta.get("tag", 0)), bool(msg.meta.get("full")))
         now = time.monotonic()
         if now - self._last_stats >= STATS_EVERY_S:
             self._last_stats = now
@@ -192,12 +200,13 @@ class _Control:
                "rejected": int(sum(b.rejected.values())), "workers": len(b.session.members.live_workers()),
                "queue_depth": b.endpoint.queue_depth, "shared_memory_links": b.endpoint.shared.taken}
         self._last = (now, b.service.version, b.endpoint.bytes_in, b.endpoint.bytes_out)
-        return out
+        return out | (b.service.algo.report() if b.service.algo.name == "follower" else {})  # ksync/kasync: the replayed steps' digest (equal to the coordinator's)
 
-    def _answer(self, request: Message) -> None:
+    def answer(self, tag: int, full: bool) -> None:
+        """This range's weights (``full``: and optimizer state) for the coordinator's gather ``tag``."""
         service = self.broker.service
         arrays: dict[str, np.ndarray] = {"w": np.array(service.weights, copy=True)}
-        if request.meta.get("full"):
+        if full:
             arrays |= {f"opt.{k}": v for k, v in service.optimizer.state_arrays().items()}
-        self.link.send(protocol.state_message(self.link.run, self.index, service.version, arrays, tag=int(request.meta.get("tag", 0)),
+        self.link.send(protocol.state_message(self.link.run, self.index, service.version, arrays, tag=tag,
                                               stats=self.stats(time.monotonic())))

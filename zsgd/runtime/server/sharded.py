@@ -52,6 +52,7 @@ class _Gather:
     own_opt: dict | None
     done: Done
     parts: dict[int, tuple[np.ndarray, dict | None]] = field(default_factory=dict)
+    digest: str | None = None  # ksync/kasync: the coordinator's step digest where the gather sits in the log
 
 
 def sharded_parameter_server(broker: Any, w0: np.ndarray, opt_state: dict | None) -> "ShardedParameterServer":
@@ -90,6 +91,11 @@ class ShardedParameterServer(ParameterServer):
         self.failed = False
         self._own_last = (time.monotonic(), self.version, 0, 0)
         self._own_rates = (0.0, 0.0, 0.0)
+        # ksync/kasync (self.leader): the log of this rule's decisions, per range server: entries not yet sent, and
+        # the index of the first of them (zsgd.algorithms.step_log; a send that cannot go out now is retried).
+        self._outbox: dict[int, list] = {i: [] for i in range(1, len(ranges))}
+        self._log_sent: dict[int, int] = {i: 0 for i in range(1, len(ranges))}
+        self._final_digest: str | None = None
 
     @property
     def k(self) -> int:
@@ -152,6 +158,26 @@ class ShardedParameterServer(ParameterServer):
             self.failed = True
             b.ledger.stop(f"range server {peer.worker} on {peer.host} {what}; continue with --resume RUN_DIR")
 
+    # -- the step log (ksync, kasync) ---------------------------------------------------
+    def publish_log(self) -> None:
+        """Append the rule's new decisions to every range server's log and send what is pending."""
+        entries = self.leader.take() if self.leader is not None else []
+        for box in self._outbox.values():
+            box.extend(entries)
+        members = self.b.session.members.servers
+        for i, box in self._outbox.items():
+            peer = members.get(i)
+            if not box or peer is None or peer.state != "ready":
+                continue
+            if self.b.session.send(peer, protocol.state_message(self.b.run, -1, self.version, {}, log=box, first=self._log_sent[i])):
+                self._log_sent[i] += len(box)
+                self._outbox[i] = []
+
+    def tick(self, now: float) -> None:
+        super().tick(now)
+        if self.leader is not None:
+            self.publish_log()  # what could not go out before (a full queue, a server not serving yet)
+
     # -- gathering the ranges ----------------------------------------------------------
     def _gather(self, full: bool, done: Done) -> None:
         self._tag += 1
@@ -161,6 +187,11 @@ class ShardedParameterServer(ParameterServer):
             done(g.own_w, own_opt)
             return
         self._gathers[self._tag] = g
+        if self.leader is not None:  # in the log: each range answers at this very step, so the ranges agree
+            g.digest = self.leader.digest.hex()
+            self.leader.gather(self._tag, full)
+            self.publish_log()
+            return
         for peer in self.b.session.members.servers.values():
             if peer.state == "ready":
                 self.b.session.send(peer, protocol.state_request(self.b.run, self._tag, full))
@@ -235,6 +266,8 @@ class ShardedParameterServer(ParameterServer):
 
         self._gathers.clear()
         self._gather(True, final)
+        if self.leader is not None:
+            self._final_digest = self._gathers[self._tag].digest
         deadline = time.monotonic() + max(2.0, b.opts.network.timeout)
         while self._final is None and self._gathers and time.monotonic() < deadline:
             if not b.endpoint.poll(0.05):
@@ -272,8 +305,11 @@ class ShardedParameterServer(ParameterServer):
         return rows
 
     def summary(self) -> dict[str, Any]:
-        return super().summary() | {"servers": self.k, "server_ranges": [list(r) for r in self.ranges],
-                                    "server_stats": {str(i): s for i, s in sorted(self.stats.items())}}
+        out = super().summary() | {"servers": self.k, "server_ranges": [list(r) for r in self.ranges],
+                                   "server_stats": {str(i): s for i, s in sorted(self.stats.items())}}
+        if self.leader is not None:  # every range server's final STATE carries its own: equal means the same steps
+            out["step_digest"] = self._final_digest or self.leader.digest.hex()
+        return out
 
 
 def _host_of(address: str) -> str:

@@ -26,6 +26,7 @@ worker; a server that goes silent ends it too (the coordinator stops the run).
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -138,6 +139,20 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
     target_s, slowdown = 0.0, 1.0
     t0 = None
     turnarounds: list[float] = []
+    early = early if early is not None else []
+    # Each gradient's number, the same on every range: how range servers replaying the coordinator's ksync/kasync
+    # decisions find it (zsgd.algorithms.step_log). Random start: a restarted worker's numbers are new ones.
+    seq = int.from_bytes(os.urandom(5), "little")
+
+    def listen(timeout: float):
+        """One message from any server for the emulated stretch; what ends it (but an abandon) is handled next."""
+        got = recv_any(links, timeout)
+        if got is None:
+            return None
+        listened.append(got)
+        return got[1]
+
+    listened: list = []
     while True:
         try:
             got = early.pop(0) if early else recv_any(links, opts.timeout)
@@ -170,7 +185,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
         def push(j: int, grad: np.ndarray, loss: float, n: int, kind: str | None = None) -> None:
             lo, hi = ranges[j]
             part = grad[lo:hi]
-            extra = {"compute_s": time.monotonic() - t0} | ({"kind": kind} if kind else {})
+            extra = {"compute_s": time.monotonic() - t0, "seq": seq} | ({"kind": kind} if kind else {})
             if codecs[j].name == "none" or not np.isfinite(part).all():  # a non-finite range goes dense: its server rejects it
                 out = protocol.update_message(links[j].run, worker, versions[j], part, n, loss, **extra)
             else:
@@ -192,10 +207,16 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
         grad = update.grad
         if clip is not None and np.isfinite(grad).all():
             clip_grad_norm(grad, clip)
-        stretch_step(t0, target_s, slowdown)  # emulation: stretch the step as the single-broker worker does
+        # Emulation: stretch the step as the single-broker worker does, listening to every server: a ksync step
+        # abandoned meanwhile (WAIT abandon, from the coordinator) ends the stretch and the update goes now.
+        listened.clear()
+        ended_by = stretch_step(t0, target_s, slowdown, recv=listen, version=versions[0])
+        if ended_by is not None:
+            early.append(listened[-1])
         turnarounds.append(time.monotonic() - t0)
         for j in range(len(ranges) - 1, -1, -1):
             if not sent[j]:
                 push(j, grad, update.loss, update.n_samples, update.meta.get("kind"))
+        seq += 1
         have = [False] * len(links)
         t0 = None
