@@ -10,7 +10,11 @@ broker on it: the same endpoint, session and parameter-server service as
 the coordinator, over a vector of ``hi - lo`` coordinates. Workers join it
 like any broker and push and pull that range; the server algorithm (async,
 sync, ssp, local SGD) decides alone, and because every worker sends every
-range together, the K servers' rounds stay in step.
+range together, the K servers' rounds stay in step. ``ksync`` and ``kasync``
+pick gradients by arrival order, which differs between servers: for them the
+coordinator decides and this server replays its decisions
+(``zsgd.algorithms.step_log``), sent over the control link and handled as
+soon as they arrive (the broker's loop wakes for them).
 
 What it does not own: the stop rule, evaluation and checkpoints. The
 coordinator asks for the range's state (STATE requests, answered from the

@@ -19,6 +19,12 @@ same format. A range server that dies stops the run within ``--timeout``
 with one line naming it; the last complete checkpoint is where
 ``--resume`` continues.
 
+Under ``ksync``/``kasync`` (rules with ``step_log``) the coordinator's rule
+alone picks each step's gradients; it logs its decisions and sends them to
+every range server (``publish_log``; a send that cannot go out now is
+retried), and its gathers go into that log, so each range answers at the
+same step (``zsgd.algorithms.step_log``).
+
 Gradient clipping (``--clip-norm``) needs the whole gradient's norm, which
 no range server sees: with K > 1 each worker clips its own gradient before
 splitting it. For async and ssp that is exactly the single server's rule;

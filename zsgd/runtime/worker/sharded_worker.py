@@ -22,6 +22,12 @@ range, so of the whole) and the reply decoder (``--compress-replies``).
 Gradient clipping happens here, before the split, since no server sees the
 whole gradient (see ``zsgd.runtime.server.sharded``). LEAVE from any server ends the
 worker; a server that goes silent ends it too (the coordinator stops the run).
+
+Every gradient carries a number (``seq``, the same on every range): under
+``ksync``/``kasync`` the range servers find by it the gradients the
+coordinator's decisions name (``zsgd.algorithms.step_log``). An emulated
+step is stretched listening to every server, so a WAIT ``abandon`` (K-sync's
+backup workers) ends it as it does for the single-broker worker.
 """
 
 from __future__ import annotations
