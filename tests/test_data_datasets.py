@@ -232,3 +232,36 @@ def test_idx_files_are_decoded_once_then_read_from_the_cache(tmp_path, monkeypat
     assert len(decoded) == 4
     assert not np.array_equal(changed.x_train, first.x_train)
     np.testing.assert_array_equal(changed.x_train, read_idx(next(d.glob("train-images*")))[:, None])
+
+
+def test_a_settled_idx_set_is_decoded_once_per_process_and_a_fresh_one_is_not_kept(tmp_path, monkeypatch):
+    """A run's forked workers get the arrays the run process decoded (no hash, no read); files changed
+    within the last two seconds are not kept (a rewrite within one timestamp tick would keep their stat)."""
+    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(datasets, "_LOADED", {})
+    d = fake_idx_dir(tmp_path / "fm", seed=1)
+    reads = []
+    real = datasets._decode_idx_files
+    monkeypatch.setattr(datasets, "_decode_idx_files", lambda found, key: reads.append(1) or real(found, key))
+    datasets.load_idx_dataset("fashion-mnist", d)
+    datasets.load_idx_dataset("fashion-mnist", d)
+    assert len(reads) == 2 and datasets._LOADED == {}  # just written: read each time
+    monkeypatch.setattr(datasets, "SETTLED_NS", 0)
+    first = datasets.load_idx_dataset("fashion-mnist", d)
+    again = datasets.load_idx_dataset("fashion-mnist", d)
+    assert len(reads) == 3 and np.shares_memory(first.x_train, again.x_train)
+    # settled files are hashed once per machine: their stat names the decoded cache from then on
+    (index,) = (data_home() / "idx" / "by-stat").iterdir()
+    (cached,) = (data_home() / "idx").glob("*.npz")
+    assert index.read_text() == cached.stem
+    index.write_text("0" * 24)  # names a cache that is not there: the next process decodes again instead of hashing
+    monkeypatch.setattr(datasets, "_LOADED", {})
+    decoded = []
+    import zsgd.data.idx as idx
+
+    monkeypatch.setattr(idx, "read_idx", lambda *a, **k: decoded.append(a) or read_idx(*a, **k))
+    datasets.load_idx_dataset("fashion-mnist", d)
+    assert len(decoded) == 4
+    fake_idx_dir(d, seed=2, n_train=31)  # changed files: a new stat, decoded again
+    changed = datasets.load_idx_dataset("fashion-mnist", d)
+    assert len(reads) == 5 and len(changed.y_train) == 31 and len(datasets._LOADED) == 1

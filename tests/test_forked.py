@@ -100,3 +100,20 @@ def test_a_run_with_exec_started_workers_trains(tmp_path, no_orphans):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["updates"] == 200 and summary["worker_deaths"] == 0
+
+
+def test_warm_kernels_loads_the_models_kernels_before_the_fork_and_skips_language_models():
+    """What a forked worker inherits: the cnn's training and evaluation kernels loaded in the run process."""
+    from zsgd import kernels
+    from zsgd.core.config import TrainConfig
+    from zsgd.core.problem import Problem
+    from zsgd.runtime.launch.forked import warm_kernels
+
+    problem = Problem.from_config(TrainConfig(model="cnn", data="embedded").validate())
+    warm_kernels(problem, "cnn")
+    assert kernels.im2col_nhwc.signatures and kernels.softmax_xent.signatures
+    lm = Problem.from_config(TrainConfig(model="lstm:embed=8,hidden=8,layers=1", data="text").validate())
+    calls = []
+    lm.model.loss_and_grad = lambda *a, **k: calls.append(a)
+    warm_kernels(lm, "lstm:embed=8,hidden=8,layers=1")
+    assert calls == []

@@ -12,6 +12,7 @@ import pytest
 
 from helpers import cli, lines_of, zsgd_cmd
 from zsgd.errors import ZsgdError
+from zsgd.simulation import parallel
 from zsgd.simulation.parallel import ArmFailed, ArmsView, ForkRunner, InlineRunner, default_jobs, run_arms
 
 GRID = ["--model", "logreg", "--data", "embedded", "--workers", "4", "--algo", "async,sync", "--latency", "0,10ms",
@@ -113,7 +114,10 @@ def _fails_on_two(index: int, progress) -> int:
 
 
 @pytest.mark.slow
-def test_a_failed_arm_names_itself_and_ends_the_others():
+def test_a_failed_arm_names_itself_and_ends_the_others(monkeypatch):
+    # the sleeping arms ignore the SIGTERM that would end a simulating arm with its summary: they are killed after
+    # the grace, which is the product's 10 s for a cnn's final evaluation and need not be waited out here
+    monkeypatch.setattr(parallel, "STOP_GRACE_S", 0.5)
     runner = ForkRunner(_fails_on_two, 3)
     view = ArmsView([f"arm {i}" for i in range(6)], None, False, None)
     with pytest.raises(ArmFailed, match=r"arm 'arm [23]' failed: (latency trace ran out|its process died \(exit code 9\))"):

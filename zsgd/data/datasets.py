@@ -14,6 +14,7 @@ fresh install; ``Dataset.name`` and ``Dataset.source`` say which was used.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -81,20 +82,62 @@ def locate_idx_dataset(name: str, data_dir: str | Path | None = None) -> Path | 
     return None
 
 
+_LOADED: dict[tuple, dict[str, np.ndarray]] = {}  # this process's decoded IDX files, by their stat (see _read_idx_files)
+SETTLED_NS = 2_000_000_000  # a file changed less than this ago may change again within one timestamp tick: not memoized
+
+
+def _stat_key(found: dict[str, Path]) -> tuple | None:
+    """What identifies the files' contents without reading them, or None when one was changed too recently
+    to be trusted (the "racy" case: a rewrite within the same timestamp tick would keep the key)."""
+    import time
+
+    try:
+        stats = [(role, str(path), os.stat(path)) for role, path in sorted(found.items())]
+    except OSError:
+        return None
+    if any(time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < SETTLED_NS for _r, _p, st in stats):
+        return None
+    return tuple((role, path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev) for role, path, st in stats)
+
+
 def _read_idx_files(found: dict[str, Path]) -> dict[str, np.ndarray]:
     """The four IDX files decoded; kept uncompressed in the zsgd cache under the sha256 of their bytes,
     because every process of a run loads them (gunzip of Fashion-MNIST: about 0.5 s of CPU per process,
-    against about 0.1 s to hash the files and read the cache)."""
+    against about 0.1 s to hash the files and read the cache). Once decoded, they are also kept in this
+    process under the files' stat: a worker or evaluator forked from the ``zsgd run`` process (or an arm
+    forked from ``zsgd sim``) then has them at once, shared copy-on-write, with no hash and no read."""
+    key = _stat_key(found)
+    if key is not None and key in _LOADED:
+        return _LOADED[key]
+    arrays = _decode_idx_files(found, key)
+    if key is not None:
+        _LOADED.clear()  # one data set at a time: a long-lived process (tests) must not hold every one it loaded
+        _LOADED[key] = arrays
+    return arrays
+
+
+def _decode_idx_files(found: dict[str, Path], key: tuple | None = None) -> dict[str, np.ndarray]:
+    """The decoded cache's arrays (its name: the files' sha256, remembered per machine under their settled
+    stat ``key``, so hashing 30 MB is done once, not by every process), else the files decoded and cached."""
     import hashlib
 
     from zsgd.data.cache import data_home, read_array_cache, write_array_cache
     from zsgd.data.idx import read_idx
 
+    known = data_home() / "idx" / "by-stat" / hashlib.sha256(repr(key).encode()).hexdigest()[:24] if key is not None else None
     try:
-        digest = hashlib.sha256()
-        for role, path in sorted(found.items()):
-            digest.update(role.encode() + b"\0" + Path(path).read_bytes())
-        cache: Path | None = data_home() / "idx" / f"{digest.hexdigest()[:24]}.npz"
+        name = known.read_text().strip() if known is not None else ""
+    except OSError:
+        name = ""
+    try:
+        if len(name) != 24 or name.strip("0123456789abcdef"):
+            digest = hashlib.sha256()
+            for role, path in sorted(found.items()):
+                digest.update(role.encode() + b"\0" + Path(path).read_bytes())
+            name = digest.hexdigest()[:24]
+            if known is not None:
+                _write_atomically(known, name)
+        cache: Path | None = data_home() / "idx" / f"{name}.npz"
     except OSError:
         cache = None  # unreadable here: read_idx below says what is wrong
     arrays = read_array_cache(cache, found) if cache is not None else None
@@ -104,6 +147,23 @@ def _read_idx_files(found: dict[str, Path]) -> dict[str, np.ndarray]:
     if cache is not None:
         write_array_cache(cache, arrays)
     return arrays
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A small cache file, whole or not at all (processes of one run write it at once); a read-only disk is no error."""
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def load_idx_dataset(name: str, directory: str | Path) -> Dataset:

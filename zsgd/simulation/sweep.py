@@ -17,7 +17,7 @@ import json
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -313,6 +313,16 @@ def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> 
 def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workload | None = None, show: bool = True,
               arm_plots: bool = False, jobs: int = 1, step_argv: Callable[[int], list[str]] | None = None,
               step_capacity: int = 1) -> list[ArmOutcome]:
+    """``_run_sweep``, with two processes forked first that load matplotlib while the arms run and
+    then draw the sweep's figures side by side (``zsgd.output.plotter``)."""
+    from zsgd.output.plotter import Plotter
+
+    with Plotter(2) as plotter:
+        return _run_sweep(cfg, spec, out_dir, workload, show, arm_plots, jobs, step_argv, step_capacity, plotter)
+
+
+def _run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workload | None, show: bool, arm_plots: bool,
+               jobs: int, step_argv: Callable[[int], list[str]] | None, step_capacity: int, plotter: Any) -> list[ArmOutcome]:
     """Simulate every arm into ``out_dir/NN-label/``; write results.csv/.md and plots.
 
     Each arm trains with ``arm_config`` (its own batch size and rate when they
@@ -370,7 +380,7 @@ def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Worklo
         result = results[i] if results[i] is not None else load_result(out_dir / arm.dirname)
         outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
     write_results(outcomes, out_dir, spec.target)
-    plot_sweep(outcomes, out_dir, spec.target)
+    plot_sweep(outcomes, out_dir, spec.target, plotter)
     return outcomes
 
 
@@ -460,14 +470,31 @@ def results_table(outcomes: list[ArmOutcome], target: float) -> Any:
 # plots
 
 
-def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list[Path]:
-    """accuracy_vs_time.png, time_to_target.png, staleness.png, and the standard curves of all arms."""
+def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float, plotter: Any = None) -> list[Path]:
+    """accuracy_vs_time.png, time_to_target.png, staleness.png, and the standard curves of all arms; with a
+    ``Plotter``, the curves and the other three figures are drawn in its two processes at once."""
+    from zsgd.output.plotter import Plotter
+
+    plotter = plotter or Plotter(0)
+    slim = [replace(o, result=replace(o.result, weights=np.zeros(0, np.float32))) for o in outcomes]  # what is sent: no weights
+    curves = plotter.submit(_plot_curves_quietly, [o.run_dir for o in outcomes], out_dir, [o.arm.label for o in outcomes])
+    figures = plotter.submit(_sweep_figures, slim, out_dir, target)
+    return figures() + curves()
+
+
+def _plot_curves_quietly(run_dirs: list[Path], out_dir: Path, labels: list[str]) -> list[Path]:
+    from zsgd.output.plots import plot_curves
+
+    with warnings.catch_warnings():  # short arms may have no train events: an empty legend is fine
+        warnings.simplefilter("ignore", UserWarning)
+        return plot_curves(run_dirs, out_dir, labels=labels, time_label="virtual time (s)")
+
+
+def _sweep_figures(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from zsgd.output.plots import plot_curves
 
     out_dir = Path(out_dir)
     written = []
@@ -482,7 +509,7 @@ def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list
     ax.set(xlabel="virtual time (s, log scale)" if log else "virtual time (s)", ylabel="test accuracy", title="test accuracy vs virtual time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    written.append(_save(fig, out_dir / "accuracy_vs_time.png"))
+    written.append(_save(fig, out_dir / "accuracy_vs_time.png", tight=False))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     groups: dict[str, list[tuple[float, float]]] = {}
@@ -503,7 +530,7 @@ def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list
            title="time to target vs latency (missing points: not reached)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    written.append(_save(fig, out_dir / "time_to_target.png"))
+    written.append(_save(fig, out_dir / "time_to_target.png", tight=False))
 
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(outcomes) + 2), 4.5))
     data = [o.result.staleness if len(o.result.staleness) else np.zeros(1) for o in outcomes]
@@ -514,10 +541,6 @@ def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=7)
     written.append(_save(fig, out_dir / "staleness.png"))
-    with warnings.catch_warnings():  # short arms may have no train events: an empty legend is fine
-        warnings.simplefilter("ignore", UserWarning)
-        written += plot_curves([o.run_dir for o in outcomes], out_dir, labels=[o.arm.label for o in outcomes],
-                               time_label="virtual time (s)")
     return written
 
 
@@ -529,10 +552,17 @@ def _log_time_axis(evals: list[list[tuple[float, int, float]]]) -> bool:
     return bool(ends) and min(firsts) > 0 and max(ends) > 20 * min(ends)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def _save(fig: Any, path: Path, tight: bool = True) -> Path:
+    """``tight``: fit the margins to the labels (one more draw; for the staleness plot's slanted arm names),
+    else the fixed margins of ``zsgd.output.plots.fixed_margins``."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    from zsgd.output.plots import fixed_margins
+
+    if tight:
+        fig.tight_layout()
+    else:
+        fixed_margins(fig)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -20,10 +20,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from zsgd.runtime.launch.base import LOCAL, LaunchContext, Rank
-from zsgd.runtime.launch.forked import die_with_parent, fork_available, fork_command
+from zsgd.runtime.launch.forked import die_with_parent, fork_available, fork_command, warm_kernels
 from zsgd.runtime.threads import SINGLE_THREAD_ENV
 
 
@@ -93,8 +93,9 @@ class LocalLauncher:
     name = LOCAL
 
     def __init__(self, address: str, log_dir: Path, heartbeat: float, timeout: float, python: str = sys.executable,
-                 model: str | None = None) -> None:
+                 model: str | None = None, warm: Callable[[], None] | None = None) -> None:
         self.address = address
+        self.warm = warm  # loads the kernels the children will need, once, before the first fork (forked.warm_kernels)
         self.model = model  # a user model's spec: the worker is started for it (zsgd.runtime.launch.access.user_model_flag)
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +133,9 @@ class LocalLauncher:
         """Start ``command`` (``python -m zsgd ...``) in its own session with its output on ``log_path``:
         forked from this warmed-up process where that is safe (``zsgd.runtime.launch.forked``), else exec'd."""
         if command[1:3] == ["-m", "zsgd"] and command[0] == sys.executable and fork_available():
+            if self.warm is not None:
+                warm, self.warm = self.warm, None
+                warm()
             return fork_command(command[3:], log_path, title=f"zsgd {name}", stdin_pipe=stdin_pipe)
         env = os.environ | SINGLE_THREAD_ENV | {"PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log:
@@ -203,4 +207,5 @@ def make_local(ctx: LaunchContext) -> KeyedLocalLauncher:
     """The local launcher of a run (registered as ``local``): every run has one, for its evaluator at least."""
     access = ctx.access
     return KeyedLocalLauncher(access.local_address(ctx.broker.address), ctx.run_dir / "logs", ctx.heartbeat, ctx.timeout,
-                              keys=access.keys, model=ctx.model)
+                              keys=access.keys, model=ctx.model,
+                              warm=lambda: warm_kernels(ctx.broker.problem, ctx.broker.cfg.model))
