@@ -241,6 +241,10 @@ def test_experiment_under_slurm_writes_what_jobs_1_writes(slurm, tmp_path, no_or
     slurm.wait_idle()
 
 
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def test_ctrl_c_ends_the_sweeps_arm_steps(slurm, tmp_path, no_orphans):
     out = tmp_path / "sweep"
     salloc = subprocess.Popen(["salloc", "-n", "2", *ZSGD, "sim", "--model", "logreg", "--data", "embedded", "--workers", "4",
@@ -252,7 +256,9 @@ def test_ctrl_c_ends_the_sweeps_arm_steps(slurm, tmp_path, no_orphans):
         wait_for(lambda: sum("zsgd-arm" in line for line in slurm.steps()) == 2, 120, what="two arm steps running")
         wait_for(lambda: (out / "00-lat0ms" / "metrics.jsonl").exists(), 120, what="the first arm at work")
         argv = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in zsgd_processes()}
-        parent = next(pid for pid, a in argv.items() if a[0] == sys.executable.encode() and a[3:4] == [b"sim"])
+        sims = {pid for pid, a in argv.items() if a[0] == sys.executable.encode() and a[3:4] == [b"sim"]}
+        # the command's own process: its figure helpers (zsgd.output.plotter) are forked from it, with its command line
+        parent = next(pid for pid in sims if _ppid(pid) not in sims)
         os.kill(parent, signal.SIGINT)
         _, err = salloc.communicate(timeout=60)
     finally:
