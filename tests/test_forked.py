@@ -117,3 +117,20 @@ def test_warm_kernels_loads_the_models_kernels_before_the_fork_and_skips_languag
     lm.model.loss_and_grad = lambda *a, **k: calls.append(a)
     warm_kernels(lm, "lstm:embed=8,hidden=8,layers=1")
     assert calls == []
+
+
+def test_a_forked_command_that_succeeds_runs_none_of_the_parents_exit_handlers(tmp_path):
+    """A successful command ends through quick_exit, which runs the exit handlers: the child's own, never the
+    parent's it inherited (a test process's, whose clean-ups would act on the parent's files)."""
+    import atexit
+
+    marker = tmp_path / "parent-handler-ran"
+    handler = marker.touch
+    atexit.register(handler)
+    try:
+        child = fork_command(["data", "list"], tmp_path / "c.log", title="zsgd data")
+        assert child.wait(timeout=60) == 0, (tmp_path / "c.log").read_text()
+    finally:
+        atexit.unregister(handler)
+    assert "fashion-mnist" in (tmp_path / "c.log").read_text() and not marker.exists()
+

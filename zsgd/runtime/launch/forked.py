@@ -27,6 +27,7 @@ when ``ZSGD_LOCAL_START=exec`` asks for it (debugging the start path).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import io
 import os
@@ -135,6 +136,7 @@ def fork_command(args: Sequence[str], log_path: os.PathLike, title: str, stdin_p
 
 def _become_fresh(log_fd: int, stdin_fd: int | None, parent: int, title: str) -> None:
     gc.freeze()  # the parent's objects: never collected here (their finalizers would act on the parent's descriptors)
+    atexit._clear()  # nor its exit handlers run here (a command that succeeds runs them: zsgd.commands.group.quick_exit)
     os.setsid()
     die_with_parent()
     if os.getppid() != parent:  # the parent died before the death signal was armed
