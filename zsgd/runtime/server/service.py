@@ -3,9 +3,10 @@
 A service (the parameter server, the coordinator and range servers of
 ``--servers K``, the decentralized relay) overrides what it needs; the
 broker calls every hook unconditionally, so a new service cannot be
-half-wired by a missing method. The four a service must define -- what it
-does with an update, its model's version and weights, and a snapshot to
-evaluate -- raise here until it does. A new service is a subclass plus the
+half-wired by a missing method. The three a service must define -- what it
+does with an update, its model's weights, and a snapshot to evaluate -- raise
+here until it does; it keeps its model's ``version`` (an attribute or a
+property). A new service is a subclass plus the
 factory given to ``Broker(..., service=factory)`` (``tests/test_services.py``
 has a toy one that serves a real worker).
 """
@@ -80,10 +81,8 @@ class Service:
         """An UPDATE from a ready peer (already decoded; shared memory already read)."""
         raise NotImplementedError
 
-    @property
-    def version(self) -> int:
-        """The model's version: the updates applied so far."""
-        raise NotImplementedError
+    #: The model's version: the updates (or rounds) applied so far; a service keeps it, as an attribute or a property.
+    version: int = 0
 
     @property
     def weights(self) -> Any:
