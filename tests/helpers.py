@@ -277,3 +277,22 @@ class PlainSGD:
 def ups(outputs, kind):
     """The outputs of a server rule that are of ``kind`` (Applied, Reply, Dropped, ...)."""
     return [o for o in outputs if isinstance(o, kind)]
+
+
+def refused(*args, match: str, code: int = 2, seconds: float = 20.0) -> str:
+    """Run ``zsgd ARGS`` in-process; assert one short ``zsgd: error:`` line matching ``match``, exit ``code``, no
+    traceback, and an answer within ``seconds`` (a generous bound: a refusal must not start the work first)."""
+    import re
+
+    t0 = time.monotonic()
+    result = cli(*[str(a) for a in args])
+    took = time.monotonic() - t0
+    lines = lines_of(result.stderr)
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    assert len(lines) == 1 and lines[0].startswith("zsgd: error: "), result.stderr
+    assert re.search(match, lines[0]), lines[0]
+    assert len(lines[0]) < 600, lines[0]
+    assert took < seconds, f"took {took:.1f} s"
+    return lines[0]

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import cli, lines_of, run_zsgd, wait_for, zsgd_cmd
+from helpers import cli, lines_of, refused, run_zsgd, wait_for, zsgd_cmd
 from zsgd.errors import ZsgdError
 
 SMALL = ("--model", "logreg", "--data", "embedded", "--quiet")
@@ -36,23 +36,6 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "zsgd-home"))
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.chdir(tmp_path)
-
-
-def refused(*args: str, match: str, code: int = 2, seconds: float = 20.0) -> str:
-    """Run ``zsgd ARGS`` in-process; assert one ``zsgd: error:`` line matching ``match``, exit ``code``, quickly."""
-    t0 = time.monotonic()
-    result = cli(*[str(a) for a in args])
-    took = time.monotonic() - t0
-    lines = lines_of(result.stderr)
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    assert len(lines) == 1 and lines[0].startswith("zsgd: error: "), result.stderr
-    import re
-
-    assert re.search(match, lines[0]), lines[0]
-    assert took < seconds, f"took {took:.1f} s"
-    return lines[0]
 
 
 # -- zsgd worker: endpoints and intervals --------------------------------------------------

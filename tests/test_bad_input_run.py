@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from helpers import cli, lines_of, read_events, summary_of, wait_for, zsgd_cmd
+from helpers import read_events, refused, summary_of, wait_for, zsgd_cmd
 
 SMALL = ("--model", "logreg", "--data", "embedded", "--quiet")
 
@@ -24,21 +24,6 @@ def isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "zsgd-home"))
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.chdir(tmp_path)
-
-
-def refused(*args: str, match: str, code: int = 2) -> str:
-    """Run ``zsgd ARGS`` in-process; assert one ``zsgd: error:`` line matching ``match`` and exit ``code``."""
-    import re
-
-    result = cli(*[str(a) for a in args])
-    lines = lines_of(result.stderr)
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    assert len(lines) == 1 and lines[0].startswith("zsgd: error: "), result.stderr
-    assert re.search(match, lines[0]), lines[0]
-    assert len(lines[0]) < 400, lines[0]
-    return lines[0]
 
 
 # -- item 8: zsgd worker --id ----------------------------------------------------------------------
