@@ -33,7 +33,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from zsgd.nn.server_step import is_finite
+from zsgd.nn.server_step import add_scaled, is_finite
 
 
 @dataclass(frozen=True)
@@ -263,3 +263,37 @@ class ServerAlgorithm:
     def state(self) -> dict[str, Any]:
         """Counters for checkpoints and live views."""
         return {"version": self.version, "live": sorted(self.live)}
+
+
+class SampleWeightedSum:
+    """The gradients of one step, weighted by their samples (sync rounds, K-sync and K-async steps).
+
+    The first gradient is kept as it is and never written (it may be a receive buffer): a step of one
+    contributor applies it exactly, so a single-worker sync run reproduces the single-process trainer bit for
+    bit. A second one turns it into a scaled copy, and every later one is added scaled in place."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._sum: np.ndarray | None = None
+        self._first_n: int | None = None
+        self.samples = 0
+
+    @property
+    def empty(self) -> bool:
+        return self._sum is None
+
+    def add(self, grad: np.ndarray, n_samples: int) -> None:
+        if self._sum is None:
+            self._sum, self._first_n = grad, n_samples
+        else:
+            if self._first_n is not None:
+                self._sum = self._sum * np.float32(self._first_n)
+                self._first_n = None
+            add_scaled(self._sum, grad, np.float32(n_samples))
+        self.samples += n_samples
+
+    def mean(self) -> np.ndarray:
+        """The sample-weighted mean (the first gradient itself when it is the only one)."""
+        return self._sum if self._first_n is not None else self._sum / np.float32(self.samples)

@@ -52,9 +52,9 @@ from typing import Any
 
 import numpy as np
 
-from zsgd.algorithms.base import Applied, Cancel, Dropped, Notice, Output, ServerAlgorithm, Update
+from zsgd.algorithms.base import Applied, Cancel, Dropped, Notice, Output, SampleWeightedSum, ServerAlgorithm, Update
 from zsgd.errors import ZsgdError
-from zsgd.nn.server_step import add_scaled, is_finite
+from zsgd.nn.server_step import is_finite
 
 
 def parse_k(name: str, arg: str) -> dict[str, int]:
@@ -77,9 +77,7 @@ class FirstKSGD(ServerAlgorithm):
         if k < 1:
             raise ValueError(f"K must be >= 1, got {k}")
         self.k = int(k)
-        self._sum: np.ndarray | None = None
-        self._first_n: int | None = None  # the sum is the first gradient, unscaled (exact for one contributor)
-        self._samples = 0
+        self._sum = SampleWeightedSum()
         self._from: list[int] = []  # contributors of the pending step, in arrival order
         self._stale: list[int] = []
         self._k_said = self.k  # the K last announced
@@ -104,14 +102,7 @@ class FirstKSGD(ServerAlgorithm):
         grad = np.asarray(update.grad, dtype=np.float32)
         if not is_finite(grad):  # rejected; the sender gets the current weights and tries again
             return [Dropped(update.worker, "non-finite"), self.reply(update.worker)]
-        if self._sum is None:
-            self._sum, self._first_n = grad, update.n_samples  # kept as is: never written (it may be a receive buffer)
-        else:
-            if self._first_n is not None:
-                self._sum = self._sum * np.float32(self._first_n)
-                self._first_n = None
-            add_scaled(self._sum, grad, np.float32(update.n_samples))
-        self._samples += update.n_samples
+        self._sum.add(grad, update.n_samples)
         self._from.append(update.worker)
         self._stale.append(staleness)
         return None
@@ -123,7 +114,7 @@ class FirstKSGD(ServerAlgorithm):
         contributors = tuple(self._from)
         out = self._k_notice(len(contributors))
         staleness = int(round(sum(self._stale) / len(self._stale)))
-        grad = self._sum if self._first_n is not None else self._sum / np.float32(self._samples)
+        grad = self._sum.mean()
         if len(contributors) < self.k:
             self.short_steps += 1
             self.k_min = min(self.k_min, len(contributors))
@@ -131,8 +122,9 @@ class FirstKSGD(ServerAlgorithm):
         if lr is None:  # the mean overflowed: the run diverged
             out.append(Dropped(-1, "non-finite"))
         else:
-            out.append(Applied(-1, self.version, staleness, self._samples, lr, contributors=len(contributors), workers=contributors))
-        self._sum, self._first_n, self._samples, self._from, self._stale = None, None, 0, [], []
+            out.append(Applied(-1, self.version, staleness, self._sum.samples, lr, contributors=len(contributors), workers=contributors))
+        self._sum.clear()
+        self._from, self._stale = [], []
         return out + [self.reply(w) for w in contributors if w in self.live] + self._after_step(contributors)
 
     def _after_step(self, contributors: tuple[int, ...]) -> list[Output]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from zsgd.algorithms.base import Applied, Dropped, Output, ServerAlgorithm, Update
-from zsgd.nn.server_step import add_scaled, is_finite
+from zsgd.algorithms.base import Applied, Dropped, Output, SampleWeightedSum, ServerAlgorithm, Update
+from zsgd.nn.server_step import is_finite
 
 
 class SyncSGD(ServerAlgorithm):
@@ -29,9 +29,7 @@ class SyncSGD(ServerAlgorithm):
         super().__init__(*args, **kwargs)
         self.expected: set[int] = set()  # workers computing for this round
         self.waiting: set[int] = set()  # joined, get weights at the next round
-        self._sum: np.ndarray | None = None
-        self._samples = 0
-        self._first_n: int | None = None
+        self._sum = SampleWeightedSum()
         self._got: set[int] = set()
 
     def add_worker(self, worker: int, now: float) -> list[Output]:
@@ -71,16 +69,7 @@ class SyncSGD(ServerAlgorithm):
             self.expected.discard(w)
             self.waiting.add(w)
             return [Dropped(w, "non-finite")] + self._maybe_finish()
-        if self._sum is None:
-            # Keep the first gradient as is: a round of one applies it exactly,
-            # so a single-worker sync run reproduces the single-process trainer.
-            self._sum, self._first_n = grad, update.n_samples
-        else:
-            if self._first_n is not None:
-                self._sum = self._sum * np.float32(self._first_n)
-                self._first_n = None
-            add_scaled(self._sum, grad, np.float32(update.n_samples))
-        self._samples += update.n_samples
+        self._sum.add(grad, update.n_samples)
         self._got.add(w)
         return self._maybe_finish()
 
@@ -88,17 +77,17 @@ class SyncSGD(ServerAlgorithm):
         if self.expected - self._got:
             return []  # someone is still computing
         out: list[Output] = []
-        if self._sum is not None and self._samples > 0:
-            grad = self._sum if self._first_n is not None else self._sum / np.float32(self._samples)
-            lr = self.apply(grad, 0)
+        if not self._sum.empty and self._sum.samples > 0:
+            lr = self.apply(self._sum.mean(), 0)
             if lr is None:  # the sum overflowed
                 out.append(Dropped(-1, "non-finite"))
             else:
-                out.append(Applied(-1, self.version, 0, self._samples, lr, contributors=len(self._got)))
+                out.append(Applied(-1, self.version, 0, self._sum.samples, lr, contributors=len(self._got)))
         return out + self._start_round()
 
     def _start_round(self) -> list[Output]:
-        self._sum, self._samples, self._got, self._first_n = None, 0, set(), None
+        self._sum.clear()
+        self._got = set()
         self.expected = set(self.live)
         self.waiting.clear()
         return [self.reply(w) for w in sorted(self.expected)]
