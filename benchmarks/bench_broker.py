@@ -46,7 +46,9 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zsgd.wire import protocol  # noqa: E402
+from zsgd.wire.auth import hello_proof, secret_identity  # noqa: E402
 from zsgd.wire.protocol import Message, MsgType  # noqa: E402
+from zsgd.wire.security import RUN_SECRET_FILE  # noqa: E402
 
 N_PARAMS = 1_199_882
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -77,6 +79,18 @@ def ranges(n: int, k: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(k)]
 
 
+def read_token(path: Path, timeout_s: float = 120.0) -> str:
+    """The run secret ``zsgd broker`` writes for workers started by hand (RUN_DIR/keys/run.json), once it is there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return json.loads(path.read_text())["token"]
+        except (OSError, ValueError, KeyError):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"no run secret in {path} within {timeout_s:g} s") from None
+            time.sleep(0.05)  # the broker writes it once its socket is bound
+
+
 # ------------------------------------------------------------------ client process
 
 
@@ -90,6 +104,7 @@ def client_main(args: argparse.Namespace) -> None:
     """
     endpoints = args.endpoints.split(",")
     workers = [int(w) for w in args.client_workers.split(",")]
+    token = read_token(Path(args.keys_file)) if args.keys_file else None
     grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * np.float32(1e-3)
     ctx = zmq.Context()
     links: dict[zmq.Socket, tuple[int, int]] = {}  # socket -> (worker, server)
@@ -100,8 +115,8 @@ def client_main(args: argparse.Namespace) -> None:
         d = ctx.socket(zmq.DEALER)
         d.linger = 0
         d.sndhwm = d.rcvhwm = 64
-        if args.mode == "zsgd":
-            d.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", w))
+        if args.mode == "zsgd":  # a run secret: the identity and the HELLO's proof come from it, as zsgd's own workers do
+            d.setsockopt(zmq.ROUTING_ID, secret_identity(token, "worker", w) if token else protocol.worker_identity("", w))
         d.connect(ep)
         links[d], span[d] = (w, k), lo_hi
         by_worker.setdefault(w, []).append(d)
@@ -124,10 +139,13 @@ def client_main(args: argparse.Namespace) -> None:
         else:
             protocol.send(d, protocol.update_message(run[d], w, version[d], grad[lo:hi], 64, 0.5))
 
+    def join(w: int) -> dict:
+        return {"stage": "join", "role": "worker"} | ({"proof": hello_proof(token, "worker", w)} if token else {})
+
     if args.mode == "zsgd":  # the handshake: the broker first, then every range server its ASSIGN names
         host = endpoints[0].rsplit(":", 1)[0]
         for d, (w, _) in list(links.items()):
-            protocol.send(d, Message(MsgType.HELLO, "-", w, 0, {}, meta={"stage": "join", "role": "worker"}))
+            protocol.send(d, Message(MsgType.HELLO, "-", w, 0, {}, meta=join(w)))
         pending = set(links)
         deadline = time.monotonic() + 120
         while pending:
@@ -138,6 +156,8 @@ def client_main(args: argparse.Namespace) -> None:
                     continue
                 _, msg = protocol.recv(d)
                 w, k = links[d]
+                if msg.type == MsgType.ERROR:
+                    raise SystemExit(f"refused by the server: {msg.meta.get('message')}")
                 if msg.type == MsgType.ASSIGN:
                     run[d] = msg.run
                     protocol.send(d, Message(MsgType.HELLO, msg.run, w, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
@@ -145,7 +165,7 @@ def client_main(args: argparse.Namespace) -> None:
                         span[d] = tuple(msg.meta["range0"])
                         for entry in msg.meta["servers"]:
                             extra = dealer(w, int(entry["index"]), f"{host}:{entry['port']}", (int(entry["lo"]), int(entry["hi"])))
-                            protocol.send(extra, Message(MsgType.HELLO, msg.run, w, 0, {}, meta={"stage": "join", "role": "worker"}))
+                            protocol.send(extra, Message(MsgType.HELLO, msg.run, w, 0, {}, meta=join(w)))
                             pending.add(extra)
                 elif msg.type == MsgType.WEIGHTS:
                     version[d] = msg.version
@@ -223,7 +243,8 @@ def measure(mode: str, n_workers: int, k: int, client_procs: int, seconds: float
     try:
         groups = [list(range(n_workers))[i::client_procs] for i in range(min(client_procs, n_workers))]
         clients = [subprocess.Popen([sys.executable, __file__, "--client", mode, "--endpoints", ",".join(eps),
-                                     "--client-workers", ",".join(map(str, g)), "--seconds", str(seconds), "--warmup", str(warmup)],
+                                     "--client-workers", ",".join(map(str, g)), "--seconds", str(seconds), "--warmup", str(warmup),
+                                     *(["--keys-file", str(out / "keys" / RUN_SECRET_FILE)] if mode == "zsgd" else [])],
                                     env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for g in groups]
         rate = 0.0
         for c in clients:
@@ -308,6 +329,7 @@ def main() -> None:
     ap.add_argument("--client", choices=["raw", "zsgd"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
     ap.add_argument("--client-workers", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--keys-file", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
         args.mode = args.client
