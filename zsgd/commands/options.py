@@ -103,6 +103,36 @@ def decentralized_options(func: Callable) -> Callable:
     return func
 
 
+def sim_network_options(func: Callable) -> Callable:
+    """``zsgd sim``'s flags of the simulated world, one per knob of ``zsgd.network.knobs`` (named as the
+    experiment file's keys: --latency-up is latency_up); ``pop_network`` takes their values back out."""
+    from zsgd.network.knobs import all_knobs
+
+    for k in reversed(all_knobs()):
+        kw: dict[str, Any] = dict(default=k.default, help=k.sim_help, show_default=k.default is not None)
+        if k.multiple:
+            kw = dict(multiple=True, help=k.sim_help)
+        func = click.option(k.flag, metavar=k.metavar, **kw)(func)
+    return func
+
+
+def run_emulation_options(func: Callable) -> Callable:
+    """``zsgd run``'s flags that inject the world into a real run (--inject-latency ...): the knobs of
+    ``zsgd.network.knobs`` with a ``run_flag``, each named as its ``EmulationOptions`` field."""
+    from zsgd.network.knobs import emulated
+
+    for k in reversed(emulated()):
+        func = click.option(k.run_flag, default=None, metavar=k.run_metavar, help=k.run_help)(func)
+    return func
+
+
+def pop_network(params: dict[str, Any]) -> dict[str, Any]:
+    """Take the ``sim_network_options`` values out of a command's params: ``{knob name: text}``."""
+    from zsgd.network.knobs import all_knobs
+
+    return {k.name: params.pop(k.name) for k in all_knobs()}
+
+
 def pop_decentralized(params: dict[str, Any]) -> dict[str, Any]:
     """Take the ``decentralized_options`` values out of a command's params (their field names in ``RunOptions``)."""
     from zsgd.runtime.run_options import DECENTRALIZED_FLAGS

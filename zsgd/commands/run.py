@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from zsgd.commands.options import build_config, decentralized_options as _decentralized_options, training_options
+from zsgd.commands.options import build_config, decentralized_options as _decentralized_options, run_emulation_options, training_options
 from zsgd.commands.remote import pop_ssh_flags, remote_run_options, secure_options
 from zsgd.errors import RunDiverged, ZsgdError
 from zsgd.runtime.launch.base import LAUNCHERS
@@ -36,15 +36,7 @@ def _runtime_options(func):
         click.option("--start-wait", default=10.0, show_default=True, type=float,
                      help="Hold training until every worker is ready, at most this many seconds after the first (0: start at once)."),
         click.option("--eval-interval", default=0.0, show_default=True, type=float, help="Also evaluate every N seconds (0: off)."),
-        click.option("--inject-latency", default=None, metavar="SPEC", help="Emulate one-way latency per message (same specs as 'zsgd sim --latency', e.g. 20ms, lognormal:20ms,0.5)."),
-        click.option("--inject-bandwidth", default=None, metavar="SPEC", help="Emulate per-worker link bandwidth, e.g. 100Mbps."),
-        click.option("--inject-broker-bandwidth", default=None, metavar="SPEC",
-                     help="Emulate the server's own NIC, shared by every worker's updates and replies (one at a time each way), "
-                          "as 'zsgd sim --broker-bandwidth', e.g. 100Mbps; each of --servers K has its own."),
-        click.option("--inject-loss", default=None, metavar="P", help="Emulate message loss with a 200 ms retransmit, e.g. 0.01."),
-        click.option("--stragglers", default=None, metavar="SPEC", help="Slow a fraction of workers, e.g. 0.25:3x (as in 'zsgd sim')."),
-        click.option("--inject-compute", default=None, metavar="SPEC",
-                     help="Stretch each worker's step to a seeded draw, as 'zsgd sim --compute' draws it: exp:MEAN, shifted-exp:SHIFT,MEAN, trace:FILE."),
+        run_emulation_options,  # --inject-latency ... --stragglers: zsgd.network.knobs
         click.option("--checkpoint-every", default=500, show_default=True, type=int, help="Checkpoint every N updates (0: off)."),
         click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory (default runs/<time>-<name>/)."),
         click.option("--quiet", "-q", is_flag=True, help="No live view."),

@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 import click
 
-from zsgd.commands.options import build_config, decentralized_options, pop_decentralized, training_options_with
+from zsgd.commands.options import (build_config, decentralized_options, pop_decentralized, pop_network, sim_network_options,
+                                   training_options_with)
 from zsgd.commands.arms import arm_options, calibration_options
 from zsgd.errors import ZsgdError
 
@@ -90,36 +91,10 @@ def _sim_options(func):
                      help="Worker->broker codec: none, topk:FRACTION, adacomp:BIN, qsgd:8|4." + _LIST),
         click.option("--compress-replies", default="none", show_default=True,
                      help="Broker->worker replies as coded weight deltas: none, topk:FRACTION, qsgd:8|4." + _LIST),
-        click.option("--latency", default="0", show_default=True,
-                     help="One-way latency per message: 10ms, uniform:5ms,20ms, normal:10ms,2ms, lognormal:10ms,0.5, exp:10ms, "
-                          "trace:FILE.csv (ms). '0,10,50,200ms' is four arms in ms." + _LIST),
-        click.option("--latency-up", default=None, help="Worker-to-broker latency (overrides --latency)." + _LIST),
-        click.option("--latency-down", default=None, help="Broker-to-worker latency (overrides --latency)." + _LIST),
-        click.option("--latency-worker", multiple=True, metavar="W=SPEC",
-                     help="Latency of one worker or a range, both directions, e.g. 3=50ms or 0-7=exp:30ms (repeatable)."),
-        click.option("--bandwidth", default="inf", show_default=True, help="Per-worker link bandwidth: 100Mbps, 1Gbps, 10MB/s, inf." + _LIST),
         click.option("--servers", default="1", show_default=True,
                      help="Parameter servers, each holding a contiguous range of the model with its own step and NIC "
                           "(as 'zsgd run --servers K')." + _LIST),
-        click.option("--broker-bandwidth", default="measured", show_default=True,
-                     help="Each server's own NIC, shared by all workers (received and sent messages each queue on it one at a "
-                          "time): 'measured' (the bytes/s a ZeroMQ server moves each way on this machine for this model's "
-                          "messages, timed once and cached) or a bandwidth, e.g. 10Gbps; inf makes it free."),
-        click.option("--loss", default="0", show_default=True, help="Chance a message is lost and resent, e.g. 0.01 or 1%." + _LIST),
-        click.option("--retransmit", default="200ms", show_default=True, help="Delay before a lost message is resent (TCP's minimum RTO is 200 ms)."),
-        click.option("--compute", default="measured", show_default=True,
-                     help="Time per gradient step: 'measured' (median of timed real steps on this machine) or a delay spec, e.g. 5ms "
-                          "or normal:5ms,1ms." + _LIST),
-        click.option("--stragglers", default="none", show_default=True,
-                     help="FRACTION:FACTORx (seeded choice of workers, always slow) or FRACTION:FACTORx,transient:MEAN_PERIOD_S:MEAN_DURATION_S. "
-                          "A comma list makes arms."),
-        click.option("--failures", default="none", show_default=True,
-                     help="W@T[+RECOVER],... (e.g. 3@10s+5s, 0-7@60s) or rate:R[+RECOVER] (R per worker per second). "
-                          "Separate scenarios (arms) with ';'."),
-        click.option("--detect", default="3s", show_default=True, help="Time for the broker to notice a dead worker (the runtime's --timeout)."),
-        click.option("--broker-time", default="measured", show_default=True,
-                     help="Broker time per update, queued FIFO: 'measured' (the broker's handler for this model, optimizer, "
-                          "algorithm and codec, timed here once) or a duration, e.g. 0.2ms; 0 makes the broker instantaneous."),
+        sim_network_options,  # --latency ... --broker-time: zsgd.network.knobs
         click.option("--target", default=None, type=float,
                      help="Accuracy whose virtual time-to-reach is reported (default: --target-acc when given, else 0.75)."),
         click.option("--literal", is_flag=True,
@@ -142,10 +117,8 @@ def _sim_options(func):
 @validate_options
 @decentralized_options
 @click.pass_context
-def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str, latency: str, latency_up: str | None,
-                latency_down: str | None, latency_worker: tuple[str, ...], bandwidth: str, broker_bandwidth: str, loss: str,
-                retransmit: str, compute: str, stragglers: str, failures: str, detect: str, broker_time: str, target: float | None,
-                literal: bool, arm_plots: bool, out: str | None, quiet: bool, jobs: int | None, launcher: str,
+def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, staleness_lr: str, compress: str, compress_replies: str,
+                target: float | None, literal: bool, arm_plots: bool, out: str | None, quiet: bool, jobs: int | None, launcher: str,
                 calibration_file: str | None, recalibrate: bool, validate: bool, tolerance: str | None, **params) -> None:
     """Simulate distributed SGD in virtual time: real gradients, simulated clock.
 
@@ -168,18 +141,18 @@ def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, stale
 
     from zsgd.algorithms.scaling import SCALED_FIELDS
 
+    world = pop_network(params)  # {knob: text}: the sweepable ones are axes of the grid, the others one value each
     decentralized = pop_decentralized(params)
     topology = decentralized.pop("topology")
     defaulted: set[str] = set()
     cfg = build_config(ctx, params, default_name=f"sim-{params['model']}", defaulted=defaulted)
     if target is None:  # one target: an arm that stops at --target-acc is reported as reaching it
         target = cfg.target_acc if cfg.target_acc is not None else DEFAULT_TARGET
-    spec = SweepSpec(grid={"algo": algo, "workers": workers, "latency": latency, "latency_up": latency_up,
-                           "latency_down": latency_down, "bandwidth": bandwidth, "loss": loss, "compute": compute,
-                           "stragglers": stragglers, "failures": failures, "compress": compress, "compress_replies": compress_replies,
-                           "servers": servers},
-                     latency_worker=latency_worker, retransmit=retransmit, detect=detect, broker_time=broker_time,
-                     broker_bandwidth=broker_bandwidth, staleness_lr=staleness_lr, target=target,
+    from zsgd.network.knobs import knob
+
+    grid = {"algo": algo, "workers": workers, "compress": compress, "compress_replies": compress_replies, "servers": servers}
+    spec = SweepSpec(grid=grid | {k: v for k, v in world.items() if knob(k).sweep},
+                     **{k: v for k, v in world.items() if not knob(k).sweep}, staleness_lr=staleness_lr, target=target,
                      topology=topology or "ring", decentralized=decentralized,
                      auto_scale=() if literal else tuple(f for f in SCALED_FIELDS if f in defaulted))
     if not 0 < target <= 1:

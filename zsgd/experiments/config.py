@@ -55,20 +55,18 @@ from typing import Any, Callable
 from zsgd.core.config import TrainConfig, model_defaults
 from zsgd.errors import ZsgdError
 from zsgd.core.yaml_loader import Marked, load_marked
+from zsgd.network.knobs import RUN, SIM, Knob, all_knobs, file_keys
 
 TOP_KEYS = ("name", "description", "problem", "target", "defaults", "arms")
 SHARED_KEYS = ("model", "data", "data_dir", "image_size", "grayscale", "split", "seed", "bptt", "tokens")
 OVERRIDE_KEYS = ("batch_size", "lr", "lr_schedule", "optimizer", "momentum", "weight_decay", "clip_norm", "epochs", "steps", "time",
                  "target_acc", "target_ppl", "eval_every", "log_every")
 PROBLEM_KEYS = SHARED_KEYS + OVERRIDE_KEYS
-NETWORK_KEYS = ("latency", "bandwidth", "loss", "stragglers")  # sim and run (emulated)
-SIM_KEYS = ("latency_up", "latency_down", "compute", "failures", "detect", "broker_time", "broker_bandwidth", "retransmit")
 CENTRAL_KEYS = ("staleness_lr", "compress_replies", "servers")
 RUN_KEYS = ("heartbeat", "timeout")
 DECENTRAL_KEYS = ("topology", "alpha0", "mu", "gamma", "rho", "rho_scaling", "primal_steps")
 BASE_KEYS = ("name", "mode", "algo", "workers", "compress")
-ARM_KEYS = BASE_KEYS + NETWORK_KEYS + SIM_KEYS + CENTRAL_KEYS + RUN_KEYS + DECENTRAL_KEYS + OVERRIDE_KEYS
-MODES = ("sim", "run")
+MODES = (SIM, RUN)
 DEFAULT_WORKERS = 8  # the ready examples' scale: enough for a ring to lag, small enough for a laptop
 
 
@@ -107,6 +105,20 @@ class ExperimentSpec:
     cfg: TrainConfig  # the problem as a validated TrainConfig (arms add their overrides)
     target: float
     arms: list[ArmSpec] = field(default_factory=list)
+
+
+def network_keys() -> tuple[str, ...]:
+    """The world's keys (``zsgd.network.knobs``): those of sim and run arms, then those of sim arms only."""
+    return file_keys((SIM, RUN)) + file_keys((SIM,))
+
+
+def arm_keys() -> tuple[str, ...]:
+    """Every key an arm may have (read at call time: a knob added to ``zsgd.network.knobs`` is a key at once)."""
+    return BASE_KEYS + network_keys() + CENTRAL_KEYS + RUN_KEYS + DECENTRAL_KEYS + OVERRIDE_KEYS
+
+
+def _file_knobs() -> dict[str, Knob]:
+    return {k.name: k for k in all_knobs() if k.file}
 
 
 def _unknown(doc: Marked, where: str, key: Any, known: tuple[str, ...], *path: Any) -> ZsgdError:
@@ -173,34 +185,29 @@ def _value_checkers() -> dict[str, Callable[[Any], Any]]:
     from zsgd.algorithms import parse_staleness_lr
     from zsgd.compression import make_codec
     from zsgd.decentralized.rules import DecentralizedParams
-    from zsgd.network import (parse_bandwidth, parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration, parse_failures, parse_loss,
-                               parse_stragglers, split_specs)
+    from zsgd.network import split_specs
 
     def param(key: str) -> Callable[[Any], Any]:
         return lambda v: DecentralizedParams(**{key: v}).validate() and v
 
-    def one(key: str, parse: Callable[[str], Any], units: bool = True) -> Callable[[Any], Any]:
-        """Parse one spec; a comma list (which ``zsgd sim`` turns into arms) is refused here."""
+    def one(key: str, parse: Callable[[str], Any], split: Callable[[str], list[str]]) -> Callable[[Any], Any]:
+        """Parse one spec; a list (which ``zsgd sim`` turns into arms) is refused here."""
         def check(v: Any) -> Any:
-            items = split_specs(_text(v), key, units=units)
-            if len(items) > 1:
+            if len(split(_text(v))) > 1:
                 raise ZsgdError(f"{_text(v)!r} is a list: an arm takes one value per key (make one arm per value)")
             return parse(_text(v))
         return check
 
+    def codec(key: str) -> Callable[[Any], Any]:
+        return one(key, lambda t: make_codec(t, 1) and t, lambda t: split_specs(t, key, units=False))
+
+    def world(k: Knob) -> Callable[[Any], Any]:
+        return one(k.name, lambda t: k.parse_value(t, k.name), lambda t: k.split(t, k.name))
+
     return {
         "name": lambda v: v, "mode": _mode, "algo": _algo, "workers": _workers,
-        "compress": one("compress", lambda t: make_codec(t, 1) and t, units=False),
-        "compress_replies": one("compress_replies", lambda t: make_codec(t, 1) and t, units=False),
-        "servers": _servers,
-        "latency": one("latency", parse_delay), "latency_up": one("latency_up", lambda t: parse_delay(t, "uplink latency")),
-        "latency_down": one("latency_down", lambda t: parse_delay(t, "downlink latency")),
-        "bandwidth": one("bandwidth", parse_bandwidth), "loss": one("loss", parse_loss),
-        "stragglers": one("stragglers", parse_stragglers, units=False), "compute": one("compute", parse_compute),
-        "failures": lambda v: parse_failures(_text(v)),
-        "detect": lambda v: parse_duration(_text(v), "detect", default_unit="s"),
-        "broker_time": lambda v: parse_broker_time(_text(v)), "broker_bandwidth": lambda v: parse_broker_bandwidth(_text(v)),
-        "retransmit": lambda v: parse_delay(_text(v), "retransmit delay"),
+        "compress": codec("compress"), "compress_replies": codec("compress_replies"), "servers": _servers,
+        **{k.name: world(k) for k in _file_knobs().values()},
         "staleness_lr": parse_staleness_lr, "heartbeat": _number("heartbeat"), "timeout": _number("timeout"),
         "topology": lambda v: v if isinstance(v, str) else _fail(f"must be a string such as ring or random-regular:4, got {v!r}"),
         **{k: param(k) for k in DECENTRAL_KEYS[1:]},
@@ -216,8 +223,9 @@ def _applies(key: str, mode: str, algo: str) -> str | None:
     from zsgd.decentralized.rules import PARAMS_OF, is_decentralized
 
     dec = is_decentralized(algo)
-    if key in SIM_KEYS and mode != "sim":
-        return "applies to sim arms only"
+    world = _file_knobs().get(key)
+    if world is not None and mode not in world.file:
+        return f"applies to {' and '.join(world.file)} arms only"
     if key in RUN_KEYS and mode != "run":
         return "applies to run arms only"
     if key in CENTRAL_KEYS and dec:
@@ -276,7 +284,7 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
         raise doc.error(f"target must be an accuracy in (0, 1], got {target!r}", "target")
     defaults = _mapping(doc, top.get("defaults"), "defaults", "defaults")
-    arm_keys_no_name = tuple(k for k in ARM_KEYS if k != "name")
+    arm_keys_no_name = tuple(k for k in arm_keys() if k != "name")
     for k in defaults:
         if k not in arm_keys_no_name:
             if k in SHARED_KEYS:
@@ -326,8 +334,8 @@ def _arm(doc: Marked, i: int, raw: dict[str, Any], defaults: dict[str, Any], bas
         if k in SHARED_KEYS:
             raise doc.error(f"{where}: {k!r} cannot differ between arms (every arm shares the initial weights and the "
                             f"shards); set it under problem:", *path, k)
-        if k not in ARM_KEYS:
-            raise _unknown(doc, where, k, ARM_KEYS, *path, k)
+        if k not in arm_keys():
+            raise _unknown(doc, where, k, arm_keys(), *path, k)
         _check_value(doc, checkers, where, k, v, path + (k,))
     mode = raw.get("mode", defaults.get("mode", "sim"))
     algo = _algo(raw.get("algo", defaults.get("algo", "async")))
@@ -376,15 +384,16 @@ def _options(mode: str, algo: str, s: dict[str, Any], cfg: TrainConfig, target: 
             from zsgd.decentralized.topology import parse_topology
 
             parse_topology(str(s.get("topology", "ring")), n, cfg.seed)  # a topology that cannot be built on n nodes fails now
+        emulated = {k.run_name: _opt(s, k.name) for k in _file_knobs().values() if RUN in k.file}  # --inject-latency ...
         return RunOptions.from_flags(dict(n_proc=n, algo=algo, staleness_lr=s.get("staleness_lr", "off"), compress=_text(s.get("compress", "none")),
                                           compress_replies=_text(s.get("compress_replies", "none")), servers=s.get("servers", 1),
-                                          inject_latency=_opt(s, "latency"), inject_bandwidth=_opt(s, "bandwidth"), inject_loss=_opt(s, "loss"),
-                                          stragglers=_opt(s, "stragglers"), show=False, **kw)).validate()
+                                          show=False, **emulated, **kw)).validate()
     from zsgd.simulation.sweep import SweepSpec, build_arms
 
-    grid = {k: _text(s[k]) for k in ("workers", "latency", "latency_up", "latency_down", "bandwidth", "loss", "compute",
-                                      "stragglers", "failures", "compress", "compress_replies", "servers") if k in s}
-    extra = {k: _text(s[k]) for k in ("detect", "broker_time", "broker_bandwidth", "retransmit") if k in s}
+    knobs = _file_knobs()
+    grid = {k: _text(s[k]) for k in ("workers", *knobs, "compress", "compress_replies", "servers")
+            if k in s and (k not in knobs or knobs[k].sweep)}
+    extra = {k: _text(s[k]) for k in knobs if k in s and not knobs[k].sweep}
     central = not is_decentralized(algo)
     sweep = SweepSpec(grid=grid | {"algo": algo if central else "sync"}, staleness_lr=s.get("staleness_lr", "off"), target=target,
                       **extra)

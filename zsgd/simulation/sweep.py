@@ -26,38 +26,45 @@ import numpy as np
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.errors import ZsgdError
 from zsgd.output.live import row_cells
-from zsgd.network import (Constant, Network, parse_bandwidth, parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_duration,
-                                      parse_failures, parse_loss, parse_stragglers, parse_worker_latency, split_specs)
+from zsgd.network import Constant, Network
+from zsgd.network.knobs import Knob, knob, split_values, sweepable
 from zsgd.simulation.simulator import SimOptions, SimResult, Workload, run_arm
 
-# Grid dimensions in the order they vary (the last one fastest): key, flag, short label, units propagate.
-DIMENSIONS: list[tuple[str, str, str, bool]] = [
-    ("algo", "--algo", "algo", False),
-    ("workers", "--workers", "n", False),
-    ("latency", "--latency", "lat", True),
-    ("latency_up", "--latency-up", "up", True),
-    ("latency_down", "--latency-down", "down", True),
-    ("bandwidth", "--bandwidth", "bw", True),
-    ("loss", "--loss", "loss", True),
-    ("compute", "--compute", "compute", True),
-    ("stragglers", "--stragglers", "strag", False),
-    ("compress", "--compress", "comp", False),
-    ("compress_replies", "--compress-replies", "reply", False),
-    ("servers", "--servers", "srv", False),
-    ("failures", "--failures", "fail", False),
-]
+
+@dataclass(frozen=True)
+class Dimension:
+    """One axis of the grid: each value of its list (split as ``split``, one of ``zsgd.network.knobs.SPLITS``) is an arm."""
+
+    key: str
+    flag: str
+    label: str  # the axis in an arm's name: lat=10ms
+    split: str
+    parse: Callable[[str, int], Any]  # (one value, the most workers of any arm) -> its model; ZsgdError when bad
+
+    @classmethod
+    def of(cls, k: Knob) -> "Dimension":
+        return cls(k.name, k.flag, k.label, str(k.sweep), lambda text, n: k.parse_value(text, k.flag, n))
+
+
+def dimensions() -> list[Dimension]:
+    """The grid's axes in the order they vary (the last one fastest): algorithm and workers, the network knobs
+    that sweep (``zsgd.network.knobs``), codecs and servers, and scenario lists (``--failures``) last.
+    Read at call time, so a knob added to the table is an axis at once."""
+    net = [Dimension.of(k) for k in sweepable()]
+    return [*_HEAD, *(d for d in net if d.split != "scenarios"), *_CODECS, *(d for d in net if d.split == "scenarios")]
 
 
 @dataclass
 class SweepSpec:
-    """Flag values as typed: each grid dimension may be a list (see DIMENSIONS)."""
+    """Flag values as typed: each grid dimension may be a list (see ``dimensions``); the network knobs that
+    do not sweep have a field each, defaulting as their flag does."""
 
     grid: dict[str, str | None]  # dimension -> spec text (None: not given)
     latency_worker: tuple[str, ...] = ()
-    retransmit: str = "200ms"
-    detect: str = "3s"
-    broker_time: str = "measured"
-    broker_bandwidth: str = "measured"
+    retransmit: str = str(knob("retransmit").default)
+    detect: str = str(knob("detect").default)
+    broker_time: str = str(knob("broker_time").default)
+    broker_bandwidth: str = str(knob("broker_bandwidth").default)
     staleness_lr: str | bool = "off"
     target: float = 0.8
     topology: str = "ring"  # decentralized arms (dsgd, dsgt, cadmm): their graph and rule parameters
@@ -77,7 +84,7 @@ class Arm:
     @property
     def label(self) -> str:
         shown = self.varying or ["algo"]
-        short = {k: s for k, _f, s, _u in DIMENSIONS}
+        short = {d.key: d.label for d in dimensions()}
         return " ".join(self.values.get(k, "async") if k == "algo" else f"{short[k]}={self.values[k]}" for k in shown)
 
     @property
@@ -86,13 +93,7 @@ class Arm:
         return f"{self.index:02d}-{slug or 'arm'}"[:100]
 
 
-def _split(key: str, flag: str, text: str, units: bool) -> list[str]:
-    if key == "failures" and ";" not in text:
-        return [text.strip()]  # a failure list is one scenario; use ';' between scenarios
-    return split_specs(text, flag, units=units)
-
-
-def _parse_workers(text: str) -> int:
+def _parse_workers(text: str, _n: int = 0) -> int:
     try:
         n = int(text)
     except ValueError:
@@ -102,7 +103,7 @@ def _parse_workers(text: str) -> int:
     return n
 
 
-def _parse_servers(text: str) -> int:
+def _parse_servers(text: str, _n: int = 0) -> int:
     from zsgd.core.ranges import check_servers
 
     try:
@@ -113,42 +114,49 @@ def _parse_servers(text: str) -> int:
     return k
 
 
-def _parse_compress(text: str) -> str:
+def _parse_compress(text: str, _n: int = 0) -> str:
     from zsgd.compression import make_codec
 
     return make_codec(text, 1).name and text
 
 
-def build_arms(spec: SweepSpec) -> list[Arm]:
-    """Parse every value of every dimension, then form the cross product."""
+def _parse_algo(text: str, _n: int = 0) -> str:
     from zsgd.algorithms import parse_algo
     from zsgd.decentralized.rules import is_decentralized
 
+    return text if is_decentralized(text) else parse_algo(text) and text
+
+
+# The sweep's own axes; the network's come from zsgd.network.knobs (see dimensions).
+_HEAD = (Dimension("algo", "--algo", "algo", "plain", _parse_algo), Dimension("workers", "--workers", "n", "plain", _parse_workers))
+_CODECS = (Dimension("compress", "--compress", "comp", "plain", _parse_compress),
+           Dimension("compress_replies", "--compress-replies", "reply", "plain", _parse_compress),
+           Dimension("servers", "--servers", "srv", "plain", _parse_servers))
+
+
+def build_arms(spec: SweepSpec) -> list[Arm]:
+    """Parse every value of every dimension, then form the cross product."""
+    from zsgd.decentralized.rules import is_decentralized
+
+    axes = dimensions()
     lists: dict[str, list[str]] = {}
-    for key, flag, _short, units in DIMENSIONS:
-        text = spec.grid.get(key)
+    for d in axes:
+        text = spec.grid.get(d.key)
         if text is not None:
-            lists[key] = _split(key, flag, text, units)
+            lists[d.key] = split_values(d.split, text, d.flag)
     # ranges of workers (--failures 0-7@10s, --latency-worker 0-7=...) may name only workers some arm has:
     # they are expanded worker by worker, so they are bounded before that
     max_n = max(_parse_workers(w) for w in lists["workers"]) if "workers" in lists else 16
     from zsgd.simulation.plan import check_arm_count
 
     check_arm_count(math.prod(len(vs) for vs in lists.values()),  # before the cross product is built
-                    " x ".join(f for k, f, _s, _u in DIMENSIONS if len(lists.get(k, ())) > 1) or "the grid")
-    parse_one: dict[str, Callable[[str], Any]] = {
-        "algo": lambda s: s if is_decentralized(s) else parse_algo(s) and s, "workers": _parse_workers, "latency": parse_delay,
-        "latency_up": lambda s: parse_delay(s, "uplink latency"), "latency_down": lambda s: parse_delay(s, "downlink latency"),
-        "bandwidth": parse_bandwidth, "loss": parse_loss, "compute": parse_compute, "stragglers": parse_stragglers,
-        "failures": lambda s: parse_failures(s, max_n), "compress": _parse_compress, "compress_replies": _parse_compress, "servers": _parse_servers,
-    }
-    parsed = {k: {v: parse_one[k](v) for v in vs} for k, vs in lists.items()}
+                    " x ".join(d.flag for d in axes if len(lists.get(d.key, ())) > 1) or "the grid")
+    parse_one = {d.key: d.parse for d in axes}
+    parsed = {k: {v: parse_one[k](v, max_n) for v in vs} for k, vs in lists.items()}
     _refuse_duplicates(spec.grid, lists, parsed)
-    overrides = parse_worker_latency(spec.latency_worker, max_n)
-    retransmit = parse_delay(spec.retransmit, "retransmit delay")
-    detect = parse_duration(spec.detect, "--detect", default_unit="s")
-    broker_s = parse_broker_time(spec.broker_time)
-    broker_bw = parse_broker_bandwidth(spec.broker_bandwidth)
+    overrides = knob("latency_worker").parse_value(spec.latency_worker, None, max_n)
+    retransmit, detect, broker_s, broker_bw = (knob(k).parse_value(getattr(spec, k))
+                                               for k in ("retransmit", "detect", "broker_time", "broker_bandwidth"))
     dec_algos = [a for a in lists.get("algo", ["async"]) if is_decentralized(a)]
     params = _decentralized_params(spec, dec_algos)
     varying = [k for k, vs in lists.items() if len(vs) > 1]
@@ -186,7 +194,7 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
 def _refuse_duplicates(grid: dict[str, str | None], lists: dict[str, list[str]], parsed: dict[str, dict[str, Any]]) -> None:
     """A value given twice in one comma list (``--workers 1,1``, ``--latency 10,10ms``, ``10ms,0.01s``) would
     make the same arm twice, under two directory names: an error, as it is almost surely a typo."""
-    flags = {k: f for k, f, _s, _u in DIMENSIONS}
+    flags = {d.key: d.flag for d in dimensions()}
     for key, values in lists.items():
         for j, later in enumerate(values):
             for earlier in values[:j]:
