@@ -15,6 +15,7 @@ import numpy as np
 
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.core.ledger import run_header
+from zsgd.core.tally import WorkerTally
 from zsgd.output.metrics import MetricsWriter
 from zsgd.output.rundir import create_run_dir, save_arrays, write_json
 from zsgd.algorithms.schedules import resolve_lr_schedule
@@ -36,8 +37,9 @@ def train(cfg: TrainConfig, out: str | Path | None = None, show_progress: bool =
 
 
 def _train(cfg: TrainConfig, out: str | Path | None, show_progress: bool, problem: Problem | None) -> dict[str, Any]:
-    from zsgd.algorithms import Reply, make_server_algorithm
+    from zsgd.algorithms import make_server_algorithm
     from zsgd.algorithms.worker import WorkerStep
+    from zsgd.engine import ServerEngine
     from zsgd.nn.optim import make_optimizer
     from zsgd.output.live import TrainProgress
 
@@ -53,6 +55,7 @@ def _train(cfg: TrainConfig, out: str | Path | None, show_progress: bool, proble
     # applied by the very server algorithm the broker drives (a sync round of one
     # applies its gradient exactly), so `zsgd run --n-proc 1 --algo sync` reproduces it.
     server = make_server_algorithm("sync", model.init(seed=cfg.seed), optimizer, clip_norm=cfg.clip_norm)
+    port = _OneWorker()
     step = WorkerStep(model, ds.x_train, ds.y_train, cfg.batch_size, cfg.seed, worker=0)
     n_train = len(ds.y_train)
     eval_time = 0.0
@@ -72,11 +75,12 @@ def _train(cfg: TrainConfig, out: str | Path | None, show_progress: bool, proble
             bar.exclude(spent)
             ledger.evaluated(time.perf_counter() - t0, test_loss, test_acc)
 
-        weights = next(o for o in server.add_worker(0, 0.0) if isinstance(o, Reply)).weights
+        engine = ServerEngine(server, optimizer, ledger, port, run="0" * 12, lr_schedule=cfg.lr_schedule, default_batch=cfg.batch_size)
+        engine.add_worker(0, 0.0)
         stop_signal.stop_on_signals(ledger, show_progress, checkpoints=False)
         at_once = False
         try:
-            _loop(cfg, server, step, ledger, bar, weights, evaluate, t0, n_train)
+            _loop(engine, port, step, ledger, bar, evaluate, t0, n_train)
         except KeyboardInterrupt:  # a second Ctrl-C: stop at once (no final evaluation), still writing what was done
             ledger.stop("interrupted")
             at_once = True
@@ -96,26 +100,47 @@ def _train(cfg: TrainConfig, out: str | Path | None, show_progress: bool, proble
     return summary
 
 
-def _loop(cfg: TrainConfig, server: Any, step: Any, ledger: Any, bar: Any, weights: np.ndarray, evaluate: Any, t0: float,
-          n_train: int) -> None:
+class _OneWorker:
+    """The trainer's port of the server engine: one worker in this process, whose next step takes the reply's weights."""
+
+    def __init__(self) -> None:
+        self.worker = WorkerTally()
+        self.weights: np.ndarray | None = None
+        self.rejected: str | None = None
+
+    def tally(self, worker: int) -> WorkerTally:
+        return self.worker
+
+    def live_workers(self) -> list[int]:
+        return [0]
+
+    def send_weights(self, worker: int, version: int, weights: np.ndarray, coded: Any) -> None:
+        self.weights = weights
+
+    def send_abandon(self, worker: int, version: int) -> None:
+        pass  # a sync round of one never abandons its step
+
+    def reject(self, worker: int, reason: str, text: str) -> None:
+        self.rejected = reason  # a non-finite gradient: the engine gives the weights again; the loop ends the run
+
+    def booked(self, applied: Any) -> None:
+        pass  # the loop evaluates on the ledger's cadence after each step
+
+
+def _loop(engine: Any, port: _OneWorker, step: Any, ledger: Any, bar: Any, evaluate: Any, t0: float, n_train: int) -> None:
     """Steps until the ledger has a stop reason (a budget, divergence, or a signal)."""
-    from zsgd.algorithms import Applied, Dropped, Reply
-    from zsgd.core.schedule import lr_factor
+    import math
 
     while ledger.stop_reason is None:
-        update = step.compute(weights, server.version)
+        update = step.compute(port.weights, engine.version)
         now = time.perf_counter() - t0
-        # The factor from the counters before this step, as the broker takes it.
-        server.lr_scale = lr_factor(cfg.lr_schedule, ledger.progress(now))
-        outputs = server.on_update(update, now)
-        ledger.loss(update.loss)
-        for o in outputs:
-            if isinstance(o, Applied):
-                ledger.applied(now, version=o.version, n_samples=o.n_samples, worker=0, staleness=o.staleness, lr=o.lr)
-            elif isinstance(o, Reply):
-                weights = o.weights
-            elif isinstance(o, Dropped) and o.reason == "non-finite":  # the server step refused it
-                ledger.diverge("gradient is not finite")
+        if not math.isfinite(update.loss):
+            ledger.diverge("train loss is not finite")
+            break
+        port.rejected = None
+        engine.apply(update, now, 4 * engine.n)
+        if port.rejected == "non-finite":  # the server step refused a NaN/Inf gradient: here, the model blew up
+            ledger.diverge("gradient is not finite")
         if ledger.take_eval():
             evaluate()
         bar.update(ledger.updates, ledger.samples, ledger.samples / n_train, None if np.isnan(ledger.last_loss) else ledger.last_loss,

@@ -3,12 +3,13 @@
 ``zsgd sim --broker-time measured`` (the default) times what the broker does
 for one update of *this* model, optimizer, algorithm and codec, with the
 broker's own code: decode the frames the worker sent (zero-copy views),
-validate them as the broker does, decode the codec, run the server
-algorithm's ``on_update`` (the fused optimizer step with its finite check,
-on reply views of the live weights, as the broker sets it up) and encode
-every reply it asks for (``--compress-replies`` included). What it leaves
-out is the socket I/O, which ZeroMQ's I/O thread does beside the handler,
-and the metrics line.
+then the server engine's ``receive`` -- the very call the broker's
+parameter server makes (``zsgd.engine``): validation, the codec's decode,
+the server algorithm's ``on_update`` (the fused optimizer step with its
+finite check, on reply views of the live weights, as the broker sets it
+up), the ledger's booking and the replies it asks for, encoded
+(``--compress-replies`` included). What it leaves out is the socket I/O,
+which ZeroMQ's I/O thread does beside the handler, and the metrics line.
 
 The frames reach the handler through a TCP loopback socket in this
 process, as a broker's do: written by ZeroMQ's I/O thread into fresh
@@ -51,8 +52,11 @@ def time_server_step(cfg: Any, model: Any, w0: np.ndarray, algo: str, compress: 
 
     ``w0`` may be one range of the model (``--servers K``: what one server
     holds); ``clip`` False leaves out ``--clip-norm``, which workers then do."""
-    from zsgd.algorithms import Reply, Update, make_server_algorithm, update_kind_of
-    from zsgd.compression import decode, make_codec, touched_indices
+    from zsgd.algorithms import make_server_algorithm, update_kind_of
+    from zsgd.compression import make_codec
+    from zsgd.core.ledger import RunLedger
+    from zsgd.core.stopping import StopRule
+    from zsgd.engine import ServerEngine
     from zsgd.nn.optim import make_optimizer
     from zsgd.wire import protocol
 
@@ -67,6 +71,10 @@ def time_server_step(cfg: Any, model: Any, w0: np.ndarray, algo: str, compress: 
         from zsgd.compression.delta import DeltaReplyEncoder
 
         reply_codec = DeltaReplyEncoder(compress_replies, n, seed=cfg.seed)
+    port = _CalibrationPort(run, workers)
+    ledger = RunLedger(StopRule(n_train=1 << 30, batch_size=cfg.batch_size), n_train=1 << 30, log_every=cfg.log_every, diverge_factor=0.0)  # counts and windows, never stops
+    engine = ServerEngine(server, optimizer, ledger, port, run=run, lr_schedule="constant", reply_codec=reply_codec,
+                          default_batch=cfg.batch_size)
     limits = protocol.Limits.for_model(n)
     kind = {"kind": "delta"} if update_kind_of(algo) == "delta" else {}
     grad = (np.random.default_rng(cfg.seed).standard_normal(n) * 1e-4).astype(np.float32)
@@ -80,44 +88,62 @@ def time_server_step(cfg: Any, model: Any, w0: np.ndarray, algo: str, compress: 
             msg = protocol.update_message(run, worker, version, None, cfg.batch_size, 0.5, codec=codec.name, extra_arrays=coded, **kind)
         return protocol.encode(msg)
 
-    pending: deque[tuple[int, int]] = deque()  # (worker, version of the weights it holds)
-
-    def handle(outputs: list) -> None:
-        for out in outputs:
-            if isinstance(out, Reply) and out.weights is not None:
-                arrays = reply_codec.reply(out.worker, out.weights) if reply_codec is not None else None
-                if arrays is None:
-                    msg = protocol.weights_message(run, out.version, out.weights)
-                else:
-                    msg = protocol.Message(protocol.MsgType.WEIGHTS, run, -1, out.version, arrays, codec=reply_codec.name)
-                protocol.encode(msg)
-                pending.append((out.worker, out.version))
-
     for w in range(workers):
-        handle(server.add_worker(w, 0.0))
+        engine.add_worker(w, 0.0)
     per_update: list[float] = []
     with _Loopback() as wire:
         for cycle in range(warmup + cycles):
             spent, count = 0.0, 0
-            while count < workers and pending:
-                w, version = pending.popleft()
+            while count < workers and port.pending:
+                w, version = port.pending.popleft()
                 frames = wire.carry(frames_of(w, version))
                 t0 = time.perf_counter()
-                msg = protocol.decode(frames, limits)
-                protocol.validate_update(msg, run=run, known_workers={w}, n_params=n, require_finite=False)
-                g = msg.arrays.get("g")
-                meta = dict(kind)
-                if msg.codec != "none":
-                    g = decode(msg.codec, msg.arrays, n)
-                    meta["indices"] = touched_indices(msg.codec, msg.arrays)
-                handle(server.on_update(Update(w, msg.version, g, cfg.batch_size, 0.5, meta), 0.0))
+                engine.receive(w, protocol.decode(frames, limits), 0.0)
                 spent += time.perf_counter() - t0
                 count += 1
             if not count:
                 break  # nobody holds weights (not with these rules; but never loop for ever)
             if cycle >= warmup:
                 per_update.append(spent / count)
+    if port.rejected:
+        from zsgd.errors import ZsgdError
+
+        raise ZsgdError(f"internal: the server-step calibration's own updates were rejected ({port.rejected})")
     return per_update
+
+
+class _CalibrationPort:
+    """The engine's port for synthetic workers: each reply is encoded, as the broker's socket would, and queued for
+    its worker's next update (round-robin, so sync, SSP and local SGD rounds complete as in a run)."""
+
+    def __init__(self, run: str, workers: int) -> None:
+        from zsgd.core.tally import WorkerTally
+
+        self.run = run
+        self.tallies = [WorkerTally() for _ in range(workers)]
+        self.pending: deque[tuple[int, int]] = deque()  # (worker, version of the weights it holds)
+        self.rejected: str | None = None
+
+    def tally(self, worker: int) -> Any:
+        return self.tallies[worker]
+
+    def live_workers(self) -> range:
+        return range(len(self.tallies))
+
+    def send_weights(self, worker: int, version: int, weights: np.ndarray, coded: Any) -> None:
+        from zsgd.wire import protocol
+
+        protocol.encode(coded if coded is not None else protocol.weights_message(self.run, version, weights))
+        self.pending.append((worker, version))
+
+    def send_abandon(self, worker: int, version: int) -> None:
+        pass  # a synthetic worker has no step to cut short
+
+    def reject(self, worker: int, reason: str, text: str) -> None:
+        self.rejected = text
+
+    def booked(self, applied: Any) -> None:
+        pass
 
 
 class _Loopback:

@@ -12,7 +12,12 @@ One worker's cycle::
 
     broker sends weights at t --(downlink latency + bytes/bandwidth [+ resends])-->
     worker computes for compute_time x straggler factor --(uplink ...)-->
-    update arrives -> algo.on_update(update, now) -> replies scheduled
+    update arrives -> engine.apply(update, now) -> replies scheduled
+
+The server side is the engine the broker runs (``zsgd.engine``): the same
+dispatch of the algorithm's outputs, the same booking, rejections and reply
+coding; this simulator is its port in virtual time, as the broker's
+parameter-server service is its port on a ZeroMQ socket.
 
 Why it scales with central updates rather than workers: a worker's gradient
 is computed lazily when its update reaches the broker (the result is the
@@ -39,11 +44,12 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd.wire import protocol
-from zsgd.algorithms import (Applied, Cancel, Dropped, Notice, Reply, Update, check_servers_support, local_steps_of, make_server_algorithm,
-                             make_worker_step, parse_algo)
+from zsgd.algorithms import Applied, Update, check_servers_support, local_steps_of, make_server_algorithm, make_worker_step, parse_algo
 from zsgd.algorithms.worker import WorkerStep
 from zsgd.core.config import TrainConfig, write_config
 from zsgd.core.ledger import run_header
+from zsgd.core.tally import WorkerTally
+from zsgd.engine import ServerEngine
 from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
 from zsgd.simulation import interrupt
@@ -52,9 +58,9 @@ from zsgd.network import Delay, FailureSpec, Measured, Network, StragglerSpec, f
 from zsgd.output.rundir import save_arrays, write_json
 from zsgd.simulation.workload import Workload
 from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
-from zsgd.core.schedule import lr_factor
 
 # Event kinds. A heap entry is (t, seq, kind, worker, incarnation, a, b).
+_SIM_RUN = "0" * 12  # the run id in simulated messages (their sizes count it as a real run's)
 _DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER, _CANCEL = range(7)
 
 
@@ -156,14 +162,14 @@ class Simulation:
         self.net = opts.network
         self.u_bytes, self.w_bytes = workload.update_bytes, workload.weights_bytes
         self.codecs: list = [None] * n
-        self.reply_codec = None  # --compress-replies: the runtime's own encoder, mirrors and all
+        reply_codec = None  # --compress-replies: the runtime's own encoder, mirrors and all
         if opts.compress_replies != "none":
             from zsgd.compression.delta import DeltaReplyEncoder
 
-            self.reply_codec = DeltaReplyEncoder(opts.compress_replies, self.model.n_params, seed=cfg.seed)
-        self.reply_bytes = self.dense_reply_bytes = 0
+            reply_codec = DeltaReplyEncoder(opts.compress_replies, self.model.n_params, seed=cfg.seed)
+        self.engine = ServerEngine(self.algo, optimizer, self.ledger, self, run=_SIM_RUN, lr_schedule=cfg.lr_schedule,
+                                   reply_codec=reply_codec, default_batch=cfg.batch_size)
         self.local_steps = local_steps_of(opts.algo)
-        self.last_update_bytes = self.u_bytes
         # Sparse codecs whose size depends on the gradient (AdaComp) are encoded when
         # the worker finishes, so the transfer time uses the real size; fixed-size
         # codecs stay lazy (computed on arrival), which keeps idle workers free.
@@ -181,18 +187,17 @@ class Simulation:
         self.alive = [True] * n
         self.inc = [0] * n
         self.steppers: list[WorkerStep | None] = [None] * n
-        self.w_steps, self.w_samples, self.w_stale_sum, self.w_stale_max = [0] * n, [0] * n, [0] * n, [0] * n
-        self.w_lives = [1] * n
+        self.tallies = [WorkerTally() for _ in range(n)]
         # The step each worker computes: (token, version, weights, started at), for K-sync's Cancel. A cancelled
         # step ends at once, but not before the part a real worker cannot cut: its gradient when the compute
         # time is the measured one (all of it), nothing when it is a drawn one (--inject-compute stretches to it).
         self.step_of: list[tuple[int, int, np.ndarray, float] | None] = [None] * n
         self.cancel_floor = self.compute_s if self.compute_s is not None else 0.0
-        self._wait_bytes = protocol.message_nbytes(protocol.wait_message("0" * 12, 0, 0, reason="abandon"))
+        self._wait_bytes = protocol.message_nbytes(protocol.wait_message(_SIM_RUN, 0, 0, reason="abandon"))
         # counters
         self.bytes_sent = self.bytes_received = 0  # workers -> broker, broker -> workers
         self.deaths = self.rejoins = self.events = 0
-        self.dropped: Counter = Counter()
+        self.rejected: Counter = Counter()
         self.evals: list[tuple[float, int, float]] = []
         self.time_to_target: float | None = None
         self.grad_s = self.eval_s = 0.0
@@ -219,32 +224,38 @@ class Simulation:
         self.seq += 1
         heapq.heappush(self.heap, (t, self.seq, kind, worker, inc, a, b))
 
-    # -- broker side -----------------------------------------------------------
-    def _dispatch(self, outputs: list) -> None:
-        for out in outputs:
-            if isinstance(out, Reply):
-                self._send_weights(out)
-            elif isinstance(out, Applied):
-                self._applied(out)
-            elif isinstance(out, Dropped):
-                self.dropped[out.reason] += 1
-                if out.reason == "non-finite":  # as the broker: a gradient that blew up ends the run
-                    self.ledger.diverge(f"gradient is not finite on worker {out.worker}")
-            elif isinstance(out, Notice):
-                self.metrics.write(out.kind, self.now, **out.fields)
-            elif isinstance(out, Cancel) and self.alive[out.worker]:  # the WAIT the broker sends, over the same link
-                t = self.now + self.net.delay(out.worker, False, self._wait_bytes, self.rng_down)
-                self._push(t, _CANCEL, out.worker, self.inc[out.worker], out.version)
+    # -- the engine's port: the server side in virtual time ------------------------------
+    def tally(self, worker: int) -> WorkerTally:
+        return self.tallies[worker]  # a failed worker the server has not noticed is still its member
 
-    def _send_weights(self, r: Reply) -> None:
-        w = r.worker
-        if r.weights is None:
-            return  # a wait: the worker idles until the algorithm replies again
-        weights, nbytes = self._reply(w, r)
+    def live_workers(self) -> list[int]:
+        return list(self.algo.live)
+
+    def reject(self, worker: int, reason: str, text: str) -> None:
+        self.rejected[reason] += 1
+
+    def booked(self, a: Applied) -> None:
+        if self.ledger.take_eval():
+            self._evaluate()
+        if self.progress is not None and (a.version & 31) == 0:
+            self.progress(self.updates, self.samples, self.now, self.test_acc)
+
+    def send_abandon(self, worker: int, version: int) -> None:
+        """The WAIT the broker sends, over the same link as a reply."""
+        if self.alive[worker]:
+            t = self.now + self.net.delay(worker, False, self._wait_bytes, self.rng_down)
+            self._push(t, _CANCEL, worker, self.inc[worker], version)
+
+    def send_weights(self, w: int, version: int, weights: np.ndarray, coded: protocol.Message | None) -> None:
+        if coded is None:
+            nbytes = self.w_bytes
+        else:
+            weights = self.engine.reply_codec.mirrors[w].copy()  # bit-identical to what the runtime's worker decodes
+            weights.flags.writeable = False
+            nbytes = protocol.message_nbytes(coded)
         self.bytes_received += nbytes
         if not self.alive[w]:
-            if self.reply_codec is not None:
-                self.reply_codec.forget(w)  # lost with the worker: it restarts from full weights
+            self.engine.forget_replies(w)  # lost with the worker: it restarts from full weights
             return  # dead, not yet noticed: the message goes nowhere
         t = self.now
         if self.nic_bw != math.inf:  # the broker's NIC sends one message at a time
@@ -255,29 +266,13 @@ class Simulation:
         if self.stragglers is not None:
             c *= self.stragglers.factor(w, t)
         self.seq += 1
-        self.step_of[w] = (self.seq, r.version, weights, t)
-        self._push(t + c, _DONE, w, self.inc[w], r.version, (weights, self.seq))
-
-    def _reply(self, w: int, r: Reply) -> tuple[np.ndarray, int]:
-        """The weights worker ``w`` will hold and the reply's size on the wire (a coded delta with --compress-replies)."""
-        self.dense_reply_bytes += self.w_bytes
-        if self.reply_codec is None:
-            self.reply_bytes += self.w_bytes
-            return r.weights, self.w_bytes
-        arrays = self.reply_codec.reply(w, r.weights)
-        if arrays is None:
-            self.reply_bytes += self.w_bytes
-            return r.weights, self.w_bytes
-        held = self.reply_codec.mirrors[w].copy()  # bit-identical to what the runtime's worker decodes
-        held.flags.writeable = False
-        nbytes = protocol.message_nbytes(protocol.weights_delta_message("0" * 12, r.version, arrays, self.reply_codec.name))
-        self.reply_bytes += nbytes
-        return held, nbytes
+        self.step_of[w] = (self.seq, version, weights, t)
+        self._push(t + c, _DONE, w, self.inc[w], version, (weights, self.seq))
 
     def _encoded_update_bytes(self, codec, grad: np.ndarray | None = None) -> int:
         g = np.zeros(self.model.n_params, np.float32) if grad is None else grad
         arrays = codec.encode(g)
-        return protocol.message_nbytes(protocol.update_message("0" * 12, 0, 0, None, self.cfg.batch_size, 0.0, codec=codec.name, extra_arrays=arrays))
+        return protocol.message_nbytes(protocol.update_message(_SIM_RUN, 0, 0, None, self.cfg.batch_size, 0.0, codec=codec.name, extra_arrays=arrays))
 
     def _compute_update(self, w: int, version: int, weights: np.ndarray) -> tuple[Update, int]:
         """The worker's real step, through its codec: the update as the broker decodes it, and its wire size."""
@@ -296,7 +291,7 @@ class Simulation:
             if codec is None:
                 codec = self.codecs[w] = make_codec(self.opts.compress, self.model.n_params, seed=self.cfg.seed * 1_000_003 + w)
             arrays = codec.encode(update.grad)
-            nbytes = protocol.message_nbytes(protocol.update_message("0" * 12, w, version, None, update.n_samples, 0.0, codec=codec.name,
+            nbytes = protocol.message_nbytes(protocol.update_message(_SIM_RUN, w, version, None, update.n_samples, 0.0, codec=codec.name,
                                                                      extra_arrays=arrays))
             update.grad = decode(codec.name, arrays, self.model.n_params)
             update.meta["indices"] = touched_indices(codec.name, arrays)
@@ -346,41 +341,27 @@ class Simulation:
         update, nbytes = payload if isinstance(payload, tuple) else (None, self.u_bytes)
         self.bytes_sent += nbytes
         if inc != self.inc[w]:
-            self.dropped["previous-incarnation"] += 1
+            self.engine.dropped["previous-incarnation"] += 1
             return
         if w not in self.algo.live:
-            self.dropped["not-a-member"] += 1
+            self.engine.dropped["not-a-member"] += 1
             return
         if update is None:
             update, nbytes = self._compute_update(w, version, payload)
-        self.last_update_bytes = nbytes
         if self.broker_s > 0:
             self.busy_until = max(self.now, self.busy_until) + self.broker_s
-            self._push(self.busy_until, _PROCESS, w, inc, update)
+            self._push(self.busy_until, _PROCESS, w, inc, update, nbytes)
             self.busy_until += self._not_overlapped(nbytes)
         else:
-            self._process(update)
+            self._process(update, nbytes)
 
-    def _process(self, update: Update, *_: Any) -> None:
-        w = update.worker
-        self.algo.lr_scale = lr_factor(self.cfg.lr_schedule, self.ledger.progress(self.now))
-        outputs = self.algo.on_update(update, self.now)
-        if not any(isinstance(o, Dropped) and o.worker == w for o in outputs):
-            self.w_steps[w] += 1
-            self.w_samples[w] += update.n_samples
-            self.ledger.loss(update.loss, w)
-        self._dispatch(outputs)
-
-    def _applied(self, a: Applied) -> None:
-        if a.worker >= 0:
-            self.w_stale_sum[a.worker] += a.staleness
-            self.w_stale_max[a.worker] = max(self.w_stale_max[a.worker], a.staleness)
-        self.ledger.applied(self.now, version=a.version, n_samples=a.n_samples, worker=a.worker, staleness=a.staleness,
-                            lr=a.lr, bytes=self.last_update_bytes * a.contributors)
-        if self.ledger.take_eval():
-            self._evaluate()
-        if self.progress is not None and (a.version & 31) == 0:
-            self.progress(self.updates, self.samples, self.now, self.test_acc)
+    def _process(self, update: Update, nbytes: int) -> None:
+        """The server takes the update: the engine the broker runs. A worker whose loss is not finite says so
+        instead of sending a gradient (the runtime's worker does), and the run has diverged."""
+        if not math.isfinite(update.loss):
+            self.ledger.diverge(f"train loss is not finite on worker {update.worker}")
+            return
+        self.engine.apply(update, self.now, nbytes)
 
     def _evaluate(self) -> None:
         from zsgd.nn.models import evaluate
@@ -400,8 +381,7 @@ class Simulation:
             return  # already dead, or a rate failure scheduled for an earlier life
         inc = self.inc[w]
         self.alive[w] = False
-        if self.reply_codec is not None:
-            self.reply_codec.forget(w)  # a restarted worker holds no weights: its first reply is full
+        self.engine.forget_replies(w)  # a restarted worker holds no weights: its first reply is full
         self._push(self.now + self.opts.detect_s, _DETECT, w, inc, self.now)
         if recover_s is not None:
             self._push(self.now + recover_s, _RECOVER, w, inc)
@@ -411,21 +391,21 @@ class Simulation:
             return
         self.deaths += 1
         self.metrics.write("worker", self.now, worker=w, role="worker", status="dead", host="sim", failed_at=failed_at)
-        self._dispatch(self.algo.remove_worker(w, self.now))
+        self.engine.remove_worker(w, self.now)
 
     def _on_recover(self, w: int, inc: int, *_: Any) -> None:
         if inc != self.inc[w] or self.alive[w]:
             return
         if w in self.algo.live:  # rejoined before the broker noticed: it replaces the old peer
-            self._dispatch(self.algo.remove_worker(w, self.now))
+            self.engine.remove_worker(w, self.now)
         self.inc[w] += 1
         self.alive[w] = True
-        self.w_lives[w] += 1
+        self.tallies[w].incarnations += 1
         self.rejoins += 1
         self.steppers[w] = None  # a restarted worker process starts its batch stream afresh
         self.metrics.write("worker", self.now, worker=w, role="worker", status="rejoined", host="sim")
         self._schedule_rate_failure(w)
-        self._dispatch(self.algo.add_worker(w, self.now))
+        self.engine.add_worker(w, self.now)
 
     def _schedule_rate_failure(self, w: int) -> None:
         f = self.opts.failures
@@ -447,7 +427,7 @@ class Simulation:
         for w in range(self.n):
             self.metrics.write("worker", 0.0, worker=w, role="worker", status="joined", host="sim")
             self._schedule_rate_failure(w)
-            self._dispatch(self.algo.add_worker(w, 0.0))
+            self.engine.add_worker(w, 0.0)
         handlers = {_DONE: self._on_done, _ARRIVE: self._on_arrive, _PROCESS: self._process, _FAIL: self._on_fail, _CANCEL: self._on_cancel,
                     _DETECT: self._on_detect, _RECOVER: self._on_recover}
         limit = cfg.time_limit
@@ -467,7 +447,7 @@ class Simulation:
             self.now = t
             self.events += 1
             if kind == _PROCESS:
-                self._process(a)
+                self._process(a, b)
             else:
                 handlers[kind](w, inc, a, b)
         if self.ledger.final_eval_needed:
@@ -481,9 +461,8 @@ class Simulation:
         v = self.now
         return {
             "virtual_s": v, "real_s": real_s,
-            "rejected_messages": 0, "rejected_by_reason": {}, "dropped_updates": dict(self.dropped),
+            "rejected_messages": int(sum(self.rejected.values())), "rejected_by_reason": dict(self.rejected),
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-            "reply_compression_ratio": self.dense_reply_bytes / self.reply_bytes if self.reply_bytes else 1.0,
             "worker_deaths": self.deaths, "worker_rejoins": self.rejoins,
             "target": self.opts.target, "time_to_target_s": self.time_to_target,
             "compute_s": self.compute_s if self.compute_s is not None else self.compute.mean,
@@ -494,11 +473,8 @@ class Simulation:
             "broker_bandwidth_Bps": self.broker_bw, "broker_bandwidth_measured": self.broker_bw_measured,
             "server_overlap": self.overlap,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
-            "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s, **self.algo.report(),
-            "workers": {str(w): {"host": "sim", "steps": self.w_steps[w], "samples": self.w_samples[w],
-                                 "mean_staleness": self.w_stale_sum[w] / self.w_steps[w] if self.w_steps[w] else 0.0,
-                                 "max_staleness": self.w_stale_max[w], "incarnations": self.w_lives[w]}
-                        for w in range(self.n)},
+            "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s, **self.engine.summary(),
+            "workers": {str(w): t.row("sim") for w, t in enumerate(self.tallies)},
         }
 
 

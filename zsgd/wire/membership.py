@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from zsgd.core.tally import WorkerTally
+
 
 @dataclass
-class Peer:
+class Peer(WorkerTally):
+    """A connected process (its counters, as a worker, are the ``WorkerTally`` the server engine books into)."""
+
     identity: bytes
     worker: int
     role: str  # "worker" | "evaluator" | "server" (a range server of --servers K)
@@ -22,20 +26,9 @@ class Peer:
     state: str = "joining"  # joining -> ready -> gone
     last_seen: float = 0.0
     last_sent: float = 0.0
-    steps: int = 0
-    samples: int = 0
-    staleness_sum: int = 0
-    staleness_max: int = 0
-    last_loss: float = float("nan")
-    compute_s_sum: float = 0.0  # worker-reported gradient time (without emulated slowdown)
     stall_s_sum: float = 0.0  # decentralized emulation: time a straggler node slowed itself by
-    incarnations: int = 1
     busy: bool = False  # evaluator: evaluating a snapshot
     user: str | None = None  # CURVE: the client key (ZAP User-Id) this peer joined with
-
-    @property
-    def mean_staleness(self) -> float:
-        return self.staleness_sum / self.steps if self.steps else 0.0
 
 
 @dataclass
