@@ -10,6 +10,8 @@ from zsgd.wire import protocol
 from zsgd.decentralized import (DecentralizedParams, DecentralizedRound, PeerEndpoint, PeerPayload, Topology, make_rule,
                                 parse_topology)
 from zsgd.nn.optim import SGD
+from zsgd.runtime.worker.decentralized_node import payload_from_message
+from zsgd.simulation.decentralized import PeerMessageSizes
 from zsgd.wire.protocol import ProtocolError
 
 PATH3 = Topology("path", 3, ((1,), (0, 2), (1,)))  # degrees 1, 2, 1: W = [[2/3,1/3,0],[1/3,1/3,1/3],[0,1/3,2/3]]
@@ -25,6 +27,7 @@ def vec(v: float) -> np.ndarray:
 
 
 def driver(algo: str, top: Topology, x0s, grads, params: DecentralizedParams, lr: float = 0.5, **kw) -> DecentralizedRound:
+    kw.setdefault("sizer", PeerMessageSizes())  # messages sized as the simulator sizes them: on the wire
     d = DecentralizedRound.build(algo, top, np.zeros_like(x0s[0]), grads, params, lr=lr, **kw)
     for rule, x in zip(d.rules, x0s):  # distinct starting points, for hand-computed rounds
         rule.x = np.array(x, np.float32)
@@ -186,7 +189,7 @@ def test_a_payload_survives_the_wire_format():
         msgs = [(to, p) for e in d.endpoints for to, p in e.outgoing()]
         for to, p in msgs:
             wire = protocol.encode(protocol.peer_message("run1", p.sender, to, p.round, p.arrays, codec=p.codec))
-            d.endpoints[to].deliver(PeerPayload.from_message(protocol.decode([bytes(f) for f in wire])))
+            d.endpoints[to].deliver(payload_from_message(protocol.decode([bytes(f) for f in wire])))
         for e in d.endpoints:
             e.advance()
         ref.run_round()
@@ -221,8 +224,24 @@ def test_uncompressed_messages_have_the_exact_wire_size():
     assert len(res.sent) == 4  # the path has 2 edges, a message each way
     for s in res.sent:
         p = d.endpoints[s.sender]._sent[1]
-        assert s.nbytes == protocol.message_nbytes(protocol.peer_message(d.run, s.sender, s.to, 0, p.arrays, codec="none"))
+        assert s.nbytes == protocol.message_nbytes(protocol.peer_message(d.sizer.run, s.sender, s.to, 0, p.arrays, codec="none"))
         assert s.nbytes > 2 * 2 * 4  # x and y of 2 floats each, plus the header
+
+
+def test_without_a_sizer_a_message_counts_its_arrays_only():
+    """The decentralized package does not know the wire: its own size of a message is the payload's bytes."""
+    d = DecentralizedRound.build("dsgt", PATH3, vec(1), [identity_grad] * 3, DecentralizedParams(alpha0=0.5), lr=0.5)
+    assert {s.nbytes for s in d.run_round().sent} == {2 * 2 * 4}  # x and y, 2 float32 each
+    wire = driver("dsgt", PATH3, [vec(1)] * 3, [identity_grad] * 3, DecentralizedParams(alpha0=0.5))
+    assert min(s.nbytes for s in wire.run_round().sent) > 2 * 2 * 4  # the simulator's size adds the header
+
+
+@pytest.mark.parametrize("meta", [{"round": -1}, {"round": True}, {"round": "0"}, {}, {"round": 0, "codec": 5}])
+def test_a_peer_message_with_bad_meta_is_refused_by_the_runtime(meta):
+    msg = protocol.Message(protocol.MsgType.PEER, "run1", 1, 0, {"x": vec(1)}, meta={"to": 0, **meta})
+    with pytest.raises(ProtocolError) as info:
+        payload_from_message(msg)
+    assert info.value.reason == "bad-meta"
 
 
 def test_endpoint_of_a_rule_and_unknown_algorithms():

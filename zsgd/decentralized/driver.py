@@ -12,6 +12,10 @@ values.
 The broker-side view of a decentralized run is the *average* of the nodes'
 models (what one would deploy after averaging once) and the consensus error
 ``mean_i ||x_i - x_bar||`` (how far the nodes are from agreeing).
+
+The size of a message is the caller's (``sizer``): this package does not know
+the wire format; the simulator passes the exact size of the PEER message that
+would carry each payload (``zsgd.simulation.decentralized.PeerMessageSizes``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from zsgd.wire import protocol
 from zsgd.decentralized.peer import PeerDecoder, PeerEndpoint, PeerPayload
 from zsgd.decentralized.rules import DecentralizedParams, GradFn, NodeRule, StepStats, make_rule, rule_class
 from zsgd.decentralized.topology import Topology
@@ -29,7 +32,7 @@ from zsgd.decentralized.topology import Topology
 
 @dataclass(frozen=True)
 class Sent:
-    """One peer message of a round: sender -> receiver, and its exact size on the wire."""
+    """One peer message of a round: sender -> receiver, and its size (the round's ``sizer``: on the wire, in the simulator)."""
 
     sender: int
     to: int
@@ -62,26 +65,29 @@ def consensus_error(models: Sequence[np.ndarray], mean: np.ndarray | None = None
     return float(np.mean([np.linalg.norm(x - xbar) for x in models]))
 
 
-def payload_nbytes(run: str, p: PeerPayload, to: int) -> int:
-    """Exact bytes of the PEER message carrying ``p`` to ``to`` (header + array frames)."""
-    return protocol.message_nbytes(protocol.peer_message(run, p.sender, to, p.round, p.arrays, codec=p.codec))
+#: ``(payload, receiver) -> bytes`` of the message that carries ``payload`` to ``receiver``.
+Sizer = Callable[[PeerPayload, int], int]
+
+
+def payload_nbytes(p: PeerPayload, _to: int) -> int:
+    """The default ``Sizer``: the payload's arrays alone (no transport's envelope)."""
+    return p.nbytes
 
 
 class DecentralizedRound:
     """Synchronous rounds over every node's endpoint."""
 
-    def __init__(self, endpoints: list[PeerEndpoint], run: str = "0" * 12) -> None:
+    def __init__(self, endpoints: list[PeerEndpoint], sizer: Sizer = payload_nbytes) -> None:
         if [e.node for e in endpoints] != list(range(len(endpoints))):
             raise ValueError("endpoints must be nodes 0..n-1 in order")
         self.endpoints = endpoints
-        self.run = run
+        self.sizer = sizer
         self.round = 0
-        self._size_cache: dict[tuple[str, tuple[int, ...], int, int], int] = {}
 
     @classmethod
     def build(cls, algo: str, topology: Topology, x0: np.ndarray, grad_fns: Sequence[GradFn], params: DecentralizedParams,
               *, lr: float, compress: str = "none", seed: int = 0,
-              optimizer_factory: Callable[[int], Any] | None = None) -> "DecentralizedRound":
+              optimizer_factory: Callable[[int], Any] | None = None, sizer: Sizer = payload_nbytes) -> "DecentralizedRound":
         """Every node starts from the same ``x0``; ``grad_fns[i]`` is node i's gradient on its own shard.
 
         One decoder per sender is shared by all its receivers (see ``PeerDecoder``).
@@ -93,7 +99,7 @@ class DecentralizedRound:
             opt = optimizer_factory(i) if optimizer_factory is not None else None
             rule = make_rule(algo, topology.row(i), x0, grad_fns[i], params, lr=lr, optimizer=opt)
             eps.append(PeerEndpoint(rule, compress, seed=seed, decoders=decoders))
-        return cls(eps)
+        return cls(eps, sizer)
 
     @property
     def rules(self) -> list[NodeRule]:
@@ -108,15 +114,6 @@ class DecentralizedRound:
     def consensus_error(self, mean: np.ndarray | None = None) -> float:
         return consensus_error(self.models(), mean)
 
-    def _nbytes(self, p: PeerPayload, to: int) -> int:
-        # The header differs only in small integers; cache by codec and array sizes and the
-        # digits of the numbers in it, so a 1000-node run does not JSON-encode every message.
-        key = (p.codec, tuple(int(a.nbytes) for a in p.arrays.values()), len(str(p.round)), len(str(to)) + len(str(p.sender)))
-        n = self._size_cache.get(key)
-        if n is None:
-            n = self._size_cache[key] = payload_nbytes(self.run, p, to)
-        return n
-
     def run_round(self) -> RoundResult:
         """Deliver every node's round-r payloads, then step every node (Jacobi)."""
         sent: list[Sent] = []
@@ -124,7 +121,7 @@ class DecentralizedRound:
         for msgs in outgoing:
             for to, p in msgs:
                 self.endpoints[to].deliver(p)
-                sent.append(Sent(p.sender, to, self._nbytes(p, to)))
+                sent.append(Sent(p.sender, to, self.sizer(p, to)))
         stats = [e.advance() for e in self.endpoints]
         r = self.round
         self.round += 1

@@ -4,15 +4,19 @@ how it consumes what it receives. Sans-IO, like the rules it wraps.
 A ``PeerEndpoint`` wraps one ``NodeRule``::
 
     for to, payload in ep.outgoing():          # once per round, one payload per neighbour
-        send(protocol.peer_message(run, ep.node, to, payload.round, payload.arrays, codec=payload.codec))
+        send(to, payload)                      # the caller's transport
     ...
-    ep.deliver(PeerPayload.from_message(msg))  # any order; a neighbour may be one round ahead
+    ep.deliver(payload)                        # any order; a neighbour may be one round ahead
     if ep.ready():                             # every neighbour's message of this round is in
         stats = ep.advance()                   # decode, rule.step(...), next round
 
 The simulator's round driver and a runtime worker (relaying PEER messages
 through the broker's ROUTER by worker identity) run this same object, so a
 decentralized simulation exercises the real encoding and ordering rules.
+A payload is plain values (sender, round, codec, named arrays); this package
+does not know the wire format: the runtime puts a payload in a PEER message
+and takes it out again (``zsgd.runtime.worker.decentralized_node``), and the
+simulator sizes that message (``zsgd.simulation.decentralized``).
 
 Compression (``compress`` a codec spec, e.g. ``topk:0.05``): a node does not
 send its model, it sends ``codec(state - public)`` where ``public`` is the copy
@@ -42,7 +46,6 @@ from zsgd.compression import decode, make_codec
 from zsgd.compression.base import check_finite
 from zsgd.decentralized.rules import NodeRule, StepStats
 from zsgd.errors import ProtocolError
-from zsgd.wire.protocol import Message
 
 FULL = "none"  # codec of a payload that carries the full state arrays
 
@@ -56,14 +59,10 @@ class PeerPayload:
     codec: str
     arrays: Mapping[str, np.ndarray] = field(repr=False)
 
-    @classmethod
-    def from_message(cls, msg: Message) -> "PeerPayload":
-        """From a decoded PEER message (``protocol.peer_message(..., codec=...)``)."""
-        meta = msg.meta or {}
-        rnd, codec = meta.get("round"), meta.get("codec", FULL)
-        if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0 or not isinstance(codec, str):
-            raise ProtocolError("bad-meta", "PEER message needs an integer 'round' >= 0 and a codec string")
-        return cls(int(msg.worker), rnd, codec, msg.arrays)
+    @property
+    def nbytes(self) -> int:
+        """The arrays' bytes: the payload without the envelope a transport adds."""
+        return sum(int(a.nbytes) for a in self.arrays.values())
 
 
 class PeerEncoder:

@@ -51,6 +51,8 @@ import numpy as np
 from zsgd.core.config import TrainConfig
 from zsgd.core.ledger import run_header
 from zsgd.decentralized.driver import DecentralizedRound, RoundResult, average, consensus_error, eval_every_rounds
+from zsgd.decentralized.peer import PeerPayload
+from zsgd.wire import protocol
 from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, node_gradient
 from zsgd.decentralized.topology import Topology, parse_topology
 from zsgd.errors import ZsgdError
@@ -128,6 +130,26 @@ def _grad_fns(cfg: TrainConfig, workload: Workload, n: int, add_weight_decay: bo
     return [node_gradient(s, cfg.clip_norm, cfg.weight_decay, add_weight_decay) for s in steppers], steppers
 
 
+class PeerMessageSizes:
+    """Exact bytes of the PEER message that carries a payload to a neighbour (``protocol.message_nbytes``):
+    the round driver's ``sizer``, since the decentralized package does not know the wire format.
+
+    The header differs only in small integers; sizes are cached by codec, array sizes and the digits
+    of the numbers in it, so a 1000-node run does not JSON-encode every message."""
+
+    def __init__(self, run: str = "0" * 12) -> None:
+        self.run = run
+        self._cache: dict[tuple[str, tuple[int, ...], int, int], int] = {}
+
+    def __call__(self, p: PeerPayload, to: int) -> int:
+        key = (p.codec, tuple(int(a.nbytes) for a in p.arrays.values()), len(str(p.round)), len(str(to)) + len(str(p.sender)))
+        n = self._cache.get(key)
+        if n is None:
+            n = self._cache[key] = protocol.message_nbytes(protocol.peer_message(self.run, p.sender, to, p.round, p.arrays,
+                                                                                 codec=p.codec))
+        return n
+
+
 class DecentralizedSimulation:
     """One decentralized arm in virtual time; ``run()`` writes metrics and returns a ``SimResult``."""
 
@@ -150,7 +172,8 @@ class DecentralizedSimulation:
             return make_optimizer(cfg.optimizer, self.model.n_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
         self.driver = DecentralizedRound.build(opts.algo, self.topology, workload.w0, fns, opts.params, lr=cfg.lr,
-                                               compress=opts.compress, seed=cfg.seed, optimizer_factory=optimizer)
+                                               compress=opts.compress, seed=cfg.seed, optimizer_factory=optimizer,
+                                               sizer=PeerMessageSizes())
         self.compute, self.compute_s = workload.compute_model(opts.compute, opts.calibration_steps)
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
         self.rng_compute, self.rng_net = (np.random.default_rng(s) for s in

@@ -31,7 +31,7 @@ import numpy as np
 
 from zsgd.wire import protocol
 from zsgd.core.config import TrainConfig
-from zsgd.decentralized.peer import PeerEndpoint, PeerPayload
+from zsgd.decentralized.peer import FULL, PeerEndpoint, PeerPayload
 from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, make_rule, node_gradient, rule_class
 from zsgd.decentralized.topology import MixingRow
 from zsgd.errors import ZsgdError
@@ -66,6 +66,21 @@ def parse_assignment(meta: dict[str, Any], worker: int) -> tuple[str, MixingRow,
     if algo not in DECENTRALIZED or len(neighbours) != len(weights) or every < 1 or worker in neighbours:
         raise ZsgdError("broker sent an unusable decentralized assignment")
     return algo, row, params, every
+
+
+def payload_from_message(msg: Message) -> PeerPayload:
+    """A neighbour's payload out of a decoded PEER message (``peer_message``); ProtocolError if its meta is bad.
+    Here, not in ``zsgd.decentralized``: the sans-IO endpoint takes plain values and never sees the wire."""
+    meta = msg.meta or {}
+    rnd, codec = meta.get("round"), meta.get("codec", FULL)
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0 or not isinstance(codec, str):
+        raise ProtocolError("bad-meta", "PEER message needs an integer 'round' >= 0 and a codec string")
+    return PeerPayload(int(msg.worker), rnd, codec, msg.arrays)
+
+
+def peer_message(run: str, to: int, p: PeerPayload) -> Message:
+    """The PEER message that carries ``p`` to neighbour ``to`` through the broker's relay."""
+    return protocol.peer_message(run, p.sender, to, p.round, p.arrays, codec=p.codec)
 
 
 def make_grad_fn(model: Any, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, worker: int, add_weight_decay: bool) -> GradFn:
@@ -144,7 +159,7 @@ def _handle(opts: Any, link: BrokerLink, ep: PeerEndpoint, msg: Message | bytes 
         log(opts, f"done at round {ep.round} ({msg.meta.get('reason', 'broker finished')})")
         raise _Stop(EXIT_OK)
     if msg.type == MsgType.PEER:
-        ep.deliver(PeerPayload.from_message(msg))
+        ep.deliver(payload_from_message(msg))
     elif msg.type == MsgType.ERROR:
         log(opts, f"broker reported an error: {msg.meta.get('message', '?')}")
         if msg.meta.get("fatal"):
@@ -162,7 +177,7 @@ def _wait_for_start(opts: Any, link: BrokerLink, ep: PeerEndpoint) -> None:
 def _round(opts: Any, link: BrokerLink, ep: PeerEndpoint, every: int, steps: int | None, stall: Callable[[float], float]) -> None:
     r = ep.round
     for to, p in ep.outgoing():
-        link.send(protocol.peer_message(link.run, link.worker, to, p.round, p.arrays, codec=p.codec))
+        link.send(peer_message(link.run, to, p))
     while not ep.ready():
         _handle(opts, link, ep, link.recv(timeout=opts.timeout))
     t0 = time.perf_counter()
