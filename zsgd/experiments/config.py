@@ -55,7 +55,7 @@ from typing import Any, Callable
 from zsgd.core.config import TrainConfig, model_defaults
 from zsgd.errors import ZsgdError
 from zsgd.core.yaml_loader import Marked, load_marked
-from zsgd.network.knobs import RUN, SIM, Knob, all_knobs, file_keys
+from zsgd.network.knobs import RUN, SIM, Knob, all_knobs
 
 TOP_KEYS = ("name", "description", "problem", "target", "defaults", "arms")
 SHARED_KEYS = ("model", "data", "data_dir", "image_size", "grayscale", "split", "seed", "bptt", "tokens")
@@ -107,17 +107,13 @@ class ExperimentSpec:
     arms: list[ArmSpec] = field(default_factory=list)
 
 
-def network_keys() -> tuple[str, ...]:
-    """The world's keys (``zsgd.network.knobs``): those of sim and run arms, then those of sim arms only."""
-    return file_keys((SIM, RUN)) + file_keys((SIM,))
-
-
 def arm_keys() -> tuple[str, ...]:
     """Every key an arm may have (read at call time: a knob added to ``zsgd.network.knobs`` is a key at once)."""
-    return BASE_KEYS + network_keys() + CENTRAL_KEYS + RUN_KEYS + DECENTRAL_KEYS + OVERRIDE_KEYS
+    return BASE_KEYS + tuple(_file_knobs()) + CENTRAL_KEYS + RUN_KEYS + DECENTRAL_KEYS + OVERRIDE_KEYS
 
 
 def _file_knobs() -> dict[str, Knob]:
+    """The world's keys (``zsgd.network.knobs``), each with the arm modes that take it."""
     return {k.name: k for k in all_knobs() if k.file}
 
 

@@ -23,10 +23,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from zsgd.network.delays import MAX_WORKERS, parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, \
-    parse_worker_latency
-from zsgd.network.faults import parse_failures, parse_stragglers
 from zsgd.network.units import parse_bandwidth, parse_duration, parse_loss, split_specs
+
+
+def _later(module: str, name: str) -> Callable[..., Any]:
+    """``zsgd.network.<module>.<name>``, imported at its first call: those modules import numpy, which must
+    not load while the CLI registers its commands (``single_threaded_blas`` acts only before numpy's import)."""
+    def call(*args: Any, **kwargs: Any) -> Any:
+        from importlib import import_module
+
+        return getattr(import_module(f"zsgd.network.{module}"), name)(*args, **kwargs)
+    return call
+
+
+parse_broker_bandwidth, parse_broker_time, parse_compute, parse_delay, parse_worker_latency = (
+    _later("delays", n) for n in ("parse_broker_bandwidth", "parse_broker_time", "parse_compute", "parse_delay", "parse_worker_latency"))
+parse_failures, parse_stragglers = (_later("faults", n) for n in ("parse_failures", "parse_stragglers"))
 
 SIM, RUN = "sim", "run"  # experiment-file arm modes (an arm's ``mode:``)
 #: How a knob's value makes arms: a comma list whose bare numbers take a neighbour's unit (``0,10,50ms``),
@@ -81,8 +93,10 @@ class Knob:
                 or not set(self.file) <= {SIM, RUN} or (self.multiple and self.sweep):
             raise ValueError(f"inconsistent network knob {self.name!r}")
 
-    def parse_value(self, text: Any, what: str | None = None, max_workers: int = MAX_WORKERS) -> Any:
-        """The model of one value (``ZsgdError`` naming it when it is bad)."""
+    def parse_value(self, text: Any, what: str | None = None, max_workers: int | None = None) -> Any:
+        """The model of one value (``ZsgdError`` naming it when it is bad); ``max_workers``: default ``delays.MAX_WORKERS``."""
+        if max_workers is None:
+            from zsgd.network.delays import MAX_WORKERS as max_workers
         return self.parse(text, what or self.flag, max_workers)
 
 
@@ -156,11 +170,6 @@ def knob(name: str) -> Knob:
 def sweepable() -> tuple[Knob, ...]:
     """The knobs a list turns into arms, in the grid's order."""
     return tuple(k for k in KNOBS if k.sweep)
-
-
-def file_keys(modes: tuple[str, ...]) -> tuple[str, ...]:
-    """The experiment-file keys taken by arms of exactly these modes, e.g. ``(SIM, RUN)`` or ``(SIM,)``."""
-    return tuple(k.name for k in KNOBS if k.file == modes)
 
 
 def emulated() -> tuple[Knob, ...]:
