@@ -37,7 +37,23 @@ Spec syntax (the same in flags and YAML):
 
 from __future__ import annotations
 
-from zsgd.network.delays import *  # noqa: F401,F403
-from zsgd.network.faults import *  # noqa: F401,F403
-from zsgd.network.trace import MAX_TRACE_BYTES, MAX_TRACE_ROWS, Trace, load_trace  # noqa: F401
-from zsgd.network.units import *  # noqa: F401,F403
+from typing import Any
+
+# ``from zsgd.network import X`` finds X in these modules, the last first (as the star imports that were here
+# did); they are imported at the first such look-up, not with the package: zsgd.network.knobs (which the CLI
+# reads while registering its commands) must load without numpy, which delays, faults and trace import.
+_EXPORTS = (("units", None), ("trace", ("MAX_TRACE_BYTES", "MAX_TRACE_ROWS", "Trace", "load_trace")), ("faults", None), ("delays", None))
+
+
+def __getattr__(name: str) -> Any:
+    from importlib import import_module
+
+    if not name.startswith("_"):
+        for module, names in _EXPORTS:
+            if names is None or name in names:
+                mod = import_module(f"zsgd.network.{module}")
+                if hasattr(mod, name):
+                    value = getattr(mod, name)
+                    globals()[name] = value
+                    return value
+    raise AttributeError(f"module 'zsgd.network' has no attribute {name!r}")

@@ -1,0 +1,53 @@
+"""What every zsgd command pays before its own work: the CLI's import.
+
+Registering the commands must not import numpy: ``single_threaded_blas`` (zsgd sim, run, worker,
+experiment) sets one BLAS thread only before numpy's import, and ``zsgd run`` forks its local
+workers only from a single-threaded BLAS (``zsgd.runtime.launch.forked.fork_available``). A module
+that numpy slipped into at start-up left OpenBLAS spinning two threads in every simulated arm and
+made ``zsgd run`` start its workers as new interpreters, with nothing failing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+PROBE = """
+import json, sys
+import zsgd.cli
+before = sorted(m for m in ("numpy", "numba", "scipy", "matplotlib", "zmq") if m in sys.modules)
+from zsgd.runtime.threads import single_threaded_blas
+import os
+for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    os.environ.pop(key, None)
+applied = single_threaded_blas()
+from zsgd.runtime.launch.forked import fork_available
+print(json.dumps({"loaded": before, "applied": applied, "fork": fork_available()}))
+"""
+
+
+def test_registering_the_commands_imports_no_numpy_numba_or_scipy():
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["loaded"] == [], f"imported while registering the commands: {got['loaded']}"
+    assert got["applied"] is True  # one BLAS thread still takes effect after the CLI's import
+    if sys.platform.startswith("linux"):
+        assert got["fork"] is True  # so zsgd run forks its workers
+
+
+def test_network_names_resolve_lazily_and_the_same():
+    """``from zsgd.network import X`` gives the object the submodule defines (the package imports them on demand)."""
+    import zsgd.network as net
+    from zsgd.network import delays, faults, trace, units
+
+    for name in ("Constant", "Network", "Measured", "parse_delay", "MAX_WORKERS"):
+        assert getattr(net, name) is getattr(delays, name)
+    assert net.FailureSpec is faults.FailureSpec and net.Trace is trace.Trace and net.parse_duration is units.parse_duration
+    try:
+        net.no_such_name  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
