@@ -16,11 +16,21 @@ are deterministic; latency lognormal:10ms,0.5 each way):
 run also pays, in its evaluator process).
 
 Run: ``python benchmarks/bench_sim.py [--updates 10000] [--workers 1024] [--cnn-updates 200] [--skip-cnn]``.
+
+``--start [--rounds 5] [--baseline DIR]`` times whole ``zsgd sim`` commands instead, what a user
+waits for (issue 24): one short arm (logreg, 1,500 updates), and a sweep of four such arms
+(``--latency 0,10,50,200ms``) with ``--jobs 1`` and ``--jobs 2``, alternating in every round so a
+machine that speeds up or slows down moves both; with ``--baseline DIR`` (another checkout, e.g.
+``git archive OLD | tar -x -C DIR``) each command also runs from DIR, side by side.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +60,53 @@ def run_case(name: str, model: str, algo: str, workers: int, updates: int, eval_
             "outside_with_eval": (real - grad) / real, "virtual_s": s["virtual_s"], "per_update_ms": real / s["updates"] * 1e3}
 
 
+SHORT_ARM = ("sim", "--model", "logreg", "--steps", "1500", "--quiet")
+SWEEP = SHORT_ARM + ("--latency", "0,10,50,200ms")
+
+
+def command_wall(args: tuple[str, ...], out: Path, tree: Path | None = None) -> float:
+    """Seconds of ``zsgd ARGS --out OUT`` as a user runs it (a fresh interpreter, to its exit), from ``tree``'s
+    package when given (else this checkout's)."""
+    root = tree or Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": str(root)}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "zsgd", *args, "--out", str(out)], cwd=root, env=env, check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def start_rows(rounds: int, baseline: Path | None) -> None:
+    """The ``--start`` table: every command of a round run once per tree, rounds alternating (see the docstring)."""
+    trees: dict[str, Path | None] = {"this": None} | ({"baseline": baseline} if baseline else {})
+    cases = {"one arm": SHORT_ARM, "4 arms --jobs 1": SWEEP + ("--jobs", "1"), "4 arms --jobs 2": SWEEP + ("--jobs", "2")}
+    times: dict[tuple[str, str], list[float]] = {(t, c): [] for t in trees for c in cases}
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        for tree, root in trees.items():  # warm-up: numba's cache and the calibration cache of each tree
+            command_wall(SWEEP + ("--jobs", "2"), Path(tmp) / f"warm-{tree}", root)
+        for r in range(rounds):
+            for case, args in cases.items():
+                for tree, root in trees.items():
+                    times[tree, case].append(command_wall(args, Path(tmp) / f"{tree}-{r}-{case.replace(' ', '_')}", root))
+            loads.append(os.getloadavg()[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"zsgd sim, whole commands (s): median of {rounds} alternating rounds; 1-minute load average "
+          f"{min(loads):.2f}-{max(loads):.2f} (before and after each round)")
+    head = f"{'command':<22}" + "".join(f"{t:>12}" for t in trees) + ("" if len(trees) == 1 else f"{'this/base':>11}") + "   rounds (this)"
+    print(head)
+    print("-" * len(head))
+    for case in cases:
+        row = f"{case:<22}" + "".join(f"{med[t, case]:>12.2f}" for t in trees)
+        if len(trees) > 1:
+            row += f"{med['this', case] / med['baseline', case]:>10.2f}x"
+        print(row + "   " + " ".join(f"{v:.2f}" for v in times["this", case]))
+    for tree in trees:
+        pairs = [b / a for a, b in zip(times[tree, "4 arms --jobs 1"], times[tree, "4 arms --jobs 2"])]
+        print(f"--jobs 2 / --jobs 1 ({tree}): {statistics.median(pairs):.2f}x, median of the rounds' ratios "
+              f"({', '.join(f'{p:.2f}' for p in pairs)}); goal <= 0.6x, 0.5x the limit on 2 cores")
+    print(f"one arm ({'this' if len(trees) == 1 else 'this tree'}): {med['this', 'one arm']:.2f} s; goal < 1 s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--updates", type=int, default=10_000)
@@ -58,7 +115,13 @@ def main() -> None:
     ap.add_argument("--cnn-workers", type=int, default=64)
     ap.add_argument("--sync-rounds", type=int, default=300)
     ap.add_argument("--skip-cnn", action="store_true")
+    ap.add_argument("--start", action="store_true", help="time whole zsgd sim commands instead (one short arm; 4 arms, --jobs 1 and 2)")
+    ap.add_argument("--rounds", type=int, default=5, help="with --start: alternating rounds")
+    ap.add_argument("--baseline", type=Path, default=None, help="with --start: another checkout to run side by side")
     args = ap.parse_args()
+    if args.start:
+        start_rows(args.rounds, args.baseline)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
