@@ -10,15 +10,17 @@
    separates what the step's memory passes cost from what zsgd adds.
 2. **End to end**: aggregate training samples/s of ``zsgd run --n-proc 2``
    (async, cnn, batch 64 per worker) beside PyTorch DDP (gloo, 2 processes x
-   1 thread, same architecture, batch, optimizer). Target: >= 1.2x DDP.
-   Steady-state rates: samples between the first and last update over that time.
+   1 thread, same architecture, batch, optimizer), alternating for ``--rounds``.
+   Target: >= 1.5x DDP. Steady-state rates: samples between the first and last
+   update over that time. ``--breakdown``: where a worker's step and a DDP
+   rank's step go, phase by phase (``e2e_breakdown.py``).
 3. **Start-up**: from launching ``zsgd run --n-proc 4`` to the first applied
    update, warm numba cache. Target: < 5 s.
 
 4. **Authentication** (``--only auth``): the exchange and the start-up with the run
    secret that authenticates every run (``zsgd.wire.auth``) beside CURVE (``--secure``).
 
-Run: ``python benchmarks/bench_runtime.py [--seconds 30] [--reps 200] [--skip-ddp]``
+Run: ``python benchmarks/bench_runtime.py [--seconds 30] [--reps 200] [--skip-ddp] [--only e2e --breakdown]``
 """
 
 from __future__ import annotations
@@ -174,13 +176,19 @@ def steady_rate(run_dir: Path) -> tuple[float, float]:
     return (s1 - s0) / (t1 - t0), ups[0]["t"]
 
 
-def zsgd_end_to_end(seconds: float, out: Path, n_proc: int = 2, data: str = "fashion-mnist") -> float:
-    subprocess.run([sys.executable, "-m", "zsgd", "run", "--n-proc", str(n_proc), "--model", "cnn", "--data", data, "--algo", "async",
-                    "--time", str(seconds), "--quiet", "--out", str(out), "--eval-every", "100000000",
-                    # the reference's settings: batch 64 per worker, constant lr, momentum 0.9 (not scaled to the workers)
-                    "--batch-size", "64", "--lr", "0.01", "--lr-schedule", "constant", "--momentum", "0.9"],
-                   env=ENV, check=True, stdin=subprocess.DEVNULL, capture_output=True)
-    return steady_rate(out)[0]
+def zsgd_end_to_end(seconds: float, out: Path, n_proc: int = 2, data: str = "fashion-mnist", breakdown: bool = False) -> tuple[float, dict]:
+    """Steady samples/s, and with ``breakdown`` the workers' mean ms per step by phase (``e2e_breakdown``)."""
+    argv = ["run", "--n-proc", str(n_proc), "--model", "cnn", "--data", data, "--algo", "async",
+            "--time", str(seconds), "--quiet", "--out", str(out), "--eval-every", "100000000",
+            # the reference's settings: batch 64 per worker, constant lr, momentum 0.9 (not scaled to the workers)
+            "--batch-size", "64", "--lr", "0.01", "--lr-schedule", "constant", "--momentum", "0.9"]
+    if breakdown:
+        import e2e_breakdown
+
+        e2e_breakdown.run_instrumented(argv, out / "phases", ENV, Path(__file__).resolve().parents[1])
+        return steady_rate(out)[0], e2e_breakdown.breakdown(out / "phases")
+    subprocess.run([sys.executable, "-m", "zsgd", *argv], env=ENV, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+    return steady_rate(out)[0], {}
 
 
 # The zsgd `cnn` in torch.nn, shared by both DDP scripts.
@@ -202,14 +210,32 @@ torch.manual_seed(0)
 model = nn.parallel.DistributedDataParallel(CNN())
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 x = torch.rand(64, 1, 28, 28); y = torch.randint(0, 10, (64,))
+import json, contextlib, resource
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF); return r.ru_utime + r.ru_stime  # all threads: gloo's too
 steps, t0, start = 0, None, time.perf_counter()
+ph = dict(forward=0.0, backward=0.0, optimizer=0.0, compute_cpu=0.0)  # the timed window's phases (rank 0's, reported)
+def step(timed, sync=True):
+    a = time.perf_counter(); opt.zero_grad()
+    with contextlib.nullcontext() if sync else model.no_sync():
+        c = time.thread_time(); loss = F.cross_entropy(model(x), y); b = time.perf_counter()
+        loss.backward()  # DDP's all-reduce runs in its hooks here, overlapped with the backward; waited for at its end
+    d = time.perf_counter(); cc = time.thread_time() - c; opt.step(); e = time.perf_counter()
+    if timed:
+        ph["forward"] += b - a; ph["backward"] += d - b; ph["compute_cpu"] += cc; ph["optimizer"] += e - d
 while True:
-    opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step(); steps += 1
-    if steps == 20: dist.barrier(); t0 = time.perf_counter(); s0 = steps
+    step(t0 is not None); steps += 1
+    if steps == 20: dist.barrier(); t0 = time.perf_counter(); s0 = steps; c0 = cpu()
     if t0 is not None and time.perf_counter() - t0 > seconds: break
 flag = torch.tensor([steps - s0], dtype=torch.float64); dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
 dist.all_reduce(flag); dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-if rank == 0: print(flag.item() * 64 / dt.item())
+n = steps - s0; ph = {k: 1e3 * v / n for k, v in ph.items()} | {"step": 1e3 * dt.item() / (flag.item() / world), "process_cpu": 1e3 * (cpu() - c0) / n}
+# The same steps without the all-reduce (no_sync), both ranks computing at once as above: the backward's own time.
+dist.barrier(); quiet = dict(forward=0.0, backward=0.0, optimizer=0.0, compute_cpu=0.0); ph_, ph = ph, quiet
+for _ in range(60): step(True, sync=False)
+ph = ph_ | {k + "_alone": 1e3 * v / 60 for k, v in quiet.items()}
+dist.barrier()
+if rank == 0: print("PHASES", json.dumps(ph)); print(flag.item() * 64 / dt.item())
 dist.destroy_process_group()
 """
 
@@ -217,12 +243,15 @@ dist.destroy_process_group()
 DDP_SCRIPT = DDP_SCRIPT.replace("TORCH_CNN", TORCH_CNN)
 
 
-def ddp_end_to_end(seconds: float, world: int = 2) -> float:
+def ddp_end_to_end(seconds: float, world: int = 2) -> tuple[float, dict]:
+    """Steady samples/s of all ranks, and rank 0's mean ms per step by phase."""
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", DDP_SCRIPT, str(r), str(world), str(seconds), port], env=ENV, stdout=subprocess.PIPE, text=True)
              for r in range(world)]
     outs = [p.communicate(timeout=seconds * 4 + 120)[0] for p in procs]
-    return float(outs[0].strip().splitlines()[-1])
+    lines = outs[0].strip().splitlines()
+    phases = next((json.loads(line[len("PHASES "):]) for line in lines if line.startswith("PHASES ")), {})
+    return float(lines[-1]), phases
 
 
 DDP_TO_ACC = r"""
@@ -320,6 +349,7 @@ def main() -> None:
     ap.add_argument("--skip-ddp", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="alternate raw and zsgd exchange measurements this many times (the machine drifts)")
     ap.add_argument("--only", choices=["exchange", "e2e", "startup", "accuracy", "auth"], default=None)
+    ap.add_argument("--breakdown", action="store_true", help="e2e: also time each phase of a worker's step and of a DDP rank's (e2e_breakdown.py)")
     ap.add_argument("--accuracy", action="store_true", help="also time to 88%% Fashion-MNIST test accuracy beside DDP (about 4 minutes a seed)")
     ap.add_argument("--seeds", type=int, default=3, help="seeds of the time-to-accuracy comparison (each runs zsgd, then DDP)")
     ap.add_argument("--first-seed", type=int, default=0, help="the first of those seeds (more seeds in a later run)")
@@ -361,12 +391,22 @@ def main() -> None:
                           f"{statistics.median(p[3] / p[1] for p in pairs):.2f}x", "")
             table.add_row("raw pyzmq round trip over ipc (ms, for reference)", "", f"{raw_ipc:.2f}", "", "")
         if args.only in (None, "e2e"):
-            z = zsgd_end_to_end(args.seconds, tmp / "e2e")
-            if args.skip_ddp:
-                table.add_row("end-to-end samples/s, 2 workers, cnn b64", f"{z:,.0f}", "skipped", "", ">= 1.2x DDP")
-            else:
-                d = ddp_end_to_end(args.seconds)
-                table.add_row("end-to-end samples/s, 2 workers, cnn b64", f"{z:,.0f}", f"DDP gloo {d:,.0f}", f"{z / d:.2f}x", ">= 1.2x")
+            # zsgd and DDP alternate, as the exchange's pairs do; the ratio is the median of the rounds' ratios.
+            rounds = []
+            for r in range(max(1, args.rounds)):
+                z, zph = zsgd_end_to_end(args.seconds, tmp / f"e2e{r}", breakdown=args.breakdown)
+                d, dph = (float("nan"), {}) if args.skip_ddp else ddp_end_to_end(args.seconds)
+                rounds.append((z, d, zph, dph))
+            z, d = statistics.median(p[0] for p in rounds), statistics.median(p[1] for p in rounds)
+            spread = ", ".join(f"{p[0] / p[1]:.2f}" for p in rounds)
+            table.add_row(f"end-to-end samples/s, 2 workers, cnn b64 (median of {len(rounds)} alternating rounds; ratios {spread})",
+                          f"{z:,.0f}", "skipped" if args.skip_ddp else f"DDP gloo {d:,.0f}",
+                          "" if args.skip_ddp else f"{statistics.median(p[0] / p[1] for p in rounds):.2f}x", ">= 1.5x")
+            if args.breakdown:
+                from e2e_breakdown import breakdown_rows
+
+                for row in breakdown_rows([p[2] for p in rounds], [p[3] for p in rounds if p[3]]):
+                    table.add_row(*row)
         if args.accuracy or args.only == "accuracy":
             # Same per-worker batch (32) and lr for both; sync averaging, so 2 x 32 matches the single-process baseline's 64.
             # Which evaluation first crosses 88 % moves by hundreds of steps from one seed to the next (test accuracy

@@ -59,3 +59,21 @@ def test_the_floor_server_steps_on_what_it_gets_and_the_plain_echo_does_not():
 def test_the_zsgd_side_times_real_exchanges_with_a_broker(tmp_path, shared_memory):
     times = bench_runtime.zsgd_round_trip(3, tmp_path / "x", shared_memory=shared_memory)  # asserts the shm offer was taken
     assert len(times) == 3 and all(t > 0 for t in times)
+
+
+@pytest.mark.slow
+def test_the_end_to_end_breakdown_times_each_phase_of_real_workers(tmp_path):
+    """``--only e2e --breakdown``: a real ``zsgd run`` with the wrappers, each worker's phases written and read back.
+    Only consistency is checked (phases inside the step, the kernel inside the compute), never a duration."""
+    import e2e_breakdown
+
+    argv = ["run", "--n-proc", "2", "--model", "logreg", "--data", "embedded", "--algo", "async", "--steps", "400", "--quiet",
+            "--out", str(tmp_path / "run"), "--eval-every", "100000000", "--no-plots"]
+    e2e_breakdown.run_instrumented(argv, tmp_path / "phases", bench_runtime.ENV, Path(__file__).resolve().parents[1])
+    assert len(list((tmp_path / "phases").glob("phases-*.json"))) == 2  # one file per worker, none from the evaluator
+    ms = e2e_breakdown.breakdown(tmp_path / "phases")
+    assert 0 < ms["kernel"] <= ms["compute"] <= ms["step"]
+    assert all(ms[k] >= 0 for k in ("send", "recv", "receive_copy", "kernel_cpu", "process_cpu"))
+    assert ms["receive_copy"] <= ms["recv"] and ms["broker_cpu_per_update"] > 0
+    rows = e2e_breakdown.breakdown_rows([ms], [])
+    assert rows[0][1] == f"{ms['step']:.2f}" and all(len(r) == 5 for r in rows)

@@ -13,7 +13,7 @@ import pytest
 from zsgd.wire import protocol
 from zsgd.wire.frames import ProtocolError
 from zsgd.wire.protocol import MsgType
-from zsgd.wire.shm import PREFIX, Declined, SharedPeers, SharedSlots, file_bytes, shm_dir, sweep_orphans
+from zsgd.wire.shm import PREFIX, Declined, SharedPeers, SharedSlots, WorkerShare, file_bytes, shm_dir, sweep_orphans
 
 N = 1000
 
@@ -185,6 +185,35 @@ def test_the_worker_end_offers_once_then_moves_both_arrays_through_the_slots():
         link.close(flush=False)
         ctx.destroy(linger=0)
     assert not list(shm_dir().glob(f"zsgd-shm-{os.getpid()}-*"))
+
+
+def test_the_worker_reads_the_weights_in_place_and_knows_when_they_were_rewritten_under_it():
+    """No copy on the worker's receive path: the weights it computes on are the reply slot itself, so a broker that
+    rewrites the slot meanwhile (newer weights, their message on its way) voids that step: ``intact`` says so."""
+    share = WorkerShare(N)
+    try:
+        first = share.outgoing(protocol.update_message("r", 0, 0, np.zeros(N, np.float32), 32, 0.5))
+        broker = SharedSlots.attach(first.meta["shm_offer"], N)
+        broker.unlink()
+        msg = protocol.Message(MsgType.WEIGHTS, "r", -1, 1, {}, meta={"shm": broker.put("reply", np.full(N, 3, np.float32))})
+        got = share.incoming(msg)
+        w = got.arrays["w"]
+        assert np.all(w == 3) and not w.flags.writeable and share.intact(got)
+        with pytest.raises(ValueError):
+            w[0] = 1  # read-only: the worker never writes the broker's slot
+        broker.put("reply", np.full(N, 4, np.float32))
+        assert np.all(w == 4), "the weights are the slot itself, not a copy"
+        assert not share.intact(got)  # so the step computed on them is void
+        framed = protocol.weights_message("r", 2, np.ones(N, np.float32))
+        assert share.incoming(framed) is framed and share.intact(framed)  # weights in a frame are the worker's own
+        with pytest.raises(ProtocolError):
+            share.incoming(protocol.Message(MsgType.WEIGHTS, "r", -1, 3, {}, meta={"shm": 3}))  # odd: never a finished write
+        del w, got
+        broker.close()
+    finally:
+        share.close()
+        if share.slots is not None:
+            share.slots.close()
 
 
 def _dead_pid() -> int:

@@ -123,6 +123,8 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             except ProtocolError as exc:
                 log(opts, f"broker sent unusable weights ({exc}); exiting")
                 return EXIT_BAD_REPLY
+            if reply is None:  # the weights were superseded under the step (zsgd.wire.shm.WorkerShare.intact)
+                continue
             link.send(reply)
             idle_since = time.monotonic()
             if isinstance(reply.meta.get("compute_s"), float):
@@ -243,13 +245,16 @@ def _build(opts: NodeOptions, link: BrokerLink, cfg: dict, assign_meta: dict):
     if opts.shared_memory and codec.name == "none" and broker_on_this_machine(opts.connect):
         link.offer_shared_memory(model.n_params)  # the big arrays through /dev/shm instead of TCP (zsgd.wire.shm)
 
-    def handle_weights(msg: Message, t0: float = 0.0) -> Message:
+    def handle_weights(msg: Message, t0: float = 0.0) -> Message | None:
         # compute_s is the worker's whole turnaround, from the weights reaching its socket (``t0``, or
         # from when the worker was ready for them) to the update going back, not the gradient alone:
         # it is what the simulator's compute time stands for (the worker holds the weights that long),
         # so a simulation calibrated on it sees this run's own message handling and CPU contention too.
         t0 = t0 or time.monotonic()
-        update = step.compute(weights_of(msg), msg.version)
+        weights = weights_of(msg)
+        update = step.compute(weights, msg.version)
+        if weights is msg.arrays.get("w") and not link.shared.intact(msg):
+            return None  # computed on weights in shared memory that the broker rewrote meanwhile: void (newer ones are on their way)
         extra = {"compute_s": time.monotonic() - t0}  # lets a simulation be calibrated against this very run
         if "kind" in update.meta:
             extra["kind"] = update.meta["kind"]

@@ -197,6 +197,23 @@ class SharedSlots:
             raise ProtocolError("shm-stale", f"{slot} slot was rewritten while it was read")
         return out
 
+    def view(self, slot: str, seq: object) -> np.ndarray:
+        """``slot`` itself, read-only, as written under ``seq`` (no copy); ProtocolError as :meth:`take`. The writer
+        may rewrite it later: whoever holds the view checks :meth:`holds` once done with it."""
+        if not self.holds(slot, seq):
+            i = SLOTS.index(slot)
+            if not isinstance(seq, int) or isinstance(seq, bool) or seq <= 0 or seq % 2:
+                raise ProtocolError("bad-schema", f"shm sequence {seq!r} is not a positive even number")
+            raise ProtocolError("shm-stale", f"{slot} slot is at {int(self._seq[i])}, the message says {seq}")
+        view = self._slot[slot].view()
+        view.flags.writeable = False
+        return view
+
+    def holds(self, slot: str, seq: object) -> bool:
+        """Whether ``slot`` is (still) as written under ``seq``: not rewritten since, nor being rewritten."""
+        good = isinstance(seq, int) and not isinstance(seq, bool) and seq > 0 and not seq % 2
+        return good and int(self._seq[SLOTS.index(slot)]) == seq
+
     def unlink(self) -> None:
         """Remove the file's name (both mappings stay valid): nothing is left behind whatever happens next."""
         try:
@@ -222,7 +239,6 @@ class WorkerShare:
         self.slots: SharedSlots | None = None
         self.active = False  # the broker took them
         self._offered = False
-        self._replies: list[np.ndarray] = []  # replies alternate between two: the previous one may still be in use
 
     def outgoing(self, msg: Message) -> Message:
         """A dense UPDATE with its gradient in the slot once the broker took them; the offer on the first one."""
@@ -240,8 +256,13 @@ class WorkerShare:
         return replace(msg, meta=msg.meta | {"shm_offer": self.slots.offer()})
 
     def incoming(self, msg: Message) -> Message | None:
-        """WEIGHTS whose array the broker left in the reply slot, with that array put back (a copy); None when the
-        slot already holds newer weights (their message is on its way: read them from that one)."""
+        """WEIGHTS whose array the broker left in the reply slot, with that array put back as a read-only view of the
+        slot: no copy, the model reads the weights where the broker wrote them. None when the slot already holds
+        newer weights (their message is on its way: read them from that one).
+
+        The broker writes the slot again only with newer weights for this worker, so whoever uses the view asks
+        :meth:`intact` once done with it: False means the weights changed under it and what was computed from them
+        is void, exactly as if they had been superseded before they were read (None above)."""
         if msg.type != MsgType.WEIGHTS or "shm" not in msg.meta:
             return msg
         if self.slots is None:
@@ -249,16 +270,20 @@ class WorkerShare:
         if not self.active:
             self.active = True
             self.slots.unlink()  # the broker removed the name when it mapped the file; this covers one that did not
-            self._replies = [np.empty(self.n, np.float32) for _ in range(2)]
         try:
-            w = self.slots.take("reply", msg.meta["shm"], out=self._replies[0])
+            w = self.slots.view("reply", msg.meta["shm"])
         except ProtocolError as exc:
             if exc.reason == "shm-stale":
                 return None
             raise
-        self._replies.reverse()
-        w.flags.writeable = False
         return replace(msg, arrays={"w": w, **msg.arrays})
+
+    def intact(self, msg: Message) -> bool:
+        """Whether the weights ``msg`` carried are still as they arrived: always for weights in a frame; for weights in
+        the reply slot (:meth:`incoming`), whether the broker has not rewritten the slot since."""
+        if msg.type != MsgType.WEIGHTS or "shm" not in msg.meta or self.slots is None:
+            return True
+        return self.slots.holds("reply", msg.meta["shm"])
 
     def close(self) -> None:
         if self.slots is not None:

@@ -175,10 +175,13 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
             continue
         a, b = ranges[i]
         try:
-            w[a:b] = decoders[i](msg)
+            w[a:b] = decoders[i](msg)  # the one copy of a range: from its frame, or straight out of its shared-memory slot
         except ProtocolError as exc:
             log(opts, f"server {i} sent unusable weights ({exc}); exiting")
             return EXIT_BAD_REPLY
+        if not links[i].shared.intact(msg):  # the server rewrote its slot under that copy: newer weights are on their way
+            have[i] = False
+            continue
         versions[i], have[i] = msg.version, True
         if i == 0:  # the coordinator's reply carries the emulated compute time and straggler factor
             target_s, slowdown = emulated_stretch(msg.meta)
