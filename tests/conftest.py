@@ -7,9 +7,11 @@ condition) live in ``helpers.py``.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 # One BLAS thread in this process too, as zsgd gives its own (zsgd.runtime.threads): the tests run
 # simulations and trainers in-process next to worker processes, and on two cores a second OpenBLAS
@@ -57,6 +59,26 @@ def _calibration_cache(tmp_path_factory):
         os.environ["ZSGD_CALIBRATION_DIR"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _matplotlib_loaded():
+    """matplotlib imported (Agg) and its fonts loaded once in this process. Every in-process sweep, experiment or run
+    forks plot helpers (``zsgd.output.plotter``) that import it first, 0.4 s of CPU each; forked from here they start
+    with it loaded, as a run's later helpers start from its first one. What they draw is unchanged."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1], label="warm")
+    ax.set(xlabel="x", ylabel="y", title="t")
+    ax.legend(fontsize=7)
+    fig.savefig(io.BytesIO(), dpi=110, format="png")
+    plt.close(fig)
+
+
 @pytest.fixture(autouse=True)
 def _default_calibration():
     """Each test starts with the default calibration (this machine's cache): an in-process ``zsgd sim
@@ -84,10 +106,39 @@ def no_orphans():
     assert not left, f"stray zsgd processes left running: {sorted(left)}"
 
 
+@pytest.fixture(scope="session")
+def _decoded_embedded(tmp_path_factory) -> Path:
+    """The embedded set's decoded cache file (``zsgd.data.embedded``), decoded once per session: its xz arrays
+    take a quarter of a second of CPU to decode, and a fresh ZSGD_HOME per test paid that in every test."""
+    from zsgd.data.embedded import read_embedded_arrays
+
+    home = tmp_path_factory.mktemp("embedded-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZSGD_HOME", str(home))
+        read_embedded_arrays()
+    (decoded,) = (home / "data" / "embedded").glob("*.npz")
+    return decoded
+
+
 @pytest.fixture
-def isolated_data(tmp_path, monkeypatch):
+def fresh_home(tmp_path, monkeypatch, _decoded_embedded) -> Path:
+    """ZSGD_HOME in a fresh folder of this test (nothing of the user's cache is seen), holding only the embedded
+    set's decoded cache, as every home does after its first zsgd command. Linked, not copied: zsgd replaces a cache
+    file (temp file and rename), never writes into it, so a test cannot change the session's copy through its link."""
+    home = tmp_path / "zsgd-home"
+    cache = home / "data" / "embedded"
+    cache.mkdir(parents=True)
+    try:
+        os.link(_decoded_embedded, cache / _decoded_embedded.name)
+    except OSError:  # another file system
+        shutil.copyfile(_decoded_embedded, cache / _decoded_embedded.name)
+    monkeypatch.setenv("ZSGD_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def isolated_data(tmp_path, monkeypatch, fresh_home):
     """Data sets resolve in a fresh ZSGD_HOME, and the system's Fashion-MNIST copy is out of sight."""
     import zsgd.data.datasets as datasets
 
-    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "zsgd-home"))
     monkeypatch.setattr(datasets, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "no-system-dir")

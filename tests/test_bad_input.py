@@ -32,8 +32,7 @@ SMALL = ("--model", "logreg", "--data", "embedded", "--quiet")
 
 
 @pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "zsgd-home"))
+def isolated(tmp_path, monkeypatch, fresh_home):
     monkeypatch.setenv("COLUMNS", "200")
     monkeypatch.chdir(tmp_path)
 

@@ -33,8 +33,8 @@ def zsgd(*args: str, env: dict[str, str] | None = None, python_flags: tuple[str,
 
 
 @pytest.fixture(autouse=True)
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ZSGD_HOME", str(tmp_path / "zsgd-home"))
+def home(fresh_home):
+    """Each test's own ZSGD_HOME (see conftest's ``fresh_home``)."""
 
 
 def test_run_with_four_forked_workers(tmp_path, no_orphans):
