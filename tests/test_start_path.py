@@ -10,8 +10,11 @@ made ``zsgd run`` start its workers as new interpreters, with nothing failing.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 PROBE = """
 import json, sys
@@ -51,3 +54,46 @@ def test_network_names_resolve_lazily_and_the_same():
         assert "no_such_name" in str(exc)
     else:
         raise AssertionError("an unknown name must raise AttributeError")
+
+
+NUMBA_PROBE = """
+import json, sys
+from zsgd.commands.group import skip_numba_blas_probe
+skip_numba_blas_probe()
+import numpy as np
+from zsgd.nn.server_step import all_finite
+from numba import njit
+ok = bool(all_finite(np.ones(3, np.float32))) and not bool(all_finite(np.array([1, np.nan], np.float32)))
+skipped = "scipy.linalg" not in sys.modules
+dot = njit(lambda a, b: np.dot(a, b))  # needs scipy's BLAS: imported now, at its compilation
+print(json.dumps({"ok": ok, "skipped": skipped, "dot": float(dot(np.arange(3.0), np.ones(3)))}))
+"""
+
+
+def test_numba_sets_up_without_scipy_linalg_and_jitted_blas_still_works():
+    out = subprocess.run([sys.executable, "-c", NUMBA_PROBE], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ok": True, "skipped": True, "dot": 3.0}
+    kept = subprocess.run([sys.executable, "-c", NUMBA_PROBE], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
+                          env=os.environ | {"ZSGD_NUMBA_BLAS_PROBE": "1"})
+    assert json.loads(kept.stdout.strip().splitlines()[-1])["skipped"] is False  # the switch keeps numba's own probe
+
+
+SIM_PROBE = """
+import atexit, sys
+atexit.register(lambda: print("scipy.linalg" in sys.modules, "numba.np.arraymath" in sys.modules, file=sys.stderr))
+sys.argv = ["zsgd", "sim", "--model", "logreg", "--data", "embedded", "--steps", "50", "--compute", "1ms", "--broker-time", "0",
+            "--broker-bandwidth", "inf", "-q", "--out", sys.argv[1]]
+from zsgd.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_short_zsgd_sim_never_imports_scipy_linalg(tmp_path):
+    """The whole command as ``python -m zsgd`` runs it (its exit handlers report what it imported)."""
+    out = subprocess.run([sys.executable, "-c", SIM_PROBE, str(tmp_path / "s")], capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # numba did set up (else the first answer would prove nothing), without scipy.linalg
+    assert out.stderr.strip().splitlines()[-1] == "False True", out.stderr[-2000:]

@@ -1,8 +1,11 @@
-"""The click group class every zsgd command runs under: errors as one line, never a traceback."""
+"""The click group class every zsgd command runs under: errors as one line, never a traceback; and what
+a zsgd process does at its start and end (numba without scipy's BLAS probe, the quick exit)."""
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Any
 
 import click
 
@@ -25,6 +28,8 @@ class ZsgdGroup(click.Group):
     """A click group whose errors are one line on stderr and exit code 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if args is None:  # a zsgd process (not click's test runner): see skip_numba_blas_probe
+            skip_numba_blas_probe()
         try:
             result = super().main(args, prog_name or "zsgd", complete_var, standalone_mode=False, **extra)
             if args is None:  # the command line of a zsgd process (not click's test runner, not a caller's list)
@@ -74,3 +79,64 @@ def quick_exit(code: int = 0) -> None:
         except (OSError, ValueError, AttributeError):
             pass
     os._exit(code)
+
+
+NUMBA_PROBE_MODULE = "numba.np.arraymath"  # its module body probes for BLAS: ``_HAVE_BLAS = _check_blas()``
+
+
+def skip_numba_blas_probe() -> None:
+    """Let numba set up its CPU target without importing ``scipy.linalg`` (0.07 s of every zsgd process).
+
+    numba runs ``numba.np.arraymath``'s module body when the process calls its first jitted function, and
+    that body imports ``scipy.linalg.cython_blas`` to note whether ``np.correlate`` and ``np.convolve``
+    inside jitted code may call BLAS (an ImportError: no, a loop instead). zsgd's kernels call neither,
+    and anything that does need scipy's BLAS later (``np.dot`` in a user's jitted code) still imports it
+    at its own compilation. So while that one module body runs, and only then, ``scipy.linalg`` is
+    refused, unless something already imported it; ``ZSGD_NUMBA_BLAS_PROBE=1`` keeps numba's probe."""
+    if NUMBA_PROBE_MODULE in sys.modules or os.environ.get("ZSGD_NUMBA_BLAS_PROBE", "0").strip() == "1":
+        return
+    if not any(isinstance(f, _ProbeFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _ProbeFinder())
+
+
+class _ProbeFinder:
+    """Finds ``numba.np.arraymath`` (through the other finders) and runs its body with ``scipy.linalg`` refused."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name != NUMBA_PROBE_MODULE:
+            return None
+        sys.meta_path.remove(self)  # once: and the lookup below must not find this finder again
+        from importlib.machinery import PathFinder
+
+        spec = PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None and "scipy.linalg" not in sys.modules:
+            spec.loader = _WithoutScipyLinalg(spec.loader)
+        return spec
+
+
+class _WithoutScipyLinalg:
+    """A loader that runs the wrapped loader's module body with imports of ``scipy.linalg`` refused."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        refuse = _Refuse()
+        sys.meta_path.insert(0, refuse)
+        try:
+            self.loader.exec_module(module)
+        finally:
+            sys.meta_path.remove(refuse)
+
+    def __getattr__(self, name: str) -> Any:  # get_code, get_source, ... as the wrapped loader has them
+        return getattr(self.loader, name)
+
+
+class _Refuse:
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name == "scipy.linalg" or name.startswith("scipy.linalg."):
+            raise ImportError(f"{name}: not imported while numba sets up (zsgd.commands.group.skip_numba_blas_probe)", name=name)
+        return None
