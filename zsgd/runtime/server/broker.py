@@ -9,7 +9,10 @@ It is built from parts, each with one concern:
 - the **service**: what the run computes. The parameter server
   (``zsgd.runtime.server.parameter_server``) trains the central model; the
   decentralized relay (``zsgd.runtime.server.relay``) forwards peer messages and
-  averages the nodes' models. A new kind of server is a new service;
+  averages the nodes' models. A new kind of server is a new service. It is
+  given a ``ServiceContext`` (``zsgd.runtime.server.context``: the ledger, the
+  clock, the membership, a port), never this broker, and it implements the
+  ``Service`` protocol (``zsgd.runtime.server.service``), checked whole here;
 - the **ledger** (``zsgd.core.ledger``): counts, logging, evaluation
   cadence, stop and divergence rules, the summary's core keys -- the same
   object the trainer and the simulators keep.
@@ -25,7 +28,6 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,9 +38,10 @@ from zsgd.core.config import TrainConfig
 from zsgd.algorithms.schedules import resolve_lr_schedule
 from zsgd.errors import ProtocolError, ZsgdError
 from zsgd.output.metrics import MetricsWriter
-from zsgd.runtime.server.checkpoint import save_checkpoint
+from zsgd.runtime.server.context import MembershipView, ServiceContext, ServicePort
 from zsgd.runtime.server.endpoint import Endpoint
 from zsgd.runtime.run_options import EmulationOptions, NetworkOptions, ServerOptions
+from zsgd.runtime.server.service import Service, missing_hooks
 from zsgd.runtime.server.session import Session
 from zsgd.wire import protocol
 from zsgd.wire.membership import Membership
@@ -61,18 +64,19 @@ class BrokerOptions:
     wait_workers_s: float = 120.0  # abort if no worker is live this long after start
 
 
-ServiceFactory = Callable[["Broker", np.ndarray, dict | None], Any]
+ServiceFactory = Callable[[ServiceContext, np.ndarray, "dict | None"], Service]
+"""``factory(ctx, w0, opt_state)``: the service a broker runs, built from its context (never from the broker)."""
 
 
-def parameter_server(broker: "Broker", w0: np.ndarray, opt_state: dict | None) -> Any:
+def parameter_server(ctx: ServiceContext, w0: np.ndarray, opt_state: dict | None) -> Service:
     """The default service: a central model trained by the run's server algorithm."""
     from zsgd.nn.optim import make_optimizer, warm_optimizer
     from zsgd.runtime.server.parameter_server import ParameterServer
 
-    cfg = broker.cfg
+    cfg = ctx.cfg
     warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)  # now, not on the first update: see its docstring
     optimizer = make_optimizer(cfg.optimizer, w0.size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return ParameterServer(broker, w0, optimizer, broker.opts.server, opt_state)
+    return ParameterServer(ctx, w0, optimizer, ctx.opts.server, opt_state)
 
 
 class Broker:
@@ -82,26 +86,34 @@ class Broker:
         self.cfg = resolve_lr_schedule(cfg, opts.server.algo)
         self.problem, self.opts, self.run_dir, self.metrics = problem, opts, Path(run_dir), metrics
         self.run = run_id or uuid.uuid4().hex[:12]
-        self.rejected: Counter = Counter()
         n_params = problem.model.n_params
         w0, opt_state, counters = problem.model.init(seed=cfg.seed), None, {"updates": 0, "samples": 0}
-        self.t_offset = 0.0
+        t_offset = 0.0
         if resume is not None:
             w0, opt_state, counters = resume
             if w0.shape != (n_params,):
                 raise ZsgdError("checkpoint does not match the model (parameter count differs)")
-            self.t_offset = float(counters.get("elapsed", 0.0))
+            t_offset = float(counters.get("elapsed", 0.0))
         self.ledger = problem.ledger(self.cfg, emit=metrics.write, updates=int(counters["updates"]), samples=int(counters["samples"]))
-        self._t0 = time.monotonic()
-        self.service = service(self, w0, opt_state)
+        # What the service is given instead of this broker (zsgd.runtime.server.context).
+        self.ctx = ServiceContext(run=self.run, cfg=self.cfg, opts=opts, problem=problem, ledger=self.ledger, metrics=metrics,
+                                  run_dir=self.run_dir, t_offset=t_offset, after_update=self.after_update,
+                                  request_eval=self.request_eval, snapshot_ready=self.maybe_send_eval,
+                                  replay_deferred=lambda: self.session.replay_deferred())
+        self.rejected, self.reject = self.ctx.rejected, self.ctx.reject
+        self.service = service(self.ctx, w0, opt_state)
+        missing = missing_hooks(self.service)
+        if missing:
+            raise TypeError(f"{type(self.service).__name__} is not a complete service: it lacks {', '.join(missing)}")
         limits = protocol.Limits.for_model(n_params, factor=self.service.limits_factor)
         self.endpoint = Endpoint(opts.bind, limits, self.run_dir, opts.curve, emulated=opts.emulator is not None)
         self.address = self.endpoint.address
         # Workers on this machine may offer it (zsgd.wire.shm), for the vectors of this server's range.
         self.endpoint.share_memory(self.service.exchanged_size(n_params), enabled=opts.network.shared_memory)
+        self.session = Session(self, opts.n_workers, opts.network.heartbeat, opts.network.timeout, opts.wait_workers_s)
+        self.ctx.bind(ServicePort(self.endpoint, self.session, opts.emulator), MembershipView(self.session.members))
         if opts.emulator is None:
             self.service.share_replies()
-        self.session = Session(self, opts.n_workers, opts.network.heartbeat, opts.network.timeout, opts.wait_workers_s)
         self._eval_pending = False
         self._eval_asked: dict[str, Any] | None = None  # what the evaluator was sent: its answer must match
         self._last_eval_t = 0.0
@@ -109,7 +121,7 @@ class Broker:
     # -- what other parts read -------------------------------------------------------
     @property
     def elapsed(self) -> float:
-        return self.t_offset + time.monotonic() - self._t0
+        return self.ctx.elapsed()
 
     @property
     def members(self) -> Membership:
@@ -128,10 +140,6 @@ class Broker:
         s = self.opts.server
         return {"n_workers": self.opts.n_workers, "heartbeat": self.opts.network.heartbeat, "algo": s.algo, "compress": s.compress,
                 "compress_replies": s.compress_replies}
-
-    def reject(self, identity: bytes, reason: str, text: str) -> None:
-        self.rejected[reason] += 1
-        self.metrics.write("rejected", self.elapsed, reason=reason, detail=text[:200], peer=identity[:64].hex())
 
     # -- main loop -----------------------------------------------------------------
     def serve(self, on_tick: Callable[["Broker"], None] | None = None, tick_s: float = 0.25, wake: Any = None) -> dict[str, Any]:
@@ -287,12 +295,7 @@ class Broker:
     def checkpoint(self) -> None:
         state = self.service.checkpoint_state()
         if state is not None:  # None: nothing to save, or (range servers) it is being gathered and comes back here
-            self.write_checkpoint(*state)
-
-    def write_checkpoint(self, w: np.ndarray, opt_state: dict) -> None:
-        counters = {"updates": self.ledger.updates, "samples": self.ledger.samples, "elapsed": self.elapsed,
-                    "algo": self.opts.server.algo, "run": self.run}
-        save_checkpoint(self.run_dir, w, opt_state, counters)
+            self.ctx.write_checkpoint(*state)
 
     def _finish(self) -> None:
         self.service.before_leave()

@@ -2,10 +2,11 @@
 
 It drives the server engine (``zsgd.engine``: the sans-IO dispatch the
 simulator and the trainer drive too) with the wall clock, and is its port:
-replies leave through the session (or the emulated network), rejections are
-counted by the broker, applied steps trigger the broker's evaluation and
-checkpoint cadences. What stays here is what only a real run has: the start
-barrier, the peers' states, emulation of replies, zero-copy reply views.
+replies leave through the context's port (or are held in the emulated
+network), rejections are counted by the context, applied steps trigger the
+broker's evaluation and checkpoint cadences (``ctx.after_update``). What
+stays here is what only a real run has: the start barrier, the peers'
+states, emulation of replies, zero-copy reply views.
 Each UPDATE is validated and decoded by the engine before it touches the
 model; a bad one is rejected and counted, and the worker is re-admitted so
 that no round waits on it (see ``zsgd.engine.server_engine`` for the rules
@@ -15,7 +16,7 @@ on non-finite losses and gradients).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -23,56 +24,54 @@ from zsgd.algorithms import algorithm_class, make_server_algorithm
 from zsgd.algorithms.step_log import StepFollower, StepLeader
 from zsgd.engine import ServerEngine
 from zsgd.runtime.worker.replies import ABANDON
-from zsgd.runtime.server.service import Service
+from zsgd.runtime.server.context import ServiceContext
+from zsgd.runtime.server.service import ServiceBase
 from zsgd.wire import protocol
 from zsgd.wire.membership import Peer
 from zsgd.wire.protocol import Message
 
-if TYPE_CHECKING:
-    from zsgd.runtime.server.broker import Broker
 
-
-class ParameterServer(Service):
+class ParameterServer(ServiceBase):
     """Holds the central weights and optimizer (in its engine); applies updates; replies with weights."""
 
     limits_factor = 2  # a gradient plus one more vector (or a sparse codec at full density) per message
 
-    def __init__(self, broker: "Broker", w0: np.ndarray, optimizer: Any, opts: Any, opt_state: dict | None = None,
+    def __init__(self, ctx: ServiceContext, w0: np.ndarray, optimizer: Any, opts: Any, opt_state: dict | None = None,
                  one_range: bool = False, follower: bool = False) -> None:
         """``one_range``: this server holds one range of a model split over K servers (--servers K). Then the
         workers clip (no range sees the whole gradient's norm), and sync rounds admit a joiner into the round
         in progress (``SyncSGD.admit_into_open_round``: the K servers' rounds must agree). A rule that picks
         its gradients by arrival order (``step_log``: ksync, kasync) runs at the coordinator only, which logs
         its decisions (``leader``); a range server (``follower``) replays them (``zsgd.algorithms.step_log``)."""
-        self.b = broker
+        self.ctx = ctx
         self.opts = opts
         self.optimizer = optimizer
         if opt_state is not None:
             optimizer.load_state_arrays(opt_state)
         logged = one_range and algorithm_class(opts.algo).step_log
         if logged and follower:
-            algo = StepFollower(w0, optimizer, give_up_s=2 * broker.opts.network.timeout)
+            algo = StepFollower(w0, optimizer, give_up_s=2 * ctx.opts.network.timeout)
         else:
             algo = make_server_algorithm(opts.algo, w0, optimizer, staleness_lr=opts.staleness_lr,
-                                         clip_norm=None if one_range else broker.cfg.clip_norm)
+                                         clip_norm=None if one_range else ctx.cfg.clip_norm)
         self.algo = algo
         self.leader = StepLeader() if logged and not follower else None
         self._log_next = 0  # a follower: the index of the next log entry it expects
-        algo.version = broker.ledger.updates
+        algo.version = ctx.ledger.updates
         if one_range and hasattr(algo, "admit_into_open_round"):
             algo.admit_into_open_round = True
         reply_codec = None
         if opts.compress_replies != "none":
             from zsgd.compression.delta import DeltaReplyEncoder
 
-            reply_codec = DeltaReplyEncoder(opts.compress_replies, w0.size, seed=broker.cfg.seed)
-        self.engine = ServerEngine(algo, optimizer, broker.ledger, self, run=broker.run, lr_schedule=broker.cfg.lr_schedule,
-                                   reply_codec=reply_codec, leader=self.leader, default_batch=broker.cfg.batch_size)
+            reply_codec = DeltaReplyEncoder(opts.compress_replies, w0.size, seed=ctx.cfg.seed)
+        self.engine = ServerEngine(algo, optimizer, ctx.ledger, self, run=ctx.run, lr_schedule=ctx.cfg.lr_schedule,
+                                   reply_codec=reply_codec, leader=self.leader, default_batch=ctx.cfg.batch_size)
         self.engine.on_log = self.publish_log
         # The start barrier: ready workers wait here (no weights yet) until all the run's workers are
         # ready, or --start-wait seconds after the first (at _first_ready); then all start together.
         # None: started.
-        self._waiting: set[int] | None = set() if opts.start_wait > 0 and broker.opts.n_workers > 1 and not (logged and follower) else None
+        self._waiting: set[int] | None = set() if opts.start_wait > 0 and ctx.opts.n_workers > 1 and not (logged and follower) else None
         self._first_ready = 0.0
 
     @property
@@ -92,7 +91,7 @@ class ParameterServer(Service):
         messages before sending them, untracked, so it keeps copies)."""
         if hasattr(self.algo, "share_snapshots"):
             self.algo.share_snapshots = True
-            self.algo.snapshot_busy = self.b.endpoint.weights_in_flight
+            self.algo.snapshot_busy = self.ctx.port.weights_in_flight
 
     # -- what the broker asks of a service -------------------------------------------
     @property
@@ -116,12 +115,12 @@ class ParameterServer(Service):
 
     def worker_ready(self, peer: Peer) -> None:
         if self._waiting is None:
-            self.engine.add_worker(peer.worker, self.b.elapsed)
+            self.engine.add_worker(peer.worker, self.ctx.elapsed())
             return
         if not self._waiting:
-            self._first_ready = self.b.elapsed
+            self._first_ready = self.ctx.elapsed()
         self._waiting.add(peer.worker)
-        if len(self._waiting) >= self.b.opts.n_workers:
+        if len(self._waiting) >= self.ctx.opts.n_workers:
             self._start()
 
     def worker_gone(self, peer: Peer, status: str) -> None:
@@ -129,23 +128,24 @@ class ParameterServer(Service):
             self.engine.forget_replies(peer.worker)
             self._waiting.discard(peer.worker)
             return
-        self.engine.remove_worker(peer.worker, self.b.elapsed)
+        self.engine.remove_worker(peer.worker, self.ctx.elapsed())
 
     def tick(self, now: float) -> None:
-        self.engine.tick(self.b.elapsed)
-        if self._waiting and self.b.elapsed - self._first_ready > self.opts.start_wait:
+        t = self.ctx.elapsed()
+        self.engine.tick(t)
+        if self._waiting and t - self._first_ready > self.opts.start_wait:
             self._start()
 
     def _start(self) -> None:
         """Release the start barrier: every waiting worker gets the weights at once (a sync run's first
         round holds them all; an async run's throughput is measured with all of them from its first update)."""
-        b, waiting = self.b, self._waiting or set()
+        ctx, waiting = self.ctx, self._waiting or set()
         self._waiting = None
-        b.metrics.write("barrier", b.elapsed, workers=len(waiting), expected=b.opts.n_workers,
-                        waited_s=round(b.elapsed - self._first_ready, 3))
+        t = ctx.elapsed()
+        ctx.metrics.write("barrier", t, workers=len(waiting), expected=ctx.opts.n_workers, waited_s=round(t - self._first_ready, 3))
         for worker in sorted(waiting):
             if self.tally(worker) is not None:
-                self.engine.add_worker(worker, b.elapsed)
+                self.engine.add_worker(worker, ctx.elapsed())
 
     def deliver_held(self, direction: str, peer: Peer, msg: Any) -> None:
         """One emulated message arrives: an update from a worker, or a reply to it."""
@@ -159,14 +159,14 @@ class ParameterServer(Service):
 
     def summary(self) -> dict[str, Any]:
         engine = self.engine.summary()
-        return engine | {"dropped_updates": dict(self.engine.dropped + self.b.endpoint.dropped)}
+        return engine | {"dropped_updates": dict(self.engine.dropped + self.ctx.port.dropped)}
 
     # -- updates -----------------------------------------------------------------------
     def on_update(self, peer: Peer, msg: Message) -> None:
         if peer.role != "worker" or peer.state != "ready":
-            self.b.reject(peer.identity, "not-ready", "UPDATE before the worker was ready")
+            self.ctx.reject(peer.identity, "not-ready", "UPDATE before the worker was ready")
             return
-        self.engine.receive(peer.worker, msg, self.b.elapsed)
+        self.engine.receive(peer.worker, msg, self.ctx.elapsed())
 
     def follow_log(self, meta: dict) -> bool:
         """A follower: the coordinator's next log entries (``zsgd.algorithms.step_log``); False on a gap (lost entries)."""
@@ -174,7 +174,7 @@ class ParameterServer(Service):
         if not isinstance(entries, list) or first != self._log_next:
             return False
         self._log_next += len(entries)
-        self.engine.follow(entries, self.b.elapsed)
+        self.engine.follow(entries, self.ctx.elapsed())
         return True
 
     def publish_log(self) -> None:
@@ -182,47 +182,49 @@ class ParameterServer(Service):
 
     # -- the engine's port ---------------------------------------------------------------
     def tally(self, worker: int) -> Peer | None:
-        peer = self.b.session.members.by_worker.get(worker)
+        peer = self.ctx.members.by_worker.get(worker)
         return peer if peer is not None and peer.state == "ready" else None
 
     def live_workers(self) -> Iterable[int]:
-        return [p.worker for p in self.b.session.members.live_workers()]
+        return [p.worker for p in self.ctx.members.live_workers()]
 
     def reject(self, worker: int, reason: str, text: str) -> None:
-        peer = self.b.session.members.by_worker.get(worker)
-        self.b.reject(peer.identity if peer is not None else b"", reason, text)
+        peer = self.ctx.members.by_worker.get(worker)
+        self.ctx.reject(peer.identity if peer is not None else b"", reason, text)
 
     def booked(self, applied: Any) -> None:
-        self.b.after_update()
+        self.ctx.after_update()
 
     def send_weights(self, worker: int, version: int, weights: np.ndarray, coded: Message | None) -> None:
-        b = self.b
-        peer = b.session.members.by_worker[worker]
-        msg = coded if coded is not None else protocol.weights_message(b.run, version, weights)
-        if b.endpoint.held is None:
+        ctx = self.ctx
+        peer = ctx.members.by_worker[worker]
+        msg = coded if coded is not None else protocol.weights_message(ctx.run, version, weights)
+        port = ctx.port
+        if not port.emulated:
             self._send(peer, msg)
             return
-        emulator = b.opts.emulator
-        factor = emulator.slowdown(worker, b.elapsed)
+        emulator = port.emulator
+        factor = emulator.slowdown(worker, ctx.elapsed())
         if factor != 1.0:
             msg.meta["slowdown"] = factor
         target = emulator.compute_target(worker, self.algo.local_steps)  # --inject-compute
         if target is not None:
             msg.meta["compute_target_s"] = target
-        b.endpoint.hold(("out", peer, msg), emulator.reply_delay(worker, protocol.message_nbytes(msg), time.monotonic()))
+        port.hold(("out", peer, msg), emulator.reply_delay(worker, protocol.message_nbytes(msg), time.monotonic()))
 
     def send_abandon(self, worker: int, version: int) -> None:
         """A WAIT ``abandon`` (no weights, so no reply slot or delta mirror is touched), over the emulated link like a reply."""
-        b = self.b
-        peer = b.session.members.by_worker[worker]
-        msg = protocol.wait_message(b.run, worker, version, reason=ABANDON)
-        if b.endpoint.held is None:
-            b.session.send(peer, msg)
+        ctx = self.ctx
+        peer = ctx.members.by_worker[worker]
+        msg = protocol.wait_message(ctx.run, worker, version, reason=ABANDON)
+        port = ctx.port
+        if not port.emulated:
+            port.send(peer, msg)
         else:
-            b.endpoint.hold(("out", peer, msg), b.opts.emulator.delay(worker, False, protocol.message_nbytes(msg)))
+            port.hold(("out", peer, msg), port.emulator.delay(worker, False, protocol.message_nbytes(msg)))
 
     def _send(self, peer: Peer, msg: Message) -> None:
-        if not self.b.session.send(peer, msg):
+        if not self.ctx.port.send(peer, msg):
             self.engine.forget_replies(peer.worker)  # it never got this delta: its mirror is wrong now
 
     def __repr__(self) -> str:

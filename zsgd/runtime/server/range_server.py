@@ -37,6 +37,8 @@ from zsgd.core.config import TrainConfig
 from zsgd.core.ledger import RunLedger
 from zsgd.core.stopping import StopRule
 from zsgd.errors import ZsgdError
+from zsgd.runtime.server.context import ServiceContext
+from zsgd.runtime.server.parameter_server import ParameterServer
 from zsgd.runtime.worker.node_options import NodeOptions, log
 from zsgd.wire import protocol
 from zsgd.wire.link import BROKER_DEAD, BrokerLink
@@ -83,14 +85,14 @@ class RangeProblem:
                               updates=updates, samples=samples)
 
 
-def _range_service(broker, w0: np.ndarray, opt_state: dict | None):
+def _range_service(ctx: ServiceContext, w0: np.ndarray, opt_state: dict | None) -> ParameterServer:
+    """A range server's service: an ordinary parameter server over its range, following the coordinator's step log."""
     from zsgd.nn.optim import make_optimizer, warm_optimizer
-    from zsgd.runtime.server.parameter_server import ParameterServer
 
-    cfg = broker.cfg
+    cfg = ctx.cfg
     warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)
     optimizer = make_optimizer(cfg.optimizer, w0.size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return ParameterServer(broker, w0, optimizer, broker.opts.server, opt_state, one_range=True, follower=True)
+    return ParameterServer(ctx, w0, optimizer, ctx.opts.server, opt_state, one_range=True, follower=True)
 
 
 def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
@@ -129,8 +131,10 @@ def serve_range(opts: NodeOptions, link: BrokerLink, assign: Message) -> int:
             link.send(protocol.hello(link.run, index, stage="ready", role="server", port=port,
                                      host=opts.advertise, address=broker.address))
             log(opts, f"serving range [{lo:,}, {hi:,}) of run {assign.run} on {broker.address}")
-            control = _Control(opts, link, broker, index)
-            broker.service.on_gather = control.answer
+            service = broker.service
+            assert isinstance(service, ParameterServer)  # what _range_service built
+            control = _Control(opts, link, broker, service, index)
+            service.on_gather = control.answer
             # Woken by the coordinator's messages as by the workers': ksync/kasync replay its decisions at once.
             broker.serve(on_tick=control.tick, tick_s=0.05, wake=link.wake_socket)
             return control.exit_code
@@ -163,8 +167,8 @@ def _initial_state(opts: NodeOptions, link: BrokerLink, n: int) -> tuple[np.ndar
 class _Control:
     """The coordinator's side of the range server, handled between bursts of worker traffic."""
 
-    def __init__(self, opts: NodeOptions, link: BrokerLink, broker: Any, index: int) -> None:
-        self.opts, self.link, self.broker, self.index = opts, link, broker, index
+    def __init__(self, opts: NodeOptions, link: BrokerLink, broker: Any, service: ParameterServer, index: int) -> None:
+        self.opts, self.link, self.broker, self.service, self.index = opts, link, broker, service, index
         self.exit_code = 0
         self._last_stats = 0.0
         self._last = (time.monotonic(), 0, 0, 0)
@@ -183,7 +187,7 @@ class _Control:
                 broker.ledger.end(str(msg.meta.get("reason", "run over")))
                 return
             if msg.type == MsgType.STATE and "log" in msg.meta:  # ksync/kasync: the coordinator's decisions (step_log)
-                if not broker.service.follow_log(msg.meta):
+                if not self.service.follow_log(msg.meta):
                     log(self.opts, "lost part of the coordinator's step log; stopping (continue with --resume RUN_DIR)")
                     self.exit_code = 3
                     broker.ledger.end("step log lost")
@@ -193,22 +197,22 @@ class _Control:
         now = time.monotonic()
         if now - self._last_stats >= STATS_EVERY_S:
             self._last_stats = now
-            self.link.send(protocol.state_message(self.link.run, self.index, broker.service.version, {}, tag=0, stats=self.stats(now)))
+            self.link.send(protocol.state_message(self.link.run, self.index, self.service.version, {}, tag=0, stats=self.stats(now)))
 
     def stats(self, now: float) -> dict[str, float]:
-        b = self.broker
+        b, service = self.broker, self.service
         t0, u0, i0, o0 = self._last
         dt = max(now - t0, 1e-9)
-        out = {"updates": b.service.version, "updates_per_s": (b.service.version - u0) / dt,
+        out = {"updates": service.version, "updates_per_s": (service.version - u0) / dt,
                "bytes_in_per_s": (b.endpoint.bytes_in - i0) / dt, "bytes_out_per_s": (b.endpoint.bytes_out - o0) / dt,
                "rejected": int(sum(b.rejected.values())), "workers": len(b.session.members.live_workers()),
                "queue_depth": b.endpoint.queue_depth, "shared_memory_links": b.endpoint.shared.taken}
-        self._last = (now, b.service.version, b.endpoint.bytes_in, b.endpoint.bytes_out)
-        return out | (b.service.algo.report() if b.service.algo.name == "follower" else {})  # ksync/kasync: the replayed steps' digest (equal to the coordinator's)
+        self._last = (now, service.version, b.endpoint.bytes_in, b.endpoint.bytes_out)
+        return out | (service.algo.report() if service.algo.name == "follower" else {})  # ksync/kasync: the replayed steps' digest (equal to the coordinator's)
 
     def answer(self, tag: int, full: bool) -> None:
         """This range's weights (``full``: and optimizer state) for the coordinator's gather ``tag``."""
-        service = self.broker.service
+        service = self.service
         arrays: dict[str, np.ndarray] = {"w": np.array(service.weights, copy=True)}
         if full:
             arrays |= {f"opt.{k}": v for k, v in service.optimizer.state_arrays().items()}

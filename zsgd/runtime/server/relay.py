@@ -43,20 +43,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 from zsgd.decentralized.driver import average, consensus_error, eval_every_rounds
 from zsgd.decentralized.rules import DecentralizedParams
 from zsgd.decentralized.topology import Topology
 from zsgd.errors import ProtocolError, ZsgdError
-from zsgd.runtime.server.service import Service
+from zsgd.runtime.server.context import ServiceContext
+from zsgd.runtime.server.service import ServiceBase
 from zsgd.wire import protocol
 from zsgd.wire.membership import Peer
 from zsgd.wire.protocol import Message
-
-if TYPE_CHECKING:
-    from zsgd.runtime.server.broker import Broker
 
 
 class RunStopped(ZsgdError):
@@ -65,33 +63,33 @@ class RunStopped(ZsgdError):
     exit_code = 1
 
 
-def relay_service(algo: str, topology: Topology, params: DecentralizedParams) -> Callable[["Broker", np.ndarray, dict | None], "RelayService"]:
+def relay_service(algo: str, topology: Topology, params: DecentralizedParams) -> Callable[[ServiceContext, np.ndarray, dict | None], "RelayService"]:
     """A broker service factory for a decentralized run of ``algo`` on ``topology``."""
 
-    def make(broker: "Broker", w0: np.ndarray, opt_state: dict | None) -> RelayService:
+    def make(ctx: ServiceContext, w0: np.ndarray, opt_state: dict | None) -> RelayService:
         if opt_state is not None:
             raise ZsgdError(f"--resume: {algo} runs keep no checkpoint (each node holds its own state); start a new run")
-        return RelayService(broker, w0, algo, topology, params)
+        return RelayService(ctx, w0, algo, topology, params)
 
     return make
 
 
-class RelayService(Service):
+class RelayService(ServiceBase):
     """The decentralized broker's service: relay PEER, count rounds, evaluate x_bar."""
 
     limits_factor = 4  # dsgt sends two vectors, a compressed message an index per value: room for both
     evaluates_on_cadence = False  # x_bar exists only at upload rounds: the relay asks for evaluation itself
 
-    def __init__(self, broker: "Broker", w0: np.ndarray, algo: str, topology: Topology, params: DecentralizedParams) -> None:
-        n = broker.opts.n_workers
+    def __init__(self, ctx: ServiceContext, w0: np.ndarray, algo: str, topology: Topology, params: DecentralizedParams) -> None:
+        n = ctx.opts.n_workers
         if topology.n != n:
             raise ZsgdError(f"topology has {topology.n} nodes but the run has {n} workers")
-        self.b = broker
+        self.ctx = ctx
         self.dec_algo, self.topology, self.params = algo, topology, params
         self._neighbours = [frozenset(nb) for nb in topology.neighbours]
-        ds = broker.problem.dataset
-        self.eval_rounds = eval_every_rounds(broker.cfg, broker.ledger.rule, algo, params, n, len(ds.y_train))
-        broker.ledger.set_eval_every(self.eval_rounds)  # the upload rounds: its cadence in samples would miss them
+        ds = ctx.problem.dataset
+        self.eval_rounds = eval_every_rounds(ctx.cfg, ctx.ledger.rule, algo, params, n, len(ds.y_train))
+        ctx.ledger.set_eval_every(self.eval_rounds)  # the upload rounds: its cadence in samples would miss them
         self.w = np.array(w0, dtype=np.float32, copy=True)  # x_bar of the latest upload round
         self.version = 0
         self.started = False
@@ -126,7 +124,7 @@ class RelayService(Service):
 
     def _straggler_spec(self) -> str | None:
         """Emulated stragglers slow themselves: each node rebuilds the run's seeded choice from this spec."""
-        em = self.b.opts.emulator
+        em = self.ctx.port.emulator
         return None if em is None or em.stragglers is None else str(em.stragglers.spec)
 
     def refuse_join(self, role: str) -> tuple[str, str] | None:
@@ -136,69 +134,69 @@ class RelayService(Service):
         return None
 
     def worker_ready(self, peer: Peer) -> None:
-        b = self.b
+        ctx = self.ctx
         self._next_round[peer.worker] = 0
-        ready = [p for p in b.session.members.by_worker.values() if p.state == "ready"]
-        if not self.started and len(ready) == b.opts.n_workers:
+        ready = [p for p in ctx.members.by_worker.values() if p.state == "ready"]
+        if not self.started and len(ready) == ctx.opts.n_workers:
             self.started = True
             for p in ready:
-                b.session.send(p, protocol.wait_message(b.run, p.worker, 0, reason="start"))
-            b.metrics.write("rounds", b.elapsed, status="started", topology=self.topology.spec, eval_every_rounds=self.eval_rounds)
+                ctx.port.send(p, protocol.wait_message(ctx.run, p.worker, 0, reason="start"))
+            ctx.metrics.write("rounds", ctx.elapsed(), status="started", topology=self.topology.spec, eval_every_rounds=self.eval_rounds)
 
     def worker_gone(self, peer: Peer, status: str) -> None:
-        if self.b.ledger.stop_reason is None:
+        if self.ctx.ledger.stop_reason is None:
             self._fail(f"worker {peer.worker} {'died' if status == 'dead' else status}; decentralized rounds are synchronous, so the run stops")
 
     def tick(self, now: float) -> None:
-        b = self.b
-        if not self.started and b.ledger.stop_reason is None and b.elapsed > b.opts.wait_workers_s:
-            ready = sum(p.state == "ready" for p in b.session.members.by_worker.values())
-            self._fail(f"only {ready} of {b.opts.n_workers} workers were ready after {b.opts.wait_workers_s:g} s")
+        ctx = self.ctx
+        if not self.started and ctx.ledger.stop_reason is None and ctx.elapsed() > ctx.opts.wait_workers_s:
+            ready = sum(p.state == "ready" for p in ctx.members.by_worker.values())
+            self._fail(f"only {ready} of {ctx.opts.n_workers} workers were ready after {ctx.opts.wait_workers_s:g} s")
 
     def _fail(self, reason: str) -> None:
         self.failed = True
-        self.b.ledger.stop(reason)
+        self.ctx.ledger.stop(reason)
 
     def checkpoint_state(self) -> None:
         """No checkpoint: the state lives in the nodes (see the module docstring)."""
         return None
 
     def eval_fields(self, updates: int) -> dict[str, Any]:
-        b = self.b
-        return {"consensus_error": self._consensus_at.get(updates, self.consensus),
-                "bytes_total": b.endpoint.bytes_in + b.endpoint.bytes_out}
+        port = self.ctx.port
+        return {"consensus_error": self._consensus_at.get(updates, self.consensus), "bytes_total": port.bytes_in + port.bytes_out}
 
     def summary(self) -> dict[str, Any]:
-        return {"dropped_updates": dict(self.b.endpoint.dropped), "compression_ratio": 1.0, "reply_compression_ratio": 1.0,
+        return {"dropped_updates": dict(self.ctx.port.dropped), "compression_ratio": 1.0, "reply_compression_ratio": 1.0,
                 "consensus_error": self.consensus, "topology": self.topology.spec, "relayed_messages": self.relayed,
                 "eval_every_rounds": self.eval_rounds, "model_round": self.version, "failed": self.failed,
                 "params": self.params.for_algo(self.dec_algo)}
 
     # -- relay ---------------------------------------------------------------------
     def on_peer(self, peer: Peer, frames: list, msg: Message) -> None:
-        b = self.b
+        ctx = self.ctx
         if peer.role != "worker" or peer.state != "ready" or not self.started:
-            b.reject(peer.identity, "not-ready", "PEER before the rounds started")
+            ctx.reject(peer.identity, "not-ready", "PEER before the rounds started")
             return
         to = msg.meta.get("to")
         if msg.worker != peer.worker:
-            b.reject(peer.identity, "wrong-identity", f"worker {peer.worker} sent PEER as worker {msg.worker}")
+            ctx.reject(peer.identity, "wrong-identity", f"worker {peer.worker} sent PEER as worker {msg.worker}")
             return
-        if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < b.opts.n_workers:
-            b.reject(peer.identity, "unknown-worker", f"PEER to {str(to)[:32]}")
+        if isinstance(to, bool) or not isinstance(to, int) or not 0 <= to < ctx.opts.n_workers:
+            ctx.reject(peer.identity, "unknown-worker", f"PEER to {str(to)[:32]}")
             return
         if to not in self._neighbours[peer.worker]:
-            b.reject(peer.identity, "not-neighbour", f"worker {peer.worker} -> {to}: not neighbours in {self.topology.spec}")
+            ctx.reject(peer.identity, "not-neighbour", f"worker {peer.worker} -> {to}: not neighbours in {self.topology.spec}")
             return
-        target = b.session.members.by_worker.get(to)
+        target = ctx.members.by_worker.get(to)
         if target is None or target.state != "ready":
             self._fail(f"cannot relay to worker {to}: it is not in the run")
             return
-        if b.endpoint.held is not None:
+        port = ctx.port
+        if port.emulated:
             # Emulated network: one hop from the sender to its neighbour, over the sender's link,
             # which sends one message at a time (as zsgd sim models a node); held, then relayed when due.
             nbytes = sum(len(f.buffer) for f in frames[1:])
-            b.endpoint.hold(("relay", target, frames[1:]), b.opts.emulator.peer_delay(peer.worker, nbytes, time.monotonic()))
+            port.hold(("relay", target, frames[1:]), port.emulator.peer_delay(peer.worker, nbytes, time.monotonic()))
             return
         self._relay_now(target, frames[1:])
 
@@ -209,7 +207,7 @@ class RelayService(Service):
             self.on_update(peer, payload)
 
     def _relay_now(self, target: Peer, frames: list) -> None:
-        failure = self.b.endpoint.forward(target.identity, frames)
+        failure = self.ctx.port.forward(target.identity, frames)
         if failure == "send-queue-full":
             self._fail(f"relay queue to worker {target.worker} is full (it stopped reading); the run stops")
         elif failure is not None:
@@ -220,16 +218,16 @@ class RelayService(Service):
 
     # -- rounds --------------------------------------------------------------------
     def on_update(self, peer: Peer, msg: Message) -> None:
-        b = self.b
+        ctx = self.ctx
         if peer.role != "worker" or peer.state != "ready" or not self.started:
-            b.reject(peer.identity, "not-ready", "UPDATE before the rounds started")
+            ctx.reject(peer.identity, "not-ready", "UPDATE before the rounds started")
             return
         try:
             r, loss, n, w = self._check_report(peer, msg)
         except ProtocolError as exc:
             # A node that reports nonsense cannot be trusted for the round; its neighbours
             # would wait on it, so the run stops rather than hang.
-            b.reject(peer.identity, exc.reason, str(exc))
+            ctx.reject(peer.identity, exc.reason, str(exc))
             self._fail(f"worker {peer.worker} sent a bad round report ({exc.reason}); the run stops")
             return
         self._next_round[peer.worker] = r + 1
@@ -244,8 +242,9 @@ class RelayService(Service):
             if isinstance(value, (int, float)) and 0 <= value < 3600:
                 setattr(peer, attr, getattr(peer, attr) + float(value))
         self._reports.setdefault(r, {})[peer.worker] = (loss, n, w)
-        while len(self._reports.get(b.ledger.updates, ())) == b.opts.n_workers and b.ledger.stop_reason is None:
-            self._complete_round(b.ledger.updates)
+        ledger = ctx.ledger
+        while len(self._reports.get(ledger.updates, ())) == ctx.opts.n_workers and ledger.stop_reason is None:
+            self._complete_round(ledger.updates)
 
     def _check_report(self, peer: Peer, msg: Message) -> tuple[int, float, int, np.ndarray | None]:
         m = msg.meta
@@ -269,25 +268,25 @@ class RelayService(Service):
         return r, float("nan") if loss is None else float(loss), n, w
 
     def _complete_round(self, r: int) -> None:
-        b = self.b
+        ctx, ledger = self.ctx, self.ctx.ledger
         reports = self._reports.pop(r)
-        n = b.opts.n_workers
+        n = ctx.opts.n_workers
         losses = [loss for loss, _n, _w in reports.values()]
         models = [w for _l, _n, w in (reports[i] for i in range(n)) if w is not None]
         if any(not np.isfinite(m).all() for m in models):
-            b.ledger.diverge("a node's model is not finite", r + 1)
+            ledger.diverge("a node's model is not finite", r + 1)
             return
-        b.ledger.loss(float(np.mean(losses)))
+        ledger.loss(float(np.mean(losses)))
         if len(models) == n:
             xbar = average(models)
             self.consensus = consensus_error(models, xbar)
             self._consensus_at[r + 1] = self.consensus
             self.w, self.version = xbar, r + 1
-            b.request_eval()
+            ctx.request_eval()
 
         def train_extra() -> dict[str, Any]:
-            return {"consensus_error": self.consensus, "bytes_total": b.endpoint.bytes_in + b.endpoint.bytes_out}
+            return {"consensus_error": self.consensus, "bytes_total": ctx.port.bytes_in + ctx.port.bytes_out}
 
-        b.ledger.applied(b.elapsed, version=r + 1, n_samples=sum(n_ for _l, n_, _w in reports.values()), worker=-1, staleness=0,
+        ledger.applied(ctx.elapsed(), version=r + 1, n_samples=sum(n_ for _l, n_, _w in reports.values()), worker=-1, staleness=0,
                          lr=self._round_lr, train_extra=train_extra)
-        b.after_update()
+        ctx.after_update()

@@ -42,8 +42,8 @@ from typing import Any, Callable
 import numpy as np
 
 from zsgd.core.ranges import join_state, slice_state, split_ranges
+from zsgd.runtime.server.context import ServiceContext
 from zsgd.runtime.server.parameter_server import ParameterServer
-from zsgd.errors import ProtocolError
 from zsgd.wire import protocol
 from zsgd.wire.membership import Peer
 from zsgd.wire.protocol import Message, MsgType
@@ -61,25 +61,25 @@ class _Gather:
     digest: str | None = None  # ksync/kasync: the coordinator's step digest where the gather sits in the log
 
 
-def sharded_parameter_server(broker: Any, w0: np.ndarray, opt_state: dict | None) -> "ShardedParameterServer":
+def sharded_parameter_server(ctx: ServiceContext, w0: np.ndarray, opt_state: dict | None) -> "ShardedParameterServer":
     """The broker's service with ``--servers K > 1`` (``zsgd.broker.Broker(service=...)``)."""
     from zsgd.nn.optim import make_optimizer, warm_optimizer
 
-    cfg = broker.cfg
-    ranges = split_ranges(w0.size, broker.opts.server.servers)
+    cfg = ctx.cfg
+    ranges = split_ranges(w0.size, ctx.opts.server.servers)
     lo, hi = ranges[0]
     warm_optimizer(cfg.optimizer, cfg.momentum, cfg.weight_decay)
     optimizer = make_optimizer(cfg.optimizer, hi - lo, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return ShardedParameterServer(broker, w0, optimizer, opt_state, ranges)
+    return ShardedParameterServer(ctx, w0, optimizer, opt_state, ranges)
 
 
 class ShardedParameterServer(ParameterServer):
     """Range 0 of the model, plus the coordination of range servers 1..K-1."""
 
-    def __init__(self, broker: Any, w0: np.ndarray, optimizer: Any, opt_state: dict | None, ranges: list[tuple[int, int]]) -> None:
+    def __init__(self, ctx: ServiceContext, w0: np.ndarray, optimizer: Any, opt_state: dict | None, ranges: list[tuple[int, int]]) -> None:
         n = w0.size
         lo, hi = ranges[0]
-        super().__init__(broker, np.ascontiguousarray(w0[lo:hi]), optimizer, broker.opts.server, slice_state(opt_state, n, lo, hi),
+        super().__init__(ctx, np.ascontiguousarray(w0[lo:hi]), optimizer, ctx.opts.server, slice_state(opt_state, n, lo, hi),
                          one_range=True)
         self.n_params, self.ranges = n, ranges
         # What each range server starts from (sent after its ASSIGN), and the latest of its weights we have seen.
@@ -115,16 +115,16 @@ class ShardedParameterServer(ParameterServer):
         return role == "worker" and not self.all_serving()  # its ASSIGN must list every server
 
     def assign_meta(self, peer: Peer) -> dict[str, Any]:
-        b = self.b
+        ctx = self.ctx
         if peer.role == "server":
             lo, hi = self.ranges[peer.worker] if 0 < peer.worker < self.k else (0, 0)
-            o = b.opts
+            o = ctx.opts
             curve = None
             if o.curve is not None:
                 allowed = o.curve["allowed"]() if callable(o.curve["allowed"]) else o.curve["allowed"]
                 curve = {"secret": o.curve["secret"].decode("ascii"), "public": o.curve["public"].decode("ascii"), "allowed": dict(allowed)}
-            return {"range": [lo, hi], "n_params": self.n_params, "bind_host": _host_of(b.address), "curve": curve,
-                    "stop_rule": dataclasses.asdict(b.ledger.rule), "emulation": dataclasses.asdict(o.emulation), "seed": b.cfg.seed,
+            return {"range": [lo, hi], "n_params": self.n_params, "bind_host": _host_of(ctx.port.address), "curve": curve,
+                    "stop_rule": dataclasses.asdict(ctx.ledger.rule), "emulation": dataclasses.asdict(o.emulation), "seed": ctx.cfg.seed,
                     "server_options": dataclasses.asdict(o.server), "timeout": o.network.timeout, "shared_memory": o.network.shared_memory}
         if peer.role == "worker":
             servers = [{"index": i, "lo": self.ranges[i][0], "hi": self.ranges[i][1], **self.addresses[i]} for i in sorted(self.addresses)]
@@ -132,37 +132,37 @@ class ShardedParameterServer(ParameterServer):
         return {}
 
     def server_joined(self, peer: Peer) -> None:
-        b = self.b
+        ctx = self.ctx
         if not 0 < peer.worker < self.k:
-            b.session.send(peer, protocol.error_message(b.run, peer.worker, f"no range {peer.worker} in a run of --servers {self.k}",
+            ctx.port.send(peer, protocol.error_message(ctx.run, peer.worker, f"no range {peer.worker} in a run of --servers {self.k}",
                                                         "bad-server", fatal=True))
             return
         w, opt = self.initial[peer.worker]
         arrays = {"w": w} | {f"opt.{k}": v for k, v in (opt or {}).items()}
-        b.session.send(peer, protocol.state_message(b.run, peer.worker, self.version, arrays, updates=b.ledger.updates, samples=b.ledger.samples,
-                                                    elapsed=b.elapsed))
+        ctx.port.send(peer, protocol.state_message(ctx.run, peer.worker, self.version, arrays, updates=ctx.ledger.updates,
+                                                   samples=ctx.ledger.samples, elapsed=ctx.elapsed()))
 
     def server_ready(self, peer: Peer, msg: Message) -> None:
         port = msg.meta.get("port")
         if not isinstance(port, int) or not 0 < port < 65536:
-            self.b.reject(peer.identity, "bad-hello", "range server without a port")
+            self.ctx.reject(peer.identity, "bad-hello", "range server without a port")
             return
         host = msg.meta.get("host")
         self.addresses[peer.worker] = {"port": port, "host": host if isinstance(host, str) else None}
-        self.b.metrics.write("server", self.b.elapsed, server=peer.worker, status="serving", range=list(self.ranges[peer.worker]),
+        self.ctx.metrics.write("server", self.ctx.elapsed(), server=peer.worker, status="serving", range=list(self.ranges[peer.worker]),
                              host=peer.host, port=port, pid=peer.pid)
         if self.all_serving():
-            self.b.session.replay_deferred()
+            self.ctx.replay_deferred()
 
     def server_gone(self, peer: Peer, status: str) -> None:
-        b = self.b
+        ctx = self.ctx
         self._gathers.clear()  # none of them can complete now
         self._eval_gathering = self._checkpointing = False
-        b.metrics.write("server", b.elapsed, server=peer.worker, status=status, host=peer.host)
-        if b.ledger.stop_reason is None and not self._leaving:
-            what = "died (silent for {:g} s)".format(b.opts.network.timeout) if status == "dead" else f"left ({status})"
+        ctx.metrics.write("server", ctx.elapsed(), server=peer.worker, status=status, host=peer.host)
+        if ctx.ledger.stop_reason is None and not self._leaving:
+            what = "died (silent for {:g} s)".format(ctx.opts.network.timeout) if status == "dead" else f"left ({status})"
             self.failed = True
-            b.ledger.stop(f"range server {peer.worker} on {peer.host} {what}; continue with --resume RUN_DIR")
+            ctx.ledger.stop(f"range server {peer.worker} on {peer.host} {what}; continue with --resume RUN_DIR")
 
     # -- the step log (ksync, kasync) ---------------------------------------------------
     def publish_log(self) -> None:
@@ -170,12 +170,12 @@ class ShardedParameterServer(ParameterServer):
         entries = self.leader.take() if self.leader is not None else []
         for box in self._outbox.values():
             box.extend(entries)
-        members = self.b.session.members.servers
+        members = self.ctx.members.servers
         for i, box in self._outbox.items():
             peer = members.get(i)
             if not box or peer is None or peer.state != "ready":
                 continue
-            if self.b.session.send(peer, protocol.state_message(self.b.run, -1, self.version, {}, log=box, first=self._log_sent[i])):
+            if self.ctx.port.send(peer, protocol.state_message(self.ctx.run, -1, self.version, {}, log=box, first=self._log_sent[i])):
                 self._log_sent[i] += len(box)
                 self._outbox[i] = []
 
@@ -198,9 +198,9 @@ class ShardedParameterServer(ParameterServer):
             self.leader.gather(self._tag, full)
             self.publish_log()
             return
-        for peer in self.b.session.members.servers.values():
+        for peer in self.ctx.members.servers.values():
             if peer.state == "ready":
-                self.b.session.send(peer, protocol.state_request(self.b.run, self._tag, full))
+                self.ctx.port.send(peer, protocol.state_request(self.ctx.run, self._tag, full))
 
     def on_state(self, peer: Peer, msg: Message) -> None:
         tag = msg.meta.get("tag")
@@ -212,7 +212,7 @@ class ShardedParameterServer(ParameterServer):
         lo, hi = self.ranges[peer.worker]
         w = msg.arrays.get("w")
         if w is None or w.shape != (hi - lo,) or w.dtype != np.float32:
-            self.b.reject(peer.identity, "bad-schema", f"STATE of range server {peer.worker} without its {hi - lo} weights")
+            self.ctx.reject(peer.identity, "bad-schema", f"STATE of range server {peer.worker} without its {hi - lo} weights")
             return
         opt = {k[4:]: np.array(v) for k, v in msg.arrays.items() if k.startswith("opt.")} if g.full else None
         g.parts[peer.worker] = (np.array(w), opt)
@@ -242,7 +242,7 @@ class ShardedParameterServer(ParameterServer):
             def ready(w: np.ndarray, _opt: dict | None) -> None:
                 self._eval_gathering = False
                 self._eval_w = w
-                self.b.maybe_send_eval()
+                self.ctx.snapshot_ready()
 
             self._gather(False, ready)
         return None
@@ -255,7 +255,7 @@ class ShardedParameterServer(ParameterServer):
 
             def ready(w: np.ndarray, opt: dict | None) -> None:
                 self._checkpointing = False
-                self.b.write_checkpoint(w, opt or {})
+                self.ctx.write_checkpoint(w, opt or {})
 
             self._gather(True, ready)
         return None
@@ -263,7 +263,7 @@ class ShardedParameterServer(ParameterServer):
     def before_leave(self) -> None:
         """Gather every range's final weights and optimizer state while the servers are still up."""
         self._leaving = True
-        b = self.b
+        ctx = self.ctx
         if self.failed or self.k == 1:
             return
 
@@ -274,27 +274,21 @@ class ShardedParameterServer(ParameterServer):
         self._gather(True, final)
         if self.leader is not None:
             self._final_digest = self._gathers[self._tag].digest
-        deadline = time.monotonic() + max(2.0, b.opts.network.timeout)
+        deadline = time.monotonic() + max(2.0, ctx.opts.network.timeout)
         while self._final is None and self._gathers and time.monotonic() < deadline:
-            if not b.endpoint.poll(0.05):
-                continue
-            for frames in b.endpoint.receive():
-                self._take_state_only(frames)
+            for identity, msg in ctx.port.drain(0.05):
+                self._take_state_only(identity, msg)
 
-    def _take_state_only(self, frames: list) -> None:
+    def _take_state_only(self, identity: bytes, msg: Message) -> None:
         """At the end only STATE from the servers matters; updates arriving now are not applied."""
-        try:
-            msg = protocol.decode(frames[1:], self.b.endpoint.limits)
-        except ProtocolError:
-            return
-        peer = self.b.session.members.peers.get(frames[0].bytes)
-        if peer is not None and peer.role == "server" and msg.type == MsgType.STATE and msg.run == self.b.run:
+        peer = self.ctx.members.peers.get(identity)
+        if peer is not None and peer.role == "server" and msg.type == MsgType.STATE and msg.run == self.ctx.run:
             self.on_state(peer, msg)
 
     def server_rows(self) -> list[dict[str, Any]]:
         """Server 0 (this process) measured here; the others as they last reported (every 0.5 s)."""
         now = time.monotonic()
-        e = self.b.endpoint
+        e = self.ctx.port
         t, u, i, o = self._own_last
         dt = max(now - t, 1e-9)
         if dt >= 1.0:
@@ -303,7 +297,7 @@ class ShardedParameterServer(ParameterServer):
         ups, bin_, bout = self._own_rates
         rows = [{"server": 0, "range": list(self.ranges[0]), "state": "ready", "updates_per_s": ups, "queue_depth": e.queue_depth,
                  "bytes_in_per_s": bin_, "bytes_out_per_s": bout}]
-        members = self.b.session.members.servers
+        members = self.ctx.members.servers
         for i in range(1, self.k):
             peer = members.get(i)
             rows.append({"server": i, "range": list(self.ranges[i]), "state": peer.state if peer is not None else "starting"}
