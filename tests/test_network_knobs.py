@@ -96,7 +96,7 @@ def test_a_knob_added_to_the_schema_appears_in_every_place(monkeypatch, tmp_path
 # tests below then check that it changes what is simulated (a knob that did nothing would be a silent lie).
 SAMPLES = {"latency": "5ms", "latency_up": "5ms", "latency_down": "5ms", "latency_worker": ("0=5ms",), "bandwidth": "1Gbps",
            "broker_bandwidth": "1Gbps", "loss": "1%", "retransmit": "100ms", "compute": "5ms", "stragglers": "0.5:2x",
-           "failures": "1@1s", "detect": "1s", "broker_time": "1ms"}
+           "failures": "1@1s", "detect": "1s", "broker_time": "1ms", "placement": "local", "host_cores": "64"}
 
 
 def test_every_knob_has_a_sample():

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from zsgd.network.hosts import parse_host_cores, parse_placement
 from zsgd.network.units import parse_bandwidth, parse_duration, parse_loss, split_specs
 
 
@@ -152,6 +153,12 @@ KNOBS: tuple[Knob, ...] = (
     Knob("broker_time", "Broker time per update, queued FIFO: 'measured' (the broker's handler for this model, optimizer, "
                         "algorithm and codec, timed here once) or a duration, e.g. 0.2ms; 0 makes the broker instantaneous.",
          lambda text, _what, _n: parse_broker_time(text), default="measured"),
+    Knob("placement", "Where the run's processes live: 'spread' (the server and each worker on hosts of their own, a cluster) "
+                      "or 'local' (all on one host of --host-cores cores, as 'zsgd run --n-proc N' on this machine: the "
+                      "workers' steps, the server's step and its I/O take turns on those cores).",
+         lambda text, _what, _n: parse_placement(text), default="spread", sweep="plain", label="place"),
+    Knob("host_cores", "Cores of the host with --placement local: 'auto' (this machine's) or a number, e.g. 16.",
+         lambda text, _what, _n: parse_host_cores(text), default="auto", sweep="plain", label="cores"),
 )
 
 

@@ -55,13 +55,14 @@ from zsgd.output.metrics import MetricsWriter
 from zsgd.simulation import interrupt
 from zsgd.network.compute_draw import ComputeDraw
 from zsgd.network import Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
+from zsgd.network.hosts import CpuPool, FifoStage, Job
 from zsgd.output.rundir import save_arrays, write_json
 from zsgd.simulation.workload import Workload
 from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
 
 # Event kinds. A heap entry is (t, seq, kind, worker, incarnation, a, b).
 _SIM_RUN = "0" * 12  # the run id in simulated messages (their sizes count it as a real run's)
-_DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER, _CANCEL = range(7)
+_DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER, _CANCEL, _START, _CPU, _OCC = range(10)
 
 
 @dataclass
@@ -87,6 +88,10 @@ class SimOptions:
     target: float | None = None  # accuracy whose first crossing is reported (time_to_target_s)
     calibration_steps: int = 5  # timed steps for compute=measured (median)
     scaling: str | None = None  # what the sweep adapted to n_workers, as 'zsgd run' prints it (None: values as given)
+    # Where the run's processes live (zsgd.network.hosts): "spread", the server and each worker on hosts of their own
+    # (a cluster); "local", all on one host of host_cores cores (zsgd run --n-proc N here), whose threads share them.
+    placement: str = "spread"
+    host_cores: float | None = None  # None: this machine's cores
 
     def validate(self) -> "SimOptions":
         from zsgd.compression import make_codec
@@ -104,6 +109,10 @@ class SimOptions:
 
         check_servers(self.servers)
         check_servers_support(self.algo, self.servers)
+        from zsgd.network.hosts import parse_host_cores, parse_placement
+
+        self.placement = parse_placement(self.placement)
+        self.host_cores = parse_host_cores(self.host_cores)
         for name, v in (("--detect", self.detect_s), ("--broker-time", 0.0 if isinstance(self.broker_s, Measured) else self.broker_s)):
             if not math.isfinite(v) or v < 0:
                 raise ZsgdError(f"{name} must be a finite duration >= 0, got {v}")
@@ -118,7 +127,7 @@ class SimOptions:
                 "broker_bandwidth": str(self.broker_bandwidth) if isinstance(self.broker_bandwidth, Measured)
                 else format_bandwidth(self.broker_bandwidth), "servers": self.servers,
                 "staleness_lr": self.staleness_lr, "compress": self.compress, "compress_replies": self.compress_replies,
-                "scaling": self.scaling}
+                "scaling": self.scaling, "placement": self.placement, "host_cores": self.host_cores}
 
 
 @dataclass
@@ -155,6 +164,13 @@ class Simulation:
         transport, self.broker_bw_measured = workload.transport_model(opts)
         self.broker_bw, self.overlap = transport.bytes_per_s, transport.overlap
         self.nic_bw = self.broker_bw * opts.servers  # --servers K: K NICs
+        self.host: CpuPool | None = None  # --placement local: the one host's cores (zsgd.network.hosts)
+        if opts.placement == "local":
+            self.host = CpuPool(opts.host_cores, lambda t, _pool, generation: self._push(t, _CPU, -1, generation))
+            self.step_stage = FifoStage(self.host, demand=float(opts.servers))  # the K range servers step together
+            self.nic_bw = self.broker_bw  # one host's loopback moves what its echo measured, however many servers
+            self.jobs: dict[int, tuple[int, Job]] = {}  # each worker's running step: (token, job)
+            self.cut: set[int] = set()  # steps abandoned before they started (their token)
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
         rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0x51D]).spawn(4)]
         self.rng_down, self.rng_up, _compute, self.rng_fail = rngs  # the third was compute's: now per worker and step
@@ -260,6 +276,7 @@ class Simulation:
         t = self.now
         if self.nic_bw != math.inf:  # the broker's NIC sends one message at a time
             self.tx_free = max(t, self.tx_free) + nbytes / self.nic_bw
+            self._occupy(self.tx_free - nbytes / self.nic_bw, self.tx_free)
             t = self.tx_free
         t += self.net.delay(w, False, nbytes, self.rng_down)
         c = self.compute_draw.next(w, self.local_steps)  # local SGD: K steps per round
@@ -267,7 +284,30 @@ class Simulation:
             c *= self.stragglers.factor(w, t)
         self.seq += 1
         self.step_of[w] = (self.seq, version, weights, t)
-        self._push(t + c, _DONE, w, self.inc[w], version, (weights, self.seq))
+        if self.host is None:
+            self._push(t + c, _DONE, w, self.inc[w], version, (weights, self.seq))
+        else:  # the step is CPU work on the shared host, from when the weights arrive
+            self._push(t, _START, w, self.inc[w], version, (weights, self.seq, c))
+
+    def _occupy(self, start: float, end: float) -> None:
+        """--placement local: a message crosses the host's loopback from ``start`` to ``end``, keeping a thread busy."""
+        if self.host is not None and end > start:
+            self._push(start, _OCC, -1, 0, 1.0)
+            self._push(end, _OCC, -1, 0, -1.0)
+
+    def _on_start(self, w: int, inc: int, version: int, step: tuple[np.ndarray, int, float]) -> None:
+        """--placement local: the weights reached the worker; its step runs on the host's shared cores."""
+        weights, token, c = step
+        current = self.step_of[w]
+        if not self.alive[w] or inc != self.inc[w] or current is None or current[0] != token:
+            return
+        if token in self.cut:  # abandoned while the weights were on their way: only the part it cannot cut
+            self.cut.discard(token)
+            c = min(c, self.cancel_floor)
+        self._run_step(w, inc, version, weights, token, c)
+
+    def _run_step(self, w: int, inc: int, version: int, weights: np.ndarray, token: int, work: float) -> None:
+        self.jobs[w] = (token, self.host.start(self.now, work, 1.0, lambda _t: self._on_done(w, inc, version, (weights, token))))
 
     def _encoded_update_bytes(self, codec, grad: np.ndarray | None = None) -> int:
         g = np.zeros(self.model.n_params, np.float32) if grad is None else grad
@@ -312,6 +352,7 @@ class Simulation:
         t = self.now + self.net.delay(w, True, nbytes, self.rng_up)
         if self.nic_bw != math.inf:  # and receives one at a time, beside its sends
             self.rx_free = max(t, self.rx_free) + nbytes / self.nic_bw
+            self._occupy(self.rx_free - nbytes / self.nic_bw, self.rx_free)
             t = self.rx_free
             self.rx_free += self._not_overlapped(nbytes)
         self._push(t, _ARRIVE, w, inc, version, payload)
@@ -321,7 +362,7 @@ class Simulation:
         shorter, measured with the transport): on a host whose cores are all busy the server's stages take
         turns, so each is held that much longer. Occupancy only: no message of its own waits for it, so one
         worker alone never sees it, and the plateau is ``1 / (max(step, receive) + that)``."""
-        if self.overlap >= 1.0 or self.nic_bw == math.inf or self.broker_s <= 0:
+        if self.overlap >= 1.0 or self.nic_bw == math.inf or self.broker_s <= 0 or self.host is not None:
             return 0.0
         return (1.0 - self.overlap) * min(self.broker_s, nbytes / self.nic_bw)
 
@@ -331,6 +372,15 @@ class Simulation:
         if not self.alive[w] or inc != self.inc[w] or step is None or step[1] >= version:
             return  # done already, or computing at the current weights
         token, v, weights, started = step
+        if self.host is not None:  # --placement local: the step ends now, or once it has had its floor of CPU
+            running = self.jobs.get(w)
+            if started > self.now or running is None or running[0] != token:
+                self.cut.add(token)  # the weights are still on their way
+            elif not running[1].cancelled:
+                self.host.cancel(self.now, running[1])
+                rest = self.cancel_floor - self.host.attained(self.now, running[1])
+                self._run_step(w, inc, v, weights, token, max(0.0, rest))
+            return
         at = started + self.cancel_floor
         if at > self.now:
             self._push(at, _DONE, w, inc, v, (weights, token))  # whichever end comes first counts
@@ -348,7 +398,9 @@ class Simulation:
             return
         if update is None:
             update, nbytes = self._compute_update(w, version, payload)
-        if self.broker_s > 0:
+        if self.host is not None:  # the server's step, on the host's shared cores
+            self.step_stage.submit(self.now, self.broker_s, lambda _t: self._process(update, nbytes))
+        elif self.broker_s > 0:
             self.busy_until = max(self.now, self.busy_until) + self.broker_s
             self._push(self.busy_until, _PROCESS, w, inc, update, nbytes)
             self.busy_until += self._not_overlapped(nbytes)
@@ -369,6 +421,8 @@ class Simulation:
         ds = self.wl.problem.dataset
         t0 = time.perf_counter()
         test_loss, test_acc = (float(v) for v in evaluate(self.model, self.algo.w, ds.x_test, ds.y_test))
+        if self.host is not None:  # the evaluator's pass takes a core of the host too: a forward pass is about a third of a step
+            self.host.start(self.now, self.compute.mean * len(ds.y_test) / (3 * self.cfg.batch_size), 1.0)
         self.eval_s += time.perf_counter() - t0
         self.evals.append((self.now, self.updates, test_acc))
         if self.opts.target is not None and self.time_to_target is None and test_acc >= self.opts.target:
@@ -429,7 +483,9 @@ class Simulation:
             self._schedule_rate_failure(w)
             self.engine.add_worker(w, 0.0)
         handlers = {_DONE: self._on_done, _ARRIVE: self._on_arrive, _PROCESS: self._process, _FAIL: self._on_fail, _CANCEL: self._on_cancel,
-                    _DETECT: self._on_detect, _RECOVER: self._on_recover}
+                    _DETECT: self._on_detect, _RECOVER: self._on_recover, _START: self._on_start,
+                    _CPU: lambda _w, generation, _a, _b: self.host.on_event(self.now, generation),
+                    _OCC: lambda _w, _inc, threads, _b: self.host.occupy(self.now, threads)}
         limit = cfg.time_limit
         heap, pop = self.heap, heapq.heappop
         while self.reason is None:
@@ -471,7 +527,8 @@ class Simulation:
             "servers": self.opts.servers, "broker_s": self.broker_s, "broker_measured": self.broker_samples is not None,
             "broker_calibration_s": self.broker_samples,
             "broker_bandwidth_Bps": self.broker_bw, "broker_bandwidth_measured": self.broker_bw_measured,
-            "server_overlap": self.overlap,
+            "server_overlap": self.overlap if self.host is None else None,
+            "host_cpu_utilisation": self.host.busy_core_s / (self.now * self.host.cores) if self.host is not None and self.now > 0 else None,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
             "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s, **self.engine.summary(),
             "workers": {str(w): t.row("sim") for w, t in enumerate(self.tallies)},

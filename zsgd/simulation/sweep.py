@@ -175,12 +175,16 @@ def build_arms(spec: SweepSpec) -> list[Arm]:
         opts = SimOptions(algo="sync" if dec else algo, n_workers=n, network=net, stragglers=p.get("stragglers"),
                           failures=p.get("failures"), detect_s=detect, broker_s=broker_s, broker_bandwidth=broker_bw,
                           staleness_lr=spec.staleness_lr, target=spec.target, compress=values.get("compress", "none"),
-                          compress_replies=values.get("compress_replies", "none"), servers=p.get("servers", 1))
+                          compress_replies=values.get("compress_replies", "none"), servers=p.get("servers", 1),
+                          placement=p.get("placement", "spread"), host_cores=p.get("host_cores"))
         if "compute" in p:
             opts.compute = p["compute"]
         opts.validate()
         if dec and opts.servers > 1:
             raise ZsgdError(f"--servers splits the central model over server processes; {algo} has no central model")
+        if dec and opts.placement == "local":
+            raise ZsgdError(f"--placement local models a central server's host; {algo} is simulated with a host per node "
+                            f"(drop --placement, or use a central algorithm)")
         if dec:
             from zsgd.simulation.decentralized import DecentralizedOptions
 

@@ -1,0 +1,198 @@
+"""The host model (``zsgd.network.hosts``): a host's cores shared by the threads of a run, on the virtual clock.
+
+Processor sharing is checked against its arithmetic (no timing): D threads
+on C < D cores each run at C / D of a core; jobs that start later or end
+earlier change the others' speed from that moment on. Then the simulator's
+``--placement local`` against the closed forms of a saturated host.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+import pytest
+
+from helpers import cli
+from zsgd.core.config import TrainConfig
+from zsgd.core.problem import Problem
+from zsgd.errors import ZsgdError
+from zsgd.network import Constant
+from zsgd.network.hosts import CpuPool, FifoStage, parse_host_cores, parse_placement, this_machines_cores
+from zsgd.sim import SimOptions, Workload, run_arm
+
+
+class Clock:
+    """A tiny event loop for a pool: the pool schedules its next end here, and ``run`` delivers them in time order."""
+
+    def __init__(self, cores: float) -> None:
+        self.events: list = []
+        self.seq = 0
+        self.pool = CpuPool(cores, self.schedule)
+        self.ends: dict[str, float] = {}
+
+    def schedule(self, t, pool, generation):
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, generation))
+
+    def job(self, now: float, name: str, work: float, demand: float = 1.0):
+        return self.pool.start(now, work, demand, lambda t: self.ends.__setitem__(name, t))
+
+    def run(self, until: float = math.inf) -> None:
+        while self.events and self.events[0][0] <= until:
+            t, _seq, generation = heapq.heappop(self.events)
+            self.pool.on_event(t, generation)
+
+
+def test_threads_within_the_cores_run_at_full_speed():
+    c = Clock(2)
+    c.job(0.0, "a", 1.0)
+    c.job(0.0, "b", 2.0)
+    c.run()
+    assert c.ends == pytest.approx({"a": 1.0, "b": 2.0})
+
+
+def test_more_threads_than_cores_share_them_equally():
+    c = Clock(2)
+    for name in "abcd":
+        c.job(0.0, name, 1.0)
+    c.run()
+    assert c.ends == pytest.approx({n: 2.0 for n in "abcd"})  # 4 threads on 2 cores: each at half speed
+
+
+def test_the_rate_changes_when_a_job_starts_or_ends():
+    c = Clock(1)
+    c.job(0.0, "a", 1.0)  # alone until t=0.5 (0.5 done), then shared: 0.5 left at half speed -> ends at 1.5
+    c.run(until=0.5)
+    c.job(0.5, "b", 0.25)  # shares from 0.5: 0.25 at half speed -> ends at 1.0; a has 0.25 left then, alone -> 1.25
+    c.run()
+    assert c.ends == pytest.approx({"b": 1.0, "a": 1.25})
+
+
+def test_a_job_with_several_threads_counts_each():
+    c = Clock(2)
+    c.job(0.0, "pair", 1.0, demand=2.0)
+    c.job(0.0, "one", 1.0)
+    c.run()
+    assert c.ends == pytest.approx({"pair": 1.5, "one": 1.5})  # 3 threads on 2 cores: each at 2/3
+
+
+def test_a_cancelled_job_never_ends_and_frees_its_share():
+    c = Clock(1)
+    j = c.job(0.0, "a", 10.0)
+    c.job(0.0, "b", 1.0)
+    c.run(until=1.0)
+    assert c.pool.attained(1.0, j) == pytest.approx(0.5)
+    c.pool.cancel(1.0, j)
+    c.run()
+    assert "a" not in c.ends and c.ends["b"] == pytest.approx(1.5)  # 0.5 left, alone from t=1
+
+
+def test_occupancy_slows_the_jobs_beside_it():
+    c = Clock(1)
+    c.job(0.0, "a", 1.0)
+    c.pool.occupy(0.0, 1.0)  # a message crossing: a thread busy, not itself slowed
+    c.run(until=1.0)
+    c.pool.occupy(1.0, -1.0)
+    c.run()
+    assert c.ends["a"] == pytest.approx(1.5)  # half speed for 1 s (0.5 done), then 0.5 alone
+
+
+def test_a_fifo_stage_serves_one_request_at_a_time_on_the_pool():
+    c = Clock(1)
+    stage = FifoStage(c.pool)
+    done: list[tuple[str, float]] = []
+    for name in "xyz":
+        stage.submit(0.0, 1.0, lambda t, name=name: done.append((name, t)))
+    c.job(0.0, "other", 1.0)  # shares the core with the stage's first request
+    c.run()
+    assert [n for n, _t in done] == ["x", "y", "z"]
+    assert [t for _n, t in done] == pytest.approx([2.0, 3.0, 4.0])
+
+
+def test_utilisation_is_counted():
+    c = Clock(4)
+    c.job(0.0, "a", 2.0)
+    c.run()
+    c.pool._advance(4.0)
+    assert c.pool.busy_core_s == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("text,want", [("2", 2.0), ("16", 16.0), ("0.5", 0.5), ("auto", float(this_machines_cores()))])
+def test_host_cores_parse(text, want):
+    assert parse_host_cores(text) == want
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "nan", "inf", "lots", "1e9"])
+def test_bad_host_cores_are_one_line_errors(text):
+    with pytest.raises(ZsgdError, match="--host-cores"):
+        parse_host_cores(text)
+
+
+def test_placement_parse():
+    assert parse_placement(" Local ") == "local" and parse_placement("spread") == "spread"
+    with pytest.raises(ZsgdError, match="--placement"):
+        parse_placement("everywhere")
+
+
+# -- the simulator on a shared host ---------------------------------------------------------------------
+
+C, T = 0.010, 0.001  # a worker's step, the server's step
+
+
+@pytest.fixture(scope="module")
+def workload() -> Workload:
+    cfg = TrainConfig(model="logreg", data="embedded", steps=400, lr=0.02, eval_every=10**6).validate()
+    return Workload(cfg, Problem.from_config(cfg))
+
+
+def rate(workload, tmp_path, n: int, cores: float, placement: str = "local", algo: str = "async") -> float:
+    opts = SimOptions(algo=algo, n_workers=n, compute=Constant(C), broker_s=T, broker_bandwidth=math.inf, placement=placement,
+                      host_cores=cores)
+    return run_arm(workload.cfg, opts, workload, tmp_path / f"{placement}-{n}-{cores}-{algo}").summary["updates_per_s"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_async_on_a_shared_host_saturates_at_its_cores(workload, tmp_path, n):
+    """Each update is C + T of CPU; with the host's 2 cores busy the rate is 2 / (C + T), never N / (C + T)."""
+    spread = rate(workload, tmp_path, n, 2, "spread")
+    local = rate(workload, tmp_path, n, 2)
+    assert spread == pytest.approx(min(n / (C + T), 1 / T), rel=0.03)
+    assert local == pytest.approx(min(n, 2) / (C + T) if n <= 2 else 2 / (C + T), rel=0.03)
+    assert rate(workload, tmp_path, n, 64) == pytest.approx(spread, rel=0.03)  # cores to spare: the cluster's figure
+
+
+def test_sync_rounds_on_a_shared_host_take_turns(workload, tmp_path):
+    """4 workers' steps on 2 cores take 2 C, then the server takes the 4 gradients (T each, the calibrated step is
+    per update): one round per 2 C + 4 T, against C + 4 T with a core each."""
+    assert rate(workload, tmp_path, 4, 2, algo="sync") == pytest.approx(1 / (2 * C + 4 * T), rel=0.03)
+    assert rate(workload, tmp_path, 4, 4, algo="sync") == pytest.approx(1 / (C + 4 * T), rel=0.03)
+
+
+def test_the_same_seed_gives_the_same_metrics_on_a_shared_host(workload, tmp_path):
+    a = (tmp_path / "a")
+    b = (tmp_path / "b")
+    for out in (a, b):
+        run_arm(workload.cfg, SimOptions(algo="ksync:2", n_workers=4, compute=Constant(C), broker_s=T, broker_bandwidth=1e9,
+                                         placement="local", host_cores=2), workload, out)
+    assert (a / "metrics.jsonl").read_bytes() == (b / "metrics.jsonl").read_bytes()
+
+
+def test_cli_sweeps_host_cores_and_placement(tmp_path):
+    out = tmp_path / "sweep"
+    r = cli("sim", "--workers", "4", "--placement", "spread,local", "--host-cores", "2,16", "--compute", "10ms", "--broker-time", "1ms",
+            "--broker-bandwidth", "inf", "--steps", "200", "--eval-every", "1000000", "--quiet", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    import json
+
+    rates = {}
+    for arm in sorted(p for p in out.iterdir() if p.is_dir()):
+        s = json.loads((arm / "summary.json").read_text())
+        rates[(s["sim"]["placement"], s["sim"]["host_cores"])] = s["updates_per_s"]
+    assert rates[("local", 2.0)] == pytest.approx(2 / (C + T), rel=0.05)
+    assert rates[("local", 16.0)] == pytest.approx(rates[("spread", 16.0)], rel=0.03) == pytest.approx(4 / (C + T), rel=0.05)
+
+
+def test_local_placement_is_refused_for_decentralized_algorithms(tmp_path):
+    r = cli("sim", "--algo", "dsgd", "--workers", "4", "--placement", "local", "--steps", "20", "--quiet", "--out", str(tmp_path / "d"))
+    assert r.exit_code != 0 and "--placement local" in r.output and "Traceback" not in r.output

@@ -1,0 +1,198 @@
+"""The host model: a host's cores, shared by every thread of a run that lives on it.
+
+Why: on a machine with fewer cores than busy threads, a run's processes take
+turns. ``zsgd run --n-proc 8`` on a 2-core laptop puts the server's step, its
+ZeroMQ I/O thread, eight workers (each with its own I/O thread) and the
+evaluator on two cores; a simulator that gives each its own core predicts
+the knee far too late and K servers scaling that cannot happen (on 2 cores
+the real K = 2 and 4 plateaus do not pass K = 1's).
+
+How: egalitarian processor sharing. A job is some CPU work (seconds on one
+core) with a demand (how many threads it keeps busy at once: a worker's step 1,
+the K range servers' steps of one update K). While the total
+demand D of the running jobs exceeds the host's C cores, every thread runs
+at C / D of a core; otherwise at full speed. Because every running job
+advances at the same rate, one work clock serves them all: a job that
+starts when the clock reads S with work W ends when it reads S + W, so the
+next job to end is the head of a heap, and only that one end is scheduled
+on the event queue (a generation number discards ends that a later change
+of the rate moved). Each start or end is O(log jobs).
+
+A ``FifoStage`` is a single thread that serves its requests one at a time
+(the server's step): each request is a job on the host's pool, so the stage
+slows down when the host is busy. A message crossing loopback is not a job
+but an occupancy: its duration is the host's measured transport (which
+already holds the contention of copying on these cores), and while it
+crosses it keeps a thread busy, which slows every job beside it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from zsgd.errors import ZsgdError
+
+Done = Callable[[float], None]  # called with the time a job ends
+Schedule = Callable[[float, "CpuPool", int], None]  # push an event: (time, pool, generation)
+
+PLACEMENTS = ("spread", "local")
+
+
+def this_machines_cores() -> int:
+    """The cores this process may run on (a container's or a taskset's limit, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def parse_host_cores(text: str | int | float | None) -> float:
+    """``--host-cores N``: cores per simulated host (``auto``: this machine's)."""
+    if text is None or (isinstance(text, str) and text.strip().lower() in ("", "auto")):
+        return float(this_machines_cores())
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ZsgdError(f"--host-cores must be a number of cores > 0 or 'auto', got {str(text)[:40]!r}") from None
+    if not math.isfinite(value) or value <= 0 or value > 65536:
+        raise ZsgdError(f"--host-cores must be a number of cores in (0, 65536] or 'auto', got {str(text)[:40]!r}")
+    return value
+
+
+def parse_placement(text: str) -> str:
+    """``--placement``: ``spread`` (the server on a host of its own, each worker on its own; a cluster) or ``local``
+    (the server and every worker on one host, as ``zsgd run --n-proc N`` on this machine)."""
+    value = str(text).strip().lower()
+    if value not in PLACEMENTS:
+        raise ZsgdError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {str(text)[:40]!r}")
+    return value
+
+
+@dataclass
+class Job:
+    end_work: float  # the pool's work clock when this job is done
+    demand: float
+    done: Done | None
+    cancelled: bool = False
+    started_work: float = 0.0
+
+
+class CpuPool:
+    """One host's cores, shared by the jobs running on it (see the module docstring)."""
+
+    def __init__(self, cores: float, schedule: Schedule) -> None:
+        if cores <= 0:
+            raise ZsgdError(f"a host needs cores > 0, got {cores}")
+        self.cores, self.schedule = float(cores), schedule
+        self.work = 0.0  # CPU-seconds every running thread has had since the start
+        self.t = 0.0
+        self.demand = 0.0
+        self.heap: list[tuple[float, int, Job]] = []
+        self.seq = 0
+        self.generation = 0
+        self.busy_core_s = 0.0  # cores x seconds in use (utilisation, for the summary)
+
+    def rate(self) -> float:
+        """The speed of each running thread now: 1 with a core each, C / D when D threads share C cores."""
+        return 1.0 if self.demand <= self.cores else self.cores / self.demand
+
+    def _advance(self, now: float) -> None:
+        dt = now - self.t
+        if dt > 0:
+            self.work += dt * self.rate()
+            self.busy_core_s += dt * min(self.demand, self.cores)
+            self.t = now
+
+    def start(self, now: float, work: float, demand: float = 1.0, done: Done | None = None) -> Job:
+        """A job of ``work`` CPU-seconds (per thread) on ``demand`` threads starts now; ``done(t)`` when it ends."""
+        self._advance(now)
+        job = Job(self.work + max(0.0, work), demand, done, started_work=self.work)
+        self.seq += 1
+        heapq.heappush(self.heap, (job.end_work, self.seq, job))
+        self.demand += demand
+        self._reschedule(now)
+        return job
+
+    def occupy(self, now: float, threads: float) -> None:
+        """``threads`` more (or, negative, fewer) threads busy for a time set elsewhere (a message crossing at the
+        measured speed of this host's transport): they take their share of the cores without being slowed."""
+        self._advance(now)
+        self.demand = max(0.0, self.demand + threads)
+        self._reschedule(now)
+
+    def attained(self, now: float, job: Job) -> float:
+        """CPU-seconds ``job`` has had so far."""
+        self._advance(now)
+        return self.work - job.started_work
+
+    def cancel(self, now: float, job: Job) -> None:
+        """``job`` stops now, undone (its ``done`` is not called)."""
+        if job.cancelled:
+            return
+        self._advance(now)
+        job.cancelled = True
+        self.demand = max(0.0, self.demand - job.demand)
+        self._reschedule(now)
+
+    def on_event(self, now: float, generation: int) -> None:
+        """The scheduled end of the next job (ignored if a later change of rate moved it)."""
+        if generation != self.generation:
+            return
+        self._advance(now)
+        finished = []
+        tolerance = 1e-12 * max(1.0, self.work)
+        while self.heap and self.heap[0][0] <= self.work + tolerance:
+            job = heapq.heappop(self.heap)[2]
+            if not job.cancelled:
+                job.cancelled = True  # done: a later cancel is a no-op
+                self.demand = max(0.0, self.demand - job.demand)
+                finished.append(job)
+        self._reschedule(now)
+        for job in finished:
+            if job.done is not None:
+                job.done(now)
+
+    def _reschedule(self, now: float) -> None:
+        heap = self.heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+        self.generation += 1
+        if heap:
+            self.schedule(now + max(0.0, heap[0][0] - self.work) / self.rate(), self, self.generation)
+
+
+class FifoStage:
+    """A thread that serves one request at a time, in arrival order, on a host's pool."""
+
+    def __init__(self, pool: CpuPool, demand: float = 1.0) -> None:
+        self.pool, self.demand = pool, demand
+        self.queue: deque[tuple[float, Done]] = deque()
+        self.busy = False
+
+    def submit(self, now: float, work: float, done: Done) -> None:
+        self.queue.append((work, done))
+        if not self.busy:
+            self._next(now)
+
+    def _next(self, now: float) -> None:
+        if not self.queue:
+            self.busy = False
+            return
+        self.busy = True
+        work, done = self.queue.popleft()
+
+        def finished(t: float) -> None:
+            done(t)
+            self._next(t)
+
+        self.pool.start(now, work, self.demand, finished)
+
+
+
+
+__all__ = ["CpuPool", "FifoStage", "Job", "PLACEMENTS", "parse_host_cores", "parse_placement", "this_machines_cores"]
