@@ -23,7 +23,9 @@ kernel, plus a snapshot copy when a reply of the live weights is still in
 flight) beside the fused kernels of ``zsgd.nn.server_step`` (a numba finite
 check, then in place; or one out-of-place pass with the check inside).
 
-Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1,2,4] [--seconds 8] [--rounds 3] [--only step|exchange]``
+``--profile``: where the server's time per update goes (``broker_profile.py``).
+
+Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1,2,4] [--seconds 8] [--rounds 3] [--only step|exchange] [--profile]``
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import zmq
@@ -226,10 +229,11 @@ def start_echo(k: int) -> tuple[list[subprocess.Popen], list[str]]:
     return procs, eps
 
 
-def start_brokers(k: int, n_workers: int, out: Path) -> tuple[list[subprocess.Popen], list[str]]:
-    """``zsgd broker --servers K``: the coordinator (range 0) starts K-1 range servers itself."""
+def start_brokers(k: int, n_workers: int, out: Path, prefix: list[str] | None = None) -> tuple[list[subprocess.Popen], list[str]]:
+    """``zsgd broker --servers K``: the coordinator (range 0) starts K-1 range servers itself. ``prefix``: the
+    interpreter's arguments before ``broker`` (default ``-m zsgd``; ``--profile`` puts cProfile in front)."""
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "zsgd", "broker", "--workers", str(n_workers), "--servers", str(k), "--model", "cnn", "--data", "embedded",
+    p = subprocess.Popen([sys.executable, *(prefix or ["-m", "zsgd"]), "broker", "--workers", str(n_workers), "--servers", str(k), "--model", "cnn", "--data", "embedded",
                           "--algo", "async", "--port", str(port), "--no-evaluator", "--quiet", "--checkpoint-every", "0",
                           "--eval-every", "100000000", "--steps", "100000000", "--lr", "0.001", "--lr-schedule", "constant",
                           "--heartbeat", "1", "--timeout", "30", "--out", str(out)],
@@ -237,9 +241,13 @@ def start_brokers(k: int, n_workers: int, out: Path) -> tuple[list[subprocess.Po
     return [p], [f"tcp://127.0.0.1:{port}"]
 
 
-def measure(mode: str, n_workers: int, k: int, client_procs: int, seconds: float, warmup: float, out: Path) -> float:
-    """Exchanges per second summed over every worker."""
-    servers, eps = (start_echo(k) if mode == "raw" else start_brokers(k, n_workers, out))
+def measure(mode: str, n_workers: int, k: int, client_procs: int, seconds: float, warmup: float, out: Path,
+            on_start: Callable[[list[subprocess.Popen]], None] | None = None, prefix: list[str] | None = None) -> float:
+    """Exchanges per second summed over every worker. ``on_start``: called with the server processes once they
+    are started (``--profile`` attaches perf); ``prefix``: see ``start_brokers``."""
+    servers, eps = (start_echo(k) if mode == "raw" else start_brokers(k, n_workers, out, prefix))
+    if on_start is not None:
+        on_start(servers)
     try:
         groups = [list(range(n_workers))[i::client_procs] for i in range(min(client_procs, n_workers))]
         clients = [subprocess.Popen([sys.executable, __file__, "--client", mode, "--endpoints", ",".join(eps),
@@ -326,6 +334,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--rounds", type=int, default=3, help="alternate raw and zsgd this many times")
     ap.add_argument("--only", choices=["exchange", "step"], default=None, help="only the pipelined exchange, or only the server step")
+    ap.add_argument("--profile", action="store_true", help="where the server's time per update goes (K = 1): CPU by thread and code "
+                    "(perf, raw echo beside zsgd) and the broker's Python path by stage (cProfile); see broker_profile.py")
     ap.add_argument("--client", choices=["raw", "zsgd"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
     ap.add_argument("--client-workers", default="", help=argparse.SUPPRESS)
@@ -343,6 +353,15 @@ def main() -> None:
         raise SystemExit("--workers, --servers and --client-procs must be >= 1")
     if args.only == "step":
         step_table(args.rounds)
+        return
+    if args.profile:
+        from broker_profile import profile
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-broker-profile-"))
+        try:
+            profile(measure, args.workers, args.client_procs, args.seconds, args.warmup, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return
     msg_bytes = 4 * N_PARAMS  # each way
     tmp = Path(tempfile.mkdtemp(prefix="bench-broker-"))
