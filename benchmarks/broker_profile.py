@@ -13,7 +13,10 @@ its own round so that neither distorts the other:
 * **The broker's stages one by one** (in this process, on the thread's CPU
   clock): header decode, validation, byte accounting, header encode, a
   tracked and an untracked zero-copy send, the step in and out of place,
-  the ledger with its metrics line. (A profiler inside the broker was tried
+  the ledger with its metrics line; and a worker's two thread hand-offs
+  (compute thread -> link thread over an inproc pipe, and back), as one
+  exchange through ``BrokerLink`` beside one straight through a DEALER.
+  (A profiler inside the broker was tried
   and dropped: cProfile's own cost per Python call, a microsecond or two,
   swamps stages that cost ten.)
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -106,6 +110,85 @@ def stage_costs(n_params: int, reps: int = 400) -> list[tuple[str, float]]:
         rows.append(("ledger.applied: counts, the update's metrics line (flushed), eval and stop checks",
                      _cpu_us(lambda: ledger.applied(1.0, version=next(count), n_samples=64, worker=3, staleness=1, lr=0.001), reps)))
     return rows
+
+
+#: A ROUTER that answers every message with the same WEIGHTS (frames encoded once): the far end of ``handoff_costs``.
+WEIGHTS_ECHO = r"""
+import sys, zmq, numpy as np
+sys.path.insert(0, sys.argv[3])
+from zsgd.wire import protocol
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.linger = 0
+s.bind(sys.argv[1]); frames = protocol.encode(protocol.weights_message("0123456789ab", 1, np.ones(int(sys.argv[2]), np.float32)))
+print("ready", flush=True)
+while True:
+    parts = s.recv_multipart(copy=False)
+    if len(parts) == 2 and parts[1].bytes == b"bye":
+        break
+    s.send_multipart([parts[0], *frames], copy=False)
+"""
+
+
+def handoff_costs(n_params: int, reps: int = 100, rounds: int = 3) -> tuple[list[float], list[float]]:
+    """Milliseconds per exchange (update up, weights down, tcp loopback) from the calling thread: straight through a
+    DEALER, and through a worker's ``BrokerLink`` (compute thread -> inproc PAIR -> link thread -> DEALER, and back).
+    The difference is the two hand-offs. Alternating rounds; each is the median of ``reps``."""
+    import numpy as np
+    import zmq
+
+    from zsgd.wire import protocol
+    from zsgd.wire.link import BrokerLink
+
+    root = str(Path(__file__).resolve().parents[1])
+    port = _free_port()
+    echo = subprocess.Popen([sys.executable, "-c", WEIGHTS_ECHO, f"tcp://127.0.0.1:{port}", str(n_params), root],
+                            stdout=subprocess.PIPE, text=True)
+    echo.stdout.readline()
+    g = np.ones(n_params, np.float32)
+    update = protocol.update_message("0123456789ab", 0, 1, g, 64, 0.5)
+    ctx = zmq.Context()
+    direct, linked = [], []
+    try:
+        d = ctx.socket(zmq.DEALER)
+        d.linger = 0
+        d.connect(f"tcp://127.0.0.1:{port}")
+        link = BrokerLink(ctx, f"tcp://127.0.0.1:{port}", b"profile-link", run="0123456789ab", worker=0, heartbeat=60, timeout=120).open()
+
+        def through_dealer() -> None:
+            protocol.send(d, update)
+            protocol.recv(d)
+
+        def through_link() -> None:
+            link.send(update)
+            while not isinstance(link.recv(10.0), protocol.Message):
+                pass
+
+        for _ in range(rounds):
+            for fn, out in ((through_dealer, direct), (through_link, linked)):
+                for _ in range(5):
+                    fn()
+                times = []
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
+                out.append(statistics.median(times) * 1e3)
+        link.close(flush=False)
+        d.send(b"bye")
+        echo.wait(timeout=10)
+        d.close()
+    finally:
+        if echo.poll() is None:
+            echo.kill()
+        ctx.term()
+    return direct, linked
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _kind(comm: str, pid: str, tid: str, dso: str) -> tuple[str, str]:
@@ -210,3 +293,12 @@ def profile(measure: Any, workers: int, client_procs: int, seconds: float, warmu
     print("|---|---:|")
     for label, us in stage_costs(1_199_882):
         print(f"| {label} | {us:.1f} |")
+    direct, linked = handoff_costs(1_199_882)
+    print(f"\nA worker's hand-offs: one exchange (4.8 MB up, 4.8 MB down, tcp, a WEIGHTS echo) from the compute thread, ms, "
+          f"median of 100 per round, {len(direct)} alternating rounds; load average {os.getloadavg()[0]:.1f}\n")
+    print("| path | ms (median of rounds) | per round |")
+    print("|---|---:|---|")
+    print(f"| straight through a DEALER | {statistics.median(direct):.2f} | {', '.join(f'{x:.2f}' for x in direct)} |")
+    print(f"| through BrokerLink: inproc PAIR to the link thread and back | {statistics.median(linked):.2f} | "
+          f"{', '.join(f'{x:.2f}' for x in linked)} |")
+    print(f"| the two hand-offs | {statistics.median(linked) - statistics.median(direct):+.2f} | |")

@@ -585,3 +585,20 @@ def test_fuzz_mutated_messages_through_a_socket(ops, router_side):
         assert P.recv(b, router=router_side)[1].type == MsgType.HEARTBEAT
     finally:
         ctx.destroy(linger=0)
+
+
+def test_encode_without_the_check_makes_the_same_frames_and_the_receiver_still_checks():
+    """The server's reply skips the sender's re-parse of its header (``check=False``): same bytes; a bad
+    header then goes out, and ``decode`` refuses it as it would have."""
+    w = np.arange(1000, dtype=np.float32)
+    msg = P.weights_message("run1", 7, w)
+    checked, fast = P.encode(msg), P.encode(msg, check=False)
+    assert bytes(checked[0]) == bytes(fast[0]) and bytes(checked[1]) == bytes(fast[1])
+    bad = P.weights_message("bad run id!", 7, w)
+    with pytest.raises(P.ProtocolError):
+        P.encode(bad)
+    with pytest.raises(P.ProtocolError) as exc:
+        P.decode(P.encode(bad, check=False))
+    assert exc.value.reason == "bad-schema"
+    with pytest.raises(P.ProtocolError):  # sizes are checked either way
+        P.encode(msg, P.Limits(max_array_bytes=100), check=False)

@@ -140,8 +140,9 @@ class Endpoint:
         sent = self.shared.outgoing(identity, msg) if self.shared is not None else msg  # shared memory: copied into its slot now
         track = sent.type == MsgType.WEIGHTS and sent.codec == "none" and "w" in sent.arrays
         # Encoded with the receiver's limits (a worker takes a whole data shard), not this socket's
-        # inbound ones, which are sized for the model.
-        frames = protocol.encode(sent)
+        # inbound ones, which are sized for the model. The reply of every update (the weights, no meta: every
+        # field of its header is the server's own) skips the sender's re-parse of its header; the worker checks it.
+        frames = protocol.encode(sent, check=not (track and not sent.meta))
         # What the peer gets, over the socket or through shared memory (the frames' own sizes when they carry it all:
         # the header is not encoded twice per message).
         nbytes = sum(len(f) for f in frames) if sent is msg else protocol.message_nbytes(msg)
