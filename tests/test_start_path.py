@@ -57,23 +57,27 @@ def test_network_names_resolve_lazily_and_the_same():
 
 
 NUMBA_PROBE = """
-import json, sys
-from zsgd.commands.group import skip_numba_blas_probe
-skip_numba_blas_probe()
+import gc, json, sys
+default = gc.get_threshold()
+from zsgd.commands.group import start_quickly
+start_quickly()
+loading = gc.get_threshold()
 import numpy as np
 from zsgd.nn.server_step import all_finite
 from numba import njit
 ok = bool(all_finite(np.ones(3, np.float32))) and not bool(all_finite(np.array([1, np.nan], np.float32)))
 skipped = "scipy.linalg" not in sys.modules
+gc_ok = loading[2] > 10**6 and gc.get_threshold() == default and gc.get_freeze_count() > 10_000
 dot = njit(lambda a, b: np.dot(a, b))  # needs scipy's BLAS: imported now, at its compilation
-print(json.dumps({"ok": ok, "skipped": skipped, "dot": float(dot(np.arange(3.0), np.ones(3)))}))
+print(json.dumps({"ok": ok, "skipped": skipped, "gc": gc_ok, "dot": float(dot(np.arange(3.0), np.ones(3)))}))
 """
 
 
 def test_numba_sets_up_without_scipy_linalg_and_jitted_blas_still_works():
+    """And no full collection while loading: at numba's set-up what is loaded is frozen and the thresholds come back."""
     out = subprocess.run([sys.executable, "-c", NUMBA_PROBE], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ok": True, "skipped": True, "dot": 3.0}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"ok": True, "skipped": True, "gc": True, "dot": 3.0}
     kept = subprocess.run([sys.executable, "-c", NUMBA_PROBE], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
                           env=os.environ | {"ZSGD_NUMBA_BLAS_PROBE": "1"})
     assert json.loads(kept.stdout.strip().splitlines()[-1])["skipped"] is False  # the switch keeps numba's own probe
