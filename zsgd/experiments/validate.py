@@ -289,10 +289,15 @@ def validate(cfg: TrainConfig, spec: Any, arms: list, out_dir: Path, tolerance: 
     updates = run_cfg.steps
     real_opts = real_options(arm, spec, n)  # every flag checked before anything runs
     workload = prepare_workload(run_cfg, [arm])
-    # 1. plain zsgd sim, with this machine's calibration: what it predicts, and how long the real run would take
-    predicted = _simulate(run_cfg, arm, workload, out_dir / "predicted")
+    # 1. plain zsgd sim, with this machine's calibration: what it predicts, and how long the real run would take. The real
+    # run is local, so unless the user placed the processes, the prediction puts them on this host's cores too.
+    plain = arm
+    if spec.grid.get("placement") is None and not real_opts.server.decentralized:
+        (plain,) = build_arms(replace(spec, grid={**spec.grid, "placement": "local"}))
+    predicted = _simulate(run_cfg, plain, workload, out_dir / "predicted")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    estimate = predicted.summary["virtual_s"] * max(1.0, (n + 1) / cores)
+    shared = getattr(plain.opts, "placement", "spread") == "local"  # the prediction already shares the cores
+    estimate = predicted.summary["virtual_s"] * (1.0 if shared else max(1.0, (n + 1) / cores))
     if estimate > BUDGET_S:
         raise ZsgdError(f"--validate: a real run of {updates} updates with {n} workers would take about {estimate:.0f} s here "
                         f"(the simulator's estimate, {cores} core(s) shared); a model too slow for a short run is not validated: "
