@@ -19,7 +19,7 @@ Run: ``python benchmarks/bench_sim.py [--updates 10000] [--workers 1024] [--cnn-
 
 ``--start [--rounds 5] [--baseline DIR]`` times whole ``zsgd sim`` commands instead, what a user
 waits for (issue 24): one short arm (logreg, 1,500 updates), and a sweep of four such arms
-(``--latency 0,10,50,200ms``) with ``--jobs 1`` and ``--jobs 2``, alternating in every round so a
+(``--latency 0,10,50,200ms``; also of 6,000 updates each: ``--sweep-steps``) with ``--jobs 1`` and ``--jobs 2``, alternating in every round so a
 machine that speeds up or slows down moves both; with ``--baseline DIR`` (another checkout, e.g.
 ``git archive OLD | tar -x -C DIR``) each command also runs from DIR, side by side.
 """
@@ -61,7 +61,7 @@ def run_case(name: str, model: str, algo: str, workers: int, updates: int, eval_
 
 
 SHORT_ARM = ("sim", "--model", "logreg", "--steps", "1500", "--quiet")
-SWEEP = SHORT_ARM + ("--latency", "0,10,50,200ms")
+SWEEP = ("sim", "--model", "logreg", "--quiet", "--latency", "0,10,50,200ms")  # with --steps N --jobs J
 
 
 def command_wall(args: tuple[str, ...], out: Path, tree: Path | None = None) -> float:
@@ -75,15 +75,18 @@ def command_wall(args: tuple[str, ...], out: Path, tree: Path | None = None) -> 
     return time.perf_counter() - t0
 
 
-def start_rows(rounds: int, baseline: Path | None) -> None:
+def start_rows(rounds: int, baseline: Path | None, sweep_steps: list[int]) -> None:
     """The ``--start`` table: every command of a round run once per tree, rounds alternating (see the docstring)."""
     trees: dict[str, Path | None] = {"this": None} | ({"baseline": baseline} if baseline else {})
-    cases = {"one arm": SHORT_ARM, "4 arms --jobs 1": SWEEP + ("--jobs", "1"), "4 arms --jobs 2": SWEEP + ("--jobs", "2")}
+    cases = {"one arm": SHORT_ARM}
+    for steps in sweep_steps:
+        for jobs in (1, 2):
+            cases[f"4x{steps} --jobs {jobs}"] = SWEEP + ("--steps", str(steps), "--jobs", str(jobs))
     times: dict[tuple[str, str], list[float]] = {(t, c): [] for t in trees for c in cases}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         for tree, root in trees.items():  # warm-up: numba's cache and the calibration cache of each tree
-            command_wall(SWEEP + ("--jobs", "2"), Path(tmp) / f"warm-{tree}", root)
+            command_wall(SWEEP + ("--steps", "100", "--jobs", "2"), Path(tmp) / f"warm-{tree}", root)
         for r in range(rounds):
             for case, args in cases.items():
                 for tree, root in trees.items():
@@ -92,18 +95,19 @@ def start_rows(rounds: int, baseline: Path | None) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"zsgd sim, whole commands (s): median of {rounds} alternating rounds; 1-minute load average "
           f"{min(loads):.2f}-{max(loads):.2f} (before and after each round)")
-    head = f"{'command':<22}" + "".join(f"{t:>12}" for t in trees) + ("" if len(trees) == 1 else f"{'this/base':>11}") + "   rounds (this)"
+    head = f"{'command':<20}" + "".join(f"{t:>12}" for t in trees) + ("" if len(trees) == 1 else f"{'this/base':>11}") + "   rounds (this)"
     print(head)
     print("-" * len(head))
     for case in cases:
-        row = f"{case:<22}" + "".join(f"{med[t, case]:>12.2f}" for t in trees)
+        row = f"{case:<20}" + "".join(f"{med[t, case]:>12.2f}" for t in trees)
         if len(trees) > 1:
             row += f"{med['this', case] / med['baseline', case]:>10.2f}x"
         print(row + "   " + " ".join(f"{v:.2f}" for v in times["this", case]))
-    for tree in trees:
-        pairs = [b / a for a, b in zip(times[tree, "4 arms --jobs 1"], times[tree, "4 arms --jobs 2"])]
-        print(f"--jobs 2 / --jobs 1 ({tree}): {statistics.median(pairs):.2f}x, median of the rounds' ratios "
-              f"({', '.join(f'{p:.2f}' for p in pairs)}); goal <= 0.6x, 0.5x the limit on 2 cores")
+    for steps in sweep_steps:
+        for tree in trees:
+            pairs = [b / a for a, b in zip(times[tree, f"4x{steps} --jobs 1"], times[tree, f"4x{steps} --jobs 2"])]
+            print(f"4 arms of {steps} updates, --jobs 2 / --jobs 1 ({tree}): {statistics.median(pairs):.2f}x, median of the "
+                  f"rounds' ratios ({', '.join(f'{p:.2f}' for p in pairs)}); goal <= 0.6x, 0.5x the limit on 2 cores")
     print(f"one arm ({'this' if len(trees) == 1 else 'this tree'}): {med['this', 'one arm']:.2f} s; goal < 1 s")
 
 
@@ -118,9 +122,10 @@ def main() -> None:
     ap.add_argument("--start", action="store_true", help="time whole zsgd sim commands instead (one short arm; 4 arms, --jobs 1 and 2)")
     ap.add_argument("--rounds", type=int, default=5, help="with --start: alternating rounds")
     ap.add_argument("--baseline", type=Path, default=None, help="with --start: another checkout to run side by side")
+    ap.add_argument("--sweep-steps", default="1500,6000", help="with --start: the sweep's updates per arm, one sweep per value")
     args = ap.parse_args()
     if args.start:
-        start_rows(args.rounds, args.baseline)
+        start_rows(args.rounds, args.baseline, [int(v) for v in args.sweep_steps.split(",")])
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
