@@ -61,6 +61,7 @@ from zsgd.simulation.workload import Workload
 from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
 
 # Event kinds. A heap entry is (t, seq, kind, worker, incarnation, a, b).
+_CROSSING_THREADS = 2.0  # --placement local: a message crossing loopback keeps the sender's and the receiver's I/O threads busy
 _SIM_RUN = "0" * 12  # the run id in simulated messages (their sizes count it as a real run's)
 _DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER, _CANCEL, _START, _CPU, _OCC = range(10)
 
@@ -292,8 +293,8 @@ class Simulation:
     def _occupy(self, start: float, end: float) -> None:
         """--placement local: a message crosses the host's loopback from ``start`` to ``end``, keeping a thread busy."""
         if self.host is not None and end > start:
-            self._push(start, _OCC, -1, 0, 1.0)
-            self._push(end, _OCC, -1, 0, -1.0)
+            self._push(start, _OCC, -1, 0, _CROSSING_THREADS)
+            self._push(end, _OCC, -1, 0, -_CROSSING_THREADS)
 
     def _on_start(self, w: int, inc: int, version: int, step: tuple[np.ndarray, int, float]) -> None:
         """--placement local: the weights reached the worker; its step runs on the host's shared cores."""
