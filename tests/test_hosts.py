@@ -196,3 +196,17 @@ def test_cli_sweeps_host_cores_and_placement(tmp_path):
 def test_local_placement_is_refused_for_decentralized_algorithms(tmp_path):
     r = cli("sim", "--algo", "dsgd", "--workers", "4", "--placement", "local", "--steps", "20", "--quiet", "--out", str(tmp_path / "d"))
     assert r.exit_code != 0 and "--placement local" in r.output and "Traceback" not in r.output
+
+
+def test_auto_host_cores_are_a_replayed_calibrations_machine(tmp_path):
+    """--calibration FILE replays figures measured on another machine: --host-cores auto means that machine's cores."""
+    from zsgd.simulation import calibration
+
+    record = {"source": "elsewhere", "machine": {"cpu": "big", "cores": 16}}
+    previous = calibration.use(calibration.Calibration("replay", record, source="elsewhere.json"))
+    try:
+        opts = SimOptions(algo="async", n_workers=2, compute=Constant(C), broker_s=T, broker_bandwidth=math.inf, placement="local")
+        assert opts.validate().host_cores == 16.0
+    finally:
+        calibration.use(previous)
+    assert SimOptions(placement="local").validate().host_cores == float(this_machines_cores())

@@ -51,10 +51,11 @@ def this_machines_cores() -> int:
         return os.cpu_count() or 1
 
 
-def parse_host_cores(text: str | int | float | None) -> float:
-    """``--host-cores N``: cores per simulated host (``auto``: this machine's)."""
+def parse_host_cores(text: str | int | float | None, auto: float | None = None) -> float:
+    """``--host-cores N``: cores per simulated host (``auto``: ``auto`` if given -- a replayed calibration's machine --
+    else this machine's)."""
     if text is None or (isinstance(text, str) and text.strip().lower() in ("", "auto")):
-        return float(this_machines_cores())
+        return float(auto if auto is not None else this_machines_cores())
     try:
         value = float(text)
     except (TypeError, ValueError):

@@ -179,6 +179,16 @@ class Calibration:
             return cls("replay", read_record(path), source=str(path))
         return cls("recalibrate" if recalibrate else "cache")
 
+    def host_cores(self) -> float:
+        """The cores ``--host-cores auto`` means: the replayed machine's (its figures were measured with them), else this one's."""
+        from zsgd.network.hosts import this_machines_cores
+
+        if self.mode == "replay":
+            cores = ((self.replayed or {}).get("machine") or {}).get("cores")
+            if isinstance(cores, (int, float)) and not isinstance(cores, bool) and 0 < cores <= 65536:
+                return float(cores)
+        return float(this_machines_cores())
+
     # -- the cache file -----------------------------------------------------
     @property
     def machine(self) -> dict[str, Any]:

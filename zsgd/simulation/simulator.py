@@ -113,7 +113,9 @@ class SimOptions:
         from zsgd.network.hosts import parse_host_cores, parse_placement
 
         self.placement = parse_placement(self.placement)
-        self.host_cores = parse_host_cores(self.host_cores)
+        from zsgd.simulation.calibration import current
+
+        self.host_cores = parse_host_cores(self.host_cores, auto=current().host_cores())
         for name, v in (("--detect", self.detect_s), ("--broker-time", 0.0 if isinstance(self.broker_s, Measured) else self.broker_s)):
             if not math.isfinite(v) or v < 0:
                 raise ZsgdError(f"{name} must be a finite duration >= 0, got {v}")
