@@ -124,6 +124,15 @@ def test_a_half_written_service_is_refused_whole(tmp_path):
         Broker(cfg, Problem.from_config(cfg), BrokerOptions(), tmp_path, metrics, service=lambda ctx, w0, opt_state: NoSnapshot())
 
 
+def test_a_service_sends_only_once_the_broker_has_bound(tmp_path):
+    """The socket is bound after the service is built (its size limit is the service's): the constructor cannot send."""
+    ctx = ServiceContext(run="r1", cfg=None, opts=BrokerOptions(), problem=None, ledger=None, metrics=None, run_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="once the broker has bound its socket"):
+        ctx.port.send(None, None)
+    with pytest.raises(RuntimeError, match="membership exists once"):
+        ctx.members.live_workers()
+
+
 def test_services_never_see_the_broker():
     """A service gets its context; no service module imports the broker (but for its options' type) or names it."""
     for name in ("service", "context", "parameter_server", "sharded", "relay"):

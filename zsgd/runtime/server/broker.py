@@ -64,7 +64,7 @@ class BrokerOptions:
     wait_workers_s: float = 120.0  # abort if no worker is live this long after start
 
 
-ServiceFactory = Callable[[ServiceContext, np.ndarray, "dict | None"], Service]
+ServiceFactory = Callable[[ServiceContext, np.ndarray, dict | None], Service]
 """``factory(ctx, w0, opt_state)``: the service a broker runs, built from its context (never from the broker)."""
 
 
@@ -101,7 +101,7 @@ class Broker:
                                   request_eval=self.request_eval, snapshot_ready=self.maybe_send_eval,
                                   replay_deferred=lambda: self.session.replay_deferred())
         self.rejected, self.reject = self.ctx.rejected, self.ctx.reject
-        self.service = service(self.ctx, w0, opt_state)
+        self.service: Service = service(self.ctx, w0, opt_state)
         missing = missing_hooks(self.service)
         if missing:
             raise TypeError(f"{type(self.service).__name__} is not a complete service: it lacks {', '.join(missing)}")
