@@ -205,10 +205,8 @@ class Session:
                 b.endpoint.send(peer.identity, protocol.leave(b.run, peer.worker, reason))
 
     def workers_summary(self) -> dict[str, Any]:
-        return {str(p.worker): {"host": p.host, "steps": p.steps, "samples": p.samples, "mean_staleness": p.mean_staleness,
-                                "max_staleness": p.staleness_max, "incarnations": p.incarnations,
-                                "compute_s_mean": p.compute_s_sum / p.steps if p.steps else None,
-                                "emulated_stall_s": p.stall_s_sum}
+        return {str(p.worker): p.row(p.host) | {"compute_s_mean": p.compute_s_sum / p.steps if p.steps else None,
+                                                "emulated_stall_s": p.stall_s_sum}
                 for p in self.members.by_worker.values()}
 
     def mean_compute(self) -> float | None:
