@@ -238,6 +238,15 @@ def start_brokers(k: int, n_workers: int, out: Path, prefix: list[str] | None = 
                           "--eval-every", "100000000", "--steps", "100000000", "--lr", "0.001", "--lr-schedule", "constant",
                           "--heartbeat", "1", "--timeout", "30", "--out", str(out)],
                          env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    keys, deadline = out / "keys" / RUN_SECRET_FILE, time.monotonic() + 120
+    while not (keys.exists() and keys.stat().st_size > 0):  # written once it listens; a refused command ends at once
+        if p.poll() is not None:
+            lines = p.stderr.read().strip().splitlines() or [f"exit {p.returncode}"]
+            raise RuntimeError(f"zsgd broker --servers {k} ended before it listened: {lines[-1]}")
+        if time.monotonic() > deadline:
+            p.kill()
+            raise RuntimeError(f"zsgd broker --servers {k} wrote no {keys} within 120 s")
+        time.sleep(0.02)
     return [p], [f"tcp://127.0.0.1:{port}"]
 
 

@@ -135,6 +135,15 @@ def main() -> None:
         args.seconds, args.warmup, args.e2e_seconds, args.no_sim = min(args.seconds, 2.0), min(args.warmup, 1.0), min(args.e2e_seconds, 8.0), True
     if args.check and args.no_sim:
         raise SystemExit("--check compares with the simulator: drop --no-sim (and --quick)")
+    from zsgd.runtime.launch.local import max_local_servers
+
+    cap, why = max_local_servers()
+    refused = [k for k in ks if k - 1 > cap]
+    ks = [k for k in ks if k - 1 <= cap]
+    for k in refused:  # zsgd itself refuses to start more range servers than the machine can run
+        print(f"K={k} skipped: zsgd runs at most {cap} range servers here ({why}); run it on a bigger machine", file=sys.stderr)
+    if not ks:
+        raise SystemExit(f"no K of --servers {args.servers} fits this machine (at most {cap + 1} servers for {why})")
     print(f"cores: {cores_seen()}", file=sys.stderr)
     tmp = Path(tempfile.mkdtemp(prefix="bench-capacity-"))
     e2e: dict[int, float] = {}
@@ -170,6 +179,8 @@ def main() -> None:
             for n in ns:
                 r, a, b = real[(n, k)], sim_default[(n, k)], sim_calibrated[(n, k)]
                 print(f"| {k} | {n} | {r:.1f} | {a:.1f} | {a / r:.2f} | {b:.1f} | {b / r:.2f} |")
+    if refused:
+        print(f"\nK = {', '.join(map(str, refused))} not measured: zsgd starts at most {cap} range servers on this machine ({why}).")
     print(f"\nK-scaling, {max(ns)} pipelined workers (no compute): goal >= {SCALING_GOAL:g} K of K = 1 for K <= {SCALING_UP_TO}\n")
     print("\n".join(scaling_rows({k: real[(max(ns), k)] for k in ks})))
     if e2e:
