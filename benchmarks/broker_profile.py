@@ -135,11 +135,12 @@ def handoff_costs(n_params: int, reps: int = 100, rounds: int = 3) -> tuple[list
     import numpy as np
     import zmq
 
+    from bench_broker import free_port
     from zsgd.wire import protocol
     from zsgd.wire.link import BrokerLink
 
     root = str(Path(__file__).resolve().parents[1])
-    port = _free_port()
+    port = free_port()
     echo = subprocess.Popen([sys.executable, "-c", WEIGHTS_ECHO, f"tcp://127.0.0.1:{port}", str(n_params), root],
                             stdout=subprocess.PIPE, text=True)
     echo.stdout.readline()
@@ -181,14 +182,6 @@ def handoff_costs(n_params: int, reps: int = 100, rounds: int = 3) -> tuple[list
             echo.kill()
         ctx.term()
     return direct, linked
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _kind(comm: str, pid: str, tid: str, dso: str) -> tuple[str, str]:
