@@ -171,7 +171,10 @@ class Simulation:
         if opts.placement == "local":
             self.host = CpuPool(opts.host_cores, lambda t, _pool, generation: self._push(t, _CPU, -1, generation))
             self.step_stage = FifoStage(self.host, demand=float(opts.servers))  # the K range servers step together
-            self.nic_bw = self.broker_bw  # one host's loopback moves what its echo measured, however many servers
+            if self.broker_bw_measured:  # what this host's echo measured, with its cores: K I/O threads (one per server)
+                from zsgd.simulation.calibration import current  # scale it as far as the simulated host has cores for them
+
+                self.nic_bw = self.broker_bw * min(opts.servers, max(1.0, opts.host_cores / current().host_cores()))
             self.jobs: dict[int, tuple[int, Job]] = {}  # each worker's running step: (token, job)
             self.cut: set[int] = set()  # steps abandoned before they started (their token)
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
