@@ -64,15 +64,21 @@ SHORT_ARM = ("sim", "--model", "logreg", "--steps", "1500", "--quiet")
 SWEEP = ("sim", "--model", "logreg", "--quiet", "--latency", "0,10,50,200ms")  # with --steps N --jobs J
 
 
-def command_wall(args: tuple[str, ...], out: Path, tree: Path | None = None) -> float:
+def command_wall(args: tuple[str, ...], out: Path, tree: Path | None = None) -> tuple[float, float]:
     """Seconds of ``zsgd ARGS --out OUT`` as a user runs it (a fresh interpreter, to its exit), from ``tree``'s
-    package when given (else this checkout's)."""
+    package when given (else this checkout's): wall, and CPU of the command and its children (user + system;
+    on a busy machine the wall time is mostly other people's work, the CPU time much less so)."""
+    import resource
+
     root = tree or Path(__file__).resolve().parents[1]
     env = os.environ | {"PYTHONPATH": str(root)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "zsgd", *args, "--out", str(out)], cwd=root, env=env, check=True, stdin=subprocess.DEVNULL,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def start_rows(rounds: int, baseline: Path | None, sweep_steps: list[int]) -> None:
@@ -83,14 +89,18 @@ def start_rows(rounds: int, baseline: Path | None, sweep_steps: list[int]) -> No
         for jobs in (1, 2):
             cases[f"4x{steps} --jobs {jobs}"] = SWEEP + ("--steps", str(steps), "--jobs", str(jobs))
     times: dict[tuple[str, str], list[float]] = {(t, c): [] for t in trees for c in cases}
+    cpus: dict[tuple[str, str], list[float]] = {(t, c): [] for t in trees for c in cases}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         for tree, root in trees.items():  # warm-up: numba's cache and the calibration cache of each tree
             command_wall(SWEEP + ("--steps", "100", "--jobs", "2"), Path(tmp) / f"warm-{tree}", root)
+            command_wall(SHORT_ARM, Path(tmp) / f"warm1-{tree}", root)
         for r in range(rounds):
             for case, args in cases.items():
                 for tree, root in trees.items():
-                    times[tree, case].append(command_wall(args, Path(tmp) / f"{tree}-{r}-{case.replace(' ', '_')}", root))
+                    wall, cpu = command_wall(args, Path(tmp) / f"{tree}-{r}-{case.replace(' ', '_')}", root)
+                    times[tree, case].append(wall)
+                    cpus[tree, case].append(cpu)
             loads.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"zsgd sim, whole commands (s): median of {rounds} alternating rounds; 1-minute load average "
@@ -103,6 +113,12 @@ def start_rows(rounds: int, baseline: Path | None, sweep_steps: list[int]) -> No
         if len(trees) > 1:
             row += f"{med['this', case] / med['baseline', case]:>10.2f}x"
         print(row + "   " + " ".join(f"{v:.2f}" for v in times["this", case]))
+    print("CPU of each command and its children (s, median):")
+    for case in cases:
+        row = f"{case:<20}" + "".join(f"{statistics.median(cpus[t, case]):>12.2f}" for t in trees)
+        if len(trees) > 1:
+            row += f"{statistics.median(cpus['this', case]) / statistics.median(cpus['baseline', case]):>10.2f}x"
+        print(row)
     for steps in sweep_steps:
         for tree in trees:
             pairs = [b / a for a, b in zip(times[tree, f"4x{steps} --jobs 1"], times[tree, f"4x{steps} --jobs 2"])]
