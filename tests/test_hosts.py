@@ -210,3 +210,23 @@ def test_auto_host_cores_are_a_replayed_calibrations_machine(tmp_path):
     finally:
         calibration.use(previous)
     assert SimOptions(placement="local").validate().host_cores == float(this_machines_cores())
+
+
+def test_a_measured_loopback_grows_with_the_hosts_cores_up_to_one_io_thread_per_server(workload, tmp_path, monkeypatch):
+    """The echo measured here is what this machine's cores carry; a simulated host with more cores carries it once per
+    server's I/O thread, as far as its cores allow (the NIC-bound plateau is the loopback's bytes/s over a message's)."""
+    from zsgd.simulation.transport import Transport
+
+    bw = 200 * max(workload.update_bytes, workload.weights_bytes)  # 200 messages/s each way on this machine's cores
+    monkeypatch.setattr(Workload, "transport_model", lambda self, opts: (Transport(bw, 1.0), True))
+    here = float(this_machines_cores())
+
+    def plateau(servers: int, cores: float) -> float:
+        opts = SimOptions(algo="async", n_workers=16, compute=Constant(0.0), broker_s=0.0, servers=servers, placement="local",
+                          host_cores=cores)
+        return run_arm(workload.cfg, opts, workload, tmp_path / f"k{servers}-c{cores}").summary["updates_per_s"]
+
+    assert plateau(1, here) == pytest.approx(200, rel=0.05)
+    assert plateau(2, here) == pytest.approx(200, rel=0.05)  # the cores measured are all there are: no more I/O
+    assert plateau(4, 8 * here) == pytest.approx(800, rel=0.05)  # four I/O threads, cores to spare
+    assert plateau(4, 2 * here) == pytest.approx(400, rel=0.05)  # cores for two of them
