@@ -128,8 +128,9 @@ def breakdown(out_dir: Path) -> dict[str, float]:
     if not rows:
         raise RuntimeError(f"no worker wrote its phases to {out_dir}")
     mean = {k: 1e3 * sum(r[k] for r in rows) / len(rows) for k in rows[0] if k not in ("steps", "first_wall", "last_wall")}
-    mean["batch"] = mean["compute"] - mean["kernel"]
-    mean["wait"] = mean["recv"] - mean["receive_copy"]
+    for cpu in ("", "_cpu"):  # wall, then the compute thread's CPU
+        mean["batch" + cpu] = mean["compute" + cpu] - mean["kernel" + cpu]
+        mean["wait" + cpu] = mean["recv" + cpu] - mean["receive_copy" + cpu]
     mean["other"] = mean["step"] - sum(mean[k] for k in PHASES)
     samples = json.loads((out_dir / "broker-cpu.json").read_text())
     lo, hi = max(r["first_wall"] for r in rows), min(r["last_wall"] for r in rows)
@@ -150,7 +151,9 @@ def run_instrumented(argv: list[str], out_dir: Path, env: dict, root: Path) -> N
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # What `zsgd run` sets before numpy loads; here numpy loads first (the wrappers), so it comes from the environment.
-    subprocess.run([sys.executable, "-c", code], env=SINGLE_THREAD_ENV | env, check=True, stdin=subprocess.DEVNULL, capture_output=True)
+    done = subprocess.run([sys.executable, "-c", code], env=SINGLE_THREAD_ENV | env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"zsgd {' '.join(argv)} exited with {done.returncode}: {done.stderr[-2000:]}")
 
 
 def breakdown_rows(zsgd_rounds: list[dict], ddp_rounds: list[dict]) -> list[tuple[str, str, str, str, str]]:
@@ -174,17 +177,17 @@ def breakdown_rows(zsgd_rounds: list[dict], ddp_rounds: list[dict]) -> list[tupl
     z_cpu = z["process_cpu"] + z.get("broker_cpu_per_update", nan)
     return [
         row("  a step, wall ms (worker | DDP rank)", z["step"], d.get("step", nan)),
-        row("  compute, wall: forward + backward (zsgd kernel | DDP with no_sync, both ranks computing)", z["kernel"],
-            d.get("forward_alone", nan) + d.get("backward_alone", nan)),
-        row("  compute, CPU of the computing thread (zsgd kernel | DDP forward + backward, no_sync)", z["kernel_cpu"],
-            d.get("compute_cpu_alone", nan)),
-        row("  optimizer step (zsgd: the broker's CPU per update | DDP: each rank's, wall)", z.get("broker_cpu_per_update", nan),
-            d.get("optimizer", nan)),
-        row("  exchange, wall (zsgd: send + wait + receive copy | DDP: backward with all-reduce less without)",
-            z["send"] + z["wait"] + z["receive_copy"], d.get("backward", nan) - d.get("backward_alone", nan)),
-        ("    zsgd, wall (compute thread's CPU): send | wait | receive copy", f"{both('send')} | {z['wait']:.2f} | {both('receive_copy')}",
-         "", "", ""),
-        ("    zsgd, wall: batch preparation | validation | the loop's own", f"{z['batch']:.2f} | {z['validate']:.2f} | {z['other']:.2f}",
-         "", "", ""),
-        row("  CPU per step, all threads (zsgd: worker + broker's per update | DDP rank, gloo included)", z_cpu, d.get("process_cpu", nan)),
+        row("  compute, wall (zsgd kernel | DDP forward + backward, its all-reduce waited for inside)", z["kernel"],
+            d.get("forward", nan) + d.get("backward", nan)),
+        row("  compute, CPU of the computing thread (zsgd kernel | DDP forward + backward)", z["kernel_cpu"], d.get("compute_cpu", nan)),
+        row("  optimizer step, CPU (zsgd: the broker's whole CPU per update | DDP: each rank's step)", z.get("broker_cpu_per_update", nan),
+            d.get("optimizer_cpu", nan)),
+        ("    zsgd, wall (compute thread's CPU): send | wait for the reply | receive copy",
+         f"{both('send')} | {both('wait')} | {both('receive_copy')}", "", "", ""),
+        ("    zsgd, wall (CPU): batch preparation | validation; wall: the loop's own",
+         f"{both('batch')} | {both('validate')}; {z['other']:.2f}", "", "", ""),
+        row("  CPU per step, all threads (zsgd: worker + the broker's per update | DDP rank, gloo's threads included)", z_cpu,
+            d.get("process_cpu", nan)),
+        row("  ... of which not the compute (zsgd: exchange, link thread, broker | DDP: all-reduce, optimizer)", z_cpu - z["kernel_cpu"],
+            d.get("process_cpu", nan) - d.get("compute_cpu", nan)),
     ]
