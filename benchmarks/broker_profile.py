@@ -47,8 +47,21 @@ def _cpu_us(fn: Callable[[], object], reps: int) -> float:
     return statistics.median(runs)
 
 
-def stage_costs(n_params: int, reps: int = 400) -> list[tuple[str, float]]:
-    """CPU µs of each stage of the broker's path for one cnn-size update, alone, on this thread, as the broker runs it:
+def _cold_us(fn: Callable[[], object], reps: int, evict: Any) -> float:
+    """Median CPU microseconds of ``fn`` run cold: before each call a pass over ``evict`` (larger than the last-level
+    cache) throws this thread's data out of it, as a 4.8 MB transfer does between two messages in the server."""
+    fn()
+    times = []
+    for _ in range(reps):
+        evict += 1
+        t0 = time.thread_time()
+        fn()
+        times.append((time.thread_time() - t0) * 1e6)
+    return statistics.median(times)
+
+
+def stage_costs(n_params: int, reps: int = 400) -> list[tuple[str, float, float]]:
+    """CPU µs of each stage, warm and cold (``_cold_us``), of the broker's path for one cnn-size update, alone, on this thread, as the broker runs it:
     the header decode and checks, validation, byte accounting, the WEIGHTS encode, a zero-copy tracked and untracked
     send (inproc, received at once), the step in place and out of place (fused numba kernels), and the ledger with
     its metrics line (a file flushed per line, as a run's)."""
@@ -69,11 +82,17 @@ def stage_costs(n_params: int, reps: int = 400) -> list[tuple[str, float]]:
     frames = protocol.encode(protocol.update_message(run, 3, 1200, g, 64, 0.53, compute_s=0.0123))
     msg = protocol.decode(frames)
     reply = protocol.weights_message(run, 1201, w)
-    rows = [("decode UPDATE: header parse and checks, array views", _cpu_us(lambda: protocol.decode(frames), reps)),
-            ("validate_update: run, worker, shape, meta", _cpu_us(lambda: protocol.validate_update(
-                msg, run=run, known_workers={3}, n_params=n_params, require_finite=False), reps)),
-            ("message_nbytes: the update's bytes (its header encoded again)", _cpu_us(lambda: protocol.message_nbytes(msg), reps)),
-            ("encode WEIGHTS: header JSON and its re-parse", _cpu_us(lambda: protocol.encode(reply), reps))]
+    evict = np.zeros(64 << 18, np.float32)  # 64 MB: twice this machine's L3, and most machines'
+
+    def both(fn: Callable[[], object], n: int = reps) -> tuple[float, float]:
+        return _cpu_us(fn, n), _cold_us(fn, 60, evict)
+
+    rows = [("decode UPDATE: header parse and checks, array views", *both(lambda: protocol.decode(frames))),
+            ("validate_update: run, worker, shape, meta", *both(lambda: protocol.validate_update(
+                msg, run=run, known_workers={3}, n_params=n_params, require_finite=False))),
+            ("message_nbytes: the update's bytes (its header encoded again)", *both(lambda: protocol.message_nbytes(msg))),
+            ("encode WEIGHTS: header JSON and its re-parse", *both(lambda: protocol.encode(reply))),
+            ("encode WEIGHTS without the re-parse (the server's reply)", *both(lambda: protocol.encode(reply, check=False)))]
     ctx = zmq.Context()
     a, b = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
     b.setsockopt(zmq.ROUTING_ID, b"w")
@@ -87,7 +106,7 @@ def stage_costs(n_params: int, reps: int = 400) -> list[tuple[str, float]]:
             a.send_multipart([b"w", *out], copy=False, track=track)
             b.recv_multipart(copy=False)
 
-        rows.append((f"zero-copy send of WEIGHTS, {'tracked' if track else 'untracked'} (inproc, with the receive)", _cpu_us(send, reps)))
+        rows.append((f"zero-copy send of WEIGHTS, {'tracked' if track else 'untracked'} (inproc, with the receive)", *both(send)))
     a.close(linger=0)
     b.close(linger=0)
     ctx.term()
@@ -101,14 +120,14 @@ def stage_costs(n_params: int, reps: int = 400) -> list[tuple[str, float]]:
     def out_of_place() -> None:
         opt.step_into(w, g, spare)
 
-    rows.append(("the step in place: numba finite check + momentum (cache-warm)", _cpu_us(in_place, 50)))
-    rows.append(("the step out of place (reply in flight): one fused pass (cache-warm)", _cpu_us(out_of_place, 50)))
+    rows.append(("the step in place: numba finite check + momentum", *both(in_place, 50)))
+    rows.append(("the step out of place (a reply in flight): one fused pass", *both(out_of_place, 50)))
     cfg = TrainConfig(model="logreg", data="embedded", steps=10**9, eval_every=10**9).validate()
     with tempfile.TemporaryDirectory() as tmp, MetricsWriter(Path(tmp) / "metrics.jsonl") as metrics:
         ledger = Problem.from_config(cfg).ledger(cfg, emit=metrics.write)
         count = iter(range(1, 10**9))
         rows.append(("ledger.applied: counts, the update's metrics line (flushed), eval and stop checks",
-                     _cpu_us(lambda: ledger.applied(1.0, version=next(count), n_samples=64, worker=3, staleness=1, lr=0.001), reps)))
+                     *both(lambda: ledger.applied(1.0, version=next(count), n_samples=64, worker=3, staleness=1, lr=0.001))))
     return rows
 
 
@@ -280,12 +299,12 @@ def profile(measure: Any, workers: int, client_procs: int, seconds: float, warmu
             print(line)
     else:
         print("\n(perf is not installed: no CPU split by thread; apt-get install linux-perf, or linux-tools)")
-    print(f"\nThe broker's stages for one cnn-size update, each alone on this thread (CPU µs, median of 5 runs; "
-          f"load average {os.getloadavg()[0]:.1f})\n")
-    print("| stage | CPU µs |")
-    print("|---|---:|")
-    for label, us in stage_costs(1_199_882):
-        print(f"| {label} | {us:.1f} |")
+    print(f"\nThe broker's stages for one cnn-size update, each alone on this thread (CPU µs; warm: median of 5 runs of a loop; "
+          f"cold: median of 60 calls, each after a pass over 64 MB; load average {os.getloadavg()[0]:.1f})\n")
+    print("| stage | warm CPU µs | cold CPU µs |")
+    print("|---|---:|---:|")
+    for label, warm, cold in stage_costs(1_199_882):
+        print(f"| {label} | {warm:.1f} | {cold:.1f} |")
     direct, linked = handoff_costs(1_199_882)
     print(f"\nA worker's hand-offs: one exchange (4.8 MB up, 4.8 MB down, tcp, a WEIGHTS echo) from the compute thread, ms, "
           f"median of 100 per round, {len(direct)} alternating rounds; load average {os.getloadavg()[0]:.1f}\n")

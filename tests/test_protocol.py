@@ -602,3 +602,21 @@ def test_encode_without_the_check_makes_the_same_frames_and_the_receiver_still_c
     assert exc.value.reason == "bad-schema"
     with pytest.raises(P.ProtocolError):  # sizes are checked either way
         P.encode(msg, P.Limits(max_array_bytes=100), check=False)
+
+
+@pytest.mark.parametrize("run, version", [("run1", 0), ("a.b:c@d+e-f_9", -1), ("x" * 128, 2**63 - 1), ("0123456789ab", 1201)])
+def test_the_plain_weights_header_is_the_json_encoders_bytes(run, version):
+    """The server's reply header is formatted directly (no JSON encoder): byte for byte what the checked path makes,
+    and it decodes; anything but a plain WEIGHTS takes the general path."""
+    w = np.linspace(-1, 1, 1001, dtype=np.float32)
+    msg = P.weights_message(run, version, w)
+    fast, checked = P.encode(msg, check=False), P.encode(msg)
+    assert [bytes(f) for f in fast] == [bytes(f) for f in checked]
+    back = P.decode(fast)
+    assert back.run == run and back.version == version and np.array_equal(back.arrays["w"], w)
+    for other in (P.weights_message(run, version, w, updates=3), P.weights_message(run, version, w.astype(np.float16)),
+                  P.weights_message(run, version, w[::2]), P.weights_message(run, version, w.reshape(7, 143))):
+        assert [bytes(f) for f in P.encode(other, check=False)] == [bytes(f) for f in P.encode(other)]
+    with pytest.raises(P.ProtocolError) as exc:
+        P.encode(msg, P.Limits(max_array_bytes=1000), check=False)
+    assert exc.value.reason == "too-large"

@@ -321,13 +321,17 @@ def encode(msg: Message, limits: Limits | None = None, check: bool = True) -> li
     pass `decode` with the same limits; a bad message fails here, at the
     sender, with the same reason code the receiver would have given.
 
-    ``check=False`` skips that re-parse (three quarters of the encode's time):
-    only for a header whose every field the sender made itself, the server's
-    reply of its weights on every update (``zsgd.runtime.server.endpoint``).
-    The receiver still checks it in full; dtypes and sizes are checked here
-    either way.
+    ``check=False`` skips that re-parse: only for a header whose every field
+    the sender made itself, the server's reply of its weights on every update
+    (``zsgd.runtime.server.endpoint``), whose header is then formatted
+    without the JSON encoder (``_plain_weights``). The receiver still checks
+    it in full; dtypes and sizes are checked here either way.
     """
     lim = limits or DEFAULT_LIMITS
+    if not check:
+        plain = _plain_weights(msg, lim)
+        if plain is not None:
+            return plain
     wire = {name: _wire_array(name, a) for name, a in msg.arrays.items()}
     header = _header_bytes(Message(msg.type, msg.run, msg.worker, msg.version,
                                    wire, msg.codec, msg.meta))
@@ -339,6 +343,26 @@ def encode(msg: Message, limits: Limits | None = None, check: bool = True) -> li
     if total > lim.max_array_bytes:
         raise ProtocolError("too-large", f"{total} array bytes > {lim.max_array_bytes}")
     return [header, *(memoryview(a.reshape(-1)).cast("B") for a in wire.values())]
+
+
+_WEIGHTS_PREFIX = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(MsgType.WEIGHTS))
+
+
+def _plain_weights(msg: Message, lim: Limits) -> list[bytes | memoryview] | None:
+    """The frames of the server's reply on every update -- WEIGHTS to everyone (w -1), one float32 vector "w", no
+    codec, no meta -- with its header formatted directly: the very bytes ``json.dumps`` makes for it (a run id that
+    matches ``_RUN_RE`` needs no escaping), without the JSON encoder, whose code and data are out of the cache by
+    the time the reply goes out (75 against 195 µs a reply, cold). None for any other message."""
+    w = msg.arrays.get("w")
+    if (msg.type != MsgType.WEIGHTS or msg.meta or msg.codec != "none" or msg.worker != -1 or len(msg.arrays) != 1
+            or type(w) is not np.ndarray or w.dtype != DTYPES["float32"] or w.ndim != 1 or not w.flags.c_contiguous
+            or not _is_int(msg.version) or not -1 <= msg.version < _INT64 or not isinstance(msg.run, str)
+            or not _RUN_RE.fullmatch(msg.run)):
+        return None
+    if w.nbytes > lim.max_array_bytes:
+        raise ProtocolError("too-large", f"{w.nbytes} array bytes > {lim.max_array_bytes}")
+    header = _WEIGHTS_PREFIX + ('{"run":"%s","w":-1,"v":%d,"a":[["w","float32",[%d]]]}' % (msg.run, msg.version, w.size)).encode()
+    return [header, memoryview(w).cast("B")]
 
 
 def _frame_buffer(frame: Any) -> memoryview:
