@@ -30,6 +30,10 @@ import pytest
 from hypothesis import settings
 
 from helpers import zsgd_processes
+# The session's shared clusters, defined here once: a fixture imported into two test modules is two fixtures, and
+# each module started (and prepared) its own cluster.
+from slurm_cluster import slurm  # noqa: F401
+from sshd import prepared_hosts  # noqa: F401
 
 # Property tests draw the same examples on every run by default, so CI cannot fail
 # on a draw nobody saw before; ZSGD_HYPOTHESIS=explore draws fresh ones (do that

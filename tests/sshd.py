@@ -17,9 +17,12 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 SSHD = "/usr/sbin/sshd"
 HOSTS = ("127.0.0.2", "127.0.0.3")
@@ -153,3 +156,50 @@ class SshServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@dataclass
+class PreparedHosts:
+    """The session's sshd and the two hosts ``zsgd remote init`` prepared (``prepared_hosts``)."""
+
+    server: SshServer
+    root: Path  # the sshd's folder; tests put their hosts files here
+    src: Path  # the snapshot of the checkout that init ran from
+    remote_dir: Path  # --remote-dir on both hosts (they share this machine's file system)
+    init: subprocess.CompletedProcess  # the first 'zsgd remote init' (its test checks it)
+    init_s: float
+
+    @property
+    def ssh_args(self) -> list[str]:
+        return ["--ssh-config", str(self.server.ssh_config), "--remote-dir", str(self.remote_dir), "--connect-timeout", "5"]
+
+
+@pytest.fixture(scope="session")
+def prepared_hosts(tmp_path_factory):
+    """A real sshd on ``HOSTS`` for the whole session, both hosts prepared once by ``zsgd remote init
+    --system-site-packages`` (a wheel, a venv, the kernels compiled on each host: about 20 s) from a snapshot of the
+    checkout, so edits to the working tree meanwhile cannot change the wheel. test_remote.py and test_torch_remote.py
+    each prepared the same two hosts before. Skips where there is no OpenSSH server."""
+    from helpers import REPO, run_zsgd
+
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(f"no OpenSSH server: {reason}")
+    root = tmp_path_factory.mktemp("ssh-hosts")
+    src = root / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    for folder in ("zsgd", "scripts"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.nbi", "*.nbc"))
+    server = SshServer.start(root / "sshd")
+    try:
+        hosts = root / "hosts-init.txt"
+        hosts.write_text("".join(f"{h} slots=1 python={sys.executable}\n" for h in HOSTS))
+        remote_dir = root / "remote-zsgd"
+        ssh_args = ["--ssh-config", str(server.ssh_config), "--remote-dir", str(remote_dir), "--connect-timeout", "5"]
+        t0 = time.monotonic()
+        init = run_zsgd("remote", "init", str(hosts), *ssh_args, "--system-site-packages", cwd=src, timeout=600)
+        yield PreparedHosts(server, root, src, remote_dir, init, time.monotonic() - t0)
+    finally:
+        server.stop()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import REPO, pid_alive, read_events, run_zsgd, start_zsgd, stop, summary_of, wait_for, zsgd_processes
+from helpers import pid_alive, read_events, run_zsgd, start_zsgd, stop, summary_of, wait_for, zsgd_processes
 from sshd import DOWN_HOST, HOSTS, SshServer, missing_reason
 
 # Every test here starts a real sshd, and most start zsgd runs through it.
@@ -54,35 +54,23 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cluster")
-    server = SshServer.start(root / "sshd")
-    try:
-        yield Cluster(server, root)
-    finally:
-        server.stop()
+def cluster(prepared_hosts):
+    return Cluster(prepared_hosts.server, prepared_hosts.root)
 
 
 @pytest.fixture(scope="module")
-def initialized(cluster):
-    """``zsgd remote init`` twice: the first installs, the second (via scripts/init_remote.py) must be a quick no-op.
-
-    Both run from a snapshot of the checkout, so edits made to the working tree meanwhile cannot change the wheel."""
-    import shutil
-
-    src = cluster.root / "src"
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name) if src.exists() else (src.mkdir(), shutil.copy2(REPO / name, src / name))
-    for folder in ("zsgd", "scripts"):
-        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.nbi", "*.nbc"))
+def initialized(cluster, prepared_hosts):
+    """``zsgd remote init`` twice: the first installs (the session's, ``sshd.prepared_hosts``), the second (via
+    scripts/init_remote.py) must be a quick no-op. Both run from a snapshot of the checkout, so edits made to the
+    working tree meanwhile cannot change the wheel."""
+    src = prepared_hosts.src
     hosts = cluster.two_hosts()
-    t0 = time.monotonic()
-    first = cluster.zsgd("remote", "init", str(hosts), *cluster.ssh_args, "--system-site-packages", cwd=src, timeout=600)
     t1 = time.monotonic()
     second = subprocess.run([sys.executable, str(src / "scripts" / "init_remote.py"), str(hosts), *cluster.ssh_args, "--system-site-packages"],
                             capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=cluster.root)
     t2 = time.monotonic()
-    return {"first": first, "second": second, "first_s": t1 - t0, "second_s": t2 - t1, "hosts": hosts, "src": src}
+    return {"first": prepared_hosts.init, "second": second, "first_s": prepared_hosts.init_s, "second_s": t2 - t1, "hosts": hosts,
+            "src": src}
 
 
 def test_init_prepares_both_hosts(cluster, initialized):

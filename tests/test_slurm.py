@@ -14,7 +14,6 @@ import pytest
 
 from helpers import REPO, cli, read_events, start_event, summary_of, wait_for, zsgd_processes
 
-from slurm_cluster import slurm  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ forwarded by the launcher the workers refuse the model and these tests fail.
 from __future__ import annotations
 
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -23,9 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run_zsgd, summary_of
-from slurm_cluster import slurm  # noqa: F401  (the session fixture)
-from sshd import HOSTS, SshServer, missing_reason
+from helpers import run_zsgd, summary_of
+from sshd import HOSTS, SshServer
 
 pytest.importorskip("torch")
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
@@ -65,9 +63,9 @@ def check_trained(out: Path, hosts: set[str], n_workers: int) -> dict:
 # -- over SSH ------------------------------------------------------------------------------------
 
 class Cluster:
-    def __init__(self, server: SshServer, root: Path) -> None:
+    def __init__(self, server: SshServer, remote_dir: Path, root: Path) -> None:
         self.server, self.root = server, root
-        self.remote_dir = root / "remote-zsgd"
+        self.remote_dir = remote_dir
         self.hosts = root / "hosts.txt"
         self.hosts.write_text("".join(f"{h} slots=1 python={sys.executable}\n" for h in HOSTS))
 
@@ -96,26 +94,12 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(prepared_hosts, tmp_path_factory):
     """A real sshd on 127.0.0.2 and 127.0.0.3, both hosts prepared by ``zsgd remote init --system-site-packages``
-    (torch then comes from this machine's Python), from a snapshot of the checkout."""
-    reason = missing_reason()
-    if reason is not None:
-        pytest.skip(f"no OpenSSH server: {reason}")
-    root = tmp_path_factory.mktemp("torch-cluster")
-    src = root / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    shutil.copytree(REPO / "zsgd", src / "zsgd", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.nbi", "*.nbc"))
-    server = SshServer.start(root / "sshd")
-    try:
-        c = Cluster(server, root)
-        init = run_zsgd("remote", "init", str(c.hosts), *c.ssh_args, "--system-site-packages", cwd=src, timeout=600)
-        assert init.returncode == 0, init.stderr[-3000:]
-        yield c
-    finally:
-        server.stop()
+    (torch then comes from this machine's Python), from a snapshot of the checkout: the session's
+    (``sshd.prepared_hosts``, shared with test_remote.py)."""
+    assert prepared_hosts.init.returncode == 0, prepared_hosts.init.stderr[-3000:]
+    return Cluster(prepared_hosts.server, prepared_hosts.remote_dir, tmp_path_factory.mktemp("torch-cluster"))
 
 
 def test_remote_workers_train_a_module_copied_to_their_login_directory(cluster, tmp_path, no_orphans):
@@ -171,7 +155,7 @@ def test_remote_workers_train_a_module_installed_into_the_remote_venv(cluster, t
 
 # -- under Slurm ---------------------------------------------------------------------------------
 
-def test_slurm_step_workers_train_a_module_from_the_run_directory(slurm, tmp_path, no_orphans):  # noqa: F811
+def test_slurm_step_workers_train_a_module_from_the_run_directory(slurm, tmp_path, no_orphans):
     """``salloc -n 3 zsgd run --model torch:...`` from the folder holding the module: 2 workers as one srun
     step (srun starts its tasks in the caller's directory), CURVE keys on the step's stdin."""
     package = "zsgd_test_mlp_slurm"

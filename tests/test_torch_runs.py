@@ -39,7 +39,7 @@ def home(fresh_home):
 
 def test_run_with_four_forked_workers(tmp_path, no_orphans):
     # -P: the current directory is not on sys.path (as under the installed ``zsgd`` script); zsgd adds it for the spec
-    zsgd("run", "--n-proc", "4", "--model", RESNET, "--data", "embedded", "--steps", "300", "--quiet", "--out", tmp_path / "r",
+    zsgd("run", "--n-proc", "4", "--model", RESNET, "--data", "embedded", "--steps", "300", "--quiet", "--no-plots", "--out", tmp_path / "r",
          python_flags=("-P",))
     s = summary_of(tmp_path / "r")
     assert s["n_params"] == N_PARAMS and s["updates"] >= 300
@@ -53,11 +53,11 @@ def test_run_with_four_forked_workers(tmp_path, no_orphans):
 
 def test_run_exec_workers_sharded_and_compressed(tmp_path, no_orphans):
     zsgd("run", "--n-proc", "2", "--model", RESNET, "--data", "embedded", "--steps", "150", "--servers", "2", "--quiet",
-         "--out", tmp_path / "sharded", env={"ZSGD_LOCAL_START": "exec"})
+         "--no-plots", "--out", tmp_path / "sharded", env={"ZSGD_LOCAL_START": "exec"})
     s = summary_of(tmp_path / "sharded")
     assert s["n_params"] == N_PARAMS and s["test_accuracy"] > CHANCE + 0.1
     zsgd("run", "--n-proc", "2", "--model", RESNET, "--data", "embedded", "--steps", "100", "--algo", "sync",
-         "--compress", "topk:0.1", "--quiet", "--out", tmp_path / "topk")
+         "--compress", "topk:0.1", "--quiet", "--no-plots", "--out", tmp_path / "topk")
     s = summary_of(tmp_path / "topk")
     assert s["n_params"] == N_PARAMS and s["test_accuracy"] > CHANCE + 0.1
 
