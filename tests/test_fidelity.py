@@ -1,68 +1,111 @@
 """The simulator predicts a real emulated run: same algorithm code, same network specs.
 
-A small matrix of real runs (``zsgd run`` with injected latency and emulated
-stragglers) against ``zsgd sim`` with the same flags: async, sync,
-``ssp:S``, ``ksync:K`` and ``kasync:K``; 2 and 4 workers; constant and random
-latency; with and without a 3x straggler; the K rules with random compute
-times (``--inject-compute``, the simulator's ``--compute``). For each, the time per steady-state update and the mean
-staleness must agree within 15 %.
+A matrix of real runs (``zsgd run`` with injected latency, bandwidth and
+stragglers) against ``zsgd sim`` with the same flags, their "twins". The
+cells: async, sync, ``ssp:S`` (with stragglers, 3 and 4 workers),
+``ksync:K`` and ``kasync:K`` (with random compute times: ``--inject-compute``,
+the simulator's ``--compute``), ``localsgd:K``; constant, uniform and
+lognormal latency; a bandwidth-limited link; top-k and qsgd compression;
+``--servers 2``; and the decentralized rules dsgd, dsgt and cadmm on a ring.
+For each, the time per steady-state update and the mean staleness must
+agree within ``TOL`` (5 %), and over the cells that ran the mean signed
+error of the time stays within ``BIAS`` (2 %): the simulator is neither
+systematically fast nor slow. A cell that does not meet 5 % reliably says
+so in ``Cell.why`` with its own tolerance and its measured error; it is not
+loosened silently. The errors measured are in ``docs/simulation.md``
+("The fidelity matrix"); ``ZSGD_FIDELITY_REPORT=FILE`` writes this run's.
 
-Robust to a loaded machine: the simulator is calibrated on the real run
-itself, not on a separate measurement. Each worker measures its turnaround
-per step (``compute_s``: from its weights reaching its socket to its update
-going back, which includes its own message handling and any wait for a CPU)
-and logs its distribution when it leaves (20 quantiles); the pooled
-quantiles are the simulator's ``--compute trace:FILE``, so a sync round
-waits for the slowest of its workers' draws, as the real round does. What
-the simulator cannot see is the runtime's overhead outside the workers (the broker's
-thread hand-offs and emulation queue): 5-17 ms per cycle on the 2-core
-development VM at a load average of 9, which leaves the simulator 9-14 % fast.
-The latencies here (50 ms each way) keep that inside the tolerance.
+Robust to a loaded machine: the twin is calibrated on the real run itself,
+not on a separate measurement. Each worker measures its turnaround per step
+(from its weights reaching its socket to its update going back, which
+includes its own message handling and any wait for a CPU; a decentralized
+node, from the last neighbour message it needed to its next round's
+messages handed to its socket) and logs its distribution when it leaves
+(20 quantiles); the pooled quantiles are the twin's ``--compute
+trace:FILE`` (``zsgd/experiments/twin.py``), so a sync round waits for the
+slowest of its workers' draws, as the real round does.
 
 The real runs spend most of their time waiting out the injected latency
 (about 40 % of one core each), so they run two at a time: a test starts its
 own run and its partner's in the matrix, and the partner's test finds its
-run done.
+run done. Each is short (5-8 s of real run).
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
+from dataclasses import dataclass
 
 import pytest
 
-from helpers import cli, run_zsgd, start_zsgd, stop
-from zsgd.experiments.twin import compute_trace, steady  # what 'zsgd sim --validate' compares with, too
+from helpers import cli, start_zsgd, stop
+from zsgd.experiments.twin import compute_trace, decentralized_latency, steady, steps_per_turnaround  # zsgd sim --validate's, too
 
-SPEC = ["--model", "mlp", "--data", "embedded", "--batch-size", "32", "--lr", "0.02", "--eval-every", "1000000", "--quiet"]
-NET = ["--stragglers", "0.25:3x"]  # the decentralized test's straggler
-TOL = 0.15
+SPEC = ["--data", "embedded", "--batch-size", "32", "--lr", "0.02", "--eval-every", "1000000", "--quiet"]
+TOL = 0.05  # every cell's time per update and mean staleness
+BIAS = 0.02  # the mean signed error of the time per update over the cells that ran
+RANDOM_COMPUTE = "shifted-exp:10ms,20ms"  # above the real gradient (1-3 ms), so the real step is the draw, as the simulated one is
 
-# (algo, workers, latency, stragglers, steps, steady updates skipped)
+
+@dataclass(frozen=True)
+class Cell:
+    """One real run and its twin. ``both``: flags of both; ``real``/``sim``: the flag each side spells its own way."""
+
+    name: str
+    algo: str
+    workers: int
+    latency: str
+    steps: int
+    skip: int  # updates before the steady state
+    stragglers: str | None = None
+    model: str = "mlp"
+    both: tuple[str, ...] = ()
+    real: tuple[str, ...] = ()
+    sim: tuple[str, ...] = ()
+    compute: str | None = None  # injected in the real run and drawn the same in the twin; None: the real turnarounds
+    tol: float = TOL
+    why: str = ""  # why a cell's tolerance is not TOL: its measured error and what is not modelled
+
+    def spec(self) -> list[str]:
+        return (["--algo", self.algo, "--model", self.model, *SPEC, "--steps", str(self.steps), *self.both]
+                + (["--stragglers", self.stragglers] if self.stragglers else []))
+
+
+BANDWIDTH = "100Mbps"  # 940 kB of mlp weights: 75 ms a message, more than the latency
 MATRIX = [  # in pairs whose real runs go together
-    ("async", 4, "50ms", "0.25:3x", 240, 60),
-    ("async", 2, "uniform:25ms,75ms", None, 140, 30),
-    ("sync", 4, "50ms", None, 50, 10),
-    ("sync", 2, "uniform:25ms,75ms", "0.5:3x", 50, 10),
-    ("ssp:1", 4, "uniform:25ms,75ms", "0.25:3x", 240, 60),
-    ("ssp:2", 4, "50ms", None, 240, 60),
-    ("ksync:3", 4, "50ms", None, 60, 10),
-    ("kasync:2", 4, "uniform:25ms,75ms", None, 120, 30),
+    Cell("async-4w-const-straggler", "async", 4, "50ms", 240, 60, stragglers="0.25:3x"),
+    Cell("async-2w-uniform", "async", 2, "uniform:25ms,75ms", 140, 30),
+    Cell("sync-4w-const", "sync", 4, "50ms", 50, 10),
+    Cell("sync-2w-uniform-straggler", "sync", 2, "uniform:25ms,75ms", 50, 10, stragglers="0.5:3x"),
+    Cell("ssp1-4w-uniform-straggler", "ssp:1", 4, "uniform:25ms,75ms", 240, 60, stragglers="0.25:3x"),
+    Cell("ssp2-4w-const", "ssp:2", 4, "50ms", 240, 60),
+    Cell("ksync3-4w-const-random-compute", "ksync:3", 4, "50ms", 60, 10, compute=RANDOM_COMPUTE),
+    Cell("kasync2-4w-uniform-random-compute", "kasync:2", 4, "uniform:25ms,75ms", 120, 30, compute=RANDOM_COMPUTE),
+    Cell("ssp1-3w-const-straggler", "ssp:1", 3, "50ms", 180, 45, stragglers="0.34:2x"),
+    Cell("ssp2-4w-const-2-stragglers", "ssp:2", 4, "50ms", 200, 50, stragglers="0.5:2x"),
+    Cell("async-4w-lognormal", "async", 4, "lognormal:50ms,0.5", 200, 50, tol=0.15,
+         why="+12 % at load 3: zsgd sim reserves the server's NIC in the order updates are sent, not the order they arrive, so "
+             "with a heavy-tailed latency a late message holds back earlier arrivals (+0.8 % with arrival order: issue 22)"),
+    Cell("async-4w-bandwidth", "async", 4, "20ms", 160, 40, real=("--inject-bandwidth", BANDWIDTH), sim=("--bandwidth", BANDWIDTH)),
+    Cell("async-4w-topk", "async", 4, "50ms", 200, 50, both=("--compress", "topk:0.1")),
+    Cell("sync-4w-qsgd", "sync", 4, "50ms", 50, 10, both=("--compress", "qsgd:8")),
+    Cell("localsgd4-4w-const", "localsgd:4", 4, "50ms", 40, 8, tol=0.15,
+         why="-10 % at load 3: the twin draws K independent steps of turnaround / K, while a real worker's K steps are "
+             "one turnaround (slow together), so its round's slowest worker is faster than the real one (issue 22)"),
+    Cell("async-4w-servers2", "async", 4, "50ms", 200, 50, both=("--servers", "2")),
+    Cell("dsgd-ring-straggler", "dsgd", 4, "20ms", 160, 30, stragglers="0.25:3x", model="logreg", both=("--topology", "ring")),
+    Cell("dsgt-ring", "dsgt", 4, "20ms", 160, 30, model="logreg", both=("--topology", "ring")),
+    Cell("cadmm-ring", "cadmm", 4, "20ms", 100, 20, model="logreg", both=("--topology", "ring")),
+    Cell("dsgd-ring-mlp", "dsgd", 4, "20ms", 120, 30, both=("--topology", "ring")),
 ]
-# Rows whose steps take a seeded random time (--inject-compute in the real run, the same --compute in the simulator:
-# the same draw per worker and step). The floor keeps every draw above the real gradient (1-3 ms here), so the
-# real step is the draw, as the simulated one is. K-sync is the case that needs it: which 3 of 4 make a round.
-INJECT = {"ksync:3": "shifted-exp:10ms,20ms", "kasync:2": "shifted-exp:10ms,20ms"}
-
-
-def _spec(algo: str, stragglers: str | None, steps: int) -> list[str]:
-    return ["--algo", algo, *SPEC, "--steps", str(steps)] + (["--stragglers", stragglers] if stragglers else [])
+RESULTS: dict[str, tuple[float, float]] = {}  # cell -> (signed error of the time per update, of the mean staleness)
 
 
 @pytest.fixture(scope="module")
 def real_runs(tmp_path_factory):
-    """``real_runs(i)``: the run directory and stderr of matrix row ``i``'s real run, started together with its pair's."""
+    """``real_runs(i)``: the run directory, exit code and stderr of cell ``i``'s real run, started with its pair's."""
     done: dict[int, tuple] = {}
 
     def get(i: int):
@@ -71,12 +114,12 @@ def real_runs(tmp_path_factory):
             procs = {}
             try:
                 for j in rows:
-                    algo, n, latency, stragglers, steps, _skip = MATRIX[j]
+                    c = MATRIX[j]
                     out = tmp_path_factory.mktemp(f"real{j}") / "real"
-                    inject = ["--inject-compute", INJECT[algo]] if algo in INJECT else []
-                    procs[j] = (out, start_zsgd("run", "--n-proc", str(n), "--inject-latency", latency, *inject, *_spec(algo, stragglers, steps),
-                                                "--checkpoint-every", "0", "--heartbeat", "0.5", "--timeout", "5", "--no-plots",
-                                                "--out", str(out)))
+                    inject = ["--inject-compute", c.compute] if c.compute else []
+                    procs[j] = (out, start_zsgd("run", "--n-proc", str(c.workers), "--inject-latency", c.latency, *inject, *c.real,
+                                                *c.spec(), "--checkpoint-every", "0", "--heartbeat", "0.5", "--timeout", "5",
+                                                "--no-plots", "--out", str(out)))
                 for j, (out, proc) in procs.items():
                     _, err = proc.communicate(timeout=240)
                     done[j] = (out, proc.returncode, err)
@@ -87,50 +130,47 @@ def real_runs(tmp_path_factory):
     return get
 
 
+def _error(sim: float, real: float) -> float:
+    return 0.0 if sim == real else (sim - real) / max(abs(real), 1e-9)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("row", range(len(MATRIX)),
-                         ids=[f"{a}-{n}w-{'const' if 'uniform' not in lat else 'random'}-{'straggler' if s else 'none'}"
-                              for a, n, lat, s, _, _ in MATRIX])
-def test_simulator_matches_emulated_run_within_15_percent(tmp_path, no_orphans, real_runs, row):
-    algo, n, latency, stragglers, steps, skip = MATRIX[row]
+@pytest.mark.parametrize("row", range(len(MATRIX)), ids=[c.name for c in MATRIX])
+def test_simulator_matches_emulated_run(tmp_path, no_orphans, real_runs, row):
+    c = MATRIX[row]
     real, returncode, err = real_runs(row)
     assert returncode == 0, err[-2000:]
     summary = json.loads((real / "summary.json").read_text())
     assert summary["worker_deaths"] == 0
-    compute = INJECT.get(algo) or compute_trace(real, tmp_path / "turnaround.csv")
+    compute = c.compute or compute_trace(real, tmp_path / "turnaround.csv", steps=steps_per_turnaround(c.algo))
+    latency = decentralized_latency(real, c.latency) if c.algo in ("dsgd", "dsgt", "cadmm") else c.latency
     sim = tmp_path / "sim"
-    result = cli("sim", "--workers", str(n), "--latency", latency, "--compute", compute, *_spec(algo, stragglers, steps),
+    result = cli("sim", "--workers", str(c.workers), "--latency", latency, "--compute", compute, *c.sim, *c.spec(),
                  "--out", str(sim))  # one process: this one
     assert result.exit_code == 0, result.stderr[-2000:]
-    (t_real, s_real), (t_sim, s_sim) = steady(real, skip), steady(sim, skip)
-    assert abs(t_sim - t_real) / t_real < TOL, ("time per update", t_real, t_sim, summary["compute_s_mean"])
-    if s_real > 0 or s_sim > 0:
-        assert abs(s_sim - s_real) / max(s_real, 1e-9) < TOL, ("mean staleness", s_real, s_sim)
-    if algo.startswith("ksync"):  # the backup worker's late gradients: dropped and counted, as often in both
+    (t_real, s_real), (t_sim, s_sim) = steady(real, c.skip), steady(sim, c.skip)
+    RESULTS[c.name] = (_error(t_sim, t_real), _error(s_sim, s_real))
+    assert abs(t_sim - t_real) / t_real < c.tol, ("time per update", t_real, t_sim, c.why)
+    assert abs(s_sim - s_real) <= c.tol * max(s_real, 1e-9), ("mean staleness", s_real, s_sim, c.why)
+    if c.algo.startswith("ksync"):  # the backup worker's late gradients: dropped and counted, as often in both
         late = [json.loads(open(glob.glob(f"{d}/**/summary.json", recursive=True)[0]).read())["dropped_updates"].get("stale-round", 0)
                 for d in (real, sim)]
-        assert late[0] > 0 and abs(late[1] - late[0]) / late[0] < 2 * TOL, ("late gradients", *late)
+        assert late[0] > 0 and abs(late[1] - late[0]) / late[0] < 4 * c.tol, ("late gradients", *late)
 
 
 @pytest.mark.slow
-def test_simulator_matches_an_emulated_decentralized_run(tmp_path, no_orphans):
-    """dsgd on a ring of 4 processes, 20 ms per peer message, one 3x straggler: the relay holds each message,
-    the straggler stretches its rounds, and the simulator's neighbour-wait model predicts the round time.
+def test_simulator_has_no_systematic_bias():
+    """After the matrix (tests run in file order): the signed errors of the time per update average out.
 
-    logreg (31 kB messages), not mlp (940 kB): what a node and the relay spend handling a message is not in the
-    simulator's model yet (issue 22), and with mlp's messages it made the real rounds 14-17 % slower than the
-    twin's (26.4-27.9 against 22.7-23.1 ms on a quiet machine), failing this 15 % check about one run in three.
-    With logreg the cell checks the neighbour-wait model it names (measured: 22.3-22.7 against 20.6 ms)."""
-    spec = ["--algo", "dsgd", "--topology", "ring", "--model", "logreg", "--data", "embedded", "--batch-size", "32", "--lr", "0.02",
-            "--steps", "200", "--eval-every", "1000000", "--quiet"]
-    real = tmp_path / "real"
-    proc = run_zsgd("run", "--n-proc", "4", "--inject-latency", "20ms", *NET, *spec, "--heartbeat", "0.5", "--timeout", "5",
-                    "--no-plots", "--out", str(real))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads((real / "summary.json").read_text())
-    compute_ms = summary["compute_s_mean"] * 1000
-    sim = tmp_path / "sim"
-    result = cli("sim", "--workers", "4", "--latency", "20ms", *NET, "--compute", f"{compute_ms:.3f}ms", *spec, "--out", str(sim))
-    assert result.exit_code == 0, result.stderr[-2000:]
-    (t_real, _), (t_sim, _) = steady(real, skip=30), steady(sim, skip=30)
-    assert abs(t_sim - t_real) / t_real < TOL, (t_real, t_sim, compute_ms)
+    A model that leaves a cost out is fast in every cell by a little; this catches that where each cell's
+    own 5 % does not. Needs most of the matrix to mean anything, so a ``-k`` selection skips it."""
+    report = os.environ.get("ZSGD_FIDELITY_REPORT")
+    if report:
+        with open(report, "w") as f:
+            json.dump({name: {"time": t, "staleness": s} for name, (t, s) in RESULTS.items()}, f, indent=1)
+    if len(RESULTS) < len(MATRIX) // 2:
+        pytest.skip(f"{len(RESULTS)} of {len(MATRIX)} cells ran: too few for a mean")
+    errors = [t for t, _s in RESULTS.values()]
+    mean = sum(errors) / len(errors)
+    assert abs(mean) <= BIAS, (f"mean signed error of the time per update {mean:+.1%} over {len(errors)} cells",
+                               {k: f"{t:+.1%}" for k, (t, _s) in RESULTS.items()})

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 TURNAROUND = "turnaround ms (20 quantiles"
+HOP = "peer hop ms (20 quantiles"  # a decentralized node's peer messages: see relay_overhead_s
 
 
 def metrics_path(run_dir: str | Path) -> Path:
@@ -78,15 +79,67 @@ def accuracies(run_dir: str | Path) -> dict[int, float]:
     return {int(e["updates"]): float(e["test_acc"]) for e in events(run_dir, "eval") if e.get("test_acc") is not None}
 
 
-def turnaround_samples(run_dir: str | Path) -> list[float]:
-    """The workers' logged turnaround quantiles (ms), pooled."""
+def turnaround_samples(run_dir: str | Path, what: str = TURNAROUND) -> list[float]:
+    """The workers' logged turnaround quantiles (ms), pooled (``what``: another logged quantity, e.g. ``HOP``)."""
     samples: list[float] = []
     for log in sorted(glob.glob(f"{run_dir}/logs/worker-*.log")):
         with open(log, errors="replace") as f:
             for line in f:
-                if TURNAROUND in line:
+                if line.split(": ", 1)[-1].startswith(what):
                     samples += [float(x) for x in line.rsplit(":", 1)[1].strip().split(",") if x.strip()]
     return samples
+
+
+def steps_per_turnaround(algo: str, primal_steps: int = 5) -> int:
+    """Gradient steps a worker takes per turnaround, as the simulator charges them draws of ``--compute``:
+    K for ``localsgd:K``, cadmm's ``primal_steps`` per round, else 1."""
+    name, _, arg = algo.partition(":")
+    if name == "localsgd":
+        return int(arg or 1)
+    return int(primal_steps) if name == "cadmm" else 1
+
+
+def relay_overhead_s(run_dir: str | Path, latency: str) -> float | None:
+    """Mean seconds a decentralized run's peer message spent on its hop beyond its emulated delay (``latency``,
+    the run's ``--inject-latency``); None if its nodes logged no hops.
+
+    A peer message of a real run goes from its sender through the broker's relay to its neighbour: the
+    emulated delay, plus the relay's handling (one message at a time, a round's messages in a burst) and
+    the thread and socket hand-offs on both sides. Each receiving node times the hop from the sender's stamp
+    to its own socket (``zsgd.runtime.worker.decentralized_node``). The relay and those hand-offs are not in
+    ``zsgd sim``'s decentralized model (docs/simulation.md, "The fidelity matrix"); their cost grows with the
+    load of the host, so the twin takes it from the run, as it takes the nodes' turnaround."""
+    from zsgd.network import parse_delay
+
+    samples = turnaround_samples(run_dir, HOP)
+    if not samples:
+        return None
+    return max(0.0, float(np.mean(samples)) / 1e3 - parse_delay(latency, "--latency").mean)
+
+
+def shifted_latency(latency: str, extra_s: float) -> str:
+    """The latency spec ``latency`` with every draw ``extra_s`` seconds longer (constant, uniform, normal, exp)."""
+    from zsgd.errors import ZsgdError
+    from zsgd.network import parse_delay
+    from zsgd.network.delays import Constant, Exponential, Normal, ShiftedExponential, Uniform
+
+    d, ms = parse_delay(latency, "--latency"), lambda x: f"{x * 1e3:.4f}ms"
+    if isinstance(d, Constant):
+        return ms(d.seconds + extra_s)
+    if isinstance(d, Uniform):
+        return f"uniform:{ms(d.lo + extra_s)},{ms(d.hi + extra_s)}"
+    if isinstance(d, Normal) and d.mu > 4 * d.sd:  # not clipped at 0 in practice: a shift moves every draw
+        return f"normal:{ms(d.mu + extra_s)},{ms(d.sd)}"
+    if isinstance(d, (Exponential, ShiftedExponential)):
+        shift = getattr(d, "shift_s", 0.0)
+        return f"shifted-exp:{ms(shift + extra_s)},{ms(d.mean_s)}"
+    raise ZsgdError(f"cannot add the relay's time to --latency {latency}: a decentralized twin takes constant, uniform, normal or exp")
+
+
+def decentralized_latency(run_dir: str | Path, latency: str) -> str:
+    """``--latency`` for a decentralized run's twin: the emulated one plus the run's mean relay overhead."""
+    extra = relay_overhead_s(run_dir, latency)
+    return latency if extra is None else shifted_latency(latency, extra)
 
 
 def compute_trace(run_dir: str | Path, out: str | Path, steps: int = 1) -> str:
@@ -101,4 +154,5 @@ def compute_trace(run_dir: str | Path, out: str | Path, steps: int = 1) -> str:
     return f"trace:{out}"
 
 
-__all__ = ["accuracies", "compute_trace", "events", "metrics_path", "staleness_p99", "steady", "summary", "turnaround_samples"]
+__all__ = ["accuracies", "compute_trace", "decentralized_latency", "events", "metrics_path", "relay_overhead_s", "shifted_latency",
+           "staleness_p99", "steady", "steps_per_turnaround", "summary", "turnaround_samples"]

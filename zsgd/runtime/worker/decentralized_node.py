@@ -79,8 +79,9 @@ def payload_from_message(msg: Message) -> PeerPayload:
 
 
 def peer_message(run: str, to: int, p: PeerPayload) -> Message:
-    """The PEER message that carries ``p`` to neighbour ``to`` through the broker's relay."""
-    return protocol.peer_message(run, p.sender, to, p.round, p.arrays, codec=p.codec)
+    """The PEER message that carries ``p`` to neighbour ``to`` through the broker's relay; ``sent`` (this host's
+    monotonic clock) lets a receiver on the same host time the hop (``_Turnaround.hop``)."""
+    return protocol.peer_message(run, p.sender, to, p.round, p.arrays, codec=p.codec, sent=time.monotonic())
 
 
 def make_grad_fn(model: Any, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, worker: int, add_weight_decay: bool) -> GradFn:
@@ -129,12 +130,18 @@ def run_rounds(opts: Any, link: BrokerLink, cfg: TrainConfig, assign: dict[str, 
 
     ep, every = build_endpoint(cfg, assign, link.worker, model, x, y)
     stall = straggler_delay(assign, link.worker, cfg.seed)
+    clock = _Turnaround()
     try:
         _wait_for_start(opts, link, ep)
         t_start = time.monotonic()
         while True:
-            _round(opts, link, ep, every, cfg.steps, lambda c: stall(time.monotonic() - t_start, c))
+            _round(opts, link, ep, every, cfg.steps, lambda c: stall(time.monotonic() - t_start, c), clock)
     except _Stop as stop:
+        if stop.code == EXIT_OK:
+            from zsgd.runtime.worker.node_options import log_turnarounds
+
+            log_turnarounds(opts, clock.samples)
+            log_turnarounds(opts, clock.hops, what="peer hop")
         return stop.code
     except ProtocolError as exc:
         log(opts, f"rejected a peer message ({exc}); leaving, the run cannot continue without it")
@@ -174,18 +181,57 @@ def _wait_for_start(opts: Any, link: BrokerLink, ep: PeerEndpoint) -> None:
         pass
 
 
-def _round(opts: Any, link: BrokerLink, ep: PeerEndpoint, every: int, steps: int | None, stall: Callable[[float], float]) -> None:
+class _Turnaround:
+    """A node's turnaround per round, what ``zsgd sim`` calls its compute time: from the last neighbour message
+    it needed reaching its socket (or from when it could take it) to its next round's messages handed on.
+    It holds the node's own message handling (decode, deliver, encode) and any wait for a CPU beside the rule's
+    step, so a twin calibrated on it (``zsgd.experiments.twin``) sees them; an emulated straggler's sleep is
+    left out (the simulator applies the factor itself)."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.hops: list[float] = []  # seconds from a neighbour's send to its message reaching this socket
+        self.start: float | None = None  # this round's start: None until its messages were all there
+        self.stalled = 0.0
+
+    def ready(self, last_arrival: float, idle_since: float) -> None:
+        self.start = max(last_arrival, idle_since)
+
+    def hop(self, msg: Any, arrival: float) -> None:
+        """A PEER message's hop, from its sender handing it on (``sent``) to this node's socket: the emulated
+        delay plus the relay's handling and the hand-offs on the way, which the twin takes as its hop time.
+        Only on one host (a monotonic clock is per host), as the fidelity checks run."""
+        sent = msg.meta.get("sent") if isinstance(msg, Message) and msg.type == MsgType.PEER else None
+        if isinstance(sent, float) and 0 <= arrival - sent < 3600:
+            self.hops.append(arrival - sent)
+
+    def sent(self) -> None:
+        if self.start is not None:
+            self.samples.append(time.monotonic() - self.start - self.stalled)
+        self.start, self.stalled = None, 0.0
+
+
+def _round(opts: Any, link: BrokerLink, ep: PeerEndpoint, every: int, steps: int | None, stall: Callable[[float], float],
+           clock: _Turnaround) -> None:
     r = ep.round
     for to, p in ep.outgoing():
         link.send(peer_message(link.run, to, p))
+    clock.sent()
+    idle_since = time.monotonic()
     while not ep.ready():
-        _handle(opts, link, ep, link.recv(timeout=opts.timeout))
+        msg = link.recv(timeout=opts.timeout)
+        clock.hop(msg, link.last_arrival)
+        _handle(opts, link, ep, msg)
+    clock.ready(link.last_arrival, idle_since)
     t0 = time.perf_counter()
     stats = ep.advance()
     compute_s = time.perf_counter() - t0
-    stall_s = stall(compute_s)
+    # An emulated straggler is slowed by its factor over the whole turnaround so far, as the simulator
+    # stretches a node's compute time (and as a centralized worker's step is stretched).
+    stall_s = stall(time.monotonic() - clock.start)
     if stall_s > 0:
         time.sleep(stall_s)  # an emulated straggler: its neighbours wait for this round's messages
+        clock.stalled = stall_s
     done = r + 1
     arrays = {"w": ep.rule.x} if done % every == 0 or (steps is not None and done == steps) else {}
     link.send(protocol.round_report(link.run, link.worker, r, stats.loss, int(stats.samples), arrays, lr=float(stats.lr),
@@ -194,4 +240,5 @@ def _round(opts: Any, link: BrokerLink, ep: PeerEndpoint, every: int, steps: int
         msg = link.recv(timeout=0)
         if msg is None:
             break
+        clock.hop(msg, link.last_arrival)
         _handle(opts, link, ep, msg)

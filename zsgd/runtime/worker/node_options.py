@@ -132,12 +132,12 @@ def session_end(opts: NodeOptions, msg: Any, who: str, address: str, turnarounds
     return None
 
 
-def log_turnarounds(opts: NodeOptions, turnarounds: list[float]) -> None:
+def log_turnarounds(opts: NodeOptions, turnarounds: list[float], what: str = "turnaround") -> None:
     """Log the step-time distribution at the end (20 quantiles in ms, after the first 10 % of steps):
-    a simulation of this run takes it as ``--compute trace:FILE``."""
+    a simulation of this run takes it as ``--compute trace:FILE`` (``what``: another timed quantity)."""
     if len(turnarounds) < 20:
         return
     import numpy as np
 
     q = np.quantile(np.asarray(turnarounds[len(turnarounds) // 10:]) * 1e3, (np.arange(20) + 0.5) / 20)
-    log(opts, "turnaround ms (20 quantiles, after the first 10 % of steps): " + ",".join(f"{x:.3f}" for x in q))
+    log(opts, f"{what} ms (20 quantiles, after the first 10 % of steps): " + ",".join(f"{x:.3f}" for x in q))
