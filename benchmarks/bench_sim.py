@@ -4,8 +4,10 @@ Cases (all async unless named; compute time drawn from normal:5ms,1ms so runs
 are deterministic; latency lognormal:10ms,0.5 each way):
 
 * ``logreg x1024``: 1,024 simulated workers, 10,000 central updates on the
-  embedded Fashion-MNIST subset. Target: under 60 s on a 2-core machine.
-  The cost should follow central updates, not workers.
+  embedded Fashion-MNIST subset, with ``--staleness-lr scalar`` (at lr 0.01
+  the plain rule diverges near update 2,100 under 1,024 workers' staleness,
+  and the case would not measure what it names; each case prints its stop
+  reason). The cost should follow central updates, not workers.
 * ``cnn x64``: the 1.2M-parameter CNN, where the real gradients dominate.
   Target: at most 10 % of simulation time outside gradient computation.
 * ``sync logreg x64``: a synchronous round costs one gradient per worker,
@@ -16,6 +18,12 @@ are deterministic; latency lognormal:10ms,0.5 each way):
 run also pays, in its evaluator process).
 
 Run: ``python benchmarks/bench_sim.py [--updates 10000] [--workers 1024] [--cnn-updates 200] [--skip-cnn]``.
+
+``--speed [--rounds 3] [--baseline DIR]`` checks issue 22's targets: 1,024 workers x 10,000 updates of
+logreg in under 5 s wall, 10,000 workers x 100,000 updates in under 20 s (async, ``--staleness-lr scalar``,
+5 evaluations each), each case in a fresh interpreter, with its CPU time beside the wall time (on a busy
+machine the wall time is mostly other processes' work) and its stop reason; with ``--baseline DIR``
+side by side with another checkout's package, alternating.
 
 ``--start [--rounds 5] [--baseline DIR]`` times whole ``zsgd sim`` commands instead, what a user
 waits for (issue 24): one short arm (logreg, 1,500 updates), and a sweep of four such arms
@@ -42,7 +50,8 @@ from zsgd.simulation.simulator import SimOptions, Workload, run_arm
 from zsgd.core.problem import Problem
 
 
-def run_case(name: str, model: str, algo: str, workers: int, updates: int, eval_every: int, out: Path) -> dict:
+def run_case(name: str, model: str, algo: str, workers: int, updates: int, eval_every: int, out: Path,
+             staleness_lr: str = "off") -> dict:
     cfg = TrainConfig(model=model, data="embedded", steps=updates, eval_every=eval_every, lr=0.01, log_every=50,
                       name=name).validate()
     t0 = time.perf_counter()
@@ -50,14 +59,70 @@ def run_case(name: str, model: str, algo: str, workers: int, updates: int, eval_
     setup = time.perf_counter() - t0
     lat = parse_delay("lognormal:10ms,0.5")
     opts = SimOptions(algo=algo, n_workers=workers, compute=parse_compute("normal:5ms,1ms"),
-                      network=Network(latency_up=lat, latency_down=lat))
-    t0 = time.perf_counter()
+                      network=Network(latency_up=lat, latency_down=lat), staleness_lr=staleness_lr)
+    t0, c0 = time.perf_counter(), time.process_time()
     s = run_arm(cfg, opts, workload, out / name.replace(" ", "-")).summary
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, time.process_time() - c0
     real, grad, ev = s["real_s"], s["gradient_real_s"], s["eval_real_s"]
     return {"case": name, "workers": workers, "updates": s["updates"], "events": s["events"], "setup_s": setup,
-            "sim_s": real, "total_s": total, "grad_s": grad, "eval_s": ev, "outside": (real - grad - ev) / real,
-            "outside_with_eval": (real - grad) / real, "virtual_s": s["virtual_s"], "per_update_ms": real / s["updates"] * 1e3}
+            "sim_s": real, "total_s": total, "cpu_s": cpu, "grad_s": grad, "eval_s": ev, "outside": (real - grad - ev) / real,
+            "outside_with_eval": (real - grad) / real, "virtual_s": s["virtual_s"], "per_update_ms": real / s["updates"] * 1e3,
+            "stop_reason": s["stop_reason"]}
+
+
+#: Issue 22's speed targets: (workers, updates, wall-time goal in s). Async logreg with --staleness-lr scalar: at
+#: lr 0.01, 1,024 workers' staleness (about 1,000 updates) makes the plain rule diverge near update 2,100 (the loss
+#: stays above 100x its start), and 10,000 workers' sooner, so without it the cases would not measure what they name.
+SPEED_CASES = ((1024, 10_000, 5.0), (10_000, 100_000, 20.0))
+
+
+def one_case(spec: str) -> None:
+    """``--one-case WORKERS,UPDATES``: one speed case in this interpreter (from whichever ``zsgd`` PYTHONPATH
+    names), printed as one JSON line, after a warm-up arm that loads numba's kernels outside the timing."""
+    import json
+
+    import zsgd
+
+    workers, updates = (int(v) for v in spec.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        run_case("warm-up", "logreg", "async", 4, 20, 20, Path(tmp))
+        row = run_case(f"logreg x{workers}", "logreg", "async", workers, updates, max(1, updates // 5), Path(tmp), "scalar")
+    print(json.dumps(row | {"package": str(Path(zsgd.__file__).resolve().parents[1])}))
+
+
+def speed_rows(rounds: int, baseline: Path | None, cases: tuple[tuple[int, int, float], ...]) -> None:
+    """Issue 22's targets, each case in a fresh interpreter per tree and round, the trees alternating."""
+    import json
+
+    trees: dict[str, Path] = {"this": Path(__file__).resolve().parents[1]} | ({"baseline": baseline.resolve()} if baseline else {})
+    rows: dict[tuple[str, int], list[dict]] = {(t, c[0]): [] for t in trees for c in cases}
+    loads = [os.getloadavg()[0]]
+    for _ in range(rounds):
+        for workers, updates, _goal in cases:
+            for tree, root in trees.items():
+                env = os.environ | {"PYTHONPATH": str(root)}
+                done = subprocess.run([sys.executable, __file__, "--one-case", f"{workers},{updates}"], env=env, check=True,
+                                      stdin=subprocess.DEVNULL, capture_output=True, text=True)
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                if Path(row["package"]) != root:
+                    raise SystemExit(f"the {tree} case ran {row['package']}'s zsgd, not {root}'s")
+                rows[tree, workers].append(row)
+                loads.append(os.getloadavg()[0])
+    print(f"simulator speed (issue 22): async logreg, --staleness-lr scalar, median of {rounds} alternating rounds, each in a "
+          f"fresh interpreter; 1-minute load average {min(loads):.2f}-{max(loads):.2f} on {os.cpu_count()} cores")
+    head = f"{'case':<26}{'tree':<10}{'updates':>9}{'wall s':>8}{'CPU s':>8}{'goal s':>8}{'grad s':>8}{'eval s':>8}   stop reason"
+    print(head)
+    print("-" * (len(head) + 12))
+    for workers, updates, goal in cases:
+        for tree in trees:
+            rs = rows[tree, workers]
+            med = {k: statistics.median(r[k] for r in rs) for k in ("total_s", "cpu_s", "grad_s", "eval_s")}
+            print(f"{f'{workers:,} x {updates:,}':<26}{tree:<10}{rs[0]['updates']:>9}{med['total_s']:>8.2f}{med['cpu_s']:>8.2f}{goal:>8.1f}"
+                  f"{med['grad_s']:>8.2f}{med['eval_s']:>8.2f}   {rs[0]['stop_reason']}")
+        if len(trees) > 1:
+            ratio = statistics.median(r["total_s"] for r in rows["this", workers]) / statistics.median(r["total_s"] for r in rows["baseline", workers])
+            cpu = statistics.median(r["cpu_s"] for r in rows["this", workers]) / statistics.median(r["cpu_s"] for r in rows["baseline", workers])
+            print(f"{'':<26}{'this/base':<10}{'':>9}{ratio:>7.2f}x{cpu:>7.2f}x")
 
 
 SHORT_ARM = ("sim", "--model", "logreg", "--steps", "1500", "--quiet")
@@ -136,10 +201,22 @@ def main() -> None:
     ap.add_argument("--sync-rounds", type=int, default=300)
     ap.add_argument("--skip-cnn", action="store_true")
     ap.add_argument("--start", action="store_true", help="time whole zsgd sim commands instead (one short arm; 4 arms, --jobs 1 and 2)")
-    ap.add_argument("--rounds", type=int, default=5, help="with --start: alternating rounds")
-    ap.add_argument("--baseline", type=Path, default=None, help="with --start: another checkout to run side by side")
+    ap.add_argument("--rounds", type=int, default=5, help="with --start or --speed: alternating rounds")
+    ap.add_argument("--baseline", type=Path, default=None, help="with --start or --speed: another checkout to run side by side")
     ap.add_argument("--sweep-steps", default="1500,6000", help="with --start: the sweep's updates per arm, one sweep per value")
+    ap.add_argument("--speed", action="store_true", help="issue 22's targets: 1,024 workers x 10,000 updates and 10,000 x 100,000 "
+                    "(each in a fresh interpreter; with --baseline side by side, --rounds alternating rounds)")
+    ap.add_argument("--speed-cases", default=None, help="with --speed: WORKERS:UPDATES:GOAL_S,... instead of issue 22's two")
+    ap.add_argument("--one-case", default=None, help=argparse.SUPPRESS)  # WORKERS,UPDATES: what --speed runs per tree
     args = ap.parse_args()
+    if args.one_case:
+        one_case(args.one_case)
+        return
+    if args.speed:
+        cases = SPEED_CASES if args.speed_cases is None else tuple(
+            (int(w), int(u), float(g)) for w, u, g in (c.split(":") for c in args.speed_cases.split(",")))
+        speed_rows(args.rounds, args.baseline, cases)
+        return
     if args.start:
         start_rows(args.rounds, args.baseline, [int(v) for v in args.sweep_steps.split(",")])
         return
@@ -147,7 +224,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         run_case("warm-up", "logreg", "async", 4, 20, 20, out)  # JIT compile outside the timings
-        rows.append(run_case(f"logreg x{args.workers}", "logreg", "async", args.workers, args.updates, 2000, out))
+        rows.append(run_case(f"logreg x{args.workers}", "logreg", "async", args.workers, args.updates, 2000, out, "scalar"))
         rows.append(run_case("sync logreg x64", "logreg", "sync", 64, args.sync_rounds, args.sync_rounds, out))
         if not args.skip_cnn:
             run_case("warm-up cnn", "cnn", "async", 2, 2, 1_000_000, out)
@@ -159,6 +236,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['case']:<18}{r['workers']:>8}{r['updates']:>9}{r['events']:>9}{r['sim_s']:>9.2f}{r['per_update_ms']:>8.3f}"
               f"{r['grad_s']:>9.2f}{r['eval_s']:>8.2f}{r['outside']:>13.1%} {r['outside_with_eval']:>8.1%}{r['virtual_s']:>11.2f}")
+    for r in rows:
+        print(f"{r['case']}: {r['stop_reason']}")
 
 
 if __name__ == "__main__":

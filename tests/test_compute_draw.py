@@ -42,6 +42,21 @@ def test_draws_depend_on_seed_worker_and_step_only():
     assert one.draw(1, 3, local_steps=2) == pytest.approx(spec.sample(rng) + spec.sample(rng))  # local SGD: K draws of one stream
 
 
+@pytest.mark.parametrize("spec", ["normal:5ms,1ms", "exp:3ms", "lognormal:2ms,0.5", "uniform:1ms,3ms", "10ms"])
+def test_draws_are_the_generator_of_seed_tag_worker_and_step(spec):
+    """The seed handed to SeedSequence as 32-bit words (and none for a constant, which draws nothing) gives the
+    draws of ``default_rng([seed, tag, worker, step])``, bit for bit: same seed, same metrics as before."""
+    from zsgd.network.compute_draw import _TAG
+
+    for seed in (0, 3, 2**32 - 1, 2**32 + 5, -3):
+        d = ComputeDraw(parse_compute(spec), seed)
+        for worker in (0, 77, 2**32 - 1, 2**32):
+            for step in (0, 5, 2**32):
+                for k in (1, 3):
+                    rng = np.random.default_rng([seed & 0xFFFFFFFF, _TAG, worker, step])
+                    assert d.draw(worker, step, k) == float(sum(d.spec.sample(rng) for _ in range(k)))
+
+
 def test_the_run_draws_what_the_simulation_draws():
     """``zsgd run --inject-compute``'s emulator (built as the run builds it) hands each worker the draws
     ``zsgd sim --compute`` gives that worker's steps, for the same seed."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from zsgd.network import Delay
+from zsgd.network.delays import Constant
 
 _TAG = 0xC0417E  # keeps these streams apart from every other seeded stream of a run
 
@@ -37,11 +38,20 @@ class ComputeDraw:
         self.spec = spec
         self.seed = int(seed) & 0xFFFFFFFF
         self._next: dict[int, int] = {}  # worker -> its next step (the drivers' counter)
+        self._constant = isinstance(spec, Constant)
 
     def draw(self, worker: int, step: int, local_steps: int = 1) -> float:
         """Seconds of ``worker``'s ``step``: the same for the same seed, whoever asks and in whatever order."""
-        rng = np.random.default_rng([self.seed, _TAG, int(worker), int(step)])
+        # A constant takes nothing from the generator: not seeding one (about 20 us) gives the same value.
+        rng = None if self._constant else np.random.default_rng(self._entropy(int(worker), int(step)))
         return float(sum(self.spec.sample(rng) for _ in range(max(1, int(local_steps)))))
+
+    def _entropy(self, worker: int, step: int) -> np.ndarray | list[int]:
+        """``[seed, tag, worker, step]`` as SeedSequence takes it: each int below 2**32 is one 32-bit word, so
+        this array is the same seed without the conversion of four Python ints (a fifth of a draw's cost)."""
+        if 0 <= worker <= 0xFFFFFFFF and 0 <= step <= 0xFFFFFFFF:
+            return np.array((self.seed, _TAG, worker, step), dtype=np.uint32)
+        return [self.seed, _TAG, worker, step]
 
     def next(self, worker: int, local_steps: int = 1) -> float:
         """The draw of ``worker``'s next step (counts it)."""

@@ -29,6 +29,7 @@ used from two threads at once (zsgd's workers are processes).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -128,7 +129,7 @@ class Model:
         return w
 
     def _views(self, w: np.ndarray, i: int) -> list[np.ndarray]:
-        return [w[o:o + int(np.prod(s))].reshape(s) for o, s in self._slots[i]]
+        return [w[o:o + math.prod(s)].reshape(s) for o, s in self._slots[i]]
 
     def state_dict(self, w: np.ndarray) -> dict[str, np.ndarray]:
         """{PyTorch name: view into ``w``} (writing to a view writes to ``w``)."""

@@ -553,7 +553,7 @@ def record_arm(run_dir: Path, cfg: TrainConfig, described: dict, workload: Workl
                                                            "n_params": model.n_params} | ({"calibration": calibration} if calibration else {}))
     path = run_dir / "metrics.jsonl"
     path.unlink(missing_ok=True)  # MetricsWriter appends; a re-run must not
-    with MetricsWriter(path) as metrics:
+    with MetricsWriter(path, flush_every_s=0.5) as metrics:
         result = simulate(metrics)
     save_arrays(run_dir / "weights.npz", model.state_dict(result.weights))
     write_json(run_dir / "summary.json", result.summary)
