@@ -83,8 +83,9 @@ MATRIX = [  # in pairs whose real runs go together
     Cell("ssp2-4w-const", "ssp:2", 4, "50ms", 240, 60),
     Cell("ksync3-4w-const-random-compute", "ksync:3", 4, "50ms", 60, 10, compute=RANDOM_COMPUTE),
     Cell("kasync2-4w-uniform-random-compute", "kasync:2", 4, "uniform:25ms,75ms", 120, 30, compute=RANDOM_COMPUTE),
-    Cell("ssp1-3w-const-straggler", "ssp:1", 3, "50ms", 180, 45, stragglers="0.34:2x"),
-    Cell("ssp2-4w-const-2-stragglers", "ssp:2", 4, "50ms", 200, 50, stragglers="0.5:2x"),
+    # SSP with stragglers whose steps matter (injected, well above the 20 ms latency), so the bound holds workers back:
+    Cell("ssp1-3w-straggler-random-compute", "ssp:1", 3, "20ms", 150, 40, stragglers="0.34:2x", compute=RANDOM_COMPUTE),
+    Cell("ssp2-4w-2-stragglers-random-compute", "ssp:2", 4, "20ms", 200, 50, stragglers="0.5:2x", compute=RANDOM_COMPUTE),
     Cell("async-4w-lognormal", "async", 4, "lognormal:50ms,0.5", 200, 50, tol=0.15,
          why="+12 % at load 3: zsgd sim reserves the server's NIC in the order updates are sent, not the order they arrive, so "
              "with a heavy-tailed latency a late message holds back earlier arrivals (+0.8 % with arrival order: issue 22)"),
@@ -101,6 +102,18 @@ MATRIX = [  # in pairs whose real runs go together
     Cell("dsgd-ring-mlp", "dsgd", 4, "20ms", 120, 30, both=("--topology", "ring")),
 ]
 RESULTS: dict[str, tuple[float, float]] = {}  # cell -> (signed error of the time per update, of the mean staleness)
+
+
+def _record(name: str, real: tuple[float, float], sim: tuple[float, float]) -> None:
+    """Keep a cell's errors for the bias check; with ``ZSGD_FIDELITY_REPORT=FILE``, also its figures in FILE (JSON)."""
+    RESULTS[name] = (_error(sim[0], real[0]), _error(sim[1], real[1]))
+    report = os.environ.get("ZSGD_FIDELITY_REPORT")
+    if report:
+        rows = json.loads(open(report).read()) if os.path.exists(report) and os.path.getsize(report) else {}
+        rows[name] = {"ms_real": real[0] * 1e3, "ms_sim": sim[0] * 1e3, "staleness_real": real[1], "staleness_sim": sim[1],
+                      "time": RESULTS[name][0], "staleness": RESULTS[name][1]}
+        with open(report, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +162,7 @@ def test_simulator_matches_emulated_run(tmp_path, no_orphans, real_runs, row):
                  "--out", str(sim))  # one process: this one
     assert result.exit_code == 0, result.stderr[-2000:]
     (t_real, s_real), (t_sim, s_sim) = steady(real, c.skip), steady(sim, c.skip)
-    RESULTS[c.name] = (_error(t_sim, t_real), _error(s_sim, s_real))
+    _record(c.name, (t_real, s_real), (t_sim, s_sim))
     assert abs(t_sim - t_real) / t_real < c.tol, ("time per update", t_real, t_sim, c.why)
     assert abs(s_sim - s_real) <= c.tol * max(s_real, 1e-9), ("mean staleness", s_real, s_sim, c.why)
     if c.algo.startswith("ksync"):  # the backup worker's late gradients: dropped and counted, as often in both
@@ -163,14 +176,11 @@ def test_simulator_has_no_systematic_bias():
     """After the matrix (tests run in file order): the signed errors of the time per update average out.
 
     A model that leaves a cost out is fast in every cell by a little; this catches that where each cell's
-    own 5 % does not. Needs most of the matrix to mean anything, so a ``-k`` selection skips it."""
-    report = os.environ.get("ZSGD_FIDELITY_REPORT")
-    if report:
-        with open(report, "w") as f:
-            json.dump({name: {"time": t, "staleness": s} for name, (t, s) in RESULTS.items()}, f, indent=1)
+    own 5 % does not. Over the cells held to ``TOL`` (a marked cell's known error is its own, reported
+    beside it); needs most of the matrix to mean anything, so a ``-k`` selection skips it."""
     if len(RESULTS) < len(MATRIX) // 2:
         pytest.skip(f"{len(RESULTS)} of {len(MATRIX)} cells ran: too few for a mean")
-    errors = [t for t, _s in RESULTS.values()]
+    errors = [t for name, (t, _s) in RESULTS.items() if next(c for c in MATRIX if c.name == name).tol == TOL]
     mean = sum(errors) / len(errors)
     assert abs(mean) <= BIAS, (f"mean signed error of the time per update {mean:+.1%} over {len(errors)} cells",
                                {k: f"{t:+.1%}" for k, (t, _s) in RESULTS.items()})

@@ -309,13 +309,19 @@ def validate(cfg: TrainConfig, spec: Any, arms: list, out_dir: Path, tolerance: 
     real_dir.mkdir(parents=True, exist_ok=True)
     run_distributed(replace(run_cfg, time_limit=max(60.0, 4 * estimate), name="validate-real"), real_opts, out=real_dir)
     # 2. the twin: the same flags, its compute the real workers' own turnaround (or the injected draw)
-    from zsgd.experiments.twin import compute_trace
+    from zsgd.experiments.twin import compute_trace, decentralized_latency, steps_per_turnaround
 
     compute = arm.values.get("compute", "measured").strip()
-    steps = local_steps(algo)
-    if compute == "measured" or real_opts.server.decentralized:
+    steps, grid = local_steps(algo), dict(spec.grid)
+    if real_opts.server.decentralized:  # a node's turnaround is a round (cadmm's takes primal_steps); the relay's hop is measured
+        compute = compute_trace(real_dir, out_dir / "turnaround.csv", steps_per_turnaround(algo, arm.opts.params.primal_steps))
+        try:
+            grid["latency"] = decentralized_latency(real_dir, str(grid.get("latency") or "0"))
+        except ZsgdError as exc:
+            notes.append(f"not in the twin: the relay's measured time per peer message ({exc})")
+    elif compute == "measured":
         compute = compute_trace(real_dir, out_dir / "turnaround.csv", steps)
-    (twin_arm,) = build_arms(replace(spec, grid={**spec.grid, "compute": compute}))
+    (twin_arm,) = build_arms(replace(spec, grid={**grid, "compute": compute}))
     say("validate: the simulated twin ...")
     _simulate(run_cfg, twin_arm, workload, out_dir / "sim")
     rows = compare(real_dir, out_dir / "sim", out_dir / "predicted", updates, steps, real_opts.server.servers)
