@@ -72,11 +72,12 @@ def install(out_dir: str) -> None:
             totals["send_cpu"] += time.thread_time() - c
             if msg.type == protocol.MsgType.UPDATE:
                 steps["n"] += 1
-                steps["last"], steps["last_wall"] = t, time.time()
                 if steps["n"] == 11:  # the first ten steps (kernel loading, the join) are not steady state
                     for k in totals:
                         totals[k] = 0.0
                     steps["first"], steps["first_wall"], steps["start_cpu"] = t, time.time(), _cpu()
+                # The window ends at the latest update: what the loop does after its last one (the final wait) is not a step.
+                steps["last"], steps["last_wall"], steps["last_cpu"], steps["totals"] = t, time.time(), _cpu(), dict(totals)
 
     link_mod.BrokerLink.send = counted_send
     run_node = node.run_node
@@ -87,8 +88,9 @@ def install(out_dir: str) -> None:
         finally:
             if opts.role == "worker" and steps["n"] > 20:
                 n = steps["n"] - 11
-                row = {k: totals[k] / n for k in totals} | {"steps": n, "step": (steps["last"] - steps["first"]) / n,
-                                                            "process_cpu": (_cpu() - steps["start_cpu"]) / n,
+                done = steps["totals"]
+                row = {k: done[k] / n for k in done} | {"steps": n, "step": (steps["last"] - steps["first"]) / n,
+                                                        "process_cpu": (steps["last_cpu"] - steps["start_cpu"]) / n,
                                                             "first_wall": steps["first_wall"], "last_wall": steps["last_wall"]}
                 Path(out_dir, f"phases-{os.getpid()}.json").write_text(json.dumps(row))
 
