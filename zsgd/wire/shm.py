@@ -6,8 +6,9 @@ copied into the kernel by the sender, out of it by ZeroMQ's I/O thread,
 and both run on the cores the workers compute on. Measured on the 2-core
 VM, a sync round of 2 workers spent about 20 ms of its 60 ms outside the
 gradient. Through a shared file the gradient and the weights are each
-copied once, by the process that owns them, and the socket carries a
-header of a few hundred bytes.
+copied once, by the process that owns them (the worker computes on the
+reply slot in place: no copy on its receive path), and the socket carries
+a header of a few hundred bytes.
 
 How: the worker creates a file in ``/dev/shm`` (the temp folder where there
 is none), mode 0600, with two slots of ``n`` float32: ``update`` (worker
@@ -24,8 +25,10 @@ and the emulated network are the same as over TCP.
 
 Each slot has a sequence number (seqlock): odd while its writer copies,
 then even; a message names the even number it was written under, and the
-reader checks it before and after its copy, so a slot overwritten under a
-reader is an error (``shm-stale``), never silently mixed data. The
+reader checks it before and after its copy (the worker, which reads the
+weights in place, before and after its step: ``WorkerShare.intact``), so a
+slot overwritten under a reader is an error (``shm-stale``) or a void step,
+never silently mixed data. The
 message itself is the synchronisation (a send and a receive are system
 calls, so the copy is visible to the reader on every architecture).
 """
