@@ -620,3 +620,21 @@ def test_the_plain_weights_header_is_the_json_encoders_bytes(run, version):
     with pytest.raises(P.ProtocolError) as exc:
         P.encode(msg, P.Limits(max_array_bytes=1000), check=False)
     assert exc.value.reason == "too-large"
+
+
+def test_a_decoded_message_counts_the_bytes_it_came_in_without_encoding_its_header_again(monkeypatch):
+    import dataclasses
+
+    from zsgd.wire import frames as wire_frames
+
+    g = np.arange(10, dtype=np.float32)
+    sent = P.encode(P.update_message("ab" * 6, 1, 3, g, 8, 0.5))
+    msg = P.decode(sent)
+    assert msg.wire_bytes == sum(len(bytes(f)) for f in sent)
+    calls = []
+    monkeypatch.setattr(wire_frames, "_header_bytes", lambda m: calls.append(m) or b"")
+    assert P.message_nbytes(msg) == msg.wire_bytes and not calls  # counted from the frames, not re-encoded
+    copy = dataclasses.replace(msg, arrays={})  # e.g. the gradient taken from shared memory: counted afresh
+    assert copy.wire_bytes is None
+    P.message_nbytes(copy)
+    assert calls == [copy]

@@ -152,6 +152,9 @@ class Message:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     codec: str = "none"
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Bytes of the frames it was decoded from (None: built here). Not an init field, so ``dataclasses.replace`` (a
+    #: gradient taken from shared memory) leaves it None and the copy is counted afresh.
+    wire_bytes: int | None = field(default=None, init=False, compare=False, repr=False)
 
 
 # header
@@ -411,7 +414,9 @@ def decode(frames: Sequence[bytes | zmq.Frame | memoryview], limits: Limits | No
         arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
         arr.flags.writeable = False
         arrays[name] = arr
-    return Message(mtype, run, w, v, arrays, codec, meta)
+    msg = Message(mtype, run, w, v, arrays, codec, meta)
+    msg.wire_bytes = bufs[0].nbytes + total
+    return msg
 
 
 def message_nbytes(msg: Message, *, framing: bool = False) -> int:
@@ -421,6 +426,8 @@ def message_nbytes(msg: Message, *, framing: bool = False) -> int:
     bytes per frame) for a closer estimate of bytes on the link; TCP/IP
     overhead and a ROUTER identity frame are never included.
     """
+    if msg.wire_bytes is not None and not framing:
+        return msg.wire_bytes  # decoded: what came in (a server counts every update; re-encoding its header cost 7-180 us)
     sizes = [len(_header_bytes(msg))] + [int(np.asarray(a).nbytes) for a in msg.arrays.values()]
     return sum(s + (2 if s < 256 else 9) * framing for s in sizes)
 
