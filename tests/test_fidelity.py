@@ -104,14 +104,14 @@ MATRIX = [  # in pairs whose real runs go together
 RESULTS: dict[str, tuple[float, float]] = {}  # cell -> (signed error of the time per update, of the mean staleness)
 
 
-def _record(name: str, real: tuple[float, float], sim: tuple[float, float]) -> None:
+def _record(name: str, real: tuple[float, float], sim: tuple[float, float], **extra: str) -> None:
     """Keep a cell's errors for the bias check; with ``ZSGD_FIDELITY_REPORT=FILE``, also its figures in FILE (JSON)."""
     RESULTS[name] = (_error(sim[0], real[0]), _error(sim[1], real[1]))
     report = os.environ.get("ZSGD_FIDELITY_REPORT")
     if report:
         rows = json.loads(open(report).read()) if os.path.exists(report) and os.path.getsize(report) else {}
         rows[name] = {"ms_real": real[0] * 1e3, "ms_sim": sim[0] * 1e3, "staleness_real": real[1], "staleness_sim": sim[1],
-                      "time": RESULTS[name][0], "staleness": RESULTS[name][1]}
+                      "time": RESULTS[name][0], "staleness": RESULTS[name][1], **extra}
         with open(report, "w") as f:
             json.dump(rows, f, indent=1)
 
@@ -162,7 +162,7 @@ def test_simulator_matches_emulated_run(tmp_path, no_orphans, real_runs, row):
                  "--out", str(sim))  # one process: this one
     assert result.exit_code == 0, result.stderr[-2000:]
     (t_real, s_real), (t_sim, s_sim) = steady(real, c.skip), steady(sim, c.skip)
-    _record(c.name, (t_real, s_real), (t_sim, s_sim))
+    _record(c.name, (t_real, s_real), (t_sim, s_sim), twin_latency=latency, twin_compute=compute)
     assert abs(t_sim - t_real) / t_real < c.tol, ("time per update", t_real, t_sim, c.why)
     assert abs(s_sim - s_real) <= c.tol * max(s_real, 1e-9), ("mean staleness", s_real, s_sim, c.why)
     if c.algo.startswith("ksync"):  # the backup worker's late gradients: dropped and counted, as often in both
