@@ -67,20 +67,10 @@ def _calibration_cache(tmp_path_factory):
 def _matplotlib_loaded():
     """matplotlib imported (Agg) and its fonts loaded once in this process. Every in-process sweep, experiment or run
     forks plot helpers (``zsgd.output.plotter``) that import it first, 0.4 s of CPU each; forked from here they start
-    with it loaded, as a run's later helpers start from its first one. What they draw is unchanged."""
-    import io
+    with it loaded, as a run's later helpers start from its first one (the same warm-up). What they draw is unchanged."""
+    from zsgd.output.plotter import _warm_up
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(2, 2))
-    ax.plot([0, 1], [0, 1], label="warm")
-    ax.set(xlabel="x", ylabel="y", title="t")
-    ax.legend(fontsize=7)
-    fig.savefig(io.BytesIO(), dpi=110, format="png")
-    plt.close(fig)
+    _warm_up()
 
 
 @pytest.fixture(autouse=True)
