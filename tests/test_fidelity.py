@@ -168,7 +168,7 @@ def test_simulator_matches_emulated_run(tmp_path, no_orphans, real_runs, row):
     if c.algo.startswith("ksync"):  # the backup worker's late gradients: dropped and counted, as often in both
         late = [json.loads(open(glob.glob(f"{d}/**/summary.json", recursive=True)[0]).read())["dropped_updates"].get("stale-round", 0)
                 for d in (real, sim)]
-        assert late[0] > 0 and abs(late[1] - late[0]) / late[0] < 4 * c.tol, ("late gradients", *late)
+        assert late[0] > 0 and abs(late[1] - late[0]) / late[0] < 0.3, ("late gradients", *late)  # a count: 30 %, as before
 
 
 @pytest.mark.slow
