@@ -21,7 +21,7 @@ Run: ``python benchmarks/bench_sim.py [--updates 10000] [--workers 1024] [--cnn-
 
 ``--speed [--rounds 3] [--baseline DIR]`` checks issue 22's targets: 1,024 workers x 10,000 updates of
 logreg in under 5 s wall, 10,000 workers x 100,000 updates in under 20 s (async, ``--staleness-lr scalar``,
-5 evaluations each), each case in a fresh interpreter, with its CPU time beside the wall time (on a busy
+5 evaluations each), each case in a fresh interpreter with one BLAS thread (as ``zsgd sim`` runs), with its CPU time beside the wall time (on a busy
 machine the wall time is mostly other processes' work) and its stop reason; with ``--baseline DIR``
 side by side with another checkout's package, alternating.
 
@@ -48,6 +48,7 @@ from zsgd.network import parse_compute, parse_delay
 from zsgd.network import Network
 from zsgd.simulation.simulator import SimOptions, Workload, run_arm
 from zsgd.core.problem import Problem
+from zsgd.runtime.threads import SINGLE_THREAD_ENV
 
 
 def run_case(name: str, model: str, algo: str, workers: int, updates: int, eval_every: int, out: Path,
@@ -100,7 +101,7 @@ def speed_rows(rounds: int, baseline: Path | None, cases: tuple[tuple[int, int, 
     for _ in range(rounds):
         for workers, updates, _goal in cases:
             for tree, root in trees.items():
-                env = os.environ | {"PYTHONPATH": str(root)}
+                env = os.environ | SINGLE_THREAD_ENV | {"PYTHONPATH": str(root)}  # one BLAS thread, as zsgd sim runs
                 done = subprocess.run([sys.executable, __file__, "--one-case", f"{workers},{updates}"], env=env, check=True,
                                       stdin=subprocess.DEVNULL, capture_output=True, text=True)
                 row = json.loads(done.stdout.strip().splitlines()[-1])

@@ -165,7 +165,7 @@ class ServerEngine:
         tally = self.port.tally(update.worker)
         if tally is not None:
             tally.last_loss, tally.last_samples = update.loss, update.n_samples
-        self.algo.lr_scale = lr_factor(self.lr_schedule, self.ledger.progress(now))
+        self.algo.lr_scale = 1.0 if self.lr_schedule == "constant" else lr_factor(self.lr_schedule, self.ledger.progress(now))
         outputs = self.algo.on_update(update, now)
         if self.leader is not None:
             self.leader.update(update, outputs)

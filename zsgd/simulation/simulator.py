@@ -493,9 +493,9 @@ class Simulation:
                     _CPU: lambda _w, generation, _a, _b: self.host.on_event(self.now, generation),
                     _OCC: lambda _w, _inc, threads, _b: self.host.occupy(self.now, threads)}
         limit = cfg.time_limit
-        heap, pop = self.heap, heapq.heappop
-        while self.reason is None:
-            if interrupt.requested():  # Ctrl-C or SIGTERM: end as a stop rule would, with a summary
+        heap, pop, ledger, requested = self.heap, heapq.heappop, self.ledger, interrupt.requested
+        while ledger.stop_reason is None:
+            if requested():  # Ctrl-C or SIGTERM: end as a stop rule would, with a summary
                 self.ledger.stop(interrupt.STOP_REASON)
                 break
             if not heap:
