@@ -63,7 +63,7 @@ from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedul
 # Event kinds. A heap entry is (t, seq, kind, worker, incarnation, a, b).
 _CROSSING_THREADS = 2.0  # --placement local: a message crossing loopback keeps the sender's and the receiver's I/O threads busy
 _SIM_RUN = "0" * 12  # the run id in simulated messages (their sizes count it as a real run's)
-_DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER, _CANCEL, _START, _CPU, _OCC = range(10)
+_DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER, _CANCEL, _START, _CPU, _OCC, _WIRE = range(11)
 
 
 @dataclass
@@ -356,11 +356,20 @@ class Simulation:
         else:
             payload, nbytes = weights, self.u_bytes
         t = self.now + self.net.delay(w, True, nbytes, self.rng_up)
-        if self.nic_bw != math.inf:  # and receives one at a time, beside its sends
-            self.rx_free = max(t, self.rx_free) + nbytes / self.nic_bw
-            self._occupy(self.rx_free - nbytes / self.nic_bw, self.rx_free)
-            t = self.rx_free
-            self.rx_free += self._not_overlapped(nbytes)
+        if self.nic_bw != math.inf:  # the server's NIC takes it when it gets there (_on_wire)
+            self._push(t, _WIRE, w, inc, version, (payload, nbytes))
+        else:
+            self._push(t, _ARRIVE, w, inc, version, payload)
+
+    def _on_wire(self, w: int, inc: int, version: int, sent: tuple[Any, int]) -> None:
+        """An update reaches the server's NIC, which receives one at a time, beside its sends, in the order they
+        arrive (reserved when sent instead, a late message of a heavy-tailed latency held back earlier arrivals)."""
+        payload, nbytes = sent
+        start = max(self.now, self.rx_free)
+        self.rx_free = start + nbytes / self.nic_bw
+        self._occupy(start, self.rx_free)
+        t = self.rx_free
+        self.rx_free += self._not_overlapped(nbytes)
         self._push(t, _ARRIVE, w, inc, version, payload)
 
     def _not_overlapped(self, nbytes: int) -> float:
@@ -489,7 +498,7 @@ class Simulation:
             self._schedule_rate_failure(w)
             self.engine.add_worker(w, 0.0)
         handlers = {_DONE: self._on_done, _ARRIVE: self._on_arrive, _PROCESS: self._process, _FAIL: self._on_fail, _CANCEL: self._on_cancel,
-                    _DETECT: self._on_detect, _RECOVER: self._on_recover, _START: self._on_start,
+                    _DETECT: self._on_detect, _RECOVER: self._on_recover, _START: self._on_start, _WIRE: self._on_wire,
                     _CPU: lambda _w, generation, _a, _b: self.host.on_event(self.now, generation),
                     _OCC: lambda _w, _inc, threads, _b: self.host.occupy(self.now, threads)}
         limit = cfg.time_limit
