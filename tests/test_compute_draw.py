@@ -127,3 +127,26 @@ def test_bad_sim_flags_are_one_line(tmp_path, args, needle):
     result = cli("sim", "--workers", "2", "--model", "logreg", "--data", "embedded", "--steps", "5", *args, "--out", str(tmp_path / "s"))
     lines = lines_of(result.stderr)
     assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_a_per_round_spec_draws_once_for_a_local_sgd_round():
+    """round:SPEC: the K steps of a local-SGD round are one draw (slow or fast together), not K draws."""
+    from zsgd.network.delays import PerRound, parse_compute
+
+    spec = parse_compute("round:exp:10ms")
+    assert isinstance(spec, PerRound) and str(spec) == "round:exp:10ms" and spec.mean == pytest.approx(0.01)
+    per_round, per_step = ComputeDraw(spec, 7), ComputeDraw(parse_compute("exp:10ms"), 7)
+    assert per_round.draw(2, 5, local_steps=4) == per_step.draw(2, 5, local_steps=1)  # the round's one draw
+    assert per_step.draw(2, 5, local_steps=4) != per_step.draw(2, 5, local_steps=1)  # four draws summed
+    with pytest.raises(ZsgdError, match="compute time per round"):
+        parse_compute("round:soon")
+
+
+def test_the_twin_of_a_local_sgd_run_draws_its_rounds(tmp_path, monkeypatch):
+    from zsgd.experiments import twin
+
+    monkeypatch.setattr(twin, "turnaround_samples", lambda _d: [0.04, 0.08])
+    assert twin.compute_trace(tmp_path, tmp_path / "t.csv", steps=4, per_round=True) == f"round:trace:{tmp_path / 't.csv'}"
+    assert (tmp_path / "t.csv").read_text().split() == ["0.0400", "0.0800"]
+    assert twin.compute_trace(tmp_path, tmp_path / "u.csv", steps=4) == f"trace:{tmp_path / 'u.csv'}"  # per step (decentralized)
+    assert (tmp_path / "u.csv").read_text().split() == ["0.0100", "0.0200"]

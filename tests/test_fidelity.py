@@ -155,7 +155,8 @@ def test_simulator_matches_emulated_run(tmp_path, no_orphans, real_runs, row):
     assert returncode == 0, err[-2000:]
     summary = json.loads((real / "summary.json").read_text())
     assert summary["worker_deaths"] == 0
-    compute = c.compute or compute_trace(real, tmp_path / "turnaround.csv", steps=steps_per_turnaround(c.algo))
+    compute = c.compute or compute_trace(real, tmp_path / "turnaround.csv", steps=steps_per_turnaround(c.algo),
+                                         per_round=not c.algo.startswith(("dsgd", "dsgt", "cadmm")))
     latency = decentralized_latency(real, c.latency) if c.algo in ("dsgd", "dsgt", "cadmm") else c.latency
     sim = tmp_path / "sim"
     result = cli("sim", "--workers", str(c.workers), "--latency", latency, "--compute", compute, *c.sim, *c.spec(),

@@ -142,16 +142,22 @@ def decentralized_latency(run_dir: str | Path, latency: str) -> str:
     return latency if extra is None else shifted_latency(latency, extra)
 
 
-def compute_trace(run_dir: str | Path, out: str | Path, steps: int = 1) -> str:
+def compute_trace(run_dir: str | Path, out: str | Path, steps: int = 1, per_round: bool = False) -> str:
     """``--compute`` for the twin: the workers' turnaround quantiles as a trace written to ``out``, else their mean.
 
-    ``steps``: gradient steps per turnaround (``localsgd:K`` takes K between replies, and the simulator charges a
-    round K draws of ``--compute``), so each sample is divided by it."""
-    samples = [x / steps for x in turnaround_samples(run_dir)]
+    ``steps``: gradient steps per turnaround (``localsgd:K`` takes K between replies, cadmm its primal steps).
+    ``per_round`` (the central simulator, local SGD): a turnaround is one draw of a whole round
+    (``round:trace:FILE``), since a real worker's K steps are slow or fast together, and K independent draws of a
+    K-th of it made the twin's rounds too even (its slowest worker 10 % early). Otherwise (the decentralized
+    simulator, which draws per step) each sample is divided by ``steps``."""
+    samples = turnaround_samples(run_dir)
+    prefix = "round:" if per_round and steps > 1 else ""
+    if not prefix:
+        samples = [x / steps for x in samples]
     if not samples:
-        return f"{summary(run_dir)['compute_s_mean'] * 1000 / steps:.4f}ms"
+        return f"{prefix}{summary(run_dir)['compute_s_mean'] * 1000 / (1 if prefix else steps):.4f}ms"
     Path(out).write_text("\n".join(f"{x:.4f}" for x in samples) + "\n")
-    return f"trace:{out}"
+    return f"{prefix}trace:{out}"
 
 
 __all__ = ["accuracies", "compute_trace", "decentralized_latency", "events", "metrics_path", "relay_overhead_s", "shifted_latency",

@@ -320,7 +320,7 @@ def validate(cfg: TrainConfig, spec: Any, arms: list, out_dir: Path, tolerance: 
         except ZsgdError as exc:
             notes.append(f"not in the twin: the relay's measured time per peer message ({exc})")
     elif compute == "measured":
-        compute = compute_trace(real_dir, out_dir / "turnaround.csv", steps)
+        compute = compute_trace(real_dir, out_dir / "turnaround.csv", steps, per_round=True)
     (twin_arm,) = build_arms(replace(spec, grid={**grid, "compute": compute}))
     say("validate: the simulated twin ...")
     _simulate(run_cfg, twin_arm, workload, out_dir / "sim")

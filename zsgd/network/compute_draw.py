@@ -12,7 +12,8 @@ run and its simulated twin see the same delays.
 Both drivers count a worker's steps the same way: one per reply that
 carries weights to a live worker (a worker computes one step per reply).
 ``local_steps`` (local SGD's K, ``ServerAlgorithm.local_steps``) sums K
-draws of the same generator: each of the K local steps takes a compute time.
+draws of the same generator: each of the K local steps takes a compute time;
+with ``round:SPEC`` one draw is the whole round.
 
 What "a step takes the drawn time" means differs only where it must: the
 simulator's step is exactly the draw; a real worker cannot go faster than
@@ -26,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from zsgd.network import Delay
-from zsgd.network.delays import Constant
+from zsgd.network.delays import Constant, PerRound
 
 _TAG = 0xC0417E  # keeps these streams apart from every other seeded stream of a run
 
@@ -39,12 +40,13 @@ class ComputeDraw:
         self.seed = int(seed) & 0xFFFFFFFF
         self._next: dict[int, int] = {}  # worker -> its next step (the drivers' counter)
         self._constant = isinstance(spec, Constant)
+        self._per_round = isinstance(spec, PerRound)  # round:SPEC: one draw for a local-SGD round's K steps
 
     def draw(self, worker: int, step: int, local_steps: int = 1) -> float:
         """Seconds of ``worker``'s ``step``: the same for the same seed, whoever asks and in whatever order."""
         # A constant takes nothing from the generator: not seeding one (5 of the 7 us a draw costs) gives the same value.
         rng = None if self._constant else np.random.default_rng(self._entropy(int(worker), int(step)))
-        if local_steps == 1:
+        if local_steps == 1 or self._per_round:
             return float(0 + self.spec.sample(rng))  # sum() of one draw: the same 0 + x, without the generator
         return float(sum(self.spec.sample(rng) for _ in range(max(1, int(local_steps)))))
 

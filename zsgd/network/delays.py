@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -258,8 +259,32 @@ def parse_broker_bandwidth(text: str) -> float | Measured:
     return parse_bandwidth(text)
 
 
+@dataclass(frozen=True)
+class PerRound:
+    """``round:SPEC``: one draw of SPEC is a whole round of ``localsgd:K`` (its K steps), not each step.
+
+    Why: K independent draws of a step make a round's time far less variable than one draw of K steps, and a
+    real worker's K steps are slow or fast together (they share its core and its neighbours). A round's
+    measured turnaround (``zsgd sim --validate``'s twin) is such a draw; for one-step rules it is the step."""
+
+    spec: Any
+
+    def sample(self, rng: np.random.Generator) -> float:
+        return self.spec.sample(rng)
+
+    @property
+    def mean(self) -> float:
+        return self.spec.mean
+
+    def __str__(self) -> str:
+        return f"round:{self.spec}"
+
+
 def parse_compute(text: str) -> Delay | Measured:
-    """``measured`` or a delay spec for one worker's gradient step."""
-    if str(text).strip().lower() == "measured":
+    """``measured``, a delay spec for one worker's gradient step, or ``round:SPEC`` for a whole local-SGD round."""
+    value = str(text).strip()
+    if value.lower() == "measured":
         return Measured()
+    if value.lower().startswith("round:"):
+        return PerRound(parse_delay(value[len("round:"):], "compute time per round"))
     return parse_delay(text, "compute time")
