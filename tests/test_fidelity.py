@@ -86,15 +86,13 @@ MATRIX = [  # in pairs whose real runs go together
     # SSP with stragglers whose steps matter (injected, well above the 20 ms latency), so the bound holds workers back:
     Cell("ssp1-3w-straggler-random-compute", "ssp:1", 3, "20ms", 150, 40, stragglers="0.34:2x", compute=RANDOM_COMPUTE),
     Cell("ssp2-4w-2-stragglers-random-compute", "ssp:2", 4, "20ms", 200, 50, stragglers="0.5:2x", compute=RANDOM_COMPUTE),
-    Cell("async-4w-lognormal", "async", 4, "lognormal:50ms,0.5", 200, 50, tol=0.15,
-         why="+12 % at load 3: zsgd sim reserves the server's NIC in the order updates are sent, not the order they arrive, so "
-             "with a heavy-tailed latency a late message holds back earlier arrivals (+0.8 % with arrival order: issue 22)"),
+    Cell("async-4w-lognormal", "async", 4, "lognormal:50ms,0.5", 200, 50),  # +0.8 % (was +12 % with the NIC in sending order)
     Cell("async-4w-bandwidth", "async", 4, "20ms", 160, 40, real=("--inject-bandwidth", BANDWIDTH), sim=("--bandwidth", BANDWIDTH)),
     Cell("async-4w-topk", "async", 4, "50ms", 200, 50, both=("--compress", "topk:0.1")),
     Cell("sync-4w-qsgd", "sync", 4, "50ms", 50, 10, both=("--compress", "qsgd:8")),
-    Cell("localsgd4-4w-const", "localsgd:4", 4, "50ms", 40, 8, tol=0.15,
-         why="-10 % at load 3: the twin draws K independent steps of turnaround / K, while a real worker's K steps are "
-             "one turnaround (slow together), so its round's slowest worker is faster than the real one (issue 22)"),
+    Cell("localsgd4-4w-const", "localsgd:4", 4, "50ms", 40, 8, tol=0.10,
+         why="-4.9, -5.4, -5.5 % at load 1.2-1.9 (-10 % before the twin drew whole rounds, round:trace): about 6 ms of a "
+             "114 ms round is not in the model yet, so 5 % is not met reliably (issue 22)"),
     Cell("async-4w-servers2", "async", 4, "50ms", 200, 50, both=("--servers", "2")),
     Cell("dsgd-ring-straggler", "dsgd", 4, "20ms", 160, 30, stragglers="0.25:3x", model="logreg", both=("--topology", "ring")),
     Cell("dsgt-ring", "dsgt", 4, "20ms", 160, 30, model="logreg", both=("--topology", "ring")),
