@@ -377,9 +377,11 @@ class Simulation:
         shorter, measured with the transport): on a host whose cores are all busy the server's stages take
         turns, so each is held that much longer. Occupancy only: no message of its own waits for it, so one
         worker alone never sees it, and the plateau is ``1 / (max(step, receive) + that)``."""
-        if self.overlap >= 1.0 or self.nic_bw == math.inf or self.broker_s <= 0 or self.host is not None:
+        if self.overlap >= 1.0 or self.nic_bw == math.inf or self.broker_s <= 0:
             return 0.0
-        return (1.0 - self.overlap) * min(self.broker_s, nbytes / self.nic_bw)
+        # --placement local: the K servers' steps all take turns with the one host's loopback I/O
+        step = self.broker_s * (self.opts.servers if self.host is not None else 1)
+        return (1.0 - self.overlap) * min(step, nbytes / self.nic_bw)
 
     def _on_cancel(self, w: int, inc: int, version: int, _b: Any) -> None:
         """The broker's abandon reaches the worker: a step at an older version ends now (or after its floor)."""
