@@ -24,6 +24,9 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 "$PY" -m pip install -q -e '.[dev]'
 "$PY" -m pip install -q 'torch==2.13.0' || echo "setup: torch 2.13.0 not installable here; PyTorch parity tests and benchmarks will be skipped"
+# Byte-compile the package once: with PYTHONDONTWRITEBYTECODE set (as on some CI images) every zsgd process
+# would otherwise compile each module it imports again; reading a .pyc is allowed either way.
+"$PY" -m compileall -q zsgd >/dev/null || echo "setup: byte-compiling zsgd failed; processes compile it as they go"
 # Compile the numba kernels once so the first run and the tests start fast.
 "$PY" -c "import zsgd.nn.models as m; m.warm_up_in_parallel()" || echo "setup: numba warm-up failed"
 echo "setup: done"
