@@ -28,6 +28,8 @@ def test_turnaround_and_hop_lines_are_read_apart(tmp_path):
     assert twin.turnaround_samples(run, twin.HOP) == [21.0, 23.0]
     assert twin.relay_overhead_s(run, "20ms") == pytest.approx(0.002)  # mean hop 22 ms over an emulated 20 ms
     assert twin.decentralized_latency(run, "20ms") == "22.0000ms"
+    assert twin.decentralized_latency(run, "20ms", "100Mbps") == "20ms"  # the hops hold the link's own time: not added again
+    assert twin.decentralized_latency(run, "20ms", "inf") == "22.0000ms"
 
 
 def test_a_run_without_hops_keeps_its_latency(tmp_path):

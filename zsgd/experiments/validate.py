@@ -316,7 +316,7 @@ def validate(cfg: TrainConfig, spec: Any, arms: list, out_dir: Path, tolerance: 
     if real_opts.server.decentralized:  # a node's turnaround is a round (cadmm's takes primal_steps); the relay's hop is measured
         compute = compute_trace(real_dir, out_dir / "turnaround.csv", steps_per_turnaround(algo, arm.opts.params.primal_steps))
         try:
-            grid["latency"] = decentralized_latency(real_dir, str(grid.get("latency") or "0"))
+            grid["latency"] = decentralized_latency(real_dir, str(grid.get("latency") or "0"), grid.get("bandwidth"))
         except ZsgdError as exc:
             notes.append(f"not in the twin: the relay's measured time per peer message ({exc})")
     elif compute == "measured":
