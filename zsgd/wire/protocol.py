@@ -179,9 +179,10 @@ def peer_message(run: str, worker: int, to: int, round: int, arrays: Mapping[str
                    meta={"to": to, "round": round, **meta})
 
 
-def state_request(run: str, tag: int, full: bool = False) -> Message:
-    """Coordinator -> range server: send your range's weights (``full``: and optimizer state), answering ``tag``."""
-    return Message(MsgType.STATE, run, -1, 0, meta={"tag": int(tag), "full": bool(full)})
+def state_request(run: str, tag: int, full: bool = False, at: int | None = None) -> Message:
+    """Coordinator -> range server: send your range's weights (``full``: and optimizer state), answering ``tag``;
+    ``at``: once the range has taken that many updates (the run's final gather: every range at the same step)."""
+    return Message(MsgType.STATE, run, -1, 0, meta={"tag": int(tag), "full": bool(full)} | ({} if at is None else {"at": int(at)}))
 
 
 def state_message(run: str, server: int, version: int, arrays: Mapping[str, np.ndarray], **meta: Any) -> Message:

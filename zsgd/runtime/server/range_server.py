@@ -172,6 +172,8 @@ class _Control:
         self.exit_code = 0
         self._last_stats = 0.0
         self._last = (time.monotonic(), 0, 0, 0)
+        # gathers asked "at" a version this range has not reached yet: (tag, full, at, answer anyway by)
+        self._waiting: list[tuple[int, bool, int, float]] = []
 
     def tick(self, broker: Any) -> None:
         while True:
@@ -193,8 +195,20 @@ class _Control:
                     broker.ledger.end("step log lost")
                     return
             elif msg.type == MsgType.STATE:
-                self.answer(int(msg.meta.get("tag", 0)), bool(msg.meta.get("full")))
+                at = msg.meta.get("at")
+                if isinstance(at, int) and not isinstance(at, bool) and at > self.service.version:
+                    # its copy of the last gradient is still on its way: wait for it, not for ever (a worker that died
+                    # between its ranges never sends it); well inside the coordinator's own wait, max(2 s, --timeout)
+                    self._waiting.append((int(msg.meta.get("tag", 0)), bool(msg.meta.get("full")), at,
+                                          time.monotonic() + max(1.0, self.opts.timeout / 2)))
+                else:
+                    self.answer(int(msg.meta.get("tag", 0)), bool(msg.meta.get("full")))
         now = time.monotonic()
+        if self._waiting:
+            due = [w for w in self._waiting if self.service.version >= w[2] or now >= w[3]]
+            self._waiting = [w for w in self._waiting if w not in due]
+            for tag, full, _at, _by in due:
+                self.answer(tag, full)
         if now - self._last_stats >= STATS_EVERY_S:
             self._last_stats = now
             self.link.send(protocol.state_message(self.link.run, self.index, self.service.version, {}, tag=0, stats=self.stats(now)))

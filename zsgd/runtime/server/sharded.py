@@ -185,7 +185,7 @@ class ShardedParameterServer(ParameterServer):
             self.publish_log()  # what could not go out before (a full queue, a server not serving yet)
 
     # -- gathering the ranges ----------------------------------------------------------
-    def _gather(self, full: bool, done: Done) -> None:
+    def _gather(self, full: bool, done: Done, at: int | None = None) -> None:
         self._tag += 1
         own_opt = self.optimizer.state_arrays() if full else None
         g = _Gather(full, np.array(self.algo.w, copy=True), own_opt, done)
@@ -200,7 +200,7 @@ class ShardedParameterServer(ParameterServer):
             return
         for peer in self.ctx.members.servers.values():
             if peer.state == "ready":
-                self.ctx.port.send(peer, protocol.state_request(self.ctx.run, self._tag, full))
+                self.ctx.port.send(peer, protocol.state_request(self.ctx.run, self._tag, full, at=at))
 
     def on_state(self, peer: Peer, msg: Message) -> None:
         tag = msg.meta.get("tag")
@@ -271,7 +271,9 @@ class ShardedParameterServer(ParameterServer):
             self._final = (w, opt or {})
 
         self._gathers.clear()
-        self._gather(True, final)
+        # at this range's version: a range server still taking the last gradient (its copy of the worker's update
+        # was in flight when this range reached the stop) answers once it has, so every range ends at the same step
+        self._gather(True, final, at=self.algo.version)
         if self.leader is not None:
             self._final_digest = self._gathers[self._tag].digest
         deadline = time.monotonic() + max(2.0, ctx.opts.network.timeout)
