@@ -108,8 +108,7 @@ class ServerEngine:
         self.dispatch(self.algo.add_worker(worker, now), now)
 
     def remove_worker(self, worker: int, now: float) -> None:
-        if self.reply_codec is not None:
-            self.reply_codec.forget(worker)  # whatever it held, it holds nothing now
+        self.forget_replies(worker)  # whatever it held, it holds nothing now
         self.dispatch(self.algo.remove_worker(worker, now), now)
 
     def readmit(self, worker: int, now: float) -> None:

@@ -54,8 +54,14 @@ def this_machines_cores() -> int:
 def parse_host_cores(text: str | int | float | None, auto: float | None = None) -> float:
     """``--host-cores N``: cores per simulated host (``auto``: ``auto`` if given -- a replayed calibration's machine --
     else this machine's)."""
+    value = host_cores_spec(text)
+    return float(auto if auto is not None else this_machines_cores()) if value is None else value
+
+
+def host_cores_spec(text: str | int | float | None) -> float | None:
+    """``--host-cores`` as given: a number of cores, or None for ``auto`` (resolved where the machine is known)."""
     if text is None or (isinstance(text, str) and text.strip().lower() in ("", "auto")):
-        return float(auto if auto is not None else this_machines_cores())
+        return None
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -196,4 +202,4 @@ class FifoStage:
 
 
 
-__all__ = ["CpuPool", "FifoStage", "Job", "PLACEMENTS", "parse_host_cores", "parse_placement", "this_machines_cores"]
+__all__ = ["CpuPool", "FifoStage", "Job", "PLACEMENTS", "host_cores_spec", "parse_host_cores", "parse_placement", "this_machines_cores"]

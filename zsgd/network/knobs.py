@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from zsgd.network.hosts import parse_host_cores, parse_placement
+from zsgd.network.hosts import host_cores_spec, parse_placement
 from zsgd.network.units import parse_bandwidth, parse_duration, parse_loss, split_specs
 
 
@@ -158,7 +158,7 @@ KNOBS: tuple[Knob, ...] = (
                       "workers' steps, the server's step and its I/O take turns on those cores).",
          lambda text, _what, _n: parse_placement(text), default="spread", sweep="plain", label="place"),
     Knob("host_cores", "Cores of the host with --placement local: 'auto' (this machine's) or a number, e.g. 16.",
-         lambda text, _what, _n: None if str(text).strip().lower() == "auto" else parse_host_cores(text), default="auto",
+         lambda text, _what, _n: host_cores_spec(text), default="auto",
          sweep="plain", label="cores"),  # auto: resolved by the simulator (this machine's, or a replayed calibration's)
 )
 
