@@ -388,6 +388,9 @@ def bench_lstm(args) -> None:
           f"timed steps | numpy {np.__version__}, torch {torch_version} | {_cpu_name()}, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')} (numpy's BLAS: zsgd's LSTM runs its "
           f"large products in its own tile, PyTorch in MKL and oneDNN)")
+    for k, v in med.items():
+        ratio = f"{v / base:.2f}x PyTorch" if base else ""
+        print(f"  {k:14s} {v:10,.0f} tokens/s (best step {max(results[k]):,.0f})  {ratio}")
 
 
 def _cpu_name() -> str:
@@ -402,9 +405,6 @@ def _cpu_name() -> str:
     import platform
 
     return platform.processor() or platform.machine()
-    for k, v in med.items():
-        ratio = f"{v / base:.2f}x PyTorch" if base else ""
-        print(f"  {k:14s} {v:10,.0f} tokens/s (best step {max(results[k]):,.0f})  {ratio}")
 
 
 def report(args, med, results, timings, cold, torch_version) -> None:
