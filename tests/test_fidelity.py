@@ -24,11 +24,15 @@ messages handed to its socket) and logs its distribution when it leaves
 (20 quantiles); the pooled quantiles are the twin's ``--compute
 trace:FILE`` (``zsgd/experiments/twin.py``), so a sync round waits for the
 slowest of its workers' draws, as the real round does.
-What is not measured is the broker's own hand-offs around its step (its
-receive, emulation queue and reply send, and ZeroMQ's threads): they leave
-the central cells 0-5 % fast on a quiet machine (mean about -1.9 %) and grow
-with the load, 6-10 % fast at load 8, where this file fails: run it on a
-quiet machine (docs/simulation.md, "The fidelity matrix").
+The broker's hand-offs around its step (its receive, emulation queue and
+reply send, ZeroMQ's and the link's threads) are measured in the run too:
+each emulated reply carries the broker's stamps, each worker logs its mean
+hop each way beyond the emulated delays, and the twin adds them to its
+latency (``--latency-up``, ``--latency-down``; ``central_latency``), as a
+decentralized twin adds the relay's hop. They grow with the load (2-3 ms
+each way at load 3, 10-14 ms at load 7), which left the central cells 0-5 %
+fast on a quiet machine and 6-20 % fast at load 7 before they were measured
+(docs/simulation.md, "The fidelity matrix").
 
 The real runs spend most of their time waiting out the injected latency
 (about 40 % of one core each), so they run two at a time: a test starts its
@@ -46,7 +50,7 @@ from dataclasses import dataclass
 import pytest
 
 from helpers import cli, start_zsgd, stop
-from zsgd.experiments.twin import compute_trace, decentralized_latency, steady, steps_per_turnaround  # zsgd sim --validate's, too
+from zsgd.experiments.twin import central_latency, compute_trace, decentralized_latency, steady, steps_per_turnaround  # --validate's too
 
 SPEC = ["--data", "embedded", "--batch-size", "32", "--lr", "0.02", "--eval-every", "1000000", "--quiet"]
 TOL = 0.05  # every cell's time per update and mean staleness
@@ -160,13 +164,15 @@ def test_simulator_matches_emulated_run(tmp_path, no_orphans, real_runs, row):
     assert summary["worker_deaths"] == 0
     compute = c.compute or compute_trace(real, tmp_path / "turnaround.csv", steps=steps_per_turnaround(c.algo),
                                          per_round=not c.algo.startswith(("dsgd", "dsgt", "cadmm")))
+    hops = None if c.algo in ("dsgd", "dsgt", "cadmm") else central_latency(real, c.latency, tmp_path)
     latency = decentralized_latency(real, c.latency) if c.algo in ("dsgd", "dsgt", "cadmm") else c.latency
+    each_way = ["--latency-up", hops[0], "--latency-down", hops[1]] if hops else []  # with the broker's measured hand-offs
     sim = tmp_path / "sim"
-    result = cli("sim", "--workers", str(c.workers), "--latency", latency, "--compute", compute, *c.sim, *c.spec(),
+    result = cli("sim", "--workers", str(c.workers), "--latency", latency, *each_way, "--compute", compute, *c.sim, *c.spec(),
                  "--out", str(sim))  # one process: this one
     assert result.exit_code == 0, result.stderr[-2000:]
     (t_real, s_real), (t_sim, s_sim) = steady(real, c.skip), steady(sim, c.skip)
-    _record(c.name, (t_real, s_real), (t_sim, s_sim), twin_latency=latency, twin_compute=compute)
+    _record(c.name, (t_real, s_real), (t_sim, s_sim), twin_latency=" ".join(each_way) or latency, twin_compute=compute)
     assert abs(t_sim - t_real) / t_real < c.tol, ("time per update", t_real, t_sim, c.why)
     assert abs(s_sim - s_real) <= c.tol * max(s_real, 1e-9), ("mean staleness", s_real, s_sim, c.why)
     if c.algo.startswith("ksync"):  # the backup worker's late gradients: dropped and counted, as often in both

@@ -7,6 +7,7 @@ one plus the relay's measured time, and a node's turnaround leaves out an emulat
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from zsgd.errors import ZsgdError
@@ -83,3 +84,142 @@ def test_a_node_turnaround_leaves_out_the_straggler_sleep_and_times_only_peer_ho
     clock.hop(protocol.wait_message("r" * 12, 0, 0, reason="start"), arrival=100.015)  # not a peer message
     clock.hop(protocol.peer_message("r" * 12, 1, 0, 3, {}), arrival=100.015)  # no stamp (another host's clock)
     assert clock.hops == [pytest.approx(0.025)]
+
+
+# -- the broker's hand-offs in a central run (protocol.REPLY_HOP, zsgd.runtime.worker.broker_hops) --------------------
+
+BROKER_LINE = "broker hop ms (mean up, mean down; hops, ignored, after the first 10 %): "
+
+
+def test_broker_hop_lines_are_pooled_by_their_counts(tmp_path):
+    run = _logs(tmp_path, {0: ["turnaround ms (20 quantiles, after the first 10 % of steps): 1.0", BROKER_LINE + "1.0,3.0,100,0"],
+                           1: [BROKER_LINE + "4.0,1.0,50,2", "peer hop ms (20 quantiles, after the first 10 % of steps): 21.0"],
+                           2: [BROKER_LINE + "oops"]})  # a line that does not parse is skipped
+    up, down = twin.broker_overhead_s(run)
+    assert up == pytest.approx(0.002) and down == pytest.approx(7 / 3 / 1e3)  # (1*100 + 4*50)/150 ms, (3*100 + 1*50)/150 ms
+    assert twin.turnaround_samples(run) == [1.0]  # the other lines are not a turnaround
+    assert twin.central_latency(run, "50ms") == ("52.0000ms", f"{50 + 7 / 3:.4f}ms")
+    assert twin.central_latency(run, "uniform:25ms,75ms") == ("uniform:27.0000ms,77.0000ms",
+                                                               f"uniform:{25 + 7 / 3:.4f}ms,{75 + 7 / 3:.4f}ms")
+
+
+def test_a_central_run_without_hops_keeps_its_latency(tmp_path):
+    run = _logs(tmp_path, {0: ["turnaround ms (20 quantiles, after the first 10 % of steps): 1.0"]})
+    assert twin.broker_overhead_s(run) is None and twin.central_latency(run, "50ms") is None
+
+
+@pytest.mark.parametrize("spec", ["lognormal:50ms,0.5", "lognormal:20ms,1.5"])
+def test_a_lognormal_latency_is_shifted_as_a_trace_of_its_quantiles(tmp_path, spec):
+    from zsgd.network import parse_delay
+
+    shifted = twin.shifted_latency(spec, 0.002, tmp_path, "up")
+    assert shifted == f"trace:{tmp_path / 'latency-up.csv'}"
+    mean = parse_delay(spec, "--latency").mean
+    assert parse_delay(shifted, "--latency").mean == pytest.approx(mean + 0.002, rel=1e-4)  # the 4000 quantiles kept to its mean
+    assert twin.shifted_latency(f"trace:{tmp_path / 'latency-up.csv'}", 0.001, tmp_path, "down").endswith("latency-down.csv")
+
+
+def _hops(*replies):
+    from zsgd.runtime.worker.broker_hops import BrokerHops
+
+    hops = BrokerHops()
+    for meta, forward, arrival in replies:
+        hops.record(meta, forward, arrival)
+    return hops
+
+
+def test_a_worker_times_its_hops_from_the_brokers_stamps():
+    # update to the socket at 10.000, at the engine (less its hold) at 10.002; reply due out at 10.100, here at 10.103
+    hops = _hops(*[({"hop": [10.002, 10.100]}, 10.0, 10.103)] * 20)
+    assert hops.up == [pytest.approx(0.002)] * 20 and hops.down == [pytest.approx(0.003)] * 20 and hops.ignored == 0
+    up, down, n = hops.means_ms()
+    assert (up, down, n) == (pytest.approx(2.0), pytest.approx(3.0), 18)  # after the first 10 %
+    assert hops.line() == BROKER_LINE + "2.0000,3.0000,18,0"
+
+
+def test_the_workers_own_hand_off_starts_the_up_hop_of_the_next_stamped_reply():
+    from zsgd.runtime.worker.broker_hops import BrokerHops
+
+    hops = BrokerHops()
+    hops.handed(0.0005)  # its update took 0.5 ms to reach the link thread (shared memory, frames)
+    hops.record({"hop": [10.002, 10.1]}, 10.0, 10.103)
+    hops.record({"hop": [20.002, 20.1]}, 20.0, 20.103)  # a reply with no hand-off before it: not counted again
+    assert hops.up == [pytest.approx(0.0025), pytest.approx(0.002)]
+
+
+@pytest.mark.parametrize("meta, forward, arrival", [
+    ({"hop": [10.002]}, 10.0, 10.1),  # one stamp
+    ({"hop": "10.002,10.1"}, 10.0, 10.1),  # not a list
+    ({"hop": [True, 10.1]}, 10.0, 10.1),  # a bool is no time
+    ({"hop": [10.002, None]}, 10.0, 10.1),
+    ({"hop": [1e308, 10.1]}, 10.0, 10.1),  # implausible: an up hop of 1e308 s
+    ({"hop": [9.0, 10.1]}, 10.0, 10.1),  # reached the broker 1 s before it was sent
+    ({"hop": [10.002, 10.1]}, 0.0, 10.1),  # this worker never sent an update
+    ({"hop": [10.002, 10.1 - 3600]}, 10.0, 10.1),  # left an hour before it came
+])
+def test_odd_stamps_are_ignored_and_counted(meta, forward, arrival):
+    hops = _hops((meta, forward, arrival))
+    assert hops.up == hops.down == [] and hops.ignored == 1
+
+
+def test_a_reply_without_stamps_is_not_counted():
+    hops = _hops(({}, 10.0, 10.1), ({"slowdown": 2.0}, 10.0, 10.1))
+    assert hops.up == [] and hops.ignored == 0 and hops.line() is None  # and too few for a line
+
+
+def test_the_stamps_cross_the_wire_and_are_checked():
+    import math
+
+    from zsgd.wire import protocol
+
+    msg = protocol.weights_message("r" * 12, 3, np.zeros(4, np.float32), hop=[1234.5, 1234.625])
+    back = protocol.decode(protocol.encode(msg))
+    assert protocol.reply_hop(back.meta) == (1234.5, 1234.625)
+    assert protocol.reply_hop({}) is None
+    for bad in ([1.0, math.inf], [1.0, "2"], [1.0, 2.0, 3.0], {"up": 1.0}, [False, 1.0]):
+        with pytest.raises(protocol.ProtocolError, match="hop must be two finite numbers") as exc:
+            protocol.reply_hop({"hop": bad})
+        assert exc.value.reason == "bad-meta"
+
+
+def test_an_emulated_parameter_server_stamps_each_reply_with_its_update(tmp_path, monkeypatch):
+    """The stamps: the update at the engine less its emulated hold, the reply's hold due to end; none on a first reply."""
+    from test_services import RecordingPort, _context
+
+    from zsgd.broker import parameter_server
+    from zsgd.network import Constant, Network
+    from zsgd.output.metrics import MetricsWriter
+    from zsgd.runtime.emulation import LinkEmulator
+    from zsgd.runtime.server import parameter_server as ps
+    from zsgd.wire import protocol
+
+    class HoldingPort(RecordingPort):
+        emulated = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.emulator = LinkEmulator(Network(latency_up=Constant(0.05), latency_down=Constant(0.03)))
+            self.held: list = []
+
+        def hold(self, item, delay: float) -> None:
+            self.held.append((item[2], delay))
+
+    clock = [100.0]
+    monkeypatch.setattr(ps.time, "monotonic", lambda: clock[0])
+    with MetricsWriter(tmp_path / "metrics.jsonl") as metrics:
+        ctx, members, w0 = _context(tmp_path, metrics)
+        ctx.bind(HoldingPort(), ctx.members)
+        service = parameter_server(ctx, w0, None)
+        peer, _ = members.admit(b"w0", "worker", 0, 0.0)
+        service.worker_joined(peer)
+        peer.state = "ready"
+        service.worker_ready(peer)
+        first, delay = ctx.port.held[0]
+        assert protocol.REPLY_HOP not in first.meta and delay == pytest.approx(0.03)  # it answers no update
+        update = protocol.update_message("r1", 0, 0, np.zeros(w0.size, np.float32), n_samples=32, loss=2.3)
+        assert ctx.port.emulator.update_delay(0, 1000, 99.0) == pytest.approx(0.05)  # the broker draws its hold
+        clock[0] = 100.25  # ... and delivers it when due (here late), to the engine, which replies at once
+        service.deliver_held("in", peer, update)
+        reply, delay = ctx.port.held[1]
+        assert reply.meta[protocol.REPLY_HOP] == [pytest.approx(100.2), pytest.approx(100.28)] and delay == pytest.approx(0.03)
+        assert protocol.reply_hop(protocol.decode(protocol.encode(reply)).meta) == (pytest.approx(100.2), pytest.approx(100.28))

@@ -117,13 +117,65 @@ def relay_overhead_s(run_dir: str | Path, latency: str) -> float | None:
     return max(0.0, float(np.mean(samples)) / 1e3 - parse_delay(latency, "--latency").mean)
 
 
-def shifted_latency(latency: str, extra_s: float) -> str:
-    """The latency spec ``latency`` with every draw ``extra_s`` seconds longer (constant, uniform, normal, exp)."""
+def broker_overhead_s(run_dir: str | Path) -> tuple[float, float] | None:
+    """Mean seconds a central run's update (up) and reply (down) spent on their way beyond their emulated hold;
+    None if its workers logged no hops (a run without emulation, a sharded one, or too short).
+
+    The broker's hand-offs around its step: the link and ZeroMQ threads on both sides, its receive before the
+    hold, the hold's release by its loop, the reply's encoding and send. Each worker logs its means from the
+    broker's stamps on its replies (``zsgd.runtime.worker.broker_hops``); pooled here weighted by their counts.
+    They grow with the host's load, so the twin takes them from the run, as it takes the workers' turnaround."""
+    from zsgd.runtime.worker.broker_hops import LOGGED
+
+    up = down = 0.0
+    n = 0
+    for log in sorted(glob.glob(f"{run_dir}/logs/worker-*.log")):
+        with open(log, errors="replace") as f:
+            for line in f:
+                if line.split(": ", 1)[-1].startswith(LOGGED):
+                    try:
+                        u, d, k = (float(x) for x in line.rsplit(":", 1)[1].split(",")[:3])
+                    except ValueError:
+                        continue
+                    up, down, n = up + u * k, down + d * k, n + int(k)
+    return None if n == 0 else (up / n / 1e3, down / n / 1e3)
+
+
+def central_latency(run_dir: str | Path, latency: str, out_dir: str | Path | None = None) -> tuple[str, str] | None:
+    """``--latency-up`` and ``--latency-down`` for a central run's twin: the emulated ``latency`` plus the run's
+    mean hop beyond it each way (``broker_overhead_s``); None if the run logged none. The hops exclude the whole
+    emulated hold (its link time under ``--inject-bandwidth`` included), so unlike the relay's they hold with a
+    bandwidth too. ``out_dir``: where a shifted lognormal or trace is written (as a trace)."""
+    extra = broker_overhead_s(run_dir)
+    if extra is None:
+        return None
+    return shifted_latency(latency, extra[0], out_dir, "up"), shifted_latency(latency, extra[1], out_dir, "down")
+
+
+TRACE_POINTS = 4000  # quantiles of a shifted lognormal written as a trace (scaled to its mean)
+
+
+def shifted_latency(latency: str, extra_s: float, out_dir: str | Path | None = None, tag: str = "") -> str:
+    """The latency spec ``latency`` with every draw ``extra_s`` seconds longer (constant, uniform, normal, exp; with
+    ``out_dir``, also lognormal and trace, written as a trace ``out_dir/latency-TAG.csv``)."""
     from zsgd.errors import ZsgdError
     from zsgd.network import parse_delay
-    from zsgd.network.delays import Constant, Exponential, Normal, ShiftedExponential, Uniform
+    from zsgd.network.delays import Constant, Exponential, LogNormal, Normal, ShiftedExponential, Uniform
+    from zsgd.network.trace import Trace
 
     d, ms = parse_delay(latency, "--latency"), lambda x: f"{x * 1e3:.4f}ms"
+    if out_dir is not None and isinstance(d, (LogNormal, Trace)):
+        if isinstance(d, LogNormal):
+            from statistics import NormalDist
+
+            z = np.array([NormalDist().inv_cdf((i + 0.5) / TRACE_POINTS) for i in range(TRACE_POINTS)])
+            samples = d.median * np.exp(d.sigma * z)
+            samples *= d.mean / samples.mean()  # the quantiles' mean falls short by the tail they cut (0.4 % at sigma 1.5)
+        else:
+            samples = d.samples
+        path = Path(out_dir) / f"latency-{tag or 'shifted'}.csv"
+        path.write_text("\n".join(f"{x:.5f}" for x in np.maximum(0.0, samples + extra_s) * 1e3) + "\n")
+        return f"trace:{path}"
     if isinstance(d, Constant):
         return ms(d.seconds + extra_s)
     if isinstance(d, Uniform):
@@ -133,7 +185,8 @@ def shifted_latency(latency: str, extra_s: float) -> str:
     if isinstance(d, (Exponential, ShiftedExponential)):
         shift = getattr(d, "shift_s", 0.0)
         return f"shifted-exp:{ms(shift + extra_s)},{ms(d.mean_s)}"
-    raise ZsgdError(f"cannot add the relay's time to --latency {latency}: a decentralized twin takes constant, uniform, normal or exp")
+    raise ZsgdError(f"cannot add the measured hop time to --latency {latency}: a twin takes constant, uniform, normal or exp "
+                    f"(lognormal and trace where it can write a trace)")
 
 
 def decentralized_latency(run_dir: str | Path, latency: str, bandwidth: str | None = None) -> str:
@@ -169,5 +222,5 @@ def compute_trace(run_dir: str | Path, out: str | Path, steps: int = 1, per_roun
     return f"{prefix}trace:{out}"
 
 
-__all__ = ["accuracies", "compute_trace", "decentralized_latency", "events", "metrics_path", "relay_overhead_s", "shifted_latency",
+__all__ = ["accuracies", "broker_overhead_s", "central_latency", "compute_trace", "decentralized_latency", "events", "metrics_path", "relay_overhead_s", "shifted_latency",
            "staleness_p99", "steady", "steps_per_turnaround", "summary", "turnaround_samples"]

@@ -84,6 +84,7 @@ class LinkEmulator:
         self.rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0xE31]))
         self.stragglers: Stragglers | None = stragglers.assign(n_workers, seed) if stragglers is not None else None
         self.compute: ComputeDraw | None = ComputeDraw(compute, seed) if compute is not None else None
+        self.update_hold: dict[int, float] = {}  # seconds the latest update of each worker is held (update_delay)
         self._link_free: dict[int, float] = {}  # peer_delay: when each sender's link has sent what it holds
 
     def compute_target(self, worker: int, local_steps: int = 1) -> float | None:
@@ -99,10 +100,11 @@ class LinkEmulator:
         """Seconds to hold an update that arrives from ``worker`` at ``now``: its uplink, then the server's NIC,
         which takes one message at a time (``zsgd sim --broker-bandwidth``: reserved in the order they are sent)."""
         d = self.delay(worker, True, nbytes)
-        if self.nic_bandwidth == float("inf"):
-            return d
-        self._rx_free = max(now + d, self._rx_free) + nbytes / self.nic_bandwidth
-        return self._rx_free - now
+        if self.nic_bandwidth != float("inf"):
+            self._rx_free = max(now + d, self._rx_free) + nbytes / self.nic_bandwidth
+            d = self._rx_free - now
+        self.update_hold[worker] = d  # the broker's reply stamps this worker's hop beyond it (parameter_server)
+        return d
 
     def reply_delay(self, worker: int, nbytes: int, now: float) -> float:
         """Seconds to hold a reply to ``worker`` sent at ``now``: the server's NIC sends one message at a time

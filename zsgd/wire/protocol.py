@@ -29,7 +29,7 @@ __all__ = [
     "Limits", "DEFAULT_LIMITS", "ProtocolError", "encode", "decode", "send", "recv", "message_nbytes",
     "set_socket_limits", "worker_identity", "validate_update", "validate_weights", "hello", "assign",
     "weights_message", "weights_delta_message", "update_message", "heartbeat", "eval_message", "round_report", "leave", "error_message",
-    "shard_message", "peer_message", "wait_message",
+    "shard_message", "peer_message", "wait_message", "REPLY_HOP", "reply_hop",
 ]
 
 # validation that needs run state
@@ -95,6 +95,26 @@ def validate_weights(msg: Message, *, run: str, n_params: int, require_finite: b
     _check_float_vector(msg, "w", n_params)
     if require_finite:
         _check_finite(msg)
+
+
+#: Meta key of a broker's reply in an emulated run: ``[reached, left]``, seconds of the broker's monotonic clock (the
+#: machine's: the runs this serves are on one host). ``reached``: when the update the reply answers reached the server
+#: engine, less the emulated hold it was given (its uplink); ``left``: when the reply's own emulated hold (its downlink)
+#: was due to end. A worker subtracts its update's send and its reply's arrival to log the hops beyond the emulated
+#: delays (``zsgd.runtime.worker.broker_hops``), which a simulated twin adds to its latency (``zsgd.experiments.twin``).
+#: Optional, and informational: nothing in a run depends on it.
+REPLY_HOP = "hop"
+
+
+def reply_hop(meta: Mapping[str, Any]) -> tuple[float, float] | None:
+    """A reply's ``REPLY_HOP`` stamps, or None if it has none; ProtocolError ("bad-meta") if they are not two finite numbers."""
+    hop = meta.get(REPLY_HOP)
+    if hop is None:
+        return None
+    if (not isinstance(hop, list) or len(hop) != 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in hop)):
+        raise ProtocolError("bad-meta", f"{REPLY_HOP} must be two finite numbers (seconds), got {str(hop)[:64]}")
+    return float(hop[0]), float(hop[1])
 
 
 # constructors used by the runtime; the broker is worker -1

@@ -73,6 +73,9 @@ class ParameterServer(ServiceBase):
         # None: started.
         self._waiting: set[int] | None = set() if opts.start_wait > 0 and ctx.opts.n_workers > 1 and not (logged and follower) else None
         self._first_ready = 0.0
+        # Emulated runs: when each worker's latest update reached the engine, less its emulated hold (its uplink);
+        # its reply carries it (protocol.REPLY_HOP), so the worker can log the hand-offs beyond the emulated delays.
+        self._reached: dict[int, float] = {}
 
     @property
     def on_gather(self) -> Any:
@@ -112,6 +115,7 @@ class ParameterServer(ServiceBase):
 
     def worker_joined(self, peer: Peer) -> None:
         self.engine.forget_replies(peer.worker)  # a (re)joining worker holds no weights yet: full ones first
+        self._reached.pop(peer.worker, None)
 
     def worker_ready(self, peer: Peer) -> None:
         if self._waiting is None:
@@ -150,6 +154,9 @@ class ParameterServer(ServiceBase):
     def deliver_held(self, direction: str, peer: Peer, msg: Any) -> None:
         """One emulated message arrives: an update from a worker, or a reply to it."""
         if direction == "in":
+            held = self.ctx.port.emulator.update_hold.get(peer.worker)
+            if held is not None:
+                self._reached[peer.worker] = time.monotonic() - held
             self.on_update(peer, msg)
         else:
             self._send(peer, msg)
@@ -210,7 +217,12 @@ class ParameterServer(ServiceBase):
         target = emulator.compute_target(worker, self.algo.local_steps)  # --inject-compute
         if target is not None:
             msg.meta["compute_target_s"] = target
-        port.hold(("out", peer, msg), emulator.reply_delay(worker, protocol.message_nbytes(msg), time.monotonic()))
+        now = time.monotonic()
+        delay = emulator.reply_delay(worker, protocol.message_nbytes(msg), now)
+        reached = self._reached.pop(worker, None)
+        if reached is not None:  # [the update's arrival, the reply's departure], both without the emulated link
+            msg.meta[protocol.REPLY_HOP] = [reached, now + delay]
+        port.hold(("out", peer, msg), delay)
 
     def send_abandon(self, worker: int, version: int) -> None:
         """A WAIT ``abandon`` (no weights, so no reply slot or delta mirror is touched), over the emulated link like a reply."""

@@ -41,6 +41,7 @@ import zmq
 
 from zsgd.core.config import TrainConfig
 from zsgd.errors import ProtocolError, ZsgdError
+from zsgd.runtime.worker.broker_hops import BrokerHops
 from zsgd.runtime.worker.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, join_proof, log, session_end
 from zsgd.runtime.worker.replies import emulated_stretch, reply_decoder, stretch_step
 from zsgd.wire import protocol
@@ -145,6 +146,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
     target_s, slowdown = 0.0, 1.0
     t0 = None
     turnarounds: list[float] = []
+    hops = [BrokerHops() for _ in links]  # each server's hand-offs beyond the emulated delays, for a simulated twin
     early = early if early is not None else []
     # Each gradient's number, the same on every range: how range servers replaying the coordinator's ksync/kasync
     # decisions find it (zsgd.algorithms.step_log). Random start: a restarted worker's numbers are new ones.
@@ -170,9 +172,13 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
         i, msg = got
         code = session_end(opts, msg, _who(i), links[i].address, turnarounds, "run over")
         if code is not None:
+            for line in (h.line() for h in hops if code == 0):
+                if line:
+                    log(opts, line)
             return code
         if msg.type != MsgType.WEIGHTS:
             continue
+        hops[i].record(msg.meta, links[i].last_forward, links[i].last_arrival)
         a, b = ranges[i]
         try:
             w[a:b] = decoders[i](msg)  # the one copy of a range: from its frame, or straight out of its shared-memory slot
@@ -200,7 +206,9 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
             else:
                 out = protocol.update_message(links[j].run, worker, versions[j], None, n, loss, codec=codecs[j].name,
                                               extra_arrays=codecs[j].encode(part), **extra)
+            handing = time.monotonic()
             links[j].send(out)
+            hops[j].handed(time.monotonic() - handing)
             sent[j] = True
 
         def on_ready(offset: int, grad: np.ndarray, loss: float, n: int) -> None:

@@ -1,0 +1,78 @@
+"""A worker's hops to and from its broker beyond the emulated delays: what a simulated twin adds to its latency.
+
+Why: in an emulated run the broker holds each update and each reply for a
+drawn delay, which the simulator models. What it does not model is the rest
+of the way: the worker's link thread and ZeroMQ's I/O threads, the broker's
+receive before the hold, the hold's release by the broker's loop, the reply's
+encoding and send, and the thread wake-ups on a shared host. Those hand-offs
+grow with the host's load, so they are measured in the run itself: the broker
+stamps each reply (``protocol.REPLY_HOP``: when the update it answers reached
+the engine less its emulated hold, when the reply's hold was due to end), and
+the worker takes its update's hand-off to the socket and the reply's arrival
+at it (``BrokerLink.last_forward``, ``last_arrival``) against them. All on one
+host's monotonic clock. The twin reads the logged means
+(``zsgd.experiments.twin.broker_overhead_s``).
+
+The stamps change nothing in a run: a reply without them is not counted, and
+malformed or implausible ones are ignored and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from zsgd.errors import ProtocolError
+from zsgd.wire import protocol
+
+LOGGED = "broker hop ms (mean up, mean down; hops, ignored"  # the log line's head, which the twin reads
+MAX_HOP_S = 60.0  # a hop beyond the emulated delay longer than this is not a measurement of one host's hand-offs
+EARLY_S = 0.1  # the link thread stamps its send after handing it over: a preempted one may stamp after the broker's receipt
+
+
+class BrokerHops:
+    """Per reply: ``up`` (update handed to the link thread -> the engine, less the emulated uplink; the link thread's
+    own wait before the socket is in the worker's turnaround already) and ``down`` (the reply's emulated downlink due to
+    end -> its arrival at this worker's socket), seconds."""
+
+    def __init__(self) -> None:
+        self.up: list[float] = []
+        self.down: list[float] = []
+        self.ignored = 0
+        self._handing = 0.0  # the latest update's hand-off to the link thread (``handed``)
+
+    def handed(self, seconds: float) -> None:
+        """The worker's own hand-off of its update to its link thread (the copy into shared memory, the frames), which
+        no turnaround holds (``BrokerLink.send``): the first part of the up hop of the reply that answers it."""
+        self._handing = seconds
+
+    def record(self, meta: dict[str, Any], forward: float, arrival: float) -> None:
+        """One reply's ``meta`` and this worker's clock: when its last update went to the socket and this reply came."""
+        try:
+            stamps = protocol.reply_hop(meta)
+        except ProtocolError:
+            self.ignored += 1
+            return
+        if stamps is None:
+            return
+        up, down = self._handing + stamps[0] - forward, arrival - stamps[1]
+        self._handing = 0.0
+        if forward <= 0 or not (-EARLY_S <= up <= MAX_HOP_S and -EARLY_S <= down <= MAX_HOP_S):
+            self.ignored += 1
+            return
+        self.up.append(up)
+        self.down.append(down)
+
+    def means_ms(self) -> tuple[float, float, int] | None:
+        """Mean up and down hop (ms) after the first 10 % of replies, and how many; None with fewer than 10."""
+        if len(self.up) < 10:
+            return None
+        skip = len(self.up) // 10
+        up, down = self.up[skip:], self.down[skip:]
+        return 1e3 * sum(up) / len(up), 1e3 * sum(down) / len(down), len(up)
+
+    def line(self) -> str | None:
+        """The log line the twin reads (``LOGGED``), or None with too few replies stamped."""
+        means = self.means_ms()
+        if means is None:
+            return None
+        return f"{LOGGED}, after the first 10 %): {means[0]:.4f},{means[1]:.4f},{means[2]},{self.ignored}"
