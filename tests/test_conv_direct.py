@@ -157,3 +157,19 @@ def test_supported_shapes():
     assert not D.supported(32, 64, 3, 1, 1, need_dx=True)  # padding
     assert not D.supported(32, NR + 8, 3, 1, 0, need_dx=True)  # output channels off the panel
     assert C.ConvBuffers(C.ConvGeom(6, 14, 14, 16, 5, 5), 4).direct is False  # LeNet's conv2: im2col
+
+
+@pytest.mark.parametrize("m,f,o", [(64, 9216 // 8, 128), (13, 96, 10), (1, 32, 1)])
+def test_dense_backward_matches_blas(m, f, o):
+    """The dense layers' gradients through the tile (rows in tiles of 8, 4, 2, 1) against numpy's sgemm."""
+    x, dout, w = rand(m, f), rand(m, o), rand(o, f)
+    gw, gb, dx = np.empty_like(w), np.empty(o, np.float32), np.empty_like(x)
+    assert D.dense_supported(f)
+    C.dense_backward(x, w, False, np.empty((m, o), np.float32), dout, gw, gb, dx)
+    close(gw, dout.T.astype(np.float64) @ x)
+    close(dx, dout.astype(np.float64) @ w)
+    close(gb, dout.sum(axis=0, dtype=np.float64))
+    gw2 = np.empty_like(w)
+    C.dense_backward(x, w, False, None, dout, gw2, gb, None)  # no input gradient (a first layer)
+    np.testing.assert_array_equal(gw2, gw)
+    assert not D.dense_supported(f + 1)

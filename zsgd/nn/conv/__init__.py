@@ -243,11 +243,14 @@ def dense_backward(
     """Gradients of :func:`dense_forward`; ``dout`` is ReLU-masked in place."""
     if relu:
         K.relu_backward(dout, out)
-    np.matmul(dout.T, x, out=gw)
+    if D.dense_supported(x.shape[1]) and x.flags.c_contiguous and dout.flags.c_contiguous:
+        D.dense_backward(x, dout, w, gw, dx if dx is not None else x[:0])
+    else:
+        np.matmul(dout.T, x, out=gw)
+        if dx is not None:
+            np.matmul(dout, w, out=dx)
     gb[:] = 0.0
     K.colsum_add(dout, gb)
-    if dx is not None:
-        np.matmul(dout, w, out=dx)
 
 
 # ---------------------------------------------------------------- NCHW convenience API

@@ -204,3 +204,33 @@ def backward(x: np.ndarray, dout: np.ndarray, arg: np.ndarray, k: int, st: int, 
         else:
             route_plain(dout, s, kh, kw, dzp, db)
         backward_image(x, s, dzp, kh, kw, gt, 1 if s > 0 else 0, wq, dx, mask)
+
+
+# ---------------------------------------------------------------- dense layers
+
+
+def dense_supported(n_in: int) -> bool:
+    """Whether :func:`dense_backward` handles a dense layer with ``n_in`` inputs (whole panels)."""
+    return n_in % NR == 0
+
+
+@njit(cache=True, error_model="numpy")
+def dense_backward(x: np.ndarray, dout: np.ndarray, w: np.ndarray, gw: np.ndarray, dx: np.ndarray) -> None:
+    """``gw = dout.T @ x`` and (unless ``dx`` is empty) ``dx = dout @ w``, all C-contiguous float32.
+
+    ``x`` (M, F), ``dout`` (M, O), ``w`` and ``gw`` (O, F), ``dx`` (M, F),
+    F a multiple of NR. Both products run along F in panels of NR columns
+    read in place (``x``'s and ``w``'s rows are contiguous along F, so
+    neither needs packing); a panel (M or O rows of 128 bytes) stays in L1
+    while every tile of rows uses it. The reductions, over the batch (M)
+    and the outputs (O), are short: each tile is computed in one pass.
+    """
+    prefer_512()
+    M, F = x.shape
+    O = dout.shape[1]
+    xf, df, wf, gf, of = x.reshape(-1), dout.reshape(-1), w.reshape(-1), gw.reshape(-1), dx.reshape(-1)
+    grad_in = dx.shape[0] > 0
+    for k0 in range(0, F, NR):
+        _rows(df, xf, gf, 0, 1, O, 0, k0, F, 0, k0, F, M, 1, 0, O)
+        if grad_in:
+            _rows(df, wf, of, 0, O, 1, 0, k0, F, 0, k0, F, O, 1, 0, M)
