@@ -19,12 +19,22 @@ the run stops with ``stop_reason`` "diverged at update N (...)" when
   run's first loss (an explosion: 10^4 x for the default), or
 * the mean train loss of ``DIVERGE_PATIENCE`` consecutive logging windows
   (``--log-every`` updates each) stays above F times the run's first loss
-  (the loss of the initial model, or of the resumed one, at least
-  ``LOSS_FLOOR``): a loss that only
+  (the loss of the initial model, or of the resumed one -- the lowest of the
+  workers' first losses -- at least ``LOSS_FLOOR``): a loss that only
   spikes once is noise, one that stays two orders of magnitude above where
   it started has weights that are blowing up. (Ten times would stop runs
   that are merely unstable: 8 stale async workers on logistic regression
   wander at 10x their start and still learn.)
+
+The losses come from the workers. Where a worker is a peer of its own (the
+runtime's broker), one worker's reports only *suggest* a divergence: the
+ledger names the workers whose own losses crossed the threshold, and a
+driver that sets ``confirm_divergence`` decides -- the broker ends the run
+when two workers (or its only one) agree, or when its own evaluation of
+its model does; otherwise the suspicion is an ``unconfirmed_divergence``
+event and the run goes on. So one admitted process reporting a NaN or a
+huge loss cannot stop a run by itself. The simulator and ``zsgd train``
+compute their workers' losses themselves and set no check.
 """
 
 from __future__ import annotations
@@ -92,6 +102,15 @@ class RunLedger:
         self.last_loss = math.nan
         self.first_loss: float | None = None
         self._high_windows = 0
+        #: the driver's own check of a divergence that workers' losses suggest: called with the loss above which the
+        #: model has diverged (inf: only a non-finite loss) and the workers whose losses crossed it; True ends the
+        #: run. None: the losses are trusted (they were computed here)
+        self.confirm_divergence: Callable[[float, frozenset[int]], bool] | None = None
+        self._worst: dict[int, float] = {}  # each reporting worker's highest loss in this window (inf: not finite)
+        self._reported: set[int] = set()  # workers whose first loss has been seen
+        self._high_workers: set[int] = set()  # workers above the patience threshold in the high windows so far
+        self.unconfirmed_divergences = 0
+        self._t = 0.0  # the run's time at the last update or tick (for events raised between them)
         self.test_loss = self.test_acc = math.nan
         self.evals: list[EvalRecord] = []
         self.stop_reason: str | None = None
@@ -118,15 +137,40 @@ class RunLedger:
         if not self.diverged:
             self.stop_reason = f"diverged at update {self.updates + 1 if update is None else update} ({what}): lower --lr"
 
-    def loss(self, value: float | None, worker: int | None = None) -> None:
-        """A worker's train loss for one accepted gradient (it enters the logging window)."""
+    def suspect(self, what: str, limit: float = math.inf, update: int | None = None, *,
+                workers: "frozenset[int] | None" = None) -> bool:
+        """Workers' losses say the run diverged (``what``): end it, unless the driver's check disagrees (see the
+        module docstring). ``limit``: the loss above which a worker's own report agrees; ``workers``: those that
+        agree (default: this window's reports above ``limit``). True: the run stops."""
+        if workers is None:
+            workers = frozenset(w for w, v in self._worst.items() if v > limit or math.isinf(v))
+        if self.confirm_divergence is None or self.confirm_divergence(limit, workers):
+            self.diverge(what, update)
+            return True
+        self.unconfirmed_divergences += 1
+        self.emit("unconfirmed_divergence", self._t, updates=self.updates, what=what, workers=sorted(workers))
+        return False
+
+    def loss(self, value: float | None, worker: int | None = None, *, by: "dict[int, float] | None" = None) -> bool:
+        """A worker's train loss for one accepted gradient (it enters the logging window). ``by``: each
+        reporting worker's own loss, where ``value`` aggregates several (a decentralized round's mean).
+
+        False when the value was not taken: not finite, and the driver's check found the model sound."""
         value = math.nan if value is None else float(value)
+        reports = by if by is not None else ({worker: value} if worker is not None and worker >= 0 else {})
+        for w, v in reports.items():
+            v = float(v) if v is not None and math.isfinite(v) else math.inf
+            self._worst[w] = max(self._worst.get(w, -math.inf), v)
         if not math.isfinite(value):
-            self.diverge(f"train loss is not finite{'' if worker is None or worker < 0 else f' on worker {worker}'}")
-            return
-        if self.first_loss is None:
-            self.first_loss = value
+            self.suspect(f"train loss is not finite{'' if worker is None or worker < 0 else f' on worker {worker}'}")
+            return False
+        first = worker is None or worker < 0 or worker not in self._reported
+        if first and worker is not None and worker >= 0:
+            self._reported.add(worker)
+        if self.first_loss is None or (first and value < self.first_loss):
+            self.first_loss = value  # the lowest first loss of any worker: one reporter cannot raise the reference
         self._window.append(value)
+        return True
 
     def progress(self, t: float) -> float:
         """How far the run is towards its budget, in [0, 1]: what --lr-schedule follows."""
@@ -142,6 +186,7 @@ class RunLedger:
 
         ``fields`` go into the ``update`` event; ``train_extra()``, when given, adds fields to a ``train`` event.
         """
+        self._t = t
         if int(version) > self.updates:
             self._samples_per_update = int(n_samples) / (int(version) - self.updates)
         self.updates = int(version)
@@ -156,22 +201,31 @@ class RunLedger:
     def _log_window(self, t: float, **fields: Any) -> None:
         self.last_loss = float(np.mean(self._window))
         self._window.clear()
+        worst, self._worst = self._worst, {}
         self.emit("train", t, updates=self.updates, samples=self.samples, epoch=self.samples / self.n_train, loss=self.last_loss,
                   **fields)
         start = max(self.first_loss, LOSS_FLOOR) if self.first_loss is not None else None
         if self.diverge_factor > 0 and start is not None and self.last_loss > self.diverge_factor ** 2 * start:
-            self.diverge(f"train loss {self.last_loss:.4g} exploded past {self.diverge_factor ** 2:g} x its start {self.first_loss:.4g}",
-                         self.updates)
+            limit = self.diverge_factor ** 2 * start
+            self.suspect(f"train loss {self.last_loss:.4g} exploded past {self.diverge_factor ** 2:g} x its start {self.first_loss:.4g}",
+                         limit, self.updates, workers=frozenset(w for w, v in worst.items() if v > limit))
         elif self.diverge_factor > 0 and start is not None and self.last_loss > self.diverge_factor * start:
+            limit = self.diverge_factor * start
             self._high_windows += 1
-            if self._high_windows >= DIVERGE_PATIENCE:
-                self.diverge(f"train loss {self.last_loss:.4g} stayed above {self.diverge_factor:g} x its start "
-                             f"{self.first_loss:.4g} for {DIVERGE_PATIENCE} log windows", self.updates)
+            self._high_workers |= {w for w, v in worst.items() if v > limit}
+            if self._high_windows >= DIVERGE_PATIENCE and not self.suspect(
+                    f"train loss {self.last_loss:.4g} stayed above {self.diverge_factor:g} x its start "
+                    f"{self.first_loss:.4g} for {DIVERGE_PATIENCE} log windows", limit, self.updates,
+                    workers=frozenset(self._high_workers)):
+                self._high_windows = 0  # the model was sound: count the patience again
+                self._high_workers.clear()
         else:
             self._high_windows = 0
+            self._high_workers.clear()
 
     def check(self, t: float) -> str | None:
         """Apply the budget stop rules at time ``t`` (call on ticks too: time runs out between updates)."""
+        self._t = t
         if self.stop_reason is None:
             reason = self.rule.reason(self.updates, self.samples, t)
             if reason:

@@ -24,7 +24,10 @@ The rules that used to differ, as they are now everywhere:
 
 * a worker's own report that its loss is not finite ends the run as
   diverged (the runtime's worker says so in the UPDATE's ``non_finite``; the
-  simulator's worker step reports the loss itself);
+  simulator's worker step reports the loss itself) -- once the driver's own
+  check of its model agrees, where it has one (``RunLedger.suspect``: the
+  broker evaluates its model; a report it does not confirm is a rejected
+  message, and its sender gets fresh weights);
 * a non-finite *gradient* with a finite loss is a bad message: rejected and
   counted, its sender re-admitted, the run goes on (a hostile peer cannot end
   a run by sending NaN); a step whose *average* is not finite diverges;
@@ -125,8 +128,12 @@ class ServerEngine:
     def receive(self, worker: int, msg: Message, now: float) -> None:
         """An UPDATE from ready worker ``worker``, as it came off the wire (shared memory already read)."""
         if msg.meta.get("non_finite") is True and msg.worker == worker:
-            # The worker's own report that its loss blew up: the run diverged.
-            self.ledger.diverge(f"train loss is not finite on worker {worker}")
+            # The worker's report that its loss blew up: the run diverged if the driver's own check agrees.
+            self.ledger.loss(math.nan, worker)
+            if not self.ledger.diverged:
+                self.port.reject(worker, "unconfirmed-divergence",
+                                 f"worker {worker} reported a non-finite loss, but the server's own model is sound")
+                self.readmit(worker, now)
             return
         loss = msg.meta.get("loss")
         loss = float(loss) if isinstance(loss, (int, float)) and not isinstance(loss, bool) else math.nan

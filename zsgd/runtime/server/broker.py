@@ -37,6 +37,7 @@ import numpy as np
 from zsgd.core.config import TrainConfig
 from zsgd.algorithms.schedules import resolve_lr_schedule
 from zsgd.errors import ProtocolError, ZsgdError
+from zsgd.nn.server_step import is_finite
 from zsgd.output.metrics import MetricsWriter
 from zsgd.runtime.server.context import MembershipView, ServiceContext, ServicePort
 from zsgd.runtime.server.endpoint import Endpoint
@@ -46,6 +47,9 @@ from zsgd.runtime.server.session import Session
 from zsgd.wire import protocol
 from zsgd.wire.membership import Membership
 from zsgd.wire.protocol import MsgType
+
+#: seconds a broker's own check of its model (a divergence its workers' losses suggest) is reused for
+CONFIRM_REUSE_S = 5.0
 
 
 @dataclass
@@ -117,6 +121,8 @@ class Broker:
         self._eval_pending = False
         self._eval_asked: dict[str, Any] | None = None  # what the evaluator was sent: its answer must match
         self._last_eval_t = 0.0
+        self.ledger.confirm_divergence = self._confirm_divergence  # workers' losses alone never end a run
+        self._own_loss: tuple[int, float, float] | None = None  # (version, wall time, test loss) of the last check
 
     # -- what other parts read -------------------------------------------------------
     @property
@@ -281,6 +287,25 @@ class Broker:
             self.record_eval(checked)
         self.maybe_send_eval()
 
+    def _confirm_divergence(self, limit: float, workers: frozenset[int]) -> bool:
+        """Whether a divergence that workers' losses suggest is real: two of them agree (in a run of one
+        worker, that one), , or this broker's own model says so -- its weights hold NaN or Inf, or its test loss is
+        not finite or above ``limit`` (the threshold the workers' losses crossed).
+
+        The evaluation is reused for the same model version and for ``CONFIRM_REUSE_S`` after it, so an
+        admitted process that keeps reporting NaN costs the run at most one evaluation in that time."""
+        if len(workers) >= min(2, max(1, self.opts.n_workers)):
+            return True
+        w = self.service.weights
+        if not is_finite(w):
+            return True
+        now, version = time.monotonic(), self.service.version
+        last = self._own_loss
+        if last is None or (last[0] != version and now - last[1] >= CONFIRM_REUSE_S):
+            loss, _ = self.problem.evaluate(w)
+            last = self._own_loss = (version, now, float(loss))
+        return not math.isfinite(last[2]) or last[2] > limit
+
     def record_eval(self, rec: dict[str, Any]) -> None:
         extra = self.service.eval_fields(rec["updates"])
         self.ledger.evaluated(rec["t"], rec["test_loss"], rec["test_acc"], updates=rec["updates"], samples=rec["samples"], **extra)
@@ -313,6 +338,7 @@ class Broker:
         s = self.session
         return {
             "rejected_messages": int(sum(self.rejected.values())), "rejected_by_reason": dict(self.rejected),
+            "unconfirmed_divergences": self.ledger.unconfirmed_divergences,
             "dropped_connections": self.endpoint.dropped_connections,
             "bytes_sent": self.endpoint.bytes_in, "bytes_received": self.endpoint.bytes_out,
             "worker_deaths": s.deaths, "worker_rejoins": s.rejoins, "refused_clients": self.endpoint.refused + s.refused,

@@ -273,10 +273,13 @@ class RelayService(ServiceBase):
         n = ctx.opts.n_workers
         losses = [loss for loss, _n, _w in reports.values()]
         models = [w for _l, _n, w in (reports[i] for i in range(n)) if w is not None]
-        if any(not np.isfinite(m).all() for m in models):
-            ledger.diverge("a node's model is not finite", r + 1)
-            return
-        ledger.loss(float(np.mean(losses)))
+        broken = frozenset(i for i in range(n) if reports.get(i) is not None and reports[i][2] is not None
+                           and not np.isfinite(reports[i][2]).all())
+        if broken:
+            if ledger.suspect("a node's model is not finite", update=r + 1, workers=broken):
+                return
+            models = [m for m in models if np.isfinite(m).all()]  # not confirmed: this round leaves those models out
+        ledger.loss(float(np.mean(losses)), by={i: reports[i][0] for i in reports})
         if len(models) == n:
             xbar = average(models)
             self.consensus = consensus_error(models, xbar)
