@@ -327,12 +327,11 @@ def gemm_at(at: np.ndarray, b: np.ndarray, c: np.ndarray, b2: np.ndarray, c2: np
                     src = at[k0 + k]
                     for r in range(MR):
                         dst[k, r] = src[t * MR + r]
-        if sums:
-            for t in range(full):
-                dst = apk[t]
-                for k in range(n):
-                    for r in range(MR):
-                        colsum[t * MR + r] += dst[k, r]
+            if sums:  # whole rows at a time: vectorised, unlike a sum per packed column (0.4-0.6 ms more)
+                for k in range(c0, c1):
+                    src = at[k0 + k]
+                    for j in range(M):
+                        colsum[j] += src[j]
         _pack_b_block(b, k0, n, bpk1)
         _pack_b_block(b2, k0, n, bpk2)
         for p in range(n1):
@@ -348,8 +347,6 @@ def gemm_at(at: np.ndarray, b: np.ndarray, c: np.ndarray, b2: np.ndarray, c2: np
                 src = at[k0 + k]
                 for r in range(mr):
                     buf[k, r] = src[i + r]
-                    if sums:
-                        colsum[i + r] += src[i + r]
             for p in range(n1 + n2):
                 bb, cc, q = (b, c, p) if p < n1 else (b2, c2, p - n1)
                 if mr == 4:
