@@ -200,6 +200,7 @@ def main() -> None:
     ap.add_argument("--lstm", default="lstm:embed=64,hidden=256,layers=2", help="lstm model name (--model lstm)")
     ap.add_argument("--vocab", type=int, default=72, help="lstm vocabulary (72: the embedded corpus' characters)")
     ap.add_argument("--bptt", type=int, default=64, help="lstm sequence length per step")
+    ap.add_argument("--parts", action="store_true", help="lstm: also time zsgd's step by part (thread CPU time)")
     args = ap.parse_args()
     if args.model == "lstm":
         args.batch = args.batch or 32
@@ -378,19 +379,95 @@ def bench_lstm(args) -> None:
     for f in train.values():
         for _ in range(2):
             f()
-    results: dict[str, list[float]] = {f"train/{k}": [] for k in train}
+    results: dict[str, list[float]] = {f"{c}/{k}": [] for k in train for c in ("train", "cpu")}
     for _ in range(args.rounds):
         for k, f in train.items():
-            results[f"train/{k}"] += timed_group(f, max(2, args.group), B * T)
+            for wall, cpu in _timed_group_cpu(f, max(2, args.group), B * T):
+                results[f"train/{k}"].append(wall)
+                results[f"cpu/{k}"].append(cpu)
     med = {k: statistics.median(v) for k, v in results.items()}
-    base = med.get("train/pytorch")
     print(f"{m.name} vocab {V}, batch {B} x bptt {T}, 1 thread, median of {args.rounds} x {max(2, args.group) - 1} "
           f"timed steps | numpy {np.__version__}, torch {torch_version} | {_cpu_name()}, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')} (numpy's BLAS: zsgd's LSTM runs its "
           f"large products in its own tile, PyTorch in MKL and oneDNN)")
     for k, v in med.items():
+        base = med.get(k.split("/")[0] + "/pytorch")
         ratio = f"{v / base:.2f}x PyTorch" if base else ""
         print(f"  {k:14s} {v:10,.0f} tokens/s (best step {max(results[k]):,.0f})  {ratio}")
+    print("  (train: wall-clock time of a step; cpu: the thread's CPU time, which a shared machine's "
+          "other processes do not add to)")
+    if args.parts:
+        _lstm_parts(m, w, x, y, state, max(20, args.rounds * 2))
+
+
+def _timed_group_cpu(fn: Callable[[], object], group: int, batch: int) -> list[tuple[float, float]]:
+    """As :func:`timed_group`, but (wall, thread-CPU) samples/s of each step but the first."""
+    rates = []
+    for i in range(group):
+        c0, t0 = time.thread_time(), time.perf_counter()
+        fn()
+        t1, c1 = time.perf_counter(), time.thread_time()
+        if i:
+            rates.append((batch / (t1 - t0), batch / max(c1 - c0, 1e-9)))
+    return rates
+
+
+#: The calls of one LSTM training step that ``--parts`` times (module, function, what it does there).
+_LSTM_PARTS = (
+    ("LG", "gemm_at", "weight gradients: dg.T @ h (and dg.T @ x, the bias) over the block"),
+    ("LK", "layer_forward", "forward through time: recurrent products, gates, cell"),
+    ("LK", "layer_backward", "backward through time: cell and gates derivative, recurrent products"),
+    ("LG", "gemm_packed", "block-wide products: layer 1's input projection and input gradient, output layer"),
+    ("LG", "pack_rows", "packing weights (for x @ W.T)"),
+    ("LG", "pack_cols", "packing weights (for dg @ W)"),
+    ("K", "softmax_xent", "softmax and cross-entropy gradient"),
+    ("LK", "embed_scatter_add", "gate gradients summed per token (token table)"),
+)
+
+
+def _lstm_parts(m, w: np.ndarray, x: np.ndarray, y: np.ndarray, state, steps: int) -> None:
+    """zsgd's LSTM step by part: the thread CPU time of each kernel call, fastest of ``steps`` steps per part.
+
+    Wraps the module attributes ``zsgd.nn.lstm`` calls through (``LG.gemm_at``,
+    ...) with timers for the duration, so it measures the real step's calls
+    in their real order and cache state; restores them afterwards.
+    """
+    import zsgd.nn.lstm as lstm_mod
+
+    spent: dict[str, float] = {}
+    saved = []
+
+    def timed(name: str, f: Callable) -> Callable:
+        def call(*a, **kw):
+            c0 = time.thread_time()
+            r = f(*a, **kw)
+            spent[name] = spent.get(name, 0.0) + time.thread_time() - c0
+            return r
+        return call
+
+    for mod, name, _ in _LSTM_PARTS:
+        owner = getattr(lstm_mod, mod)
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, timed(name, getattr(owner, name)))
+    g = np.empty_like(w)
+    best: dict[str, float] = {}
+    totals = []
+    try:
+        for _ in range(steps):
+            spent.clear()
+            c0 = time.thread_time()
+            m.loss_and_grad(w, x, y, out=g, state=state)
+            totals.append(time.thread_time() - c0)
+            for k, v in spent.items():
+                best[k] = min(best.get(k, v), v)
+    finally:
+        for owner, name, f in saved:
+            setattr(owner, name, f)
+    print(f"zsgd step by part (thread CPU ms, fastest of {steps} steps each; the step without SGD: "
+          f"fastest {min(totals) * 1e3:.1f}, median {statistics.median(totals) * 1e3:.1f})")
+    for _, name, what in _LSTM_PARTS:
+        print(f"  {name:18s} {best.get(name, 0.0) * 1e3:7.2f}  {what}")
+    print(f"  {'rest':18s} {(min(totals) - sum(best.values())) * 1e3:7.2f}  the fastest step less the parts' minima")
 
 
 def _cpu_name() -> str:
