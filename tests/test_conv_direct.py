@@ -27,6 +27,8 @@ CASES = [
     (2, 64, 11, 10, 32, 5, 2, 2),  # 7x6 output: the last pooling row is off the edge
     (2, 32, 10, 10, 64, 3, 3, 2),  # overlapping windows
     (1, 32, 5, 5, 32, 1, 0, 0),  # 1x1 kernel
+    (3, 1, 12, 11, 32, 3, 0, 0),  # the CNN's conv1: one input channel (the input gradient through a padded panel)
+    (2, 3, 10, 9, 32, 3, 2, 2),  # three input channels, pooled
 ]
 
 
@@ -58,7 +60,7 @@ def close(a: np.ndarray, e: np.ndarray, rtol: float = 5e-6) -> None:
 def test_direct_matches_im2col(case):
     n, c, h, w, co, k, pool, ps = case
     g = C.ConvGeom(c, h, w, co, k, k, 1, 0, pool, ps)
-    assert D.supported(c, co, k, 1, 0, need_dx=True)
+    assert D.supported(co, 1, 0)
     x, wt, b = rand(n, h, w, c), rand(co, c, k, k) * 0.2, rand(co)
     dout = rand(n, g.ph, g.pw, co)
     ref = run_layer(g, x, wt, b, dout, False, True)
@@ -151,11 +153,10 @@ def test_direct_matches_torch():
 
 
 def test_supported_shapes():
-    assert D.supported(32, 64, 3, 1, 0, need_dx=True)
-    assert not D.supported(1, 32, 3, 1, 0, need_dx=False)  # a first layer: 3 floats per kernel row
-    assert not D.supported(32, 64, 3, 2, 0, need_dx=True)  # stride 2
-    assert not D.supported(32, 64, 3, 1, 1, need_dx=True)  # padding
-    assert not D.supported(32, NR + 8, 3, 1, 0, need_dx=True)  # output channels off the panel
+    assert D.supported(64, 1, 0) and D.supported(32, 1, 0)
+    assert not D.supported(64, 2, 0)  # stride 2
+    assert not D.supported(64, 1, 1)  # padding
+    assert not D.supported(NR + 8, 1, 0)  # output channels off the panel
     assert C.ConvBuffers(C.ConvGeom(6, 14, 14, 16, 5, 5), 4).direct is False  # LeNet's conv2: im2col
 
 

@@ -18,8 +18,8 @@ Weights keep PyTorch's layouts inside the flat parameter vector; a conv's
 once per call (18 K floats for conv2: noise next to the product).
 
 **Direct kernels where the shape allows** (``zsgd.nn.conv.direct``):
-a stride-1, unpadded conv whose channel counts fill 32-column panels (the
-CNN's conv2) skips im2col and numpy's sgemm altogether. A register tile
+a stride-1, unpadded conv whose output channels fill 32-column panels (the
+CNN's conv1 and conv2) skips im2col and numpy's sgemm altogether. A register tile
 reads the input, the output gradient and weights packed once per call in
 place, at about 220-230 GFLOP/s on one Zen 5 core against OpenBLAS's
 79 (the environment pins it to its AVX2 kernels); the backward pass needs
@@ -106,6 +106,9 @@ def gemm_grad_to_weight(gt: np.ndarray, gw: np.ndarray) -> None:
     np.copyto(gw, gt.reshape(co, kh, kw, ci).transpose(0, 3, 1, 2))
 
 
+_NO_TMP = np.empty((0, 0), np.float32)
+
+
 class ConvBuffers:
     """Scratch buffers for one conv layer at one chunk size (reused across calls).
 
@@ -115,18 +118,20 @@ class ConvBuffers:
 
     def __init__(self, g: ConvGeom, chunk: int, direct: bool | None = None):
         if direct is None:
-            direct = D.supported(g.c, g.cout, g.kw, g.stride, g.pad, need_dx=True)
+            direct = D.supported(g.cout, g.stride, g.pad)
         self.direct = direct
         rows = chunk * g.oh * g.ow
         self.z = np.empty((rows, g.cout), np.float32)
-        self.gt = np.empty((g.cout, g.k), np.float32)
         self.chunk = chunk
         if direct:
             self.wp = np.empty((g.cout // NR, g.k, NR), np.float32)
-            self.wq: np.ndarray | None = None  # allocated by the first backward, as are the two below
-            self.dzp: np.ndarray | None = None
+            self.gm = np.empty((g.k, g.cout), np.float32)
             self.db = np.empty(g.cout, np.float64)
+            self.dzp: np.ndarray | None = None  # allocated by the first backward, as are the two below
+            self.wq: np.ndarray | None = None
+            self.tmp = _NO_TMP
             return
+        self.gt = np.empty((g.cout, g.k), np.float32)
         self.cols = np.empty((rows, g.k), np.float32)
         self.dcols: np.ndarray | None = None  # allocated by the first backward (not needed to predict)
         self.wm = np.empty((g.k, g.cout), np.float32)
@@ -151,7 +156,7 @@ def conv_forward(
         rows = (n1 - n0) * p
         z = buf.z[:rows] if g.pool else out[n0:n1].reshape(rows, g.cout)
         if buf.direct:
-            D.forward(x[n0:n1], wm, g.kh, g.kw, z)
+            D.forward(np.ascontiguousarray(x[n0:n1]), wm, g.kh, g.kw, z)
         else:
             cols = buf.cols[:rows]
             K.im2col_nhwc(x[n0:n1], g.kh, g.kw, g.stride, g.stride, g.pad, g.pad, cols)
@@ -212,22 +217,27 @@ def conv_backward(
     gemm_grad_to_weight(buf.gt, gw)
 
 
-_NO_ARG = np.empty((0, 0, 0, 0), np.int8)
-
-
 def _direct_backward(g: ConvGeom, x: np.ndarray, w: np.ndarray, arg: np.ndarray | None, dout: np.ndarray,
                      gw: np.ndarray, gb: np.ndarray, dx: np.ndarray | None, mask_dx: bool, buf: ConvBuffers) -> None:
     """:func:`conv_backward` through the direct kernels (``dout`` already ReLU-masked when unpooled)."""
     if buf.dzp is None:  # the zero border is written once; each image overwrites the interior
         buf.dzp = np.zeros((g.oh + 2 * (g.kh - 1), g.ow + 2 * (g.kw - 1), g.cout), np.float32)
     if dx is not None and buf.wq is None:
-        buf.wq = np.empty((g.c // NR, g.kh * g.kw * g.cout, NR), np.float32)
+        p = D.panels(g.c)
+        buf.wq = np.empty((p, g.kh * g.kw * g.cout, NR), np.float32)
+        if g.c % NR:
+            buf.tmp = np.empty((g.h * g.w, p * NR), np.float32)
+    x = np.ascontiguousarray(x)
     wq = D.pack_flipped(w, buf.wq) if dx is not None else buf.wp[:0]
     dxa = dx if dx is not None else x[:0]
-    D.backward(x, dout, arg if g.pool else _NO_ARG, g.pool, g.pool_stride, g.kh, g.kw, buf.dzp, buf.gt,
-               wq, dxa, mask_dx, buf.db)
+    if g.pool:
+        D.backward_pooled(x, dout, arg, g.pool, g.pool_stride, g.kh, g.kw, buf.dzp, buf.gm, wq, dxa, mask_dx,
+                          buf.db, buf.tmp)
+    else:
+        D.backward_plain(x, np.ascontiguousarray(dout), g.kh, g.kw, buf.dzp, buf.gm, wq, dxa, mask_dx,
+                         buf.db, buf.tmp)
     gb[:] = buf.db
-    gemm_grad_to_weight(buf.gt, gw)
+    D.gemm_to_weight(buf.gm, gw)
 
 
 def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, relu: bool, out: np.ndarray) -> None:

@@ -10,29 +10,39 @@ weights in place:
 * forward: ``z[pixel, co] = sum_{i, (j, c)} x[oh + i, ow + j, c] * w[co, c, i, j]``,
   eight pixels of one output row per tile, one 32-channel panel of packed
   weights per pass (36 KB for conv2, in L1);
-* weight gradient: ``gt[co, (i, j, c)] = sum_{oh, ow} dz[oh, ow, co] * x[oh + i, ow + j, c]``,
-  eight output channels per tile, 32 consecutive ``(j, c)`` of one kernel
-  row per panel, summed over the image's pixels (accumulating over images);
+* weight gradient: ``gm[(i, j, c), co] = sum_{oh, ow} x[oh + i, ow + j, c] * dz[oh, ow, co]``,
+  eight consecutive ``(j, c)`` of one kernel row per tile (broadcast from
+  the input), a 32-channel panel of the output gradient as the vectors,
+  summed over the image's pixels (accumulating over images);
 * input gradient: a convolution of the output gradient, zero-padded by
-  ``k - 1`` (:func:`route_pool`, :func:`route_plain` write it so), with the
-  flipped weights (``pack_flipped``), kernel rows that fall wholly in the
-  padding skipped; the producing layer's ReLU derivative applied on the way
-  out (``mask``).
+  ``k - 1`` (:func:`route_pool` and :func:`backward_plain` write it so),
+  with the flipped weights (:func:`pack_flipped`), kernel rows that fall
+  wholly in the padding skipped; the producing layer's ReLU derivative
+  applied on the way out (``mask``).
 
 The backward pass goes one image at a time (its padded gradient, 200 KB
 for conv2, stays in L2 for both products). Everything runs in a fixed
 order, so results are bit-for-bit the same run to run.
 
-Conditions (checked by :func:`supported`): stride 1, no padding, and the
-output channels, one kernel row's ``kw * C`` and (for the input gradient)
-the input channels multiples of the 32-column panel (16 without AVX-512).
-Other convs keep the im2col path in ``zsgd.nn.conv``.
+Conditions (:func:`supported`): stride 1, no padding, and the output
+channels a multiple of the 32-column panel (16 without AVX-512): the CNN's
+conv1 (one input channel) and conv2. Input channels that do not fill a
+panel are padded with zero weights for the input gradient. Other convs
+(LeNet's 6 and 16 channels) keep the im2col path in ``zsgd.nn.conv``.
+Loops over plain memory index with unsigned integers, as in
+``zsgd.kernels`` (signed indices' wrap-around checks stop LLVM's
+vectoriser: the bias gradient's sums went from 0.64 to 0.20 ms).
+
+The dense layers' two backward products (:func:`dense_backward`) use the
+same tile: their operands' rows are contiguous along the inputs, so they
+need no packing either.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from numba import uint64 as u8
 
 from zsgd.nn.conv.tile import tile1, tile2, tile4, tile_full
 from zsgd.nn.lstm_gemm import MR, NR, prefer_512
@@ -41,9 +51,14 @@ _FM = {"reassoc", "contract", "nsz", "arcp"}
 _F0 = np.float32(0.0)
 
 
-def supported(c: int, cout: int, kw: int, stride: int, pad: int, need_dx: bool) -> bool:
+def supported(cout: int, stride: int, pad: int) -> bool:
     """Whether the direct kernels handle a conv of this shape (else: im2col)."""
-    return stride == 1 and pad == 0 and cout % NR == 0 and (kw * c) % NR == 0 and (not need_dx or c % NR == 0)
+    return stride == 1 and pad == 0 and cout % NR == 0
+
+
+def panels(c: int) -> int:
+    """Panels of NR columns that hold ``c`` channels."""
+    return -(-c // NR)
 
 
 def pack_weight(w: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -54,11 +69,24 @@ def pack_weight(w: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 def pack_flipped(w: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """(Cout, C, kh, kw) -> ``out`` (C / NR, kh*kw*Cout, NR): the input gradient's weights, kernel flipped."""
+    """(Cout, C, kh, kw) -> ``out`` (panels(C), kh*kw*Cout, NR): the input gradient's weights, kernel flipped.
+
+    Input channels past C (the last panel's padding) get zero weights.
+    """
     co, c, kh, kw = w.shape
-    np.copyto(out.reshape(c // NR, kh, kw, co, NR),
-              w[:, :, ::-1, ::-1].reshape(co, c // NR, NR, kh, kw).transpose(1, 3, 4, 0, 2))
+    p = out.shape[0]
+    if c != p * NR:
+        wz = np.zeros((co, p * NR, kh, kw), np.float32)
+        wz[:, :c] = w
+        w = wz
+    np.copyto(out.reshape(p, kh, kw, co, NR), w[:, :, ::-1, ::-1].reshape(co, p, NR, kh, kw).transpose(1, 3, 4, 0, 2))
     return out
+
+
+def gemm_to_weight(gm: np.ndarray, gw: np.ndarray) -> None:
+    """(kh*kw*C, Cout) weight gradient -> PyTorch (Cout, C, kh, kw) ``gw`` (overwritten)."""
+    co, c, kh, kw = gw.shape
+    np.copyto(gw, gm.reshape(kh, kw, c, co).transpose(3, 2, 0, 1))
 
 
 @njit(cache=True, error_model="numpy")
@@ -95,41 +123,58 @@ def forward(x: np.ndarray, wp: np.ndarray, kh: int, kw: int, z: np.ndarray) -> N
 
 
 @njit(cache=True, error_model="numpy")
-def backward_image(x: np.ndarray, s: int, dzp: np.ndarray, kh: int, kw: int, gt: np.ndarray, acc: int,
-                   wq: np.ndarray, dx: np.ndarray, mask: bool) -> None:
-    """Image ``s``'s weight gradient (into ``gt`` (Cout, kh*kw*C), added when ``acc``) and input gradient.
+def _weight_grad(x: np.ndarray, s: int, d: np.ndarray, d0: int, drs: int, oh: int, ow: int, kh: int, kw: int,
+                 gm: np.ndarray, acc: int) -> None:
+    """``gm[(i, j, c), co] (+)= sum_{y < oh, v < ow} x[s, y + i, v + j, c] * d[d0 + y * drs + v * Cout + co]``.
 
-    ``dzp`` (OH + 2(kh-1), OW + 2(kw-1), Cout) is the image's output
-    gradient inside a zero border. ``dx`` (N, H, W, C) gets image ``s``'s
-    input gradient unless it is empty (shape (0, ...)); times ``x > 0``
-    when ``mask``.
+    ``d`` is image ``s``'s output gradient, flat, rows ``drs`` floats apart
+    (in place or inside the padded buffer). Tile rows are ``(j, c)`` of one
+    kernel row (eight consecutive input floats broadcast), columns a panel
+    of output channels.
     """
-    prefer_512()
+    n, H, W, C = x.shape
+    cout = gm.shape[1]
+    xf, gf = x.reshape(-1), gm.reshape(-1)
+    for i in range(kh):
+        for p in range(cout // NR):
+            _rows(xf, d, gf, ((s * H + i) * W) * C, 1, C, W * C, d0 + p * NR, cout, drs,
+                  i * kw * C * cout + p * NR, cout, ow, oh, acc, kw * C)
+
+
+@njit(cache=True, error_model="numpy")
+def _input_grad(x: np.ndarray, s: int, dzp: np.ndarray, kh: int, kw: int, wq: np.ndarray, dx: np.ndarray,
+                mask: bool, tmp: np.ndarray) -> None:
+    """Image ``s``'s input gradient: the zero-bordered ``dzp`` convolved with the flipped weights ``wq``.
+
+    Kernel rows that fall wholly in the border are skipped. When C is not
+    a whole number of panels the tiles write ``tmp`` (H*W, panels * NR) and
+    the C real channels are copied out. Times ``x > 0`` when ``mask``.
+    """
     n, H, W, C = x.shape
     HP, WP, cout = dzp.shape
-    OH, OW = HP - 2 * (kh - 1), WP - 2 * (kw - 1)
-    K = kh * kw * C
-    xf, df, gf = x.reshape(-1), dzp.reshape(-1), gt.reshape(-1)
-    d0 = ((kh - 1) * WP + (kw - 1)) * cout
-    for i in range(kh):
-        for q in range(0, kw * C, NR):
-            _rows(df, xf, gf, d0, 1, cout, WP * cout, ((s * H + i) * W) * C + q, C, W * C,
-                  i * kw * C + q, K, OW, OH, acc, cout)
-    if dx.shape[0] == 0:
-        return
-    wf, xo = wq.reshape(-1), dx.reshape(-1)
-    KQ = wq.shape[1]
-    for p in range(wq.shape[0]):
+    OH = HP - 2 * (kh - 1)
+    P, KQ = wq.shape[0], wq.shape[1]
+    df, wf, xf = dzp.reshape(-1), wq.reshape(-1), x.reshape(-1)
+    whole = C == P * NR
+    out = dx.reshape(-1) if whole else tmp.reshape(-1)
+    base = s * H * W * C if whole else 0
+    ld = C if whole else P * NR
+    for p in range(P):
         for y in range(H):
             lo = max(0, kh - 1 - y)
             hi = min(kh, kh - 1 + OH - y)
-            _rows(df, wf, xo, (y + lo) * WP * cout, cout, 1, WP * cout, p * KQ * NR + lo * kw * cout * NR,
-                  NR, kw * cout * NR, ((s * H + y) * W) * C + p * NR, C, kw * cout, hi - lo, 0, W)
+            _rows(df, wf, out, (y + lo) * WP * cout, cout, 1, WP * cout, p * KQ * NR + lo * kw * cout * NR,
+                  NR, kw * cout * NR, base + y * W * ld + p * NR, ld, kw * cout, hi - lo, 0, W)
+    if not whole:
+        for e in range(H * W):
+            for c in range(C):
+                dx[s, e // W, e % W, c] = tmp[e, c]
     if mask:
-        base = s * H * W * C
-        for e in range(H * W * C):
-            if not xf[base + e] > _F0:
-                xo[base + e] = _F0
+        xo = dx.reshape(-1)
+        b0 = u8(s * H * W * C)
+        for e in range(u8(H * W * C)):
+            if not xf[b0 + e] > _F0:
+                xo[b0 + e] = _F0
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
@@ -142,6 +187,7 @@ def route_pool(dout: np.ndarray, arg: np.ndarray, s: int, k: int, st: int, oh: i
     accumulates the routed gradient's channel sums (the bias gradient).
     """
     _, PH, PW, C = dout.shape
+    WP = dzp.shape[1]
     y0, x0 = kh - 1, kw - 1
     overlap = st < k
     if overlap or PH * k != oh or PW * k != ow:
@@ -149,8 +195,10 @@ def route_pool(dout: np.ndarray, arg: np.ndarray, s: int, k: int, st: int, oh: i
             for xx in range(ow):
                 for c in range(C):
                     dzp[y0 + y, x0 + xx, c] = _F0
+    pf = dzp.reshape(-1)
     g = np.empty(C, np.float32)
     a = np.empty(C, np.int8)
+    uc = u8(C)
     for pi in range(PH):
         for pj in range(PW):
             for c in range(C):
@@ -161,49 +209,75 @@ def route_pool(dout: np.ndarray, arg: np.ndarray, s: int, k: int, st: int, oh: i
             for ki in range(k):
                 for kj in range(k):
                     pos = np.int8(ki * k + kj)
-                    row = dzp[y0 + pi * st + ki, x0 + pj * st + kj]
+                    r0 = u8(((y0 + pi * st + ki) * WP + x0 + pj * st + kj) * C)
                     if overlap:
-                        for c in range(C):
+                        for c in range(uc):
                             if a[c] == pos:
-                                row[c] += g[c]
+                                pf[r0 + c] += g[c]
                     else:
-                        for c in range(C):
-                            row[c] = g[c] if a[c] == pos else _F0
-
-
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def route_plain(dz: np.ndarray, s: int, kh: int, kw: int, dzp: np.ndarray, db: np.ndarray) -> None:
-    """Image ``s`` of an unpooled conv's (ReLU-masked) output gradient ``dz`` (N, OH, OW, C) into ``dzp``."""
-    _, OH, OW, C = dz.shape
-    for y in range(OH):
-        for xx in range(OW):
-            src = dz[s, y, xx]
-            dst = dzp[kh - 1 + y, kw - 1 + xx]
-            for c in range(C):
-                dst[c] = src[c]
-                db[c] += src[c]
+                        for c in range(uc):
+                            pf[r0 + c] = g[c] if a[c] == pos else _F0
 
 
 @njit(cache=True, error_model="numpy")
-def backward(x: np.ndarray, dout: np.ndarray, arg: np.ndarray, k: int, st: int, kh: int, kw: int,
-             dzp: np.ndarray, gt: np.ndarray, wq: np.ndarray, dx: np.ndarray, mask: bool, db: np.ndarray) -> None:
-    """Both gradients of a direct conv over the batch, one image at a time.
+def backward_pooled(x: np.ndarray, dout: np.ndarray, arg: np.ndarray, k: int, st: int, kh: int, kw: int,
+                    dzp: np.ndarray, gm: np.ndarray, wq: np.ndarray, dx: np.ndarray, mask: bool,
+                    db: np.ndarray, tmp: np.ndarray) -> None:
+    """Gradients of a direct conv + ReLU + max-pool over the batch, one image at a time.
 
-    ``k`` > 0: ``dout`` is the max-pool's output gradient (N, PH, PW, Cout),
-    any strides, routed through ``arg``; ``k`` == 0: ``dout`` is the conv's
-    own (ReLU-masked) output gradient (N, OH, OW, Cout). ``gt`` (Cout,
-    kh*kw*C) is overwritten with the weight gradient, ``db`` (float64) with
-    the bias gradient; ``dx`` as in :func:`backward_image`.
+    ``dout`` (N, PH, PW, Cout), any strides, is routed through ``arg`` into
+    the zero-bordered ``dzp`` (OH + 2(kh-1), OW + 2(kw-1), Cout), which both
+    products then read. ``gm`` (kh*kw*C, Cout) and ``db`` (float64) are
+    overwritten with the weight and bias gradients; ``dx`` (N, H, W, C)
+    gets the input gradient unless it is empty (shape (0, ...)).
     """
-    HP, WP, _ = dzp.shape
+    prefer_512()
+    HP, WP, cout = dzp.shape
     oh, ow = HP - 2 * (kh - 1), WP - 2 * (kw - 1)
     db[:] = 0.0
+    d0 = ((kh - 1) * WP + (kw - 1)) * cout
+    df = dzp.reshape(-1)
     for s in range(x.shape[0]):
-        if k > 0:
-            route_pool(dout, arg, s, k, st, oh, ow, kh, kw, dzp, db)
-        else:
-            route_plain(dout, s, kh, kw, dzp, db)
-        backward_image(x, s, dzp, kh, kw, gt, 1 if s > 0 else 0, wq, dx, mask)
+        route_pool(dout, arg, s, k, st, oh, ow, kh, kw, dzp, db)
+        _weight_grad(x, s, df, d0, WP * cout, oh, ow, kh, kw, gm, 1 if s > 0 else 0)
+        if dx.shape[0] > 0:
+            _input_grad(x, s, dzp, kh, kw, wq, dx, mask, tmp)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _colsum(d: np.ndarray, b0: int, rows: int, db: np.ndarray) -> None:
+    """``db += `` the channel sums of ``rows`` rows of ``d`` from ``b0`` on (unsigned indices: vectorised)."""
+    uc = u8(db.shape[0])
+    for r in range(rows):
+        base = u8(b0 + r * db.shape[0])
+        for c in range(uc):
+            db[c] += d[base + c]
+
+
+@njit(cache=True, error_model="numpy")
+def backward_plain(x: np.ndarray, dz: np.ndarray, kh: int, kw: int, dzp: np.ndarray, gm: np.ndarray,
+                   wq: np.ndarray, dx: np.ndarray, mask: bool, db: np.ndarray, tmp: np.ndarray) -> None:
+    """:func:`backward_pooled` for an unpooled conv: ``dz`` (N, OH, OW, Cout) C-contiguous, ReLU-masked.
+
+    The weight gradient reads ``dz`` in place; only the input gradient
+    needs it copied into the zero-bordered ``dzp``.
+    """
+    prefer_512()
+    n, oh, ow, cout = dz.shape
+    db[:] = 0.0
+    df = dz.reshape(-1)
+    pf = dzp.reshape(-1)
+    WP = dzp.shape[1]
+    for s in range(n):
+        b0 = s * oh * ow * cout
+        _colsum(df, b0, oh * ow, db)
+        _weight_grad(x, s, df, b0, ow * cout, oh, ow, kh, kw, gm, 1 if s > 0 else 0)
+        if dx.shape[0] > 0:
+            for y in range(oh):
+                r0, q0 = u8(((kh - 1 + y) * WP + kw - 1) * cout), u8(b0 + y * ow * cout)
+                for e in range(u8(ow * cout)):
+                    pf[r0 + e] = df[q0 + e]
+            _input_grad(x, s, dzp, kh, kw, wq, dx, mask, tmp)
 
 
 # ---------------------------------------------------------------- dense layers
