@@ -151,3 +151,16 @@ def test_an_admitted_worker_reporting_nan_and_huge_losses_cannot_stop_the_run(tm
     assert summary["test_accuracy"] > 0.5
     unconfirmed = [e for e in read_events(out) if e["event"] == "unconfirmed_divergence"]
     assert unconfirmed and all(e["workers"] == [1] for e in unconfirmed), unconfirmed
+
+
+def test_a_diverged_cadmm_names_its_own_knob_and_a_rho_past_float32_is_bad_input():
+    from zsgd.decentralized.rules import DecentralizedParams, rule_class
+    from zsgd.errors import ZsgdError
+
+    assert "--rho" in rule_class("cadmm").diverge_hint and "--rho" not in rule_class("dsgd").diverge_hint
+    ledger, _, _ = _ledger(None)
+    ledger.diverge_hint = rule_class("cadmm").diverge_hint
+    ledger.loss(math.nan)
+    assert ledger.stop_reason.endswith("lower --lr or --rho (or --rho-scaling)")
+    with pytest.raises(ZsgdError, match="at most 3.403e"):
+        DecentralizedParams(rho=1e308).validate()

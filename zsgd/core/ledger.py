@@ -110,6 +110,7 @@ class RunLedger:
         self._reported: set[int] = set()  # workers whose first loss has been seen
         self._high_workers: set[int] = set()  # workers above the patience threshold in the high windows so far
         self.unconfirmed_divergences = 0
+        self.diverge_hint = "lower --lr"  # what a diverged run's reason tells the user to change (a rule may add its own knob)
         self._t = 0.0  # the run's time at the last update or tick (for events raised between them)
         self.test_loss = self.test_acc = math.nan
         self.evals: list[EvalRecord] = []
@@ -135,7 +136,7 @@ class RunLedger:
         """End the run as diverged; this replaces a budget reason (a model found non-finite at the final
         evaluation of a run that "reached 200 updates" still diverged), never an earlier divergence."""
         if not self.diverged:
-            self.stop_reason = f"diverged at update {self.updates + 1 if update is None else update} ({what}): lower --lr"
+            self.stop_reason = f"diverged at update {self.updates + 1 if update is None else update} ({what}): {self.diverge_hint}"
 
     def suspect(self, what: str, limit: float = math.inf, update: int | None = None, *,
                 workers: "frozenset[int] | None" = None) -> bool:

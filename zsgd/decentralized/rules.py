@@ -86,6 +86,7 @@ def node_gradient(step: Any, clip_norm: float | None, weight_decay: float, add_w
 
     return grad
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 DECENTRALIZED = ("dsgd", "dsgt", "cadmm")
 #: Hyper-parameters each rule takes (the experiment config rejects the others).
 PARAMS_OF: dict[str, tuple[str, ...]] = {
@@ -147,6 +148,8 @@ class DecentralizedParams:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
             if not ok:
                 raise ZsgdError(f"bad {name} {v!r}: must be a {'non-negative' if allow_zero else 'positive'} number")
+            if v > FLOAT32_MAX:  # the rules compute in float32: it would be inf from the first round
+                raise ZsgdError(f"bad {name} {v!r}: must be at most {FLOAT32_MAX:.4g} (the rules compute in float32)")
 
         if self.alpha0 is not None:
             pos("alpha0", self.alpha0)
@@ -212,6 +215,8 @@ class NodeRule:
     shared: tuple[str, ...] = ("x",)
     #: The rule's own local optimizer applies the weight decay (cadmm), so its gradients carry none.
     applies_weight_decay = False
+    #: What a diverged run's reason tells the user to change.
+    diverge_hint = "lower --lr"
 
     @classmethod
     def batches_per_round(cls, params: "DecentralizedParams") -> int:
@@ -337,6 +342,8 @@ class CADMM(NodeRule):
     a smaller rho (or lr) than a ring.
     """
 
+    diverge_hint = "lower --lr or --rho (or --rho-scaling)"
+
     name = "cadmm"
     applies_weight_decay = True
 
@@ -360,10 +367,11 @@ class CADMM(NodeRule):
         s = np.zeros_like(self.x)
         for a in xs:
             s += a
-        # dual: p += rho * (d x_i - sum_j x_j)
-        self.p += np.float32(rho) * (np.float32(d) * xi - s)
-        # gradient of the augmented term: 2 rho sum_j (z - (x_i + x_j)/2) = 2 rho d z - rho (d x_i + s)
-        b = self.p - np.float32(rho) * (np.float32(d) * xi + s)
+        with np.errstate(over="ignore", invalid="ignore"):  # a rho too large overflows: the ledger says diverged
+            # dual: p += rho * (d x_i - sum_j x_j)
+            self.p += np.float32(rho) * (np.float32(d) * xi - s)
+            # gradient of the augmented term: 2 rho sum_j (z - (x_i + x_j)/2) = 2 rho d z - rho (d x_i + s)
+            b = self.p - np.float32(rho) * (np.float32(d) * xi + s)
         z = np.array(self.x, dtype=np.float32, copy=True)
         loss_sum, samples = 0.0, 0
         coupling = np.float32(2.0 * rho * d)

@@ -53,7 +53,7 @@ from zsgd.core.ledger import run_header
 from zsgd.decentralized.driver import DecentralizedRound, RoundResult, average, consensus_error, eval_every_rounds
 from zsgd.decentralized.peer import PeerPayload
 from zsgd.wire import protocol
-from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, node_gradient
+from zsgd.decentralized.rules import DECENTRALIZED, DecentralizedParams, GradFn, node_gradient, rule_class
 from zsgd.decentralized.topology import Topology, parse_topology
 from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
@@ -166,6 +166,7 @@ class DecentralizedSimulation:
         self.n_train = len(workload.problem.dataset.y_train)
         self.eval_rounds = eval_every_rounds(cfg, workload.problem.stop_rule(cfg), opts.algo, opts.params, n, self.n_train)
         self.ledger = workload.problem.ledger(cfg, emit=metrics.write, eval_every=self.eval_rounds)
+        self.ledger.diverge_hint = rule_class(opts.algo).diverge_hint
         fns, self.steppers = _grad_fns(cfg, workload, n, add_weight_decay=opts.algo != "cadmm")
 
         def optimizer(_i: int) -> Any:  # cadmm's local solver: the problem's optimizer (it applies weight decay)

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 from zsgd.decentralized.driver import average, consensus_error, eval_every_rounds
-from zsgd.decentralized.rules import DecentralizedParams
+from zsgd.decentralized.rules import DecentralizedParams, rule_class
 from zsgd.decentralized.topology import Topology
 from zsgd.errors import ProtocolError, ZsgdError
 from zsgd.runtime.server.context import ServiceContext
@@ -90,6 +90,7 @@ class RelayService(ServiceBase):
         ds = ctx.problem.dataset
         self.eval_rounds = eval_every_rounds(ctx.cfg, ctx.ledger.rule, algo, params, n, len(ds.y_train))
         ctx.ledger.set_eval_every(self.eval_rounds)  # the upload rounds: its cadence in samples would miss them
+        ctx.ledger.diverge_hint = rule_class(algo).diverge_hint
         self.w = np.array(w0, dtype=np.float32, copy=True)  # x_bar of the latest upload round
         self.version = 0
         self.started = False
