@@ -294,8 +294,6 @@ class LSTMModel:
         fc_pack = buffer(ws, "fc_pack_cols", (LG.panels(H), self.vocab_size, LG.NR))
         LG.pack_cols(p["fc.weight"], fc_pack)
         LG.gemm_packed(dlogits, fc_pack, dh)
-        dg = buffer(ws, "dg", (T, B, 4 * H))
-        dg2 = dg.reshape(T * B, 4 * H)
         carry = buffer(ws, "carry", (2, B, LG.panels(H) * LG.NR))  # d(loss)/d(c), d(loss)/d(h) flowing back in time
         w_pack = buffer(ws, "w_pack_cols", (LG.panels(H), 4 * H, LG.NR))
         for layer in range(L - 1, -1, -1):
@@ -304,7 +302,8 @@ class LSTMModel:
             dh3 = dh.reshape(T, B, dh.shape[1])  # H wide from the output layer, padded to panels from a layer above
             carry.fill(0.0)
             LG.pack_cols(w_hh, w_pack)
-            LK.layer_backward(a, cs, dh3, w_pack, carry, dg)
+            LK.layer_backward(a, cs, dh3, w_pack, carry)  # the gates' gradients over the gates
+            dg2 = a.reshape(T * B, 4 * H)
             gw_hh = (hs[:T].reshape(T * B, H), g[f"lstm.weight_hh_l{layer}"])
             gb = g[f"lstm.bias_ih_l{layer}"]
             if layer == 0 and self._token_table(T * B):

@@ -187,30 +187,36 @@ def cell_forward(a: np.ndarray, c_prev: np.ndarray, c: np.ndarray, h: np.ndarray
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, carry: np.ndarray,
-                  dg: np.ndarray) -> None:
-    """Gradients of step ``t``, through the cell and the gates' non-linearities.
+def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, carry: np.ndarray) -> None:
+    """Gradients of step ``t``, through the cell and the gates' non-linearities, written over ``a``.
 
-    ``a``: the step's activated gates (B, 4H); ``cs``: every step's cell
-    (T+1, B, H), ``cs[t]`` being c_{t-1} and ``cs[t + 1]`` c_t; ``dh_out``:
-    d(loss)/d(h_t) from the layer above (or the output layer), (B, >= H). ``carry``
+    ``a``: the step's activated gates (B, 4H), replaced by d(loss)/d(pre-activation
+    gates), which the caller turns into weight, bias, input and ``carry[1]``
+    gradients with products; ``cs``: every step's cell (T+1, B, H),
+    ``cs[t]`` being c_{t-1} and ``cs[t + 1]`` c_t; ``dh_out``: d(loss)/d(h_t)
+    from the layer above (or the output layer), (B, >= H). ``carry``
     (2, B, H) is what flows back in time: ``carry[0]`` is d(loss)/d(c_t) on
     entry and d(loss)/d(c_{t-1}) on exit, ``carry[1]`` the part of
-    d(loss)/d(h_t) that came back through ``W_hh`` from step t+1. Writes
-    d(loss)/d(pre-activation gates) to ``dg`` (B, 4H), which the caller
-    turns into weight, bias, input and ``carry[1]`` gradients with sgemms.
+    d(loss)/d(h_t) that came back through ``W_hh`` from step t+1.
     ``tanh(c)`` is recomputed (cheaper than storing it). The arguments are
     grouped (``cs``, ``carry``) to keep the loop to few distinct arrays,
     which is what lets LLVM vectorise it (3x faster than seven arrays).
+
+    **Why in place.** The gates are read once, here, and nothing needs them
+    afterwards; writing the gradients over them instead of into a block of
+    their own halves the backward pass's element-wise memory traffic (the
+    gates are 8 MB per layer at the default sizes, out of cache by then: a
+    separate 8 MB output is read in before it is written). Each element's
+    four gates are read before any is written, so the order is safe; a
+    layer's backward pass went from 8.1 to 7.7 ms (thread CPU, load 6,
+    AMD Zen 5), bit for bit the same gradients.
     """
     prefer_512()
     B, H = cs.shape[1], cs.shape[2]  # dh_out may be wider (padded to whole panels by the product above)
     uh = u8(H)
     for b in range(B):
         a0 = a[b]
-        d0 = dg[b]
         ai, af, ag, ao = a0[:uh], a0[uh:2 * uh], a0[2 * uh:3 * uh], a0[3 * uh:4 * uh]
-        di, df, dgg, do = d0[:uh], d0[uh:2 * uh], d0[2 * uh:3 * uh], d0[3 * uh:4 * uh]
         cp = cs[t, b]
         cr = cs[t + 1, b]
         dho = dh_out[b]
@@ -224,10 +230,10 @@ def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, car
             th = _tanh(cr[j])
             dh = dho[j] + dhr[j]
             dcv = dcr[j] + dh * o * (_ONE - th * th)
-            di[j] = dcv * g * i * (_ONE - i)
-            df[j] = dcv * cp[j] * f * (_ONE - f)
-            dgg[j] = dcv * i * (_ONE - g * g)
-            do[j] = dh * th * o * (_ONE - o)
+            ai[j] = dcv * g * i * (_ONE - i)
+            af[j] = dcv * cp[j] * f * (_ONE - f)
+            ag[j] = dcv * i * (_ONE - g * g)
+            ao[j] = dh * th * o * (_ONE - o)
             dcr[j] = dcv * f
 
 
@@ -255,20 +261,20 @@ def layer_forward(xp: np.ndarray, rows: np.ndarray, bias: np.ndarray, w_pack: np
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def layer_backward(a: np.ndarray, cs: np.ndarray, dh: np.ndarray, w_pack: np.ndarray, carry: np.ndarray,
-                   dg: np.ndarray) -> None:
+def layer_backward(a: np.ndarray, cs: np.ndarray, dh: np.ndarray, w_pack: np.ndarray, carry: np.ndarray) -> None:
     """Back-propagate one layer through every time step of a block.
 
+    ``a`` (T, B, 4H): the forward pass's activated gates, replaced by
+    d(loss)/d(pre-activation gates) of every step (see :func:`cell_backward`);
     ``dh`` (T, B, >= H): d(loss)/d(h_t) from above; ``w_pack``: ``weight_hh``
     packed by ``lstm_gemm.pack_cols`` (for ``dg_t @ W_hh``); ``carry``
-    (2, B, >= H) zeroed by the caller, see :func:`cell_backward`. Writes
-    d(loss)/d(pre-activation gates) of every step to ``dg`` (T, B, 4H).
+    (2, B, >= H) zeroed by the caller.
     """
     prefer_512()
     for t in range(a.shape[0] - 1, -1, -1):
-        cell_backward(a[t], cs, t, dh[t], carry, dg[t])
+        cell_backward(a[t], cs, t, dh[t], carry)
         if t:
-            gemm_packed(dg[t], w_pack, carry[1])
+            gemm_packed(a[t], w_pack, carry[1])
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
