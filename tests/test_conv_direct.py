@@ -174,3 +174,39 @@ def test_dense_backward_matches_blas(m, f, o):
     C.dense_backward(x, w, False, None, dout, gw2, gb, None)  # no input gradient (a first layer)
     np.testing.assert_array_equal(gw2, gw)
     assert not D.dense_supported(f + 1)
+
+
+@pytest.mark.slow
+def test_direct_kernels_without_avx512_use_the_narrow_tile(tmp_path):
+    """Compiled for a CPU without AVX-512, the panels are 16 wide and the tiles 4 rows of 8-float vectors;
+    the cnn's gradient still matches the im2col path's."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    code = """
+import numpy as np
+from zsgd.nn.conv import direct as D
+from zsgd.nn.models import get_model
+assert (D.NR, D.MR) == (16, 4), (D.NR, D.MR)
+m = get_model("cnn", (1, 20, 20), 10)
+w = m.init(0)
+rng = np.random.default_rng(0)
+x, y = rng.random((5, 1, 20, 20), dtype=np.float32), rng.integers(0, 10, 5)
+loss, g = m.loss_and_grad(w, x, y, training=False)
+assert m._ws[5][1]["conv"].direct
+D.supported = lambda *a: False
+m._ws.clear()
+loss2, g2 = m.loss_and_grad(w, x, y, training=False)
+assert abs(loss - loss2) <= 1e-5 * abs(loss2), (loss, loss2)
+assert np.abs(g - g2).max() <= 1e-5 * np.abs(g2).max(), np.abs(g - g2).max()
+print("narrow ok")
+"""
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
+               NUMBA_CPU_FEATURES="+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,"
+                                  "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0 and "narrow ok" in proc.stdout, proc.stderr[-3000:]
