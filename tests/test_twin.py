@@ -147,6 +147,20 @@ def test_the_workers_own_hand_off_starts_the_up_hop_of_the_next_stamped_reply():
     assert hops.up == [pytest.approx(0.0025), pytest.approx(0.002)]
 
 
+@pytest.mark.parametrize("t0, computed, ended, target, slowdown, late", [
+    (10.0, 10.003, 10.0215, 0.020, 1.0, 0.0015),  # held to a 20 ms draw, woke 1.5 ms late
+    (10.0, 10.025, 10.0262, 0.020, 1.0, 0.0062),  # a gradient slower than its draw: the simulator's step is the draw
+    (10.0, 10.003, 10.0415, 0.020, 2.0, 0.0015),  # a 2x straggler of a 20 ms draw
+    (10.0, 10.004, 10.0125, 0.0, 3.0, 0.0005),  # a 3x straggler of its own 4 ms step
+    (10.0, 10.003, 10.0100, 0.020, 1.0, 0.0),  # cut short (an abandon): no measure
+    (10.0, 10.003, 10.0050, 0.0, 1.0, 0.0),  # no stretch
+])
+def test_a_stretch_held_past_the_simulators_step_is_late_by_the_difference(t0, computed, ended, target, slowdown, late):
+    from zsgd.runtime.worker.broker_hops import overrun
+
+    assert overrun(t0, computed, ended, target, slowdown) == pytest.approx(late, abs=1e-9)
+
+
 @pytest.mark.parametrize("meta, forward, arrival", [
     ({"hop": [10.002]}, 10.0, 10.1),  # one stamp
     ({"hop": "10.002,10.1"}, 10.0, 10.1),  # not a list

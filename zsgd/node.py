@@ -27,7 +27,7 @@ from zsgd.errors import ProtocolError, ZsgdError
 from zsgd.wire.link import BrokerLink
 from zsgd.wire.protocol import Message, MsgType
 from zsgd.runtime.worker.node_options import EXIT_BAD_REPLY, EXIT_BROKER_GONE, NodeOptions, expect, identity_for, join_proof, log, session_end
-from zsgd.runtime.worker.broker_hops import BrokerHops
+from zsgd.runtime.worker.broker_hops import BrokerHops, overrun
 from zsgd.runtime.worker.replies import emulated_stretch, reply_decoder, stretch_step
 
 if TYPE_CHECKING:
@@ -121,10 +121,12 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             out_hop = max(0.0, link.last_forward - idle_since) if turnarounds else 0.0
             try:
                 reply = compute(msg, t0 - out_hop)
+                computed = time.monotonic()
                 # Emulated compute time and straggler: stretch this step, measured as compute_s is (from the weights'
                 # arrival), so the emulation and the simulator's models stretch the same time; a K-sync step
                 # abandoned meanwhile ends the stretch (zsgd.runtime.worker.replies.stretch_step).
-                early = stretch_step(t0, *emulated_stretch(msg.meta), recv=lambda s: link.recv(timeout=s), version=msg.version)
+                stretch = emulated_stretch(msg.meta)
+                early = stretch_step(t0, *stretch, recv=lambda s: link.recv(timeout=s), version=msg.version)
             except ProtocolError as exc:
                 log(opts, f"broker sent unusable weights ({exc}); exiting")
                 return EXIT_BAD_REPLY
@@ -133,7 +135,8 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             handing = time.monotonic()
             link.send(reply)
             idle_since = time.monotonic()
-            hops.handed(idle_since - handing)  # the update's copy into shared memory and its frames: on its way up
+            # On its way up: the stretch's lateness, the update's copy into shared memory and its frames.
+            hops.handed(overrun(t0, computed, handing, *stretch) + idle_since - handing)
             if isinstance(reply.meta.get("compute_s"), float):
                 turnarounds.append(reply.meta["compute_s"])
 

@@ -29,6 +29,21 @@ MAX_HOP_S = 60.0  # a hop beyond the emulated delay longer than this is not a me
 EARLY_S = 0.1  # the link thread stamps its send after handing it over: a preempted one may stamp after the broker's receipt
 
 
+def overrun(t0: float, computed: float, ended: float, target_s: float, slowdown: float) -> float:
+    """Seconds an emulated stretch held a step beyond the simulator's step (0 if none, or if it was cut short).
+
+    ``zsgd.runtime.worker.replies.stretch_step`` holds a step that started at ``t0`` (its gradient done at
+    ``computed``) to the drawn ``target_s`` (``--inject-compute``), then ``slowdown`` times that (a straggler),
+    and ends when the worker's thread wakes (``ended``): late by a wake-up, 1-3 ms at load 7 here, or by a
+    gradient slower than its draw. The simulator's step is the draw, or the turnaround, times the slowdown, so
+    that lateness is the update's to carry: the first part of its up hop. A stretch cut short (a message
+    ended it, a K-sync abandon) measures nothing."""
+    if target_s <= 0 and slowdown <= 1.0:
+        return 0.0
+    late = ended - t0 - slowdown * (target_s if target_s > 0 else computed - t0)
+    return late if late > 0 else 0.0
+
+
 class BrokerHops:
     """Per reply: ``up`` (update handed to the link thread -> the engine, less the emulated uplink; the link thread's
     own wait before the socket is in the worker's turnaround already) and ``down`` (the reply's emulated downlink due to
@@ -42,7 +57,8 @@ class BrokerHops:
 
     def handed(self, seconds: float) -> None:
         """The worker's own hand-off of its update to its link thread (the copy into shared memory, the frames), which
-        no turnaround holds (``BrokerLink.send``): the first part of the up hop of the reply that answers it."""
+        no turnaround holds (``BrokerLink.send``), and its stretch's ``overrun``: the first part of the up hop of the
+        reply that answers it."""
         self._handing = seconds
 
     def record(self, meta: dict[str, Any], forward: float, arrival: float) -> None:
