@@ -210,3 +210,20 @@ print("narrow ok")
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0 and "narrow ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("m,f,o", [(64, 9216 // 8, 128), (13, 96, 10), (33, 32, 1), (0, 64, 8)])
+def test_dense_forward_matches_blas(m, f, o):
+    """The dense forward through the tile (the batch packed into panels, padded with zeros) against BLAS."""
+    x, w, b = rand(m, f), rand(o, f), rand(o)
+    xs, os_ = C.dense_scratch(m, f, o)
+    got, ref = np.empty((m, o), np.float32), np.empty((m, o), np.float32)
+    xp, ot = np.full(xs, np.nan, np.float32), np.full(os_, np.nan, np.float32)  # stale scratch must not leak
+    C.dense_forward(x, w, b, True, got, xp, ot)
+    C.dense_forward(x, w, b, True, ref)
+    if m:
+        close(got, ref)
+    again = np.empty_like(got)
+    C.dense_forward(x, w, b, True, again, xp, ot)
+    np.testing.assert_array_equal(again, got)
+    assert C.dense_scratch(m, f + 1, o) is None

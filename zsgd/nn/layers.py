@@ -132,7 +132,11 @@ class Dense(Layer):
 
     def forward(self, ws, x, p, training, seed):
         out = buffer(ws, "out", (x.shape[0], *self.out_shape))
-        C.dense_forward(x, p[0], p[1], self.relu, out)
+        shapes = C.dense_scratch(x.shape[0], self.in_shape[0], self.out_shape[0])
+        if shapes is None:
+            C.dense_forward(x, p[0], p[1], self.relu, out)
+        else:
+            C.dense_forward(x, p[0], p[1], self.relu, out, buffer(ws, "xp", shapes[0]), buffer(ws, "ot", shapes[1]))
         return out
 
     def backward(self, ws, x, out, dout, p, g, need_dx):

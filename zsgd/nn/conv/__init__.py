@@ -240,9 +240,27 @@ def _direct_backward(g: ConvGeom, x: np.ndarray, w: np.ndarray, arg: np.ndarray 
     D.gemm_to_weight(buf.gm, gw)
 
 
-def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, relu: bool, out: np.ndarray) -> None:
-    """``out = act(x @ w.T + b)``; ``w`` is PyTorch's (out, in), used transposed by BLAS (no copy)."""
-    np.matmul(x, w.T, out=out)
+def dense_scratch(n: int, n_in: int, n_out: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Shapes of :func:`dense_forward`'s ``xp`` and ``ot`` for a batch of ``n``, or None: BLAS does it."""
+    if not D.dense_supported(n_in):
+        return None
+    p = D.panels(n)
+    return (p, n_in, NR), (n_out, p * NR)
+
+
+def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, relu: bool, out: np.ndarray,
+                  xp: np.ndarray | None = None, ot: np.ndarray | None = None) -> None:
+    """``out = act(x @ w.T + b)``; ``w`` is PyTorch's (out, in).
+
+    With scratch ``xp`` and ``ot`` (shapes from :func:`dense_scratch`) the
+    product runs through the tile (``zsgd.nn.conv.direct.dense_forward``),
+    else through BLAS, which uses ``w`` transposed without a copy.
+    """
+    if xp is not None and ot is not None and x.flags.c_contiguous:
+        D.dense_forward(x, w, xp, ot)
+        np.copyto(out, ot[:, :x.shape[0]].T)
+    else:
+        np.matmul(x, w.T, out=out)
     K.bias_act_rows(out, b, relu)
 
 
