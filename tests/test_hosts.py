@@ -212,21 +212,30 @@ def test_auto_host_cores_are_a_replayed_calibrations_machine(tmp_path):
     assert SimOptions(placement="local").validate().host_cores == float(this_machines_cores())
 
 
-def test_a_measured_loopback_grows_with_the_hosts_cores_up_to_one_io_thread_per_server(workload, tmp_path, monkeypatch):
-    """The echo measured here is what this machine's cores carry; a simulated host with more cores carries it once per
-    server's I/O thread, as far as its cores allow (the NIC-bound plateau is the loopback's bytes/s over a message's)."""
+def test_a_crossing_is_cpu_work_of_two_threads_shared_out_by_the_hosts_cores(workload, tmp_path, monkeypatch):
+    """--placement local with the transport measured: a message crossing loopback is CPU work (the lone echo's time
+    for it) of two threads, the server's I/O thread and the peer's, one crossing at a time per server's I/O thread.
+    Alone it takes its lone time; beside other threads the host's processor sharing stretches it."""
     from zsgd.simulation.transport import Transport
 
-    bw = 200 * max(workload.update_bytes, workload.weights_bytes)  # 200 messages/s each way on this machine's cores
-    monkeypatch.setattr(Workload, "transport_model", lambda self, opts: (Transport(bw, 1.0), True))
-    here = float(this_machines_cores())
+    u, w = workload.update_bytes, workload.weights_bytes
+    lone = 100 * (u + w)  # a lone exchange (both crossings) takes 10 ms; the loaded figure is not what local uses
+    monkeypatch.setattr(Workload, "transport_model", lambda self, opts: (Transport(lone / 3, 0.5, lone), True))
+    exchange = (u + w) / (2 * lone)  # 5 ms
 
-    def plateau(servers: int, cores: float) -> float:
-        opts = SimOptions(algo="async", n_workers=16, compute=Constant(0.0), broker_s=0.0, servers=servers, placement="local",
+    def rate(n: int, servers: int, cores: float, step: float = 0.0) -> float:
+        opts = SimOptions(algo="async", n_workers=n, compute=Constant(0.0), broker_s=step, servers=servers, placement="local",
                           host_cores=cores)
-        return run_arm(workload.cfg, opts, workload, tmp_path / f"k{servers}-c{cores}").summary["updates_per_s"]
+        summary = run_arm(workload.cfg, opts, workload, tmp_path / f"n{n}-k{servers}-c{cores}-t{step}").summary
+        assert summary["broker_lone_bandwidth_Bps"] == lone
+        return summary["updates_per_s"]
 
-    assert plateau(1, here) == pytest.approx(200, rel=0.05)
-    assert plateau(2, here) == pytest.approx(200, rel=0.05)  # the cores measured are all there are: no more I/O
-    assert plateau(4, 8 * here) == pytest.approx(800, rel=0.05)  # four I/O threads, cores to spare
-    assert plateau(4, 2 * here) == pytest.approx(400, rel=0.05)  # cores for two of them
+    assert rate(1, 1, 2) == pytest.approx(1 / exchange, rel=0.03)  # lone: the echo's own figure
+    assert rate(8, 1, 2) == pytest.approx(1 / exchange, rel=0.03)  # one I/O thread: no more, however many workers
+    assert rate(8, 2, 2) == pytest.approx(1 / exchange, rel=0.03)  # two I/O threads, two threads each, on 2 cores: no more
+    assert rate(8, 4, 4) == pytest.approx(2 / exchange, rel=0.03)  # 8 threads' crossings on 4 cores
+    assert rate(8, 4, 16) == pytest.approx(4 / exchange, rel=0.03)  # cores to spare: each server's I/O thread crosses its range
+    t = 0.004  # the server's step beside the crossings: alone it adds; on 2 busy cores the CPU of an update is shared
+    assert rate(1, 1, 2, t) == pytest.approx(1 / (exchange + t), rel=0.03)
+    assert rate(8, 1, 2, t) == pytest.approx(2 / (2 * exchange + t), rel=0.03)  # 2 threads x crossings + the step, on 2 cores
+    assert rate(8, 1, 16, t) == pytest.approx(1 / exchange, rel=0.03)  # a core each: the I/O thread is the slowest stage

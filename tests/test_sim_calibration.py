@@ -89,7 +89,7 @@ def test_a_record_replays_exactly_and_never_measures(cache_dir):
     meter = Meter()
     cal = Calibration()
     cal.get("compute", KEY, meter)
-    cal.get("transport", {"message_bytes": 100}, lambda: {"bytes_per_s": 1.5e9, "overlap": 0.25})
+    cal.get("transport", {"message_bytes": 100}, lambda: {"bytes_per_s": 1.5e9, "overlap": 0.25, "lone_bytes_per_s": 2.5e9})
     record = json.loads(json.dumps(cal.record([("compute", KEY)])))  # what an arm's config.yaml holds
     assert set(record) == {"source", "machine", "compute"} and record["machine"]["cores"] >= 1
     replay = Calibration("replay", record, source="f.yaml")

@@ -168,13 +168,13 @@ class Simulation:
         self.broker_bw, self.overlap = transport.bytes_per_s, transport.overlap
         self.nic_bw = self.broker_bw * opts.servers  # --servers K: K NICs
         self.host: CpuPool | None = None  # --placement local: the one host's cores (zsgd.network.hosts)
+        self.io_stage: FifoStage | None = None  # --placement local, transport measured: crossings are CPU work on the host
+        self.lone_bw = transport.lone_bytes_per_s if self.broker_bw_measured else None
         if opts.placement == "local":
             self.host = CpuPool(opts.host_cores, lambda t, _pool, generation: self._push(t, _CPU, -1, generation))
             self.step_stage = FifoStage(self.host, demand=float(opts.servers))  # the K range servers step together
-            if self.broker_bw_measured:  # what this host's echo measured, with its cores: K I/O threads (one per server)
-                from zsgd.simulation.calibration import current  # scale it as far as the simulated host has cores for them
-
-                self.nic_bw = self.broker_bw * min(opts.servers, max(1.0, opts.host_cores / current().host_cores()))
+            if self.lone_bw:  # each server's one I/O thread copies its range of every message, in and out, in turn
+                self.io_stage = FifoStage(self.host, demand=_CROSSING_THREADS * opts.servers)
             self.jobs: dict[int, tuple[int, Job]] = {}  # each worker's running step: (token, job)
             self.cut: set[int] = set()  # steps abandoned before they started (their token)
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
@@ -279,21 +279,38 @@ class Simulation:
         if not self.alive[w]:
             self.engine.forget_replies(w)  # lost with the worker: it restarts from full weights
             return  # dead, not yet noticed: the message goes nowhere
+        self.seq += 1
+        token, inc = self.seq, self.inc[w]
+        self.step_of[w] = (token, version, weights, math.inf)  # on its way (_deliver says when it arrives)
+        if self.io_stage is not None:  # copied out by the server's I/O thread when its turn comes, on the host's cores
+            self.io_stage.submit(self.now, self._crossing_work(nbytes),
+                                 lambda t: self._deliver(w, inc, version, weights, token, nbytes, t))
+            return
         t = self.now
         if self.nic_bw != math.inf:  # the broker's NIC sends one message at a time
             self.tx_free = max(t, self.tx_free) + nbytes / self.nic_bw
             self._occupy(self.tx_free - nbytes / self.nic_bw, self.tx_free)
             t = self.tx_free
+        self._deliver(w, inc, version, weights, token, nbytes, t)
+
+    def _crossing_work(self, nbytes: int) -> float:
+        """CPU-seconds per thread of one message crossing loopback (--placement local, transport measured): a lone
+        exchange (two crossings) took ``message / lone bytes/s`` in the echo; each of the K servers copies its range."""
+        return nbytes / (2.0 * self.lone_bw * self.opts.servers)
+
+    def _deliver(self, w: int, inc: int, version: int, weights: np.ndarray, token: int, nbytes: int, t: float) -> None:
+        """The reply left the server at ``t``: it reaches the worker after its link, and the worker steps."""
+        if not self.alive[w] or inc != self.inc[w] or self.step_of[w] is None or self.step_of[w][0] != token:
+            return  # the worker failed (or the step was superseded) while the reply waited for the I/O thread
         t += self.net.delay(w, False, nbytes, self.rng_down)
         c = self.compute_draw.next(w, self.local_steps)  # local SGD: K steps per round
         if self.stragglers is not None:
             c *= self.stragglers.factor(w, t)
-        self.seq += 1
-        self.step_of[w] = (self.seq, version, weights, t)
+        self.step_of[w] = (token, version, weights, t)
         if self.host is None:
-            self._push(t + c, _DONE, w, self.inc[w], version, (weights, self.seq))
+            self._push(t + c, _DONE, w, inc, version, (weights, token))
         else:  # the step is CPU work on the shared host, from when the weights arrive
-            self._push(t, _START, w, self.inc[w], version, (weights, self.seq, c))
+            self._push(t, _START, w, inc, version, (weights, token, c))
 
     def _occupy(self, start: float, end: float) -> None:
         """--placement local: a message crosses the host's loopback from ``start`` to ``end``, keeping a thread busy."""
@@ -356,7 +373,7 @@ class Simulation:
         else:
             payload, nbytes = weights, self.u_bytes
         t = self.now + self.net.delay(w, True, nbytes, self.rng_up)
-        if self.nic_bw != math.inf:  # the server's NIC takes it when it gets there (_on_wire)
+        if self.nic_bw != math.inf or self.io_stage is not None:  # the server's NIC takes it when it gets there (_on_wire)
             self._push(t, _WIRE, w, inc, version, (payload, nbytes))
         else:
             self._push(t, _ARRIVE, w, inc, version, payload)
@@ -365,6 +382,9 @@ class Simulation:
         """An update reaches the server's NIC, which receives one at a time, beside its sends, in the order they
         arrive (reserved when sent instead, a late message of a heavy-tailed latency held back earlier arrivals)."""
         payload, nbytes = sent
+        if self.io_stage is not None:  # --placement local: the server's I/O thread copies it in, on the host's cores
+            self.io_stage.submit(self.now, self._crossing_work(nbytes), lambda _t: self._on_arrive(w, inc, version, payload))
+            return
         start = max(self.now, self.rx_free)
         self.rx_free = start + nbytes / self.nic_bw
         self._occupy(start, self.rx_free)
@@ -544,7 +564,7 @@ class Simulation:
             "servers": self.opts.servers, "broker_s": self.broker_s, "broker_measured": self.broker_samples is not None,
             "broker_calibration_s": self.broker_samples,
             "broker_bandwidth_Bps": self.broker_bw, "broker_bandwidth_measured": self.broker_bw_measured,
-            "server_overlap": self.overlap,
+            "server_overlap": self.overlap, "broker_lone_bandwidth_Bps": self.lone_bw,
             "host_cpu_utilisation": self.host.busy_core_s / (self.now * self.host.cores) if self.host is not None and self.now > 0 else None,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
             "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s, **self.engine.summary(),

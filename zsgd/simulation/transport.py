@@ -152,10 +152,16 @@ class Transport:
     flight (the server's throughput). ``overlap``: how much of a server's
     step runs beside its socket I/O, from 1 (a core to spare: receiving the
     next update, stepping and sending proceed in tandem) to 0 (the step
-    holds up receiving, so their times add at saturation)."""
+    holds up receiving, so their times add at saturation).
+    ``lone_bytes_per_s``: the same echo with one client, so one message in
+    flight and nothing else wanting the cores: a lone exchange (two
+    crossings) takes ``message / lone_bytes_per_s``. ``--placement local``
+    charges each crossing that CPU work and lets the host's cores share it
+    out (``zsgd.network.hosts``); None when the NIC was given by hand."""
 
     bytes_per_s: float
     overlap: float
+    lone_bytes_per_s: float | None = None  # measured: one client's echo, one message in flight (what a crossing costs with the cores)
 
 
 def busy_work(seconds: float) -> "tuple[Callable[[], object], float]":
@@ -186,8 +192,8 @@ def overlap_from(echo_s: float, loaded_echo_s: float, work_s: float) -> float:
 
 
 def measure_server_transport(nbytes: int, bursts: int | None = None, pairs: int | None = None) -> tuple[Transport, dict]:
-    """The echo's bytes/s, then bursts of the same echo alternately plain and doing about 0.7 of a message's
-    time in work per message: the overlap is the median over those pairs of bursts.
+    """The echo's bytes/s with one client (lone) and with several, then bursts of the same echo alternately plain
+    and doing about 0.7 of a message's time in work per message: the overlap is the median over those pairs.
 
     The server's stages are three: receive, step, send. With cores to spare
     they work in tandem and a step shorter than a message's I/O costs no
@@ -200,14 +206,15 @@ def measure_server_transport(nbytes: int, bursts: int | None = None, pairs: int 
     nbytes = max(1, int(nbytes))
     bursts, pairs = bursts or BURSTS, pairs or PAIRS
     measurements += 1
+    lone = measure_transport(nbytes, bursts=bursts, clients=1)
     samples = measure_transport(nbytes, bursts=bursts)
     work, work_s = busy_work(0.7 * nbytes / float(statistics.median(samples)))
     paired = measure_transport(nbytes, bursts=2 * pairs, work=work)
     plain, loaded = paired[0::2], paired[1::2]
     overlaps = [overlap_from(nbytes / p, nbytes / q, work_s) for p, q in zip(plain, loaded)]
     bps = float(statistics.median(samples + plain))
-    return Transport(bps, float(statistics.median(overlaps))), {"samples": samples + plain, "loaded_samples": loaded,
-                                                                "overlaps": overlaps, "work_s": work_s}
+    return (Transport(bps, float(statistics.median(overlaps)), float(statistics.median(lone))),
+            {"samples": samples + plain, "loaded_samples": loaded, "overlaps": overlaps, "work_s": work_s, "lone_samples": lone})
 
 
 def server_transport(nbytes: int, calibration: Any = None) -> Transport:
@@ -219,10 +226,10 @@ def server_transport(nbytes: int, calibration: Any = None) -> Transport:
 
     def measure() -> dict:
         value, details = measure_server_transport(nbytes)
-        return {"bytes_per_s": value.bytes_per_s, "overlap": value.overlap, **details}
+        return {"bytes_per_s": value.bytes_per_s, "overlap": value.overlap, "lone_bytes_per_s": value.lone_bytes_per_s, **details}
 
     entry = (calibration or current()).get("transport", {"message_bytes": nbytes}, measure)
-    return Transport(float(entry["bytes_per_s"]), float(entry["overlap"]))
+    return Transport(float(entry["bytes_per_s"]), float(entry["overlap"]), float(entry["lone_bytes_per_s"]))
 
 
 __all__ = ["Transport", "busy_work", "measure_server_transport", "measure_transport", "messages_per_burst",
