@@ -88,7 +88,7 @@ def test_a_node_turnaround_leaves_out_the_straggler_sleep_and_times_only_peer_ho
 
 # -- the broker's hand-offs in a central run (protocol.REPLY_HOP, zsgd.runtime.worker.broker_hops) --------------------
 
-BROKER_LINE = "broker hop ms (mean up, mean down; hops, ignored, after the first 10 %): "
+BROKER_LINE = "broker hop ms (mean up, mean down; hops, ignored, after the first quarter): "
 
 
 def test_broker_hop_lines_are_pooled_by_their_counts(tmp_path):
@@ -133,8 +133,10 @@ def test_a_worker_times_its_hops_from_the_brokers_stamps():
     hops = _hops(*[({"hop": [10.002, 10.100]}, 10.0, 10.103)] * 20)
     assert hops.up == [pytest.approx(0.002)] * 20 and hops.down == [pytest.approx(0.003)] * 20 and hops.ignored == 0
     up, down, n = hops.means_ms()
-    assert (up, down, n) == (pytest.approx(2.0), pytest.approx(3.0), 18)  # after the first 10 %
-    assert hops.line() == BROKER_LINE + "2.0000,3.0000,18,0"
+    assert (up, down, n) == (pytest.approx(2.0), pytest.approx(3.0), 15)  # after the first quarter
+    assert hops.line() == BROKER_LINE + "2.0000,3.0000,15,0"
+    started = _hops(({"hop": [10.800, 10.1]}, 10.0, 10.103), *[({"hop": [10.002, 10.100]}, 10.0, 10.103)] * 20)
+    assert started.up[0] == pytest.approx(0.8) and started.means_ms()[:2] == (pytest.approx(2.0), pytest.approx(3.0))  # start-up left out
 
 
 def test_the_workers_own_hand_off_starts_the_up_hop_of_the_next_stamped_reply():
