@@ -72,7 +72,8 @@ def test_ksync_checkpoints_and_resumes(tmp_path, no_orphans):
     assert first.returncode == 0, first.stderr[-2000:]
     saved = json.loads((out / "checkpoint.json").read_text())["updates"]
     assert saved == 120
-    res = run_zsgd("run", "--resume", str(out), "--steps", "200", "--n-proc", "3", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+    res = run_zsgd("run", "--resume", str(out), "--steps", "200", "--n-proc", "3", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet",
+                   "--no-plots")
     assert res.returncode == 0, res.stderr[-2000:]
     s = summary_of(out)
     assert s["updates"] == 200 and s["algo"] == "ksync:2" and s["test_accuracy"] > 0.6, s

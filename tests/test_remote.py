@@ -198,7 +198,8 @@ def test_remote_lstm_run_reports_tokens_and_perplexity(cluster, initialized, tmp
     out = tmp_path / "lstm"
     proc = cluster.zsgd("run", "--remote", str(initialized["hosts"]), *cluster.ssh_args, "--n-proc", "0",
                         "--model", "lstm:embed=8,hidden=16,layers=1", "--bptt", "16", "--batch-size", "4", "--data", "text:corpus.txt",
-                        "--steps", "12", "--heartbeat", "0.5", "--timeout", "10", "--out", str(out), "--quiet", cwd=tmp_path)
+                        "--steps", "12", "--heartbeat", "0.5", "--timeout", "10", "--out", str(out), "--quiet", "--no-plots",
+                        cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = summary_of(out)
     assert s["n_workers"] == 2 and {info["host"] for info in s["workers"].values()} == set(HOSTS), s["workers"]

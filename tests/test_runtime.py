@@ -125,7 +125,8 @@ def test_kill_9_broker_then_resume(tmp_path, no_orphans):
     finally:
         stop(proc, group=True)
     saved = json.loads((out / "checkpoint.json").read_text())["updates"]
-    res = run_zsgd("run", "--resume", str(out), "--steps", str(saved + 60), "--n-proc", "2", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet")
+    res = run_zsgd("run", "--resume", str(out), "--steps", str(saved + 60), "--n-proc", "2", "--heartbeat", "0.2", "--timeout", "1.5", "--quiet",
+                   "--no-plots")
     assert res.returncode == 0, res.stderr[-2000:]
     s = summary_of(out)
     assert s["updates"] >= saved + 60

@@ -126,7 +126,7 @@ def test_workers_that_start_at_once_share_every_servers_rounds(tmp_path, no_orph
 @pytest.mark.slow
 def test_killed_server_stops_the_run_and_resume_continues(tmp_path, no_orphans):
     out = tmp_path / "r"
-    proc = start_run(out, "--quiet", "--model", "logreg", "--n-proc", "2", "--servers", "2", "--steps", "100000",
+    proc = start_run(out, "--quiet", "--no-plots", "--model", "logreg", "--n-proc", "2", "--servers", "2", "--steps", "100000",
                      "--checkpoint-every", "20", "--heartbeat", "0.2", "--timeout", "1")
     try:
         server = wait_for(lambda: next((e for e in read_events(out) if e["event"] == "server" and e.get("status") == "serving"), None),
@@ -140,7 +140,7 @@ def test_killed_server_stops_the_run_and_resume_continues(tmp_path, no_orphans):
     assert proc.returncode == 1, err[-2000:]
     assert "range server 1" in err and "died" in err and "Traceback" not in err
     done = summary_of(out)["updates"]
-    resumed = run_zsgd("run", "--resume", str(out), "--steps", str(done + 60), "--quiet", timeout=240)
+    resumed = run_zsgd("run", "--resume", str(out), "--steps", str(done + 60), "--quiet", "--no-plots", timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     s = summary_of(out)
     assert s["updates"] == done + 60 and s["servers"] == 2

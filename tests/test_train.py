@@ -38,7 +38,8 @@ def test_one_worker_sync_run_reproduces_the_trainer(tmp_path, schedule, no_orpha
     a, b = tmp_path / "train", tmp_path / "run"
     common = [*SMALL, "--steps", "60", "--lr-schedule", schedule, "--quiet"]
     assert cli("train", *common, "--out", str(a)).exit_code == 0  # the trainer is one process: this one
-    proc = run_zsgd("run", "--n-proc", "1", "--algo", "sync", *common, "--out", str(b), "--heartbeat", "0.5", "--timeout", "3")
+    proc = run_zsgd("run", "--n-proc", "1", "--algo", "sync", *common, "--out", str(b), "--heartbeat", "0.5", "--timeout", "3",
+                    "--no-plots")
     assert proc.returncode == 0, proc.stderr
     with np.load(a / "weights.npz") as wa, np.load(b / "weights.npz") as wb:
         for k in wa.files:
