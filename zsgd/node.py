@@ -123,10 +123,11 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
                 reply = compute(msg, t0 - out_hop)
                 computed = time.monotonic()
                 # Emulated compute time and straggler: stretch this step, measured as compute_s is (from the weights'
-                # arrival), so the emulation and the simulator's models stretch the same time; a K-sync step
-                # abandoned meanwhile ends the stretch (zsgd.runtime.worker.replies.stretch_step).
+                # arrival, with the previous update's hand-off to the socket), so the emulation and the simulator's
+                # models stretch the same time (a straggler's whole turnaround, as the twin's draw of it); a K-sync
+                # step abandoned meanwhile ends the stretch (zsgd.runtime.worker.replies.stretch_step).
                 stretch = emulated_stretch(msg.meta)
-                early = stretch_step(t0, *stretch, recv=lambda s: link.recv(timeout=s), version=msg.version)
+                early = stretch_step(t0 - out_hop, *stretch, recv=lambda s: link.recv(timeout=s), version=msg.version)
             except ProtocolError as exc:
                 log(opts, f"broker sent unusable weights ({exc}); exiting")
                 return EXIT_BAD_REPLY
@@ -136,7 +137,7 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             link.send(reply)
             idle_since = time.monotonic()
             # On its way up: the stretch's lateness, the update's copy into shared memory and its frames.
-            hops.handed(overrun(t0, computed, handing, *stretch) + idle_since - handing)
+            hops.handed(overrun(t0 - out_hop, computed, handing, *stretch) + idle_since - handing)
             if isinstance(reply.meta.get("compute_s"), float):
                 turnarounds.append(reply.meta["compute_s"])
 
