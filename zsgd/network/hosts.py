@@ -19,11 +19,14 @@ on the event queue (a generation number discards ends that a later change
 of the rate moved). Each start or end is O(log jobs).
 
 A ``FifoStage`` is a single thread that serves its requests one at a time
-(the server's step): each request is a job on the host's pool, so the stage
-slows down when the host is busy. A message crossing loopback is not a job
-but an occupancy: its duration is the host's measured transport (which
-already holds the contention of copying on these cores), and while it
-crosses it keeps a thread busy, which slows every job beside it.
+(the server's step; a server's ZeroMQ I/O thread): each request is a job on
+the host's pool, so the stage slows down when the host is busy. A message
+crossing loopback with the transport measured is such a job, on the server's
+I/O-thread stage with a demand of two threads (its copy and the peer's) and
+the work a lone crossing takes in the echo with one client: the contention
+of several in flight is this sharing, not a measured figure. With a NIC
+given by hand a crossing is an occupancy instead: it takes the given time
+and keeps its threads busy meanwhile (``CpuPool.occupy``).
 """
 
 from __future__ import annotations

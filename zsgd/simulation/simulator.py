@@ -61,7 +61,7 @@ from zsgd.simulation.workload import Workload
 from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
 
 # Event kinds. A heap entry is (t, seq, kind, worker, incarnation, a, b).
-_CROSSING_THREADS = 2.0  # --placement local: a message crossing loopback keeps the sender's and the receiver's I/O threads busy
+_CROSSING_THREADS = 2.0  # --placement local: a message crossing loopback keeps the server's I/O thread and its peer's busy
 _SIM_RUN = "0" * 12  # the run id in simulated messages (their sizes count it as a real run's)
 _DONE, _ARRIVE, _PROCESS, _FAIL, _DETECT, _RECOVER, _CANCEL, _START, _CPU, _OCC, _WIRE = range(11)
 

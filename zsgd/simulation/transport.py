@@ -26,6 +26,15 @@ tandem (overlap 1); if the two add, the step holds up receiving (overlap
 measured 0.1-0.8 (noisy) and the real server's plateau had matched
 1 / (1/echo + step) rather than the tandem's 1 / max(1/echo, step).
 
+The lone echo: the same echo with one client, so one message in flight.
+A lone exchange (two crossings) is what a crossing costs when it has the
+cores; ``--placement local`` charges every crossing that CPU work and lets
+the host's processor sharing make the contention (the 1-client echo moved
+about 1.5x the 4-client one's bytes/s here at light load, and charging
+every crossing the loaded speed made one worker alone 40 % slow). Its
+bursts alternate with the 4-client ones, so a change of load on the
+machine hits both alike.
+
 The echo runs in a thread of this process: ZeroMQ's I/O threads do the
 copies without the GIL, and the Python around each message is a few
 microseconds. Checked against an echo in a child process (as
@@ -206,8 +215,10 @@ def measure_server_transport(nbytes: int, bursts: int | None = None, pairs: int 
     nbytes = max(1, int(nbytes))
     bursts, pairs = bursts or BURSTS, pairs or PAIRS
     measurements += 1
-    lone = measure_transport(nbytes, bursts=bursts, clients=1)
-    samples = measure_transport(nbytes, bursts=bursts)
+    lone, samples = [], []
+    for _ in range(bursts):  # alternating, so a change of load on the machine hits both alike
+        lone += measure_transport(nbytes, bursts=1, clients=1)
+        samples += measure_transport(nbytes, bursts=1)
     work, work_s = busy_work(0.7 * nbytes / float(statistics.median(samples)))
     paired = measure_transport(nbytes, bursts=2 * pairs, work=work)
     plain, loaded = paired[0::2], paired[1::2]
