@@ -1,30 +1,30 @@
-"""Convolution and dense layers as sgemm calls around the numba kernels.
+"""Convolution and dense layers: zsgd's register tile where the shape allows, im2col + sgemm elsewhere.
 
-Why this split: a single-threaded numba loop reaches a fraction of what
-OpenBLAS's hand-written sgemm does (about 90 GFLOP/s on one AVX-512 core),
-so every multiply-accumulate goes through numpy's ``@`` on contiguous
-float32, and numba only moves data (``zsgd.kernels``).
+**Direct kernels** (``zsgd.nn.conv.direct``, the tile in
+``zsgd.nn.conv.tile``): a stride-1, unpadded conv whose output channels
+fill 32-column panels (the MNIST CNN's conv1 and conv2) skips im2col and
+numpy's sgemm altogether. The tile reads the input, the output gradient
+and weights packed once per call in place, at 217-234 GFLOP/s on one Zen 5
+core (its FMA peak is about 236) against OpenBLAS's 79-90 there (the
+environment pins it to its AVX2 kernels); the backward pass needs no
+col2im. Dense layers whose inputs fill panels (the CNN's fc1) use the same
+tile. :class:`ConvBuffers` picks the path (``direct=False`` forces im2col,
+which the tests use as the reference); the two agree to float32 rounding.
 
-A convolution is processed **a few samples at a time** (``chunk``) so the
+**The im2col path** (LeNet-5's 6- and 16-channel convs, strides,
+padding): every multiply-accumulate goes through numpy's ``@`` on
+contiguous float32 and numba only moves data (``zsgd.kernels``). A
+convolution is processed **a few samples at a time** (``chunk``) so the
 im2col buffer (``OH*OW*kh*kw*C`` floats per sample, 650 KB for the MNIST
 CNN's second conv) stays in L2 between the im2col pass and the sgemm that
-reads it; measured on the EPYC test box this makes conv2 1.5x faster than
-one batch-wide im2col, whose 42 MB buffer round-trips through DRAM. The
-backward pass recomputes im2col per chunk instead of storing it, which is
-cheaper than reading it back from memory.
+reads it (1.5x faster than one batch-wide im2col on the Zen 4 test box,
+whose 42 MB buffer round-trips through DRAM). The backward pass recomputes
+im2col per chunk instead of storing it, which is cheaper than reading it
+back from memory.
 
 Weights keep PyTorch's layouts inside the flat parameter vector; a conv's
-(Cout, Cin, kh, kw) weight is copied to the (kh*kw*Cin, Cout) sgemm layout
-once per call (18 K floats for conv2: noise next to the product).
-
-**Direct kernels where the shape allows** (``zsgd.nn.conv.direct``):
-a stride-1, unpadded conv whose output channels fill 32-column panels (the
-CNN's conv1 and conv2) skips im2col and numpy's sgemm altogether. A register tile
-reads the input, the output gradient and weights packed once per call in
-place, at about 220-230 GFLOP/s on one Zen 5 core against OpenBLAS's
-79 (the environment pins it to its AVX2 kernels); the backward pass needs
-no col2im. :class:`ConvBuffers` picks the path (``direct=False`` forces
-im2col, which the tests use as the reference).
+(Cout, Cin, kh, kw) weight is copied to the sgemm or panel layout once per
+call (18 K floats for conv2: noise next to the product).
 
 The ``*_nchw`` functions at the bottom are the small, allocate-as-you-go
 NCHW API used by tests and by anyone who wants one kernel on its own.
@@ -177,7 +177,7 @@ def conv_backward(
     ``dout`` is d(loss)/d(out) (already ReLU-masked if ``premasked``; it is
     modified in place when unpooled). Writes ``gw`` (PyTorch layout) and ``gb``;
     if ``dx`` is given, writes d(loss)/d(x) there, times ``x > 0`` when
-    ``mask_dx`` (the producing layer's ReLU, fused into col2im). Skipping
+    ``mask_dx`` (the producing layer's ReLU, fused into col2im or the direct input gradient). Skipping
     ``dx`` for the first layer saves a third of its cost.
     """
     if not g.pool and relu and not premasked:
@@ -240,6 +240,11 @@ def _direct_backward(g: ConvGeom, x: np.ndarray, w: np.ndarray, arg: np.ndarray 
     D.gemm_to_weight(buf.gm, gw)
 
 
+def _contiguous(*arrays: np.ndarray | None) -> bool:
+    """Whether every array given is C-contiguous (the tile's kernels index them flat)."""
+    return all(a is None or a.flags.c_contiguous for a in arrays)
+
+
 def dense_scratch(n: int, n_in: int, n_out: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """Shapes of :func:`dense_forward`'s ``xp`` and ``ot`` for a batch of ``n``, or None: BLAS does it."""
     if not D.dense_supported(n_in):
@@ -256,7 +261,7 @@ def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, relu: bool, out: 
     product runs through the tile (``zsgd.nn.conv.direct.dense_forward``),
     else through BLAS, which uses ``w`` transposed without a copy.
     """
-    if xp is not None and ot is not None and x.flags.c_contiguous:
+    if xp is not None and ot is not None and _contiguous(x, w):
         D.dense_forward(x, w, xp, ot)
         np.copyto(out, ot[:, :x.shape[0]].T)
     else:
@@ -271,7 +276,7 @@ def dense_backward(
     """Gradients of :func:`dense_forward`; ``dout`` is ReLU-masked in place."""
     if relu:
         K.relu_backward(dout, out)
-    if D.dense_supported(x.shape[1]) and x.flags.c_contiguous and dout.flags.c_contiguous:
+    if D.dense_supported(x.shape[1]) and _contiguous(x, dout, w, gw, dx):
         D.dense_backward(x, dout, w, gw, dx if dx is not None else x[:0])
     else:
         np.matmul(dout.T, x, out=gw)

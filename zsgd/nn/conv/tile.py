@@ -49,6 +49,20 @@ def _vload(builder: ir.IRBuilder, ptr) -> ir.Instruction:
     return ld
 
 
+def _phis(builder: ir.IRBuilder, mr: int, *incoming) -> list[list[ir.PhiInstr]]:
+    """An ``mr`` x 2 grid of vector phis, each given ``(values grid, block)`` pairs as incoming edges."""
+    grid = [[builder.phi(_VEC) for _ in range(2)] for _ in range(mr)]
+    _add_incoming(grid, *incoming)
+    return grid
+
+
+def _add_incoming(grid, *incoming) -> None:
+    for values, block in incoming:
+        for row, vals in zip(grid, values):
+            for phi, val in zip(row, vals):
+                phi.add_incoming(val, block)
+
+
 def _codegen(mr: int):
     """IR for ``c[r, 0:NR] (+)= sum_{k2 < n2, k1 < n1} a[a0 + r*ars + k1*ak1 + k2*ak2] * b[b0 + k1*bk1 + k2*bk2 + 0:NR]``.
 
@@ -86,10 +100,7 @@ def _codegen(mr: int):
         builder.position_at_end(head)
         k2 = builder.phi(intp)
         k2.add_incoming(const(0), pre)
-        acc_o = [[builder.phi(_VEC) for _ in range(2)] for _ in range(mr)]
-        for r in range(mr):
-            for v in range(2):
-                acc_o[r][v].add_incoming(init[r][v], pre)
+        acc_o = _phis(builder, mr, (init, pre))
         oa = builder.mul(k2, ak2)
         ob = builder.mul(k2, bk2)
         builder.branch(inner)
@@ -97,10 +108,7 @@ def _codegen(mr: int):
         builder.position_at_end(inner)
         k1 = builder.phi(intp)
         k1.add_incoming(const(0), head)
-        acc_i = [[builder.phi(_VEC) for _ in range(2)] for _ in range(mr)]
-        for r in range(mr):
-            for v in range(2):
-                acc_i[r][v].add_incoming(acc_o[r][v], head)
+        acc_i = _phis(builder, mr, (acc_o, head))
         offa = builder.add(oa, builder.mul(k1, ak1))
         bk = builder.gep(pb0, [builder.add(ob, builder.mul(k1, bk1))])
         bv = [_vload(builder, builder.gep(bk, [const(_LANES * v)])) for v in range(2)]
@@ -113,25 +121,17 @@ def _codegen(mr: int):
                         for v in range(2)])
         k1n = builder.add(k1, const(1))
         k1.add_incoming(k1n, inner)
-        for r in range(mr):
-            for v in range(2):
-                acc_i[r][v].add_incoming(new[r][v], inner)
+        _add_incoming(acc_i, (new, inner))
         builder.cbranch(builder.icmp_signed("<", k1n, n1), inner, latch)
 
         builder.position_at_end(latch)
         k2n = builder.add(k2, const(1))
         k2.add_incoming(k2n, latch)
-        for r in range(mr):
-            for v in range(2):
-                acc_o[r][v].add_incoming(new[r][v], latch)
+        _add_incoming(acc_o, (new, latch))
         builder.cbranch(builder.icmp_signed("<", k2n, n2), head, done)
 
         builder.position_at_end(done)
-        out = [[builder.phi(_VEC) for _ in range(2)] for _ in range(mr)]
-        for r in range(mr):
-            for v in range(2):
-                out[r][v].add_incoming(init[r][v], pre)
-                out[r][v].add_incoming(new[r][v], latch)
+        out = _phis(builder, mr, (init, pre), (new, latch))
         for r in range(mr):
             for v in range(2):
                 st = builder.store(out[r][v], builder.bitcast(builder.gep(crows[r], [const(_LANES * v)]), _VEC.as_pointer()))
