@@ -45,5 +45,5 @@ def test_profile_sorts_samples_by_thread_and_code():
 def test_a_synthetic_worker_joins_a_real_broker(tmp_path):
     import bench_broker
 
-    rate = bench_broker.measure("zsgd", 1, 1, 1, seconds=1.0, warmup=0.5, out=tmp_path / "run")
+    rate = bench_broker.measure("zsgd", 1, 1, 1, seconds=0.5, warmup=0.2, out=tmp_path / "run")  # any exchange at all
     assert rate > 0
