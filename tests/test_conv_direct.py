@@ -180,11 +180,7 @@ def test_dense_backward_matches_blas(m, f, o):
 def test_direct_kernels_without_avx512_use_the_narrow_tile(tmp_path):
     """Compiled for a CPU without AVX-512, the panels are 16 wide and the tiles 4 rows of 8-float vectors;
     the cnn's gradient still matches the im2col path's."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import REPO
+    from narrow_cpu import run_without_avx512
 
     code = """
 import numpy as np
@@ -204,11 +200,7 @@ assert abs(loss - loss2) <= 1e-5 * abs(loss2), (loss, loss2)
 assert np.abs(g - g2).max() <= 1e-5 * np.abs(g2).max(), np.abs(g - g2).max()
 print("narrow ok")
 """
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
-               NUMBA_CPU_FEATURES="+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,"
-                                  "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = run_without_avx512(code, tmp_path)
     assert proc.returncode == 0 and "narrow ok" in proc.stdout, proc.stderr[-3000:]
 
 

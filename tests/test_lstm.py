@@ -284,11 +284,7 @@ def test_gradients_match_autograd_with_whole_and_partial_panels(spec, vocab, b, 
 def test_packed_gemm_without_avx512_uses_the_narrow_tile(tmp_path):
     """Compiled for a CPU without AVX-512 (numba's target set by environment), the kernel takes 4 x 16
     tiles of 8-float vectors, and the products and the model's gradients stay right."""
-    import os
-    import subprocess
-    import sys
-
-    from helpers import REPO
+    from narrow_cpu import run_without_avx512
 
     code = """
 import numpy as np
@@ -317,11 +313,7 @@ fd = (mdl.loss_and_grad(wp, x, x)[0] - mdl.loss_and_grad(wm, x, x)[0]) / (2 * ep
 assert abs(fd - g[i]) <= 2e-3 + 2e-2 * abs(fd), (fd, g[i])
 print("narrow ok")
 """
-    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"),
-               NUMBA_CPU_FEATURES="+64bit,+avx,+avx2,+bmi,+bmi2,+cmov,+cx16,+f16c,+fma,+fxsr,+lzcnt,+mmx,+movbe,+popcnt,"
-                                  "+sse,+sse2,+sse3,+sse4.1,+sse4.2,+ssse3,+xsave",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    proc = run_without_avx512(code, tmp_path)
     assert proc.returncode == 0 and "narrow ok" in proc.stdout, proc.stderr[-3000:]
 
 
