@@ -1,9 +1,11 @@
 """Numba kernels: the element-wise and data-movement half of every layer.
 
 The arithmetic-heavy half (the big matrix products of convolution and dense
-layers) runs as float32 sgemm through numpy's OpenBLAS, driven from
-``zsgd.nn.conv``; what is here is everything BLAS cannot do: im2col/col2im,
-fused bias + ReLU (+ max-pool), dropout masks, and softmax cross-entropy.
+layers) runs in ``zsgd.nn.conv``: through zsgd's own register tile where
+the shape allows (``zsgd.nn.conv.direct``: the MNIST CNN's convs and fc1),
+else as float32 sgemm through numpy's OpenBLAS. What is here is everything
+around those products: im2col/col2im for the sgemm path, fused bias + ReLU
+(+ max-pool), dropout masks, and softmax cross-entropy.
 
 Conventions, chosen for speed:
 
