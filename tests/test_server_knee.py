@@ -118,6 +118,33 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     assert transport.server_transport(nbytes, Calibration()).lone_bytes_per_s > 0 and transport.measurements == before + 4
 
 
+def test_a_record_from_before_the_lone_echo_replays_without_it(workload, tmp_path):
+    """--calibration FILE of a record made before the lone echo was measured: replayed as it is (a local host then
+    charges each crossing the loaded figure, as that run did), never measured; only a cached entry is measured again."""
+    from zsgd.simulation.calibration import Calibration
+
+    nbytes = max(workload.update_bytes, workload.weights_bytes)
+    record = {"source": "old", "transport": {f"message_bytes={nbytes}": {"bytes_per_s": 4e8, "overlap": 0.25}}}
+    before = transport.measurements
+    old = transport.server_transport(nbytes, Calibration("replay", record, source="old.yaml"))
+    assert old == transport.Transport(4e8, 0.25, None) and transport.measurements == before
+    (tmp_path / "calibration").mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZSGD_CALIBRATION_DIR", str(tmp_path / "calibration"))
+        mp.setattr(transport, "BURSTS", 1)
+        mp.setattr(transport, "PAIRS", 1)
+        cache = Calibration()
+        cache._write_cache("transport", f"message_bytes={nbytes}", record["transport"][f"message_bytes={nbytes}"])
+        assert transport.server_transport(nbytes, cache).lone_bytes_per_s > 0 and transport.measurements == before + 1
+    u, w = workload.update_bytes, workload.weights_bytes
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(workload, "transport", old)
+        opts = SimOptions(algo="async", n_workers=1, compute=Constant(0.0), broker_bandwidth=Measured(), placement="local", host_cores=2)
+        summary = run_arm(workload.cfg, opts, workload, tmp_path / "old").summary
+    assert summary["broker_lone_bandwidth_Bps"] is None
+    assert summary["updates_per_s"] == pytest.approx(4e8 / (u + w), rel=0.03)  # each crossing at the loaded figure, as before
+
+
 def test_overlap_is_read_off_the_echo_with_and_without_work():
     echo, work = 0.003, 0.001
     assert transport.overlap_from(echo, max(echo, work), work) == 1.0  # the work hid behind the I/O: tandem

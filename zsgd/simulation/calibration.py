@@ -116,15 +116,17 @@ def valid_entry(kind: str, entry: Any) -> bool:
     if not isinstance(entry, dict):
         return False
     if kind == "transport":
-        return all(_finite(entry.get(k)) and entry[k] > 0 for k in ("bytes_per_s", "lone_bytes_per_s")) \
+        lone = entry.get("lone_bytes_per_s", 1.0)  # absent from a record made before it was measured: replayed without it
+        return _finite(entry.get("bytes_per_s")) and entry["bytes_per_s"] > 0 and _finite(lone) and lone > 0 \
             and _finite(entry.get("overlap"), 0.0, 1.0)
     samples = entry.get("samples")
     return isinstance(samples, list) and bool(samples) and all(_finite(s) for s in samples)
 
 
 def _older(kind: str, entry: dict[str, Any]) -> bool:
-    """Whether ``entry`` is a transport figure written before the lone echo was measured (kept otherwise whole)."""
-    return kind == "transport" and "lone_bytes_per_s" not in entry and valid_entry(kind, entry | {"lone_bytes_per_s": 1.0})
+    """Whether ``entry`` is a transport figure cached before the lone echo was measured: measured again, quietly (a
+    replayed one is used as it is: ``--placement local`` then charges its crossings the loaded figure, as it did)."""
+    return kind == "transport" and "lone_bytes_per_s" not in entry
 
 
 def _warn(text: str) -> None:
@@ -264,8 +266,9 @@ class Calibration:
                 section = self._cache.get(kind)
                 entry = section.get(k) if isinstance(section, dict) else None
                 if entry is not None and not valid_entry(kind, entry):
-                    if not _older(kind, entry):  # one from before a figure was added is measured again quietly
-                        _warn(f"the calibration cache {self.cache_path()} has a damaged {kind} entry; measuring it again")
+                    _warn(f"the calibration cache {self.cache_path()} has a damaged {kind} entry; measuring it again")
+                    entry = None
+                elif entry is not None and _older(kind, entry):
                     entry = None
             origin = "cached"
             if entry is None:

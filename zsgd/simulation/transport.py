@@ -240,7 +240,8 @@ def server_transport(nbytes: int, calibration: Any = None) -> Transport:
         return {"bytes_per_s": value.bytes_per_s, "overlap": value.overlap, "lone_bytes_per_s": value.lone_bytes_per_s, **details}
 
     entry = (calibration or current()).get("transport", {"message_bytes": nbytes}, measure)
-    return Transport(float(entry["bytes_per_s"]), float(entry["overlap"]), float(entry["lone_bytes_per_s"]))
+    lone = entry.get("lone_bytes_per_s")  # None: a replayed record from before the lone echo was measured
+    return Transport(float(entry["bytes_per_s"]), float(entry["overlap"]), None if lone is None else float(lone))
 
 
 __all__ = ["Transport", "busy_work", "measure_server_transport", "measure_transport", "messages_per_burst",
