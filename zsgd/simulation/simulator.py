@@ -168,13 +168,14 @@ class Simulation:
         self.broker_bw, self.overlap = transport.bytes_per_s, transport.overlap
         self.nic_bw = self.broker_bw * opts.servers  # --servers K: K NICs
         self.host: CpuPool | None = None  # --placement local: the one host's cores (zsgd.network.hosts)
-        self.io_stage: FifoStage | None = None  # --placement local, transport measured: crossings are CPU work on the host
-        self.lone_bw = transport.lone_bytes_per_s if self.broker_bw_measured else None
+        self.lone_bw = transport.lone_bytes_per_s if self.broker_bw_measured else None  # the echo with one client
+        self.io_stage: FifoStage | None = None  # --placement local, lone_bw measured: crossings are CPU work on the host
         if opts.placement == "local":
             self.host = CpuPool(opts.host_cores, lambda t, _pool, generation: self._push(t, _CPU, -1, generation))
             self.step_stage = FifoStage(self.host, demand=float(opts.servers))  # the K range servers step together
             if self.lone_bw:  # each server's one I/O thread copies its range of every message, in and out, in turn
                 self.io_stage = FifoStage(self.host, demand=_CROSSING_THREADS * opts.servers)
+                self.crossing_per_byte = 1.0 / (2.0 * self.lone_bw * opts.servers)  # CPU-s/thread/byte: a lone exchange is 2
             self.jobs: dict[int, tuple[int, Job]] = {}  # each worker's running step: (token, job)
             self.cut: set[int] = set()  # steps abandoned before they started (their token)
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
@@ -283,20 +284,13 @@ class Simulation:
         token, inc = self.seq, self.inc[w]
         self.step_of[w] = (token, version, weights, math.inf)  # on its way (_deliver says when it arrives)
         if self.io_stage is not None:  # copied out by the server's I/O thread when its turn comes, on the host's cores
-            self.io_stage.submit(self.now, self._crossing_work(nbytes),
-                                 lambda t: self._deliver(w, inc, version, weights, token, nbytes, t))
+            self.io_stage.submit(self.now, nbytes * self.crossing_per_byte, lambda t: self._deliver(w, inc, version, weights, token, nbytes, t))
             return
         t = self.now
         if self.nic_bw != math.inf:  # the broker's NIC sends one message at a time
-            self.tx_free = max(t, self.tx_free) + nbytes / self.nic_bw
-            self._occupy(self.tx_free - nbytes / self.nic_bw, self.tx_free)
-            t = self.tx_free
+            t = self.tx_free = max(t, self.tx_free) + nbytes / self.nic_bw
+            self._occupy(t - nbytes / self.nic_bw, t)
         self._deliver(w, inc, version, weights, token, nbytes, t)
-
-    def _crossing_work(self, nbytes: int) -> float:
-        """CPU-seconds per thread of one message crossing loopback (--placement local, transport measured): a lone
-        exchange (two crossings) took ``message / lone bytes/s`` in the echo; each of the K servers copies its range."""
-        return nbytes / (2.0 * self.lone_bw * self.opts.servers)
 
     def _deliver(self, w: int, inc: int, version: int, weights: np.ndarray, token: int, nbytes: int, t: float) -> None:
         """The reply left the server at ``t``: it reaches the worker after its link, and the worker steps."""
@@ -383,7 +377,7 @@ class Simulation:
         arrive (reserved when sent instead, a late message of a heavy-tailed latency held back earlier arrivals)."""
         payload, nbytes = sent
         if self.io_stage is not None:  # --placement local: the server's I/O thread copies it in, on the host's cores
-            self.io_stage.submit(self.now, self._crossing_work(nbytes), lambda _t: self._on_arrive(w, inc, version, payload))
+            self.io_stage.submit(self.now, nbytes * self.crossing_per_byte, lambda _t: self._on_arrive(w, inc, version, payload))
             return
         start = max(self.now, self.rx_free)
         self.rx_free = start + nbytes / self.nic_bw
@@ -399,8 +393,7 @@ class Simulation:
         worker alone never sees it, and the plateau is ``1 / (max(step, receive) + that)``."""
         if self.overlap >= 1.0 or self.nic_bw == math.inf or self.broker_s <= 0:
             return 0.0
-        # --placement local: the K servers' steps all take turns with the one host's loopback I/O
-        step = self.broker_s * (self.opts.servers if self.host is not None else 1)
+        step = self.broker_s * (self.opts.servers if self.host is not None else 1)  # local: K steps take turns with the I/O
         return (1.0 - self.overlap) * min(step, nbytes / self.nic_bw)
 
     def _on_cancel(self, w: int, inc: int, version: int, _b: Any) -> None:
