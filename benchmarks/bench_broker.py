@@ -25,7 +25,10 @@ check, then in place; or one out-of-place pass with the check inside).
 
 ``--profile``: where the server's time per update goes (``broker_profile.py``).
 
-Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1,2,4] [--seconds 8] [--rounds 3] [--only step|exchange] [--profile]``
+``--census``: which step the loaded server takes (in place, out of place from its buffer pool, out of place
+into a fresh buffer) and the CPU each costs there, per round (``step_census.py``).
+
+Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1,2,4] [--seconds 8] [--rounds 3] [--only step|exchange] [--profile] [--census]``
 """
 
 from __future__ import annotations
@@ -334,6 +337,24 @@ def step_table(rounds: int, reps: int = 200) -> None:
         print(f"| {name} | {statistics.median(results[name]):.3f} | {', '.join(f'{x:.3f}' for x in results[name])} |")
 
 
+def census_rounds(args: argparse.Namespace) -> None:
+    """``--census``: one table per round (``step_census.py``), the load beside each."""
+    from step_census import WARMUP_S, census, table
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-broker-census-"))
+    try:
+        for r in range(max(1, args.rounds)):
+            load0 = os.getloadavg()[0]
+            rate, summary = census(measure, args.workers, args.client_procs, args.seconds, args.warmup, tmp / f"r{r}")
+            print(f"\nround {r + 1}: {args.workers} pipelined workers, zsgd --servers 1 (async, momentum) at {rate:.1f} updates/s; "
+                  f"{summary['updates']} updates counted from {WARMUP_S:g} s after the first; load average {load0:.1f} -> "
+                  f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
+            for line in table(summary):
+                print(line)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=4, help="synthetic workers (pipelined, no compute)")
@@ -345,6 +366,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["exchange", "step"], default=None, help="only the pipelined exchange, or only the server step")
     ap.add_argument("--profile", action="store_true", help="where the server's time per update goes (K = 1): CPU by thread and code "
                     "(perf, raw echo beside zsgd) and the broker's Python path by stage (cProfile); see broker_profile.py")
+    ap.add_argument("--census", action="store_true", help="which step the loaded server takes and its CPU there (K = 1, "
+                    "--rounds rounds); see step_census.py")
     ap.add_argument("--client", choices=["raw", "zsgd"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
     ap.add_argument("--client-workers", default="", help=argparse.SUPPRESS)
@@ -371,6 +394,9 @@ def main() -> None:
             profile(measure, args.workers, args.client_procs, args.seconds, args.warmup, tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        return
+    if args.census:
+        census_rounds(args)
         return
     msg_bytes = 4 * N_PARAMS  # each way
     tmp = Path(tempfile.mkdtemp(prefix="bench-broker-"))
