@@ -53,7 +53,9 @@ class Census:
     def summary(self) -> dict[str, Any]:
         n = sum(len(v) for v in self.steps.values())
         out: dict[str, Any] = {"updates": n, "steps": {k: len(v) for k, v in self.steps.items()},
-                               "step_median_us": {k: statistics.median(v) for k, v in self.steps.items() if v}}
+                               "step_median_us": {k: statistics.median(v) for k, v in self.steps.items() if v},
+                               "metrics_lines": len(self.metrics_us),
+                               "metrics_line_median_us": statistics.median(self.metrics_us) if self.metrics_us else None}
         if n and self.start is not None and self.end is not None:
             out["per_update_us"] = {"main thread": (self.end[0] - self.start[0]) / n * 1e6,
                                     "whole process": (self.end[1] - self.start[1]) / n * 1e6,
@@ -116,6 +118,8 @@ def table(s: dict[str, Any]) -> list[str]:
     for path, count in s["steps"].items():
         med = s["step_median_us"].get(path)
         lines.append(f"| {path} | {count} | {count / n:.1%} | {'' if med is None else f'{med:.0f}'} |")
+    if s.get("metrics_line_median_us") is not None:
+        lines.append(f"| metrics lines | {s['metrics_lines']} | | {s['metrics_line_median_us']:.0f} |")
     for k, v in s.get("per_update_us", {}).items():
         lines.append(f"| CPU per update: {k} | | | {v:.0f} (mean) |")
     return lines

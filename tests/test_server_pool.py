@@ -64,6 +64,7 @@ def test_census_tells_the_step_paths_apart_and_changes_nothing(tmp_path):
         assert len(census.metrics_us) == 1
         summary = census.summary()
         assert summary["updates"] == n_before + 1 and set(summary["per_update_us"]) >= {"main thread", "the step"}
+        assert summary["metrics_lines"] == 1 and summary["metrics_line_median_us"] >= 0
         assert any(row.startswith("| out of place, fresh buffer | ") for row in step_census.table(json.loads(json.dumps(summary))))
     finally:
         restore()
