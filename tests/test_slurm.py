@@ -182,7 +182,7 @@ def _broker_pid(out: Path) -> int:
 def test_a_dead_task_is_a_dead_worker(slurm, tmp_path, no_orphans):
     """kill -9 of one srun task: the broker counts a death and the other workers carry on; SIGTERM then ends the run cleanly."""
     out = tmp_path / "run"
-    salloc = subprocess.Popen(["salloc", "-n", "4", *ZSGD, "run", *FAST, "--heartbeat", "0.5", "--timeout", "2.5", "--steps", "1000000", "--quiet",
+    salloc = subprocess.Popen(["salloc", "-n", "4", *ZSGD, "run", *FAST, "--heartbeat", "0.2", "--timeout", "1.5", "--steps", "1000000", "--quiet",
                                "--out", str(out)],
                               env=slurm.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
