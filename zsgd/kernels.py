@@ -32,6 +32,8 @@ import numpy as np
 from numba import njit
 from numba import uint64 as u8
 
+from zsgd.jit import always_inline  # before any @njit: LLVM options, cache keys (see zsgd.jit)
+
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 _F0 = np.float32(0.0)
 
@@ -317,6 +319,7 @@ def pool_backward(dout: np.ndarray, arg: np.ndarray, k: int, s: int, oh: int, ow
 @njit(cache=True)
 def _mix64(z):
     """splitmix64 finaliser: a good 64-bit hash, cheap and vectorisable."""
+    always_inline()
     z = (z ^ (z >> u8(30))) * u8(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> u8(27))) * u8(0x94D049BB133111EB)
     return z ^ (z >> u8(31))

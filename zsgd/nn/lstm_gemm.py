@@ -40,10 +40,10 @@ accepts only the attribute names it knows, so the string attribute is added
 to the set directly; should a future llvmlite refuse it, the kernels still
 compile (slower, same results).
 
-Numba's on-disk cache of ``zsgd.nn.lstm_kernels`` holds its own copy of
-these functions and is keyed on that file only: after editing this one,
-touch ``lstm_kernels.py`` (or clear its ``__pycache__``) so the layer loops
-recompile.
+The layer loops of ``zsgd.nn.lstm_kernels`` inline :func:`gemm_packed`
+(``always_inline``: a caller must never run a linked copy, see
+``zsgd.jit``) and their cache entries are keyed on this file too, so an
+edit here recompiles them.
 """
 
 from __future__ import annotations
@@ -53,6 +53,8 @@ import numpy as np
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from zsgd.jit import always_inline  # before any @njit: LLVM options, cache keys (see zsgd.jit)
 
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 _WIDE = '"prefer-vector-width"="512"'
@@ -255,6 +257,7 @@ def gemm_packed(a: np.ndarray, bp: np.ndarray, c: np.ndarray) -> None:
     the packed matrix's own width come out zero (the padding).
     """
     prefer_512()
+    always_inline()
     M, K = a.shape
     m_full = M - M % MR
     for k0 in range(0, max(K, 1), KC):
@@ -277,6 +280,7 @@ def gemm_packed(a: np.ndarray, bp: np.ndarray, c: np.ndarray) -> None:
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def _pack_b_block(b: np.ndarray, k0: int, n: int, out: np.ndarray) -> None:
     """``out[p, k, :] = b[k0 + k, p * NR:(p + 1) * NR]``: rows k0..k0+n of ``b`` as contiguous panels."""
+    always_inline()
     for k in range(n):
         src = b[k0 + k]
         for p in range(out.shape[0]):

@@ -37,7 +37,11 @@ every float division checks for zero and raises ``ZeroDivisionError``; that
 branch alone keeps LLVM from vectorising the loop (measured: the gate
 kernel 10x slower). The denominator here is >= 4.9e-3, never zero.
 
-Single-threaded and ``cache=True``, like every zsgd kernel.
+Single-threaded and ``cache=True``, like every zsgd kernel. The per-step
+kernels are inlined into the layer loops that call them (``always_inline``)
+and LLVM is allowed more run-time overlap checks than its default 8, for
+every kernel of the process (the backward step reads and writes seven
+arrays: 78 -> 37 us at B=32, H=256); both are ``zsgd.jit``'s rules.
 """
 
 from __future__ import annotations
@@ -46,28 +50,8 @@ import numpy as np
 from numba import njit
 from numba import uint64 as u8
 
+from zsgd.jit import always_inline  # before any @njit: LLVM options, cache keys (see zsgd.jit)
 from zsgd.nn.lstm_gemm import gemm_packed, prefer_512
-
-#: LLVM vectorises a loop over several arrays only after run-time checks
-#: that they do not overlap, and gives up past 8 such checks (its
-#: ``-runtime-memory-check-threshold``). The LSTM's backward step reads and
-#: writes seven rows at once; raising the limit, once per process before
-#: anything here compiles, makes it 2x faster (78 -> 37 us at B=32, H=256).
-#: It only lets LLVM vectorise more loops, never changes a result; if this
-#: llvmlite refuses the option, the kernels stay correct, just slower.
-_VECTOR_CHECKS = 64
-
-
-def _raise_vectoriser_limit() -> None:
-    try:
-        import llvmlite.binding as ll
-
-        ll.set_option("zsgd", f"-runtime-memory-check-threshold={_VECTOR_CHECKS}")
-    except Exception:  # pragma: no cover - an llvmlite without the option: slower, still correct
-        pass
-
-
-_raise_vectoriser_limit()
 
 _FM = {"reassoc", "contract", "nsz", "arcp"}
 _HALF = np.float32(0.5)
@@ -147,6 +131,7 @@ def gates_forward(xp: np.ndarray, rows: np.ndarray, rec: np.ndarray, bias: np.nd
     handful of run-time overlap checks between its arrays suffice.
     """
     prefer_512()
+    always_inline()
     B, H4 = a.shape
     uh = u8(H4 // 4)
     for b in range(B):
@@ -172,6 +157,7 @@ def cell_forward(a: np.ndarray, c_prev: np.ndarray, c: np.ndarray, h: np.ndarray
     ``a``: the step's activated gates (B, 4H); the others (B, H).
     """
     prefer_512()
+    always_inline()
     B, H = c.shape
     uh = u8(H)
     for b in range(B):
@@ -213,6 +199,7 @@ def cell_backward(a: np.ndarray, cs: np.ndarray, t: int, dh_out: np.ndarray, car
     bit for bit.
     """
     prefer_512()
+    always_inline()
     B, H = cs.shape[1], cs.shape[2]  # dh_out may be wider (padded to whole panels by the product above)
     uh = u8(H)
     for b in range(B):

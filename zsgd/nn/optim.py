@@ -29,6 +29,7 @@ import numpy as np
 from numba import njit
 from numba import uint64 as u8
 
+from zsgd import jit as _jit  # noqa: F401  before any @njit: LLVM options, cache keys (see zsgd.jit)
 from zsgd.errors import ZsgdError
 from zsgd.nn import server_step as _into
 

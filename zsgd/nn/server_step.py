@@ -29,6 +29,8 @@ import numpy as np
 from numba import njit
 from numba import uint64 as u8
 
+from zsgd import jit as _jit  # noqa: F401  before any @njit: LLVM options, cache keys (see zsgd.jit)
+
 _FM = {"reassoc", "contract", "nsz", "arcp"}  # as zsgd.nn.optim: no nnan/ninf, so NaN/Inf stay visible
 _INF = np.float32(np.inf)
 

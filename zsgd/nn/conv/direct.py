@@ -44,6 +44,7 @@ import numpy as np
 from numba import njit
 from numba import uint64 as u8
 
+from zsgd.jit import always_inline  # before any @njit: LLVM options, cache keys (see zsgd.jit)
 from zsgd.nn.conv.tile import tile1, tile2, tile4, tile_full
 from zsgd.nn.lstm_gemm import KC, MR, NR, prefer_512
 
@@ -92,6 +93,7 @@ def gemm_to_weight(gm: np.ndarray, gw: np.ndarray) -> None:
 @njit(cache=True, error_model="numpy")
 def _rows(a, b, c, a0, ars, ak1, ak2, b0, bk1, bk2, c0, crs, n1, n2, acc, m):
     """``m`` result rows from ``a0``/``c0`` on: tiles of MR, then 4, 2, 1 rows."""
+    always_inline()
     i = 0
     while m - i >= MR:
         tile_full(a, b, c, a0 + i * ars, ars, ak1, ak2, b0, bk1, bk2, c0 + i * crs, crs, n1, n2, acc)
@@ -132,6 +134,7 @@ def _weight_grad(x: np.ndarray, s: int, d: np.ndarray, d0: int, drs: int, oh: in
     kernel row (eight consecutive input floats broadcast), columns a panel
     of output channels.
     """
+    always_inline()
     n, H, W, C = x.shape
     cout = gm.shape[1]
     xf, gf = x.reshape(-1), gm.reshape(-1)
@@ -150,6 +153,7 @@ def _input_grad(x: np.ndarray, s: int, dzp: np.ndarray, kh: int, kw: int, wq: np
     a whole number of panels the tiles write ``tmp`` (H*W, panels * NR) and
     the C real channels are copied out. Times ``x > 0`` when ``mask``.
     """
+    always_inline()
     n, H, W, C = x.shape
     HP, WP, cout = dzp.shape
     OH = HP - 2 * (kh - 1)
@@ -186,6 +190,7 @@ def route_pool(dout: np.ndarray, arg: np.ndarray, s: int, k: int, st: int, oh: i
     position of the max, -1 where the ReLU zeroed it); ``db`` (float64)
     accumulates the routed gradient's channel sums (the bias gradient).
     """
+    always_inline()
     _, PH, PW, C = dout.shape
     WP = dzp.shape[1]
     y0, x0 = kh - 1, kw - 1
@@ -247,6 +252,7 @@ def backward_pooled(x: np.ndarray, dout: np.ndarray, arg: np.ndarray, k: int, st
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def _colsum(d: np.ndarray, b0: int, rows: int, db: np.ndarray) -> None:
     """``db += `` the channel sums of ``rows`` rows of ``d`` from ``b0`` on (unsigned indices: vectorised)."""
+    always_inline()
     uc = u8(db.shape[0])
     for r in range(rows):
         base = u8(b0 + r * db.shape[0])
@@ -313,6 +319,7 @@ def dense_backward(x: np.ndarray, dout: np.ndarray, w: np.ndarray, gw: np.ndarra
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def _pack_batch(x: np.ndarray, xp: np.ndarray) -> None:
     """``xp[p, k, j] = x[p * NR + j, k]``, zero past the batch: 16 columns at a time, so the reads stay in L1."""
+    always_inline()
     M, F = x.shape
     for p in range(xp.shape[0]):
         for k0 in range(0, F, 16):

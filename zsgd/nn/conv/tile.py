@@ -22,8 +22,8 @@ vectoriser cannot do this and why the functions carry
 AVX-512 the vectors are 8 floats and the tile 4 x 16 (eight registers).
 
 The numba functions that call these tiles are compiled and cached in
-``zsgd.nn.conv.direct``; numba's cache is keyed on that file only, so after
-editing this one touch ``direct.py`` so they recompile.
+``zsgd.nn.conv.direct``; their cache entries are keyed on this file too
+(``zsgd.jit``), so an edit here recompiles them.
 """
 
 from __future__ import annotations
