@@ -39,7 +39,8 @@ def make(input_shape=(1, 28, 28), n_classes=10):
 '''
 N_PARAMS = 784 * 32 + 32 + 32 * 10 + 10
 CHANCE = 0.1
-RUN = ["--algo", "sync", "--data", "embedded", "--steps", "100", "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.5", "--timeout", "10",
+STEPS = 50  # sync rounds: the MLP is at 0.65 after 50 on 3 workers (0.74 after 100), well above CHANCE + 0.3
+RUN = ["--algo", "sync", "--data", "embedded", "--steps", str(STEPS), "--batch-size", "32", "--lr", "0.05", "--heartbeat", "0.5", "--timeout", "10",
        "--quiet", "--no-plots"]
 
 
@@ -53,7 +54,7 @@ def write_module(folder: Path, package: str) -> Path:
 def check_trained(out: Path, hosts: set[str], n_workers: int) -> dict:
     s = summary_of(out)
     assert s["n_params"] == N_PARAMS, s  # the MLP, not a built-in model
-    assert s["updates"] >= 100 and s["worker_deaths"] == 0 and s["n_workers"] == n_workers, s
+    assert s["updates"] >= STEPS and s["worker_deaths"] == 0 and s["n_workers"] == n_workers, s
     assert {w["host"] for w in s["workers"].values()} == hosts, s["workers"]
     assert all(w["steps"] > 0 for w in s["workers"].values()), s["workers"]
     assert s["test_accuracy"] > CHANCE + 0.3, s
