@@ -44,6 +44,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from zsgd.jit import always_inline  # before any @njit: LLVM options, cache keys (see zsgd.jit)
+
 from zsgd.algorithms.asynchronous import AsyncSGD
 from zsgd.algorithms.base import Output, ServerAlgorithm, Update
 from zsgd.algorithms.ssp import StaleSynchronousSGD
@@ -53,6 +55,7 @@ _WRAP = 1 << 32
 
 @njit(cache=True)
 def _count_one(hist, i, cur, window, depth):  # pragma: no cover - jitted
+    always_inline()
     c = 0
     age = np.uint32(0)
     for d in range(depth):

@@ -25,6 +25,8 @@ from collections.abc import Mapping
 import numpy as np
 from numba import njit
 
+from zsgd.jit import always_inline  # before any @njit: LLVM options, cache keys (see zsgd.jit)
+
 from zsgd.compression.spec import CodecSpec
 from zsgd.errors import ProtocolError
 

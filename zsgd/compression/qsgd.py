@@ -34,6 +34,8 @@ from collections.abc import Mapping
 import numpy as np
 from numba import njit
 
+from zsgd.jit import always_inline  # before any @njit: LLVM options, cache keys (see zsgd.jit)
+
 from zsgd.compression.base import Codec, expect_arrays
 from zsgd.compression.spec import CodecSpec
 from zsgd.errors import ProtocolError
@@ -47,6 +49,7 @@ _U24 = 1.0 / (1 << 24)
 
 @njit(cache=True)
 def _mix(z):  # pragma: no cover - jitted
+    always_inline()
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
     return z ^ (z >> _S31)
