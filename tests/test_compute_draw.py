@@ -70,6 +70,8 @@ def test_the_run_draws_what_the_simulation_draws():
 
 def test_reply_stretch_is_validated_like_any_broker_message():
     assert emulated_stretch({"compute_target_s": 0.025, "slowdown": 3}) == (0.025, 3.0)
+    # a worker's first step (its one-time costs: kernels loaded or compiled) keeps its drawn time, never the slowdown
+    assert emulated_stretch({"compute_target_s": 0.025, "slowdown": 3}, first=True) == (0.025, 1.0)
     for meta in ({}, {"compute_target_s": "1", "slowdown": None}, {"compute_target_s": float("inf"), "slowdown": -2.0},
                  {"compute_target_s": 1e9, "slowdown": True}):
         assert emulated_stretch(meta) == (0.0, 1.0)

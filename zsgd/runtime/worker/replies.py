@@ -47,16 +47,21 @@ def reply_decoder(spec: str, n_params: int) -> Callable[[Message], np.ndarray]:
 MAX_STRETCH_S = 3600.0  # a reply asking for a longer step is not the emulation's: it is ignored
 
 
-def emulated_stretch(meta: dict[str, Any]) -> tuple[float, float]:
+def emulated_stretch(meta: dict[str, Any], first: bool = False) -> tuple[float, float]:
     """``(target_s, slowdown)`` that the broker's emulation put in a reply: the drawn compute time of this step
     (``--inject-compute``; 0: none) and the straggler factor (``--stragglers``; 1: none). Anything else is ignored,
-    as a worker validates what its broker sends."""
+    as a worker validates what its broker sends.
+
+    ``first``: the worker's first step, whose turnaround holds the process's one-time costs (loading or, on a
+    fresh machine, compiling kernels: seconds), is not slowed down; a 3x straggler stretched a 5 s first step to
+    15 s and took no part in a short run (a clean-clone fidelity cell). The simulator's straggler is slow in the
+    steady state its twin is judged on, which starts after such steps."""
     def number(key: str, lo: float) -> float:
         v = meta.get(key, lo)
         good = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= MAX_STRETCH_S
         return float(v) if good else lo
 
-    return number("compute_target_s", 0.0), number("slowdown", 1.0)
+    return number("compute_target_s", 0.0), 1.0 if first else number("slowdown", 1.0)
 
 
 ABANDON = "abandon"  # WAIT reason: the step at an older version is no longer wanted (K-sync's backup workers)

@@ -190,7 +190,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
             continue
         versions[i], have[i] = msg.version, True
         if i == 0:  # the coordinator's reply carries the emulated compute time and straggler factor
-            target_s, slowdown = emulated_stretch(msg.meta)
+            target_s, slowdown = emulated_stretch(msg.meta, first=not turnarounds)
         if t0 is None:
             t0 = links[i].last_arrival or time.monotonic()
         if not all(have):
