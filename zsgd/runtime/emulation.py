@@ -84,7 +84,7 @@ class LinkEmulator:
         self.rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0xE31]))
         self.stragglers: Stragglers | None = stragglers.assign(n_workers, seed) if stragglers is not None else None
         self.compute: ComputeDraw | None = ComputeDraw(compute, seed) if compute is not None else None
-        self.update_hold: dict[int, float] = {}  # seconds the latest update of each worker is held (update_delay)
+        self.update_received: dict[int, float] = {}  # when the broker took each worker's latest update off its socket
         self._link_free: dict[int, float] = {}  # peer_delay: when each sender's link has sent what it holds
 
     def compute_target(self, worker: int, local_steps: int = 1) -> float | None:
@@ -103,7 +103,7 @@ class LinkEmulator:
         if self.nic_bandwidth != float("inf"):
             self._rx_free = max(now + d, self._rx_free) + nbytes / self.nic_bandwidth
             d = self._rx_free - now
-        self.update_hold[worker] = d  # the broker's reply stamps this worker's hop beyond it (parameter_server)
+        self.update_received[worker] = now  # the broker's reply stamps this worker's hop to here (parameter_server)
         return d
 
     def reply_delay(self, worker: int, nbytes: int, now: float) -> float:

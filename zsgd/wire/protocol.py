@@ -98,8 +98,8 @@ def validate_weights(msg: Message, *, run: str, n_params: int, require_finite: b
 
 
 #: Meta key of a broker's reply in an emulated run: ``[reached, left]``, seconds of the broker's monotonic clock (the
-#: machine's: the runs this serves are on one host). ``reached``: when the update the reply answers reached the server
-#: engine, less the emulated hold it was given (its uplink); ``left``: when the reply's own emulated hold (its downlink)
+#: machine's: the runs this serves are on one host). ``reached``: when the broker's loop took the update the reply
+#: answers off its socket, before the emulated hold (its uplink); ``left``: when the reply's own emulated hold (its downlink)
 #: was due to end. A worker subtracts its update's send and its reply's arrival to log the hops beyond the emulated
 #: delays (``zsgd.runtime.worker.broker_hops``), which a simulated twin adds to its latency (``zsgd.experiments.twin``).
 #: Optional, and informational: nothing in a run depends on it.

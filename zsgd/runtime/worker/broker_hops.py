@@ -3,11 +3,12 @@
 Why: in an emulated run the broker holds each update and each reply for a
 drawn delay, which the simulator models. What it does not model is the rest
 of the way: the worker's link thread and ZeroMQ's I/O threads, the broker's
-receive before the hold, the hold's release by the broker's loop, the reply's
-encoding and send, and the thread wake-ups on a shared host. Those hand-offs
+receive before the hold, the reply's encoding and send, and the thread
+wake-ups on a shared host. (Not the wait of a held update for a loop busy
+with other updates: that is the server's queue, which the simulator models.) Those hand-offs
 grow with the host's load, so they are measured in the run itself: the broker
-stamps each reply (``protocol.REPLY_HOP``: when the update it answers reached
-the engine less its emulated hold, when the reply's hold was due to end), and
+stamps each reply (``protocol.REPLY_HOP``: when it took the update the reply
+answers off its socket, when the reply's hold was due to end), and
 the worker takes its update's hand-off to the socket and the reply's arrival
 at it (``BrokerLink.last_forward``, ``last_arrival``) against them. All on one
 host's monotonic clock. The twin reads the logged means
