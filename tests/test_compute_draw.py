@@ -70,8 +70,6 @@ def test_the_run_draws_what_the_simulation_draws():
 
 def test_reply_stretch_is_validated_like_any_broker_message():
     assert emulated_stretch({"compute_target_s": 0.025, "slowdown": 3}) == (0.025, 3.0)
-    # a worker's first step (its one-time costs: kernels loaded or compiled) keeps its drawn time, never the slowdown
-    assert emulated_stretch({"compute_target_s": 0.025, "slowdown": 3}, first=True) == (0.025, 1.0)
     for meta in ({}, {"compute_target_s": "1", "slowdown": None}, {"compute_target_s": float("inf"), "slowdown": -2.0},
                  {"compute_target_s": 1e9, "slowdown": True}):
         assert emulated_stretch(meta) == (0.0, 1.0)
@@ -152,3 +150,27 @@ def test_the_twin_of_a_local_sgd_run_draws_its_rounds(tmp_path, monkeypatch):
     assert (tmp_path / "t.csv").read_text().split() == ["0.0400", "0.0800"]
     assert twin.compute_trace(tmp_path, tmp_path / "u.csv", steps=4) == f"trace:{tmp_path / 'u.csv'}"  # per step (decentralized)
     assert (tmp_path / "u.csv").read_text().split() == ["0.0100", "0.0200"]
+
+
+def test_a_first_step_is_slowed_down_on_its_draw_alone():
+    """A worker's first step holds the process's one-time costs (kernels loaded or compiled): a straggler's factor
+    applies to its drawn time, not to all it took, and without a draw not at all."""
+    import time
+
+    from zsgd.runtime.worker.replies import stretch_step
+    from zsgd.wire import protocol
+
+    asked: list[float] = []
+
+    def recv(timeout):
+        asked.append(timeout)
+        return protocol.leave("r", 0, "done")  # a message ends the hold at once: the test reads what it was asked
+
+    slow_start = time.monotonic() - 5.0  # a first step that took 5 s (a compile)
+    stretch_step(slow_start, 0.0, 3.0, recv=recv, first=True)
+    assert asked == []  # no draw: not slowed down (it was held 10 s more)
+    stretch_step(slow_start, 0.01, 3.0, recv=recv, first=True)
+    assert len(asked) == 1 and asked[0] == pytest.approx(0.02, abs=1e-6)  # (3 - 1) x the 10 ms drawn, not x 5 s
+    asked.clear()
+    stretch_step(slow_start, 0.0, 3.0, recv=recv)
+    assert len(asked) == 1 and asked[0] > 9.9  # any later step: the factor times all it took

@@ -126,8 +126,9 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
                 # arrival, with the previous update's hand-off to the socket), so the emulation and the simulator's
                 # models stretch the same time (a straggler's whole turnaround, as the twin's draw of it); a K-sync
                 # step abandoned meanwhile ends the stretch (zsgd.runtime.worker.replies.stretch_step).
-                stretch = emulated_stretch(msg.meta, first=not turnarounds)
-                early = stretch_step(t0 - out_hop, *stretch, recv=lambda s: link.recv(timeout=s), version=msg.version)
+                stretch = emulated_stretch(msg.meta)
+                early = stretch_step(t0 - out_hop, *stretch, recv=lambda s: link.recv(timeout=s), version=msg.version,
+                                     first=not turnarounds)
             except ProtocolError as exc:
                 log(opts, f"broker sent unusable weights ({exc}); exiting")
                 return EXIT_BAD_REPLY

@@ -47,30 +47,30 @@ def reply_decoder(spec: str, n_params: int) -> Callable[[Message], np.ndarray]:
 MAX_STRETCH_S = 3600.0  # a reply asking for a longer step is not the emulation's: it is ignored
 
 
-def emulated_stretch(meta: dict[str, Any], first: bool = False) -> tuple[float, float]:
+def emulated_stretch(meta: dict[str, Any]) -> tuple[float, float]:
     """``(target_s, slowdown)`` that the broker's emulation put in a reply: the drawn compute time of this step
     (``--inject-compute``; 0: none) and the straggler factor (``--stragglers``; 1: none). Anything else is ignored,
-    as a worker validates what its broker sends.
-
-    ``first``: the worker's first step, whose turnaround holds the process's one-time costs (loading or, on a
-    fresh machine, compiling kernels: seconds), is not slowed down; a 3x straggler stretched a 5 s first step to
-    15 s and took no part in a short run (a clean-clone fidelity cell). The simulator's straggler is slow in the
-    steady state its twin is judged on, which starts after such steps."""
+    as a worker validates what its broker sends."""
     def number(key: str, lo: float) -> float:
         v = meta.get(key, lo)
         good = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= MAX_STRETCH_S
         return float(v) if good else lo
 
-    return number("compute_target_s", 0.0), 1.0 if first else number("slowdown", 1.0)
+    return number("compute_target_s", 0.0), number("slowdown", 1.0)
 
 
 ABANDON = "abandon"  # WAIT reason: the step at an older version is no longer wanted (K-sync's backup workers)
 
 
 def stretch_step(t0: float, target_s: float, slowdown: float, recv: Callable[[float], Message | None] | None = None,
-                 version: int = 0) -> Message | None:
+                 version: int = 0, first: bool = False) -> Message | None:
     """Hold the step that started at ``t0`` (monotonic) as the simulator times it: first to ``target_s`` (a real
     gradient cannot go faster, so the step takes ``max(draw, real)``), then ``slowdown`` times all of that.
+
+    ``first``: the worker's first step, whose time holds the process's one-time costs (kernels loaded or, on a
+    fresh machine, compiled: seconds), is slowed down on its drawn time alone (none without ``--inject-compute``):
+    a 3x straggler stretched a 5.4 s first step to 16 s and took no part in a short run (a clean-clone fidelity
+    cell). The simulator's straggler is slow in the steady state its twin is judged on, after such a step.
 
     With ``recv`` (``timeout -> message or None``) the hold listens instead of sleeping: a WAIT ``abandon``
     for a version newer than the step's (``version``) ends it at once (the step is no longer wanted: its
@@ -89,7 +89,7 @@ def stretch_step(t0: float, target_s: float, slowdown: float, recv: Callable[[fl
 
     got = hold(target_s - (time.monotonic() - t0)) if target_s > 0 else None
     if got is None and slowdown > 1.0:
-        got = hold((slowdown - 1.0) * (time.monotonic() - t0))
+        got = hold((slowdown - 1.0) * (target_s if first else time.monotonic() - t0))
     return None if got is not None and _abandons(got) else got  # abandoned: the update goes now
 
 

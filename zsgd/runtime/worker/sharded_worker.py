@@ -190,7 +190,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
             continue
         versions[i], have[i] = msg.version, True
         if i == 0:  # the coordinator's reply carries the emulated compute time and straggler factor
-            target_s, slowdown = emulated_stretch(msg.meta, first=not turnarounds)
+            target_s, slowdown = emulated_stretch(msg.meta)
         if t0 is None:
             t0 = links[i].last_arrival or time.monotonic()
         if not all(have):
@@ -227,7 +227,7 @@ def _loop(opts: NodeOptions, links: list[BrokerLink], config: TrainConfig, meta:
         # Emulation: stretch the step as the single-broker worker does, listening to every server: a ksync step
         # abandoned meanwhile (WAIT abandon, from the coordinator) ends the stretch and the update goes now.
         listened.clear()
-        ended_by = stretch_step(t0, target_s, slowdown, recv=listen, version=versions[0])
+        ended_by = stretch_step(t0, target_s, slowdown, recv=listen, version=versions[0], first=not turnarounds)
         if ended_by is not None:
             early.append(listened[-1])
         turnarounds.append(time.monotonic() - t0)
