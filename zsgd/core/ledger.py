@@ -75,6 +75,11 @@ class EvalRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _above(worst: dict[int, float], limit: float) -> frozenset[int]:
+    """The workers whose highest loss of a window crossed ``limit`` (a non-finite loss, kept as inf, always does)."""
+    return frozenset(w for w, v in worst.items() if v > limit or math.isinf(v))
+
+
 class RunLedger:
     """Counts updates and samples, keeps the loss window and the evaluation
     marks, decides when to stop and writes the summary's core keys.
@@ -144,7 +149,7 @@ class RunLedger:
         module docstring). ``limit``: the loss above which a worker's own report agrees; ``workers``: those that
         agree (default: this window's reports above ``limit``). True: the run stops."""
         if workers is None:
-            workers = frozenset(w for w, v in self._worst.items() if v > limit or math.isinf(v))
+            workers = _above(self._worst, limit)
         if self.confirm_divergence is None or self.confirm_divergence(limit, workers):
             self.diverge(what, update)
             return True
@@ -209,11 +214,11 @@ class RunLedger:
         if self.diverge_factor > 0 and start is not None and self.last_loss > self.diverge_factor ** 2 * start:
             limit = self.diverge_factor ** 2 * start
             self.suspect(f"train loss {self.last_loss:.4g} exploded past {self.diverge_factor ** 2:g} x its start {self.first_loss:.4g}",
-                         limit, self.updates, workers=frozenset(w for w, v in worst.items() if v > limit))
+                         limit, self.updates, workers=_above(worst, limit))
         elif self.diverge_factor > 0 and start is not None and self.last_loss > self.diverge_factor * start:
             limit = self.diverge_factor * start
             self._high_windows += 1
-            self._high_workers |= {w for w, v in worst.items() if v > limit}
+            self._high_workers |= _above(worst, limit)
             if self._high_windows >= DIVERGE_PATIENCE and not self.suspect(
                     f"train loss {self.last_loss:.4g} stayed above {self.diverge_factor:g} x its start "
                     f"{self.first_loss:.4g} for {DIVERGE_PATIENCE} log windows", limit, self.updates,

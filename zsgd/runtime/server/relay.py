@@ -273,13 +273,11 @@ class RelayService(ServiceBase):
         reports = self._reports.pop(r)
         n = ctx.opts.n_workers
         losses = [loss for loss, _n, _w in reports.values()]
-        models = [w for _l, _n, w in (reports[i] for i in range(n)) if w is not None]
-        broken = frozenset(i for i in range(n) if reports.get(i) is not None and reports[i][2] is not None
-                           and not np.isfinite(reports[i][2]).all())
-        if broken:
-            if ledger.suspect("a node's model is not finite", update=r + 1, workers=broken):
-                return
-            models = [m for m in models if np.isfinite(m).all()]  # not confirmed: this round leaves those models out
+        uploaded = {i: reports[i][2] for i in range(n) if reports[i][2] is not None}
+        broken = frozenset(i for i, w in uploaded.items() if not np.isfinite(w).all())
+        if broken and ledger.suspect("a node's model is not finite", update=r + 1, workers=broken):
+            return
+        models = [w for i, w in uploaded.items() if i not in broken]  # an unconfirmed broken model sits this round out
         ledger.loss(float(np.mean(losses)), by={i: reports[i][0] for i in reports})
         if len(models) == n:
             xbar = average(models)
