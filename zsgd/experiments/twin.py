@@ -19,7 +19,7 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -79,15 +79,18 @@ def accuracies(run_dir: str | Path) -> dict[int, float]:
     return {int(e["updates"]): float(e["test_acc"]) for e in events(run_dir, "eval") if e.get("test_acc") is not None}
 
 
-def turnaround_samples(run_dir: str | Path, what: str = TURNAROUND) -> list[float]:
-    """The workers' logged turnaround quantiles (ms), pooled (``what``: another logged quantity, e.g. ``HOP``)."""
-    samples: list[float] = []
+def logged_values(run_dir: str | Path, what: str) -> Iterator[list[str]]:
+    """The comma-separated values of each worker log line headed ``what`` (``zsgd worker N: WHAT...: v1,v2,...``)."""
     for log in sorted(glob.glob(f"{run_dir}/logs/worker-*.log")):
         with open(log, errors="replace") as f:
             for line in f:
                 if line.split(": ", 1)[-1].startswith(what):
-                    samples += [float(x) for x in line.rsplit(":", 1)[1].strip().split(",") if x.strip()]
-    return samples
+                    yield [x for x in line.rsplit(":", 1)[1].strip().split(",") if x.strip()]
+
+
+def turnaround_samples(run_dir: str | Path, what: str = TURNAROUND) -> list[float]:
+    """The workers' logged turnaround quantiles (ms), pooled (``what``: another logged quantity, e.g. ``HOP``)."""
+    return [float(x) for values in logged_values(run_dir, what) for x in values]
 
 
 def steps_per_turnaround(algo: str, primal_steps: int = 5) -> int:
@@ -129,15 +132,12 @@ def broker_overhead_s(run_dir: str | Path) -> tuple[float, float] | None:
 
     up = down = 0.0
     n = 0
-    for log in sorted(glob.glob(f"{run_dir}/logs/worker-*.log")):
-        with open(log, errors="replace") as f:
-            for line in f:
-                if line.split(": ", 1)[-1].startswith(LOGGED):
-                    try:
-                        u, d, k = (float(x) for x in line.rsplit(":", 1)[1].split(",")[:3])
-                    except ValueError:
-                        continue
-                    up, down, n = up + u * k, down + d * k, n + int(k)
+    for values in logged_values(run_dir, LOGGED):
+        try:
+            u, d, k = (float(x) for x in values[:3])
+        except ValueError:
+            continue
+        up, down, n = up + u * k, down + d * k, n + int(k)
     return None if n == 0 else (up / n / 1e3, down / n / 1e3)
 
 
