@@ -110,8 +110,8 @@ def _session(opts: NodeOptions, link: BrokerLink) -> int:
             continue  # the link thread decides when the broker is dead
         code = session_end(opts, msg, "broker", opts.connect, turnarounds, "broker finished")
         if code is not None:
-            if code == 0 and hops.line():
-                log(opts, hops.line())
+            if code == 0 and (line := hops.line()):
+                log(opts, line)
             return code
         if msg.type == MsgType.WEIGHTS:
             hops.record(msg.meta, link.last_forward, link.last_arrival)
