@@ -131,12 +131,30 @@ def _hops(*replies):
 def test_a_worker_times_its_hops_from_the_brokers_stamps():
     # update to the socket at 10.000, at the engine (less its hold) at 10.002; reply due out at 10.100, here at 10.103
     hops = _hops(*[({"hop": [10.002, 10.100]}, 10.0, 10.103)] * 20)
-    assert hops.up == [pytest.approx(0.002)] * 20 and hops.down == [pytest.approx(0.003)] * 20 and hops.ignored == 0
+    assert (hops.count, hops.up_s, hops.down_s, hops.ignored) == (20, pytest.approx(0.04), pytest.approx(0.06), 0)
     up, down, n = hops.means_ms()
     assert (up, down, n) == (pytest.approx(2.0), pytest.approx(3.0), 15)  # after the first quarter
     assert hops.line() == BROKER_LINE + "2.0000,3.0000,15,0"
     started = _hops(({"hop": [10.800, 10.1]}, 10.0, 10.103), *[({"hop": [10.002, 10.100]}, 10.0, 10.103)] * 20)
-    assert started.up[0] == pytest.approx(0.8) and started.means_ms()[:2] == (pytest.approx(2.0), pytest.approx(3.0))  # start-up left out
+    assert started.up_s == pytest.approx(0.8 + 0.04) and started.means_ms()[:2] == (pytest.approx(2.0), pytest.approx(3.0))  # start-up left out
+
+
+@pytest.mark.parametrize("n", [10, 37, 128, 129, 1000, 5003])
+def test_the_hops_are_running_sums_whose_first_quarter_is_left_out(n):
+    """A long run's worker keeps a bounded record of its hops, not one per reply; the first quarter is still left
+    out: exactly up to 2 * CHECKPOINTS replies, within 1 / CHECKPOINTS of them beyond."""
+    from zsgd.runtime.worker.broker_hops import BrokerHops
+
+    ups = [0.001 * (1 + i % 7) + (0.5 if i < n // 5 else 0.0) for i in range(n)]  # a slow start-up, then 1-7 ms
+    hops = BrokerHops()
+    for i, up in enumerate(ups):
+        hops.record({"hop": [10.0 + up, 10.1]}, 10.0, 10.1 + up / 2)
+    assert hops.count == n and len(hops._marks) <= 2 * BrokerHops.CHECKPOINTS + 1
+    up_ms, down_ms, counted = hops.means_ms()
+    skip = n - counted
+    assert n // 4 - n / BrokerHops.CHECKPOINTS <= skip <= n // 4 and (skip == n // 4 or n > 2 * BrokerHops.CHECKPOINTS)
+    assert up_ms == pytest.approx(1e3 * np.mean(ups[skip:])) and down_ms == pytest.approx(up_ms / 2)
+    assert up_ms < 5.0  # the start-up's 0.5 s hops are left out
 
 
 def test_the_workers_own_hand_off_starts_the_up_hop_of_the_next_stamped_reply():
@@ -146,7 +164,7 @@ def test_the_workers_own_hand_off_starts_the_up_hop_of_the_next_stamped_reply():
     hops.handed(0.0005)  # its update took 0.5 ms to reach the link thread (shared memory, frames)
     hops.record({"hop": [10.002, 10.1]}, 10.0, 10.103)
     hops.record({"hop": [20.002, 20.1]}, 20.0, 20.103)  # a reply with no hand-off before it: not counted again
-    assert hops.up == [pytest.approx(0.0025), pytest.approx(0.002)]
+    assert (hops.count, hops.up_s) == (2, pytest.approx(0.0045))  # 2.5 ms, then 2 ms
 
 
 @pytest.mark.parametrize("t0, computed, ended, target, slowdown, late", [
@@ -175,12 +193,12 @@ def test_a_stretch_held_past_the_simulators_step_is_late_by_the_difference(t0, c
 ])
 def test_odd_stamps_are_ignored_and_counted(meta, forward, arrival):
     hops = _hops((meta, forward, arrival))
-    assert hops.up == hops.down == [] and hops.ignored == 1
+    assert hops.count == 0 and hops.up_s == hops.down_s == 0.0 and hops.ignored == 1
 
 
 def test_a_reply_without_stamps_is_not_counted():
     hops = _hops(({}, 10.0, 10.1), ({"slowdown": 2.0}, 10.0, 10.1))
-    assert hops.up == [] and hops.ignored == 0 and hops.line() is None  # and too few for a line
+    assert hops.count == 0 and hops.ignored == 0 and hops.line() is None  # and too few for a line
 
 
 def test_the_stamps_cross_the_wire_and_are_checked():

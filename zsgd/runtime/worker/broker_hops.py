@@ -48,13 +48,22 @@ def overrun(t0: float, computed: float, ended: float, target_s: float, slowdown:
 class BrokerHops:
     """Per reply: ``up`` (update handed to the link thread -> the engine, less the emulated uplink; the link thread's
     own wait before the socket is in the worker's turnaround already) and ``down`` (the reply's emulated downlink due to
-    end -> its arrival at this worker's socket), seconds."""
+    end -> its arrival at this worker's socket), seconds.
+
+    Kept as running sums, not one value per reply: a worker of a long run answers millions of replies. The means
+    leave out the first quarter of the replies (``means_ms``), so the sums are also noted at every ``stride``-th
+    reply, at most ``2 * CHECKPOINTS`` of them: when that many, every other one goes and the stride doubles. The
+    first quarter is then exact up to ``2 * CHECKPOINTS`` replies, and within ``1 / CHECKPOINTS`` of them beyond."""
+
+    CHECKPOINTS = 64
 
     def __init__(self) -> None:
-        self.up: list[float] = []
-        self.down: list[float] = []
+        self.count = 0  # replies timed
+        self.up_s = self.down_s = 0.0  # their sums, seconds
         self.ignored = 0
         self._handing = 0.0  # the latest update's hand-off to the link thread (``handed``)
+        self._stride = 1
+        self._marks: list[tuple[int, float, float]] = [(0, 0.0, 0.0)]  # (count, up_s, down_s) at every stride-th reply
 
     def handed(self, seconds: float) -> None:
         """The worker's own hand-off of its update to its link thread (the copy into shared memory, the frames), which
@@ -76,8 +85,19 @@ class BrokerHops:
         if forward <= 0 or not (-EARLY_S <= up <= MAX_HOP_S and -EARLY_S <= down <= MAX_HOP_S):
             self.ignored += 1
             return
-        self.up.append(up)
-        self.down.append(down)
+        self.count += 1
+        self.up_s += up
+        self.down_s += down
+        if self.count % self._stride == 0:
+            self._marks.append((self.count, self.up_s, self.down_s))
+            if len(self._marks) > 2 * self.CHECKPOINTS:
+                self._marks = self._marks[::2]  # counts 0, 2*stride, 4*stride, ...
+                self._stride *= 2
+
+    def _skipped(self) -> tuple[int, float, float]:
+        """The sums over the first quarter of the replies: at the latest mark no later than it."""
+        skip = self.count // 4
+        return max((m for m in self._marks if m[0] <= skip), key=lambda m: m[0])
 
     def means_ms(self) -> tuple[float, float, int] | None:
         """Mean up and down hop (ms) after the first quarter of replies, and how many; None with fewer than 10.
@@ -85,11 +105,11 @@ class BrokerHops:
         A quarter, as the steady state a twin is judged on (``zsgd sim --validate`` skips a quarter of the
         updates, the fidelity cells a fifth to a quarter): the first replies of a run hold its start-up (the
         first evaluation, a partner run's workers loading their kernels), up hops of 0.1-0.8 s at load 6."""
-        if len(self.up) < 10:
+        if self.count < 10:
             return None
-        skip = len(self.up) // 4
-        up, down = self.up[skip:], self.down[skip:]
-        return 1e3 * sum(up) / len(up), 1e3 * sum(down) / len(down), len(up)
+        k, up0, down0 = self._skipped()
+        n = self.count - k
+        return 1e3 * (self.up_s - up0) / n, 1e3 * (self.down_s - down0) / n, n
 
     def line(self) -> str | None:
         """The log line the twin reads (``LOGGED``), or None with too few replies stamped."""
