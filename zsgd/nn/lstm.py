@@ -214,8 +214,10 @@ class LSTMModel:
             hs = buffer(ws, f"h{layer}", (T + 1, B, H))
             cs = buffer(ws, f"c{layer}", (T + 1, B, H))
             if layer == 0 and self._token_table(T * B):
-                xp, rows = buffer(ws, "xp_table", (V, 4 * H)), tok
-                np.matmul(p["embed.weight"], w_ih.T, out=xp)
+                xp, rows = buffer(ws, "xp_table", (V, LG.panels(4 * H) * LG.NR)), tok
+                ih_pack = buffer(ws, f"ih_pack_rows{E}", (LG.panels(4 * H), E, LG.NR))
+                LG.pack_rows(w_ih, ih_pack)
+                LG.gemm_packed(p["embed.weight"], ih_pack, xp)
             else:
                 if inp is None:
                     inp = buffer(ws, "x0", (T * B, E))
@@ -308,13 +310,17 @@ class LSTMModel:
             gb = g[f"lstm.bias_ih_l{layer}"]
             if layer == 0 and self._token_table(T * B):
                 self._weight_grads(dg2, [gw_hh], ws)
-                gb.fill(0.0)
                 s = buffer(ws, "s0", (self.vocab_size, 4 * H))  # gate gradients summed per token
                 s.fill(0.0)
                 LK.embed_scatter_add(dg2, tok.reshape(-1), s)
-                np.matmul(s.T, p["embed.weight"], out=g["lstm.weight_ih_l0"])
-                np.matmul(s, w_ih, out=g["embed.weight"])
-                K.colsum_add(s, gb)
+                # W_ih0's and the bias's gradients from s, the embedding's s @ W_ih0: small products, kept in
+                # the tile too (numpy's OpenBLAS splits them over its threads; see _forward's token table)
+                self._weight_grads(s, [(p["embed.weight"], g["lstm.weight_ih_l0"])], ws, bias=gb)
+                ih_pack = buffer(ws, f"ih_pack_cols{E}", (LG.panels(E), 4 * H, LG.NR))
+                d_embed = buffer(ws, "d_embed", (self.vocab_size, LG.panels(E) * LG.NR))
+                LG.pack_cols(w_ih, ih_pack)
+                LG.gemm_packed(s, ih_pack, d_embed)
+                g["embed.weight"][:] = d_embed[:, :E]
             else:
                 inp = ws["x0"] if layer == 0 else ws[f"h{layer - 1}"][1:].reshape(T * B, H)
                 self._weight_grads(dg2, [gw_hh, (inp, g[f"lstm.weight_ih_l{layer}"])], ws, bias=gb)
