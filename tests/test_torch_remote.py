@@ -13,6 +13,7 @@ forwarded by the launcher the workers refuse the model and these tests fail.
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -36,6 +37,25 @@ from torch import nn
 
 def make(input_shape=(1, 28, 28), n_classes=10):
     return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), 32), nn.ReLU(), nn.Linear(32, n_classes))
+'''
+#: Appended to TINY_MLP: the factory fails in any process but the one that imported the module first (the broker).
+WORKERS_LACK_A_DEPENDENCY = '''
+import os
+
+_IMPORTED_BY = os.getpid()
+_make = make
+
+
+def make(*args, **kwargs):
+    if os.getpid() != _IMPORTED_BY:
+        raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
+    return _make(*args, **kwargs)
+'''
+#: Prepended to TINY_MLP: importing the module fails in srun task 1 only (a node without a dependency).
+TASK_1_LACKS_A_DEPENDENCY = '''import os
+
+if os.environ.get("SLURM_PROCID") == "1":
+    raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
 '''
 N_PARAMS = 784 * 32 + 32 + 32 * 10 + 10
 CHANCE = 0.1
@@ -154,6 +174,38 @@ def test_remote_workers_train_a_module_installed_into_the_remote_venv(cluster, t
     check_trained(out, set(HOSTS), 2)
 
 
+def test_a_remote_host_without_the_module_fails_the_run_with_one_line(cluster, tmp_path, no_orphans):
+    """The module is importable here (the broker and the local worker load it from the run's directory) but on
+    no host: the remote workers fail at start-up while the local one trains. That was a "worker death" and exit 0;
+    the run must end with exit 2 and one line that names a host and the missing module."""
+    package = f"zsgd_test_missing_{uuid.uuid4().hex[:8]}"  # unique: never in the hosts' login directory
+    project = write_module(tmp_path / "project", package)
+    out = tmp_path / "run"
+    proc = cluster.run("--n-proc", "1", "--model", f"torch:{package}:make", *RUN, "--steps", "100000", "--out", str(out), cwd=project)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("zsgd: error:")]
+    assert len(error) == 1, proc.stderr[-3000:]
+    assert re.search(rf"worker-[12]@127\.0\.0\.[23] failed: .*No module named '{package}'", error[0]), error
+    assert not (out / "summary.json").exists()  # not a finished run
+
+
+# -- on this machine -----------------------------------------------------------------------------
+
+def test_local_workers_that_cannot_build_the_module_fail_the_run_with_one_line(tmp_path, no_orphans):
+    """``--n-proc 2``: the broker builds the module, its forked workers cannot (a dependency they lack, here
+    raised in any process but the one that first imported the module): exit 2 and one line naming a worker."""
+    package = "zsgd_test_mlp_local_fail"
+    project = write_module(tmp_path / "project", package)
+    init = project / package / "__init__.py"
+    init.write_text(init.read_text() + WORKERS_LACK_A_DEPENDENCY)
+    proc = run_zsgd("run", "--n-proc", "2", "--model", f"torch:{package}:make", *RUN, "--out", str(tmp_path / "run"), cwd=project, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("zsgd: error:")]
+    assert len(error) == 1 and re.search(r"worker-[01] failed: .*No module named 'torchvision'", error[0]), proc.stderr[-3000:]
+
+
 # -- under Slurm ---------------------------------------------------------------------------------
 
 def test_slurm_step_workers_train_a_module_from_the_run_directory(slurm, tmp_path, no_orphans):
@@ -171,4 +223,25 @@ def test_slurm_step_workers_train_a_module_from_the_run_directory(slurm, tmp_pat
     assert log.count("joined run") == 2 and "error" not in log, log
     check_trained(out, {slurm.node}, 2)
     assert time.monotonic() - t0 < 120
+    slurm.wait_idle()
+
+
+
+def test_slurm_step_task_without_a_dependency_fails_the_run_with_one_line(slurm, tmp_path, no_orphans):
+    """Task 1 of the step cannot import the module (a node without a dependency) while task 0 trains. The step
+    is one process (srun), which ends only with its last task: the run must still end at once, with exit 2 and one
+    line naming worker 1, its node and what is missing."""
+    package = "zsgd_test_mlp_slurm_task_fails"
+    project = write_module(tmp_path / "project", package)
+    init = project / package / "__init__.py"
+    init.write_text(TASK_1_LACKS_A_DEPENDENCY + init.read_text())
+    out = tmp_path / "run"
+    proc = slurm.client(["salloc", "-n", "3", sys.executable, "-m", "zsgd", "run", "--model", f"torch:{package}:make", *RUN,
+                         "--steps", "100000", "--out", str(out)], cwd=project, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("zsgd: error:")]
+    assert len(error) == 1, proc.stderr[-3000:]
+    assert re.search(rf"worker 1 on {re.escape(slurm.node)} \(task 1 of the srun step\) failed: .*No module named 'torchvision'", error[0]), error
+    assert not (out / "summary.json").exists()
     slurm.wait_idle()

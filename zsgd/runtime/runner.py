@@ -192,8 +192,12 @@ def _resolved_params(opts: RunOptions, cfg: TrainConfig):
 
 
 def _check_children(broker: Broker, launcher, opts: RunOptions, started: float) -> None:
-    """Abort early, with the reason, if every launched worker died before joining; stop (with a
+    """Abort early, with the reason, if a launched process ended on an error or every launched worker died before joining; stop (with a
     checkpoint) when a launcher has lost its ranks for good (an srun step that ended)."""
+    failed = launcher.failed()  # a rank that ended on an error (a module its host lacks) fails the run, even if others train on
+    if failed is not None and broker.ledger.stop_reason is None:
+        broker.ledger.stop("a launched process failed")
+        raise ZsgdError(failed)
     lost = launcher.lost()
     if lost is not None and broker.ledger.updates > 0 and broker.ledger.stop_reason is None:
         broker.ledger.stop(lost)

@@ -10,6 +10,9 @@ are a list of ranks, each naming the launcher that starts it
 - ``children`` and ``running()``: its processes, for the run's checks;
 - ``lost()``: a reason the run can no longer get its ranks back (an srun
   step that ended), else None;
+- ``failed()`` (optional): one line naming a rank that ended with zsgd's
+  error exit code (a module, data or flag its host lacks), else None; the
+  run then fails with that line. Without it, any child that exited so.
 - ``stop_all(grace)``: end them all, politely first.
 
 A launcher is registered under a name with one line
@@ -26,6 +29,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
+
+from zsgd.errors import ZsgdError
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,23 @@ LAUNCHERS: dict[str, str | LauncherFactory] = {
 }
 
 
+#: A zsgd process that ended on a ZsgdError (zsgd.errors: bad input, a model or data set it cannot load) exits so.
+ERROR_EXIT = ZsgdError.exit_code
+
+
+def failed_child(children: list) -> str | None:
+    """One line for the first of ``children`` that exited with ``ERROR_EXIT``: its name (which says the host of a
+    remote one) and its log's last line (the error it printed), else None.
+
+    Why not treat it as a dead worker, as any other exit: the error would come back on every restart (the host
+    lacks the module), and a run whose other workers trained on ended with exit 0 and a death count only."""
+    for c in children:
+        if c.returncode == ERROR_EXIT:
+            why = c.log_tail(1).removeprefix("zsgd: error: ") or "no output"
+            return f"{c.name} failed: {why}"
+    return None
+
+
 def register_launcher(name: str, factory: str | LauncherFactory) -> None:
     """Make launcher ``name`` known: ``factory`` (or ``"module:function"``, imported when a run needs it)."""
     LAUNCHERS[name] = factory
@@ -120,8 +142,6 @@ class LauncherGroup:
     def start(self, ranks: list[Rank]) -> None:
         missing = sorted({r.launcher for r in ranks} - set(self.by_name))
         if missing:
-            from zsgd.errors import ZsgdError
-
             raise ZsgdError(f"no launcher {missing[0]!r} for this run's {next(r for r in ranks if r.launcher == missing[0]).role}s")
         for name, launcher in self.by_name.items():
             mine = [r for r in ranks if r.launcher == name]
@@ -138,6 +158,15 @@ class LauncherGroup:
     def lost(self) -> str | None:
         """The first launcher's reason that its ranks cannot come back, or None."""
         return next((why for why in (launcher.lost() for launcher in self.by_name.values()) if why), None)
+
+    def failed(self) -> str | None:
+        """The first launcher's one line for a rank that ended with an error (``failed_child``), or None."""
+        for launcher in self.by_name.values():
+            check = getattr(launcher, "failed", None)
+            why = check() if check is not None else failed_child(launcher.children)
+            if why:
+                return why
+        return None
 
     def stop_all(self, grace: float = 5.0) -> None:
         """Stop every launcher at once, so remote and local workers share one grace period."""

@@ -108,6 +108,8 @@ def current_allocation(environ: Mapping[str, str] | None = None, flag: str = "--
 
 
 # -- the workers of 'zsgd run --launcher slurm' ------------------------------------------------
+#: What srun writes on its stderr when tasks exit with zsgd's error exit code (zsgd.runtime.launch.base.ERROR_EXIT).
+SRUN_TASK_ERROR = re.compile(r"srun: error: (\S+): tasks? ([\d,\-]+): Exited with exit code 2\b")
 BROKER_CPUS = 1  # the broker (with its evaluator, which runs only at evaluation points) keeps one CPU of the batch host
 
 
@@ -172,6 +174,9 @@ class SlurmLauncher:
         self.heartbeat, self.timeout, self.join_timeout = heartbeat, timeout, join_timeout
         self.keys, self.job_name = keys, f"zsgd-workers-{run_id}"
         self.children: list[Any] = []
+        self._scanned = 0  # bytes of the step's log that failed() has read
+        self._failure: str | None = None  # what failed() found
+        self._said = ""  # the last 'zsgd: error:' line of a task that failed() has read
 
     def argv(self, n: int) -> list[str]:
         base = self.plan.allocation.step_argv(n, self.job_name, kill_on_bad_exit=False, extra=("--input=all",))
@@ -197,6 +202,37 @@ class SlurmLauncher:
         if step is None or step.returncode is None:
             return None
         return f"the workers' srun step ended (exit {step.returncode}: {step.log_tail(2) or 'no output'})"
+
+    def failed(self) -> str | None:
+        """One line for a task of the step that ended on an error, else None.
+
+        The step is one process (srun), whose exit code comes only when every task has ended; but srun says at once,
+        on its stderr (the step's log), ``srun: error: NODE: task N: Exited with exit code 2`` for a task that exits
+        so (a node that lacks the model's module), while the other tasks train on. The log is read from where the
+        last call stopped; the worker's own line is the last ``zsgd: error:`` line before srun's."""
+        from zsgd.runtime.launch.base import failed_child
+
+        step = self.children[0] if self.children else None
+        if step is None or self._failure is not None:
+            return self._failure
+        try:
+            with open(step.log_path, "rb") as f:
+                f.seek(self._scanned)
+                chunk = f.read()
+        except OSError:
+            return None
+        chunk = chunk[:chunk.rfind(b"\n") + 1]  # whole lines only: the rest is read next time
+        self._scanned += len(chunk)
+        text = chunk.decode(errors="replace")
+        found = SRUN_TASK_ERROR.search(text)
+        said = [line.strip() for line in text[:found.start() if found else None].splitlines() if line.startswith("zsgd: error: ")]
+        self._said = said[-1] if said else self._said
+        if found is None:
+            return failed_child(self.children)
+        node, tasks = found.groups()
+        why = self._said.removeprefix("zsgd: error: ") or f"see {step.log_path}"
+        self._failure = f"worker {tasks} on {node} (task {tasks} of the srun step) failed: {why}"
+        return self._failure
 
     def start_step(self, n: int) -> Any:
         """Start workers ``0 .. n - 1`` as one step; each takes its id from ``SLURM_PROCID``."""
