@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -53,3 +54,30 @@ def test_closing_unused_helpers_leaves_no_process():
     proc = plotter._proc
     plotter.close()
     assert proc is not None and proc.exitcode is not None
+
+
+def _loaded(name):
+    import sys
+
+    return name in sys.modules
+
+
+def test_helpers_import_the_preloaded_modules_while_they_wait(tmp_path, monkeypatch):
+    name = "zsgd_plotter_preload_probe"
+    (tmp_path / f"{name}.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with Plotter(1, preload=(name,)) as plotter:
+        assert plotter.submit(_loaded, name)() is True
+    with Plotter(1) as plotter:
+        assert plotter.submit(_loaded, name)() is False
+    assert not _loaded(name)  # imported in the helpers only
+
+
+def test_an_error_before_any_job_ends_the_helpers_without_waiting_for_their_warm_up():
+    """A command that fails early (a bad flag found after the helpers were forked) must not wait for matplotlib
+    to load: the warming child is terminated, where it used to be joined until it had finished."""
+    with pytest.raises(ZsgdError, match="bad flag"):
+        with Plotter(2) as plotter:
+            proc = plotter._proc
+            raise ZsgdError("bad flag")
+    assert proc is not None and proc.exitcode == -signal.SIGTERM

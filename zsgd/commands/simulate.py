@@ -80,6 +80,18 @@ def refuse_tolerance_alone(validate: bool, tolerance: str | None) -> None:
         raise ZsgdError("--tolerance applies to --validate; add --validate")
 
 
+def figure_helpers(validate: bool) -> Any:
+    """The sweep's two plotting helpers (``zsgd.output.plotter``), forked at the command's start: the parent is
+    still small (click only), and matplotlib's import and warm-up (about 0.35 s of CPU) run on the other core
+    while this process imports numba, loads the data and the kernels, which use one core. Forked later, once
+    the arms run, the warm-up took its share of the cores from two arms (``--jobs 2``). ``--validate`` draws
+    its own figures: no helpers."""
+    from zsgd.output.plotter import Plotter
+    from zsgd.output.sweep_plots import PRELOAD
+
+    return Plotter(0 if validate else 2, preload=PRELOAD)
+
+
 def _sim_options(func):
     opts = [
         click.option("--workers", default="8", show_default=True, help="Simulated workers, e.g. 64 or 16,64,256." + _LIST),
@@ -134,6 +146,7 @@ def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, stale
     from zsgd.runtime.threads import single_threaded_blas
 
     single_threaded_blas()  # measured compute must be a worker's (one thread), and arms must not fight over cores
+    plotter = ctx.with_resource(figure_helpers(validate))  # before anything heavy is loaded; closed when the command ends
     from zsgd.commands.arms import use_calibration
     from zsgd.simulation.sweep import SweepSpec, build_arms
 
@@ -192,7 +205,8 @@ def sim_command(ctx: click.Context, workers: str, servers: str, algo: str, stale
 
     with stop_on_signals(show=not quiet):  # Ctrl-C, SIGTERM: the running arms end with a summary, then exit 130
         outcomes = run_sweep(cfg, spec, out_dir, workload=workload, show=not quiet, arm_plots=arm_plots, jobs=launch.jobs,
-                             step_argv=launch.step_argv and (lambda i: launch.step_argv(out_dir, i)), step_capacity=launch.capacity)
+                             step_argv=launch.step_argv and (lambda i: launch.step_argv(out_dir, i)), step_capacity=launch.capacity,
+                             plotter=plotter)
     if not quiet:
         from zsgd.simulation.calibration import current
 

@@ -7,7 +7,10 @@ the start of the work, which imports matplotlib and draws a throw-away
 figure (fonts loaded) on another core while this process computes, then
 forks ``n - 1`` more helpers that start warm (sharing those pages), and
 they wait. When the results are ready, ``submit`` hands each helper one
-share of the figures and they are drawn side by side.
+share of the figures and they are drawn side by side. ``zsgd sim`` forks them
+first thing, while the parent is still small and one core is idle
+(``zsgd.commands.simulate.figure_helpers``); ``preload`` names the modules
+their jobs come from, imported during the wait, not on the job's arrival.
 
 The helpers serve this process only: they ignore Ctrl-C (the parent ends
 them), leave when the parent dies or closes their pipe, and a job whose
@@ -35,9 +38,11 @@ def fork_available() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork") and os.environ.get("ZSGD_PLOT_FORK", "1").strip() != "0"
 
 
-def _warm_up() -> None:
-    """Import matplotlib and draw a throw-away figure: fonts, the Agg canvas and the PNG writer loaded."""
+def _warm_up(preload: tuple[str, ...] = ()) -> None:
+    """Import matplotlib and draw a throw-away figure: fonts, the Agg canvas and the PNG writer loaded;
+    then import ``preload`` (the modules of the jobs to come, so that unpickling one imports nothing)."""
     try:
+        import importlib
         import io
 
         import matplotlib
@@ -51,17 +56,19 @@ def _warm_up() -> None:
         ax.legend(fontsize=7)
         fig.savefig(io.BytesIO(), dpi=110, format="png")
         plt.close(fig)
+        for name in preload:
+            importlib.import_module(name)
     except Exception:  # noqa: BLE001 -- only a warm-up: the job meets the same error and reports it
         pass
 
 
-def _first_child(conns: list[Any], parent_ends: list[Any], parent: int) -> None:
+def _first_child(conns: list[Any], parent_ends: list[Any], parent: int, preload: tuple[str, ...] = ()) -> None:
     """The one forked child: warm up once, then fork one more helper per further connection (each starts
     warm, sharing these pages), and serve the first connection itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: it is the parent's to handle
     for end in parent_ends:
         end.close()  # or the parent's closing would never read as EOF here
-    _warm_up()
+    _warm_up(preload)
     for i, conn in enumerate(conns[1:], start=1):
         if os.fork() == 0:
             try:
@@ -113,16 +120,19 @@ def _serve(conn: Any, parent: int) -> None:
 class Plotter:
     """``n`` forked children, each ready to run one plotting job (see the module docstring)."""
 
-    def __init__(self, n: int = 1) -> None:
+    def __init__(self, n: int = 1, preload: tuple[str, ...] = ()) -> None:
+        """``preload``: modules the jobs' functions and arguments come from, imported by the helpers while they
+        wait (a helper forked before the caller imported them would otherwise import them on unpickling)."""
         self._idle: list[Any] = []  # the parent's ends of the helpers' pipes
         self._proc: Any = None
+        self._used = False  # whether a job was sent: until then, closing ends the helpers at once
         if n <= 0 or not fork_available():
             return
         ctx = multiprocessing.get_context("fork")
         pairs = [ctx.Pipe() for _ in range(n)]
         self._idle = [mine for mine, _theirs in pairs]
-        self._proc = ctx.Process(target=_first_child, args=([t for _m, t in pairs], self._idle, os.getpid()), daemon=True,
-                                 name="zsgd-plot")
+        self._proc = ctx.Process(target=_first_child, args=([t for _m, t in pairs], self._idle, os.getpid(), tuple(preload)),
+                                 daemon=True, name="zsgd-plot")
         self._proc.start()
         for _mine, theirs in pairs:
             theirs.close()
@@ -132,6 +142,7 @@ class Plotter:
         returns the function that waits for its result (raising what ``fn`` raised)."""
         if self._idle:
             conn = self._idle.pop(0)
+            self._used = True
             try:
                 conn.send((fn, args, kwargs))
                 return lambda: self._result(conn, fn, args, kwargs)
@@ -158,14 +169,16 @@ class Plotter:
             raise RuntimeError(f"drawing figures failed in their process:\n{value}")
         return fn(*args, **kwargs)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         """End the helpers: an idle one reads EOF and leaves; the forked child, still drawing after its
-        grace (an interrupted sweep), is terminated (its own helpers then read EOF and leave)."""
+        grace (an interrupted sweep), is terminated (its own helpers then read EOF and leave). With
+        ``abort``, or when no job was ever sent (a command that failed before its figures), the forked child
+        is terminated at once: an error must not wait for matplotlib to finish loading."""
         for conn in self._idle:
             conn.close()
         self._idle = []
         if self._proc is not None:
-            self._proc.join(timeout=2.0)
+            self._proc.join(timeout=0.0 if abort or not self._used else 2.0)
             if self._proc.is_alive():
                 self._proc.terminate()
                 self._proc.join(timeout=2.0)
@@ -174,6 +187,6 @@ class Plotter:
     def __enter__(self) -> "Plotter":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(abort=exc_type is not None)
 

@@ -16,8 +16,7 @@ import itertools
 import json
 import math
 import re
-import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -324,12 +323,16 @@ def prepare_workload(cfg: TrainConfig, arms: list[Arm], problem: Any = None) -> 
 
 def run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workload | None = None, show: bool = True,
               arm_plots: bool = False, jobs: int = 1, step_argv: Callable[[int], list[str]] | None = None,
-              step_capacity: int = 1) -> list[ArmOutcome]:
-    """``_run_sweep``, with two processes forked first that load matplotlib while the arms run and
-    then draw the sweep's figures side by side (``zsgd.output.plotter``)."""
+              step_capacity: int = 1, plotter: Any = None) -> list[ArmOutcome]:
+    """``_run_sweep``, with two processes that load matplotlib while the arms run and then draw the sweep's
+    figures side by side (``zsgd.output.plotter``): ``plotter``'s when given (``zsgd sim`` forks them at its
+    start, before it loads anything else), else forked now."""
     from zsgd.output.plotter import Plotter
+    from zsgd.output.sweep_plots import PRELOAD
 
-    with Plotter(2) as plotter:
+    if plotter is not None:
+        return _run_sweep(cfg, spec, out_dir, workload, show, arm_plots, jobs, step_argv, step_capacity, plotter)
+    with Plotter(2, preload=PRELOAD) as plotter:
         return _run_sweep(cfg, spec, out_dir, workload, show, arm_plots, jobs, step_argv, step_capacity, plotter)
 
 
@@ -484,97 +487,29 @@ def results_table(outcomes: list[ArmOutcome], target: float) -> Any:
 
 def plot_sweep(outcomes: list[ArmOutcome], out_dir: Path, target: float, plotter: Any = None) -> list[Path]:
     """accuracy_vs_time.png, time_to_target.png, staleness.png, and the standard curves of all arms; with a
-    ``Plotter``, the curves and the other three figures are drawn in its two processes at once."""
+    ``Plotter``, the curves and the other three figures are drawn in its two processes at once. What is sent
+    is plain numbers (``zsgd.output.sweep_plots.ArmFigure``): a helper forked before the simulator was
+    imported draws them without importing it."""
     from zsgd.output.plotter import Plotter
+    from zsgd.output.sweep_plots import curves_quietly, sweep_figures
 
     plotter = plotter or Plotter(0)
-    slim = [replace(o, result=replace(o.result, weights=np.zeros(0, np.float32))) for o in outcomes]  # what is sent: no weights
-    curves = plotter.submit(_plot_curves_quietly, [o.run_dir for o in outcomes], out_dir, [o.arm.label for o in outcomes])
-    figures = plotter.submit(_sweep_figures, slim, out_dir, target)
+    curves = plotter.submit(curves_quietly, [o.run_dir for o in outcomes], out_dir, [o.arm.label for o in outcomes])
+    figures = plotter.submit(sweep_figures, [arm_figure(o) for o in outcomes], out_dir, target)
     return figures() + curves()
 
 
-def _plot_curves_quietly(run_dirs: list[Path], out_dir: Path, labels: list[str]) -> list[Path]:
-    from zsgd.output.plots import plot_curves
-
-    with warnings.catch_warnings():  # short arms may have no train events: an empty legend is fine
-        warnings.simplefilter("ignore", UserWarning)
-        return plot_curves(run_dirs, out_dir, labels=labels, time_label="virtual time (s)")
+LATENCY_KEYS = ("latency", "latency_up", "latency_down")
 
 
-def _sweep_figures(outcomes: list[ArmOutcome], out_dir: Path, target: float) -> list[Path]:
-    import matplotlib
+def arm_figure(outcome: ArmOutcome) -> Any:
+    """What the sweep's figures show of one arm: its evaluations and staleness, and its place on the
+    time-to-target plot (a line per combination of the varying values other than latency)."""
+    from zsgd.output.sweep_plots import ArmFigure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for o in outcomes:
-        ev = o.result.evals
-        ax.plot([e[0] for e in ev], [e[2] for e in ev], marker="o" if len(ev) < 30 else None, ms=3, label=o.arm.label)
-    ax.axhline(target, color="grey", ls="--", lw=0.8)
-    log = _log_time_axis([o.result.evals for o in outcomes])
-    if log:
-        ax.set_xscale("log")
-    ax.set(xlabel="virtual time (s, log scale)" if log else "virtual time (s)", ylabel="test accuracy", title="test accuracy vs virtual time")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    written.append(_save(fig, out_dir / "accuracy_vs_time.png", tight=False))
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[str, list[tuple[float, float]]] = {}
-    lat_keys = ("latency", "latency_up", "latency_down")
-    for o in outcomes:
-        others = [k for k in o.arm.varying if k not in lat_keys] or ["algo"]
-        name = " ".join(f"{k}={o.arm.values[k]}" if k != "algo" else o.arm.values.get("algo", "async") for k in others)
-        net = o.arm.opts.network
-        x = (net.latency_up.mean + net.latency_down.mean) / 2 * 1e3
-        ttt = o.result.summary["time_to_target_s"]
-        groups.setdefault(name, []).append((x, math.nan if ttt is None else ttt))
-    for name, pts in groups.items():
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    if all(math.isnan(p[1]) for pts in groups.values() for p in pts):
-        ax.text(0.5, 0.5, f"no arm reached {target:.0%}", transform=ax.transAxes, ha="center")
-    ax.set(xlabel="mean one-way latency (ms)", ylabel=f"virtual time to {target:.0%} accuracy (s)",
-           title="time to target vs latency (missing points: not reached)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    written.append(_save(fig, out_dir / "time_to_target.png", tight=False))
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(outcomes) + 2), 4.5))
-    data = [o.result.staleness if len(o.result.staleness) else np.zeros(1) for o in outcomes]
-    ax.boxplot(data, whis=(1, 99), showfliers=False)
-    ax.plot(range(1, len(data) + 1), [d.mean() for d in data], "D", color="C3", ms=4, label="mean")
-    ax.set_xticks(range(1, len(data) + 1), [o.arm.label for o in outcomes], rotation=30, ha="right", fontsize=7)
-    ax.set(ylabel="staleness (central updates)", title="staleness per arm (box: p25-p75, whiskers: p1-p99)")
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
-    written.append(_save(fig, out_dir / "staleness.png"))
-    return written
-
-
-def _log_time_axis(evals: list[list[tuple[float, int, float]]]) -> bool:
-    """Whether arms' lengths span more than 20x (latency 0 against 50 ms does, 100x):
-    on a linear axis the fast arms' curves would be squeezed into the first pixels."""
-    ends = [ev[-1][0] for ev in evals if ev]
-    firsts = [ev[0][0] for ev in evals if ev]
-    return bool(ends) and min(firsts) > 0 and max(ends) > 20 * min(ends)
-
-
-def _save(fig: Any, path: Path, tight: bool = True) -> Path:
-    """``tight``: fit the margins to the labels (one more draw; for the staleness plot's slanted arm names),
-    else the fixed margins of ``zsgd.output.plots.fixed_margins``."""
-    import matplotlib.pyplot as plt
-
-    from zsgd.output.plots import fixed_margins
-
-    if tight:
-        fig.tight_layout()
-    else:
-        fixed_margins(fig)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    arm, result = outcome.arm, outcome.result
+    others = [k for k in arm.varying if k not in LATENCY_KEYS] or ["algo"]
+    group = " ".join(f"{k}={arm.values[k]}" if k != "algo" else arm.values.get("algo", "async") for k in others)
+    net = arm.opts.network
+    return ArmFigure(arm.label, group, (net.latency_up.mean + net.latency_down.mean) / 2 * 1e3, result.summary["time_to_target_s"],
+                     list(result.evals), np.asarray(result.staleness))
