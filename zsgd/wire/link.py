@@ -142,9 +142,9 @@ class BrokerLink:
         self._linger_ms = 1000 if flush else 0
         self.shared.close()
         if self._thread.is_alive():
-            try:
-                self._pipe.send(STOP)
-            except zmq.ZMQError:
+            try:  # NOBLOCK: the thread may close its end between the check and the send, and a send to no peer never returns
+                self._pipe.send(STOP, flags=zmq.NOBLOCK)
+            except zmq.ZMQError:  # zmq.Again: it has ended, or will see the broker gone; the join below is bounded either way
                 pass
             self._thread.join(timeout=2 * self.heartbeat + 1)
         self._pipe.close(linger=0)
