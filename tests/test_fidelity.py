@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import pytest
 
 from helpers import cli, start_zsgd, stop
-from zsgd.experiments.twin import central_latency, compute_trace, decentralized_latency, steady, steps_per_turnaround  # --validate's too
+from zsgd.experiments.twin import central_latency, central_server, compute_trace, decentralized_latency, steady, steps_per_turnaround  # --validate's too
 
 SPEC = ["--data", "embedded", "--batch-size", "32", "--lr", "0.02", "--eval-every", "1000000", "--quiet"]
 TOL = 0.05  # every cell's time per update and mean staleness
@@ -170,7 +170,9 @@ def test_simulator_matches_emulated_run(tmp_path, no_orphans, real_runs, row):
                                          per_round=not c.algo.startswith(("dsgd", "dsgt", "cadmm")))
     hops = None if c.algo in ("dsgd", "dsgt", "cadmm") else central_latency(real, c.latency, tmp_path)
     latency = decentralized_latency(real, c.latency) if c.algo in ("dsgd", "dsgt", "cadmm") else c.latency
-    each_way = ["--latency-up", hops[0], "--latency-down", hops[1]] if hops else []  # with the broker's measured hand-offs
+    each_way = ["--latency-up", hops[0], "--latency-down", hops[1]] if hops else []  # with the broker's measured hand-offs,
+    if hops:  # which hold the messages' transfers, beside the engine's step as this run's broker took it
+        each_way += [f"--{k.replace('_', '-')}={v}" for k, v in central_server(real).items()]
     sim = tmp_path / "sim"
     result = cli("sim", "--workers", str(c.workers), "--latency", latency, *each_way, "--compute", compute, *c.sim, *c.spec(),
                  "--out", str(sim))  # one process: this one

@@ -7,6 +7,8 @@ one plus the relay's measured time, and a node's turnaround leaves out an emulat
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -88,15 +90,17 @@ def test_a_node_turnaround_leaves_out_the_straggler_sleep_and_times_only_peer_ho
 
 # -- the broker's hand-offs in a central run (protocol.REPLY_HOP, zsgd.runtime.worker.broker_hops) --------------------
 
-BROKER_LINE = "broker hop ms (mean up, mean down; hops, ignored, after the first quarter): "
+BROKER_LINE = "broker hop ms (mean up, mean down; hops, ignored; loop wait; after the first quarter): "
+OLD_BROKER_LINE = "broker hop ms (mean up, mean down; hops, ignored, after the first quarter): "  # a worker of before the wait
 
 
 def test_broker_hop_lines_are_pooled_by_their_counts(tmp_path):
-    run = _logs(tmp_path, {0: ["turnaround ms (20 quantiles, after the first 10 % of steps): 1.0", BROKER_LINE + "1.0,3.0,100,0"],
-                           1: [BROKER_LINE + "4.0,1.0,50,2", "peer hop ms (20 quantiles, after the first 10 % of steps): 21.0"],
+    run = _logs(tmp_path, {0: ["turnaround ms (20 quantiles, after the first 10 % of steps): 1.0", OLD_BROKER_LINE + "1.0,3.0,100,0"],
+                           1: [BROKER_LINE + "3.5,1.0,50,2,0.5", "peer hop ms (20 quantiles, after the first 10 % of steps): 21.0"],
                            2: [BROKER_LINE + "oops"]})  # a line that does not parse is skipped
     up, down = twin.broker_overhead_s(run)
-    assert up == pytest.approx(0.002) and down == pytest.approx(7 / 3 / 1e3)  # (1*100 + 4*50)/150 ms, (3*100 + 1*50)/150 ms
+    # (1*100 + (3.5 + 0.5)*50)/150 ms: the loop wait after the hold joins the way up; (3*100 + 1*50)/150 ms
+    assert up == pytest.approx(0.002) and down == pytest.approx(7 / 3 / 1e3)
     assert twin.turnaround_samples(run) == [1.0]  # the other lines are not a turnaround
     assert twin.central_latency(run, "50ms") == ("52.0000ms", f"{50 + 7 / 3:.4f}ms")
     assert twin.central_latency(run, "uniform:25ms,75ms") == ("uniform:27.0000ms,77.0000ms",
@@ -131,28 +135,30 @@ def _hops(*replies):
 def test_a_worker_times_its_hops_from_the_brokers_stamps():
     # update to the socket at 10.000, at the engine (less its hold) at 10.002; reply due out at 10.100, here at 10.103
     hops = _hops(*[({"hop": [10.002, 10.100]}, 10.0, 10.103)] * 20)
-    assert (hops.count, hops.up_s, hops.down_s, hops.ignored) == (20, pytest.approx(0.04), pytest.approx(0.06), 0)
-    up, down, n = hops.means_ms()
-    assert (up, down, n) == (pytest.approx(2.0), pytest.approx(3.0), 15)  # after the first quarter
-    assert hops.line() == BROKER_LINE + "2.0000,3.0000,15,0"
+    assert (hops.sums.count, hops.sums.sums[:2], hops.ignored) == (20, [pytest.approx(0.04), pytest.approx(0.06)], 0)
+    up, down, n, wait = hops.means_ms()
+    assert (up, down, n, wait) == (pytest.approx(2.0), pytest.approx(3.0), 15, 0.0)  # after the first quarter; no wait stamped
+    assert hops.line() == BROKER_LINE + "2.0000,3.0000,15,0,0.0000"
+    waited = _hops(*[({"hop": [10.002, 10.100, 0.0015]}, 10.0, 10.103)] * 20)  # and 1.5 ms for the broker's loop after its hold
+    assert waited.means_ms() == (pytest.approx(2.0), pytest.approx(3.0), 15, pytest.approx(1.5))
     started = _hops(({"hop": [10.800, 10.1]}, 10.0, 10.103), *[({"hop": [10.002, 10.100]}, 10.0, 10.103)] * 20)
-    assert started.up_s == pytest.approx(0.8 + 0.04) and started.means_ms()[:2] == (pytest.approx(2.0), pytest.approx(3.0))  # start-up left out
+    assert started.sums.sums[0] == pytest.approx(0.8 + 0.04) and started.means_ms()[:2] == (pytest.approx(2.0), pytest.approx(3.0))  # start-up left out
 
 
 @pytest.mark.parametrize("n", [10, 37, 128, 129, 1000, 5003])
 def test_the_hops_are_running_sums_whose_first_quarter_is_left_out(n):
     """A long run's worker keeps a bounded record of its hops, not one per reply; the first quarter is still left
     out: exactly up to 2 * CHECKPOINTS replies, within 1 / CHECKPOINTS of them beyond."""
-    from zsgd.runtime.worker.broker_hops import BrokerHops
+    from zsgd.runtime.worker.broker_hops import BrokerHops, SteadyMeans
 
     ups = [0.001 * (1 + i % 7) + (0.5 if i < n // 5 else 0.0) for i in range(n)]  # a slow start-up, then 1-7 ms
     hops = BrokerHops()
     for i, up in enumerate(ups):
         hops.record({"hop": [10.0 + up, 10.1]}, 10.0, 10.1 + up / 2)
-    assert hops.count == n and len(hops._marks) <= 2 * BrokerHops.CHECKPOINTS + 1
-    up_ms, down_ms, counted = hops.means_ms()
+    assert hops.sums.count == n and len(hops.sums._marks) <= 2 * SteadyMeans.CHECKPOINTS + 1
+    up_ms, down_ms, counted, _wait = hops.means_ms()
     skip = n - counted
-    assert n // 4 - n / BrokerHops.CHECKPOINTS <= skip <= n // 4 and (skip == n // 4 or n > 2 * BrokerHops.CHECKPOINTS)
+    assert n // 4 - n / SteadyMeans.CHECKPOINTS <= skip <= n // 4 and (skip == n // 4 or n > 2 * SteadyMeans.CHECKPOINTS)
     assert up_ms == pytest.approx(1e3 * np.mean(ups[skip:])) and down_ms == pytest.approx(up_ms / 2)
     assert up_ms < 5.0  # the start-up's 0.5 s hops are left out
 
@@ -164,7 +170,7 @@ def test_the_workers_own_hand_off_starts_the_up_hop_of_the_next_stamped_reply():
     hops.handed(0.0005)  # its update took 0.5 ms to reach the link thread (shared memory, frames)
     hops.record({"hop": [10.002, 10.1]}, 10.0, 10.103)
     hops.record({"hop": [20.002, 20.1]}, 20.0, 20.103)  # a reply with no hand-off before it: not counted again
-    assert (hops.count, hops.up_s) == (2, pytest.approx(0.0045))  # 2.5 ms, then 2 ms
+    assert (hops.sums.count, hops.sums.sums[0]) == (2, pytest.approx(0.0045))  # 2.5 ms, then 2 ms
 
 
 @pytest.mark.parametrize("t0, computed, ended, target, slowdown, late", [
@@ -190,15 +196,16 @@ def test_a_stretch_held_past_the_simulators_step_is_late_by_the_difference(t0, c
     ({"hop": [9.0, 10.1]}, 10.0, 10.1),  # reached the broker 1 s before it was sent
     ({"hop": [10.002, 10.1]}, 0.0, 10.1),  # this worker never sent an update
     ({"hop": [10.002, 10.1 - 3600]}, 10.0, 10.1),  # left an hour before it came
+    ({"hop": [10.002, 10.1, -0.5]}, 10.0, 10.1),  # a negative wait
 ])
 def test_odd_stamps_are_ignored_and_counted(meta, forward, arrival):
     hops = _hops((meta, forward, arrival))
-    assert hops.count == 0 and hops.up_s == hops.down_s == 0.0 and hops.ignored == 1
+    assert hops.sums.count == 0 and hops.sums.sums == [0.0] * 3 and hops.ignored == 1
 
 
 def test_a_reply_without_stamps_is_not_counted():
     hops = _hops(({}, 10.0, 10.1), ({"slowdown": 2.0}, 10.0, 10.1))
-    assert hops.count == 0 and hops.ignored == 0 and hops.line() is None  # and too few for a line
+    assert hops.sums.count == 0 and hops.ignored == 0 and hops.line() is None  # and too few for a line
 
 
 def test_the_stamps_cross_the_wire_and_are_checked():
@@ -210,8 +217,9 @@ def test_the_stamps_cross_the_wire_and_are_checked():
     back = protocol.decode(protocol.encode(msg))
     assert protocol.reply_hop(back.meta) == (1234.5, 1234.625)
     assert protocol.reply_hop({}) is None
-    for bad in ([1.0, math.inf], [1.0, "2"], [1.0, 2.0, 3.0], {"up": 1.0}, [False, 1.0]):
-        with pytest.raises(protocol.ProtocolError, match="hop must be two finite numbers") as exc:
+    assert protocol.reply_hop({"hop": [1.0, 2.0, 0.25]}) == (1.0, 2.0, 0.25)  # with the update's loop wait
+    for bad in ([1.0, math.inf], [1.0, "2"], [1.0, 2.0, 3.0, 4.0], [1.0], {"up": 1.0}, [False, 1.0], [1.0, 2.0, math.nan]):
+        with pytest.raises(protocol.ProtocolError, match="hop must be two or three finite numbers") as exc:
             protocol.reply_hop({"hop": bad})
         assert exc.value.reason == "bad-meta"
 
@@ -256,5 +264,40 @@ def test_an_emulated_parameter_server_stamps_each_reply_with_its_update(tmp_path
         clock[0] = 100.25  # ... and delivers it when due (here late), to the engine, which replies at once
         service.deliver_held("in", peer, update)
         reply, delay = ctx.port.held[1]
-        assert reply.meta[protocol.REPLY_HOP] == [pytest.approx(99.0), pytest.approx(100.28)] and delay == pytest.approx(0.03)
-        assert protocol.reply_hop(protocol.decode(protocol.encode(reply)).meta) == (pytest.approx(99.0), pytest.approx(100.28))
+        # due at 99.05, taken at 100.25 by a loop that ran no other step meanwhile: 1.2 s of loop wait
+        assert reply.meta[protocol.REPLY_HOP] == [pytest.approx(99.0), pytest.approx(100.28), pytest.approx(1.2)] and delay == pytest.approx(0.03)
+        assert protocol.reply_hop(protocol.decode(protocol.encode(reply)).meta) == (pytest.approx(99.0), pytest.approx(100.28),
+                                                                                   pytest.approx(1.2))
+
+
+@pytest.mark.parametrize("due, start, steps, wait", [
+    (10.0, 10.003, [], 0.003),  # the loop took it 3 ms late, busy with no other step: all of it is the loop's
+    (10.0, 10.003, [(9.999, 10.001), (10.001, 10.002)], 0.001),  # 2 ms of it behind other updates' steps: the queue
+    (10.0, 10.003, [(9.0, 9.5), (10.004, 10.005)], 0.003),  # steps before it was due, or after it was taken, do not count
+    (10.0, 9.999, [(9.9, 9.95)], 0.0),  # taken before its hold was due: no wait
+    (10.0, 10.002, [(9.999, 10.0025)], 0.0),  # one step covering the whole wait: none of it the loop's own
+])
+def test_the_loop_wait_leaves_out_the_other_updates_steps(due, start, steps, wait):
+    from zsgd.runtime.worker.broker_hops import loop_wait
+
+    assert loop_wait(due, start, steps) == pytest.approx(wait, abs=1e-12)
+
+
+def test_steady_means_leave_out_the_first_quarter():
+    from zsgd.runtime.worker.broker_hops import SteadyMeans
+
+    means = SteadyMeans(2)
+    for i in range(40):
+        means.add(100.0 if i < 10 else 1.0, float(i))
+    (first, second), n = means.steady()
+    assert n == 30 and first == pytest.approx(1.0) and second == pytest.approx(sum(range(10, 40)) / 30)
+
+
+def test_a_central_twin_takes_the_runs_engine_step_and_charges_no_nic_the_hops_hold(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "summary.json").write_text(json.dumps({"engine_s_mean": 0.00025}))
+    assert twin.central_server(tmp_path) == {"broker_time": "0.2500ms", "broker_bandwidth": "inf"}
+    # figures given by hand are the user's: a step the real run does not have, a NIC it emulates in its holds
+    assert twin.central_server(tmp_path, "40ms", "100Mbps") == {"broker_time": "40ms", "broker_bandwidth": "100Mbps"}
+    (tmp_path / "summary.json").write_text(json.dumps({}))  # a run of before the engine's step was kept
+    assert twin.central_server(tmp_path) == {"broker_time": "measured", "broker_bandwidth": "inf"}

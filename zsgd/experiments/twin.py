@@ -122,12 +122,15 @@ def relay_overhead_s(run_dir: str | Path, latency: str) -> float | None:
 
 def broker_overhead_s(run_dir: str | Path) -> tuple[float, float] | None:
     """Mean seconds a central run's update (up) and reply (down) spent on their way beyond their emulated hold;
-    None if its workers logged no hops (a run without emulation, a sharded one, or too short).
+    None if its workers logged no hops (a run without emulation, or too short).
 
-    The broker's hand-offs around its step: the link and ZeroMQ threads on both sides, its receive before the
-    hold, the hold's release by its loop, the reply's encoding and send. Each worker logs its means from the
-    broker's stamps on its replies (``zsgd.runtime.worker.broker_hops``); pooled here weighted by their counts.
-    They grow with the host's load, so the twin takes them from the run, as it takes the workers' turnaround."""
+    The broker's hand-offs around its step: the link and ZeroMQ threads on both sides (the message's transfer
+    included), its receive before the hold, the reply's encoding and send; and, on the way up, the update's wait
+    for the broker's loop after its hold beyond other updates' engine steps (``broker_hops.loop_wait``: the
+    loop receiving and sending other messages, waking; the wait behind other steps is the simulator's queue).
+    Each worker logs its means from the broker's stamps on its replies (``zsgd.runtime.worker.broker_hops``);
+    pooled here weighted by their counts. They grow with the host's load, so the twin takes them from the run,
+    as it takes the workers' turnaround."""
     from zsgd.runtime.worker.broker_hops import LOGGED
 
     up = down = 0.0
@@ -135,9 +138,10 @@ def broker_overhead_s(run_dir: str | Path) -> tuple[float, float] | None:
     for values in logged_values(run_dir, LOGGED):
         try:
             u, d, k = (float(x) for x in values[:3])
+            wait = float(values[4]) if len(values) > 4 else 0.0  # a worker of before the loop wait was logged: none
         except ValueError:
             continue
-        up, down, n = up + u * k, down + d * k, n + int(k)
+        up, down, n = up + (u + wait) * k, down + d * k, n + int(k)
     return None if n == 0 else (up / n / 1e3, down / n / 1e3)
 
 
@@ -150,6 +154,25 @@ def central_latency(run_dir: str | Path, latency: str, out_dir: str | Path | Non
     if extra is None:
         return None
     return shifted_latency(latency, extra[0], out_dir, "up"), shifted_latency(latency, extra[1], out_dir, "down")
+
+
+def central_server(run_dir: str | Path, broker_time: str = "measured", broker_bandwidth: str = "measured") -> dict[str, str]:
+    """``--broker-time`` and ``--broker-bandwidth`` for a central run's twin whose latency holds the run's hops
+    (``central_latency``); a figure given by hand (not ``measured``) is the user's and is kept.
+
+    The server's NIC: the hops hold each message's transfer through ZeroMQ, both ways, so the twin's NIC is
+    unlimited; charged again from this machine's cached transport calibration, the twin of 8 workers at 10 ms
+    was 2-6 % slow, more with a calibration cached on a busy machine (its bandwidth lower). A NIC given by hand
+    is emulated in the real run's holds (``--inject-broker-bandwidth``), which the hops leave out. The server's
+    step: the engine's mean step in this run (``engine_s_mean``, after its first quarter), as its broker took it
+    beside the workers, instead of the calibration's, timed alone; the calibration's if the run has none."""
+    out = {"broker_time": broker_time, "broker_bandwidth": broker_bandwidth}
+    if str(broker_bandwidth).strip().lower() == "measured":
+        out["broker_bandwidth"] = "inf"
+    step = summary(run_dir).get("engine_s_mean")
+    if str(broker_time).strip().lower() == "measured" and isinstance(step, (int, float)) and step > 0:
+        out["broker_time"] = f"{step * 1e3:.4f}ms"
+    return out
 
 
 TRACE_POINTS = 4000  # quantiles of a shifted lognormal written as a trace (scaled to its mean)
@@ -222,5 +245,5 @@ def compute_trace(run_dir: str | Path, out: str | Path, steps: int = 1, per_roun
     return f"{prefix}trace:{out}"
 
 
-__all__ = ["accuracies", "broker_overhead_s", "central_latency", "compute_trace", "decentralized_latency", "events", "metrics_path", "relay_overhead_s", "shifted_latency",
+__all__ = ["accuracies", "broker_overhead_s", "central_latency", "central_server", "compute_trace", "decentralized_latency", "events", "metrics_path", "relay_overhead_s", "shifted_latency",
            "staleness_p99", "steady", "steps_per_turnaround", "summary", "turnaround_samples"]

@@ -309,7 +309,7 @@ def validate(cfg: TrainConfig, spec: Any, arms: list, out_dir: Path, tolerance: 
     real_dir.mkdir(parents=True, exist_ok=True)
     run_distributed(replace(run_cfg, time_limit=max(60.0, 4 * estimate), name="validate-real"), real_opts, out=real_dir)
     # 2. the twin: the same flags, its compute the real workers' own turnaround (or the injected draw)
-    from zsgd.experiments.twin import central_latency, compute_trace, decentralized_latency, steps_per_turnaround
+    from zsgd.experiments.twin import central_latency, central_server, compute_trace, decentralized_latency, steps_per_turnaround
 
     compute = arm.values.get("compute", "measured").strip()
     steps, grid = local_steps(algo), dict(spec.grid)
@@ -321,8 +321,10 @@ def validate(cfg: TrainConfig, spec: Any, arms: list, out_dir: Path, tolerance: 
             notes.append(f"not in the twin: the relay's measured time per peer message ({exc})")
     else:  # the broker's hand-offs beyond the emulated delays, measured each way in the run (zsgd.runtime.worker.broker_hops)
         hops = central_latency(real_dir, str(grid.get("latency") or "0"), out_dir)
-        if hops is not None:
+        if hops is not None:  # which hold the transfers (no NIC charged again) beside the engine's step in this run
             grid["latency_up"], grid["latency_down"] = hops
+            server = central_server(real_dir, spec.broker_time, spec.broker_bandwidth)
+            spec = replace(spec, broker_time=server["broker_time"], broker_bandwidth=server["broker_bandwidth"])
         if compute == "measured":
             compute = compute_trace(real_dir, out_dir / "turnaround.csv", steps, per_round=True)
     (twin_arm,) = build_arms(replace(spec, grid={**grid, "compute": compute}))

@@ -85,6 +85,7 @@ class LinkEmulator:
         self.stragglers: Stragglers | None = stragglers.assign(n_workers, seed) if stragglers is not None else None
         self.compute: ComputeDraw | None = ComputeDraw(compute, seed) if compute is not None else None
         self.update_received: dict[int, float] = {}  # when the broker took each worker's latest update off its socket
+        self.update_due: dict[int, float] = {}  # ... and when its emulated hold was due to end (broker_hops.loop_wait)
         self._link_free: dict[int, float] = {}  # peer_delay: when each sender's link has sent what it holds
 
     def compute_target(self, worker: int, local_steps: int = 1) -> float | None:
@@ -104,6 +105,7 @@ class LinkEmulator:
             self._rx_free = max(now + d, self._rx_free) + nbytes / self.nic_bandwidth
             d = self._rx_free - now
         self.update_received[worker] = now  # the broker's reply stamps this worker's hop to here (parameter_server)
+        self.update_due[worker] = now + d
         return d
 
     def reply_delay(self, worker: int, nbytes: int, now: float) -> float:

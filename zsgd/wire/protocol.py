@@ -97,24 +97,26 @@ def validate_weights(msg: Message, *, run: str, n_params: int, require_finite: b
         _check_finite(msg)
 
 
-#: Meta key of a broker's reply in an emulated run: ``[reached, left]``, seconds of the broker's monotonic clock (the
+#: Meta key of a broker's reply in an emulated run: ``[reached, left, wait]``, seconds of the broker's monotonic clock (the
 #: machine's: the runs this serves are on one host). ``reached``: when the broker's loop took the update the reply
 #: answers off its socket, before the emulated hold (its uplink); ``left``: when the reply's own emulated hold (its downlink)
-#: was due to end. A worker subtracts its update's send and its reply's arrival to log the hops beyond the emulated
-#: delays (``zsgd.runtime.worker.broker_hops``), which a simulated twin adds to its latency (``zsgd.experiments.twin``).
-#: Optional, and informational: nothing in a run depends on it.
+#: was due to end; ``wait`` (optional): how long that update waited for the broker's loop after its hold, beyond the
+#: engine's steps of other updates (``broker_hops.loop_wait``). A worker subtracts its update's send and its reply's arrival
+#: to log the hops beyond the emulated delays (``zsgd.runtime.worker.broker_hops``), which a simulated twin adds to its
+#: latency (``zsgd.experiments.twin``). Optional, and informational: nothing in a run depends on it.
 REPLY_HOP = "hop"
 
 
-def reply_hop(meta: Mapping[str, Any]) -> tuple[float, float] | None:
-    """A reply's ``REPLY_HOP`` stamps, or None if it has none; ProtocolError ("bad-meta") if they are not two finite numbers."""
+def reply_hop(meta: Mapping[str, Any]) -> tuple[float, ...] | None:
+    """A reply's ``REPLY_HOP`` stamps (two, or three with the wait), or None if it has none; ProtocolError ("bad-meta") if
+    they are not two or three finite numbers."""
     hop = meta.get(REPLY_HOP)
     if hop is None:
         return None
-    if (not isinstance(hop, list) or len(hop) != 2
+    if (not isinstance(hop, list) or len(hop) not in (2, 3)
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in hop)):
-        raise ProtocolError("bad-meta", f"{REPLY_HOP} must be two finite numbers (seconds), got {str(hop)[:64]}")
-    return float(hop[0]), float(hop[1])
+        raise ProtocolError("bad-meta", f"{REPLY_HOP} must be two or three finite numbers (seconds), got {str(hop)[:64]}")
+    return tuple(float(x) for x in hop)
 
 
 # constructors used by the runtime; the broker is worker -1

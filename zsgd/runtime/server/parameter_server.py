@@ -16,6 +16,7 @@ on non-finite losses and gradients).
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any, Iterable
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from zsgd.algorithms import algorithm_class, make_server_algorithm
 from zsgd.algorithms.step_log import StepFollower, StepLeader
 from zsgd.engine import ServerEngine
+from zsgd.runtime.worker.broker_hops import SteadyMeans, loop_wait
 from zsgd.runtime.worker.replies import ABANDON
 from zsgd.runtime.server.context import ServiceContext
 from zsgd.runtime.server.service import ServiceBase
@@ -76,6 +78,11 @@ class ParameterServer(ServiceBase):
         # Emulated runs: when the broker took each worker's latest update off its socket (before its emulated hold);
         # its reply carries it (protocol.REPLY_HOP), so the worker can log the hand-offs beyond the emulated delays.
         self._reached: dict[int, float] = {}
+        # ... each one's wait for the loop after its hold (broker_hops.loop_wait), and the engine's latest steps and their
+        # steady mean (the summary's engine_s_mean: a twin's --broker-time, the step as this run's broker took it).
+        self._waited: dict[int, float] = {}
+        self._steps: deque[tuple[float, float]] = deque(maxlen=64)
+        self._step_means = SteadyMeans(1)
 
     @property
     def on_gather(self) -> Any:
@@ -154,13 +161,19 @@ class ParameterServer(ServiceBase):
     def deliver_held(self, direction: str, peer: Peer, msg: Any) -> None:
         """One emulated message arrives: an update from a worker, or a reply to it."""
         if direction == "in":
-            # The hop ends where the broker took the update off its socket: the wait after its emulated hold, for a
-            # loop busy with other updates, is the server's queue, which the simulator models itself (counted in the
-            # hop, the twin was 10 % slow with 8 workers at 10 ms).
-            received = self.ctx.port.emulator.update_received.get(peer.worker)
+            # The hop ends where the broker took the update off its socket. Its wait after its emulated hold is stamped
+            # apart (loop_wait): the part spent behind other updates' engine steps is the server's queue, which the
+            # simulator models itself; the rest (the loop receiving and sending other messages, waking) it does not.
+            emulator, start = self.ctx.port.emulator, time.monotonic()
+            received, due = emulator.update_received.get(peer.worker), emulator.update_due.get(peer.worker)
             if received is not None:
                 self._reached[peer.worker] = received
+            if due is not None:
+                self._waited[peer.worker] = loop_wait(due, start, self._steps)
             self.on_update(peer, msg)
+            end = time.monotonic()
+            self._steps.append((start, end))
+            self._step_means.add(end - start)
         else:
             self._send(peer, msg)
 
@@ -169,7 +182,8 @@ class ParameterServer(ServiceBase):
 
     def summary(self) -> dict[str, Any]:
         engine = self.engine.summary()
-        return engine | {"dropped_updates": dict(self.engine.dropped + self.ctx.port.dropped)}
+        steps = {"engine_s_mean": self._step_means.steady()[0][0]} if self._step_means.count >= 10 else {}  # emulated runs
+        return engine | {"dropped_updates": dict(self.engine.dropped + self.ctx.port.dropped)} | steps
 
     # -- updates -----------------------------------------------------------------------
     def on_update(self, peer: Peer, msg: Message) -> None:
@@ -223,8 +237,9 @@ class ParameterServer(ServiceBase):
         now = time.monotonic()
         delay = emulator.reply_delay(worker, protocol.message_nbytes(msg), now)
         reached = self._reached.pop(worker, None)
-        if reached is not None:  # [the update's arrival, the reply's departure], both without the emulated link
-            msg.meta[protocol.REPLY_HOP] = [reached, now + delay]
+        if reached is not None:  # [the update's arrival, the reply's departure], both without the emulated link; its loop wait
+            waited = self._waited.pop(worker, None)
+            msg.meta[protocol.REPLY_HOP] = [reached, now + delay] + ([waited] if waited is not None else [])
         port.hold(("out", peer, msg), delay)
 
     def send_abandon(self, worker: int, version: int) -> None:

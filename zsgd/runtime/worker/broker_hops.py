@@ -2,15 +2,19 @@
 
 Why: in an emulated run the broker holds each update and each reply for a
 drawn delay, which the simulator models. What it does not model is the rest
-of the way: the worker's link thread and ZeroMQ's I/O threads, the broker's
-receive before the hold, the reply's encoding and send, and the thread
-wake-ups on a shared host. (Not the wait of a held update for a loop busy
-with other updates: that is the server's queue, which the simulator models.) Those hand-offs
-grow with the host's load, so they are measured in the run itself: the broker
-stamps each reply (``protocol.REPLY_HOP``: when it took the update the reply
-answers off its socket, when the reply's hold was due to end), and
-the worker takes its update's hand-off to the socket and the reply's arrival
-at it (``BrokerLink.last_forward``, ``last_arrival``) against them. All on one
+of the way: the worker's link thread and ZeroMQ's I/O threads (the
+message's transfer included), the broker's receive before the hold, the
+reply's encoding and send, and the thread wake-ups on a shared host; and,
+after an update's hold, its wait for the broker's loop while that loop
+receives and sends other messages or is not yet awake (``loop_wait``: the
+simulator's server is its engine's step alone, so the wait behind other
+updates' steps, which it models as its queue, is left out of it). Those
+hand-offs grow with the host's load, so they are measured in the run
+itself: the broker stamps each reply (``protocol.REPLY_HOP``: when it took
+the update the reply answers off its socket, when the reply's hold was due
+to end, and that update's loop wait), and the worker takes its update's
+hand-off to the socket and the reply's arrival at it
+(``BrokerLink.last_forward``, ``last_arrival``) against them. All on one
 host's monotonic clock. The twin reads the logged means
 (``zsgd.experiments.twin.broker_overhead_s``).
 
@@ -20,7 +24,7 @@ malformed or implausible ones are ignored and counted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from zsgd.errors import ProtocolError
 from zsgd.wire import protocol
@@ -45,25 +49,59 @@ def overrun(t0: float, computed: float, ended: float, target_s: float, slowdown:
     return late if late > 0 else 0.0
 
 
-class BrokerHops:
-    """Per reply: ``up`` (update handed to the link thread -> the engine, less the emulated uplink; the link thread's
-    own wait before the socket is in the worker's turnaround already) and ``down`` (the reply's emulated downlink due to
-    end -> its arrival at this worker's socket), seconds.
+def loop_wait(due: float, start: float, steps: Iterable[tuple[float, float]]) -> float:
+    """Seconds an update whose emulated hold was ``due`` to end waited until the engine took it (``start``), less the
+    engine's ``steps`` ((start, end) of other updates) in between: the broker's one loop receiving and sending other
+    messages, and waking. The simulator's server queues an update behind the other updates' steps itself (its
+    ``--broker-time``), not behind the rest: at 8 workers and 10 ms on 2 cores the loop's receive, step and reply
+    send of an update took 0.7 ms, its step 0.2 ms, and a held update waited 0.6-2.2 ms for the loop at load 5-8."""
+    if start <= due:
+        return 0.0
+    busy = sum(max(0.0, min(end, start) - max(begin, due)) for begin, end in steps)
+    return max(0.0, start - due - busy)
 
-    Kept as running sums, not one value per reply: a worker of a long run answers millions of replies. The means
-    leave out the first quarter of the replies (``means_ms``), so the sums are also noted at every ``stride``-th
-    reply, at most ``2 * CHECKPOINTS`` of them: when that many, every other one goes and the stride doubles. The
-    first quarter is then exact up to ``2 * CHECKPOINTS`` replies, and within ``1 / CHECKPOINTS`` of them beyond."""
+
+class SteadyMeans:
+    """Running sums of a few quantities, and their means after the first quarter of the samples (a run's start-up).
+
+    Not one value per sample: a long run takes millions. The sums are also noted at every ``stride``-th sample, at
+    most ``2 * CHECKPOINTS`` of them: when that many, every other one goes and the stride doubles. The first
+    quarter is then exact up to ``2 * CHECKPOINTS`` samples, and within ``1 / CHECKPOINTS`` of them beyond."""
 
     CHECKPOINTS = 64
 
+    def __init__(self, width: int) -> None:
+        self.count = 0
+        self.sums = [0.0] * width
+        self._stride = 1
+        self._marks: list[tuple[int, list[float]]] = [(0, [0.0] * width)]  # (count, sums) at every stride-th sample
+
+    def add(self, *values: float) -> None:
+        self.count += 1
+        self.sums = [s + v for s, v in zip(self.sums, values)]
+        if self.count % self._stride == 0:
+            self._marks.append((self.count, self.sums))
+            if len(self._marks) > 2 * self.CHECKPOINTS:
+                self._marks = self._marks[::2]  # counts 0, 2*stride, 4*stride, ...
+                self._stride *= 2
+
+    def steady(self) -> tuple[list[float], int]:
+        """The means after the first quarter (from the latest mark no later than it), and how many samples they hold."""
+        k, skipped = max((m for m in self._marks if m[0] <= self.count // 4), key=lambda m: m[0])
+        n = self.count - k
+        return [(s - s0) / n if n else 0.0 for s, s0 in zip(self.sums, skipped)], n
+
+
+class BrokerHops:
+    """Per reply: ``up`` (update handed to the link thread -> the engine, less the emulated uplink; the link thread's
+    own wait before the socket is in the worker's turnaround already), ``down`` (the reply's emulated downlink due to
+    end -> its arrival at this worker's socket) and ``wait`` (the update's ``loop_wait``, stamped by the broker),
+    seconds; kept as running sums (``SteadyMeans``)."""
+
     def __init__(self) -> None:
-        self.count = 0  # replies timed
-        self.up_s = self.down_s = 0.0  # their sums, seconds
+        self.sums = SteadyMeans(3)  # up, down, wait
         self.ignored = 0
         self._handing = 0.0  # the latest update's hand-off to the link thread (``handed``)
-        self._stride = 1
-        self._marks: list[tuple[int, float, float]] = [(0, 0.0, 0.0)]  # (count, up_s, down_s) at every stride-th reply
 
     def handed(self, seconds: float) -> None:
         """The worker's own hand-off of its update to its link thread (the copy into shared memory, the frames), which
@@ -81,39 +119,28 @@ class BrokerHops:
         if stamps is None:
             return
         up, down = self._handing + stamps[0] - forward, arrival - stamps[1]
+        wait = stamps[2] if len(stamps) > 2 else 0.0  # a broker of before the loop wait was stamped: none
         self._handing = 0.0
-        if forward <= 0 or not (-EARLY_S <= up <= MAX_HOP_S and -EARLY_S <= down <= MAX_HOP_S):
+        if forward <= 0 or not (-EARLY_S <= up <= MAX_HOP_S and -EARLY_S <= down <= MAX_HOP_S and 0.0 <= wait <= MAX_HOP_S):
             self.ignored += 1
             return
-        self.count += 1
-        self.up_s += up
-        self.down_s += down
-        if self.count % self._stride == 0:
-            self._marks.append((self.count, self.up_s, self.down_s))
-            if len(self._marks) > 2 * self.CHECKPOINTS:
-                self._marks = self._marks[::2]  # counts 0, 2*stride, 4*stride, ...
-                self._stride *= 2
+        self.sums.add(up, down, wait)
 
-    def _skipped(self) -> tuple[int, float, float]:
-        """The sums over the first quarter of the replies: at the latest mark no later than it."""
-        skip = self.count // 4
-        return max((m for m in self._marks if m[0] <= skip), key=lambda m: m[0])
-
-    def means_ms(self) -> tuple[float, float, int] | None:
-        """Mean up and down hop (ms) after the first quarter of replies, and how many; None with fewer than 10.
+    def means_ms(self) -> tuple[float, float, int, float] | None:
+        """Mean up hop, down hop (ms) after the first quarter of replies, how many, and their mean loop wait (ms); None
+        with fewer than 10.
 
         A quarter, as the steady state a twin is judged on (``zsgd sim --validate`` skips a quarter of the
         updates, the fidelity cells a fifth to a quarter): the first replies of a run hold its start-up (the
         first evaluation, a partner run's workers loading their kernels), up hops of 0.1-0.8 s at load 6."""
-        if self.count < 10:
+        if self.sums.count < 10:
             return None
-        k, up0, down0 = self._skipped()
-        n = self.count - k
-        return 1e3 * (self.up_s - up0) / n, 1e3 * (self.down_s - down0) / n, n
+        (up, down, wait), n = self.sums.steady()
+        return 1e3 * up, 1e3 * down, n, 1e3 * wait
 
     def line(self) -> str | None:
-        """The log line the twin reads (``LOGGED``), or None with too few replies stamped."""
+        """The log line the twin reads (``LOGGED``; its fifth value the loop wait), or None with too few replies stamped."""
         means = self.means_ms()
         if means is None:
             return None
-        return f"{LOGGED}, after the first quarter): {means[0]:.4f},{means[1]:.4f},{means[2]},{self.ignored}"
+        return f"{LOGGED}; loop wait; after the first quarter): {means[0]:.4f},{means[1]:.4f},{means[2]},{self.ignored},{means[3]:.4f}"
