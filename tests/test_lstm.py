@@ -46,6 +46,31 @@ def test_rational_tanh_and_sigmoid_match_numpy():
     assert np.isnan(out[0])  # a NaN weight must show, not be clamped away
 
 
+def test_vectorised_exp_and_softmax_xent_match_float64():
+    x = np.linspace(-86.9, 0, 200_001).astype(np.float32)
+    out = np.empty_like(x)
+    LK.exp_neg_array(x, out)
+    ref = np.exp(x.astype(np.float64))
+    assert (np.abs(out - ref) / ref).max() < 5e-7
+    LK.exp_neg_array(np.array([-200.0, np.nan], np.float32), out[:2])
+    assert 0.0 <= out[0] < 1e-37 and np.isnan(out[1])
+    rng = np.random.default_rng(3)
+    for scale in (1.0, 30.0):  # wide logits: the row max keeps exp in range
+        z = (rng.standard_normal((50, 72)) * scale).astype(np.float32)
+        y = rng.integers(0, 72, 50)
+        d = np.empty_like(z)
+        loss = LK.softmax_xent(z, y, d)
+        z64 = z.astype(np.float64)
+        e = np.exp(z64 - z64.max(1, keepdims=True))
+        p = e / e.sum(1, keepdims=True)
+        ref_loss = -np.log(p[np.arange(50), y]).mean()
+        p[np.arange(50), y] -= 1.0
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert np.abs(d - p / 50).max() <= 1e-6 * np.abs(p / 50).max()
+    d = np.empty((1, 3), np.float32)
+    assert np.isnan(LK.softmax_xent(np.array([[0.0, np.nan, 1.0]], np.float32), np.array([0]), d))
+
+
 def test_nan_weights_give_a_nan_loss():
     m = get_lstm("lstm:embed=4,hidden=6,layers=1", 6)
     w = m.init(0)

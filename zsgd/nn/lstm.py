@@ -279,7 +279,7 @@ class LSTMModel:
         p, g = self._views(w), self._views(grad)
         logits = self._forward(p, tok, state, ws)
         dlogits = buffer(ws, "dlogits", logits.shape)
-        loss = float(K.softmax_xent(logits, tgt.reshape(-1), dlogits))
+        loss = float(LK.softmax_xent(logits, tgt.reshape(-1), dlogits))
         self._backward(p, g, tok, dlogits, ws)
         return loss, grad
 

@@ -47,8 +47,10 @@ arrays: 78 -> 37 us at B=32, H=256); both are ``zsgd.jit``'s rules.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+import llvmlite.ir as ir
+from numba import njit, types
 from numba import uint64 as u8
+from numba.extending import intrinsic
 
 from zsgd.jit import always_inline  # before any @njit: LLVM options, cache keys (see zsgd.jit)
 from zsgd.nn.lstm_gemm import gemm_packed, prefer_512
@@ -275,6 +277,98 @@ def narrow_add_bias(wide: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None
         dst = out[r]
         for j in range(uc):
             dst[j] = src[j] + bias[j]
+
+
+# ---------------------------------------------------------------- output layer
+
+# exp(f) on [-ln2/2, ln2/2]: Cephes' expf polynomial (about 1 ulp); exp(x) = 2^n exp(x - n ln2).
+_LOG2E = np.float32(1.4426950408889634)
+_LN2 = np.float32(0.6931471805599453)
+_EXP_LO = np.float32(-87.0)  # 2^n stays a normal float; exp(-87) = 1.6e-38, a probability of nothing
+_E6 = np.float32(1.9875691500e-4)
+_E5 = np.float32(1.3981999507e-3)
+_E4 = np.float32(8.3334519073e-3)
+_E3 = np.float32(4.1665795894e-2)
+_E2 = np.float32(1.6666665459e-1)
+_E1 = np.float32(5.0000001201e-1)
+
+
+@intrinsic
+def _pow2(typingctx, n):
+    """``2.0 ** n`` as float32 for an integer ``n`` in [-126, 127]: ``n + 127`` put in the exponent bits."""
+    if not isinstance(n, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        v = args[0]
+        v = builder.trunc(v, i32) if v.type.width > 32 else v
+        bits = builder.shl(builder.add(v, ir.Constant(i32, 127)), ir.Constant(i32, 23))
+        return builder.bitcast(bits, ir.FloatType())
+
+    return types.float32(n), codegen
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy", inline="always")
+def _exp_neg(x):
+    """float32 ``exp(x)`` for ``x <= 0`` as a vectorisable polynomial (numba's np.exp is a scalar libm call).
+
+    One-constant range reduction: ``n ln2`` in float32 is off by at most
+    2.4e-7 at n = -126, well under the softmax's float32 rounding.
+    """
+    x = _EXP_LO if x < _EXP_LO else x  # a select: NaN stays NaN
+    n = np.floor(x * _LOG2E + _HALF)
+    f = x - n * _LN2
+    p = f * _E6 + _E5
+    p = f * p + _E4
+    p = f * p + _E3
+    p = f * p + _E2
+    p = f * p + _E1
+    p = f * f * p + f + _ONE
+    return p * _pow2(np.int32(n))
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def exp_neg_array(x: np.ndarray, out: np.ndarray) -> None:
+    """``out = exp(x)`` elementwise for ``x <= 0`` with the softmax's exp (for tests)."""
+    xf = x.reshape(-1)
+    of = out.reshape(-1)
+    for k in range(u8(xf.size)):
+        of[k] = _exp_neg(xf[k])
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def softmax_xent(logits: np.ndarray, y: np.ndarray, dlogits: np.ndarray) -> float:
+    """Mean softmax cross-entropy of (N, V) ``logits`` against ``y``; writes d(loss)/d(logits).
+
+    ``zsgd.kernels.softmax_xent``'s result with a vectorised ``exp``
+    (:func:`_exp_neg`): the library's calls ``exp`` once per logit through
+    libm, 0.5 ms of a training step at 2048 rows x 72 characters (thread
+    CPU, AMD Zen 5). Stable the same way: the row's max subtracted first.
+    """
+    prefer_512()
+    N, V = logits.shape
+    uv = u8(V)
+    inv_n = np.float32(1.0 / N)
+    total = 0.0
+    for i in range(N):
+        row = logits[i]
+        d = dlogits[i]
+        m = row[0]
+        for j in range(uv):
+            v = row[j]
+            m = v if v > m else m
+        s = 0.0  # float64, as the library's
+        for j in range(uv):
+            e = _exp_neg(row[j] - m)
+            d[j] = e
+            s += e
+        total += np.log(s) + m - row[y[i]]
+        inv = np.float32(1.0 / s) * inv_n
+        for j in range(uv):
+            d[j] *= inv
+        d[y[i]] -= inv_n
+    return total / N
 
 
 # ---------------------------------------------------------------- embedding
