@@ -30,6 +30,10 @@ waits for (issue 24): one short arm (logreg, 1,500 updates), and a sweep of four
 (``--latency 0,10,50,200ms``; also of 6,000 updates each: ``--sweep-steps``) with ``--jobs 1`` and ``--jobs 2``, alternating in every round so a
 machine that speeds up or slows down moves both; with ``--baseline DIR`` (another checkout, e.g.
 ``git archive OLD | tar -x -C DIR``) each command also runs from DIR, side by side.
+
+``--phases [--phase-steps 1500]`` says where such a sweep's wall time goes: one command per ``--jobs`` 1 and 2, traced
+(``PHASE_TRACER``), a row per phase of every process (the parent's imports, data, calibration, forks, each arm, the
+figures in the plotting helpers, the exit) with its start, end and CPU seconds.
 """
 
 from __future__ import annotations
@@ -193,6 +197,108 @@ def start_rows(rounds: int, baseline: Path | None, sweep_steps: list[int]) -> No
     print(f"one arm ({'this' if len(trees) == 1 else 'this tree'}): {med['this', 'one arm']:.2f} s; goal < 1 s")
 
 
+#: ``--phases``: what runs ``zsgd sim`` with a timestamp (wall since the launch, and the process's CPU) written around its
+#: phases, in every process (parent, plotting helpers, arm processes). Run as ``python -c``, so nothing is imported before
+#: zsgd's own start (numpy after the BLAS thread settings, as in the command); a phase is a function wrapped as its module
+#: is first imported (a missing one, as in an older tree, is skipped), so the command imports what and when it would.
+PHASE_TRACER = r"""
+import functools, os, sys, time
+T0, LOG = float(os.environ["ZSGD_PHASE_T0"]), os.environ["ZSGD_PHASE_LOG"]
+def mark(what):
+    with open(LOG, "a") as f:
+        f.write(f"{os.getpid()}\t{time.time() - T0:.4f}\t{time.process_time():.4f}\t{what}\n")
+mark("interpreter started")
+WRAP = {"zsgd.commands.simulate": ["figure_helpers"], "zsgd.commands.group": ["quick_exit"],
+        "zsgd.simulation.sweep": ["prepare_workload", "run_sweep", "_simulate", "write_results", "plot_sweep"],
+        "zsgd.simulation.arm_files": ["calibrate_once"], "zsgd.simulation.parallel": ["ForkRunner.__init__", "ForkRunner.close"],
+        "zsgd.output.plotter": ["_warm_up", "Plotter.close"], "zsgd.output.sweep_plots": ["sweep_figures", "curves_quietly"]}
+def wrapped(fn, name):
+    @functools.wraps(fn)  # the same name: a job naming it still pickles by reference
+    def phase(*a, **k):
+        mark("> " + name)
+        try:
+            return fn(*a, **k)
+        finally:
+            mark("< " + name)
+    return phase
+def patch(module):
+    for attr in WRAP[module.__name__]:
+        owner, _, leaf = attr.rpartition(".")
+        obj = getattr(module, owner, None) if owner else module
+        if obj is not None and hasattr(obj, leaf):
+            setattr(obj, leaf, wrapped(getattr(obj, leaf), attr))
+from importlib.machinery import PathFinder
+class Finder:
+    def find_spec(self, name, path=None, target=None):
+        spec = PathFinder.find_spec(name, path) if name in WRAP else None
+        if spec is not None:
+            run = spec.loader.exec_module
+            def exec_module(module):
+                run(module)
+                patch(module)
+            spec.loader.exec_module = exec_module
+        return spec
+sys.meta_path.insert(0, Finder())
+sys.argv = ["zsgd"] + sys.argv[1:]
+from zsgd.cli import main
+main()
+"""
+
+
+def traced_command(args: tuple[str, ...], out: Path, log: Path, tree: Path | None = None) -> float:
+    """Run ``zsgd ARGS --out OUT`` under ``PHASE_TRACER`` (marks in ``log``); returns its wall time."""
+    root = tree or Path(__file__).resolve().parents[1]
+    t0 = time.time()
+    env = os.environ | {"PYTHONPATH": str(root), "ZSGD_PHASE_T0": repr(t0), "ZSGD_PHASE_LOG": str(log)}
+    subprocess.run([sys.executable, "-c", PHASE_TRACER, *args, "--out", str(out)], cwd=root, env=env, check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.time() - t0
+
+
+def phase_rows(log: Path) -> list[tuple[str, int, str, float, float, float]]:
+    """(process role, depth, phase, start s, end s, CPU s) from a tracer's log, every process's phases in time order."""
+    marks: dict[int, list[tuple[float, float, str]]] = {}
+    for line in log.read_text().splitlines():
+        pid, t, cpu, what = line.split("\t")
+        marks.setdefault(int(pid), []).append((float(t), float(cpu), what))
+    parent = min(marks, key=lambda p: marks[p][0][0])
+    rows = []
+    for pid, ms in sorted(marks.items(), key=lambda kv: kv[1][0][0]):
+        names = {w[2:] for _t, _c, w in ms}
+        role = ("parent" if pid == parent else "plot helper" if names & {"_warm_up", "sweep_figures", "curves_quietly"}
+                else "arm process" if "_simulate" in names else "other") + f" {pid}"
+        if pid == parent:
+            rows.append((role, 0, "interpreter start", 0.0, ms[0][0], ms[0][1]))
+        open_: list[tuple[str, float, float]] = []
+        last = ms[0][:2]  # (time, CPU) where the parent's previous top-level phase ended
+        for t, cpu, what in ms:
+            if pid == parent and not open_ and t - last[0] > 0.01:  # between phases: imports, flag checks, directories
+                rows.append((role, 0, "(between phases: imports, checks)", last[0], t, cpu - last[1]))
+            if what.startswith("> "):
+                open_.append((what[2:], t, cpu))
+            elif what.startswith("< ") and open_:
+                name, t1, c1 = open_.pop()
+                rows.append((role, len(open_), name, t1, t, cpu - c1))
+            last = (t, cpu)
+        rows += [(role, len(open_) - 1, name + " (to the end)", t1, ms[-1][0], ms[-1][1] - c1) for name, t1, c1 in open_]
+    return sorted(rows, key=lambda r: (r[0] != f"parent {parent}", r[0], r[3], r[1]))
+
+
+def phases(steps: int, jobs_list: list[int]) -> None:
+    """``--phases``: one traced sweep (4 arms of ``steps`` updates) per ``--jobs`` value, after a warm-up: where the wall time goes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command_wall(SWEEP + ("--steps", "100", "--jobs", "2"), Path(tmp) / "warm")
+        for jobs in jobs_list:
+            log = Path(tmp) / f"phases-{jobs}.log"
+            load = os.getloadavg()[0]
+            wall = traced_command(SWEEP + ("--steps", str(steps), "--jobs", str(jobs)), Path(tmp) / f"out-{jobs}", log)
+            print(f"\nzsgd sim, 4 arms of {steps} updates, --jobs {jobs}: {wall:.2f} s to the exit (1-minute load average {load:.2f}); "
+                  f"seconds since the launch")
+            print(f"{'process':<20}{'phase':<58}{'start':>7}{'end':>7}{'wall':>7}{'CPU':>7}")
+            for role, depth, name, t1, t2, cpu in phase_rows(log):
+                print(f"{role:<20}{'  ' * depth + name:<58}{t1:>7.2f}{t2:>7.2f}{t2 - t1:>7.2f}{cpu:>7.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--updates", type=int, default=10_000)
@@ -208,6 +314,9 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true", help="issue 22's targets: 1,024 workers x 10,000 updates and 10,000 x 100,000 "
                     "(each in a fresh interpreter; with --baseline side by side, --rounds alternating rounds)")
     ap.add_argument("--speed-cases", default=None, help="with --speed: WORKERS:UPDATES:GOAL_S,... instead of issue 22's two")
+    ap.add_argument("--phases", action="store_true", help="with --start's sweep: where one traced command's wall time goes, "
+                    "phase by phase in every process, for --jobs 1 and 2 (4 arms of --phase-steps updates)")
+    ap.add_argument("--phase-steps", type=int, default=1500, help="with --phases: updates per arm")
     ap.add_argument("--one-case", default=None, help=argparse.SUPPRESS)  # WORKERS,UPDATES: what --speed runs per tree
     args = ap.parse_args()
     if args.one_case:
@@ -217,6 +326,9 @@ def main() -> None:
         cases = SPEED_CASES if args.speed_cases is None else tuple(
             (int(w), int(u), float(g)) for w, u, g in (c.split(":") for c in args.speed_cases.split(",")))
         speed_rows(args.rounds, args.baseline, cases)
+        return
+    if args.phases:
+        phases(args.phase_steps, [1, 2])
         return
     if args.start:
         start_rows(args.rounds, args.baseline, [int(v) for v in args.sweep_steps.split(",")])

@@ -39,3 +39,16 @@ def test_speed_table_side_by_side(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("20 x 200")]
     assert [r.split()[3] for r in rows] == ["this", "baseline"], out
     assert all("reached 200 updates" in r for r in rows) and "this/base" in out and "load average" in out
+
+
+@pytest.mark.slow
+def test_phases_time_every_process_of_a_sweep_and_draw_the_figures_in_the_helpers():
+    out = _bench("--phases", "--phase-steps", "150")
+    for jobs in (1, 2):
+        assert f"4 arms of 150 updates, --jobs {jobs}:" in out, out
+    table = out.split("--jobs 2:")[1]
+    arms = [line for line in table.splitlines() if line.startswith("arm process") and "_simulate" in line]
+    assert len(arms) == 4 and len({line.split()[2] for line in arms}) == 2, table  # 4 arms in 2 forked processes
+    helpers = [line for line in table.splitlines() if line.startswith("plot helper")]
+    assert any("sweep_figures" in h for h in helpers) and any("curves_quietly" in h for h in helpers), table  # not drawn in the parent
+    assert any("_warm_up" in h for h in helpers) and "quick_exit" in table
