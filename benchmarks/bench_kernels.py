@@ -420,7 +420,7 @@ _LSTM_PARTS = (
     ("LG", "gemm_packed", "block-wide products: layer 1's input projection and input gradient, output layer"),
     ("LG", "pack_rows", "packing weights (for x @ W.T)"),
     ("LG", "pack_cols", "packing weights (for dg @ W)"),
-    ("K", "softmax_xent", "softmax and cross-entropy gradient"),
+    ("LK", "softmax_xent", "softmax and cross-entropy gradient"),
     ("LK", "embed_scatter_add", "gate gradients summed per token (token table)"),
 )
 
