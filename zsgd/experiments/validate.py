@@ -193,10 +193,13 @@ def compare(real: Path, sim: Path, predicted: Path, updates: int, steps: int = 1
         u = common[-1]
         rows.append(Row(f"test accuracy at update {u}", acc_real[u], acc_sim[u], "pct"))
     s_real_sum, s_sim_sum = twin.summary(real), twin.summary(sim)
-    for key, label in (("bytes_sent", "bytes per update, workers to server"), ("bytes_received", "bytes per update, server to workers")):
-        if s_real_sum.get("updates") and s_sim_sum.get("updates"):
-            rows.append(Row(label, s_real_sum[key] / s_real_sum["updates"], s_sim_sum[key] / s_sim_sum["updates"], "bytes",
-                            judged=servers == 1))
+    if "relayed_messages" in s_real_sum:  # decentralized: the peer messages alone, as the simulator counts them
+        rows.append(peer_bytes_row(s_real_sum, s_sim_sum))
+    else:
+        for key, label in (("bytes_sent", "bytes per update, workers to server"), ("bytes_received", "bytes per update, server to workers")):
+            if s_real_sum.get("updates") and s_sim_sum.get("updates"):
+                rows.append(Row(label, s_real_sum[key] / s_real_sum["updates"], s_sim_sum[key] / s_sim_sum["updates"], "bytes",
+                                judged=servers == 1))
     pred = twin.summary(predicted)
     compute_real = s_real_sum.get("compute_s_mean")
     source = "this machine's calibration" if pred.get("compute_measured") else "--compute as given"
@@ -204,6 +207,22 @@ def compare(real: Path, sim: Path, predicted: Path, updates: int, steps: int = 1
                     pred["compute_s"] * 1e3, "ms", judged=False))
     rows.append(Row("time per update (ms), plain zsgd sim", t_real * 1e3, t_pred * 1e3, "ms", judged=False))
     return rows
+
+
+PEER_BYTES = "bytes per peer message"
+
+
+def peer_bytes_row(real: dict[str, Any], sim: dict[str, Any]) -> Row:
+    """A decentralized run's bytes, like with like: the mean peer message, each counted once. The real broker also
+    takes each node's round reports (and its model, when an evaluation is due) and its heartbeats, which the
+    simulator does not send (a 4-node dsgd ring of mlp: 8.47 MB in per round against 7.53 MB of peer messages simulated, the
+    row 11 % off with nothing wrong). The relay counts what it relays
+    (``relayed_bytes``); the simulator's peer messages are ``rounds`` times two per edge."""
+    d = sim.get("decentralized") or {}
+    sent = (sim.get("rounds") or 0) * 2 * (d.get("n_edges") or 0)
+    relayed = real.get("relayed_messages") or 0
+    return Row(PEER_BYTES, real.get("relayed_bytes", 0) / relayed if relayed else None,
+               sim.get("bytes_total", 0) / sent if sent else None, "bytes")
 
 
 def _cell(row: Row, value: float | None) -> str:
@@ -372,5 +391,5 @@ def failure_line(rows: list[Row], tolerance: float) -> str:
             "; ".join(f"{r.name} ({r.error:+.1%})" for r in off) + " (validation.md)")
 
 
-__all__ = ["DEFAULT_TOLERANCE", "Row", "ValidationFailed", "check_validatable", "compare", "failure_line", "failures", "parse_tolerance",
-           "real_options", "table", "validate", "write_report"]
+__all__ = ["DEFAULT_TOLERANCE", "PEER_BYTES", "Row", "ValidationFailed", "check_validatable", "compare", "failure_line", "failures",
+           "parse_tolerance", "peer_bytes_row", "real_options", "table", "validate", "write_report"]

@@ -101,6 +101,7 @@ class RelayService(ServiceBase):
         self.consensus = float("nan")
         self._consensus_at: dict[int, float] = {}
         self.relayed = 0
+        self.relayed_bytes = 0  # the peer messages' frames, each counted once (zsgd sim's decentralized bytes)
 
     # -- what the broker asks of a service -------------------------------------------
     @property
@@ -168,7 +169,7 @@ class RelayService(ServiceBase):
 
     def summary(self) -> dict[str, Any]:
         return {"dropped_updates": dict(self.ctx.port.dropped), "compression_ratio": 1.0, "reply_compression_ratio": 1.0,
-                "consensus_error": self.consensus, "topology": self.topology.spec, "relayed_messages": self.relayed,
+                "consensus_error": self.consensus, "topology": self.topology.spec, "relayed_messages": self.relayed, "relayed_bytes": self.relayed_bytes,
                 "eval_every_rounds": self.eval_rounds, "model_round": self.version, "failed": self.failed,
                 "params": self.params.for_algo(self.dec_algo)}
 
@@ -216,6 +217,7 @@ class RelayService(ServiceBase):
         else:
             target.last_sent = time.monotonic()
             self.relayed += 1
+            self.relayed_bytes += sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
 
     # -- rounds --------------------------------------------------------------------
     def on_update(self, peer: Peer, msg: Message) -> None:
