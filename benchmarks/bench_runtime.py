@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -78,95 +79,156 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def raw_round_trip(endpoint: str, reps: int, with_step: bool = False) -> list[float]:
-    """Seconds per raw pyzmq DEALER/ROUTER echo of the payload. ``with_step``: the server first runs zsgd's finite
-    check and momentum step (in place, numba) on what it got, and nothing else: no framing, no Python around it."""
-    root = [str(Path(__file__).resolve().parents[1])] if with_step else []
-    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint, str(N_PARAMS), *root], stdout=subprocess.PIPE, text=True, env=ENV)
-    server.stdout.readline()
-    ctx = zmq.Context()
-    d = ctx.socket(zmq.DEALER)
-    d.linger = 0
-    d.connect(endpoint)
-    grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * 1e-3
-    times = []
-    for i in range(reps + 10):
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) that process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RawEcho:
+    """A raw pyzmq DEALER/ROUTER echo of the payload, one exchange per ``exchange()``. ``with_step``: the server first
+    runs zsgd's finite check and momentum step (in place, numba) on what it got, and nothing else: no framing, no
+    Python around it."""
+
+    def __init__(self, endpoint: str, with_step: bool = False) -> None:
+        root = [str(Path(__file__).resolve().parents[1])] if with_step else []
+        self.server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint, str(N_PARAMS), *root], stdout=subprocess.PIPE, text=True, env=ENV)
+        self.server.stdout.readline()
+        self.ctx = zmq.Context()
+        self.d = self.ctx.socket(zmq.DEALER)
+        self.d.linger = 0
+        self.d.connect(endpoint)
+        self.grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * 1e-3
+
+    def exchange(self) -> float:
         t = time.perf_counter()
-        d.send(grad, copy=False)
-        d.recv(copy=False)
-        if i >= 10:
-            times.append(time.perf_counter() - t)
-    d.send(b"x")
-    server.wait(timeout=10)
-    d.close()
-    ctx.term()
-    return times
+        self.d.send(self.grad, copy=False)
+        self.d.recv(copy=False)
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self.d.send(b"x")
+        self.server.wait(timeout=10)
+        self.d.close()
+        self.ctx.term()
 
 
-def zsgd_round_trip(reps: int, out: Path, shared_memory: bool = False, secure: bool = False) -> list[float]:
-    """Seconds per exchange of a client speaking zsgd's protocol with a real broker. ``shared_memory``: the client
-    offers slots with its first update, as a worker on the broker's machine does, and from then on puts its
+class ZsgdClient:
+    """A client speaking zsgd's protocol with a real broker, one exchange per ``exchange()``. ``shared_memory``: the
+    client offers slots with its first update, as a worker on the broker's machine does, and from then on puts its
     gradient in them and copies the weights out (both copies timed). The client joins as a hand-started worker
     does, with the run's key file: the run secret by default, CURVE keys with ``secure`` (every byte encrypted)."""
-    port = free_port()
-    prefix = os.environ.get("BENCH_BROKER_PREFIX", "-m zsgd").split()
-    broker = subprocess.Popen([sys.executable, *prefix, "broker", "--workers", "1", "--model", "cnn", "--data", "embedded", "--algo", "async",
-                               "--port", str(port), "--no-evaluator", "--quiet", "--checkpoint-every", "0", "--eval-every", "100000000",
-                               "--steps", str(reps + 1000), "--lr", "0.001", "--lr-schedule", "constant", "--out", str(out),
-                               *(["--secure"] if secure else [])],
-                              env=ENV, stdin=subprocess.DEVNULL, stdout=None if prefix[0] != "-m" else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    keys = out / "keys" / ("client-0.json" if secure else "run.json")
-    deadline = time.monotonic() + 120
-    while not (keys.exists() and keys.stat().st_size > 0):  # written by the broker before it listens
-        if broker.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the broker wrote no {keys}: {broker.stderr.read() if broker.poll() is not None else 'timed out'}")
-        time.sleep(0.01)
-    bundle = json.loads(keys.read_text())
-    ctx = zmq.Context()
-    d = ctx.socket(zmq.DEALER)
-    d.linger = 0
-    d.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", 0))
-    proof = {}
-    if secure:
-        d.curve_serverkey, d.curve_publickey, d.curve_secretkey = (bundle[k].encode() for k in ("server", "public", "secret"))
-    else:
-        proof = {"proof": hello_proof(bundle["token"], "worker", 0)}
-    d.connect(f"tcp://127.0.0.1:{port}")
 
-    def expect(mtype):
+    def __init__(self, out: Path, shared_memory: bool = False, secure: bool = False, steps: int = 1_000_000) -> None:
+        port = free_port()
+        prefix = os.environ.get("BENCH_BROKER_PREFIX", "-m zsgd").split()
+        self.shared_memory = shared_memory
+        self.broker = broker = subprocess.Popen(
+            [sys.executable, *prefix, "broker", "--workers", "1", "--model", "cnn", "--data", "embedded", "--algo", "async",
+             "--port", str(port), "--no-evaluator", "--quiet", "--checkpoint-every", "0", "--eval-every", "100000000",
+             "--steps", str(steps), "--lr", "0.001", "--lr-schedule", "constant", "--out", str(out), *(["--secure"] if secure else []),
+             # a client waits its turn while the other sides exchange (interleaved_exchanges), and brokers start slowly on a busy machine
+             "--heartbeat", "5", "--timeout", "120"],
+            env=ENV, stdin=subprocess.DEVNULL, stdout=None if prefix[0] != "-m" else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        keys = out / "keys" / ("client-0.json" if secure else "run.json")
+        deadline = time.monotonic() + 120
+        while not (keys.exists() and keys.stat().st_size > 0):  # written by the broker before it listens
+            if broker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the broker wrote no {keys}: {broker.stderr.read() if broker.poll() is not None else 'timed out'}")
+            time.sleep(0.01)
+        bundle = json.loads(keys.read_text())
+        self.ctx = zmq.Context()
+        self.d = d = self.ctx.socket(zmq.DEALER)
+        d.linger = 0
+        d.setsockopt(zmq.ROUTING_ID, protocol.worker_identity("", 0))
+        proof = {}
+        if secure:
+            d.curve_serverkey, d.curve_publickey, d.curve_secretkey = (bundle[k].encode() for k in ("server", "public", "secret"))
+        else:
+            proof = {"proof": hello_proof(bundle["token"], "worker", 0)}
+        d.connect(f"tcp://127.0.0.1:{port}")
+        protocol.send(d, Message(MsgType.HELLO, "-", 0, 0, {}, meta={"stage": "join", "role": "worker", "pid": os.getpid(), **proof}))
+        self.run = self._expect(MsgType.ASSIGN).run
+        protocol.send(d, Message(MsgType.HELLO, self.run, 0, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
+        self.version = self._expect(MsgType.WEIGHTS).version
+        self.grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * 1e-3
+        self.share = WorkerShare(N_PARAMS if shared_memory else 0)  # the worker's own end (zsgd.wire.link uses it the same way)
+
+    def _expect(self, mtype: MsgType) -> Message:
         while True:
-            if not d.poll(60000):
-                raise RuntimeError(f"broker did not send {mtype.name}: {broker.stderr.read() if broker.poll() is not None else ''}")
-            _, msg = protocol.recv(d)
+            if not self.d.poll(60000):
+                raise RuntimeError(f"broker did not send {mtype.name}: {self.broker.stderr.read() if self.broker.poll() is not None else ''}")
+            _, msg = protocol.recv(self.d)
             if msg.type == mtype:
                 return msg
 
-    protocol.send(d, Message(MsgType.HELLO, "-", 0, 0, {}, meta={"stage": "join", "role": "worker", "pid": os.getpid(), **proof}))
-    assign = expect(MsgType.ASSIGN)
-    run = assign.run
-    protocol.send(d, Message(MsgType.HELLO, run, 0, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
-    msg = expect(MsgType.WEIGHTS)
-    grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * 1e-3
-    share = WorkerShare(N_PARAMS if shared_memory else 0)  # the worker's own end (zsgd.wire.link uses it the same way)
-    times = []
+    def exchange(self) -> float:
+        t = time.perf_counter()
+        protocol.send(self.d, self.share.outgoing(protocol.update_message(self.run, 0, self.version, self.grad, 64, 0.5)))
+        msg = None
+        while msg is None:  # None: superseded weights in the slot (never here: one update in flight)
+            msg = self.share.incoming(self._expect(MsgType.WEIGHTS))
+        self.version, self.held = msg.version, msg  # a worker computes on the weights until the next reply comes (node.py)
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self.share.close()  # no file is left in /dev/shm, whatever happened
+        assert self.share.active == self.shared_memory, "the broker did not take the shared-memory offer"
+        protocol.send(self.d, Message(MsgType.LEAVE, self.run, 0, 0, {}, meta={"reason": "benchmark done"}))
+        self.broker.terminate()
+        self.broker.wait(timeout=60)
+        self.d.close()
+        self.ctx.term()
+
+
+def _timed(side: Any, reps: int, warmup: int = 10) -> list[float]:
     try:
-        for i in range(reps + 10):
-            t = time.perf_counter()
-            protocol.send(d, share.outgoing(protocol.update_message(run, 0, msg.version, grad, 64, 0.5)))
-            msg = None
-            while msg is None:  # None: superseded weights in the slot (never here: one update in flight)
-                msg = share.incoming(expect(MsgType.WEIGHTS))
-            if i >= 10:
-                times.append(time.perf_counter() - t)
+        return [side.exchange() for _ in range(reps + warmup)][warmup:]
     finally:
-        share.close()  # no file is left in /dev/shm, whatever happened
-    assert share.active == shared_memory, "the broker did not take the shared-memory offer"
-    protocol.send(d, Message(MsgType.LEAVE, run, 0, 0, {}, meta={"reason": "benchmark done"}))
-    broker.terminate()
-    broker.wait(timeout=60)
-    d.close()
-    ctx.term()
-    return times
+        side.close()
+
+
+def raw_round_trip(endpoint: str, reps: int, with_step: bool = False) -> list[float]:
+    """Seconds per raw pyzmq echo of the payload (``RawEcho``), after 10 untimed."""
+    return _timed(RawEcho(endpoint, with_step), reps)
+
+
+def zsgd_round_trip(reps: int, out: Path, shared_memory: bool = False, secure: bool = False) -> list[float]:
+    """Seconds per zsgd exchange with a real broker (``ZsgdClient``), after 10 untimed."""
+    return _timed(ZsgdClient(out, shared_memory=shared_memory, secure=secure), reps)
+
+
+def interleaved_exchanges(reps: int, out: Path, block: int = 10) -> dict[str, dict[str, float]]:
+    """One round of the exchange comparison: the raw echo, zsgd over TCP, zsgd through shared memory and the step
+    floor, all up at once and taking turns, ``block`` exchanges each (the order rotated every turn), until each has
+    done ``reps``. A machine shared with other work drifts by 2x within seconds; when the sides ran one after the
+    other, that drift went into their ratio (1.13x and 1.32x half an hour apart on a quiet machine). Per side: the
+    median ms per exchange, and the CPU ms per exchange of its server process (all its threads) and of this client
+    process (its ZeroMQ I/O thread included), summed over its own turns."""
+    sides = {"raw": RawEcho(f"tcp://127.0.0.1:{free_port()}"), "floor": RawEcho(f"tcp://127.0.0.1:{free_port()}", with_step=True)}
+    try:
+        sides["zsgd"] = ZsgdClient(out / "tcp")
+        sides["shm"] = ZsgdClient(out / "shm", shared_memory=True)
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        cpu = {k: [0.0, 0.0] for k in sides}
+        for side in sides.values():
+            for _ in range(10):
+                side.exchange()
+        names = list(sides)
+        for turn in range(-(-reps // block)):
+            for k in names[turn % len(names):] + names[:turn % len(names)]:
+                side = sides[k]
+                server = side.server if isinstance(side, RawEcho) else side.broker
+                s0, c0 = _cpu_s(server.pid), time.process_time()
+                times[k] += [side.exchange() for _ in range(block)]
+                cpu[k][0] += _cpu_s(server.pid) - s0
+                cpu[k][1] += time.process_time() - c0
+    finally:
+        for side in sides.values():
+            side.close()
+    n = {k: len(v) for k, v in times.items()}
+    return {k: {"ms": statistics.median(v) * 1e3, "server_cpu_ms": 1e3 * cpu[k][0] / n[k], "client_cpu_ms": 1e3 * cpu[k][1] / n[k]}
+            for k, v in times.items()}
 
 
 def steady_rate(run_dir: Path) -> tuple[float, float]:
@@ -362,18 +424,15 @@ def main() -> None:
         if args.only in (None, "exchange"):
             # Raw and zsgd alternate, so a machine that speeds up or slows down between
             # measurements moves both sides; the ratio reported is the median of the pairs'.
-            pairs = []
-            for r in range(max(1, args.rounds)):
-                raw = statistics.median(raw_round_trip(f"tcp://127.0.0.1:{free_port()}", args.reps)) * 1e3
-                z = statistics.median(zsgd_round_trip(args.reps, tmp / f"exchange{r}")) * 1e3
-                shm = statistics.median(zsgd_round_trip(args.reps, tmp / f"exchange-shm{r}", shared_memory=True)) * 1e3
-                floor = statistics.median(raw_round_trip(f"tcp://127.0.0.1:{free_port()}", args.reps, with_step=True)) * 1e3
-                pairs.append((z, raw, shm, floor))
+            # All four sides take turns within each round (interleaved_exchanges), so the machine's drift moves them
+            # alike; the ratios reported are the medians of the rounds'.
+            rounds = [interleaved_exchanges(args.reps, tmp / f"exchange{r}") for r in range(max(1, args.rounds))]
+            pairs = [(r["zsgd"]["ms"], r["raw"]["ms"], r["shm"]["ms"], r["floor"]["ms"]) for r in rounds]
             z, raw_tcp = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
             ratio = statistics.median(p[0] / p[1] for p in pairs)
             spread = ", ".join(f"{p[0] / p[1]:.2f}" for p in pairs)
             raw_ipc = statistics.median(raw_round_trip(f"ipc://{tmp}/echo.ipc", args.reps)) * 1e3
-            table.add_row(f"step exchange, 4.8 MB up + down, tcp (ms, median; ratios of {len(pairs)} alternating pairs: {spread})",
+            table.add_row(f"step exchange, 4.8 MB up + down, tcp (ms, median; ratios of {len(pairs)} interleaved rounds: {spread})",
                           f"{z:.2f}", f"raw pyzmq {raw_tcp:.2f}", f"{ratio:.2f}x", "<= 1.25x")
             shm = statistics.median(p[2] for p in pairs)
             shm_spread = ", ".join(f"{p[2] / p[1]:.2f}" for p in pairs)
@@ -387,6 +446,10 @@ def main() -> None:
                           f"zsgd / floor {statistics.median(p[0] / p[3] for p in pairs):.2f}x", f"{floor:.2f}",
                           f"{statistics.median(p[3] / p[1] for p in pairs):.2f}x", "")
             table.add_row("raw pyzmq round trip over ipc (ms, for reference)", "", f"{raw_ipc:.2f}", "", "")
+            for who in ("server", "client"):
+                cpu = {k: statistics.median(r[k][f"{who}_cpu_ms"] for r in rounds) for k in ("zsgd", "floor", "raw")}
+                table.add_row(f"{who} CPU per exchange, all its threads (ms, median of the rounds'): zsgd over tcp | the floor "
+                              f"(raw echo {cpu['raw']:.2f})", f"{cpu['zsgd']:.2f}", f"{cpu['floor']:.2f}", f"{cpu['zsgd'] / cpu['floor']:.2f}x", "")
         if args.only in (None, "e2e"):
             # zsgd and DDP alternate, as the exchange's pairs do; the ratio is the median of the rounds' ratios.
             rounds = []
