@@ -137,15 +137,14 @@ class LSTMModel:
 
     def state_dict(self, w: np.ndarray) -> dict[str, np.ndarray]:
         """{PyTorch name: view into ``w``} (writing to a view writes to ``w``)."""
-        w = self._check_w(w)
-        return {n: w[o:o + int(np.prod(s))].reshape(s) for n, s, o in self._specs}
+        return self._views(self._check_w(w))
 
     def load_state_dict(self, sd: dict[str, Any]) -> np.ndarray:
         """A new flat vector from a ``state_dict`` (numpy arrays or CPU torch tensors)."""
         return load_flat(sd, self._specs, self.n_params, self.name)
 
     def _views(self, w: np.ndarray) -> dict[str, np.ndarray]:
-        return {n: w[o:o + int(np.prod(s))].reshape(s) for n, s, o in self._specs}
+        return {n: w[o:o + math.prod(s)].reshape(s) for n, s, o in self._specs}
 
     def init_state(self, batch: int) -> LSTMState:
         """A zero (h, c) for ``batch`` streams."""
