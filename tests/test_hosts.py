@@ -239,3 +239,36 @@ def test_a_crossing_is_cpu_work_of_two_threads_shared_out_by_the_hosts_cores(wor
     assert rate(1, 1, 2, t) == pytest.approx(1 / (exchange + t), rel=0.03)
     assert rate(8, 1, 2, t) == pytest.approx(2 / (2 * exchange + t), rel=0.03)  # 2 threads x crossings + the step, on 2 cores
     assert rate(8, 1, 16, t) == pytest.approx(1 / exchange, rel=0.03)  # a core each: the I/O thread is the slowest stage
+
+
+def test_the_broker_loop_and_the_measured_crossing_threads_are_cpu_work_on_the_host(workload, tmp_path, monkeypatch):
+    """--placement local with the step and transport measured: the real broker's per-message cost beyond its step
+    (``calibrate.broker_loop``) runs on the server's thread beside the step, and a crossing keeps the lone echo's
+    measured threads busy (``lone_threads``), not two. One worker alone: exchange + step + loop. A cluster
+    (--placement spread) is charged neither."""
+    from zsgd.network import Measured
+    from zsgd.simulation import calibrate
+    from zsgd.simulation.transport import Transport
+
+    u, w = workload.update_bytes, workload.weights_bytes
+    lone = 100 * (u + w)  # a lone exchange takes 10 ms
+    exchange, step, loop = (u + w) / (2 * lone), 0.002, 0.003
+    monkeypatch.setattr(Workload, "broker_model", lambda self, opts: (step, [step]))
+    monkeypatch.setattr(calibrate, "broker_loop", lambda wl, opts: loop if calibrate.charges_loop(opts) else 0.0)
+
+    def run(n: int, threads: float | None, cores: float = 2, placement: str = "local") -> dict:
+        monkeypatch.setattr(Workload, "transport_model", lambda self, opts: (Transport(lone / 3, 0.5, lone, threads), True))
+        opts = SimOptions(algo="async", n_workers=n, compute=Constant(0.0), broker_s=Measured(), broker_bandwidth=Measured(),
+                          placement=placement, host_cores=cores)
+        return run_arm(workload.cfg, opts, workload, tmp_path / f"{placement}-n{n}-t{threads}-c{cores}").summary
+
+    alone = run(1, 1.0)
+    assert alone["broker_loop_s"] == loop and alone["crossing_threads"] == 1.0
+    assert alone["updates_per_s"] == pytest.approx(1 / (exchange + step + loop), rel=0.03)
+    # one thread a crossing and one for the step and loop: 2 cores hold both, so the I/O thread sets the plateau
+    assert run(8, 1.0)["updates_per_s"] == pytest.approx(1 / exchange, rel=0.03)
+    # two threads a crossing (a record from before its CPU was measured): the cores hold an update's CPU, shared
+    old = run(8, None)
+    assert old["crossing_threads"] == 2.0 and old["updates_per_s"] == pytest.approx(2 / (2 * exchange + step + loop), rel=0.03)
+    spread = run(1, 1.0, placement="spread")
+    assert spread["broker_loop_s"] == 0.0 and spread["crossing_threads"] is None  # a cluster's server: unchanged

@@ -108,6 +108,7 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     entry = data["transport"][key]
     assert len(entry["overlaps"]) == 1 and len(entry["loaded_samples"]) == 1 and entry["work_s"] > 0
     assert len(entry["lone_samples"]) == 2 and measured.lone_bytes_per_s == entry["lone_bytes_per_s"] > 0  # one client's echo
+    assert len(entry["lone_thread_samples"]) == 2 and 0 < measured.lone_threads == entry["lone_threads"] <= 2  # and its CPU
     del entry["overlap"]  # an entry written before the overlap was measured: measured afresh
     path.write_text(json.dumps(data))
     assert transport.server_transport(nbytes, Calibration()).bytes_per_s > 0 and transport.measurements == before + 2
@@ -116,6 +117,10 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     del data["transport"][key]["lone_bytes_per_s"]  # one written before the lone echo was measured: measured afresh too
     path.write_text(json.dumps(data))
     assert transport.server_transport(nbytes, Calibration()).lone_bytes_per_s > 0 and transport.measurements == before + 4
+    data = json.loads(path.read_text())
+    del data["transport"][key]["lone_threads"]  # one written before the lone echo's CPU was measured: measured afresh too
+    path.write_text(json.dumps(data))
+    assert transport.server_transport(nbytes, Calibration()).lone_threads > 0 and transport.measurements == before + 5
 
 
 def test_a_record_from_before_the_lone_echo_replays_without_it(workload, tmp_path):
@@ -240,6 +245,35 @@ def test_the_host_model_predicts_the_echo_it_was_calibrated_with_or_says_it_does
         assert (abs(echo / loaded - 1) <= 0.10) is consistent, (echo, loaded)
 
 
+# -- the real broker's per-message cost ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_broker_loop_is_measured_against_a_real_broker_and_kept(workload, tmp_path, monkeypatch):
+    """``calibrate.time_broker_loop``: a real ``zsgd broker`` with one synthetic worker, in bursts alternating with the
+    lone echo and the step; cached with the other figures and recorded in the arm's config.yaml (no timing asserted)."""
+    from zsgd.simulation import calibrate
+    from zsgd.simulation.calibration import Calibration, valid_entry
+
+    monkeypatch.setenv("ZSGD_CALIBRATION_DIR", str(tmp_path / "calibration"))
+    monkeypatch.setattr(calibrate, "LOOP_PAIRS", 2)
+    monkeypatch.setattr(workload, "calibration", Calibration())
+    calls = []
+    real = calibrate.time_broker_loop
+    monkeypatch.setattr(calibrate, "time_broker_loop", lambda *a, **k: calls.append(a) or real(*a, **k))
+    opts = SimOptions(algo="async", n_workers=2, compute=Constant(0.0), broker_s=Measured(), broker_bandwidth=Measured(),
+                      placement="local", host_cores=2)
+    loop = calibrate.broker_loop(workload, opts)
+    assert loop >= 0 and len(calls) == 1 and calibrate.broker_loop(workload, opts) == loop and len(calls) == 1
+    (entry,) = json.loads(workload.calibration.cache_path().read_text())["broker_loop"].values()
+    assert valid_entry("broker_loop", entry) and len(entry["cycles"]) == len(entry["echoes"]) == len(entry["steps"]) == 2
+    assert min(entry["cycles"] + entry["echoes"] + entry["steps"]) > 0 and entry["overhead_s"] == loop
+    summary = run_arm(workload.cfg, opts, workload, tmp_path / "arm").summary
+    assert summary["broker_loop_s"] == loop and len(calls) == 1
+    assert "broker_loop" in (tmp_path / "arm" / "config.yaml").read_text()  # recorded: --calibration replays it
+    assert calibrate.broker_loop(workload, SimOptions(placement="local", broker_s=0.001, broker_bandwidth=Measured())) == 0.0  # given by hand
+
+
 # -- the real server against the simulator's defaults (wall time: on purpose only) -----------------------
 
 
@@ -287,7 +321,8 @@ def test_real_server_knee_matches_the_simulated_defaults(tmp_path, monkeypatch):
             assert s["broker_bandwidth_measured"] and s["broker_measured"]
             simulated[(s["servers"], s["n_workers"])] = s["updates_per_s"]
             figures.setdefault("step ms (K=1)", round(s["broker_s"] * 1e3, 3))
-            figures |= {"echo GB/s lone": round(s["broker_lone_bandwidth_Bps"] / 1e9, 2), "4 clients": round(s["broker_bandwidth_Bps"] / 1e9, 2)}
+            figures |= {"echo GB/s lone": round(s["broker_lone_bandwidth_Bps"] / 1e9, 2), "4 clients": round(s["broker_bandwidth_Bps"] / 1e9, 2),
+                        "crossing threads": round(s["crossing_threads"], 2), "loop ms": round(s["broker_loop_s"] * 1e3, 3)}
     load.append(os.getloadavg()[0])
     table = {p: (round(real[p], 1), round(simulated[p], 1), round(simulated[p] / real[p], 2)) for p in points}
     print("(servers, workers): (real, sim, ratio)", table, figures, f"load {load[0]:.1f}-{load[1]:.1f}")

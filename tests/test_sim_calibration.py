@@ -100,6 +100,25 @@ def test_a_record_replays_exactly_and_never_measures(cache_dir):
     assert "replayed from f.yaml" in replay.summary()
 
 
+def test_the_broker_loop_is_optional_in_a_replayed_record_and_checked_in_the_cache(cache_dir):
+    """The broker's per-message cost (``broker_loop``) was added after records were made: a record without it replays
+    as that run did (None: no cost charged, nothing measured); one with it replays it; a cached entry must be whole."""
+    from zsgd.simulation.calibration import valid_entry
+
+    meter = Meter()
+    entry = {"samples": [0.004, 0.005], "steps": [0.001], "overhead_s": 0.0035}
+    old = Calibration("replay", {"source": "old", "compute": {key_text(KEY): {"samples": [0.01]}}}, source="old.yaml")
+    assert old.get("broker_loop", KEY, meter, optional=True) is None and meter.calls == 0
+    with pytest.raises(ZsgdError, match="no valid broker per-message cost"):
+        old.get("broker_loop", KEY, meter)  # asked for as a required figure: refused, as any other
+    new = Calibration("replay", {"source": "new", "broker_loop": {key_text(KEY): entry}}, source="new.yaml")
+    assert new.get("broker_loop", KEY, meter, optional=True) == entry and meter.calls == 0
+    assert valid_entry("broker_loop", entry) and not valid_entry("broker_loop", {"samples": [0.004]})  # no overhead_s
+    assert not valid_entry("broker_loop", entry | {"overhead_s": float("nan")})
+    assert not valid_entry("transport", {"bytes_per_s": 1e9, "overlap": 0.5, "lone_bytes_per_s": 2e9, "lone_threads": 3.0})
+    assert valid_entry("transport", {"bytes_per_s": 1e9, "overlap": 0.5, "lone_bytes_per_s": 2e9, "lone_threads": 0.8})
+
+
 def test_a_damaged_cache_is_one_warning_and_a_new_measurement(cache_dir, capsys):
     meter = Meter()
     cal = Calibration()

@@ -177,3 +177,207 @@ class _Loopback:
 
 def median(samples: list[float]) -> float:
     return float(statistics.median(samples)) if samples else 0.0
+
+
+# -- the broker's loop, end to end: what a message costs beyond the step and the crossings -------------------
+
+#: Pairs of bursts (the real broker's lone exchanges, then the lone echo's) behind ``time_broker_loop``.
+LOOP_PAIRS = 3
+
+
+def time_broker_loop(cfg: Any, model: Any, w0: np.ndarray, algo: str, nbytes: int, pairs: int | None = None,
+                     timeout_s: float = 120.0) -> dict[str, Any]:
+    """The real broker's per-message cost beyond its step and the two lone crossings, measured end to end.
+
+    A ``zsgd broker`` process (the very loop a run has: the endpoint's
+    receive, the session, the engine, the ledger's metrics line, the tracked
+    send, housekeeping) serves one synthetic worker of this process that
+    sends the next update the moment its weights arrive (no compute), as the
+    knee's workers do. Its bursts of exchanges alternate with bursts of the
+    lone echo (``zsgd.simulation.transport``: the two crossings alone) and of
+    the engine's step timed here (``time_server_step``), so a change of load
+    hits the three alike. A burst's cost per message is its exchange time less
+    the echo's; ``overhead_s`` is the median of those less the median step:
+    the loop's Python around the step and the worker's encode and decode,
+    which ``--placement local`` charges on the server's thread."""
+    from zsgd.simulation import transport
+
+    exchanges = max(8, transport.messages_per_burst(nbytes))
+    cycles, echoes, steps = [], [], []
+    with _BrokerProcess(cfg, algo, timeout_s) as broker:
+        client = _LoopClient(broker, w0.size, cfg.batch_size, timeout_s)
+        try:
+            client.exchanges(2)  # warm-up: the first steps load and compile, the first buffers are touched
+            for _ in range(max(1, pairs or LOOP_PAIRS)):
+                cycles.append(client.exchanges(exchanges) / exchanges)
+                echoes += [nbytes / bps for bps in transport.measure_transport(nbytes, bursts=1, clients=1)]
+                steps.append(median(time_server_step(cfg, model, w0, algo, workers=1, cycles=3)))
+        finally:
+            client.close()
+    samples = [c - e for c, e in zip(cycles, echoes)]
+    return {"samples": samples, "cycles": cycles, "echoes": echoes, "steps": steps, "exchanges_per_burst": exchanges,
+            "overhead_s": max(0.0, median(samples) - median(steps))}
+
+
+class _BrokerProcess:
+    """``zsgd broker`` for one worker, on a free port of 127.0.0.1, with the run's model, data and server options."""
+
+    def __init__(self, cfg: Any, algo: str, timeout_s: float) -> None:
+        self.cfg, self.algo, self.timeout_s = cfg, algo, timeout_s
+
+    def argv(self, port: int) -> list[str]:
+        import sys
+
+        cfg = self.cfg
+        argv = [sys.executable, "-m", "zsgd", "broker", "--workers", "1", "--model", cfg.model, "--data", cfg.data, "--algo", self.algo,
+                "--batch-size", str(cfg.batch_size), "--optimizer", cfg.optimizer, "--lr", repr(float(cfg.lr)), "--momentum",
+                repr(float(cfg.momentum)), "--weight-decay", repr(float(cfg.weight_decay)), "--seed", str(cfg.seed),
+                "--lr-schedule", "constant", "--port", str(port), "--no-evaluator", "--quiet", "--checkpoint-every", "0",
+                "--eval-every", "100000000", "--steps", "100000000", "--heartbeat", "1", "--timeout", "60", "--no-shared-memory",
+                "--out", str(self.out)]
+        if cfg.data_dir:
+            argv += ["--data-dir", str(cfg.data_dir)]
+        if cfg.clip_norm is not None:
+            argv += ["--clip-norm", repr(float(cfg.clip_norm))]
+        if getattr(cfg, "bptt", None) and "lstm" in str(cfg.model):
+            argv += ["--bptt", str(cfg.bptt)]
+        return argv
+
+    def __enter__(self) -> "_BrokerProcess":
+        import json
+        import os
+        import socket
+        import subprocess
+        import tempfile
+        from pathlib import Path
+
+        from zsgd.errors import ZsgdError
+        from zsgd.wire.security import RUN_SECRET_FILE
+
+        self.out = Path(tempfile.mkdtemp(prefix="zsgd-broker-loop-"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(self.argv(self.port), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        keys, deadline = self.out / "keys" / RUN_SECRET_FILE, time.monotonic() + self.timeout_s
+        while True:  # written once it listens; a refused command ends at once
+            try:
+                self.token = json.loads(keys.read_text())["token"]
+                return self
+            except (OSError, ValueError, KeyError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                lines = (self.proc.stderr.read() if self.proc.stderr else "").strip().splitlines() or ["no word from it"]
+                raise ZsgdError(f"the broker's per-message calibration could not start 'zsgd broker' ({lines[-1][:200]}); "
+                                f"give --broker-time a value")
+            time.sleep(0.02)
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # the broker ends its run as on Ctrl-C
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        shutil.rmtree(self.out, ignore_errors=True)
+
+
+class _LoopClient:
+    """One synthetic worker of the broker: joins with the run's secret, then sends an update the moment its weights arrive."""
+
+    def __init__(self, broker: _BrokerProcess, n_params: int, batch: int, timeout_s: float) -> None:
+        import zmq
+
+        from zsgd.errors import ZsgdError
+        from zsgd.wire import protocol
+        from zsgd.wire.auth import hello_proof, secret_identity
+        from zsgd.wire.protocol import Message, MsgType
+
+        self.timeout_s, self.batch = timeout_s, batch
+        self.grad = (np.random.default_rng(0).standard_normal(n_params) * 1e-4).astype(np.float32)
+        self.ctx = zmq.Context(io_threads=1)
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.setsockopt(zmq.ROUTING_ID, secret_identity(broker.token, "worker", 0))
+        self.sock.connect(f"tcp://127.0.0.1:{broker.port}")
+        protocol.send(self.sock, Message(MsgType.HELLO, "-", 0, 0, {}, meta={"stage": "join", "role": "worker",
+                                                                             "proof": hello_proof(broker.token, "worker", 0)}))
+        self.run, self.version = "", -1
+        while self.version < 0:
+            msg = self._receive()
+            if msg.type == MsgType.ERROR:
+                self.close()
+                raise ZsgdError(f"the broker's per-message calibration was refused: {str(msg.meta.get('message'))[:200]}")
+            if msg.type == MsgType.ASSIGN:
+                self.run = msg.run
+                protocol.send(self.sock, Message(MsgType.HELLO, msg.run, 0, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
+            elif msg.type == MsgType.WEIGHTS:
+                self.version = msg.version
+
+    def _receive(self) -> Any:
+        from zsgd.errors import ZsgdError
+        from zsgd.wire import protocol
+
+        if not self.sock.poll(int(self.timeout_s * 1000)):
+            raise ZsgdError(f"the broker's per-message calibration: no word from 'zsgd broker' in {self.timeout_s:g} s")
+        return protocol.recv(self.sock)[1]
+
+    def exchanges(self, n: int) -> float:
+        """Seconds of ``n`` exchanges in a row (update out, weights back)."""
+        from zsgd.wire import protocol
+        from zsgd.wire.protocol import MsgType
+
+        t0 = time.perf_counter()
+        for _ in range(n):
+            protocol.send(self.sock, protocol.update_message(self.run, 0, self.version, self.grad, self.batch, 0.5))
+            while True:
+                msg = self._receive()
+                if msg.type == MsgType.WEIGHTS:
+                    self.version = msg.version
+                    break
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+def loop_key(workload: Any) -> dict[str, Any]:
+    """What the broker's per-message cost depends on: the model (its messages), the data it is started with, the optimizer
+    whose step is subtracted, the batch (the update's header). Measured with ``async`` and one server, for every arm."""
+    cfg = workload.cfg
+    return {"model": cfg.model, "n_params": int(workload.model.n_params), "data": workload.problem.dataset.name,
+            "optimizer": cfg.optimizer, "momentum": float(cfg.momentum), "weight_decay": float(cfg.weight_decay),
+            "clip_norm": cfg.clip_norm, "batch_size": cfg.batch_size}
+
+
+def charges_loop(opts: Any) -> bool:
+    """Whether arm ``opts`` charges the broker's per-message cost: ``--placement local`` with the server's step and
+    transport both measured (a step or a NIC given by hand is the user's whole figure; a cluster's is unchanged)."""
+    from zsgd.network import Measured
+
+    placement = str(getattr(opts, "placement", "spread")).strip().lower()  # a decentralized arm has none
+    return placement == "local" and isinstance(getattr(opts, "broker_s", None), Measured) \
+        and isinstance(getattr(opts, "broker_bandwidth", None), Measured)
+
+
+def broker_loop(workload: Any, opts: Any) -> float:
+    """Seconds of server-thread CPU per message beyond the step (``time_broker_loop``'s ``overhead_s``), kept by the
+    workload's calibration; 0 where ``charges_loop`` says no, or replaying a record made before it was measured."""
+    if not charges_loop(opts):
+        return 0.0
+    cfg = workload.cfg
+    nbytes = max(workload.update_bytes, workload.weights_bytes)
+    entry = workload.calibration.get("broker_loop", loop_key(workload),
+                                     lambda: time_broker_loop(cfg, workload.model, workload.w0, "async", nbytes), optional=True)
+    return 0.0 if entry is None else float(entry["overhead_s"])

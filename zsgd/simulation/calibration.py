@@ -46,7 +46,7 @@ from zsgd.errors import ZsgdError
 
 #: Bump when what a figure measures changes (old entries are then in another file and measured afresh).
 FORMAT = 1
-KINDS = ("compute", "server_step", "transport")
+KINDS = ("compute", "server_step", "transport", "broker_loop")
 MODES = ("cache", "recalibrate", "replay")
 MAX_FILE_BYTES = 16 * 2**20  # a calibration is a few KiB; --calibration /dev/zero must not read for ever
 
@@ -117,16 +117,19 @@ def valid_entry(kind: str, entry: Any) -> bool:
         return False
     if kind == "transport":
         lone = entry.get("lone_bytes_per_s", 1.0)  # absent from a record made before it was measured: replayed without it
+        busy = entry.get("lone_threads", 1.0)  # likewise the lone echo's CPU
         return _finite(entry.get("bytes_per_s")) and entry["bytes_per_s"] > 0 and _finite(lone) and lone > 0 \
-            and _finite(entry.get("overlap"), 0.0, 1.0)
+            and _finite(entry.get("overlap"), 0.0, 1.0) and _finite(busy, 0.0, 2.0) and busy > 0
+    if kind == "broker_loop":
+        return _finite(entry.get("overhead_s")) and valid_entry("server_step", entry)
     samples = entry.get("samples")
     return isinstance(samples, list) and bool(samples) and all(_finite(s) for s in samples)
 
 
 def _older(kind: str, entry: dict[str, Any]) -> bool:
-    """Whether ``entry`` is a transport figure cached before the lone echo was measured: measured again, quietly (a
-    replayed one is used as it is: ``--placement local`` then charges its crossings the loaded figure, as it did)."""
-    return kind == "transport" and "lone_bytes_per_s" not in entry
+    """Whether ``entry`` is a transport figure cached before the lone echo (or its CPU) was measured: measured again,
+    quietly (a replayed one is used as it is: ``--placement local`` then charges its crossings as that run did)."""
+    return kind == "transport" and ("lone_bytes_per_s" not in entry or "lone_threads" not in entry)
 
 
 def _warn(text: str) -> None:
@@ -244,16 +247,21 @@ class Calibration:
             _warn(f"cannot write the calibration cache {path} ({exc.strerror or exc}); the next run measures again")
 
     # -- figures ------------------------------------------------------------
-    def get(self, kind: str, key: dict[str, Any], measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """The figure of ``kind`` for ``key``: remembered, cached, replayed, or ``measure()``d now (and cached)."""
+    def get(self, kind: str, key: dict[str, Any], measure: Callable[[], dict[str, Any]], optional: bool = False) -> dict[str, Any] | None:
+        """The figure of ``kind`` for ``key``: remembered, cached, replayed, or ``measure()``d now (and cached).
+        ``optional``: a replayed record without it gives None (a figure added since that record was made: the run
+        replays as that one did) instead of an error."""
         k = key_text(key)
         if (kind, k) in self._memory:
             return self._memory[(kind, k)]
         if self.mode == "replay":
             section = self.replayed.get(kind) if isinstance(self.replayed, dict) else None
             entry = section.get(k) if isinstance(section, dict) else None
+            if entry is None and optional:
+                return None
             if not valid_entry(kind, entry):
-                what = {"compute": "gradient-step time", "server_step": "server-step time", "transport": "transport figure"}[kind]
+                what = {"compute": "gradient-step time", "server_step": "server-step time", "transport": "transport figure",
+                        "broker_loop": "broker per-message cost"}[kind]
                 held = len(section) if isinstance(section, dict) else 0
                 raise ZsgdError(f"--calibration {self.source}: no valid {what} for {k} (it holds {held} of that kind); "
                                 f"drop --calibration to use this machine's, or replay a file made for these flags")

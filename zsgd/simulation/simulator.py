@@ -52,7 +52,7 @@ from zsgd.core.tally import WorkerTally
 from zsgd.engine import ServerEngine
 from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
-from zsgd.simulation import interrupt
+from zsgd.simulation import calibrate, interrupt
 from zsgd.network.compute_draw import ComputeDraw
 from zsgd.network import Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
 from zsgd.network.hosts import CpuPool, FifoStage, Job
@@ -164,17 +164,17 @@ class Simulation:
         self.algo = make_server_algorithm(opts.algo, workload.w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=cfg.clip_norm)
         self.compute, self.compute_s = workload.compute_model(opts.compute, opts.calibration_steps)
         self.broker_s, self.broker_samples = workload.broker_model(opts)
+        self.loop_s = calibrate.broker_loop(workload, opts)  # --placement local: the real broker's loop beyond its step, per message
         transport, self.broker_bw_measured = workload.transport_model(opts)
-        self.broker_bw, self.overlap = transport.bytes_per_s, transport.overlap
-        self.nic_bw = self.broker_bw * opts.servers  # --servers K: K NICs
+        self.broker_bw, self.overlap, self.nic_bw = transport.bytes_per_s, transport.overlap, transport.bytes_per_s * opts.servers  # K NICs
         self.host: CpuPool | None = None  # --placement local: the one host's cores (zsgd.network.hosts)
         self.lone_bw = transport.lone_bytes_per_s if self.broker_bw_measured else None  # the echo with one client
         self.io_stage: FifoStage | None = None  # --placement local, lone_bw measured: crossings are CPU work on the host
         if opts.placement == "local":
             self.host = CpuPool(opts.host_cores, lambda t, _pool, generation: self._push(t, _CPU, -1, generation))
             self.step_stage = FifoStage(self.host, demand=float(opts.servers))  # the K range servers step together
-            if self.lone_bw:  # each server's one I/O thread copies its range of every message, in and out, in turn
-                self.io_stage = FifoStage(self.host, demand=_CROSSING_THREADS * opts.servers)
+            if self.lone_bw:  # each server's I/O thread copies its range of every message in turn, keeping the lone echo's threads busy
+                self.io_stage = FifoStage(self.host, demand=(transport.lone_threads or _CROSSING_THREADS) * opts.servers)  # 2: an old record
                 self.crossing_per_byte = 1.0 / (2.0 * self.lone_bw * opts.servers)  # CPU-s/thread/byte: a lone exchange is 2
             self.jobs: dict[int, tuple[int, Job]] = {}  # each worker's running step: (token, job)
             self.cut: set[int] = set()  # steps abandoned before they started (their token)
@@ -429,7 +429,7 @@ class Simulation:
         if update is None:
             update, nbytes = self._compute_update(w, version, payload)
         if self.host is not None:  # the server's step, on the host's shared cores
-            self.step_stage.submit(self.now, self.broker_s, lambda _t: self._process(update, nbytes))
+            self.step_stage.submit(self.now, self.broker_s + self.loop_s, lambda _t: self._process(update, nbytes))
         elif self.broker_s > 0:
             self.busy_until = max(self.now, self.busy_until) + self.broker_s
             self._push(self.busy_until, _PROCESS, w, inc, update, nbytes)
@@ -557,7 +557,7 @@ class Simulation:
             "servers": self.opts.servers, "broker_s": self.broker_s, "broker_measured": self.broker_samples is not None,
             "broker_calibration_s": self.broker_samples,
             "broker_bandwidth_Bps": self.broker_bw, "broker_bandwidth_measured": self.broker_bw_measured,
-            "server_overlap": self.overlap, "broker_lone_bandwidth_Bps": self.lone_bw,
+            "server_overlap": self.overlap, "broker_lone_bandwidth_Bps": self.lone_bw, "broker_loop_s": self.loop_s, "crossing_threads": self.io_stage.demand / self.opts.servers if self.io_stage is not None else None,
             "host_cpu_utilisation": self.host.busy_core_s / (self.now * self.host.cores) if self.host is not None and self.now > 0 else None,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
             "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s, **self.engine.summary(),

@@ -33,7 +33,15 @@ the host's processor sharing make the contention (the 1-client echo moved
 about 1.5x the 4-client one's bytes/s here at light load, and charging
 every crossing the loaded speed made one worker alone 40 % slow). Its
 bursts alternate with the 4-client ones, so a change of load on the
-machine hits both alike.
+machine hits both alike. Beside its time, the CPU it takes: the lone echo
+runs every thread it has in this process (the client, both contexts' I/O
+threads, the echo's loop), so this process's CPU clock over a burst,
+divided by the burst's wall time, is how many threads a lone exchange keeps
+busy on average (``lone_threads``). On the 2-core VM it measured 0.6-0.9,
+not the 2 threads a crossing was charged before: a lone message's copies
+and wake-ups mostly take turns, so the host model that charged 2 threads
+for its whole time saw twice the CPU there is (its plateau was 10-13 %
+low, and a 4-client echo it could not explain).
 
 The echo runs in a thread of this process: ZeroMQ's I/O threads do the
 copies without the GIL, and the Python around each message is a few
@@ -93,14 +101,16 @@ def _echo(ctx, nbytes: int, ready: list, stop: threading.Event, work: "Callable[
 
 
 def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS, messages: int | None = None,
-                      timeout_s: float = 30.0, work: "Callable[[], object] | None" = None) -> list[float]:
+                      timeout_s: float = 30.0, work: "Callable[[], object] | None" = None,
+                      threads: list[float] | None = None) -> list[float]:
     """Bytes/s each way of one ZeroMQ echo server for ``nbytes`` messages, one figure per burst.
 
     ``clients`` DEALERs each keep one message in flight; the first
     ``clients`` replies are a warm-up (connections, first touches of the
     buffers), then each burst times ``messages`` replies. With ``work``, the
     echo does it per message in every odd burst (plain and loaded bursts
-    alternate, so a change of load on the machine hits both alike)."""
+    alternate, so a change of load on the machine hits both alike). ``threads``: given, each burst's CPU
+    time of this process over its wall time is appended to it (the threads the echo kept busy on average)."""
     import numpy as np
     import zmq
 
@@ -131,6 +141,7 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
         for s in socks:
             s.send(payload, copy=False)
         stamps: list[float] = []
+        cpu: list[float] = []  # this process's CPU clock at each stamp (every thread of the echo lives here)
         need = clients + bursts * per_burst
         while len(stamps) < need:
             if time.monotonic() > deadline:
@@ -138,11 +149,15 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
             for s, _ in poller.poll(100):
                 s.recv(copy=False)
                 stamps.append(time.perf_counter())
+                cpu.append(time.process_time())
                 done = len(stamps) - clients
                 if work is not None and done >= 0 and done % per_burst == 0:
                     (loaded.set if (done // per_burst) % 2 else loaded.clear)()
                 s.send(payload, copy=False)
         marks = stamps[clients - 1::per_burst]  # burst b spans marks[b] -> marks[b + 1]
+        if threads is not None:
+            cpu_marks = cpu[clients - 1::per_burst]
+            threads += [(d - c) / (b - a) for a, b, c, d in zip(marks, marks[1:], cpu_marks, cpu_marks[1:]) if b > a]
         return [per_burst * nbytes / (b - a) for a, b in zip(marks, marks[1:]) if b > a]
     finally:
         stop.set()
@@ -166,11 +181,16 @@ class Transport:
     flight and nothing else wanting the cores: a lone exchange (two
     crossings) takes ``message / lone_bytes_per_s``. ``--placement local``
     charges each crossing that CPU work and lets the host's cores share it
-    out (``zsgd.network.hosts``); None when the NIC was given by hand."""
+    out (``zsgd.network.hosts``); None when the NIC was given by hand.
+    ``lone_threads``: the threads a lone exchange keeps busy on average (this
+    process's CPU over the lone bursts' wall time): a crossing's demand on
+    the host; None (a record from before it was measured, or a NIC given by
+    hand): 2, the server's I/O thread and its peer's for the whole time."""
 
     bytes_per_s: float
     overlap: float
     lone_bytes_per_s: float | None = None  # measured: one client's echo, one message in flight (what a crossing costs with the cores)
+    lone_threads: float | None = None  # measured: CPU / wall of the lone echo (how many threads a crossing keeps busy)
 
 
 def busy_work(seconds: float) -> "tuple[Callable[[], object], float]":
@@ -178,17 +198,26 @@ def busy_work(seconds: float) -> "tuple[Callable[[], object], float]":
     ``seconds`` here, and its measured median time."""
     import numpy as np
 
-    from zsgd.simulation.calibrate import timings
-
     data = np.ones(1 << 20, np.float32)
     for _ in range(2):  # sized at a probe's speed, then at its own (caches make small passes faster per element)
-        per_element = statistics.median(timings(lambda _i: np.multiply(data, 1.0, out=data), 5)) / data.size
+        per_element = _median_call(lambda: np.multiply(data, 1.0, out=data), 5) / data.size
         data = np.ones(max(1024, int(seconds / max(per_element, 1e-12))), np.float32)
 
     def work() -> object:
         return np.multiply(data, 1.0, out=data)
 
-    return work, statistics.median(timings(lambda _i: work(), 7))
+    return work, _median_call(work, 7)
+
+
+def _median_call(fn: "Callable[[], object]", reps: int) -> float:
+    """Median seconds of ``reps`` calls of ``fn`` (here, not ``calibrate.timings``: the broker's loop there measures
+    the echo of this module, and the two must not import each other)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(statistics.median(times))
 
 
 def overlap_from(echo_s: float, loaded_echo_s: float, work_s: float) -> float:
@@ -215,17 +244,19 @@ def measure_server_transport(nbytes: int, bursts: int | None = None, pairs: int 
     nbytes = max(1, int(nbytes))
     bursts, pairs = bursts or BURSTS, pairs or PAIRS
     measurements += 1
-    lone, samples = [], []
+    lone, samples, threads = [], [], []
     for _ in range(bursts):  # alternating, so a change of load on the machine hits both alike
-        lone += measure_transport(nbytes, bursts=1, clients=1)
+        lone += measure_transport(nbytes, bursts=1, clients=1, threads=threads)
         samples += measure_transport(nbytes, bursts=1)
     work, work_s = busy_work(0.7 * nbytes / float(statistics.median(samples)))
     paired = measure_transport(nbytes, bursts=2 * pairs, work=work)
     plain, loaded = paired[0::2], paired[1::2]
     overlaps = [overlap_from(nbytes / p, nbytes / q, work_s) for p, q in zip(plain, loaded)]
     bps = float(statistics.median(samples + plain))
-    return (Transport(bps, float(statistics.median(overlaps)), float(statistics.median(lone))),
-            {"samples": samples + plain, "loaded_samples": loaded, "overlaps": overlaps, "work_s": work_s, "lone_samples": lone})
+    busy = float(min(2.0, max(0.05, statistics.median(threads)))) if threads else 2.0  # never more than its two copying threads
+    return (Transport(bps, float(statistics.median(overlaps)), float(statistics.median(lone)), busy),
+            {"samples": samples + plain, "loaded_samples": loaded, "overlaps": overlaps, "work_s": work_s, "lone_samples": lone,
+             "lone_thread_samples": threads})
 
 
 def server_transport(nbytes: int, calibration: Any = None) -> Transport:
@@ -237,11 +268,14 @@ def server_transport(nbytes: int, calibration: Any = None) -> Transport:
 
     def measure() -> dict:
         value, details = measure_server_transport(nbytes)
-        return {"bytes_per_s": value.bytes_per_s, "overlap": value.overlap, "lone_bytes_per_s": value.lone_bytes_per_s, **details}
+        return {"bytes_per_s": value.bytes_per_s, "overlap": value.overlap, "lone_bytes_per_s": value.lone_bytes_per_s,
+                "lone_threads": value.lone_threads, **details}
 
     entry = (calibration or current()).get("transport", {"message_bytes": nbytes}, measure)
     lone = entry.get("lone_bytes_per_s")  # None: a replayed record from before the lone echo was measured
-    return Transport(float(entry["bytes_per_s"]), float(entry["overlap"]), None if lone is None else float(lone))
+    busy = entry.get("lone_threads")  # None: a replayed record from before the lone echo's CPU was measured
+    return Transport(float(entry["bytes_per_s"]), float(entry["overlap"]), None if lone is None else float(lone),
+                     None if busy is None else float(busy))
 
 
 __all__ = ["Transport", "busy_work", "measure_server_transport", "measure_transport", "messages_per_burst",

@@ -115,6 +115,11 @@ class Workload:
         if isinstance(getattr(opts, "broker_bandwidth", None), Measured):
             self.transport_model(opts)
             wanted.append(("transport", self.transport_key()))
+        from zsgd.simulation.calibrate import broker_loop, charges_loop, loop_key
+
+        if charges_loop(opts):  # --placement local: the broker's per-message cost (absent from an older replayed record)
+            broker_loop(self, opts)
+            wanted.append(("broker_loop", loop_key(self)))
         return self.calibration.record(wanted) if wanted else None
 
     def transport_model(self, opts: "SimOptions") -> "tuple[Any, bool]":
