@@ -374,10 +374,16 @@ def warm_optimizer(name: str, momentum: float = 0.9, weight_decay: float = 0.0) 
     cache is read and the dispatcher set up); a broker that paid it on the
     first update would fall silent for longer than a short heartbeat
     timeout. A two-element scratch optimizer takes the same kernel path.
+    Each with a writable gradient and a read-only one: a broker's gradients are views of the workers'
+    message frames, and numba compiles (and caches) a kernel apart for a read-only array.
     """
     opt = make_optimizer(name, 2, lr=1e-3, momentum=momentum, weight_decay=weight_decay)
-    opt.step(np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), 1e-3)
-    # the server step's kernels too: its finite check and the out-of-place pass (with and without clipping)
-    _into.all_finite(np.ones(2, dtype=np.float32))
-    for clip in (None, 1e-3):
-        opt.step_into(np.zeros(2, dtype=np.float32), np.ones(2, dtype=np.float32), np.empty(2, dtype=np.float32), 1e-3, clip_norm=clip)
+    read_only = np.ones(2, dtype=np.float32)
+    read_only.flags.writeable = False
+    for g in (np.ones(2, dtype=np.float32), read_only):
+        opt.step(np.zeros(2, dtype=np.float32), g, 1e-3)
+        # the server step's kernels too: its finite check, the aggregators' sum and the out-of-place pass (with and without clipping)
+        _into.all_finite(g)
+        _into.add_scaled(np.zeros(2, dtype=np.float32), g, np.float32(1))
+        for clip in (None, 1e-3):
+            opt.step_into(np.zeros(2, dtype=np.float32), g, np.empty(2, dtype=np.float32), 1e-3, clip_norm=clip)

@@ -187,10 +187,11 @@ def warm_kernels(problem: Any, model_spec: str) -> None:
     numba kernels from the cache, about 0.1 s per process; loaded once here, a forked child inherits them
     (every process of ``--n-proc 4`` on two cores paid it at the same moment, before the first update).
     Built-in image models only: a language model warms on its token stream, and a user's model is run only
-    by the processes started for it."""
+    by the processes started for it. With read-only weights too, as a child's arrive (views of the broker's
+    frames), for which numba has kernels apart; the writable ones serve a worker's warm-up step."""
     import numpy as np
 
-    from zsgd.nn.models import evaluate, is_user_model
+    from zsgd.nn.models import evaluate, is_user_model, read_only
 
     model, ds = problem.model, problem.dataset
     if is_user_model(model_spec) or getattr(model, "is_language_model", False) or not hasattr(ds, "x_train"):
@@ -200,9 +201,10 @@ def warm_kernels(problem: Any, model_spec: str) -> None:
     w = model.init(seed=0)
     n = min(2, len(ds.y_train))
     with np.errstate(over="ignore", invalid="ignore"):
-        model.loss_and_grad(w, to_float(ds.x_train[:n]), ds.y_train[:n], training=True, seed=0)
+        for weights in (w, read_only(w)):
+            model.loss_and_grad(weights, to_float(ds.x_train[:n]), ds.y_train[:n], training=True, seed=0)
         if len(ds.y_test):
-            evaluate(model, w, ds.x_test[:2], ds.y_test[:2])
+            evaluate(model, read_only(w), ds.x_test[:2], ds.y_test[:2])
 
 
 def die_with_parent() -> None:
