@@ -43,11 +43,27 @@ settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("ZSGD_HYPOTHESIS", "repeatable"))
 
 
+# Files whose assertions hold a real run's wall time against a model of it (the simulator's twin, its tolerance):
+# they run alone, in the second pass of scripts/test.sh, never beside another test that takes the cores.
+SERIAL_FILES = frozenset({"test_fidelity.py", "test_sim_validate.py", "test_repro_lian.py", "test_server_knee.py",
+                          "test_parallel_arms.py"})
+# Session-wide daemons: every test that needs one goes to the same pytest-xdist worker (``--dist loadgroup``), so
+# the cluster starts once, as in a serial run, and not once per worker.
+SHARED_DAEMONS = ("slurm", "prepared_hosts")
+
+
 def pytest_collection_modifyitems(config, items):
-    """A test that starts zsgd processes (it asks for ``no_orphans``) is slow: ``-m "not slow"`` must skip it."""
+    """A test that starts zsgd processes (it asks for ``no_orphans``) is slow: ``-m "not slow"`` must skip it.
+    Timing-sensitive files are marked ``serial``; tests on a shared daemon are grouped by it."""
     unmarked = [item.nodeid for item in items if "no_orphans" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError("multi-process tests without @pytest.mark.slow: " + ", ".join(unmarked))
+    for item in items:
+        if item.path.name in SERIAL_FILES:
+            item.add_marker(pytest.mark.serial)
+        daemon = next((d for d in SHARED_DAEMONS if d in getattr(item, "fixturenames", ())), None)
+        if daemon is not None:
+            item.add_marker(pytest.mark.xdist_group(daemon))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,7 +11,7 @@ from helpers import cli as run, run_zsgd
 
 @pytest.fixture(autouse=True)
 def isolated(isolated_data, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", "400")  # the table's "where" cell holds the test's ZSGD_HOME path: never wrapped
 
 
 def test_list_shows_every_data_set():
