@@ -29,7 +29,11 @@ reply send, ZeroMQ's and the link's threads) are measured in the run too:
 each emulated reply carries the broker's stamps, each worker logs its mean
 hop each way beyond the emulated delays, and the twin adds them to its
 latency (``--latency-up``, ``--latency-down``; ``central_latency``), as a
-decentralized twin adds the relay's hop. They grow with the load (1-4.5 ms
+decentralized twin adds the relay's hop; the up hop also holds the update's
+wait for the broker's loop after its hold (beyond other updates' steps,
+which the simulator queues itself), and the twin's server step is the
+engine's mean step in the run, with no NIC charged again for the transfers
+the hops hold (``central_server``). They grow with the load (1-4.5 ms
 each way at load 5, 10-14 ms in a burst of load 7-9), which left the central
 cells 0-5 % fast on a quiet machine and 6-20 % fast at load 7 before they
 were measured (docs/simulation.md, "The fidelity matrix").

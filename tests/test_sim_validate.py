@@ -119,6 +119,9 @@ def test_validate_compares_a_real_run_with_its_twin(tmp_path, no_orphans, flags)
         bytes_row = rows["bytes per update, workers to server"]
         assert bytes_row["real"] == pytest.approx(real["bytes_sent"] / real["updates"])
         assert bytes_row["simulated"] == pytest.approx(sim["bytes_sent"] / sim["updates"])
+        # the twin's server: the engine's step as this run's broker took it, and no NIC (the hops hold the transfers)
+        twin_sim = sim["sim"]
+        assert twin_sim["broker_bandwidth"] == "inf" and twin_sim["broker_s"] == pytest.approx(real["engine_s_mean"], rel=1e-3)
     assert (out / "validate.png").stat().st_size > 10_000 and "time per update (ms)" in r.stderr
     assert "real" in (out / "validation.md").read_text() and "not checked: remote hosts" in r.stderr
 

@@ -12,8 +12,11 @@ A figure off by more than ``--tolerance`` (default 5 %) fails the check
 (exit 1).
 
 The twin is calibrated on the real run (``zsgd.experiments.twin``): its
-compute time is the real workers' own turnaround (they share the cores),
-so what is judged is everything else. What plain ``zsgd sim`` would have
+compute time is the real workers' own turnaround (they share the cores);
+a central twin's latency holds the broker's measured hand-offs each way
+(the transfers through ZeroMQ, the loop's wait after a hold) and its server
+step is the engine's in the run, with no NIC charged again; so what is
+judged is everything else: the network's model, the rule, the queue. What plain ``zsgd sim`` would have
 predicted with this machine's cached calibration is shown beside it, not
 judged: on a machine whose cores the workers share it is expected to be
 fast, and the row says by how much.
