@@ -422,5 +422,4 @@ def warm_up() -> None:
     for vocab in (5, 7):  # 6 tokens: layer 0 from the token table, then from the block-wide projection
         m = get_lstm("lstm:embed=4,hidden=4,layers=2", vocab)
         m.loss_and_grad(m.init(0), x, x, state=m.init_state(2))
-    LK.tanh_array(np.zeros(1, np.float32), np.zeros(1, np.float32))
-    LK.sigmoid_array(np.zeros(1, np.float32), np.zeros(1, np.float32))
+    LK.apply_elementwise(np.zeros(1, np.float32), np.zeros(1, np.float32), LK.TANH)

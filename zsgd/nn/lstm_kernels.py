@@ -99,24 +99,6 @@ def _sigmoid(x):
     return _HALF + _HALF * _tanh(_HALF * x)
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def tanh_array(x: np.ndarray, out: np.ndarray) -> None:
-    """``out = tanh(x)`` elementwise with the kernels' tanh (for tests and benchmarks)."""
-    xf = x.reshape(-1)
-    of = out.reshape(-1)
-    for k in range(u8(xf.size)):
-        of[k] = _tanh(xf[k])
-
-
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def sigmoid_array(x: np.ndarray, out: np.ndarray) -> None:
-    """``out = sigmoid(x)`` elementwise with the kernels' sigmoid."""
-    xf = x.reshape(-1)
-    of = out.reshape(-1)
-    for k in range(u8(xf.size)):
-        of[k] = _sigmoid(xf[k])
-
-
 # ---------------------------------------------------------------- one time step
 
 
@@ -328,13 +310,23 @@ def _exp_neg(x):
     return p * _pow2(np.int32(n))
 
 
+#: The functions :func:`apply_elementwise` computes: the kernels' tanh, sigmoid, and exp for x <= 0.
+TANH, SIGMOID, EXP_NEG = 0, 1, 2
+
+
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def exp_neg_array(x: np.ndarray, out: np.ndarray) -> None:
-    """``out = exp(x)`` elementwise for ``x <= 0`` with the softmax's exp (for tests)."""
+def apply_elementwise(x: np.ndarray, out: np.ndarray, fn: int) -> None:
+    """``out = fn(x)`` elementwise with the kernels' own :data:`TANH`, :data:`SIGMOID` or :data:`EXP_NEG` (for tests)."""
     xf = x.reshape(-1)
     of = out.reshape(-1)
     for k in range(u8(xf.size)):
-        of[k] = _exp_neg(xf[k])
+        v = xf[k]
+        if fn == TANH:
+            of[k] = _tanh(v)
+        elif fn == SIGMOID:
+            of[k] = _sigmoid(v)
+        else:
+            of[k] = _exp_neg(v)
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
