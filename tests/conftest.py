@@ -64,6 +64,11 @@ def pytest_collection_modifyitems(config, items):
         daemon = next((d for d in SHARED_DAEMONS if d in getattr(item, "fixturenames", ())), None)
         if daemon is not None:
             item.add_marker(pytest.mark.xdist_group(daemon))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Under pytest-xdist, the groups go out first (the scheduler sends the largest units first) and then single
+        # tests in this order: the slow ones first, so that the last to finish are short and no core waits idle at
+        # the end. Every worker sorts the same collection the same way (a stable sort), as the scheduler requires.
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session", autouse=True)
