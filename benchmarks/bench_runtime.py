@@ -80,9 +80,14 @@ def free_port() -> int:
 
 
 def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, every thread) that process ``pid`` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds that process ``pid`` has run so far, every thread of it (the scheduler's nanoseconds, not ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            pass
+    return total * 1e-9
 
 
 class RawEcho:

@@ -50,6 +50,9 @@ from zsgd.wire.protocol import MsgType
 
 #: seconds a broker's own check of its model (a divergence its workers' losses suggest) is reused for
 CONFIRM_REUSE_S = 5.0
+#: at most this often the loop's housekeeping (heartbeats, dead peers, time-based stop and evaluation rules) runs while
+#: messages keep coming: every pass, it was 35-40 us of each update's CPU (a loaded server takes one update a pass)
+HOUSEKEEPING_S = 0.01
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Broker:
                  resume: tuple[np.ndarray, dict, dict] | None = None, run_id: str | None = None,
                  service: ServiceFactory = parameter_server) -> None:
         self.cfg = resolve_lr_schedule(cfg, opts.server.algo)
+        metrics = HeldLines(metrics)  # every line of the broker's parts through it, so their order is kept
         self.problem, self.opts, self.run_dir, self.metrics = problem, opts, Path(run_dir), metrics
         self.run = run_id or uuid.uuid4().hex[:12]
         n_params = problem.model.n_params
@@ -151,7 +155,7 @@ class Broker:
     def serve(self, on_tick: Callable[["Broker"], None] | None = None, tick_s: float = 0.25, wake: Any = None) -> dict[str, Any]:
         """Run until the ledger says stop; return the summary. ``wake``: a socket whose messages ``on_tick``
         handles; readable, it ticks at once (a range server's link to its coordinator)."""
-        last_tick = 0.0
+        last_tick = last_housekeeping = 0.0
         try:
             while self.ledger.stop_reason is None:
                 timeout = self.endpoint.poll_timeout(min(self.opts.network.heartbeat / 4, tick_s))
@@ -169,7 +173,9 @@ class Broker:
                 for direction, peer, payload in self.endpoint.due(now):
                     if peer.state == "ready" and self.ledger.stop_reason is None:
                         self.service.deliver_held(direction, peer, payload)
-                self._housekeeping(now)
+                if not readable or now - last_housekeeping >= HOUSEKEEPING_S:
+                    self._housekeeping(now)
+                    last_housekeeping = now
                 if on_tick is not None and (woken or now - last_tick >= tick_s):
                     on_tick(self)
                     last_tick = now
@@ -208,8 +214,12 @@ class Broker:
                 return
             if self.endpoint.held is not None:  # emulated uplink: the update "arrives" later
                 self.endpoint.hold(("in", peer, msg), self.opts.emulator.update_delay(peer.worker, protocol.message_nbytes(msg), time.monotonic()))
-            else:
+                return
+            self.metrics.hold()
+            try:
                 self.service.on_update(peer, msg)
+            finally:
+                self.metrics.release()
         elif msg.type == MsgType.EVAL:
             self._on_eval(peer, msg)
         elif msg.type == MsgType.PEER:
@@ -344,6 +354,34 @@ class Broker:
             "worker_deaths": s.deaths, "worker_rejoins": s.rejoins, "refused_clients": self.endpoint.refused + s.refused,
             "compute_s_mean": s.mean_compute(), "workers": s.workers_summary(),
         } | self.endpoint.shared.summary() | self.service.summary()
+
+
+class HeldLines:
+    """The run's metrics writer, whose lines wait while the broker handles an update and are written, in their
+    order, once that handling (its reply included) is done: the update's line, a JSON encode and a write system
+    call (60-100 us cold), is no longer between an update and its reply. A line waits for no more than the
+    handling of one message; the file still gets one flushed line per event."""
+
+    def __init__(self, writer: MetricsWriter) -> None:
+        self.writer = writer
+        self._held: list[tuple[str, float, dict[str, Any]]] | None = None
+
+    def write(self, event: str, t: float, **fields: Any) -> None:
+        if self._held is None:
+            self.writer.write(event, t, **fields)
+        else:
+            self._held.append((event, t, fields))
+
+    def hold(self) -> None:
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held or [], None
+        for event, t, fields in held:
+            self.writer.write(event, t, **fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.writer, name)
 
 
 def _checked_eval(msg: Any, asked: dict[str, Any]) -> dict[str, Any] | str:
