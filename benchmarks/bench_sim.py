@@ -31,9 +31,11 @@ waits for (issue 24): one short arm (logreg, 1,500 updates), and a sweep of four
 machine that speeds up or slows down moves both; with ``--baseline DIR`` (another checkout, e.g.
 ``git archive OLD | tar -x -C DIR``) each command also runs from DIR, side by side.
 
-``--phases [--phase-steps 1500]`` says where such a sweep's wall time goes: one command per ``--jobs`` 1 and 2, traced
-(``PHASE_TRACER``), a row per phase of every process (the parent's imports, data, calibration, forks, each arm, the
-figures in the plotting helpers, the exit) with its start, end and CPU seconds.
+``--phases [--phase-steps 1500] [--rounds 5]`` says where such a sweep's wall time goes: commands at ``--jobs`` 1 and 2,
+alternating, traced (``PHASE_TRACER``); the first round as a row per phase of every process (the parent's imports,
+data, calibration, forks, each arm, the figures in the plotting helpers, the exit) with its start, end and CPU seconds;
+then each command's CPU on its critical path (the parent's own, the busiest arm process's, the longer figure job's):
+what its wall time would be with a core per process, a ratio that other work on the machine moves less than the wall.
 """
 
 from __future__ import annotations
@@ -284,19 +286,56 @@ def phase_rows(log: Path) -> list[tuple[str, int, str, float, float, float]]:
     return sorted(rows, key=lambda r: (r[0] != f"parent {parent}", r[0], r[3], r[1]))
 
 
-def phases(steps: int, jobs_list: list[int]) -> None:
-    """``--phases``: one traced sweep (4 arms of ``steps`` updates) per ``--jobs`` value, after a warm-up: where the wall time goes."""
+def phases(steps: int, jobs_list: list[int], rounds: int = 1) -> None:
+    """``--phases``: traced sweeps (4 arms of ``steps`` updates), one per ``--jobs`` value and round, alternating, after a
+    warm-up: the first round's phases in full, then every round's CPU on the critical path, and their medians."""
+    paths: dict[int, list[tuple[float, float, float]]] = {j: [] for j in jobs_list}
+    walls: dict[int, list[float]] = {j: [] for j in jobs_list}
+    loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         command_wall(SWEEP + ("--steps", "100", "--jobs", "2"), Path(tmp) / "warm")
-        for jobs in jobs_list:
-            log = Path(tmp) / f"phases-{jobs}.log"
-            load = os.getloadavg()[0]
-            wall = traced_command(SWEEP + ("--steps", str(steps), "--jobs", str(jobs)), Path(tmp) / f"out-{jobs}", log)
-            print(f"\nzsgd sim, 4 arms of {steps} updates, --jobs {jobs}: {wall:.2f} s to the exit (1-minute load average {load:.2f}); "
-                  f"seconds since the launch")
-            print(f"{'process':<20}{'phase':<58}{'start':>7}{'end':>7}{'wall':>7}{'CPU':>7}")
-            for role, depth, name, t1, t2, cpu in phase_rows(log):
-                print(f"{role:<20}{'  ' * depth + name:<58}{t1:>7.2f}{t2:>7.2f}{t2 - t1:>7.2f}{cpu:>7.2f}")
+        for r in range(rounds):
+            for jobs in jobs_list:
+                log = Path(tmp) / f"phases-{jobs}-{r}.log"
+                wall = traced_command(SWEEP + ("--steps", str(steps), "--jobs", str(jobs)), Path(tmp) / f"out-{jobs}-{r}", log)
+                rows = phase_rows(log)
+                walls[jobs].append(wall)
+                paths[jobs].append(critical_cpu(rows, log))
+                loads.append(os.getloadavg()[0])
+                if r == 0:
+                    print(f"\nzsgd sim, 4 arms of {steps} updates, --jobs {jobs}: {wall:.2f} s to the exit (1-minute load average "
+                          f"{loads[-1]:.2f}); seconds since the launch")
+                    print(f"{'process':<20}{'phase':<58}{'start':>7}{'end':>7}{'wall':>7}{'CPU':>7}")
+                    for role, depth, name, t1, t2, cpu in rows:
+                        print(f"{role:<20}{'  ' * depth + name:<58}{t1:>7.2f}{t2:>7.2f}{t2 - t1:>7.2f}{cpu:>7.2f}")
+    print(f"\nCPU on the critical path, as if every process had its own core (s; {rounds} round(s), 1-minute load average "
+          f"{min(loads):.2f}-{max(loads):.2f}): the parent's own (start-up, data, calibration, forks, exit) + the busiest arm "
+          f"process's arms + the longer figure job")
+    print(f"{'--jobs':<8}{'parent':>8}{'arms':>8}{'figures':>9}{'path':>8}{'wall':>8}   paths of the rounds")
+    for jobs in jobs_list:
+        med = [statistics.median(p[k] for p in paths[jobs]) for k in range(3)]
+        totals = [sum(p) for p in paths[jobs]]
+        print(f"{jobs:<8}{med[0]:>8.2f}{med[1]:>8.2f}{med[2]:>9.2f}{statistics.median(totals):>8.2f}{statistics.median(walls[jobs]):>8.2f}"
+              f"   {' '.join(f'{t:.2f}' for t in totals)}")
+    if 1 in paths and 2 in paths:
+        pairs = [sum(b) / sum(a) for a, b in zip(paths[1], paths[2])]
+        print(f"--jobs 2 / --jobs 1 by that path: {statistics.median(pairs):.2f}x, median of the rounds ({', '.join(f'{x:.2f}' for x in pairs)}): "
+              f"an estimate of an idle machine's wall ratio that other work on the cores moves less than the wall itself")
+
+
+def critical_cpu(rows: list[tuple[str, int, str, float, float, float]], log: Path) -> tuple[float, float, float]:
+    """From ``phase_rows``: the parent's CPU outside its arms and figures (start-up, data, calibration, forks, the rest),
+    the arm CPU of the busiest process, and the CPU of the longer figure job (the helpers draw side by side)."""
+    parent = rows[0][0]
+    pid = int(parent.split()[-1])
+    total = max(float(cpu) for p, _t, cpu, _w in (line.split("\t") for line in log.read_text().splitlines()) if int(p) == pid)
+    per_process: dict[str, float] = {}
+    for role, _depth, name, *_t, cpu in rows:
+        if name == "_simulate":
+            per_process[role] = per_process.get(role, 0.0) + cpu
+    plotted_here = sum(cpu for role, _d, name, *_t, cpu in rows if role == parent and name == "plot_sweep")
+    figures = max((cpu for _r, _d, name, *_t, cpu in rows if name in ("sweep_figures", "curves_quietly")), default=0.0)
+    return total - per_process.get(parent, 0.0) - plotted_here, max(per_process.values(), default=0.0), figures
 
 
 def main() -> None:
@@ -308,7 +347,7 @@ def main() -> None:
     ap.add_argument("--sync-rounds", type=int, default=300)
     ap.add_argument("--skip-cnn", action="store_true")
     ap.add_argument("--start", action="store_true", help="time whole zsgd sim commands instead (one short arm; 4 arms, --jobs 1 and 2)")
-    ap.add_argument("--rounds", type=int, default=5, help="with --start or --speed: alternating rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="with --start, --speed or --phases: alternating rounds")
     ap.add_argument("--baseline", type=Path, default=None, help="with --start or --speed: another checkout to run side by side")
     ap.add_argument("--sweep-steps", default="1500,6000", help="with --start: the sweep's updates per arm, one sweep per value")
     ap.add_argument("--speed", action="store_true", help="issue 22's targets: 1,024 workers x 10,000 updates and 10,000 x 100,000 "
@@ -328,7 +367,7 @@ def main() -> None:
         speed_rows(args.rounds, args.baseline, cases)
         return
     if args.phases:
-        phases(args.phase_steps, [1, 2])
+        phases(args.phase_steps, [1, 2], args.rounds)
         return
     if args.start:
         start_rows(args.rounds, args.baseline, [int(v) for v in args.sweep_steps.split(",")])
