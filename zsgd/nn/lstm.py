@@ -28,11 +28,14 @@ layer walks the time steps: the (B, H) x (H, 4H) product of the recurrence
 non-linearities and the cell update (``zsgd.nn.lstm_kernels``). The
 backward pass mirrors it and leaves the weight gradients to products over
 the whole block (one pass over a layer's gate gradients gives both weight
-gradients and the bias gradient). Every product of more than a token
-table's rows runs in ``zsgd.nn.lstm_gemm``'s AVX-512 tile, not numpy's
-BLAS, whose speed depends on which kernels OpenBLAS picks: on an AMD Zen 5
-whose environment sets ``OPENBLAS_CORETYPE=Haswell`` (AVX2), 126 GFLOP/s
-on one core against the tile's 250 (233 with its SkylakeX kernels).
+gradients and the bias gradient). Every product, the token table's small
+ones included, runs in ``zsgd.nn.lstm_gemm``'s AVX-512 tile, single
+threaded, not numpy's BLAS, whose speed depends on which kernels OpenBLAS
+picks (on an AMD Zen 5 whose environment sets ``OPENBLAS_CORETYPE=Haswell``,
+AVX2: 126 GFLOP/s on one core against the tile's 250, 233 with its
+SkylakeX kernels) and which splits even a 9 MFLOP product over its
+threads: on a shared 2-core machine the step's thread then spun waiting
+for the other, 6-8 ms of a training step's CPU on average.
 """
 
 from __future__ import annotations
