@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import cli, lines_of
-from zsgd.experiments.validate import PEER_BYTES, Row, parse_tolerance
+from zsgd.experiments.validate import PEER_BYTES, Row, parse_tolerance, twin_placement
 
 BASE = ["sim", "--validate", "--model", "mlp", "--data", "embedded", "--batch-size", "32", "--lr", "0.02", "--latency", "20ms"]
 JUDGED = {"time per update (ms)", "staleness, mean", "staleness, p99"}
@@ -72,6 +72,16 @@ def test_a_case_too_slow_for_a_short_run_is_refused_with_the_estimate(tmp_path):
             "--compute", "1ms", "--broker-time", "0", "--broker-bandwidth", "inf", "--out", str(tmp_path / "v"))
     assert r.exit_code == 2 and "too slow for a short run" in r.stderr and len(lines_of(r.stderr)) == 1, r.stderr
     assert not (tmp_path / "v" / "real").exists()
+
+
+def test_the_twin_puts_each_process_on_its_own_core():
+    """Its turnaround and hops are measured on this host: charging the host's sharing again would count it twice."""
+    grid = {"latency": "10ms", "placement": "local", "host_cores": "2"}
+    twin_grid, note = twin_placement(grid)
+    assert twin_grid == {"latency": "10ms"} and "leaves out --placement local" in note
+    assert grid["placement"] == "local"  # the plain prediction's grid is left as given
+    assert twin_placement({"latency": "10ms", "placement": None, "host_cores": "auto"}) == ({"latency": "10ms"}, None)
+    assert twin_placement({"latency": "10ms", "placement": "spread"}) == ({"latency": "10ms"}, None)
 
 
 # -- real runs, one per algorithm family ----------------------------------------------------------------------

@@ -349,6 +349,8 @@ def validate(cfg: TrainConfig, spec: Any, arms: list, out_dir: Path, tolerance: 
             spec = replace(spec, broker_time=server["broker_time"], broker_bandwidth=server["broker_bandwidth"])
         if compute == "measured":
             compute = compute_trace(real_dir, out_dir / "turnaround.csv", steps, per_round=True)
+    grid, note = twin_placement(grid)
+    notes += [note] if note else []
     (twin_arm,) = build_arms(replace(spec, grid={**grid, "compute": compute}))
     say("validate: the simulated twin ...")
     _simulate(run_cfg, twin_arm, workload, out_dir / "sim")
@@ -359,6 +361,20 @@ def validate(cfg: TrainConfig, spec: Any, arms: list, out_dir: Path, tolerance: 
     write_report(rows, out_dir, tolerance, notes, command)
     plot(real_dir, out_dir / "sim", out_dir)
     return rows
+
+
+def twin_placement(grid: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The twin's grid without ``--placement``/``--host-cores`` (each process on a core of its own, the default),
+    and a note when the user placed the processes on one host. The twin's compute is the real workers' turnaround
+    and its latency the measured hops, which already hold this host's sharing of its cores; ``--placement local``
+    would charge it again on the simulator's host (its crossings and steps on a CpuPool of the host's cores). The
+    plain prediction keeps the user's placement."""
+    placement = grid.get("placement")
+    twin_grid = {k: v for k, v in grid.items() if k not in ("placement", "host_cores")}
+    if placement is None or str(placement).strip().lower() == "spread":
+        return twin_grid, None
+    return twin_grid, (f"the twin leaves out --placement {placement}: its turnaround and hops, measured here, already hold "
+                       f"this host's shared cores (the plain prediction keeps it)")
 
 
 def _simulate(cfg: TrainConfig, arm: Any, workload: Any, run_dir: Path) -> Any:
@@ -395,4 +411,4 @@ def failure_line(rows: list[Row], tolerance: float) -> str:
 
 
 __all__ = ["DEFAULT_TOLERANCE", "PEER_BYTES", "Row", "ValidationFailed", "check_validatable", "compare", "failure_line", "failures",
-           "parse_tolerance", "peer_bytes_row", "real_options", "table", "validate", "write_report"]
+           "parse_tolerance", "peer_bytes_row", "real_options", "table", "twin_placement", "validate", "write_report"]
