@@ -72,12 +72,14 @@ def test_a_flat_header_is_the_json_encoders_bytes_and_only_what_the_receiver_acc
 
 
 def test_a_mangled_header_parses_as_the_general_parser_says(monkeypatch):
-    """Bytes changed, dropped or added anywhere in an update's header: the same result or the same reason."""
+    """Bytes changed, dropped or added anywhere in an exchange's header: the same result or the same reason."""
     rng = random.Random(2)
-    base = F.encode(P.update_message("run1", 3, 7, np.zeros(10, np.float32), 64, 0.5, seq=4))[0]
+    bases = [F.encode(P.update_message("run1", 3, 7, np.zeros(10, np.float32), 64, 0.5, seq=4))[0],
+             F.encode(P.update_message("run1", 3, 7, None, 64, 0.5, shm=12))[0],  # through shared memory: no array
+             F.encode(P.weights_message("run1", 8, np.zeros(10, np.float32)))[0]]
     accepted = 0
-    for _ in range(5000):
-        b = bytearray(base)
+    for _ in range(6000):
+        b = bytearray(rng.choice(bases))
         for _ in range(rng.choice([1, 2, 3])):
             k = rng.randrange(4, len(b))
             if rng.random() < 0.5:

@@ -416,11 +416,11 @@ def _plain_frames(msg: Message, lim: Limits) -> list[bytes | memoryview] | None:
     return None if len(header) > lim.max_header_bytes else [header, *frames]
 
 
-# One array, no codec, meta an object or none: the exchange's update and reply. Integers as JSON writes them (no
+# One 1-d array or none (shared memory's), no codec, meta an object or none: the exchange's update and reply. Integers as JSON writes them (no
 # leading zeros); anything else, or a check below that fails, takes the general path, which gives the same result
 # for whatever this accepts (the same tokens, parsed by the same rules) and the canonical error for the rest.
 _PLAIN_RE = re.compile(r'\{"run":"([A-Za-z0-9_.:@+-]{1,128})","w":(-1|0|[1-9][0-9]{0,18}),"v":(-1|0|[1-9][0-9]{0,18}),'
-                       r'"a":\[\["([A-Za-z_][A-Za-z0-9_.]{0,63})","(%s)",\[(0|[1-9][0-9]{0,18})\]\]\](?:,"m":(\{.*\}))?\}'
+                       r'"a":\[(?:\["([A-Za-z_][A-Za-z0-9_.]{0,63})","(%s)",\[(0|[1-9][0-9]{0,18})\]\])?\](?:,"m":(\{.*\}))?\}'
                        % "|".join(DTYPES), re.ASCII | re.DOTALL)
 
 
@@ -434,17 +434,22 @@ def _plain_parse(buf: memoryview, lim: Limits) -> tuple[str, int, int, list[_Des
     if m is None:
         return None
     run, w, v, name, dname, dim, meta = m.groups()
-    w, v, dim, dtype = int(w), int(v), int(dim), DTYPES[dname]
-    if w >= 1 << 31 or v >= _INT64 or lim.max_arrays < 1 or dim > lim.max_array_bytes or (dim or 1) * dtype.itemsize > lim.max_array_bytes:
+    w, v, descs = int(w), int(v), []
+    if w >= 1 << 31 or v >= _INT64:
         return None
+    if name is not None:
+        dim, dtype = int(dim), DTYPES[dname]
+        if lim.max_arrays < 1 or dim > lim.max_array_bytes or (dim or 1) * dtype.itemsize > lim.max_array_bytes:
+            return None
+        descs.append((name, dtype, (dim,)))
     if meta is None:
-        return run, w, v, [(name, dtype, (dim,))], "none", {}
+        return run, w, v, descs, "none", {}
     try:
         meta = _DECODER.decode(meta)
         _check_depth(meta)
     except (ValueError, RecursionError, ProtocolError):
         return None
-    return run, w, v, [(name, dtype, (dim,))], "none", meta
+    return run, w, v, descs, "none", meta
 
 
 def _frame_buffer(frame: Any) -> memoryview:

@@ -1,7 +1,7 @@
 """The broker's endpoint: its ROUTER socket and everything about using it.
 
 One object owns the socket's life (bind, CURVE and its ZAP guard, limits,
-close), the byte counters, the ZeroMQ message trackers that tell when a
+close), the byte counters, the weak references that tell when a
 zero-copy weights send is done (so the server algorithm may reuse the
 buffer), and, in emulated runs, the queue that holds messages until their
 emulated network delay has passed. The session (who is in the run) and the
@@ -17,6 +17,7 @@ read from the socket monitor.
 from __future__ import annotations
 
 import time
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,7 +41,7 @@ class Endpoint:
         self.queue_depth = self._burst = 0  # messages found waiting at the last receive
         self.dropped: Counter = Counter()  # sends that could not go out, by reason
         self._disconnects = 0  # without CURVE; with it the guard's monitor counts them (one monitor per socket)
-        self._weight_sends: list[zmq.MessageTracker] = []
+        self._weight_sends: list[weakref.ref] = []  # the last frame of each zero-copy weights send, while ZeroMQ holds it
         self.guard = None  # CURVE: ZAP allow-list + refusal counter (zsgd.wire.security)
         self.shared: Any = None  # zsgd.wire.shm.SharedPeers: workers on this machine that share memory with it
         self.sock = self._bind(bind, curve, run_dir)
@@ -146,11 +147,14 @@ class Endpoint:
         # What the peer gets, over the socket or through shared memory (the frames' own sizes when they carry it all:
         # the header is not encoded twice per message).
         nbytes = sum(len(f) for f in frames) if sent is msg else protocol.message_nbytes(msg)
-        tracker = self._send_frames(identity, frames, track)
-        if tracker is False:
+        if self._send_frames(identity, frames) is False:
             return False
         if track:
-            self._weight_sends.append(tracker)
+            # pyzmq keeps the object it sends zero-copy until ZeroMQ's I/O thread is done with it (its garbage-collector
+            # thread drops it then; a frame under the copy threshold is copied and dropped at once), so a weak reference
+            # to it says what a tracked send's MessageTracker says, without a tracker and its Event per reply (24 us
+            # of a reply's send, cold) or the event the collector thread sets for each.
+            self._weight_sends.append(weakref.ref(frames[-1]))
         self.bytes_out += nbytes
         return True
 
@@ -167,15 +171,15 @@ class Endpoint:
 
     def forward(self, identity: bytes, frames: list) -> str | None:
         """Send already-encoded frames as they are (the relay); the reason when they cannot go out, else None."""
-        result = self._send_frames(identity, frames, False, count=False)
+        result = self._send_frames(identity, frames, count=False)
         if result is False:
             return self._last_failure
         self.bytes_out += sum(len(f.buffer) if hasattr(f, "buffer") else len(f) for f in frames)
         return None
 
-    def _send_frames(self, identity: bytes, frames: list, track: bool, count: bool = True) -> Any:
+    def _send_frames(self, identity: bytes, frames: list, count: bool = True) -> Any:
         try:
-            return self.sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False, track=track)
+            return self.sock.send_multipart([identity, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self._last_failure = "send-queue-full"
         except zmq.ZMQError as exc:
@@ -188,7 +192,7 @@ class Endpoint:
 
     def weights_in_flight(self) -> bool:
         """Whether ZeroMQ may still read a full-weights message sent earlier (its last frame is the live weights)."""
-        self._weight_sends = [t for t in self._weight_sends if not t.done]
+        self._weight_sends = [ref for ref in self._weight_sends if ref() is not None]
         return bool(self._weight_sends)
 
     # -- the emulated network ----------------------------------------------------
