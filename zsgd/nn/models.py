@@ -464,8 +464,9 @@ def evaluate(model: ModelLike, w: np.ndarray, x: np.ndarray, y: np.ndarray,
     return total / len(x), correct / len(x)
 
 
-def warm_up(names: tuple[str, ...] = BUILTIN_MODELS) -> None:
-    """Compile (or load from numba's cache) every kernel the built-in models use.
+def warm_up(names: tuple[str, ...] = BUILTIN_MODELS, shared: bool = True) -> None:
+    """Compile (or load from numba's cache) every kernel the built-in models use; ``shared``: also those every
+    model's run uses (the optimizers' and the server step's, ``warm_optimizer``).
 
     Run once after installing, so the first training step of a real run, and
     every worker's start-up, reads compiled code instead of compiling it.
@@ -488,6 +489,8 @@ def warm_up(names: tuple[str, ...] = BUILTIN_MODELS) -> None:
             m.loss_and_grad(weights, x, y, training=True, seed=0)
             m.predict(weights, x)
         evaluate(m, read_only(w), x, y)
+    if not shared:
+        return
     from zsgd.nn.optim import OPTIMIZER_NAMES, warm_optimizer
 
     for opt in OPTIMIZER_NAMES:
@@ -510,14 +513,17 @@ def warm_up_in_parallel(jobs: int | None = None) -> None:
     import subprocess
     import sys
 
-    order = ("cnn", "lenet5", "lstm", "mlp", "logreg")  # most kernels first, so the bins come out even
+    # so the bins come out even: on two cores cnn, mlp, logreg | lenet5, lstm and the shared kernels (compile CPU
+    # about 10 + 1 + 1 | 5 + 5.5 + 3.5 s on the development machine)
+    order = ("cnn", "lenet5", "mlp", "lstm", "logreg")
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(order)))
     if jobs == 1:
         warm_up(order)
         return
     bins = [order[i::jobs] for i in range(jobs)]
-    procs = [subprocess.Popen([sys.executable, "-c", f"import zsgd.nn.models as m; m.warm_up({names!r})"], stdin=subprocess.DEVNULL)
-             for names in bins]
+    # the kernels every run shares (the optimizers') once, by the last bin (one without the cnn), not by every bin at once
+    procs = [subprocess.Popen([sys.executable, "-c", f"import zsgd.nn.models as m; m.warm_up({names!r}, shared={i == jobs - 1})"],
+                              stdin=subprocess.DEVNULL) for i, names in enumerate(bins)]
     failed = [names for names, proc in zip(bins, procs) if proc.wait() != 0]
     if failed:
         raise RuntimeError(f"compiling the kernels of {', '.join(n for names in failed for n in names)} failed")
