@@ -266,8 +266,9 @@ def test_the_broker_loop_is_measured_against_a_real_broker_and_kept(workload, tm
     loop = calibrate.broker_loop(workload, opts)
     assert loop >= 0 and len(calls) == 1 and calibrate.broker_loop(workload, opts) == loop and len(calls) == 1
     (entry,) = json.loads(workload.calibration.cache_path().read_text())["broker_loop"].values()
-    assert valid_entry("broker_loop", entry) and len(entry["cycles"]) == len(entry["echoes"]) == len(entry["steps"]) == 2
-    assert min(entry["cycles"] + entry["echoes"] + entry["steps"]) > 0 and entry["overhead_s"] == loop
+    assert valid_entry("broker_loop", entry) and len(entry["samples"]) == len(entry["echoes"]) == len(entry["steps"]) == 2
+    assert min(entry["samples"] + entry["echoes"] + entry["steps"]) > 0 and entry["overhead_s"] == loop
+    assert entry["beyond_echo"] == [c - e for c, e in zip(entry["samples"], entry["echoes"])]
     summary = run_arm(workload.cfg, opts, workload, tmp_path / "arm").summary
     assert summary["broker_loop_s"] == loop and len(calls) == 1
     assert "broker_loop" in (tmp_path / "arm" / "config.yaml").read_text()  # recorded: --calibration replays it
