@@ -66,6 +66,8 @@ def _first_child(conns: list[Any], parent_ends: list[Any], parent: int, preload:
     """The one forked child: warm up once, then fork one more helper per further connection (each starts
     warm, sharing these pages), and serve the first connection itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: it is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # close() ends a helper with SIGTERM, whatever handler the parent had set:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked from the fork to here (Plotter.__init__), so none is lost
     for end in parent_ends:
         end.close()  # or the parent's closing would never read as EOF here
     _warm_up(preload)
@@ -133,7 +135,11 @@ class Plotter:
         self._idle = [mine for mine, _theirs in pairs]
         self._proc = ctx.Process(target=_first_child, args=([t for _m, t in pairs], self._idle, os.getpid(), tuple(preload)),
                                  daemon=True, name="zsgd-plot")
-        self._proc.start()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # until the child has its own handler
+        try:
+            self._proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for _mine, theirs in pairs:
             theirs.close()
 
