@@ -290,21 +290,22 @@ def test_the_start_barrier_gives_up_on_a_missing_worker(tmp_path, no_orphans):
 
 
 @pytest.mark.slow
-def test_a_run_after_the_setup_warm_up_compiles_no_kernel(tmp_path, no_orphans):
+@pytest.mark.parametrize("model,data", [("mlp", "embedded"), ("lstm", "text")])
+def test_a_run_after_the_setup_warm_up_compiles_no_kernel(tmp_path, no_orphans, model, data):
     """scripts/setup.sh compiles the kernels once (``warm_up``) so that no run compiles any. A clean clone's first
     run still compiled 18 (5 s before its first update at load 8): the read-only variants numba keeps apart, for
     the weights a worker or the evaluator gets in a message and the gradients the broker steps with, and
-    ``evaluate``'s kernel. Here, in a numba cache of its own: the warm-up of the run's model, then the run, whose
-    broker and workers must load every kernel (``NUMBA_DEBUG_CACHE``: nothing 'saved')."""
+    ``evaluate``'s kernel (an LSTM run: 7 more). Here, in a numba cache of its own: the warm-up of the run's model,
+    then the run, whose broker and workers must load every kernel (``NUMBA_DEBUG_CACHE``: nothing 'saved')."""
     import subprocess
     import sys
 
     env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
-    warm = subprocess.run([sys.executable, "-c", "import zsgd.nn.models as m; m.warm_up(('mlp',))"], env=env, capture_output=True, text=True,
-                          timeout=600, stdin=subprocess.DEVNULL)
+    warm = subprocess.run([sys.executable, "-c", f"import zsgd.nn.models as m; m.warm_up(({model!r},))"], env=env, capture_output=True,
+                          text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert warm.returncode == 0, warm.stderr[-2000:]
     out = tmp_path / "run"
-    proc = run_zsgd("run", "--n-proc", "2", "--algo", "sync", "--steps", "20", "--out", str(out), *FAST[2:], "--model", "mlp",
+    proc = run_zsgd("run", "--n-proc", "2", "--algo", "sync", "--steps", "20", "--out", str(out), *FAST[2:], "--model", model, "--data", data,
                     env=env | {"NUMBA_DEBUG_CACHE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     compiled = [line for text in (proc.stdout, *(p.read_text() for p in (out / "logs").glob("*.log")))

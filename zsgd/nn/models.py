@@ -480,6 +480,7 @@ def warm_up(names: tuple[str, ...] = BUILTIN_MODELS, shared: bool = True) -> Non
             from zsgd.nn.lstm import warm_up as warm_up_lstm
 
             warm_up_lstm()
+            _warm_lstm_read_only()
             continue
         m = get_model(name, input_shape=(1, 28, 28), n_classes=10)
         w = m.init(seed=0)
@@ -495,6 +496,22 @@ def warm_up(names: tuple[str, ...] = BUILTIN_MODELS, shared: bool = True) -> Non
 
     for opt in OPTIMIZER_NAMES:
         warm_optimizer(opt, weight_decay=1e-4)
+
+
+def _warm_lstm_read_only() -> None:
+    """The LSTM's step with read-only weights, and its evaluation (``zsgd.nn.lstm.warm_up`` does the writable step),
+    on both of layer 0's paths (6 tokens or more: the block-wide projection instead of the token table), and with
+    widths of whole panels (``NR``), whose inputs the weight gradients read in place, not through a padded copy."""
+    from zsgd.nn.lstm import get_lstm
+    from zsgd.nn.lstm_gemm import NR
+
+    x = np.array([[0, 1, 2], [3, 4, 0]], np.int64)
+    for width, vocab in ((4, 5), (4, 7), (NR, 5), (NR, 7)):
+        m = get_lstm(f"lstm:embed={width},hidden={width},layers=2", vocab)
+        w = read_only(m.init(0))
+        m.loss_and_grad(w, x, x, state=m.init_state(2))
+        stream = np.arange(4 * LM_EVAL_BATCH, dtype=np.int64) % vocab
+        evaluate(m, w, stream, stream)
 
 
 def read_only(a: np.ndarray) -> np.ndarray:
@@ -513,8 +530,8 @@ def warm_up_in_parallel(jobs: int | None = None) -> None:
     import subprocess
     import sys
 
-    # so the bins come out even: on two cores cnn, mlp, logreg | lenet5, lstm and the shared kernels (compile CPU
-    # about 10 + 1 + 1 | 5 + 5.5 + 3.5 s on the development machine)
+    # so the bins come out about even: on two cores cnn, mlp, logreg | lenet5, lstm and the shared kernels (compile
+    # CPU about 10 + 1 + 1 | 5 + 7 + 3.5 s on the development machine, read-only variants included)
     order = ("cnn", "lenet5", "mlp", "lstm", "logreg")
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(order)))
     if jobs == 1:
