@@ -129,6 +129,25 @@ def test_bad_host_cores_are_one_line_errors(text):
         parse_host_cores(text)
 
 
+def test_a_stage_with_a_spread_draws_each_requests_work_around_its_mean_the_same_every_run():
+    """``FifoStage(spread=c)``: each request's work is gamma-drawn with mean as given and coefficient of variation c,
+    from a seeded generator: the total is about the sum, the same seed gives the same ends, no spread exact ones."""
+    def ends(spread, seed=0, n=4000):
+        c = Clock(2)
+        stage, out = FifoStage(c.pool, 1.0, spread, seed), []
+        for _ in range(n):
+            stage.submit(0.0, 0.001, out.append)
+        c.run()
+        return out
+
+    exact, drawn = ends(None), ends(0.5)
+    assert exact[-1] == pytest.approx(4.0) and exact[0] == pytest.approx(0.001)
+    assert drawn[-1] == pytest.approx(4.0, rel=0.05) and drawn == ends(0.5) and drawn != ends(0.5, seed=1)
+    gaps = [b - a for a, b in zip([0.0] + drawn, drawn)]
+    mean = sum(gaps) / len(gaps)
+    assert (sum((g - mean) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean == pytest.approx(0.5, rel=0.1)
+
+
 def test_placement_parse():
     assert parse_placement(" Local ") == "local" and parse_placement("spread") == "spread"
     with pytest.raises(ZsgdError, match="--placement"):
@@ -272,3 +291,27 @@ def test_the_broker_loop_and_the_measured_crossing_threads_are_cpu_work_on_the_h
     assert old["crossing_threads"] == 2.0 and old["updates_per_s"] == pytest.approx(2 / (2 * exchange + step + loop), rel=0.03)
     spread = run(1, 1.0, placement="spread")
     assert spread["broker_loop_s"] == 0.0 and spread["crossing_threads"] is None  # a cluster's server: unchanged
+
+
+def test_crossings_as_varied_as_the_lone_echos_bend_the_knee_and_keep_its_ends(workload, tmp_path, monkeypatch):
+    """A measured spread of the lone exchange (``lone_spread``): each crossing's time is drawn around its mean. One
+    worker alone keeps its mean cycle, the plateau stays the I/O thread's, and two workers no longer fall into a
+    perfect pipeline through it (they queue now and then, as real ones do); the same seed gives the same run."""
+    from zsgd.network import Measured
+    from zsgd.simulation.transport import Transport
+
+    u, w = workload.update_bytes, workload.weights_bytes
+    lone = 100 * (u + w)  # a lone exchange takes 10 ms; one thread a crossing
+    exchange, step = (u + w) / (2 * lone), 0.004
+
+    def rate(n: int, spread: float | None, name: str = "") -> float:
+        monkeypatch.setattr(Workload, "transport_model", lambda self, opts: (Transport(lone, 0.5, lone, 1.0, spread), True))
+        opts = SimOptions(algo="async", n_workers=n, compute=Constant(0.0), broker_s=step, broker_bandwidth=Measured(),
+                          placement="local", host_cores=16)
+        return run_arm(workload.cfg, opts, workload, tmp_path / f"n{n}-s{spread}{name}").summary["updates_per_s"]
+
+    assert rate(2, None) == pytest.approx(1 / exchange, rel=0.03)  # constant times: two workers already at the plateau
+    assert rate(1, 1.0) == pytest.approx(1 / (exchange + step), rel=0.08)
+    assert rate(2, 1.0) < 0.92 / exchange  # queueing behind each other now and then
+    assert rate(8, 1.0) == pytest.approx(1 / exchange, rel=0.08)
+    assert rate(2, 1.0) == rate(2, 1.0, "again")

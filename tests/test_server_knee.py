@@ -109,6 +109,7 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     assert len(entry["overlaps"]) == 1 and len(entry["loaded_samples"]) == 1 and entry["work_s"] > 0
     assert len(entry["lone_samples"]) == 2 and measured.lone_bytes_per_s == entry["lone_bytes_per_s"] > 0  # one client's echo
     assert len(entry["lone_thread_samples"]) == 2 and 0 < measured.lone_threads == entry["lone_threads"] <= 2  # and its CPU
+    assert len(entry["lone_spread_samples"]) == 2 and 0 <= measured.lone_spread == entry["lone_spread"] <= 3  # and its spread
     del entry["overlap"]  # an entry written before the overlap was measured: measured afresh
     path.write_text(json.dumps(data))
     assert transport.server_transport(nbytes, Calibration()).bytes_per_s > 0 and transport.measurements == before + 2
@@ -121,6 +122,10 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     del data["transport"][key]["lone_threads"]  # one written before the lone echo's CPU was measured: measured afresh too
     path.write_text(json.dumps(data))
     assert transport.server_transport(nbytes, Calibration()).lone_threads > 0 and transport.measurements == before + 5
+    data = json.loads(path.read_text())
+    del data["transport"][key]["lone_spread"]  # nor its spread: measured afresh
+    path.write_text(json.dumps(data))
+    assert transport.server_transport(nbytes, Calibration()).lone_spread >= 0 and transport.measurements == before + 6
 
 
 def test_a_record_from_before_the_lone_echo_replays_without_it(workload, tmp_path):
@@ -323,7 +328,8 @@ def test_real_server_knee_matches_the_simulated_defaults(tmp_path, monkeypatch):
             simulated[(s["servers"], s["n_workers"])] = s["updates_per_s"]
             figures.setdefault("step ms (K=1)", round(s["broker_s"] * 1e3, 3))
             figures |= {"echo GB/s lone": round(s["broker_lone_bandwidth_Bps"] / 1e9, 2), "4 clients": round(s["broker_bandwidth_Bps"] / 1e9, 2),
-                        "crossing threads": round(s["crossing_threads"], 2), "loop ms": round(s["broker_loop_s"] * 1e3, 3)}
+                        "crossing threads": round(s["crossing_threads"], 2), "loop ms": round(s["broker_loop_s"] * 1e3, 3),
+                        "crossing spread": s["crossing_spread"]}
     load.append(os.getloadavg()[0])
     table = {p: (round(real[p], 1), round(simulated[p], 1), round(simulated[p] / real[p], 2)) for p in points}
     print("(servers, workers): (real, sim, ratio)", table, figures, f"load {load[0]:.1f}-{load[1]:.1f}")

@@ -117,9 +117,10 @@ def valid_entry(kind: str, entry: Any) -> bool:
         return False
     if kind == "transport":
         lone = entry.get("lone_bytes_per_s", 1.0)  # absent from a record made before it was measured: replayed without it
-        busy = entry.get("lone_threads", 1.0)  # likewise the lone echo's CPU
+        busy = entry.get("lone_threads", 1.0)  # likewise the lone echo's CPU and spread
         return _finite(entry.get("bytes_per_s")) and entry["bytes_per_s"] > 0 and _finite(lone) and lone > 0 \
-            and _finite(entry.get("overlap"), 0.0, 1.0) and _finite(busy, 0.0, 2.0) and busy > 0
+            and _finite(entry.get("overlap"), 0.0, 1.0) and _finite(busy, 0.0, 2.0) and busy > 0 \
+            and _finite(entry.get("lone_spread", 0.0), 0.0, 3.0)
     if kind == "broker_loop":
         return _finite(entry.get("overhead_s")) and valid_entry("server_step", entry)
     samples = entry.get("samples")
@@ -127,9 +128,9 @@ def valid_entry(kind: str, entry: Any) -> bool:
 
 
 def _older(kind: str, entry: dict[str, Any]) -> bool:
-    """Whether ``entry`` is a transport figure cached before the lone echo (or its CPU) was measured: measured again,
+    """Whether ``entry`` is a transport figure cached before the lone echo (its CPU, its spread) was measured: measured again,
     quietly (a replayed one is used as it is: ``--placement local`` then charges its crossings as that run did)."""
-    return kind == "transport" and ("lone_bytes_per_s" not in entry or "lone_threads" not in entry)
+    return kind == "transport" and any(k not in entry for k in ("lone_bytes_per_s", "lone_threads", "lone_spread"))
 
 
 def _warn(text: str) -> None:

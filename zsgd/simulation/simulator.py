@@ -173,8 +173,8 @@ class Simulation:
         if opts.placement == "local":
             self.host = CpuPool(opts.host_cores, lambda t, _pool, generation: self._push(t, _CPU, -1, generation))
             self.step_stage = FifoStage(self.host, demand=float(opts.servers))  # the K range servers step together
-            if self.lone_bw:  # each server's I/O thread copies its range of every message in turn, keeping the lone echo's threads busy
-                self.io_stage = FifoStage(self.host, demand=(transport.lone_threads or _CROSSING_THREADS) * opts.servers)  # 2: an old record
+            if self.lone_bw:  # each server's I/O thread copies its range of every message in turn: the lone echo's threads (2: an old record), its spread
+                self.io_stage = FifoStage(self.host, (transport.lone_threads or _CROSSING_THREADS) * opts.servers, transport.lone_spread, cfg.seed)
                 self.crossing_per_byte = 1.0 / (2.0 * self.lone_bw * opts.servers)  # CPU-s/thread/byte: a lone exchange is 2
             self.jobs: dict[int, tuple[int, Job]] = {}  # each worker's running step: (token, job)
             self.cut: set[int] = set()  # steps abandoned before they started (their token)
@@ -555,9 +555,9 @@ class Simulation:
             "compute_measured": self.compute_s is not None,
             "compute_calibration_s": self.wl.compute_samples if self.compute_s is not None else None,
             "servers": self.opts.servers, "broker_s": self.broker_s, "broker_measured": self.broker_samples is not None,
-            "broker_calibration_s": self.broker_samples,
-            "broker_bandwidth_Bps": self.broker_bw, "broker_bandwidth_measured": self.broker_bw_measured,
-            "server_overlap": self.overlap, "broker_lone_bandwidth_Bps": self.lone_bw, "broker_loop_s": self.loop_s, "crossing_threads": self.io_stage.demand / self.opts.servers if self.io_stage is not None else None,
+            "broker_calibration_s": self.broker_samples, "broker_bandwidth_Bps": self.broker_bw, "broker_bandwidth_measured": self.broker_bw_measured,
+            "server_overlap": self.overlap, "broker_lone_bandwidth_Bps": self.lone_bw, "broker_loop_s": self.loop_s,
+            "crossing_threads": self.io_stage.demand / self.opts.servers if self.io_stage else None, "crossing_spread": self.io_stage and self.io_stage.spread,
             "host_cpu_utilisation": self.host.busy_core_s / (self.now * self.host.cores) if self.host is not None and self.now > 0 else None,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
             "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s, **self.engine.summary(),

@@ -57,6 +57,7 @@ not pay the ~1 s again, and give the same metrics.
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -102,7 +103,7 @@ def _echo(ctx, nbytes: int, ready: list, stop: threading.Event, work: "Callable[
 
 def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS, messages: int | None = None,
                       timeout_s: float = 30.0, work: "Callable[[], object] | None" = None,
-                      threads: list[float] | None = None) -> list[float]:
+                      threads: list[float] | None = None, spreads: list[float] | None = None) -> list[float]:
     """Bytes/s each way of one ZeroMQ echo server for ``nbytes`` messages, one figure per burst.
 
     ``clients`` DEALERs each keep one message in flight; the first
@@ -110,7 +111,8 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
     buffers), then each burst times ``messages`` replies. With ``work``, the
     echo does it per message in every odd burst (plain and loaded bursts
     alternate, so a change of load on the machine hits both alike). ``threads``: given, each burst's CPU
-    time of this process over its wall time is appended to it (the threads the echo kept busy on average)."""
+    time of this process over its wall time is appended to it (the threads the echo kept busy on average);
+    ``spreads``: each burst's coefficient of variation of the time between replies (with one client: of an exchange)."""
     import numpy as np
     import zmq
 
@@ -158,6 +160,11 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
         if threads is not None:
             cpu_marks = cpu[clients - 1::per_burst]
             threads += [(d - c) / (b - a) for a, b, c, d in zip(marks, marks[1:], cpu_marks, cpu_marks[1:]) if b > a]
+        if spreads is not None:
+            for first in range(clients - 1, need - 1, per_burst):
+                gaps = [b - a for a, b in zip(stamps[first:first + per_burst], stamps[first + 1:first + per_burst + 1])]
+                if len(gaps) > 1 and statistics.fmean(gaps) > 0:
+                    spreads.append(statistics.pstdev(gaps) / statistics.fmean(gaps))
         return [per_burst * nbytes / (b - a) for a, b in zip(marks, marks[1:]) if b > a]
     finally:
         stop.set()
@@ -185,12 +192,17 @@ class Transport:
     ``lone_threads``: the threads a lone exchange keeps busy on average (this
     process's CPU over the lone bursts' wall time): a crossing's demand on
     the host; None (a record from before it was measured, or a NIC given by
-    hand): 2, the server's I/O thread and its peer's for the whole time."""
+    hand): 2, the server's I/O thread and its peer's for the whole time.
+    ``lone_spread``: the coefficient of variation of a crossing's time: a lone
+    exchange's, times sqrt(2) (its two crossings drawn apart add their
+    variances), which ``--placement local`` gives each crossing's work
+    (``zsgd.network.hosts.FifoStage``)."""
 
     bytes_per_s: float
     overlap: float
     lone_bytes_per_s: float | None = None  # measured: one client's echo, one message in flight (what a crossing costs with the cores)
     lone_threads: float | None = None  # measured: CPU / wall of the lone echo (how many threads a crossing keeps busy)
+    lone_spread: float | None = None  # measured: coefficient of variation of a lone exchange's time (None: constant)
 
 
 def busy_work(seconds: float) -> "tuple[Callable[[], object], float]":
@@ -244,9 +256,9 @@ def measure_server_transport(nbytes: int, bursts: int | None = None, pairs: int 
     nbytes = max(1, int(nbytes))
     bursts, pairs = bursts or BURSTS, pairs or PAIRS
     measurements += 1
-    lone, samples, threads = [], [], []
+    lone, samples, threads, spreads = [], [], [], []
     for _ in range(bursts):  # alternating, so a change of load on the machine hits both alike
-        lone += measure_transport(nbytes, bursts=1, clients=1, threads=threads)
+        lone += measure_transport(nbytes, bursts=1, clients=1, threads=threads, spreads=spreads)
         samples += measure_transport(nbytes, bursts=1)
     work, work_s = busy_work(0.7 * nbytes / float(statistics.median(samples)))
     paired = measure_transport(nbytes, bursts=2 * pairs, work=work)
@@ -254,9 +266,10 @@ def measure_server_transport(nbytes: int, bursts: int | None = None, pairs: int 
     overlaps = [overlap_from(nbytes / p, nbytes / q, work_s) for p, q in zip(plain, loaded)]
     bps = float(statistics.median(samples + plain))
     busy = float(min(2.0, max(0.05, statistics.median(threads)))) if threads else 2.0  # never more than its two copying threads
-    return (Transport(bps, float(statistics.median(overlaps)), float(statistics.median(lone)), busy),
+    spread = float(min(3.0, math.sqrt(2.0) * statistics.median(spreads))) if spreads else 0.0  # a crossing's: half an exchange, drawn alone
+    return (Transport(bps, float(statistics.median(overlaps)), float(statistics.median(lone)), busy, spread),
             {"samples": samples + plain, "loaded_samples": loaded, "overlaps": overlaps, "work_s": work_s, "lone_samples": lone,
-             "lone_thread_samples": threads})
+             "lone_thread_samples": threads, "lone_spread_samples": spreads})
 
 
 def server_transport(nbytes: int, calibration: Any = None) -> Transport:
@@ -269,13 +282,14 @@ def server_transport(nbytes: int, calibration: Any = None) -> Transport:
     def measure() -> dict:
         value, details = measure_server_transport(nbytes)
         return {"bytes_per_s": value.bytes_per_s, "overlap": value.overlap, "lone_bytes_per_s": value.lone_bytes_per_s,
-                "lone_threads": value.lone_threads, **details}
+                "lone_threads": value.lone_threads, "lone_spread": value.lone_spread, **details}
 
     entry = (calibration or current()).get("transport", {"message_bytes": nbytes}, measure)
     lone = entry.get("lone_bytes_per_s")  # None: a replayed record from before the lone echo was measured
     busy = entry.get("lone_threads")  # None: a replayed record from before the lone echo's CPU was measured
+    spread = entry.get("lone_spread")  # None: nor its spread (each crossing then takes its mean)
     return Transport(float(entry["bytes_per_s"]), float(entry["overlap"]), None if lone is None else float(lone),
-                     None if busy is None else float(busy))
+                     None if busy is None else float(busy), None if spread is None else float(spread))
 
 
 __all__ = ["Transport", "busy_work", "measure_server_transport", "measure_transport", "messages_per_burst",
