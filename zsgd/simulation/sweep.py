@@ -370,6 +370,7 @@ def _run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workl
             arm.opts = replace(arm.opts, scaling=note)
         if arm_cfg.batch_size not in workloads:
             workloads[arm_cfg.batch_size] = Workload(arm_cfg, problem)
+            workloads[arm_cfg.batch_size].share_shards(workload)  # cut here, before any fork, by prepare_workload
         cfgs.append(arm_cfg)
     for bs, wl in workloads.items():  # compute=measured timed once per workload, wherever the arms run
         calibrate_once(wl, [a.opts for a, c in zip(arms, cfgs) if c.batch_size == bs])

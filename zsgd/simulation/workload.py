@@ -47,6 +47,13 @@ class Workload:
             self._shards[n_workers] = [(ds.x_train[i], ds.y_train[i]) for i in idx]
         return self._shards[n_workers]
 
+    def share_shards(self, other: "Workload") -> None:
+        """Use ``other``'s shards, cut or to be cut once for both, when they split the same data alike: the shards
+        depend on the data, the split, the seed and the worker count, not on the batch size or learning rate in
+        which two workloads of one sweep differ (cutting them copies the training set: 0.085 s for Fashion-MNIST)."""
+        if self.problem is other.problem and (self.cfg.split, self.cfg.seed) == (other.cfg.split, other.cfg.seed):
+            self._shards = other._shards
+
     def compute_model(self, spec: "Delay | Measured", steps: int = 5) -> "tuple[Delay, float | None]":
         """The compute-time model of an arm, and the calibrated seconds when it is ``measured``."""
         if isinstance(spec, Measured):
