@@ -7,7 +7,10 @@
    payload, same transport (TCP loopback), same run. Target: <= 1.25x raw.
    A third echo, whose server runs zsgd's step kernels on what it gets and
    nothing else, is the floor of any server that applies an update: it
-   separates what the step's memory passes cost from what zsgd adds.
+   separates what the step's memory passes cost from what zsgd adds. The
+   sides are up at once and take turns (``interleaved_exchanges``), so a
+   shared machine's drift moves them alike; each side's server and client
+   CPU per exchange are reported too.
 2. **End to end**: aggregate training samples/s of ``zsgd run --n-proc 2``
    (async, cnn, batch 64 per worker) beside PyTorch DDP (gloo, 2 processes x
    1 thread, same architecture, batch, optimizer), alternating for ``--rounds``.

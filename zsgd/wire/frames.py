@@ -442,10 +442,8 @@ def _plain_parse(buf: memoryview, lim: Limits) -> tuple[str, int, int, list[_Des
         if lim.max_arrays < 1 or dim > lim.max_array_bytes or (dim or 1) * dtype.itemsize > lim.max_array_bytes:
             return None
         descs.append((name, dtype, (dim,)))
-    if meta is None:
-        return run, w, v, descs, "none", {}
     try:
-        meta = _DECODER.decode(meta)
+        meta = {} if meta is None else _DECODER.decode(meta)
         _check_depth(meta)
     except (ValueError, RecursionError, ProtocolError):
         return None
