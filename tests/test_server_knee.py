@@ -280,6 +280,16 @@ def test_the_broker_loop_is_measured_against_a_real_broker_and_kept(workload, tm
     assert calibrate.broker_loop(workload, SimOptions(placement="local", broker_s=0.001, broker_bandwidth=Measured())) == 0.0  # given by hand
 
 
+def test_a_broker_that_cannot_start_is_one_line_naming_the_way_out(workload, monkeypatch):
+    """The loop's calibration starts ``zsgd broker``; if that process ends before it listens, one ZsgdError with its
+    last line and the flag that avoids the measurement, never a hang or a traceback of the subprocess."""
+    from zsgd.simulation import calibrate
+
+    monkeypatch.setattr(calibrate._BrokerProcess, "argv", lambda self, port: [sys.executable, "-c", "import sys; sys.exit('no data here')"])
+    with pytest.raises(ZsgdError, match=r"could not start 'zsgd broker' \(no data here\); give --broker-time a value"):
+        calibrate.time_broker_loop(workload.cfg, workload.model, workload.w0, "async", workload.update_bytes, timeout_s=30)
+
+
 # -- the real server against the simulator's defaults (wall time: on purpose only) -----------------------
 
 

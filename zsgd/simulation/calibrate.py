@@ -270,8 +270,9 @@ class _BrokerProcess:
             except (OSError, ValueError, KeyError):
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                ended = self.proc.poll() is not None
+                lines = (self.proc.stderr.read() if ended and self.proc.stderr else "").strip().splitlines() or ["no word from it"]
                 self.__exit__()
-                lines = (self.proc.stderr.read() if self.proc.stderr else "").strip().splitlines() or ["no word from it"]
                 raise ZsgdError(f"the broker's per-message calibration could not start 'zsgd broker' ({lines[-1][:200]}); "
                                 f"give --broker-time a value")
             time.sleep(0.02)
