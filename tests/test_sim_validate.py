@@ -47,6 +47,37 @@ def test_a_row_passes_within_the_tolerance_or_its_slack_and_informing_rows_never
     assert parse_tolerance(None) == 0.05 and parse_tolerance("10%") == pytest.approx(0.1) and parse_tolerance("0.2") == 0.2
 
 
+def test_p99_staleness_is_judged_by_where_the_two_runs_p99_could_have_fallen(tmp_path):
+    """A short run's p99 is one of its few largest values: the README's case skips 50 of 200 updates, and the p99 of
+    the 150 left is the 2nd largest; its 95 % interval spans the 146th to the 150th. Twins whose intervals meet the
+    real one's pass; one beyond it fails, as a p99 off by more than one update did before."""
+    import json
+
+    from zsgd.experiments import twin
+    from zsgd.experiments.validate import p99_row
+
+    def run(name, staleness):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"event": "update", "staleness": s}, separators=(",", ":")) + "\n" for s in staleness))
+        return d
+
+    real = run("real", [7] * 40 + [6] * 50 + [8] * 55 + [9, 9, 9, 10, 12])  # 150 updates, sorted: ..., 9, 9, 9, 10, 12
+    assert twin.staleness_p99(real) == 10.0  # nearest rank 149 of 150
+    assert twin.staleness_p99_interval(real) == (9.0, 12.0)  # ranks 146 and 150
+    heavier = run("heavier", [7] * 140 + [8] * 5 + [10, 11, 11, 12, 13])
+    assert twin.staleness_p99(heavier) == 12.0 and twin.staleness_p99_interval(heavier) == (10.0, 13.0)
+    row = p99_row(twin.staleness_p99(real), twin.staleness_p99_interval(real), twin.staleness_p99(heavier),
+                  twin.staleness_p99_interval(heavier))
+    assert row.error == pytest.approx(0.2) and row.passed(0.05)  # 10 against 12, but either could have drawn 11
+    apart = run("apart", [7] * 140 + [15] * 10)
+    row = p99_row(twin.staleness_p99(real), twin.staleness_p99_interval(real), twin.staleness_p99(apart),
+                  twin.staleness_p99_interval(apart))
+    assert row.slack == 2.0 and not row.passed(0.05)  # 10 against 15: the twin's interval (15, 15) misses (9, 12)
+    narrow = p99_row(3.0, (3.0, 3.0), 4.0, (4.0, 4.0))
+    assert narrow.slack == 1.0 and narrow.passed(0.05) and not p99_row(3.0, (3.0, 3.0), 5.0, (5.0, 5.0)).passed(0.05)
+
+
 @pytest.mark.parametrize("args, words", [
     (["--algo", "async,sync"], "one arm"),
     (["--failures", "1@1s"], "cannot check --failures"),

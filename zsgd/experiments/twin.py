@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -72,6 +73,21 @@ def staleness_p99(run_dir: str | Path, skip: int = 0) -> float:
     """The 99th percentile of the staleness of the updates after the first ``skip`` (nearest rank: a real update's)."""
     values = [u["staleness"] for u in events(run_dir, "update")[skip:]]
     return float(np.percentile(values, 99, method="inverted_cdf")) if values else 0.0
+
+
+def staleness_p99_interval(run_dir: str | Path, skip: int = 0) -> tuple[float, float]:
+    """Where the run's p99 staleness could as well have fallen: a distribution-free 95 % interval for the 99th
+    percentile, the order statistics of ranks n*0.99 -/+ 1.96 sd of the binomial count below it. A short run's
+    p99 is one of its few largest values (the 2nd largest of 150 updates), so another run of the same case
+    draws another of them; the twin's p99 is one draw too, so the two are told apart only where their intervals
+    do not meet (``validate.p99_row``)."""
+    values = np.sort([u["staleness"] for u in events(run_dir, "update")[skip:]])
+    n = len(values)
+    if n == 0:
+        return 0.0, 0.0
+    half = 1.96 * math.sqrt(n * 0.99 * 0.01)
+    lo, hi = max(1, math.floor(n * 0.99 - half)), min(n, math.ceil(n * 0.99 + half))
+    return float(values[lo - 1]), float(values[hi - 1])
 
 
 def accuracies(run_dir: str | Path) -> dict[int, float]:
