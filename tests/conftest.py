@@ -30,6 +30,7 @@ import pytest
 from hypothesis import settings
 
 from helpers import zsgd_processes
+from serial_files import SERIAL_FILES  # timing-sensitive files: scripts/test.sh's second pass
 # The session's shared clusters, defined here once: a fixture imported into two test modules is two fixtures, and
 # each module started (and prepared) its own cluster.
 from slurm_cluster import slurm  # noqa: F401
@@ -43,11 +44,6 @@ settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("ZSGD_HYPOTHESIS", "repeatable"))
 
 
-# Files whose assertions hold a real run's wall time against a model of it (the simulator's twin, its tolerance):
-# they run alone, in the second pass of scripts/test.sh, never beside another test that takes the cores.
-# test_sim_validate.py is not one: its runs check the table, the files and that the exit status is the table's
-# verdict, whichever it is; the one verdict it asserts is a server 100x slower than the real one's.
-SERIAL_FILES = frozenset({"test_fidelity.py", "test_repro_lian.py", "test_server_knee.py", "test_parallel_arms.py"})
 # Session-wide daemons: every test that needs one goes to the same pytest-xdist worker (``--dist loadgroup``), so
 # the cluster starts once, as in a serial run, and not once per worker.
 SHARED_DAEMONS = ("slurm", "prepared_hosts")
