@@ -7,9 +7,4 @@ server 100x slower than the real one's. Kept apart from conftest so that scripts
 pytest (collecting only them) without importing the test machinery.
 """
 
-import os
-
-# The wall-time checks (the knee, --jobs 2's speed-up) skip unless ZSGD_TIMING=1; the rest of their files times
-# nothing, so those files are serial only when the checks run.
-TIMING_FILES = frozenset({"test_server_knee.py", "test_parallel_arms.py"})
-SERIAL_FILES = frozenset({"test_fidelity.py", "test_repro_lian.py"}) | (TIMING_FILES if os.environ.get("ZSGD_TIMING") == "1" else frozenset())
+SERIAL_FILES = frozenset({"test_fidelity.py", "test_repro_lian.py", "test_server_knee.py", "test_parallel_arms.py"})
