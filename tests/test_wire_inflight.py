@@ -5,13 +5,13 @@ that it says "in flight" exactly while the frame is held, with real sockets."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import zmq
 
 from zsgd.runtime.server.endpoint import Endpoint
 from zsgd.wire import protocol
+
+from helpers import wait_for
 
 
 def _pair(tmp_path):
@@ -30,15 +30,6 @@ def _pair(tmp_path):
     return ep, ctx, d, identity
 
 
-def _wait(cond, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def test_a_big_reply_is_in_flight_until_the_peer_has_read_it(tmp_path):
     ep, ctx, d, identity = _pair(tmp_path)
     try:
@@ -48,7 +39,7 @@ def test_a_big_reply_is_in_flight_until_the_peer_has_read_it(tmp_path):
         assert d.poll(60_000)
         frames = d.recv_multipart()
         assert np.array_equal(np.frombuffer(frames[-1], np.float32), w)
-        assert _wait(lambda: not ep.weights_in_flight()), "still in flight after the peer read it"
+        wait_for(lambda: not ep.weights_in_flight(), 30, interval=0.01, what="the reply to leave flight after the peer read it")
     finally:
         d.close()
         ctx.term()
