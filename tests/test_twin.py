@@ -149,7 +149,8 @@ def test_a_worker_times_its_hops_from_the_brokers_stamps():
 def test_the_hops_are_running_sums_whose_first_quarter_is_left_out(n):
     """A long run's worker keeps a bounded record of its hops, not one per reply; the first quarter is still left
     out: exactly up to 2 * CHECKPOINTS replies, within 1 / CHECKPOINTS of them beyond."""
-    from zsgd.runtime.worker.broker_hops import BrokerHops, SteadyMeans
+    from zsgd.runtime.emulation import SteadyMeans
+    from zsgd.runtime.worker.broker_hops import BrokerHops
 
     ups = [0.001 * (1 + i % 7) + (0.5 if i < n // 5 else 0.0) for i in range(n)]  # a slow start-up, then 1-7 ms
     hops = BrokerHops()
@@ -278,13 +279,13 @@ def test_an_emulated_parameter_server_stamps_each_reply_with_its_update(tmp_path
     (10.0, 10.002, [(9.999, 10.0025)], 0.0),  # one step covering the whole wait: none of it the loop's own
 ])
 def test_the_loop_wait_leaves_out_the_other_updates_steps(due, start, steps, wait):
-    from zsgd.runtime.worker.broker_hops import loop_wait
+    from zsgd.runtime.emulation import loop_wait
 
     assert loop_wait(due, start, steps) == pytest.approx(wait, abs=1e-12)
 
 
 def test_steady_means_leave_out_the_first_quarter():
-    from zsgd.runtime.worker.broker_hops import SteadyMeans
+    from zsgd.runtime.emulation import SteadyMeans
 
     means = SteadyMeans(2)
     for i in range(40):

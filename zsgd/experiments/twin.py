@@ -142,7 +142,7 @@ def broker_overhead_s(run_dir: str | Path) -> tuple[float, float] | None:
 
     The broker's hand-offs around its step: the link and ZeroMQ threads on both sides (the message's transfer
     included), its receive before the hold, the reply's encoding and send; and, on the way up, the update's wait
-    for the broker's loop after its hold beyond other updates' engine steps (``broker_hops.loop_wait``: the
+    for the broker's loop after its hold beyond other updates' engine steps (``emulation.loop_wait``: the
     loop receiving and sending other messages, waking; the wait behind other steps is the simulator's queue).
     Each worker logs its means from the broker's stamps on its replies (``zsgd.runtime.worker.broker_hops``);
     pooled here weighted by their counts. They grow with the host's load, so the twin takes them from the run,

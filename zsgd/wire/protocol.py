@@ -101,7 +101,7 @@ def validate_weights(msg: Message, *, run: str, n_params: int, require_finite: b
 #: machine's: the runs this serves are on one host). ``reached``: when the broker's loop took the update the reply
 #: answers off its socket, before the emulated hold (its uplink); ``left``: when the reply's own emulated hold (its downlink)
 #: was due to end; ``wait`` (optional): how long that update waited for the broker's loop after its hold, beyond the
-#: engine's steps of other updates (``broker_hops.loop_wait``). A worker subtracts its update's send and its reply's arrival
+#: engine's steps of other updates (``emulation.loop_wait``). A worker subtracts its update's send and its reply's arrival
 #: to log the hops beyond the emulated delays (``zsgd.runtime.worker.broker_hops``), which a simulated twin adds to its
 #: latency (``zsgd.experiments.twin``). Optional, and informational: nothing in a run depends on it.
 REPLY_HOP = "hop"

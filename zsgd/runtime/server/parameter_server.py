@@ -24,7 +24,7 @@ import numpy as np
 from zsgd.algorithms import algorithm_class, make_server_algorithm
 from zsgd.algorithms.step_log import StepFollower, StepLeader
 from zsgd.engine import ServerEngine
-from zsgd.runtime.worker.broker_hops import SteadyMeans, loop_wait
+from zsgd.runtime.emulation import SteadyMeans, loop_wait
 from zsgd.runtime.worker.replies import ABANDON
 from zsgd.runtime.server.context import ServiceContext
 from zsgd.runtime.server.service import ServiceBase
@@ -78,7 +78,7 @@ class ParameterServer(ServiceBase):
         # Emulated runs: when the broker took each worker's latest update off its socket (before its emulated hold);
         # its reply carries it (protocol.REPLY_HOP), so the worker can log the hand-offs beyond the emulated delays.
         self._reached: dict[int, float] = {}
-        # ... each one's wait for the loop after its hold (broker_hops.loop_wait), and the engine's latest steps and their
+        # ... each one's wait for the loop after its hold (emulation.loop_wait), and the engine's latest steps and their
         # steady mean (the summary's engine_s_mean: a twin's --broker-time, the step as this run's broker took it).
         self._waited: dict[int, float] = {}
         self._steps: deque[tuple[float, float]] = deque(maxlen=64)

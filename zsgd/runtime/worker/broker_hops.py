@@ -6,7 +6,7 @@ of the way: the worker's link thread and ZeroMQ's I/O threads (the
 message's transfer included), the broker's receive before the hold, the
 reply's encoding and send, and the thread wake-ups on a shared host; and,
 after an update's hold, its wait for the broker's loop while that loop
-receives and sends other messages or is not yet awake (``loop_wait``: the
+receives and sends other messages or is not yet awake (``zsgd.runtime.emulation.loop_wait``: the
 simulator's server is its engine's step alone, so the wait behind other
 updates' steps, which it models as its queue, is left out of it). Those
 hand-offs grow with the host's load, so they are measured in the run
@@ -24,9 +24,10 @@ malformed or implausible ones are ignored and counted.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any
 
 from zsgd.errors import ProtocolError
+from zsgd.runtime.emulation import SteadyMeans
 from zsgd.wire import protocol
 
 LOGGED = "broker hop ms (mean up, mean down; hops, ignored"  # the log line's head, which the twin reads
@@ -47,49 +48,6 @@ def overrun(t0: float, computed: float, ended: float, target_s: float, slowdown:
         return 0.0
     late = ended - t0 - slowdown * (target_s if target_s > 0 else computed - t0)
     return late if late > 0 else 0.0
-
-
-def loop_wait(due: float, start: float, steps: Iterable[tuple[float, float]]) -> float:
-    """Seconds an update whose emulated hold was ``due`` to end waited until the engine took it (``start``), less the
-    engine's ``steps`` ((start, end) of other updates) in between: the broker's one loop receiving and sending other
-    messages, and waking. The simulator's server queues an update behind the other updates' steps itself (its
-    ``--broker-time``), not behind the rest: at 8 workers and 10 ms on 2 cores the loop's receive, step and reply
-    send of an update took 0.7 ms, its step 0.2 ms, and a held update waited 0.6-2.2 ms for the loop at load 5-8."""
-    if start <= due:
-        return 0.0
-    busy = sum(max(0.0, min(end, start) - max(begin, due)) for begin, end in steps)
-    return max(0.0, start - due - busy)
-
-
-class SteadyMeans:
-    """Running sums of a few quantities, and their means after the first quarter of the samples (a run's start-up).
-
-    Not one value per sample: a long run takes millions. The sums are also noted at every ``stride``-th sample, at
-    most ``2 * CHECKPOINTS`` of them: when that many, every other one goes and the stride doubles. The first
-    quarter is then exact up to ``2 * CHECKPOINTS`` samples, and within ``1 / CHECKPOINTS`` of them beyond."""
-
-    CHECKPOINTS = 64
-
-    def __init__(self, width: int) -> None:
-        self.count = 0
-        self.sums = [0.0] * width
-        self._stride = 1
-        self._marks: list[tuple[int, list[float]]] = [(0, [0.0] * width)]  # (count, sums) at every stride-th sample
-
-    def add(self, *values: float) -> None:
-        self.count += 1
-        self.sums = [s + v for s, v in zip(self.sums, values)]
-        if self.count % self._stride == 0:
-            self._marks.append((self.count, self.sums))
-            if len(self._marks) > 2 * self.CHECKPOINTS:
-                self._marks = self._marks[::2]  # counts 0, 2*stride, 4*stride, ...
-                self._stride *= 2
-
-    def steady(self) -> tuple[list[float], int]:
-        """The means after the first quarter (from the latest mark no later than it), and how many samples they hold."""
-        k, skipped = max((m for m in self._marks if m[0] <= self.count // 4), key=lambda m: m[0])
-        n = self.count - k
-        return [(s - s0) / n if n else 0.0 for s, s0 in zip(self.sums, skipped)], n
 
 
 class BrokerHops:
