@@ -7,9 +7,12 @@ then UPDATE -> WEIGHTS for ever) with a pre-computed ``cnn``-size gradient
 weights arrive it sends the next update, so the server is the only thing
 that limits the rate. The reference is the same client processes, with the
 same sockets and payload, against a ROUTER that echoes a buffer of the same
-size (no decode, no validation, no optimizer step). Raw and zsgd rounds
-alternate (``--rounds``) because a shared machine's speed drifts; the table
-reports each round and the medians.
+size (no decode, no validation, no optimizer step). A shared machine's speed
+drifts, so in every round (``--rounds``) both servers and both sets of clients
+are up at once and take turns of ``--slice`` seconds (``interleaved_round``);
+the ratio is taken within each pair of turns, and the table reports medians.
+``--against TREE`` adds a third side, zsgd from another source tree (a
+before/after in the same seconds).
 
 Sharded servers (``--servers K``): a worker holds one link (a DEALER) per
 server, and an exchange is complete when every link's reply has arrived;
@@ -28,7 +31,7 @@ check, then in place; or one out-of-place pass with the check inside).
 ``--census``: which step the loaded server takes (in place, out of place from its buffer pool, out of place
 into a fresh buffer) and the CPU each costs there, per round (``step_census.py``).
 
-Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1,2,4] [--seconds 8] [--rounds 3] [--only step|exchange] [--profile] [--census]``
+Run: ``python benchmarks/bench_broker.py [--workers 4] [--servers 1,2,4] [--rounds 3] [--slices-per-round 6] [--slice 1] [--against TREE] [--only step|exchange] [--profile] [--census]``
 """
 
 from __future__ import annotations
@@ -176,43 +179,60 @@ def client_main(args: argparse.Namespace) -> None:
                 elif msg.type == MsgType.WEIGHTS:
                     version[d] = msg.version
                     pending.discard(d)
-    waiting: dict[int, int] = {}  # worker -> replies still outstanding in its current exchange
-    for w, socks in by_worker.items():
-        for d in socks:
-            send(d)
-        waiting[w] = len(socks)
+    waiting: dict[int, int] = {w: 0 for w in by_worker}  # worker -> replies still outstanding in its current exchange
     poller = zmq.Poller()
     for d in links:
         poller.register(d, zmq.POLLIN)
-    t_start = time.monotonic()
-    t_measure, t_end = t_start + args.warmup, t_start + args.warmup + args.seconds
-    counted = 0
-    while True:
-        now = time.monotonic()
-        if now >= t_end:
-            break
-        for d, _ in poller.poll(100):
-            while True:
-                try:
-                    if args.mode == "raw":
-                        d.recv(zmq.NOBLOCK, copy=False)
-                    else:
-                        _, msg = protocol.recv(d, flags=zmq.NOBLOCK)
-                        if msg.type != MsgType.WEIGHTS:
-                            continue  # heartbeats
-                        version[d] = msg.version
-                except zmq.Again:
-                    break
-                w = links[d][0]
-                waiting[w] -= 1
-                if waiting[w] == 0:  # every range is back: one exchange done, start the next
-                    if time.monotonic() >= t_measure:
-                        counted += 1
-                    for dd in by_worker[w]:
-                        send(dd)
-                    waiting[w] = len(by_worker[w])
-    elapsed = min(time.monotonic(), t_end) - t_measure
-    print(json.dumps({"exchanges": counted, "seconds": elapsed}), flush=True)
+
+    def start(w: int) -> None:
+        for d in by_worker[w]:
+            send(d)
+        waiting[w] = len(by_worker[w])
+
+    def pump(t_measure: float, t_end: float, drain: bool) -> int:
+        """Exchanges until ``t_end``, counting those done from ``t_measure``; with ``drain``, no exchange starts
+        after ``t_end`` and every one in flight is waited for (and counted), so the server is idle on return."""
+        counted = 0
+        for w in by_worker:
+            start(w)
+        while True:
+            now = time.monotonic()
+            if now >= t_end and (not drain or not any(waiting.values())):
+                return counted
+            for d, _ in poller.poll(100):
+                while True:
+                    try:
+                        if args.mode == "raw":
+                            d.recv(zmq.NOBLOCK, copy=False)
+                        else:
+                            _, msg = protocol.recv(d, flags=zmq.NOBLOCK)
+                            if msg.type != MsgType.WEIGHTS:
+                                continue  # heartbeats
+                            version[d] = msg.version
+                    except zmq.Again:
+                        break
+                    w = links[d][0]
+                    waiting[w] -= 1
+                    if waiting[w] == 0:  # every range is back: one exchange done, start the next
+                        now = time.monotonic()
+                        if now >= t_measure:
+                            counted += 1
+                        if now < t_end:
+                            start(w)
+
+    if args.slices:  # the parent's turns: "go SECONDS" runs one slice and reports it, "end" (or EOF) ends
+        for line in sys.stdin:
+            if not line.startswith("go "):
+                break
+            t0 = time.monotonic()
+            n = pump(t0, t0 + float(line.split()[1]), drain=True)
+            print(json.dumps({"exchanges": n, "seconds": time.monotonic() - t0}), flush=True)
+    else:
+        t_start = time.monotonic()
+        t_measure, t_end = t_start + args.warmup, t_start + args.warmup + args.seconds
+        counted = pump(t_measure, t_end, drain=False)
+        elapsed = min(time.monotonic(), t_end) - t_measure
+        print(json.dumps({"exchanges": counted, "seconds": elapsed}), flush=True)
     for d in links:
         d.close(linger=0)
     ctx.term()
@@ -232,15 +252,20 @@ def start_echo(k: int) -> tuple[list[subprocess.Popen], list[str]]:
     return procs, eps
 
 
-def start_brokers(k: int, n_workers: int, out: Path, prefix: list[str] | None = None) -> tuple[list[subprocess.Popen], list[str]]:
+def start_brokers(k: int, n_workers: int, out: Path, prefix: list[str] | None = None, tree: str = "",
+                  idle_ok: bool = False) -> tuple[list[subprocess.Popen], list[str]]:
     """``zsgd broker --servers K``: the coordinator (range 0) starts K-1 range servers itself. ``prefix``: the
-    interpreter's arguments before ``broker`` (default ``-m zsgd``; ``--profile`` puts cProfile in front)."""
+    interpreter's arguments before ``broker`` (default ``-m zsgd``; ``--profile`` puts cProfile in front); ``tree``:
+    the zsgd source tree it runs from (default this one); ``idle_ok``: its clients sit out other sides' turns, so
+    it waits for them far longer than a dead worker's timeout."""
     port = free_port()
+    env = ENV | ({"PYTHONPATH": str(Path(tree).resolve())} if tree else {})
+    liveness = ["--heartbeat", "5", "--timeout", "300"] if idle_ok else ["--heartbeat", "1", "--timeout", "30"]
     p = subprocess.Popen([sys.executable, *(prefix or ["-m", "zsgd"]), "broker", "--workers", str(n_workers), "--servers", str(k), "--model", "cnn", "--data", "embedded",
                           "--algo", "async", "--port", str(port), "--no-evaluator", "--quiet", "--checkpoint-every", "0",
                           "--eval-every", "100000000", "--steps", "100000000", "--lr", "0.001", "--lr-schedule", "constant",
-                          "--heartbeat", "1", "--timeout", "30", "--out", str(out)],
-                         env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          *liveness, "--out", str(out)],
+                         env=env, cwd=str(Path(tree).resolve()) if tree else None, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     keys, deadline = out / "keys" / RUN_SECRET_FILE, time.monotonic() + 120
     while not (keys.exists() and keys.stat().st_size > 0):  # written once it listens; a refused command ends at once
         if p.poll() is not None:
@@ -284,6 +309,128 @@ def measure(mode: str, n_workers: int, k: int, client_procs: int, seconds: float
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds process ``pid`` has run so far, all its threads (the scheduler's nanoseconds, not ticks)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            pass
+    return total * 1e-9
+
+
+def interleaved_round(sides: dict[str, str], n_workers: int, k: int, client_procs: int, slices: int, slice_s: float,
+                      warmup: float, out: Path) -> dict[str, dict[str, list[float]]]:
+    """One round of the exchange table: every side's servers and client processes up at once, the sides taking
+    turns of ``slice_s`` seconds (order rotated every turn; each turn drains its exchanges, so the server the
+    next side uses is the only busy one), ``slices`` turns each after one unmeasured turn of ``warmup`` s.
+
+    ``sides``: name -> "raw" or a zsgd source tree ("" for this one). Run one after the other, each side 7-10 s
+    after the last, the sides' ratio took the machine's drift: the raw echo moved 407 -> 505 -> 589 updates/s over
+    three quiet rounds while zsgd stayed at 376-388. Per side and turn: updates/s over all workers, and the server
+    processes' CPU ms per update (the coordinator's, all threads, the ZeroMQ I/O thread included)."""
+    servers: dict[str, list[subprocess.Popen]] = {}
+    clients: dict[str, list[subprocess.Popen]] = {}
+    result = {name: {"rate": [], "server_cpu_ms": []} for name in sides}
+    groups = [list(range(n_workers))[i::client_procs] for i in range(min(client_procs, n_workers))]
+
+    def turn(name: str, seconds: float) -> tuple[float, int, float]:
+        cpu0 = _cpu_s(servers[name][0].pid)
+        for c in clients[name]:
+            c.stdin.write(f"go {seconds}\n")
+            c.stdin.flush()
+        rate, n = 0.0, 0
+        for c in clients[name]:
+            line = c.stdout.readline()
+            if not line:
+                raise RuntimeError(f"a {name} client ended: {c.stderr.read()[-2000:]}")
+            r = json.loads(line)
+            rate, n = rate + r["exchanges"] / r["seconds"], n + r["exchanges"]
+        return rate, n, _cpu_s(servers[name][0].pid) - cpu0
+
+    try:
+        for name, tree in sides.items():
+            servers[name], eps = (start_echo(k) if tree == "raw" else start_brokers(k, n_workers, out / name, tree=tree, idle_ok=True))
+            mode = "raw" if tree == "raw" else "zsgd"
+            clients[name] = [subprocess.Popen([sys.executable, __file__, "--client", mode, "--slices", "--endpoints", ",".join(eps),
+                                               "--client-workers", ",".join(map(str, g)),
+                                               *(["--keys-file", str(out / name / "keys" / RUN_SECRET_FILE)] if mode == "zsgd" else [])],
+                                              env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             for g in groups]
+        names = list(sides)
+        for name in names:
+            turn(name, warmup)
+        for i in range(slices):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                rate, n, cpu = turn(name, slice_s)
+                result[name]["rate"].append(rate)
+                result[name]["server_cpu_ms"].append(1e3 * cpu / max(n, 1))
+        return result
+    finally:
+        for c in (c for cs in clients.values() for c in cs):
+            try:
+                c.stdin.close()  # EOF: the client ends
+                c.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                c.kill()
+        for p in (p for ps in servers.values() for p in ps):
+            p.send_signal(signal.SIGINT)
+        for p in (p for ps in servers.values() for p in ps):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def exchange_table(args: argparse.Namespace, ks: list[int]) -> None:
+    """The pipelined exchange: every side in every round (``interleaved_round``); ratios per turn pair, medians."""
+    msg_bytes = 4 * N_PARAMS  # each way
+    sides = {"raw": "raw", "zsgd": ""} | ({"against": args.against} if args.against else {})
+    tmp = Path(tempfile.mkdtemp(prefix="bench-broker-"))
+    load0 = os.getloadavg()[0]
+    rows: dict[int, dict[str, dict[str, list[float]]]] = {}
+    try:
+        for k in ks:
+            rows[k] = {name: {"rate": [], "server_cpu_ms": [], "ratio": [], "round": []} for name in sides}
+            for r in range(max(1, args.rounds)):
+                res = interleaved_round(sides, args.workers, k, args.client_procs, args.slices_per_round, args.slice, args.warmup, tmp / f"k{k}-r{r}")
+                for name in sides:
+                    ratios = [z / w for z, w in zip(res[name]["rate"], res["raw"]["rate"])]
+                    row = rows[k][name]
+                    row["rate"] += res[name]["rate"]
+                    row["server_cpu_ms"] += res[name]["server_cpu_ms"]
+                    row["ratio"] += ratios
+                    row["round"].append(statistics.median(ratios))
+                print(f"K={k} round {r + 1}: " + ", ".join(f"{n} {statistics.median(res[n]['rate']):.1f}/s (x{rows[k][n]['round'][-1]:.2f})"
+                                                           for n in sides), file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    gb = lambda rate: rate * 2 * msg_bytes / 1e9  # noqa: E731
+    print(f"\n{args.workers} pipelined workers, cnn ({N_PARAMS:,} float32: {msg_bytes / 1e6:.1f} MB up + {msg_bytes / 1e6:.1f} MB down "
+          f"per update), tcp loopback, {os.cpu_count()} cores, {args.client_procs} client process(es); {args.rounds} rounds per K, each "
+          f"with every side up and taking {args.slices_per_round} turns of {args.slice:g} s (after {args.warmup:g} s unmeasured)\n")
+    print("| K | server | updates/s (median of turns) | GB/s (up + down) | server CPU ms per update | ratio to raw (median of turn pairs) "
+          "| per round (median of its pairs) | x of its K = 1 |")
+    print("|---:|---|---:|---:|---:|---:|---|---:|")
+    base: dict[str, float] = {}
+    label = {"raw": "raw pyzmq ROUTER echo", "zsgd": "zsgd (this tree)", "against": f"zsgd from {args.against}"}
+    for k, by_side in rows.items():
+        for name, row in by_side.items():
+            m = statistics.median(row["rate"])
+            base.setdefault(name, m)
+            ratio = "1.00" if name == "raw" else f"**{statistics.median(row['ratio']):.2f}**"
+            print(f"| {k} | {label[name]}{'' if name == 'raw' else f' --servers {k}'} | {m:.1f} | {gb(m):.2f} | "
+                  f"{statistics.median(row['server_cpu_ms']):.2f} | {ratio} | {', '.join(f'{x:.2f}' for x in row['round'])} | {m / base[name]:.2f} |")
+    if args.against:
+        for k, by_side in rows.items():
+            ab = [a / b for a, b in zip(by_side["zsgd"]["rate"], by_side["against"]["rate"])]
+            print(f"\nK={k}: this tree against {args.against}: **{statistics.median(ab):.3f}x** updates/s "
+                  f"(median of {len(ab)} turn pairs; faster in {sum(x > 1 for x in ab)})")
+    print(f"\nload average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
 
 
 def step_table(rounds: int, reps: int = 200) -> None:
@@ -360,9 +507,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4, help="synthetic workers (pipelined, no compute)")
     ap.add_argument("--servers", default="1", help="K servers, or a comma list such as 1,2,4 (raw: K echo processes; zsgd: --servers K)")
     ap.add_argument("--client-procs", type=int, default=2, help="client processes the workers are spread over")
-    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per round, after --warmup")
-    ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--rounds", type=int, default=3, help="alternate raw and zsgd this many times")
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured seconds per run (--profile, --census)")
+    ap.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before measuring (each side's first turn)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (fresh servers and clients each), every side in each")
+    ap.add_argument("--slices-per-round", type=int, default=6, help="turns of --slice seconds per side in a round")
     ap.add_argument("--only", choices=["exchange", "step"], default=None, help="only the pipelined exchange, or only the server step")
     ap.add_argument("--profile", action="store_true", help="where the server's time per update goes (K = 1): CPU by thread and code "
                     "(perf, raw echo beside zsgd) and the broker's Python path by stage (cProfile); see broker_profile.py")
@@ -372,6 +520,10 @@ def main() -> None:
     ap.add_argument("--endpoints", default="", help=argparse.SUPPRESS)
     ap.add_argument("--client-workers", default="", help=argparse.SUPPRESS)
     ap.add_argument("--keys-file", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--slices", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--slice", type=float, default=1.0, help="seconds of one side's turn within a round (the exchange table)")
+    ap.add_argument("--against", default="", metavar="TREE", help="a third side: zsgd's broker from another source tree "
+                    "(e.g. a `git archive` of the commit before a change), taking turns with the others in every round")
     args = ap.parse_args()
     if args.client:
         args.mode = args.client
@@ -398,35 +550,7 @@ def main() -> None:
     if args.census:
         census_rounds(args)
         return
-    msg_bytes = 4 * N_PARAMS  # each way
-    tmp = Path(tempfile.mkdtemp(prefix="bench-broker-"))
-    results: dict[int, tuple[list[float], list[float]]] = {}
-    try:
-        for k in ks:
-            raw, zs = [], []
-            for r in range(max(1, args.rounds)):
-                raw.append(measure("raw", args.workers, k, args.client_procs, args.seconds, args.warmup, tmp))
-                zs.append(measure("zsgd", args.workers, k, args.client_procs, args.seconds, args.warmup, tmp / f"run{k}-{r}"))
-                print(f"K={k} round {r + 1}: raw echo {raw[-1]:.1f}/s, zsgd {zs[-1]:.1f}/s, ratio {zs[-1] / raw[-1]:.2f}", file=sys.stderr)
-            results[k] = (raw, zs)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    gb = lambda rate: rate * 2 * msg_bytes / 1e9  # noqa: E731
-    print(f"\n{args.workers} pipelined workers, cnn ({N_PARAMS:,} float32: {msg_bytes / 1e6:.1f} MB up + "
-          f"{msg_bytes / 1e6:.1f} MB down per update), tcp loopback, {os.cpu_count()} cores, {args.client_procs} client process(es), "
-          f"{args.rounds} alternating rounds of {args.seconds:g} s per K\n")
-    print("| K | server | updates/s (median) | GB/s (up + down) | per round | ratio to raw (median of rounds) | x of its K = 1 |")
-    print("|---:|---|---:|---:|---|---:|---:|")
-    base: dict[str, float] = {}
-    for k, (raw, zs) in results.items():
-        ratios = [z / w for z, w in zip(zs, raw)]
-        for name, vals, ratio in (("raw pyzmq ROUTER echo", raw, "1.00"),
-                                  (f"zsgd --servers {k} (async, momentum)", zs, f"**{statistics.median(ratios):.2f}** ({', '.join(f'{x:.2f}' for x in ratios)})")):
-            m = statistics.median(vals)
-            key = name.split(" ")[0]
-            base.setdefault(key, m)
-            print(f"| {k} | {name} | {m:.1f} | {gb(m):.2f} | {', '.join(f'{x:.0f}' for x in vals)} | {ratio} | {m / base[key]:.2f} |")
-    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+    exchange_table(args, ks)
     if args.only is None:
         step_table(args.rounds)
 
