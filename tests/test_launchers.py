@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from zsgd.runtime.launch.base import LAUNCHERS, LOCAL, LaunchContext, Rank, plan_ranks, register_launcher
+from zsgd.runtime.launch.base import LAUNCHERS, LOCAL, LaunchContext, Rank, failed_child, plan_ranks, register_launcher
 
 
 class ToyLauncher:
@@ -44,6 +44,9 @@ class ToyLauncher:
 
     def lost(self) -> str | None:
         return None
+
+    def failed(self) -> str | None:
+        return failed_child(self.children)
 
     def stop_all(self, grace: float = 5.0) -> None:
         for c in self.children:

@@ -10,9 +10,10 @@ are a list of ranks, each naming the launcher that starts it
 - ``children`` and ``running()``: its processes, for the run's checks;
 - ``lost()``: a reason the run can no longer get its ranks back (an srun
   step that ended), else None;
-- ``failed()`` (optional): one line naming a rank that ended with zsgd's
-  error exit code (a module, data or flag its host lacks), else None; the
-  run then fails with that line. Without it, any child that exited so.
+- ``failed()``: one line naming a rank that ended with zsgd's error exit
+  code (a module, data or flag its host lacks), else None; the run then
+  fails with that line. ``failed_child(children)`` answers it for a
+  launcher whose children's exit codes are their ranks' own.
 - ``stop_all(grace)``: end them all, politely first.
 
 A launcher is registered under a name with one line
@@ -53,6 +54,8 @@ class Launcher(Protocol):
     def running(self) -> list: ...
 
     def lost(self) -> str | None: ...
+
+    def failed(self) -> str | None: ...
 
     def stop_all(self, grace: float = 5.0) -> None: ...
 
@@ -161,12 +164,7 @@ class LauncherGroup:
 
     def failed(self) -> str | None:
         """The first launcher's one line for a rank that ended with an error (``failed_child``), or None."""
-        for launcher in self.by_name.values():
-            check = getattr(launcher, "failed", None)
-            why = check() if check is not None else failed_child(launcher.children)
-            if why:
-                return why
-        return None
+        return next((why for why in (launcher.failed() for launcher in self.by_name.values()) if why), None)
 
     def stop_all(self, grace: float = 5.0) -> None:
         """Stop every launcher at once, so remote and local workers share one grace period."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from zsgd.runtime.launch.base import LOCAL, LaunchContext, Rank
+from zsgd.runtime.launch.base import LOCAL, LaunchContext, Rank, failed_child
 from zsgd.runtime.launch.forked import die_with_parent, fork_available, fork_command, warm_kernels
 from zsgd.runtime.threads import SINGLE_THREAD_ENV
 
@@ -116,6 +116,9 @@ class LocalLauncher:
 
     def lost(self) -> str | None:
         return None  # a local process that died is a dead worker: the broker notices, the run goes on
+
+    def failed(self) -> str | None:
+        return failed_child(self.children)
 
     def start_one(self, worker_id: int, role: str = "worker") -> Child:
         name = f"{role}-{worker_id}"

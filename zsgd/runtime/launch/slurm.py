@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from zsgd.errors import ZsgdError
+from zsgd.runtime.launch.base import failed_child
 
 
 @dataclass
@@ -210,8 +211,6 @@ class SlurmLauncher:
         on its stderr (the step's log), ``srun: error: NODE: task N: Exited with exit code 2`` for a task that exits
         so (a node that lacks the model's module), while the other tasks train on. The log is read from where the
         last call stopped; the worker's own line is the last ``zsgd: error:`` line before srun's."""
-        from zsgd.runtime.launch.base import failed_child
-
         step = self.children[0] if self.children else None
         if step is None or self._failure is not None:
             return self._failure

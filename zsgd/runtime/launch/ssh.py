@@ -26,7 +26,7 @@ from zsgd.errors import ZsgdError
 from zsgd.remote.hosts import Host
 from zsgd.remote.launcher import STDIN_GRACE_S, RemotePlan, check_reach
 from zsgd.remote.ssh import parallel, python_sh
-from zsgd.runtime.launch.base import LaunchContext, Rank
+from zsgd.runtime.launch.base import LaunchContext, Rank, failed_child
 from zsgd.runtime.launch.forked import die_with_parent
 from zsgd.runtime.launch.local import SINGLE_THREAD_ENV, Child, close_stdin, send_line
 
@@ -76,6 +76,9 @@ class RemoteLauncher:
 
     def lost(self) -> str | None:
         return None  # a remote worker that died is a dead worker: the broker notices, the run goes on
+
+    def failed(self) -> str | None:
+        return failed_child(self.children)
 
     def start_one(self, worker_id: int, role: str = "worker") -> Child:
         host = (self.server_hosts if role == "server" else self.hosts).get(worker_id)
