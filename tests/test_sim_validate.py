@@ -177,3 +177,49 @@ def test_a_world_the_real_run_does_not_have_fails_the_check_and_a_loose_toleranc
     assert row["simulated"] > 1.5 * row["real"] and row["passed"] is False
     loose = validate(tmp_path / "loose", "--workers", "2", "--steps", "40", "--tolerance", "100%", "-q")
     assert loose.returncode == 0 and report(tmp_path / "loose")["passed"], loose.stderr[-3000:]
+
+
+# -- a 0 ms case: the real run's broker still stamps its hops ------------------------------------------------------
+
+
+def test_a_validated_central_run_is_emulated_at_0ms_and_a_plain_run_is_not():
+    """Only an emulated broker stamps its replies' hops and its engine's steps, which the twin takes from the run; a
+    plain ``zsgd run`` at 0 ms emulates nothing (zero-copy replies), and a validated one holds every message for 0 s.
+    What an emulated case injects is its own, unchanged."""
+    from dataclasses import asdict
+
+    from zsgd.experiments.validate import StampedEmulation
+    from zsgd.network import Constant
+    from zsgd.runtime.run_options import EmulationOptions
+
+    plain = EmulationOptions(inject_latency="0ms", inject_compute="0")
+    assert plain.emulator(4, 0) is None
+    zero = StampedEmulation(**asdict(plain)).emulator(4, 0)
+    assert zero is not None and zero.delay(1, True, 10**6) == 0.0 and zero.delay(1, False, 10**6) == 0.0
+    assert zero.compute_target(1) is None and zero.slowdown(1, 0.0) == 1.0
+    emulated = StampedEmulation(inject_latency="10ms").emulator(4, 0)
+    assert emulated.network.latency_up == Constant(0.01) == emulated.network.latency_down
+    assert EmulationOptions(**asdict(StampedEmulation(inject_latency="0"))) == EmulationOptions(inject_latency="0")  # a range server's
+
+
+@pytest.mark.slow
+def test_a_0ms_twin_takes_the_runs_hops_engine_step_and_turnaround(tmp_path, no_orphans):
+    """At --latency 0 the twin's latency each way is the run's measured hop, not the bare 0 ms, its server step the
+    engine's in the run, and its compute the workers' turnaround (``--compute 0`` is not injected: a real step takes
+    time). Before, the real run emulated nothing, logged no hops, and its twin ran 31-80 % fast at 8 workers."""
+    out = tmp_path / "v"
+    r = cli("sim", "--validate", "--model", "logreg", "--data", "embedded", "--workers", "4", "--latency", "0ms", "--compute", "0",
+            "--steps", "60", "--out", str(out))
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert r.exit_code in (0, 1), r.stderr[-3000:]
+    real = json.loads((out / "real" / "summary.json").read_text())
+    twin_sim = json.loads(next((out / "sim").glob("**/summary.json")).read_text())["sim"]
+    from zsgd.experiments import twin
+    from zsgd.network import parse_delay
+
+    hops = twin.broker_overhead_s(out / "real")
+    assert hops is not None and min(hops) > 0, "the 0 ms run's workers logged no broker hops"
+    assert parse_delay(twin_sim["latency_up"], "up").mean == pytest.approx(hops[0], rel=1e-3)
+    assert parse_delay(twin_sim["latency_down"], "down").mean == pytest.approx(hops[1], rel=1e-3)
+    assert twin_sim["broker_s"] == pytest.approx(real["engine_s_mean"], rel=1e-3) and twin_sim["broker_bandwidth"] == "inf"
+    assert twin_sim["compute"].startswith("trace:") and "broker holds each message for 0 s" in (out / "validation.md").read_text()
