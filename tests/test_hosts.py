@@ -18,7 +18,7 @@ from zsgd.core.config import TrainConfig
 from zsgd.core.problem import Problem
 from zsgd.errors import ZsgdError
 from zsgd.network import Constant
-from zsgd.network.hosts import CpuPool, FifoStage, parse_host_cores, parse_placement, this_machines_cores
+from zsgd.network.hosts import CpuPool, FifoStage, crossing_stage, parse_host_cores, parse_placement, this_machines_cores
 from zsgd.sim import SimOptions, Workload, run_arm
 
 
@@ -108,6 +108,37 @@ def test_a_fifo_stage_serves_one_request_at_a_time_on_the_pool():
     c.run()
     assert [n for n, _t in done] == ["x", "y", "z"]
     assert [t for _n, t in done] == pytest.approx([2.0, 3.0, 4.0])
+
+
+def test_a_stage_with_a_tail_serves_the_next_request_while_the_tail_runs_beside_it():
+    """``FifoStage(tail=f)``: a request holds the stage for 1 - f of its work; the rest runs on the pool after it, at
+    ``tail_demand`` threads, while the stage serves the next request. Alone a request still takes its whole work."""
+    c = Clock(4)
+    stage, done = FifoStage(c.pool, 1.0, tail=0.75, tail_demand=1.0), []
+    for name in "xyz":
+        stage.submit(0.0, 1.0, lambda t, name=name: done.append((name, t)))
+    c.run()
+    assert done == [("x", pytest.approx(1.0)), ("y", pytest.approx(1.25)), ("z", pytest.approx(1.5))]
+    c = Clock(1)  # one core: the tails (one thread each) and the stage's parts share it, so the three take their sum
+    stage, done = FifoStage(c.pool, 1.0, tail=0.5, tail_demand=1.0), []
+    for _ in range(3):
+        stage.submit(0.0, 1.0, done.append)
+    c.run()
+    assert max(done) == pytest.approx(3.0)
+
+
+def test_a_crossing_holds_the_io_thread_for_its_measured_share_and_keeps_its_measured_threads_busy():
+    """``crossing_stage``: with the I/O thread's share s of a lone exchange measured, the stage is held for s of each
+    crossing and the rest runs after it on (threads - s) / (1 - s) threads: the same CPU in all. Without it (an older
+    record) the whole crossing holds the stage, on the measured threads (2 when those were not measured either)."""
+    old, older = crossing_stage(Clock(2).pool, 2, 0.8, None), crossing_stage(Clock(2).pool, 1, None, None)
+    assert (old.demand, old.tail, older.demand, older.tail) == (1.6, 0.0, 2.0, 0.0)
+    stage = crossing_stage(Clock(2).pool, 2, 0.8, 0.4, 0.3, seed=5)
+    assert stage.demand == 2.0 and stage.tail == pytest.approx(0.6) and stage.tail_demand == pytest.approx(2 * 0.4 / 0.6)
+    cpu = (1 - stage.tail) * stage.demand + stage.tail * stage.tail_demand
+    assert cpu == pytest.approx(0.8 * 2) and stage.spread == 0.3  # per unit of work: the lone echo's threads, K servers
+    assert crossing_stage(Clock(2).pool, 1, 0.3, 0.6).tail_demand == 0.0  # a noisy share above the threads: no negative CPU
+    assert crossing_stage(Clock(2).pool, 1, 1.0, 1.5).tail == 0.0  # at most the whole crossing
 
 
 def test_utilisation_is_counted():
@@ -273,7 +304,7 @@ def test_the_broker_loop_and_the_measured_crossing_threads_are_cpu_work_on_the_h
     lone = 100 * (u + w)  # a lone exchange takes 10 ms
     exchange, step, loop = (u + w) / (2 * lone), 0.002, 0.003
     monkeypatch.setattr(Workload, "broker_model", lambda self, opts: (step, [step]))
-    monkeypatch.setattr(calibrate, "broker_loop", lambda wl, opts: loop if calibrate.charges_loop(opts) else 0.0)
+    monkeypatch.setattr(calibrate, "local_server", lambda wl, opts, t: (loop if calibrate.charges_loop(opts) else 0.0, t))
 
     def run(n: int, threads: float | None, cores: float = 2, placement: str = "local") -> dict:
         monkeypatch.setattr(Workload, "transport_model", lambda self, opts: (Transport(lone / 3, 0.5, lone, threads), True))
@@ -315,3 +346,51 @@ def test_crossings_as_varied_as_the_lone_echos_bend_the_knee_and_keep_its_ends(w
     assert rate(2, 1.0) < 0.92 / exchange  # queueing behind each other now and then
     assert rate(8, 1.0) == pytest.approx(1 / exchange, rel=0.08)
     assert rate(2, 1.0) == rate(2, 1.0, "again")
+
+
+def test_the_io_threads_share_lets_crossings_overlap_up_to_the_cores(workload, tmp_path, monkeypatch):
+    """The echo server's I/O thread measured busy for a share s of a lone exchange: a worker alone still takes the lone
+    exchange, but with several in flight the I/O thread is held only s of each crossing, so the plateau is
+    1 / (s x exchange) where the cores allow, and the cores' share of the crossings' CPU where they do not."""
+    from zsgd.network import Measured
+    from zsgd.simulation.transport import Transport
+
+    u, w = workload.update_bytes, workload.weights_bytes
+    lone = 100 * (u + w)  # a lone exchange takes 10 ms
+    exchange = (u + w) / (2 * lone)
+
+    def rate(n: int, threads: float, share: float | None, cores: float) -> float:
+        monkeypatch.setattr(Workload, "transport_model", lambda self, opts: (Transport(lone, 0.5, lone, threads, None, share), True))
+        opts = SimOptions(algo="async", n_workers=n, compute=Constant(0.0), broker_s=0.0, broker_bandwidth=Measured(),
+                          placement="local", host_cores=cores)
+        summary = run_arm(workload.cfg, opts, workload, tmp_path / f"n{n}-t{threads}-s{share}-c{cores}").summary
+        assert summary["crossing_io_share"] == share and summary["crossing_threads"] == threads
+        return summary["updates_per_s"]
+
+    assert rate(1, 1.0, 0.5, 16) == pytest.approx(1 / exchange, rel=0.03)  # alone: the lone exchange
+    assert rate(8, 1.0, 0.5, 16) == pytest.approx(2 / exchange, rel=0.03)  # cores to spare: the I/O thread's share
+    assert rate(8, 1.0, None, 16) == pytest.approx(1 / exchange, rel=0.03)  # an older record: the whole crossing
+    assert rate(8, 1.0, 0.5, 1.5) == pytest.approx(1.5 / exchange, rel=0.03)  # 1 thread a crossing on 1.5 cores
+
+
+def test_the_loop_records_own_lone_echo_is_what_local_crossings_take(workload, tmp_path, monkeypatch):
+    """``calibrate.local_server``: where the loop is charged and its record holds the lone echo measured in the same
+    rounds, the crossings take those figures (one worker alone is then the broker's lone cycle of those minutes);
+    a record from before it had them replays with the transport's own lone figures; a cluster is charged nothing."""
+    from zsgd.network import Measured
+    from zsgd.simulation import calibrate
+    from zsgd.simulation.calibration import Calibration, key_text
+    from zsgd.simulation.transport import Transport
+
+    transport = Transport(1e9, 0.5, 2e9, 1.2, 0.4, None)
+    entry = {"samples": [0.004], "steps": [0.001], "overhead_s": 0.0005, "lone_bytes_per_s": 1.5e9, "lone_threads": 0.9,
+             "lone_spread": 0.3, "io_share": 0.45}
+    local = SimOptions(algo="async", n_workers=2, broker_s=Measured(), broker_bandwidth=Measured(), placement="local", host_cores=2)
+    key = key_text(calibrate.loop_key(workload))
+    monkeypatch.setattr(workload, "calibration", Calibration("replay", {"broker_loop": {key: entry}}, source="new.json"))
+    assert calibrate.local_server(workload, local, transport) == (0.0005, Transport(1e9, 0.5, 1.5e9, 0.9, 0.3, 0.45))
+    assert calibrate.local_server(workload, SimOptions(placement="spread", broker_s=Measured(), broker_bandwidth=Measured()),
+                                  transport) == (0.0, transport)
+    old = {k: entry[k] for k in ("samples", "steps", "overhead_s")}
+    monkeypatch.setattr(workload, "calibration", Calibration("replay", {"broker_loop": {key: old}}, source="old.json"))
+    assert calibrate.local_server(workload, local, transport) == (0.0005, transport)

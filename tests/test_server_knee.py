@@ -93,6 +93,7 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     monkeypatch.setenv("ZSGD_CALIBRATION_DIR", str(tmp_path / "calibration"))
     monkeypatch.setattr(transport, "BURSTS", 2)
     monkeypatch.setattr(transport, "PAIRS", 1)
+    monkeypatch.setattr(transport, "MAX_MESSAGES", 24)  # short bursts: this checks the record, not the figure
     nbytes = 40_000
     before = transport.measurements
     cal = Calibration()
@@ -110,6 +111,9 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     assert len(entry["lone_samples"]) == 2 and measured.lone_bytes_per_s == entry["lone_bytes_per_s"] > 0  # one client's echo
     assert len(entry["lone_thread_samples"]) == 2 and 0 < measured.lone_threads == entry["lone_threads"] <= 2  # and its CPU
     assert len(entry["lone_spread_samples"]) == 2 and 0 <= measured.lone_spread == entry["lone_spread"] <= 3  # and its spread
+    if sys.platform == "linux":  # the echo server's I/O thread's CPU clock, and how far each figure's bursts agree
+        assert len(entry["io_share_samples"]) == 2 and 0 < measured.io_share == entry["io_share"] <= 1
+        assert all(v is None or v >= 0 for v in entry["dispersion"].values()) and entry["dispersion"]["lone_bytes_per_s"] is not None
     del entry["overlap"]  # an entry written before the overlap was measured: measured afresh
     path.write_text(json.dumps(data))
     assert transport.server_transport(nbytes, Calibration()).bytes_per_s > 0 and transport.measurements == before + 2
@@ -126,6 +130,11 @@ def test_measured_figure_is_positive_and_cached_in_memory_and_on_disk(tmp_path, 
     del data["transport"][key]["lone_spread"]  # nor its spread: measured afresh
     path.write_text(json.dumps(data))
     assert transport.server_transport(nbytes, Calibration()).lone_spread >= 0 and transport.measurements == before + 6
+    data = json.loads(path.read_text())
+    del data["transport"][key]["io_share"]  # nor its I/O thread's share: measured afresh
+    path.write_text(json.dumps(data))
+    transport.server_transport(nbytes, Calibration())
+    assert transport.measurements == before + 7
 
 
 def test_a_record_from_before_the_lone_echo_replays_without_it(workload, tmp_path):
@@ -143,6 +152,7 @@ def test_a_record_from_before_the_lone_echo_replays_without_it(workload, tmp_pat
         mp.setenv("ZSGD_CALIBRATION_DIR", str(tmp_path / "calibration"))
         mp.setattr(transport, "BURSTS", 1)
         mp.setattr(transport, "PAIRS", 1)
+        mp.setattr(transport, "MAX_MESSAGES", 24)
         cache = Calibration()
         cache._write_cache("transport", f"message_bytes={nbytes}", record["transport"][f"message_bytes={nbytes}"])
         assert transport.server_transport(nbytes, cache).lone_bytes_per_s > 0 and transport.measurements == before + 1
@@ -261,7 +271,7 @@ def test_the_broker_loop_is_measured_against_a_real_broker_and_kept(workload, tm
     from zsgd.simulation.calibration import Calibration, valid_entry
 
     monkeypatch.setenv("ZSGD_CALIBRATION_DIR", str(tmp_path / "calibration"))
-    monkeypatch.setattr(calibrate, "LOOP_PAIRS", 2)
+    monkeypatch.setattr(calibrate, "LOOP_ROUNDS", 2)
     monkeypatch.setattr(workload, "calibration", Calibration())
     calls = []
     real = calibrate.time_broker_loop
@@ -272,6 +282,9 @@ def test_the_broker_loop_is_measured_against_a_real_broker_and_kept(workload, tm
     assert loop >= 0 and len(calls) == 1 and calibrate.broker_loop(workload, opts) == loop and len(calls) == 1
     (entry,) = json.loads(workload.calibration.cache_path().read_text())["broker_loop"].values()
     assert valid_entry("broker_loop", entry) and len(entry["samples"]) == len(entry["echoes"]) == len(entry["steps"]) == 2
+    assert len(entry["lone_samples"]) == len(entry["loaded_samples"]) == 2 and entry["lone_bytes_per_s"] > 0  # its own lone echo
+    assert entry["echoes"] == [max(workload.update_bytes, workload.weights_bytes) / b for b in entry["lone_samples"]]
+    assert 0 < entry["lone_threads"] <= 2 and set(entry["dispersion"]) >= {"samples", "echoes", "steps"}
     assert min(entry["samples"] + entry["echoes"] + entry["steps"]) > 0 and entry["overhead_s"] == loop
     assert entry["beyond_echo"] == [c - e for c, e in zip(entry["samples"], entry["echoes"])]
     summary = run_arm(workload.cfg, opts, workload, tmp_path / "arm").summary

@@ -21,12 +21,16 @@ of the rate moved). Each start or end is O(log jobs).
 A ``FifoStage`` is a single thread that serves its requests one at a time
 (the server's step; a server's ZeroMQ I/O thread): each request is a job on
 the host's pool, so the stage slows down when the host is busy. A message
-crossing loopback with the transport measured is such a job, on the server's
-I/O-thread stage with a demand of two threads (its copy and the peer's) and
-the work a lone crossing takes in the echo with one client: the contention
-of several in flight is this sharing, not a measured figure. With a NIC
-given by hand a crossing is an occupancy instead: it takes the given time
-and keeps its threads busy meanwhile (``CpuPool.occupy``).
+crossing loopback with the transport measured is such a request
+(``crossing_stage``): the time a lone crossing takes in the echo with one
+client, of which the server's I/O thread holds the stage only for its own
+measured share (``io_share``: that thread's CPU over the lone exchange's
+time); the rest (the peer's copy, the wake-ups) runs after it on the pool,
+beside the next crossing, so that the CPU of the whole crossing is what the
+lone echo's threads took. The contention of several in flight is this
+sharing, not a measured figure. With a NIC given by hand a crossing is an
+occupancy instead: it takes the given time and keeps its threads busy
+meanwhile (``CpuPool.occupy``).
 """
 
 from __future__ import annotations
@@ -184,10 +188,15 @@ class FifoStage:
     seeded with ``seed`` (so a run is the same every time). Why: a real stage's times vary (a lone exchange on the
     2-core VM, load 8.9: p10 3.5 ms, p90 12.5 ms), and with constant times two workers fall into a perfect
     pipeline through a serial stage at once, where the real ones queue behind each other now and then: the real
-    curve bends gradually towards its plateau, a constant-time model's has a sharp knee."""
+    curve bends gradually towards its plateau, a constant-time model's has a sharp knee.
 
-    def __init__(self, pool: CpuPool, demand: float = 1.0, spread: float | None = None, seed: int = 0) -> None:
+    ``tail``: the fraction of each request's time that does not hold the stage: when the stage's own part is done
+    the next request starts, and the tail runs on the pool (``tail_demand`` threads) before ``done`` is called."""
+
+    def __init__(self, pool: CpuPool, demand: float = 1.0, spread: float | None = None, seed: int = 0, tail: float = 0.0,
+                 tail_demand: float = 0.0) -> None:
         self.pool, self.demand = pool, demand
+        self.tail, self.tail_demand = float(tail), float(tail_demand)  # the share of each request that runs after it leaves the stage
         self.queue: deque[tuple[float, Done]] = deque()
         self.busy = False
         self.spread = float(spread) if spread else None
@@ -212,10 +221,30 @@ class FifoStage:
         work, done = self.queue.popleft()
 
         def finished(t: float) -> None:
-            done(t)
+            if self.tail > 0:
+                self.pool.start(t, work * self.tail, self.tail_demand, done)
+            else:
+                done(t)
             self._next(t)
 
-        self.pool.start(now, work, self.demand, finished)
+        self.pool.start(now, work * (1.0 - self.tail), self.demand, finished)
 
 
-__all__ = ["CpuPool", "FifoStage", "Job", "PLACEMENTS", "host_cores_spec", "parse_host_cores", "parse_placement", "this_machines_cores"]
+def crossing_stage(pool: CpuPool, servers: int, threads: float | None, io_share: float | None, spread: float | None = None,
+                   seed: int = 0) -> FifoStage:
+    """The server's I/O thread (K of them, each crossing its range of every message: one stage of K threads and 1/K
+    of the work) for crossings whose time is the lone echo's. ``threads``: the threads a lone exchange keeps busy on
+    average (None, a record from before it was measured: 2, the I/O thread and its peer's for the whole crossing).
+    ``io_share``: the fraction of a lone exchange's time the echo server's I/O thread was on a core; the stage is
+    held that long, and the rest of the crossing runs after it on ``(threads - io_share) / (1 - io_share)`` threads
+    (the same CPU in all). None (a record from before it was measured): the stage is held for the whole crossing,
+    on ``threads`` threads."""
+    busy = 2.0 if threads is None else float(threads)
+    if io_share is None:
+        return FifoStage(pool, busy * servers, spread, seed)
+    share = min(1.0, max(0.05, float(io_share)))
+    rest = max(0.0, busy - share) / (1.0 - share) if share < 1.0 else 0.0
+    return FifoStage(pool, float(servers), spread, seed, tail=1.0 - share, tail_demand=rest * servers)
+
+
+__all__ = ["CpuPool", "FifoStage", "crossing_stage", "Job", "PLACEMENTS", "host_cores_spec", "parse_host_cores", "parse_placement", "this_machines_cores"]

@@ -181,47 +181,77 @@ def median(samples: list[float]) -> float:
 
 # -- the broker's loop, end to end: what a message costs beyond the step and the crossings -------------------
 
-#: Pairs of bursts (the real broker's lone exchanges, then the lone echo's) behind ``time_broker_loop``.
-LOOP_PAIRS = 3
+#: Rounds of bursts (the real broker's lone exchanges, the lone echo's, the 4-client echo's, the step) behind
+#: ``time_broker_loop``: each figure is the median over the rounds, so a slow minute hits all four and sets none.
+LOOP_ROUNDS = 7
 
 
 def time_broker_loop(cfg: Any, model: Any, w0: np.ndarray, algo: str, nbytes: int, pairs: int | None = None,
                      timeout_s: float = 120.0) -> dict[str, Any]:
-    """The real broker's per-message cost beyond its step and the two lone crossings, measured end to end.
+    """The real broker's per-message cost beyond its step and the two lone crossings, measured end to end, and the
+    lone crossings themselves, from the same minutes.
 
     A ``zsgd broker`` process (the very loop a run has: the endpoint's
     receive, the session, the engine, the ledger's metrics line, the tracked
-    send, housekeeping) serves one synthetic worker of this process that
-    sends the next update the moment its weights arrive (no compute), as the
-    knee's workers do. Its bursts of exchanges alternate with bursts of the
-    lone echo (``zsgd.simulation.transport``: the two crossings alone) and of
-    the engine's step timed here (``time_server_step``), so a change of load
-    hits the three alike. ``samples``: the broker's exchange time per burst;
-    less the echo's, what the loop costs per message (``beyond_echo``);
-    ``overhead_s`` is the median of those less the median step:
-    the loop's Python around the step and the worker's encode and decode,
-    which ``--placement local`` charges on the server's thread."""
+    send, housekeeping) serves one synthetic worker of this process
+    (``zsgd.wire.synthetic``) that sends the next update the moment its
+    weights arrive (no compute), as the knee's workers do. Its bursts of
+    exchanges alternate with bursts of the lone echo
+    (``zsgd.simulation.transport``: the two crossings alone, with the CPU of
+    its threads and of the echo server's I/O thread), of the 4-client echo
+    and of the engine's step timed here (``time_server_step``), ``pairs``
+    rounds of the four, so a change of load hits them alike. ``samples``:
+    the broker's exchange time per burst; less the same round's echo, what
+    the loop costs per message (``beyond_echo``); ``overhead_s`` is the
+    median of those less the median step: the loop's Python around the step
+    and the worker's encode and decode, which ``--placement local`` charges
+    on the server's thread. The lone echo's figures (medians over the rounds,
+    as ``transport.lone_figures``) are what ``--placement local`` charges the
+    crossings with when it charges this loop (``local_server``): one worker
+    alone is then the broker's own lone cycle of these minutes, whatever the
+    echo did in another minute (a single burst moved by 20 % between quiet
+    minutes). ``dispersion``: each figure's median absolute deviation over its
+    median (``transport.dispersion``)."""
     from zsgd.simulation import transport
 
     exchanges = max(8, transport.messages_per_burst(nbytes))
-    cycles, echoes, steps = [], [], []
+    cycles, echoes, steps, loaded, lone, threads, spreads, io = [], [], [], [], [], [], [], []
     with _BrokerProcess(cfg, algo, timeout_s) as broker:
-        client = _LoopClient(broker, w0.size, cfg.batch_size, timeout_s)
+        import zmq
+
+        from zsgd.wire.synthetic import SyntheticWorker, join_all
+
+        ctx = zmq.Context(io_threads=1)
+        client = SyntheticWorker(ctx, broker.endpoint, 0, broker.token, w0.size, cfg.batch_size)
         try:
-            client.exchanges(2)  # warm-up: the first steps load and compile, the first buffers are touched
-            for _ in range(max(1, pairs or LOOP_PAIRS)):
-                cycles.append(client.exchanges(exchanges) / exchanges)
-                echoes += [nbytes / bps for bps in transport.measure_transport(nbytes, bursts=1, clients=1)]
+            join_all([client], timeout_s)
+            client.exchanges(2, timeout_s)  # warm-up: the first steps load and compile, the first buffers are touched
+            for _ in range(max(1, pairs or LOOP_ROUNDS)):
+                cycles.append(client.exchanges(exchanges, timeout_s) / exchanges)
+                bps = transport.measure_transport(nbytes, bursts=1, clients=1, threads=threads, spreads=spreads, io=io)
+                lone += bps
+                echoes += [nbytes / b for b in bps]
+                loaded += transport.measure_transport(nbytes, bursts=1)
                 steps.append(median(time_server_step(cfg, model, w0, algo, workers=1, cycles=3)))
         finally:
             client.close()
+            ctx.term()
     beyond = [c - e for c, e in zip(cycles, echoes)]  # under load a burst's echo may come out the slower: kept as it is
+    lone_bps, busy, spread, share = transport.lone_figures(lone, threads, spreads, io)
+    d = transport.dispersion
     return {"samples": cycles, "echoes": echoes, "beyond_echo": beyond, "steps": steps, "exchanges_per_burst": exchanges,
-            "overhead_s": max(0.0, median(beyond) - median(steps))}
+            "overhead_s": max(0.0, median(beyond) - median(steps)),
+            "lone_bytes_per_s": lone_bps, "lone_threads": busy, "lone_spread": spread, "io_share": share,
+            "bytes_per_s": median(loaded), "lone_samples": lone, "loaded_samples": loaded, "lone_thread_samples": threads,
+            "lone_spread_samples": spreads, "io_share_samples": io,
+            "dispersion": {"samples": d(cycles), "echoes": d(echoes), "beyond_echo": d(beyond), "steps": d(steps), "bytes_per_s": d(loaded),
+                           "lone_threads": d(threads), "io_share": d(io)}}
 
 
 class _BrokerProcess:
-    """``zsgd broker`` for one worker, on a free port of 127.0.0.1, with the run's model, data and server options."""
+    """``zsgd broker`` for one worker on 127.0.0.1, with the run's model, data and server options. It binds a port of
+    its own choosing (``--port 0``: no window in which another process can take a port picked here) and says which in
+    its run's first metrics line (the ``start`` event's ``address``), written before its keys file."""
 
     def __init__(self, cfg: Any, algo: str, timeout_s: float) -> None:
         self.cfg, self.algo, self.timeout_s = cfg, algo, timeout_s
@@ -244,31 +274,38 @@ class _BrokerProcess:
             argv += ["--bptt", str(cfg.bptt)]
         return argv
 
-    def __enter__(self) -> "_BrokerProcess":
+    def _listening(self) -> bool:
+        """Whether the broker has written its keys (once it listens) and its address; reads both."""
         import json
+
+        from zsgd.wire.security import RUN_SECRET_FILE
+
+        try:
+            self.token = json.loads((self.out / "keys" / RUN_SECRET_FILE).read_text())["token"]
+            with open(self.out / "metrics.jsonl") as f:
+                for line in f:
+                    event = json.loads(line)
+                    if event.get("event") == "start" and str(event.get("address", "")).startswith("tcp://"):
+                        self.endpoint = f"tcp://127.0.0.1:{int(str(event['address']).rsplit(':', 1)[1])}"  # it listens there too
+                        return True
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        return False
+
+    def __enter__(self) -> "_BrokerProcess":
         import os
-        import socket
         import subprocess
         import tempfile
         from pathlib import Path
 
         from zsgd.errors import ZsgdError
-        from zsgd.wire.security import RUN_SECRET_FILE
 
         self.out = Path(tempfile.mkdtemp(prefix="zsgd-broker-loop-"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
         env = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(self.argv(self.port), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(self.argv(0), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
-        keys, deadline = self.out / "keys" / RUN_SECRET_FILE, time.monotonic() + self.timeout_s
-        while True:  # written once it listens; a refused command ends at once
-            try:
-                self.token = json.loads(keys.read_text())["token"]
-                return self
-            except (OSError, ValueError, KeyError):
-                pass
+        deadline = time.monotonic() + self.timeout_s
+        while not self._listening():  # a refused command ends at once
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 ended = self.proc.poll() is not None
                 lines = (self.proc.stderr.read() if ended and self.proc.stderr else "").strip().splitlines() or ["no word from it"]
@@ -276,6 +313,7 @@ class _BrokerProcess:
                 raise ZsgdError(f"the broker's per-message calibration could not start 'zsgd broker' ({lines[-1][:200]}); "
                                 f"give --broker-time a value")
             time.sleep(0.02)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         import shutil
@@ -292,66 +330,6 @@ class _BrokerProcess:
         if self.proc.stderr:
             self.proc.stderr.close()
         shutil.rmtree(self.out, ignore_errors=True)
-
-
-class _LoopClient:
-    """One synthetic worker of the broker: joins with the run's secret, then sends an update the moment its weights arrive."""
-
-    def __init__(self, broker: _BrokerProcess, n_params: int, batch: int, timeout_s: float) -> None:
-        import zmq
-
-        from zsgd.errors import ZsgdError
-        from zsgd.wire import protocol
-        from zsgd.wire.auth import hello_proof, secret_identity
-        from zsgd.wire.protocol import Message, MsgType
-
-        self.timeout_s, self.batch = timeout_s, batch
-        self.grad = (np.random.default_rng(0).standard_normal(n_params) * 1e-4).astype(np.float32)
-        self.ctx = zmq.Context(io_threads=1)
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.setsockopt(zmq.ROUTING_ID, secret_identity(broker.token, "worker", 0))
-        self.sock.connect(f"tcp://127.0.0.1:{broker.port}")
-        protocol.send(self.sock, Message(MsgType.HELLO, "-", 0, 0, {}, meta={"stage": "join", "role": "worker",
-                                                                             "proof": hello_proof(broker.token, "worker", 0)}))
-        self.run, self.version = "", -1
-        while self.version < 0:
-            msg = self._receive()
-            if msg.type == MsgType.ERROR:
-                self.close()
-                raise ZsgdError(f"the broker's per-message calibration was refused: {str(msg.meta.get('message'))[:200]}")
-            if msg.type == MsgType.ASSIGN:
-                self.run = msg.run
-                protocol.send(self.sock, Message(MsgType.HELLO, msg.run, 0, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
-            elif msg.type == MsgType.WEIGHTS:
-                self.version = msg.version
-
-    def _receive(self) -> Any:
-        from zsgd.errors import ZsgdError
-        from zsgd.wire import protocol
-
-        if not self.sock.poll(int(self.timeout_s * 1000)):
-            raise ZsgdError(f"the broker's per-message calibration: no word from 'zsgd broker' in {self.timeout_s:g} s")
-        return protocol.recv(self.sock)[1]
-
-    def exchanges(self, n: int) -> float:
-        """Seconds of ``n`` exchanges in a row (update out, weights back)."""
-        from zsgd.wire import protocol
-        from zsgd.wire.protocol import MsgType
-
-        t0 = time.perf_counter()
-        for _ in range(n):
-            protocol.send(self.sock, protocol.update_message(self.run, 0, self.version, self.grad, self.batch, 0.5))
-            while True:
-                msg = self._receive()
-                if msg.type == MsgType.WEIGHTS:
-                    self.version = msg.version
-                    break
-        return time.perf_counter() - t0
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-        self.ctx.term()
 
 
 def loop_key(workload: Any) -> dict[str, Any]:
@@ -373,13 +351,33 @@ def charges_loop(opts: Any) -> bool:
         and isinstance(getattr(opts, "broker_bandwidth", None), Measured)
 
 
+def _loop_entry(workload: Any, opts: Any) -> dict[str, Any] | None:
+    if not charges_loop(opts):
+        return None
+    cfg = workload.cfg
+    nbytes = max(workload.update_bytes, workload.weights_bytes)
+    return workload.calibration.get("broker_loop", loop_key(workload),
+                                    lambda: time_broker_loop(cfg, workload.model, workload.w0, "async", nbytes), optional=True)
+
+
 def broker_loop(workload: Any, opts: Any) -> float:
     """Seconds of server-thread CPU per message beyond the step (``time_broker_loop``'s ``overhead_s``), kept by the
     workload's calibration; 0 where ``charges_loop`` says no, or replaying a record made before it was measured."""
-    if not charges_loop(opts):
-        return 0.0
-    cfg = workload.cfg
-    nbytes = max(workload.update_bytes, workload.weights_bytes)
-    entry = workload.calibration.get("broker_loop", loop_key(workload),
-                                     lambda: time_broker_loop(cfg, workload.model, workload.w0, "async", nbytes), optional=True)
+    entry = _loop_entry(workload, opts)
     return 0.0 if entry is None else float(entry["overhead_s"])
+
+
+def local_server(workload: Any, opts: Any, transport: Any) -> tuple[float, Any]:
+    """What ``--placement local`` charges a server beyond its step: the loop per message (``broker_loop``), and the
+    transport whose lone figures its crossings take: those measured beside the loop, in the same rounds
+    (``time_broker_loop``), where the loop is charged and its record has them; else ``transport`` as it is (a cluster,
+    figures given by hand, a record from before the loop's own echo was measured: replayed as it ran)."""
+    import dataclasses
+
+    entry = _loop_entry(workload, opts)
+    if entry is None:
+        return 0.0, transport
+    if "lone_bytes_per_s" in entry and transport.lone_bytes_per_s is not None:
+        transport = dataclasses.replace(transport, **{k: None if entry.get(k) is None else float(entry[k])
+                                                      for k in ("lone_bytes_per_s", "lone_threads", "lone_spread", "io_share")})
+    return float(entry["overhead_s"]), transport

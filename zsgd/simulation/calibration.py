@@ -120,17 +120,27 @@ def valid_entry(kind: str, entry: Any) -> bool:
         busy = entry.get("lone_threads", 1.0)  # likewise the lone echo's CPU and spread
         return _finite(entry.get("bytes_per_s")) and entry["bytes_per_s"] > 0 and _finite(lone) and lone > 0 \
             and _finite(entry.get("overlap"), 0.0, 1.0) and _finite(busy, 0.0, 2.0) and busy > 0 \
-            and _finite(entry.get("lone_spread", 0.0), 0.0, 3.0)
-    if kind == "broker_loop":
-        return _finite(entry.get("overhead_s")) and valid_entry("server_step", entry)
+            and _finite(entry.get("lone_spread", 0.0), 0.0, 3.0) and _share(entry)
+    if kind == "broker_loop":  # with its own lone echo (bursts beside the broker's) where it was measured with it
+        crossings = "lone_bytes_per_s" not in entry or valid_entry("transport", {"bytes_per_s": entry["lone_bytes_per_s"], "overlap": 1.0} | entry)
+        return _finite(entry.get("overhead_s")) and valid_entry("server_step", entry) and crossings
     samples = entry.get("samples")
     return isinstance(samples, list) and bool(samples) and all(_finite(s) for s in samples)
 
 
+def _share(entry: dict[str, Any]) -> bool:
+    """The I/O thread's share of a lone exchange: absent (an older record), None (not measurable here) or in (0, 1]."""
+    share = entry.get("io_share")
+    return share is None or (_finite(share, 0.0, 1.0) and share > 0)
+
+
 def _older(kind: str, entry: dict[str, Any]) -> bool:
-    """Whether ``entry`` is a transport figure cached before the lone echo (its CPU, its spread) was measured: measured again,
-    quietly (a replayed one is used as it is: ``--placement local`` then charges its crossings as that run did)."""
-    return kind == "transport" and any(k not in entry for k in ("lone_bytes_per_s", "lone_threads", "lone_spread"))
+    """Whether ``entry`` was cached before a figure it now holds was measured (the transport's lone echo, its CPU, its
+    spread, its I/O thread's share; the broker loop's own lone echo): measured again, quietly (a replayed one is used
+    as it is: ``--placement local`` then charges its crossings as that run did)."""
+    if kind == "broker_loop":
+        return "lone_bytes_per_s" not in entry
+    return kind == "transport" and any(k not in entry for k in ("lone_bytes_per_s", "lone_threads", "lone_spread", "io_share"))
 
 
 def _warn(text: str) -> None:

@@ -55,7 +55,7 @@ from zsgd.output.metrics import MetricsWriter
 from zsgd.simulation import calibrate, interrupt
 from zsgd.network.compute_draw import ComputeDraw
 from zsgd.network import Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
-from zsgd.network.hosts import CpuPool, FifoStage, Job
+from zsgd.network.hosts import CpuPool, FifoStage, Job, crossing_stage
 from zsgd.output.rundir import save_arrays, write_json
 from zsgd.simulation.workload import Workload
 from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
@@ -164,17 +164,17 @@ class Simulation:
         self.algo = make_server_algorithm(opts.algo, workload.w0, optimizer, staleness_lr=opts.staleness_lr, clip_norm=cfg.clip_norm)
         self.compute, self.compute_s = workload.compute_model(opts.compute, opts.calibration_steps)
         self.broker_s, self.broker_samples = workload.broker_model(opts)
-        self.loop_s = calibrate.broker_loop(workload, opts)  # --placement local: the real broker's loop beyond its step, per message
-        transport, self.broker_bw_measured = workload.transport_model(opts)
-        self.broker_bw, self.overlap, self.nic_bw = transport.bytes_per_s, transport.overlap, transport.bytes_per_s * opts.servers  # K NICs
+        transport, self.broker_bw_measured = workload.transport_model(opts)  # --placement local: the broker's loop beyond its step, and
+        self.loop_s, transport = calibrate.local_server(workload, opts, transport)  # the lone echo measured beside it
+        self.transport, self.broker_bw, self.overlap, self.nic_bw = transport, transport.bytes_per_s, transport.overlap, transport.bytes_per_s * opts.servers  # K NICs
         self.host: CpuPool | None = None  # --placement local: the one host's cores (zsgd.network.hosts)
         self.lone_bw = transport.lone_bytes_per_s if self.broker_bw_measured else None  # the echo with one client
         self.io_stage: FifoStage | None = None  # --placement local, lone_bw measured: crossings are CPU work on the host
         if opts.placement == "local":
             self.host = CpuPool(opts.host_cores, lambda t, _pool, generation: self._push(t, _CPU, -1, generation))
             self.step_stage = FifoStage(self.host, demand=float(opts.servers))  # the K range servers step together
-            if self.lone_bw:  # each server's I/O thread copies its range of every message in turn: the lone echo's threads (2: an old record), its spread
-                self.io_stage = FifoStage(self.host, (transport.lone_threads or _CROSSING_THREADS) * opts.servers, transport.lone_spread, cfg.seed)
+            if self.lone_bw:  # each server's I/O thread copies its range of every message in turn, for its share of a lone crossing
+                self.io_stage = crossing_stage(self.host, opts.servers, transport.lone_threads, transport.io_share, transport.lone_spread, cfg.seed)
                 self.crossing_per_byte = 1.0 / (2.0 * self.lone_bw * opts.servers)  # CPU-s/thread/byte: a lone exchange is 2
             self.jobs: dict[int, tuple[int, Job]] = {}  # each worker's running step: (token, job)
             self.cut: set[int] = set()  # steps abandoned before they started (their token)
@@ -549,15 +549,15 @@ class Simulation:
             "virtual_s": v, "real_s": real_s,
             "rejected_messages": int(sum(self.rejected.values())), "rejected_by_reason": dict(self.rejected),
             "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
-            "worker_deaths": self.deaths, "worker_rejoins": self.rejoins,
-            "target": self.opts.target, "time_to_target_s": self.time_to_target,
+            "worker_deaths": self.deaths, "worker_rejoins": self.rejoins, "target": self.opts.target, "time_to_target_s": self.time_to_target,
             "compute_s": self.compute_s if self.compute_s is not None else self.compute.mean,
             "compute_measured": self.compute_s is not None,
             "compute_calibration_s": self.wl.compute_samples if self.compute_s is not None else None,
             "servers": self.opts.servers, "broker_s": self.broker_s, "broker_measured": self.broker_samples is not None,
             "broker_calibration_s": self.broker_samples, "broker_bandwidth_Bps": self.broker_bw, "broker_bandwidth_measured": self.broker_bw_measured,
             "server_overlap": self.overlap, "broker_lone_bandwidth_Bps": self.lone_bw, "broker_loop_s": self.loop_s,
-            "crossing_threads": self.io_stage.demand / self.opts.servers if self.io_stage else None, "crossing_spread": self.io_stage and self.io_stage.spread,
+            "crossing_threads": (self.transport.lone_threads or _CROSSING_THREADS) if self.io_stage else None, "crossing_spread": self.io_stage and self.io_stage.spread,
+            "crossing_io_share": self.transport.io_share if self.io_stage else None,
             "host_cpu_utilisation": self.host.busy_core_s / (self.now * self.host.cores) if self.host is not None and self.now > 0 else None,
             "sim": self.opts.describe() | {"straggler_workers": sorted(self.stragglers.workers) if self.stragglers else []},
             "events": self.events, "gradient_real_s": self.grad_s, "eval_real_s": self.eval_s, **self.engine.summary(),

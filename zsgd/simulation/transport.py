@@ -58,6 +58,7 @@ not pay the ~1 s again, and give the same metrics.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import threading
 import time
@@ -67,7 +68,9 @@ from typing import Any, Callable
 #: Bytes each burst moves (each way): the cnn's 4.8 MB messages make about 20 exchanges a burst.
 BURST_BYTES = 96 * 2**20
 MIN_MESSAGES, MAX_MESSAGES = 4, 800  # per burst: huge models send fewer, tiny ones are capped
-BURSTS = 3
+#: Lone and 4-client bursts, alternating: a burst of the cnn is about 60 ms on a quiet 2-core VM and one moved by 20 %
+#: between quiet minutes, so the figure is the median of several, each a burst of its own minute's noise.
+BURSTS = 7
 PAIRS = 5  # plain and loaded bursts, alternating, behind the overlap
 CLIENTS = 4
 #: Counts calibrations (echo and overlap) made in this process (tests check the caches with it, never with time).
@@ -77,6 +80,36 @@ measurements = 0
 def messages_per_burst(nbytes: int) -> int:
     """Exchanges timed per burst for messages of ``nbytes``: about ``BURST_BYTES``, within [4, 800]."""
     return max(MIN_MESSAGES, min(MAX_MESSAGES, BURST_BYTES // max(1, int(nbytes))))
+
+
+def _tids() -> set[int]:
+    """This process's threads (Linux; elsewhere none, and the I/O thread's share is not measured)."""
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
+
+
+def _io_threads(before: set[int]) -> list[int]:
+    """The ZeroMQ I/O threads started since ``before`` (libzmq names them ``ZMQbg/IO/n``)."""
+    found = []
+    for tid in sorted(_tids() - before):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("ZMQbg/IO"):
+                    found.append(tid)
+        except OSError:
+            pass
+    return found
+
+
+def thread_cpu(tids: list[int]) -> float | None:
+    """CPU seconds the threads ``tids`` of this process have had (Linux's per-thread CPU clock: nanoseconds, where
+    ``/proc``'s ticks are 10 ms, a third of a burst); None where it cannot be read."""
+    try:
+        return sum(time.clock_gettime(((~tid) << 3) | 6) for tid in tids) if tids else None  # MAKE_THREAD_CPUCLOCK(tid, SCHED)
+    except (OSError, OverflowError, ValueError):
+        return None
 
 
 def _echo(ctx, nbytes: int, ready: list, stop: threading.Event, work: "Callable[[], object] | None", loaded: threading.Event) -> None:
@@ -103,7 +136,8 @@ def _echo(ctx, nbytes: int, ready: list, stop: threading.Event, work: "Callable[
 
 def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS, messages: int | None = None,
                       timeout_s: float = 30.0, work: "Callable[[], object] | None" = None,
-                      threads: list[float] | None = None, spreads: list[float] | None = None) -> list[float]:
+                      threads: list[float] | None = None, spreads: list[float] | None = None,
+                      io: list[float] | None = None) -> list[float]:
     """Bytes/s each way of one ZeroMQ echo server for ``nbytes`` messages, one figure per burst.
 
     ``clients`` DEALERs each keep one message in flight; the first
@@ -112,7 +146,9 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
     echo does it per message in every odd burst (plain and loaded bursts
     alternate, so a change of load on the machine hits both alike). ``threads``: given, each burst's CPU
     time of this process over its wall time is appended to it (the threads the echo kept busy on average);
-    ``spreads``: each burst's coefficient of variation of the time between replies (with one client: of an exchange)."""
+    ``spreads``: each burst's coefficient of variation of the time between replies (with one client: of an exchange);
+    ``io``: each burst's CPU time of the echo server's ZeroMQ I/O thread over its wall time (the share of the time
+    that one thread, which every message of a server passes, was on a core; nothing where it cannot be read)."""
     import numpy as np
     import zmq
 
@@ -123,6 +159,7 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
     server_ctx, client_ctx = zmq.Context(io_threads=1), zmq.Context(io_threads=2)
     stop, ready, loaded = threading.Event(), [], threading.Event()
     thread = threading.Thread(target=_echo, args=(server_ctx, nbytes, ready, stop, work, loaded), name="zsgd-transport-echo", daemon=True)
+    before = _tids()
     thread.start()
     socks: list = []
     try:
@@ -131,6 +168,7 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
             if time.monotonic() > deadline or not thread.is_alive():
                 raise ZsgdError("--broker-bandwidth measured: the echo server did not start")
             time.sleep(0.001)
+        io_tids = _io_threads(before) if io is not None else []  # the echo's context started its I/O thread with its socket
         payload = np.zeros(nbytes, np.uint8)
         poller = zmq.Poller()
         for _ in range(clients):
@@ -144,6 +182,7 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
             s.send(payload, copy=False)
         stamps: list[float] = []
         cpu: list[float] = []  # this process's CPU clock at each stamp (every thread of the echo lives here)
+        io_cpu: list[float | None] = []  # the echo server's I/O thread's CPU clock at each stamp
         need = clients + bursts * per_burst
         while len(stamps) < need:
             if time.monotonic() > deadline:
@@ -152,6 +191,8 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
                 s.recv(copy=False)
                 stamps.append(time.perf_counter())
                 cpu.append(time.process_time())
+                if io_tids:
+                    io_cpu.append(thread_cpu(io_tids))
                 done = len(stamps) - clients
                 if work is not None and done >= 0 and done % per_burst == 0:
                     (loaded.set if (done // per_burst) % 2 else loaded.clear)()
@@ -160,6 +201,9 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
         if threads is not None:
             cpu_marks = cpu[clients - 1::per_burst]
             threads += [(d - c) / (b - a) for a, b, c, d in zip(marks, marks[1:], cpu_marks, cpu_marks[1:]) if b > a]
+        if io_tids and None not in io_cpu:
+            io_marks = io_cpu[clients - 1::per_burst]
+            io += [(d - c) / (b - a) for a, b, c, d in zip(marks, marks[1:], io_marks, io_marks[1:]) if b > a]
         if spreads is not None:
             for first in range(clients - 1, need - 1, per_burst):
                 gaps = [b - a for a, b in zip(stamps[first:first + per_burst], stamps[first + 1:first + per_burst + 1])]
@@ -196,13 +240,26 @@ class Transport:
     ``lone_spread``: the coefficient of variation of a crossing's time: a lone
     exchange's, times sqrt(2) (its two crossings drawn apart add their
     variances), which ``--placement local`` gives each crossing's work
-    (``zsgd.network.hosts.FifoStage``)."""
+    (``zsgd.network.hosts.FifoStage``). ``io_share``: the fraction of a lone exchange's time the echo server's
+    ZeroMQ I/O thread was on a core (its CPU clock): the one serial part of a crossing, which ``--placement
+    local`` holds the server's I/O thread for (the rest of a crossing runs beside the next one); None (a record
+    from before it was measured): the whole crossing holds it."""
 
     bytes_per_s: float
     overlap: float
     lone_bytes_per_s: float | None = None  # measured: one client's echo, one message in flight (what a crossing costs with the cores)
     lone_threads: float | None = None  # measured: CPU / wall of the lone echo (how many threads a crossing keeps busy)
     lone_spread: float | None = None  # measured: coefficient of variation of a lone exchange's time (None: constant)
+    io_share: float | None = None  # measured: the echo server's I/O thread's CPU over a lone exchange's time (None: all of it)
+
+
+def dispersion(samples: list[float]) -> float | None:
+    """How far a median of ``samples`` can be trusted: their median absolute deviation over their median (0.1: half
+    the bursts within 10 % of it), recorded beside each calibrated figure; None for fewer than two."""
+    if len(samples) < 2:
+        return None
+    mid = statistics.median(samples)
+    return float(statistics.median(abs(x - mid) for x in samples) / abs(mid)) if mid else None
 
 
 def busy_work(seconds: float) -> "tuple[Callable[[], object], float]":
@@ -256,20 +313,30 @@ def measure_server_transport(nbytes: int, bursts: int | None = None, pairs: int 
     nbytes = max(1, int(nbytes))
     bursts, pairs = bursts or BURSTS, pairs or PAIRS
     measurements += 1
-    lone, samples, threads, spreads = [], [], [], []
+    lone, samples, threads, spreads, io = [], [], [], [], []
     for _ in range(bursts):  # alternating, so a change of load on the machine hits both alike
-        lone += measure_transport(nbytes, bursts=1, clients=1, threads=threads, spreads=spreads)
+        lone += measure_transport(nbytes, bursts=1, clients=1, threads=threads, spreads=spreads, io=io)
         samples += measure_transport(nbytes, bursts=1)
     work, work_s = busy_work(0.7 * nbytes / float(statistics.median(samples)))
     paired = measure_transport(nbytes, bursts=2 * pairs, work=work)
     plain, loaded = paired[0::2], paired[1::2]
     overlaps = [overlap_from(nbytes / p, nbytes / q, work_s) for p, q in zip(plain, loaded)]
     bps = float(statistics.median(samples + plain))
-    busy = float(min(2.0, max(0.05, statistics.median(threads)))) if threads else 2.0  # never more than its two copying threads
-    spread = float(min(3.0, math.sqrt(2.0) * statistics.median(spreads))) if spreads else 0.0  # a crossing's: half an exchange, drawn alone
-    return (Transport(bps, float(statistics.median(overlaps)), float(statistics.median(lone)), busy, spread),
-            {"samples": samples + plain, "loaded_samples": loaded, "overlaps": overlaps, "work_s": work_s, "lone_samples": lone,
-             "lone_thread_samples": threads, "lone_spread_samples": spreads})
+    value = Transport(bps, float(statistics.median(overlaps)), *lone_figures(lone, threads, spreads, io))
+    return value, {"samples": samples + plain, "loaded_samples": loaded, "overlaps": overlaps, "work_s": work_s, "lone_samples": lone,
+                   "lone_thread_samples": threads, "lone_spread_samples": spreads, "io_share_samples": io,
+                   "dispersion": {"bytes_per_s": dispersion(samples + plain), "lone_bytes_per_s": dispersion(lone),
+                                  "lone_threads": dispersion(threads), "io_share": dispersion(io)}}
+
+
+def lone_figures(lone: list[float], threads: list[float], spreads: list[float], io: list[float]) -> tuple:
+    """The lone echo's figures from its bursts (each a median): bytes/s, threads busy (never more than its two copying
+    threads), a crossing's spread (an exchange's, times sqrt 2: half an exchange, drawn alone), the I/O thread's share
+    (at most all of the time; None where it was not measured)."""
+    busy = float(min(2.0, max(0.05, statistics.median(threads)))) if threads else 2.0
+    spread = float(min(3.0, math.sqrt(2.0) * statistics.median(spreads))) if spreads else 0.0
+    share = float(min(1.0, max(0.01, statistics.median(io)))) if io else None
+    return float(statistics.median(lone)), busy, spread, share
 
 
 def server_transport(nbytes: int, calibration: Any = None) -> Transport:
@@ -282,15 +349,15 @@ def server_transport(nbytes: int, calibration: Any = None) -> Transport:
     def measure() -> dict:
         value, details = measure_server_transport(nbytes)
         return {"bytes_per_s": value.bytes_per_s, "overlap": value.overlap, "lone_bytes_per_s": value.lone_bytes_per_s,
-                "lone_threads": value.lone_threads, "lone_spread": value.lone_spread, **details}
+                "lone_threads": value.lone_threads, "lone_spread": value.lone_spread, "io_share": value.io_share, **details}
 
     entry = (calibration or current()).get("transport", {"message_bytes": nbytes}, measure)
     lone = entry.get("lone_bytes_per_s")  # None: a replayed record from before the lone echo was measured
     busy = entry.get("lone_threads")  # None: a replayed record from before the lone echo's CPU was measured
     spread = entry.get("lone_spread")  # None: nor its spread (each crossing then takes its mean)
-    return Transport(float(entry["bytes_per_s"]), float(entry["overlap"]), None if lone is None else float(lone),
-                     None if busy is None else float(busy), None if spread is None else float(spread))
+    share = entry.get("io_share")  # None: nor its I/O thread's share (a crossing then holds that thread throughout)
+    return Transport(float(entry["bytes_per_s"]), float(entry["overlap"]), *(None if v is None else float(v) for v in (lone, busy, spread, share)))
 
 
-__all__ = ["Transport", "busy_work", "measure_server_transport", "measure_transport", "messages_per_burst",
-           "overlap_from", "server_transport"]
+__all__ = ["Transport", "busy_work", "dispersion", "lone_figures", "measure_server_transport", "measure_transport",
+           "messages_per_burst", "overlap_from", "server_transport", "thread_cpu"]
