@@ -10,7 +10,7 @@ import pytest
 
 from zsgd.runtime.emulation import DelayQueue, LinkEmulator
 from zsgd.errors import ZsgdError
-from zsgd.network import (Constant, Exponential, LogNormal, Measured, Network, Normal, Trace, Uniform, parse_bandwidth,
+from zsgd.network import (Constant, Exponential, LinkDraws, LogNormal, Measured, Network, Normal, Trace, Uniform, parse_bandwidth,
                            parse_compute, parse_delay, parse_duration, parse_failures, parse_loss, parse_stragglers,
                            parse_worker_latency, propagate_units, split_specs)
 
@@ -121,12 +121,13 @@ def test_bandwidth_and_loss():
 
 def test_network_delay_adds_transfer_and_retransmits():
     net = Network(latency_up=Constant(0.01), latency_down=Constant(0.02), bandwidth=1e6)
-    assert net.delay(0, True, 500_000, rng()) == pytest.approx(0.51)
-    assert net.delay(0, False, 0, rng()) == pytest.approx(0.02)
+    links = LinkDraws(0)
+    assert net.delay(0, True, 500_000, links) == pytest.approx(0.51)
+    assert net.delay(0, False, 0, links) == pytest.approx(0.02)
     net.worker_latency = parse_worker_latency(["3=50ms", "5-6=0"])
-    assert net.delay(3, True, 0, rng()) == pytest.approx(0.05) and net.delay(6, False, 0, rng()) == 0
+    assert net.delay(3, True, 0, links) == pytest.approx(0.05) and net.delay(6, False, 0, links) == 0
     lossy = Network(loss=0.5, retransmit=Constant(0.1))
-    r = rng(4)
+    r = LinkDraws(4)
     mean = np.mean([lossy.delay(0, True, 0, r) for _ in range(20_000)])
     assert mean == pytest.approx(0.1, rel=0.05)  # geometric: p/(1-p) resends of 100 ms
     for bad in ("3", "x=1ms", "5-2=1ms", "3=10parsecs"):
@@ -271,3 +272,28 @@ def test_any_duration_with_a_unit_parses(value, unit):
 def test_a_trailing_unit_applies_to_the_whole_list(values, unit):
     text = ",".join(map(str, values)) + unit
     assert split_specs(text, "--latency") == [f"{v}{unit}" for v in values]
+
+
+def test_each_link_draws_its_own_stream_whatever_the_others_draw():
+    """The n-th message on a link gets that link's n-th draw (common random numbers between a real emulated run and
+    its twin): interleaving other links' messages differently, as a real broker and the simulator do, changes none."""
+    net = Network(latency_up=Uniform(0.01, 0.09), latency_down=parse_delay("lognormal:30ms,0.5"))
+    a, b = LinkDraws(7), LinkDraws(7)
+    first = [net.delay(w, up, 100, a) for w in range(3) for up in (True, False) for _ in range(5)]  # link by link
+    by_link = {}
+    for _ in range(5):  # round-robin over the links: the other order
+        for w in reversed(range(3)):
+            for up in (False, True):
+                by_link.setdefault((w, up), []).append(net.delay(w, up, 100, b))
+    assert first == [x for w in range(3) for up in (True, False) for x in by_link[(w, up)]]
+    assert len(set(first)) == len(first)  # and the links' streams differ from one another
+    assert [net.delay(0, True, 100, LinkDraws(8)) for _ in range(3)] != first[:3]  # another seed, other draws
+
+
+
+def test_a_real_runs_emulator_draws_what_the_simulator_draws_on_each_link():
+    """``zsgd run --inject-latency`` and ``zsgd sim`` of the same seed give a worker's n-th update the same latency."""
+    net = Network(latency_up=Uniform(0.025, 0.075), latency_down=Uniform(0.025, 0.075))
+    emu, sim = LinkEmulator(net, n_workers=4, seed=3), LinkDraws(3)
+    real = [emu.delay(w, up, 0) for w in (2, 0, 3) for up in (True, False)]
+    assert real == [net.delay(w, up, 0, sim) for w in (2, 0, 3) for up in (True, False)]

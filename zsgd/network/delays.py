@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from zsgd.errors import ZsgdError
+from zsgd.network.link_draws import LinkDraws
 from zsgd.network.trace import Trace, load_trace
 from zsgd.network.units import (DISTRIBUTIONS, MAX_SIGMA, _q, _spec, format_bandwidth, format_duration, parse_bandwidth, parse_duration,
                                 propagate_units)
@@ -182,11 +183,14 @@ class Network:
     loss: float = 0.0
     retransmit: Delay = field(default_factory=lambda: Constant(0.2))
 
-    def delay(self, worker: int, up: bool, nbytes: int, rng: np.random.Generator) -> float:
-        """Seconds from send to arrival of one ``nbytes`` message."""
+    def delay(self, worker: int, up: bool, nbytes: int, links: LinkDraws) -> float:
+        """Seconds from send to arrival of one ``nbytes`` message, drawn from its link's own stream (``LinkDraws``)."""
         lat = self.worker_latency.get(worker)
         if lat is None:
             lat = self.latency_up if up else self.latency_down
+        if isinstance(lat, Constant) and self.loss == 0.0:
+            return lat.seconds + nbytes / self.bandwidth  # draws nothing: no link's generator is made
+        rng = links.rng(worker, up)
         t = lat.sample(rng) + nbytes / self.bandwidth
         if self.loss > 0.0:
             while rng.random() < self.loss:

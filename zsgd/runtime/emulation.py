@@ -26,10 +26,9 @@ import heapq
 import itertools
 from typing import Any, Iterable
 
-import numpy as np
-
 from zsgd.errors import ZsgdError
 from zsgd.network.compute_draw import ComputeDraw
+from zsgd.network.link_draws import LinkDraws
 from zsgd.network import (Delay, Measured, Network, StragglerSpec, Stragglers, parse_bandwidth, parse_compute, parse_delay,
                            parse_duration, parse_failures, parse_loss, parse_stragglers, parse_worker_latency)
 
@@ -81,7 +80,7 @@ class LinkEmulator:
         self.network = network
         self.nic_bandwidth = nic_bandwidth  # bytes/s of the server's own NIC (--inject-broker-bandwidth), shared by all
         self._rx_free = self._tx_free = 0.0  # when the NIC has received / sent what it holds
-        self.rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 0xE31]))
+        self.links = LinkDraws(seed)  # each link's own stream: the twin draws the same latency for the same message
         self.stragglers: Stragglers | None = stragglers.assign(n_workers, seed) if stragglers is not None else None
         self.compute: ComputeDraw | None = ComputeDraw(compute, seed) if compute is not None else None
         self.update_received: dict[int, float] = {}  # when the broker took each worker's latest update off its socket
@@ -95,7 +94,7 @@ class LinkEmulator:
 
     def delay(self, worker: int, up: bool, nbytes: int) -> float:
         """Seconds to hold one message of ``nbytes`` to (up=False) or from (up=True) ``worker``."""
-        return self.network.delay(worker, up, nbytes, self.rng)
+        return self.network.delay(worker, up, nbytes, self.links)
 
     def update_delay(self, worker: int, nbytes: int, now: float) -> float:
         """Seconds to hold an update that arrives from ``worker`` at ``now``: its uplink, then the server's NIC,

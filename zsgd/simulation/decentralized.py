@@ -58,7 +58,7 @@ from zsgd.decentralized.topology import Topology, parse_topology
 from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
 from zsgd.simulation import interrupt
-from zsgd.network import Delay, Measured, Network, StragglerSpec
+from zsgd.network import Delay, LinkDraws, Measured, Network, StragglerSpec
 from zsgd.errors import ProtocolError
 from zsgd.algorithms.schedules import check_schedule_applies, resolve_lr_schedule
 from zsgd.simulation.simulator import ProgressFn, SimResult, Workload, record_arm
@@ -177,8 +177,8 @@ class DecentralizedSimulation:
                                                sizer=PeerMessageSizes())
         self.compute, self.compute_s = workload.compute_model(opts.compute, opts.calibration_steps)
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
-        self.rng_compute, self.rng_net = (np.random.default_rng(s) for s in
-                                          np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0xDEC]).spawn(2))
+        self.rng_compute = np.random.default_rng(np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0xDEC]).spawn(2)[0])
+        self.links = LinkDraws(cfg.seed)  # each node's link, as the relay of zsgd run --inject-latency draws it
         self.net: Network = opts.network
         self.now = 0.0
         self.ready = np.zeros(n)  # when each node's value of the current round is ready (and sent)
@@ -205,7 +205,7 @@ class DecentralizedSimulation:
         queued = [0] * self.n
         for s in res.sent:  # in each sender's queue order: a node's messages share its link
             queued[s.sender] += s.nbytes
-            arrival = ready[s.sender] + self.net.delay(s.sender, True, queued[s.sender], self.rng_net)
+            arrival = ready[s.sender] + self.net.delay(s.sender, True, queued[s.sender], self.links)
             start[s.to] = max(start[s.to], arrival)
         for i, st in enumerate(res.stats):
             c = sum(self.compute.sample(self.rng_compute) for _ in range(st.grad_steps))

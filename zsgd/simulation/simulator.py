@@ -54,7 +54,7 @@ from zsgd.errors import ZsgdError
 from zsgd.output.metrics import MetricsWriter
 from zsgd.simulation import calibrate, interrupt
 from zsgd.network.compute_draw import ComputeDraw
-from zsgd.network import Delay, FailureSpec, Measured, Network, StragglerSpec, format_bandwidth
+from zsgd.network import Delay, FailureSpec, LinkDraws, Measured, Network, StragglerSpec, format_bandwidth
 from zsgd.network.hosts import CpuPool, FifoStage, Job, crossing_stage
 from zsgd.output.rundir import save_arrays, write_json
 from zsgd.simulation.workload import Workload
@@ -179,8 +179,8 @@ class Simulation:
             self.jobs: dict[int, tuple[int, Job]] = {}  # each worker's running step: (token, job)
             self.cut: set[int] = set()  # steps abandoned before they started (their token)
         self.stragglers = opts.stragglers.assign(n, cfg.seed) if opts.stragglers else None
-        rngs = [np.random.default_rng(s) for s in np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0x51D]).spawn(4)]
-        self.rng_down, self.rng_up, _compute, self.rng_fail = rngs  # the third was compute's: now per worker and step
+        self.rng_fail = np.random.default_rng(np.random.SeedSequence([cfg.seed & 0xFFFFFFFF, 0x51D]).spawn(4)[3])
+        self.links = LinkDraws(cfg.seed)  # each link's latencies, as zsgd run --inject-latency draws them
         self.compute_draw = ComputeDraw(self.compute, cfg.seed)  # the draws of zsgd run --inject-compute
         self.net = opts.network
         self.u_bytes, self.w_bytes = workload.update_bytes, workload.weights_bytes
@@ -266,7 +266,7 @@ class Simulation:
     def send_abandon(self, worker: int, version: int) -> None:
         """The WAIT the broker sends, over the same link as a reply."""
         if self.alive[worker]:
-            t = self.now + self.net.delay(worker, False, self._wait_bytes, self.rng_down)
+            t = self.now + self.net.delay(worker, False, self._wait_bytes, self.links)
             self._push(t, _CANCEL, worker, self.inc[worker], version)
 
     def send_weights(self, w: int, version: int, weights: np.ndarray, coded: protocol.Message | None) -> None:
@@ -296,7 +296,7 @@ class Simulation:
         """The reply left the server at ``t``: it reaches the worker after its link, and the worker steps."""
         if not self.alive[w] or inc != self.inc[w] or self.step_of[w] is None or self.step_of[w][0] != token:
             return  # the worker failed (or the step was superseded) while the reply waited for the I/O thread
-        t += self.net.delay(w, False, nbytes, self.rng_down)
+        t += self.net.delay(w, False, nbytes, self.links)
         c = self.compute_draw.next(w, self.local_steps)  # local SGD: K steps per round
         if self.stragglers is not None:
             c *= self.stragglers.factor(w, t)
@@ -366,7 +366,7 @@ class Simulation:
             nbytes = payload[1]
         else:
             payload, nbytes = weights, self.u_bytes
-        t = self.now + self.net.delay(w, True, nbytes, self.rng_up)
+        t = self.now + self.net.delay(w, True, nbytes, self.links)
         if self.nic_bw != math.inf or self.io_stage is not None:  # the server's NIC takes it when it gets there (_on_wire)
             self._push(t, _WIRE, w, inc, version, (payload, nbytes))
         else:
