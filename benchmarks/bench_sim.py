@@ -153,13 +153,15 @@ def command_wall(args: tuple[str, ...], out: Path, tree: Path | None = None) -> 
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def start_rows(rounds: int, baseline: Path | None, sweep_steps: list[int]) -> None:
-    """The ``--start`` table: every command of a round run once per tree, rounds alternating (see the docstring)."""
+def start_rows(rounds: int, baseline: Path | None, sweep_steps: list[int], sweep: tuple[str, ...] = SWEEP) -> None:
+    """The ``--start`` table: every command of a round run once per tree, rounds alternating (see the docstring);
+    ``sweep``: the sweep's flags (``--sweep``), without ``--steps`` and ``--jobs``."""
     trees: dict[str, Path | None] = {"this": None} | ({"baseline": baseline} if baseline else {})
     cases = {"one arm": SHORT_ARM}
+    name = "4x" if sweep == SWEEP else "grid x"
     for steps in sweep_steps:
         for jobs in (1, 2):
-            cases[f"4x{steps} --jobs {jobs}"] = SWEEP + ("--steps", str(steps), "--jobs", str(jobs))
+            cases[f"{name}{steps} --jobs {jobs}"] = sweep + ("--steps", str(steps), "--jobs", str(jobs))
     times: dict[tuple[str, str], list[float]] = {(t, c): [] for t in trees for c in cases}
     cpus: dict[tuple[str, str], list[float]] = {(t, c): [] for t in trees for c in cases}
     loads = [os.getloadavg()[0]]
@@ -193,8 +195,8 @@ def start_rows(rounds: int, baseline: Path | None, sweep_steps: list[int]) -> No
         print(row)
     for steps in sweep_steps:
         for tree in trees:
-            pairs = [b / a for a, b in zip(times[tree, f"4x{steps} --jobs 1"], times[tree, f"4x{steps} --jobs 2"])]
-            print(f"4 arms of {steps} updates, --jobs 2 / --jobs 1 ({tree}): {statistics.median(pairs):.2f}x, median of the "
+            pairs = [b / a for a, b in zip(times[tree, f"{name}{steps} --jobs 1"], times[tree, f"{name}{steps} --jobs 2"])]
+            print(f"{'4 arms' if name == '4x' else 'the grid'} of {steps} updates, --jobs 2 / --jobs 1 ({tree}): {statistics.median(pairs):.2f}x, median of the "
                   f"rounds' ratios ({', '.join(f'{p:.2f}' for p in pairs)}); goal <= 0.6x, 0.5x the limit on 2 cores")
     print(f"one arm ({'this' if len(trees) == 1 else 'this tree'}): {med['this', 'one arm']:.2f} s; goal < 1 s")
 
@@ -212,7 +214,7 @@ def mark(what):
 mark("interpreter started")
 WRAP = {"zsgd.commands.simulate": ["figure_helpers"], "zsgd.commands.group": ["quick_exit"],
         "zsgd.simulation.sweep": ["prepare_workload", "run_sweep", "_simulate", "write_results", "plot_sweep"],
-        "zsgd.simulation.arm_files": ["calibrate_once"], "zsgd.simulation.parallel": ["ForkRunner.__init__", "ForkRunner.close"],
+        "zsgd.simulation.arm_files": ["calibrate_once"], "zsgd.simulation.parallel": ["ForkRunner.__init__", "ForkRunner.close", "ForkRunner.join"],
         "zsgd.output.plotter": ["_warm_up", "Plotter.close"], "zsgd.output.sweep_plots": ["sweep_figures", "curves_quietly"]}
 def wrapped(fn, name):
     @functools.wraps(fn)  # the same name: a job naming it still pickles by reference
@@ -350,6 +352,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="with --start, --speed or --phases: alternating rounds")
     ap.add_argument("--baseline", type=Path, default=None, help="with --start or --speed: another checkout to run side by side")
     ap.add_argument("--sweep-steps", default="1500,6000", help="with --start: the sweep's updates per arm, one sweep per value")
+    ap.add_argument("--sweep", default=None, help="with --start: the sweep's flags instead of '" + " ".join(SWEEP[1:]) + "' "
+                    "(e.g. an uneven grid: '--model logreg --quiet --algo async,ssp:4,sync'); its rows are named 'grid xN')")
     ap.add_argument("--speed", action="store_true", help="issue 22's targets: 1,024 workers x 10,000 updates and 10,000 x 100,000 "
                     "(each in a fresh interpreter; with --baseline side by side, --rounds alternating rounds)")
     ap.add_argument("--speed-cases", default=None, help="with --speed: WORKERS:UPDATES:GOAL_S,... instead of issue 22's two")
@@ -370,7 +374,10 @@ def main() -> None:
         phases(args.phase_steps, [1, 2], args.rounds)
         return
     if args.start:
-        start_rows(args.rounds, args.baseline, [int(v) for v in args.sweep_steps.split(",")])
+        import shlex
+
+        sweep = SWEEP if args.sweep is None else ("sim", *shlex.split(args.sweep))
+        start_rows(args.rounds, args.baseline, [int(v) for v in args.sweep_steps.split(",")], sweep)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -46,6 +46,13 @@ STOP_GRACE_S = 10.0  # for a stopped arm's final evaluation and summary (the cnn
 PROGRESS_EVERY_S = 0.25  # a child reports progress at most this often: the queue is not a firehose
 
 
+def longest_first(costs: list[float]) -> list[int]:
+    """Arm indices in the order to start them on several slots: the costliest first (ties in index order), so
+    the arms that end last are short ones and no slot idles while one long arm finishes alone. An arm's
+    results do not depend on when it runs; only the wall time does."""
+    return sorted(range(len(costs)), key=lambda i: -costs[i])
+
+
 def default_jobs() -> int:
     """The cores this process may run on (its affinity mask, which Slurm and taskset narrow), not the machine's count."""
     try:
@@ -119,9 +126,12 @@ def _child_loop(fn: ArmFn, tasks: Any, events: Any) -> None:
 class ForkRunner:
     """``jobs`` forked processes fed arm indices through a queue."""
 
-    def __init__(self, fn: ArmFn, jobs: int) -> None:
+    def __init__(self, fn: ArmFn, jobs: int, linger: bool = False) -> None:
+        """``linger``: a normal ``close`` only tells the children to leave, and ``join`` waits for them later: a child's
+        exit (unmapping an address space as large as the parent's) then overlaps the parent's next work (its tables
+        and figures) instead of delaying it. An abort still waits for them."""
         ctx = multiprocessing.get_context("fork")  # children inherit the loaded workload; no pickling of data or models
-        self.capacity = jobs
+        self.capacity, self.linger, self.joined = jobs, linger, False
         self.tasks, self.events = ctx.Queue(), ctx.Queue()
         self.procs = [ctx.Process(target=_child_loop, args=(fn, self.tasks, self.events), daemon=True, name=f"zsgd-arm-{i}")
                       for i in range(jobs)]
@@ -166,6 +176,15 @@ class ForkRunner:
         if not abort:
             for _ in self.procs:
                 self.tasks.put(None)
+            if self.linger:
+                return
+        self.join(abort)
+
+    def join(self, abort: bool = False) -> None:
+        """Wait for the children (told to leave by ``close``; with ``abort``, terminated), as ``close`` describes."""
+        if self.joined:
+            return
+        self.joined = True
         deadline = time.monotonic() + (0 if abort else 10)
         for p in self.procs:
             p.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -351,7 +351,7 @@ def _run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workl
 
     from zsgd.output.live import stderr_console
     from zsgd.simulation.arm_files import calibrate_once, calibrations, load_result, save_plan
-    from zsgd.simulation.parallel import ArmsView, CommandRunner, ForkRunner, InlineRunner, run_arms
+    from zsgd.simulation.parallel import ArmsView, CommandRunner, ForkRunner, InlineRunner, longest_first, run_arms
 
     cfg.validate()
     arms = build_arms(spec)
@@ -387,17 +387,39 @@ def _run_sweep(cfg: TrainConfig, spec: SweepSpec, out_dir: Path, workload: Workl
     if step_argv is not None:
         save_plan(out_dir, cfg, spec, workloads, arm_plots)
         runner: Any = CommandRunner(step_argv, step_capacity, lambda i: out_dir / arms[i].dirname / "step.log")
-    else:
-        runner = InlineRunner(simulate, view.arm_progress) if jobs == 1 else ForkRunner(simulate, jobs)  # fork before the view's thread
-    with view:
-        results = run_arms(range(len(arms)), runner, view)
-    outcomes = []
-    for i, arm in enumerate(arms):
-        result = results[i] if results[i] is not None else load_result(out_dir / arm.dirname)
-        outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
-    write_results(outcomes, out_dir, spec.target)
-    plot_sweep(outcomes, out_dir, spec.target, plotter)
+    else:  # fork before the view's thread; the children's exit overlaps the tables and figures (ForkRunner.join below)
+        runner = InlineRunner(simulate, view.arm_progress) if jobs == 1 else ForkRunner(simulate, jobs, linger=True)
+    order = range(len(arms)) if runner.capacity == 1 else longest_first([arm_cost(a, r) for a, r in zip(arms, rules)])
+    try:
+        with view:
+            results = run_arms(order, runner, view)
+        outcomes = []
+        for i, arm in enumerate(arms):
+            result = results[i] if results[i] is not None else load_result(out_dir / arm.dirname)
+            outcomes.append(ArmOutcome(arm, result, out_dir / arm.dirname, result_row(arm, result)))
+        write_results(outcomes, out_dir, spec.target)
+        plot_sweep(outcomes, out_dir, spec.target, plotter)
+    finally:
+        if isinstance(runner, ForkRunner):
+            runner.join()
     return outcomes
+
+
+def arm_cost(arm: Arm, rule: Any) -> float:
+    """About how many gradients ``arm`` computes, to start the costliest arms first (``longest_first``): its
+    ``--steps`` times the gradients of one central update (one for async and ssp; a round of every worker,
+    each taking its local steps, for the synchronous and decentralized rules), or its epoch budget in batches,
+    whichever is fewer; an arm stopped only by time or accuracy counts as the longest."""
+    from zsgd.algorithms import local_steps_of
+
+    algo = arm.values.get("algo", "async")
+    per_update = 1 if algo.split(":")[0] in ("async", "ssp", "kasync") else arm.opts.n_workers
+    if algo.startswith("localsgd"):
+        per_update *= local_steps_of(algo)
+    limits = [] if rule.steps is None else [rule.steps * per_update]
+    if rule.total_samples is not None:
+        limits.append(rule.total_samples / rule.batch_size)
+    return min(limits, default=math.inf)
 
 
 def _simulate(cfg: TrainConfig, arm: Arm, workload: Workload, out_dir: Path, progress: Any, plots: bool) -> SimResult:
