@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -56,11 +57,16 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from zsgd.wire import protocol  # noqa: E402
 from zsgd.wire.auth import hello_proof, secret_identity  # noqa: E402
+from zsgd.wire.memory import MMAP_THRESHOLD, TRIM_THRESHOLD, keep_message_memory  # noqa: E402
 from zsgd.wire.protocol import Message, MsgType  # noqa: E402
 from zsgd.wire.security import RUN_SECRET_FILE  # noqa: E402
 
 N_PARAMS = 1_199_882
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+#: The raw echo's processes with glibc's thresholds fixed as zsgd fixes its own (zsgd.wire.memory): left to adapt,
+#: a fresh echo process took 0 or ~450 page faults per update depending on its first frees, and moved the
+#: reference by 40 % between rounds. ``--raw-as-pyzmq`` leaves them as they come.
+RAW_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 ECHO_SERVER = r"""
 import sys, zmq, numpy as np
@@ -114,6 +120,7 @@ def client_main(args: argparse.Namespace) -> None:
     endpoints = args.endpoints.split(",")
     workers = [int(w) for w in args.client_workers.split(",")]
     token = read_token(Path(args.keys_file)) if args.keys_file else None
+    keep_message_memory()  # zsgd: as a worker's link does when it opens; raw: as RAW_MEMORY (off with ZSGD_KEEP_MEMORY=0)
     grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * np.float32(1e-3)
     ctx = zmq.Context()
     links: dict[zmq.Socket, tuple[int, int]] = {}  # socket -> (worker, server)
@@ -224,9 +231,10 @@ def client_main(args: argparse.Namespace) -> None:
         for line in sys.stdin:
             if not line.startswith("go "):
                 break
-            t0 = time.monotonic()
+            t0, c0, f0 = time.monotonic(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             n = pump(t0, t0 + float(line.split()[1]), drain=True)
-            print(json.dumps({"exchanges": n, "seconds": time.monotonic() - t0}), flush=True)
+            print(json.dumps({"exchanges": n, "seconds": time.monotonic() - t0, "cpu_s": time.process_time() - c0,
+                              "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}), flush=True)
     else:
         t_start = time.monotonic()
         t_measure, t_end = t_start + args.warmup, t_start + args.warmup + args.seconds
@@ -241,11 +249,13 @@ def client_main(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ servers
 
 
-def start_echo(k: int) -> tuple[list[subprocess.Popen], list[str]]:
+def start_echo(k: int, tuned: bool = True) -> tuple[list[subprocess.Popen], list[str]]:
+    """K raw ROUTER echo processes, with ``RAW_MEMORY``'s thresholds when ``tuned`` (and not ZSGD_KEEP_MEMORY=0)."""
+    env = ENV | (RAW_MEMORY if tuned and os.environ.get("ZSGD_KEEP_MEMORY", "1") != "0" else {})
     procs, eps = [], []
     for lo, hi in ranges(N_PARAMS, k):
         ep = f"tcp://127.0.0.1:{free_port()}"
-        p = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, ep, str(hi - lo)], stdout=subprocess.PIPE, text=True, env=ENV)
+        p = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, ep, str(hi - lo)], stdout=subprocess.PIPE, text=True, env=env)
         p.stdout.readline()
         procs.append(p)
         eps.append(ep)
@@ -322,8 +332,13 @@ def _cpu_s(pid: int) -> float:
     return total * 1e-9
 
 
+def _minor_faults(pid: int) -> int:
+    """Minor page faults of process ``pid`` so far, all its threads (/proc/PID/stat, field 10)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+
+
 def interleaved_round(sides: dict[str, str], n_workers: int, k: int, client_procs: int, slices: int, slice_s: float,
-                      warmup: float, out: Path) -> dict[str, dict[str, list[float]]]:
+                      warmup: float, out: Path, raw_as_pyzmq: bool = False) -> dict[str, dict[str, list[float]]]:
     """One round of the exchange table: every side's servers and client processes up at once, the sides taking
     turns of ``slice_s`` seconds (order rotated every turn; each turn drains its exchanges, so the server the
     next side uses is the only busy one), ``slices`` turns each after one unmeasured turn of ``warmup`` s.
@@ -334,11 +349,12 @@ def interleaved_round(sides: dict[str, str], n_workers: int, k: int, client_proc
     processes' CPU ms per update (the coordinator's, all threads, the ZeroMQ I/O thread included)."""
     servers: dict[str, list[subprocess.Popen]] = {}
     clients: dict[str, list[subprocess.Popen]] = {}
-    result = {name: {"rate": [], "server_cpu_ms": []} for name in sides}
+    result = {name: {"rate": [], "server_cpu_ms": [], "client_cpu_ms": [], "server_faults": [], "client_faults": []} for name in sides}
     groups = [list(range(n_workers))[i::client_procs] for i in range(min(client_procs, n_workers))]
 
-    def turn(name: str, seconds: float) -> tuple[float, int, float]:
-        cpu0 = _cpu_s(servers[name][0].pid)
+    def turn(name: str, seconds: float) -> tuple[float, int, float, float, int, int]:
+        pid = servers[name][0].pid
+        cpu0, faults0, client_cpu, client_faults = _cpu_s(pid), _minor_faults(pid), 0.0, 0
         for c in clients[name]:
             c.stdin.write(f"go {seconds}\n")
             c.stdin.flush()
@@ -348,26 +364,28 @@ def interleaved_round(sides: dict[str, str], n_workers: int, k: int, client_proc
             if not line:
                 raise RuntimeError(f"a {name} client ended: {c.stderr.read()[-2000:]}")
             r = json.loads(line)
-            rate, n = rate + r["exchanges"] / r["seconds"], n + r["exchanges"]
-        return rate, n, _cpu_s(servers[name][0].pid) - cpu0
+            rate, n, client_cpu = rate + r["exchanges"] / r["seconds"], n + r["exchanges"], client_cpu + r["cpu_s"]
+            client_faults += r["faults"]
+        return rate, n, _cpu_s(pid) - cpu0, client_cpu, _minor_faults(pid) - faults0, client_faults
 
     try:
         for name, tree in sides.items():
-            servers[name], eps = (start_echo(k) if tree == "raw" else start_brokers(k, n_workers, out / name, tree=tree, idle_ok=True))
+            servers[name], eps = (start_echo(k, tuned=not raw_as_pyzmq) if tree == "raw" else start_brokers(k, n_workers, out / name, tree=tree, idle_ok=True))
             mode = "raw" if tree == "raw" else "zsgd"
             clients[name] = [subprocess.Popen([sys.executable, __file__, "--client", mode, "--slices", "--endpoints", ",".join(eps),
                                                "--client-workers", ",".join(map(str, g)),
                                                *(["--keys-file", str(out / name / "keys" / RUN_SECRET_FILE)] if mode == "zsgd" else [])],
-                                              env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                              env=ENV | ({"ZSGD_KEEP_MEMORY": "0"} if raw_as_pyzmq and mode == "raw" else {}), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                              for g in groups]
         names = list(sides)
         for name in names:
             turn(name, warmup)
         for i in range(slices):
             for name in names[i % len(names):] + names[:i % len(names)]:
-                rate, n, cpu = turn(name, slice_s)
-                result[name]["rate"].append(rate)
-                result[name]["server_cpu_ms"].append(1e3 * cpu / max(n, 1))
+                rate, n, cpu, client_cpu, faults, client_faults = turn(name, slice_s)
+                for key, value in (("rate", rate), ("server_cpu_ms", 1e3 * cpu / max(n, 1)), ("client_cpu_ms", 1e3 * client_cpu / max(n, 1)),
+                                   ("server_faults", faults / max(n, 1)), ("client_faults", client_faults / max(n, 1))):
+                    result[name][key].append(value)
         return result
     finally:
         for c in (c for cs in clients.values() for c in cs):
@@ -395,14 +413,15 @@ def exchange_table(args: argparse.Namespace, ks: list[int]) -> None:
     rows: dict[int, dict[str, dict[str, list[float]]]] = {}
     try:
         for k in ks:
-            rows[k] = {name: {"rate": [], "server_cpu_ms": [], "ratio": [], "round": []} for name in sides}
+            rows[k] = {name: {"rate": [], "server_cpu_ms": [], "client_cpu_ms": [], "server_faults": [], "client_faults": [], "ratio": [], "round": []} for name in sides}
             for r in range(max(1, args.rounds)):
-                res = interleaved_round(sides, args.workers, k, args.client_procs, args.slices_per_round, args.slice, args.warmup, tmp / f"k{k}-r{r}")
+                res = interleaved_round(sides, args.workers, k, args.client_procs, args.slices_per_round, args.slice, args.warmup, tmp / f"k{k}-r{r}",
+                                        raw_as_pyzmq=args.raw_as_pyzmq)
                 for name in sides:
                     ratios = [z / w for z, w in zip(res[name]["rate"], res["raw"]["rate"])]
                     row = rows[k][name]
-                    row["rate"] += res[name]["rate"]
-                    row["server_cpu_ms"] += res[name]["server_cpu_ms"]
+                    for key in ("rate", "server_cpu_ms", "client_cpu_ms", "server_faults", "client_faults"):
+                        row[key] += res[name][key]
                     row["ratio"] += ratios
                     row["round"].append(statistics.median(ratios))
                 print(f"K={k} round {r + 1}: " + ", ".join(f"{n} {statistics.median(res[n]['rate']):.1f}/s (x{rows[k][n]['round'][-1]:.2f})"
@@ -413,18 +432,20 @@ def exchange_table(args: argparse.Namespace, ks: list[int]) -> None:
     print(f"\n{args.workers} pipelined workers, cnn ({N_PARAMS:,} float32: {msg_bytes / 1e6:.1f} MB up + {msg_bytes / 1e6:.1f} MB down "
           f"per update), tcp loopback, {os.cpu_count()} cores, {args.client_procs} client process(es); {args.rounds} rounds per K, each "
           f"with every side up and taking {args.slices_per_round} turns of {args.slice:g} s (after {args.warmup:g} s unmeasured)\n")
-    print("| K | server | updates/s (median of turns) | GB/s (up + down) | server CPU ms per update | ratio to raw (median of turn pairs) "
-          "| per round (median of its pairs) | x of its K = 1 |")
-    print("|---:|---|---:|---:|---:|---:|---|---:|")
+    print("| K | server | updates/s (median of turns) | turns' spread (min-max) | GB/s (up + down) | CPU ms per update: server, clients "
+          "| minor faults per update: server, clients | ratio to raw (median of turn pairs) | pairs' spread | per round (median of its pairs) | x of its K = 1 |")
+    print("|---:|---|---:|---|---:|---|---|---:|---|---|---:|")
     base: dict[str, float] = {}
-    label = {"raw": "raw pyzmq ROUTER echo", "zsgd": "zsgd (this tree)", "against": f"zsgd from {args.against}"}
+    label = {"raw": "raw pyzmq ROUTER echo" + (" (as pyzmq comes)" if args.raw_as_pyzmq else " (memory thresholds as zsgd's)"), "zsgd": "zsgd (this tree)", "against": f"zsgd from {args.against}"}
     for k, by_side in rows.items():
         for name, row in by_side.items():
             m = statistics.median(row["rate"])
             base.setdefault(name, m)
-            ratio = "1.00" if name == "raw" else f"**{statistics.median(row['ratio']):.2f}**"
-            print(f"| {k} | {label[name]}{'' if name == 'raw' else f' --servers {k}'} | {m:.1f} | {gb(m):.2f} | "
-                  f"{statistics.median(row['server_cpu_ms']):.2f} | {ratio} | {', '.join(f'{x:.2f}' for x in row['round'])} | {m / base[name]:.2f} |")
+            ratio, spread = ("1.00", "") if name == "raw" else (f"**{statistics.median(row['ratio']):.2f}**", f"{min(row['ratio']):.2f}-{max(row['ratio']):.2f}")
+            med = {key: statistics.median(row[key]) for key in ("server_cpu_ms", "client_cpu_ms", "server_faults", "client_faults")}
+            print(f"| {k} | {label[name]}{'' if name == 'raw' else f' --servers {k}'} | {m:.1f} | {min(row['rate']):.0f}-{max(row['rate']):.0f} | {gb(m):.2f} | "
+                  f"{med['server_cpu_ms']:.2f}, {med['client_cpu_ms']:.2f} | {med['server_faults']:.1f}, {med['client_faults']:.1f} | {ratio} | {spread} | "
+                  f"{', '.join(f'{x:.2f}' for x in row['round'])} | {m / base[name]:.2f} |")
     if args.against:
         for k, by_side in rows.items():
             ab = [a / b for a, b in zip(by_side["zsgd"]["rate"], by_side["against"]["rate"])]
@@ -521,6 +542,8 @@ def main() -> None:
     ap.add_argument("--client-workers", default="", help=argparse.SUPPRESS)
     ap.add_argument("--keys-file", default="", help=argparse.SUPPRESS)
     ap.add_argument("--slices", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--raw-as-pyzmq", action="store_true", help="the raw echo's processes with glibc's thresholds left to adapt "
+                    "(see RAW_MEMORY), as pyzmq comes; by default they are fixed as zsgd fixes its own")
     ap.add_argument("--slice", type=float, default=1.0, help="seconds of one side's turn within a round (the exchange table)")
     ap.add_argument("--against", default="", metavar="TREE", help="a third side: zsgd's broker from another source tree "
                     "(e.g. a `git archive` of the commit before a change), taking turns with the others in every round")

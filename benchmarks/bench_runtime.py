@@ -48,6 +48,7 @@ from zsgd.wire import protocol  # noqa: E402
 from zsgd.wire.protocol import Message, MsgType  # noqa: E402
 from zsgd.wire.auth import hello_proof  # noqa: E402
 from zsgd.wire.shm import WorkerShare  # noqa: E402
+from zsgd.wire.memory import MMAP_THRESHOLD, TRIM_THRESHOLD, keep_message_memory  # noqa: E402
 
 N_PARAMS = 1_199_882
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -100,7 +101,11 @@ class RawEcho:
 
     def __init__(self, endpoint: str, with_step: bool = False) -> None:
         root = [str(Path(__file__).resolve().parents[1])] if with_step else []
-        self.server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint, str(N_PARAMS), *root], stdout=subprocess.PIPE, text=True, env=ENV)
+        # glibc's thresholds fixed as zsgd fixes its own (zsgd.wire.memory), unless ZSGD_KEEP_MEMORY=0: left to adapt, a fresh
+        # echo process faults in its receive buffers or not depending on its first frees, and the reference moves with it
+        memory = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)} if keep_message_memory() else {}
+        self.server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER, endpoint, str(N_PARAMS), *root], stdout=subprocess.PIPE, text=True,
+                                       env=ENV | memory)
         self.server.stdout.readline()
         self.ctx = zmq.Context()
         self.d = self.ctx.socket(zmq.DEALER)
@@ -128,6 +133,7 @@ class ZsgdClient:
     does, with the run's key file: the run secret by default, CURVE keys with ``secure`` (every byte encrypted)."""
 
     def __init__(self, out: Path, shared_memory: bool = False, secure: bool = False, steps: int = 1_000_000) -> None:
+        keep_message_memory()  # as a worker's link does when it opens (zsgd.wire.memory)
         port = free_port()
         prefix = os.environ.get("BENCH_BROKER_PREFIX", "-m zsgd").split()
         self.shared_memory = shared_memory

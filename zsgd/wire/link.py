@@ -23,6 +23,7 @@ import zmq
 
 from zsgd.errors import ZsgdError
 from zsgd.wire import protocol
+from zsgd.wire.memory import keep_message_memory
 from zsgd.wire.protocol import Message, MsgType
 from zsgd.wire.shm import WorkerShare
 
@@ -83,6 +84,7 @@ class BrokerLink:
         self.shared = WorkerShare()  # shared memory with the broker: not offered unless offer_shared_memory()
 
     def open(self) -> "BrokerLink":
+        keep_message_memory()  # before the first message: the weights' receive buffers reused, not faulted in (zsgd.wire.memory)
         self._thread.start()
         return self
 

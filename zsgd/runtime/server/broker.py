@@ -215,11 +215,8 @@ class Broker:
             if self.endpoint.held is not None:  # emulated uplink: the update "arrives" later
                 self.endpoint.hold(("in", peer, msg), self.opts.emulator.update_delay(peer.worker, protocol.message_nbytes(msg), time.monotonic()))
                 return
-            self.metrics.hold()
-            try:
-                self.service.on_update(peer, msg)
-            finally:
-                self.metrics.release()
+            self.metrics.hold()  # its lines wait for the next housekeeping (HeldLines)
+            self.service.on_update(peer, msg)
         elif msg.type == MsgType.EVAL:
             self._on_eval(peer, msg)
         elif msg.type == MsgType.PEER:
@@ -232,6 +229,7 @@ class Broker:
             self.reject(identity, "unexpected-type", f"{msg.type.name} is not accepted by the broker")
 
     def _housekeeping(self, now: float) -> None:
+        self.metrics.release()
         self.session.housekeeping(now)
         self.service.tick(now)
         every_s = self.opts.server.eval_interval
@@ -333,6 +331,7 @@ class Broker:
             self.ctx.write_checkpoint(*state)
 
     def _finish(self) -> None:
+        self.metrics.release()
         self.service.before_leave()
         self.session.leave_all(self.ledger.stop_reason or "broker stopped")
         self.endpoint.close(linger_ms=500)
@@ -357,10 +356,12 @@ class Broker:
 
 
 class HeldLines:
-    """The run's metrics writer, whose lines wait while the broker handles an update and are written, in their
-    order, once that handling (its reply included) is done: the update's line, a JSON encode and a write system
-    call (60-100 us cold), is no longer between an update and its reply. A line waits for no more than the
-    handling of one message; the file still gets one flushed line per event."""
+    """The run's metrics writer, whose lines wait while the broker is busy with updates and are written, in their
+    order, at its next housekeeping (at most ``HOUSEKEEPING_S`` while messages keep coming, at once when the loop
+    finds nothing to read) and when it stops. An update's line, a JSON encode and a write system call, cost 60-100
+    us cold when written between two updates, the code and data evicted by each 4.8 MB transfer and step; several
+    written together stay warm (the step census, one worker: 54 -> 9 us median per line, 68 -> 37 mean). The file still gets one
+    flushed line per event, in order; a broker killed with SIGKILL loses at most the last few milliseconds of them."""
 
     def __init__(self, writer: MetricsWriter) -> None:
         self.writer = writer
@@ -373,9 +374,12 @@ class HeldLines:
             self._held.append((event, t, fields))
 
     def hold(self) -> None:
-        self._held = []
+        """From now on every line waits (behind those already waiting) until ``release``."""
+        if self._held is None:
+            self._held = []
 
     def release(self) -> None:
+        """Write the waiting lines in their order; later lines go out at once until the next ``hold``."""
         held, self._held = self._held or [], None
         for event, t, fields in held:
             self.writer.write(event, t, **fields)

@@ -26,6 +26,7 @@ import zmq
 
 from zsgd.errors import ZsgdError
 from zsgd.wire import protocol
+from zsgd.wire.memory import keep_message_memory
 from zsgd.wire.protocol import Message, MsgType
 
 
@@ -36,6 +37,7 @@ class Endpoint:
 
     def __init__(self, bind: str, limits: protocol.Limits, run_dir: Path, curve: dict | None = None, emulated: bool = False) -> None:
         self.limits = limits
+        keep_message_memory()  # before the first message: model-size receive buffers reused, not faulted in (zsgd.wire.memory)
         self.ctx = zmq.Context()
         self.bytes_in = self.bytes_out = 0
         self.queue_depth = self._burst = 0  # messages found waiting at the last receive
