@@ -44,6 +44,9 @@ settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("ZSGD_HYPOTHESIS", "repeatable"))
 
 
+# The files about drawing figures: their tests, and any test named for a plot or a figure, rasterize every PNG.
+FIGURE_FILES = frozenset({"test_plotter.py", "test_against_plot.py", "test_sweep_figures.py", "test_headline.py"})
+
 # Session-wide daemons: every test that needs one goes to the same pytest-xdist worker (``--dist loadgroup``), so
 # the cluster starts once, as in a serial run, and not once per worker.
 SHARED_DAEMONS = ("slurm", "prepared_hosts")
@@ -51,13 +54,16 @@ SHARED_DAEMONS = ("slurm", "prepared_hosts")
 
 def pytest_collection_modifyitems(config, items):
     """A test that starts zsgd processes (it asks for ``no_orphans``) is slow: ``-m "not slow"`` must skip it.
-    Timing-sensitive files are marked ``serial``; tests on a shared daemon are grouped by it."""
+    Timing-sensitive files are marked ``serial``, the figure tests ``figures``; tests on a shared daemon are grouped by
+    it."""
     unmarked = [item.nodeid for item in items if "no_orphans" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError("multi-process tests without @pytest.mark.slow: " + ", ".join(unmarked))
     for item in items:
         if item.path.name in SERIAL_FILES:
             item.add_marker(pytest.mark.serial)
+        if item.path.name in FIGURE_FILES or any(word in item.name for word in ("plot", "figure")):
+            item.add_marker(pytest.mark.figures)
         daemon = next((d for d in SHARED_DAEMONS if d in getattr(item, "fixturenames", ())), None)
         if daemon is not None:
             item.add_marker(pytest.mark.xdist_group(daemon))
@@ -89,6 +95,37 @@ def _matplotlib_loaded():
     from zsgd.output.plotter import _warm_up
 
     _warm_up()
+
+
+# A valid 1x1 PNG: what a figure's file holds in a test that does not look at the figure.
+_PLACEHOLDER_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                                 "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+
+
+@pytest.fixture(autouse=True)
+def _figures_not_drawn(request, monkeypatch):
+    """In a test not about figures (not marked ``figures``), a figure is built (its data, axes, scales and labels
+    set, where a bad value fails) but not drawn: ``Figure.savefig`` writes a 1x1 PNG, in this process (no plot
+    helpers are forked: ``zsgd.output.plotter`` draws here, as with ``ZSGD_PLOT_FORK=0``). Every in-process
+    ``zsgd sim`` forked two helpers first thing (this process is large: 10-15 ms for each fork, and a test of bad
+    input forks them for nothing) and drew five PNGs (0.19 s of CPU for a two-arm sweep's pair of curve figures,
+    0.02 s without the drawing): about a seventh of the inner loop's CPU, in tests that read the table or the run
+    files. The figure tests (their files, and every test named for a plot or a figure: see
+    ``pytest_collection_modifyitems``) fork the helpers and draw every pixel, as the real commands always do."""
+    if request.node.get_closest_marker("figures") is None:
+        from matplotlib.figure import Figure
+
+        from zsgd.output import plotter
+
+        def savefig(self: Figure, fname, *args, **kwargs) -> None:
+            if hasattr(fname, "write"):
+                fname.write(_PLACEHOLDER_PNG)
+            else:
+                Path(fname).write_bytes(_PLACEHOLDER_PNG)
+
+        monkeypatch.setattr(Figure, "savefig", savefig)
+        monkeypatch.setattr(plotter, "fork_available", lambda: False)
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -65,6 +65,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert result.output.startswith("zsgd: error:")
 
 
+@pytest.mark.slow  # starts zsgd
 def test_real_entry_point_exit_code(tmp_path):
     env = {"ZSGD_HOME": str(tmp_path / "h"), "PATH": "/usr/bin:/bin"}
     proc = run_zsgd("data", "info", "nope", env=env, timeout=60)

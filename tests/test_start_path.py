@@ -30,6 +30,7 @@ print(json.dumps({"loaded": before, "applied": applied, "fork": fork_available()
 """
 
 
+@pytest.mark.slow  # a new interpreter
 def test_registering_the_commands_imports_no_numpy_numba_or_scipy():
     out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -73,6 +74,7 @@ print(json.dumps({"ok": ok, "skipped": skipped, "gc": gc_ok, "dot": float(dot(np
 """
 
 
+@pytest.mark.slow  # a new interpreter
 def test_numba_sets_up_without_scipy_linalg_and_jitted_blas_still_works():
     """And no full collection while loading: at numba's set-up what is loaded is frozen and the thresholds come back."""
     out = subprocess.run([sys.executable, "-c", NUMBA_PROBE], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)

@@ -311,6 +311,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
                           cwd=REPO, env=os.environ | env)
 
 
+@pytest.mark.slow  # a new interpreter
 def test_core_install_never_imports_torch():
     proc = run_python("""
         import sys
@@ -323,6 +324,7 @@ def test_core_install_never_imports_torch():
     assert proc.stdout.strip() == "False"
 
 
+@pytest.mark.slow  # a new interpreter
 def test_workers_compute_on_one_thread():
     proc = run_python("""
         import torch
@@ -335,6 +337,7 @@ def test_workers_compute_on_one_thread():
     assert proc.stdout.strip() == "1"
 
 
+@pytest.mark.slow  # a new interpreter
 def test_without_torch_a_torch_spec_says_what_to_install(tmp_path):
     blocker = tmp_path / "block" / "torch"
     blocker.mkdir(parents=True)
