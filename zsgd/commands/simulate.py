@@ -23,6 +23,7 @@ are imported when the command runs.
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def run_validate(cfg: Any, spec: Any, arms: list, out: str | None, tolerance_tex
     from zsgd.output.rundir import check_out_dir, create_run_dir
 
     tolerance = parse_tolerance(tolerance_text)
-    notes = check_validatable(spec, arms)  # before anything is written
+    check_validatable(spec, arms)  # refuses before anything is written
     if out is not None:
         check_out_dir(out)
     out_dir = create_run_dir(out, f"validate-{cfg.model}")
@@ -67,7 +68,7 @@ def run_validate(cfg: Any, spec: Any, arms: list, out: str | None, tolerance_tex
     rows = validate(cfg, spec, arms, out_dir, tolerance, log=log, command=command)
     if not quiet:
         stderr_console.print(table(rows, tolerance))
-        for note in notes:
+        for note in json.loads((out_dir / "validation.json").read_text())["notes"]:  # the run's own notes too (validation.md's)
             stderr_console.print(f"note: {note}", highlight=False, markup=False, soft_wrap=True)
         stderr_console.print(f"table: {out_dir / 'validation.md'}; curves: {out_dir / 'validate.png'}", highlight=False, markup=False)
     click.echo(str(out_dir))
