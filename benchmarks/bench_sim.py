@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -288,9 +289,10 @@ def phase_rows(log: Path) -> list[tuple[str, int, str, float, float, float]]:
     return sorted(rows, key=lambda r: (r[0] != f"parent {parent}", r[0], r[3], r[1]))
 
 
-def phases(steps: int, jobs_list: list[int], rounds: int = 1) -> None:
-    """``--phases``: traced sweeps (4 arms of ``steps`` updates), one per ``--jobs`` value and round, alternating, after a
-    warm-up: the first round's phases in full, then every round's CPU on the critical path, and their medians."""
+def phases(steps: int, jobs_list: list[int], rounds: int = 1, sweep: tuple[str, ...] = SWEEP) -> None:
+    """``--phases``: traced sweeps (4 arms of ``steps`` updates; ``sweep``: other flags, ``--sweep``), one per ``--jobs``
+    value and round, alternating, after a warm-up: the first round's phases in full, then every round's CPU on the
+    critical path, and their medians."""
     paths: dict[int, list[tuple[float, float, float]]] = {j: [] for j in jobs_list}
     walls: dict[int, list[float]] = {j: [] for j in jobs_list}
     loads = [os.getloadavg()[0]]
@@ -299,13 +301,13 @@ def phases(steps: int, jobs_list: list[int], rounds: int = 1) -> None:
         for r in range(rounds):
             for jobs in jobs_list:
                 log = Path(tmp) / f"phases-{jobs}-{r}.log"
-                wall = traced_command(SWEEP + ("--steps", str(steps), "--jobs", str(jobs)), Path(tmp) / f"out-{jobs}-{r}", log)
+                wall = traced_command(sweep + ("--steps", str(steps), "--jobs", str(jobs)), Path(tmp) / f"out-{jobs}-{r}", log)
                 rows = phase_rows(log)
                 walls[jobs].append(wall)
                 paths[jobs].append(critical_cpu(rows, log))
                 loads.append(os.getloadavg()[0])
                 if r == 0:
-                    print(f"\nzsgd sim, 4 arms of {steps} updates, --jobs {jobs}: {wall:.2f} s to the exit (1-minute load average "
+                    print(f"\nzsgd sim, {'4 arms' if sweep == SWEEP else ' '.join(sweep[1:])} of {steps} updates, --jobs {jobs}: {wall:.2f} s to the exit (1-minute load average "
                           f"{loads[-1]:.2f}); seconds since the launch")
                     print(f"{'process':<20}{'phase':<58}{'start':>7}{'end':>7}{'wall':>7}{'CPU':>7}")
                     for role, depth, name, t1, t2, cpu in rows:
@@ -352,7 +354,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="with --start, --speed or --phases: alternating rounds")
     ap.add_argument("--baseline", type=Path, default=None, help="with --start or --speed: another checkout to run side by side")
     ap.add_argument("--sweep-steps", default="1500,6000", help="with --start: the sweep's updates per arm, one sweep per value")
-    ap.add_argument("--sweep", default=None, help="with --start: the sweep's flags instead of '" + " ".join(SWEEP[1:]) + "' "
+    ap.add_argument("--sweep", default=None, help="with --start or --phases: the sweep's flags instead of '" + " ".join(SWEEP[1:]) + "' "
                     "(e.g. an uneven grid: '--model logreg --quiet --algo async,ssp:4,sync'); its rows are named 'grid xN')")
     ap.add_argument("--speed", action="store_true", help="issue 22's targets: 1,024 workers x 10,000 updates and 10,000 x 100,000 "
                     "(each in a fresh interpreter; with --baseline side by side, --rounds alternating rounds)")
@@ -370,13 +372,11 @@ def main() -> None:
             (int(w), int(u), float(g)) for w, u, g in (c.split(":") for c in args.speed_cases.split(",")))
         speed_rows(args.rounds, args.baseline, cases)
         return
+    sweep = SWEEP if args.sweep is None else ("sim", *shlex.split(args.sweep))
     if args.phases:
-        phases(args.phase_steps, [1, 2], args.rounds)
+        phases(args.phase_steps, [1, 2], args.rounds, sweep)
         return
     if args.start:
-        import shlex
-
-        sweep = SWEEP if args.sweep is None else ("sim", *shlex.split(args.sweep))
         start_rows(args.rounds, args.baseline, [int(v) for v in args.sweep_steps.split(",")], sweep)
         return
     rows = []
