@@ -203,6 +203,24 @@ def test_a_validated_central_run_is_emulated_at_0ms_and_a_plain_run_is_not():
     assert EmulationOptions(**asdict(StampedEmulation(inject_latency="0"))) == EmulationOptions(inject_latency="0")  # a range server's
 
 
+@pytest.mark.parametrize("grid, stamped", [
+    ({"latency": "0", "workers": "2"}, True),
+    ({"latency": "0", "workers": "2", "algo": "sync"}, True),
+    ({"latency": "10ms", "workers": "2"}, True),  # emulated anyway: the same emulator
+    ({"latency": "0", "workers": "2", "servers": "2"}, False),  # range servers build theirs from the specs: not held
+    ({"latency": "0", "workers": "4", "algo": "dsgd"}, False),  # the relay's hops are the nodes' own
+])
+def test_which_validated_runs_hold_their_messages_for_0s(grid, stamped):
+    from zsgd.experiments.validate import StampedEmulation, real_options
+    from zsgd.simulation.sweep import SweepSpec, build_arms
+
+    spec = SweepSpec(grid=grid)
+    (arm,) = build_arms(spec)
+    emulation = real_options(arm, spec, arm.opts.n_workers).emulation
+    assert isinstance(emulation, StampedEmulation) == stamped
+    assert (emulation.emulator(arm.opts.n_workers, 0) is not None) == (stamped or grid["latency"] != "0")
+
+
 @pytest.mark.slow
 def test_a_0ms_twin_takes_the_runs_hops_engine_step_and_turnaround(tmp_path, no_orphans):
     """At --latency 0 the twin's latency each way is the run's measured hop, not the bare 0 ms, its server step the
