@@ -44,7 +44,7 @@ settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("ZSGD_HYPOTHESIS", "repeatable"))
 
 
-# The files about drawing figures: their tests, and any test named for a plot or a figure, rasterize every PNG.
+# The files about drawing figures: their tests, and any test named for a plot or a figure, draw every PNG.
 FIGURE_FILES = frozenset({"test_plotter.py", "test_against_plot.py", "test_sweep_figures.py", "test_headline.py"})
 
 # Session-wide daemons: every test that needs one goes to the same pytest-xdist worker (``--dist loadgroup``), so
@@ -102,29 +102,51 @@ _PLACEHOLDER_PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000
                                  "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
 
 
+def _placeholder_savefig(self, fname, *args, **kwargs) -> None:
+    if hasattr(fname, "write"):
+        fname.write(_PLACEHOLDER_PNG)
+    else:
+        Path(fname).write_bytes(_PLACEHOLDER_PNG)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _figures_not_drawn(request):
+    """Outside the figure files, a figure is built (its data, axes, scales and labels set, where a bad value fails)
+    but not drawn: ``Figure.savefig`` writes a 1x1 PNG, in this process (no plot helpers are forked:
+    ``zsgd.output.plotter`` draws here, as with ``ZSGD_PLOT_FORK=0``). Every in-process ``zsgd sim`` forked two
+    helpers first thing (this process is large: 10-15 ms for each fork, and a test of bad input forks them for
+    nothing) and drew five PNGs (0.19 s of CPU for a two-arm sweep's pair of curve figures, 0.02 s without the
+    drawing): about a seventh of the inner loop's CPU, in tests that read the table or the run files. Module-scoped,
+    so that a module's shared runs (its module fixtures) are made the same way; the figure tests draw every pixel
+    (``_figure_tests_draw``)."""
+    if request.path.name in FIGURE_FILES:
+        yield
+        return
+    from matplotlib.figure import Figure
+
+    from zsgd.output import plotter
+
+    with pytest.MonkeyPatch.context() as patch:
+        _REAL_FIGURES.update(savefig=Figure.savefig, fork_available=plotter.fork_available)
+        patch.setattr(Figure, "savefig", _placeholder_savefig)
+        patch.setattr(plotter, "fork_available", lambda: False)
+        yield
+
+
+_REAL_FIGURES: dict = {}  # what _figures_not_drawn replaced
+
+
 @pytest.fixture(autouse=True)
-def _figures_not_drawn(request, monkeypatch):
-    """In a test not about figures (not marked ``figures``), a figure is built (its data, axes, scales and labels
-    set, where a bad value fails) but not drawn: ``Figure.savefig`` writes a 1x1 PNG, in this process (no plot
-    helpers are forked: ``zsgd.output.plotter`` draws here, as with ``ZSGD_PLOT_FORK=0``). Every in-process
-    ``zsgd sim`` forked two helpers first thing (this process is large: 10-15 ms for each fork, and a test of bad
-    input forks them for nothing) and drew five PNGs (0.19 s of CPU for a two-arm sweep's pair of curve figures,
-    0.02 s without the drawing): about a seventh of the inner loop's CPU, in tests that read the table or the run
-    files. The figure tests (their files, and every test named for a plot or a figure: see
-    ``pytest_collection_modifyitems``) fork the helpers and draw every pixel, as the real commands always do."""
-    if request.node.get_closest_marker("figures") is None:
+def _figure_tests_draw(request, monkeypatch):
+    """A test named for a plot or a figure (marked ``figures``) in another file forks the plot helpers and draws
+    every pixel, as the real commands always do."""
+    if request.node.get_closest_marker("figures") is not None and request.path.name not in FIGURE_FILES:
         from matplotlib.figure import Figure
 
         from zsgd.output import plotter
 
-        def savefig(self: Figure, fname, *args, **kwargs) -> None:
-            if hasattr(fname, "write"):
-                fname.write(_PLACEHOLDER_PNG)
-            else:
-                Path(fname).write_bytes(_PLACEHOLDER_PNG)
-
-        monkeypatch.setattr(Figure, "savefig", savefig)
-        monkeypatch.setattr(plotter, "fork_available", lambda: False)
+        monkeypatch.setattr(Figure, "savefig", _REAL_FIGURES["savefig"])
+        monkeypatch.setattr(plotter, "fork_available", _REAL_FIGURES["fork_available"])
     yield
 
 
