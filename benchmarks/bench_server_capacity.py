@@ -11,9 +11,12 @@ measured on this machine, one range per server, and the transport measured
 too (``--broker-bandwidth measured``: a short in-process ZeroMQ echo of the
 model's message size, one client and four, cached under the zsgd home; on
 a local host each crossing is CPU work of the lone echo's time and threads,
-drawn with its spread and shared out by the host's cores; and the real
-broker's per-message cost beyond its step, ``broker_loop``, measured once
-per machine against a ``zsgd broker`` and run on each server's thread).
+drawn with its spread and shared out by the host's cores, holding the
+server's I/O thread only for that thread's measured share of it; and the
+real broker's per-message cost beyond its step, ``broker_loop``, measured
+once per machine against a ``zsgd broker`` in rounds alternating with the
+lone echo, whose medians the crossings then take, and run on each server's
+thread).
 Once more with the transport given by hand as
 before the default existed: this script's raw pyzmq echo (child processes,
 8 workers) at saturation, turned into ``--broker-bandwidth`` (the bytes each

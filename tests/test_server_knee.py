@@ -323,11 +323,15 @@ def test_the_real_loaded_echo_is_what_the_host_model_makes_of_the_lone_one(workl
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # six real points, then six simulated cnn arms: minutes on a loaded 2-core machine
+@pytest.mark.timeout(900)  # twelve real points, then six simulated cnn arms: minutes on a loaded 2-core machine
 def test_real_server_knee_matches_the_simulated_defaults(tmp_path, monkeypatch):
     """Real ``zsgd broker`` fed by N pipelined synthetic cnn-size workers (bench_broker's machinery, everything on this
     machine) against ``zsgd sim --compute 0 --placement local`` with its defaults (this host's cores, the measured step
-    and transport): within 10 % at each N for K = 1, and the K = 2 and 4 plateaus (8 workers) within 10 % too."""
+    and transport): within 10 % at each N for K = 1, and the K = 2 and 4 plateaus (8 workers) within 10 % too.
+
+    The real points are measured twice, before and after the simulator's calibration (its figures are measured in
+    the minutes between), and compared by their mean: the printed table says how far the real figure itself moved
+    between the two passes, which is the noise any prediction is held against."""
     if os.environ.get("ZSGD_TIMING") != "1":
         pytest.skip("a wall-time check: run with ZSGD_TIMING=1 on a quiet machine")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -335,8 +339,12 @@ def test_real_server_knee_matches_the_simulated_defaults(tmp_path, monkeypatch):
 
     points = [(1, 1), (1, 2), (1, 4), (1, 8), (2, 8), (4, 8)]  # (servers, workers)
     load = [os.getloadavg()[0]]
-    real = {(k, n): measure("zsgd", n, k, min(2, n), 3.0, 2.0, Path(tempfile.mkdtemp(dir=tmp_path))) for k, n in points}
-    # the figures measured now, beside the real run (a calibration cached at another load is another machine)
+
+    def real_pass() -> dict:
+        return {(k, n): measure("zsgd", n, k, min(2, n), 3.0, 2.0, Path(tempfile.mkdtemp(dir=tmp_path))) for k, n in points}
+
+    before = real_pass()
+    # the figures measured now, between the two real passes (a calibration cached at another load is another machine)
     monkeypatch.setenv("ZSGD_CALIBRATION_DIR", str(tmp_path / "calibration"))
     simulated, figures = {}, {}
     for workers, servers in (("1,2,4,8", "1"), ("8", "2,4")):
@@ -351,9 +359,16 @@ def test_real_server_knee_matches_the_simulated_defaults(tmp_path, monkeypatch):
             simulated[(s["servers"], s["n_workers"])] = s["updates_per_s"]
             figures.setdefault("step ms (K=1)", round(s["broker_s"] * 1e3, 3))
             figures |= {"echo GB/s lone": round(s["broker_lone_bandwidth_Bps"] / 1e9, 2), "4 clients": round(s["broker_bandwidth_Bps"] / 1e9, 2),
-                        "crossing threads": round(s["crossing_threads"], 2), "loop ms": round(s["broker_loop_s"] * 1e3, 3),
-                        "crossing spread": s["crossing_spread"]}
+                        "crossing threads": round(s["crossing_threads"], 2), "io share": s["crossing_io_share"] and round(s["crossing_io_share"], 2),
+                        "loop ms": round(s["broker_loop_s"] * 1e3, 3), "crossing spread": s["crossing_spread"] and round(s["crossing_spread"], 2)}
+    (cache,) = (tmp_path / "calibration").glob("*.json")
+    (loop,) = json.loads(cache.read_text())["broker_loop"].values()
+    figures["dispersion"] = {k: v and round(v, 3) for k, v in loop["dispersion"].items()}
     load.append(os.getloadavg()[0])
-    table = {p: (round(real[p], 1), round(simulated[p], 1), round(simulated[p] / real[p], 2)) for p in points}
-    print("(servers, workers): (real, sim, ratio)", table, figures, f"load {load[0]:.1f}-{load[1]:.1f}")
-    assert all(abs(ratio - 1) <= 0.10 for _r, _s, ratio in table.values()), table
+    after = real_pass()
+    load.append(os.getloadavg()[0])
+    real = {p: (before[p] + after[p]) / 2 for p in points}
+    table = {p: (round(before[p], 1), round(after[p], 1), round(simulated[p], 1), round(simulated[p] / real[p], 2)) for p in points}
+    print("(servers, workers): (real before, real after, sim, sim / mean real)", table, figures,
+          f"load {load[0]:.1f}-{load[1]:.1f}-{load[2]:.1f}")
+    assert all(abs(ratio - 1) <= 0.10 for _b, _a, _s, ratio in table.values()), table

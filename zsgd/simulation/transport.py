@@ -313,10 +313,10 @@ def measure_server_transport(nbytes: int, bursts: int | None = None, pairs: int 
     nbytes = max(1, int(nbytes))
     bursts, pairs = bursts or BURSTS, pairs or PAIRS
     measurements += 1
-    lone, samples, threads, spreads, io = [], [], [], [], []
+    lone, samples, threads, spreads, io, loaded_io = [], [], [], [], [], []
     for _ in range(bursts):  # alternating, so a change of load on the machine hits both alike
         lone += measure_transport(nbytes, bursts=1, clients=1, threads=threads, spreads=spreads, io=io)
-        samples += measure_transport(nbytes, bursts=1)
+        samples += measure_transport(nbytes, bursts=1, io=loaded_io)
     work, work_s = busy_work(0.7 * nbytes / float(statistics.median(samples)))
     paired = measure_transport(nbytes, bursts=2 * pairs, work=work)
     plain, loaded = paired[0::2], paired[1::2]
@@ -325,6 +325,7 @@ def measure_server_transport(nbytes: int, bursts: int | None = None, pairs: int 
     value = Transport(bps, float(statistics.median(overlaps)), *lone_figures(lone, threads, spreads, io))
     return value, {"samples": samples + plain, "loaded_samples": loaded, "overlaps": overlaps, "work_s": work_s, "lone_samples": lone,
                    "lone_thread_samples": threads, "lone_spread_samples": spreads, "io_share_samples": io,
+                   "loaded_io_share_samples": loaded_io,  # the I/O thread's busy share with 4 clients: near 1, it was what held them
                    "dispersion": {"bytes_per_s": dispersion(samples + plain), "lone_bytes_per_s": dispersion(lone),
                                   "lone_threads": dispersion(threads), "io_share": dispersion(io)}}
 
