@@ -90,10 +90,11 @@ def _tids() -> set[int]:
         return set()
 
 
-def _io_threads(before: set[int]) -> list[int]:
-    """The ZeroMQ I/O threads started since ``before`` (libzmq names them ``ZMQbg/IO/n``)."""
+def _io_threads(started: set[int]) -> list[int]:
+    """The ZeroMQ I/O threads among ``started`` (libzmq names them ``ZMQbg/IO/n``, from inside the new thread: asked
+    once the first replies are in, not the moment the context starts them)."""
     found = []
-    for tid in sorted(_tids() - before):
+    for tid in sorted(started):
         try:
             with open(f"/proc/self/task/{tid}/comm") as f:
                 if f.read().startswith("ZMQbg/IO"):
@@ -168,7 +169,8 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
             if time.monotonic() > deadline or not thread.is_alive():
                 raise ZsgdError("--broker-bandwidth measured: the echo server did not start")
             time.sleep(0.001)
-        io_tids = _io_threads(before) if io is not None else []  # the echo's context started its I/O thread with its socket
+        started = _tids() - before if io is not None else set()  # the echo's context started its threads with its socket
+        io_tids: list[int] = []
         payload = np.zeros(nbytes, np.uint8)
         poller = zmq.Poller()
         for _ in range(clients):
@@ -191,8 +193,9 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
                 s.recv(copy=False)
                 stamps.append(time.perf_counter())
                 cpu.append(time.process_time())
-                if io_tids:
-                    io_cpu.append(thread_cpu(io_tids))
+                if started and len(stamps) == clients:  # the warm-up's end, the first mark: named by now
+                    io_tids = _io_threads(started)
+                io_cpu.append(thread_cpu(io_tids) if io_tids else None)
                 done = len(stamps) - clients
                 if work is not None and done >= 0 and done % per_burst == 0:
                     (loaded.set if (done // per_burst) % 2 else loaded.clear)()
@@ -201,8 +204,8 @@ def measure_transport(nbytes: int, bursts: int = BURSTS, clients: int = CLIENTS,
         if threads is not None:
             cpu_marks = cpu[clients - 1::per_burst]
             threads += [(d - c) / (b - a) for a, b, c, d in zip(marks, marks[1:], cpu_marks, cpu_marks[1:]) if b > a]
-        if io_tids and None not in io_cpu:
-            io_marks = io_cpu[clients - 1::per_burst]
+        io_marks = io_cpu[clients - 1::per_burst]
+        if io_tids and None not in io_marks:
             io += [(d - c) / (b - a) for a, b, c, d in zip(marks, marks[1:], io_marks, io_marks[1:]) if b > a]
         if spreads is not None:
             for first in range(clients - 1, need - 1, per_burst):
