@@ -25,7 +25,9 @@ class Trace:
     samples: np.ndarray
 
     def sample(self, rng: np.random.Generator) -> float:
-        return float(self.samples[rng.integers(len(self.samples))])
+        # One uniform a draw, as the other delays take theirs: the same message on the same link draws the same
+        # quantile of a trace and of a lognormal it was written from (``LogNormal.sample``, zsgd.network.link_draws).
+        return float(self.samples[min(int(rng.random() * len(self.samples)), len(self.samples) - 1)])
 
     @property
     def mean(self) -> float:
