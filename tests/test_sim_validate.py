@@ -162,7 +162,8 @@ def test_validate_compares_a_real_run_with_its_twin(tmp_path, no_orphans, flags)
         assert bytes_row["simulated"] == pytest.approx(sim["bytes_sent"] / sim["updates"])
         # the twin's server: the engine's step as this run's broker took it, and no NIC (the hops hold the transfers)
         twin_sim = sim["sim"]
-        assert twin_sim["broker_bandwidth"] == "inf" and twin_sim["broker_s"] == pytest.approx(real["engine_s_mean"], rel=1e-3)
+        step = real.get("engine_gather_s_mean", real["engine_s_mean"])  # a round rule's gather step: the close's extra goes down
+        assert twin_sim["broker_bandwidth"] == "inf" and twin_sim["broker_s"] == pytest.approx(step, rel=1e-3)
     # a PNG written (drawn only in the figure tests: tests/conftest.py)
     assert (out / "validate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "time per update (ms)" in r.stderr
     assert "real" in (out / "validation.md").read_text() and "not checked: remote hosts" in r.stderr
