@@ -212,6 +212,11 @@ def state_message(run: str, server: int, version: int, arrays: Mapping[str, np.n
     return Message(MsgType.STATE, run, server, version, dict(arrays), meta=dict(meta))
 
 
+#: WAIT reason: the step at an older version is no longer wanted (K-sync's backup workers). Here, on the wire, because
+#: both sides name it: the broker sends it (zsgd.runtime.server), the worker ends its step on it (zsgd.runtime.worker).
+ABANDON = "abandon"
+
+
 def wait_message(run: str, worker: int, version: int, reason: str = "barrier") -> Message:
     """No weights for this worker yet (sync barrier, SSP bound); ask again later."""
     return Message(MsgType.WAIT, run, worker, version, meta={"reason": reason})

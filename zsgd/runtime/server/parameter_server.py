@@ -25,7 +25,6 @@ from zsgd.algorithms import algorithm_class, make_server_algorithm
 from zsgd.algorithms.step_log import StepFollower, StepLeader
 from zsgd.engine import ServerEngine
 from zsgd.runtime.emulation import SteadyMeans, loop_wait
-from zsgd.runtime.worker.replies import ABANDON
 from zsgd.runtime.server.context import ServiceContext
 from zsgd.runtime.server.service import ServiceBase
 from zsgd.wire import protocol
@@ -269,7 +268,7 @@ class ParameterServer(ServiceBase):
         """A WAIT ``abandon`` (no weights, so no reply slot or delta mirror is touched), over the emulated link like a reply."""
         ctx = self.ctx
         peer = ctx.members.by_worker[worker]
-        msg = protocol.wait_message(ctx.run, worker, version, reason=ABANDON)
+        msg = protocol.wait_message(ctx.run, worker, version, reason=protocol.ABANDON)
         port = ctx.port
         if not port.emulated:
             port.send(peer, msg)

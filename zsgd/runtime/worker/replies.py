@@ -59,7 +59,6 @@ def emulated_stretch(meta: dict[str, Any]) -> tuple[float, float]:
     return number("compute_target_s", 0.0), number("slowdown", 1.0)
 
 
-ABANDON = "abandon"  # WAIT reason: the step at an older version is no longer wanted (K-sync's backup workers)
 
 
 def stretch_step(t0: float, target_s: float, slowdown: float, recv: Callable[[float], Message | None] | None = None,
@@ -95,4 +94,4 @@ def stretch_step(t0: float, target_s: float, slowdown: float, recv: Callable[[fl
 
 def _abandons(msg: Any) -> bool:
     """A WAIT ``abandon`` (anything else, BROKER_DEAD included, is for the caller's loop)."""
-    return isinstance(msg, Message) and msg.type == MsgType.WAIT and msg.meta.get("reason") == ABANDON
+    return isinstance(msg, Message) and msg.type == MsgType.WAIT and msg.meta.get("reason") == protocol.ABANDON
