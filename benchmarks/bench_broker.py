@@ -55,11 +55,9 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from zsgd.wire import protocol  # noqa: E402
-from zsgd.wire.auth import hello_proof, secret_identity  # noqa: E402
 from zsgd.wire.memory import MMAP_THRESHOLD, TRIM_THRESHOLD, keep_message_memory  # noqa: E402
-from zsgd.wire.protocol import Message, MsgType  # noqa: E402
 from zsgd.wire.security import RUN_SECRET_FILE  # noqa: E402
+from zsgd.wire.synthetic import SyntheticWorker, join_all  # noqa: E402
 
 N_PARAMS = 1_199_882
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -109,123 +107,80 @@ def read_token(path: Path, timeout_s: float = 120.0) -> str:
 # ------------------------------------------------------------------ client process
 
 
+class RawWorker:
+    """The raw side's synthetic worker: one DEALER per echo endpoint, the vector split as ``ranges`` says, the same
+    calls as ``zsgd.wire.synthetic.SyntheticWorker`` (which speaks zsgd's protocol to a broker) so one pump drives both."""
+
+    def __init__(self, ctx: zmq.Context, endpoints: list[str], grad: np.ndarray) -> None:
+        self.grad, self.links, self.span, self.waiting = grad, [], {}, 0
+        for ep, lo_hi in zip(endpoints, ranges(len(grad), len(endpoints))):
+            d = ctx.socket(zmq.DEALER)
+            d.linger = 0
+            d.sndhwm = d.rcvhwm = 64
+            d.connect(ep)
+            self.links.append(d)
+            self.span[d] = lo_hi
+
+    def send(self) -> None:
+        for d in self.links:
+            lo, hi = self.span[d]
+            d.send(self.grad[lo:hi], copy=False)
+        self.waiting = len(self.links)
+
+    def on_reply(self, d: zmq.Socket) -> bool:
+        while True:
+            try:
+                d.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return self.waiting == 0
+            self.waiting -= 1
+
+    def close(self) -> None:
+        for d in self.links:
+            d.close(linger=0)
+
+
 def client_main(args: argparse.Namespace) -> None:
     """One client process driving several synthetic workers; prints {"exchanges": n, "seconds": s}.
 
-    raw: one DEALER per echo endpoint, the vector split as ``ranges`` says.
-    zsgd: one DEALER to the broker; its ASSIGN lists the range servers of
-    ``--servers K`` (port and range), and the worker joins each of them too,
-    exactly as ``zsgd.runtime.worker.sharded_worker`` does.
+    raw: ``RawWorker``, one DEALER per echo endpoint. zsgd: ``zsgd.wire.synthetic.SyntheticWorker``, the one the
+    simulator's calibration of the broker loop uses: it joins the broker and every range server its ASSIGN names
+    (``--servers K``), exactly as ``zsgd.runtime.worker.sharded_worker`` does.
     """
     endpoints = args.endpoints.split(",")
-    workers = [int(w) for w in args.client_workers.split(",")]
     token = read_token(Path(args.keys_file)) if args.keys_file else None
     keep_message_memory()  # zsgd: as a worker's link does when it opens; raw: as RAW_MEMORY (off with ZSGD_KEEP_MEMORY=0)
     grad = np.random.default_rng(0).standard_normal(N_PARAMS).astype(np.float32) * np.float32(1e-3)
     ctx = zmq.Context()
-    links: dict[zmq.Socket, tuple[int, int]] = {}  # socket -> (worker, server)
-    span: dict[zmq.Socket, tuple[int, int]] = {}  # socket -> its range of the vector
-    by_worker: dict[int, list[zmq.Socket]] = {}
-
-    def dealer(w: int, k: int, ep: str, lo_hi: tuple[int, int]) -> zmq.Socket:
-        d = ctx.socket(zmq.DEALER)
-        d.linger = 0
-        d.sndhwm = d.rcvhwm = 64
-        if args.mode == "zsgd":  # a run secret: the identity and the HELLO's proof come from it, as zsgd's own workers do
-            d.setsockopt(zmq.ROUTING_ID, secret_identity(token, "worker", w) if token else protocol.worker_identity("", w))
-        d.connect(ep)
-        links[d], span[d] = (w, k), lo_hi
-        by_worker.setdefault(w, []).append(d)
-        return d
-
-    for w in workers:
-        if args.mode == "raw":
-            for k, (ep, lo_hi) in enumerate(zip(endpoints, ranges(N_PARAMS, len(endpoints)))):
-                dealer(w, k, ep, lo_hi)
-        else:
-            dealer(w, 0, endpoints[0], (0, N_PARAMS))
-    run: dict[zmq.Socket, str] = {}
-    version: dict[zmq.Socket, int] = {}
-
-    def send(d: zmq.Socket) -> None:
-        w, k = links[d]
-        lo, hi = span[d]
-        if args.mode == "raw":
-            d.send(grad[lo:hi], copy=False)
-        else:
-            protocol.send(d, protocol.update_message(run[d], w, version[d], grad[lo:hi], 64, 0.5))
-
-    def join(w: int) -> dict:
-        return {"stage": "join", "role": "worker"} | ({"proof": hello_proof(token, "worker", w)} if token else {})
-
-    if args.mode == "zsgd":  # the handshake: the broker first, then every range server its ASSIGN names
-        host = endpoints[0].rsplit(":", 1)[0]
-        for d, (w, _) in list(links.items()):
-            protocol.send(d, Message(MsgType.HELLO, "-", w, 0, {}, meta=join(w)))
-        pending = set(links)
-        deadline = time.monotonic() + 120
-        while pending:
-            if time.monotonic() > deadline:
-                raise SystemExit("no ASSIGN/WEIGHTS from the servers within 120 s")
-            for d in list(pending):
-                if not d.poll(10):
-                    continue
-                _, msg = protocol.recv(d)
-                w, k = links[d]
-                if msg.type == MsgType.ERROR:
-                    raise SystemExit(f"refused by the server: {msg.meta.get('message')}")
-                if msg.type == MsgType.ASSIGN:
-                    run[d] = msg.run
-                    protocol.send(d, Message(MsgType.HELLO, msg.run, w, 0, {}, meta={"stage": "ready", "role": "worker", "need_shard": False}))
-                    if k == 0 and msg.meta.get("servers"):
-                        span[d] = tuple(msg.meta["range0"])
-                        for entry in msg.meta["servers"]:
-                            extra = dealer(w, int(entry["index"]), f"{host}:{entry['port']}", (int(entry["lo"]), int(entry["hi"])))
-                            protocol.send(extra, Message(MsgType.HELLO, msg.run, w, 0, {}, meta=join(w)))
-                            pending.add(extra)
-                elif msg.type == MsgType.WEIGHTS:
-                    version[d] = msg.version
-                    pending.discard(d)
-    waiting: dict[int, int] = {w: 0 for w in by_worker}  # worker -> replies still outstanding in its current exchange
+    if args.mode == "raw":
+        workers = [RawWorker(ctx, endpoints, grad) for _ in args.client_workers.split(",")]
+    else:  # the handshake: the broker first, then every range server its ASSIGN names
+        workers = [SyntheticWorker(ctx, endpoints[0], int(w), token, N_PARAMS, batch=64, grad=grad) for w in args.client_workers.split(",")]
+        join_all(workers, timeout_s=120)
+    owner = {d: worker for worker in workers for d in worker.links}
     poller = zmq.Poller()
-    for d in links:
+    for d in owner:
         poller.register(d, zmq.POLLIN)
-
-    def start(w: int) -> None:
-        for d in by_worker[w]:
-            send(d)
-        waiting[w] = len(by_worker[w])
 
     def pump(t_measure: float, t_end: float, drain: bool) -> int:
         """Exchanges until ``t_end``, counting those done from ``t_measure``; with ``drain``, no exchange starts
         after ``t_end`` and every one in flight is waited for (and counted), so the server is idle on return."""
         counted = 0
-        for w in by_worker:
-            start(w)
+        for worker in workers:
+            worker.send()
         while True:
             now = time.monotonic()
-            if now >= t_end and (not drain or not any(waiting.values())):
+            if now >= t_end and (not drain or not any(worker.waiting for worker in workers)):
                 return counted
             for d, _ in poller.poll(100):
-                while True:
-                    try:
-                        if args.mode == "raw":
-                            d.recv(zmq.NOBLOCK, copy=False)
-                        else:
-                            _, msg = protocol.recv(d, flags=zmq.NOBLOCK)
-                            if msg.type != MsgType.WEIGHTS:
-                                continue  # heartbeats
-                            version[d] = msg.version
-                    except zmq.Again:
-                        break
-                    w = links[d][0]
-                    waiting[w] -= 1
-                    if waiting[w] == 0:  # every range is back: one exchange done, start the next
-                        now = time.monotonic()
-                        if now >= t_measure:
-                            counted += 1
-                        if now < t_end:
-                            start(w)
+                worker = owner[d]
+                in_flight = worker.waiting > 0  # else only a heartbeat: read, not counted
+                if worker.on_reply(d) and in_flight:  # every range is back: one exchange done, start the next
+                    now = time.monotonic()
+                    if now >= t_measure:
+                        counted += 1
+                    if now < t_end:
+                        worker.send()
 
     if args.slices:  # the parent's turns: "go SECONDS" runs one slice and reports it, "end" (or EOF) ends
         for line in sys.stdin:
@@ -241,8 +196,8 @@ def client_main(args: argparse.Namespace) -> None:
         counted = pump(t_measure, t_end, drain=False)
         elapsed = min(time.monotonic(), t_end) - t_measure
         print(json.dumps({"exchanges": counted, "seconds": elapsed}), flush=True)
-    for d in links:
-        d.close(linger=0)
+    for worker in workers:
+        worker.close()
     ctx.term()
 
 
