@@ -52,6 +52,7 @@ FIGURE_FILES = frozenset({"test_plotter.py", "test_against_plot.py", "test_sweep
 SHARED_DAEMONS = ("slurm", "prepared_hosts")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the xdist_group marks set here into the node ids
 def pytest_collection_modifyitems(config, items):
     """A test that starts zsgd processes (it asks for ``no_orphans``) is slow: ``-m "not slow"`` must skip it.
     Timing-sensitive files are marked ``serial``, the figure tests ``figures``; tests on a shared daemon are grouped by
