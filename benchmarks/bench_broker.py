@@ -276,7 +276,7 @@ def measure(mode: str, n_workers: int, k: int, client_procs: int, seconds: float
                 p.wait()
 
 
-def _cpu_s(pid: int) -> float:
+def process_cpu_s(pid: int) -> float:
     """CPU seconds process ``pid`` has run so far, all its threads (the scheduler's nanoseconds, not ticks)."""
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -309,7 +309,7 @@ def interleaved_round(sides: dict[str, str], n_workers: int, k: int, client_proc
 
     def turn(name: str, seconds: float) -> tuple[float, int, float, float, int, int]:
         pid = servers[name][0].pid
-        cpu0, faults0, client_cpu, client_faults = _cpu_s(pid), _minor_faults(pid), 0.0, 0
+        cpu0, faults0, client_cpu, client_faults = process_cpu_s(pid), _minor_faults(pid), 0.0, 0
         for c in clients[name]:
             c.stdin.write(f"go {seconds}\n")
             c.stdin.flush()
@@ -321,7 +321,7 @@ def interleaved_round(sides: dict[str, str], n_workers: int, k: int, client_proc
             r = json.loads(line)
             rate, n, client_cpu = rate + r["exchanges"] / r["seconds"], n + r["exchanges"], client_cpu + r["cpu_s"]
             client_faults += r["faults"]
-        return rate, n, _cpu_s(pid) - cpu0, client_cpu, _minor_faults(pid) - faults0, client_faults
+        return rate, n, process_cpu_s(pid) - cpu0, client_cpu, _minor_faults(pid) - faults0, client_faults
 
     try:
         for name, tree in sides.items():

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,9 @@ from zsgd.wire.protocol import Message, MsgType  # noqa: E402
 from zsgd.wire.auth import hello_proof  # noqa: E402
 from zsgd.wire.shm import WorkerShare  # noqa: E402
 from zsgd.wire.memory import MMAP_THRESHOLD, TRIM_THRESHOLD, keep_message_memory  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its neighbours, run from anywhere
+from bench_broker import free_port, process_cpu_s  # noqa: E402
 
 N_PARAMS = 1_199_882
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -75,23 +77,6 @@ while True:
         step(np.frombuffer(payload.buffer, np.float32))
     s.send_multipart([ident, reply], copy=False)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds that process ``pid`` has run so far, every thread of it (the scheduler's nanoseconds, not ticks)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
-            pass
-    return total * 1e-9
 
 
 class RawEcho:
@@ -233,9 +218,9 @@ def interleaved_exchanges(reps: int, out: Path, block: int = 10) -> dict[str, di
             for k in names[turn % len(names):] + names[:turn % len(names)]:
                 side = sides[k]
                 server = side.server if isinstance(side, RawEcho) else side.broker
-                s0, c0 = _cpu_s(server.pid), time.process_time()
+                s0, c0 = process_cpu_s(server.pid), time.process_time()
                 times[k] += [side.exchange() for _ in range(block)]
-                cpu[k][0] += _cpu_s(server.pid) - s0
+                cpu[k][0] += process_cpu_s(server.pid) - s0
                 cpu[k][1] += time.process_time() - c0
     finally:
         for side in sides.values():
