@@ -5,6 +5,7 @@ no slot idles while one long arm ends alone; and forked arm processes leave whil
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -44,26 +45,39 @@ def test_an_epoch_budget_caps_the_cost_and_a_target_alone_is_the_longest():
     assert arm_cost(arm, rule) == float("inf")
 
 
-def _sleep_then_time(index: int, progress) -> tuple[int, float]:
-    time.sleep(0.3 if index == 2 else 0.05)
+_MARKS: list[Path] = []  # the folder where each arm of the running test marks its end (set before the fork)
+
+
+def _arm_then_time(index: int, progress) -> tuple[int, float]:
+    """An arm: index 2 is the long one, which ends only once the others have marked their end beside it (or after
+    30 s, when the runner ran them after it, one at a time: then the test's time order fails); the others mark."""
+    marks = _MARKS[-1]
+    if index == 2:
+        deadline = time.monotonic() + 30
+        while len(list(marks.glob("done-*"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    else:
+        (marks / f"done-{index}").touch()
     return index, time.monotonic()
 
 
 @pytest.mark.slow
-def test_the_costliest_arm_starts_first_and_the_results_keep_their_indices():
+def test_the_costliest_arm_starts_first_and_the_results_keep_their_indices(tmp_path):
+    _MARKS.append(tmp_path)
     started: list[int] = []
     view = ArmsView([f"arm {i}" for i in range(4)], None, False, None)
     record = view.started
     view.started = lambda i: (started.append(i), record(i))  # type: ignore[method-assign]
-    results = run_arms(longest_first([1, 1, 6, 1]), ForkRunner(_sleep_then_time, 2), view)
+    results = run_arms(longest_first([1, 1, 6, 1]), ForkRunner(_arm_then_time, 2), view)
     assert started == [2, 0, 1, 3]
     assert sorted(results) == [0, 1, 2, 3] and all(results[i][0] == i for i in results)
     assert max(results[i][1] for i in (0, 1, 3)) < results[2][1]  # the short ones ran beside the long one
 
 
 @pytest.mark.slow
-def test_a_lingering_runner_tells_its_children_to_leave_and_join_waits_for_them():
-    runner = ForkRunner(_sleep_then_time, 2, linger=True)
+def test_a_lingering_runner_tells_its_children_to_leave_and_join_waits_for_them(tmp_path):
+    _MARKS.append(tmp_path)
+    runner = ForkRunner(_arm_then_time, 2, linger=True)
     results = run_arms(range(2), runner)
     assert sorted(results) == [0, 1]
     assert not runner.joined  # closed without waiting: the children were told to leave (None each)
