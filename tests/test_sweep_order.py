@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_for
 from zsgd.core.config import TrainConfig
 from zsgd.core.problem import Problem
 from zsgd.simulation.parallel import ArmsView, ForkRunner, longest_first, run_arms
@@ -49,13 +50,11 @@ _MARKS: list[Path] = []  # the folder where each arm of the running test marks i
 
 
 def _arm_then_time(index: int, progress) -> tuple[int, float]:
-    """An arm: index 2 is the long one, which ends only once the others have marked their end beside it (or after
-    30 s, when the runner ran them after it, one at a time: then the test's time order fails); the others mark."""
+    """An arm: index 2 is the long one, which ends only once the others have marked their end beside it (a runner
+    that ran them after it, one at a time, fails it after 30 s); the others mark."""
     marks = _MARKS[-1]
     if index == 2:
-        deadline = time.monotonic() + 30
-        while len(list(marks.glob("done-*"))) < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: len(list(marks.glob("done-*"))) >= 3, 30, interval=0.01, what="the short arms to end beside the long one")
     else:
         (marks / f"done-{index}").touch()
     return index, time.monotonic()
