@@ -68,6 +68,16 @@ def local_steps_of(spec: str) -> int:
     return SERVER_RULES[name].steps_per_reply(opts)
 
 
+def gradients_per_update(spec: str, n_workers: int) -> int:
+    """About how many gradients one update takes under ``spec`` with ``n_workers``, asked of the rule: one for the
+    rules that apply each gradient (async, ssp, kasync), a round of every worker for the others (each worker's local
+    steps counted), and a round of every node for the decentralized rules (one update is one round)."""
+    name = spec.split(":", 1)[0]
+    if name in DECENTRALIZED_NAMES:
+        return n_workers
+    return (n_workers if algorithm_class(spec).round_based else 1) * local_steps_of(spec)
+
+
 def update_kind_of(spec: str) -> str:
     """What a worker's update carries under ``spec``: "grad", or "delta" (a model change), asked of the rule."""
     return algorithm_class(spec).update_kind
@@ -105,6 +115,6 @@ def make_worker_step(spec: str, model, x: np.ndarray, y: np.ndarray, batch_size:
 
 __all__ = [
     "Applied", "AsyncSGD", "Cancel", "Dropped", "KAsyncSGD", "KSyncSGD", "LocalSGD", "Notice", "Output", "Reply", "ServerAlgorithm",
-    "StaleSynchronousSGD", "SyncSGD", "Update", "WorkerStep", "algorithm_class", "check_servers_support", "local_steps_of", "make_server_algorithm",
+    "StaleSynchronousSGD", "SyncSGD", "Update", "WorkerStep", "algorithm_class", "check_servers_support", "gradients_per_update", "local_steps_of", "make_server_algorithm",
     "make_worker_step", "parse_algo", "parse_staleness_lr", "update_kind_of",
 ]

@@ -115,6 +115,8 @@ class ServerAlgorithm:
     step_log = False
     #: Gradient steps a worker takes per reply (local SGD: K): an injected compute time draws this many.
     local_steps = 1
+    #: An update (one version) takes a round of every worker's gradients (sync, K-sync, local SGD), not one.
+    round_based = False
     #: What a worker's update carries: a gradient, or (local SGD) the change of its model over its local steps.
     update_kind = "grad"
     #: --lr-schedule auto decays this rule's central optimizer (False: the workers step at a constant --lr).

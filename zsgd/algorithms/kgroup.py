@@ -163,6 +163,7 @@ class KSyncSGD(FirstKSGD):
     """``ksync:K``: each round steps on the first K gradients computed at its weights."""
 
     name = "ksync"
+    round_based = True
 
     def _after_step(self, contributors: tuple[int, ...]) -> list[Output]:
         """The N - K others abandon their step: each is told (``Cancel``), sends what it has at once, and the

@@ -17,6 +17,7 @@ from zsgd.nn.server_step import is_finite
 
 class SyncSGD(ServerAlgorithm):
     name = "sync"
+    round_based = True
     worker_scaling = "linear"  # a step averages N batches: the linear scaling rule
     #: Admit a joiner into the round in progress (it computes at this round's weights, and the round waits for
     #: it) instead of holding it for the next round. Sharded servers (--servers K) set it: each server keeps

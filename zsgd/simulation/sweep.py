@@ -410,12 +410,9 @@ def arm_cost(arm: Arm, rule: Any) -> float:
     ``--steps`` times the gradients of one central update (one for async and ssp; a round of every worker,
     each taking its local steps, for the synchronous and decentralized rules), or its epoch budget in batches,
     whichever is fewer; an arm stopped only by time or accuracy counts as the longest."""
-    from zsgd.algorithms import local_steps_of
+    from zsgd.algorithms import gradients_per_update
 
-    algo = arm.values.get("algo", "async")
-    per_update = 1 if algo.split(":")[0] in ("async", "ssp", "kasync") else arm.opts.n_workers
-    if algo.startswith("localsgd"):
-        per_update *= local_steps_of(algo)
+    per_update = gradients_per_update(arm.values.get("algo", "async"), arm.opts.n_workers)
     limits = [] if rule.steps is None else [rule.steps * per_update]
     if rule.total_samples is not None:
         limits.append(rule.total_samples / rule.batch_size)
